@@ -1,0 +1,7 @@
+"""megatron-slm: data-efficient LLM pretraining on megatron-core.
+
+Importing the package never needs a GPU or the compiled extension; see
+:mod:`megatron_slm._extension` for how the optional ``_C`` module is found.
+"""
+
+__version__ = "0.1.0"
