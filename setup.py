@@ -155,6 +155,7 @@ setup(
         "sentencepiece",
         "tensorboard",
         "tqdm",
+        "psutil",  # megatron-core distributed checkpointing needs it
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],

@@ -9,10 +9,12 @@ re-raised in the parent with that rank's traceback.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -23,7 +25,6 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args, queue):
-    import torch
     import torch.distributed as dist
 
     os.environ.update(
@@ -38,7 +39,11 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialised to bytes: tensors put on the queue directly travel as shared-memory file
+        # descriptors, which vanish when this process exits before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -67,7 +72,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,184 @@
+"""Llama-style GPT architectures: the typed model config and the named presets.
+
+Every preset is a RMSNorm / SwiGLU / RoPE / grouped-query-attention decoder with untied input and
+output embeddings and no biases, i.e. the architecture of Llama 2, TinyLlama and Mistral.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPTModelConfig:
+    """Architecture of a Llama-style GPT (Megatron-LM flag names in the field docs)."""
+
+    num_layers: int
+    """--num-layers: transformer layers."""
+    hidden_size: int
+    """--hidden-size: model width."""
+    ffn_hidden_size: int
+    """--ffn-hidden-size: SwiGLU inner width (the gate and up projections each have this width)."""
+    num_attention_heads: int
+    """--num-attention-heads: query heads."""
+    num_query_groups: int
+    """--num-query-groups: key/value heads (grouped-query attention); = heads for plain MHA."""
+    vocab_size: int
+    """--vocab-size: tokenizer vocabulary; padded for TP by --make-vocab-size-divisible-by."""
+    max_position_embeddings: int
+    """--max-position-embeddings: longest sequence the preset was trained with."""
+    rotary_base: float = 10000.0
+    """--rotary-base: RoPE theta."""
+    norm_epsilon: float = 1e-5
+    """--norm-epsilon: RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """--init-method-std: std of the normal weight initialisation."""
+
+    def __post_init__(self):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--num-attention-heads {self.num_attention_heads} does not divide "
+                f"--hidden-size {self.hidden_size}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"--num-query-groups {self.num_query_groups} does not divide "
+                f"--num-attention-heads {self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **overrides) -> GPTModelConfig:
+        """A copy with explicit flags overriding the preset (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def num_parameters(self, padded_vocab_size: int | None = None) -> int:
+        """Exact parameter count (untied embeddings, no biases)."""
+        vocab = padded_vocab_size or self.vocab_size
+        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        attention = h * h + 2 * h * kv + h * h  # q, k, v, o
+        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down
+        per_layer = attention + mlp + 2 * h  # two RMSNorms
+        return self.num_layers * per_layer + h + 2 * vocab * h  # final norm, embedding, output
+
+    def flops_per_token(self, seq_length: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention."""
+        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        dense = 2 * (2 * h * h + 2 * h * kv + 3 * h * self.ffn_hidden_size)
+        attention = 2 * 2 * seq_length * h / 2  # causal: half of QK^T and AV
+        logits = 2 * h * self.vocab_size
+        return 3 * (self.num_layers * (dense + attention) + logits)
+
+
+PRESETS: dict[str, GPTModelConfig] = {
+    # Tests and the quickstart: a few hundred thousand parameters, fast on one CPU core.
+    "tiny": GPTModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=176,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+    ),
+    # TinyLlama-1.1B (Rho-1's 1B base): 1,100,048,384 parameters.
+    "tinyllama-1.1b": GPTModelConfig(
+        num_layers=22,
+        hidden_size=2048,
+        ffn_hidden_size=5632,
+        num_attention_heads=32,
+        num_query_groups=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    # Mistral-7B-v0.1 (Rho-1's 7B base): 7,241,732,096 parameters. Mistral's sliding-window
+    # attention (4096) equals our longest sequence, so full causal attention is equivalent.
+    "mistral-7b": GPTModelConfig(
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rotary_base=10000.0,
+    ),
+    # PanGu-pi-1B Pro: width 1792, 14 heads (MHA), FFN ratio 8/3 rounded up to a multiple of 256
+    # (4778.7 -> 4864), compact 48k tokenizer, sequence 2048. The paper's table lists 21 layers,
+    # its released config 20; we follow the released config, because parameter inheritance and
+    # comparisons are made against the checkpoint people can actually load.
+    "pangu-pi-1b-pro": GPTModelConfig(
+        num_layers=20,
+        hidden_size=1792,
+        ffn_hidden_size=4864,
+        num_attention_heads=14,
+        num_query_groups=14,
+        vocab_size=48000,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def get_preset(name: str) -> GPTModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"--model-preset {name!r} is unknown; choose one of {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron-LM's padding: a multiple of ``--make-vocab-size-divisible-by`` x TP."""
+    multiple = divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def check_parallel_layout(
+    model: GPTModelConfig,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    num_layers_per_virtual_pipeline_stage: int | None = None,
+) -> None:
+    """Raise a ValueError naming the flag when the model cannot be split this way."""
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if tp < 1 or pp < 1:
+        raise ValueError(
+            "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"
+        )
+    for size, name in (
+        (model.num_attention_heads, "--num-attention-heads"),
+        (model.num_query_groups, "--num-query-groups"),
+        (model.ffn_hidden_size, "--ffn-hidden-size"),
+    ):
+        if size % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
+    if model.num_layers % pp:
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} does not divide --num-layers {model.num_layers}"
+        )
+    vstage = num_layers_per_virtual_pipeline_stage
+    if vstage is not None:
+        if pp < 2:
+            raise ValueError(
+                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"
+            )
+        if vstage < 1 or (model.num_layers // pp) % vstage:
+            raise ValueError(
+                f"--num-layers-per-virtual-pipeline-stage {vstage} does not divide the "
+                f"{model.num_layers // pp} layers of each pipeline stage"
+            )

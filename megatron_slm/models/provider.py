@@ -1,0 +1,150 @@
+"""Build megatron-core GPT models for the current parallel layout.
+
+Call after ``megatron.core.parallel_state.initialize_model_parallel``. ``build_model`` returns the
+list of model chunks this rank owns (one, or one per virtual pipeline stage), each a real
+``megatron.core.models.gpt.GPTModel`` with the embedding only on the first stage and the output
+layer only on the last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
+from megatron_slm.models.specs import gpt_block_spec
+from megatron_slm.platform import cpu_backend_enabled
+
+
+@dataclass(frozen=True)
+class ModelBuildOptions:
+    """How to instantiate the architecture (not what it is)."""
+
+    transformer_impl: str = "torch"
+    """--transformer-impl: te | local | torch (see megatron_slm.models.specs)."""
+    params_dtype: torch.dtype = torch.float32
+    """Parameter dtype: bf16/fp16 with --bf16/--fp16, else fp32."""
+    sequence_parallel: bool = False
+    """--sequence-parallel: shard norms/dropout activations along the sequence across TP."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """--num-layers-per-virtual-pipeline-stage: interleaved 1F1B."""
+    make_vocab_size_divisible_by: int = 128
+    """--make-vocab-size-divisible-by: vocabulary padding (times TP)."""
+    use_cpu_initialization: bool = True
+    """Initialise the full weights on CPU, then shard: identical models for any TP size."""
+    calculate_per_token_loss: bool = True
+    """Normalise gradients by the number of (selected) tokens across micro-batches and DP."""
+    recompute_activations: bool = False
+    """--recompute-activations: full recomputation of each layer in backward."""
+
+
+def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    check_parallel_layout(model, tp, pp, opts.num_layers_per_virtual_pipeline_stage)
+    vpp = (
+        model.num_layers // pp // opts.num_layers_per_virtual_pipeline_stage
+        if opts.num_layers_per_virtual_pipeline_stage
+        else None
+    )
+    if opts.sequence_parallel and tp == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # Fusions that need Apex/TE kernels are off; TE's spec fuses on its own.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=opts.sequence_parallel,
+        params_dtype=opts.params_dtype,
+        pipeline_dtype=opts.params_dtype,
+        bf16=opts.params_dtype == torch.bfloat16,
+        fp16=opts.params_dtype == torch.float16,
+        use_cpu_initialization=opts.use_cpu_initialization,
+        calculate_per_token_loss=opts.calculate_per_token_loss,
+        # gloo matches point-to-point messages between two ranks in posting order; megatron's
+        # batched p2p posts (send_prev, recv_prev, send_next, recv_next), which with PP=2 pairs a
+        # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
+        batch_p2p_comm=not cpu_backend_enabled(),
+        recompute_granularity="full" if opts.recompute_activations else None,
+        recompute_method="uniform" if opts.recompute_activations else None,
+        recompute_num_layers=1 if opts.recompute_activations else None,
+    )
+
+
+def build_gpt_chunk(
+    model: GPTModelConfig,
+    config: TransformerConfig,
+    opts: ModelBuildOptions,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One GPTModel chunk (the layers of one (virtual) pipeline stage)."""
+    vocab = padded_vocab_size(
+        model.vocab_size, opts.make_vocab_size_divisible_by, config.tensor_model_parallel_size
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage),
+        vocab_size=vocab,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(
+    model: GPTModelConfig, opts: ModelBuildOptions, device: torch.device | None = None
+) -> list[GPTModel]:
+    """The model chunks of this rank for the initialised parallel layout."""
+    config = build_transformer_config(model, opts)
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        chunk = build_gpt_chunk(
+            model,
+            config,
+            opts,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=vp_stage
+            ),
+            vp_stage=vp_stage,
+        )
+        if device is not None:
+            chunk.to(device)
+        chunks.append(chunk)
+    return chunks

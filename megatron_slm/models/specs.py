@@ -1,0 +1,172 @@
+"""All layer specs of the project, in one place.
+
+Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, RoPE, GQA, no biases):
+
+* ``te``    Transformer Engine modules (fused norm+linear, flash/cuDNN attention); GPU only.
+* ``local`` megatron-core's own modules (``DotProductAttention``, ``WrappedTorchNorm``; Apex's fused
+            kernels where megatron-core picks them up).
+* ``torch`` CPU-safe: megatron-core's tensor-parallel linears with core attention on
+            ``torch.nn.functional.scaled_dot_product_attention`` and ``torch.nn.RMSNorm`` that
+            supports sequence parallelism. The default on CPU; also works on GPU.
+
+All three keep megatron-core's parameter names and ``sharded_state_dict_keys_map``, so checkpoints
+move freely between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+SPEC_IMPLS = ("te", "local", "torch")
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` with megatron-core's norm constructor and sequence-parallel support.
+
+    With sequence parallelism the norm sees a sequence shard, so its weight gradient is partial;
+    the ``sequence_parallel`` attribute makes megatron-core all-reduce it across the TP group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+class TorchSDPAttention(MegatronModule):
+    """Core attention on ``scaled_dot_product_attention`` (drop-in for ``DotProductAttention``).
+
+    ``attention_mask`` follows megatron-core: bool, ``True`` = masked out, broadcastable to
+    ``[b, np, sq, sk]``. With no mask the attention is causal (``attn_mask_type``); a given mask is
+    used as is (the scorer passes block-diagonal causal masks for packed documents).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError("the torch spec does not support --context-parallel-size > 1")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [sq, b, np, hn]
+        key: torch.Tensor,  # [sk, b, ng, hn]
+        value: torch.Tensor,  # [sk, b, ng, hn]
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "the torch spec takes packed sequences as a block-diagonal attention_mask, "
+                "not packed_seq_params"
+            )
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by the torch spec")
+        sq, b, n_heads, head_dim = query.shape
+        groups = key.shape[2]
+        # [s, b, n, h] -> [b, n, s, h]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if groups != n_heads:
+            # Query heads g*r .. g*r+r-1 share key/value group g (megatron's QKV layout).
+            k = k.repeat_interleave(n_heads // groups, dim=1)
+            v = v.repeat_interleave(n_heads // groups, dim=1)
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is not None:
+            sdpa_mask, is_causal = ~attention_mask, False
+        else:
+            sdpa_mask, is_causal = None, mask_type == AttnMaskType.causal
+        scale = self.softmax_scale if self.softmax_scale is not None else 1 / math.sqrt(head_dim)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0:
+            with get_cuda_rng_tracker().fork():
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, sdpa_mask, dropout_p, is_causal, scale=scale
+                )
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, sdpa_mask, 0.0, is_causal, scale=scale
+            )
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
+
+
+def _torch_layer_spec() -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = TorchRMSNorm
+    sub.pre_mlp_layernorm = TorchRMSNorm
+    sub.self_attention.submodules.core_attention = TorchSDPAttention
+    return spec
+
+
+def _te_layer_spec() -> tuple[ModuleSpec, type]:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+    except ImportError as exc:
+        raise ValueError(
+            "--transformer-impl te needs Transformer Engine (pip install megatron-slm[gpu]); "
+            "use --transformer-impl local or torch"
+        ) from exc
+    return get_gpt_layer_with_transformer_engine_spec(), TENorm
+
+
+def default_spec_impl(device: torch.device) -> str:
+    """``te`` on GPU when Transformer Engine is importable, ``local`` on GPU otherwise, else
+    ``torch``."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import transformer_engine  # noqa: F401
+
+        return "te"
+    except ImportError:
+        return "local"
+
+
+def gpt_block_spec(
+    impl: str, config: TransformerConfig, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
+    """Decoder block (this pipeline stage's layers + final norm) for ``impl``."""
+    if impl == "te":
+        layer, final_norm = _te_layer_spec()
+    elif impl == "local":
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        final_norm = LocalSpecProvider().layer_norm(rms_norm=True)
+    elif impl == "torch":
+        layer, final_norm = _torch_layer_spec(), TorchRMSNorm
+    else:
+        raise ValueError(f"--transformer-impl must be one of {SPEC_IMPLS}, got {impl!r}")
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

@@ -1,0 +1,154 @@
+"""Device selection and the CPU backend for megatron-core.
+
+megatron-core is written for CUDA. Its modules reach the GPU in four ways:
+
+1. ``torch.cuda.current_device()`` as a ``device=`` argument (attention buffers, RoPE, GPTModel,
+   tensor-parallel mappings, pipeline p2p, the DDP grad buffer, transformer layers);
+2. ``device="cuda"`` literals and ``.cuda()`` calls (pipeline schedules' token counters, the
+   optimizer's found-inf / grad-norm tensors, grad clipping, utilities);
+3. ``torch.cuda.synchronize()`` and the CUDA RNG state API (``tensor_parallel.random``'s tracker);
+4. a type assertion ``param.grad.type() == 'torch.cuda.FloatTensor'`` in grad clipping.
+
+:func:`enable_cpu_backend` makes all four work on CPU, so the *real* ``GPTModel``, tensor-parallel
+layers, pipeline schedules (1F1B, interleaved), ``DistributedDataParallel`` and the optimizer run
+with the gloo backend, unmodified:
+
+* a :class:`torch.overrides.TorchFunctionMode` rewrites every ``device=`` that names CUDA (a string,
+  a ``torch.device`` or a bare device index) to ``cpu``, turns ``Tensor.cuda()`` / ``.to("cuda")``
+  into no-ops and drops ``pin_memory``;
+* ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode), ``synchronize`` is
+  a no-op, and the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
+  megatron's RNG tracker forks the right state);
+* grad clipping's CUDA type check is given a CPU-aware ``multi_tensor_applier``-free path.
+
+Limits (by design; none of this is active when CUDA is available):
+
+* fp32 (and bf16 on CPUs that support it) only; no fp16 loss scaling, no Transformer Engine, no
+  fused kernels, no CUDA graphs, no ``overlap_grad_reduce`` / ``overlap_param_gather`` (these need
+  CUDA streams), no activation offloading, no MoE token dispatchers that use NCCL-only collectives.
+* The TorchFunctionMode is thread-local: it is pushed in the calling thread and stays active for the
+  life of the process. Worker threads that build CUDA tensors (none in our code paths) would not
+  see it.
+* gloo matches point-to-point messages by posting order, so on CPU the model provider turns off
+  megatron's batched p2p (``batch_p2p_comm``), whose op order mixes up activations and gradients
+  between two pipeline ranks in the interleaved schedule.
+* It is a test and small-run path: speed is that of eager CPU PyTorch with gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger("megatron_slm")
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
+    return torch.device(device)
+
+
+def distributed_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer is how torch.cuda.current_device() is passed around.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement in torch calls to CPU (see the module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device=_CPU)
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_stand_ins() -> None:
+    """CUDA RNG API → the CPU default generator, for megatron's RNG tracker."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(*_args, **_kwargs):
+        return torch.get_rng_state()
+
+    def set_state(new_state, *_args, **_kwargs):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.get_rng_state = get_state
+    torch.cuda.set_rng_state = set_state
+    torch.cuda.random.get_rng_state = get_state
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+    mcore_random._get_cuda_rng_state = get_state
+    mcore_random._set_cuda_rng_state = set_state
+
+
+def _cpu_grad_clipping() -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32`` asserts ``torch.cuda.FloatTensor`` grads."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def enable_cpu_backend() -> bool:
+    """Activate the CPU backend in this process. Returns False (and does nothing) with CUDA.
+
+    Idempotent. Call before building megatron-core models on CPU.
+    """
+    global _enabled
+    if _enabled:
+        return True
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *_args, **_kwargs: None
+    _cpu_rng_stand_ins()
+    _cpu_grad_clipping()
+    # Entered for the life of the process (see "Limits" above).
+    _CudaToCpuMode().__enter__()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _enabled = True
+    logger.info("megatron-core CPU backend enabled (gloo, torch SDPA attention)")
+    return True
+
+
+def cpu_backend_enabled() -> bool:
+    return _enabled

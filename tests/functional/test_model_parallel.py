@@ -1,0 +1,86 @@
+"""The same tiny Llama-style GPT gives the same per-token losses and gradients at TP=1, TP=2, PP=2
+(1F1B, 8 micro-batches), interleaved PP=2 and DP=2 (real gloo processes).
+
+Tolerances are derived, not picked: the TP=1 fp32 step is compared with the same step in float64;
+a parallel layout may differ from the TP=1 fp32 result by at most 4x that fp32 error (reductions in
+another order cost about as much rounding as the fp32 computation itself).
+"""
+
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.functional import model_parallel_worker as worker
+
+pytestmark = pytest.mark.slow
+ERROR_FACTOR = 4.0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_parallel")
+    weights = str(root / "weights")
+    run_distributed(worker.init_reference, 1, weights)
+    (losses,) = run_distributed(worker.train_step, 1, 1, 1, weights, str(root / "grads_tp1"))
+    (grads,) = run_distributed(worker.read_full, 1, str(root / "grads_tp1"))
+    ((losses64, grads64),) = run_distributed(worker.fp64_step, 1, weights)
+    # fp32 error relative to each tensor's scale, worst over tensors.
+    rel_grad_error = max(
+        ((grads[n].double() - g).abs().max() / g.abs().max()).item() for n, g in grads64.items()
+    )
+    loss_error = (losses.double() - losses64).abs().max().item()
+    assert rel_grad_error > 0 and loss_error > 0  # a float64 run must differ from fp32
+    return dict(
+        root=root,
+        weights=weights,
+        losses=losses,
+        grads=grads,
+        grads64=grads64,
+        loss_tol=ERROR_FACTOR * loss_error,
+        rel_grad_tol=ERROR_FACTOR * rel_grad_error,
+    )
+
+
+def _check(reference, losses, grads):
+    assert losses.shape == reference["losses"].shape
+    torch.testing.assert_close(losses, reference["losses"], rtol=0, atol=reference["loss_tol"])
+    assert grads.keys() == reference["grads"].keys()
+    for name, grad in grads.items():
+        scale = reference["grads64"][name].abs().max().item()
+        torch.testing.assert_close(
+            grad,
+            reference["grads"][name],
+            rtol=0,
+            atol=reference["rel_grad_tol"] * scale,
+            msg=lambda m, name=name: f"gradient of {name}: {m}",
+        )
+
+
+def _run(reference, name, world, tp, pp, vp_layers=None):
+    grads_dir = str(reference["root"] / f"grads_{name}")
+    results = run_distributed(
+        worker.train_step, world, tp, pp, reference["weights"], grads_dir, vp_layers
+    )
+    (grads,) = run_distributed(worker.read_full, 1, grads_dir)
+    return [r for r in results if r is not None], grads
+
+
+def test_tensor_parallel_2(reference):
+    losses, grads = _run(reference, "tp2", 2, 2, 1)
+    _check(reference, losses[0], grads)
+
+
+def test_pipeline_parallel_2(reference):
+    losses, grads = _run(reference, "pp2", 2, 1, 2)
+    _check(reference, losses[0], grads)
+
+
+def test_interleaved_pipeline_parallel_2(reference):
+    losses, grads = _run(reference, "vpp2", 2, 1, 2, vp_layers=1)
+    _check(reference, losses[0], grads)
+
+
+def test_data_parallel_2(reference):
+    losses, grads = _run(reference, "dp2", 2, 1, 1)
+    # Each DP rank reports its half of the global batch, in rank order.
+    _check(reference, torch.cat(losses), grads)
