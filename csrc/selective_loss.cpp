@@ -1,0 +1,251 @@
+// Torch glue of the selective loss op (issue 3): CPU kernels and, when built with
+// MEGATRON_SLM_WITH_CUDA, dispatch to the CUDA launchers of csrc/cuda/selective_loss.cu.
+//
+// Functions (all called from megatron_slm/ops/selective_loss.py):
+//   selective_loss_fwd_stats(logits[N,V], target[N] int64, vocab_start) -> stats[N,3] fp32
+//       per row {max, sum exp(x - max), target logit or 0 when the target is not in this shard}
+//   selective_loss_backward(logits[N,V], target[N], vocab_start, lse[N] fp32, scale[N] fp32,
+//                           inplace) -> grad[N,V] (logits dtype; the logits buffer when inplace)
+//   selective_loss_select(scores[G,n] fp32, eligible[G,n] bool, k[G] int64) -> selected[G,n] bool
+//       exact top-k per group, ties by lower index, O(n) (std::nth_element)
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "selective_loss_kernels.h"
+
+#ifdef MEGATRON_SLM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/selective_loss_cuda.h"
+#endif
+
+namespace sl = megatron_slm::selective_loss;
+
+namespace {
+
+void check_common(const torch::Tensor& logits, const torch::Tensor& target) {
+  TORCH_CHECK(logits.dim() == 2, "selective_loss: logits must be 2-D [rows, vocab_shard]");
+  TORCH_CHECK(logits.is_contiguous(), "selective_loss: logits must be contiguous");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
+              "selective_loss: target must be 1-D [rows]");
+  TORCH_CHECK(target.scalar_type() == torch::kInt64, "selective_loss: target must be int64");
+  TORCH_CHECK(target.is_contiguous(), "selective_loss: target must be contiguous");
+  TORCH_CHECK(target.device() == logits.device(), "selective_loss: device mismatch");
+  const auto st = logits.scalar_type();
+  TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16,
+              "selective_loss: logits dtype must be float32, bfloat16 or float16");
+}
+
+#ifdef MEGATRON_SLM_WITH_CUDA
+int cuda_dtype_code(torch::ScalarType st) {
+  if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
+  if (st == torch::kFloat16) return megatron_slm::cuda::kFloat16;
+  return megatron_slm::cuda::kBFloat16;
+}
+#endif
+
+template <typename T>
+void fwd_stats_cpu(const T* logits, const int64_t* target, int64_t N, int64_t V,
+                   int64_t vocab_start, float* stats) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      sl::row_forward_stats<T>(logits + r * V, V, target[r] - vocab_start, stats + 3 * r);
+    }
+  });
+}
+
+template <typename T>
+void backward_cpu(const T* logits, T* out, const int64_t* target, int64_t N, int64_t V,
+                  int64_t vocab_start, const float* lse, const float* scale) {
+  // Split rows into active and zero-gradient ones so that both loops stay load-balanced; the
+  // zero rows are filled without reading their logits.
+  std::vector<int64_t> active, zero;
+  active.reserve(static_cast<size_t>(N));
+  for (int64_t r = 0; r < N; ++r) (scale[r] != 0.0f ? active : zero).push_back(r);
+  const int64_t n_active = static_cast<int64_t>(active.size());
+  const int64_t n_zero = static_cast<int64_t>(zero.size());
+  at::parallel_for(0, n_active, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = active[static_cast<size_t>(i)];
+      sl::row_backward<T>(logits + r * V, out + r * V, V, target[r] - vocab_start, lse[r],
+                          scale[r]);
+    }
+  });
+  at::parallel_for(0, n_zero, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = zero[static_cast<size_t>(i)];
+      std::memset(static_cast<void*>(out + r * V), 0, static_cast<size_t>(V) * sizeof(T));
+    }
+  });
+}
+
+template <typename Fn>
+void dispatch_dtype(torch::ScalarType st, Fn&& fn) {
+  if (st == torch::kFloat32) {
+    fn(static_cast<float*>(nullptr));
+  } else if (st == torch::kBFloat16) {
+    fn(static_cast<sl::bf16_t*>(nullptr));
+  } else {
+    fn(static_cast<sl::fp16_t*>(nullptr));
+  }
+}
+
+// Exact top-k of one group: indices (into the group) of the k eligible entries with the highest
+// score, ties broken by the lower index. NaN scores rank lowest. O(n) expected.
+void select_group(const float* scores, const bool* eligible, int64_t n, int64_t k, bool* out,
+                  std::vector<std::pair<float, int64_t>>& work) {
+  std::fill(out, out + n, false);
+  work.clear();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (eligible[i]) work.emplace_back(std::isnan(scores[i]) ? neg_inf : scores[i], i);
+  }
+  const int64_t m = static_cast<int64_t>(work.size());
+  if (k <= 0 || m == 0) return;
+  if (k < m) {
+    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::nth_element(work.begin(), work.begin() + (k - 1), work.end(), better);
+    // Everything before position k-1 is better than or equal to the k-th; select the first k.
+    for (int64_t j = 0; j < k; ++j) out[work[static_cast<size_t>(j)].second] = true;
+  } else {
+    for (const auto& p : work) out[p.second] = true;
+  }
+}
+
+}  // namespace
+
+torch::Tensor selective_loss_fwd_stats(torch::Tensor logits, torch::Tensor target,
+                                       int64_t vocab_start) {
+  check_common(logits, target);
+  const int64_t N = logits.size(0);
+  const int64_t V = logits.size(1);
+  auto stats = torch::empty({N, 3}, logits.options().dtype(torch::kFloat32));
+  if (N == 0) return stats;
+  TORCH_CHECK(V > 0, "selective_loss: empty vocabulary shard");
+  if (logits.is_cuda()) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    megatron_slm::cuda::selective_loss_fwd_stats(
+        logits.data_ptr(), cuda_dtype_code(logits.scalar_type()), target.data_ptr<int64_t>(), N,
+        V, vocab_start, stats.data_ptr<float>(),
+        c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    return stats;
+#else
+    TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
+#endif
+  }
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  float* st = stats.data_ptr<float>();
+  dispatch_dtype(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fwd_stats_cpu<T>(static_cast<const T*>(logits.data_ptr()), tgt, N, V, vocab_start, st);
+  });
+  return stats;
+}
+
+torch::Tensor selective_loss_backward(torch::Tensor logits, torch::Tensor target,
+                                      int64_t vocab_start, torch::Tensor lse, torch::Tensor scale,
+                                      bool inplace) {
+  check_common(logits, target);
+  const int64_t N = logits.size(0);
+  const int64_t V = logits.size(1);
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() && lse.numel() == N,
+              "selective_loss: lse must be contiguous fp32 [rows]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+                  scale.numel() == N,
+              "selective_loss: scale must be contiguous fp32 [rows]");
+  torch::Tensor grad = inplace ? logits : torch::empty_like(logits);
+  if (N == 0) return grad;
+  if (logits.is_cuda()) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    megatron_slm::cuda::selective_loss_backward(
+        logits.data_ptr(), grad.data_ptr(), cuda_dtype_code(logits.scalar_type()),
+        target.data_ptr<int64_t>(), N, V, vocab_start, lse.data_ptr<float>(),
+        scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    return grad;
+#else
+    TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
+#endif
+  }
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const float* l = lse.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
+  dispatch_dtype(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_cpu<T>(static_cast<const T*>(logits.data_ptr()), static_cast<T*>(grad.data_ptr()),
+                    tgt, N, V, vocab_start, l, s);
+  });
+  return grad;
+}
+
+torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible, torch::Tensor k) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat32 &&
+                  scores.is_contiguous(),
+              "selective_loss_select: scores must be contiguous fp32 [groups, n]");
+  TORCH_CHECK(eligible.sizes() == scores.sizes() && eligible.scalar_type() == torch::kBool &&
+                  eligible.is_contiguous(),
+              "selective_loss_select: eligible must be contiguous bool like scores");
+  TORCH_CHECK(k.dim() == 1 && k.size(0) == scores.size(0) && k.scalar_type() == torch::kInt64,
+              "selective_loss_select: k must be int64 [groups]");
+  const int64_t G = scores.size(0);
+  const int64_t n = scores.size(1);
+  auto out = torch::empty_like(eligible);
+  if (G == 0 || n == 0) return out;
+  if (scores.is_cuda()) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(scores.device());
+    auto kk = k.to(scores.device()).contiguous();
+    megatron_slm::cuda::selective_loss_select(
+        scores.data_ptr<float>(), reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
+        kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+        c10::cuda::getCurrentCUDAStream(scores.device().index()).stream());
+    return out;
+#else
+    TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
+#endif
+  }
+  auto kc = k.contiguous();
+  const float* sc = scores.data_ptr<float>();
+  const bool* el = eligible.data_ptr<bool>();
+  const int64_t* kp = kc.data_ptr<int64_t>();
+  bool* o = out.data_ptr<bool>();
+  at::parallel_for(0, G, G > 1 ? 1 : G, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> work;
+    work.reserve(static_cast<size_t>(n));
+    for (int64_t g = begin; g < end; ++g) {
+      select_group(sc + g * n, el + g * n, n, kp[g], o + g * n, work);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  m.def("selective_loss_fwd_stats", &selective_loss_fwd_stats,
+        "Per-row {max, sumexp, target logit} of a vocab shard (one pass)", py::arg("logits"),
+        py::arg("target"), py::arg("vocab_start"));
+  m.def("selective_loss_backward", &selective_loss_backward,
+        "(softmax - onehot) * scale in the logits dtype; zero rows are not read",
+        py::arg("logits"), py::arg("target"), py::arg("vocab_start"), py::arg("lse"),
+        py::arg("scale"), py::arg("inplace"));
+  m.def("selective_loss_select", &selective_loss_select,
+        "Exact per-group top-k (ties by lower index) with std::nth_element", py::arg("scores"),
+        py::arg("eligible"), py::arg("k"));
+}

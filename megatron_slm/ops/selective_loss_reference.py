@@ -1,0 +1,199 @@
+"""Pure-PyTorch pieces of the selective loss op.
+
+Two kinds of code live here:
+
+* ``torch_*`` kernels: drop-in replacements of the ``megatron_slm._C`` kernels (same inputs and
+  outputs), used by :func:`megatron_slm.ops.selective_cross_entropy` with ``impl="torch"`` and as
+  the fallback when the extension is not built. They process rows in blocks so that no full
+  ``[tokens, vocab]`` fp32 temporary is created.
+* ``reference_*``: a deliberately simple, autograd-based implementation of the whole op on the
+  full (unsharded) vocabulary, used by the tests as the ground truth. Its selection is a plain
+  Python sort, independent of the kernels above.
+
+Selection semantics (shared by every implementation; see ``selective_loss.py`` for the full
+contract): among *scored* tokens keep ``k = floor(ratio * n_scored + 0.5)`` (at least one when any
+token is scored) with the highest score; ties go to the lower position; NaN scores rank lowest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_ROW_BLOCK = 256  # rows per block in the torch kernels (bounds the fp32 temporaries)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+def num_to_keep(ratio: float, n_scored: int) -> int:
+    """``round(ratio * n_scored)`` (half up), at least 1 when ``n_scored > 0``."""
+    if n_scored <= 0:
+        return 0
+    if ratio >= 1.0:
+        return n_scored
+    k = int(math.floor(ratio * n_scored + 0.5))
+    return min(max(k, 1), n_scored)
+
+
+def random_scores(shape, seed: int, dp_rank: int = 0) -> torch.Tensor:
+    """Scores of ``mode="random"``: uniform [0, 1) from a CPU generator seeded with
+    ``seed + dp_rank`` (identical on every tensor-parallel rank, reproducible across runs)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed) + int(dp_rank))
+    return torch.rand(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# torch kernels (same contract as the C++/CUDA ones)
+# --------------------------------------------------------------------------------------------
+def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int) -> torch.Tensor:
+    """Per row of ``logits[N, V]``: ``{max, sum exp(x - max), target logit or 0}`` as ``[N, 3]``."""
+    n, v = logits.shape
+    stats = torch.empty(n, 3, dtype=torch.float32, device=logits.device)
+    local = target - vocab_start
+    in_shard = (local >= 0) & (local < v)
+    local = torch.where(in_shard, local, torch.zeros_like(local))
+    for r0 in range(0, n, _ROW_BLOCK):
+        r1 = min(n, r0 + _ROW_BLOCK)
+        x = logits[r0:r1].float()
+        m = x.max(dim=-1).values
+        s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
+        t = x.gather(1, local[r0:r1].unsqueeze(-1)).squeeze(-1)
+        stats[r0:r1, 0] = m
+        stats[r0:r1, 1] = s
+        stats[r0:r1, 2] = torch.where(in_shard[r0:r1], t, torch.zeros_like(t))
+    return stats
+
+
+def torch_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    inplace: bool,
+) -> torch.Tensor:
+    """``(softmax - onehot) * scale`` in the logits dtype; rows with zero scale are zero-filled
+    without reading their logits; written into ``logits`` when ``inplace``."""
+    n, v = logits.shape
+    grad = logits if inplace else torch.empty_like(logits)
+    active = torch.nonzero(scale != 0).squeeze(-1)
+    zero = torch.nonzero(scale == 0).squeeze(-1)
+    if zero.numel():
+        grad.index_fill_(0, zero, 0)
+    local = target - vocab_start
+    in_shard = (local >= 0) & (local < v)
+    for i0 in range(0, active.numel(), _ROW_BLOCK):
+        rows = active[i0 : i0 + _ROW_BLOCK]
+        x = logits.index_select(0, rows).float()
+        g = torch.exp(x - lse[rows].unsqueeze(-1))
+        loc = local[rows]
+        hit = in_shard[rows]
+        hit_rows = torch.nonzero(hit).squeeze(-1)
+        g[hit_rows, loc[hit_rows]] -= 1.0
+        g.mul_(scale[rows].unsqueeze(-1))
+        grad.index_copy_(0, rows, g.to(logits.dtype))
+    return grad
+
+
+def torch_select(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exact top-k per row of ``scores[G, n]`` among ``eligible``; ties by lower index."""
+    g, n = scores.shape
+    if g == 0 or n == 0:
+        return torch.zeros_like(eligible)
+    key = (-scores.double()).nan_to_num(nan=1e300, posinf=1e300)
+    key = torch.where(eligible, key, torch.full_like(key, math.inf))
+    order = torch.sort(key, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=scores.device).expand(g, n).contiguous())
+    return (rank < k.to(scores.device).unsqueeze(1)) & eligible
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (tests): full vocabulary, autograd, Python-sort selection
+# --------------------------------------------------------------------------------------------
+def reference_select(scores, eligible, k: int) -> list[bool]:
+    """Top-k of a flat list by (score desc, index asc); NaN ranks lowest."""
+    scores = [float(x) for x in torch.as_tensor(scores).reshape(-1).tolist()]
+    eligible = [bool(x) for x in torch.as_tensor(eligible).reshape(-1).tolist()]
+    cand = [
+        (-math.inf if math.isnan(s) else s, i) for i, (s, e) in enumerate(zip(scores, eligible))
+    ]
+    cand = [c for c, e in zip(cand, eligible) if e]
+    cand.sort(key=lambda c: (-c[0], c[1]))
+    out = [False] * len(scores)
+    for _, i in cand[:k]:
+        out[i] = True
+    return out
+
+
+def reference_scores_and_masks(loss, ref_loss, loss_mask, mode, seed=0, dp_rank=0):
+    """(score, scored, unscored, valid) tensors of the selection, all ``loss``-shaped."""
+    valid = torch.ones_like(loss, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
+    if mode == "excess" and ref_loss is not None:
+        finite = torch.isfinite(ref_loss.float())
+        scored = valid & finite
+        unscored = valid & ~finite
+        score = loss - ref_loss.float()
+    else:
+        scored = valid
+        unscored = torch.zeros_like(valid)
+        if mode == "random":
+            score = random_scores(loss.shape, seed, dp_rank).to(loss.device)
+        else:
+            score = loss.clone()
+    return score, scored, unscored, valid
+
+
+def reference_selection(
+    loss, ref_loss, loss_mask, ratio, scope, mode, unscored="keep", seed=0, dp_rank=0
+):
+    """Selection mask of one rank (scopes ``sequence`` and ``microbatch``)."""
+    score, scored, uns, _ = reference_scores_and_masks(
+        loss.detach(), ref_loss, loss_mask, mode, seed, dp_rank
+    )
+    sel = torch.zeros_like(scored)
+    if scope == "sequence":
+        for j in range(loss.shape[1]):
+            k = num_to_keep(ratio, int(scored[:, j].sum()))
+            sel[:, j] = torch.tensor(reference_select(score[:, j], scored[:, j], k))
+    else:
+        k = num_to_keep(ratio, int(scored.sum()))
+        sel = torch.tensor(reference_select(score, scored, k)).reshape(loss.shape)
+    if unscored == "keep":
+        sel = sel | uns
+    return sel
+
+
+def reference_token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy over the full vocabulary, fp32, differentiable."""
+    x = logits.float()
+    return torch.logsumexp(x, dim=-1) - x.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+
+
+def reference_selective_cross_entropy(
+    logits,
+    target,
+    *,
+    ref_loss=None,
+    loss_mask=None,
+    ratio=1.0,
+    scope="microbatch",
+    mode="excess",
+    unscored="keep",
+    seed=0,
+    selected=None,
+):
+    """(loss, selected): loss carries gradient only for selected tokens (like the op).
+
+    ``selected`` may be given (e.g. a data-parallel selection computed by the test)."""
+    loss = reference_token_loss(logits, target)
+    if selected is None:
+        selected = reference_selection(
+            loss, ref_loss, loss_mask, ratio, scope, mode, unscored, seed
+        )
+    selected = selected.to(loss.device)
+    gated = loss.detach() + (loss - loss.detach()) * selected.float()
+    return gated, selected
