@@ -1,0 +1,270 @@
+"""Tokenizers for preprocessing and for megatron-core's GPT datasets.
+
+``build_tokenizer`` returns an object with the small surface both sides need:
+
+- ``tokenize(text) -> list[int]`` and ``tokenize_batch(texts) -> list[list[int]]`` (the fast path
+  used by preprocessing), ``detokenize(ids) -> str``;
+- ``eod``, ``pad`` (``-1`` when the tokenizer has none), ``vocab_size``;
+- ``unique_identifiers`` (an ``OrderedDict``: megatron-core's dataset cache key is built from it)
+  and ``identity()`` (a short string recorded in sidecar metadata).
+
+The classes subclass megatron-core's ``MegatronTokenizerBase`` so ``GPTDatasetConfig`` accepts them.
+
+Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``HuggingFaceTokenizer`` /
+``NullTokenizer``, with one documented difference: ``NullTokenizer(vocab_size)`` has exactly
+``vocab_size`` ids and ``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+
+def _file_digest(path: str, n_hex: int = 16) -> str:
+    """Short sha256 of a file (tokenizer models are small)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+class _SLMTokenizer(MegatronTokenizerBase):
+    """Common base: megatron-core's abstract tokenizer plus the helpers preprocessing needs."""
+
+    def __init__(self, path: str | None, **identifiers) -> None:
+        super().__init__(path or "", {})
+        self.unique_identifiers = OrderedDict(
+            [("class", type(self).__name__), ("path", path)] + list(identifiers.items())
+        )
+
+    # -- megatron-core abstract surface --------------------------------------------------------
+    def vocab(self):  # noqa: D102 - not needed by the data pipeline
+        raise NotImplementedError(f"{type(self).__name__} does not expose its vocabulary")
+
+    def apply_chat_template(self, *args, **kwargs):  # noqa: D102
+        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize several texts (subclasses override with a batched call)."""
+        return [self.tokenize(t) for t in texts]
+
+    @property
+    def pad(self) -> int:
+        """Padding id, ``-1`` when the tokenizer has none (megatron-core's own default)."""
+        return -1
+
+    @property
+    def eos(self) -> int:
+        """Same as ``eod``."""
+        return self.eod
+
+    def identity(self) -> str:
+        """Short string identifying the tokenizer (class, model digest, vocab size)."""
+        parts = [f"{k}={v}" for k, v in self.unique_identifiers.items() if k not in ("path",)]
+        return ",".join(parts)
+
+
+class SentencePieceTokenizer(_SLMTokenizer):
+    """A sentencepiece model; ``eod`` is the model's ``</s>`` (eos) id, like Megatron-LM's
+    ``GPTSentencePieceTokenizer``; ids equal ``sp.encode(text)`` exactly."""
+
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece as spm
+
+        if model_file is None or not os.path.isfile(model_file):
+            raise FileNotFoundError(
+                f"--tokenizer-model: sentencepiece model not found: {model_file!r}"
+            )
+        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        self._model_file = model_file
+        if self._sp.eos_id() < 0:
+            raise ValueError(f"sentencepiece model {model_file} has no eos piece to use as EOD")
+        super().__init__(
+            os.path.abspath(model_file),
+            sha256=_file_digest(model_file),
+            vocab_size=self._sp.get_piece_size(),
+        )
+
+    def __getstate__(self):
+        return {"model_file": self._model_file}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_file"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Encode one text: ``list[int]``."""
+        return self._sp.encode(text, num_threads=1)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode a list of texts in one call (single-threaded: one process = one core)."""
+        return self._sp.encode(list(texts), num_threads=1)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """Decode ids to text."""
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad(self) -> int:
+        return self._sp.pad_id()  # -1 when the model has no pad piece
+
+
+class HuggingFaceTokenizer(_SLMTokenizer):
+    """A Hugging Face tokenizer loaded from a local directory (no network). ``tokenize`` matches
+    Megatron-LM's ``_HuggingFaceTokenizer`` (``tokenizer(text).input_ids``, special tokens such as
+    BOS included); ``eod`` is the eos token."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        if path is None or not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"--tokenizer-model: Hugging Face tokenizer directory not found: {path!r}"
+            )
+        self._path = path
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"Hugging Face tokenizer {path} has no eos token to use as EOD")
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            if os.path.isfile(full) and ("token" in name or name.endswith((".model", ".json"))):
+                digest.update(name.encode() + _file_digest(full).encode())
+        super().__init__(
+            os.path.abspath(path), sha256=digest.hexdigest()[:16], vocab_size=len(self._tok)
+        )
+
+    def __getstate__(self):
+        return {"path": self._path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Encode one text: ``list[int]``."""
+        return self._tok(text).input_ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode a list of texts in one call."""
+        return self._tok(list(texts)).input_ids
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """Decode ids to text."""
+        return self._tok.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def pad(self) -> int:
+        pad = self._tok.pad_token_id
+        return -1 if pad is None else pad
+
+
+class NullTokenizer(_SLMTokenizer):
+    """Synthetic tokenizer for tests: text is space-separated integer ids. ``vocab_size`` ids in
+    total, the last one (``vocab_size - 1``) is EOD."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size is None or int(vocab_size) < 2:
+            raise ValueError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+        self._vocab_size = int(vocab_size)
+        super().__init__(None, vocab_size=self._vocab_size)
+
+    def tokenize(self, text: str) -> list[int]:
+        """``"3 1 4" -> [3, 1, 4]``; ids must lie in ``[0, vocab_size)``."""
+        ids = [int(x) for x in text.split()]
+        for i in ids:
+            if not 0 <= i < self._vocab_size:
+                raise ValueError(f"NullTokenizer: id {i} outside [0, {self._vocab_size})")
+        return ids
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """``[3, 1, 4] -> "3 1 4"``."""
+        return " ".join(str(int(i)) for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._vocab_size - 1
+
+
+def build_tokenizer(
+    tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None
+) -> _SLMTokenizer:
+    """Build a tokenizer by Megatron-LM ``--tokenizer-type`` name.
+
+    Args:
+        tokenizer_type: one of ``TOKENIZER_TYPES``.
+        tokenizer_model: sentencepiece ``.model`` file or Hugging Face tokenizer directory.
+        vocab_size: number of ids of the ``NullTokenizer``.
+    """
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    **options,
+) -> str:
+    """Train a small sentencepiece model (works on a few KB of text) and return its path.
+
+    ``byte_fallback`` plus identity normalization make any unicode text round-trip exactly
+    (``detokenize(tokenize(t)) == t``); ``hard_vocab_limit=False`` lets a tiny
+    corpus yield fewer pieces than ``vocab_size`` instead of failing. Ids: unk 0, bos 1, eos 2
+    (the EOD), no pad.
+    """
+    import sentencepiece as spm
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("train_sentencepiece needs at least one non-empty text")
+    kwargs = dict(
+        model_prefix=model_prefix,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # no NFKC: decode(encode(text)) == text
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
+        max_sentence_length=1 << 20,
+    )
+    kwargs.update(options)
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), **kwargs)
+    return model_prefix + ".model"

@@ -1,0 +1,66 @@
+"""Tokenizers: sentencepiece training on a few KB, unicode round trip, NullTokenizer, factory."""
+
+import pickle
+
+import pytest
+
+from megatron_slm.data import build_tokenizer, train_sentencepiece
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Données naïves, café crème et œufs — déjà vu.",
+    "日本語のテキストと中文文本。",
+    "Emoji: 😀🚀🎉 and math ∑∫√ symbols.",
+] * 10
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    return train_sentencepiece(TEXTS, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=400)
+
+
+def test_sentencepiece_ids_match_plain_sentencepiece(sp_model):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    text = "Ünïcödé 𝔘𝔫𝔦 ✓ never-seen 字 " + TEXTS[0]
+    assert tok.tokenize(text) == sp.encode(text)
+    assert tok.tokenize_batch([text, "", "a"]) == [sp.encode(text), [], sp.encode("a")]
+    assert tok.detokenize(tok.tokenize(text)) == text  # byte_fallback: any unicode round-trips
+    assert tok.eod == sp.eos_id() == 2
+    assert tok.vocab_size == sp.get_piece_size()
+    assert tok.pad == -1
+    assert "sha256=" in tok.identity()
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.tokenize(text) == tok.tokenize(text)
+
+
+def test_null_tokenizer():
+    tok = build_tokenizer("NullTokenizer", vocab_size=100)
+    assert tok.tokenize("3 1  4") == [3, 1, 4]
+    assert tok.detokenize([3, 1, 4]) == "3 1 4"
+    assert tok.eod == 99 and tok.vocab_size == 100
+    with pytest.raises(ValueError, match="outside"):
+        tok.tokenize("100")
+    assert dict(tok.unique_identifiers)["class"] == "NullTokenizer"
+
+
+def test_factory_errors(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer-type"):
+        build_tokenizer("GPT2BPETokenizer")
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+    with pytest.raises(ValueError, match="--vocab-size"):
+        build_tokenizer("NullTokenizer")
+
+
+def test_huggingface_tokenizer_from_local_dir(tmp_path, sp_model):
+    pytest.importorskip("transformers")
+    from transformers import LlamaTokenizer
+
+    LlamaTokenizer(vocab_file=sp_model).save_pretrained(str(tmp_path / "hf"))
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"))
+    ids = tok.tokenize("hello world")
+    assert tok.tokenize_batch(["hello world"]) == [ids]
+    assert tok.eod == 2
