@@ -1,0 +1,124 @@
+"""Process-group setup shared by every entry point (trainer, scorer, converter, evaluator).
+
+Rank and world size come from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, rendezvous at the first node of
+``SLURM_JOB_NODELIST`` unless ``MASTER_ADDR`` is set); a plain ``python`` run is a world of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_slm.platform import distributed_backend, enable_cpu_backend, resolve_device
+
+logger = logging.getLogger("megatron_slm")
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def process_info() -> ProcessInfo:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return ProcessInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return ProcessInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return ProcessInfo(0, 1, 0)
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(
+    *,
+    device: str = "auto",
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> torch.device:
+    """Init torch.distributed + megatron-core's parallel state + seeds; returns the device.
+
+    Idempotent for the process group; the parallel state is (re)initialised each call.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    dev = resolve_device(device)
+    info = process_info()
+    if dev.type == "cpu":
+        enable_cpu_backend()
+    else:
+        torch.cuda.set_device(info.local_rank)
+        dev = torch.device("cuda", info.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_PORT" not in os.environ:
+            if info.world_size > 1:
+                # Same port on every task: derived from the job id under SLURM.
+                job = int(os.environ.get("SLURM_JOB_ID", "0"))
+                os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+            else:
+                os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            distributed_backend(dev),
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if info.world_size % (tp * pp):
+        raise ValueError(
+            f"world size {info.world_size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"x --pipeline-model-parallel-size {pp}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return dev
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
