@@ -1,0 +1,325 @@
+"""Typed configuration of ``python -m megatron_slm.pretrain``.
+
+Each dataclass is one concern; every field is one command-line flag (``--field-name``, Megatron-LM's
+name where Megatron has the concept) whose help text is the field's ``help`` metadata. Validation
+that needs only one group lives in its ``__post_init__``; checks across groups or against the world
+size live in :func:`validate`. Every message names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, get_preset
+
+
+def arg(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field that is also a CLI flag."""
+    meta = {"help": help, **kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size (shards heads, FFN, vocab).")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size (shards layers).")
+    num_layers_per_virtual_pipeline_stage: int | None = arg(
+        None, "Layers per virtual pipeline stage (interleaved 1F1B schedule)."
+    )
+    sequence_parallel: bool = arg(False, "Shard norm/dropout activations along the sequence.")
+    use_distributed_optimizer: bool = arg(False, "Shard optimizer state across data parallel.")
+
+    def __post_init__(self):
+        if self.tensor_model_parallel_size < 1:
+            raise ValueError("--tensor-model-parallel-size must be >= 1")
+        if self.pipeline_model_parallel_size < 1:
+            raise ValueError("--pipeline-model-parallel-size must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+
+@dataclass
+class ModelArgs:
+    model_preset: str = arg("tiny", "Architecture preset (tiny, tinyllama-1.1b, mistral-7b, ...).")
+    num_layers: int | None = arg(None, "Override the preset's number of layers.")
+    hidden_size: int | None = arg(None, "Override the preset's hidden size.")
+    ffn_hidden_size: int | None = arg(None, "Override the preset's SwiGLU width.")
+    num_attention_heads: int | None = arg(None, "Override the preset's query heads.")
+    num_query_groups: int | None = arg(None, "Override the preset's key/value heads (GQA).")
+    max_position_embeddings: int | None = arg(None, "Override the preset's maximum length.")
+    rotary_base: float | None = arg(None, "Override the preset's RoPE base.")
+    norm_epsilon: float | None = arg(None, "Override the preset's RMSNorm epsilon.")
+    make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this x TP.")
+    transformer_impl: str | None = arg(
+        None, "Layer implementation: te, local or torch (default: te/local on GPU, torch on CPU)."
+    )
+    recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
+
+    def __post_init__(self):
+        get_preset(self.model_preset)  # unknown preset -> error naming --model-preset
+        if self.transformer_impl not in (None, "te", "local", "torch"):
+            raise ValueError(
+                f"--transformer-impl must be te, local or torch, got {self.transformer_impl!r}"
+            )
+
+    def architecture(self, vocab_size: int) -> GPTModelConfig:
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(GPTModelConfig)
+            if hasattr(self, f.name)
+        }
+        return get_preset(self.model_preset).replace(vocab_size=vocab_size, **overrides)
+
+
+@dataclass
+class TrainingArgs:
+    micro_batch_size: int = arg(1, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int | None = arg(
+        None, "Sequences per optimizer step (default: micro-batch x data-parallel size)."
+    )
+    seq_length: int = arg(256, "Training sequence length.")
+    train_iters: int | None = arg(None, "Optimizer steps to train.")
+    train_tokens: int | None = arg(None, "Tokens to train (alternative to --train-iters).")
+    lr: float = arg(3e-4, "Peak learning rate.")
+    min_lr: float = arg(0.0, "Final learning rate after decay.")
+    lr_warmup_iters: int = arg(0, "Linear warmup steps.")
+    lr_decay_iters: int | None = arg(None, "Decay steps (default: the training steps).")
+    lr_decay_style: str = arg("cosine", "constant, linear, cosine or WSD.")
+    weight_decay: float = arg(0.1, "AdamW weight decay.")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.95, "AdamW beta2.")
+    adam_eps: float = arg(1e-8, "AdamW epsilon.")
+    clip_grad: float = arg(1.0, "Gradient clipping by global norm (0 disables).")
+    bf16: bool = arg(False, "bf16 mixed precision.")
+    fp16: bool = arg(False, "fp16 mixed precision with loss scaling (GPU only).")
+    seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")
+    device: str = arg("auto", "cpu, cuda or auto.")
+    eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
+    eval_iters: int = arg(10, "Validation batches per evaluation.")
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if (self.train_iters is None) == (self.train_tokens is None):
+            raise ValueError("give exactly one of --train-iters and --train-tokens")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 are exclusive")
+        if self.lr_decay_style not in (
+            "constant",
+            "linear",
+            "cosine",
+            "WSD",
+            "inverse-square-root",
+        ):
+            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = arg([], "Blend: PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...", nargs="*")
+    split: str = arg("969,30,1", "Train/valid/test split of each dataset.")
+    tokenizer_type: str = arg(
+        "SentencePieceTokenizer",
+        "SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer.",
+    )
+    tokenizer_model: str | None = arg(None, "Tokenizer model file or directory.")
+    vocab_size: int | None = arg(None, "Vocabulary size (NullTokenizer only).")
+    data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
+
+    def __post_init__(self):
+        if not self.data_path:
+            raise ValueError("--data-path is required")
+
+
+@dataclass
+class SLMArgs:
+    slm_ratio: float | None = arg(
+        None,
+        "Fraction of tokens trained on. Unset: plain causal LM through megatron-core's own loss; "
+        "1.0: every token, through the selective op (numerically the same as plain).",
+    )
+    slm_ref_source: str = arg("sidecar", "Reference losses: sidecar (offline) or online.")
+    slm_ref_load: str | None = arg(None, "Reference model checkpoint (online source).")
+    slm_select_scope: str = arg("microbatch", "sequence, microbatch or data-parallel.")
+    slm_select_mode: str = arg("excess", "excess (Rho-1), loss or random (ablations).")
+    slm_unscored: str = arg("keep", "Tokens without a reference loss: keep (train) or drop.")
+    slm_start_iter: int = arg(0, "Plain training before this step, selective after.")
+
+    def __post_init__(self):
+        if self.slm_ratio is not None and not 0.0 < self.slm_ratio <= 1.0:
+            raise ValueError(f"--slm-ratio must be in (0, 1], got {self.slm_ratio}")
+        for name, allowed in (
+            ("slm_ref_source", ("sidecar", "online")),
+            ("slm_select_scope", ("sequence", "microbatch", "data-parallel")),
+            ("slm_select_mode", ("excess", "loss", "random")),
+            ("slm_unscored", ("keep", "drop")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {allowed}, "
+                    f"got {getattr(self, name)!r}"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        """The loss goes through the selective op (any --slm-ratio given)."""
+        return self.slm_ratio is not None
+
+    @property
+    def selective(self) -> bool:
+        return self.slm_ratio is not None and self.slm_ratio < 1.0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.selective and self.slm_select_mode == "excess"
+
+
+@dataclass
+class CheckpointArgs:
+    save: str | None = arg(None, "Checkpoint directory to save to.")
+    save_interval: int | None = arg(None, "Save every N steps (and at the end).")
+    load: str | None = arg(None, "Checkpoint to resume from (model, optimizer, data position).")
+    finetune: bool = arg(False, "With --load: load weights only, start at step 0.")
+    exit_signal_handler: bool = arg(False, "On --exit-signal: save a checkpoint and exit cleanly.")
+    exit_signal: str = arg("SIGTERM", "Signal name for --exit-signal-handler.")
+    exit_duration_in_mins: float | None = arg(None, "Save and exit after this many minutes.")
+    exit_interval: int | None = arg(None, "Save and exit when the step is a multiple of this.")
+
+    def __post_init__(self):
+        if not isinstance(getattr(signal, self.exit_signal, None), signal.Signals):
+            raise ValueError(f"--exit-signal {self.exit_signal!r} is not a signal name")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError("--save-interval must be >= 1")
+
+
+@dataclass
+class LoggingArgs:
+    log_interval: int = arg(10, "Console/TensorBoard line every N steps.")
+    tensorboard_dir: str | None = arg(None, "TensorBoard event directory.")
+    log_loss_file: str | None = arg(
+        None, "Append one JSON line per step (losses, selection) to this file (tests, analysis)."
+    )
+
+
+GROUPS = {
+    "parallel": ParallelConfig,
+    "model": ModelArgs,
+    "training": TrainingArgs,
+    "data": DataArgs,
+    "slm": SLMArgs,
+    "checkpoint": CheckpointArgs,
+    "logging": LoggingArgs,
+}
+
+
+@dataclass
+class PretrainConfig:
+    parallel: ParallelConfig
+    model: ModelArgs
+    training: TrainingArgs
+    data: DataArgs
+    slm: SLMArgs
+    checkpoint: CheckpointArgs
+    logging: LoggingArgs
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    meta = dict(f.metadata)
+    help_text = meta.pop("help")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if hint is bool:
+        group.add_argument(flag, action="store_true", default=default, help=help_text)
+        return
+    base = hint
+    if get_origin(hint) is not None:  # Optional[T] / list[T]
+        args = [a for a in get_args(hint) if a is not type(None)]
+        base = args[0] if get_origin(hint) is not list else get_args(hint)[0]
+    kwargs = {"type": base, "default": default, "help": f"{help_text} (default: {default})"}
+    kwargs.update(meta)
+    group.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_slm.pretrain",
+        description="Pretrain a Llama-style GPT on megatron-core with Selective Language Modeling.",
+    )
+    for name, cls in GROUPS.items():
+        group = parser.add_argument_group(name)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_field(group, f, hints[f.name])
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    ns = vars(build_parser().parse_args(argv))
+    groups = {}
+    for name, cls in GROUPS.items():
+        groups[name] = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
+    return PretrainConfig(**groups)
+
+
+@dataclass(frozen=True)
+class DerivedSizes:
+    data_parallel_size: int
+    global_batch_size: int
+    num_microbatches: int
+    train_iters: int
+
+
+def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig) -> DerivedSizes:
+    """Cross-group checks; every failure names the flag. Returns the derived sizes."""
+    p, t = cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    check_parallel_layout(architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage)
+    dp = world_size // (tp * pp)
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise ValueError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
+    num_micro = gbs // (t.micro_batch_size * dp)
+    if p.num_layers_per_virtual_pipeline_stage and num_micro % pp:
+        raise ValueError(
+            f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
+            f"multiple of --pipeline-model-parallel-size {pp}"
+        )
+    if t.seq_length > architecture.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
+            f"{architecture.max_position_embeddings}"
+        )
+    if t.fp16 and t.device == "cpu":
+        raise ValueError("--fp16 needs a GPU (--device cuda)")
+    iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
+    s = cfg.slm
+    if s.needs_reference and s.slm_ref_source == "online":
+        if not s.slm_ref_load:
+            raise ValueError("--slm-ref-source online needs --slm-ref-load")
+        if pp > 1:
+            raise ValueError(
+                "--slm-ref-source online is not supported with --pipeline-model-parallel-size > 1:"
+                " score the corpus offline with tools/score_corpus.py and train with "
+                "--slm-ref-source sidecar (the scalable path)"
+            )
+    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+        raise ValueError("--finetune needs --load")
+    return DerivedSizes(dp, gbs, num_micro, iters)

@@ -1,0 +1,64 @@
+"""The online reference model: a frozen copy evaluated per micro-batch, without gradients.
+
+It gives the same values the offline scorer writes into a sidecar, so ``--slm-ref-source online``
+and ``sidecar`` select the same tokens: attention is reset at every end-of-document token (each
+document sees only itself, like the scorer's packed rows; RoPE is relative, so the offset of a
+document inside the row does not matter), and a label that is the first token of a document gets
+NaN (no context, like position 0 of a sidecar document).
+
+The one difference (the "first-token convention"): a document that began before this sample
+starts is seen from the sample's first token only, while the scorer saw it from its true start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_slm.models import ModelBuildOptions, build_model
+from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.training import checkpointing
+
+
+def document_causal_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """tokens [b, s] -> bool mask [b, 1, s, s], True = masked (megatron-core's convention).
+
+    A document ends with (and includes) its end-of-document token.
+    """
+    ends = (tokens == eod).to(torch.int32)
+    doc = torch.cumsum(ends, dim=1) - ends  # [b, s] document index of each position
+    s = tokens.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)
+    return ((doc[:, :, None] != doc[:, None, :]) | causal)[:, None]
+
+
+class OnlineReference:
+    def __init__(
+        self,
+        load: str,
+        arch: GPTModelConfig,
+        opts: ModelBuildOptions,
+        device: torch.device,
+        eod: int,
+    ):
+        ref_arch = checkpointing.model_config_from_checkpoint(load, "--slm-ref-load")
+        if ref_arch.vocab_size != arch.vocab_size:
+            raise ValueError(
+                f"--slm-ref-load {load}: the reference model's vocabulary ({ref_arch.vocab_size}) "
+                f"differs from the data's tokenizer ({arch.vocab_size})"
+            )
+        self.chunks = build_model(ref_arch, opts, device=device)
+        checkpointing.load_checkpoint(load, self.chunks, weights_only=True, flag="--slm-ref-load")
+        for chunk in self.chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        self.eod = eod
+
+    @torch.no_grad()
+    def per_token_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """tokens, labels [b, s] -> reference loss of each label [b, s] (fp32, NaN: no context)."""
+        (model,) = self.chunks
+        mask = document_causal_mask(tokens, self.eod)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        loss = model(tokens, position_ids, mask, labels=labels).float()  # [b, s]
+        # The label after an end-of-document token starts a new document: nothing to condition on.
+        return loss.masked_fill(tokens == self.eod, float("nan"))
