@@ -110,7 +110,8 @@ class TrainingLogger:
         mean = lambda k: sum(r[k] for r in w) / len(w)
         secs = sum(r["step_seconds"] for r in w)
         line = (
-            f"iter {iteration:>7d}/{self.sizes.train_iters} | tokens {w[-1]['consumed_tokens']:,} | "
+            f"iter {iteration:>7d}/{self.sizes.train_iters} | "
+            f"tokens {w[-1]['consumed_tokens']:,} | "
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
             f"sel. {mean('selected_fraction'):.3f} | excess {mean('excess_loss'):.4f} | "
             f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "

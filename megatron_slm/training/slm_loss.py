@@ -6,8 +6,8 @@ replaces that method on the model chunk, so the fused op sees the logits without
 and may write its gradient into them in place (nothing reads the logits after the loss).
 
 The trainer sets the per-micro-batch inputs (reference loss, loss mask, ratio, seed) with
-:meth:`SelectiveLMLoss.prepare` right before the forward; the op's outputs of that micro-batch are in
-:attr:`SelectiveLMLoss.last` afterwards.
+:meth:`SelectiveLMLoss.prepare` right before the forward; the op's outputs of that micro-batch
+are in :attr:`SelectiveLMLoss.last` afterwards.
 """
 
 from __future__ import annotations
