@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, get_preset
+from megatron_slm.training.checkpointing import model_config_from_checkpoint, resolve_checkpoint
 
 
 def arg(default: Any, help: str, **kwargs) -> Any:
@@ -320,6 +321,21 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
+    decay = t.lr_decay_iters or iters
+    if t.lr_warmup_iters and t.lr_warmup_iters >= decay:
+        raise ValueError(
+            f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than the decay steps ({decay}: "
+            "--lr-decay-iters or the training steps)"
+        )
+    if s.needs_reference and s.slm_ref_source == "online":
+        ref = model_config_from_checkpoint(s.slm_ref_load, "--slm-ref-load")
+        if ref.vocab_size != architecture.vocab_size:
+            raise ValueError(
+                f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
+                f"({ref.vocab_size}) differs from the data's tokenizer ({architecture.vocab_size})"
+            )
+    if cfg.checkpoint.load:
+        resolve_checkpoint(cfg.checkpoint.load, "--load")
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ValueError("--finetune needs --load")
     return DerivedSizes(dp, gbs, num_micro, iters)

@@ -120,11 +120,6 @@ class Trainer:
             recompute_activations=cfg.model.recompute_activations,
         )
         s = cfg.slm
-        self.online = None
-        if s.needs_reference and s.slm_ref_source == "online":
-            self.online = OnlineReference(
-                s.slm_ref_load, self.arch, self.build_opts, self.device, self.tokenizer.eod
-            )
         datasets = build_datasets(
             cfg,
             self.sizes,
@@ -133,6 +128,12 @@ class Trainer:
         )
         self.train_ds, self.valid_ds, _ = datasets
         self._build_model()
+        # Built after the trained model, so its initialisation does not depend on the source.
+        self.online = None
+        if s.needs_reference and s.slm_ref_source == "online":
+            self.online = OnlineReference(
+                s.slm_ref_load, self.arch, self.build_opts, self.device, self.tokenizer.eod
+            )
         self.iteration, consumed = 0, 0
         if cfg.checkpoint.load:
             state = checkpointing.load_checkpoint(

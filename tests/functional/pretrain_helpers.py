@@ -1,0 +1,83 @@
+"""Run ``megatron_slm.pretrain`` as users do (a subprocess, torchrun for several ranks) on small
+synthetic corpora, and read back its per-step JSON log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from megatron_slm.data import preprocess_corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VOCAB = 512
+
+
+def make_null_corpus(directory: str, name: str, doc_lengths, seed: int = 0) -> str:
+    """NullTokenizer corpus: documents of random ids (< VOCAB - 1) of the given token lengths
+    (EOD appended, so a document occupies length + 1 tokens). Returns the data prefix."""
+    rng = np.random.default_rng(seed)
+    # A learnable pattern: each document counts upward from a random start.
+    lines = []
+    for n in doc_lengths:
+        start = int(rng.integers(0, VOCAB - 1))
+        ids = [(start + 3 * i) % (VOCAB - 1) for i in range(n)]
+        lines.append(json.dumps({"text": " ".join(map(str, ids))}))
+    path = os.path.join(directory, f"{name}.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    out = preprocess_corpus(
+        [path],
+        os.path.join(directory, name),
+        "NullTokenizer",
+        vocab_size=VOCAB,
+        append_eod=True,
+    )
+    return out["text"]
+
+
+def run_pretrain(args, nproc: int = 1, env: dict | None = None, check: bool = True, timeout=600):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port"]
+        cmd += [str(_free_port())]
+    cmd += ["-m", "megatron_slm.pretrain", "--device", "cpu", *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _free_port() -> int:
+    from tests.dist_helpers import free_port
+
+    return free_port()
+
+
+def read_steps(path: str) -> list[dict]:
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def tiny_args(data_prefix: str, log_file: str, iters: int, *extra) -> list[str]:
+    return [
+        "--data-path", data_prefix,
+        "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", VOCAB,
+        "--model-preset", "tiny",
+        "--seq-length", 32,
+        "--micro-batch-size", 2,
+        "--global-batch-size", 8,
+        "--train-iters", iters,
+        "--lr", "3e-3",
+        "--lr-warmup-iters", 2,
+        "--eval-interval", 0,
+        "--log-interval", 1,
+        "--split", "100,0,0",
+        "--log-loss-file", log_file,
+        *extra,
+    ]  # fmt: skip

@@ -1,0 +1,187 @@
+"""The SLM trainer end to end: real ``python -m megatron_slm.pretrain`` runs (torchrun for several
+ranks) on a tiny model, CPU."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.functional.pretrain_helpers import (
+    make_null_corpus,
+    read_steps,
+    run_pretrain,
+    tiny_args,
+)
+
+pytestmark = pytest.mark.slow
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    # Documents of exactly SEQ tokens with their EOD: every sample starts at a document start,
+    # so the online reference sees each document from its beginning, like the scorer.
+    prefix = make_null_corpus(str(root), "aligned", [SEQ - 1] * 96)
+    return root, prefix
+
+
+@pytest.fixture(scope="module")
+def reference_ckpt(corpus):
+    root, prefix = corpus
+    ckpt = str(root / "ref")
+    run_pretrain(tiny_args(prefix, str(root / "ref.jsonl"), 6, "--save", ckpt, "--seed", 7))
+    return ckpt
+
+
+def test_plain_loss_falls_and_ratio_one_is_plain(corpus, tmp_path):
+    _, prefix = corpus
+    plain = read_steps_of(prefix, tmp_path / "plain.jsonl", 10)
+    assert plain[-1]["loss"] < plain[0]["loss"] - 0.5, [r["loss"] for r in plain]
+    ratio1 = read_steps_of(prefix, tmp_path / "ratio1.jsonl", 10, "--slm-ratio", "1.0")
+    # Same per-step losses: the fused op at ratio 1 is plain cross entropy over every token.
+    for a, b in zip(plain, ratio1):
+        assert a["selected_fraction"] == b["selected_fraction"] == 1.0
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+
+
+def read_steps_of(prefix, log_file, iters, *extra, nproc=1):
+    run_pretrain(tiny_args(prefix, str(log_file), iters, *extra), nproc=nproc)
+    return read_steps(str(log_file))
+
+
+def _score_documents(rank, world, ckpt, prefix):
+    """Independent sidecar: each document forwarded alone through the reference model."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_slm import launch
+    from megatron_slm.data import SidecarWriter
+    from megatron_slm.models import ModelBuildOptions, build_model
+    from megatron_slm.training.checkpointing import load_checkpoint, model_config_from_checkpoint
+
+    launch.initialize(device="cpu")
+    (model,) = build_model(model_config_from_checkpoint(ckpt), ModelBuildOptions())
+    load_checkpoint(ckpt, [model], weights_only=True)
+    model.eval()
+    ds = IndexedDataset(prefix)
+    values = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            doc = torch.from_numpy(ds[i].astype(np.int64))[None]  # [1, n]
+            pos = torch.arange(doc.shape[1] - 1)[None]
+            loss = model(doc[:, :-1], pos, None, labels=doc[:, 1:])[0]
+            values.append(np.concatenate([[np.nan], loss.numpy()]).astype(np.float32))
+    writer = SidecarWriter(prefix, dtype="float32", reference=ckpt, settings={"test": True})
+    writer.write_range(0, values)
+    writer.finalize()
+
+
+def test_sidecar_and_online_reference_agree(corpus, reference_ckpt, tmp_path):
+    _, prefix = corpus
+    run_distributed(_score_documents, 1, reference_ckpt, prefix)
+    slm = ("--slm-ratio", "0.5", "--slm-unscored", "drop")
+    online = read_steps_of(
+        prefix, tmp_path / "online.jsonl", 6, *slm,
+        "--slm-ref-source", "online", "--slm-ref-load", reference_ckpt,
+    )  # fmt: skip
+    sidecar = read_steps_of(prefix, tmp_path / "sidecar.jsonl", 6, *slm)
+    for a, b in zip(online, sidecar):
+        assert a["n_selected"] == b["n_selected"]
+        assert 0.4 < a["selected_fraction"] < 0.6
+        assert b["selected_loss"] == pytest.approx(a["selected_loss"], rel=1e-5)
+        assert b["excess_loss"] == pytest.approx(a["excess_loss"], rel=1e-4, abs=1e-5)
+    # Selective training optimises fewer tokens than plain: selected loss differs from the mean.
+    assert any(abs(r["selected_loss"] - r["loss"]) > 1e-3 for r in sidecar)
+
+
+@pytest.mark.parametrize("layout", [("1", "1", 1), ("1", "2", 2)], ids=["tp1", "pp2"])
+def test_exact_resume(corpus, tmp_path, layout):
+    _, prefix = corpus
+    tp, pp, nproc = layout
+    par = ("--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp)
+    slm = ("--slm-ratio", "0.7", "--slm-select-mode", "loss")
+    straight = read_steps_of(prefix, tmp_path / "straight.jsonl", 8, *par, *slm, nproc=nproc)
+    ckpt = str(tmp_path / "ckpt")
+    first = read_steps_of(
+        prefix, tmp_path / "resumed.jsonl", 8, *par, *slm, "--save", ckpt,
+        "--exit-interval", 4, nproc=nproc,
+    )  # fmt: skip
+    assert [r["iteration"] for r in first] == [1, 2, 3, 4]
+    resumed = read_steps_of(
+        prefix, tmp_path / "resumed.jsonl", 8, *par, *slm, "--load", ckpt, nproc=nproc
+    )
+    assert [r["iteration"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(straight, resumed):
+        assert (a["iteration"], a["consumed_samples"]) == (b["iteration"], b["consumed_samples"])
+        assert a["loss"] == b["loss"] and a["selected_loss"] == b["selected_loss"]
+
+
+def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
+    _, prefix = corpus
+    straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6)
+    ckpt = str(tmp_path / "ckpt")
+    read_steps_of(prefix, tmp_path / "a.jsonl", 6, "--save", ckpt, "--exit-interval", 3)
+    tp2 = read_steps_of(
+        prefix, tmp_path / "tp2.jsonl", 6, "--load", ckpt,
+        "--tensor-model-parallel-size", 2, nproc=2,
+    )  # fmt: skip
+    assert [r["iteration"] for r in tp2] == [4, 5, 6]
+    for a, b in zip(straight[3:], tp2):
+        assert a["consumed_samples"] == b["consumed_samples"]
+        # fp32 reduction order differs across TP: agreement to fp32 accuracy over a few steps.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_tensorboard_has_slm_scalars(corpus, reference_ckpt, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, prefix = corpus
+    tb = tmp_path / "tb"
+    steps = read_steps_of(
+        prefix, tmp_path / "tb.jsonl", 3, "--slm-ratio", "0.6",
+        "--slm-ref-source", "online", "--slm-ref-load", reference_ckpt,
+        "--tensorboard-dir", tb,
+    )  # fmt: skip
+    acc = EventAccumulator(str(tb), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("loss", "selected_loss", "selected_fraction", "excess_loss", "lr", "grad_norm"):
+        events = acc.Scalars(f"slm/{tag}")
+        assert [e.step for e in events] == [1, 2, 3]
+        for event, step in zip(events, steps):
+            if not math.isnan(step[tag]):
+                assert event.value == pytest.approx(step[tag], rel=1e-6)
+    assert "slm/excess_loss_selected" in tags["histograms"]
+
+
+def test_bad_configuration_fails_before_training(corpus, reference_ckpt, tmp_path):
+    _, prefix = corpus
+    other = make_null_corpus(str(tmp_path), "bigvocab", [20] * 4)
+    cases = [
+        (("--global-batch-size", 7), "--global-batch-size 7"),
+        (("--lr-warmup-iters", 5), "--lr-warmup-iters 5"),
+        (("--tensor-model-parallel-size", 3), "world size 1 is not divisible"),
+        (("--slm-ratio", "1.5"), "--slm-ratio"),
+        (("--slm-ratio", "0.5"), "sidecar"),  # no sidecar next to this prefix
+        (("--slm-ratio", "0.5", "--slm-ref-source", "online"), "--slm-ref-load"),
+        (
+            ("--slm-ratio", "0.5", "--slm-ref-source", "online", "--slm-ref-load", "/nonexistent"),
+            "--slm-ref-load /nonexistent",
+        ),
+    ]
+    for extra, message in cases:
+        proc = run_pretrain(tiny_args(other, str(tmp_path / "x.jsonl"), 4, *extra), check=False)
+        assert proc.returncode != 0, extra
+        assert message in proc.stderr, (extra, proc.stderr[-2000:])
+        assert not os.path.exists(tmp_path / "x.jsonl"), "failed after training started"
+    # A reference model whose vocabulary differs from the data's tokenizer.
+    proc = run_pretrain(
+        tiny_args(other, str(tmp_path / "x.jsonl"), 4, "--slm-ratio", "0.5", "--vocab-size", 1024)
+        + ["--slm-ref-source", "online", "--slm-ref-load", reference_ckpt],
+        check=False,
+    )
+    assert proc.returncode != 0 and "vocabulary" in proc.stderr, proc.stderr[-2000:]
