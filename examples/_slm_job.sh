@@ -1,0 +1,71 @@
+# The body of the SLM pretraining launch scripts (sourced after they set their defaults).
+# Flags are grouped by concern in bash arrays; every value comes from the environment.
+: "${RUN_DIR:?}" "${MODEL_PRESET:?}" "${TP:?}" "${PP:?}" "${SEQ_LENGTH:?}" "${GLOBAL_BATCH_SIZE:?}"
+: "${LR:?}" "${MIN_LR:?}" "${TOKENIZER_MODEL:?}" "${DATA_PATH:?}"
+source "$REPO_DIR/examples/_launch_common.sh"
+cd "$REPO_DIR"
+
+TRAIN_LENGTH=(--train-tokens "${TRAIN_TOKENS:-}")
+[[ -n "${TRAIN_ITERS:-}" ]] && TRAIN_LENGTH=(--train-iters "$TRAIN_ITERS")
+
+MODEL_ARGS=(--model-preset "${MODEL_PRESET}")
+# Unset: Transformer Engine on GPU when installed, megatron-core local modules otherwise.
+[[ -n "${TRANSFORMER_IMPL:-}" ]] && MODEL_ARGS+=(--transformer-impl "$TRANSFORMER_IMPL")
+[[ -n "${NUM_LAYERS:-}" ]] && MODEL_ARGS+=(--num-layers "$NUM_LAYERS")
+[[ -n "${RECOMPUTE:-}" ]] && MODEL_ARGS+=(--recompute-activations)
+PARALLEL_ARGS=(
+    --tensor-model-parallel-size "${TP}"
+    --pipeline-model-parallel-size "${PP}"
+)
+[[ "${SEQUENCE_PARALLEL:-1}" == 1 && "${TP}" -gt 1 ]] && PARALLEL_ARGS+=(--sequence-parallel)
+[[ "${DISTRIBUTED_OPTIMIZER:-1}" == 1 ]] && PARALLEL_ARGS+=(--use-distributed-optimizer)
+TRAINING_ARGS=(
+    --seq-length "${SEQ_LENGTH}"
+    --micro-batch-size "${MICRO_BATCH_SIZE:-1}"
+    --global-batch-size "${GLOBAL_BATCH_SIZE}"
+    "${TRAIN_LENGTH[@]}"
+    --lr "${LR}" --min-lr "${MIN_LR}"
+    --lr-warmup-iters "${LR_WARMUP_ITERS:-100}" --lr-decay-style "${LR_DECAY_STYLE:-cosine}"
+    --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad "${CLIP_GRAD:-1.0}"
+    --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
+)
+[[ "${PRECISION:-bf16}" == bf16 ]] && TRAINING_ARGS+=(--bf16)
+DATA_ARGS=(
+    --data-path ${DATA_PATH}
+    --split "${SPLIT:-998,2,0}"
+    --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
+    --tokenizer-model "${TOKENIZER_MODEL}"
+    --data-cache-path "${DATA_CACHE_PATH:-$RUN_DIR/cache}"
+)
+[[ -n "${VOCAB_SIZE:-}" ]] && DATA_ARGS+=(--vocab-size "$VOCAB_SIZE")
+SLM_ARGS=()
+[[ -n "${SLM_RATIO:-}" ]] && SLM_ARGS+=(
+    --slm-ratio "${SLM_RATIO}"
+    --slm-ref-source "${SLM_REF_SOURCE:-sidecar}"
+    --slm-select-scope "${SLM_SELECT_SCOPE:-microbatch}"
+    --slm-select-mode "${SLM_SELECT_MODE:-excess}"
+    --slm-unscored "${SLM_UNSCORED:-keep}"
+)
+[[ -n "${SLM_REF_LOAD:-}" ]] && SLM_ARGS+=(--slm-ref-load "$SLM_REF_LOAD")
+CHECKPOINT_ARGS=(
+    --save "${SAVE:-$RUN_DIR/checkpoints}"
+    --save-interval "${SAVE_INTERVAL:-500}"
+    --exit-signal-handler --exit-signal SIGTERM
+)
+# Resume from our own checkpoints when they exist (requeued jobs), else start from LOAD.
+if [[ -f "${SAVE:-$RUN_DIR/checkpoints}/latest_checkpointed_iteration.txt" ]]; then
+    CHECKPOINT_ARGS+=(--load "${SAVE:-$RUN_DIR/checkpoints}")
+elif [[ -n "${LOAD:-}" ]]; then
+    CHECKPOINT_ARGS+=(--load "$LOAD" --finetune)
+fi
+[[ -n "${EXIT_DURATION_IN_MINS:-}" ]] && CHECKPOINT_ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
+LOGGING_ARGS=(
+    --log-interval "${LOG_INTERVAL:-10}"
+    --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-10}"
+    --tensorboard-dir "${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}"
+)
+[[ -n "${LOG_LOSS_FILE:-}" ]] && LOGGING_ARGS+=(--log-loss-file "$LOG_LOSS_FILE")
+
+mkdir -p "$RUN_DIR"
+launch_pretrain "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" \
+    "${SLM_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" ${EXTRA_ARGS:-}

@@ -1,0 +1,99 @@
+"""examples/pretrain_rho_7b.sh under a real (local, one-node) SLURM cluster: the tiny model on CPU
+with 2 tasks, a checkpoint at the end; SIGTERM mid-run saves and exits cleanly; resubmitting the
+same job resumes from that checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from megatron_slm.training.checkpointing import latest_iteration
+from tests.functional import slurm_cluster
+from tests.functional.pretrain_helpers import REPO, VOCAB, make_null_corpus, read_steps
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SCRIPT = os.path.join(REPO, "examples", "pretrain_rho_7b.sh")
+SBATCH_CPU = (
+    "--nodes=1",
+    "--ntasks=2",
+    "--ntasks-per-node=2",
+    "--cpus-per-task=1",
+    "--gpus-per-node=0",
+    "--time=15",
+)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = slurm_cluster.available()
+    if reason:
+        pytest.skip(reason)
+    cluster = slurm_cluster.LocalSlurm(str(tmp_path_factory.mktemp("slurm"))).start()
+    yield cluster
+    cluster.stop()
+
+
+def _env(tmp_path, run_dir, iters, prefix):
+    return {
+        "REPO_DIR": REPO, "PYTHON": sys.executable, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1",
+        "MODEL_PRESET": "tiny", "DEVICE": "cpu", "TP": "1", "PP": "1", "PRECISION": "fp32",
+        "SEQUENCE_PARALLEL": "0", "DISTRIBUTED_OPTIMIZER": "0",
+        "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "8",
+        "TRAIN_ITERS": str(iters), "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
+        "TOKENIZER_TYPE": "NullTokenizer", "VOCAB_SIZE": str(VOCAB), "TOKENIZER_MODEL": "none",
+        "DATA_PATH": prefix, "SPLIT": "100,0,0", "EVAL_INTERVAL": "0", "LOG_INTERVAL": "1",
+        "RUN_DIR": str(run_dir), "LOAD": "", "SAVE_INTERVAL": "1000",
+        "SLM_RATIO": "0.7", "SLM_SELECT_MODE": "loss",
+        "LOG_LOSS_FILE": str(run_dir / "steps.jsonl"),
+    }  # fmt: skip
+
+
+def _submit(slurm, tmp_path, env):
+    out = str(tmp_path / "job-%j.out")
+    return slurm.sbatch(SCRIPT, *SBATCH_CPU, f"--output={out}", env=env, cwd=REPO)
+
+
+def _job_log(tmp_path, job):
+    path = tmp_path / f"job-{job}.out"
+    return path.read_text() if path.exists() else "(no output)"
+
+
+def test_job_completes_with_checkpoint(slurm, tmp_path):
+    prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 64)
+    run = tmp_path / "run"
+    job = _submit(slurm, tmp_path, _env(tmp_path, run, 6, prefix))
+    assert slurm.wait(job) == "COMPLETED", _job_log(tmp_path, job)
+    assert latest_iteration(str(run / "checkpoints")) == 6
+    steps = read_steps(str(run / "steps.jsonl"))
+    assert [s["iteration"] for s in steps] == list(range(1, 7))
+    assert all(0.65 < s["selected_fraction"] < 0.75 for s in steps)
+
+
+def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):
+    prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 64)
+    run = tmp_path / "run"
+    env = _env(tmp_path, run, 100_000, prefix)
+    job = _submit(slurm, tmp_path, env)
+    log = run / "steps.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.exists() and len(read_steps(str(log))) >= 3):
+        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _job_log(tmp_path, job)
+        time.sleep(0.5)
+    slurm.signal(job, "TERM")
+    assert slurm.wait(job) == "COMPLETED", _job_log(tmp_path, job)
+    saved = latest_iteration(str(run / "checkpoints"))
+    assert saved is not None and saved >= 3, _job_log(tmp_path, job)
+    assert read_steps(str(log))[-1]["iteration"] == saved
+    assert "signal SIGTERM" in _job_log(tmp_path, job)
+
+    # Resubmitting the same job resumes: the script loads its own latest checkpoint.
+    job2 = _submit(slurm, tmp_path, {**env, "EXTRA_ARGS": f"--exit-interval {saved + 2}"})
+    assert slurm.wait(job2) == "COMPLETED", _job_log(tmp_path, job2)
+    steps = read_steps(str(log))
+    resumed = [s["iteration"] for s in steps[saved:]]
+    assert resumed == [saved + 1, saved + 2], _job_log(tmp_path, job2)
+    assert latest_iteration(str(run / "checkpoints")) == saved + 2
