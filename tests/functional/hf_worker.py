@@ -1,0 +1,367 @@
+"""Helpers for the Hugging Face interop and evaluation tests: a tiny byte-level BPE tokenizer and
+tiny random Llama / Mistral models built locally, plus worker functions run in spawned gloo
+processes (see tests/dist_helpers.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "Question: what color is the sky?\nAnswer: blue",
+    "Question: how many legs has a cat?\nAnswer: 4",
+    "a tiny model learns to answer tiny questions with tiny answers.",
+    "numbers 0 1 2 3 4 5 6 7 8 9 10 11 12 and words: red green blue yellow.",
+]
+
+
+def make_tokenizer(path: str, vocab_size: int = 300) -> str:
+    """Train a byte-level BPE tokenizer on CORPUS; save it as a HF tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(path)
+    return path
+
+
+def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM / MistralForCausalLM saved (safetensors) at ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
+        kwargs.update(rope_theta=50000.0)
+    else:
+        cfg_cls, model_cls = MistralConfig, MistralForCausalLM
+        kwargs.update(rope_theta=10000.0, sliding_window=4096, num_attention_heads=8)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kwargs)).float().eval()
+    # Non-trivial norm weights, so a misplaced norm shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = model.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def model_logits(rank, world, load, tokens, tp, prompt, max_new_tokens, eos):
+    """Load ``load`` (megatron checkpoint or HF dir) at TP=tp: logits and a greedy continuation."""
+    from megatron_slm.evaluation import forward_logits, greedy_generate, load_model
+
+    m = load_model(load, tensor_model_parallel_size=tp, device="cpu")
+    logits = forward_logits(m, tokens)
+    gen = greedy_generate(m, prompt, max_new_tokens=max_new_tokens, eod=eos)
+    return logits, gen, m.padded_vocab_size
+
+
+def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eos, ppl_data):
+    """World of one, per architecture: HF -> megatron (padded for TP=2), logits, greedy and
+    perplexity at TP=1, export back to HF, re-import; full state dicts for the round trip."""
+    from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_slm.evaluation import evaluate_perplexity, load_model, read_documents
+
+    results = {}
+    for arch in archs:
+        hf_dir, ckpt = os.path.join(root, arch), os.path.join(root, f"{arch}_ckpt")
+        convert_hf_to_megatron(hf_dir, ckpt, tensor_model_parallel_size=2)
+        logits, gen, padded = model_logits(
+            rank, world, ckpt, tokens, 1, prompt, max_new_tokens, eos
+        )
+        m = load_model(ckpt, device="cpu")
+        ppl = evaluate_perplexity(
+            m, read_documents(ppl_data, m.tokenizer), seq_length=8, micro_batch_size=3
+        )
+        out = os.path.join(root, f"{arch}_export")
+        convert_megatron_to_hf(ckpt, out)
+        convert_hf_to_megatron(out, ckpt + "_again", tensor_model_parallel_size=2)
+        results[arch] = dict(
+            logits=logits,
+            greedy=gen,
+            padded=padded,
+            perplexity=ppl.as_dict(),
+            state=_full_state(ckpt),
+            state_again=_full_state(ckpt + "_again"),
+        )
+    results["cli"] = _run_convert_cli(
+        "megatron-to-hf",
+        "--load",
+        os.path.join(root, f"{archs[-1]}_ckpt"),
+        "--save",
+        os.path.join(root, "cli_export"),
+        "--max-shard-size",
+        "100KB",
+    )
+    os.makedirs(os.path.join(root, "bad"), exist_ok=True)
+    with open(os.path.join(root, archs[0], "config.json")) as f:
+        bad = json.load(f)
+    bad["architectures"] = ["Qwen2ForCausalLM"]
+    with open(os.path.join(root, "bad", "config.json"), "w") as f:
+        json.dump(bad, f)
+    results["cli_bad"] = _run_convert_cli(
+        "--direction", "hf-to-megatron", "--load", os.path.join(root, "bad"), "--save", "x"
+    )
+    return results
+
+
+def _run_convert_cli(*argv):
+    """tools/convert_checkpoint.py's main in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(root, "tools", "convert_checkpoint.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = tool.main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
+    """World of two: converted checkpoints and the HF directories (in memory) at TP=2; then a
+    conversion run with PP=2 (each rank fills its own layers), read back whole."""
+    from megatron_slm.convert import convert_hf_to_megatron
+
+    results = {}
+    for arch in archs:
+        for source in (f"{arch}_ckpt", arch):
+            results[source] = model_logits(
+                rank, world, os.path.join(root, source), tokens, 2, prompt, max_new_tokens, eos
+            )[:2]
+    pp_ckpt = os.path.join(root, f"{archs[0]}_ckpt_pp2")
+    convert_hf_to_megatron(
+        os.path.join(root, archs[0]),
+        pp_ckpt,
+        pipeline_model_parallel_size=2,
+        make_vocab_size_divisible_by=256,  # = 128 x TP 2: the padding of the TP=1 run
+    )
+    results["pp2_state"] = _full_state(pp_ckpt)
+    return results if rank == 0 else None
+
+
+def _full_state(ckpt):
+    from megatron_slm.convert.hf import build_options_for_checkpoint, full_state_dict
+    from megatron_slm.launch import initialize
+    from megatron_slm.models import build_model
+    from megatron_slm.training.checkpointing import load_checkpoint, model_config_from_checkpoint
+
+    initialize(device="cpu")
+    opts = build_options_for_checkpoint(ckpt, 1)
+    chunks = build_model(model_config_from_checkpoint(ckpt), opts)
+    load_checkpoint(ckpt, chunks, weights_only=True)
+    return {k: v.clone() for k, v in full_state_dict(chunks[0]).items()}
+
+
+def random_megatron_roundtrip(rank, world, root, tok_dir):
+    """A random megatron model (vocab a multiple of the padding) -> HF -> megatron."""
+    from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_slm.launch import initialize
+    from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
+    from megatron_slm.training.checkpointing import save_checkpoint
+
+    initialize(device="cpu", seed=7)
+    cfg = GPTModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=384,
+        max_position_embeddings=64,
+        rotary_base=20000.0,
+        norm_epsilon=1e-5,
+    )
+    chunks = build_model(cfg, ModelBuildOptions(make_vocab_size_divisible_by=128))
+    with torch.no_grad():
+        for name, p in chunks[0].named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    src = os.path.join(root, "random")
+    save_checkpoint(
+        src,
+        1,
+        chunks,
+        model_config=cfg,
+        metadata={
+            "tokenizer": {"type": "HuggingFaceTokenizer", "model": tok_dir, "vocab_size": 300},
+            "make_vocab_size_divisible_by": 128,
+        },
+    )
+    hf = os.path.join(root, "random_hf")
+    convert_megatron_to_hf(src, hf, max_shard_size="40KB")
+    back = os.path.join(root, "random_back")
+    convert_hf_to_megatron(hf, back, make_vocab_size_divisible_by=128)
+    return _full_state(src), _full_state(back)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: a tiny model trained to answer a tiny QA set
+# ---------------------------------------------------------------------------------------------
+QA = [
+    ("what color is the sky?", "blue"),
+    ("how many legs has a cat?", "4"),
+    ("what color is grass?", "green"),
+    ("what color is the sun?", "yellow"),
+    ("how many eyes has a dog?", "2"),
+    ("what color is a fox?", "red"),
+    ("how many wheels has a car?", "4"),
+    ("what does the fox jump over?", "the lazy dog"),
+]
+NUM_SHOTS = 2
+
+
+def train_qa_model(rank, world, root, tok_dir, steps=200):
+    """Train a tiny megatron GPT (plain torch Adam) to answer QA[NUM_SHOTS:] in the few-shot
+    format; save it as a checkpoint; return the final training loss."""
+    from megatron_slm.data.tokenizer import build_tokenizer
+    from megatron_slm.evaluation import FewShotConfig, build_prompt
+    from megatron_slm.launch import initialize
+    from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
+    from megatron_slm.training.checkpointing import save_checkpoint
+
+    initialize(device="cpu", seed=3)
+    tok = build_tokenizer("HuggingFaceTokenizer", tok_dir)
+    cfg = FewShotConfig(num_shots=NUM_SHOTS)
+    shots = [{"question": q, "answer": a} for q, a in QA[:NUM_SHOTS]]
+    seqs, masks = [], []
+    for q, a in QA[NUM_SHOTS:]:
+        prompt = tok.tokenize(build_prompt(q, shots, cfg))
+        answer = tok.tokenize(cfg.answer_template.format(answer=a) + "\n") + [tok.eod]
+        seqs.append(prompt + answer)
+        masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
+    width = max(map(len, seqs))
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), width - 1)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        tokens[i, : len(s)] = torch.tensor(s)
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+    model_cfg = GPTModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=256,
+    )
+    # Padded vocabulary = vocabulary: megatron's own loss (model(labels=)) is then the plain
+    # cross entropy the evaluator computes, an independent check of its perplexity.
+    divisible = tok.vocab_size
+    (model,) = build_model(model_cfg, ModelBuildOptions(make_vocab_size_divisible_by=divisible))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(inputs.shape[1]).expand_as(inputs)
+    for _ in range(steps):
+        losses = model(inputs, position_ids, None, labels=labels)  # [b, s]
+        loss = (losses * loss_mask).sum() / loss_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(
+        os.path.join(root, "qa_ckpt"),
+        1,
+        [model],
+        model_config=model_cfg,
+        metadata={
+            "tokenizer": {
+                "type": "HuggingFaceTokenizer",
+                "model": tok_dir,
+                "vocab_size": tok.vocab_size,
+            },
+            "make_vocab_size_divisible_by": divisible,
+        },
+    )
+    return loss.item()
+
+
+def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
+    """Library evaluation of the trained model, plus the independent perplexity: megatron's own
+    per-token loss (``model(labels=)``) over the same segments, exp of its mean."""
+    from megatron_slm.evaluation import (
+        FewShotConfig,
+        load_model,
+        read_documents,
+        run_evaluation,
+        segments,
+    )
+
+    m = load_model(os.path.join(root, "qa_ckpt"), device="cpu")
+    report = run_evaluation(
+        m,
+        perplexity_data=[ppl_data],
+        fewshot_data=[qa_path],
+        seq_length=seq_length,
+        micro_batch_size=2,
+        fewshot=FewShotConfig(num_shots=NUM_SHOTS),
+    )
+    losses = []
+    with torch.no_grad():
+        for doc in read_documents(ppl_data, m.tokenizer):
+            for seg in segments(doc, seq_length):
+                seg = torch.tensor([seg])
+                pos = torch.arange(seg.shape[1] - 1)[None]
+                losses.append(m.model(seg[:, :-1], pos, None, labels=seg[:, 1:])[0])
+    losses = torch.cat(losses).double()
+    return report, len(losses), float(torch.exp(losses.mean()))
+
+
+def train_and_evaluate(rank, world, root, tok_dir, qa_path, ppl_data, seq_length, steps):
+    loss = train_qa_model(rank, world, root, tok_dir, steps)
+    return loss, *evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length)
