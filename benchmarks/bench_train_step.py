@@ -1,0 +1,133 @@
+"""Training step time: selective (sidecar, online reference) against plain training, same run.
+
+Runs ``python -m megatron_slm.pretrain`` as users do on a synthetic corpus: plain causal LM (the
+anchor), ``--slm-ratio 0.6`` with reference losses from a sidecar written by
+``tools/score_corpus.py``, and with the online reference model. Reports the median step time of
+the steps after warm-up, ratios to plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the
+scorer, so its tokens/s can be compared with training's (forward only: about 3x).
+
+    python benchmarks/bench_train_step.py                        # tiny model on CPU
+    python benchmarks/bench_train_step.py --device cuda --model-preset tinyllama-1.1b \\
+        --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16
+
+Targets (issue 5, CPU tiny model): sidecar <= 1.05x plain, online <= 1.5x plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def make_corpus(directory: str, docs: int, doc_len: int, vocab: int) -> str:
+    from megatron_slm.data import preprocess_corpus
+
+    rng = np.random.default_rng(0)
+    path = os.path.join(directory, "bench.jsonl")
+    with open(path, "w") as f:
+        for _ in range(docs):
+            start = int(rng.integers(0, vocab - 1))
+            ids = (start + 7 * np.arange(doc_len) + rng.integers(0, 3, doc_len)) % (vocab - 1)
+            f.write(json.dumps({"text": " ".join(map(str, ids))}) + "\n")
+    out = preprocess_corpus([path], os.path.join(directory, "bench"), "NullTokenizer",
+                            vocab_size=vocab, append_eod=True)  # fmt: skip
+    return out["text"]
+
+
+def run(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-preset", default="tiny")
+    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args()
+
+    env = dict(os.environ, PYTHONPATH=REPO)
+    work = tempfile.mkdtemp(prefix="bench_train_step_")
+    prefix = make_corpus(work, 400, 300, args.vocab_size)
+    common = [
+        "--data-path", prefix, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", str(args.vocab_size), "--model-preset", args.model_preset,
+        "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
+        "--global-batch-size", str(args.global_batch_size), "--device", args.device,
+        "--eval-interval", "0", "--log-interval", "1000", "--split", "100,0,0",
+    ]  # fmt: skip
+    if args.num_layers:
+        common += ["--num-layers", str(args.num_layers)]
+    if args.bf16:
+        common += ["--bf16"]
+    py = [sys.executable, "-m", "megatron_slm.pretrain", *common]
+
+    ref = os.path.join(work, "ref")
+    run([*py, "--train-iters", "2", "--save", ref], env)
+    score_cmd = [
+        sys.executable, os.path.join(REPO, "tools", "score_corpus.py"), "--data-prefix", prefix,
+        "--load", ref, "--seq-length", str(args.seq_length), "--device", args.device,
+        "--micro-batch-size", str(args.micro_batch_size * 2), "--dtype", "float32",
+    ]  # fmt: skip
+    score_seconds = run(score_cmd, env)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    n_tokens = int(IndexedDataset(prefix).sequence_lengths.sum())
+
+    variants = {
+        "plain (anchor)": [],
+        "slm 0.6 sidecar": ["--slm-ratio", "0.6"],
+        "slm 0.6 online": ["--slm-ratio", "0.6", "--slm-ref-source", "online",
+                           "--slm-ref-load", ref],
+    }  # fmt: skip
+    results = {}
+    for name, extra in variants.items():
+        log = os.path.join(work, f"{len(results)}.jsonl")
+        run([*py, "--train-iters", str(args.iters), "--log-loss-file", log, *extra], env)
+        steps = [json.loads(line) for line in open(log)][args.warmup :]
+        results[name] = (
+            statistics.median(s["step_seconds"] for s in steps),
+            statistics.median(s["tokens_per_second"] for s in steps),
+            statistics.median(s["tflops_per_device"] for s in steps),
+            statistics.median(s.get("mfu", float("nan")) for s in steps),
+        )
+    anchor = results["plain (anchor)"][0]
+    print(f"\nmodel {args.model_preset}, seq {args.seq_length}, global batch "
+          f"{args.global_batch_size}, device {args.device}\n")  # fmt: skip
+    print("| variant | step ms | vs plain | tokens/s | TFLOP/s/device | MFU |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (sec, tps, tflops, mfu) in results.items():
+        mfu_text = "-" if mfu != mfu else f"{mfu:.1%}"
+        print(f"| {name} | {sec * 1e3:.1f} | {sec / anchor:.3f}x | {tps:,.0f} | "
+              f"{tflops:.3f} | {mfu_text} |")  # fmt: skip
+    train_tps = results["plain (anchor)"][1]
+    # The scorer's wall time includes process start and model build: a lower bound on its rate.
+    score_tps = n_tokens / score_seconds
+    ratio = score_tps / train_tps
+    print(f"\nscoring: {n_tokens:,} tokens in {score_seconds:.1f} s wall (incl. start-up) = "
+          f"{score_tps:,.0f} tokens/s = {ratio:.2f}x training tokens/s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
