@@ -29,7 +29,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_slm import launch
-from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
+from megatron_slm.models import (
+    ModelBuildOptions,
+    build_model,
+    default_spec_impl,
+    padded_vocab_size,
+)
 from megatron_slm.training import checkpointing
 from megatron_slm.training.config import PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_trainer_tokenizer
@@ -115,7 +120,7 @@ class Trainer:
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=vstage,
-            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+            make_vocab_size_divisible_by=self._vocab_divisor(),
             use_cpu_initialization=self.device.type == "cpu",
             recompute_activations=cfg.model.recompute_activations,
         )
@@ -150,6 +155,21 @@ class Trainer:
         self.batches = MicroBatches(self.train_ds, t.micro_batch_size, consumed)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device)
         self.exit = ExitController(cfg.checkpoint, self.device)
+
+    def _vocab_divisor(self) -> int:
+        """Keep the padded vocabulary of a loaded checkpoint at any TP size that divides it (the
+        padding is a multiple of divisor x TP, so a TP change would change the shapes)."""
+        load = self.cfg.checkpoint.load or (
+            self.cfg.slm.slm_ref_load if self.cfg.slm.slm_ref_source == "online" else None
+        )
+        divisor = self.cfg.model.make_vocab_size_divisible_by
+        if not load:
+            return divisor
+        from megatron_slm.convert.hf import checkpoint_padded_vocab_size, divisible_by_for_padded
+
+        padded = checkpoint_padded_vocab_size(load)
+        tp = self.cfg.parallel.tensor_model_parallel_size
+        return divisible_by_for_padded(self.arch.vocab_size, padded, divisor, tp)
 
     def _check_checkpoint_vocab(self, meta: dict) -> None:
         vocab = meta.get("model", {}).get("vocab_size")
@@ -319,7 +339,12 @@ class Trainer:
                     "model": d.tokenizer_model,
                     "vocab_size": self.tokenizer.vocab_size,
                 },
-                "make_vocab_size_divisible_by": self.cfg.model.make_vocab_size_divisible_by,
+                "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
+                "padded_vocab_size": padded_vocab_size(
+                    self.arch.vocab_size,
+                    self.build_opts.make_vocab_size_divisible_by,
+                    self.cfg.parallel.tensor_model_parallel_size,
+                ),
                 "config": dataclasses.asdict(self.cfg),
             },
         )
