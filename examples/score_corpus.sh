@@ -34,7 +34,7 @@ DEVICE=${DEVICE:-auto}                  # auto | cuda | cpu
 
 # --- scoring ----------------------------------------------------------------------------------
 SEQ_LENGTH=${SEQ_LENGTH:-2048}
-STRIDE=${STRIDE:-1024}
+STRIDE=${STRIDE:-1536}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
 SIDECAR_DTYPE=${SIDECAR_DTYPE:-float16}
 COMMIT_INTERVAL=${COMMIT_INTERVAL:-2000}
@@ -82,6 +82,10 @@ if [[ -n "$CONTAINER_IMAGE" ]]; then
     [[ -n "$CONTAINER_MOUNTS" ]] && SRUN_ARGS+=(--container-mounts "$CONTAINER_MOUNTS")
     SCRIPT="$CONTAINER_WORKDIR/tools/score_corpus.py"
 fi
+
+# CPU threads per task: torchrun's default. Without it, each task's OpenMP pool takes every core
+# of the node; on a shared CPU node that oversubscription made a tiny-model forward 30x slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 mkdir -p logs
 # Rank/world/rendezvous come from SLURM_PROCID/SLURM_NTASKS/SLURM_JOB_NODELIST (megatron_slm.launch).

@@ -79,6 +79,15 @@ def initialize(
     info = process_info()
     if dev.type == "cpu":
         enable_cpu_backend()
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Like torchrun: ranks on one machine share its cores instead of oversubscribing them
+            # (plain python and srun leave the thread count at all cores per rank).
+            local = int(
+                os.environ.get("LOCAL_WORLD_SIZE")
+                or os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+                or info.world_size
+            )
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
     else:
         torch.cuda.set_device(info.local_rank)
         dev = torch.device("cuda", info.local_rank)

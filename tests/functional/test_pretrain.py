@@ -76,21 +76,51 @@ def _score_documents(rank, world, ckpt, prefix):
             pos = torch.arange(doc.shape[1] - 1)[None]
             loss = model(doc[:, :-1], pos, None, labels=doc[:, 1:])[0]
             values.append(np.concatenate([[np.nan], loss.numpy()]).astype(np.float32))
-    writer = SidecarWriter(prefix, dtype="float32", reference=ckpt, settings={"test": True})
+    writer = SidecarWriter(
+        prefix, dtype="float32", reference=ckpt, settings={"test": True}, overwrite=True
+    )
     writer.write_range(0, values)
     writer.finalize()
 
 
-def test_sidecar_and_online_reference_agree(corpus, reference_ckpt, tmp_path):
+SLM = ("--slm-ratio", "0.5", "--slm-unscored", "drop")
+
+
+@pytest.fixture(scope="module")
+def online_steps(corpus, reference_ckpt, tmp_path_factory):
     _, prefix = corpus
-    run_distributed(_score_documents, 1, reference_ckpt, prefix)
-    slm = ("--slm-ratio", "0.5", "--slm-unscored", "drop")
-    online = read_steps_of(
-        prefix, tmp_path / "online.jsonl", 6, *slm,
-        "--slm-ref-source", "online", "--slm-ref-load", reference_ckpt,
+    log = tmp_path_factory.mktemp("online") / "online.jsonl"
+    return read_steps_of(
+        prefix, log, 6, *SLM, "--slm-ref-source", "online", "--slm-ref-load", reference_ckpt
+    )
+
+
+def _score_with_tool(ckpt, prefix):
+    import subprocess
+    import sys
+
+    from tests.functional.pretrain_helpers import REPO
+
+    subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "score_corpus.py"), "--data-prefix", prefix,
+         "--load", ckpt, "--seq-length", str(SEQ), "--dtype", "float32", "--overwrite",
+         "--device", "cpu"],
+        check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=REPO),
     )  # fmt: skip
-    sidecar = read_steps_of(prefix, tmp_path / "sidecar.jsonl", 6, *slm)
-    for a, b in zip(online, sidecar):
+
+
+@pytest.mark.parametrize("scorer", ["independent", "score_corpus"])
+def test_sidecar_and_online_reference_agree(corpus, reference_ckpt, online_steps, scorer, tmp_path):
+    """The same selections and losses from a sidecar (written by an independent one-document-at-
+    a-time forward, or by tools/score_corpus.py) as from the online reference model."""
+    _, prefix = corpus
+    if scorer == "independent":
+        run_distributed(_score_documents, 1, reference_ckpt, prefix)
+    else:
+        _score_with_tool(reference_ckpt, prefix)
+    sidecar = read_steps_of(prefix, tmp_path / "sidecar.jsonl", 6, *SLM)
+    assert len(sidecar) == len(online_steps) == 6
+    for a, b in zip(online_steps, sidecar):
         assert a["n_selected"] == b["n_selected"]
         assert 0.4 < a["selected_fraction"] < 0.6
         assert b["selected_loss"] == pytest.approx(a["selected_loss"], rel=1e-5)
