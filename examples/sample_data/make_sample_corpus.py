@@ -94,8 +94,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    write(os.path.join(args.out, "clean.jsonl"), [clean_document(rng) for _ in range(args.clean_docs)])
-    write(os.path.join(args.out, "noisy.jsonl"), [noisy_document(rng) for _ in range(args.noisy_docs)])
+    write(
+        os.path.join(args.out, "clean.jsonl"), [clean_document(rng) for _ in range(args.clean_docs)]
+    )
+    write(
+        os.path.join(args.out, "noisy.jsonl"), [noisy_document(rng) for _ in range(args.noisy_docs)]
+    )
 
 
 if __name__ == "__main__":
