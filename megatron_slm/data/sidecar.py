@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.data.indexed import get_bin_path, get_idx_path, token_dataset_fingerprint
 
 FORMAT_NAME = "megatron-slm-refloss"
@@ -119,15 +120,6 @@ def _doc_offsets(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _describe(data_prefix: str) -> str:
     bin_path, json_path = sidecar_paths(data_prefix)
     return (
@@ -203,7 +195,7 @@ class SidecarWriter:
         nbytes = self.num_tokens * self._np_dtype.itemsize
         with open(self.partial_bin, "wb") as f:
             f.truncate(nbytes)  # sparse preallocation; every byte is written before publication
-        _write_json_atomic(self.partial_json, self.metadata)
+        write_json_atomic(self.partial_json, self.metadata)
 
     def _remove_partial(self) -> None:
         for path in (self.partial_bin, self.partial_json):
@@ -344,7 +336,7 @@ class SidecarWriter:
         if os.path.exists(self.json_path):
             os.remove(self.json_path)  # unpublish the old one before replacing its values
         os.replace(self.partial_bin, self.bin_path)
-        _write_json_atomic(self.json_path, self.metadata)
+        write_json_atomic(self.json_path, self.metadata)
         self._remove_partial()
         return self.prefix
 

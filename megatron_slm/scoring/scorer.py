@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.scoring.packing import (
     document_segments,
     length_sorted_batches,
@@ -469,15 +470,6 @@ def read_progress(path: str) -> dict | None:
     return state
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _kill_hook(point: str, counts: dict) -> None:
     spec = os.environ.get(KILL_HOOK_ENV)
     if not spec:
@@ -701,7 +693,7 @@ def _prepare_output(prefix, config, inputs, settings, is_rank0, device):
                     "runs": 0,
                 }
             state["runs"] = int(state.get("runs", 0)) + 1
-            _write_json_atomic(ppath, state)
+            write_json_atomic(ppath, state)
         except (ScoringError, SidecarError, FileExistsError) as e:
             error = str(e)
     _raise_if_any(error, device)
@@ -885,7 +877,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: _Inputs, model: _Mod
             state = read_progress(ppath) or {}
             state["documents_done"] = int(state.get("documents_done", 0)) + int(d_docs)
             state["tokens_done"] = int(state.get("tokens_done", 0)) + int(d_tokens)
-            _write_json_atomic(ppath, state)
+            write_json_atomic(ppath, state)
             _kill_hook("commit", kills)
         bar.update(run_docs, run_tokens, loss_sum, loss_count)
     seconds = time.perf_counter() - start

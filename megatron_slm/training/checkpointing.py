@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_slm.atomic_io import write_text_atomic
 from megatron_slm.models.presets import GPTModelConfig
 
 logger = logging.getLogger("megatron_slm")
@@ -39,15 +40,6 @@ FORMAT_VERSION = 1
 
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_iteration(root: str) -> int | None:
@@ -175,10 +167,10 @@ def save_checkpoint(
             "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
             **(metadata or {}),
         }
-        _atomic_write_text(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
+        write_text_atomic(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+        write_text_atomic(os.path.join(root, TRACKER), str(iteration))
         logger.info("saved checkpoint %s", final)
     dist.barrier()
     return final

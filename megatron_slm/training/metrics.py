@@ -109,11 +109,13 @@ class TrainingLogger:
         w, self._window = self._window, []
         mean = lambda k: sum(r[k] for r in w) / len(w)
         secs = sum(r["step_seconds"] for r in w)
+        excess = mean("excess_loss")
+        excess_text = "n/a" if math.isnan(excess) else f"{excess:.4f}"
         line = (
             f"iter {iteration:>7d}/{self.sizes.train_iters} | "
             f"tokens {w[-1]['consumed_tokens']:,} | "
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
-            f"sel. {mean('selected_fraction'):.3f} | excess {mean('excess_loss'):.4f} | "
+            f"sel. {mean('selected_fraction'):.3f} | excess {excess_text} | "
             f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
             f"{self.tokens_per_step * len(w) / secs:,.0f} tok/s | "
             f"{self.flops_per_step * len(w) / secs / self.world / 1e12:.2f} TFLOP/s/dev"

@@ -1,0 +1,20 @@
+"""Atomic file writes: a temporary file in the same directory, fsync, then ``os.replace``, so a
+crash leaves either the old file or the new one, never a torn one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
