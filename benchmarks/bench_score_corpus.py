@@ -13,10 +13,11 @@ Measures, in one run, on one synthetic corpus and one tiny reference model (pres
   (model loading excluded; reported separately).
 
 The corpus has lognormal document lengths (median ~ seq_length / 3, a tail beyond seq_length that
-is scored with sliding windows of stride seq_length / 2), so packing waste and window overlap are
-part of the measurement. Prints tokens/s and the ratio score / train; acceptance (issue 6): >= 2.5
-(forward only costs about a third of a training step). Best of ``--repeat`` interleaved runs each
-(and the median of the per-run ratios, less sensitive to a shared machine's noise).
+is scored with sliding windows at the tool's default stride, 3/4 of seq_length), so packing waste
+and window overlap are part of the measurement. Prints tokens/s and the ratio score / train;
+acceptance (issue 6): >= 2.5 (forward only costs about a third of a training step). Best of
+``--repeat`` interleaved runs each (and the median of the per-run ratios, less sensitive to a
+shared machine's noise).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # megatron-core logs every bucket's parameter names and its whole optimizer config at INFO.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
     cfg = parse_config(argv)
     report_once()
     from megatron_slm.training.loop import pretrain
