@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: the whole Selective Language Modeling pipeline on the bundled sample corpus, on CPU.
 #
-#   bash examples/quickstart.sh            # sets up .venv, then ~3-5 minutes on 2 cores
+#   bash examples/quickstart.sh            # sets up .venv, then about 5 minutes on 2 cores
 #
 # 1. a compact sentencepiece tokenizer      (tools/train_tokenizer.py)
 # 2. indexed datasets of the clean and noisy corpora   (tools/preprocess_data.py)
