@@ -6,8 +6,6 @@ python tools/train_tokenizer.py --input data/*.jsonl --model-prefix out/tok --vo
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import sys
 
@@ -16,25 +14,21 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.data.preprocess import expand_inputs
 from megatron_slm.data.tokenizer import train_sentencepiece
 
 
 def iter_texts(patterns, key, max_docs):
     n = 0
-    for pattern in patterns:
-        paths = sorted(glob.glob(pattern)) or [pattern]
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)[key]
-                    except (json.JSONDecodeError, KeyError) as exc:
-                        raise ValueError(f"{path}:{lineno}: {exc}") from exc
-                    n += 1
-                    if max_docs and n >= max_docs:
-                        return
+    for path in expand_inputs(patterns):
+        for line_no, record in iter_jsonl(path):
+            if key not in record:
+                raise ValueError(f"{path}:{line_no}: no {key!r} field")
+            yield record[key]
+            n += 1
+            if max_docs and n >= max_docs:
+                return
 
 
 def main(argv=None) -> int:

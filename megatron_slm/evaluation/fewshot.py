@@ -18,11 +18,11 @@ Extraction rules: ``first-line`` (the first non-empty line), ``strip`` (the whol
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.evaluation.generate import greedy_generate
 from megatron_slm.evaluation.model import EvalModel
 
@@ -108,18 +108,11 @@ def normalize(text: str, ignore_case: bool = False) -> str:
 
 def read_qa(path: str) -> list[dict]:
     records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-            for key in ("question", "answer"):
-                if key not in record:
-                    raise ValueError(f"{path}:{line_no}: no {key!r} field")
-            records.append(record)
+    for line_no, record in iter_jsonl(path):
+        for key in ("question", "answer"):
+            if key not in record:
+                raise ValueError(f"{path}:{line_no}: no {key!r} field")
+        records.append(record)
     return records
 
 

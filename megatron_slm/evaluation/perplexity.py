@@ -10,7 +10,6 @@ all predicted tokens of the dataset.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.evaluation.model import EvalModel, token_losses
 
 
@@ -51,25 +51,18 @@ def read_documents(
     """Token ids of each document: ``*.jsonl`` (tokenized with ``tokenizer``; a ``tokens`` list
     field is used as is) or an indexed dataset prefix (``<path>.bin/.idx``)."""
     if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-                if "tokens" in record and json_key not in record:
-                    ids = [int(t) for t in record["tokens"]]
-                else:
-                    if json_key not in record:
-                        raise ValueError(f"{path}:{line_no}: no {json_key!r} field")
-                    if tokenizer is None:
-                        raise ValueError(f"{path}: text data needs a tokenizer")
-                    ids = list(tokenizer.tokenize(record[json_key]))
-                if append_eod:
-                    ids.append(tokenizer.eod)
-                yield ids
+        for line_no, record in iter_jsonl(path):
+            if "tokens" in record and json_key not in record:
+                ids = [int(t) for t in record["tokens"]]
+            else:
+                if json_key not in record:
+                    raise ValueError(f"{path}:{line_no}: no {json_key!r} field")
+                if tokenizer is None:
+                    raise ValueError(f"{path}: text data needs a tokenizer")
+                ids = list(tokenizer.tokenize(record[json_key]))
+            if append_eod:
+                ids.append(tokenizer.eod)
+            yield ids
         return
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
