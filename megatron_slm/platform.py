@@ -23,7 +23,8 @@ with the gloo backend, unmodified:
 
 Limits (by design; none of this is active when CUDA is available):
 
-* fp32 (and bf16 on CPUs that support it) only; no fp16 loss scaling, no Transformer Engine, no
+* fp32 only (megatron-core's mixed-precision optimizer is CUDA-only, so the trainer refuses
+  --bf16/--fp16 on CPU); no Transformer Engine, no
   fused kernels, no CUDA graphs, no ``overlap_grad_reduce`` / ``overlap_param_gather`` (these need
   CUDA streams), no activation offloading, no MoE token dispatchers that use NCCL-only collectives.
 * The TorchFunctionMode is thread-local: it is pushed in the calling thread and stays active for the

@@ -83,14 +83,17 @@ def model_config_from_checkpoint(path: str, flag: str = "--load") -> GPTModelCon
     return GPTModelConfig(**read_metadata(path, flag)["model"])
 
 
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def model_sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _rng_state() -> dict:
@@ -197,10 +200,10 @@ def load_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
     loaded = dist_checkpointing.load(state, ckpt)
     if len(chunks) == 1:
-        _unwrap(chunks[0]).load_state_dict(loaded["model"])
+        unwrap(chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, chunk in enumerate(chunks):
-            _unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if weights_only:
         return CheckpointState(0, 0, meta)
     if optimizer is not None:

@@ -15,6 +15,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
+import torch
+
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, get_preset
 from megatron_slm.training.checkpointing import model_config_from_checkpoint, resolve_checkpoint
 
@@ -308,8 +310,10 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
             f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
             f"{architecture.max_position_embeddings}"
         )
-    if t.fp16 and t.device == "cpu":
-        raise ValueError("--fp16 needs a GPU (--device cuda)")
+    on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    if (t.bf16 or t.fp16) and on_cpu:
+        # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
+        raise ValueError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
     iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":

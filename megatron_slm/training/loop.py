@@ -36,6 +36,7 @@ from megatron_slm.models import (
     padded_vocab_size,
 )
 from megatron_slm.training import checkpointing
+from megatron_slm.training.checkpointing import unwrap
 from megatron_slm.training.config import PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_trainer_tokenizer
 from megatron_slm.training.metrics import STAT_KEYS, TrainingLogger
@@ -44,12 +45,6 @@ from megatron_slm.training.signals import ExitController
 from megatron_slm.training.slm_loss import MicroBatchSelection, SelectiveLMLoss
 
 logger = logging.getLogger("megatron_slm")
-
-
-def unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def _params_dtype(cfg: PretrainConfig) -> torch.dtype:
@@ -232,7 +227,7 @@ class Trainer:
                     ref = self.online.per_token_loss(tokens, labels)
                 else:
                     ref = batch["ref_loss"].to(self.device, non_blocking=True)
-            self._micro = getattr(self, "_micro", 0) + 1
+            self._micro += 1
             self.slm_loss.prepare(
                 MicroBatchSelection(ref, loss_mask, ratio, seed_base + self._micro)
             )

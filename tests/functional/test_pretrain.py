@@ -194,6 +194,7 @@ def test_bad_configuration_fails_before_training(corpus, reference_ckpt, tmp_pat
     cases = [
         (("--global-batch-size", 7), "--global-batch-size 7"),
         (("--lr-warmup-iters", 5), "--lr-warmup-iters 5"),
+        (("--bf16",), "--bf16 needs a GPU"),
         (("--tensor-model-parallel-size", 3), "world size 1 is not divisible"),
         (("--slm-ratio", "1.5"), "--slm-ratio"),
         (("--slm-ratio", "0.5"), "sidecar"),  # no sidecar next to this prefix
