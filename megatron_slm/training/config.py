@@ -8,25 +8,17 @@ size live in :func:`validate`. Every message names the flag.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import signal
-from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints
+from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.cli import arg, parse_configs
+from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, get_preset
 from megatron_slm.training.checkpointing import model_config_from_checkpoint, resolve_checkpoint
-
-
-def arg(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field that is also a CLI flag."""
-    meta = {"help": help, **kwargs}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -236,42 +228,16 @@ class PretrainConfig:
     logging: LoggingArgs
 
 
-def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    meta = dict(f.metadata)
-    help_text = meta.pop("help")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if hint is bool:
-        group.add_argument(flag, action="store_true", default=default, help=help_text)
-        return
-    base = hint
-    if get_origin(hint) is not None:  # Optional[T] / list[T]
-        args = [a for a in get_args(hint) if a is not type(None)]
-        base = args[0] if get_origin(hint) is not list else get_args(hint)[0]
-    kwargs = {"type": base, "default": default, "help": f"{help_text} (default: {default})"}
-    kwargs.update(meta)
-    group.add_argument(flag, **kwargs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_slm.pretrain",
-        description="Pretrain a Llama-style GPT on megatron-core with Selective Language Modeling.",
+def build_parser():
+    return build_cli_parser(
+        "python -m megatron_slm.pretrain",
+        "Pretrain a Llama-style GPT on megatron-core with Selective Language Modeling.",
+        GROUPS,
     )
-    for name, cls in GROUPS.items():
-        group = parser.add_argument_group(name)
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            _add_field(group, f, hints[f.name])
-    return parser
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    ns = vars(build_parser().parse_args(argv))
-    groups = {}
-    for name, cls in GROUPS.items():
-        groups[name] = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
-    return PretrainConfig(**groups)
+    return PretrainConfig(**parse_configs(build_parser(), GROUPS, argv))
 
 
 @dataclass(frozen=True)
