@@ -66,8 +66,9 @@ def add_config_arguments(group, cls) -> None:
                 kwargs.setdefault("nargs", "+")
             if not kwargs.get("required") and default not in (None, []):
                 help_text = f"{help_text} (default: {default})"
-        group.add_argument(flag_name(f.name), dest=f.name, default=default, help=help_text,
-                           **kwargs)
+        group.add_argument(
+            flag_name(f.name), dest=f.name, default=default, help=help_text, **kwargs
+        )
 
 
 def build_parser(prog: str, description: str | None, groups: dict[str, type]):
