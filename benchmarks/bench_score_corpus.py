@@ -47,7 +47,7 @@ from megatron_slm.scoring.packing import (  # noqa: E402
     length_sorted_batches,
 )
 from megatron_slm.scoring.scorer import default_stride  # noqa: E402
-from megatron_slm.training.checkpointing import save_checkpoint  # noqa: E402
+from megatron_slm.checkpoint import save_checkpoint  # noqa: E402
 
 VOCAB = 512
 
