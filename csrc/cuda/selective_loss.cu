@@ -15,6 +15,12 @@
 
 #include "selective_loss_cuda.h"
 
+// Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
+// under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
+#ifndef SLM_LAUNCH
+#define SLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace megatron_slm {
 namespace cuda {
 namespace {
@@ -332,9 +338,9 @@ void launch_fwd(const void* logits, const int64_t* target, int64_t N, int64_t V,
                    ((V * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const T* x = static_cast<const T*>(logits);
   if (vec) {
-    fwd_stats_kernel<T, true><<<N, kThreads, 0, stream>>>(x, target, V, vocab_start, stats);
+    SLM_LAUNCH(N, kThreads, 0, stream, fwd_stats_kernel<T, true>)(x, target, V, vocab_start, stats);
   } else {
-    fwd_stats_kernel<T, false><<<N, kThreads, 0, stream>>>(x, target, V, vocab_start, stats);
+    SLM_LAUNCH(N, kThreads, 0, stream, fwd_stats_kernel<T, false>)(x, target, V, vocab_start, stats);
   }
 }
 
@@ -347,10 +353,10 @@ void launch_bwd(const void* logits, void* grad, const int64_t* target, int64_t N
   const T* x = static_cast<const T*>(logits);
   T* g = static_cast<T*>(grad);
   if (vec) {
-    backward_kernel<T, true><<<N, kThreads, 0, stream>>>(x, g, target, V, vocab_start, lse, scale);
+    SLM_LAUNCH(N, kThreads, 0, stream, backward_kernel<T, true>)(x, g, target, V, vocab_start, lse, scale);
   } else {
-    backward_kernel<T, false><<<N, kThreads, 0, stream>>>(x, g, target, V, vocab_start, lse,
-                                                          scale);
+    SLM_LAUNCH(N, kThreads, 0, stream, backward_kernel<T, false>)(x, g, target, V, vocab_start, lse,
+                                                                scale);
   }
 }
 
@@ -384,7 +390,7 @@ void selective_loss_backward(const void* logits, void* grad, int dtype, const in
 void selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
                            int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream) {
   if (G <= 0 || n <= 0) return;
-  select_kernel<<<G, kSelectThreads, 0, stream>>>(scores, eligible, k, n, selected);
+  SLM_LAUNCH(G, kSelectThreads, 0, stream, select_kernel)(scores, eligible, k, n, selected);
 }
 
 }  // namespace cuda
