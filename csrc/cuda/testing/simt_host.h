@@ -16,6 +16,8 @@
 // deadlock, warp collectives whose mask names exited or missing lanes or disagrees between
 // lanes, and launches whose grid or block exceeds the device limits (config().max_grid_x, ...).
 // Kernel misuse fails the launch with cudaErrorLaunchFailure and a message (error_message()).
+// GCC drops the section attribute of statics in template instantiations: keep __shared__
+// variables in non-template functions (as csrc/cuda does), or they are not poisoned.
 // Launches go through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...), which the .cu
 // defines as <<<...>>> under nvcc. Half/bfloat16 conversions round to nearest even like the
 // device; __expf is expf (the device's is an approximation within 2 ulp).

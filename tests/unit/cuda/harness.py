@@ -50,8 +50,9 @@ def build(kernels: Path = KERNELS, sanitize: bool = False, extra_sources=(), nam
           driver: Path = DRIVER) -> Path:
     """Compile kernels + driver into an executable (cached by content) and return its path."""
     flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else [])
-    incs = [f"-I{CSRC}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
-    sources = [Path(kernels), Path(driver), *map(Path, extra_sources)]
+    # csrc/cuda too: a modified copy of the kernels elsewhere still finds selective_loss_cuda.h
+    incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
+    sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
     h = hashlib.sha256(" ".join([CXX, *flags]).encode())
     for p in [*sources, TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h"]:
         h.update(p.read_bytes())
@@ -61,7 +62,9 @@ def build(kernels: Path = KERNELS, sanitize: bool = False, extra_sources=(), nam
         cmd = [CXX, *flags, *incs]
         for s in sources:
             cmd += ["-x", "c++", str(s)]
-        subprocess.run(cmd + ["-o", str(tmp)], check=True, capture_output=True, text=True)
+        p = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
         tmp.rename(out)
     return out
 
