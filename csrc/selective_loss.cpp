@@ -47,6 +47,11 @@ void check_common(const torch::Tensor& logits, const torch::Tensor& target) {
 }
 
 #ifdef MEGATRON_SLM_WITH_CUDA
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "selective_loss: CUDA launch of ", what, " failed: ",
+              megatron_slm::cuda::selective_loss_error_string(err));
+}
+
 int cuda_dtype_code(torch::ScalarType st) {
   if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
   if (st == torch::kFloat16) return megatron_slm::cuda::kFloat16;
@@ -137,10 +142,11 @@ torch::Tensor selective_loss_fwd_stats(torch::Tensor logits, torch::Tensor targe
   if (logits.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(logits.device());
-    megatron_slm::cuda::selective_loss_fwd_stats(
-        logits.data_ptr(), cuda_dtype_code(logits.scalar_type()), target.data_ptr<int64_t>(), N,
-        V, vocab_start, stats.data_ptr<float>(),
-        c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_fwd_stats(
+                     logits.data_ptr(), cuda_dtype_code(logits.scalar_type()),
+                     target.data_ptr<int64_t>(), N, V, vocab_start, stats.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()),
+                 "fwd_stats");
     return stats;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
@@ -171,10 +177,12 @@ torch::Tensor selective_loss_backward(torch::Tensor logits, torch::Tensor target
   if (logits.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(logits.device());
-    megatron_slm::cuda::selective_loss_backward(
-        logits.data_ptr(), grad.data_ptr(), cuda_dtype_code(logits.scalar_type()),
-        target.data_ptr<int64_t>(), N, V, vocab_start, lse.data_ptr<float>(),
-        scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_backward(
+                     logits.data_ptr(), grad.data_ptr(), cuda_dtype_code(logits.scalar_type()),
+                     target.data_ptr<int64_t>(), N, V, vocab_start, lse.data_ptr<float>(),
+                     scale.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()),
+                 "backward");
     return grad;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
@@ -208,10 +216,12 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(scores.device());
     auto kk = k.to(scores.device()).contiguous();
-    megatron_slm::cuda::selective_loss_select(
-        scores.data_ptr<float>(), reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
-        kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
-        c10::cuda::getCurrentCUDAStream(scores.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_select(
+                     scores.data_ptr<float>(),
+                     reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
+                     kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+                     c10::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
+                 "select");
     return out;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
