@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from megatron_slm import _extension
-from megatron_slm.ops.selective_loss_reference import reference_select, torch_select
+from megatron_slm.ops.selective_loss_reference import (
+    reference_select,
+    torch_backward,
+    torch_fwd_stats,
+    torch_select,
+)
 from tests.unit.cuda import harness as H
 
 pytestmark = pytest.mark.skipif(not H.have_compiler(), reason="needs a C++ compiler")
@@ -149,6 +154,7 @@ def test_fwd_stats(exe, dtype, v, misaligned, vocab_start):
     )
     _check_stats(st, x, t, vocab_start, "cuda")
     _check_stats(C.selective_loss_fwd_stats(x, t, vocab_start), x, t, vocab_start, "cpp")
+    _check_stats(torch_fwd_stats(x, t, vocab_start), x, t, vocab_start, "torch")
 
 
 @needs_c
@@ -174,6 +180,8 @@ def test_backward(exe, dtype, v, misaligned, vocab_start, inplace):
     _check_grad(gr, x, t, vocab_start, lse, scale, "cuda")
     gc = C.selective_loss_backward(x.clone(), t, vocab_start, lse, scale, False)
     _check_grad(gc, x, t, vocab_start, lse, scale, "cpp")
+    gt = torch_backward(x.clone(), t, vocab_start, lse, scale, False)
+    _check_grad(gt, x, t, vocab_start, lse, scale, "torch")
 
 
 @needs_c
