@@ -405,28 +405,29 @@ def claim_output_dir(layout: Layout, manifest: dict) -> None:
     """Create the output directory for this run, or check that it holds this run's shards."""
     os.makedirs(os.path.join(layout.root, "dropped"), exist_ok=True)
     os.makedirs(os.path.join(layout.root, "shards"), exist_ok=True)
-    if os.path.exists(layout.run):
-        try:
-            with open(layout.run) as f:
-                previous = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RefineError(f"--output-dir: {layout.run} is unreadable ({e})") from None
-        if previous != manifest:
-            keys = sorted(
-                k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k)
-            )
+    if not os.path.exists(layout.run):
+        foreign = sorted(f for f in os.listdir(layout.root) if f.endswith(".jsonl"))
+        # another rank of this run may have claimed the directory (and finished a shard) since
+        if foreign and not os.path.exists(layout.run):
             raise RefineError(
-                f"--output-dir {layout.root} holds another run's shards ({layout.run} differs "
-                f"in: {', '.join(keys)}); use a new --output-dir or delete it"
+                f"--output-dir {layout.root} holds JSONL files without a run.json (e.g. "
+                f"{foreign[0]}); use a new --output-dir"
             )
-        return
-    foreign = sorted(f for f in os.listdir(layout.root) if f.endswith(".jsonl"))
-    if foreign:
-        raise RefineError(
-            f"--output-dir {layout.root} holds JSONL files without a run.json (e.g. {foreign[0]}); "
-            f"use a new --output-dir"
+        if not os.path.exists(layout.run):
+            write_json_atomic(layout.run, manifest)  # ranks racing here write the same bytes
+    try:
+        with open(layout.run) as f:
+            previous = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RefineError(f"--output-dir: {layout.run} is unreadable ({e})") from None
+    if previous != manifest:
+        keys = sorted(
+            k for k in set(previous) | set(manifest) if previous.get(k) != manifest.get(k)
         )
-    write_json_atomic(layout.run, manifest)
+        raise RefineError(
+            f"--output-dir {layout.root} holds another run's shards ({layout.run} differs "
+            f"in: {', '.join(keys)}); use a new --output-dir or delete it"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,16 +671,17 @@ def refine_corpus(
     layout = Layout(run.output_dir)
     if isinstance(mode, ApplyConfig) and not os.path.isfile(mode.programs):
         raise RefineError(f"--programs {mode.programs}: no such file")
+    # Validate the programs / model directories before the output directory is claimed.
+    if isinstance(mode, ApplyConfig):
+        refiner, window = ProgramTable(mode, run.rule), APPLY_WINDOW
+    else:
+        refiner, window = ModelRefiner(mode, run.rule), mode.window
     claim_output_dir(layout, run_manifest(shards, run, mode))
     mine = assigned_shards(shards, run, rank, world_size)
     todo = [s for s in mine if not layout.is_done(s)]
     skipped = [s.name for s in mine if layout.is_done(s)]
     stats = new_stats(False)
     if todo:
-        if isinstance(mode, ApplyConfig):
-            refiner, window = ProgramTable(mode, run.rule), APPLY_WINDOW
-        else:
-            refiner, window = ModelRefiner(mode, run.rule), mode.window
         total_bytes = sum(os.path.getsize(s.path) for s in todo)
         unit = "tokens" if getattr(refiner, "tokenizer", None) is not None else "words"
         progress = Progress(total_bytes, run.log_interval, f"prox_refine[{rank}]", unit)
