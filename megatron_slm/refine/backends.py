@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 class BackendError(ValueError):
     pass
 
@@ -19,12 +22,17 @@ def load_tokenizer(model_dir: str, flag: str):
     tokenizer has no chat template."""
     if not os.path.isdir(model_dir):
         raise BackendError(f"{flag} {model_dir}: not a directory")
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise BackendError(
+            f"{flag} {model_dir}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... here
-        raise BackendError(f"{flag} {model_dir}: no usable tokenizer ({e})") from None
+        reason = " ".join(str(e).split())[:300]  # one line: the tool prints one error line
+        raise BackendError(f"{flag} {model_dir}: no usable tokenizer ({reason})") from None
     if not getattr(tokenizer, "chat_template", None):
         raise BackendError(
             f"{flag} {model_dir}: the tokenizer has no chat template (tokenizer_config.json "
