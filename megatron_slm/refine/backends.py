@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
