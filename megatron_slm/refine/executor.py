@@ -95,6 +95,13 @@ def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def apply_chunk_program(text: str, program: str) -> tuple[str, list[ProgramError], int, int]:
     """Run a chunk-level program on ``text``: ``(refined text, errors, lines removed,
     normalizations applied)``. No acceptance rule."""
+    refined, errors, removed, normalizations, _ = _apply(text, program, None)
+    return refined, errors, removed, normalizations
+
+
+def _apply(text: str, program: str, words_before: int | None):
+    """:func:`apply_chunk_program` plus the refined text's word count when it can be derived
+    from ``words_before`` without splitting the whole text again (else None)."""
     parsed = parse_program(program, "chunk")
     errors = list(parsed.errors)
     normalizations = 0
@@ -105,8 +112,11 @@ def apply_chunk_program(text: str, program: str) -> tuple[str, list[ProgramError
             normalizations += 1
         elif isinstance(op, RemoveLines):
             removals.append((line_no, op))
+    # Words never span lines (a newline is whitespace), so the refined count is the original
+    # minus the removed lines' words, as long as no normalization changed the text.
+    derive = words_before is not None and normalizations == 0
     if not removals:
-        return text, errors, 0, normalizations
+        return text, errors, 0, normalizations, words_before if derive else None
     lines = text.split("\n")
     last = len(lines) - 1
     intervals = []
@@ -124,21 +134,31 @@ def apply_chunk_program(text: str, program: str) -> tuple[str, list[ProgramError
     kept: list[str] = []
     position = 0
     removed = 0
+    words_removed = 0
     for start, end in _merge(intervals):
         kept.extend(lines[position:start])
         removed += end - start + 1
+        if derive:
+            words_removed += sum(len(line.split()) for line in lines[start : end + 1])
         position = end + 1
     kept.extend(lines[position:])
     errors.sort(key=lambda e: e.line)
-    return "\n".join(kept), errors, removed, normalizations
+    words_after = words_before - words_removed if derive else None
+    return "\n".join(kept), errors, removed, normalizations, words_after
 
 
 def accept(
-    original: str, refined: str, num_errors: int, rule: AcceptanceRule
+    original: str,
+    refined: str,
+    num_errors: int,
+    rule: AcceptanceRule,
+    words_before: int | None = None,
+    words_after: int | None = None,
 ) -> tuple[str, int, int]:
-    """ProX's acceptance rule: ``(decision, words before, words after)``."""
-    before = len(original.split())
-    after = len(refined.split())
+    """ProX's acceptance rule: ``(decision, words before, words after)``; the word counts are
+    computed when not given."""
+    before = len(original.split()) if words_before is None else words_before
+    after = len(refined.split()) if words_after is None else words_after
     if before == 0:
         return DROP_EMPTY, before, after
     if after / before <= rule.drop_ratio and num_errors < rule.max_errors:
@@ -154,8 +174,9 @@ def execute_chunk_program(
     text: str, program: str, rule: AcceptanceRule = AcceptanceRule()
 ) -> ChunkResult:
     """Run a chunk-level program on a whole document and apply the acceptance rule."""
-    refined, errors, removed, normalizations = apply_chunk_program(text, program)
-    decision, before, after = accept(text, refined, len(errors), rule)
+    words_before = len(text.split())
+    refined, errors, removed, normalizations, words_after = _apply(text, program, words_before)
+    decision, before, after = accept(text, refined, len(errors), rule, words_before, words_after)
     applied = decision == KEEP_REFINED
     return ChunkResult(
         text=refined if applied else text,

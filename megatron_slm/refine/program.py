@@ -71,6 +71,10 @@ class _BadLine(ValueError):
 _CANONICAL_REMOVE = re.compile(
     r"remove_lines\(line_start=(0|[1-9][0-9]*), ?line_end=(0|[1-9][0-9]*)\)"
 )
+# A double-quoted string without backslashes, quotes or control characters means what it shows.
+_CANONICAL_NORMALIZE = re.compile(
+    r'normalize\(source_str="([^"\\\x00-\x1f]*)", ?target_str="([^"\\\x00-\x1f]*)"\)'
+)
 _CANONICAL_KEEP = {f"{name}()" for name in ("keep_chunk", "keep_doc", "untouch_doc", "drop_doc")}
 
 _MAX_LINE_CHARS = 100_000  # a runaway generation is an error, not a parser stress test
@@ -168,6 +172,12 @@ def _parse_line(line: str, stage: str):
         if m:
             start, end = int(m.group(1)), int(m.group(2))
             return RemoveLines(start, end) if start <= end else f"reversed range {start}..{end}"
+        m = _CANONICAL_NORMALIZE.fullmatch(line)
+        if m:
+            try:
+                return _normalize([], {"source_str": m.group(1), "target_str": m.group(2)})
+            except _BadLine as e:
+                return str(e)
         if len(line) > _MAX_LINE_CHARS:
             return f"line longer than {_MAX_LINE_CHARS} characters"
         try:

@@ -261,7 +261,11 @@ def programs(draw):
 def test_executor_never_raises(text, program):
     result = execute_chunk_program(text, program)
     assert result.decision in {DROP_EMPTY, DROP_RATIO, DROP_SHORT, KEEP_REFINED, KEEP_ORIGINAL}
-    assert result.dropped or result.text is not None
+    assert result.words_before == len(text.split())
+    if result.dropped:
+        assert result.words_after == 0
+    else:  # derived without re-splitting when possible: must equal a plain count
+        assert result.words_after == len(result.text.split())
     execute_doc_program(program)
 
 

@@ -1,6 +1,8 @@
 """The ProX program parser: spellings, literal arguments, and one error per bad line."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_slm.refine.program import (
     DropDoc,
@@ -150,3 +152,24 @@ def test_eval_is_never_used(monkeypatch):
 def test_bad_stage():
     with pytest.raises(ValueError, match="stage"):
         parse_program("keep_chunk()", "line")
+
+
+_plain = st.text(
+    alphabet=st.characters(blacklist_characters='"\\', blacklist_categories=("Cc", "Cs")),
+    max_size=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(source=_plain, target=_plain, a=st.integers(0, 10**6), b=st.integers(0, 10**6))
+def test_fast_paths_agree_with_ast(source, target, a, b):
+    # canonical spellings take a regex fast path; an extra space sends them through ast
+    for fast, slow in (
+        (f'normalize(source_str="{source}", target_str="{target}")',
+         f'normalize(source_str = "{source}", target_str="{target}")'),
+        (f"remove_lines(line_start={a}, line_end={b})",
+         f"remove_lines(line_start = {a}, line_end={b})"),
+    ):  # fmt: skip
+        fast_program, slow_program = parse_program(fast, "chunk"), parse_program(slow, "chunk")
+        assert fast_program.operations == slow_program.operations
+        assert [e.reason for e in fast_program.errors] == [e.reason for e in slow_program.errors]
