@@ -3,8 +3,8 @@
 Stand-in for a trained refining model until the quickstart trains one: for every document of
 ``noisy.jsonl`` it writes a chunk-level program that deletes the noise ``make_sample_corpus.py``
 inserted (boilerplate sentences, hex strings, runs of random consonant words) with ``normalize``
-calls, and a document-level ``drop_doc()`` for documents that are more than half noise. The boilerplate
-contains commas and ``!`` inside the strings: the programs exercise the literal parser.
+calls, and a document-level ``drop_doc()`` for documents that are more than half noise. The
+boilerplate contains commas and ``!`` inside the strings: the programs exercise the literal parser.
 
     python examples/sample_data/make_prox_programs.py   # writes noisy_programs.jsonl
 """
