@@ -239,9 +239,11 @@ def test_both_stages_consistent_outputs_and_stats(corpus, model_dir):
     write_jsonl(corpus / "programs.jsonl", programs)
     refine_corpus(
         RunConfig(input=[str(corpus / "raw" / "*.jsonl")], output_dir=str(corpus / "replay")),
-        ApplyConfig(programs=str(corpus / "programs.jsonl")),
+        ApplyConfig(programs=str(corpus / "programs.jsonl"), tokenizer=model_dir),
         rank=0, world_size=1, log=lambda *_: None,
     )  # fmt: skip
+    replay = json.loads((corpus / "replay" / "stats.json").read_text())["totals"]
+    assert replay == stats
     for p in sorted(out.glob("*.jsonl")):
         a = [(r["id"], r["text"]) for r in read_jsonl(p)]
         b = [(r["id"], r["text"]) for r in read_jsonl(corpus / "replay" / p.name)]
