@@ -115,9 +115,12 @@ def decide(
 def output_record(doc: Document, outcome: Outcome, text_key: str) -> dict:
     record = {k: v for k, v in doc.record.items() if k != text_key}
     record["text"] = outcome.text
-    metadata = (
-        dict(record.get("metadata") or {}) if isinstance(record.get("metadata"), dict) else {}
-    )
+    previous = record.get("metadata")
+    # the input's own metadata is kept; a non-object one under "input_metadata"
+    if isinstance(previous, dict):
+        metadata = dict(previous)
+    else:
+        metadata = {} if previous is None else {"input_metadata": previous}
     metadata["raw_text"] = doc.text
     metadata["doc_program"] = outcome.doc_program
     metadata["chunk_program"] = outcome.chunk_program
