@@ -160,8 +160,9 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
-        "test": ["pytest>=7", "transformers>=4.40", "safetensors", "ruff"],
-        "dev": ["pytest>=7", "transformers>=4.40", "safetensors", "ruff", "ninja"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff"],
+        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
+        "vllm": ["vllm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

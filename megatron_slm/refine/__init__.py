@@ -1,0 +1,9 @@
+"""ProX corpus refinement: a small LM writes a program per document; executing it refines the text.
+
+* ``program``  the program language and its ``ast``-based parser (pure text);
+* ``executor`` program execution and ProX's acceptance rule (pure text);
+* ``chunking`` the numbered-line chunks the chunk-level model sees (pure text);
+* ``prompts``  chat prompts rendered with the model's own template (duck-typed tokenizer);
+* ``backends`` generation with ``transformers`` or ``vllm`` (imported lazily);
+* ``pipeline`` the sharded, resumable refining run behind ``tools/prox_refine.py``.
+"""

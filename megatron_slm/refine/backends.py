@@ -1,0 +1,139 @@
+"""Generation backends for the refining models: ``transformers`` (any device) and ``vllm`` (GPU).
+
+Both load a Hugging Face causal-LM directory (a released ProX refining model, or one exported by
+``tools/convert_checkpoint.py``) and decode greedily. Neither torch, transformers nor vllm is
+imported at module load.
+"""
+
+from __future__ import annotations
+
+import os
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+class BackendError(ValueError):
+    pass
+
+
+def load_tokenizer(model_dir: str, flag: str):
+    """The model's tokenizer; a BackendError naming ``flag`` when the directory has none or the
+    tokenizer has no chat template."""
+    if not os.path.isdir(model_dir):
+        raise BackendError(f"{flag} {model_dir}: not a directory")
+    if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise BackendError(
+            f"{flag} {model_dir}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... here
+        reason = " ".join(str(e).split())[:300]  # one line: the tool prints one error line
+        raise BackendError(f"{flag} {model_dir}: no usable tokenizer ({reason})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackendError(
+            f"{flag} {model_dir}: the tokenizer has no chat template (tokenizer_config.json "
+            f"'chat_template' or chat_template.jinja); the refining prompts are rendered with it"
+        )
+    return tokenizer
+
+
+def _batches(order: list[int], size: int):
+    for i in range(0, len(order), size):
+        yield order[i : i + size]
+
+
+class TransformersGenerator:
+    """Batched greedy ``generate`` with the KV cache; prompts are sorted by length so each batch
+    pads little. Batches depend only on the prompts given, never on the rank layout."""
+
+    def __init__(self, model_dir: str, flag: str, device: str, dtype: str, batch_size: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = load_tokenizer(model_dir, flag)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = {
+            "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+        except Exception as e:
+            raise BackendError(f"{flag} {model_dir}: cannot load the model ({e})") from None
+        self.model.to(device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.pad_id = pad
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        import torch
+
+        encoded = [self.encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+        outputs: list[str] = [""] * len(prompts)
+        for batch in _batches(order, self.batch_size):
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: generation continues every row
+                n = len(encoded[i])
+                ids[row, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[row, width - n :] = 1
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    use_cache=True,
+                )
+            for row, i in enumerate(batch):
+                text = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                outputs[i] = text.strip(" ")
+        return outputs
+
+
+class VllmGenerator:
+    """vLLM offline generation (GPU); used with ``--backend vllm`` when vllm is installed."""
+
+    def __init__(self, model_dir: str, flag: str, dtype: str, gpu_memory_utilization: float = 0.9):
+        self.tokenizer = load_tokenizer(model_dir, flag)
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise BackendError(
+                "--backend vllm: vllm is not installed (pip install 'megatron-slm[vllm]')"
+            ) from None
+        self.engine = LLM(
+            model=model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization
+        )
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        token_prompts = [
+            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+        results = self.engine.generate(token_prompts, params, use_tqdm=False)
+        return [r.outputs[0].text.strip(" ") for r in results]
+
+
+def load_generator(backend: str, model_dir: str, flag: str, device: str, dtype: str, batch: int):
+    if backend == "vllm":
+        return VllmGenerator(model_dir, flag, dtype)
+    return TransformersGenerator(model_dir, flag, device, dtype, batch)

@@ -1,0 +1,145 @@
+"""Settings of ``tools/prox_refine.py`` (the CLI is generated from these by ``megatron_slm.cli``).
+
+``RunConfig`` is shared by both modes; ``ApplyConfig`` adds the programs file of ``apply`` mode,
+``ModelConfig`` the refining models of model mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_slm.cli import arg
+from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
+from megatron_slm.refine.executor import AcceptanceRule
+
+STAGES = ("doc", "chunk")
+
+
+@dataclass
+class RunConfig:
+    input: list[str] = arg(
+        [], "JSONL files or globs; one input file = one output shard.", required=True
+    )
+    output_dir: str = arg(
+        None, "Directory of the refined shards, dropped/, stats.json.", required=True
+    )
+    text_key: str = arg("text", "JSON key of the document text.")
+    shard_index: int = arg(0, "This job's index among --num-shards jobs (SLURM array).")
+    num_shards: int = arg(
+        1,
+        "Independent jobs sharing the input files (SLURM array size); "
+        "ranks of a torchrun/srun job split each job's part further.",
+    )
+    drop_ratio: float = arg(
+        0.05,
+        "Drop when words after / words before <= this and the program "
+        "has fewer than --max-errors errors.",
+    )
+    drop_words: int = arg(10, "Drop when the refined document has at most this many words.")
+    max_errors: int = arg(
+        2, "A chunk program with this many errors is ignored (the original text is kept)."
+    )
+    log_interval: float = arg(30.0, "Seconds between progress lines.")
+
+    def __post_init__(self):
+        if not self.input:
+            raise ValueError("--input: give at least one JSONL file or glob")
+        if self.num_shards < 1:
+            raise ValueError(f"--num-shards must be >= 1, got {self.num_shards}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"--shard-index must be in [0, --num-shards {self.num_shards}), got "
+                f"{self.shard_index}"
+            )
+        if not 0 <= self.drop_ratio < 1:
+            raise ValueError(f"--drop-ratio must be in [0, 1), got {self.drop_ratio}")
+        if self.drop_words < 0:
+            raise ValueError(f"--drop-words must be >= 0, got {self.drop_words}")
+        if self.max_errors < 1:
+            raise ValueError(f"--max-errors must be >= 1, got {self.max_errors}")
+        if self.log_interval <= 0:
+            raise ValueError(f"--log-interval must be > 0, got {self.log_interval}")
+
+    @property
+    def rule(self) -> AcceptanceRule:
+        return AcceptanceRule(self.drop_ratio, self.drop_words, self.max_errors)
+
+
+@dataclass
+class ApplyConfig:
+    programs: str = arg(
+        None,
+        "JSONL of programs: {id, doc_program?, chunk_program?} per "
+        "document, matched to the input documents by --id-key.",
+        required=True,
+    )
+    id_key: str = arg("id", "JSON key identifying a document in the input and the programs.")
+    tokenizer: str | None = arg(
+        None,
+        "Hugging Face tokenizer directory to count tokens before "
+        "and after in stats.json (default: words only).",
+    )
+
+
+@dataclass
+class ModelConfig:
+    stage: str = arg("doc,chunk", "Stages to run: doc, chunk or doc,chunk.")
+    doc_model: str | None = arg(None, "Document-level refining model (Hugging Face directory).")
+    chunk_model: str | None = arg(None, "Chunk-level refining model (Hugging Face directory).")
+    backend: str = arg("transformers", "Generation backend.", choices=["transformers", "vllm"])
+    device: str = arg("auto", "transformers backend device: auto, cpu, cuda, cuda:N.")
+    dtype: str = arg(
+        "auto",
+        "Model dtype (auto: bfloat16 on GPU, float32 on CPU).",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    batch_size: int = arg(32, "Prompts per generate call (transformers backend).")
+    window: int = arg(
+        1024,
+        "Documents read, generated and written together (the batching "
+        "pool; outputs do not depend on ranks, only on this).",
+    )
+    doc_max_prompt_tokens: int = arg(
+        2000,
+        "Document-level prompt limit; the document is truncated to fit, never the chat template.",
+    )
+    chunk_max_tokens: int = arg(1500, "Tokens of numbered lines per chunk.")
+    doc_max_new_tokens: int = arg(2000, "Generation limit of the document-level model.")
+    chunk_max_new_tokens: int = arg(256, "Generation limit of the chunk-level model.")
+    line_prefix: str = arg(
+        DEFAULT_LINE_PREFIX,
+        "Line-number prefix the chunk model sees (format with {i}; ProX's is [{i:03d}]).",
+    )
+
+    def __post_init__(self):
+        stages = [s.strip() for s in self.stage.split(",") if s.strip()]
+        if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+            raise ValueError(f"--stage must be doc, chunk or doc,chunk, got {self.stage!r}")
+        self.stage = ",".join(s for s in STAGES if s in stages)
+        if "doc" in stages and not self.doc_model:
+            raise ValueError("--stage doc needs --doc-model")
+        if "chunk" in stages and not self.chunk_model:
+            raise ValueError("--stage chunk needs --chunk-model")
+        for name in (
+            "batch_size",
+            "window",
+            "doc_max_prompt_tokens",
+            "chunk_max_tokens",
+            "doc_max_new_tokens",
+            "chunk_max_new_tokens",
+        ):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        try:
+            self.line_prefix.format(i=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"--line-prefix {self.line_prefix!r} is not a format with {{i}} ({e})"
+            ) from None
+        if self.line_prefix.format(i=0) == self.line_prefix.format(i=1):
+            raise ValueError(f"--line-prefix {self.line_prefix!r} does not contain {{i}}")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.stage.split(","))

@@ -1,0 +1,61 @@
+"""Refine a JSONL corpus with ProX programs (arXiv 2409.17115).
+
+Model mode: the refining models write the programs (document level, then chunk level):
+
+    python tools/prox_refine.py --input 'raw/*.jsonl' --output-dir refined/ --stage doc,chunk \\
+        --doc-model prox-doc --chunk-model prox-chunk --backend transformers
+
+Apply mode: execute programs produced elsewhere (no model):
+
+    python tools/prox_refine.py apply --input 'raw/*.jsonl' --programs programs.jsonl \\
+        --output-dir refined/
+
+writes ``refined/<shard>.jsonl`` (kept documents, for ``tools/preprocess_data.py``),
+``refined/dropped/<shard>.jsonl`` and ``refined/stats.json``. Runs under torchrun, srun or a SLURM
+array (``--shard-index/--num-shards``); rerun the same command to resume. See
+``megatron_slm.refine.pipeline``.
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
+from megatron_slm.refine.pipeline import RefineError, refine_corpus  # noqa: E402
+
+PROG = "prox_refine.py"
+
+
+def get_configs(argv=None):
+    """``(RunConfig, ApplyConfig | ModelConfig)`` from the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["apply"]:
+        groups = {"run": RunConfig, "apply mode": ApplyConfig}
+        parser = build_parser(f"{PROG} apply", __doc__, groups)
+        configs = parse_configs(parser, groups, argv[1:])
+        return parser, configs["run"], configs["apply mode"]
+    groups = {"run": RunConfig, "refining models": ModelConfig}
+    parser = build_parser(PROG, __doc__, groups)
+    configs = parse_configs(parser, groups, argv)
+    return parser, configs["run"], configs["refining models"]
+
+
+def main(argv=None) -> int:
+    """Refine; exit status 2 with one ``prog: error: ...`` line on bad input."""
+    parser, run, mode = get_configs(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    try:
+        refine_corpus(run, mode)
+    except RefineError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
