@@ -213,10 +213,10 @@ def _full_state(ckpt):
 
 def random_megatron_roundtrip(rank, world, root, tok_dir):
     """A random megatron model (vocab a multiple of the padding) -> HF -> megatron."""
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
     from megatron_slm.launch import initialize
     from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
-    from megatron_slm.checkpoint import save_checkpoint
 
     initialize(device="cpu", seed=7)
     cfg = GPTModelConfig(
@@ -273,11 +273,11 @@ NUM_SHOTS = 2
 def train_qa_model(rank, world, root, tok_dir, steps=200):
     """Train a tiny megatron GPT (plain torch Adam) to answer QA[NUM_SHOTS:] in the few-shot
     format; save it as a checkpoint; return the final training loss."""
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.data.tokenizer import build_tokenizer
     from megatron_slm.evaluation import FewShotConfig, build_prompt
     from megatron_slm.launch import initialize
     from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
-    from megatron_slm.checkpoint import save_checkpoint
 
     initialize(device="cpu", seed=3)
     tok = build_tokenizer("HuggingFaceTokenizer", tok_dir)

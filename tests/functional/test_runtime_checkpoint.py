@@ -204,8 +204,9 @@ def test_checkpoint_from_before_the_metadata_loads(sp_setup, tmp_path):
 
 
 def test_padded_vocabulary_kept_at_any_tp(tmp_path):
-    """48,000 ids saved at TP=2: 48,128 rows (a multiple of 128 x 2); scored at TP=1 and TP=2
-    with the same rows, values equal; at TP=1 the rows are not re-padded to 48,000."""
+    """48,000 ids saved at TP=2: 48,128 rows (a multiple of 128 x 2). Scored, evaluated and used as
+    the online reference at TP=1 and TP=2 (the rows are kept, not re-padded to 48,000 at TP=1),
+    equal across TP; exported with the real vocabulary."""
     vocab = 48000
     prefix = make_null_corpus(str(tmp_path), "big", [40] * 12)  # ids < 511, NullTokenizer 512
     # Re-describe the same ids with a 48,000-id NullTokenizer.
@@ -221,9 +222,27 @@ def test_padded_vocabulary_kept_at_any_tp(tmp_path):
     info = read_checkpoint(ckpt)
     assert info.padded_vocab_size == 48128 and info.model.vocab_size == vocab
     assert padded_vocab_size(vocab, info.divisor_for(1), 1) == 48128  # not re-padded to 48,000
-    tp1 = _score(prefix, ckpt, 1)
-    tp2 = _score(prefix, ckpt, 2)
-    _assert_close(tp1, tp2)
+    _assert_close(_score(prefix, ckpt, 1), _score(prefix, ckpt, 2))
+    losses = {}
+    for tp in (1, 2):
+        out = tmp_path / f"eval_tp{tp}.json"
+        _tool(
+            "evaluate.py", "--load", ckpt, "--perplexity-data", tmp_path / "big.jsonl",
+            "--tensor-model-parallel-size", tp, "--output", out, nproc=tp,
+        )  # fmt: skip
+        losses[tp] = json.load(open(out))["perplexity"][0]["mean_loss"]
+        log = tmp_path / f"online_tp{tp}.jsonl"
+        run_pretrain(
+            ["--data-path", prefix, "--vocab-size", vocab, *TRAIN, "--train-iters", 2,
+             "--slm-ratio", 0.5, "--slm-ref-source", "online", "--slm-ref-load", ckpt,
+             "--tensor-model-parallel-size", tp, "--log-loss-file", log],
+            nproc=tp,
+        )  # fmt: skip
+        losses[f"online{tp}"] = [r["loss"] for r in read_steps(str(log))]
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+    assert losses["online2"] == pytest.approx(losses["online1"], abs=1e-5)
+    _tool("convert_checkpoint.py", "megatron-to-hf", "--load", ckpt, "--save", tmp_path / "hf")
+    assert json.load(open(tmp_path / "hf" / "config.json"))["vocab_size"] == vocab
 
 
 def test_one_writer_per_output(sp_setup, tmp_path):

@@ -46,8 +46,8 @@ DOCS = _docs()
 # ---------------------------------------------------------------------------------------------
 def make_reference(rank, world, root):
     from megatron_slm import launch
-    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
     from megatron_slm.checkpoint import save_checkpoint
+    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
 
     launch.initialize(device="cpu", seed=99)
     cfg = get_preset("tiny")
@@ -67,8 +67,8 @@ def plain_losses(rank, world, ckpt, docs, seq, stride):
     import torch.nn.functional as F
 
     from megatron_slm import launch
-    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
     from megatron_slm.checkpoint import load_checkpoint
+    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
 
     launch.initialize(device="cpu")
     (model,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_slm.convert import hf
 from megatron_slm.checkpoint import divisible_by_for_padded
+from megatron_slm.convert import hf
 from megatron_slm.convert.hf import ConversionError
 from megatron_slm.models.sharding import tp_shard
 
