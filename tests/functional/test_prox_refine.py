@@ -12,8 +12,10 @@ error path, and the checks are about format, consistency, sharding and resumptio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -273,6 +275,20 @@ def test_two_ranks_and_sigkill_rerun_give_the_same_bytes(corpus, model_dir):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert snapshot(corpus / "killed") == reference
+
+    # an outside SIGKILL at an arbitrary moment: as soon as the first shard is committed
+    p = spawn(model_argv(corpus, model_dir, "outside", *extra))
+    first = corpus / "outside" / "shards" / "shard-0.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert first.exists() and "stats.json" not in snapshot(corpus / "outside")
+    p = spawn(model_argv(corpus, model_dir, "outside", *extra))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert snapshot(corpus / "outside") == reference
 
 
 # ---------------------------------------------------------------------------------------------
