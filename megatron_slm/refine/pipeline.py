@@ -571,8 +571,7 @@ def refine_shard(
                 before = [next(counts) for _ in docs]
             for j, (doc, outcome) in enumerate(zip(docs, outcomes)):
                 record = output_record(doc, outcome, run.text_key)
-                line = json.dumps(record, ensure_ascii=False) + "\n"
-                (dropped_f if outcome.dropped else kept_f).write(line)
+                _write_record(dropped_f if outcome.dropped else kept_f, record)
                 _account(stats, doc, outcome)
                 if tokenizer is not None:
                     stats["tokens_before"] += before[j]
@@ -581,7 +580,8 @@ def refine_shard(
             tokens = (
                 sum(before) if tokenizer is not None else sum(len(d.text.split()) for d in docs)
             )
-            progress.update(len(docs), tokens, sum(len(d.text.encode()) for d in docs))
+            nbytes = sum(len(d.text.encode(errors="surrogatepass")) for d in docs)
+            progress.update(len(docs), tokens, nbytes)
         _fsync_close(kept_f)
         _fsync_close(dropped_f)
     except BaseException:
@@ -594,6 +594,13 @@ def refine_shard(
     finish_stats(stats)
     write_json_atomic(layout.shard_stats(shard), stats)
     return stats
+
+
+def _write_record(f, record: dict) -> None:
+    try:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON escape, not UTF-8): keep it escaped
+        f.write(json.dumps(record) + "\n")
 
 
 def _account(stats: dict, doc: Document, outcome: Outcome) -> None:

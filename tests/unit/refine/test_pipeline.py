@@ -346,3 +346,23 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, point):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert snapshot(corpus / "killed") == reference
+
+
+def test_unicode_and_lone_surrogates_round_trip(small):
+    docs = [
+        {"id": 0, "text": "日本語の文書 with émojis 😀 " * 3 + "\nsecond line of text here ok"},
+        {"id": 1, "text": "broken \ud800 surrogate " * 4},
+    ]
+    with open(small / "raw" / "a.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")  # ASCII escapes, as many JSONL writers produce
+    write_jsonl(small / "raw" / "b.jsonl", [])
+    write_jsonl(
+        small / "programs.jsonl",
+        [{"id": 0, "chunk_program": "normalize('😀', '🙂')"}, {"id": 1, "chunk_program": ""}],
+    )
+    run_apply(small)
+    kept = read_jsonl(small / "out" / "a.jsonl")
+    assert kept[0]["text"] == docs[0]["text"].replace("😀", "🙂")
+    assert kept[1]["text"] == docs[1]["text"]
+    assert read_jsonl(small / "out" / "b.jsonl") == []
