@@ -679,8 +679,6 @@ def refine_corpus(
         rank, world_size = info.rank, info.world_size
     shards = resolve_shards(run.input)
     layout = Layout(run.output_dir)
-    if isinstance(mode, ApplyConfig) and not os.path.isfile(mode.programs):
-        raise RefineError(f"--programs {mode.programs}: no such file")
     # Validate the programs / model directories before the output directory is claimed.
     if isinstance(mode, ApplyConfig):
         refiner, window = ProgramTable(mode, run.rule), APPLY_WINDOW
