@@ -158,7 +158,7 @@ setup(
         "psutil",  # megatron-core distributed checkpointing needs it
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
+        "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff"],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],

@@ -38,6 +38,7 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_slm import launch  # noqa: E402
+from megatron_slm.checkpoint import save_checkpoint  # noqa: E402
 from megatron_slm.data import preprocess_corpus  # noqa: E402
 from megatron_slm.models import ModelBuildOptions, build_model, get_preset  # noqa: E402
 from megatron_slm.ops import selective_cross_entropy  # noqa: E402
@@ -46,8 +47,7 @@ from megatron_slm.scoring.packing import (  # noqa: E402
     document_segments,
     length_sorted_batches,
 )
-from megatron_slm.scoring.scorer import default_stride  # noqa: E402
-from megatron_slm.training.checkpointing import save_checkpoint  # noqa: E402
+from megatron_slm.scoring.inputs import default_stride  # noqa: E402
 
 VOCAB = 512
 

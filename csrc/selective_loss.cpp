@@ -41,12 +41,19 @@ void check_common(const torch::Tensor& logits, const torch::Tensor& target) {
   TORCH_CHECK(target.scalar_type() == torch::kInt64, "selective_loss: target must be int64");
   TORCH_CHECK(target.is_contiguous(), "selective_loss: target must be contiguous");
   TORCH_CHECK(target.device() == logits.device(), "selective_loss: device mismatch");
+  TORCH_CHECK(logits.device().is_cpu() || logits.device().is_cuda(),
+              "selective_loss: logits must be on the CPU or a CUDA device, got ", logits.device());
   const auto st = logits.scalar_type();
   TORCH_CHECK(st == torch::kFloat32 || st == torch::kBFloat16 || st == torch::kFloat16,
               "selective_loss: logits dtype must be float32, bfloat16 or float16");
 }
 
 #ifdef MEGATRON_SLM_WITH_CUDA
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "selective_loss: CUDA launch of ", what, " failed: ",
+              megatron_slm::cuda::selective_loss_error_string(err));
+}
+
 int cuda_dtype_code(torch::ScalarType st) {
   if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
   if (st == torch::kFloat16) return megatron_slm::cuda::kFloat16;
@@ -137,10 +144,11 @@ torch::Tensor selective_loss_fwd_stats(torch::Tensor logits, torch::Tensor targe
   if (logits.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(logits.device());
-    megatron_slm::cuda::selective_loss_fwd_stats(
-        logits.data_ptr(), cuda_dtype_code(logits.scalar_type()), target.data_ptr<int64_t>(), N,
-        V, vocab_start, stats.data_ptr<float>(),
-        c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_fwd_stats(
+                     logits.data_ptr(), cuda_dtype_code(logits.scalar_type()),
+                     target.data_ptr<int64_t>(), N, V, vocab_start, stats.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()),
+                 "fwd_stats");
     return stats;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
@@ -166,15 +174,21 @@ torch::Tensor selective_loss_backward(torch::Tensor logits, torch::Tensor target
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
                   scale.numel() == N,
               "selective_loss: scale must be contiguous fp32 [rows]");
+  // A tensor on another device would hand a foreign pointer to the kernel.
+  TORCH_CHECK(lse.device() == logits.device() && scale.device() == logits.device(),
+              "selective_loss: lse and scale must be on the logits' device (", logits.device(),
+              "), got ", lse.device(), " and ", scale.device());
   torch::Tensor grad = inplace ? logits : torch::empty_like(logits);
   if (N == 0) return grad;
   if (logits.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(logits.device());
-    megatron_slm::cuda::selective_loss_backward(
-        logits.data_ptr(), grad.data_ptr(), cuda_dtype_code(logits.scalar_type()),
-        target.data_ptr<int64_t>(), N, V, vocab_start, lse.data_ptr<float>(),
-        scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(logits.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_backward(
+                     logits.data_ptr(), grad.data_ptr(), cuda_dtype_code(logits.scalar_type()),
+                     target.data_ptr<int64_t>(), N, V, vocab_start, lse.data_ptr<float>(),
+                     scale.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(logits.device().index()).stream()),
+                 "backward");
     return grad;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
@@ -200,18 +214,27 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
               "selective_loss_select: eligible must be contiguous bool like scores");
   TORCH_CHECK(k.dim() == 1 && k.size(0) == scores.size(0) && k.scalar_type() == torch::kInt64,
               "selective_loss_select: k must be int64 [groups]");
+  // k may live anywhere (it is copied to the scores' device below); the others may not.
+  TORCH_CHECK(eligible.device() == scores.device(),
+              "selective_loss_select: eligible must be on the scores' device (", scores.device(),
+              "), got ", eligible.device());
+  TORCH_CHECK(scores.device().is_cpu() || scores.device().is_cuda(),
+              "selective_loss_select: scores must be on the CPU or a CUDA device, got ",
+              scores.device());
   const int64_t G = scores.size(0);
   const int64_t n = scores.size(1);
-  auto out = torch::empty_like(eligible);
+  auto out = torch::empty(scores.sizes(), scores.options().dtype(torch::kBool));
   if (G == 0 || n == 0) return out;
   if (scores.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(scores.device());
     auto kk = k.to(scores.device()).contiguous();
-    megatron_slm::cuda::selective_loss_select(
-        scores.data_ptr<float>(), reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
-        kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
-        c10::cuda::getCurrentCUDAStream(scores.device().index()).stream());
+    check_launch(megatron_slm::cuda::selective_loss_select(
+                     scores.data_ptr<float>(),
+                     reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
+                     kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+                     c10::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
+                 "select");
     return out;
 #else
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");

@@ -200,6 +200,8 @@ static inline float chunk_sum_exp(const float* buf, int64_t n, float shift) {
 
 // Forward statistics of one row, one pass over memory: running max, sum of exp(x - max) and the
 // target logit (0 when the target is not in this shard). stats = {max, sumexp, target_logit}.
+// A row with a NaN sums to NaN; an all -inf row gives {-inf, 0} (like the CUDA and torch kernels;
+// its loss log(0) - inf - target logit is then NaN, as torch's logsumexp gives).
 template <typename T>
 static inline void row_forward_stats(const T* row, int64_t V, int64_t local_target, float* stats) {
   alignas(64) float buf[kChunk];
@@ -219,7 +221,14 @@ static inline void row_forward_stats(const T* row, int64_t V, int64_t local_targ
       if (s != 0.0f) s *= fast_exp(m - cm);
       m = cm;
     }
-    s += chunk_sum_exp(x, n, m);
+    if (m == -std::numeric_limits<float>::infinity()) {
+      // only -inf and NaN so far: exp(-inf - -inf) would be NaN for the -inf values too
+      for (int64_t i = 0; i < n; ++i) {
+        if (std::isnan(x[i])) s += x[i];
+      }
+    } else {
+      s += chunk_sum_exp(x, n, m);
+    }
   }
   stats[0] = m;
   stats[1] = s;

@@ -28,7 +28,7 @@ PYTHON=${PYTHON:-python}
 # --- model and parallelism --------------------------------------------------------------------
 TP=${TP:-1}
 PP=${PP:-1}
-MODEL_PRESET=${MODEL_PRESET:-}          # empty: the architecture recorded in the checkpoint
+MODEL_PRESET=${MODEL_PRESET:-}          # empty: the checkpoint's architecture; set: must match it
 BF16=${BF16:-1}                         # 1: run the model in bfloat16 (GPU)
 DEVICE=${DEVICE:-auto}                  # auto | cuda | cpu
 

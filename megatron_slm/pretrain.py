@@ -18,10 +18,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     cfg = parse_config(argv)
     report_once()
-    from megatron_slm.training.loop import pretrain
+    from megatron_slm.training.loop import plan_training, pretrain
 
     try:
-        pretrain(cfg)
+        plan = plan_training(cfg, launch.process_info().world_size)
+    except ValueError as e:  # bad flags or inputs: one line, like argparse's own errors
+        print(f"python -m megatron_slm.pretrain: error: {e}", file=sys.stderr)
+        return 2
+    p = cfg.parallel
+    try:
+        device = launch.initialize(
+            device=cfg.training.device,
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
+            seed=cfg.training.seed,
+        )
+        pretrain(cfg, plan, device)
     finally:
         launch.shutdown()
     return 0

@@ -16,105 +16,109 @@ TP x PP processes (each rank builds and fills its own shards). megatron-to-hf ru
 (megatron-core reshards the checkpoint to TP=1/PP=1 on load).
 """
 
-import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 try:
     import megatron_slm  # noqa: F401
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
 from megatron_slm.convert.hf import (  # noqa: E402
     ConversionError,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
+    import_layout,
 )
 
+PROG = "convert_checkpoint"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
-def get_args(argv=None) -> argparse.Namespace:
-    """Parse the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("direction_pos", nargs="?", choices=DIRECTIONS, metavar="DIRECTION")
-    p.add_argument("--direction", choices=DIRECTIONS, default=None)
-    p.add_argument("--load", required=True, help="source directory")
-    p.add_argument("--save", required=True, help="destination directory")
-    g = p.add_argument_group("hf-to-megatron")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument(
-        "--params-dtype",
-        default="float32",
-        choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-        help="dtype of the megatron parameters",
+@dataclass
+class ConvertConfig:
+    direction: str | None = arg(
+        None, "hf-to-megatron or megatron-to-hf (or positional).", choices=DIRECTIONS
     )
-    g = p.add_argument_group("megatron-to-hf")
-    g.add_argument(
-        "--architecture",
-        default=None,
+    load: str | None = arg(None, "Source directory.", required=True)
+    save: str | None = arg(None, "Destination directory.", required=True)
+    # hf-to-megatron
+    tensor_model_parallel_size: int = arg(1, "hf-to-megatron: target TP (sets the padding).")
+    pipeline_model_parallel_size: int = arg(1, "hf-to-megatron: target PP.")
+    make_vocab_size_divisible_by: int = arg(128, "hf-to-megatron: vocabulary padding multiple.")
+    params_dtype: str = arg("float32", "hf-to-megatron: dtype of the parameters.", choices=DTYPES)
+    # megatron-to-hf
+    architecture: str | None = arg(
+        None,
+        "megatron-to-hf: default the imported model's, else LlamaForCausalLM.",
         choices=("LlamaForCausalLM", "MistralForCausalLM"),
-        help="default: the imported model's, else LlamaForCausalLM",
     )
-    g.add_argument(
-        "--dtype",
-        default=None,
-        choices=("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
-        help="dtype of the safetensors (default: the checkpoint's)",
+    dtype: str | None = arg(
+        None, "megatron-to-hf: safetensors dtype (default: the checkpoint's).", choices=DTYPES
     )
-    g.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
-    g.add_argument(
-        "--tokenizer-model",
-        default=None,
-        help="HF tokenizer directory to copy (default: the checkpoint's)",
+    max_shard_size: str = arg("5GB", "megatron-to-hf: e.g. 5GB, 500MB.")
+    tokenizer_model: str | None = arg(
+        None, "megatron-to-hf: HF tokenizer directory to copy (default: the checkpoint's)."
     )
-    args = p.parse_args(argv)
-    args.direction = args.direction or args.direction_pos
-    if args.direction is None:
-        p.error("give the direction: hf-to-megatron or megatron-to-hf")
-    if args.direction_pos and args.direction_pos != args.direction:
-        p.error("the positional direction and --direction disagree")
-    return args
+
+
+def get_config(argv=None) -> ConvertConfig:
+    parser = build_parser(PROG, __doc__, {"conversion": ConvertConfig})
+    parser.add_argument("direction_pos", nargs="?", choices=DIRECTIONS, metavar="DIRECTION")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_configs(parser, {"conversion": ConvertConfig}, argv)["conversion"]
+    positional = parser.parse_args(argv).direction_pos
+    if cfg.direction and positional and cfg.direction != positional:
+        parser.error("the positional direction and --direction disagree")
+    cfg.direction = cfg.direction or positional
+    if cfg.direction is None:
+        parser.error("give the direction: hf-to-megatron or megatron-to-hf")
+    return cfg
 
 
 def main(argv=None) -> int:
     import torch.distributed as dist
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = get_args(argv)
+    cfg = get_config(argv)
     owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
     try:
-        if args.direction == "hf-to-megatron":
+        if cfg.direction == "hf-to-megatron":
+            tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+            launch.initialize(
+                device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            )
             result = convert_hf_to_megatron(
-                args.load,
-                args.save,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                params_dtype=args.params_dtype,
+                cfg.load,
+                cfg.save,
+                tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+                pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+                make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+                params_dtype=cfg.params_dtype,
             )
             print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
         else:
+            launch.initialize(device="cpu")
             out = convert_megatron_to_hf(
-                args.load,
-                args.save,
-                architecture_name=args.architecture,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                tokenizer_model=args.tokenizer_model,
+                cfg.load,
+                cfg.save,
+                architecture_name=cfg.architecture,
+                dtype=cfg.dtype,
+                max_shard_size=cfg.max_shard_size,
+                tokenizer_model=cfg.tokenizer_model,
             )
             print(f"wrote {out}")
-    except (ConversionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, ValueError, FileNotFoundError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if owns_process_group:
-            from megatron_slm.launch import shutdown
-
-            shutdown()
+            launch.shutdown()
     return 0
 
 

@@ -7,7 +7,6 @@ fingerprint check, and optionally the top/bottom documents by mean reference los
 Exit status 1 when any sidecar is missing or does not match its token dataset.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -17,57 +16,41 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.data.inspect import format_report, inspect_sidecar  # noqa: E402
-from megatron_slm.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar  # noqa: E402
+from megatron_slm.data.tokenizer import build_tokenizer  # noqa: E402
+
+GROUPS = {"inspection": InspectConfig}
 
 
-def get_args(argv=None) -> argparse.Namespace:
-    """Parse the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--data-path", nargs="+", required=True, help="dataset prefixes (weights are ignored)"
-    )
-    p.add_argument("--top", type=int, default=0, help="show the N documents of highest mean")
-    p.add_argument("--bottom", type=int, default=0, help="show the N documents of lowest mean")
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
-    p.add_argument("--tokenizer-model", default=None)
-    p.add_argument("--vocab-size", type=int, default=None)
-    p.add_argument("--max-chars", type=int, default=300, help="text shown per document")
-    p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    return p.parse_args(argv)
+def get_config(argv=None) -> InspectConfig:
+    """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
+    parser = build_parser("tools/inspect_sidecar.py", __doc__, GROUPS)
+    return parse_configs(parser, GROUPS, argv)["inspection"]
 
 
 def main(argv=None) -> int:
     """Print one report per dataset; returns 1 if any check failed."""
-    args = get_args(argv)
-    prefixes = [p for p in args.data_path if not _is_number(p)]
+    cfg = get_config(argv)
     tokenizer = None
-    if args.tokenizer_type and (args.top or args.bottom):
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    if cfg.tokenizer_type and (cfg.top or cfg.bottom):
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_size)
     failed = False
     reports = []
-    for prefix in prefixes:
-        report = inspect_sidecar(prefix, top=args.top, bottom=args.bottom)
+    for prefix in cfg.prefixes:
+        report = inspect_sidecar(prefix, top=cfg.top, bottom=cfg.bottom)
         failed |= not report["ok"]
         reports.append(report)
-        if not args.json:
+        if not cfg.json:
             data = None
             if tokenizer is not None and report["ok"]:
                 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
                 data = IndexedDataset(prefix)
-            print(format_report(report, tokenizer, data, args.max_chars))
-    if args.json:
+            print(format_report(report, tokenizer, data, cfg.max_chars))
+    if cfg.json:
         print(json.dumps(reports, indent=1))
     return 1 if failed else 0
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@
 writes ``out/corpus_text_document.bin/.idx``. See ``megatron_slm.data.preprocess_corpus``.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -17,46 +16,32 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.data.preprocess import preprocess_corpus  # noqa: E402
-from megatron_slm.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs  # noqa: E402
+
+GROUPS = {"preprocessing": PreprocessConfig}
 
 
-def get_args(argv=None) -> argparse.Namespace:
-    """Parse the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    g = p.add_argument_group("input data")
-    g.add_argument("--input", nargs="+", required=True, help="JSONL files or globs")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize")
-    g.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--tokenizer-model", default=None, help="sentencepiece model / HF directory")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
-    g.add_argument("--append-eod", action="store_true", help="append EOD to each document")
-    g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.*")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    g.add_argument("--log-interval", type=int, default=10000, help="documents between logs")
-    return p.parse_args(argv)
+def get_parser():
+    return build_parser("tools/preprocess_data.py", __doc__, GROUPS)
+
+
+def get_config(argv=None) -> PreprocessConfig:
+    """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
+    parser = get_parser()
+    cfg = parse_configs(parser, GROUPS, argv)["preprocessing"]
+    try:
+        expand_inputs(cfg.input)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    return cfg
 
 
 def main(argv=None) -> int:
     """Run preprocessing; prints the output prefixes."""
-    args = get_args(argv)
+    cfg = get_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    result = preprocess_corpus(
-        args.input,
-        args.output_prefix,
-        args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-        json_keys=args.json_keys,
-        append_eod=args.append_eod,
-        workers=args.workers,
-        skip_bad_lines=args.skip_bad_lines,
-        log_interval=args.log_interval,
-    )
+    result = cfg.run()
     for key, prefix in result.items():
         print(f"{key}: {prefix}")
     if result.skipped_lines:

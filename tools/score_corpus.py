@@ -1,16 +1,14 @@
 """Score a token corpus with a reference model into reference-loss sidecars (Rho-1, offline).
 
     torchrun --nproc-per-node 8 tools/score_corpus.py --data-prefix out/corpus_text_document \\
-        --load checkpoints/ref --tensor-model-parallel-size 2 --seq-length 2048 \\
-        --micro-batch-size 8 --dtype float16
+        --load checkpoints/ref --tensor-model-parallel-size 2 --micro-batch-size 8
 
-writes ``out/corpus_text_document_refloss.bin/.json`` (see ``megatron_slm.data.sidecar``). Runs
-under torchrun, srun (``examples/score_corpus.sh``) or plain python (a world of one). Interrupted
-runs resume where they stopped when rerun with the same flags. See
-``megatron_slm.scoring.scorer``.
+writes ``out/corpus_text_document_refloss.bin/.json`` (see ``megatron_slm.data.sidecar``). The
+architecture and tokenizer come from the checkpoint (``--load`` alone is enough). Runs under
+torchrun, srun (``examples/score_corpus.sh``) or plain python (a world of one). Interrupted runs
+resume where they stopped when rerun with the same flags. See ``megatron_slm.scoring``.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -20,33 +18,30 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.scoring.scorer import (  # noqa: E402
-    ScoringError,
-    add_arguments,
-    config_from_args,
-    score_corpus,
-)
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.scoring import ScoreConfig, ScoringError, score_corpus  # noqa: E402
 
-
-def get_args(argv=None) -> argparse.Namespace:
-    """Parse the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(p)
-    return p.parse_args(argv)
+PROG = "score_corpus"
 
 
 def main(argv=None) -> int:
-    """Run scoring; exit status 2 on bad input (message on stderr)."""
-    args = get_args(argv)
+    """Run scoring; exit status 2 on bad input (one line on stderr)."""
+    parser = build_parser(PROG, __doc__, {"scoring": ScoreConfig})
+    config = parse_configs(parser, {"scoring": ScoreConfig}, argv)["scoring"]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
-        score_corpus(config_from_args(args))
+        launch.initialize(
+            device=config.device,
+            tensor_model_parallel_size=config.tensor_model_parallel_size,
+            pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+            seed=config.seed,
+        )
+        score_corpus(config)
     except (ScoringError, FileExistsError) as e:
-        print(f"score_corpus: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        from megatron_slm import launch
-
         launch.shutdown()
     return 0
 

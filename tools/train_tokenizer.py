@@ -1,22 +1,50 @@
 """Train a sentencepiece tokenizer on JSONL text (a compact vocabulary for small models).
 
-python tools/train_tokenizer.py --input data/*.jsonl --model-prefix out/tok --vocab-size 512
+    python tools/train_tokenizer.py --input data/*.jsonl --model-prefix out/tok --vocab-size 512
+
+writes ``out/tok.model`` and ``out/tok.vocab``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 try:
     import megatron_slm  # noqa: F401
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.data.preprocess import expand_inputs
-from megatron_slm.data.tokenizer import train_sentencepiece
+from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
+from megatron_slm.data.jsonl import iter_jsonl  # noqa: E402
+from megatron_slm.data.preprocess import expand_inputs  # noqa: E402
+from megatron_slm.data.tokenizer import train_sentencepiece  # noqa: E402
+
+
+@dataclass
+class TrainTokenizerConfig:
+    input: list[str] = arg([], "JSONL files or globs.", required=True)
+    json_key: str = arg("text", "JSON key of the text.")
+    model_prefix: str = arg(None, "Writes PREFIX.model and PREFIX.vocab.", required=True)
+    vocab_size: int = arg(None, "Number of pieces.", required=True)
+    model_type: str = arg("bpe", "Sentencepiece model type.", choices=["bpe", "unigram"])
+    max_docs: int | None = arg(None, "Train on the first N documents (default: all).")
+
+    def __post_init__(self):
+        if not self.input:
+            raise ValueError("--input is required")
+        if not self.model_prefix:
+            raise ValueError("--model-prefix is required")
+        if self.vocab_size is None or self.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size!r}")
+        if self.model_type not in ("bpe", "unigram"):
+            raise ValueError(f"--model-type must be bpe or unigram, got {self.model_type!r}")
+        if self.max_docs is not None and self.max_docs < 0:
+            raise ValueError(f"--max-docs must be >= 0, got {self.max_docs}")
+
+
+GROUPS = {"tokenizer training": TrainTokenizerConfig}
 
 
 def iter_texts(patterns, key, max_docs):
@@ -31,18 +59,22 @@ def iter_texts(patterns, key, max_docs):
                 return
 
 
+def get_config(argv=None) -> TrainTokenizerConfig:
+    """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
+    parser = build_parser("tools/train_tokenizer.py", __doc__, GROUPS)
+    cfg = parse_configs(parser, GROUPS, argv)["tokenizer training"]
+    try:
+        expand_inputs(cfg.input)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    return cfg
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", nargs="+", required=True, help="JSONL files or globs")
-    p.add_argument("--json-key", default="text")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents")
-    args = p.parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
-    texts = list(iter_texts(args.input, args.json_key, args.max_docs))
-    path = train_sentencepiece(texts, args.model_prefix, args.vocab_size, args.model_type)
+    cfg = get_config(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.model_prefix)), exist_ok=True)
+    texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))
+    path = train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)
     print(f"wrote {path} ({len(texts)} documents)")
     return 0
 

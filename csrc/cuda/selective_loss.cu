@@ -1,19 +1,29 @@
 // CUDA kernels of the selective loss op. No torch/ATen/c10 headers (see selective_loss_cuda.h).
 //
 // * fwd_stats: one block per row, 16-byte vectorized loads, per-thread online max/sum-exp,
-//   block reduction of the (max, sum) pairs; fp32 math for every input dtype.
+//   block reduction of the (max, sum) pairs; fp32 math for every input dtype. A row with a NaN
+//   (or +inf) sums to NaN; an all -inf row gives {-inf, 0} (its loss is then NaN, as in torch).
 // * backward: one block per row, writes (softmax - onehot) * scale rounded once to the logits
 //   dtype, in place when grad == logits; zero-scale rows are zero-filled without loads.
 // * select: one block per group, 4-pass 8-bit radix select of the k-th largest key, then an
 //   ordered pass that breaks ties among equal keys by position (exact top-k, O(n)).
+// Grids are capped at the device's limit; blocks then loop over rows / groups. Every launcher
+// returns the launch's cudaError_t (0 on success).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "selective_loss_cuda.h"
+
+// Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
+// under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
+#ifndef SLM_LAUNCH
+#define SLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace megatron_slm {
 namespace cuda {
@@ -50,8 +60,11 @@ struct Traits<__half> {
   static constexpr int kVec = 8;
   __device__ static float to_f(__half x) { return __half2float(x); }
   __device__ static __half from_f(float x) { return __float2half_rn(x); }
+  // memcpy, not a reinterpret_cast: reading a uint4 through __half2 is undefined behaviour
+  // (g++ -O2 miscompiles it); compilers turn the copy into register moves.
   __device__ static void unpack(const uint4& v, float* out) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
+    __half2 h[4];
+    memcpy(h, &v, sizeof(h));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float2 f = __half22float2(h[i]);
@@ -60,10 +73,11 @@ struct Traits<__half> {
     }
   }
   __device__ static uint4 pack(const float* in) {
-    uint4 v;
-    __half2* h = reinterpret_cast<__half2*>(&v);
+    __half2 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+    uint4 v;
+    memcpy(&v, h, sizeof(v));
     return v;
   }
 };
@@ -74,7 +88,8 @@ struct Traits<__nv_bfloat16> {
   __device__ static float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
   __device__ static void unpack(const uint4& v, float* out) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+    __nv_bfloat162 h[4];
+    memcpy(h, &v, sizeof(h));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float2 f = __bfloat1622float2(h[i]);
@@ -83,10 +98,11 @@ struct Traits<__nv_bfloat16> {
     }
   }
   __device__ static uint4 pack(const float* in) {
-    uint4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+    __nv_bfloat162 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+    uint4 v;
+    memcpy(&v, h, sizeof(v));
     return v;
   }
 };
@@ -97,9 +113,11 @@ struct MaxSum {
   float s;
 };
 
+// A part whose values are all -inf or NaN has m == -inf and s == 0 (all -inf) or NaN; NaN sums
+// must survive every step so that the row's loss is NaN, as in torch.
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.0f};
+  if (m == -INFINITY) return {m, a.s + b.s};
   const float sa = a.s == 0.0f ? 0.0f : a.s * __expf(a.m - m);
   const float sb = b.s == 0.0f ? 0.0f : b.s * __expf(b.m - m);
   return {m, sa + sb};
@@ -107,12 +125,17 @@ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
 
 __device__ __forceinline__ void accumulate(MaxSum& acc, const float* x, int n) {
   float vm = x[0];
-  for (int i = 1; i < n; ++i) vm = fmaxf(vm, x[i]);
+  for (int i = 1; i < n; ++i) vm = fmaxf(vm, x[i]);  // fmaxf skips NaN: the sum catches it
   if (vm > acc.m) {
     acc.s = acc.s == 0.0f ? 0.0f : acc.s * __expf(acc.m - vm);
     acc.m = vm;
   }
-  if (acc.m == -INFINITY) return;
+  if (acc.m == -INFINITY) {  // only -inf and NaN so far: exp(-inf - -inf) is NaN, keep real NaNs
+    for (int i = 0; i < n; ++i) {
+      if (x[i] != x[i]) acc.s += x[i];
+    }
+    return;
+  }
   for (int i = 0; i < n; ++i) acc.s += __expf(x[i] - acc.m);
 }
 
@@ -140,6 +163,7 @@ __device__ MaxSum block_reduce(MaxSum v) {
       v = combine(v, o);
     }
   }
+  __syncthreads();  // sm/ss are rewritten by the next row of this block
   return v;  // valid in thread 0
 }
 
@@ -147,32 +171,34 @@ __device__ MaxSum block_reduce(MaxSum v) {
 // forward statistics
 // ------------------------------------------------------------------------------------------
 template <typename T, bool kVectorized>
-__global__ void fwd_stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target,
-                                 int64_t V, int64_t vocab_start, float* __restrict__ stats) {
+__global__ void __launch_bounds__(kThreads)
+    fwd_stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
+                     int64_t V, int64_t vocab_start, float* __restrict__ stats) {
   using Tr = Traits<T>;
-  const int64_t row = blockIdx.x;
-  const T* x = logits + row * V;
-  MaxSum acc{-INFINITY, 0.0f};
-  if (kVectorized) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    const int64_t nvec = V / Tr::kVec;
-    float buf[Tr::kVec];
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-      Tr::unpack(__ldg(xv + i), buf);
-      accumulate(acc, buf, Tr::kVec);
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const T* x = logits + row * V;
+    MaxSum acc{-INFINITY, 0.0f};
+    if (kVectorized) {
+      const uint4* xv = reinterpret_cast<const uint4*>(x);
+      const int64_t nvec = V / Tr::kVec;
+      float buf[Tr::kVec];
+      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+        Tr::unpack(__ldg(xv + i), buf);
+        accumulate(acc, buf, Tr::kVec);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float f = Tr::to_f(x[i]);
+        accumulate(acc, &f, 1);
+      }
     }
-  } else {
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float f = Tr::to_f(x[i]);
-      accumulate(acc, &f, 1);
+    acc = block_reduce(acc);
+    if (threadIdx.x == 0) {
+      const int64_t t = target[row] - vocab_start;
+      stats[3 * row + 0] = acc.m;
+      stats[3 * row + 1] = acc.s;
+      stats[3 * row + 2] = (t >= 0 && t < V) ? Tr::to_f(x[t]) : 0.0f;
     }
-  }
-  acc = block_reduce(acc);
-  if (threadIdx.x == 0) {
-    const int64_t t = target[row] - vocab_start;
-    stats[3 * row + 0] = acc.m;
-    stats[3 * row + 1] = acc.s;
-    stats[3 * row + 2] = (t >= 0 && t < V) ? Tr::to_f(x[t]) : 0.0f;
   }
 }
 
@@ -180,45 +206,47 @@ __global__ void fwd_stats_kernel(const T* __restrict__ logits, const int64_t* __
 // backward
 // ------------------------------------------------------------------------------------------
 template <typename T, bool kVectorized>
-__global__ void backward_kernel(const T* logits, T* grad, const int64_t* __restrict__ target,
-                                int64_t V, int64_t vocab_start, const float* __restrict__ lse,
-                                const float* __restrict__ scale) {
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const T* logits, T* grad, const int64_t* __restrict__ target, int64_t N,
+                    int64_t V, int64_t vocab_start, const float* __restrict__ lse,
+                    const float* __restrict__ scale) {
   using Tr = Traits<T>;
-  const int64_t row = blockIdx.x;
-  const float sc = scale[row];
-  const T* x = logits + row * V;
-  T* g = grad + row * V;
-  if (sc == 0.0f) {  // zero gradient: write zeros, never read the logits
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const float sc = scale[row];
+    const T* x = logits + row * V;
+    T* g = grad + row * V;
+    if (sc == 0.0f) {  // zero gradient: write zeros, never read the logits
+      if (kVectorized) {
+        uint4* gv = reinterpret_cast<uint4*>(g);
+        const int64_t nvec = V / Tr::kVec;
+        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) gv[i] = make_uint4(0, 0, 0, 0);
+      } else {
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = Tr::from_f(0.0f);
+      }
+      continue;
+    }
+    const float l = lse[row];
+    const int64_t t = target[row] - vocab_start;
     if (kVectorized) {
+      const uint4* xv = reinterpret_cast<const uint4*>(x);
       uint4* gv = reinterpret_cast<uint4*>(g);
       const int64_t nvec = V / Tr::kVec;
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) gv[i] = make_uint4(0, 0, 0, 0);
-    } else {
-      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = Tr::from_f(0.0f);
-    }
-    return;
-  }
-  const float l = lse[row];
-  const int64_t t = target[row] - vocab_start;
-  if (kVectorized) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    uint4* gv = reinterpret_cast<uint4*>(g);
-    const int64_t nvec = V / Tr::kVec;
-    float buf[Tr::kVec];
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-      Tr::unpack(xv[i], buf);
-#pragma unroll
-      for (int j = 0; j < Tr::kVec; ++j) {
-        const int64_t col = i * Tr::kVec + j;
-        const float p = __expf(buf[j] - l);
-        buf[j] = (col == t ? p - 1.0f : p) * sc;
+      float buf[Tr::kVec];
+      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+        Tr::unpack(xv[i], buf);
+  #pragma unroll
+        for (int j = 0; j < Tr::kVec; ++j) {
+          const int64_t col = i * Tr::kVec + j;
+          const float p = __expf(buf[j] - l);
+          buf[j] = (col == t ? p - 1.0f : p) * sc;
+        }
+        gv[i] = Tr::pack(buf);
       }
-      gv[i] = Tr::pack(buf);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float p = __expf(Tr::to_f(x[i]) - l);
-      g[i] = Tr::from_f((i == t ? p - 1.0f : p) * sc);
+    } else {
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float p = __expf(Tr::to_f(x[i]) - l);
+        g[i] = Tr::from_f((i == t ? p - 1.0f : p) * sc);
+      }
     }
   }
 }
@@ -226,16 +254,20 @@ __global__ void backward_kernel(const T* logits, T* grad, const int64_t* __restr
 // ------------------------------------------------------------------------------------------
 // exact top-k selection
 // ------------------------------------------------------------------------------------------
-// Order-preserving float -> uint32 map (larger float, larger key); NaN -> 0 (lowest).
+// Order-preserving float -> uint32 map (larger float, larger key) with the ranking of the other
+// implementations: NaN ranks as -inf and -0.0 as +0.0, ties among them then go by position.
+// Bitwise tests, so that no fast-math setting can fold them away.
 __device__ __forceinline__ uint32_t score_key(float f) {
-  if (f != f) return 0u;
-  const uint32_t u = __float_as_uint(f);
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) u = 0xFF800000u;  // NaN -> -inf
+  if ((u & 0x7FFFFFFFu) == 0u) u = 0u;                    // -0.0 -> +0.0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__global__ void select_kernel(const float* __restrict__ scores,
-                              const uint8_t* __restrict__ eligible, const int64_t* __restrict__ k,
-                              int64_t n, uint8_t* __restrict__ selected) {
+__global__ void __launch_bounds__(kSelectThreads)
+    select_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
+                  const int64_t* __restrict__ k, int64_t G, int64_t n,
+                  uint8_t* __restrict__ selected) {
   __shared__ unsigned int hist[256];
   __shared__ uint32_t s_prefix;
   __shared__ unsigned long long s_remaining;
@@ -243,148 +275,179 @@ __global__ void select_kernel(const float* __restrict__ scores,
   __shared__ unsigned int warp_counts[kSelectThreads / 32];
   __shared__ unsigned long long s_taken;
 
-  const int64_t grp = blockIdx.x;
-  const float* sc = scores + grp * n;
-  const uint8_t* el = eligible + grp * n;
-  uint8_t* out = selected + grp * n;
-  const long long kk = k[grp];
+  for (int64_t grp = blockIdx.x; grp < G; grp += gridDim.x) {
+    __syncthreads();  // the previous group of this block is done with the shared state
+    const float* sc = scores + grp * n;
+    const uint8_t* el = eligible + grp * n;
+    uint8_t* out = selected + grp * n;
+    const long long kk = k[grp];
 
-  if (threadIdx.x == 0) {
-    s_prefix = 0u;
-    s_remaining = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
-    s_total = 0ull;
-  }
-  uint32_t mask = 0u;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-    __syncthreads();
-    const uint32_t prefix = s_prefix;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      if (!el[i]) continue;
-      const uint32_t key = score_key(sc[i]);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);
-    }
-    __syncthreads();
     if (threadIdx.x == 0) {
-      unsigned long long total = 0;
-      for (int b = 0; b < 256; ++b) total += hist[b];
-      if (shift == 24) s_total = total;
-      unsigned long long rem = s_remaining;
-      if (rem > 0 && rem <= total) {
-        // find the bin holding the rem-th largest candidate (counting from the top bin)
-        unsigned long long above = 0;
-        int b = 255;
-        for (; b > 0; --b) {
-          if (above + hist[b] >= rem) break;
-          above += hist[b];
-        }
-        s_remaining = rem - above;
-        s_prefix = prefix | (static_cast<uint32_t>(b) << shift);
+      s_prefix = 0u;
+      s_remaining = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
+      s_total = 0ull;
+    }
+    uint32_t mask = 0u;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+      __syncthreads();
+      const uint32_t prefix = s_prefix;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        if (!el[i]) continue;
+        const uint32_t key = score_key(sc[i]);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);
       }
-      // rem > total only happens in the first pass (k >= #eligible): handled after the loop
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned long long total = 0;
+        for (int b = 0; b < 256; ++b) total += hist[b];
+        if (shift == 24) s_total = total;
+        unsigned long long rem = s_remaining;
+        if (rem > 0 && rem <= total) {
+          // find the bin holding the rem-th largest candidate (counting from the top bin)
+          unsigned long long above = 0;
+          int b = 255;
+          for (; b > 0; --b) {
+            if (above + hist[b] >= rem) break;
+            above += hist[b];
+          }
+          s_remaining = rem - above;
+          s_prefix = prefix | (static_cast<uint32_t>(b) << shift);
+        }
+        // rem > total only happens in the first pass (k >= #eligible): handled after the loop
+      }
+      __syncthreads();
+      mask |= 0xFFu << shift;
     }
-    __syncthreads();
-    mask |= 0xFFu << shift;
-  }
-  const unsigned long long total = s_total;
-  const unsigned long long want = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
-  if (want == 0 || want >= total) {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = (want > 0 && el[i]) ? 1 : 0;
-    return;
-  }
-  const uint32_t kth = s_prefix;
-  const unsigned long long take_equal = s_remaining;  // how many keys == kth to keep
-  if (threadIdx.x == 0) s_taken = 0ull;
-  __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  for (int64_t base = 0; base < n; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    bool is_eq = false;
-    bool is_gt = false;
-    if (i < n && el[i]) {
-      const uint32_t key = score_key(sc[i]);
-      is_gt = key > kth;
-      is_eq = key == kth;
+    const unsigned long long total = s_total;
+    const unsigned long long want = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
+    if (want == 0 || want >= total) {
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = (want > 0 && el[i]) ? 1 : 0;
+      continue;
     }
-    const unsigned int ballot = __ballot_sync(0xffffffffu, is_eq);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    const uint32_t kth = s_prefix;
+    const unsigned long long take_equal = s_remaining;  // how many keys == kth to keep
+    if (threadIdx.x == 0) s_taken = 0ull;
     __syncthreads();
-    unsigned long long before = s_taken;
-    for (int w = 0; w < warp; ++w) before += warp_counts[w];
-    before += __popc(ballot & ((1u << lane) - 1u));
-    if (i < n) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned long long tile = 0;
-      for (int w = 0; w < nwarps; ++w) tile += warp_counts[w];
-      s_taken += tile;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    for (int64_t base = 0; base < n; base += blockDim.x) {
+      const int64_t i = base + threadIdx.x;
+      bool is_eq = false;
+      bool is_gt = false;
+      if (i < n && el[i]) {
+        const uint32_t key = score_key(sc[i]);
+        is_gt = key > kth;
+        is_eq = key == kth;
+      }
+      const unsigned int ballot = __ballot_sync(0xffffffffu, is_eq);
+      if (lane == 0) warp_counts[warp] = __popc(ballot);
+      __syncthreads();
+      unsigned long long before = s_taken;
+      for (int w = 0; w < warp; ++w) before += warp_counts[w];
+      before += __popc(ballot & ((1u << lane) - 1u));
+      if (i < n) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned long long tile = 0;
+        for (int w = 0; w < nwarps; ++w) tile += warp_counts[w];
+        s_taken += tile;
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
+// Grid of min(count, device limit) blocks: the kernels loop over the rest.
+cudaError_t grid_for(int64_t count, unsigned int* grid) {
+  int device = 0;
+  int max_x = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, device);
+  if (err != cudaSuccess) return err;
+  *grid = static_cast<unsigned int>(count < max_x ? count : static_cast<int64_t>(max_x));
+  return cudaSuccess;
+}
+
 template <typename T>
-void launch_fwd(const void* logits, const int64_t* target, int64_t N, int64_t V,
-                int64_t vocab_start, float* stats, cudaStream_t stream) {
+cudaError_t launch_fwd(const void* logits, const int64_t* target, int64_t N, int64_t V,
+                       int64_t vocab_start, float* stats, cudaStream_t stream) {
   const bool vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0) &&
                    ((V * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const T* x = static_cast<const T*>(logits);
+  unsigned int grid = 0;
+  const cudaError_t err = grid_for(N, &grid);
+  if (err != cudaSuccess) return err;
   if (vec) {
-    fwd_stats_kernel<T, true><<<N, kThreads, 0, stream>>>(x, target, V, vocab_start, stats);
+    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, true>)(x, target, N, V,
+                                                                     vocab_start, stats);
   } else {
-    fwd_stats_kernel<T, false><<<N, kThreads, 0, stream>>>(x, target, V, vocab_start, stats);
+    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, false>)(x, target, N, V,
+                                                                      vocab_start, stats);
   }
+  return cudaGetLastError();
 }
 
 template <typename T>
-void launch_bwd(const void* logits, void* grad, const int64_t* target, int64_t N, int64_t V,
-                int64_t vocab_start, const float* lse, const float* scale, cudaStream_t stream) {
+cudaError_t launch_bwd(const void* logits, void* grad, const int64_t* target, int64_t N,
+                       int64_t V, int64_t vocab_start, const float* lse, const float* scale,
+                       cudaStream_t stream) {
   const bool vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0) &&
                    (reinterpret_cast<uintptr_t>(grad) % 16 == 0) &&
                    ((V * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const T* x = static_cast<const T*>(logits);
   T* g = static_cast<T*>(grad);
+  unsigned int grid = 0;
+  const cudaError_t err = grid_for(N, &grid);
+  if (err != cudaSuccess) return err;
   if (vec) {
-    backward_kernel<T, true><<<N, kThreads, 0, stream>>>(x, g, target, V, vocab_start, lse, scale);
+    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, true>)(x, g, target, N, V,
+                                                                    vocab_start, lse, scale);
   } else {
-    backward_kernel<T, false><<<N, kThreads, 0, stream>>>(x, g, target, V, vocab_start, lse,
-                                                          scale);
+    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, false>)(x, g, target, N, V,
+                                                                     vocab_start, lse, scale);
   }
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-void selective_loss_fwd_stats(const void* logits, int dtype, const int64_t* target, int64_t N,
-                              int64_t V, int64_t vocab_start, float* stats, cudaStream_t stream) {
-  if (N <= 0) return;
-  if (dtype == kFloat32) {
-    launch_fwd<float>(logits, target, N, V, vocab_start, stats, stream);
-  } else if (dtype == kFloat16) {
-    launch_fwd<__half>(logits, target, N, V, vocab_start, stats, stream);
-  } else {
-    launch_fwd<__nv_bfloat16>(logits, target, N, V, vocab_start, stats, stream);
+int selective_loss_fwd_stats(const void* logits, int dtype, const int64_t* target, int64_t N,
+                             int64_t V, int64_t vocab_start, float* stats, cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (dtype == kFloat32) return launch_fwd<float>(logits, target, N, V, vocab_start, stats, stream);
+  if (dtype == kFloat16) {
+    return launch_fwd<__half>(logits, target, N, V, vocab_start, stats, stream);
   }
+  return launch_fwd<__nv_bfloat16>(logits, target, N, V, vocab_start, stats, stream);
 }
 
-void selective_loss_backward(const void* logits, void* grad, int dtype, const int64_t* target,
-                             int64_t N, int64_t V, int64_t vocab_start, const float* lse,
-                             const float* scale, cudaStream_t stream) {
-  if (N <= 0) return;
+int selective_loss_backward(const void* logits, void* grad, int dtype, const int64_t* target,
+                            int64_t N, int64_t V, int64_t vocab_start, const float* lse,
+                            const float* scale, cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
   if (dtype == kFloat32) {
-    launch_bwd<float>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
-  } else if (dtype == kFloat16) {
-    launch_bwd<__half>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
-  } else {
-    launch_bwd<__nv_bfloat16>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
+    return launch_bwd<float>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
   }
+  if (dtype == kFloat16) {
+    return launch_bwd<__half>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
+  }
+  return launch_bwd<__nv_bfloat16>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
 }
 
-void selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
-                           int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream) {
-  if (G <= 0 || n <= 0) return;
-  select_kernel<<<G, kSelectThreads, 0, stream>>>(scores, eligible, k, n, selected);
+int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
+                          int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream) {
+  if (G <= 0 || n <= 0) return cudaSuccess;
+  unsigned int grid = 0;
+  const cudaError_t err = grid_for(G, &grid);
+  if (err != cudaSuccess) return err;
+  SLM_LAUNCH(grid, kSelectThreads, 0, stream, select_kernel)(scores, eligible, k, G, n, selected);
+  return cudaGetLastError();
+}
+
+const char* selective_loss_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
 }  // namespace cuda

@@ -2,7 +2,8 @@
 //
 // Plain C++ interface (raw pointers, int64 sizes, a cudaStream_t) so that the torch glue in
 // csrc/selective_loss.cpp can call it and the .cu never includes torch/ATen/c10 headers.
-// All launchers are asynchronous on `stream`; pointers are device pointers.
+// All launchers are asynchronous on `stream`; pointers are device pointers. Each returns the
+// cudaError_t of its launch (0 on success; selective_loss_error_string describes the others).
 #pragma once
 
 #include <cstdint>
@@ -20,20 +21,23 @@ constexpr int kBFloat16 = 2;
 
 // Per row of logits[N, V] (row-major, contiguous): stats[3 * r + {0, 1, 2}] =
 // {max, sum exp(x - max), logit of target[r] - vocab_start or 0 when outside [0, V)}.
-void selective_loss_fwd_stats(const void* logits, int dtype, const int64_t* target, int64_t N,
-                              int64_t V, int64_t vocab_start, float* stats, cudaStream_t stream);
+int selective_loss_fwd_stats(const void* logits, int dtype, const int64_t* target, int64_t N,
+                             int64_t V, int64_t vocab_start, float* stats, cudaStream_t stream);
 
 // grad[r, :] = (softmax(logits[r, :]) - onehot(target[r] - vocab_start)) * scale[r] with
 // softmax = exp(x - lse[r]), computed in fp32 and rounded once to the logits dtype. grad may
 // equal logits (in place). Rows with scale[r] == 0 are zero-filled without reading logits.
-void selective_loss_backward(const void* logits, void* grad, int dtype, const int64_t* target,
-                             int64_t N, int64_t V, int64_t vocab_start, const float* lse,
-                             const float* scale, cudaStream_t stream);
+int selective_loss_backward(const void* logits, void* grad, int dtype, const int64_t* target,
+                            int64_t N, int64_t V, int64_t vocab_start, const float* lse,
+                            const float* scale, cudaStream_t stream);
 
 // Exact top-k per group g of scores[G, n]: selected[g, i] = 1 for the k[g] eligible entries with
-// the highest score (ties: lower i; NaN ranks lowest), 0 elsewhere. Radix select, O(n).
-void selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
-                           int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream);
+// the highest score (ties: lower i; NaN ranks as -inf and -0.0 as +0.0), 0 elsewhere. Radix
+// select, O(n).
+int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
+                          int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream);
+
+const char* selective_loss_error_string(int code);
 
 }  // namespace cuda
 }  // namespace megatron_slm

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
+from megatron_slm.models.sharding import full_state_dict, global_name, tp_shard, unwrap
 
 logger = logging.getLogger("megatron_slm")
 
@@ -479,35 +480,6 @@ def hf_tensors_from_megatron(
 # ---------------------------------------------------------------------------------------------
 # megatron model chunks (any TP/PP)
 # ---------------------------------------------------------------------------------------------
-def _global_name(chunk, local_name: str) -> str:
-    """Local parameter name of a pipeline chunk -> name in the full (PP=1) model."""
-    m = _LAYER.fullmatch(local_name)
-    if not m:
-        return local_name
-    layer = chunk.decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
-
-
-def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, tp: int, rank: int):
-    """This TP rank's slice of the full tensor for ``param`` (megatron's partition attributes)."""
-    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
-        return full
-    dim = param.partition_dim
-    if full.shape[dim] % tp:
-        raise ConversionError(
-            f"tensor {name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
-            f"tensor-parallel size {tp}"
-        )
-    if name.endswith("mlp.linear_fc1.weight"):
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
-    return full.chunk(tp, dim=dim)[rank]
-
-
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
 @torch.no_grad()
 def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied: bool = False):
     """Copy HF weights into this rank's model chunks (built for the current TP/PP layout)."""
@@ -515,25 +487,23 @@ def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    for chunk in map(_unwrap, chunks):
+    for chunk in map(unwrap, chunks):
         for local, param in chunk.named_parameters():
-            name = _global_name(chunk, local)
+            name = global_name(chunk, local)
             padded = None
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 padded = param.shape[0] * (tp if getattr(param, "tensor_model_parallel", 0) else 1)
             full = megatron_tensor_from_hf(name, model, weights, padded or 0, tied)
-            shard = tp_shard(name, full, param, tp, rank)
+            try:
+                shard = tp_shard(name, full, param, tp, rank)
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
             if tuple(shard.shape) != tuple(param.shape):
                 raise ConversionError(
                     f"tensor {name}: shard of shape {list(shard.shape)} does not fit megatron "
                     f"parameter {local} of shape {list(param.shape)}"
                 )
             param.copy_(shard)
-
-
-def full_state_dict(chunk) -> dict[str, torch.Tensor]:
-    """Parameters of a TP=1/PP=1 chunk (no ``_extra_state``)."""
-    return {k: v for k, v in _unwrap(chunk).state_dict().items() if not k.endswith("_extra_state")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,59 +547,6 @@ def check_tokenizer_vocab(tok_path: str, n_tokens: int, model: GPTModelConfig, p
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoint facts
-# ---------------------------------------------------------------------------------------------
-def checkpoint_tensor_info(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Global shape and dtype of every tensor of a megatron_slm checkpoint (no loading)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_slm.training.checkpointing import resolve_checkpoint
-
-    meta = dist_checkpointing.load_tensors_metadata(resolve_checkpoint(path))
-    return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
-
-
-def checkpoint_padded_vocab_size(path: str) -> int:
-    from megatron_slm.training.checkpointing import read_metadata
-
-    meta = read_metadata(path)
-    if meta.get("padded_vocab_size"):
-        return int(meta["padded_vocab_size"])
-    for key, (shape, _dtype) in checkpoint_tensor_info(path).items():
-        if key.endswith("embedding.word_embeddings.weight") or key.endswith("output_layer.weight"):
-            return shape[0]
-    raise ConversionError(f"{path}: no embedding or output layer tensor in the checkpoint")
-
-
-def divisible_by_for_padded(vocab: int, padded: int, divisible_by: int, tp: int) -> int:
-    """A ``--make-vocab-size-divisible-by`` giving exactly ``padded`` rows at this TP size."""
-    if padded_vocab_size(vocab, divisible_by, tp) == padded:
-        return divisible_by
-    if padded % tp == 0 and padded >= vocab:
-        return padded // tp
-    raise ConversionError(
-        f"the checkpoint's padded vocabulary {padded} cannot be split over tensor-parallel "
-        f"size {tp}; convert again with --tensor-model-parallel-size {tp}"
-    )
-
-
-def build_options_for_checkpoint(path: str, tensor_model_parallel_size: int, **options):
-    """``ModelBuildOptions`` whose padded vocabulary matches the checkpoint at this TP size."""
-    from megatron_slm.models import ModelBuildOptions
-    from megatron_slm.training.checkpointing import model_config_from_checkpoint, read_metadata
-
-    model = model_config_from_checkpoint(path)
-    meta = read_metadata(path)
-    d = divisible_by_for_padded(
-        model.vocab_size,
-        checkpoint_padded_vocab_size(path),
-        int(meta.get("make_vocab_size_divisible_by", 128)),
-        tensor_model_parallel_size,
-    )
-    return ModelBuildOptions(make_vocab_size_divisible_by=d, **options)
-
-
-# ---------------------------------------------------------------------------------------------
 # the two directions
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -639,7 +556,33 @@ class ImportResult:
     padded_vocab_size: int
 
 
-def _world_size() -> int:
+def import_layout(tensor_model_parallel_size: int, pipeline_model_parallel_size: int):
+    """The (TP, PP) an import builds its model at: (1, 1) in a world of one process, else the
+    target layout itself (one process per shard)."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    world = world_size()
+    if world == 1:
+        return 1, 1
+    if world == tp * pp:
+        return tp, pp
+    raise ConversionError(
+        f"conversion runs in 1 process or in --tensor-model-parallel-size x "
+        f"--pipeline-model-parallel-size = {tp * pp} processes, not {world}"
+    )
+
+
+def _record_layout(ckpt: str, tp: int, pp: int) -> None:
+    from megatron_slm.atomic_io import write_text_atomic
+    from megatron_slm.checkpoint import METADATA
+
+    path = os.path.join(ckpt, METADATA)
+    with open(path) as f:
+        meta = json.load(f)
+    meta.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    write_text_atomic(path, json.dumps(meta, indent=2))
+
+
+def world_size() -> int:
     import torch.distributed as dist
 
     from megatron_slm.launch import process_info
@@ -660,13 +603,13 @@ def convert_hf_to_megatron(
     """HF Llama/Mistral directory -> megatron_slm checkpoint at ``save`` for the target TP/PP.
 
     In a world of one process the model is built at TP=1/PP=1 with the target's padded
-    vocabulary; in a world of TP x PP processes (torchrun) at the target layout itself.
+    vocabulary; in a world of TP x PP processes (torchrun) at the target layout itself. The caller
+    (the entry point) initialises that layout: :func:`import_layout`.
     """
     import torch.distributed as dist
 
-    from megatron_slm.launch import initialize
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.models import ModelBuildOptions, build_model
-    from megatron_slm.training.checkpointing import save_checkpoint
 
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     load = os.path.abspath(load)
@@ -687,19 +630,18 @@ def convert_hf_to_megatron(
 
     check_parallel_layout(model, tp, pp)
 
-    world = _world_size()
-    if world == 1:
-        build_tp, build_pp, divisible = 1, 1, padded
-    elif world == tp * pp:
-        build_tp, build_pp, divisible = tp, pp, make_vocab_size_divisible_by
-    else:
+    build_tp, build_pp = import_layout(tp, pp)
+    divisible = padded if build_tp == 1 else make_vocab_size_divisible_by
+    from megatron.core import parallel_state
+
+    if (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    ) != (build_tp, build_pp):
         raise ConversionError(
-            f"conversion runs in 1 process or in --tensor-model-parallel-size x "
-            f"--pipeline-model-parallel-size = {tp * pp} processes, not {world}"
+            f"initialise the parallel state with TP={build_tp}, PP={build_pp} first "
+            "(megatron_slm.convert.hf.import_layout)"
         )
-    initialize(
-        device="cpu", tensor_model_parallel_size=build_tp, pipeline_model_parallel_size=build_pp
-    )
     dtype = parse_dtype(params_dtype)
     opts = ModelBuildOptions(
         transformer_impl="torch", params_dtype=dtype, make_vocab_size_divisible_by=divisible
@@ -714,11 +656,7 @@ def convert_hf_to_megatron(
     metadata = {
         "source": f"hf:{load}",
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-        "padded_vocab_size": padded,
         "params_dtype": dtype_name(dtype),
-        # The layout the padded vocabulary was computed for (any TP/PP loads the weights).
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
         "hf": {"architecture": architecture(hf_cfg), "config": hf_cfg},
     }
     if tok_files:
@@ -728,6 +666,9 @@ def convert_hf_to_megatron(
             "vocab_size": n_tokens,
         }
     ckpt = save_checkpoint(save, iteration, chunks, model_config=model, metadata=metadata)
+    if world_size() == 1:
+        # Built at TP=1 with the target's padding: record the layout it was computed for.
+        _record_layout(ckpt, tp, pp)
     logger.info("converted %s -> %s (padded vocabulary %d)", load, ckpt, padded)
     return ImportResult(ckpt, model, padded)
 
@@ -789,35 +730,25 @@ def convert_megatron_to_hf(
 
     Runs in one process: the checkpoint is loaded at TP=1/PP=1 (megatron-core reshards).
     """
-    from megatron_slm.launch import initialize
-    from megatron_slm.models import ModelBuildOptions, build_model
-    from megatron_slm.training.checkpointing import (
-        load_checkpoint,
-        model_config_from_checkpoint,
-        read_metadata,
-        resolve_checkpoint,
-    )
+    from megatron.core import parallel_state
 
-    if _world_size() != 1:
+    from megatron_slm.checkpoint import checkpoint_tensor_info, read_checkpoint
+    from megatron_slm.runtime import load_model
+
+    if world_size() != 1:
         raise ConversionError("megatron-to-hf runs in a single process (no torchrun)")
-    ckpt = resolve_checkpoint(load)
-    meta = read_metadata(load)
-    model = model_config_from_checkpoint(load)
-    info = checkpoint_tensor_info(load)
-    padded = checkpoint_padded_vocab_size(load)
-    ckpt_dtype = next(iter(info.values()))[1] if info else torch.float32
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ConversionError("megatron-to-hf loads the checkpoint at TP=1/PP=1")
+    info = read_checkpoint(load)
+    ckpt, meta, model = info.path, info.meta, info.model
+    tensor_info = checkpoint_tensor_info(ckpt)
+    ckpt_dtype = next(iter(tensor_info.values()))[1] if tensor_info else torch.float32
     out_dtype = parse_dtype(dtype) if dtype is not None else ckpt_dtype
     hf_meta = meta.get("hf") or {}
     arch = architecture_name or hf_meta.get("architecture") or "LlamaForCausalLM"
     hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
-
-    initialize(device="cpu", tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    opts = ModelBuildOptions(
-        transformer_impl="torch", params_dtype=ckpt_dtype, make_vocab_size_divisible_by=padded
-    )
-    chunks = build_model(model, opts)
-    load_checkpoint(ckpt, chunks, weights_only=True)
-    state = full_state_dict(chunks[0])
+    lm = load_model(ckpt, torch.device("cpu"), params_dtype=ckpt_dtype, with_tokenizer=False)
+    state = full_state_dict(lm.chunks[0])
 
     os.makedirs(save, exist_ok=True)
     tensors = ((k, v.to(out_dtype)) for k, v in hf_tensors_from_megatron(state, model))
@@ -841,3 +772,42 @@ def convert_megatron_to_hf(
         logger.warning("no Hugging Face tokenizer recorded for %s: none written to %s", load, save)
     logger.info("exported %s -> %s (%s)", ckpt, save, ", ".join(files))
     return save
+
+
+def load_hf_model(
+    load: str,
+    device: torch.device,
+    *,
+    tokenizer_args=None,
+    params_dtype: torch.dtype = torch.float32,
+    transformer_impl: str | None = None,
+):
+    """A Hugging Face Llama/Mistral directory converted in memory into this rank's model chunks
+    (current TP layout, PP=1), as a ``megatron_slm.runtime.LoadedModel``."""
+    from megatron_slm.data.tokenizer import build_tokenizer
+    from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
+    from megatron_slm.runtime import LoadedModel
+
+    hf_cfg = read_hf_config(load)
+    config = gpt_config_from_hf(hf_cfg, os.path.join(load, "config.json"))
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    weights = HFWeights(load)
+    check_hf_weights(config, weights, tied)
+    opts = ModelBuildOptions(
+        transformer_impl=transformer_impl or default_spec_impl(device),
+        params_dtype=params_dtype,
+        use_cpu_initialization=device.type == "cpu",
+    )
+    (chunk,) = build_model(config, opts)
+    load_hf_into_chunks([chunk], weights, config, tied)
+    chunk.to(device).eval()
+    chunk.requires_grad_(False)
+    if tokenizer_args is not None and tokenizer_args.tokenizer_type is not None:
+        tok = build_tokenizer(
+            tokenizer_args.tokenizer_type, tokenizer_args.tokenizer_model, tokenizer_args.vocab_size
+        )
+    else:
+        tok = build_tokenizer("HuggingFaceTokenizer", load) if tokenizer_files(load) else None
+    return LoadedModel(
+        [chunk], config, tok, chunk.vocab_size, device, params_dtype, os.path.abspath(load)
+    )

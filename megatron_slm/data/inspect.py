@@ -3,15 +3,59 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_slm.cli import arg
+from megatron_slm.data.preprocess import check_tokenizer_flags
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
+from megatron_slm.data.tokenizer import TOKENIZER_TYPES
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 # Percentiles are exact up to this many scored values, else computed on an even stride sample.
 _MAX_PERCENTILE_VALUES = 20_000_000
 _CHUNK_TOKENS = 1 << 24  # values decoded per step (64 MiB of float32)
+
+
+@dataclass
+class InspectConfig:
+    """Settings of tools/inspect_sidecar.py."""
+
+    data_path: list[str] = arg(
+        [], "Dataset prefixes (a --data-path blend's weights are ignored).", required=True
+    )
+    top: int = arg(0, "Show the N documents of highest mean reference loss.")
+    bottom: int = arg(0, "Show the N documents of lowest mean reference loss.")
+    tokenizer_type: str | None = arg(
+        None, "Tokenizer to show --top/--bottom documents as text.", choices=TOKENIZER_TYPES
+    )
+    tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
+    vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
+    max_chars: int = arg(300, "Text shown per document.")
+    json: bool = arg(False, "Print the reports as JSON.")
+
+    def __post_init__(self):
+        if not self.data_path:
+            raise ValueError("--data-path is required")
+        for name in ("top", "bottom", "max_chars"):
+            if getattr(self, name) < 0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
+        check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model, self.vocab_size)
+
+    @property
+    def prefixes(self) -> list[str]:
+        """``--data-path`` without the blend weights."""
+        return [p for p in self.data_path if not _is_number(p)]
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
 
 
 def _doc_chunks(offsets: np.ndarray) -> list[tuple[int, int]]:

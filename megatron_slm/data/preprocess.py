@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_slm.cli import arg
 from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype
-from megatron_slm.data.tokenizer import build_tokenizer
+from megatron_slm.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,71 @@ logger = logging.getLogger(__name__)
 # (workers * 2 batches); measured with benchmarks/bench_preprocess.py.
 _BATCH_LINES = 512
 _BATCH_BYTES = 4 << 20
+
+
+def check_tokenizer_flags(
+    tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int | None
+) -> None:
+    """The checks of ``--tokenizer-type/--tokenizer-model/--vocab-size`` that need no files."""
+    if tokenizer_type is None:
+        return
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(
+            f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
+        )
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None or vocab_size < 2:
+            raise ValueError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+    elif not tokenizer_model:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings of tools/preprocess_data.py (Megatron-LM's flags), for ``preprocess_corpus``."""
+
+    input: list[str] = arg([], "JSONL files or globs, read in order.", required=True)
+    json_keys: list[str] = arg(["text"], "JSON keys to tokenize, one dataset each.")
+    skip_bad_lines: bool = arg(False, "Skip (and count) malformed lines instead of failing.")
+    tokenizer_type: str = arg(
+        None, "Tokenizer (Megatron-LM name).", required=True, choices=TOKENIZER_TYPES
+    )
+    tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
+    vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
+    append_eod: bool = arg(False, "Append the tokenizer's EOD to each non-empty document.")
+    output_prefix: str = arg(None, "Writes <prefix>_<key>_document.bin/.idx.", required=True)
+    workers: int = arg(1, "Tokenizing processes (the output is identical for any number).")
+    log_interval: int = arg(10000, "Documents between progress logs (0: never).")
+
+    def __post_init__(self):
+        if not self.input:
+            raise ValueError("--input is required")
+        if not self.json_keys:
+            raise ValueError("--json-keys: need at least one key")
+        if self.tokenizer_type is None:
+            raise ValueError("--tokenizer-type is required")
+        check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model, self.vocab_size)
+        if not self.output_prefix:
+            raise ValueError("--output-prefix is required")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.log_interval < 0:
+            raise ValueError(f"--log-interval must be >= 0, got {self.log_interval}")
+
+    def run(self) -> PreprocessResult:
+        """``preprocess_corpus`` with these settings."""
+        return preprocess_corpus(
+            self.input,
+            self.output_prefix,
+            self.tokenizer_type,
+            tokenizer_model=self.tokenizer_model,
+            vocab_size=self.vocab_size,
+            json_keys=self.json_keys,
+            append_eod=self.append_eod,
+            workers=self.workers,
+            skip_bad_lines=self.skip_bad_lines,
+            log_interval=self.log_interval,
+        )
 
 
 @dataclass

@@ -228,8 +228,14 @@ class SidecarWriter:
                 overwrite=overwrite,
             )
         writer = cls.__new__(cls)
-        with open(partial_json) as f:
-            found = json.load(f)
+        try:
+            with open(partial_json) as f:
+                found = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SidecarError(
+                f"the partial sidecar metadata {partial_json} is corrupted ({e}); delete the "
+                f"partial sidecar or rerun with --overwrite to score from scratch"
+            ) from None
         cls.__init__(
             writer,
             data_prefix,

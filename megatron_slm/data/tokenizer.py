@@ -21,8 +21,11 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megatron_slm.cli import arg
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
@@ -211,6 +214,28 @@ class NullTokenizer(_SLMTokenizer):
     @property
     def eod(self) -> int:
         return self._vocab_size - 1
+
+
+@dataclass
+class TokenizerArgs:
+    """The tokenizer flags of the trainer and every tool (Megatron-LM's names)."""
+
+    tokenizer_type: str | None = arg(
+        None,
+        "SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer (default: the one the "
+        "--load checkpoint records, else SentencePieceTokenizer).",
+    )
+    tokenizer_model: str | None = arg(
+        None, "Tokenizer model file or directory (default: the one the --load checkpoint records)."
+    )
+    vocab_size: int | None = arg(None, "Number of ids of the NullTokenizer (NullTokenizer only).")
+
+    def __post_init__(self):
+        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, "
+                f"got {self.tokenizer_type!r}"
+            )
 
 
 def build_tokenizer(

@@ -8,7 +8,7 @@ from megatron_slm.evaluation.fewshot import (
     read_qa,
 )
 from megatron_slm.evaluation.generate import greedy_generate
-from megatron_slm.evaluation.model import EvalModel, forward_logits, load_model, token_losses
+from megatron_slm.evaluation.model import is_hf_dir, load_eval_model
 from megatron_slm.evaluation.perplexity import (
     PerplexityResult,
     evaluate_perplexity,
@@ -18,21 +18,19 @@ from megatron_slm.evaluation.perplexity import (
 from megatron_slm.evaluation.report import format_table, run_evaluation, write_report
 
 __all__ = [
-    "EvalModel",
     "FewShotConfig",
     "PerplexityResult",
     "build_prompt",
     "evaluate_fewshot",
     "evaluate_perplexity",
     "extract_answer",
-    "forward_logits",
     "format_table",
     "greedy_generate",
-    "load_model",
+    "is_hf_dir",
+    "load_eval_model",
     "read_documents",
     "read_qa",
     "run_evaluation",
     "segments",
-    "token_losses",
     "write_report",
 ]

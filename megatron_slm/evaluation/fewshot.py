@@ -3,7 +3,7 @@
 Data: JSONL records with ``question`` and ``answer``. The prompt of an example is ``k`` solved
 shots followed by the question::
 
-    <template(shot 1)><answer_template(shot 1)><separator> ... <template(question)>
+    <template(shot 1)><answer_template(shot 1)><shot_separator> ... <template(question)>
 
 Shots come from a separate JSONL (``shots_path``) or, by default, the first ``k`` records of the
 evaluation file, which are then not evaluated. The model continues greedily until EOD, a stop
@@ -22,37 +22,33 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.evaluation.generate import greedy_generate
-from megatron_slm.evaluation.model import EvalModel
+from megatron_slm.runtime import LoadedModel
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+RULES = ("first-line", "strip", "last-number", "first-number", "regex:<pattern>")
+
+
 @dataclass
 class FewShotConfig:
-    """Prompting, decoding and scoring settings (CLI flags in brackets)."""
+    """Prompting, decoding and scoring settings; each field is a ``tools/evaluate.py`` flag.
+    Templates, separators and stops accept shell escapes such as ``\\n``."""
 
-    num_shots: int = 0
-    """[--num-shots] solved examples before each question."""
-    prompt_template: str = "Question: {question}\nAnswer:"
-    """[--prompt-template] format of one question (``{question}``)."""
-    answer_template: str = " {answer}"
-    """[--answer-template] format of a shot's answer, appended to its prompt (``{answer}``)."""
-    separator: str = "\n\n"
-    """[--shot-separator] text between shots and before the question."""
-    stop: tuple[str, ...] = ("\n",)
-    """[--stop] the continuation is cut at the first of these strings."""
-    max_new_tokens: int = 32
-    """[--max-new-tokens] decoding budget per question."""
-    extraction: str = "first-line"
-    """[--answer-extraction] rule applied to the continuation."""
-    gold_extraction: str = "strip"
-    """[--gold-extraction] rule applied to the gold answer."""
-    ignore_case: bool = False
-    """[--ignore-case] compare lower-cased."""
-    limit: int | None = None
-    """[--limit] evaluate at most this many questions."""
+    num_shots: int = arg(0, "Solved examples before each question.")
+    prompt_template: str = arg("Question: {question}\nAnswer:", "Format of one question.")
+    answer_template: str = arg(" {answer}", "Format of a shot's answer, after its prompt.")
+    shot_separator: str = arg("\n\n", "Text between shots and before the question.")
+    stop: list[str] = arg(["\n"], "The continuation is cut at the first of these.", nargs="*")
+    max_new_tokens: int = arg(32, "Decoding budget per question.")
+    answer_extraction: str = arg("first-line", f"Rule applied to the continuation: {RULES}.")
+    gold_extraction: str = arg("strip", "Rule applied to the gold answer.")
+    ignore_case: bool = arg(False, "Compare lower-cased.")
+    limit: int | None = arg(None, "Evaluate at most this many questions per set.")
+    fewshot_shots: str | None = arg(None, "JSONL of shots (default: the first k of each set).")
 
     def __post_init__(self):
         if self.num_shots < 0:
@@ -61,11 +57,8 @@ class FewShotConfig:
             raise ValueError("--prompt-template must contain {question}")
         if "{answer}" not in self.answer_template:
             raise ValueError("--answer-template must contain {answer}")
-        check_rule(self.extraction, "--answer-extraction")
+        check_rule(self.answer_extraction, "--answer-extraction")
         check_rule(self.gold_extraction, "--gold-extraction")
-
-
-RULES = ("first-line", "strip", "last-number", "first-number", "regex:<pattern>")
 
 
 def check_rule(rule: str, flag: str) -> None:
@@ -123,7 +116,7 @@ def build_prompt(question: str, shots: Sequence[dict], cfg: FewShotConfig) -> st
         for s in shots
     ]
     parts.append(cfg.prompt_template.format(question=question))
-    return cfg.separator.join(parts)
+    return cfg.shot_separator.join(parts)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -132,7 +125,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def evaluate_fewshot(
-    m: EvalModel,
+    m: LoadedModel,
     examples: Sequence[dict],
     cfg: FewShotConfig,
     shots: Sequence[dict] | None = None,
@@ -171,7 +164,7 @@ def evaluate_fewshot(
         new = greedy_generate(m, ids, max_new_tokens=cfg.max_new_tokens, eod=eod, stop=stop)
         text = tok.detokenize([i for i in new if i != eod])
         continuation, _ = cut_at_stop(text, stops)
-        predicted = normalize(extract_answer(continuation, cfg.extraction), cfg.ignore_case)
+        predicted = normalize(extract_answer(continuation, cfg.answer_extraction), cfg.ignore_case)
         gold = normalize(extract_answer(str(ex["answer"]), cfg.gold_extraction), cfg.ignore_case)
         ok = predicted == gold and gold != ""
         correct += ok

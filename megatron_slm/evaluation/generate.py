@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_slm.evaluation.model import EvalModel, forward_logits
+from megatron_slm.runtime import LoadedModel, forward_logits
 
 
 @torch.no_grad()
 def greedy_generate(
-    m: EvalModel,
+    m: LoadedModel,
     prompt: Sequence[int],
     *,
     max_new_tokens: int,
@@ -30,7 +30,7 @@ def greedy_generate(
     or at ``max_length`` total tokens (default: the model's max position embeddings)."""
     if not prompt:
         raise ValueError("greedy_generate needs a non-empty prompt")
-    limit = max_length or m.config.max_position_embeddings
+    limit = max_length or m.arch.max_position_embeddings
     tokens = list(int(t) for t in prompt)
     if len(tokens) >= limit:
         raise ValueError(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.evaluation.model import EvalModel, token_losses
+from megatron_slm.runtime import LoadedModel, sequence_losses
 
 
 @dataclass
@@ -75,7 +75,7 @@ def read_documents(
 
 @torch.no_grad()
 def evaluate_perplexity(
-    m: EvalModel,
+    m: LoadedModel,
     documents: Iterator[Sequence[int]],
     *,
     seq_length: int,
@@ -85,9 +85,9 @@ def evaluate_perplexity(
     max_documents: int | None = None,
 ) -> PerplexityResult:
     """Sum of per-token losses, token count, mean loss and perplexity over ``documents``."""
-    if seq_length > m.config.max_position_embeddings:
+    if seq_length > m.arch.max_position_embeddings:
         raise ValueError(
-            f"--seq-length {seq_length} exceeds the model's {m.config.max_position_embeddings}"
+            f"--seq-length {seq_length} exceeds the model's {m.arch.max_position_embeddings}"
         )
     loss_sum, n_tokens, n_docs = 0.0, 0, 0
     batch: list[list[int]] = []
@@ -102,7 +102,7 @@ def evaluate_perplexity(
         for i, seg in enumerate(batch):
             tokens[i, : len(seg)] = torch.tensor(seg)
             mask[i, : len(seg) - 1] = True
-        losses = token_losses(m, tokens).double()  # [b, s]
+        losses = sequence_losses(m, tokens).double()  # [b, s]
         loss_sum += float(losses[mask].sum())
         n_tokens += int(mask.sum())
         batch.clear()

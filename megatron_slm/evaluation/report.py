@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 
 from megatron_slm.evaluation.fewshot import FewShotConfig, evaluate_fewshot, read_qa
-from megatron_slm.evaluation.model import EvalModel
 from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
+from megatron_slm.runtime import LoadedModel
 
 
 def _name_and_path(spec: str) -> tuple[str, str]:
@@ -21,7 +21,7 @@ def _name_and_path(spec: str) -> tuple[str, str]:
 
 
 def run_evaluation(
-    m: EvalModel,
+    m: LoadedModel,
     *,
     perplexity_data: Sequence[str] = (),
     fewshot_data: Sequence[str] = (),

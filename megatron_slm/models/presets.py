@@ -105,8 +105,9 @@ PRESETS: dict[str, GPTModelConfig] = {
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
-    # Mistral-7B-v0.1 (Rho-1's 7B base): 7,241,732,096 parameters. Mistral's sliding-window
-    # attention (4096) equals our longest sequence, so full causal attention is equivalent.
+    # Mistral-7B-v0.1 (Rho-1's 7B base): 7,241,732,096 parameters. Mistral attends within a
+    # sliding window of 4096 tokens; we build full causal attention, which is the same for
+    # sequences of up to 4096 tokens (Rho-1 trains at 2048) and differs beyond.
     "mistral-7b": GPTModelConfig(
         num_layers=32,
         hidden_size=4096,

@@ -56,6 +56,7 @@ cross entropy): the logits must not be used after backward.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -367,6 +368,26 @@ def _check_inputs(logits, target, ref_loss, loss_mask, ratio, scope, mode, unsco
         raise ValueError("scope='sequence' needs [s, b] target")
 
 
+CHECK_TARGETS_ENV = "MEGATRON_SLM_CHECK_TARGETS"
+
+
+def _check_target_range(target: torch.Tensor, v_global: int, v_local: int, tp_size: int) -> None:
+    """Target ids must lie in the global vocabulary. On CPU the check is free and raises at once.
+    On GPU reading the range back would cost a device-to-host sync per micro-batch, so the check
+    is a device-side assert (reported asynchronously, at the next sync) unless
+    ``MEGATRON_SLM_CHECK_TARGETS=1`` asks for the eager, synchronising check with a full message."""
+    if target.device.type != "cpu" and os.environ.get(CHECK_TARGETS_ENV) != "1":
+        in_range = ((target >= 0) & (target < v_global)).all()
+        torch._assert_async(in_range, f"target ids outside [0, {v_global})")
+        return
+    lo, hi = (int(x) for x in torch.aminmax(target))
+    if lo < 0 or hi >= v_global:
+        raise ValueError(
+            f"target ids must be in [0, {v_global}) (global vocabulary = {v_local} "
+            f"x TP {tp_size}), got min {lo}, max {hi}"
+        )
+
+
 def selective_cross_entropy(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
@@ -389,13 +410,7 @@ def selective_cross_entropy(
     tp_group, tp_size, tp_rank = _resolve_tp_group(tp_group)
     v_global = logits.shape[-1] * tp_size
     if target.numel():
-        lo, hi = torch.aminmax(target)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= v_global:
-            raise ValueError(
-                f"target ids must be in [0, {v_global}) (global vocabulary = {logits.shape[-1]} "
-                f"x TP {tp_size}), got min {lo}, max {hi}"
-            )
+        _check_target_range(target, v_global, logits.shape[-1], tp_size)
     dp_info = _resolve_dp_group(dp_group) if scope == "data-parallel" else (None, 1, 0)
     if ref_loss is not None:
         ref_loss = ref_loss.to(device=logits.device)

@@ -49,7 +49,11 @@ def random_scores(shape, seed: int, dp_rank: int = 0) -> torch.Tensor:
 # torch kernels (same contract as the C++/CUDA ones)
 # --------------------------------------------------------------------------------------------
 def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int) -> torch.Tensor:
-    """Per row of ``logits[N, V]``: ``{max, sum exp(x - max), target logit or 0}`` as ``[N, 3]``."""
+    """Per row of ``logits[N, V]``: ``{max, sum exp(x - max), target logit or 0}`` as ``[N, 3]``.
+
+    An all -inf row gives ``{-inf, 0, ...}`` (not the NaN of ``exp(-inf - -inf)``), as the C++ and
+    CUDA kernels do: another shard's stats then combine correctly, and the loss of a row that is
+    -inf everywhere is NaN like :func:`reference_token_loss`'s."""
     n, v = logits.shape
     stats = torch.empty(n, 3, dtype=torch.float32, device=logits.device)
     local = target - vocab_start
@@ -60,6 +64,7 @@ def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
         x = logits[r0:r1].float()
         m = x.max(dim=-1).values
         s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
+        s = torch.where(m == -math.inf, torch.zeros_like(s), s)  # max is NaN if a NaN is present
         t = x.gather(1, local[r0:r1].unsqueeze(-1)).squeeze(-1)
         stats[r0:r1, 0] = m
         stats[r0:r1, 1] = s

@@ -1,15 +1,12 @@
 """Reference-model scoring of token datasets into reference-loss sidecars (Rho-1's offline step).
 
-See :mod:`megatron_slm.scoring.scorer` (the library behind ``tools/score_corpus.py``) and
-:mod:`megatron_slm.scoring.packing` (document packing and sliding windows).
+One module per job: :mod:`.config` (the typed settings and CLI), :mod:`.inputs` (checkpoint, data
+and window checks before any work), :mod:`.packing` (document packing and sliding windows),
+:mod:`.scorer` (orchestration: chunks, ranks, resume, publication). The model runs on
+``megatron_slm.runtime``.
 """
 
-from megatron_slm.scoring.scorer import (
-    ScoreConfig,
-    ScoreReport,
-    ScoringError,
-    progress_path,
-    score_corpus,
-)
+from megatron_slm.scoring.config import ScoreConfig, ScoringError
+from megatron_slm.scoring.scorer import ScoreReport, score_corpus
 
-__all__ = ["ScoreConfig", "ScoreReport", "ScoringError", "progress_path", "score_corpus"]
+__all__ = ["ScoreConfig", "ScoreReport", "ScoringError", "score_corpus"]

@@ -8,17 +8,18 @@ size live in :func:`validate`. Every message names the flag.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.cli import arg, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
-from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, get_preset
-from megatron_slm.training.checkpointing import model_config_from_checkpoint, resolve_checkpoint
+from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.models.args import ModelArgs
+from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 
 
 @dataclass
@@ -38,39 +39,6 @@ class ParallelConfig:
             raise ValueError("--pipeline-model-parallel-size must be >= 1")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-
-
-@dataclass
-class ModelArgs:
-    model_preset: str = arg("tiny", "Architecture preset (tiny, tinyllama-1.1b, mistral-7b, ...).")
-    num_layers: int | None = arg(None, "Override the preset's number of layers.")
-    hidden_size: int | None = arg(None, "Override the preset's hidden size.")
-    ffn_hidden_size: int | None = arg(None, "Override the preset's SwiGLU width.")
-    num_attention_heads: int | None = arg(None, "Override the preset's query heads.")
-    num_query_groups: int | None = arg(None, "Override the preset's key/value heads (GQA).")
-    max_position_embeddings: int | None = arg(None, "Override the preset's maximum length.")
-    rotary_base: float | None = arg(None, "Override the preset's RoPE base.")
-    norm_epsilon: float | None = arg(None, "Override the preset's RMSNorm epsilon.")
-    make_vocab_size_divisible_by: int = arg(128, "Pad the vocabulary to a multiple of this x TP.")
-    transformer_impl: str | None = arg(
-        None, "Layer implementation: te, local or torch (default: te/local on GPU, torch on CPU)."
-    )
-    recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
-
-    def __post_init__(self):
-        get_preset(self.model_preset)  # unknown preset -> error naming --model-preset
-        if self.transformer_impl not in (None, "te", "local", "torch"):
-            raise ValueError(
-                f"--transformer-impl must be te, local or torch, got {self.transformer_impl!r}"
-            )
-
-    def architecture(self, vocab_size: int) -> GPTModelConfig:
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(GPTModelConfig)
-            if hasattr(self, f.name)
-        }
-        return get_preset(self.model_preset).replace(vocab_size=vocab_size, **overrides)
 
 
 @dataclass
@@ -98,6 +66,7 @@ class TrainingArgs:
     device: str = arg("auto", "cpu, cuda or auto.")
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
     eval_iters: int = arg(10, "Validation batches per evaluation.")
+    recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
 
     def __post_init__(self):
         for name in ("micro_batch_size", "seq_length"):
@@ -123,12 +92,6 @@ class TrainingArgs:
 class DataArgs:
     data_path: list[str] = arg([], "Blend: PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...", nargs="*")
     split: str = arg("969,30,1", "Train/valid/test split of each dataset.")
-    tokenizer_type: str = arg(
-        "SentencePieceTokenizer",
-        "SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer.",
-    )
-    tokenizer_model: str | None = arg(None, "Tokenizer model file or directory.")
-    vocab_size: int | None = arg(None, "Vocabulary size (NullTokenizer only).")
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
 
     def __post_init__(self):
@@ -211,6 +174,7 @@ GROUPS = {
     "model": ModelArgs,
     "training": TrainingArgs,
     "data": DataArgs,
+    "tokenizer": TokenizerArgs,
     "slm": SLMArgs,
     "checkpoint": CheckpointArgs,
     "logging": LoggingArgs,
@@ -223,6 +187,7 @@ class PretrainConfig:
     model: ModelArgs
     training: TrainingArgs
     data: DataArgs
+    tokenizer: TokenizerArgs
     slm: SLMArgs
     checkpoint: CheckpointArgs
     logging: LoggingArgs
@@ -298,14 +263,12 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
             "--lr-decay-iters or the training steps)"
         )
     if s.needs_reference and s.slm_ref_source == "online":
-        ref = model_config_from_checkpoint(s.slm_ref_load, "--slm-ref-load")
+        ref = read_checkpoint(s.slm_ref_load, "--slm-ref-load").model
         if ref.vocab_size != architecture.vocab_size:
             raise ValueError(
                 f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
                 f"({ref.vocab_size}) differs from the data's tokenizer ({architecture.vocab_size})"
             )
-    if cfg.checkpoint.load:
-        resolve_checkpoint(cfg.checkpoint.load, "--load")
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ValueError("--finetune needs --load")
     return DerivedSizes(dp, gbs, num_micro, iters)

@@ -7,17 +7,10 @@ import logging
 import torch
 from megatron.core import parallel_state
 
-from megatron_slm.data import build_gpt_datasets, build_tokenizer
+from megatron_slm.data import build_gpt_datasets
 from megatron_slm.training.config import DerivedSizes, PretrainConfig
 
 logger = logging.getLogger("megatron_slm")
-
-
-def build_trainer_tokenizer(cfg: PretrainConfig):
-    d = cfg.data
-    if d.tokenizer_type != "NullTokenizer" and not d.tokenizer_model:
-        raise ValueError(f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
-    return build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
 
 
 def build_datasets(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_sidecar: bool):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -28,17 +29,18 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_slm import launch
-from megatron_slm.models import (
-    ModelBuildOptions,
-    build_model,
-    default_spec_impl,
-    padded_vocab_size,
+from megatron_slm import checkpoint as checkpointing
+from megatron_slm.checkpoint import (
+    CheckpointInfo,
+    read_checkpoint,
+    resolve_architecture,
+    resolve_tokenizer,
+    tokenizer_record,
 )
-from megatron_slm.training import checkpointing
-from megatron_slm.training.checkpointing import unwrap
-from megatron_slm.training.config import PretrainConfig, validate
-from megatron_slm.training.data import MicroBatches, build_datasets, build_trainer_tokenizer
+from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
+from megatron_slm.models.sharding import unwrap
+from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
+from megatron_slm.training.data import MicroBatches, build_datasets
 from megatron_slm.training.metrics import STAT_KEYS, TrainingLogger
 from megatron_slm.training.online_reference import OnlineReference
 from megatron_slm.training.signals import ExitController
@@ -92,32 +94,51 @@ def _build_optimizer(cfg: PretrainConfig, chunks, train_iters: int):
     return opt, scheduler
 
 
+@dataclass
+class TrainingPlan:
+    """What the flags and the --load checkpoint decide before any process group exists."""
+
+    tokenizer: object
+    tokenizer_record: dict
+    arch: GPTModelConfig
+    sizes: DerivedSizes
+    checkpoint: CheckpointInfo | None
+
+    def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
+        vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
+        pp = cfg.parallel.pipeline_model_parallel_size
+        return self.arch.num_layers // pp // vstage if vstage else None
+
+
+def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
+    """Tokenizer, architecture and sizes: the checkpoint's when resuming or fine-tuning (flags
+    may only confirm them), else the flags'. Fails before any work, naming the flag."""
+    ckpt = read_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    tokenizer, ttype, tmodel = resolve_tokenizer(cfg.tokenizer, ckpt)
+    arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
+    sizes = validate(cfg, world_size, arch)
+    return TrainingPlan(tokenizer, tokenizer_record(ttype, tmodel, tokenizer), arch, sizes, ckpt)
+
+
 class Trainer:
-    def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
-        info = launch.process_info()
-        self.tokenizer = build_trainer_tokenizer(cfg)
-        self.arch = cfg.model.architecture(self.tokenizer.vocab_size)
-        self.sizes = validate(cfg, info.world_size, self.arch)
+    """Call after ``launch.initialize`` with the plan's layout (the entry point owns it)."""
+
+    def __init__(self, cfg: PretrainConfig, plan: TrainingPlan, device: torch.device):
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.tokenizer, self.arch, self.sizes = plan.tokenizer, plan.arch, plan.sizes
         p, t = cfg.parallel, cfg.training
-        vstage = p.num_layers_per_virtual_pipeline_stage
-        self.device = launch.initialize(
-            device=t.device,
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=(
-                self.arch.num_layers // p.pipeline_model_parallel_size // vstage if vstage else None
-            ),
-            seed=t.seed,
-        )
+        tp = p.tensor_model_parallel_size
         self.build_opts = ModelBuildOptions(
             transformer_impl=cfg.model.transformer_impl or default_spec_impl(self.device),
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
-            num_layers_per_virtual_pipeline_stage=vstage,
-            make_vocab_size_divisible_by=self._vocab_divisor(),
+            num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,
+            # A loaded checkpoint keeps its padded vocabulary at any TP size that divides it.
+            make_vocab_size_divisible_by=(
+                plan.checkpoint.divisor_for(tp) if plan.checkpoint else cfg.model.vocab_divisor
+            ),
             use_cpu_initialization=self.device.type == "cpu",
-            recompute_activations=cfg.model.recompute_activations,
+            recompute_activations=t.recompute_activations,
         )
         s = cfg.slm
         datasets = build_datasets(
@@ -132,47 +153,27 @@ class Trainer:
         self.online = None
         if s.needs_reference and s.slm_ref_source == "online":
             self.online = OnlineReference(
-                s.slm_ref_load, self.arch, self.build_opts, self.device, self.tokenizer.eod
+                s.slm_ref_load,
+                self.arch.vocab_size,
+                self.device,
+                self.build_opts.params_dtype,
+                self.tokenizer.eod,
             )
         self.iteration, consumed = 0, 0
         if cfg.checkpoint.load:
             state = checkpointing.load_checkpoint(
-                cfg.checkpoint.load,
+                plan.checkpoint.path,
                 self.chunks,
                 None if cfg.checkpoint.finetune else self.optimizer,
                 None if cfg.checkpoint.finetune else self.scheduler,
                 weights_only=cfg.checkpoint.finetune,
             )
-            self._check_checkpoint_vocab(state.metadata)
             if not cfg.checkpoint.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = MicroBatches(self.train_ds, t.micro_batch_size, consumed)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device)
         self.exit = ExitController(cfg.checkpoint, self.device)
-
-    def _vocab_divisor(self) -> int:
-        """Keep the padded vocabulary of a loaded checkpoint at any TP size that divides it (the
-        padding is a multiple of divisor x TP, so a TP change would change the shapes)."""
-        load = self.cfg.checkpoint.load or (
-            self.cfg.slm.slm_ref_load if self.cfg.slm.slm_ref_source == "online" else None
-        )
-        divisor = self.cfg.model.make_vocab_size_divisible_by
-        if not load:
-            return divisor
-        from megatron_slm.convert.hf import checkpoint_padded_vocab_size, divisible_by_for_padded
-
-        padded = checkpoint_padded_vocab_size(load)
-        tp = self.cfg.parallel.tensor_model_parallel_size
-        return divisible_by_for_padded(self.arch.vocab_size, padded, divisor, tp)
-
-    def _check_checkpoint_vocab(self, meta: dict) -> None:
-        vocab = meta.get("model", {}).get("vocab_size")
-        if vocab is not None and vocab != self.arch.vocab_size:
-            raise ValueError(
-                f"--load {self.cfg.checkpoint.load}: the checkpoint's vocabulary ({vocab}) differs "
-                f"from the tokenizer's ({self.arch.vocab_size})"
-            )
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -319,7 +320,6 @@ class Trainer:
     def save(self) -> None:
         if not self.cfg.checkpoint.save:
             return
-        d = self.cfg.data
         checkpointing.save_checkpoint(
             self.cfg.checkpoint.save,
             self.iteration,
@@ -329,17 +329,10 @@ class Trainer:
             consumed_samples=self.batches.consumed_samples,
             model_config=self.arch,
             metadata={
-                "tokenizer": {
-                    "type": d.tokenizer_type,
-                    "model": d.tokenizer_model,
-                    "vocab_size": self.tokenizer.vocab_size,
-                },
+                "tokenizer": self.plan.tokenizer_record,
+                "model_args": self.cfg.model.record(),
                 "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
-                "padded_vocab_size": padded_vocab_size(
-                    self.arch.vocab_size,
-                    self.build_opts.make_vocab_size_divisible_by,
-                    self.cfg.parallel.tensor_model_parallel_size,
-                ),
+                "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
             },
         )
@@ -384,8 +377,9 @@ class Trainer:
         return {"iteration": self.iteration, "reason": reason}
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    trainer = Trainer(cfg)
+def pretrain(cfg: PretrainConfig, plan: TrainingPlan, device: torch.device) -> dict:
+    """Train to the end (or a clean exit). The entry point initialised the parallel layout."""
+    trainer = Trainer(cfg, plan, device)
     try:
         return trainer.train()
     finally:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_slm.models import ModelBuildOptions, build_model
-from megatron_slm.models.presets import GPTModelConfig
-from megatron_slm.training import checkpointing
+from megatron_slm.runtime import load_model, per_token_losses
+from megatron_slm.runtime.forward import Rows
 
 
 def document_causal_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
@@ -32,33 +31,24 @@ def document_causal_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
 
 
 class OnlineReference:
-    def __init__(
-        self,
-        load: str,
-        arch: GPTModelConfig,
-        opts: ModelBuildOptions,
-        device: torch.device,
-        eod: int,
-    ):
-        ref_arch = checkpointing.model_config_from_checkpoint(load, "--slm-ref-load")
-        if ref_arch.vocab_size != arch.vocab_size:
+    """The frozen reference model of ``--slm-ref-load``, loaded by the shared runtime at the
+    trainer's TP (its architecture and padded vocabulary are its own checkpoint's)."""
+
+    def __init__(self, load: str, vocab_size: int, device, params_dtype, eod: int):
+        self.model = load_model(
+            load, device, params_dtype=params_dtype, flag="--slm-ref-load", with_tokenizer=False
+        )
+        if self.model.vocab_size != vocab_size:
             raise ValueError(
-                f"--slm-ref-load {load}: the reference model's vocabulary ({ref_arch.vocab_size}) "
-                f"differs from the data's tokenizer ({arch.vocab_size})"
+                f"--slm-ref-load {load}: the reference model's vocabulary "
+                f"({self.model.vocab_size}) differs from the data's tokenizer ({vocab_size})"
             )
-        self.chunks = build_model(ref_arch, opts, device=device)
-        checkpointing.load_checkpoint(load, self.chunks, weights_only=True, flag="--slm-ref-load")
-        for chunk in self.chunks:
-            chunk.eval()
-            chunk.requires_grad_(False)
         self.eod = eod
 
     @torch.no_grad()
     def per_token_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens, labels [b, s] -> reference loss of each label [b, s] (fp32, NaN: no context)."""
-        (model,) = self.chunks
-        mask = document_causal_mask(tokens, self.eod)
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        loss = model(tokens, position_ids, mask, labels=labels).float()  # [b, s]
+        batch = Rows.causal(tokens, labels, document_causal_mask(tokens, self.eod))
+        (loss,) = per_token_losses(self.model, [batch])
         # The label after an end-of-document token starts a new document: nothing to condition on.
         return loss.masked_fill(tokens == self.eod, float("nan"))

@@ -99,9 +99,11 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, eos: int) -> li
 
 def model_logits(rank, world, load, tokens, tp, prompt, max_new_tokens, eos):
     """Load ``load`` (megatron checkpoint or HF dir) at TP=tp: logits and a greedy continuation."""
-    from megatron_slm.evaluation import forward_logits, greedy_generate, load_model
+    from megatron_slm.evaluation import greedy_generate, load_eval_model
+    from megatron_slm.launch import initialize
+    from megatron_slm.runtime import forward_logits
 
-    m = load_model(load, tensor_model_parallel_size=tp, device="cpu")
+    m = load_eval_model(load, initialize(device="cpu", tensor_model_parallel_size=tp))
     logits = forward_logits(m, tokens)
     gen = greedy_generate(m, prompt, max_new_tokens=max_new_tokens, eod=eos)
     return logits, gen, m.padded_vocab_size
@@ -111,16 +113,18 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
     """World of one, per architecture: HF -> megatron (padded for TP=2), logits, greedy and
     perplexity at TP=1, export back to HF, re-import; full state dicts for the round trip."""
     from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
-    from megatron_slm.evaluation import evaluate_perplexity, load_model, read_documents
+    from megatron_slm.evaluation import evaluate_perplexity, load_eval_model, read_documents
+    from megatron_slm.launch import initialize
 
     results = {}
     for arch in archs:
         hf_dir, ckpt = os.path.join(root, arch), os.path.join(root, f"{arch}_ckpt")
+        initialize(device="cpu")
         convert_hf_to_megatron(hf_dir, ckpt, tensor_model_parallel_size=2)
         logits, gen, padded = model_logits(
             rank, world, ckpt, tokens, 1, prompt, max_new_tokens, eos
         )
-        m = load_model(ckpt, device="cpu")
+        m = load_eval_model(ckpt, initialize(device="cpu"))
         ppl = evaluate_perplexity(
             m, read_documents(ppl_data, m.tokenizer), seq_length=8, micro_batch_size=3
         )
@@ -178,6 +182,7 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
     """World of two: converted checkpoints and the HF directories (in memory) at TP=2; then a
     conversion run with PP=2 (each rank fills its own layers), read back whole."""
     from megatron_slm.convert import convert_hf_to_megatron
+    from megatron_slm.launch import initialize
 
     results = {}
     for arch in archs:
@@ -186,6 +191,7 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
                 rank, world, os.path.join(root, source), tokens, 2, prompt, max_new_tokens, eos
             )[:2]
     pp_ckpt = os.path.join(root, f"{archs[0]}_ckpt_pp2")
+    initialize(device="cpu", pipeline_model_parallel_size=2)
     convert_hf_to_megatron(
         os.path.join(root, archs[0]),
         pp_ckpt,
@@ -197,24 +203,20 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
 
 
 def _full_state(ckpt):
-    from megatron_slm.convert.hf import build_options_for_checkpoint, full_state_dict
     from megatron_slm.launch import initialize
-    from megatron_slm.models import build_model
-    from megatron_slm.training.checkpointing import load_checkpoint, model_config_from_checkpoint
+    from megatron_slm.models.sharding import full_state_dict
+    from megatron_slm.runtime import load_model
 
-    initialize(device="cpu")
-    opts = build_options_for_checkpoint(ckpt, 1)
-    chunks = build_model(model_config_from_checkpoint(ckpt), opts)
-    load_checkpoint(ckpt, chunks, weights_only=True)
-    return {k: v.clone() for k, v in full_state_dict(chunks[0]).items()}
+    lm = load_model(ckpt, initialize(device="cpu"), with_tokenizer=False)
+    return {k: v.clone() for k, v in full_state_dict(lm.chunks[0]).items()}
 
 
 def random_megatron_roundtrip(rank, world, root, tok_dir):
     """A random megatron model (vocab a multiple of the padding) -> HF -> megatron."""
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
     from megatron_slm.launch import initialize
     from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
-    from megatron_slm.training.checkpointing import save_checkpoint
 
     initialize(device="cpu", seed=7)
     cfg = GPTModelConfig(
@@ -245,6 +247,7 @@ def random_megatron_roundtrip(rank, world, root, tok_dir):
         },
     )
     hf = os.path.join(root, "random_hf")
+    initialize(device="cpu")
     convert_megatron_to_hf(src, hf, max_shard_size="40KB")
     back = os.path.join(root, "random_back")
     convert_hf_to_megatron(hf, back, make_vocab_size_divisible_by=128)
@@ -270,11 +273,11 @@ NUM_SHOTS = 2
 def train_qa_model(rank, world, root, tok_dir, steps=200):
     """Train a tiny megatron GPT (plain torch Adam) to answer QA[NUM_SHOTS:] in the few-shot
     format; save it as a checkpoint; return the final training loss."""
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.data.tokenizer import build_tokenizer
     from megatron_slm.evaluation import FewShotConfig, build_prompt
     from megatron_slm.launch import initialize
     from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
-    from megatron_slm.training.checkpointing import save_checkpoint
 
     initialize(device="cpu", seed=3)
     tok = build_tokenizer("HuggingFaceTokenizer", tok_dir)
@@ -336,13 +339,14 @@ def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
     per-token loss (``model(labels=)``) over the same segments, exp of its mean."""
     from megatron_slm.evaluation import (
         FewShotConfig,
-        load_model,
+        load_eval_model,
         read_documents,
         run_evaluation,
         segments,
     )
+    from megatron_slm.launch import initialize
 
-    m = load_model(os.path.join(root, "qa_ckpt"), device="cpu")
+    m = load_eval_model(os.path.join(root, "qa_ckpt"), initialize(device="cpu"))
     report = run_evaluation(
         m,
         perplexity_data=[ppl_data],
@@ -357,7 +361,7 @@ def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
             for seg in segments(doc, seq_length):
                 seg = torch.tensor([seg])
                 pos = torch.arange(seg.shape[1] - 1)[None]
-                losses.append(m.model(seg[:, :-1], pos, None, labels=seg[:, 1:])[0])
+                losses.append(m.chunks[0](seg[:, :-1], pos, None, labels=seg[:, 1:])[0])
     losses = torch.cat(losses).double()
     return report, len(losses), float(torch.exp(losses.mean()))
 

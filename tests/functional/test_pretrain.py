@@ -60,12 +60,12 @@ def _score_documents(rank, world, ckpt, prefix):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_slm import launch
+    from megatron_slm.checkpoint import load_checkpoint, read_checkpoint
     from megatron_slm.data import SidecarWriter
     from megatron_slm.models import ModelBuildOptions, build_model
-    from megatron_slm.training.checkpointing import load_checkpoint, model_config_from_checkpoint
 
     launch.initialize(device="cpu")
-    (model,) = build_model(model_config_from_checkpoint(ckpt), ModelBuildOptions())
+    (model,) = build_model(read_checkpoint(ckpt).model, ModelBuildOptions())
     load_checkpoint(ckpt, [model], weights_only=True)
     model.eval()
     ds = IndexedDataset(prefix)

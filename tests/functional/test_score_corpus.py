@@ -46,8 +46,8 @@ DOCS = _docs()
 # ---------------------------------------------------------------------------------------------
 def make_reference(rank, world, root):
     from megatron_slm import launch
+    from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.models import ModelBuildOptions, build_model, get_preset
-    from megatron_slm.training.checkpointing import save_checkpoint
 
     launch.initialize(device="cpu", seed=99)
     cfg = get_preset("tiny")
@@ -67,8 +67,8 @@ def plain_losses(rank, world, ckpt, docs, seq, stride):
     import torch.nn.functional as F
 
     from megatron_slm import launch
+    from megatron_slm.checkpoint import load_checkpoint
     from megatron_slm.models import ModelBuildOptions, build_model, get_preset
-    from megatron_slm.training.checkpointing import load_checkpoint
 
     launch.initialize(device="cpu")
     (model,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
@@ -113,9 +113,20 @@ def prepare(rank, world, ckpt, docs, tp1_kwargs, rows_kwargs):
     return expected, run_scorer(rank, world, tp1_kwargs), run_scorer(rank, world, rows_kwargs)
 
 
+def _init(kwargs):
+    from megatron_slm import launch
+
+    launch.initialize(
+        device="cpu",
+        tensor_model_parallel_size=kwargs.get("tensor_model_parallel_size", 1),
+        pipeline_model_parallel_size=kwargs.get("pipeline_model_parallel_size", 1),
+    )
+
+
 def run_scorer(rank, world, kwargs):
     from megatron_slm.scoring import ScoreConfig, score_corpus
 
+    _init(kwargs)
     reports = score_corpus(ScoreConfig(**kwargs))
     return [r.__dict__ for r in reports]
 
@@ -125,6 +136,7 @@ def scoring_error(rank, world, kwargs):
     from megatron_slm.scoring import ScoreConfig, ScoringError, score_corpus
 
     try:
+        _init(kwargs)
         score_corpus(ScoreConfig(**kwargs))
     except (ScoringError, FileExistsError) as e:
         return f"{type(e).__name__}: {e}"
@@ -250,26 +262,24 @@ def _cli(setup, prefix, kill=None, extra=()):
 
 
 def test_resume_after_sigkill_is_byte_identical(setup):
-    """Killed after the 1st commit, between the values and the progress file of a round, and
-    right before publication; each rerun continues; the result equals the uninterrupted run."""
-    from megatron_slm.scoring import progress_path
-
+    """Killed after the 1st commit, after rank 0 wrote a round's values, and right before
+    publication; each rerun continues; the result equals the uninterrupted run."""
     prefix = _copy_data(setup, "resume")
     for kill in ("commit:1", "range:2", "finalize:1"):
         proc = _cli(setup, prefix, kill)
         assert proc.returncode == -9, (kill, proc.returncode, proc.stderr[-3000:])
         assert not os.path.exists(prefix + "_refloss.json"), kill
-        assert os.path.exists(progress_path(prefix))
+        assert os.path.isdir(prefix + "_refloss.ranges")  # partial state kept for the rerun
     proc = _cli(setup, prefix)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokens/s" in proc.stdout and "mean reference loss" in proc.stdout
     assert _sidecar_bytes(prefix) == _sidecar_bytes(setup["tp1"])
-    assert not os.path.exists(progress_path(prefix))
     assert sorted(os.listdir(os.path.dirname(prefix))) == [
         "corpus.bin",
         "corpus.idx",
         "corpus_refloss.bin",
         "corpus_refloss.json",
+        "corpus_refloss.lock",
     ]
     # A published sidecar is refused without --overwrite (CLI exit status 2, clear message).
     proc = _cli(setup, prefix)
@@ -283,13 +293,14 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
     cases = {
         "checkpoint": (_kwargs(setup, setup["prefix"], load=str(root / "nope")), "no such"),
         "prefix": (_kwargs(setup, str(root / "missing" / "corpus")), "not found"),
-        # the data has ids up to 510: a 300-id tokenizer cannot have produced it
-        "vocab": (_kwargs(setup, setup["prefix"], vocab_size=300), "outside the vocabulary"),
+        # a tokenizer other than the checkpoint's: refused before any work, naming the flag
+        "vocab": (_kwargs(setup, setup["prefix"], vocab_size=300), "--vocab-size: the tokenizer"),
         "model_vocab": (
             _kwargs(setup, setup["prefix"], tokenizer_type="NullTokenizer", vocab_size=1000),
-            "larger than the reference model",
+            "has 1000 ids",
         ),
-        "progress": (_kwargs(setup, corrupt), "is corrupted"),
+        "preset": (_kwargs(setup, setup["prefix"], hidden_size=128), "--hidden-size 128"),
+        "partial": (_kwargs(setup, corrupt), "is corrupted"),
         "exists": (_kwargs(setup, setup["tp1"]), "already exists"),
     }
     (out,) = run_distributed(
@@ -301,7 +312,7 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
     )
     for name, (_, needle) in cases.items():
         assert out[name] is not None and needle in out[name], (name, out[name])
-    # --overwrite starts over from a corrupted progress file.
+    # --overwrite starts over from a corrupted partial sidecar.
     assert _sidecar_bytes(corrupt) == _sidecar_bytes(setup["tp1"])
     # --dry-run scores one chunk, writes nothing and estimates the time of the whole corpus.
     (report,) = out["dry_run"]
@@ -311,12 +322,10 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
 
 
 def _bad_inputs_worker(rank, world, cases, corrupt_kwargs, dry_kwargs):
-    from megatron_slm.scoring import progress_path
-
-    # A trial (--max-docs) leaves a partial sidecar + progress file; then corrupt the latter.
+    # A trial (--max-docs) leaves a partial sidecar; then corrupt its metadata.
     run_scorer(rank, world, dict(corrupt_kwargs, max_docs=INTERVAL))
-    with open(progress_path(corrupt_kwargs["data_prefix"][0]), "w") as f:
-        f.write('{"format": "megatron-slm-score-pro')
+    with open(corrupt_kwargs["data_prefix"][0] + "_refloss.json.partial", "w") as f:
+        f.write('{"format": "megatron-slm-side')
     out = {name: scoring_error(rank, world, kw) for name, kw in cases.items()}
     run_scorer(rank, world, dict(corrupt_kwargs, overwrite=True))
     out["dry_run"] = run_scorer(rank, world, dry_kwargs)

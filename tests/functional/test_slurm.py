@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from megatron_slm.training.checkpointing import latest_iteration
+from megatron_slm.checkpoint import latest_iteration
 from tests.functional import slurm_cluster
 from tests.functional.pretrain_helpers import REPO, VOCAB, make_null_corpus, read_steps
 

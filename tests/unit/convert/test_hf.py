@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from megatron_slm.checkpoint import divisible_by_for_padded
 from megatron_slm.convert import hf
 from megatron_slm.convert.hf import ConversionError
+from megatron_slm.models.sharding import tp_shard
 
 HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -182,9 +184,9 @@ def test_tp_shard_swiglu_and_vocab():
     full = torch.arange(8.0).reshape(8, 1)  # gate rows 0-3, up rows 4-7
     param = torch.zeros(4, 1)
     param.tensor_model_parallel, param.partition_dim = True, 0
-    shard = hf.tp_shard("decoder.layers.0.mlp.linear_fc1.weight", full, param, 2, 1)
+    shard = tp_shard("decoder.layers.0.mlp.linear_fc1.weight", full, param, 2, 1)
     assert shard.flatten().tolist() == [2.0, 3.0, 6.0, 7.0]
-    shard = hf.tp_shard("output_layer.weight", full, param, 2, 1)
+    shard = tp_shard("output_layer.weight", full, param, 2, 1)
     assert shard.flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
 
 
@@ -204,7 +206,7 @@ def test_sharded_export_and_bin_reading(tmp_path):
 
 
 def test_divisible_by_for_padded():
-    assert hf.divisible_by_for_padded(300, 512, 128, 2) == 128
-    assert hf.divisible_by_for_padded(300, 512, 128, 1) == 512
-    with pytest.raises(ConversionError, match="cannot be split"):
-        hf.divisible_by_for_padded(300, 384, 128, 5)
+    assert divisible_by_for_padded(300, 512, 128, 2) == 128
+    assert divisible_by_for_padded(300, 512, 128, 1) == 512
+    with pytest.raises(ValueError, match="cannot be split over --tensor-model-parallel-size 5"):
+        divisible_by_for_padded(300, 384, 128, 5)

@@ -39,7 +39,7 @@ def test_stop_and_normalize():
 
 def test_bad_settings():
     with pytest.raises(ValueError, match="--answer-extraction"):
-        FewShotConfig(extraction="nonsense")
+        FewShotConfig(answer_extraction="nonsense")
     with pytest.raises(ValueError, match="--prompt-template"):
         FewShotConfig(prompt_template="no placeholder")
 

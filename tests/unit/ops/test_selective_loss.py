@@ -304,3 +304,67 @@ def test_bad_inputs():
     # no reference is fine for loss/random modes and for ratio 1
     op(logits, target, ratio=0.5, mode="loss")
     op(logits, target)
+
+
+# --------------------------------------------------------------------------------------------
+# _C argument checks (bug 7 of issue 13): every tensor on the logits' / scores' device, with the
+# right dtype and layout; a tensor elsewhere must be refused before any pointer reaches a kernel.
+# "meta" stands in for "another device" on a CPU-only build. Run in a subprocess: without the
+# checks the kernel dereferences the bad pointer.
+# --------------------------------------------------------------------------------------------
+_BAD_ARGS = {
+    "lse_device": "C.selective_loss_backward(x, t, 0, lse.to('meta'), scale, False)",
+    "scale_device": "C.selective_loss_backward(x, t, 0, lse, scale.to('meta'), False)",
+    "lse_strided": "C.selective_loss_backward(x, t, 0, lse2[:, 0], scale, False)",
+    "eligible_device": "C.selective_loss_select(sc, el.to('meta'), k)",
+    "scores_device": "C.selective_loss_select(sc.to('meta'), el, k)",
+    "k_dtype": "C.selective_loss_select(sc, el, k.int())",
+    "target_device": "C.selective_loss_fwd_stats(x, t.to('meta'), 0)",
+}
+
+
+@pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
+@pytest.mark.parametrize("case", sorted(_BAD_ARGS))
+def test_c_binding_refuses_misplaced_arguments(case):
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+from megatron_slm import _extension
+C = _extension._C
+x = torch.randn(4, 8); t = torch.zeros(4, dtype=torch.int64)
+lse = torch.zeros(4); scale = torch.ones(4); lse2 = torch.zeros(4, 2)
+sc = torch.randn(2, 8); el = torch.ones(2, 8, dtype=torch.bool); k = torch.tensor([1, 2])
+try:
+    {_BAD_ARGS[case]}
+except RuntimeError as e:
+    print("refused:", e)
+else:
+    print("accepted")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("refused: selective_loss"), (
+        p.returncode,
+        p.stdout,
+        p.stderr[-2000:],
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_rows_match_reference(impl, dtype):
+    """Rows that are all -inf, or hold a NaN (also as the first logit), give NaN losses in every
+    implementation, like the full-vocabulary reference (bugs 1 and 4 of issue 13)."""
+    logits, target, _, _ = _inputs(s=6, b=2, v=33, dtype=dtype, nan_ref=False, mask=False)
+    logits[0, 0] = float("-inf")
+    logits[1, 1, 0] = float("nan")
+    logits[2, 0, 7] = float("nan")
+    logits[3, 1, ::2] = float("-inf")
+    target[3, 1] = 1
+    out = selective_cross_entropy(logits, target, ratio=1.0, impl=impl)
+    truth = reference_token_loss(logits.float(), target)
+    assert torch.isnan(truth[0, 0]) and torch.isnan(truth[1, 1]) and torch.isnan(truth[2, 0])
+    assert torch.equal(torch.isnan(out.loss), torch.isnan(truth))
+    finite = ~torch.isnan(truth)
+    torch.testing.assert_close(out.loss[finite], truth[finite], rtol=1e-5, atol=1e-5)

@@ -119,9 +119,13 @@ def test_length_sorted_batches_one_segment_per_row_no_mask():
 
 
 def test_checkpoint_seq_length_from_trainer_metadata():
-    from megatron_slm.scoring.scorer import checkpoint_seq_length, default_stride
+    from megatron_slm.checkpoint import CheckpointInfo
+    from megatron_slm.scoring.inputs import default_stride
 
-    assert checkpoint_seq_length({"config": {"training": {"seq_length": 128}}}) == 128
-    assert checkpoint_seq_length({"seq_length": 64}) == 64
-    assert checkpoint_seq_length({"model": {}}) is None
+    def seq(meta):
+        return CheckpointInfo("ckpt", meta).seq_length
+
+    assert seq({"config": {"training": {"seq_length": 128}}}) == 128
+    assert seq({"seq_length": 64}) == 64
+    assert seq({"model": {}}) is None
     assert default_stride(128) == 96 and default_stride(1) == 1

@@ -1,0 +1,227 @@
+// Test driver: runs the CUDA launchers of csrc/cuda/selective_loss.cu (compiled as C++ under
+// simt_host.h) on host memory. Built and run by tests/unit/cuda/ (also with ASan + UBSan).
+//
+//   selective_loss_driver op=fwd|bwd|select dir=DIR [key=value ...]
+//     fwd:    dtype(0 fp32, 1 fp16, 2 bf16) N V vocab_start misalign   in: logits target
+//     bwd:    ... + inplace gmisalign                                     in: + lse scale
+//     select: G n                                                        in: scores eligible k
+//     orders=forward,reverse,random:SEED   one run (and one output file out_<order>.bin) each
+//     max_grid=X   the device's grid limit in x      fail_launch=CODE   inject a launch failure
+// Inputs are raw little-endian arrays DIR/<name>.bin. Every buffer is allocated with its exact
+// size (at byte offset `misalign` from a 16-byte boundary), so that ASan sees any overrun.
+// Exit status: 0 ok, 2 a launcher reported an error, 3 the harness found kernel misuse.
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/selective_loss_cuda.h"
+#include "simt_host.h"
+
+namespace {
+
+std::map<std::string, std::string> g_args;
+
+std::string arg(const char* key, const char* def = nullptr) {
+  auto it = g_args.find(key);
+  if (it != g_args.end()) return it->second;
+  if (def == nullptr) {
+    std::fprintf(stderr, "driver: missing argument %s\n", key);
+    std::exit(1);
+  }
+  return def;
+}
+int64_t iarg(const char* key, const char* def = nullptr) { return std::stoll(arg(key, def)); }
+
+std::vector<char> read_file(const std::string& path) {
+  std::vector<char> data;
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) {
+    std::fprintf(stderr, "driver: cannot open %s\n", path.c_str());
+    std::exit(1);
+  }
+  char buf[1 << 16];
+  size_t got;
+  while ((got = std::fread(buf, 1, sizeof(buf), f)) > 0) data.insert(data.end(), buf, buf + got);
+  std::fclose(f);
+  return data;
+}
+
+void write_file(const std::string& path, const void* p, size_t bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr || std::fwrite(p, 1, bytes, f) != bytes) {
+    std::fprintf(stderr, "driver: cannot write %s\n", path.c_str());
+    std::exit(1);
+  }
+  std::fclose(f);
+}
+
+// A "device" buffer of exactly `bytes` bytes starting `misalign` bytes after a 16-byte boundary.
+struct Buffer {
+  void* base = nullptr;
+  char* p = nullptr;
+  size_t bytes = 0;
+  Buffer(size_t n, size_t misalign) : bytes(n) {
+    if (posix_memalign(&base, 16, misalign + n + (n == 0 ? 1 : 0)) != 0) std::abort();
+    p = static_cast<char*>(base) + misalign;
+    std::memset(p, 0xA5, n);  // "uninitialised" device memory, not zeros
+  }
+  ~Buffer() { std::free(base); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void fill(const std::vector<char>& src) {
+    if (src.size() != bytes) {
+      std::fprintf(stderr, "driver: input has %zu bytes, expected %zu\n", src.size(), bytes);
+      std::exit(1);
+    }
+    std::memcpy(p, src.data(), bytes);
+  }
+};
+
+// Calls a launcher; launchers that report errors return a nonzero code.
+template <typename F>
+int status_of(F&& f) {
+  if constexpr (std::is_void_v<decltype(f())>) {
+    f();
+    return 0;
+  } else {
+    return static_cast<int>(f());
+  }
+}
+
+int finish(int launcher_status) {
+  std::string msg;
+  const cudaError_t e = simt::take_error(&msg);
+  if (e == cudaErrorLaunchFailure) {  // kernel misuse found by the harness
+    std::fprintf(stderr, "driver: harness error: %s\n", msg.c_str());
+    std::exit(3);
+  }
+  if (launcher_status != 0) {
+    std::fprintf(stderr, "driver: launcher returned error %d (%s)\n", launcher_status,
+                 cudaGetErrorString(static_cast<cudaError_t>(launcher_status)));
+    std::exit(2);
+  }
+  return 0;
+}
+
+size_t dtype_size(int dtype) { return dtype == megatron_slm::cuda::kFloat32 ? 4 : 2; }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const size_t eq = a.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "driver: arguments are key=value, got %s\n", argv[i]);
+      return 1;
+    }
+    g_args[a.substr(0, eq)] = a.substr(eq + 1);
+  }
+  namespace k = megatron_slm::cuda;
+  const std::string op = arg("op");
+  const std::string dir = arg("dir");
+  simt::config().max_grid_x = static_cast<unsigned int>(iarg("max_grid", "2147483647"));
+  const auto fail_launch = static_cast<cudaError_t>(iarg("fail_launch", "0"));
+
+  std::vector<std::string> orders;
+  {
+    const std::string s = arg("orders", "forward");
+    size_t start = 0;
+    while (start <= s.size()) {
+      const size_t comma = s.find(',', start);
+      orders.push_back(s.substr(start, comma == std::string::npos ? std::string::npos
+                                                                  : comma - start));
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+  }
+  auto set_order = [](const std::string& o) {
+    simt::Config& c = simt::config();
+    if (o == "forward") {
+      c.order = simt::Order::kForward;
+    } else if (o == "reverse") {
+      c.order = simt::Order::kReverse;
+    } else if (o.rfind("random:", 0) == 0) {
+      c.order = simt::Order::kRandom;
+      c.seed = std::stoull(o.substr(7));
+    } else {
+      std::fprintf(stderr, "driver: unknown order %s\n", o.c_str());
+      std::exit(1);
+    }
+  };
+
+  if (op == "fwd" || op == "bwd") {
+    const int dtype = static_cast<int>(iarg("dtype"));
+    const int64_t N = iarg("N"), V = iarg("V"), vocab_start = iarg("vocab_start", "0");
+    const size_t esz = dtype_size(dtype);
+    const size_t misalign = static_cast<size_t>(iarg("misalign", "0"));
+    const std::vector<char> logits_in = read_file(dir + "/logits.bin");
+    Buffer logits(static_cast<size_t>(N * V) * esz, misalign);
+    Buffer target(static_cast<size_t>(N) * 8, 0);
+    target.fill(read_file(dir + "/target.bin"));
+    if (op == "fwd") {
+      for (const std::string& o : orders) {
+        set_order(o);
+        logits.fill(logits_in);
+        Buffer stats(static_cast<size_t>(N) * 3 * 4, 0);
+        simt::config().fail_next_launch = fail_launch;
+        finish(status_of([&] {
+          return k::selective_loss_fwd_stats(logits.p, dtype,
+                                             reinterpret_cast<const int64_t*>(target.p), N, V,
+                                             vocab_start, reinterpret_cast<float*>(stats.p),
+                                             nullptr);
+        }));
+        write_file(dir + "/out_" + o + ".bin", stats.p, stats.bytes);
+      }
+    } else {
+      const bool inplace = iarg("inplace", "0") != 0;
+      const size_t gmisalign = static_cast<size_t>(iarg("gmisalign", "0"));
+      Buffer lse(static_cast<size_t>(N) * 4, 0), scale(static_cast<size_t>(N) * 4, 0);
+      lse.fill(read_file(dir + "/lse.bin"));
+      scale.fill(read_file(dir + "/scale.bin"));
+      for (const std::string& o : orders) {
+        set_order(o);
+        logits.fill(logits_in);
+        Buffer grad_buf(inplace ? 0 : logits.bytes, gmisalign);
+        char* grad = inplace ? logits.p : grad_buf.p;
+        simt::config().fail_next_launch = fail_launch;
+        finish(status_of([&] {
+          return k::selective_loss_backward(
+              logits.p, grad, dtype, reinterpret_cast<const int64_t*>(target.p), N, V,
+              vocab_start, reinterpret_cast<const float*>(lse.p),
+              reinterpret_cast<const float*>(scale.p), nullptr);
+        }));
+        write_file(dir + "/out_" + o + ".bin", grad, logits.bytes);
+      }
+    }
+  } else if (op == "select") {
+    const int64_t G = iarg("G"), n = iarg("n");
+    Buffer scores(static_cast<size_t>(G * n) * 4, 0), eligible(static_cast<size_t>(G * n), 0);
+    Buffer kk(static_cast<size_t>(G) * 8, 0);
+    scores.fill(read_file(dir + "/scores.bin"));
+    eligible.fill(read_file(dir + "/eligible.bin"));
+    kk.fill(read_file(dir + "/k.bin"));
+    for (const std::string& o : orders) {
+      set_order(o);
+      Buffer selected(static_cast<size_t>(G * n), 0);
+      simt::config().fail_next_launch = fail_launch;
+      finish(status_of([&] {
+        return k::selective_loss_select(
+            reinterpret_cast<const float*>(scores.p), reinterpret_cast<const uint8_t*>(eligible.p),
+            reinterpret_cast<const int64_t*>(kk.p), G, n, reinterpret_cast<uint8_t*>(selected.p),
+            nullptr);
+      }));
+      write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
+    }
+  } else {
+    std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,743 @@
+// simt_host.h: run CUDA kernel source on the CPU, for tests only (never part of megatron_slm._C).
+//
+// Under this header the unchanged csrc/cuda/*.cu compile as plain C++ with g++ (the stub
+// include/cuda_runtime.h, cuda_fp16.h and cuda_bf16.h all include it). CUDA qualifiers are
+// no-ops, __shared__ variables are static storage in the "simt_shared" section (blocks of a grid
+// run one after another, and the section is filled with 0xFF before every block so that a read
+// of shared memory before any write shows up as NaN / huge counts), and every thread of a block
+// is a cooperative fiber (ucontext) that runs until it reaches __syncthreads() or a warp
+// collective (__shfl_*_sync, __ballot_sync), the only places where threads can observe each
+// other. Because nothing else switches, atomics are plain read-modify-writes and a run is
+// deterministic for a given thread order; the order (forward, reverse, seeded random, redrawn at
+// every release) is what exposes code that depends on it, e.g. a missing __syncthreads.
+//
+// The scheduler checks what the hardware would not forgive: __syncthreads reached from different
+// call sites (divergent barrier), a barrier some threads of the block never reach (they exited),
+// deadlock, warp collectives whose mask names exited or missing lanes or disagrees between
+// lanes, and launches whose grid or block exceeds the device limits (config().max_grid_x, ...).
+// Kernel misuse fails the launch with cudaErrorLaunchFailure and a message (error_message()).
+// GCC drops the section attribute of statics in template instantiations: keep __shared__
+// variables in non-template functions (as csrc/cuda does), or they are not poisoned.
+// Launches go through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...), which the .cu
+// defines as <<<...>>> under nvcc. Half/bfloat16 conversions round to nearest even like the
+// device; __expf is expf (the device's is an approximation within 2 ulp).
+// Under -fsanitize=address the fiber switches are annotated (__sanitizer_start_switch_fiber /
+// __sanitizer_finish_switch_fiber) so that ASan follows the stacks.
+#pragma once
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define SIMT_ASAN 1
+#else
+#define SIMT_ASAN 0
+#endif
+
+// ------------------------------------------------------------------------------------------
+// qualifiers and launch syntax
+// ------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __shared__ static __attribute__((section("simt_shared")))
+#define SLM_LAUNCH(grid, block, smem, stream, ...) \
+  ::simt::Launcher((grid), (block), (smem), (stream), __VA_ARGS__)
+
+// ------------------------------------------------------------------------------------------
+// vector types
+// ------------------------------------------------------------------------------------------
+struct uint3 {
+  unsigned int x, y, z;
+};
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+      : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+  return uint4{x, y, z, w};
+}
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
+// ------------------------------------------------------------------------------------------
+// runtime API subset
+// ------------------------------------------------------------------------------------------
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMaxGridDimX = 5,
+  cudaDevAttrMaxGridDimY = 6,
+  cudaDevAttrMaxGridDimZ = 7,
+  cudaDevAttrMultiProcessorCount = 16,
+};
+
+namespace simt {
+
+enum class Order { kForward, kReverse, kRandom };
+
+// Device limits and scheduling of the emulated device; tests change them between launches.
+struct Config {
+  Order order = Order::kForward;
+  uint64_t seed = 0;
+  unsigned int max_grid_x = 2147483647u;  // 2^31 - 1, as on sm_80 / sm_90
+  unsigned int max_grid_y = 65535u;
+  unsigned int max_grid_z = 65535u;
+  unsigned int max_threads_per_block = 1024u;
+  int multiprocessors = 4;
+  bool poison_shared = true;
+  cudaError_t fail_next_launch = cudaSuccess;  // fault injection: the next launch fails so
+};
+
+inline Config& config() {
+  static Config c;
+  return c;
+}
+
+namespace detail {
+
+struct Fiber {
+  enum State { kReady, kBarrier, kWarp, kDone };
+  ucontext_t ctx;
+  char* stack = nullptr;
+  size_t stack_size = 0;
+  uint3 tid{0, 0, 0};
+  int linear = 0;
+  State state = kReady;
+  // barrier / warp op in progress
+  const char* file = nullptr;
+  int line = 0;
+  int op = 0;
+  unsigned int mask = 0;
+  uint64_t value = 0;
+  int param = 0;
+  uint64_t result = 0;
+  void* fake_stack = nullptr;
+};
+
+enum WarpOp { kShflXor = 1, kShflDown = 2, kBallot = 3 };
+
+struct Runtime {
+  std::vector<Fiber> fibers;
+  std::vector<int> queue;  // runnable fibers, run front to back
+  size_t queue_head = 0;
+  Fiber* cur = nullptr;
+  ucontext_t sched_ctx;
+  const std::function<void()>* body = nullptr;
+  uint3 block_idx{0, 0, 0};
+  dim3 block_dim, grid_dim;
+  int nthreads = 0;
+  std::mt19937_64 rng;
+  std::string error;  // set by a fiber or the scheduler: aborts the block
+  cudaError_t last_error = cudaSuccess;
+  std::string last_message;
+  bool in_kernel = false;
+  // ASan: the scheduler's stack, learnt on the first switch into a fiber
+  const void* main_bottom = nullptr;
+  size_t main_size = 0;
+  bool stacks_dirty = false;  // a block was aborted: unpoison fiber stacks before reuse
+};
+
+inline Runtime& rt() {
+  static Runtime r;
+  return r;
+}
+
+inline size_t stack_bytes() { return SIMT_ASAN ? (256u << 10) : (64u << 10); }
+
+inline void ensure_fibers(int n) {
+  Runtime& r = rt();
+  while (static_cast<int>(r.fibers.size()) < n) {
+    r.fibers.emplace_back();
+    Fiber& f = r.fibers.back();
+    const size_t page = 4096;
+    f.stack_size = stack_bytes();
+    void* p = mmap(nullptr, f.stack_size + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "simt: cannot map a fiber stack\n");
+      std::abort();
+    }
+    mprotect(p, page, PROT_NONE);  // guard page below the stack: overflow faults
+    f.stack = static_cast<char*>(p) + page;
+  }
+}
+
+// fiber -> scheduler
+inline void yield_to_scheduler(bool dying) {
+  Runtime& r = rt();
+  Fiber* f = r.cur;
+#if SIMT_ASAN
+  __sanitizer_start_switch_fiber(dying ? nullptr : &f->fake_stack, r.main_bottom, r.main_size);
+#else
+  (void)dying;
+#endif
+  swapcontext(&f->ctx, &r.sched_ctx);
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(f->fake_stack, &r.main_bottom, &r.main_size);
+#endif
+}
+
+inline void fiber_entry() {
+  Runtime& r = rt();
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &r.main_bottom, &r.main_size);
+#endif
+  (*r.body)();
+  r.cur->state = Fiber::kDone;
+  yield_to_scheduler(true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// scheduler -> fiber
+inline void resume(Fiber& f) {
+  Runtime& r = rt();
+  r.cur = &f;
+  void* fake = nullptr;
+#if SIMT_ASAN
+  __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_size);
+#endif
+  swapcontext(&r.sched_ctx, &f.ctx);
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  (void)fake;
+#endif
+  r.cur = nullptr;
+}
+
+inline void fail(const std::string& msg) {
+  Runtime& r = rt();
+  if (r.error.empty()) r.error = msg;
+}
+
+inline std::string where(const Fiber& f) {
+  return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," +
+         std::to_string(f.tid.z) + ") of block (" + std::to_string(rt().block_idx.x) + "," +
+         std::to_string(rt().block_idx.y) + "," + std::to_string(rt().block_idx.z) + ")";
+}
+
+inline std::string site(const Fiber& f) {
+  return std::string(f.file ? f.file : "?") + ":" + std::to_string(f.line);
+}
+
+// Queue `ids` (released together) in the configured order.
+inline void release(std::vector<int>& ids) {
+  Runtime& r = rt();
+  switch (config().order) {
+    case Order::kForward:
+      std::sort(ids.begin(), ids.end());
+      break;
+    case Order::kReverse:
+      std::sort(ids.begin(), ids.end(), std::greater<int>());
+      break;
+    case Order::kRandom:
+      std::shuffle(ids.begin(), ids.end(), r.rng);
+      break;
+  }
+  for (int i : ids) {
+    r.fibers[static_cast<size_t>(i)].state = Fiber::kReady;
+    r.queue.push_back(i);
+  }
+}
+
+inline Fiber* current() {
+  Fiber* f = rt().cur;
+  if (f == nullptr) {
+    std::fprintf(stderr, "simt: a device builtin was used outside a kernel\n");
+    std::abort();
+  }
+  return f;
+}
+
+inline void syncthreads(const char* file, int line) {
+  Fiber* f = current();
+  f->state = Fiber::kBarrier;
+  f->file = file;
+  f->line = line;
+  yield_to_scheduler(false);
+}
+
+// Called by the last lane that arrives: every lane of the mask is waiting at a warp op.
+inline void try_complete_warp(Fiber& me) {
+  Runtime& r = rt();
+  const int warp_base = me.linear & ~31;
+  const unsigned int mask = me.mask;
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const int id = warp_base + l;
+    if (id >= r.nthreads) {
+      fail("warp op mask 0x" + std::to_string(mask) + " names lane " + std::to_string(l) +
+           " that does not exist (block of " + std::to_string(r.nthreads) + " threads) at " +
+           site(me));
+      return;
+    }
+    const Fiber& o = r.fibers[static_cast<size_t>(id)];
+    if (o.state == Fiber::kDone) {
+      fail("warp op at " + site(me) + " by " + where(me) + " names lane " + std::to_string(l) +
+           ", which has exited");
+      return;
+    }
+    if (o.state != Fiber::kWarp) return;  // not there yet (or at a barrier: deadlock later)
+  }
+  std::vector<int> ids;
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const Fiber& o = r.fibers[static_cast<size_t>(warp_base + l)];
+    if (o.op != me.op || o.mask != mask) {
+      fail("lanes disagree on a warp op: " + site(me) + " (mask " + std::to_string(mask) +
+           ") vs " + site(o) + " (mask " + std::to_string(o.mask) + ")");
+      return;
+    }
+    ids.push_back(warp_base + l);
+  }
+  for (int id : ids) {
+    Fiber& o = r.fibers[static_cast<size_t>(id)];
+    const int lane = id & 31;
+    if (o.op == kBallot) {
+      uint64_t bits = 0;
+      for (int l = 0; l < 32; ++l) {
+        if ((mask >> l & 1u) && r.fibers[static_cast<size_t>(warp_base + l)].value) {
+          bits |= 1ull << l;
+        }
+      }
+      o.result = bits;
+      continue;
+    }
+    int src = lane;
+    if (o.op == kShflXor) src = lane ^ o.param;
+    if (o.op == kShflDown) src = lane + o.param < 32 ? lane + o.param : lane;
+    if (src < 0 || src > 31 || !(mask >> src & 1u)) {
+      fail("shuffle at " + site(o) + ": lane " + std::to_string(lane) + " reads lane " +
+           std::to_string(src) + ", which is not in the mask");
+      return;
+    }
+    o.result = r.fibers[static_cast<size_t>(warp_base + src)].value;
+  }
+  release(ids);
+}
+
+inline uint64_t warp_op(int op, unsigned int mask, uint64_t value, int param, const char* file,
+                        int line) {
+  Fiber* f = current();
+  const int lane = f->linear & 31;
+  if (!(mask >> lane & 1u)) {
+    fail("warp op at " + std::string(file) + ":" + std::to_string(line) + " by " + where(*f) +
+         ": the calling lane is not in its mask");
+  }
+  f->state = Fiber::kWarp;
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->param = param;
+  f->file = file;
+  f->line = line;
+  try_complete_warp(*f);
+  yield_to_scheduler(false);
+  return f->result;
+}
+
+template <typename T>
+uint64_t to_bits(T v) {
+  static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffle type");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+// The queue is empty and some fibers are not done: release a barrier or report why not.
+inline bool release_barrier_or_fail() {
+  Runtime& r = rt();
+  std::vector<int> at_barrier;
+  int done = 0;
+  const Fiber* first = nullptr;
+  for (int i = 0; i < r.nthreads; ++i) {
+    Fiber& f = r.fibers[static_cast<size_t>(i)];
+    if (f.state == Fiber::kDone) {
+      ++done;
+    } else if (f.state == Fiber::kBarrier) {
+      at_barrier.push_back(i);
+      if (first == nullptr) first = &f;
+    }
+  }
+  const int waiting = r.nthreads - done;
+  if (static_cast<int>(at_barrier.size()) != waiting) {
+    for (int i = 0; i < r.nthreads; ++i) {
+      const Fiber& f = r.fibers[static_cast<size_t>(i)];
+      if (f.state == Fiber::kWarp) {
+        fail("deadlock: " + where(f) + " waits at the warp op at " + site(f) +
+             " for lanes that never arrive (" + std::to_string(at_barrier.size()) +
+             " threads wait at __syncthreads)");
+        return false;
+      }
+    }
+    fail("deadlock: no runnable thread");
+    return false;
+  }
+  for (int i : at_barrier) {
+    const Fiber& f = r.fibers[static_cast<size_t>(i)];
+    if (f.line != first->line || std::strcmp(f.file, first->file) != 0) {
+      fail("divergent __syncthreads: " + where(*first) + " waits at " + site(*first) + ", " +
+           where(f) + " at " + site(f));
+      return false;
+    }
+  }
+  if (done > 0) {
+    fail("__syncthreads at " + site(*first) + " is not reached by " + std::to_string(done) +
+         " threads of the block, which have exited");
+    return false;
+  }
+  release(at_barrier);
+  return true;
+}
+
+extern "C" char __start_simt_shared[] __attribute__((weak));
+extern "C" char __stop_simt_shared[] __attribute__((weak));
+
+inline void run_block() {
+  Runtime& r = rt();
+  if (config().poison_shared && __start_simt_shared != nullptr) {
+    std::memset(__start_simt_shared, 0xFF,
+                static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
+  }
+#if SIMT_ASAN
+  if (r.stacks_dirty) {
+    for (Fiber& f : r.fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
+    r.stacks_dirty = false;
+  }
+#endif
+  std::vector<int> all;
+  for (int i = 0; i < r.nthreads; ++i) {
+    Fiber& f = r.fibers[static_cast<size_t>(i)];
+    const unsigned int bx = r.block_dim.x, by = r.block_dim.y;
+    f.linear = i;
+    f.tid = uint3{static_cast<unsigned int>(i) % bx, static_cast<unsigned int>(i) / bx % by,
+                  static_cast<unsigned int>(i) / (bx * by)};
+    f.fake_stack = nullptr;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = f.stack_size;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+    all.push_back(i);
+  }
+  r.queue.clear();
+  r.queue_head = 0;
+  release(all);
+  for (;;) {
+    while (r.queue_head < r.queue.size() && r.error.empty()) {
+      const int id = r.queue[r.queue_head++];
+      resume(r.fibers[static_cast<size_t>(id)]);
+    }
+    if (!r.error.empty()) break;
+    r.queue.clear();
+    r.queue_head = 0;
+    bool all_done = true;
+    for (int i = 0; i < r.nthreads; ++i) {
+      all_done = all_done && r.fibers[static_cast<size_t>(i)].state == Fiber::kDone;
+    }
+    if (all_done) return;
+    if (!release_barrier_or_fail()) break;
+  }
+  r.stacks_dirty = true;  // fibers abandoned mid-stack
+}
+
+inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  Runtime& r = rt();
+  Config& c = config();
+  if (c.fail_next_launch != cudaSuccess) {
+    r.last_error = c.fail_next_launch;
+    r.last_message = "injected launch failure";
+    c.fail_next_launch = cudaSuccess;
+    return;
+  }
+  const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > c.max_grid_x ||
+      grid.y > c.max_grid_y || grid.z > c.max_grid_z || threads == 0 ||
+      threads > c.max_threads_per_block) {
+    r.last_error = cudaErrorInvalidConfiguration;
+    r.last_message = "invalid launch configuration: grid (" + std::to_string(grid.x) + "," +
+                     std::to_string(grid.y) + "," + std::to_string(grid.z) + "), block (" +
+                     std::to_string(block.x) + "," + std::to_string(block.y) + "," +
+                     std::to_string(block.z) + ")";
+    return;
+  }
+  if (r.in_kernel) {
+    std::fprintf(stderr, "simt: launch from inside a kernel is not supported\n");
+    std::abort();
+  }
+  ensure_fibers(static_cast<int>(threads));
+  r.in_kernel = true;
+  r.body = &body;
+  r.grid_dim = grid;
+  r.block_dim = block;
+  r.nthreads = static_cast<int>(threads);
+  r.rng.seed(c.seed);
+  r.error.clear();
+  for (unsigned int z = 0; z < grid.z && r.error.empty(); ++z) {
+    for (unsigned int y = 0; y < grid.y && r.error.empty(); ++y) {
+      for (unsigned int x = 0; x < grid.x && r.error.empty(); ++x) {
+        r.block_idx = uint3{x, y, z};
+        run_block();
+      }
+    }
+  }
+  r.in_kernel = false;
+  r.body = nullptr;
+  if (!r.error.empty()) {
+    r.last_error = cudaErrorLaunchFailure;
+    r.last_message = r.error;
+  }
+}
+
+}  // namespace detail
+
+// SLM_LAUNCH(grid, block, smem, stream, kernel)(args...)
+template <typename... P>
+struct Launcher {
+  dim3 grid, block;
+  void (*kernel)(P...);
+  Launcher(dim3 g, dim3 b, size_t smem, cudaStream_t stream, void (*k)(P...))
+      : grid(g), block(b), kernel(k) {
+    (void)smem;
+    (void)stream;
+  }
+  template <typename... A>
+  void operator()(A&&... args) const {
+    std::tuple<P...> bound(std::forward<A>(args)...);  // by value, like a kernel launch
+    auto fn = kernel;
+    const std::function<void()> body = [&bound, fn]() { std::apply(fn, bound); };
+    detail::launch(grid, block, body);
+  }
+};
+template <typename... P>
+Launcher(dim3, dim3, size_t, cudaStream_t, void (*)(P...)) -> Launcher<P...>;
+
+// Error of the last failed launch (and its message), cleared by the call.
+inline cudaError_t take_error(std::string* message) {
+  detail::Runtime& r = detail::rt();
+  const cudaError_t e = r.last_error;
+  if (message) *message = r.last_message;
+  r.last_error = cudaSuccess;
+  r.last_message.clear();
+  return e;
+}
+
+}  // namespace simt
+
+// ------------------------------------------------------------------------------------------
+// built-in variables and device functions
+// ------------------------------------------------------------------------------------------
+#define threadIdx (static_cast<const uint3&>(::simt::detail::current()->tid))
+#define blockIdx (static_cast<const uint3&>(::simt::detail::rt().block_idx))
+#define blockDim (static_cast<const dim3&>(::simt::detail::rt().block_dim))
+#define gridDim (static_cast<const dim3&>(::simt::detail::rt().grid_dim))
+#define warpSize 32
+#define __syncthreads() ::simt::detail::syncthreads(__FILE__, __LINE__)
+
+template <typename T>
+inline T __shfl_xor_sync_impl(unsigned int mask, T v, int lane_mask, const char* file, int line) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(kShflXor, mask, to_bits(v), lane_mask, file, line));
+}
+template <typename T>
+inline T __shfl_down_sync_impl(unsigned int mask, T v, unsigned int delta, const char* file,
+                               int line) {
+  using namespace ::simt::detail;
+  return from_bits<T>(warp_op(kShflDown, mask, to_bits(v), static_cast<int>(delta), file, line));
+}
+inline unsigned int __ballot_sync_impl(unsigned int mask, int pred, const char* file, int line) {
+  using namespace ::simt::detail;
+  return static_cast<unsigned int>(warp_op(kBallot, mask, pred != 0, 0, file, line));
+}
+#define __shfl_xor_sync(mask, v, lane_mask) __shfl_xor_sync_impl(mask, v, lane_mask, __FILE__, __LINE__)
+#define __shfl_down_sync(mask, v, delta) __shfl_down_sync_impl(mask, v, delta, __FILE__, __LINE__)
+#define __ballot_sync(mask, pred) __ballot_sync_impl(mask, pred, __FILE__, __LINE__)
+
+// Fibers switch only at barriers and warp ops, so a read-modify-write is atomic.
+template <typename T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T atomicMax(T* p, T v) {
+  const T old = *p;
+  *p = old < v ? v : old;
+  return old;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+inline float __int_as_float(int u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline int __float_as_int(float f) {
+  int u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// ------------------------------------------------------------------------------------------
+// __half / __nv_bfloat16 (storage types; conversions round to nearest even)
+// ------------------------------------------------------------------------------------------
+struct alignas(2) __half {
+  unsigned short x;
+};
+struct alignas(4) __half2 {
+  __half x, y;
+};
+struct alignas(2) __nv_bfloat16 {
+  unsigned short x;
+};
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+inline float __half2float(__half h) {
+  _Float16 v;  // GCC >= 12: IEEE binary16 with correctly rounded conversions
+  std::memcpy(&v, &h.x, sizeof(v));
+  return static_cast<float>(v);
+}
+inline __half __float2half_rn(float f) {
+  const _Float16 v = static_cast<_Float16>(f);
+  __half h;
+  std::memcpy(&h.x, &v, sizeof(v));
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  return __uint_as_float(static_cast<unsigned int>(b.x) << 16);
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  const unsigned int u = __float_as_uint(f);
+  __nv_bfloat16 b;
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+    b.x = static_cast<unsigned short>((u >> 16) | 0x40u);  // NaN stays (quiet) NaN
+  } else {
+    b.x = static_cast<unsigned short>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  return b;
+}
+inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) {
+  return __half2{__float2half_rn(a), __float2half_rn(b)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) {
+  return float2{__bfloat162float(h.x), __bfloat162float(h.y)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return __nv_bfloat162{__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+
+// ------------------------------------------------------------------------------------------
+// runtime API
+// ------------------------------------------------------------------------------------------
+inline cudaError_t cudaGetLastError() { return ::simt::take_error(nullptr); }
+inline cudaError_t cudaPeekAtLastError() { return ::simt::detail::rt().last_error; }
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorLaunchOutOfResources:
+      return "too many resources requested for launch";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  (void)device;
+  const ::simt::Config& c = ::simt::config();
+  switch (attr) {
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = static_cast<int>(c.max_threads_per_block);
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimX:
+      *value = static_cast<int>(c.max_grid_x);
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimY:
+      *value = static_cast<int>(c.max_grid_y);
+      return cudaSuccess;
+    case cudaDevAttrMaxGridDimZ:
+      *value = static_cast<int>(c.max_grid_z);
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = c.multiprocessors;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t stream = nullptr) {
+  (void)stream;
+  std::memset(p, v, n);
+  return cudaSuccess;
+}

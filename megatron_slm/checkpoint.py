@@ -1,0 +1,432 @@
+"""Checkpoints: megatron-core distributed checkpoints, resumable at any TP/PP.
+
+Layout (Megatron-LM's, so its tooling recognises it)::
+
+    <dir>/latest_checkpointed_iteration.txt     the newest complete iteration ("100")
+    <dir>/iter_0000100/                          megatron-core dist_checkpointing directory
+        (model, optimizer: sharded; scheduler, consumed samples: common state)
+        megatron_slm.json                        model architecture + tokenizer + run metadata
+        rng/rank_00000.pt                        per-rank RNG states (exact resume)
+
+A checkpoint is written into ``iter_N.partial`` and renamed after every rank finished, and the
+tracker file is replaced atomically last: a crash mid-save never leaves a half checkpoint that a
+later ``--load`` would pick up.
+
+Checkpoints describe themselves (``megatron_slm.json``, the one home of checkpoint facts): the full
+architecture and how it was chosen (preset + overrides), the tokenizer (type, file, vocabulary
+size, sha256 of its model file), the padded vocabulary and its divisor, the parameter dtype and the
+parallel layout it was saved with. Every loader reads them, so ``--load DIR`` alone is enough;
+:func:`resolve_architecture` and :func:`check_tokenizer` refuse flags that contradict them before
+any work. Keys are only ever added: checkpoints of older versions of this code keep loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_slm.atomic_io import write_text_atomic
+from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
+from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
+from megatron_slm.models.sharding import unwrap
+
+logger = logging.getLogger("megatron_slm")
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "megatron_slm.json"
+FORMAT_VERSION = 1
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The newest complete iteration in ``root`` (None when there is none)."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def resolve_checkpoint(path: str, flag: str = "--load") -> str:
+    """A checkpoint root (with a tracker) or an ``iter_N`` directory → the iteration directory."""
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: no such checkpoint directory")
+    if os.path.isfile(os.path.join(path, METADATA)):
+        return path
+    iteration = latest_iteration(path)
+    if iteration is None:
+        raise ValueError(f"{flag} {path}: no {TRACKER} and no {METADATA}: not a checkpoint")
+    return iteration_dir(path, iteration)
+
+
+def read_metadata(path: str, flag: str = "--load") -> dict:
+    """Metadata of the checkpoint at ``path`` (root or iteration directory)."""
+    ckpt = resolve_checkpoint(path, flag)
+    meta_path = os.path.join(ckpt, METADATA)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{flag}: cannot read {meta_path}: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    return meta
+
+
+def model_config_from_checkpoint(path: str, flag: str = "--load") -> GPTModelConfig:
+    return GPTModelConfig(**read_metadata(path, flag)["model"])
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+@dataclass
+class CheckpointState:
+    iteration: int
+    consumed_samples: int
+    metadata: dict
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    *,
+    consumed_samples: int = 0,
+    model_config: GPTModelConfig,
+    metadata: dict | None = None,
+) -> str:
+    """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
+
+    ``metadata`` adds to the recorded facts: ``tokenizer`` (:func:`tokenizer_record`),
+    ``model_args`` (``ModelArgs.record()``), ``make_vocab_size_divisible_by``, ``params_dtype``."""
+    rank = dist.get_rank()
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, partial)
+    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "consumed_samples": consumed_samples,
+            "model": dataclasses.asdict(model_config),
+            # The embedding's rows at this TP (GPTModel keeps the padded size it was built with).
+            "padded_vocab_size": unwrap(chunks[0]).vocab_size,
+            "world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            **(metadata or {}),
+        }
+        write_text_atomic(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        write_text_atomic(os.path.join(root, TRACKER), str(iteration))
+        logger.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    *,
+    weights_only: bool = False,
+    flag: str = "--load",
+) -> CheckpointState:
+    """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
+
+    Works at any TP/PP: megatron-core reshards on load. With a different parallel layout the
+    per-rank RNG states do not apply and are skipped (with a log line).
+    """
+    ckpt = resolve_checkpoint(path, flag)
+    meta = read_metadata(ckpt, flag)
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None and not weights_only:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    loaded = dist_checkpointing.load(state, ckpt)
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    if weights_only:
+        return CheckpointState(0, 0, meta)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    same_layout = (
+        meta.get("world_size") == dist.get_world_size()
+        and meta.get("tensor_model_parallel_size")
+        == parallel_state.get_tensor_model_parallel_world_size()
+        and meta.get("pipeline_model_parallel_size")
+        == parallel_state.get_pipeline_model_parallel_world_size()
+    )
+    rng_file = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
+    if same_layout and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        logger.info("parallel layout differs from the checkpoint's: RNG states not restored")
+    return CheckpointState(int(loaded["iteration"]), int(loaded["consumed_samples"]), meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint facts: what a checkpoint says about itself, and the flags that may contradict it
+# ---------------------------------------------------------------------------------------------
+def tokenizer_record(tokenizer_type: str, tokenizer_model: str | None, tokenizer) -> dict:
+    """The tokenizer identity a checkpoint records (absolute path: tools run from other dirs)."""
+    record = {
+        "type": tokenizer_type,
+        "model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    sha = tokenizer.unique_identifiers.get("sha256")
+    if sha:
+        record["sha256"] = sha
+    return record
+
+
+def checkpoint_tensor_info(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor of a checkpoint (reads metadata only)."""
+    meta = dist_checkpointing.load_tensors_metadata(resolve_checkpoint(path))
+    return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
+
+
+def divisible_by_for_padded(vocab: int, padded: int, divisible_by: int, tp: int) -> int:
+    """A ``--make-vocab-size-divisible-by`` giving exactly ``padded`` rows at this TP size (the
+    one vocabulary-padding rule of every loader: a checkpoint's padded rows are kept)."""
+    if padded_vocab_size(vocab, divisible_by, tp) == padded:
+        return divisible_by
+    if padded % tp == 0 and padded >= vocab:
+        return padded // tp
+    raise ValueError(
+        f"the checkpoint's padded vocabulary {padded} cannot be split over "
+        f"--tensor-model-parallel-size {tp}"
+    )
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """The recorded facts of one checkpoint (an iteration directory)."""
+
+    path: str
+    meta: dict
+    flag: str = "--load"
+
+    @property
+    def model(self) -> GPTModelConfig:
+        try:
+            return GPTModelConfig(**self.meta["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{self.flag} {self.path}: bad model config in {METADATA} ({e})"
+            ) from None
+
+    @property
+    def padded_vocab_size(self) -> int:
+        if self.meta.get("padded_vocab_size"):
+            return int(self.meta["padded_vocab_size"])
+        for key, (shape, _) in checkpoint_tensor_info(self.path).items():
+            if key.endswith(("embedding.word_embeddings.weight", "output_layer.weight")):
+                return shape[0]
+        raise ValueError(f"{self.flag} {self.path}: no embedding or output layer tensor")
+
+    @property
+    def vocab_divisor(self) -> int:
+        return int(self.meta.get("make_vocab_size_divisible_by") or DEFAULT_VOCAB_DIVISOR)
+
+    @property
+    def tokenizer(self) -> dict | None:
+        return self.meta.get("tokenizer") or None
+
+    @property
+    def seq_length(self) -> int | None:
+        """The sequence length the model was trained with, when recorded."""
+        training = (self.meta.get("config") or {}).get("training") or {}
+        value = self.meta.get("seq_length") or training.get("seq_length")
+        return int(value) if value else None
+
+    @property
+    def params_dtype(self) -> torch.dtype | None:
+        name = self.meta.get("params_dtype")
+        return getattr(torch, name) if name else None
+
+    def divisor_for(self, tensor_model_parallel_size: int) -> int:
+        """The vocabulary divisor that keeps this checkpoint's padded rows at this TP size."""
+        try:
+            return divisible_by_for_padded(
+                self.model.vocab_size,
+                self.padded_vocab_size,
+                self.vocab_divisor,
+                tensor_model_parallel_size,
+            )
+        except ValueError as e:
+            raise ValueError(f"{self.flag} {self.path}: {e}") from None
+
+
+def read_checkpoint(path: str, flag: str = "--load") -> CheckpointInfo:
+    ckpt = resolve_checkpoint(path, flag)
+    return CheckpointInfo(ckpt, read_metadata(ckpt, flag), flag)
+
+
+def resolve_architecture(
+    model_args: ModelArgs,
+    checkpoint: CheckpointInfo | None,
+    vocab_size: int | None,
+    vocab_source: str = "the tokenizer",
+) -> GPTModelConfig:
+    """The architecture to build: the checkpoint's when there is one (explicit flags must agree
+    with it), else the flags' own with the tokenizer's vocabulary. Errors name the flag and both
+    values; the TP/PP layout is free (it is not part of the architecture)."""
+    if checkpoint is None:
+        if vocab_size is None:
+            raise ValueError("no tokenizer and no --load checkpoint: the vocabulary is unknown")
+        return model_args.architecture(vocab_size)
+    arch = checkpoint.model
+    where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
+    if model_args.model_preset is not None:
+        preset = get_preset(model_args.model_preset).replace(**model_args.overrides())
+        for f in dataclasses.fields(GPTModelConfig):
+            if f.name == "vocab_size" or f.name in model_args.overrides():
+                continue
+            mine, theirs = getattr(preset, f.name), getattr(arch, f.name)
+            if mine != theirs:
+                flag = f"--{f.name.replace('_', '-')}"
+                raise ValueError(
+                    f"--model-preset {model_args.model_preset} has {flag} {mine}, but {where} "
+                    f"has {theirs}: drop --model-preset to use the checkpoint's architecture"
+                )
+    for name, value in model_args.overrides().items():
+        if value != getattr(arch, name):
+            raise ValueError(
+                f"--{name.replace('_', '-')} {value} contradicts {where} "
+                f"({getattr(arch, name)}): drop the flag to use the checkpoint's architecture"
+            )
+    if vocab_size is not None and vocab_size != arch.vocab_size:
+        raise ValueError(
+            f"{vocab_source} has {vocab_size} ids, but {where} was trained with a vocabulary of "
+            f"{arch.vocab_size}"
+        )
+    return arch
+
+
+def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, flag: str) -> None:
+    """A tokenizer given by flags must be the checkpoint's (same type: same model file hash)."""
+    recorded = checkpoint.tokenizer
+    if not recorded or tokenizer is None:
+        return
+    where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
+    if tokenizer.vocab_size != recorded.get("vocab_size", tokenizer.vocab_size):
+        raise ValueError(
+            f"{flag}: the tokenizer has {tokenizer.vocab_size} ids, {where} recorded "
+            f"{recorded['vocab_size']} ({recorded.get('model')})"
+        )
+    sha, theirs = tokenizer.unique_identifiers.get("sha256"), recorded.get("sha256")
+    if tokenizer_type == recorded.get("type") and sha and theirs and sha != theirs:
+        raise ValueError(
+            f"{flag}: tokenizer model sha256 {sha} differs from {where}'s "
+            f"{theirs} ({recorded.get('model')}): not the tokenizer the model was trained with"
+        )
+
+
+def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = True):
+    """The tokenizer from ``TokenizerArgs`` flags, else the checkpoint's record; checked against
+    the checkpoint. Returns ``(tokenizer or None, type, model path)``; None only when neither the
+    flags nor the checkpoint name one and ``required`` is False."""
+    from megatron_slm.data.tokenizer import build_tokenizer
+
+    recorded = (checkpoint.tokenizer if checkpoint else None) or {}
+    given = any(v is not None for v in (args.tokenizer_type, args.tokenizer_model, args.vocab_size))
+    if given:
+        default = "NullTokenizer" if args.vocab_size and not args.tokenizer_model else None
+        ttype = args.tokenizer_type or recorded.get("type") or default or "SentencePieceTokenizer"
+        model, vocab = args.tokenizer_model, args.vocab_size
+        if ttype == recorded.get("type"):
+            model = model or recorded.get("model")
+            vocab = vocab or recorded.get("vocab_size")
+        flag = next(
+            f"--{name.replace('_', '-')}"
+            for name in ("tokenizer_model", "tokenizer_type", "vocab_size")
+            if getattr(args, name) is not None
+        )
+    elif recorded:
+        ttype, model, vocab = recorded["type"], recorded.get("model"), recorded.get("vocab_size")
+        flag = f"the tokenizer recorded in {checkpoint.flag} {checkpoint.path}"
+    elif required:
+        raise ValueError(
+            "no tokenizer: pass --tokenizer-type/--tokenizer-model"
+            + ("" if checkpoint is None else f" (the checkpoint {checkpoint.path} records none)")
+        )
+    else:
+        return None, None, None
+    if ttype != "NullTokenizer" and not model:
+        raise ValueError(f"--tokenizer-type {ttype} needs --tokenizer-model")
+    try:
+        tokenizer = build_tokenizer(ttype, model, vocab)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{flag}: cannot load the {ttype} {model or ''}: {e}") from None
+    if checkpoint is not None and given:
+        check_tokenizer(checkpoint, tokenizer, ttype, flag)
+    return tokenizer, ttype, model

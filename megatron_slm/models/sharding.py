@@ -1,0 +1,54 @@
+"""Where a full (TP=1, PP=1) tensor lives in this rank's model chunks.
+
+Used by everything that moves whole tensors in or out of sharded megatron-core chunks: Hugging Face
+import, parameter inheritance, embedding remapping. megatron-core marks each tensor-parallel
+parameter with ``tensor_model_parallel`` and ``partition_dim``; pipeline chunks number their layers
+locally, ``layer_number`` (1-based) is global.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_LOCAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_name(chunk, local_name: str) -> str:
+    """Local parameter name of a pipeline chunk -> name in the full (PP=1) model."""
+    m = _LOCAL_LAYER.fullmatch(local_name)
+    if not m:
+        return local_name
+    layer = unwrap(chunk).decoder.layers[int(m.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+
+
+def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, tp: int, rank: int):
+    """This TP rank's slice of the full tensor for ``param`` (megatron's partition attributes).
+
+    ``linear_fc1`` holds ``[gate; up]``, and its shard is ``[gate_r; up_r]`` (not one block)."""
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return full
+    dim = param.partition_dim
+    if full.shape[dim] % tp:
+        raise ValueError(
+            f"tensor {name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
+            f"tensor-parallel size {tp}"
+        )
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def full_state_dict(chunk) -> dict[str, torch.Tensor]:
+    """Parameters of a TP=1/PP=1 chunk (no ``_extra_state``)."""
+    return {k: v for k, v in unwrap(chunk).state_dict().items() if not k.endswith("_extra_state")}

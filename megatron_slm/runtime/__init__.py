@@ -1,0 +1,16 @@
+"""The one way to run a trained model: load a checkpoint at any TP/PP, compute per-token losses.
+
+Every consumer builds on this package: the offline scorer, the evaluator, the trainer's online
+reference, and the tools that follow (ProX generation, parameter inheritance, batch scoring).
+Entry points own the process groups (``megatron_slm.launch.initialize`` / ``shutdown``); this
+package only uses the parallel state they set up.
+"""
+
+from megatron_slm.runtime.forward import (
+    forward_logits,
+    per_token_losses,
+    sequence_losses,
+)
+from megatron_slm.runtime.loader import LoadedModel, load_model
+
+__all__ = ["LoadedModel", "forward_logits", "load_model", "per_token_losses", "sequence_losses"]

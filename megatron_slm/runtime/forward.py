@@ -1,0 +1,147 @@
+"""Forward passes of a :class:`~megatron_slm.runtime.loader.LoadedModel`: per-token losses over
+packed or length-sorted micro-batches (any TP/PP), logits for generation (PP=1).
+
+A *batch* is any object with ``tokens``, ``labels``, ``position_ids`` (``[b, s]`` int64) and
+``attention_mask`` (``[b, 1, s, s]`` bool, True = masked, or None for plain causal attention), such
+as ``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
+
+Losses are the fused vocab-parallel cross entropy (``megatron_slm.ops.selective_cross_entropy``,
+ratio 1, no gradient) on the ``[s, b, v/tp]`` logits: no gathered ``[tokens, vocab]`` tensor at
+any TP size. By default the softmax spans the padded vocabulary, as in training (Megatron-LM's
+convention, and what the offline scorer has always written); ``real_vocab_only`` drops the padding
+rows, which makes losses of an imported model equal Hugging Face's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_slm.runtime.loader import LoadedModel
+
+
+@dataclass
+class Rows:
+    """A plain micro-batch: one sequence per row."""
+
+    tokens: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]
+    position_ids: torch.Tensor  # [b, s]
+    attention_mask: torch.Tensor | None = None  # [b, 1, s, s], True = masked
+
+    @classmethod
+    def causal(cls, tokens: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> Rows:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return cls(tokens, labels, positions, attention_mask)
+
+
+def _forward(lm: LoadedModel, chunk, batch):
+    """One chunk's forward: logits ``[b, s, v/tp]`` on the last stage, hidden ``[s, b, h]`` else.
+
+    megatron-core's RoPE rotates by the position in the row, not by ``position_ids`` (passed
+    anyway: learned absolute embeddings would use them). Rotary attention depends only on the
+    distance between query and key, so a document packed at offset ``o`` scores as if alone, up to
+    rounding (the scorer's exactness tests bound it)."""
+    dev = lm.device
+    mask = None if batch.attention_mask is None else batch.attention_mask.to(dev)
+    return chunk(batch.tokens.to(dev), batch.position_ids.to(dev), mask)
+
+
+def _mask_padding_rows(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """-inf on the columns of this TP rank's vocabulary shard that are padding rows."""
+    from megatron.core import parallel_state
+
+    v_local = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * v_local
+    first_pad = max(0, lm.vocab_size - start)
+    if first_pad < v_local:
+        logits[..., first_pad:] = float("-inf")
+    return logits
+
+
+def _losses_of(lm: LoadedModel, logits: torch.Tensor, batch, real_vocab_only: bool):
+    from megatron_slm.ops import selective_cross_entropy
+
+    if real_vocab_only:
+        logits = _mask_padding_rows(lm, logits)
+    # [b, s, v/tp] -> [s, b, v/tp]; fp32 loss, the TP all-reduce happens inside the op.
+    out = selective_cross_entropy(
+        logits.transpose(0, 1), batch.labels.to(lm.device).transpose(0, 1)
+    )
+    return out.loss.transpose(0, 1).float()  # [b, s], on the model's device
+
+
+@torch.no_grad()
+def per_token_losses(lm: LoadedModel, batches: list, real_vocab_only: bool = False):
+    """``[b, s]`` float32 loss of every label of each batch (tensors on the model's device) on the
+    last pipeline stage; an empty list on the others. With PP > 1 the batches are one forward-only
+    pipeline schedule, so they must share one shape."""
+    if len(lm.chunks) == 1 and _pp_size() == 1:
+        (chunk,) = lm.chunks
+        return [_losses_of(lm, _forward(lm, chunk, b), b, real_vocab_only) for b in batches]
+    return _pipeline_losses(lm, batches, real_vocab_only)
+
+
+def _pp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def _pipeline_losses(lm: LoadedModel, batches: list, real_vocab_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    collected: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        output = _forward(lm, chunk, batch)
+
+        def loss_func(logits):
+            collected.append(_losses_of(lm, logits, batch, real_vocab_only))
+            zero = torch.zeros((), device=lm.device)
+            return zero, torch.ones((), dtype=torch.int, device=lm.device), {}
+
+        return output, loss_func
+
+    tokens = batches[0].tokens
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=lm.chunks[0] if len(lm.chunks) == 1 else lm.chunks,
+        num_microbatches=len(batches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=True,
+    )
+    return collected if lm.is_last_stage else []
+
+
+@torch.no_grad()
+def sequence_losses(lm: LoadedModel, tokens: torch.Tensor, real_vocab_only: bool = True):
+    """``tokens [b, s + 1]`` -> loss ``[b, s]`` of tokens 1..s given the ones before (PP=1)."""
+    _require_single_stage()
+    tokens = tokens.to(torch.long)
+    (losses,) = per_token_losses(lm, [Rows.causal(tokens[:, :-1], tokens[:, 1:])], real_vocab_only)
+    return losses.cpu()
+
+
+@torch.no_grad()
+def forward_logits(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens [b, s]`` -> fp32 logits over the real vocabulary ``[b, s, vocab]`` (TP-gathered,
+    PP=1): the padding rows never win a greedy step."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    _require_single_stage()
+    tokens = tokens.to(torch.long)
+    logits = _forward(lm, lm.chunks[0], Rows.causal(tokens, tokens))  # [b, s, v/tp]
+    logits = gather_from_tensor_model_parallel_region(logits)  # [b, s, v_padded]
+    return logits[..., : lm.vocab_size].float()
+
+
+def _require_single_stage() -> None:
+    if _pp_size() > 1:
+        raise ValueError(
+            "this evaluation needs --pipeline-model-parallel-size 1 (use tensor parallelism)"
+        )

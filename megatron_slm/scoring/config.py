@@ -1,0 +1,121 @@
+"""Settings of ``tools/score_corpus.py``: one typed config, the CLI generated from it.
+
+The model and tokenizer flags are the trainer's own (``ModelArgs``, ``TokenizerArgs``): a user's
+``MODEL_ARGS`` shared between the training and scoring scripts mean the same thing here. With
+``--load`` they may only confirm the checkpoint's recorded architecture and tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_slm.cli import arg
+from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.models.args import ModelArgs
+
+PACKINGS = ("auto", "rows", "length-sorted")
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ScoringError(ValueError):
+    """Bad input or state for scoring, with a message naming the flag or file at fault."""
+
+
+@dataclass
+class ScoreConfig(ModelArgs, TokenizerArgs):
+    data_prefix: list[str] = arg(
+        [],
+        "Token dataset prefixes (<P>.bin/.idx); a sidecar is written next to each. Numbers among "
+        "them (Megatron --data-path weights) are ignored.",
+        required=True,
+    )
+    load: str | None = arg(None, "Reference model checkpoint (root or iter_N dir).", required=True)
+    bf16: bool = arg(False, "Run the model in bfloat16.")
+    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size.")
+    seq_length: int | None = arg(
+        None,
+        "Row length = most context per scored token (default: the --seq-length the reference "
+        "model was trained with, else its max_position_embeddings).",
+    )
+    stride: int | None = arg(
+        None,
+        "Sliding-window step for documents longer than --seq-length; scored tokens keep at least "
+        "seq-length - stride tokens of context (default: 3/4 of --seq-length).",
+    )
+    micro_batch_size: int = arg(
+        4,
+        "Rows of --seq-length per forward (length-sorted batching: the same number of positions, "
+        "in more, shorter rows).",
+    )
+    packing: str = arg(
+        "auto",
+        "rows: several documents per row, block-diagonal causal mask; length-sorted: one document "
+        "per row, rows of similar length batched, plain causal attention (PP=1 only); auto: "
+        "length-sorted with PP=1, else rows.",
+        choices=PACKINGS,
+    )
+    dtype: str = arg("float16", "Sidecar value dtype.", choices=VALUE_DTYPES)
+    commit_interval: int = arg(1000, "Documents per chunk = packing and commit unit.")
+    max_docs: int | None = arg(
+        None, "Score only the first N documents (trial; partial state kept, sidecar not published)."
+    )
+    dry_run: bool = arg(
+        False, "Score one chunk per data-parallel rank, write nothing, print a time estimate."
+    )
+    overwrite: bool = arg(
+        False, "Replace a published sidecar; discard partial state that does not match."
+    )
+    device: str = arg("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    seed: int = arg(1234, "Random seed (scoring is deterministic).")
+
+    def __post_init__(self):
+        try:
+            ModelArgs.__post_init__(self)
+            TokenizerArgs.__post_init__(self)
+        except ValueError as e:
+            raise ScoringError(str(e)) from None
+        self.data_prefix = [p for p in self.data_prefix if not _is_number(p)]
+        if not self.data_prefix:
+            raise ScoringError("--data-prefix: give at least one token dataset prefix")
+        if not self.load:
+            raise ScoringError("--load: the reference model checkpoint is required")
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "micro_batch_size",
+            "commit_interval",
+        ):
+            if getattr(self, name) < 1:
+                raise ScoringError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("seq_length", "stride", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ScoringError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.packing not in PACKINGS:
+            raise ScoringError(
+                f"--packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}"
+            )
+        if self.packing == "length-sorted" and self.pipeline_model_parallel_size > 1:
+            raise ScoringError(
+                "--packing length-sorted needs --pipeline-model-parallel-size 1 (pipeline stages "
+                "exchange fixed shapes); use --packing rows"
+            )
+        if self.dtype not in VALUE_DTYPES:
+            raise ScoringError(
+                f"--dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.dtype!r}"
+            )
+
+    @property
+    def packing_mode(self) -> str:
+        if self.packing == "auto":
+            return "rows" if self.pipeline_model_parallel_size > 1 else "length-sorted"
+        return self.packing
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,145 @@
+"""Build and run the CPU harness driver of the CUDA kernels (csrc/cuda/testing/).
+
+The driver compiles ``csrc/cuda/selective_loss.cu`` unchanged as C++ under
+``csrc/cuda/testing/simt_host.h`` and runs its launchers on host memory; see the driver's header
+comment for its command line. Builds are cached per source hash in the pytest temp dir (or
+``$MEGATRON_SLM_HARNESS_BUILD``), never in the source tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+CSRC = ROOT / "csrc"
+TESTING = CSRC / "cuda" / "testing"
+KERNELS = CSRC / "cuda" / "selective_loss.cu"
+DRIVER = TESTING / "selective_loss_driver.cpp"
+
+ORDERS = ("forward", "reverse", "random:12345")
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Bit views of each dtype (numpy has no bfloat16): outputs are compared bit for bit.
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+CXX = os.environ.get("CXX", "g++")
+BASE_FLAGS = ["-std=c++17", "-O2", "-g", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
+SANITIZE_FLAGS = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=all"]
+
+
+def have_compiler() -> bool:
+    return shutil.which(CXX) is not None
+
+
+def _build_dir() -> Path:
+    d = os.environ.get("MEGATRON_SLM_HARNESS_BUILD")
+    path = Path(d) if d else Path(tempfile.gettempdir()) / "megatron_slm_harness"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(kernels: Path = KERNELS, sanitize: bool = False, extra_sources=(), name="driver",
+          driver: Path = DRIVER) -> Path:
+    """Compile kernels + driver into an executable (cached by content) and return its path."""
+    flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else [])
+    # csrc/cuda too: a modified copy of the kernels elsewhere still finds selective_loss_cuda.h
+    incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
+    sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
+    h = hashlib.sha256(" ".join([CXX, *flags]).encode())
+    for p in [*sources, TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h"]:
+        h.update(p.read_bytes())
+    out = _build_dir() / f"{name}-{h.hexdigest()[:16]}"
+    if not out.exists():
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        cmd = [CXX, *flags, *incs]
+        for s in sources:
+            cmd += ["-x", "c++", str(s)]
+        p = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
+        tmp.rename(out)
+    return out
+
+
+class DriverError(RuntimeError):
+    def __init__(self, returncode: int, stderr: str):
+        super().__init__(f"driver exit {returncode}: {stderr.strip()}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def _write(path: Path, t: torch.Tensor) -> None:
+    t = t.contiguous().cpu()
+    if t.dtype in _BITS:
+        t = t.view(_BITS[t.dtype])
+    elif t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    path.write_bytes(t.numpy().tobytes())
+
+
+def _run(exe: Path, tmp: Path, args: dict, orders) -> None:
+    cmd = [str(exe), f"dir={tmp}", f"orders={','.join(orders)}"]
+    cmd += [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items()]
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=66",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise DriverError(p.returncode, p.stderr)
+
+
+def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
+    raw = np.frombuffer(path.read_bytes(), dtype=np.uint8).copy()
+    t = torch.from_numpy(raw)
+    if dtype == torch.bool:
+        return t.to(torch.bool).reshape(shape)
+    if dtype in _BITS:
+        return t.view(_BITS[dtype]).view(dtype).reshape(shape)
+    return t.view(dtype).reshape(shape)
+
+
+def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, **extra):
+    """{order: stats[N, 3] fp32} of the CUDA fwd_stats launcher run on the CPU."""
+    n, v = logits.shape
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "logits.bin", logits)
+        _write(tmp / "target.bin", target.to(torch.int64))
+        _run(exe, tmp, dict(op="fwd", dtype=DTYPE_CODE[logits.dtype], N=n, V=v,
+                            vocab_start=vocab_start, misalign=misalign, **extra), orders)
+        return {o: _read(tmp / f"out_{o}.bin", torch.float32, (n, 3)) for o in orders}
+
+
+def backward(exe, logits, target, lse, scale, vocab_start=0, inplace=False, misalign=0,
+             gmisalign=0, orders=ORDERS, **extra):
+    """{order: grad[N, V]} (logits dtype) of the CUDA backward launcher run on the CPU."""
+    n, v = logits.shape
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "logits.bin", logits)
+        _write(tmp / "target.bin", target.to(torch.int64))
+        _write(tmp / "lse.bin", lse.float())
+        _write(tmp / "scale.bin", scale.float())
+        _run(exe, tmp, dict(op="bwd", dtype=DTYPE_CODE[logits.dtype], N=n, V=v,
+                            vocab_start=vocab_start, misalign=misalign, gmisalign=gmisalign,
+                            inplace=inplace, **extra), orders)
+        return {o: _read(tmp / f"out_{o}.bin", logits.dtype, (n, v)) for o in orders}
+
+
+def select(exe, scores, eligible, k, orders=ORDERS, **extra):
+    """{order: selected[G, n] bool} of the CUDA select launcher run on the CPU."""
+    g, n = scores.shape
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "scores.bin", scores.float())
+        _write(tmp / "eligible.bin", eligible.bool())
+        _write(tmp / "k.bin", k.to(torch.int64))
+        _run(exe, tmp, dict(op="select", G=g, n=n, **extra), orders)
+        return {o: _read(tmp / f"out_{o}.bin", torch.bool, (g, n)) for o in orders}

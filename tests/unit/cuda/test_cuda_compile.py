@@ -1,0 +1,35 @@
+"""Checks of the real CUDA compilation (nvcc, no GPU needed); skipped without nvcc."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.unit.cuda import harness as H
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+
+# Block size each kernel is launched with (kThreads / kSelectThreads in the .cu).
+LAUNCH_THREADS = {"fwd_stats_kernel": 256, "backward_kernel": 256, "select": 1024}
+
+
+def test_every_kernel_declares_its_launch_bounds(tmp_path):
+    """Bug 9: without __launch_bounds__ ptxas may use more registers than a 1024-thread block
+    can have, and the launch (not the build) fails. With them, PTX carries .maxntid."""
+    ptx = tmp_path / "k.ptx"
+    subprocess.run(
+        [NVCC, "-ptx", "-std=c++17", "-O3", "--use_fast_math", f"-I{H.CSRC}", "-arch=sm_80",
+         str(H.KERNELS), "-o", str(ptx)],
+        check=True, capture_output=True, text=True,
+    )
+    text = ptx.read_text()
+    entries = re.findall(r"\.entry\s+(\S+?)\(.*?\)\s*(\.maxntid\s+(\d+), 1, 1)?", text, re.S)
+    assert entries, "no kernels in the PTX"
+    for name, _, maxntid in entries:
+        kind = next(k for k in LAUNCH_THREADS if k in name)
+        assert maxntid, f"{name} has no __launch_bounds__"
+        assert int(maxntid) == LAUNCH_THREADS[kind], name
