@@ -39,7 +39,6 @@ class RunConfig:
     max_errors: int = arg(
         2, "A chunk program with this many errors is ignored (the original text is kept)."
     )
-    log_interval: float = arg(30.0, "Seconds between progress lines.")
 
     def __post_init__(self):
         if not self.input:
@@ -57,8 +56,6 @@ class RunConfig:
             raise ValueError(f"--drop-words must be >= 0, got {self.drop_words}")
         if self.max_errors < 1:
             raise ValueError(f"--max-errors must be >= 1, got {self.max_errors}")
-        if self.log_interval <= 0:
-            raise ValueError(f"--log-interval must be > 0, got {self.log_interval}")
 
     @property
     def rule(self) -> AcceptanceRule:

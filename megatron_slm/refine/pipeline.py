@@ -27,10 +27,13 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.output_lock import OutputLock, OutputLockedError
+from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig
 from megatron_slm.refine.executor import (
     DROP_DOC,
@@ -41,7 +44,6 @@ from megatron_slm.refine.executor import (
     execute_chunk_program,
     execute_doc_program,
 )
-from megatron_slm.refine.progress import Progress
 
 RUN_FORMAT = "megatron-slm-prox-refine"
 RUN_VERSION = 1
@@ -343,6 +345,9 @@ class Layout:
     def shard_stats(self, shard: Shard) -> str:
         return os.path.join(self.root, "shards", f"{shard.name}.json")
 
+    def lock(self, shard: Shard) -> str:
+        return os.path.join(self.root, "shards", f"{shard.name}.lock")
+
     def is_done(self, shard: Shard) -> bool:
         return all(
             os.path.exists(p)
@@ -554,8 +559,39 @@ def _fsync_close(f) -> None:
     f.close()
 
 
+class Meter:
+    """The progress line: ETA from input bytes (this worker's unfinished shards' sizes, known
+    before the first document is read), documents/s and tokens/s (words/s without a tokenizer)
+    in the line's tail."""
+
+    def __init__(self, name: str, total_bytes: int, unit: str):
+        self.bar = ProgressBar(name, total_bytes, "bytes")
+        self.unit = unit
+        self.documents = self.tokens = self.bytes = 0
+
+    def update(self, documents: int, tokens: int, nbytes: int, final: bool = False) -> None:
+        """``nbytes``: the documents' text bytes, an estimate of the input consumed (the JSON
+        around them is not counted; :meth:`shard_done` corrects it at every shard's end)."""
+        self.documents += documents
+        self.tokens += tokens
+        self.bytes = min(self.bytes + nbytes, self.bar.total)
+        self._show(final)
+
+    def shard_done(self, input_bytes_done: int) -> None:
+        self.bytes = input_bytes_done
+        self._show(False)
+
+    def _show(self, final: bool) -> None:
+        elapsed = max(time.perf_counter() - self.bar.start, 1e-9)
+        extra = (
+            f"{self.documents:,} docs | {self.documents / elapsed:,.1f} docs/s | "
+            f"{self.tokens / elapsed:,.0f} {self.unit}/s"
+        )
+        self.bar.update(self.bytes, extra=extra, final=final)
+
+
 def refine_shard(
-    shard: Shard, refiner, run: RunConfig, layout: Layout, window: int, progress: Progress
+    shard: Shard, refiner, run: RunConfig, layout: Layout, window: int, progress: Meter
 ) -> dict:
     kept_path, dropped_path = layout.kept(shard), layout.dropped(shard)
     tokenizer = getattr(refiner, "tokenizer", None)
@@ -692,17 +728,32 @@ def refine_corpus(
     if todo:
         total_bytes = sum(os.path.getsize(s.path) for s in todo)
         unit = "tokens" if getattr(refiner, "tokenizer", None) is not None else "words"
-        progress = Progress(total_bytes, run.log_interval, f"prox_refine[{rank}]", unit)
+        progress = Meter(f"prox_refine rank {rank}", total_bytes, unit)
+        done_bytes = 0
         for shard in todo:
-            _clean_partials(layout, shard)
-            part = refine_shard(shard, refiner, run, layout, window, progress)
+            # one writer per shard: a second job on the same output (double submission, an
+            # overlapping requeue) fails here instead of interleaving the same partial files
+            lock = OutputLock(layout.lock(shard), f"shard {shard.name} of {layout.root}")
+            try:
+                lock.acquire()
+            except OutputLockedError as e:
+                raise RefineError(str(e)) from None
+            try:
+                if layout.is_done(shard):  # finished by another job since we listed the shards
+                    done_bytes += os.path.getsize(shard.path)
+                    continue
+                _clean_partials(layout, shard)
+                part = refine_shard(shard, refiner, run, layout, window, progress)
+            finally:
+                lock.release()
+            done_bytes += os.path.getsize(shard.path)
+            progress.shard_done(done_bytes)
             add_stats(stats, part)
             log(
                 f"prox_refine: shard {shard.name} done ({part['kept']} kept, "
                 f"{part['dropped']} dropped)"
             )
-        if total_bytes:
-            log(progress.line())
+        progress.update(0, 0, 0, final=True)
     finish_stats(stats)
     totals = write_totals(layout, shards)
     report = RefineReport(len(shards), [s.name for s in todo], skipped, stats, totals is not None)

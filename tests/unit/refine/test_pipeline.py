@@ -366,3 +366,32 @@ def test_unicode_and_lone_surrogates_round_trip(small):
     assert kept[0]["text"] == docs[0]["text"].replace("😀", "🙂")
     assert kept[1]["text"] == docs[1]["text"]
     assert read_jsonl(small / "out" / "b.jsonl") == []
+
+
+def test_progress_line(small, capsys):
+    run_apply(small)
+    err = capsys.readouterr().err
+    final = [line for line in err.splitlines() if line.startswith("[prox_refine rank 0]")][-1]
+    assert "100.0%" in final and "ETA" in final
+    assert "6 docs | " in final and "docs/s" in final and "words/s" in final
+
+
+def test_a_shard_being_written_by_another_job_is_refused(small, capsys):
+    from megatron_slm.output_lock import OutputLock
+
+    os.makedirs(small / "out" / "shards")
+    with OutputLock(str(small / "out" / "shards" / "a.lock"), "test holder"):
+        code, err = run_tool(apply_argv(small), capsys)
+    assert code == 2 and "shard a of" in err and "being written by another job" in err
+    assert not (small / "out" / "a.jsonl").exists()
+    code = run_tool_ok(apply_argv(small))  # the holder is gone: the run goes through
+    assert code == 0
+
+
+def run_tool_ok(argv):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import prox_refine
+    finally:
+        sys.path.pop(0)
+    return prox_refine.main(argv)
