@@ -84,6 +84,9 @@ class ModelConfig:
     doc_model: str | None = arg(None, "Document-level refining model (Hugging Face directory).")
     chunk_model: str | None = arg(None, "Chunk-level refining model (Hugging Face directory).")
     backend: str = arg("transformers", "Generation backend.", choices=["transformers", "vllm"])
+    tensor_parallel_size: int = arg(
+        1, "vllm backend: GPUs per model (vLLM's tensor parallelism; one task per model copy)."
+    )
     device: str = arg("auto", "transformers backend device: auto, cpu, cuda, cuda:N.")
     dtype: str = arg(
         "auto",
@@ -128,6 +131,12 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("--tensor-parallel-size > 1 needs --backend vllm")
         try:
             self.line_prefix.format(i=0)
         except (KeyError, IndexError, ValueError) as e:

@@ -218,15 +218,12 @@ class ModelRefiner:
         c = self.config
         attr = "_doc" if stage == "doc" else "_chunk"
         if getattr(self, attr) is None:
-            model = c.doc_model if stage == "doc" else c.chunk_model
             other = self._chunk if stage == "doc" else self._doc
             if other is not None and (c.doc_model == c.chunk_model):
                 setattr(self, attr, other)  # one model for both stages: load it once
             else:
                 try:
-                    gen = load_generator(
-                        c.backend, model, f"--{stage}-model", c.device, c.dtype, c.batch_size
-                    )
+                    gen = load_generator(c, stage)
                 except BackendError as e:
                     raise RefineError(str(e)) from None
                 setattr(self, attr, gen)

@@ -310,7 +310,7 @@ def test_model_dir_without_tokenizer(corpus, model_dir, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text(open(os.path.join(model_dir, "config.json")).read())
     code, err = run_tool(model_argv(corpus, str(empty), "out"), capsys)
-    assert code == 2 and err.startswith("prox_refine.py: error: --doc-model ")
+    assert code == 2 and err.startswith("prox_refine: error: --doc-model ")
     assert "no tokenizer (none of tokenizer.json" in err
     assert not (corpus / "out").exists()  # nothing claimed
 

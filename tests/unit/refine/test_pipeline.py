@@ -173,7 +173,7 @@ def test_malformed_jsonl_names_file_and_line(small, capsys):
         f.write('{"id": 9, "text": "unterminated\n')
     code, err = run_tool(apply_argv(small), capsys)
     assert code == 2
-    assert err.startswith("prox_refine.py apply: error: ")
+    assert err.startswith("prox_refine apply: error: ")
     assert f"{small / 'raw' / 'b.jsonl'}:4: invalid JSON" in err
 
 
@@ -227,6 +227,18 @@ def test_flag_validation(small, capsys):
     assert code == 2 and "--shard-index must be in [0, --num-shards 2)" in err
     code, err = run_tool(["--input", "x", "--output-dir", "y", "--stage", "chunk"], capsys)
     assert code == 2 and "--stage chunk needs --chunk-model" in err
+    code, err = run_tool(
+        ["--input", "x", "--output-dir", "y", "--doc-model", "m", "--stage", "doc",
+         "--tensor-parallel-size", "2"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--tensor-parallel-size > 1 needs --backend vllm" in err
+    code, err = run_tool(
+        ["--input", "x", "--output-dir", "y", "--chunk-model", "m", "--stage", "chunk",
+         "--line-prefix", "[]"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--line-prefix '[]' does not contain {i}" in err
 
 
 # ---------------------------------------------------------------------------------------------
