@@ -18,7 +18,6 @@ Three steps, each under the layout its entry point initialised (entry points own
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -324,13 +323,11 @@ def build_report(req: InheritanceRequest, inherited: InheritedWeights, losses: d
     plan, imp = inherited.plan, inherited.importance
     src_params = req.source.num_parameters(padded)
     tgt_params = req.target.num_parameters(padded)
-    r = req.target.num_attention_heads // req.target.num_query_groups
     src_r = req.source.num_attention_heads // req.source.num_query_groups
-    kept_heads = {
+    kept_heads = {  # global head index = group * heads per group + head inside the group
         n: [g * src_r + h for i, g in enumerate(plan.groups[n]) for h in plan.heads[n][i]]
         for n in plan.layers
     }
-    assert all(len(v) == len(plan.groups[n]) * r for n, v in kept_heads.items())
     return {
         "source": req.info.path,
         "source_model": dataclasses.asdict(req.source),
@@ -376,7 +373,3 @@ def format_report(report: dict) -> str:
         )
     lines.append(f"saved {report['checkpoint']}")
     return "\n".join(lines)
-
-
-def report_json(report: dict) -> str:
-    return json.dumps(report, indent=2)
