@@ -27,7 +27,7 @@ import torch
 
 from megatron_slm.checkpoint import CheckpointInfo, latest_iteration, read_checkpoint
 from megatron_slm.models.args import ModelArgs
-from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.tinylm.importance import (
     Importance,
     calibration_statistics,
@@ -79,6 +79,7 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     target = target_architecture(source, cfg.model_args(), cfg.layer_choice)
     check_target(source, target)
     check_layers(cfg.layer_choice, source, target)
+    check_parallel_layout(source, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     if prunes_width(source, target) and cfg.width_importance == "activation":
         if not cfg.calibration_data:
             raise ValueError(
