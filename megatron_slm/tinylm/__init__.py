@@ -1,0 +1,1 @@
+"""Tiny-LM recipes (RethinkTinyLM): compact tokenizer, parameter inheritance, resampling."""
