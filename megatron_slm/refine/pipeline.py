@@ -25,12 +25,11 @@ import glob
 import hashlib
 import json
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
 from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
@@ -499,21 +498,7 @@ def format_summary(title: str, stats: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # one shard
 # ---------------------------------------------------------------------------------------------
-_kill_counts: dict[str, int] = {}
-
-
-def _kill_hook(point: str) -> None:
-    spec = os.environ.get(KILL_HOOK_ENV)
-    if not spec:
-        return
-    name, _, k = spec.partition(":")
-    if name != point:
-        return
-    _kill_counts[point] = _kill_counts.get(point, 0) + 1
-    if _kill_counts[point] == int(k or 1):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+_crash = CrashPoints(KILL_HOOK_ENV)
 
 
 def _read_jsonl(path: str):
@@ -609,7 +594,7 @@ def refine_shard(
                 if tokenizer is not None:
                     stats["tokens_before"] += before[j]
                     stats["tokens_after"] += 0 if outcome.dropped else next(counts)
-                _kill_hook("document")
+                _crash.reached("document")
             tokens = (
                 sum(before) if tokenizer is not None else sum(len(d.text.split()) for d in docs)
             )
@@ -622,7 +607,7 @@ def refine_shard(
         dropped_f.close()
         raise
     os.replace(kept_path + ".partial", kept_path)
-    _kill_hook("commit")
+    _crash.reached("commit")
     os.replace(dropped_path + ".partial", dropped_path)
     finish_stats(stats)
     write_json_atomic(layout.shard_stats(shard), stats)
