@@ -59,7 +59,7 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
 
 def test_select_clean_under_asan_ubsan(exes):
     plain, asan = exes
-    for n in (1, 1000, 3000):
+    for n in (1, 1000, 3000, 20000):  # 20000: three blocks per group
         scores, eligible = _select_inputs(6, n, seed=n)
         k = torch.tensor([1, int(eligible[1].sum()), 3, 0, n + 5, 2])
         a = H.select(asan, scores, eligible, k, orders=ORDERS)

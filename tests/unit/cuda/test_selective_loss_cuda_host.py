@@ -228,6 +228,30 @@ def test_select(exe, n):
     assert torch.equal(got, torch_select(scores, eligible, k))
 
 
+SELECT_CHUNK = 8 * 1024  # kSelectChunk: scores per (group, chunk) work item of the select kernels
+
+
+@needs_c
+@pytest.mark.parametrize("max_grid", [2147483647, 4])
+def test_select_multi_block(exe, max_grid):
+    """Groups of several chunks (one block each): digit histograms summed over blocks, equal keys
+    taken in position order across chunk boundaries; with max_grid=4 blocks loop over items."""
+    n = 2 * SELECT_CHUNK + 1234
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.randint(0, 40, (3, n), generator=gen).float()  # ~500 copies of each key
+    scores[1, ::5] = NAN
+    scores[2, SELECT_CHUNK - 300 :] = 7.0  # one tie run straddling two chunk boundaries
+    eligible = torch.rand(3, n, generator=gen) < 0.9
+    # k: inside a tie group; 1; the k-th is a 7.0 in the last chunk (ties over all three chunks)
+    above, equal = ((scores[2] > v).logical_and(eligible[2]).sum() for v in (7.0, 6.0))
+    k = torch.tensor([n // 3, 1, int(equal) - 100])
+    assert int(above) < int(k[2]) and (scores[2] == 7)[: 2 * SELECT_CHUNK].any()
+    got = _same_for_all_orders(H.select(exe, scores, eligible, k, max_grid=max_grid))
+    assert torch.equal(got, C.selective_loss_select(scores, eligible, k))
+    for i in range(3):
+        assert got[i].tolist() == reference_select(scores[i], eligible[i], int(k[i])), i
+
+
 def test_select_signed_zeros_tie_by_position(exe):
     """Bug 2: -0.0 and +0.0 are equal scores; the lower position wins."""
     scores = torch.tensor([[-0.0, 0.0, -0.0, 0.0, 1.0]])
