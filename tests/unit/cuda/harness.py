@@ -48,25 +48,35 @@ def _build_dir() -> Path:
 
 def build(kernels: Path = KERNELS, sanitize: bool = False, extra_sources=(), name="driver",
           driver: Path = DRIVER) -> Path:
-    """Compile kernels + driver into an executable (cached by content) and return its path."""
+    """Compile kernels + driver into an executable and return its path. Objects and executables
+    are cached by content, so that variants of the kernels only recompile the kernels."""
     flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else [])
     # csrc/cuda too: a modified copy of the kernels elsewhere still finds selective_loss_cuda.h
     incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
-    h = hashlib.sha256(" ".join([CXX, *flags]).encode())
-    for p in [*sources, TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h"]:
-        h.update(p.read_bytes())
+    headers = b"".join(
+        p.read_bytes() for p in (TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h")
+    )
+    objects = []
+    for src in sources:
+        h = hashlib.sha256(" ".join([CXX, *flags]).encode() + headers + src.read_bytes())
+        obj = _build_dir() / f"{src.stem}-{h.hexdigest()[:16]}.o"
+        if not obj.exists():
+            _compile([CXX, *flags, *incs, "-c", "-x", "c++", str(src)], obj)
+        objects.append(obj)
+    h = hashlib.sha256(" ".join([CXX, *flags, *(o.name for o in objects)]).encode())
     out = _build_dir() / f"{name}-{h.hexdigest()[:16]}"
     if not out.exists():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        cmd = [CXX, *flags, *incs]
-        for s in sources:
-            cmd += ["-x", "c++", str(s)]
-        p = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
-        tmp.rename(out)
+        _compile([CXX, *flags, *map(str, objects)], out)
     return out
+
+
+def _compile(cmd, out: Path) -> None:
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    p = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
+    tmp.rename(out)
 
 
 class DriverError(RuntimeError):
