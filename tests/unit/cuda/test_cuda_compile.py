@@ -29,9 +29,21 @@ def test_every_kernel_declares_its_launch_bounds(tmp_path):
     can have, and the launch (not the build) fails. With them, PTX carries .maxntid."""
     ptx = tmp_path / "k.ptx"
     subprocess.run(
-        [NVCC, "-ptx", "-std=c++17", "-O3", "--use_fast_math", f"-I{H.CSRC}", "-arch=sm_80",
-         str(H.KERNELS), "-o", str(ptx)],
-        check=True, capture_output=True, text=True,
+        [
+            NVCC,
+            "-ptx",
+            "-std=c++17",
+            "-O3",
+            "--use_fast_math",
+            f"-I{H.CSRC}",
+            "-arch=sm_80",
+            str(H.KERNELS),
+            "-o",
+            str(ptx),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     text = ptx.read_text()
     assert sum(k in text for k in LAUNCH_THREADS) == len(LAUNCH_THREADS)

@@ -8,15 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.cuda import harness as H
-from tests.unit.cuda.test_selective_loss_cuda_host import (
-    _check_stats,
-    _logits,
-    _same_for_all_orders,
-    _select_inputs,
-    _targets,
-)
 from megatron_slm.ops.selective_loss_reference import torch_select
+from tests.unit.cuda import harness as H
+from tests.unit.cuda import kernel_checks as K
+from tests.unit.cuda.test_selective_loss_cuda_host import _same_for_all_orders
 
 pytestmark = pytest.mark.skipif(not H.have_compiler(), reason="needs a C++ compiler")
 
@@ -32,16 +27,30 @@ ROW_LOOP_BARRIER = "  __syncthreads();  // sm/ss are rewritten by the next row o
 PLANTS = {
     # name: (original, planted, op, extra driver arguments)
     "block_reduce_missing_barrier": (
-        BLOCK_REDUCE_BARRIER, BLOCK_REDUCE_BARRIER.replace("__syncthreads();", ""), "fwd", {}),
+        BLOCK_REDUCE_BARRIER,
+        BLOCK_REDUCE_BARRIER.replace("__syncthreads();", ""),
+        "fwd",
+        {},
+    ),
     "block_reduce_divergent_barrier": (
         BLOCK_REDUCE_BARRIER,
         BLOCK_REDUCE_BARRIER.replace("__syncthreads();", "if (warp < 4) __syncthreads();"),
-        "fwd", {}),
+        "fwd",
+        {},
+    ),
     "row_loop_missing_barrier": (ROW_LOOP_BARRIER, "", "fwd", {"max_grid": 3}),
     "select_hist_missing_barrier": (
-        HIST_ZERO_BARRIER, HIST_ZERO_BARRIER.replace("__syncthreads();", ""), "select", {}),
+        HIST_ZERO_BARRIER,
+        HIST_ZERO_BARRIER.replace("__syncthreads();", ""),
+        "select",
+        {},
+    ),
     "select_write_missing_barrier": (
-        WRITE_TILE_BARRIER, WRITE_TILE_BARRIER.replace("__syncthreads();", ""), "select", {}),
+        WRITE_TILE_BARRIER,
+        WRITE_TILE_BARRIER.replace("__syncthreads();", ""),
+        "select",
+        {},
+    ),
 }
 
 
@@ -49,12 +58,12 @@ def _checks(exe, op, extra):
     """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection)."""
     if op == "fwd":
         for v in (1000, 1001):
-            x = _logits(12, v, torch.float32, seed=v)
-            t = _targets(12, v, 0, seed=v)
+            x = K.logits(12, v, torch.float32, seed=v)
+            t = K.targets(12, v, 0, seed=v)
             st = _same_for_all_orders(H.fwd_stats(exe, x, t, **extra))
-            _check_stats(st, x, t, 0, "cuda")
+            K.check_stats(st, x, t, 0, "cuda")
     else:
-        scores, eligible = _select_inputs(2, 20000, seed=1)
+        scores, eligible = K.select_inputs(2, 20000, seed=1)
         k = torch.tensor([5000, 12345])
         got = _same_for_all_orders(H.select(exe, scores, eligible, k, **extra))
         assert torch.equal(got, torch_select(scores, eligible, k))
