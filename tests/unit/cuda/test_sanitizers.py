@@ -69,6 +69,8 @@ def test_select_clean_under_asan_ubsan(exes):
     for n in (1, 1000, 3000, 20000):  # 20000: three blocks per group
         scores, eligible = K.select_inputs(6, n, seed=n)
         k = torch.tensor([1, int(eligible[1].sum()), 3, 0, n + 5, 2])
+        if n > 8192:  # multi-block groups cost the most under ASan: k = n // 3, #eligible
+            scores, eligible, k = scores[:2], eligible[:2], torch.tensor([n // 3, int(k[1])])
         a = H.select(asan, scores, eligible, k, orders=ORDERS)
         b = H.select(plain, scores, eligible, k, orders=ORDERS)
         assert all(torch.equal(a[o], b[o]) for o in ORDERS)
