@@ -5,8 +5,9 @@
 //   (or +inf) sums to NaN; an all -inf row gives {-inf, 0} (its loss is then NaN, as in torch).
 // * backward: one block per row, writes (softmax - onehot) * scale rounded once to the logits
 //   dtype, in place when grad == logits; zero-scale rows are zero-filled without loads.
-// * select: one block per group, 4-pass 8-bit radix select of the k-th largest key, then an
-//   ordered pass that breaks ties among equal keys by position (exact top-k, O(n)).
+// * select: 4-pass 8-bit radix select of the k-th largest key, then an ordered pass that breaks
+//   ties among equal keys by position (exact top-k, O(n)); each group is cut into chunks, one
+//   block per (group, chunk), so that one large group still uses the whole GPU.
 // Grids are capped at the device's limit; blocks then loop over rows / groups. Every launcher
 // returns the launch's cudaError_t (0 on success).
 
