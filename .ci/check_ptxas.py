@@ -20,13 +20,17 @@ for line in sys.stdin:
     elif not line.startswith("ptxas info"):
         print(line, end="")  # compiler errors and warnings
 for k in kernels:
-    print(f"  {k['arch']} regs={k.get('regs')} stack={k.get('frame')} "
-          f"spill_stores={k.get('stores')} spill_loads={k.get('loads')} {k['name']}")
+    print(
+        f"  {k['arch']} regs={k.get('regs')} stack={k.get('frame')} "
+        f"spill_stores={k.get('stores')} spill_loads={k.get('loads')} {k['name']}"
+    )
     if k.get("frame") or k.get("stores") or k.get("loads") or "regs" not in k:
         bad.append(k["name"])
 if not kernels:
     sys.exit("check_ptxas: no kernels found in the ptxas output")
 if bad:
     sys.exit(f"check_ptxas: {len(bad)} kernels spill or use stack: {bad}")
-print(f"check_ptxas: {len(kernels)} kernels, max {max(k['regs'] for k in kernels)} registers, "
-      "no spills")
+print(
+    f"check_ptxas: {len(kernels)} kernels, max {max(k['regs'] for k in kernels)} registers, "
+    "no spills"
+)

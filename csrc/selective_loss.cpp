@@ -229,10 +229,15 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(scores.device());
     auto kk = k.to(scores.device()).contiguous();
+    // int64 elements: the workspace is 8-byte aligned
+    auto workspace = torch::empty(
+        {(megatron_slm::cuda::selective_loss_select_workspace_bytes(G, n) + 7) / 8},
+        scores.options().dtype(torch::kInt64));
     check_launch(megatron_slm::cuda::selective_loss_select(
                      scores.data_ptr<float>(),
                      reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
                      kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+                     workspace.data_ptr(),
                      c10::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
                  "select");
     return out;

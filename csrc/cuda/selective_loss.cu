@@ -5,8 +5,9 @@
 //   (or +inf) sums to NaN; an all -inf row gives {-inf, 0} (its loss is then NaN, as in torch).
 // * backward: one block per row, writes (softmax - onehot) * scale rounded once to the logits
 //   dtype, in place when grad == logits; zero-scale rows are zero-filled without loads.
-// * select: one block per group, 4-pass 8-bit radix select of the k-th largest key, then an
-//   ordered pass that breaks ties among equal keys by position (exact top-k, O(n)).
+// * select: 4-pass 8-bit radix select of the k-th largest key, then an ordered pass that breaks
+//   ties among equal keys by position (exact top-k, O(n)); each group is cut into chunks, one
+//   block per (group, chunk), so that one large group still uses the whole GPU.
 // Grids are capped at the device's limit; blocks then loop over rows / groups. Every launcher
 // returns the launch's cudaError_t (0 on success).
 
@@ -31,6 +32,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSelectThreads = 1024;
+constexpr int kPickThreads = 256;
+constexpr int64_t kSelectChunk = 8 * kSelectThreads;  // scores per block and (group, chunk) item
 
 // ------------------------------------------------------------------------------------------
 // dtype traits: 16-byte vectors and fp32 conversions
@@ -264,79 +267,168 @@ __device__ __forceinline__ uint32_t score_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Multi-block radix select. Every group g of n scores is cut into chunks of kSelectChunk; a
+// block works on one (group, chunk) item at a time, so a single large group (microbatch and
+// data-parallel scopes) still fills the GPU. Per 8-bit digit (4 passes) select_hist_kernel
+// counts the digits of the candidates (keys matching the prefix found so far) into the group's
+// global histogram, and select_pick_kernel finds the bin of the k-th largest key. Then
+// select_count_kernel counts, per chunk, the keys equal to the k-th, and select_write_kernel
+// writes the selection in position order: keys above the k-th, plus the first `take_equal`
+// keys equal to it (ties by position), each chunk starting from the count of the chunks before.
+// __shared__ variables stay in non-template functions (see csrc/cuda/testing/simt_host.h).
+struct SelectState {
+  unsigned long long remaining;  // how many of the candidates are still to be taken
+  unsigned long long total;      // eligible entries of the group
+  uint32_t prefix;               // key digits found so far (the k-th key after the last pass)
+  uint32_t pad;
+};
+
+struct SelectWorkspace {
+  SelectState* state;        // [G]
+  unsigned long long* hist;  // [G, 256]
+  unsigned int* eq_count;    // [G, chunks]
+};
+
+__device__ __forceinline__ int64_t chunks_of(int64_t n) {
+  return (n + kSelectChunk - 1) / kSelectChunk;
+}
+
 __global__ void __launch_bounds__(kSelectThreads)
-    select_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
-                  const int64_t* __restrict__ k, int64_t G, int64_t n,
-                  uint8_t* __restrict__ selected) {
+    select_hist_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
+                       int64_t G, int64_t n, int shift, SelectWorkspace ws) {
   __shared__ unsigned int hist[256];
-  __shared__ uint32_t s_prefix;
-  __shared__ unsigned long long s_remaining;
-  __shared__ unsigned long long s_total;
+  const int64_t chunks = chunks_of(n);
+  const uint32_t mask = shift == 24 ? 0u : ~0u << (shift + 8);
+  for (int64_t item = blockIdx.x; item < G * chunks; item += gridDim.x) {
+    const int64_t grp = item / chunks;
+    const int64_t lo = (item % chunks) * kSelectChunk;
+    const int64_t hi = lo + kSelectChunk < n ? lo + kSelectChunk : n;
+    const float* sc = scores + grp * n;
+    const uint8_t* el = eligible + grp * n;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+    __syncthreads();
+    const uint32_t prefix = ws.state[grp].prefix;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      if (!el[i]) continue;
+      const uint32_t key = score_key(sc[i]);
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);
+    }
+    __syncthreads();
+    unsigned long long* gh = ws.hist + grp * 256;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+      if (hist[i]) atomicAdd(&gh[i], static_cast<unsigned long long>(hist[i]));
+    }
+    __syncthreads();  // hist is zeroed for the next item
+  }
+}
+
+// One block per group; thread 0 scans the 256 bins. Clears the histogram for the next pass.
+__global__ void __launch_bounds__(kPickThreads)
+    select_pick_kernel(const int64_t* __restrict__ k, int64_t G, int shift, SelectWorkspace ws) {
+  for (int64_t grp = blockIdx.x; grp < G; grp += gridDim.x) {
+    unsigned long long* gh = ws.hist + grp * 256;
+    SelectState& st = ws.state[grp];
+    if (threadIdx.x == 0) {
+      unsigned long long total = 0;
+      for (int b = 0; b < 256; ++b) total += gh[b];
+      if (shift == 24) {
+        st.total = total;
+        st.remaining = k[grp] > 0 ? static_cast<unsigned long long>(k[grp]) : 0ull;
+      }
+      const unsigned long long rem = st.remaining;
+      if (rem > 0 && rem <= total) {
+        // the bin holding the rem-th largest candidate, counting from the top bin
+        unsigned long long above = 0;
+        int b = 255;
+        for (; b > 0; --b) {
+          if (above + gh[b] >= rem) break;
+          above += gh[b];
+        }
+        st.remaining = rem - above;
+        st.prefix |= static_cast<uint32_t>(b) << shift;
+      }
+      // rem > total only in the first pass (k >= #eligible): select_write_kernel takes all
+    }
+    __syncthreads();  // thread 0 has read the bins
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) gh[i] = 0ull;
+  }
+}
+
+__device__ __forceinline__ bool select_all_or_none(const SelectState& st, long long kk) {
+  const unsigned long long want = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
+  return want == 0 || want >= st.total;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    select_count_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
+                        const int64_t* __restrict__ k, int64_t G, int64_t n,
+                        SelectWorkspace ws) {
+  __shared__ unsigned int warp_counts[kSelectThreads / 32];
+  const int64_t chunks = chunks_of(n);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int64_t item = blockIdx.x; item < G * chunks; item += gridDim.x) {
+    const int64_t grp = item / chunks;
+    if (select_all_or_none(ws.state[grp], k[grp])) continue;  // uniform in the block
+    const int64_t lo = (item % chunks) * kSelectChunk;
+    const int64_t hi = lo + kSelectChunk < n ? lo + kSelectChunk : n;
+    const float* sc = scores + grp * n;
+    const uint8_t* el = eligible + grp * n;
+    const uint32_t kth = ws.state[grp].prefix;
+    unsigned int count = 0;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+      count += (el[i] && score_key(sc[i]) == kth) ? 1u : 0u;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) count += __shfl_xor_sync(0xffffffffu, count, off);
+    if (lane == 0) warp_counts[warp] = count;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned int total = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_counts[w];
+      ws.eq_count[grp * chunks + item % chunks] = total;
+    }
+    __syncthreads();  // warp_counts is rewritten by the next item
+  }
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+    select_write_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
+                        const int64_t* __restrict__ k, int64_t G, int64_t n,
+                        uint8_t* __restrict__ selected, SelectWorkspace ws) {
   __shared__ unsigned int warp_counts[kSelectThreads / 32];
   __shared__ unsigned long long s_taken;
-
-  for (int64_t grp = blockIdx.x; grp < G; grp += gridDim.x) {
-    __syncthreads();  // the previous group of this block is done with the shared state
+  const int64_t chunks = chunks_of(n);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  for (int64_t item = blockIdx.x; item < G * chunks; item += gridDim.x) {
+    const int64_t grp = item / chunks;
+    const int64_t chunk = item % chunks;
+    const int64_t lo = chunk * kSelectChunk;
+    const int64_t hi = lo + kSelectChunk < n ? lo + kSelectChunk : n;
     const float* sc = scores + grp * n;
     const uint8_t* el = eligible + grp * n;
     uint8_t* out = selected + grp * n;
+    const SelectState& st = ws.state[grp];
     const long long kk = k[grp];
-
-    if (threadIdx.x == 0) {
-      s_prefix = 0u;
-      s_remaining = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
-      s_total = 0ull;
-    }
-    uint32_t mask = 0u;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-      __syncthreads();
-      const uint32_t prefix = s_prefix;
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        if (!el[i]) continue;
-        const uint32_t key = score_key(sc[i]);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        unsigned long long total = 0;
-        for (int b = 0; b < 256; ++b) total += hist[b];
-        if (shift == 24) s_total = total;
-        unsigned long long rem = s_remaining;
-        if (rem > 0 && rem <= total) {
-          // find the bin holding the rem-th largest candidate (counting from the top bin)
-          unsigned long long above = 0;
-          int b = 255;
-          for (; b > 0; --b) {
-            if (above + hist[b] >= rem) break;
-            above += hist[b];
-          }
-          s_remaining = rem - above;
-          s_prefix = prefix | (static_cast<uint32_t>(b) << shift);
-        }
-        // rem > total only happens in the first pass (k >= #eligible): handled after the loop
-      }
-      __syncthreads();
-      mask |= 0xFFu << shift;
-    }
-    const unsigned long long total = s_total;
-    const unsigned long long want = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
-    if (want == 0 || want >= total) {
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = (want > 0 && el[i]) ? 1 : 0;
+    if (select_all_or_none(st, kk)) {  // k <= 0: nothing; k >= #eligible: every eligible entry
+      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) out[i] = (kk > 0 && el[i]) ? 1 : 0;
       continue;
     }
-    const uint32_t kth = s_prefix;
-    const unsigned long long take_equal = s_remaining;  // how many keys == kth to keep
-    if (threadIdx.x == 0) s_taken = 0ull;
+    const uint32_t kth = st.prefix;
+    const unsigned long long take_equal = st.remaining;  // how many keys == kth to keep
+    if (threadIdx.x == 0) {
+      unsigned long long before = 0;  // keys == kth in the chunks before this one
+      for (int64_t c = 0; c < chunk; ++c) before += ws.eq_count[grp * chunks + c];
+      s_taken = before;
+    }
     __syncthreads();
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int nwarps = blockDim.x >> 5;
-    for (int64_t base = 0; base < n; base += blockDim.x) {
+    for (int64_t base = lo; base < hi; base += blockDim.x) {
       const int64_t i = base + threadIdx.x;
       bool is_eq = false;
       bool is_gt = false;
-      if (i < n && el[i]) {
+      if (i < hi && el[i]) {
         const uint32_t key = score_key(sc[i]);
         is_gt = key > kth;
         is_eq = key == kth;
@@ -347,7 +439,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       unsigned long long before = s_taken;
       for (int w = 0; w < warp; ++w) before += warp_counts[w];
       before += __popc(ballot & ((1u << lane) - 1u));
-      if (i < n) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
+      if (i < hi) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
       __syncthreads();
       if (threadIdx.x == 0) {
         unsigned long long tile = 0;
@@ -436,13 +528,52 @@ int selective_loss_backward(const void* logits, void* grad, int dtype, const int
   return launch_bwd<__nv_bfloat16>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
 }
 
+namespace {
+
+SelectWorkspace carve(void* workspace, int64_t G, int64_t n) {
+  char* p = static_cast<char*>(workspace);
+  SelectWorkspace ws;
+  ws.state = reinterpret_cast<SelectState*>(p);
+  ws.hist = reinterpret_cast<unsigned long long*>(p + G * sizeof(SelectState));
+  ws.eq_count = reinterpret_cast<unsigned int*>(p + G * (sizeof(SelectState) + 256 * 8));
+  (void)n;
+  return ws;
+}
+
+}  // namespace
+
+int64_t selective_loss_select_workspace_bytes(int64_t G, int64_t n) {
+  const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
+  return G * static_cast<int64_t>(sizeof(SelectState) + 256 * 8 + chunks * 4);
+}
+
 int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
-                          int64_t G, int64_t n, uint8_t* selected, cudaStream_t stream) {
+                          int64_t G, int64_t n, uint8_t* selected, void* workspace,
+                          cudaStream_t stream) {
   if (G <= 0 || n <= 0) return cudaSuccess;
-  unsigned int grid = 0;
-  const cudaError_t err = grid_for(G, &grid);
+  const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
+  unsigned int items_grid = 0, groups_grid = 0;
+  cudaError_t err = grid_for(G * chunks, &items_grid);
+  if (err == cudaSuccess) err = grid_for(G, &groups_grid);
+  if (err == cudaSuccess) {
+    // state and histograms start at zero (the counts are tiny next to the scores)
+    err = cudaMemsetAsync(workspace, 0,
+                          static_cast<size_t>(selective_loss_select_workspace_bytes(G, n)), stream);
+  }
   if (err != cudaSuccess) return err;
-  SLM_LAUNCH(grid, kSelectThreads, 0, stream, select_kernel)(scores, eligible, k, G, n, selected);
+  const SelectWorkspace ws = carve(workspace, G, n);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_hist_kernel)(scores, eligible, G, n,
+                                                                          shift, ws);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    SLM_LAUNCH(groups_grid, kPickThreads, 0, stream, select_pick_kernel)(k, G, shift, ws);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_count_kernel)(scores, eligible, k, G, n,
+                                                                         ws);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_write_kernel)(scores, eligible, k, G,
+                                                                         n, selected, ws);
   return cudaGetLastError();
 }
 

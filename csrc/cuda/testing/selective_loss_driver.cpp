@@ -210,12 +210,13 @@ int main(int argc, char** argv) {
     for (const std::string& o : orders) {
       set_order(o);
       Buffer selected(static_cast<size_t>(G * n), 0);
+      Buffer workspace(static_cast<size_t>(k::selective_loss_select_workspace_bytes(G, n)), 0);
       simt::config().fail_next_launch = fail_launch;
       finish(status_of([&] {
         return k::selective_loss_select(
             reinterpret_cast<const float*>(scores.p), reinterpret_cast<const uint8_t*>(eligible.p),
             reinterpret_cast<const int64_t*>(kk.p), G, n, reinterpret_cast<uint8_t*>(selected.p),
-            nullptr);
+            workspace.p, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
     }

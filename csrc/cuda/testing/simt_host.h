@@ -8,14 +8,17 @@
 // is a cooperative fiber (ucontext) that runs until it reaches __syncthreads() or a warp
 // collective (__shfl_*_sync, __ballot_sync), the only places where threads can observe each
 // other. Because nothing else switches, atomics are plain read-modify-writes and a run is
-// deterministic for a given thread order; the order (forward, reverse, seeded random, redrawn at
-// every release) is what exposes code that depends on it, e.g. a missing __syncthreads.
+// deterministic for a given thread order. The order is a priority: forward always resumes the
+// lowest runnable thread (warp 0 runs ahead of the others as far as barriers allow), reverse the
+// highest, random a seeded random one; that exposes code that depends on it, e.g. a missing
+// __syncthreads.
 //
 // The scheduler checks what the hardware would not forgive: __syncthreads reached from different
 // call sites (divergent barrier), a barrier some threads of the block never reach (they exited),
 // deadlock, warp collectives whose mask names exited or missing lanes or disagrees between
 // lanes, and launches whose grid or block exceeds the device limits (config().max_grid_x, ...).
-// Kernel misuse fails the launch with cudaErrorLaunchFailure and a message (error_message()).
+// Kernel misuse fails the launch with a sticky cudaErrorLaunchFailure (simt::take_error gives
+// the message).
 // GCC drops the section attribute of statics in template instantiations: keep __shared__
 // variables in non-template functions (as csrc/cuda does), or they are not poisoned.
 // Launches go through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...), which the .cu
@@ -36,6 +39,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -153,8 +157,8 @@ enum WarpOp { kShflXor = 1, kShflDown = 2, kBallot = 3 };
 
 struct Runtime {
   std::vector<Fiber> fibers;
-  std::vector<int> queue;  // runnable fibers, run front to back
-  size_t queue_head = 0;
+  std::set<int> ready;         // runnable fibers (forward / reverse orders)
+  std::vector<int> ready_bag;  // runnable fibers (random order)
   Fiber* cur = nullptr;
   ucontext_t sched_ctx;
   const std::function<void()>* body = nullptr;
@@ -163,8 +167,11 @@ struct Runtime {
   int nthreads = 0;
   std::mt19937_64 rng;
   std::string error;  // set by a fiber or the scheduler: aborts the block
-  cudaError_t last_error = cudaSuccess;
+  cudaError_t last_error = cudaSuccess;  // cleared by cudaGetLastError
   std::string last_message;
+  // A kernel fault is sticky, as on a device: cudaGetLastError reports it on every call.
+  cudaError_t sticky_error = cudaSuccess;
+  std::string sticky_message;
   bool in_kernel = false;
   // ASan: the scheduler's stack, learnt on the first switch into a fiber
   const void* main_bottom = nullptr;
@@ -255,24 +262,43 @@ inline std::string site(const Fiber& f) {
   return std::string(f.file ? f.file : "?") + ":" + std::to_string(f.line);
 }
 
-// Queue `ids` (released together) in the configured order.
-inline void release(std::vector<int>& ids) {
+// Make `ids` runnable.
+inline void release(const std::vector<int>& ids) {
+  Runtime& r = rt();
+  for (int i : ids) {
+    r.fibers[static_cast<size_t>(i)].state = Fiber::kReady;
+    if (config().order == Order::kRandom) {
+      r.ready_bag.push_back(i);
+    } else {
+      r.ready.insert(i);
+    }
+  }
+}
+
+// The next fiber to run, -1 when none is runnable. A priority order, not a queue: forward
+// always runs the lowest runnable thread, so warp 0 runs ahead of the others as far as the
+// barriers let it; reverse lets the last warp run ahead; random picks uniformly each time.
+inline int next_ready() {
   Runtime& r = rt();
   switch (config().order) {
     case Order::kForward:
-      std::sort(ids.begin(), ids.end());
-      break;
-    case Order::kReverse:
-      std::sort(ids.begin(), ids.end(), std::greater<int>());
-      break;
-    case Order::kRandom:
-      std::shuffle(ids.begin(), ids.end(), r.rng);
-      break;
+    case Order::kReverse: {
+      if (r.ready.empty()) return -1;
+      auto it = config().order == Order::kForward ? r.ready.begin() : std::prev(r.ready.end());
+      const int id = *it;
+      r.ready.erase(it);
+      return id;
+    }
+    case Order::kRandom: {
+      if (r.ready_bag.empty()) return -1;
+      const size_t j = static_cast<size_t>(r.rng() % r.ready_bag.size());
+      const int id = r.ready_bag[j];
+      r.ready_bag[j] = r.ready_bag.back();
+      r.ready_bag.pop_back();
+      return id;
+    }
   }
-  for (int i : ids) {
-    r.fibers[static_cast<size_t>(i)].state = Fiber::kReady;
-    r.queue.push_back(i);
-  }
+  return -1;
 }
 
 inline Fiber* current() {
@@ -385,7 +411,7 @@ T from_bits(uint64_t b) {
   return v;
 }
 
-// The queue is empty and some fibers are not done: release a barrier or report why not.
+// Nothing is runnable and some fibers are not done: release a barrier or report why not.
 inline bool release_barrier_or_fail() {
   Runtime& r = rt();
   std::vector<int> at_barrier;
@@ -405,6 +431,14 @@ inline bool release_barrier_or_fail() {
     for (int i = 0; i < r.nthreads; ++i) {
       const Fiber& f = r.fibers[static_cast<size_t>(i)];
       if (f.state == Fiber::kWarp) {
+        const int base = i & ~31;
+        for (int l = 0; l < 32 && base + l < r.nthreads; ++l) {
+          if ((f.mask >> l & 1u) && r.fibers[static_cast<size_t>(base + l)].state == Fiber::kDone) {
+            fail("warp op at " + site(f) + " by " + where(f) + " names lane " + std::to_string(l) +
+                 ", which has exited");
+            return false;
+          }
+        }
         fail("deadlock: " + where(f) + " waits at the warp op at " + site(f) +
              " for lanes that never arrive (" + std::to_string(at_barrier.size()) +
              " threads wait at __syncthreads)");
@@ -461,17 +495,16 @@ inline void run_block() {
     makecontext(&f.ctx, fiber_entry, 0);
     all.push_back(i);
   }
-  r.queue.clear();
-  r.queue_head = 0;
+  r.ready.clear();
+  r.ready_bag.clear();
   release(all);
   for (;;) {
-    while (r.queue_head < r.queue.size() && r.error.empty()) {
-      const int id = r.queue[r.queue_head++];
+    while (r.error.empty()) {
+      const int id = next_ready();
+      if (id < 0) break;
       resume(r.fibers[static_cast<size_t>(id)]);
     }
     if (!r.error.empty()) break;
-    r.queue.clear();
-    r.queue_head = 0;
     bool all_done = true;
     for (int i = 0; i < r.nthreads; ++i) {
       all_done = all_done && r.fibers[static_cast<size_t>(i)].state == Fiber::kDone;
@@ -525,8 +558,8 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   r.in_kernel = false;
   r.body = nullptr;
   if (!r.error.empty()) {
-    r.last_error = cudaErrorLaunchFailure;
-    r.last_message = r.error;
+    r.sticky_error = cudaErrorLaunchFailure;
+    r.sticky_message = r.error;
   }
 }
 
@@ -553,11 +586,20 @@ struct Launcher {
 template <typename... P>
 Launcher(dim3, dim3, size_t, cudaStream_t, void (*)(P...)) -> Launcher<P...>;
 
-// Error of the last failed launch (and its message), cleared by the call.
-inline cudaError_t take_error(std::string* message) {
+// The sticky kernel fault if any, else the error of the last failed launch (with its message).
+// clear_sticky: a test resets the emulated device (a real one would need a new context).
+inline cudaError_t take_error(std::string* message, bool clear_sticky = true) {
   detail::Runtime& r = detail::rt();
-  const cudaError_t e = r.last_error;
+  cudaError_t e = r.last_error;
   if (message) *message = r.last_message;
+  if (r.sticky_error != cudaSuccess) {
+    e = r.sticky_error;
+    if (message) *message = r.sticky_message;
+    if (clear_sticky) {
+      r.sticky_error = cudaSuccess;
+      r.sticky_message.clear();
+    }
+  }
   r.last_error = cudaSuccess;
   r.last_message.clear();
   return e;
@@ -691,8 +733,11 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 // ------------------------------------------------------------------------------------------
 // runtime API
 // ------------------------------------------------------------------------------------------
-inline cudaError_t cudaGetLastError() { return ::simt::take_error(nullptr); }
-inline cudaError_t cudaPeekAtLastError() { return ::simt::detail::rt().last_error; }
+inline cudaError_t cudaGetLastError() { return ::simt::take_error(nullptr, false); }
+inline cudaError_t cudaPeekAtLastError() {
+  const ::simt::detail::Runtime& r = ::simt::detail::rt();
+  return r.sticky_error != cudaSuccess ? r.sticky_error : r.last_error;
+}
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess:

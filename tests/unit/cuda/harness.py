@@ -31,8 +31,12 @@ _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16:
 
 CXX = os.environ.get("CXX", "g++")
 BASE_FLAGS = ["-std=c++17", "-O2", "-g", "-Wall", "-Wextra", "-Wno-unknown-pragmas"]
-SANITIZE_FLAGS = ["-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                  "-fno-sanitize-recover=all"]
+SANITIZE_FLAGS = [
+    "-O1",
+    "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+]
 
 
 def have_compiler() -> bool:
@@ -46,27 +50,42 @@ def _build_dir() -> Path:
     return path
 
 
-def build(kernels: Path = KERNELS, sanitize: bool = False, extra_sources=(), name="driver",
-          driver: Path = DRIVER) -> Path:
-    """Compile kernels + driver into an executable (cached by content) and return its path."""
+def build(
+    kernels: Path = KERNELS,
+    sanitize: bool = False,
+    extra_sources=(),
+    name="driver",
+    driver: Path = DRIVER,
+) -> Path:
+    """Compile kernels + driver into an executable and return its path. Objects and executables
+    are cached by content, so that variants of the kernels only recompile the kernels."""
     flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else [])
     # csrc/cuda too: a modified copy of the kernels elsewhere still finds selective_loss_cuda.h
     incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
-    h = hashlib.sha256(" ".join([CXX, *flags]).encode())
-    for p in [*sources, TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h"]:
-        h.update(p.read_bytes())
+    headers = b"".join(
+        p.read_bytes() for p in (TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h")
+    )
+    objects = []
+    for src in sources:
+        h = hashlib.sha256(" ".join([CXX, *flags]).encode() + headers + src.read_bytes())
+        obj = _build_dir() / f"{src.stem}-{h.hexdigest()[:16]}.o"
+        if not obj.exists():
+            _compile([CXX, *flags, *incs, "-c", "-x", "c++", str(src)], obj)
+        objects.append(obj)
+    h = hashlib.sha256(" ".join([CXX, *flags, *(o.name for o in objects)]).encode())
     out = _build_dir() / f"{name}-{h.hexdigest()[:16]}"
     if not out.exists():
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        cmd = [CXX, *flags, *incs]
-        for s in sources:
-            cmd += ["-x", "c++", str(s)]
-        p = subprocess.run(cmd + ["-o", str(tmp)], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
-        tmp.rename(out)
+        _compile([CXX, *flags, *map(str, objects)], out)
     return out
+
+
+def _compile(cmd, out: Path) -> None:
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    p = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"harness build failed: {' '.join(cmd)}\n{p.stderr}")
+    tmp.rename(out)
 
 
 class DriverError(RuntimeError):
@@ -88,8 +107,11 @@ def _write(path: Path, t: torch.Tensor) -> None:
 def _run(exe: Path, tmp: Path, args: dict, orders) -> None:
     cmd = [str(exe), f"dir={tmp}", f"orders={','.join(orders)}"]
     cmd += [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items()]
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=66",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67")
+    env = dict(
+        os.environ,
+        ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=66",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67",
+    )
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise DriverError(p.returncode, p.stderr)
@@ -112,13 +134,36 @@ def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, **e
         tmp = Path(d)
         _write(tmp / "logits.bin", logits)
         _write(tmp / "target.bin", target.to(torch.int64))
-        _run(exe, tmp, dict(op="fwd", dtype=DTYPE_CODE[logits.dtype], N=n, V=v,
-                            vocab_start=vocab_start, misalign=misalign, **extra), orders)
+        _run(
+            exe,
+            tmp,
+            dict(
+                op="fwd",
+                dtype=DTYPE_CODE[logits.dtype],
+                N=n,
+                V=v,
+                vocab_start=vocab_start,
+                misalign=misalign,
+                **extra,
+            ),
+            orders,
+        )
         return {o: _read(tmp / f"out_{o}.bin", torch.float32, (n, 3)) for o in orders}
 
 
-def backward(exe, logits, target, lse, scale, vocab_start=0, inplace=False, misalign=0,
-             gmisalign=0, orders=ORDERS, **extra):
+def backward(
+    exe,
+    logits,
+    target,
+    lse,
+    scale,
+    vocab_start=0,
+    inplace=False,
+    misalign=0,
+    gmisalign=0,
+    orders=ORDERS,
+    **extra,
+):
     """{order: grad[N, V]} (logits dtype) of the CUDA backward launcher run on the CPU."""
     n, v = logits.shape
     with tempfile.TemporaryDirectory() as d:
@@ -127,9 +172,22 @@ def backward(exe, logits, target, lse, scale, vocab_start=0, inplace=False, misa
         _write(tmp / "target.bin", target.to(torch.int64))
         _write(tmp / "lse.bin", lse.float())
         _write(tmp / "scale.bin", scale.float())
-        _run(exe, tmp, dict(op="bwd", dtype=DTYPE_CODE[logits.dtype], N=n, V=v,
-                            vocab_start=vocab_start, misalign=misalign, gmisalign=gmisalign,
-                            inplace=inplace, **extra), orders)
+        _run(
+            exe,
+            tmp,
+            dict(
+                op="bwd",
+                dtype=DTYPE_CODE[logits.dtype],
+                N=n,
+                V=v,
+                vocab_start=vocab_start,
+                misalign=misalign,
+                gmisalign=gmisalign,
+                inplace=inplace,
+                **extra,
+            ),
+            orders,
+        )
         return {o: _read(tmp / f"out_{o}.bin", logits.dtype, (n, v)) for o in orders}
 
 

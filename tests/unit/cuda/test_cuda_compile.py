@@ -14,7 +14,14 @@ NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 
 # Block size each kernel is launched with (kThreads / kSelectThreads in the .cu).
-LAUNCH_THREADS = {"fwd_stats_kernel": 256, "backward_kernel": 256, "select": 1024}
+LAUNCH_THREADS = {
+    "fwd_stats_kernel": 256,
+    "backward_kernel": 256,
+    "select_pick_kernel": 256,
+    "select_hist_kernel": 1024,
+    "select_count_kernel": 1024,
+    "select_write_kernel": 1024,
+}
 
 
 def test_every_kernel_declares_its_launch_bounds(tmp_path):
@@ -22,11 +29,24 @@ def test_every_kernel_declares_its_launch_bounds(tmp_path):
     can have, and the launch (not the build) fails. With them, PTX carries .maxntid."""
     ptx = tmp_path / "k.ptx"
     subprocess.run(
-        [NVCC, "-ptx", "-std=c++17", "-O3", "--use_fast_math", f"-I{H.CSRC}", "-arch=sm_80",
-         str(H.KERNELS), "-o", str(ptx)],
-        check=True, capture_output=True, text=True,
+        [
+            NVCC,
+            "-ptx",
+            "-std=c++17",
+            "-O3",
+            "--use_fast_math",
+            f"-I{H.CSRC}",
+            "-arch=sm_80",
+            str(H.KERNELS),
+            "-o",
+            str(ptx),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     text = ptx.read_text()
+    assert sum(k in text for k in LAUNCH_THREADS) == len(LAUNCH_THREADS)
     entries = re.findall(r"\.entry\s+(\S+?)\(.*?\)\s*(\.maxntid\s+(\d+), 1, 1)?", text, re.S)
     assert entries, "no kernels in the PTX"
     for name, _, maxntid in entries:

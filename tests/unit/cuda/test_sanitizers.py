@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.unit.cuda import harness as H
-from tests.unit.cuda.test_selective_loss_cuda_host import _logits, _select_inputs, _targets
+from tests.unit.cuda import kernel_checks as K
 
 
 def _have_sanitizers() -> bool:
@@ -18,7 +18,9 @@ def _have_sanitizers() -> bool:
         return False
     p = subprocess.run(
         [H.CXX, *H.SANITIZE_FLAGS, "-x", "c++", "-", "-o", "/dev/null"],
-        input="int main() { return 0; }", capture_output=True, text=True,
+        input="int main() { return 0; }",
+        capture_output=True,
+        text=True,
     )
     return p.returncode == 0
 
@@ -41,8 +43,8 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
     plain, asan = exes
     esize = torch.tensor([], dtype=dtype).element_size()
     for v, misalign in ((1000, 0), (1001, 0), (1000, esize)):
-        x = _logits(12, v, dtype, seed=v)
-        t = _targets(12, v, 500, seed=v)
+        x = K.logits(12, v, dtype, seed=v)
+        t = K.targets(12, v, 500, seed=v)
         a = H.fwd_stats(asan, x, t, 500, misalign=misalign, orders=ORDERS)
         b = H.fwd_stats(plain, x, t, 500, misalign=misalign, orders=ORDERS)
         assert all(torch.equal(_bits(a[o]), _bits(b[o])) for o in ORDERS)
@@ -50,8 +52,13 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
         scale = torch.linspace(-1, 1, 12)
         scale[3] = 0
         for inplace in (False, True):
-            kw = dict(vocab_start=500, inplace=inplace, misalign=misalign, gmisalign=misalign,
-                      orders=ORDERS)
+            kw = dict(
+                vocab_start=500,
+                inplace=inplace,
+                misalign=misalign,
+                gmisalign=misalign,
+                orders=ORDERS,
+            )
             a = H.backward(asan, x, t, lse, scale, **kw)
             b = H.backward(plain, x, t, lse, scale, **kw)
             assert all(torch.equal(_bits(a[o]), _bits(b[o])) for o in ORDERS)
@@ -59,9 +66,11 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
 
 def test_select_clean_under_asan_ubsan(exes):
     plain, asan = exes
-    for n in (1, 1000, 3000):
-        scores, eligible = _select_inputs(6, n, seed=n)
+    for n in (1, 1000, 3000, 20000):  # 20000: three blocks per group
+        scores, eligible = K.select_inputs(6, n, seed=n)
         k = torch.tensor([1, int(eligible[1].sum()), 3, 0, n + 5, 2])
+        if n > 8192:  # multi-block groups cost the most under ASan: k = n // 3, #eligible
+            scores, eligible, k = scores[:2], eligible[:2], torch.tensor([n // 3, int(k[1])])
         a = H.select(asan, scores, eligible, k, orders=ORDERS)
         b = H.select(plain, scores, eligible, k, orders=ORDERS)
         assert all(torch.equal(a[o], b[o]) for o in ORDERS)
@@ -74,7 +83,7 @@ def test_asan_sees_a_planted_overrun(tmp_path):
     planted = tmp_path / "selective_loss.cu"
     planted.write_text(src.replace(loop, loop.replace("i < V", "i <= V")))
     exe = H.build(kernels=planted, sanitize=True, name="driver-asan-planted")
-    x = _logits(3, 1001, torch.float32, seed=0, special=False)
+    x = K.logits(3, 1001, torch.float32, seed=0, special=False)
     with pytest.raises(H.DriverError) as e:
         H.fwd_stats(exe, x, torch.zeros(3, dtype=torch.int64), orders=ORDERS[:1])
     assert "heap-buffer-overflow" in e.value.stderr

@@ -2,10 +2,8 @@
 csrc/cuda/testing/, against the C++ CPU kernels (megatron_slm._C) and the pure-PyTorch
 reference, for every thread order of the harness (outputs must not depend on it).
 
-Tolerances: maxima and target logits are exact (no arithmetic); a sum of V positive fp32 terms
-each within 2 ulp (exp) is within (V + 2) * 2^-24 relative (the worst-case bound of recursive
-summation); gradients are within 2 ulp of the dtype of the magnitude entering the final
-subtraction (p * scale), as computed in fp32 then rounded once; selections are exact.
+Tolerances (derived in kernel_checks.py): maxima and target logits exact, sums within the
+recursive-summation bound, gradients within 2 ulp of the dtype, selections exact.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from megatron_slm.ops.selective_loss_reference import (
     torch_select,
 )
 from tests.unit.cuda import harness as H
+from tests.unit.cuda import kernel_checks as K
 
 pytestmark = pytest.mark.skipif(not H.have_compiler(), reason="needs a C++ compiler")
 
@@ -30,98 +29,12 @@ C = _extension._C if _extension.HAS_C else None
 needs_c = pytest.mark.skipif(C is None, reason="megatron_slm._C not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MANT_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-MIN_EXP = {torch.float32: -126, torch.float16: -14, torch.bfloat16: -126}
-U32 = 2.0**-24
-NAN, INF = float("nan"), float("inf")
+NAN, INF = K.NAN, K.INF
 
 
 @pytest.fixture(scope="module")
 def exe():
     return H.build()
-
-
-def _ulp(a: torch.Tensor, dtype) -> torch.Tensor:
-    """Spacing of `dtype` numbers at |a| (float64), subnormal spacing below the normal range."""
-    _, e = torch.frexp(a.abs().double())
-    e = torch.where(a == 0, MIN_EXP[dtype], torch.clamp(e - 1, min=MIN_EXP[dtype]))
-    return torch.ldexp(torch.ones_like(a, dtype=torch.float64), e - MANT_BITS[dtype])
-
-
-def _logits(n, v, dtype, seed, special=True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, v, generator=g) * 3
-    if special:
-        x[1, 0] = NAN  # NaN as a thread's first value
-        x[2, v // 2] = NAN
-        x[3, ::3] = -INF  # -inf entries in a finite row
-        x[4] = -INF  # all -inf
-        x[5, -1] = INF
-        x[6, 1:] = -INF  # a single finite entry
-    return x.to(dtype)
-
-
-def _targets(n, v, vocab_start, seed):
-    """Global target ids: in this shard, and (with vocab_start > 0) below and above it."""
-    g = torch.Generator().manual_seed(seed + 1)
-    t = torch.randint(0, v, (n,), generator=g) + vocab_start
-    t[6] = vocab_start  # the finite entry of row 6
-    if vocab_start > 0:
-        t[7] = vocab_start - 1
-        t[8] = vocab_start + v
-        t[9] = 0
-    return t
-
-
-def _stats_reference(x, t, vocab_start):
-    """{max, sum exp(x - max), target logit or 0} in float64; all -inf rows give sum 0."""
-    xd = x.double()
-    m = xd.max(dim=1).values
-    s = torch.exp(xd - m[:, None]).sum(dim=1)
-    s = torch.where(m == -INF, torch.zeros_like(s), s)
-    loc = t - vocab_start
-    hit = (loc >= 0) & (loc < x.shape[1])
-    tl = xd.gather(1, torch.where(hit, loc, 0)[:, None])[:, 0]
-    return m, s, torch.where(hit, tl, torch.zeros_like(tl))
-
-
-def _check_stats(st, x, t, vocab_start, who):
-    m, s, tl = _stats_reference(x, t, vocab_start)
-    nan_row = torch.isnan(x.float()).any(dim=1) | (x.float() == INF).any(dim=1)
-    ok = ~nan_row
-    # maxima and target logits: exact (rows with NaN/+inf have no defined max, only NaN sums)
-    assert torch.equal(st[ok, 0].double(), m[ok]), who
-    assert torch.equal(st[:, 2].double(), tl), who
-    assert torch.isnan(st[nan_row, 1]).all(), f"{who}: rows with NaN or +inf must sum to NaN"
-    tol = (x.shape[1] + 2) * U32 * s[ok]
-    err = (st[ok, 1].double() - s[ok]).abs()
-    assert (err <= tol).all(), f"{who}: sum error {err.max()} > {tol.max()}"
-
-
-def _grad_reference(x, t, vocab_start, lse, scale):
-    """(grad in float64 from the fp32 differences, per-element tolerance for `x.dtype`)."""
-    d = x.float() - lse[:, None]  # the kernels' fp32 subtraction
-    p = torch.exp(d.double())
-    loc = t - vocab_start
-    hit = (loc >= 0) & (loc < x.shape[1])
-    onehot = torch.zeros_like(p)
-    rows = torch.nonzero(hit)[:, 0]
-    onehot[rows, loc[rows]] = 1.0
-    g = (p - onehot) * scale.double()[:, None]
-    g[scale == 0] = 0.0
-    tol = 2 * _ulp(torch.maximum(g.abs(), p * scale.double().abs()[:, None]), x.dtype)
-    return g, tol
-
-
-def _check_grad(gr, x, t, vocab_start, lse, scale, who):
-    g, tol = _grad_reference(x, t, vocab_start, lse, scale)
-    got = gr.double()
-    nan = torch.isnan(g)
-    assert torch.equal(torch.isnan(got), nan), who
-    fin = ~nan
-    err = (got[fin] - g[fin]).abs()
-    assert (err <= tol[fin]).all(), f"{who}: grad error {(err / tol[fin]).max() * 2} ulp"
-    assert (gr[scale == 0] == 0).all(), who
 
 
 def _same_for_all_orders(outs):
@@ -147,14 +60,14 @@ def _misalign(dtype, misaligned):
 @pytest.mark.parametrize("vocab_start", [0, 3000])
 def test_fwd_stats(exe, dtype, v, misaligned, vocab_start):
     n = 12
-    x = _logits(n, v, dtype, seed=v)
-    t = _targets(n, v, vocab_start, seed=v)
+    x = K.logits(n, v, dtype, seed=v)
+    t = K.targets(n, v, vocab_start, seed=v)
     st = _same_for_all_orders(
         H.fwd_stats(exe, x, t, vocab_start, misalign=_misalign(dtype, misaligned))
     )
-    _check_stats(st, x, t, vocab_start, "cuda")
-    _check_stats(C.selective_loss_fwd_stats(x, t, vocab_start), x, t, vocab_start, "cpp")
-    _check_stats(torch_fwd_stats(x, t, vocab_start), x, t, vocab_start, "torch")
+    K.check_stats(st, x, t, vocab_start, "cuda")
+    K.check_stats(C.selective_loss_fwd_stats(x, t, vocab_start), x, t, vocab_start, "cpp")
+    K.check_stats(torch_fwd_stats(x, t, vocab_start), x, t, vocab_start, "torch")
 
 
 @needs_c
@@ -165,8 +78,8 @@ def test_fwd_stats(exe, dtype, v, misaligned, vocab_start):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_backward(exe, dtype, v, misaligned, vocab_start, inplace):
     n = 12
-    x = _logits(n, v, dtype, seed=v + 7)
-    t = _targets(n, v, vocab_start, seed=v + 7)
+    x = K.logits(n, v, dtype, seed=v + 7)
+    t = K.targets(n, v, vocab_start, seed=v + 7)
     xd = x.double()
     lse = torch.logsumexp(xd, dim=1).float()
     lse[0] = lse[0] + 0.5  # an lse from other shards (tensor parallel)
@@ -174,41 +87,31 @@ def test_backward(exe, dtype, v, misaligned, vocab_start, inplace):
     scale = torch.rand(n, generator=g) * 2 - 0.5
     scale[[2, 9]] = 0.0  # zero rows: zero-filled, logits not read
     off = _misalign(dtype, misaligned)
-    outs = H.backward(exe, x, t, lse, scale, vocab_start, inplace=inplace, misalign=off,
-                      gmisalign=off)
+    outs = H.backward(
+        exe, x, t, lse, scale, vocab_start, inplace=inplace, misalign=off, gmisalign=off
+    )
     gr = _same_for_all_orders(outs)
-    _check_grad(gr, x, t, vocab_start, lse, scale, "cuda")
+    K.check_grad(gr, x, t, vocab_start, lse, scale, "cuda")
     gc = C.selective_loss_backward(x.clone(), t, vocab_start, lse, scale, False)
-    _check_grad(gc, x, t, vocab_start, lse, scale, "cpp")
+    K.check_grad(gc, x, t, vocab_start, lse, scale, "cpp")
     gt = torch_backward(x.clone(), t, vocab_start, lse, scale, False)
-    _check_grad(gt, x, t, vocab_start, lse, scale, "torch")
+    K.check_grad(gt, x, t, vocab_start, lse, scale, "torch")
 
 
 @needs_c
 def test_backward_grad_misaligned_only(exe):
     """logits aligned, grad not: the scalar path (both pointers decide)."""
-    x = _logits(12, 1000, torch.float16, seed=1, special=False)
-    t = _targets(12, 1000, 0, seed=1)
+    x = K.logits(12, 1000, torch.float16, seed=1, special=False)
+    t = K.targets(12, 1000, 0, seed=1)
     lse = torch.logsumexp(x.double(), dim=1).float()
     scale = torch.ones(12)
     outs = H.backward(exe, x, t, lse, scale, gmisalign=2, orders=H.ORDERS[:1])
-    _check_grad(outs[H.ORDERS[0]], x, t, 0, lse, scale, "cuda")
+    K.check_grad(outs[H.ORDERS[0]], x, t, 0, lse, scale, "cuda")
 
 
 # ------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------
-def _select_inputs(g, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.randint(-20, 20, (g, n), generator=gen).float() / 4  # ties, negatives
-    pick = torch.randint(0, 8, (g, n), generator=gen)
-    specials = torch.tensor([0.0, -0.0, INF, -INF, NAN, 0.0, -0.0, NAN])
-    special = torch.rand(g, n, generator=gen) < 0.3
-    scores = torch.where(special, specials[pick], scores)
-    eligible = torch.rand(g, n, generator=gen) < 0.8
-    return scores, eligible
-
-
 def _ks(eligible):
     m = eligible.sum(dim=1)
     g = eligible.shape[0]
@@ -219,13 +122,37 @@ def _ks(eligible):
 @needs_c
 @pytest.mark.parametrize("n", [1, 17, 1000, 3000])
 def test_select(exe, n):
-    scores, eligible = _select_inputs(6, n, seed=n)
+    scores, eligible = K.select_inputs(6, n, seed=n)
     k = _ks(eligible)  # k = 1, k = n_eligible, a third, 0, more than eligible, 2
     got = _same_for_all_orders(H.select(exe, scores, eligible, k))
     for i in range(6):
         assert got[i].tolist() == reference_select(scores[i], eligible[i], int(k[i])), i
     assert torch.equal(got, C.selective_loss_select(scores, eligible, k))
     assert torch.equal(got, torch_select(scores, eligible, k))
+
+
+SELECT_CHUNK = 8 * 1024  # kSelectChunk: scores per (group, chunk) work item of the select kernels
+
+
+@needs_c
+@pytest.mark.parametrize("max_grid", [2147483647, 4])
+def test_select_multi_block(exe, max_grid):
+    """Groups of several chunks (one block each): digit histograms summed over blocks, equal keys
+    taken in position order across chunk boundaries; with max_grid=4 blocks loop over items."""
+    n = 2 * SELECT_CHUNK + 1234
+    gen = torch.Generator().manual_seed(11)
+    scores = torch.randint(0, 40, (3, n), generator=gen).float()  # ~500 copies of each key
+    scores[1, ::5] = NAN
+    scores[2, SELECT_CHUNK - 300 :] = 7.0  # one tie run straddling two chunk boundaries
+    eligible = torch.rand(3, n, generator=gen) < 0.9
+    # k: inside a tie group; 1; the k-th is a 7.0 in the last chunk (ties over all three chunks)
+    above, equal = ((scores[2] > v).logical_and(eligible[2]).sum() for v in (7.0, 6.0))
+    k = torch.tensor([n // 3, 1, int(equal) - 100])
+    assert int(above) < int(k[2]) and (scores[2] == 7)[: 2 * SELECT_CHUNK].any()
+    got = _same_for_all_orders(H.select(exe, scores, eligible, k, max_grid=max_grid))
+    assert torch.equal(got, C.selective_loss_select(scores, eligible, k))
+    for i in range(3):
+        assert got[i].tolist() == reference_select(scores[i], eligible[i], int(k[i])), i
 
 
 def test_select_signed_zeros_tie_by_position(exe):
@@ -255,15 +182,15 @@ def test_select_nan_ties_with_minus_inf(exe):
 def test_more_rows_than_the_grid_allows(exe):
     """Bug 6: rows beyond the device's grid limit are still processed (the kernels loop rows)."""
     n, v = 20, 1000
-    x = _logits(n, v, torch.float32, seed=3, special=False)
-    t = _targets(n, v, 0, seed=3)
+    x = K.logits(n, v, torch.float32, seed=3, special=False)
+    t = K.targets(n, v, 0, seed=3)
     st = _same_for_all_orders(H.fwd_stats(exe, x, t, max_grid=7))
-    _check_stats(st, x, t, 0, "cuda")
+    K.check_stats(st, x, t, 0, "cuda")
     lse = torch.logsumexp(x.double(), dim=1).float()
     scale = torch.ones(n)
     gr = _same_for_all_orders(H.backward(exe, x, t, lse, scale, max_grid=7))
-    _check_grad(gr, x, t, 0, lse, scale, "cuda")
-    scores, eligible = _select_inputs(20, 50, seed=4)
+    K.check_grad(gr, x, t, 0, lse, scale, "cuda")
+    scores, eligible = K.select_inputs(20, 50, seed=4)
     k = torch.full((20,), 10)
     got = _same_for_all_orders(H.select(exe, scores, eligible, k, max_grid=7))
     assert torch.equal(got, torch_select(scores, eligible, k))
@@ -272,7 +199,7 @@ def test_more_rows_than_the_grid_allows(exe):
 @pytest.mark.parametrize("op", ["fwd", "bwd", "select"])
 def test_launch_failure_reaches_the_caller(exe, op):
     """Bug 5: a failed launch is reported by the launcher instead of leaving garbage."""
-    x = _logits(4, 8, torch.float32, seed=0, special=False)
+    x = K.logits(4, 8, torch.float32, seed=0, special=False)
     t = torch.zeros(4, dtype=torch.int64)
     kw = dict(fail_launch=701, orders=H.ORDERS[:1])  # cudaErrorLaunchOutOfResources
     with pytest.raises(H.DriverError) as e:
@@ -286,7 +213,7 @@ def test_launch_failure_reaches_the_caller(exe, op):
 
 
 def test_reference_ulp_helper():
-    assert _ulp(torch.tensor([1.0]), torch.float32).item() == 2.0**-23
-    assert _ulp(torch.tensor([1.5]), torch.float16).item() == 2.0**-10
-    assert _ulp(torch.tensor([0.0]), torch.bfloat16).item() == 2.0**-133
-    assert math.isclose(_ulp(torch.tensor([-3.0]), torch.bfloat16).item(), 2.0**-6)
+    assert K.ulp(torch.tensor([1.0]), torch.float32).item() == 2.0**-23
+    assert K.ulp(torch.tensor([1.5]), torch.float16).item() == 2.0**-10
+    assert K.ulp(torch.tensor([0.0]), torch.bfloat16).item() == 2.0**-133
+    assert math.isclose(K.ulp(torch.tensor([-3.0]), torch.bfloat16).item(), 2.0**-6)
