@@ -3,9 +3,9 @@
 Kept, always: control, unknown and user-defined pieces, the byte-fallback pieces and the
 whitespace piece ``▁`` (byte fallback cannot stand in for it: its bytes decode to a literal
 ``▁``). The rest are filled by frequency (ties: lower original id first, i.e. the earlier BPE
-merge / higher score). Kept pieces keep their order, string, score and type, so the new ids are the old ids renumbered
-(``new_to_old`` is increasing); the normalizer, model type and the other specs are copied and
-``trainer_spec.vocab_size`` is set to N.
+merge / higher score). Kept pieces keep their order, string, score and type, so the new ids are
+the old ids renumbered (``new_to_old`` is increasing); the normalizer, model type and the other
+specs are copied and ``trainer_spec.vocab_size`` is set to N.
 
 **BPE merge closure (chosen over dropping unreachable pieces).** A BPE piece is only produced by
 merging two symbols that are themselves produced, so removing an intermediate piece (``▁th``) can
