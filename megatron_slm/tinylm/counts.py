@@ -33,7 +33,7 @@ COUNTS_VERSION = 1
 # temporary at 8 MiB (L2/L3-sized). Measured with benchmarks/bench_compact_tokenizer.py: blocks of
 # 256K..4M ids run within a few percent of each other, whole-file bincount is not faster.
 BLOCK_TOKENS = 1 << 20
-# Tokens per work unit handed to a worker (several per worker, for balance).
+# Most tokens per work unit handed to a worker (fewer when that gives < 8 units per worker).
 RANGE_TOKENS = 1 << 25
 
 
@@ -83,8 +83,10 @@ class TokenRanges:
     ranges: list[tuple[int, int]]
 
 
-def token_ranges(prefix: str, range_tokens: int = RANGE_TOKENS) -> TokenRanges:
-    """Split a dataset's tokens into ranges of about ``range_tokens``, cut at document starts."""
+def token_ranges(prefix: str, range_tokens: int | None = None, workers: int = 1) -> TokenRanges:
+    """Split a dataset's tokens into ranges of about ``range_tokens``, cut at document starts
+    (default: at most ``RANGE_TOKENS``, at least 8 ranges per worker where blocks allow, so that
+    an uneven last range does not leave a worker idle)."""
     for path in (get_idx_path(prefix), get_bin_path(prefix)):
         if not os.path.isfile(path):
             raise CountsError(f"--data-path {prefix}: {path} not found")
@@ -96,6 +98,8 @@ def token_ranges(prefix: str, range_tokens: int = RANGE_TOKENS) -> TokenRanges:
     dtype = np.dtype(index.dtype)
     lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
     num_tokens = int(lengths.sum())
+    if range_tokens is None:
+        range_tokens = min(RANGE_TOKENS, max(BLOCK_TOKENS, -(-num_tokens // (8 * workers))))
     bin_size = os.path.getsize(get_bin_path(prefix))
     if bin_size < num_tokens * dtype.itemsize:
         raise CountsError(
@@ -136,7 +140,7 @@ def count_ids(prefix: str, vocab_size: int, workers: int = 1, progress: bool = F
     """``int64[vocab_size]``: how often each id occurs in dataset ``prefix``.
 
     Raises ``CountsError`` when the data holds an id >= ``vocab_size`` (another tokenizer)."""
-    tr = token_ranges(prefix)
+    tr = token_ranges(prefix, workers=workers)
     tasks = [(tr.bin_path, tr.dtype, a, b) for a, b in tr.ranges]
     total = np.zeros(vocab_size, dtype=np.int64)
     bar = ProgressBar(f"count {os.path.basename(prefix)}", tr.num_tokens, "tokens", progress)
