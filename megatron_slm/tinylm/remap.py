@@ -29,8 +29,12 @@ from megatron_slm.tinylm.idmap import IdMap, IdMapError, check_fits_checkpoint
 logger = logging.getLogger("megatron_slm")
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
-# Metadata of the old checkpoint that no longer describes the new one.
-_DROPPED_KEYS = ("tokenizer", "padded_vocab_size", "config", "iteration", "consumed_samples")
+# Metadata of the old checkpoint that does not describe the new one (save_checkpoint writes the
+# layout, architecture and bookkeeping afresh; the trainer's config names the old tokenizer).
+_DROPPED_KEYS = (
+    "format_version", "iteration", "consumed_samples", "model", "tokenizer", "padded_vocab_size",
+    "world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "config",
+)  # fmt: skip
 
 
 def new_tokenizer_record(idmap: IdMap, tokenizer_model: str | None, flag: str) -> dict:
@@ -130,9 +134,6 @@ def remap_checkpoint(
     new_chunks = build_model(arch, opts, device)
     remap_chunks(old.chunks, new_chunks, torch.tensor(idmap.new_to_old), old.vocab_size)
     meta = {k: v for k, v in info.meta.items() if k not in _DROPPED_KEYS}
-    for key in ("format_version", "model", "world_size", "tensor_model_parallel_size"):
-        meta.pop(key, None)
-    meta.pop("pipeline_model_parallel_size", None)
     seq_length = info.seq_length
     meta.update(
         tokenizer=record,

@@ -1,8 +1,8 @@
 """The compact-tokenizer path as a user runs it: train a 1000-piece tokenizer, tokenize the sample,
-train a tiny model, ``count`` (2 workers), ``prune`` to 600 pieces, ``remap-checkpoint`` at TP=1 and
-at TP=2 (torchrun). The remapped checkpoints' logits equal the original's at the kept ids (1e-5),
-evaluated at TP=1 and TP=2, on a text both tokenizers split the same way. Bad inputs fail with one
-line and exit status 2.
+train a tiny model, ``count`` (2 workers), ``prune`` to 600 pieces, ``remap-checkpoint`` at TP=1,
+TP=2 and PP=2 (torchrun). The remapped checkpoints' logits equal the original's at the kept ids
+(1e-5), evaluated at TP=1 and TP=2, on a text both tokenizers split the same way. Bad inputs fail
+with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ def pipeline(tmp_path_factory):
                  "--output", small, "--heldout", heldout, "--hidden-size", 64)  # fmt: skip
     idmap = str(root / "small.idmap.json")
     remapped = {}
-    for tp in (1, 2):
-        remapped[tp] = str(root / f"small_tp{tp}")
-        _tool("remap-checkpoint", "--load", ref, "--id-map", idmap, "--save", remapped[tp],
-              "--tensor-model-parallel-size", tp, nproc=tp)  # fmt: skip
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        remapped[tp, pp] = str(root / f"small_tp{tp}_pp{pp}")
+        _tool("remap-checkpoint", "--load", ref, "--id-map", idmap, "--save", remapped[tp, pp],
+              "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
+              nproc=tp * pp)  # fmt: skip
     return dict(root=root, big=big, prefix=prefix, ref=ref, counts=counts, small=small,
                 idmap=idmap, remapped=remapped, prune_stdout=proc.stdout)  # fmt: skip
 
@@ -147,24 +148,25 @@ def test_remapped_logits_equal_at_kept_ids(pipeline):
     _run(worker, pipeline["ref"], root / "old_ids.npy", root / "old.npy")
     old = np.load(root / "old.npy")[:, new_to_old]
     assert old.shape == (len(old_ids), N_SMALL)
-    # Saved at TP=1 and at TP=2, each read at the other TP too (TP=2/TP=2 adds nothing new).
-    for saved_tp, eval_tp in ((1, 1), (1, 2), (2, 1)):
-        out = root / f"new_{saved_tp}_{eval_tp}.npy"
-        _run(worker, pipeline["remapped"][saved_tp], root / "new_ids.npy", out, nproc=eval_tp)
+    # Remapped at TP=1, TP=2 and PP=2, each read at TP=1, and the TP=1 one at TP=2 as well.
+    for saved, eval_tp in (((1, 1), 1), ((1, 1), 2), ((2, 1), 1), ((1, 2), 1)):
+        out = root / f"new_{saved[0]}_{saved[1]}_{eval_tp}.npy"
+        _run(worker, pipeline["remapped"][saved], root / "new_ids.npy", out, nproc=eval_tp)
         new = np.load(out)
         assert new.shape == old.shape
-        assert np.abs(new - old).max() <= 1e-5, (saved_tp, eval_tp, np.abs(new - old).max())
+        assert np.abs(new - old).max() <= 1e-5, (saved, eval_tp, np.abs(new - old).max())
 
 
 def test_remapped_metadata(pipeline):
     from megatron_slm.checkpoint import read_checkpoint
 
-    for tp, padded in ((1, 640), (2, 768)):
-        info = read_checkpoint(pipeline["remapped"][tp])
+    for (tp, pp), padded in (((1, 1), 640), ((2, 1), 768), ((1, 2), 640)):
+        info = read_checkpoint(pipeline["remapped"][tp, pp])
         assert info.model.vocab_size == N_SMALL and info.padded_vocab_size == padded
         assert info.tokenizer["model"] == pipeline["small"]
         assert info.tokenizer["vocab_size"] == N_SMALL
         assert info.meta["tensor_model_parallel_size"] == tp
+        assert info.meta["pipeline_model_parallel_size"] == pp
         assert info.meta["model_args"] == read_checkpoint(pipeline["ref"]).meta["model_args"]
 
 
