@@ -25,7 +25,7 @@ TOOL = os.path.join(REPO, "tools", "compact_tokenizer.py")
 TRAIN = [
     "--model-preset", "tiny", "--seq-length", 64, "--micro-batch-size", 2,
     "--global-batch-size", 4, "--lr", "3e-3", "--eval-interval", 0, "--log-interval", 1,
-    "--split", "100,0,0", "--train-iters", 6,
+    "--split", "100,0,0",
 ]  # fmt: skip
 N_SMALL = 600
 
@@ -68,7 +68,7 @@ def pipeline(tmp_path_factory):
     prefix = str(root / "clean_text_document")
     ref = str(root / "ref")
     run_pretrain(["--data-path", prefix, "--tokenizer-type", "SentencePieceTokenizer",
-                  "--tokenizer-model", big, *TRAIN, "--save", ref])  # fmt: skip
+                  "--tokenizer-model", big, *TRAIN, "--train-iters", 6, "--save", ref])  # fmt: skip
     heldout = str(root / "heldout.jsonl")
     with open(SAMPLE) as f, open(heldout, "w") as out:
         out.writelines(f.readlines()[-20:])
@@ -206,3 +206,25 @@ def test_bad_inputs(pipeline, tmp_path):
            tmp_path / "c", match="old ids must lie in [0, 1000)")  # fmt: skip
     _fails("count", "--data-path", pipeline["prefix"], "--tokenizer-model", small,
            "--output", tmp_path / "c.npy", match="the tokenizer has only 600 ids")  # fmt: skip
+
+
+def test_retokenize_and_train_from_remapped_weights(pipeline):
+    """The README's last steps: the corpus re-tokenized with the small model, training continued
+    from the remapped weights (--finetune) with the small tokenizer the checkpoint records."""
+    from tests.functional.pretrain_helpers import read_steps
+
+    root = pipeline["root"]
+    _run(os.path.join(REPO, "tools", "preprocess_data.py"), "--input", SAMPLE,
+         "--output-prefix", root / "small", "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", pipeline["small"], "--append-eod")  # fmt: skip
+    first_loss = {}
+    for name, extra in (("remapped", ["--load", pipeline["remapped"][1, 1], "--finetune"]),
+                        ("scratch", [])):  # fmt: skip
+        log = root / f"train_{name}.jsonl"
+        run_pretrain(["--data-path", root / "small_text_document", "--tokenizer-type",
+                      "SentencePieceTokenizer", "--tokenizer-model", pipeline["small"], *TRAIN,
+                      "--train-iters", 1, "--log-loss-file", log, *extra])  # fmt: skip
+        (step,) = read_steps(str(log))
+        first_loss[name] = step["loss"]
+    # The remapped weights carry what the model learned: better than a fresh initialisation.
+    assert first_loss["remapped"] < first_loss["scratch"] - 0.1, first_loss
