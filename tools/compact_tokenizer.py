@@ -28,7 +28,7 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_slm.cli import add_config_arguments, config_from_namespace  # noqa: E402
-from megatron_slm.tinylm.config import CountConfig, PruneConfig, RemapConfig  # noqa: E402
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig  # noqa: E402
 
 PROG = "compact_tokenizer"
 COMMANDS = {

@@ -12,5 +12,5 @@ Modules: ``counts`` (id frequencies over indexed datasets, with the tokenizer's 
 ``spm`` (reading/writing SentencePiece model protos, the BPE merge simulation), ``prune``
 (choosing the kept pieces, writing the small model), ``idmap`` (the new id -> old id map),
 ``report`` (coverage, compression cost, embedding parameters saved), ``remap`` (checkpoint
-embedding and output rows), ``config`` (the tool's typed settings).
+embedding and output rows), ``compact_config`` (the tool's typed settings).
 """

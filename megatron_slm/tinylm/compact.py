@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from megatron_slm.tinylm.config import CountConfig, PruneConfig, RemapConfig
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 
 def count(cfg: CountConfig, progress: bool = True) -> dict:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_slm.tinylm.config import CountConfig, PruneConfig
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
