@@ -11,7 +11,8 @@
 # each task, across its srun tasks (SLURM_PROCID/SLURM_NTASKS; no process group is created). Each
 # output shard is written atomically; rerunning the same command (or requeueing after a
 # preemption) skips the finished shards and gives byte-identical outputs. Every value below can be
-# overridden from the environment. CONTAINER_IMAGE (pyxis/enroot squashfs) is optional.
+# overridden from the environment. CONTAINER_IMAGE (pyxis/enroot squashfs) is optional. With
+# vLLM tensor parallelism (TP=2, 4, 8) submit with --ntasks-per-node=$((8 / TP)).
 #
 #SBATCH --job-name=prox-refine
 #SBATCH --nodes=1
@@ -37,6 +38,7 @@ STAGE=${STAGE:-doc,chunk}
 DOC_MODEL=${DOC_MODEL:-}
 CHUNK_MODEL=${CHUNK_MODEL:-}
 BACKEND=${BACKEND:-vllm}                # vllm (GPU, pip install '.[vllm]') | transformers
+TP=${TP:-1}                             # vllm backend: GPUs per model copy (tensor parallel)
 DEVICE=${DEVICE:-auto}                  # transformers backend: auto | cpu | cuda
 DTYPE=${DTYPE:-auto}
 BATCH_SIZE=${BATCH_SIZE:-32}            # transformers backend: prompts per generate call
@@ -74,6 +76,7 @@ else
     MODE_ARGS=(
         --stage "$STAGE"
         --backend "$BACKEND"
+        --tensor-parallel-size "$TP"
         --device "$DEVICE"
         --dtype "$DTYPE"
         --batch-size "$BATCH_SIZE"
@@ -103,6 +106,6 @@ if [[ -n "$PROGRAMS" ]]; then
     srun "${SRUN_ARGS[@]}" "$PYTHON" "$SCRIPT" "${MODE_ARGS[@]:0:1}" "${RUN_ARGS[@]}" \
         "${MODE_ARGS[@]:1}"
 else
-    # one GPU per task: each task sees only its own, as device 0 (vLLM and transformers)
-    srun "${SRUN_ARGS[@]}" --gpus-per-task=1 "$PYTHON" "$SCRIPT" "${RUN_ARGS[@]}" "${MODE_ARGS[@]}"
+    # TP GPUs per task (one with transformers): each task sees only its own (vLLM, transformers)
+    srun "${SRUN_ARGS[@]}" --gpus-per-task="$TP" "$PYTHON" "$SCRIPT" "${RUN_ARGS[@]}" "${MODE_ARGS[@]}"
 fi

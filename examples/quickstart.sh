@@ -8,7 +8,9 @@
 # 3. a reference model trained on clean text            (python -m megatron_slm.pretrain)
 # 4. the noisy corpus scored offline into a sidecar     (tools/score_corpus.py)
 # 5. Rho-1 training on the noisy corpus, top 60% tokens by excess loss, and a plain baseline
-# 6. both evaluated on held-out clean text              (tools/evaluate.py)
+# 6. ProX: the noisy corpus refined with programs (apply mode; tools/prox_refine.py), then a
+#    plain model trained on the refined corpus
+# 7. all three evaluated on held-out clean text         (tools/evaluate.py)
 # Environment: OUT (output dir), ITERS, PYTHON (skip the .venv setup), TRAIN_ARGS (extra flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,8 +65,21 @@ echo "== 5b. baseline: plain causal LM on the noisy corpus"
 run_train --data-path "$OUT/noisy_text_document" --save "$OUT/plain" \
     --tensorboard-dir "$OUT/tensorboard/plain"
 
-echo "== 6. held-out clean text"
-for run in plain slm; do
+echo "== 6. ProX: refine the noisy corpus, then train on it"
+# The programs next to the sample data stand in for a refining model's output (see
+# examples/sample_data/make_prox_programs.py); a model writes them with
+# `tools/prox_refine.py --doc-model ... --chunk-model ...` instead of `apply`.
+rm -rf "$OUT/prox_refined" "$OUT/prox"
+"$PYTHON" tools/prox_refine.py apply --input "$SAMPLE/noisy.jsonl" \
+    --programs "$SAMPLE/noisy_programs.jsonl" --output-dir "$OUT/prox_refined"
+"$PYTHON" tools/preprocess_data.py --input "$OUT/prox_refined/noisy.jsonl" \
+    --output-prefix "$OUT/prox_refined" --tokenizer-type SentencePieceTokenizer \
+    --tokenizer-model "$OUT/tok.model" --append-eod
+run_train --data-path "$OUT/prox_refined_text_document" --save "$OUT/prox" \
+    --tensorboard-dir "$OUT/tensorboard/prox"
+
+echo "== 7. held-out clean text"
+for run in plain slm prox; do
     "$PYTHON" tools/evaluate.py --load "$OUT/$run" --perplexity-data "clean=$OUT/clean_heldout.jsonl" \
         --seq-length 128 --append-eod --output "$OUT/eval_$run.json"
 done
@@ -74,7 +89,9 @@ out = sys.argv[1]
 def loss(run):
     report = json.load(open(f"{out}/eval_{run}.json"))
     return report["perplexity"][0]["mean_loss"]
-plain, slm = loss("plain"), loss("slm")
+plain, slm, prox = loss("plain"), loss("slm"), loss("prox")
 print(f"held-out clean loss: plain {plain:.4f}  |  Rho-1 (60% tokens) {slm:.4f}  "
-      f"({'better' if slm < plain else 'worse'} by {abs(plain - slm):.4f})")
+      f"({'better' if slm < plain else 'worse'} by {abs(plain - slm):.4f})  |  "
+      f"ProX-refined corpus {prox:.4f} ({'better' if prox < plain else 'worse'} by "
+      f"{abs(plain - prox):.4f})")
 PY

@@ -88,10 +88,6 @@ def read_metadata(path: str, flag: str = "--load") -> dict:
     return meta
 
 
-def model_config_from_checkpoint(path: str, flag: str = "--load") -> GPTModelConfig:
-    return GPTModelConfig(**read_metadata(path, flag)["model"])
-
-
 def model_sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
         return {"model": unwrap(chunks[0]).sharded_state_dict()}

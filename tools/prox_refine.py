@@ -29,7 +29,7 @@ from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
 from megatron_slm.refine.pipeline import RefineError, refine_corpus  # noqa: E402
 
-PROG = "prox_refine.py"
+PROG = "prox_refine"
 
 
 def get_configs(argv=None):

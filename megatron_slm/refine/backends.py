@@ -109,7 +109,14 @@ class TransformersGenerator:
 class VllmGenerator:
     """vLLM offline generation (GPU); used with ``--backend vllm`` when vllm is installed."""
 
-    def __init__(self, model_dir: str, flag: str, dtype: str, gpu_memory_utilization: float = 0.9):
+    def __init__(
+        self,
+        model_dir: str,
+        flag: str,
+        dtype: str,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+    ):
         self.tokenizer = load_tokenizer(model_dir, flag)
         try:
             from vllm import LLM
@@ -118,7 +125,10 @@ class VllmGenerator:
                 "--backend vllm: vllm is not installed (pip install 'megatron-slm[vllm]')"
             ) from None
         self.engine = LLM(
-            model=model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization
+            model=model_dir,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -133,7 +143,10 @@ class VllmGenerator:
         return [r.outputs[0].text.strip(" ") for r in results]
 
 
-def load_generator(backend: str, model_dir: str, flag: str, device: str, dtype: str, batch: int):
-    if backend == "vllm":
-        return VllmGenerator(model_dir, flag, dtype)
-    return TransformersGenerator(model_dir, flag, device, dtype, batch)
+def load_generator(config, stage: str):
+    """The generator of ``stage`` ("doc" or "chunk") for a ``ModelConfig``."""
+    model_dir = config.doc_model if stage == "doc" else config.chunk_model
+    flag = f"--{stage}-model"
+    if config.backend == "vllm":
+        return VllmGenerator(model_dir, flag, config.dtype, config.tensor_parallel_size)
+    return TransformersGenerator(model_dir, flag, config.device, config.dtype, config.batch_size)

@@ -39,7 +39,6 @@ class RunConfig:
     max_errors: int = arg(
         2, "A chunk program with this many errors is ignored (the original text is kept)."
     )
-    log_interval: float = arg(30.0, "Seconds between progress lines.")
 
     def __post_init__(self):
         if not self.input:
@@ -57,8 +56,6 @@ class RunConfig:
             raise ValueError(f"--drop-words must be >= 0, got {self.drop_words}")
         if self.max_errors < 1:
             raise ValueError(f"--max-errors must be >= 1, got {self.max_errors}")
-        if self.log_interval <= 0:
-            raise ValueError(f"--log-interval must be > 0, got {self.log_interval}")
 
     @property
     def rule(self) -> AcceptanceRule:
@@ -87,6 +84,9 @@ class ModelConfig:
     doc_model: str | None = arg(None, "Document-level refining model (Hugging Face directory).")
     chunk_model: str | None = arg(None, "Chunk-level refining model (Hugging Face directory).")
     backend: str = arg("transformers", "Generation backend.", choices=["transformers", "vllm"])
+    tensor_parallel_size: int = arg(
+        1, "vllm backend: GPUs per model (vLLM's tensor parallelism; one task per model copy)."
+    )
     device: str = arg("auto", "transformers backend device: auto, cpu, cuda, cuda:N.")
     dtype: str = arg(
         "auto",
@@ -131,6 +131,12 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("--tensor-parallel-size > 1 needs --backend vllm")
         try:
             self.line_prefix.format(i=0)
         except (KeyError, IndexError, ValueError) as e:

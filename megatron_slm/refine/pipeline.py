@@ -25,12 +25,14 @@ import glob
 import hashlib
 import json
 import os
-import signal
-import sys
+import time
 from dataclasses import dataclass, field
 
 from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.output_lock import OutputLock, OutputLockedError
+from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig
 from megatron_slm.refine.executor import (
     DROP_DOC,
@@ -41,7 +43,6 @@ from megatron_slm.refine.executor import (
     execute_chunk_program,
     execute_doc_program,
 )
-from megatron_slm.refine.progress import Progress
 
 RUN_FORMAT = "megatron-slm-prox-refine"
 RUN_VERSION = 1
@@ -216,15 +217,12 @@ class ModelRefiner:
         c = self.config
         attr = "_doc" if stage == "doc" else "_chunk"
         if getattr(self, attr) is None:
-            model = c.doc_model if stage == "doc" else c.chunk_model
             other = self._chunk if stage == "doc" else self._doc
             if other is not None and (c.doc_model == c.chunk_model):
                 setattr(self, attr, other)  # one model for both stages: load it once
             else:
                 try:
-                    gen = load_generator(
-                        c.backend, model, f"--{stage}-model", c.device, c.dtype, c.batch_size
-                    )
+                    gen = load_generator(c, stage)
                 except BackendError as e:
                     raise RefineError(str(e)) from None
                 setattr(self, attr, gen)
@@ -342,6 +340,9 @@ class Layout:
 
     def shard_stats(self, shard: Shard) -> str:
         return os.path.join(self.root, "shards", f"{shard.name}.json")
+
+    def lock(self, shard: Shard) -> str:
+        return os.path.join(self.root, "shards", f"{shard.name}.lock")
 
     def is_done(self, shard: Shard) -> bool:
         return all(
@@ -497,21 +498,7 @@ def format_summary(title: str, stats: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # one shard
 # ---------------------------------------------------------------------------------------------
-_kill_counts: dict[str, int] = {}
-
-
-def _kill_hook(point: str) -> None:
-    spec = os.environ.get(KILL_HOOK_ENV)
-    if not spec:
-        return
-    name, _, k = spec.partition(":")
-    if name != point:
-        return
-    _kill_counts[point] = _kill_counts.get(point, 0) + 1
-    if _kill_counts[point] == int(k or 1):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+_crash = CrashPoints(KILL_HOOK_ENV)
 
 
 def _read_jsonl(path: str):
@@ -554,8 +541,39 @@ def _fsync_close(f) -> None:
     f.close()
 
 
+class Meter:
+    """The progress line: ETA from input bytes (this worker's unfinished shards' sizes, known
+    before the first document is read), documents/s and tokens/s (words/s without a tokenizer)
+    in the line's tail."""
+
+    def __init__(self, name: str, total_bytes: int, unit: str):
+        self.bar = ProgressBar(name, total_bytes, "bytes")
+        self.unit = unit
+        self.documents = self.tokens = self.bytes = 0
+
+    def update(self, documents: int, tokens: int, nbytes: int, final: bool = False) -> None:
+        """``nbytes``: the documents' text bytes, an estimate of the input consumed (the JSON
+        around them is not counted; :meth:`shard_done` corrects it at every shard's end)."""
+        self.documents += documents
+        self.tokens += tokens
+        self.bytes = min(self.bytes + nbytes, self.bar.total)
+        self._show(final)
+
+    def shard_done(self, input_bytes_done: int) -> None:
+        self.bytes = input_bytes_done
+        self._show(False)
+
+    def _show(self, final: bool) -> None:
+        elapsed = max(time.perf_counter() - self.bar.start, 1e-9)
+        extra = (
+            f"{self.documents:,} docs | {self.documents / elapsed:,.1f} docs/s | "
+            f"{self.tokens / elapsed:,.0f} {self.unit}/s"
+        )
+        self.bar.update(self.bytes, extra=extra, final=final)
+
+
 def refine_shard(
-    shard: Shard, refiner, run: RunConfig, layout: Layout, window: int, progress: Progress
+    shard: Shard, refiner, run: RunConfig, layout: Layout, window: int, progress: Meter
 ) -> dict:
     kept_path, dropped_path = layout.kept(shard), layout.dropped(shard)
     tokenizer = getattr(refiner, "tokenizer", None)
@@ -571,17 +589,17 @@ def refine_shard(
                 before = [next(counts) for _ in docs]
             for j, (doc, outcome) in enumerate(zip(docs, outcomes)):
                 record = output_record(doc, outcome, run.text_key)
-                line = json.dumps(record, ensure_ascii=False) + "\n"
-                (dropped_f if outcome.dropped else kept_f).write(line)
+                _write_record(dropped_f if outcome.dropped else kept_f, record)
                 _account(stats, doc, outcome)
                 if tokenizer is not None:
                     stats["tokens_before"] += before[j]
                     stats["tokens_after"] += 0 if outcome.dropped else next(counts)
-                _kill_hook("document")
+                _crash.reached("document")
             tokens = (
                 sum(before) if tokenizer is not None else sum(len(d.text.split()) for d in docs)
             )
-            progress.update(len(docs), tokens, sum(len(d.text.encode()) for d in docs))
+            nbytes = sum(len(d.text.encode(errors="surrogatepass")) for d in docs)
+            progress.update(len(docs), tokens, nbytes)
         _fsync_close(kept_f)
         _fsync_close(dropped_f)
     except BaseException:
@@ -589,11 +607,18 @@ def refine_shard(
         dropped_f.close()
         raise
     os.replace(kept_path + ".partial", kept_path)
-    _kill_hook("commit")
+    _crash.reached("commit")
     os.replace(dropped_path + ".partial", dropped_path)
     finish_stats(stats)
     write_json_atomic(layout.shard_stats(shard), stats)
     return stats
+
+
+def _write_record(f, record: dict) -> None:
+    try:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON escape, not UTF-8): keep it escaped
+        f.write(json.dumps(record) + "\n")
 
 
 def _account(stats: dict, doc: Document, outcome: Outcome) -> None:
@@ -672,8 +697,6 @@ def refine_corpus(
         rank, world_size = info.rank, info.world_size
     shards = resolve_shards(run.input)
     layout = Layout(run.output_dir)
-    if isinstance(mode, ApplyConfig) and not os.path.isfile(mode.programs):
-        raise RefineError(f"--programs {mode.programs}: no such file")
     # Validate the programs / model directories before the output directory is claimed.
     if isinstance(mode, ApplyConfig):
         refiner, window = ProgramTable(mode, run.rule), APPLY_WINDOW
@@ -687,17 +710,32 @@ def refine_corpus(
     if todo:
         total_bytes = sum(os.path.getsize(s.path) for s in todo)
         unit = "tokens" if getattr(refiner, "tokenizer", None) is not None else "words"
-        progress = Progress(total_bytes, run.log_interval, f"prox_refine[{rank}]", unit)
+        progress = Meter(f"prox_refine rank {rank}", total_bytes, unit)
+        done_bytes = 0
         for shard in todo:
-            _clean_partials(layout, shard)
-            part = refine_shard(shard, refiner, run, layout, window, progress)
+            # one writer per shard: a second job on the same output (double submission, an
+            # overlapping requeue) fails here instead of interleaving the same partial files
+            lock = OutputLock(layout.lock(shard), f"shard {shard.name} of {layout.root}")
+            try:
+                lock.acquire()
+            except OutputLockedError as e:
+                raise RefineError(str(e)) from None
+            try:
+                if layout.is_done(shard):  # finished by another job since we listed the shards
+                    done_bytes += os.path.getsize(shard.path)
+                    continue
+                _clean_partials(layout, shard)
+                part = refine_shard(shard, refiner, run, layout, window, progress)
+            finally:
+                lock.release()
+            done_bytes += os.path.getsize(shard.path)
+            progress.shard_done(done_bytes)
             add_stats(stats, part)
             log(
                 f"prox_refine: shard {shard.name} done ({part['kept']} kept, "
                 f"{part['dropped']} dropped)"
             )
-        if total_bytes:
-            log(progress.line())
+        progress.update(0, 0, 0, final=True)
     finish_stats(stats)
     totals = write_totals(layout, shards)
     report = RefineReport(len(shards), [s.name for s in todo], skipped, stats, totals is not None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -153,7 +154,11 @@ def _no_args(name: str, args: list, kwargs: dict) -> None:
 
 def _parse_call(line: str):
     try:
-        tree = ast.parse(line, mode="eval")
+        # "\d" in a string literal warns (DeprecationWarning, SyntaxWarning from 3.12): a warning
+        # filter set to "error" must not turn a valid program line into an error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(line, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         raise _BadLine("not a function call") from None
     call = tree.body

@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_slm.crash_points import CrashPoints
 from megatron_slm.progress import ProgressBar, hms
 from megatron_slm.runtime import per_token_losses
 from megatron_slm.scoring.config import ScoreConfig, ScoringError
@@ -98,19 +97,6 @@ class ScoreReport:
         else:
             lines.append(f"  sidecar not published (partial state kept in {self.sidecar_prefix}.*)")
         return "\n".join(lines)
-
-
-def _kill_hook(point: str, counts: dict) -> None:
-    spec = os.environ.get(KILL_HOOK_ENV)
-    if not spec:
-        return
-    name, _, k = spec.partition(":")
-    if name != point:
-        return
-    counts[point] = counts.get(point, 0) + 1
-    if counts[point] == int(k or 1):
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _broadcast(obj, device):
@@ -292,7 +278,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
         int(offsets[min((c + 1) * interval, n_docs)] - offsets[c * interval]) for c in todo
     )
     bar = ProgressBar(f"score {os.path.basename(prefix)}", todo_tokens, "tokens", is_rank0)
-    kills: dict = {}
+    crash = CrashPoints(KILL_HOOK_ENV)
     run_docs = run_tokens = 0
     loss_sum, loss_count = 0.0, 0
     start = time.perf_counter()
@@ -326,7 +312,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
                     device=device,
                 )
         if is_rank0:
-            _kill_hook("range", kills)
+            crash.reached("range")
         dist.all_reduce(stats)
         d_docs, d_tokens, d_sum, d_count = (float(x) for x in stats.cpu())
         run_docs += int(d_docs)
@@ -334,7 +320,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
         loss_sum += d_sum
         loss_count += int(d_count)
         if is_rank0:
-            _kill_hook("commit", kills)
+            crash.reached("commit")
         bar.update(run_tokens, _mean_text(loss_sum, loss_count))
     seconds = time.perf_counter() - start
     bar.update(run_tokens, _mean_text(loss_sum, loss_count), final=True)
@@ -351,7 +337,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
         dist.barrier()
         error = None
         if is_rank0:
-            _kill_hook("finalize", kills)
+            crash.reached("finalize")
             try:
                 writer.finalize()
             except Exception as e:  # noqa: BLE001 - reported on every rank

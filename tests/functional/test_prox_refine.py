@@ -12,8 +12,10 @@ error path, and the checks are about format, consistency, sharding and resumptio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -274,6 +276,20 @@ def test_two_ranks_and_sigkill_rerun_give_the_same_bytes(corpus, model_dir):
     assert p.returncode == 0, err
     assert snapshot(corpus / "killed") == reference
 
+    # an outside SIGKILL at an arbitrary moment: as soon as the first shard is committed
+    p = spawn(model_argv(corpus, model_dir, "outside", *extra))
+    first = corpus / "outside" / "shards" / "shard-0.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert first.exists() and "stats.json" not in snapshot(corpus / "outside")
+    p = spawn(model_argv(corpus, model_dir, "outside", *extra))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert snapshot(corpus / "outside") == reference
+
 
 # ---------------------------------------------------------------------------------------------
 # bad model directories
@@ -294,7 +310,7 @@ def test_model_dir_without_tokenizer(corpus, model_dir, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text(open(os.path.join(model_dir, "config.json")).read())
     code, err = run_tool(model_argv(corpus, str(empty), "out"), capsys)
-    assert code == 2 and err.startswith("prox_refine.py: error: --doc-model ")
+    assert code == 2 and err.startswith("prox_refine: error: --doc-model ")
     assert "no tokenizer (none of tokenizer.json" in err
     assert not (corpus / "out").exists()  # nothing claimed
 

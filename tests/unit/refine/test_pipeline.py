@@ -173,7 +173,7 @@ def test_malformed_jsonl_names_file_and_line(small, capsys):
         f.write('{"id": 9, "text": "unterminated\n')
     code, err = run_tool(apply_argv(small), capsys)
     assert code == 2
-    assert err.startswith("prox_refine.py apply: error: ")
+    assert err.startswith("prox_refine apply: error: ")
     assert f"{small / 'raw' / 'b.jsonl'}:4: invalid JSON" in err
 
 
@@ -227,6 +227,18 @@ def test_flag_validation(small, capsys):
     assert code == 2 and "--shard-index must be in [0, --num-shards 2)" in err
     code, err = run_tool(["--input", "x", "--output-dir", "y", "--stage", "chunk"], capsys)
     assert code == 2 and "--stage chunk needs --chunk-model" in err
+    code, err = run_tool(
+        ["--input", "x", "--output-dir", "y", "--doc-model", "m", "--stage", "doc",
+         "--tensor-parallel-size", "2"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--tensor-parallel-size > 1 needs --backend vllm" in err
+    code, err = run_tool(
+        ["--input", "x", "--output-dir", "y", "--chunk-model", "m", "--stage", "chunk",
+         "--line-prefix", "[]"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--line-prefix '[]' does not contain {i}" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,3 +358,52 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, point):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert snapshot(corpus / "killed") == reference
+
+
+def test_unicode_and_lone_surrogates_round_trip(small):
+    docs = [
+        {"id": 0, "text": "日本語の文書 with émojis 😀 " * 3 + "\nsecond line of text here ok"},
+        {"id": 1, "text": "broken \ud800 surrogate " * 4},
+    ]
+    with open(small / "raw" / "a.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")  # ASCII escapes, as many JSONL writers produce
+    write_jsonl(small / "raw" / "b.jsonl", [])
+    write_jsonl(
+        small / "programs.jsonl",
+        [{"id": 0, "chunk_program": "normalize('😀', '🙂')"}, {"id": 1, "chunk_program": ""}],
+    )
+    run_apply(small)
+    kept = read_jsonl(small / "out" / "a.jsonl")
+    assert kept[0]["text"] == docs[0]["text"].replace("😀", "🙂")
+    assert kept[1]["text"] == docs[1]["text"]
+    assert read_jsonl(small / "out" / "b.jsonl") == []
+
+
+def test_progress_line(small, capsys):
+    run_apply(small)
+    err = capsys.readouterr().err
+    final = [line for line in err.splitlines() if line.startswith("[prox_refine rank 0]")][-1]
+    assert "100.0%" in final and "ETA" in final
+    assert "6 docs | " in final and "docs/s" in final and "words/s" in final
+
+
+def test_a_shard_being_written_by_another_job_is_refused(small, capsys):
+    from megatron_slm.output_lock import OutputLock
+
+    os.makedirs(small / "out" / "shards")
+    with OutputLock(str(small / "out" / "shards" / "a.lock"), "test holder"):
+        code, err = run_tool(apply_argv(small), capsys)
+    assert code == 2 and "shard a of" in err and "being written by another job" in err
+    assert not (small / "out" / "a.jsonl").exists()
+    code = run_tool_ok(apply_argv(small))  # the holder is gone: the run goes through
+    assert code == 0
+
+
+def run_tool_ok(argv):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import prox_refine
+    finally:
+        sys.path.pop(0)
+    return prox_refine.main(argv)

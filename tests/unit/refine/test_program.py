@@ -173,3 +173,11 @@ def test_fast_paths_agree_with_ast(source, target, a, b):
         fast_program, slow_program = parse_program(fast, "chunk"), parse_program(slow, "chunk")
         assert fast_program.operations == slow_program.operations
         assert [e.reason for e in fast_program.errors] == [e.reason for e in slow_program.errors]
+
+
+def test_invalid_escapes_are_literal_even_with_warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops(r'normalize(source_str="\d+", target_str="N")') == ([Normalize("\\d+", "N")], [])

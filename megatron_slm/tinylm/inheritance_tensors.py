@@ -1,0 +1,133 @@
+"""Full tensors of a sharded model, and the slicing of one full tensor by an inheritance plan.
+
+Megatron layout facts used here (see ``megatron_slm.convert.hf``): ``linear_qkv`` rows are
+group-interleaved ``[q heads of group g, k_g, v_g]`` per KV group; ``linear_fc1`` is ``[gate; up]``
+and its TP shard is ``[gate_r; up_r]``; RMSNorm weights are either their own tensors
+(``input_layernorm``, ``pre_mlp_layernorm``: torch/local specs) or fused into the next linear as
+``layer_norm_weight`` (te spec). Any other tensor is refused rather than copied unsliced.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_slm.models.sharding import global_name, unwrap
+from megatron_slm.tinylm.importance import tp_all_gather
+from megatron_slm.tinylm.inheritance_plan import InheritancePlan
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_HIDDEN_VECTORS = (
+    "input_layernorm.weight",
+    "pre_mlp_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight",
+    "mlp.linear_fc1.layer_norm_weight",
+)
+
+
+def tp_unshard_param(name: str, param: torch.Tensor) -> torch.Tensor:
+    """The full tensor of this TP rank's parameter ``param`` (collective over the TP group)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    data = param.detach()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return data
+    dim = param.partition_dim
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = data.chunk(2, dim=0)  # this rank's [gate_r; up_r]
+        return torch.cat([tp_all_gather(gate, 0), tp_all_gather(up, 0)])
+    return tp_all_gather(data, dim)
+
+
+def local_full_tensors(lm):
+    """``(global name, full tensor)`` for every parameter of this rank's chunks, one at a time, so
+    the caller slices or reduces each before the next is gathered (bounded memory at 7B).
+    Collective over the TP group: every TP rank must iterate the same way."""
+    for chunk in map(unwrap, lm.chunks):
+        for local_name, param in chunk.named_parameters():
+            name = global_name(chunk, local_name)
+            yield name, tp_unshard_param(name, param)
+
+
+def slice_tensor(
+    name: str, full: torch.Tensor, plan: InheritancePlan
+) -> tuple[str, torch.Tensor] | None:
+    """The target model's ``(name, tensor)`` for one full source tensor, or None when its layer is
+    dropped. Hidden-channel vectors of the norms are multiplied by ``plan.norm_scale`` (why: see
+    :class:`InheritancePlan`)."""
+    src = plan.source
+    hid = torch.tensor(plan.hidden, dtype=torch.long, device=full.device)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return name, full[:, hid].clone()
+    if name == "decoder.final_layernorm.weight":
+        return name, (full[hid] * plan.norm_scale).to(full.dtype)
+    m = _LAYER.fullmatch(name)
+    if not m:
+        raise ValueError(f"cannot inherit tensor {name}: no slicing rule for it")
+    n, suffix = int(m.group(1)), m.group(2)
+    if n not in plan.layers:
+        return None
+    new = f"decoder.layers.{plan.layers.index(n)}.{suffix}"
+    if suffix in _HIDDEN_VECTORS:
+        return new, (full[hid] * plan.norm_scale).to(full.dtype)
+    d, h = src.head_dim, src.hidden_size
+    ng, r = src.num_query_groups, src.num_attention_heads // src.num_query_groups
+    groups, heads = plan.groups[n], plan.heads[n]
+    if suffix == "self_attention.linear_qkv.weight":
+        blocks = full.reshape(ng, r + 2, d, h)
+        rows = [blocks[g, heads[i] + [r, r + 1]] for i, g in enumerate(groups)]  # q.., k, v
+        return new, torch.cat(rows).reshape(-1, h)[:, hid].clone()
+    if suffix == "self_attention.linear_proj.weight":
+        cols = full.reshape(h, ng, r, d)
+        kept = [cols[:, g, heads[i]] for i, g in enumerate(groups)]  # [h, r', d] each
+        return new, torch.cat(kept, dim=1).reshape(h, -1)[hid].clone()
+    neurons = torch.tensor(plan.ffn[n], dtype=torch.long, device=full.device)
+    f = src.ffn_hidden_size
+    if suffix == "mlp.linear_fc1.weight":
+        return new, torch.cat([full[:f][neurons], full[f:][neurons]])[:, hid].clone()
+    if suffix == "mlp.linear_fc2.weight":
+        return new, full[hid][:, neurons].clone()
+    raise ValueError(f"cannot inherit tensor {name}: no slicing rule for it")
+
+
+def megatron_shapes(arch, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every full (TP=1, PP=1) parameter of ``arch`` in the torch/local specs, with its shape."""
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    shapes = {
+        "embedding.word_embeddings.weight": (padded_vocab, h),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (padded_vocab, h),
+    }
+    for n in range(arch.num_layers):
+        p = f"decoder.layers.{n}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attention.linear_qkv.weight": (q + 2 * kv, h),
+                p + "self_attention.linear_proj.weight": (h, q),
+                p + "pre_mlp_layernorm.weight": (h,),
+                p + "mlp.linear_fc1.weight": (2 * f, h),
+                p + "mlp.linear_fc2.weight": (h, f),
+            }
+        )
+    return shapes
+
+
+def check_plan_shapes(plan: InheritancePlan, padded_vocab: int) -> None:
+    """Slice meta tensors of the source's shapes by ``plan`` and compare with the target's: the
+    slicing rules are checked at any size (7B included) without allocating a weight."""
+    expected = megatron_shapes(plan.target, padded_vocab)
+    got = {}
+    for name, shape in megatron_shapes(plan.source, padded_vocab).items():
+        out = slice_tensor(name, torch.empty(shape, device="meta"), plan)
+        if out is not None:
+            got[out[0]] = tuple(out[1].shape)
+    if got != expected:
+        bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+        raise ValueError(
+            f"inheritance would not produce the target's tensors: {bad[0]} is "
+            f"{got.get(bad[0])}, the target needs {expected.get(bad[0])}"
+        )

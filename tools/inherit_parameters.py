@@ -1,0 +1,70 @@
+"""Initialise a smaller model from a larger trained one (parameter inheritance).
+
+    python tools/inherit_parameters.py --load ckpt/big --save ckpt/small \\
+        --model-preset pangu-pi-1b-pro --layers ends:10,10 \\
+        --width-importance activation --calibration-data data/web_text_document \\
+        --calibration-samples 256
+
+    python -m megatron_slm.pretrain --load ckpt/small --finetune ...   # continue training
+
+The target shape is a preset and/or --num-layers/--hidden-size/--ffn-hidden-size/
+--num-attention-heads/--num-query-groups (the vocabulary, RoPE base and norm epsilon stay the
+source's). The source loads at any --tensor-model-parallel-size / --pipeline-model-parallel-size
+(torchrun with TP x PP processes); the result is written at TP=1/PP=1 (the trainer reshards), with
+the kept indices in its megatron_slm.json and a JSON report (<save>/inheritance_report.json).
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.tinylm.inheritance import (  # noqa: E402
+    format_report,
+    inherit_weights,
+    prepare_inheritance,
+    save_inherited,
+)
+from megatron_slm.tinylm.inheritance_config import InheritConfig  # noqa: E402
+
+PROG = "inherit_parameters"
+GROUPS = {"parameter inheritance": InheritConfig}
+
+
+def main(argv=None) -> int:
+    import torch.distributed as dist
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["parameter inheritance"]
+    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
+    try:
+        request = prepare_inheritance(cfg)  # every check, before any process group or weight
+        device = launch.initialize(
+            device=cfg.device,
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+            seed=cfg.seed,
+        )
+        inherited = inherit_weights(request, device)
+        # The target is built and saved whole: re-initialise at TP=1/PP=1 (the trainer reshards).
+        device = launch.initialize(device=cfg.device, seed=cfg.seed)
+        report = save_inherited(request, inherited, device)
+        if dist.get_rank() == 0:
+            print(format_report(report))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if owns_process_group:
+            launch.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
