@@ -115,7 +115,7 @@ def test_dropping_an_intermediate_breaks_reachability(models):
 
 CHARS = st.one_of(
     st.characters(codec="utf-8"),  # any scalar value: control characters, CJK, emoji, ...
-    st.sampled_from(list("日本語の中文字😀🎉👍🏽 \t\n\x00\x07\x1b\u0301")),
+    st.sampled_from(list("日本語の中文字😀🎉👍🏽 \t\n\x00\x07\x1b\u0301\u2581")),
     st.sampled_from(list("the and of to in is was that ")),
 )
 
@@ -136,13 +136,15 @@ def pruned_pair(models, tmp_path_factory):
 @given(text=st.lists(CHARS, max_size=60).map("".join))
 def test_round_trip_arbitrary_unicode(pruned_pair, text):
     """decode(encode(x)) is the model's normalization of x: byte fallback covers every character
-    the pruned model has no piece for. Identity normalization: exactly x."""
+    the pruned model has no piece for."""
     for kind, (big, small) in pruned_pair.items():
         ids = small.encode(text)
         assert all(0 <= i < small.get_piece_size() for i in ids)
         assert small.decode(ids) == big.decode(big.encode(text)), kind
     _, small_bpe = pruned_pair["bpe"]
-    assert small_bpe.decode(small_bpe.encode(text)) == text
+    # Identity normalization: exactly x, except that a literal "▁" is SentencePiece's escaped
+    # space in any model (the original decodes it to " " as well).
+    assert small_bpe.decode(small_bpe.encode(text)) == text.replace("\u2581", " ")
 
 
 def test_too_small_vocab_size(models):
