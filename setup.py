@@ -153,6 +153,7 @@ setup(
         "megatron-core>=0.16,<0.20",
         "numpy",
         "sentencepiece",
+        "protobuf>=3.20",  # editing SentencePiece model protos (tinylm prune)
         "tensorboard",
         "tqdm",
         "psutil",  # megatron-core distributed checkpointing needs it

@@ -1,0 +1,112 @@
+"""The compact-tokenizer steps as functions of their configs (``tools/compact_tokenizer.py`` is a
+thin CLI over these). ``remap`` needs the parallel state initialised by the caller."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
+
+
+def count(cfg: CountConfig, progress: bool = True) -> dict:
+    from megatron_slm.checkpoint import tokenizer_record
+    from megatron_slm.data.tokenizer import build_tokenizer
+    from megatron_slm.tinylm.counts import count_corpus
+
+    ttype = cfg.tokenizer_type or "SentencePieceTokenizer"
+    try:
+        tok = build_tokenizer(ttype, cfg.tokenizer_model, cfg.vocab_size)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"--tokenizer-model {cfg.tokenizer_model}: cannot load ({e})") from None
+    record = tokenizer_record(ttype, cfg.tokenizer_model, tok)
+    return count_corpus(cfg.data_path, record, cfg.output, workers=cfg.workers, progress=progress)
+
+
+def _heldout_texts(cfg: PruneConfig) -> list[str]:
+    from megatron_slm.data.jsonl import iter_jsonl
+    from megatron_slm.data.preprocess import expand_inputs
+
+    texts = []
+    for path in expand_inputs(cfg.heldout):
+        for line_no, record in iter_jsonl(path):
+            if cfg.heldout_json_key not in record:
+                raise ValueError(f"--heldout {path}:{line_no}: no {cfg.heldout_json_key!r} field")
+            texts.append(record[cfg.heldout_json_key])
+            if len(texts) >= cfg.heldout_max_docs:
+                return texts
+    return texts
+
+
+def prune(cfg: PruneConfig) -> dict:
+    """Write the pruned model, its id map and report; returns the report."""
+    from megatron_slm.atomic_io import write_json_atomic
+    from megatron_slm.checkpoint import tokenizer_record
+    from megatron_slm.data.tokenizer import SentencePieceTokenizer
+    from megatron_slm.tinylm import spm
+    from megatron_slm.tinylm.counts import check_counts_tokenizer, load_counts
+    from megatron_slm.tinylm.idmap import IdMap, idmap_path_for, write_idmap
+    from megatron_slm.tinylm.prune import prune_model, write_model
+    from megatron_slm.tinylm.report import prune_report
+
+    proto = spm.load_model_proto(cfg.tokenizer_model)
+    spm.check_prunable(proto, cfg.tokenizer_model)
+    old_tok = SentencePieceTokenizer(cfg.tokenizer_model)
+    counts, meta = load_counts(cfg.counts)
+    check_counts_tokenizer(
+        counts,
+        meta,
+        len(proto.pieces),
+        old_tok.unique_identifiers["sha256"],
+        cfg.tokenizer_model,
+        f"--counts {cfg.counts}",
+    )
+    heldout = _heldout_texts(cfg) if cfg.heldout else None
+    result = prune_model(proto, counts, cfg.vocab_size)
+    write_model(result.proto, cfg.output)
+    new_tok = SentencePieceTokenizer(cfg.output)
+    idmap = IdMap(
+        new_to_old=result.selection.kept,
+        old_tokenizer=tokenizer_record(cfg.tokenizer_type, cfg.tokenizer_model, old_tok),
+        new_tokenizer=tokenizer_record(cfg.tokenizer_type, cfg.output, new_tok),
+    )
+    write_idmap(idmap, cfg.id_map or idmap_path_for(cfg.output))
+    report = prune_report(
+        proto_old=proto,
+        proto_new=result.proto,
+        selection=result.selection,
+        unreachable_kept=result.unreachable_kept,
+        counts=counts,
+        heldout=heldout,
+        hidden_size=cfg.hidden_size,
+        divisible_by=cfg.make_vocab_size_divisible_by,
+    )
+    report["files"] = {
+        "model": os.path.abspath(cfg.output),
+        "id_map": os.path.abspath(cfg.id_map or idmap_path_for(cfg.output)),
+        "counts": os.path.abspath(cfg.counts),
+        "original": os.path.abspath(cfg.tokenizer_model),
+    }
+    write_json_atomic(cfg.report or report_path_for(cfg.output), report)
+    return report
+
+
+def report_path_for(model_path: str) -> str:
+    base = model_path[:-6] if model_path.endswith(".model") else model_path
+    return base + ".report.json"
+
+
+def remap(cfg: RemapConfig, device: torch.device) -> str:
+    from megatron_slm.tinylm.idmap import read_idmap
+    from megatron_slm.tinylm.remap import remap_checkpoint
+
+    idmap = read_idmap(cfg.id_map)
+    return remap_checkpoint(
+        cfg.load,
+        idmap,
+        cfg.save,
+        device,
+        tokenizer_model=cfg.tokenizer_model,
+        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+    )

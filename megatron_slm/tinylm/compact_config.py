@@ -1,0 +1,92 @@
+"""Settings of ``tools/compact_tokenizer.py``'s subcommands (one dataclass each; see ``cli``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_slm.cli import arg
+from megatron_slm.data.tokenizer import TokenizerArgs
+
+PRUNABLE_TOKENIZERS = ("SentencePieceTokenizer",)
+
+
+@dataclass
+class CountConfig(TokenizerArgs):
+    """``count``: id frequencies over indexed datasets (the tokenizer is recorded beside them)."""
+
+    data_path: list[str] = arg(
+        [], "Dataset prefixes (PREFIX.bin/.idx), or a blend W1 P1 W2 P2 ...", required=True
+    )
+    output: str | None = arg(None, "Counts file (.npy); its metadata goes to .json.", required=True)
+    workers: int = arg(1, "Worker processes.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.data_path:
+            raise ValueError("--data-path: give at least one dataset prefix")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.tokenizer_model is None and self.tokenizer_type != "NullTokenizer":
+            raise ValueError(
+                "--tokenizer-model is required: the counts record which tokenizer made the data"
+            )
+        if self.output and not self.output.endswith(".npy"):
+            raise ValueError(f"--output must end in .npy, got {self.output!r}")
+
+
+@dataclass
+class PruneConfig:
+    """``prune``: keep the N most useful pieces of a SentencePiece model."""
+
+    tokenizer_model: str | None = arg(None, "The large SentencePiece .model.", required=True)
+    tokenizer_type: str = arg("SentencePieceTokenizer", "Type of --tokenizer-model.")
+    counts: str | None = arg(None, "Counts (.npy) written by `count` with this tokenizer.",
+                             required=True)  # fmt: skip
+    vocab_size: int | None = arg(None, "Pieces of the pruned model (N).", required=True)
+    output: str | None = arg(None, "The pruned .model.", required=True)
+    id_map: str | None = arg(None, "Id map to write (default: OUTPUT with .idmap.json).")
+    report: str | None = arg(None, "Report to write (default: OUTPUT with .report.json).")
+    heldout: list[str] = arg([], "Held-out JSONL files for tokens per byte before/after.")
+    heldout_json_key: str = arg("text", "JSON key of the held-out text.")
+    heldout_max_docs: int = arg(1000, "Held-out documents to use.")
+    hidden_size: int = arg(2048, "Hidden size for the embedding parameters saved.")
+    make_vocab_size_divisible_by: int = arg(128, "Vocabulary padding for the parameters saved.")
+
+    def __post_init__(self):
+        if self.tokenizer_type not in PRUNABLE_TOKENIZERS:
+            raise ValueError(
+                f"--tokenizer-type {self.tokenizer_type} cannot be pruned: only a SentencePiece "
+                "model (BPE or unigram) can"
+            )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
+        if self.output and not self.output.endswith(".model"):
+            raise ValueError(f"--output must end in .model, got {self.output!r}")
+        for name in ("heldout_max_docs", "hidden_size", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass
+class RemapConfig:
+    """``remap-checkpoint``: a checkpoint's embedding and output rows for the pruned tokenizer."""
+
+    load: str | None = arg(None, "Checkpoint trained with the large tokenizer.", required=True)
+    id_map: str | None = arg(None, "The .idmap.json written by `prune`.", required=True)
+    save: str | None = arg(None, "Directory of the new checkpoint.", required=True)
+    tokenizer_model: str | None = arg(
+        None, "The pruned .model (default: the path the id map records)."
+    )
+    make_vocab_size_divisible_by: int | None = arg(
+        None, "Vocabulary padding of the new checkpoint (default: the checkpoint's)."
+    )
+    tensor_model_parallel_size: int = arg(1, "TP of this run (and of the saved layout).")
+    pipeline_model_parallel_size: int = arg(1, "PP of this run (and of the saved layout).")
+    device: str = arg("cpu", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto"))
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
+            raise ValueError("--make-vocab-size-divisible-by must be >= 1")

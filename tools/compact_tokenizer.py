@@ -1,0 +1,107 @@
+"""Compact tokenizer (RethinkTinyLM): count ids, prune a SentencePiece model, remap a checkpoint.
+
+    # 1. id frequencies of the corpus tokenized with the large model
+    python tools/compact_tokenizer.py count --data-path out/corpus_text_document \\
+        --tokenizer-model big.model --output counts.npy --workers 8
+    # 2. keep N pieces: writes small.model, small.idmap.json (new id -> old id), small.report.json
+    python tools/compact_tokenizer.py prune --tokenizer-model big.model --counts counts.npy \\
+        --vocab-size 48000 --output small.model --heldout heldout.jsonl
+    # 3. re-tokenize the corpus with small.model (tools/preprocess_data.py): ids are not a
+    #    relabelling, removed pieces split into smaller ones
+    # 4. carry a checkpoint trained with big.model over (any TP/PP; torchrun for several ranks)
+    python tools/compact_tokenizer.py remap-checkpoint --load ckpt/big --id-map small.idmap.json \\
+        --save ckpt/small
+
+See ``megatron_slm.tinylm`` (``prune`` explains the BPE merge closure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm.cli import add_config_arguments, config_from_namespace  # noqa: E402
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig  # noqa: E402
+
+PROG = "compact_tokenizer"
+COMMANDS = {
+    "count": (CountConfig, "Token-id frequencies over indexed datasets."),
+    "prune": (PruneConfig, "Prune a SentencePiece model to N pieces."),
+    "remap-checkpoint": (RemapConfig, "Embedding/output rows of a checkpoint by the id map."),
+}
+
+
+def get_config(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {}
+    for name, (cls, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.prog = f"{PROG} {name}"
+        add_config_arguments(p, cls)
+        subparsers[name] = p
+    ns = parser.parse_args(argv)
+    try:
+        return ns.command, config_from_namespace(COMMANDS[ns.command][0], ns)
+    except ValueError as e:
+        subparsers[ns.command].error(str(e))
+
+
+def main(argv=None) -> int:
+    command, cfg = get_config(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from megatron_slm.tinylm import compact
+    from megatron_slm.tinylm.report import summary
+
+    try:
+        if command == "count":
+            meta = compact.count(cfg)
+            print(f"wrote {cfg.output}: {meta['num_tokens']} tokens, {meta['num_ids']} ids")
+        elif command == "prune":
+            report = compact.prune(cfg)
+            print(summary(report))
+            print(f"wrote {cfg.output}, {report['files']['id_map']}")
+        else:
+            return _remap(cfg)
+    except (ValueError, OSError) as e:
+        print(f"{PROG} {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _remap(cfg) -> int:
+    import torch.distributed as dist
+
+    from megatron_slm import launch
+    from megatron_slm.tinylm import compact
+
+    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
+    try:
+        device = launch.initialize(
+            device=cfg.device,
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        )
+        out = compact.remap(cfg, device)
+        if dist.get_rank() == 0:
+            print(f"wrote {out}")
+    except ValueError as e:
+        print(f"{PROG} remap-checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if owns_process_group:
+            launch.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
