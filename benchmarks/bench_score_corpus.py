@@ -43,11 +43,11 @@ from megatron_slm.data import preprocess_corpus  # noqa: E402
 from megatron_slm.models import ModelBuildOptions, build_model, get_preset  # noqa: E402
 from megatron_slm.ops import selective_cross_entropy  # noqa: E402
 from megatron_slm.scoring import ScoreConfig, score_corpus  # noqa: E402
+from megatron_slm.scoring.inputs import default_stride  # noqa: E402
 from megatron_slm.scoring.packing import (  # noqa: E402
     document_segments,
     length_sorted_batches,
 )
-from megatron_slm.scoring.inputs import default_stride  # noqa: E402
 
 VOCAB = 512
 

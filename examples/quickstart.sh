@@ -3,7 +3,8 @@
 #
 #   bash examples/quickstart.sh            # sets up .venv, then about 5 minutes on 2 cores
 #
-# 1. a compact sentencepiece tokenizer      (tools/train_tokenizer.py)
+# 1. a compact tokenizer: a 1000-piece sentencepiece model, counted on the clean corpus and
+#    pruned to 512 pieces                   (tools/train_tokenizer.py, tools/compact_tokenizer.py)
 # 2. indexed datasets of the clean and noisy corpora   (tools/preprocess_data.py)
 # 3. a reference model trained on clean text            (python -m megatron_slm.pretrain)
 # 4. the noisy corpus scored offline into a sidecar     (tools/score_corpus.py)
@@ -26,14 +27,23 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 # megatron-core warns about every missing optional GPU library on CPU; the log stays readable.
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
-echo "== 1. tokenizer"
-"$PYTHON" tools/train_tokenizer.py --input "$SAMPLE/clean.jsonl" --model-prefix "$OUT/tok" \
-    --vocab-size 512
-
-echo "== 2. indexed datasets"
 # Hold out the last 100 clean documents for the final evaluation.
 head -n -100 "$SAMPLE/clean.jsonl" > "$OUT/clean_train.jsonl"
 tail -n 100 "$SAMPLE/clean.jsonl" > "$OUT/clean_heldout.jsonl"
+
+echo "== 1. compact tokenizer: train large, count, prune (RethinkTinyLM)"
+"$PYTHON" tools/train_tokenizer.py --input "$SAMPLE/clean.jsonl" --model-prefix "$OUT/tok_big" \
+    --vocab-size 1000
+"$PYTHON" tools/preprocess_data.py --input "$OUT/clean_train.jsonl" \
+    --output-prefix "$OUT/clean_train_big" --tokenizer-type SentencePieceTokenizer \
+    --tokenizer-model "$OUT/tok_big.model" --append-eod
+"$PYTHON" tools/compact_tokenizer.py count --data-path "$OUT/clean_train_big_text_document" \
+    --tokenizer-model "$OUT/tok_big.model" --output "$OUT/counts.npy"
+"$PYTHON" tools/compact_tokenizer.py prune --tokenizer-model "$OUT/tok_big.model" \
+    --counts "$OUT/counts.npy" --vocab-size 512 --output "$OUT/tok.model" \
+    --heldout "$OUT/clean_heldout.jsonl"
+
+echo "== 2. indexed datasets (re-tokenized with the pruned tokenizer)"
 for name in clean_train noisy; do
     src="$OUT/$name.jsonl"; [[ $name == noisy ]] && src="$SAMPLE/noisy.jsonl"
     "$PYTHON" tools/preprocess_data.py --input "$src" --output-prefix "$OUT/$name" \
