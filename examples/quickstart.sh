@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: the whole Selective Language Modeling pipeline on the bundled sample corpus, on CPU.
 #
-#   bash examples/quickstart.sh            # sets up .venv, then about 5 minutes on 2 cores
+#   bash examples/quickstart.sh            # sets up .venv, then about 7 minutes on 2 cores
 #
 # 1. a compact tokenizer: a 1000-piece sentencepiece model, counted on the clean corpus and
 #    pruned to 512 pieces                   (tools/train_tokenizer.py, tools/compact_tokenizer.py)

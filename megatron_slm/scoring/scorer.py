@@ -399,31 +399,30 @@ def score_corpus(config: ScoreConfig) -> list[ScoreReport]:
         device = torch.device("cuda", torch.cuda.current_device())
     if not inputs.tokenizer:
         logger.info("no tokenizer given or recorded: checking ids against the model vocabulary")
-    try:
-        lm = load_model(
-            config.load,
-            device,
-            model_args=config,
-            params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
-            with_tokenizer=False,
-        )
-    except ValueError as e:
-        raise ScoringError(str(e)) from None
-    reports = []
     is_rank0 = dist.get_rank() == 0
-    for prefix in config.data_prefix:
-        error, lock = None, None
+    reports = []
+    with contextlib.ExitStack() as locks:
+        # Every output is locked before the model is loaded: a second job fails at once.
+        error = None
         try:
-            lock = _output_lock(prefix, config, is_rank0)
-            lock.__enter__()
+            for prefix in config.data_prefix:
+                locks.enter_context(_output_lock(prefix, config, is_rank0))
         except ValueError as e:
             error = str(e)
         _raise_if_any(error, device)
         try:
+            lm = load_model(
+                config.load,
+                device,
+                model_args=config,
+                params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                with_tokenizer=False,
+            )
+        except ValueError as e:
+            raise ScoringError(str(e)) from None
+        for prefix in config.data_prefix:
             report = score_dataset(prefix, config, inputs, lm)
-        finally:
-            lock.__exit__(None, None, None)
-        if is_rank0:
-            print(report.format(), flush=True)
-        reports.append(report)
+            if is_rank0:
+                print(report.format(), flush=True)
+            reports.append(report)
     return reports

@@ -249,20 +249,40 @@ def test_padded_vocabulary_kept_at_any_tp(tmp_path):
 
 
 def test_one_writer_per_output(sp_setup, tmp_path):
-    """A second scorer on a prefix being written fails at once naming the holder; once the first
-    is gone the job runs and gives the bytes of a lone run."""
-    from megatron_slm.output_lock import OutputLock
+    """Two scorers on one prefix: the second fails at once naming the first (held stopped with
+    SIGSTOP while it holds the lock, so the race is deterministic); the first then finishes with
+    the bytes of a lone run."""
+    import signal
+    import time
+
+    from megatron_slm.output_lock import read_holder
 
     prefix = str(tmp_path / "clean_text_document")
     for ext in (".bin", ".idx"):
         shutil.copy(sp_setup["prefix"] + ext, prefix + ext)
     lone = _score(sp_setup["prefix"], sp_setup["ref"], 1)
-    with OutputLock(prefix + "_refloss.lock", "test holder"):
-        proc = _tool("score_corpus.py", "--data-prefix", prefix, "--load", sp_setup["ref"],
-                     "--dtype", "float32", check=False)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"pid {os.getpid()}" in proc.stderr and "another job" in proc.stderr
-    assert not os.path.exists(prefix + "_refloss.bin.partial")  # nothing was started
-    _tool("score_corpus.py", "--data-prefix", prefix, "--load", sp_setup["ref"],
-          "--dtype", "float32")  # fmt: skip
+    args = ["--data-prefix", prefix, "--load", sp_setup["ref"], "--dtype", "float32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
+    first = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "score_corpus.py"), *args],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while (read_holder(prefix + "_refloss.lock") or {}).get("pid") != first.pid:
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first scorer never took the lock"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = _tool("score_corpus.py", *args, check=False)
+        os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr and "another job" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, err[-2000:]
     _assert_close(_sidecar(prefix), lone, 0)
