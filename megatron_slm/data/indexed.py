@@ -33,6 +33,19 @@ __all__ = [
 TMP_SUFFIX = ".tmp"
 
 
+def blend_prefixes(data_path: list[str]) -> list[str]:
+    """Megatron's ``--data-path [WEIGHT] PREFIX ...`` without the weights."""
+    return [p for p in data_path if not _is_number(p)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def optimal_token_dtype(vocab_size: int) -> type:
     """Token dtype Megatron-LM's preprocess_data picks: uint16 below 65500 ids, else int32."""
     return DType.optimal_dtype(vocab_size)

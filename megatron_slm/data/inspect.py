@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_slm.cli import arg
+from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.preprocess import check_tokenizer_flags
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
 from megatron_slm.data.tokenizer import TOKENIZER_TYPES
@@ -47,15 +48,7 @@ class InspectConfig:
     @property
     def prefixes(self) -> list[str]:
         """``--data-path`` without the blend weights."""
-        return [p for p in self.data_path if not _is_number(p)]
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
+        return blend_prefixes(self.data_path)
 
 
 def _doc_chunks(offsets: np.ndarray) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.models.args import ModelArgs
 
@@ -75,7 +76,7 @@ class ScoreConfig(ModelArgs, TokenizerArgs):
             TokenizerArgs.__post_init__(self)
         except ValueError as e:
             raise ScoringError(str(e)) from None
-        self.data_prefix = [p for p in self.data_prefix if not _is_number(p)]
+        self.data_prefix = blend_prefixes(self.data_prefix)
         if not self.data_prefix:
             raise ScoringError("--data-prefix: give at least one token dataset prefix")
         if not self.load:
@@ -111,11 +112,3 @@ class ScoreConfig(ModelArgs, TokenizerArgs):
         if self.packing == "auto":
             return "rows" if self.pipeline_model_parallel_size > 1 else "length-sorted"
         return self.packing
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
