@@ -571,17 +571,6 @@ def import_layout(tensor_model_parallel_size: int, pipeline_model_parallel_size:
     )
 
 
-def _record_layout(ckpt: str, tp: int, pp: int) -> None:
-    from megatron_slm.atomic_io import write_text_atomic
-    from megatron_slm.checkpoint import METADATA
-
-    path = os.path.join(ckpt, METADATA)
-    with open(path) as f:
-        meta = json.load(f)
-    meta.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    write_text_atomic(path, json.dumps(meta, indent=2))
-
-
 def world_size() -> int:
     import torch.distributed as dist
 
@@ -657,6 +646,9 @@ def convert_hf_to_megatron(
         "source": f"hf:{load}",
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "params_dtype": dtype_name(dtype),
+        # The layout the padded vocabulary was computed for (built at TP=1 in a world of one).
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
         "hf": {"architecture": architecture(hf_cfg), "config": hf_cfg},
     }
     if tok_files:
@@ -666,9 +658,6 @@ def convert_hf_to_megatron(
             "vocab_size": n_tokens,
         }
     ckpt = save_checkpoint(save, iteration, chunks, model_config=model, metadata=metadata)
-    if world_size() == 1:
-        # Built at TP=1 with the target's padding: record the layout it was computed for.
-        _record_layout(ckpt, tp, pp)
     logger.info("converted %s -> %s (padded vocabulary %d)", load, ckpt, padded)
     return ImportResult(ckpt, model, padded)
 

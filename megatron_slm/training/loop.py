@@ -154,7 +154,6 @@ class Trainer:
         if s.needs_reference and s.slm_ref_source == "online":
             self.online = OnlineReference(
                 s.slm_ref_load,
-                self.arch.vocab_size,
                 self.device,
                 self.build_opts.params_dtype,
                 self.tokenizer.eod,

@@ -34,15 +34,11 @@ class OnlineReference:
     """The frozen reference model of ``--slm-ref-load``, loaded by the shared runtime at the
     trainer's TP (its architecture and padded vocabulary are its own checkpoint's)."""
 
-    def __init__(self, load: str, vocab_size: int, device, params_dtype, eod: int):
+    def __init__(self, load: str, device, params_dtype, eod: int):
+        # Its vocabulary was checked against the data's tokenizer before any work (config.validate).
         self.model = load_model(
             load, device, params_dtype=params_dtype, flag="--slm-ref-load", with_tokenizer=False
         )
-        if self.model.vocab_size != vocab_size:
-            raise ValueError(
-                f"--slm-ref-load {load}: the reference model's vocabulary "
-                f"({self.model.vocab_size}) differs from the data's tokenizer ({vocab_size})"
-            )
         self.eod = eod
 
     @torch.no_grad()

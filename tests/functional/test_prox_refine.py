@@ -21,6 +21,7 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
+from tests.unit.refine import run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 TOOL = os.path.join(REPO, "tools", "prox_refine.py")
@@ -294,17 +295,6 @@ def test_two_ranks_and_sigkill_rerun_give_the_same_bytes(corpus, model_dir):
 # ---------------------------------------------------------------------------------------------
 # bad model directories
 # ---------------------------------------------------------------------------------------------
-def run_tool(argv, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import prox_refine
-    finally:
-        sys.path.pop(0)
-    with pytest.raises(SystemExit) as exc:
-        prox_refine.main(argv)
-    return exc.value.code, capsys.readouterr().err.strip().splitlines()[-1]
-
-
 def test_model_dir_without_tokenizer(corpus, model_dir, tmp_path, capsys):
     empty = tmp_path / "empty_model"
     empty.mkdir()

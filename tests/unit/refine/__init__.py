@@ -1,0 +1,20 @@
+"""Shared helpers of the refine tests."""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def run_tool(argv, capsys):
+    """``tools/prox_refine.py main(argv)`` in-process: (exit status, last stderr line)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import prox_refine
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit) as exc:
+        prox_refine.main(argv)
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()[-1]

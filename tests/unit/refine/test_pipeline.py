@@ -11,6 +11,7 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
+from tests.unit.refine import run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 TOOL = os.path.join(REPO, "tools", "prox_refine.py")
@@ -144,18 +145,6 @@ def test_rerun_skips_finished_shards(small):
 # ---------------------------------------------------------------------------------------------
 # bad input: exit status 2, one line naming the file and line or the flag
 # ---------------------------------------------------------------------------------------------
-def run_tool(argv, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import prox_refine
-    finally:
-        sys.path.pop(0)
-    with pytest.raises(SystemExit) as exc:
-        prox_refine.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    return exc.value.code, err[-1]
-
-
 def apply_argv(root, out="out"):
     return [
         "apply",
