@@ -23,9 +23,10 @@ import os
 import socket
 import sys
 import time
+from megatron_slm.errors import UserError
 
 
-class OutputLockedError(ValueError):
+class OutputLockedError(UserError):
     """The output is locked by another process (or another ``OutputLock`` in this one)."""
 
 

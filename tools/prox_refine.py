@@ -27,7 +27,8 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
-from megatron_slm.refine.pipeline import RefineError, refine_corpus  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.refine.pipeline import refine_corpus  # noqa: E402
 
 PROG = "prox_refine"
 
@@ -46,14 +47,12 @@ def get_configs(argv=None):
     return parser, configs["run"], configs["refining models"]
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     """Refine; exit status 2 with one ``prog: error: ...`` line on bad input."""
-    parser, run, mode = get_configs(argv)
+    _, run, mode = get_configs(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        refine_corpus(run, mode)
-    except RefineError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    refine_corpus(run, mode)
     return 0
 
 

@@ -43,6 +43,7 @@ from megatron_slm.refine.executor import (
     execute_chunk_program,
     execute_doc_program,
 )
+from megatron_slm.errors import UserError
 
 RUN_FORMAT = "megatron-slm-prox-refine"
 RUN_VERSION = 1
@@ -54,7 +55,7 @@ into place, its dropped file and statistics not yet)."""
 APPLY_WINDOW = 4096
 
 
-class RefineError(ValueError):
+class RefineError(UserError):
     """Bad input or settings; the message names the file and line or the flag."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_slm.runtime.loader import LoadedModel
+from megatron_slm.errors import ConfigError
 
 
 @dataclass
@@ -142,6 +143,6 @@ def forward_logits(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
 
 def _require_single_stage() -> None:
     if _pp_size() > 1:
-        raise ValueError(
+        raise ConfigError(
             "this evaluation needs --pipeline-model-parallel-size 1 (use tensor parallelism)"
         )
