@@ -36,10 +36,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_slm.atomic_io import write_text_atomic
+from megatron_slm.errors import CheckpointError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
 from megatron_slm.models.sharding import unwrap
-from megatron_slm.errors import CheckpointError, TokenizerError
 
 logger = logging.getLogger("megatron_slm")
 
@@ -389,7 +389,9 @@ def resolve_architecture(
     values; the TP/PP layout is free (it is not part of the architecture)."""
     if checkpoint is None:
         if vocab_size is None:
-            raise CheckpointError("no tokenizer and no --load checkpoint: the vocabulary is unknown")
+            raise CheckpointError(
+                "no tokenizer and no --load checkpoint: the vocabulary is unknown"
+            )
         return model_args.architecture(vocab_size)
     arch = checkpoint.model
     where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"

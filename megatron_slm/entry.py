@@ -1,4 +1,4 @@
-"""The one runner of every entry point (``python -m megatron_slm.pretrain`` and every ``tools/*.py``).
+"""The one runner of every entry point (``python -m megatron_slm.pretrain``, every ``tools/*.py``).
 
 Usage (the whole error policy of a tool)::
 

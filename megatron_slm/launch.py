@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_slm.platform import distributed_backend, enable_cpu_backend, resolve_device
 from megatron_slm.errors import ConfigError
+from megatron_slm.platform import distributed_backend, enable_cpu_backend, resolve_device
 
 logger = logging.getLogger("megatron_slm")
 

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+
 from megatron_slm.errors import UserError
 
 

@@ -43,6 +43,7 @@ import os
 
 import torch
 from torch.overrides import TorchFunctionMode
+
 from megatron_slm.errors import ConfigError
 
 logger = logging.getLogger("megatron_slm")

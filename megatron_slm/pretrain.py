@@ -10,7 +10,6 @@ from megatron_slm._extension import report_once
 from megatron_slm.entry import entry_point
 from megatron_slm.training.config import parse_config
 
-
 PROG = "python -m megatron_slm.pretrain"
 
 

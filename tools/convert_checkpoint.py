@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     cfg = get_config(argv)
     if cfg.direction == "hf-to-megatron":
         tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-        launch.initialize(device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        launch.initialize(
+            device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
         result = convert_hf_to_megatron(
             cfg.load,
             cfg.save,

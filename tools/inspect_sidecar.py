@@ -16,10 +16,10 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar  # noqa: E402
 from megatron_slm.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 
 PROG = "inspect_sidecar"
 GROUPS = {"inspection": InspectConfig}

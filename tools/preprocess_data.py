@@ -16,9 +16,9 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 
 PROG = "preprocess_data"
 GROUPS = {"preprocessing": PreprocessConfig}

@@ -26,8 +26,8 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
 from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
 from megatron_slm.refine.pipeline import refine_corpus  # noqa: E402
 
 PROG = "prox_refine"
@@ -47,13 +47,21 @@ def get_configs(argv=None):
     return parser, configs["run"], configs["refining models"]
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
-    """Refine; exit status 2 with one ``prog: error: ...`` line on bad input."""
+def _refine(argv) -> int:
     _, run, mode = get_configs(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     refine_corpus(run, mode)
     return 0
+
+
+_model_mode = entry_point(PROG)(_refine)
+_apply_mode = entry_point(f"{PROG} apply")(_refine)
+
+
+def main(argv=None) -> int:
+    """Refine; exit status 2 with one ``prog: error: ...`` line on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return (_apply_mode if argv[:1] == ["apply"] else _model_mode)(argv)
 
 
 if __name__ == "__main__":

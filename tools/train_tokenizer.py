@@ -16,11 +16,11 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.jsonl import iter_jsonl  # noqa: E402
 from megatron_slm.data.preprocess import expand_inputs  # noqa: E402
 from megatron_slm.data.tokenizer import train_sentencepiece  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.errors import InputFileError  # noqa: E402
 
 
@@ -55,7 +55,9 @@ def iter_texts(patterns, key, max_docs):
     for path in expand_inputs(patterns):
         for line_no, record in iter_jsonl(path):
             if key not in record:
-                raise InputFileError(f"line {line_no}: no {key!r} field", subject=path, hint="pass --json-key")
+                raise InputFileError(
+                    f"line {line_no}: no {key!r} field", subject=path, hint="pass --json-key"
+                )
             yield record[key]
             n += 1
             if max_docs and n >= max_docs:

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.errors import UserError
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict, global_name, tp_shard, unwrap
-from megatron_slm.errors import UserError
 
 logger = logging.getLogger("megatron_slm")
 

@@ -114,7 +114,11 @@ def read_index(prefix: str, flag: str = "--data-path") -> IndexFacts:
     off = HEADER_BYTES
     lengths = np.fromfile(idx_path, dtype="<i4", count=n_seq, offset=off)
     off += 4 * n_seq
-    pointers = np.memmap(idx_path, dtype="<i8", mode="r", offset=off, shape=(n_seq,)) if n_seq else np.zeros(0, "<i8")
+    pointers = (
+        np.memmap(idx_path, dtype="<i8", mode="r", offset=off, shape=(n_seq,))
+        if n_seq
+        else np.zeros(0, "<i8")
+    )
     off += 8 * n_seq
     docs = np.fromfile(idx_path, dtype="<i8", count=n_doc, offset=off)
 
@@ -151,8 +155,7 @@ def read_index(prefix: str, flag: str = "--data-path") -> IndexFacts:
             subject,
             f"{bin_path} {what} {bin_size} bytes, expected {running} ({running // itemsize} "
             f"tokens of {dtype.name} listed in {idx_path})",
-            "the copy was cut short, or .bin and .idx come from different datasets; "
-            + _REBUILD,
+            "the copy was cut short, or .bin and .idx come from different datasets; " + _REBUILD,
         )
     return IndexFacts(prefix, dtype, lengths, docs)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+
 from megatron_slm.errors import InputFileError
 
 

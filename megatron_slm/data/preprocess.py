@@ -14,12 +14,12 @@ batches in flight, so any number of workers gives the same bytes). Files are wri
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
 import logging
 import multiprocessing
-import contextlib
 import os
 import time
 from collections import deque

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
-from megatron_slm.models.args import ModelArgs
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.args import ModelArgs
 
 
 @dataclass

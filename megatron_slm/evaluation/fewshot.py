@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.evaluation.generate import greedy_generate
 from megatron_slm.runtime import LoadedModel
-from megatron_slm.errors import ConfigError, InputFileError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

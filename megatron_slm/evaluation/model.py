@@ -14,8 +14,8 @@ import os
 import torch
 
 from megatron_slm.checkpoint import METADATA, TRACKER
-from megatron_slm.runtime import LoadedModel, load_model
 from megatron_slm.errors import CheckpointError
+from megatron_slm.runtime import LoadedModel, load_model
 
 
 def is_hf_dir(path: str) -> bool:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.runtime import LoadedModel, sequence_losses
 from megatron_slm.errors import ConfigError, InputFileError
+from megatron_slm.runtime import LoadedModel, sequence_losses
 
 
 @dataclass

@@ -6,9 +6,9 @@ import json
 import os
 from collections.abc import Sequence
 
+from megatron_slm.errors import InputFileError
 from megatron_slm.evaluation.fewshot import FewShotConfig, evaluate_fewshot, read_qa
 from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
-from megatron_slm.errors import InputFileError
 from megatron_slm.runtime import LoadedModel
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
-from megatron_slm.models.presets import GPTModelConfig, get_preset
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.presets import GPTModelConfig, get_preset
 
 DEFAULT_PRESET = "tiny"
 DEFAULT_VOCAB_DIVISOR = 128

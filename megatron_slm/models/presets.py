@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 from megatron_slm.errors import ConfigError
 
 

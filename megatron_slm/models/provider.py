@@ -16,10 +16,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
 from megatron_slm.models.specs import gpt_block_spec
 from megatron_slm.platform import cpu_backend_enabled
-from megatron_slm.errors import ConfigError
 
 
 @dataclass(frozen=True)

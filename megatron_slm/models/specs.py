@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+
 from megatron_slm.errors import ConfigError
 
 SPEC_IMPLS = ("te", "local", "torch")

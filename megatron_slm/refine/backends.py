@@ -8,6 +8,7 @@ imported at module load.
 from __future__ import annotations
 
 import os
+
 from megatron_slm.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

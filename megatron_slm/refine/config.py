@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
 from megatron_slm.refine.executor import AcceptanceRule
-from megatron_slm.errors import ConfigError
 
 STAGES = ("doc", "chunk")
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import UserError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig
@@ -43,7 +44,6 @@ from megatron_slm.refine.executor import (
     execute_chunk_program,
     execute_doc_program,
 )
-from megatron_slm.errors import UserError
 
 RUN_FORMAT = "megatron-slm-prox-refine"
 RUN_VERSION = 1

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.runtime.loader import LoadedModel
 from megatron_slm.errors import ConfigError
+from megatron_slm.runtime.loader import LoadedModel
 
 
 @dataclass

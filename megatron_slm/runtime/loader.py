@@ -19,9 +19,9 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
 )
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import CheckpointError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig
-from megatron_slm.errors import CheckpointError
 
 
 @dataclass
@@ -90,7 +90,9 @@ def load_model(
     try:
         load_checkpoint(info.path, chunks, weights_only=True, flag=flag)
     except Exception as e:  # noqa: BLE001 - shape mismatches surface as many exception types
-        raise CheckpointError(f"{flag} {load}: cannot load the weights ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{flag} {load}: cannot load the weights ({type(e).__name__}: {e})"
+        ) from e
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)

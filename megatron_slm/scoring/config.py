@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
-from megatron_slm.models.args import ModelArgs
 from megatron_slm.errors import UserError
+from megatron_slm.models.args import ModelArgs
 
 PACKINGS = ("auto", "rows", "length-sorted")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")

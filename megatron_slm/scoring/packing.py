@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from megatron_slm.errors import ConfigError
 
 __all__ = [

@@ -26,8 +26,8 @@ import numpy as np
 from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.data.index_file import read_index
 from megatron_slm.data.indexed import IndexedDataset, get_bin_path
-from megatron_slm.progress import ProgressBar
 from megatron_slm.errors import InputFileError
+from megatron_slm.progress import ProgressBar
 
 COUNTS_FORMAT = "megatron-slm-token-counts"
 COUNTS_VERSION = 1

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_slm.checkpoint import CheckpointInfo, latest_iteration, read_checkpoint
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.tinylm.importance import (
@@ -50,7 +51,6 @@ from megatron_slm.tinylm.inheritance_tensors import (
     local_full_tensors,
     slice_tensor,
 )
-from megatron_slm.errors import ConfigError, InputFileError
 
 logger = logging.getLogger("megatron_slm")
 REPORT_NAME = "inheritance_report.json"

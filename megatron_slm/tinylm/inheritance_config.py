@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.tinylm.importance import WIDTH_METHODS
 from megatron_slm.tinylm.inheritance_plan import LayerChoice
-from megatron_slm.errors import ConfigError
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset
-from megatron_slm.errors import ConfigError
 
 LAYER_METHODS = ("ends", "importance", "list")
 

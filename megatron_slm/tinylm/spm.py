@@ -15,6 +15,7 @@ piece's own string; the pieces it creates are what that piece needs to stay prod
 from __future__ import annotations
 
 import os
+
 from megatron_slm.errors import TokenizerError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -18,9 +18,9 @@ from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.cli import arg, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
-from megatron_slm.errors import ConfigError
 
 
 @dataclass

@@ -30,7 +30,7 @@ RNG = np.random.default_rng(7)
 DOCS = [list(RNG.integers(0, 500, size=n)) for n in RNG.integers(1, 12, size=6)]
 VOCAB = 512  # -> uint16 tokens
 FUZZ = settings(
-    max_examples=120,
+    max_examples=50,
     deadline=None,  # wall time is bounded by the alarm below, not by hypothesis's timing
     derandomize=True,  # CI runs the same examples every time
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
