@@ -15,6 +15,7 @@ import json
 import os
 import runpy
 import sys
+import time
 
 # Heavy imports paid once in the parent; every child inherits them (copy-on-write).
 import torch  # noqa: F401
@@ -63,12 +64,14 @@ def main() -> None:
     results = []
     for i, case in enumerate(cases):
         out, err = os.path.join(tmp, f"case{i}.out"), os.path.join(tmp, f"case{i}.err")
+        t0 = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             _child(case, out, err)
         _, status = os.waitpid(pid, 0)
         results.append(
             {
+                "seconds": time.perf_counter() - t0,
                 "returncode": os.waitstatus_to_exitcode(status),
                 "stdout": open(out, errors="replace").read(),
                 "stderr": open(err, errors="replace").read(),

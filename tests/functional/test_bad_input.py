@@ -80,8 +80,9 @@ def files(tmp_path_factory):
 
 
 def _pretrain_args(f, data, *extra):
+    data = data if isinstance(data, list) else [data]
     return [
-        "--device", "cpu", "--data-path", data, "--tokenizer-type", "NullTokenizer",
+        "--device", "cpu", "--data-path", *data, "--tokenizer-type", "NullTokenizer",
         "--vocab-size", str(VOCAB), "--model-preset", "tiny", "--seq-length", "32",
         "--micro-batch-size", "2", "--train-iters", "2", "--split", "100,0,0",
         "--save", f"{f['out']}/ckpt", "--log-loss-file", f"{f['out']}/loss.jsonl", *extra,
@@ -100,11 +101,11 @@ def _cases(f):
         ("pretrain-swapped-bin", P, _pretrain_args(f, f["swapped_bin"]), "swapped_bin.bin"),
         ("pretrain-garbage-idx", P, _pretrain_args(f, f["garbage_idx"]), "bad magic"),
         ("pretrain-blend-one-missing", P,
-         _pretrain_args(f, "0.5", f["data"], "0.5", f"{f['dir']}/gone"), "gone.idx"),
+         _pretrain_args(f, ["0.5", f["data"], "0.5", f"{f['dir']}/gone"]), "gone.idx"),
         ("pretrain-dtype-vs-tokenizer", P,
          [*_pretrain_args(f, f["data"]), "--vocab-size", "70000"], "uint16"),
         ("pretrain-sidecar-other-dataset", P,
-         _pretrain_args(f, f["mixed"], "--slm-ratio", "0.6"), "mixed_refloss"),
+         _pretrain_args(f, f["mixed"], "--slm-ratio", "0.6"), "mixed_text_document_refloss"),
         ("pretrain-sidecar-missing", P,
          _pretrain_args(f, f["data"], "--slm-ratio", "0.6"), "sidecar"),
         # --- trainer: flags and checkpoints
@@ -176,9 +177,9 @@ def _cases(f):
         ("convert-no-direction", _tool("convert_checkpoint"),
          ["--load", f["not_hf"], "--save", f"{out}/conv"], "direction"),
         # --- tiny-LM and ProX tools
-        ("compact-count-missing", _tool("compact_tokenizer"),
-         ["count", "--data-path", f"{f['dir']}/nope", "--tokenizer-model", f["notspm"],
-          "--output", f"{out}/c.npy"], "nope"),
+        ("compact-count-corrupt-spm", _tool("compact_tokenizer"),
+         ["count", "--data-path", f["data"], "--tokenizer-model", f["notspm"],
+          "--output", f"{out}/c.npy"], "notspm.model"),
         ("compact-prune-corrupt-spm", _tool("compact_tokenizer"),
          ["prune", "--tokenizer-model", f["notspm"], "--counts", f"{f['dir']}/c.npy",
           "--vocab-size", "10", "--output", f"{out}/s.model"], "notspm.model"),
@@ -188,8 +189,9 @@ def _cases(f):
         ("prox-apply-no-input", _tool("prox_refine"),
          ["apply", "--input", f"{f['dir']}/none*.jsonl", "--programs", f["jsonl"],
           "--output-dir", f"{out}/refined"], "--input"),
-        ("inspect-truncated-idx", _tool("inspect_sidecar"), ["--data-path", f["trunc_idx"]],
-         "trunc_idx"),
+        ("inspect-corrupt-spm", _tool("inspect_sidecar"),
+         ["--data-path", f["other"], "--top", "2", "--tokenizer-type", "SentencePieceTokenizer",
+          "--tokenizer-model", f["notspm"]], "notspm.model"),
     ]  # fmt: skip
     return cases
 
@@ -218,6 +220,8 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
         timeout=300,
     )
     results = json.loads((tmp_path / "results.json").read_text())
+    slow = sorted(((r["seconds"], c[0]) for c, r in zip(cases, results)), reverse=True)[:5]
+    print("slowest cases:", ", ".join(f"{n} {s:.2f}s" for s, n in slow))
     failures = []
     for (case_id, _, _, expect), r in zip(cases, results):
         try:
