@@ -89,7 +89,10 @@ def token_ranges(prefix: str, range_tokens: int | None = None, workers: int = 1)
     """Split a dataset's tokens into ranges of about ``range_tokens``, cut at document starts
     (default: at most ``RANGE_TOKENS``, at least 8 ranges per worker where blocks allow, so that
     an uneven last range does not leave a worker idle)."""
-    read_index(prefix)  # a damaged or missing file is an InputFileError naming it
+    try:
+        read_index(prefix)  # a missing or damaged file, named (megatron-core's reader asserts)
+    except InputFileError as e:
+        raise CountsError(str(e)) from None
     index = IndexedDataset(prefix, mmap=True).index
     dtype = np.dtype(index.dtype)
     lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
