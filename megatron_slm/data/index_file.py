@@ -65,6 +65,12 @@ def _fail(subject: str, what: str, hint: str | None = None) -> InputFileError:
     return InputFileError(what, subject=subject, hint=hint)
 
 
+def _size_problem(size: int, expected: int) -> str:
+    if size < expected:
+        return f"is truncated at byte {size}, expected {expected} bytes"
+    return f"has {size} bytes, {size - expected} more than the {expected} expected"
+
+
 _REBUILD = "re-run tools/preprocess_data.py or copy the dataset again"
 
 
@@ -104,11 +110,10 @@ def read_index(prefix: str, flag: str = "--data-path") -> IndexFacts:
     dtype = np.dtype(DTYPE_CODES[code])
     expected = HEADER_BYTES + 12 * n_seq + 8 * n_doc
     if idx_size != expected:
-        what = "is truncated at byte" if idx_size < expected else "has"
         raise _fail(
             subject,
-            f"{idx_path} {what} {idx_size} bytes, expected {expected} for {n_seq} sequences "
-            f"and {n_doc} document boundaries",
+            f"{idx_path} {_size_problem(idx_size, expected)} for {n_seq} sequences and {n_doc} "
+            "document boundaries",
             _REBUILD,
         )
     off = HEADER_BYTES
@@ -150,11 +155,10 @@ def read_index(prefix: str, flag: str = "--data-path") -> IndexFacts:
         )
     bin_size = os.path.getsize(bin_path)
     if bin_size != running:
-        what = "is truncated at byte" if bin_size < running else "has"
         raise _fail(
             subject,
-            f"{bin_path} {what} {bin_size} bytes, expected {running} ({running // itemsize} "
-            f"tokens of {dtype.name} listed in {idx_path})",
+            f"{bin_path} {_size_problem(bin_size, running)} ({running // itemsize} tokens of "
+            f"{dtype.name} listed in {idx_path})",
             "the copy was cut short, or .bin and .idx come from different datasets; " + _REBUILD,
         )
     return IndexFacts(prefix, dtype, lengths, docs)
