@@ -210,6 +210,7 @@ def _check(case_id, expect, returncode, stderr, files):
 def test_bad_inputs_one_line_exit_2(files, tmp_path):
     cases = _cases(files)
     assert len(cases) >= 30
+    before = _snapshot(files["dir"])
     spec = [{"entry": entry, "argv": argv, "cwd": REPO} for _, entry, argv, _ in cases]
     (tmp_path / "cases.json").write_text(json.dumps(spec))
     subprocess.run(
@@ -229,6 +230,16 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, "\n\n".join(failures)
+    # Nothing written next to the inputs either (locks, caches, partial sidecars, directories).
+    assert _snapshot(files["dir"]) == before
+
+
+def _snapshot(root: str) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+        for d, dirs, names in os.walk(root)
+        for n in names + dirs
+    }
 
 
 def test_torchrun_prints_the_line_once(files):
