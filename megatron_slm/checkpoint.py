@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_slm.atomic_io import write_text_atomic
+from megatron_slm.errors import CheckpointError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
 from megatron_slm.models.sharding import unwrap
@@ -56,22 +57,34 @@ def latest_iteration(root: str) -> int | None:
     tracker = os.path.join(root, TRACKER)
     if not os.path.isfile(tracker):
         return None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    try:
+        with open(tracker, encoding="utf-8") as f:
+            text = f.read(64).strip()
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 text
+        raise CheckpointError(f"{tracker}: unreadable ({exc})") from None
+    if not (text.isascii() and text.isdigit()):
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
     return int(text)
 
 
 def resolve_checkpoint(path: str, flag: str = "--load") -> str:
     """A checkpoint root (with a tracker) or an ``iter_N`` directory → the iteration directory."""
     if not os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: no such checkpoint directory")
+        raise CheckpointError(f"{flag} {path}: no such checkpoint directory")
     if os.path.isfile(os.path.join(path, METADATA)):
         return path
     iteration = latest_iteration(path)
     if iteration is None:
-        raise ValueError(f"{flag} {path}: no {TRACKER} and no {METADATA}: not a checkpoint")
-    return iteration_dir(path, iteration)
+        raise CheckpointError(f"{flag} {path}: no {TRACKER} and no {METADATA}: not a checkpoint")
+    ckpt = iteration_dir(path, iteration)
+    if not os.path.isfile(os.path.join(ckpt, METADATA)):
+        what = "directory" if not os.path.isdir(ckpt) else METADATA
+        raise CheckpointError(
+            f"{flag} {path}: incomplete checkpoint: {TRACKER} names iteration {iteration}, but "
+            f"its {what} {os.path.join(ckpt, METADATA) if what == METADATA else ckpt} is missing "
+            "(copy the checkpoint again, or point --load at a complete iter_N directory)"
+        )
+    return ckpt
 
 
 def read_metadata(path: str, flag: str = "--load") -> dict:
@@ -79,13 +92,49 @@ def read_metadata(path: str, flag: str = "--load") -> dict:
     ckpt = resolve_checkpoint(path, flag)
     meta_path = os.path.join(ckpt, METADATA)
     try:
-        with open(meta_path) as f:
+        with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{flag}: cannot read {meta_path}: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{flag}: cannot read {meta_path}: {exc}") from None
+    _check_metadata(meta, meta_path)
     return meta
+
+
+# Types of the metadata keys readers use (None allowed): a damaged file fails here, once, naming
+# the key, instead of as an AttributeError deep in a loader.
+_META_TYPES = {
+    "model": dict,
+    "tokenizer": dict,
+    "config": dict,
+    "seq_length": int,
+    "padded_vocab_size": int,
+    "make_vocab_size_divisible_by": int,
+    "iteration": int,
+    "params_dtype": str,
+}
+
+
+def _check_metadata(meta, meta_path: str) -> None:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: unsupported format_version {meta.get('format_version')!r}"
+        )
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"{meta_path}: {key!r} must be a {kind.__name__}, found {value!r:.80}"
+            )
+    if meta.get("params_dtype") is not None and not isinstance(
+        getattr(torch, meta["params_dtype"], None), torch.dtype
+    ):
+        raise CheckpointError(f"{meta_path}: unknown params_dtype {meta['params_dtype']!r:.80}")
+    for section in ("training",):
+        value = (meta.get("config") or {}).get(section)
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{meta_path}: config.{section} must be an object")
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -257,7 +306,7 @@ def divisible_by_for_padded(vocab: int, padded: int, divisible_by: int, tp: int)
         return divisible_by
     if padded % tp == 0 and padded >= vocab:
         return padded // tp
-    raise ValueError(
+    raise CheckpointError(
         f"the checkpoint's padded vocabulary {padded} cannot be split over "
         f"--tensor-model-parallel-size {tp}"
     )
@@ -276,7 +325,7 @@ class CheckpointInfo:
         try:
             return GPTModelConfig(**self.meta["model"])
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{self.flag} {self.path}: bad model config in {METADATA} ({e})"
             ) from None
 
@@ -287,7 +336,7 @@ class CheckpointInfo:
         for key, (shape, _) in checkpoint_tensor_info(self.path).items():
             if key.endswith(("embedding.word_embeddings.weight", "output_layer.weight")):
                 return shape[0]
-        raise ValueError(f"{self.flag} {self.path}: no embedding or output layer tensor")
+        raise CheckpointError(f"{self.flag} {self.path}: no embedding or output layer tensor")
 
     @property
     def vocab_divisor(self) -> int:
@@ -302,6 +351,8 @@ class CheckpointInfo:
         """The sequence length the model was trained with, when recorded."""
         training = (self.meta.get("config") or {}).get("training") or {}
         value = self.meta.get("seq_length") or training.get("seq_length")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise CheckpointError(f"{self.path}/{METADATA}: seq_length {value!r:.80} is not an int")
         return int(value) if value else None
 
     @property
@@ -319,7 +370,7 @@ class CheckpointInfo:
                 tensor_model_parallel_size,
             )
         except ValueError as e:
-            raise ValueError(f"{self.flag} {self.path}: {e}") from None
+            raise CheckpointError(f"{self.flag} {self.path}: {e}") from None
 
 
 def read_checkpoint(path: str, flag: str = "--load") -> CheckpointInfo:
@@ -338,7 +389,9 @@ def resolve_architecture(
     values; the TP/PP layout is free (it is not part of the architecture)."""
     if checkpoint is None:
         if vocab_size is None:
-            raise ValueError("no tokenizer and no --load checkpoint: the vocabulary is unknown")
+            raise CheckpointError(
+                "no tokenizer and no --load checkpoint: the vocabulary is unknown"
+            )
         return model_args.architecture(vocab_size)
     arch = checkpoint.model
     where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
@@ -350,18 +403,18 @@ def resolve_architecture(
             mine, theirs = getattr(preset, f.name), getattr(arch, f.name)
             if mine != theirs:
                 flag = f"--{f.name.replace('_', '-')}"
-                raise ValueError(
+                raise CheckpointError(
                     f"--model-preset {model_args.model_preset} has {flag} {mine}, but {where} "
                     f"has {theirs}: drop --model-preset to use the checkpoint's architecture"
                 )
     for name, value in model_args.overrides().items():
         if value != getattr(arch, name):
-            raise ValueError(
+            raise CheckpointError(
                 f"--{name.replace('_', '-')} {value} contradicts {where} "
                 f"({getattr(arch, name)}): drop the flag to use the checkpoint's architecture"
             )
     if vocab_size is not None and vocab_size != arch.vocab_size:
-        raise ValueError(
+        raise CheckpointError(
             f"{vocab_source} has {vocab_size} ids, but {where} was trained with a vocabulary of "
             f"{arch.vocab_size}"
         )
@@ -375,13 +428,13 @@ def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, 
         return
     where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
     if tokenizer.vocab_size != recorded.get("vocab_size", tokenizer.vocab_size):
-        raise ValueError(
+        raise CheckpointError(
             f"{flag}: the tokenizer has {tokenizer.vocab_size} ids, {where} recorded "
             f"{recorded['vocab_size']} ({recorded.get('model')})"
         )
     sha, theirs = tokenizer.unique_identifiers.get("sha256"), recorded.get("sha256")
     if tokenizer_type == recorded.get("type") and sha and theirs and sha != theirs:
-        raise ValueError(
+        raise CheckpointError(
             f"{flag}: tokenizer model sha256 {sha} differs from {where}'s "
             f"{theirs} ({recorded.get('model')}): not the tokenizer the model was trained with"
         )
@@ -411,18 +464,18 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
         ttype, model, vocab = recorded["type"], recorded.get("model"), recorded.get("vocab_size")
         flag = f"the tokenizer recorded in {checkpoint.flag} {checkpoint.path}"
     elif required:
-        raise ValueError(
+        raise CheckpointError(
             "no tokenizer: pass --tokenizer-type/--tokenizer-model"
             + ("" if checkpoint is None else f" (the checkpoint {checkpoint.path} records none)")
         )
     else:
         return None, None, None
     if ttype != "NullTokenizer" and not model:
-        raise ValueError(f"--tokenizer-type {ttype} needs --tokenizer-model")
+        raise CheckpointError(f"--tokenizer-type {ttype} needs --tokenizer-model")
     try:
         tokenizer = build_tokenizer(ttype, model, vocab)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{flag}: cannot load the {ttype} {model or ''}: {e}") from None
+        raise TokenizerError(f"{flag}: cannot load the {ttype} {model or ''}: {e}") from None
     if checkpoint is not None and given:
         check_tokenizer(checkpoint, tokenizer, ttype, flag)
     return tokenizer, ttype, model

@@ -23,6 +23,8 @@ import types
 from dataclasses import field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from megatron_slm.errors import UsageError
+
 
 def arg(default: Any, help: str, **argparse_kwargs) -> Any:
     """A dataclass field that is also a CLI flag; extra keyword arguments go to ``add_argument``
@@ -71,9 +73,22 @@ def add_config_arguments(group, cls) -> None:
         )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors, under :func:`megatron_slm.entry.entry_point`, raise
+    :class:`UsageError` (the runner prints one line on rank 0); elsewhere argparse's own
+    usage + error + exit 2. Sub-parsers (``add_subparsers``) are of this class too."""
+
+    def error(self, message: str):
+        from megatron_slm.entry import runner_active
+
+        if runner_active():
+            raise UsageError(message, prog=self.prog)
+        super().error(message)
+
+
 def build_parser(prog: str, description: str | None, groups: dict[str, type]):
     """A parser with one argument group per config class."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for title, cls in groups.items():

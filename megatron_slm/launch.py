@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.platform import distributed_backend, enable_cpu_backend, resolve_device
 
 logger = logging.getLogger("megatron_slm")
@@ -108,7 +109,7 @@ def initialize(
         )
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if info.world_size % (tp * pp):
-        raise ValueError(
+        raise ConfigError(
             f"world size {info.world_size} is not divisible by --tensor-model-parallel-size {tp} "
             f"x --pipeline-model-parallel-size {pp}"
         )

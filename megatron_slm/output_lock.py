@@ -24,8 +24,10 @@ import socket
 import sys
 import time
 
+from megatron_slm.errors import UserError
 
-class OutputLockedError(ValueError):
+
+class OutputLockedError(UserError):
     """The output is locked by another process (or another ``OutputLock`` in this one)."""
 
 

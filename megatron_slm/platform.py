@@ -44,6 +44,8 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_slm.errors import ConfigError
+
 logger = logging.getLogger("megatron_slm")
 
 _CPU = torch.device("cpu")
@@ -53,11 +55,11 @@ _enabled = False
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
+        raise ConfigError("--device cuda was requested but torch.cuda.is_available() is False")
     return torch.device(device)
 
 

@@ -7,9 +7,13 @@ import sys
 
 from megatron_slm import launch
 from megatron_slm._extension import report_once
+from megatron_slm.entry import entry_point
 from megatron_slm.training.config import parse_config
 
+PROG = "python -m megatron_slm.pretrain"
 
+
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -20,23 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     report_once()
     from megatron_slm.training.loop import plan_training, pretrain
 
-    try:
-        plan = plan_training(cfg, launch.process_info().world_size)
-    except ValueError as e:  # bad flags or inputs: one line, like argparse's own errors
-        print(f"python -m megatron_slm.pretrain: error: {e}", file=sys.stderr)
-        return 2
+    # Every check (flags, data files, checkpoint) before any process group or model.
+    plan = plan_training(cfg, launch.process_info().world_size)
     p = cfg.parallel
-    try:
-        device = launch.initialize(
-            device=cfg.training.device,
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
-            seed=cfg.training.seed,
-        )
-        pretrain(cfg, plan, device)
-    finally:
-        launch.shutdown()
+    device = launch.initialize(
+        device=cfg.training.device,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
+        seed=cfg.training.seed,
+    )
+    pretrain(cfg, plan, device)
     return 0
 
 

@@ -27,7 +27,8 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_slm.cli import add_config_arguments, config_from_namespace  # noqa: E402
+from megatron_slm.cli import ArgumentParser, add_config_arguments, config_from_namespace  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig  # noqa: E402
 
 PROG = "compact_tokenizer"
@@ -39,7 +40,7 @@ COMMANDS = {
 
 
 def get_config(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,51 +57,39 @@ def get_config(argv=None):
         subparsers[ns.command].error(str(e))
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     command, cfg = get_config(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     from megatron_slm.tinylm import compact
     from megatron_slm.tinylm.report import summary
 
-    try:
-        if command == "count":
-            meta = compact.count(cfg)
-            print(f"wrote {cfg.output}: {meta['num_tokens']} tokens, {meta['num_ids']} ids")
-        elif command == "prune":
-            report = compact.prune(cfg)
-            print(summary(report))
-            print(f"wrote {cfg.output}, {report['files']['id_map']}")
-        else:
-            return _remap(cfg)
-    except (ValueError, OSError) as e:
-        print(f"{PROG} {command}: error: {e}", file=sys.stderr)
-        return 2
+    if command == "count":
+        meta = compact.count(cfg)
+        print(f"wrote {cfg.output}: {meta['num_tokens']} tokens, {meta['num_ids']} ids")
+    elif command == "prune":
+        report = compact.prune(cfg)
+        print(summary(report))
+        print(f"wrote {cfg.output}, {report['files']['id_map']}")
+    else:
+        _remap(cfg)
     return 0
 
 
-def _remap(cfg) -> int:
+def _remap(cfg) -> None:
     import torch.distributed as dist
 
     from megatron_slm import launch
     from megatron_slm.tinylm import compact
 
-    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
-    try:
-        device = launch.initialize(
-            device=cfg.device,
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        )
-        out = compact.remap(cfg, device)
-        if dist.get_rank() == 0:
-            print(f"wrote {out}")
-    except ValueError as e:
-        print(f"{PROG} remap-checkpoint: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_process_group:
-            launch.shutdown()
-    return 0
+    device = launch.initialize(
+        device=cfg.device,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+    )
+    out = compact.remap(cfg, device)
+    if dist.get_rank() == 0:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

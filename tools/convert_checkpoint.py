@@ -29,11 +29,11 @@ except ImportError:  # running from a checkout without installing
 from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
 from megatron_slm.convert.hf import (  # noqa: E402
-    ConversionError,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     import_layout,
 )
+from megatron_slm.entry import entry_point  # noqa: E402
 
 PROG = "convert_checkpoint"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -81,44 +81,35 @@ def get_config(argv=None) -> ConvertConfig:
     return cfg
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
-    import torch.distributed as dist
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = get_config(argv)
-    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
-    try:
-        if cfg.direction == "hf-to-megatron":
-            tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-            launch.initialize(
-                device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-            )
-            result = convert_hf_to_megatron(
-                cfg.load,
-                cfg.save,
-                tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-                pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-                make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
-                params_dtype=cfg.params_dtype,
-            )
-            print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
-        else:
-            launch.initialize(device="cpu")
-            out = convert_megatron_to_hf(
-                cfg.load,
-                cfg.save,
-                architecture_name=cfg.architecture,
-                dtype=cfg.dtype,
-                max_shard_size=cfg.max_shard_size,
-                tokenizer_model=cfg.tokenizer_model,
-            )
-            print(f"wrote {out}")
-    except (ConversionError, ValueError, FileNotFoundError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_process_group:
-            launch.shutdown()
+    if cfg.direction == "hf-to-megatron":
+        tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+        launch.initialize(
+            device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        result = convert_hf_to_megatron(
+            cfg.load,
+            cfg.save,
+            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+            make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+            params_dtype=cfg.params_dtype,
+        )
+        print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
+    else:
+        launch.initialize(device="cpu")
+        out = convert_megatron_to_hf(
+            cfg.load,
+            cfg.save,
+            architecture_name=cfg.architecture,
+            dtype=cfg.dtype,
+            max_shard_size=cfg.max_shard_size,
+            tokenizer_model=cfg.tokenizer_model,
+        )
+        print(f"wrote {out}")
     return 0
 
 

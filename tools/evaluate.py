@@ -24,6 +24,7 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.evaluation import (  # noqa: E402
     FewShotConfig,
     format_table,
@@ -32,6 +33,7 @@ from megatron_slm.evaluation import (  # noqa: E402
     write_report,
 )
 from megatron_slm.evaluation.config import EvaluateConfig  # noqa: E402
+from megatron_slm.evaluation.report import check_inputs  # noqa: E402
 
 PROG = "evaluate"
 GROUPS = {"evaluation": EvaluateConfig, "few-shot QA": FewShotConfig}
@@ -41,6 +43,7 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape")
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     import torch.distributed as dist
 
@@ -55,35 +58,28 @@ def main(argv=None) -> int:
         shot_separator=_unescape(fewshot.shot_separator),
         stop=[_unescape(s) for s in fewshot.stop],
     )
-    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
-    try:
-        device = launch.initialize(
-            device=cfg.device, tensor_model_parallel_size=cfg.tensor_model_parallel_size
-        )
-        model = load_eval_model(cfg.load, device, model_args=cfg, tokenizer_args=cfg)
-        ckpt_seq = model.checkpoint.seq_length if model.checkpoint else None
-        report = run_evaluation(
-            model,
-            perplexity_data=cfg.perplexity_data,
-            fewshot_data=cfg.fewshot_data,
-            seq_length=cfg.seq_length or ckpt_seq or model.arch.max_position_embeddings,
-            micro_batch_size=cfg.micro_batch_size,
-            json_key=cfg.json_key,
-            append_eod=cfg.append_eod,
-            max_documents=cfg.max_documents,
-            fewshot=fewshot,
-            shots_path=fewshot.fewshot_shots,
-        )
-        if dist.get_rank() == 0:
-            print(format_table(report))
-            if cfg.output:
-                write_report(report, cfg.output)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_process_group:
-            launch.shutdown()
+    check_inputs(cfg.perplexity_data, cfg.fewshot_data, fewshot.fewshot_shots)  # before the model
+    device = launch.initialize(
+        device=cfg.device, tensor_model_parallel_size=cfg.tensor_model_parallel_size
+    )
+    model = load_eval_model(cfg.load, device, model_args=cfg, tokenizer_args=cfg)
+    ckpt_seq = model.checkpoint.seq_length if model.checkpoint else None
+    report = run_evaluation(
+        model,
+        perplexity_data=cfg.perplexity_data,
+        fewshot_data=cfg.fewshot_data,
+        seq_length=cfg.seq_length or ckpt_seq or model.arch.max_position_embeddings,
+        micro_batch_size=cfg.micro_batch_size,
+        json_key=cfg.json_key,
+        append_eod=cfg.append_eod,
+        max_documents=cfg.max_documents,
+        fewshot=fewshot,
+        shots_path=fewshot.fewshot_shots,
+    )
+    if dist.get_rank() == 0:
+        print(format_table(report))
+        if cfg.output:
+            write_report(report, cfg.output)
     return 0
 
 

@@ -25,6 +25,7 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.tinylm.inheritance import (  # noqa: E402
     format_report,
     inherit_weights,
@@ -37,32 +38,25 @@ PROG = "inherit_parameters"
 GROUPS = {"parameter inheritance": InheritConfig}
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     import torch.distributed as dist
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["parameter inheritance"]
-    owns_process_group = not dist.is_initialized()  # else a caller's (tests) stays up
-    try:
-        request = prepare_inheritance(cfg)  # every check, before any process group or weight
-        device = launch.initialize(
-            device=cfg.device,
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-            seed=cfg.seed,
-        )
-        inherited = inherit_weights(request, device)
-        # The target is built and saved whole: re-initialise at TP=1/PP=1 (the trainer reshards).
-        device = launch.initialize(device=cfg.device, seed=cfg.seed)
-        report = save_inherited(request, inherited, device)
-        if dist.get_rank() == 0:
-            print(format_report(report))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_process_group:
-            launch.shutdown()
+    request = prepare_inheritance(cfg)  # every check, before any process group or weight
+    device = launch.initialize(
+        device=cfg.device,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        seed=cfg.seed,
+    )
+    inherited = inherit_weights(request, device)
+    # The target is built and saved whole: re-initialise at TP=1/PP=1 (the trainer reshards).
+    device = launch.initialize(device=cfg.device, seed=cfg.seed)
+    report = save_inherited(request, inherited, device)
+    if dist.get_rank() == 0:
+        print(format_report(report))
     return 0
 
 

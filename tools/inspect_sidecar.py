@@ -19,16 +19,19 @@ except ImportError:  # running from a checkout without installing
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar  # noqa: E402
 from megatron_slm.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 
+PROG = "inspect_sidecar"
 GROUPS = {"inspection": InspectConfig}
 
 
 def get_config(argv=None) -> InspectConfig:
     """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    parser = build_parser("tools/inspect_sidecar.py", __doc__, GROUPS)
+    parser = build_parser(PROG, __doc__, GROUPS)
     return parse_configs(parser, GROUPS, argv)["inspection"]
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     """Print one report per dataset; returns 1 if any check failed."""
     cfg = get_config(argv)

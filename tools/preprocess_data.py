@@ -18,12 +18,14 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 
+PROG = "preprocess_data"
 GROUPS = {"preprocessing": PreprocessConfig}
 
 
 def get_parser():
-    return build_parser("tools/preprocess_data.py", __doc__, GROUPS)
+    return build_parser(PROG, __doc__, GROUPS)
 
 
 def get_config(argv=None) -> PreprocessConfig:
@@ -37,6 +39,7 @@ def get_config(argv=None) -> PreprocessConfig:
     return cfg
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     """Run preprocessing; prints the output prefixes."""
     cfg = get_config(argv)

@@ -26,8 +26,9 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
-from megatron_slm.refine.pipeline import RefineError, refine_corpus  # noqa: E402
+from megatron_slm.refine.pipeline import refine_corpus  # noqa: E402
 
 PROG = "prox_refine"
 
@@ -46,15 +47,21 @@ def get_configs(argv=None):
     return parser, configs["run"], configs["refining models"]
 
 
+def _refine(argv) -> int:
+    _, run, mode = get_configs(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    refine_corpus(run, mode)
+    return 0
+
+
+_model_mode = entry_point(PROG)(_refine)
+_apply_mode = entry_point(f"{PROG} apply")(_refine)
+
+
 def main(argv=None) -> int:
     """Refine; exit status 2 with one ``prog: error: ...`` line on bad input."""
-    parser, run, mode = get_configs(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        refine_corpus(run, mode)
-    except RefineError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return (_apply_mode if argv[:1] == ["apply"] else _model_mode)(argv)
 
 
 if __name__ == "__main__":

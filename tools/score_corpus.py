@@ -20,29 +20,25 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.scoring import ScoreConfig, ScoringError, score_corpus  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.scoring import ScoreConfig, score_corpus  # noqa: E402
 
 PROG = "score_corpus"
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
-    """Run scoring; exit status 2 on bad input (one line on stderr)."""
+    """Run scoring; exit status 2 on bad input (one line on stderr, see megatron_slm.entry)."""
     parser = build_parser(PROG, __doc__, {"scoring": ScoreConfig})
     config = parse_configs(parser, {"scoring": ScoreConfig}, argv)["scoring"]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
-    try:
-        launch.initialize(
-            device=config.device,
-            tensor_model_parallel_size=config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-            seed=config.seed,
-        )
-        score_corpus(config)
-    except (ScoringError, FileExistsError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        launch.shutdown()
+    launch.initialize(
+        device=config.device,
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        seed=config.seed,
+    )
+    score_corpus(config)
     return 0
 
 

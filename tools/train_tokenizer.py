@@ -20,6 +20,8 @@ from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
 from megatron_slm.data.jsonl import iter_jsonl  # noqa: E402
 from megatron_slm.data.preprocess import expand_inputs  # noqa: E402
 from megatron_slm.data.tokenizer import train_sentencepiece  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.errors import InputFileError  # noqa: E402
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainTokenizerConfig:
             raise ValueError(f"--max-docs must be >= 0, got {self.max_docs}")
 
 
+PROG = "train_tokenizer"
 GROUPS = {"tokenizer training": TrainTokenizerConfig}
 
 
@@ -52,7 +55,9 @@ def iter_texts(patterns, key, max_docs):
     for path in expand_inputs(patterns):
         for line_no, record in iter_jsonl(path):
             if key not in record:
-                raise ValueError(f"{path}:{line_no}: no {key!r} field")
+                raise InputFileError(
+                    f"line {line_no}: no {key!r} field", subject=path, hint="pass --json-key"
+                )
             yield record[key]
             n += 1
             if max_docs and n >= max_docs:
@@ -61,7 +66,7 @@ def iter_texts(patterns, key, max_docs):
 
 def get_config(argv=None) -> TrainTokenizerConfig:
     """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    parser = build_parser("tools/train_tokenizer.py", __doc__, GROUPS)
+    parser = build_parser(PROG, __doc__, GROUPS)
     cfg = parse_configs(parser, GROUPS, argv)["tokenizer training"]
     try:
         expand_inputs(cfg.input)
@@ -70,10 +75,11 @@ def get_config(argv=None) -> TrainTokenizerConfig:
     return cfg
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     cfg = get_config(argv)
+    texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))  # bad input: nothing written
     os.makedirs(os.path.dirname(os.path.abspath(cfg.model_prefix)), exist_ok=True)
-    texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))
     path = train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)
     print(f"wrote {path} ({len(texts)} documents)")
     return 0

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.errors import UserError
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict, global_name, tp_shard, unwrap
 
@@ -63,7 +64,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Bad input to a conversion: the message names the file or tensor at fault."""
 
 

@@ -28,7 +28,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from megatron_slm.data.index_file import check_token_dataset
 from megatron_slm.data.sidecar import SidecarError, SidecarReader, sidecar_exists, sidecar_paths
+from megatron_slm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +136,25 @@ def parse_data_path(data_path: str | Sequence[str]) -> tuple[list[str], list[flo
         data_path = data_path.split()
     blend = get_blend_from_list(list(data_path))
     if blend is None or not blend[0]:
-        raise ValueError("--data-path: no dataset prefix given")
+        raise ConfigError("--data-path: no dataset prefix given")
     return blend
+
+
+def check_data_path(
+    data_path: str | Sequence[str], vocab_size: int | None, require_sidecar: bool
+) -> None:
+    """Every ``--data-path`` prefix: ``.bin``/``.idx`` present and consistent, token dtype fits
+    the tokenizer, sidecar (when present or required) matches. Raises ``InputFileError`` /
+    ``SidecarError`` naming the file; runs before megatron-core opens anything, so its asserts
+    are never the message."""
+    for prefix in parse_data_path(data_path)[0]:
+        check_token_dataset(prefix, vocab_size)
+        reader = open_sidecar(prefix, None, require_sidecar)
+        logger.info(
+            "data %s: %s",
+            prefix,
+            "no reference-loss sidecar" if reader is None else f"sidecar {reader.bin_path}",
+        )
 
 
 def build_gpt_datasets(
@@ -177,13 +196,7 @@ def build_gpt_datasets(
     num_samples = list(num_samples)
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be [train, valid, test], got {num_samples}")
-    for prefix in prefixes:  # fail fast, before megatron-core builds any index
-        reader = open_sidecar(prefix, None, require_sidecar)
-        logger.info(
-            "data %s: %s",
-            prefix,
-            "no reference-loss sidecar" if reader is None else f"sidecar {reader.bin_path}",
-        )
+    check_data_path(prefixes, tokenizer.vocab_size, require_sidecar)
     config = SLMGPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+from megatron_slm.errors import InputFileError
+
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """``(line number, record)`` for each non-blank line; a malformed line is a ValueError naming
@@ -19,7 +21,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
+                raise InputFileError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
+                raise InputFileError(f"{path}:{line_no}: expected a JSON object")
             yield line_no, record

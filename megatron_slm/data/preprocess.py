@@ -14,6 +14,7 @@ batches in flight, so any number of workers gives the same bytes). Files are wri
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -30,6 +31,7 @@ import numpy as np
 from megatron_slm.cli import arg
 from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype
 from megatron_slm.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_slm.errors import ConfigError, InputFileError
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,14 @@ def check_tokenizer_flags(
     if tokenizer_type is None:
         return
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
         )
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None or vocab_size < 2:
-            raise ValueError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
     elif not tokenizer_model:
-        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+        raise ConfigError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
 
 
 @dataclass
@@ -76,18 +78,18 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if not self.input:
-            raise ValueError("--input is required")
+            raise ConfigError("--input is required")
         if not self.json_keys:
-            raise ValueError("--json-keys: need at least one key")
+            raise ConfigError("--json-keys: need at least one key")
         if self.tokenizer_type is None:
-            raise ValueError("--tokenizer-type is required")
+            raise ConfigError("--tokenizer-type is required")
         check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model, self.vocab_size)
         if not self.output_prefix:
-            raise ValueError("--output-prefix is required")
+            raise ConfigError("--output-prefix is required")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.log_interval < 0:
-            raise ValueError(f"--log-interval must be >= 0, got {self.log_interval}")
+            raise ConfigError(f"--log-interval must be >= 0, got {self.log_interval}")
 
     def run(self) -> PreprocessResult:
         """``preprocess_corpus`` with these settings."""
@@ -133,6 +135,17 @@ class PreprocessResult(dict):
     num_tokens: int = 0
     skipped_lines: int = 0
     elapsed_s: float = 0.0
+
+
+def _make_dirs(path: str) -> list[str]:
+    """``os.makedirs``; returns the directories it created, deepest first."""
+    missing = []
+    while path and not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    if missing:
+        os.makedirs(missing[0], exist_ok=True)
+    return missing
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
@@ -280,16 +293,16 @@ def preprocess_corpus(
     files = expand_inputs(inputs)
     json_keys = tuple(json_keys)
     if not json_keys:
-        raise ValueError("--json-keys: need at least one key")
+        raise ConfigError("--json-keys: need at least one key")
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
     tokenizer = build_tokenizer(*tokenizer_args)
     dtype = optimal_token_dtype(tokenizer.vocab_size)
     init_args = (tokenizer_args, json_keys, append_eod, dtype)
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created = _make_dirs(out_dir)  # removed again if the run fails: nothing left behind
     prefixes = {k: f"{output_prefix}_{k}_document" for k in json_keys}
     builders = {k: DocumentBuilder(p, dtype) for k, p in prefixes.items()}
     total_bytes = sum(os.path.getsize(f) for f in files)
@@ -310,7 +323,7 @@ def preprocess_corpus(
             if enc.bad_lines:
                 if not skip_bad_lines:
                     file, line, reason = enc.bad_lines[0]
-                    raise ValueError(
+                    raise InputFileError(
                         f"{file}:{line}: malformed JSONL line: {reason} "
                         "(use --skip-bad-lines to skip such lines)"
                     )
@@ -339,6 +352,9 @@ def preprocess_corpus(
     except BaseException:
         for b in builders.values():
             b.abort()
+        for d in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only if still empty
         raise
     finally:
         if pool is not None:

@@ -35,7 +35,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.data.index_file import read_index
 from megatron_slm.data.indexed import get_bin_path, get_idx_path, token_dataset_fingerprint
+from megatron_slm.errors import InputFileError
 
 FORMAT_NAME = "megatron-slm-refloss"
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 
-class SidecarError(ValueError):
+class SidecarError(InputFileError):
     """A sidecar is missing, incomplete or does not belong to its token dataset."""
 
 
@@ -104,13 +106,9 @@ def decode_values(stored: np.ndarray, dtype: str) -> np.ndarray:
 # token dataset facts
 # ---------------------------------------------------------------------------------------------
 def _token_lengths(data_prefix: str) -> np.ndarray:
-    """``[n_sequences]`` int32 lengths, read from ``<prefix>.idx`` (megatron-core's reader)."""
-    from megatron.core.datasets.indexed_dataset import _IndexReader
-
-    reader = _IndexReader(get_idx_path(data_prefix), multimodal=False)
-    lengths = np.array(reader.sequence_lengths)  # copy before the reader unmaps its file
-    del reader
-    return lengths
+    """``[n_sequences]`` int32 lengths, read from ``<prefix>.idx`` (validated: a damaged index
+    is an ``InputFileError`` naming the file)."""
+    return read_index(data_prefix, flag="token dataset").sequence_lengths
 
 
 def _doc_offsets(lengths: np.ndarray) -> np.ndarray:
@@ -231,7 +229,7 @@ class SidecarWriter:
         try:
             with open(partial_json) as f:
                 found = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
             raise SidecarError(
                 f"the partial sidecar metadata {partial_json} is corrupted ({e}); delete the "
                 f"partial sidecar or rerun with --overwrite to score from scratch"
@@ -393,10 +391,10 @@ class SidecarReader:
         if not os.path.isfile(self.bin_path):
             raise self._fail("values file not found")
         try:
-            with open(self.json_path) as f:
+            with open(self.json_path, encoding="utf-8") as f:
                 meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise self._fail(f"unreadable metadata ({e})") from e
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+            raise self._fail(f"unreadable metadata ({type(e).__name__}: {e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise self._fail(f"not a {FORMAT_NAME} metadata file")
         if meta.get("version") != FORMAT_VERSION:
@@ -405,7 +403,7 @@ class SidecarReader:
                 f"version {FORMAT_VERSION})"
             )
         dtype = meta.get("dtype")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._fail(f"value dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.metadata = meta
         self.dtype = dtype
@@ -430,7 +428,8 @@ class SidecarReader:
                 f"{kind}values file has {actual} bytes, expected {expected} ({n_tokens} tokens x "
                 f"{self._np_dtype.itemsize} bytes of {dtype})"
             )
-        recorded = (meta.get("token_dataset") or {}).get("fingerprint")
+        token_dataset = meta.get("token_dataset")
+        recorded = token_dataset.get("fingerprint") if isinstance(token_dataset, dict) else None
         current = token_dataset_fingerprint(self.data_prefix)
         if recorded != current:
             raise self._fail(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError, TokenizerError
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
@@ -87,10 +88,17 @@ class SentencePieceTokenizer(_SLMTokenizer):
             raise FileNotFoundError(
                 f"--tokenizer-model: sentencepiece model not found: {model_file!r}"
             )
-        self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece: "could not parse ModelProto"
+            raise TokenizerError(
+                f"not a valid sentencepiece model ({' '.join(str(e).split())})",
+                subject=f"--tokenizer-model {model_file}",
+                hint="give the .model file written by sentencepiece or tools/train_tokenizer.py",
+            ) from None
         self._model_file = model_file
         if self._sp.eos_id() < 0:
-            raise ValueError(f"sentencepiece model {model_file} has no eos piece to use as EOD")
+            raise TokenizerError(f"sentencepiece model {model_file} has no eos piece to use as EOD")
         super().__init__(
             os.path.abspath(model_file),
             sha256=_file_digest(model_file),
@@ -141,9 +149,15 @@ class HuggingFaceTokenizer(_SLMTokenizer):
                 f"--tokenizer-model: Hugging Face tokenizer directory not found: {path!r}"
             )
         self._path = path
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:  # no/garbled tokenizer files
+            raise TokenizerError(
+                f"cannot load a Hugging Face tokenizer ({' '.join(str(e).split())[:300]})",
+                subject=f"--tokenizer-model {path}",
+            ) from None
         if self._tok.eos_token_id is None:
-            raise ValueError(f"Hugging Face tokenizer {path} has no eos token to use as EOD")
+            raise TokenizerError(f"Hugging Face tokenizer {path} has no eos token to use as EOD")
         digest = hashlib.sha256()
         for name in sorted(os.listdir(path)):
             full = os.path.join(path, name)
@@ -191,7 +205,7 @@ class NullTokenizer(_SLMTokenizer):
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size is None or int(vocab_size) < 2:
-            raise ValueError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
         self._vocab_size = int(vocab_size)
         super().__init__(None, vocab_size=self._vocab_size)
 
@@ -232,7 +246,7 @@ class TokenizerArgs:
 
     def __post_init__(self):
         if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, "
                 f"got {self.tokenizer_type!r}"
             )
@@ -254,7 +268,7 @@ def build_tokenizer(
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
-    raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
+    raise ConfigError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
 
 
 def train_sentencepiece(

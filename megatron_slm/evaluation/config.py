@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 
 
@@ -37,9 +38,9 @@ class EvaluateConfig(ModelArgs, TokenizerArgs):
         ModelArgs.__post_init__(self)
         TokenizerArgs.__post_init__(self)
         if not self.perplexity_data and not self.fewshot_data:
-            raise ValueError("nothing to do: give --perplexity-data and/or --fewshot-data")
+            raise ConfigError("nothing to do: give --perplexity-data and/or --fewshot-data")
         for name in ("tensor_model_parallel_size", "micro_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.seq_length is not None and self.seq_length < 2:
-            raise ValueError("--seq-length must be >= 2")
+            raise ConfigError("--seq-length must be >= 2")

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.evaluation.generate import greedy_generate
 from megatron_slm.runtime import LoadedModel
 
@@ -52,11 +53,11 @@ class FewShotConfig:
 
     def __post_init__(self):
         if self.num_shots < 0:
-            raise ValueError("--num-shots must be >= 0")
+            raise ConfigError("--num-shots must be >= 0")
         if "{question}" not in self.prompt_template:
-            raise ValueError("--prompt-template must contain {question}")
+            raise ConfigError("--prompt-template must contain {question}")
         if "{answer}" not in self.answer_template:
-            raise ValueError("--answer-template must contain {answer}")
+            raise ConfigError("--answer-template must contain {answer}")
         check_rule(self.answer_extraction, "--answer-extraction")
         check_rule(self.gold_extraction, "--gold-extraction")
 
@@ -66,9 +67,9 @@ def check_rule(rule: str, flag: str) -> None:
         try:
             re.compile(rule[len("regex:") :])
         except re.error as exc:
-            raise ValueError(f"{flag} {rule!r}: invalid regular expression: {exc}") from exc
+            raise ConfigError(f"{flag} {rule!r}: invalid regular expression: {exc}") from exc
     elif rule not in RULES:
-        raise ValueError(f"{flag} must be one of {', '.join(RULES)}, got {rule!r}")
+        raise ConfigError(f"{flag} must be one of {', '.join(RULES)}, got {rule!r}")
 
 
 def extract_answer(text: str, rule: str) -> str:
@@ -104,7 +105,7 @@ def read_qa(path: str) -> list[dict]:
     for line_no, record in iter_jsonl(path):
         for key in ("question", "answer"):
             if key not in record:
-                raise ValueError(f"{path}:{line_no}: no {key!r} field")
+                raise InputFileError(f"{path}:{line_no}: no {key!r} field")
         records.append(record)
     return records
 
@@ -135,19 +136,19 @@ def evaluate_fewshot(
     """Exact-match accuracy of greedy answers; a report with one record per question."""
     tok = m.tokenizer
     if tok is None:
-        raise ValueError(
+        raise ConfigError(
             "few-shot evaluation needs a tokenizer (--tokenizer-type/--tokenizer-model)"
         )
     examples = list(examples)
     if shots is None:
         if cfg.num_shots >= len(examples):
-            raise ValueError(
+            raise ConfigError(
                 f"--num-shots {cfg.num_shots} leaves no question to evaluate in {path or name}"
             )
         shots, examples = examples[: cfg.num_shots], examples[cfg.num_shots :]
     else:
         if len(shots) < cfg.num_shots:
-            raise ValueError(f"only {len(shots)} shots available, --num-shots {cfg.num_shots}")
+            raise ConfigError(f"only {len(shots)} shots available, --num-shots {cfg.num_shots}")
         shots = list(shots)[: cfg.num_shots]
     if cfg.limit is not None:
         examples = examples[: cfg.limit]

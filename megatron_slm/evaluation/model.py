@@ -14,6 +14,7 @@ import os
 import torch
 
 from megatron_slm.checkpoint import METADATA, TRACKER
+from megatron_slm.errors import CheckpointError
 from megatron_slm.runtime import LoadedModel, load_model
 
 
@@ -35,7 +36,7 @@ def load_eval_model(
 ) -> LoadedModel:
     """Load ``load`` for the initialised (TP-only) parallel layout."""
     if not os.path.isdir(load):
-        raise ValueError(f"--load {load}: no such directory")
+        raise CheckpointError(f"--load {load}: no such directory")
     if is_hf_dir(load):
         from megatron_slm.convert.hf import load_hf_model
 

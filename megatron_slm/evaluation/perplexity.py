@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.runtime import LoadedModel, sequence_losses
 
 
@@ -39,7 +40,7 @@ class PerplexityResult:
 def segments(doc: Sequence[int], seq_length: int) -> Iterator[list[int]]:
     """Segments of ``seq_length + 1`` tokens overlapping by one (the last one may be shorter)."""
     if seq_length < 1:
-        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+        raise ConfigError(f"--seq-length must be >= 1, got {seq_length}")
     doc = list(doc)
     for start in range(0, max(len(doc) - 1, 0), seq_length):
         yield doc[start : start + seq_length + 1]
@@ -56,9 +57,9 @@ def read_documents(
                 ids = [int(t) for t in record["tokens"]]
             else:
                 if json_key not in record:
-                    raise ValueError(f"{path}:{line_no}: no {json_key!r} field")
+                    raise InputFileError(f"{path}:{line_no}: no {json_key!r} field")
                 if tokenizer is None:
-                    raise ValueError(f"{path}: text data needs a tokenizer")
+                    raise InputFileError(f"{path}: text data needs a tokenizer")
                 ids = list(tokenizer.tokenize(record[json_key]))
             if append_eod:
                 ids.append(tokenizer.eod)
@@ -66,8 +67,15 @@ def read_documents(
         return
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    if not (os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx")):
-        raise ValueError(f"{path}: neither a .jsonl file nor an indexed dataset (.bin/.idx)")
+    from megatron_slm.data.index_file import read_index
+
+    if not (os.path.isfile(path + ".bin") or os.path.isfile(path + ".idx")):
+        raise InputFileError(
+            "no such file, and no indexed dataset PATH.bin/.idx",
+            subject=f"--perplexity-data {path}",
+            hint="give a .jsonl file or a tokenized dataset prefix",
+        )
+    read_index(path, flag="--perplexity-data")  # a damaged dataset names its file
     dataset = IndexedDataset(path)
     for i in range(len(dataset)):
         yield np.asarray(dataset[i]).astype(np.int64).tolist()
@@ -86,7 +94,7 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Sum of per-token losses, token count, mean loss and perplexity over ``documents``."""
     if seq_length > m.arch.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"--seq-length {seq_length} exceeds the model's {m.arch.max_position_embeddings}"
         )
     loss_sum, n_tokens, n_docs = 0.0, 0, 0

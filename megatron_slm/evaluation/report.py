@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from megatron_slm.errors import InputFileError
 from megatron_slm.evaluation.fewshot import FewShotConfig, evaluate_fewshot, read_qa
 from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
 from megatron_slm.runtime import LoadedModel
@@ -18,6 +19,35 @@ def _name_and_path(spec: str) -> tuple[str, str]:
         return name, path
     base = os.path.basename(spec.rstrip("/"))
     return (base[: -len(".jsonl")] if base.endswith(".jsonl") else base), spec
+
+
+def check_inputs(
+    perplexity_data: Sequence[str] = (),
+    fewshot_data: Sequence[str] = (),
+    shots_path: str | None = None,
+) -> None:
+    """Every data file exists (and an indexed dataset is consistent) before any model is loaded;
+    raises ``InputFileError`` naming the flag and the path."""
+    from megatron_slm.data.index_file import read_index
+
+    for spec in perplexity_data:
+        path = _name_and_path(spec)[1]
+        if os.path.isfile(path):
+            continue
+        if not (os.path.exists(path + ".bin") or os.path.exists(path + ".idx")):
+            raise InputFileError(
+                "no such file, and no indexed dataset PATH.bin/.idx",
+                subject=f"--perplexity-data {path}",
+                hint="give a .jsonl file or a tokenized dataset prefix",
+            )
+        read_index(path, flag="--perplexity-data")
+    for flag, paths in (("--fewshot-data", fewshot_data), ("--fewshot-shots", [shots_path])):
+        for spec in paths:
+            if spec is None:
+                continue
+            path = spec if flag == "--fewshot-shots" else _name_and_path(spec)[1]
+            if not os.path.isfile(path):
+                raise InputFileError("no such file", subject=f"{flag} {path}")
 
 
 def run_evaluation(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.presets import GPTModelConfig, get_preset
 
 DEFAULT_PRESET = "tiny"
@@ -55,11 +56,11 @@ class ModelArgs:
         if self.model_preset is not None:
             get_preset(self.model_preset)  # unknown preset -> error naming --model-preset
         if self.transformer_impl not in (None, "te", "local", "torch"):
-            raise ValueError(
+            raise ConfigError(
                 f"--transformer-impl must be te, local or torch, got {self.transformer_impl!r}"
             )
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
-            raise ValueError("--make-vocab-size-divisible-by must be >= 1")
+            raise ConfigError("--make-vocab-size-divisible-by must be >= 1")
 
     def overrides(self) -> dict:
         """The architecture flags given explicitly (not None)."""

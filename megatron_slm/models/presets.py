@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_slm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GPTModelConfig:
@@ -46,14 +48,14 @@ class GPTModelConfig:
             "max_position_embeddings",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} does not divide "
                 f"--hidden-size {self.hidden_size}"
             )
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-query-groups {self.num_query_groups} does not divide "
                 f"--num-attention-heads {self.num_attention_heads}"
             )
@@ -138,7 +140,7 @@ def get_preset(name: str) -> GPTModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"--model-preset {name!r} is unknown; choose one of {', '.join(sorted(PRESETS))}"
         ) from None
 
@@ -158,7 +160,7 @@ def check_parallel_layout(
     """Raise a ValueError naming the flag when the model cannot be split this way."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     if tp < 1 or pp < 1:
-        raise ValueError(
+        raise ConfigError(
             "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1"
         )
     for size, name in (
@@ -167,19 +169,19 @@ def check_parallel_layout(
         (model.ffn_hidden_size, "--ffn-hidden-size"),
     ):
         if size % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
     if model.num_layers % pp:
-        raise ValueError(
+        raise ConfigError(
             f"--pipeline-model-parallel-size {pp} does not divide --num-layers {model.num_layers}"
         )
     vstage = num_layers_per_virtual_pipeline_stage
     if vstage is not None:
         if pp < 2:
-            raise ValueError(
+            raise ConfigError(
                 "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"
             )
         if vstage < 1 or (model.num_layers // pp) % vstage:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-layers-per-virtual-pipeline-stage {vstage} does not divide the "
                 f"{model.num_layers // pp} layers of each pipeline stage"
             )

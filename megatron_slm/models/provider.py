@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
 from megatron_slm.models.specs import gpt_block_spec
 from megatron_slm.platform import cpu_backend_enabled
@@ -53,7 +54,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         else None
     )
     if opts.sequence_parallel and tp == 1:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

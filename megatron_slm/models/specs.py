@@ -30,6 +30,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_slm.errors import ConfigError
+
 SPEC_IMPLS = ("te", "local", "torch")
 
 
@@ -66,7 +68,7 @@ class TorchSDPAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
-            raise ValueError("the torch spec does not support --context-parallel-size > 1")
+            raise ConfigError("the torch spec does not support --context-parallel-size > 1")
         self.attn_mask_type = attn_mask_type
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
@@ -135,7 +137,7 @@ def _te_layer_spec() -> tuple[ModuleSpec, type]:
             get_gpt_layer_with_transformer_engine_spec,
         )
     except ImportError as exc:
-        raise ValueError(
+        raise ConfigError(
             "--transformer-impl te needs Transformer Engine (pip install megatron-slm[gpu]); "
             "use --transformer-impl local or torch"
         ) from exc
@@ -167,6 +169,6 @@ def gpt_block_spec(
     elif impl == "torch":
         layer, final_norm = _torch_layer_spec(), TorchRMSNorm
     else:
-        raise ValueError(f"--transformer-impl must be one of {SPEC_IMPLS}, got {impl!r}")
+        raise ConfigError(f"--transformer-impl must be one of {SPEC_IMPLS}, got {impl!r}")
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 
+from megatron_slm.errors import UserError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-class BackendError(ValueError):
+class BackendError(UserError):
     pass
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
 from megatron_slm.refine.executor import AcceptanceRule
 
@@ -42,20 +43,20 @@ class RunConfig:
 
     def __post_init__(self):
         if not self.input:
-            raise ValueError("--input: give at least one JSONL file or glob")
+            raise ConfigError("--input: give at least one JSONL file or glob")
         if self.num_shards < 1:
-            raise ValueError(f"--num-shards must be >= 1, got {self.num_shards}")
+            raise ConfigError(f"--num-shards must be >= 1, got {self.num_shards}")
         if not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(
+            raise ConfigError(
                 f"--shard-index must be in [0, --num-shards {self.num_shards}), got "
                 f"{self.shard_index}"
             )
         if not 0 <= self.drop_ratio < 1:
-            raise ValueError(f"--drop-ratio must be in [0, 1), got {self.drop_ratio}")
+            raise ConfigError(f"--drop-ratio must be in [0, 1), got {self.drop_ratio}")
         if self.drop_words < 0:
-            raise ValueError(f"--drop-words must be >= 0, got {self.drop_words}")
+            raise ConfigError(f"--drop-words must be >= 0, got {self.drop_words}")
         if self.max_errors < 1:
-            raise ValueError(f"--max-errors must be >= 1, got {self.max_errors}")
+            raise ConfigError(f"--max-errors must be >= 1, got {self.max_errors}")
 
     @property
     def rule(self) -> AcceptanceRule:
@@ -114,12 +115,12 @@ class ModelConfig:
     def __post_init__(self):
         stages = [s.strip() for s in self.stage.split(",") if s.strip()]
         if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
-            raise ValueError(f"--stage must be doc, chunk or doc,chunk, got {self.stage!r}")
+            raise ConfigError(f"--stage must be doc, chunk or doc,chunk, got {self.stage!r}")
         self.stage = ",".join(s for s in STAGES if s in stages)
         if "doc" in stages and not self.doc_model:
-            raise ValueError("--stage doc needs --doc-model")
+            raise ConfigError("--stage doc needs --doc-model")
         if "chunk" in stages and not self.chunk_model:
-            raise ValueError("--stage chunk needs --chunk-model")
+            raise ConfigError("--stage chunk needs --chunk-model")
         for name in (
             "batch_size",
             "window",
@@ -130,21 +131,21 @@ class ModelConfig:
         ):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if self.tensor_parallel_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
             )
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
-            raise ValueError("--tensor-parallel-size > 1 needs --backend vllm")
+            raise ConfigError("--tensor-parallel-size > 1 needs --backend vllm")
         try:
             self.line_prefix.format(i=0)
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"--line-prefix {self.line_prefix!r} is not a format with {{i}} ({e})"
             ) from None
         if self.line_prefix.format(i=0) == self.line_prefix.format(i=1):
-            raise ValueError(f"--line-prefix {self.line_prefix!r} does not contain {{i}}")
+            raise ConfigError(f"--line-prefix {self.line_prefix!r} does not contain {{i}}")
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import UserError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig
@@ -54,7 +55,7 @@ into place, its dropped file and statistics not yet)."""
 APPLY_WINDOW = 4096
 
 
-class RefineError(ValueError):
+class RefineError(UserError):
     """Bad input or settings; the message names the file and line or the flag."""
 
 

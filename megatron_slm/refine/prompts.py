@@ -14,10 +14,12 @@ with the text, then the template's generation prompt:
 
 from __future__ import annotations
 
+from megatron_slm.errors import UserError
+
 SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     pass
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.runtime.loader import LoadedModel
 
 
@@ -142,6 +143,6 @@ def forward_logits(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
 
 def _require_single_stage() -> None:
     if _pp_size() > 1:
-        raise ValueError(
+        raise ConfigError(
             "this evaluation needs --pipeline-model-parallel-size 1 (use tensor parallelism)"
         )

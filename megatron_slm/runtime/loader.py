@@ -19,6 +19,7 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
 )
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import CheckpointError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig
 
@@ -74,7 +75,7 @@ def load_model(
         tokenizer, _, _ = resolve_tokenizer(tok_args, info, require_tokenizer)
     arch = resolve_architecture(model_args, info, None)
     if tokenizer is not None and tokenizer.vocab_size > info.padded_vocab_size:
-        raise ValueError(
+        raise CheckpointError(
             f"{flag} {load}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
             f"{info.padded_vocab_size} embedding rows"
         )
@@ -89,7 +90,9 @@ def load_model(
     try:
         load_checkpoint(info.path, chunks, weights_only=True, flag=flag)
     except Exception as e:  # noqa: BLE001 - shape mismatches surface as many exception types
-        raise ValueError(f"{flag} {load}: cannot load the weights ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{flag} {load}: cannot load the weights ({type(e).__name__}: {e})"
+        ) from e
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import UserError
 from megatron_slm.models.args import ModelArgs
 
 PACKINGS = ("auto", "rows", "length-sorted")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError):
     """Bad input or state for scoring, with a message naming the flag or file at fault."""
 
 

@@ -60,11 +60,12 @@ class ScoringInputs:
 
 
 def _check_data_prefix(prefix: str) -> None:
-    from megatron_slm.data.indexed import get_bin_path, get_idx_path
+    from megatron_slm.data.index_file import read_index
 
-    for path in (get_idx_path(prefix), get_bin_path(prefix)):
-        if not os.path.isfile(path):
-            raise ScoringError(f"--data-prefix {prefix}: token dataset file {path} not found")
+    try:
+        read_index(prefix, flag="--data-prefix")  # missing or damaged .bin/.idx, named
+    except ValueError as e:
+        raise ScoringError(str(e)) from None
 
 
 def _reference_identity(ckpt: CheckpointInfo, tokenizer) -> str:

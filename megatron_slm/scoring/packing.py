@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_slm.errors import ConfigError
+
 __all__ = [
     "Batch",
     "Segment",
@@ -86,7 +88,7 @@ def plan_windows(n_tokens: int, seq_length: int, stride: int) -> list[tuple[int,
     one token (nothing to predict).
     """
     if not 1 <= stride <= seq_length:
-        raise ValueError(f"--stride must be in [1, --seq-length {seq_length}], got {stride}")
+        raise ConfigError(f"--stride must be in [1, --seq-length {seq_length}], got {stride}")
     n_pred = n_tokens - 1
     if n_pred <= 0:
         return []

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from megatron_slm.errors import InputFileError, TokenizerError
 from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 
@@ -19,7 +20,9 @@ def count(cfg: CountConfig, progress: bool = True) -> dict:
     try:
         tok = build_tokenizer(ttype, cfg.tokenizer_model, cfg.vocab_size)
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"--tokenizer-model {cfg.tokenizer_model}: cannot load ({e})") from None
+        raise TokenizerError(
+            f"--tokenizer-model {cfg.tokenizer_model}: cannot load ({e})"
+        ) from None
     record = tokenizer_record(ttype, cfg.tokenizer_model, tok)
     return count_corpus(cfg.data_path, record, cfg.output, workers=cfg.workers, progress=progress)
 
@@ -32,7 +35,9 @@ def _heldout_texts(cfg: PruneConfig) -> list[str]:
     for path in expand_inputs(cfg.heldout):
         for line_no, record in iter_jsonl(path):
             if cfg.heldout_json_key not in record:
-                raise ValueError(f"--heldout {path}:{line_no}: no {cfg.heldout_json_key!r} field")
+                raise InputFileError(
+                    f"--heldout {path}:{line_no}: no {cfg.heldout_json_key!r} field"
+                )
             texts.append(record[cfg.heldout_json_key])
             if len(texts) >= cfg.heldout_max_docs:
                 return texts

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import ConfigError
 
 PRUNABLE_TOKENIZERS = ("SentencePieceTokenizer",)
 
@@ -23,15 +24,15 @@ class CountConfig(TokenizerArgs):
     def __post_init__(self):
         super().__post_init__()
         if not self.data_path:
-            raise ValueError("--data-path: give at least one dataset prefix")
+            raise ConfigError("--data-path: give at least one dataset prefix")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.tokenizer_model is None and self.tokenizer_type != "NullTokenizer":
-            raise ValueError(
+            raise ConfigError(
                 "--tokenizer-model is required: the counts record which tokenizer made the data"
             )
         if self.output and not self.output.endswith(".npy"):
-            raise ValueError(f"--output must end in .npy, got {self.output!r}")
+            raise ConfigError(f"--output must end in .npy, got {self.output!r}")
 
 
 @dataclass
@@ -54,17 +55,17 @@ class PruneConfig:
 
     def __post_init__(self):
         if self.tokenizer_type not in PRUNABLE_TOKENIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"--tokenizer-type {self.tokenizer_type} cannot be pruned: only a SentencePiece "
                 "model (BPE or unigram) can"
             )
         if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
+            raise ConfigError(f"--vocab-size must be >= 1, got {self.vocab_size}")
         if self.output and not self.output.endswith(".model"):
-            raise ValueError(f"--output must end in .model, got {self.output!r}")
+            raise ConfigError(f"--output must end in .model, got {self.output!r}")
         for name in ("heldout_max_docs", "hidden_size", "make_vocab_size_divisible_by"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 @dataclass
@@ -87,6 +88,6 @@ class RemapConfig:
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
-            raise ValueError("--make-vocab-size-divisible-by must be >= 1")
+            raise ConfigError("--make-vocab-size-divisible-by must be >= 1")

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_slm.atomic_io import write_json_atomic
-from megatron_slm.data.indexed import IndexedDataset, get_bin_path, get_idx_path
+from megatron_slm.data.index_file import read_index
+from megatron_slm.data.indexed import IndexedDataset, get_bin_path
+from megatron_slm.errors import InputFileError
 from megatron_slm.progress import ProgressBar
 
 COUNTS_FORMAT = "megatron-slm-token-counts"
@@ -37,7 +39,7 @@ BLOCK_TOKENS = 1 << 18
 RANGE_TOKENS = 1 << 25
 
 
-class CountsError(ValueError):
+class CountsError(InputFileError):
     """Bad counting input or counts that do not belong to a tokenizer (names the file/flag)."""
 
 
@@ -87,14 +89,11 @@ def token_ranges(prefix: str, range_tokens: int | None = None, workers: int = 1)
     """Split a dataset's tokens into ranges of about ``range_tokens``, cut at document starts
     (default: at most ``RANGE_TOKENS``, at least 8 ranges per worker where blocks allow, so that
     an uneven last range does not leave a worker idle)."""
-    for path in (get_idx_path(prefix), get_bin_path(prefix)):
-        if not os.path.isfile(path):
-            raise CountsError(f"--data-path {prefix}: {path} not found")
     try:
-        ds = IndexedDataset(prefix, mmap=True)
-    except Exception as e:  # noqa: BLE001 - megatron-core raises assertions and struct errors
-        raise CountsError(f"--data-path {prefix}: cannot read the index ({e})") from None
-    index = ds.index
+        read_index(prefix)  # a missing or damaged file, named (megatron-core's reader asserts)
+    except InputFileError as e:
+        raise CountsError(str(e)) from None
+    index = IndexedDataset(prefix, mmap=True).index
     dtype = np.dtype(index.dtype)
     lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
     num_tokens = int(lengths.sum())

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 
 from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.errors import InputFileError
 
 IDMAP_FORMAT = "megatron-slm-idmap"
 IDMAP_VERSION = 1
 
 
-class IdMapError(ValueError):
+class IdMapError(InputFileError):
     """An id map that cannot be read or does not fit (names the flag and the file)."""
 
 

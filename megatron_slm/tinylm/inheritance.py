@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megatron_slm.checkpoint import CheckpointInfo, latest_iteration, read_checkpoint
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.tinylm.importance import (
@@ -82,19 +83,17 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     check_parallel_layout(source, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     if prunes_width(source, target) and cfg.width_importance == "activation":
         if not cfg.calibration_data:
-            raise ValueError(
+            raise ConfigError(
                 "--width-importance activation needs --calibration-data (or use magnitude)"
             )
     if cfg.calibration_data:
-        from megatron_slm.data.indexed import get_bin_path, get_idx_path
+        from megatron_slm.data.index_file import check_token_dataset
 
-        for path in (get_idx_path(cfg.calibration_data), get_bin_path(cfg.calibration_data)):
-            if not os.path.isfile(path):
-                raise ValueError(f"--calibration-data {cfg.calibration_data}: {path} not found")
+        check_token_dataset(cfg.calibration_data, source.vocab_size, flag="--calibration-data")
     if latest_iteration(cfg.save) is not None:
-        raise ValueError(f"--save {cfg.save} already holds a checkpoint: choose a new directory")
+        raise ConfigError(f"--save {cfg.save} already holds a checkpoint: choose a new directory")
     if os.path.abspath(cfg.save) == os.path.abspath(cfg.load):
-        raise ValueError("--save must differ from --load")
+        raise ConfigError("--save must differ from --load")
     # The slicing rules on meta tensors of both shapes (any size, nothing allocated).
     layers = chosen_layers(
         cfg.layer_choice, source, target.num_layers, torch.zeros(source.num_layers)
@@ -129,13 +128,13 @@ def calibration_rows(prefix: str, samples: int, seq_length: int, micro_batch: in
     n_rows = min(samples, len(tokens) // (seq_length + 1))
     n_rows -= n_rows % micro_batch
     if n_rows == 0:
-        raise ValueError(
+        raise InputFileError(
             f"--calibration-data {prefix}: {len(tokens)} tokens do not fill "
             f"{micro_batch} rows of {seq_length + 1} (lower --calibration-seq-length or "
             "--calibration-micro-batch-size)"
         )
     if int(tokens.max()) >= vocab:
-        raise ValueError(
+        raise InputFileError(
             f"--calibration-data {prefix}: token id {int(tokens.max())} is outside the source's "
             f"vocabulary of {vocab}: tokenized with another tokenizer?"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.tinylm.importance import WIDTH_METHODS
 from megatron_slm.tinylm.inheritance_plan import LayerChoice
@@ -46,7 +47,7 @@ class InheritConfig(ModelArgs):
         self.layer_choice = LayerChoice.parse(self.layers)
         if self.layer_choice is not None and self.layer_choice.method == "importance":
             if not self.calibration_data:
-                raise ValueError("--layers importance needs --calibration-data")
+                raise ConfigError("--layers importance needs --calibration-data")
         for name in (
             "calibration_samples",
             "calibration_micro_batch_size",
@@ -54,9 +55,9 @@ class InheritConfig(ModelArgs):
             "pipeline_model_parallel_size",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.calibration_seq_length is not None and self.calibration_seq_length < 2:
-            raise ValueError("--calibration-seq-length must be >= 2")
+            raise ConfigError("--calibration-seq-length must be >= 2")
 
     def model_args(self) -> ModelArgs:
         """The target-shape flags alone (``ModelArgs`` fields of this config)."""

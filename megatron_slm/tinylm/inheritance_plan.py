@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset
 
@@ -45,12 +46,12 @@ class LayerChoice:
                 return cls("ends", a, b)
             indices = tuple(int(x) for x in text.split(","))
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"--layers {text!r}: expected ends:A,B, importance, or a comma-separated list of "
                 "source layer indices"
             ) from None
         if any(i < 0 for i in indices) or len(set(indices)) != len(indices):
-            raise ValueError(f"--layers {text!r}: indices must be distinct and >= 0")
+            raise ConfigError(f"--layers {text!r}: indices must be distinct and >= 0")
         return cls("list", indices=tuple(sorted(indices)))
 
     def count(self) -> int | None:
@@ -71,7 +72,7 @@ def target_architecture(
         overrides["num_layers"] = layers.count()
     for name in ("rotary_base", "norm_epsilon"):
         if name in overrides and overrides[name] != getattr(source, name):
-            raise ValueError(
+            raise ConfigError(
                 f"--{name.replace('_', '-')} {overrides[name]} differs from the source's "
                 f"{getattr(source, name)}: the inherited weights were trained with the source's"
             )
@@ -105,12 +106,12 @@ def check_target(source: GPTModelConfig, target: GPTModelConfig) -> None:
     ):
         mine, theirs = getattr(target, name), getattr(source, name)
         if mine > theirs:
-            raise ValueError(
+            raise ConfigError(
                 f"--{name.replace('_', '-')} {mine} is larger than the source's {theirs}: "
                 "inheritance only removes layers, channels, neurons and heads"
             )
     if target.head_dim != source.head_dim:
-        raise ValueError(
+        raise ConfigError(
             f"--hidden-size {target.hidden_size} / --num-attention-heads "
             f"{target.num_attention_heads} gives head dimension {target.head_dim}, but heads are "
             f"inherited whole with the source's head dimension {source.head_dim}"
@@ -118,7 +119,7 @@ def check_target(source: GPTModelConfig, target: GPTModelConfig) -> None:
     r_src = source.num_attention_heads // source.num_query_groups
     r_tgt = target.num_attention_heads // target.num_query_groups
     if r_tgt > r_src:
-        raise ValueError(
+        raise ConfigError(
             f"--num-attention-heads {target.num_attention_heads} / --num-query-groups "
             f"{target.num_query_groups} = {r_tgt} query heads per KV group, more than the "
             f"source's {r_src}: GQA groups are kept whole, with heads taken from inside each"
@@ -129,18 +130,18 @@ def check_layers(choice: LayerChoice | None, source: GPTModelConfig, target: GPT
     """``--layers`` against the two depths (before any work)."""
     if choice is None:
         if target.num_layers != source.num_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"the target has {target.num_layers} layers, the source {source.num_layers}: "
                 "choose which to keep with --layers ends:A,B, importance, or a list"
             )
         return
     count = choice.count()
     if count is not None and count != target.num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"--layers keeps {count} layers, but the target has --num-layers {target.num_layers}"
         )
     if choice.method == "list" and choice.indices[-1] >= source.num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"--layers: layer {choice.indices[-1]} does not exist (the source has "
             f"{source.num_layers}, numbered from 0)"
         )

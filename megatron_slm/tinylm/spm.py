@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from megatron_slm.errors import TokenizerError
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MANDATORY_TYPES = (CONTROL, UNKNOWN, USER_DEFINED, BYTE)
 MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
@@ -23,7 +25,7 @@ PRUNABLE_MODEL_TYPES = ("unigram", "bpe")
 WHITESPACE = "\u2581"  # "▁", SentencePiece's escaped space
 
 
-class TokenizerModelError(ValueError):
+class TokenizerModelError(TokenizerError):
     """A tokenizer model that cannot be read or pruned (names the flag and the file)."""
 
 

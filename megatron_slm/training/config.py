@@ -18,6 +18,7 @@ from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.cli import arg, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 
@@ -34,11 +35,11 @@ class ParallelConfig:
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
-            raise ValueError("--tensor-model-parallel-size must be >= 1")
+            raise ConfigError("--tensor-model-parallel-size must be >= 1")
         if self.pipeline_model_parallel_size < 1:
-            raise ValueError("--pipeline-model-parallel-size must be >= 1")
+            raise ConfigError("--pipeline-model-parallel-size must be >= 1")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
 @dataclass
@@ -71,11 +72,11 @@ class TrainingArgs:
     def __post_init__(self):
         for name in ("micro_batch_size", "seq_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if (self.train_iters is None) == (self.train_tokens is None):
-            raise ValueError("give exactly one of --train-iters and --train-tokens")
+            raise ConfigError("give exactly one of --train-iters and --train-tokens")
         if self.bf16 and self.fp16:
-            raise ValueError("--bf16 and --fp16 are exclusive")
+            raise ConfigError("--bf16 and --fp16 are exclusive")
         if self.lr_decay_style not in (
             "constant",
             "linear",
@@ -83,9 +84,9 @@ class TrainingArgs:
             "WSD",
             "inverse-square-root",
         ):
-            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
+            raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass
@@ -96,7 +97,7 @@ class DataArgs:
 
     def __post_init__(self):
         if not self.data_path:
-            raise ValueError("--data-path is required")
+            raise ConfigError("--data-path is required")
 
 
 @dataclass
@@ -115,7 +116,7 @@ class SLMArgs:
 
     def __post_init__(self):
         if self.slm_ratio is not None and not 0.0 < self.slm_ratio <= 1.0:
-            raise ValueError(f"--slm-ratio must be in (0, 1], got {self.slm_ratio}")
+            raise ConfigError(f"--slm-ratio must be in (0, 1], got {self.slm_ratio}")
         for name, allowed in (
             ("slm_ref_source", ("sidecar", "online")),
             ("slm_select_scope", ("sequence", "microbatch", "data-parallel")),
@@ -123,7 +124,7 @@ class SLMArgs:
             ("slm_unscored", ("keep", "drop")),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"--{name.replace('_', '-')} must be one of {allowed}, "
                     f"got {getattr(self, name)!r}"
                 )
@@ -155,9 +156,9 @@ class CheckpointArgs:
 
     def __post_init__(self):
         if not isinstance(getattr(signal, self.exit_signal, None), signal.Signals):
-            raise ValueError(f"--exit-signal {self.exit_signal!r} is not a signal name")
+            raise ConfigError(f"--exit-signal {self.exit_signal!r} is not a signal name")
         if self.save_interval is not None and self.save_interval < 1:
-            raise ValueError("--save-interval must be >= 1")
+            raise ConfigError("--save-interval must be >= 1")
 
 
 @dataclass
@@ -218,7 +219,7 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size % (tp * pp):
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}"
         )
@@ -226,49 +227,49 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     dp = world_size // (tp * pp)
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if gbs % (t.micro_batch_size * dp):
-        raise ValueError(
+        raise ConfigError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
     num_micro = gbs // (t.micro_batch_size * dp)
     if p.num_layers_per_virtual_pipeline_stage and num_micro % pp:
-        raise ValueError(
+        raise ConfigError(
             f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
             f"multiple of --pipeline-model-parallel-size {pp}"
         )
     if t.seq_length > architecture.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
             f"{architecture.max_position_embeddings}"
         )
     on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
-        raise ValueError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
+        raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
     iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":
         if not s.slm_ref_load:
-            raise ValueError("--slm-ref-source online needs --slm-ref-load")
+            raise ConfigError("--slm-ref-source online needs --slm-ref-load")
         if pp > 1:
-            raise ValueError(
+            raise ConfigError(
                 "--slm-ref-source online is not supported with --pipeline-model-parallel-size > 1:"
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
     decay = t.lr_decay_iters or iters
     if t.lr_warmup_iters and t.lr_warmup_iters >= decay:
-        raise ValueError(
+        raise ConfigError(
             f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than the decay steps ({decay}: "
             "--lr-decay-iters or the training steps)"
         )
     if s.needs_reference and s.slm_ref_source == "online":
         ref = read_checkpoint(s.slm_ref_load, "--slm-ref-load").model
         if ref.vocab_size != architecture.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
                 f"({ref.vocab_size}) differs from the data's tokenizer ({architecture.vocab_size})"
             )
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
-        raise ValueError("--finetune needs --load")
+        raise ConfigError("--finetune needs --load")
     return DerivedSizes(dp, gbs, num_micro, iters)

@@ -37,6 +37,7 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
     tokenizer_record,
 )
+from megatron_slm.data.gpt_dataset import check_data_path
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
@@ -117,6 +118,12 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     tokenizer, ttype, tmodel = resolve_tokenizer(cfg.tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     sizes = validate(cfg, world_size, arch)
+    s = cfg.slm
+    check_data_path(
+        cfg.data.data_path,
+        tokenizer.vocab_size,
+        require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
+    )
     return TrainingPlan(tokenizer, tokenizer_record(ttype, tmodel, tokenizer), arch, sizes, ckpt)
 
 
