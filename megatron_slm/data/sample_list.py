@@ -65,7 +65,7 @@ def source_settings(
     num_samples: int | None,
     global_batch_size: int,
 ) -> dict:
-    """The record of a training sample order (without its size, see :func:`build_source_dataset`)."""
+    """The record of a training sample order (its size: :func:`build_source_dataset`)."""
     from megatron_slm.data.gpt_dataset import parse_data_path
     from megatron_slm.data.indexed import token_dataset_fingerprint
 
@@ -238,7 +238,11 @@ def read_batch_losses(prefix: str, flag: str = "--losses") -> BatchLosses:
         partial = os.path.exists(json_path + ".partial")
         raise SampleListError(
             f"{flag} {json_path} does not exist"
-            + (" (only a partial run: rerun tools/score_batches.py to finish it)" if partial else "")
+            + (
+                " (only a partial run: rerun tools/score_batches.py to finish it)"
+                if partial
+                else ""
+            )
         )
     try:
         with open(json_path) as f:

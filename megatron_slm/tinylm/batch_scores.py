@@ -205,10 +205,14 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
         done = np.zeros(n_samples, dtype=bool)
         for a, b in writer.completed_ranges():
             done[a:b] = True
-        todo = [c for c in range(-(-n_batches // ci)) if not done[c * ci * g : (c + 1) * ci * g].all()]
+        todo = [
+            c for c in range(-(-n_batches // ci)) if not done[c * ci * g : (c + 1) * ci * g].all()
+        ]
     todo = _broadcast(todo)
-    bar = ProgressBar(f"score batches {os.path.basename(config.output)}", len(todo) * ci * g,
-                      "samples", is_rank0)  # fmt: skip
+    total = sum(min((c + 1) * ci, n_batches) * g - c * ci * g for c in todo)
+    bar = ProgressBar(
+        f"score batches {os.path.basename(config.output)}", total, "samples", is_rank0
+    )
     crash = CrashPoints(KILL_HOOK_ENV)
     start, scored = time.perf_counter(), 0
     loss_sum = 0.0

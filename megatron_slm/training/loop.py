@@ -30,7 +30,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_slm import checkpoint as checkpointing
-from megatron_slm.data.sample_list import BatchList
 from megatron_slm.checkpoint import (
     CheckpointInfo,
     read_checkpoint,
@@ -38,6 +37,7 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
     tokenizer_record,
 )
+from megatron_slm.data.sample_list import BatchList
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate

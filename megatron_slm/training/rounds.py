@@ -1,9 +1,10 @@
 """Training on a batch list (``--train-samples-from``, multiple-round training).
 
-The list (``tools/resample_batches.py``) names batches of a source sample order; the trainer
-builds that order with the source's settings (the same ``build_gpt_datasets`` call as
-``data.sample_list.build_source_dataset``, whose train-sample count it takes), after checking that the run's data and sampling flags are the ones the list was drawn for, and
-trains on :class:`~megatron_slm.data.sample_list.SampleListDataset`: step ``k`` consumes batch
+The list (``tools/resample_batches.py``) names batches of a source sample order. After checking
+that the run's data and sampling flags are the ones the list was drawn for, the trainer builds
+that order with the source's settings (the ``build_gpt_datasets`` call of
+``data.sample_list.build_source_dataset``, with the source's train-sample count) and trains on
+:class:`~megatron_slm.data.sample_list.SampleListDataset`: step ``k`` consumes batch
 ``batches[k]`` whole. ``consumed_samples`` counts samples of the list, so a checkpoint resumes
 inside the round. ``--train-samples-record FILE`` appends, per step, the source sample ids the
 step consumed (all data-parallel ranks), to check the above.
@@ -31,14 +32,17 @@ def prepare_batch_list(cfg, sizes, checkpoint) -> BatchList | None:
     flag = f"--train-samples-from {path}"
     blist = read_batch_list(path)
     src = blist.source
-    expected = source_settings(
-        cfg.data.data_path,
-        cfg.data.split,
-        cfg.training.seq_length,
-        cfg.training.seed,
-        src.get("num_samples"),  # the source's train-sample count, not this round's
-        sizes.global_batch_size,
-    )
+    try:
+        expected = source_settings(
+            cfg.data.data_path,
+            cfg.data.split,
+            cfg.training.seq_length,
+            cfg.training.seed,
+            src.get("num_samples"),  # the source's train-sample count, not this round's
+            sizes.global_batch_size,
+        )
+    except OSError as e:
+        raise SampleListError(f"--data-path: cannot read a dataset ({e})") from None
     check_source(src, expected, flag, "this run")
     if sizes.train_iters > len(blist.batches):
         raise SampleListError(
@@ -73,8 +77,9 @@ def checkpoint_record(blist: BatchList | None) -> dict:
 
 
 class SampleRecord:
-    """Rank 0 appends (like ``--log-loss-file``) ``{"iteration", "samples"}`` per step: the source sample ids read by every
-    data-parallel rank's micro-batch iterator during the step, in sample order."""
+    """Rank 0 appends (like ``--log-loss-file``) ``{"iteration", "samples"}`` per step: the
+    source sample ids read by every data-parallel rank's micro-batch iterator during the step,
+    in sample order."""
 
     def __init__(self, path: str | None, batches):
         self.path = path

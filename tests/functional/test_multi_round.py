@@ -23,6 +23,7 @@ from tests.functional.pretrain_helpers import REPO, VOCAB, read_steps, run_pretr
 
 pytestmark = pytest.mark.slow
 SEQ, GBS, MBS = 32, 4, 2
+ROUND1 = 24  # round-1 steps = batches of the scored order
 HARD = 256  # hard documents use ids >= HARD
 KILL_ENV = "MEGATRON_SLM_SCORE_BATCHES_KILL_AT"
 
@@ -62,15 +63,15 @@ def train_args(prefix, log, iters, *extra):
 def score_kwargs(ckpt, prefix, output, **extra):
     return dict(
         load=ckpt, data_path=[prefix], split="100,0,0", seq_length=SEQ, seed=5,
-        global_batch_size=GBS, output=output, micro_batch_size=MBS, commit_interval=3,
-        device="cpu", **extra,
+        global_batch_size=GBS, train_iters=ROUND1, output=output, micro_batch_size=MBS,
+        commit_interval=3, device="cpu", **extra,
     )  # fmt: skip
 
 
 # -- workers (spawned processes) -----------------------------------------------------------------
 
 
-def run_score(rank, world, kwargs):
+def _score(kwargs):
     from megatron_slm import launch
     from megatron_slm.tinylm.batch_scores import score_batches
     from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig
@@ -83,6 +84,16 @@ def run_score(rank, world, kwargs):
     )
     report = score_batches(config)
     return None if report is None else report.__dict__
+
+
+def score_and_check(rank, world, kwargs, argv):
+    """TP=1 scores, and the independent losses of the same checkpoint."""
+    return _score(kwargs), independent_losses(rank, world, {"r1": kwargs["load"]}, argv)
+
+
+def score_layouts(rank, world, layouts):
+    """Several layouts in one 2-process world (the parallel state is re-initialised each time)."""
+    return [_score(kwargs) for kwargs in layouts]
 
 
 def independent_losses(rank, world, ckpts, argv):
@@ -103,22 +114,23 @@ def independent_losses(rank, world, ckpts, argv):
     cfg = parse_config(argv)
     plan = plan_training(cfg, 1)
     train, _, _ = build_datasets(cfg, plan.sizes, plan.tokenizer, False)
+    samples = [train[i] for i in range(ROUND1 * GBS)]  # the samples round 1 trained on
+    tokens = torch.stack([s["tokens"] for s in samples])  # [n, s]
+    labels = torch.stack([s["labels"] for s in samples])
+    mask = torch.stack([s["loss_mask"] for s in samples]).double()
+    positions = torch.stack([s["position_ids"] for s in samples])
+    hard = (tokens >= HARD).double().mean(1) > 0.5
     out = {}
     for name, ckpt in ckpts.items():
         info = read_checkpoint(ckpt)
         (model,) = build_model(info.model, ModelBuildOptions(transformer_impl="torch"))
         load_checkpoint(info.path, [model], weights_only=True)
         model.eval()
-        losses, hard = [], []
-        for i in range(len(train)):
-            s = train[i]
-            with torch.no_grad():
-                logits = model(s["tokens"][None], s["position_ids"][None], None)  # [1, s, v]
-            tok = F.cross_entropy(logits[0].double(), s["labels"], reduction="none")
-            mask = s["loss_mask"].double()
-            losses.append(float((tok * mask).sum() / mask.sum()))
-            hard.append(bool((s["tokens"] >= HARD).float().mean() > 0.5))
-        out[name] = (np.array(losses), np.array(hard))
+        with torch.no_grad():
+            logits = model(tokens, positions, None)  # [n, s, v]
+        tok = F.cross_entropy(logits.double().transpose(1, 2), labels, reduction="none")  # [n, s]
+        losses = (tok * mask).sum(1) / mask.sum(1)
+        out[name] = (losses.numpy(), hard.numpy())
     return out
 
 
@@ -130,11 +142,12 @@ def rounds(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
     prefix = _corpus(str(root))
     r1 = str(root / "round1")
-    # 24 steps x 4 samples = one epoch of the 96 single-document samples
-    run_pretrain(train_args(prefix, str(root / "r1.jsonl"), 24, "--save", r1))
+    run_pretrain(train_args(prefix, str(root / "r1.jsonl"), ROUND1, "--save", r1))
     losses = str(root / "losses_tp1")
-    (report,) = run_distributed(run_score, 1, score_kwargs(r1, prefix, losses))
-    return {"root": root, "prefix": prefix, "round1": r1, "losses": losses, "report": report}
+    argv = [str(a) for a in train_args(prefix, "unused", ROUND1)]
+    ((report, ref),) = run_distributed(score_and_check, 1, score_kwargs(r1, prefix, losses), argv)
+    return {"root": root, "prefix": prefix, "round1": r1, "losses": losses, "report": report,
+            "independent": ref["r1"]}  # fmt: skip
 
 
 def _bytes(prefix):
@@ -152,32 +165,29 @@ def _losses(prefix):
 
 
 def test_scores_equal_independent_forward_tp1(rounds):
-    from megatron_slm.tinylm.resample import draw_batches  # noqa: F401 - import check only
-
-    argv = train_args(rounds["prefix"], "x", 24)
-    argv = [str(a) for a in argv]
-    (ref,) = run_distributed(independent_losses, 1, {"r1": rounds["round1"]}, argv)
-    want, hard = ref["r1"]
+    want, hard = rounds["independent"]
     got = _losses(rounds["losses"])
-    assert rounds["report"]["samples"] == len(want) == 96 and got.source["batches"] == 24
+    assert rounds["report"]["samples"] == len(want) == ROUND1 * GBS
+    assert got.source["batches"] == ROUND1 and got.source["num_samples"] == ROUND1 * GBS
     np.testing.assert_allclose(got.sample_losses, want, rtol=0, atol=1e-5)
     assert (got.records["tokens"] == SEQ).all()
-    # After round 1 the hard samples are the high-loss ones (the premise of the next test).
-    assert want[hard].mean() > want[~hard].mean() + 1.0
-    rounds["independent"] = want
-    rounds["hard"] = hard
+    # After round 1 the hard samples are the high-loss ones (the premise of the last test).
+    assert want[hard].mean() > want[~hard].mean() + 1.0, (want[hard].mean(), want[~hard].mean())
 
 
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
-def test_scores_at_tp2_and_dp2(rounds, layout):
-    out = str(rounds["root"] / f"losses_{layout}")
-    extra = {"tensor_model_parallel_size": 2} if layout == "tp2" else {}
-    reports = run_distributed(run_score, 2, score_kwargs(rounds["round1"], rounds["prefix"], out, **extra))
-    assert reports[1] is None and reports[0]["samples"] == 96
+def test_scores_at_tp2_and_dp2(rounds):
+    outs = {k: str(rounds["root"] / f"losses_{k}") for k in ("tp2", "dp2")}
+    layouts = [
+        score_kwargs(rounds["round1"], rounds["prefix"], outs["tp2"], tensor_model_parallel_size=2),
+        score_kwargs(rounds["round1"], rounds["prefix"], outs["dp2"]),
+    ]
+    reports = run_distributed(score_layouts, 2, layouts)
+    assert reports[1] == [None, None] and reports[0][0]["samples"] == ROUND1 * GBS
     want = _losses(rounds["losses"]).sample_losses
-    np.testing.assert_allclose(_losses(out).sample_losses, want, rtol=0, atol=1e-5)
-    if layout == "dp2":  # chunks are forwarded alike whatever the DP size: the very same bytes
-        assert _bytes(out) == _bytes(rounds["losses"])
+    for out in outs.values():
+        np.testing.assert_allclose(_losses(out).sample_losses, want, rtol=0, atol=1e-5)
+    # chunks are forwarded alike whatever the DP size: the very same bytes
+    assert _bytes(outs["dp2"]) == _bytes(rounds["losses"])
 
 
 def _cli(rounds, output, kill=None):
@@ -200,8 +210,7 @@ def test_sigkill_and_rerun_give_identical_bytes(rounds):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "scored 72 of 96 samples (24 batches)" in proc.stdout and "tokens/s" in proc.stdout
     assert _bytes(out) == _bytes(rounds["losses"])
-    proc = _cli(rounds, out)  # published: refused without --overwrite, one line, exit 2
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("score_batches: error: --output")
+    assert not os.path.exists(out + ".ranges") and not os.path.exists(out + ".bin.partial")
 
 
 # -- round 2 -------------------------------------------------------------------------------------
@@ -229,7 +238,9 @@ def test_round2_consumes_the_list_and_resumes_exactly(rounds):
     with open(record) as f:
         steps = [json.loads(line) for line in f]
     want = [[b * GBS + j for j in range(GBS)] for b in blist.batches]
-    assert [s["samples"] for s in steps] == want and [s["iteration"] for s in steps] == list(range(1, 13))
+    assert [s["samples"] for s in steps] == want and [s["iteration"] for s in steps] == list(
+        range(1, 13)
+    )
     # stop after step 5 (checkpoint), resume from it without --finetune: identical losses
     part = str(root / "r2_part.jsonl")
     save = str(root / "round2_part")
@@ -243,7 +254,7 @@ def test_round2_consumes_the_list_and_resumes_exactly(rounds):
     rounds["round2"] = str(root / "round2")
 
 
-def test_round2_refuses_a_list_of_other_data(rounds):
+def test_round2_refuses_a_list_of_other_data(rounds, capsys):
     from megatron_slm import pretrain
 
     idx, _ = _resample(rounds, "round2_check.idx")
@@ -252,18 +263,13 @@ def test_round2_refuses_a_list_of_other_data(rounds):
         (["--seed", "6"], "--seed 5, the run has --seed 6"),
         (["--global-batch-size", "8"], "--global-batch-size 4, the run has --global-batch-size 8"),
         (["--train-iters", "40"], "holds 12 batches, fewer than the 40 training steps"),
+        (["--load", rounds["round1"]], "was not trained on --train-samples-from"),
     ):
-        argv = [str(a) for a in base + ["--train-samples-from", idx] + extra]
-        proc = subprocess.run(
-            [sys.executable, "-c", "import sys; from megatron_slm import pretrain; "
-             "sys.exit(pretrain.main(sys.argv[1:]))", "--device", "cpu", *argv],
-            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("python -m megatron_slm.pretrain: error: --train-samples-from")
-        assert needle in last, last
-    assert pretrain  # imported: the CLI module exists
+        argv = [str(a) for a in [*base, "--device", "cpu", "--train-samples-from", idx, *extra]]
+        assert pretrain.main(argv) == 2  # fails in planning, before any process group
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m megatron_slm.pretrain: error: --")
+        assert needle in err[-1], err[-1]
 
 
 def test_resampled_round_lowers_hard_loss_more_than_uniform(rounds):
@@ -283,9 +289,10 @@ def test_resampled_round_lowers_hard_loss_more_than_uniform(rounds):
     ckpt = str(root / "round2_uniform")
     run_pretrain(train_args(prefix, str(root / "u.jsonl"), 12, "--load", rounds["round1"],
                             "--finetune", "--train-samples-from", idx, "--save", ckpt))  # fmt: skip
-    argv = [str(a) for a in train_args(prefix, "x", 24)]
-    ckpts = {"resampled": rounds["round2"], "uniform": ckpt, "round1": rounds["round1"]}
+    argv = [str(a) for a in train_args(prefix, "x", ROUND1)]
+    ckpts = {"resampled": rounds["round2"], "uniform": ckpt}
     (ref,) = run_distributed(independent_losses, 1, ckpts, argv)
+    ref["round1"] = rounds["independent"]
     hard = ref["round1"][1]
     mean = {k: float(v[0][hard].mean()) for k, v in ref.items()}
     drop_resampled = mean["round1"] - mean["resampled"]

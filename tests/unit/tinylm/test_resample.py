@@ -34,7 +34,9 @@ def _tool(name):
     return module
 
 
-@pytest.mark.parametrize("n,keep,temperature,seed", [(50, 0.5, 1.0, 0), (37, 0.3, 0.25, 7), (8, 1.0, 2.0, 3)])
+@pytest.mark.parametrize(
+    "n,keep,temperature,seed", [(50, 0.5, 1.0, 0), (37, 0.3, 0.25, 7), (8, 1.0, 2.0, 3)]
+)
 def test_draw_is_torch_multinomial(n, keep, temperature, seed):
     losses = np.random.default_rng(seed).uniform(1.0, 6.0, n)
     got = draw_batches(losses, keep, temperature, seed)
@@ -103,7 +105,10 @@ def test_losses_file_batch_losses_and_resume(tmp_path):
     records = _write_losses(str(tmp_path / "l"), source, loss, tokens)
     got = read_batch_losses(str(tmp_path / "l.json"))
     assert got.records.tobytes() == records.tobytes()
-    want = [np.average(loss[i : i + 4].astype(np.float64), weights=tokens[i : i + 4]) for i in (0, 4, 8, 12)]
+    want = [
+        np.average(loss[i : i + 4].astype(np.float64), weights=tokens[i : i + 4])
+        for i in (0, 4, 8, 12)
+    ]
     np.testing.assert_allclose(got.batch_losses(), want, rtol=1e-12)
     with pytest.raises(SampleListError, match="already exists"):
         BatchLossesWriter(str(tmp_path / "l"), {"source": source}, 16)
@@ -145,7 +150,20 @@ def test_resample_tool_writes_the_draw_and_reports(tmp_path, capsys):
 def test_sample_list_dataset_maps_whole_batches(tmp_path):
     ds = SampleListDataset(list(range(100, 140)), [7, 2, 9], 4)
     assert len(ds) == 12
-    assert [ds[i] for i in range(12)] == [128, 129, 130, 131, 108, 109, 110, 111, 136, 137, 138, 139]
+    assert [ds[i] for i in range(12)] == [
+        128,
+        129,
+        130,
+        131,
+        108,
+        109,
+        110,
+        111,
+        136,
+        137,
+        138,
+        139,
+    ]
     bad = tmp_path / "bad.idx"
     bad.write_text(json.dumps({"format": "something"}))
     with pytest.raises(SampleListError, match="--train-samples-from .*bad.idx: not a"):
