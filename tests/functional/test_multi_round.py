@@ -175,21 +175,6 @@ def test_scores_equal_independent_forward_tp1(rounds):
     assert want[hard].mean() > want[~hard].mean() + 1.0, (want[hard].mean(), want[~hard].mean())
 
 
-def test_scores_at_tp2_and_dp2(rounds):
-    outs = {k: str(rounds["root"] / f"losses_{k}") for k in ("tp2", "dp2")}
-    layouts = [
-        score_kwargs(rounds["round1"], rounds["prefix"], outs["tp2"], tensor_model_parallel_size=2),
-        score_kwargs(rounds["round1"], rounds["prefix"], outs["dp2"]),
-    ]
-    reports = run_distributed(score_layouts, 2, layouts)
-    assert reports[1] == [None, None] and reports[0][0]["samples"] == ROUND1 * GBS
-    want = _losses(rounds["losses"]).sample_losses
-    for out in outs.values():
-        np.testing.assert_allclose(_losses(out).sample_losses, want, rtol=0, atol=1e-5)
-    # chunks are forwarded alike whatever the DP size: the very same bytes
-    assert _bytes(outs["dp2"]) == _bytes(rounds["losses"])
-
-
 def _cli(rounds, output, kill=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     env.pop(KILL_ENV, None)
@@ -201,16 +186,28 @@ def _cli(rounds, output, kill=None):
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_sigkill_and_rerun_give_identical_bytes(rounds):
-    out = str(rounds["root"] / "losses_killed")
-    proc = _cli(rounds, out, "commit:2")  # 8 chunks of 3 batches: killed after the second
+def test_scores_at_tp2_dp2_and_resume_after_sigkill(rounds):
+    """TP=2 equals TP=1 (1e-5); a CLI run SIGKILLed after two of its 8 chunks is finished by a
+    DP=2 run, which publishes the very bytes of the uninterrupted TP=1 run (chunks are forwarded
+    alike whatever the DP size or restart point)."""
+    outs = {k: str(rounds["root"] / f"losses_{k}") for k in ("tp2", "dp2")}
+    proc = _cli(rounds, outs["dp2"], "commit:2")
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert not os.path.exists(out + ".json") and len(os.listdir(out + ".ranges")) == 2
-    proc = _cli(rounds, out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "scored 72 of 96 samples (24 batches)" in proc.stdout and "tokens/s" in proc.stdout
-    assert _bytes(out) == _bytes(rounds["losses"])
-    assert not os.path.exists(out + ".ranges") and not os.path.exists(out + ".bin.partial")
+    assert not os.path.exists(outs["dp2"] + ".json")
+    assert len(os.listdir(outs["dp2"] + ".ranges")) == 2
+    layouts = [
+        score_kwargs(rounds["round1"], rounds["prefix"], outs["tp2"], tensor_model_parallel_size=2),
+        score_kwargs(rounds["round1"], rounds["prefix"], outs["dp2"]),
+    ]
+    reports = run_distributed(score_layouts, 2, layouts)
+    assert reports[1] == [None, None]
+    tp2, dp2 = reports[0]
+    assert tp2["scored_samples"] == ROUND1 * GBS and dp2["scored_samples"] == 72
+    want = _losses(rounds["losses"]).sample_losses
+    np.testing.assert_allclose(_losses(outs["tp2"]).sample_losses, want, rtol=0, atol=1e-5)
+    assert _bytes(outs["dp2"]) == _bytes(rounds["losses"])
+    assert not os.path.exists(outs["dp2"] + ".ranges")
+    assert not os.path.exists(outs["dp2"] + ".bin.partial")
 
 
 # -- round 2 -------------------------------------------------------------------------------------

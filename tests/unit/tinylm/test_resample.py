@@ -192,3 +192,16 @@ def test_multi_round_script_parses_and_uses_real_flags():
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", body)) - {"--nproc-per-node"}
     used -= {"--kill-on-bad-exit"}  # srun's
     assert used and used <= known, sorted(used - known)
+
+
+def test_score_batches_flag_errors_exit_2(capsys):
+    """Checked before any process group or model: one line naming the flag, exit status 2."""
+    tool = _tool("score_batches")
+    base = ["--load", "ckpt", "--data-path", "corpus", "--seq-length", "32", "--output", "o"]
+    for extra, needle in (
+        (["--global-batch-size", "6", "--micro-batch-size", "4"], "--micro-batch-size 4 must"),
+        (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            tool.main([*base, *extra])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
