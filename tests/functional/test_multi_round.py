@@ -228,26 +228,26 @@ def test_round2_consumes_the_list_and_resumes_exactly(rounds):
     idx, blist = _resample(rounds, "round2.idx", "--temperature", "0.5")
     assert len(blist.batches) == 12
     r2 = ["--load", rounds["round1"], "--finetune", "--train-samples-from", idx]
-    full = str(root / "r2_full.jsonl")
-    record = str(root / "r2_samples.jsonl")
-    run_pretrain(train_args(prefix, full, 12, *r2, "--save", str(root / "round2"),
+    full, record = str(root / "r2_full.jsonl"), str(root / "r2_samples.jsonl")
+    save = str(root / "round2")
+    run_pretrain(train_args(prefix, full, 12, *r2, "--save", save, "--save-interval", 5,
                             "--train-samples-record", record))  # fmt: skip
-    with open(record) as f:
-        steps = [json.loads(line) for line in f]
     want = [[b * GBS + j for j in range(GBS)] for b in blist.batches]
-    assert [s["samples"] for s in steps] == want and [s["iteration"] for s in steps] == list(
-        range(1, 13)
-    )
-    # stop after step 5 (checkpoint), resume from it without --finetune: identical losses
-    part = str(root / "r2_part.jsonl")
-    save = str(root / "round2_part")
-    run_pretrain(train_args(prefix, part, 12, *r2, "--save", save, "--exit-interval", 5))
-    resume = ["--load", save, "--train-samples-from", idx, "--save", save]
-    run_pretrain(train_args(prefix, part, 12, *resume))
+
+    def recorded(path):
+        with open(path) as f:
+            return [(s["iteration"], s["samples"]) for s in map(json.loads, f)]
+
+    assert recorded(record) == list(zip(range(1, 13), want))
+    # resume inside the round from the step-5 checkpoint (no --finetune): identical losses
+    part, part_record = str(root / "r2_part.jsonl"), str(root / "r2_part_samples.jsonl")
+    resume = ["--load", os.path.join(save, "iter_0000005"), "--train-samples-from", idx]
+    run_pretrain(train_args(prefix, part, 12, *resume, "--train-samples-record", part_record))
     a, b = read_steps(full), read_steps(part)
-    assert [r["iteration"] for r in b] == list(range(1, 13))
-    assert [r["loss"] for r in b] == [r["loss"] for r in a]
-    assert b[-1]["consumed_samples"] == 12 * GBS
+    assert [r["iteration"] for r in b] == list(range(6, 13))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a[5:]]
+    assert [r["consumed_samples"] for r in b] == [GBS * i for i in range(6, 13)]
+    assert recorded(part_record) == list(zip(range(6, 13), want[5:]))
     rounds["round2"] = str(root / "round2")
 
 
