@@ -94,6 +94,14 @@ class DataArgs:
     data_path: list[str] = arg([], "Blend: PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...", nargs="*")
     split: str = arg("969,30,1", "Train/valid/test split of each dataset.")
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
+    train_samples_from: str | None = arg(
+        None,
+        "Train on the batches of this list (tools/resample_batches.py), in its order; the data "
+        "and sampling flags must be the ones it was drawn for.",
+    )
+    train_samples_record: str | None = arg(
+        None, "Append the source sample ids each step consumed to this JSON-lines file (tests)."
+    )
 
     def __post_init__(self):
         if not self.data_path:

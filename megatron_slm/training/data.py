@@ -13,7 +13,11 @@ from megatron_slm.training.config import DerivedSizes, PretrainConfig
 logger = logging.getLogger("megatron_slm")
 
 
-def build_datasets(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_sidecar: bool):
+def build_datasets(
+    cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_sidecar: bool, batch_list=None
+):
+    """(train, valid, test); with ``batch_list`` (``--train-samples-from``) train is its
+    batches of the source order (``training.rounds``)."""
     t = cfg.training
     evals = (sizes.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
     num_samples = [
@@ -21,7 +25,9 @@ def build_datasets(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_
         evals * sizes.global_batch_size,
         t.eval_iters * sizes.global_batch_size,
     ]
-    return build_gpt_datasets(
+    if batch_list is not None:  # train = the source order the list was drawn from
+        num_samples[0] = batch_list.source["num_samples"]
+    datasets = build_gpt_datasets(
         cfg.data.data_path,
         cfg.data.split,
         t.seq_length,
@@ -31,6 +37,11 @@ def build_datasets(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_
         data_cache_path=cfg.data.data_cache_path,
         require_sidecar=require_sidecar,
     )
+    if batch_list is None:
+        return datasets
+    from megatron_slm.training.rounds import wrap_train_dataset
+
+    return (wrap_train_dataset(batch_list, datasets[0]), *datasets[1:])
 
 
 class MicroBatches:
@@ -46,6 +57,7 @@ class MicroBatches:
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.consumed_samples = consumed_samples
+        self.read: list[int] | None = None  # dataset indices read, when recorded (rounds.py)
 
     def __iter__(self):
         return self
@@ -55,6 +67,8 @@ class MicroBatches:
         if start + self.mbs > len(self.dataset):
             raise StopIteration
         samples = [self.dataset[i] for i in range(start, start + self.mbs)]
+        if self.read is not None:
+            self.read.extend(range(start, start + self.mbs))
         self.consumed_samples += self.mbs * self.dp
         return {
             k: torch.stack([torch.as_tensor(s[k]) for s in samples])

@@ -38,12 +38,14 @@ from megatron_slm.checkpoint import (
     tokenizer_record,
 )
 from megatron_slm.data.gpt_dataset import check_data_path
+from megatron_slm.data.sample_list import BatchList
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets
 from megatron_slm.training.metrics import STAT_KEYS, TrainingLogger
 from megatron_slm.training.online_reference import OnlineReference
+from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
 from megatron_slm.training.slm_loss import MicroBatchSelection, SelectiveLMLoss
 
@@ -104,6 +106,7 @@ class TrainingPlan:
     arch: GPTModelConfig
     sizes: DerivedSizes
     checkpoint: CheckpointInfo | None
+    batch_list: BatchList | None = None  # --train-samples-from
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
         vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
@@ -124,7 +127,9 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         tokenizer.vocab_size,
         require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
     )
-    return TrainingPlan(tokenizer, tokenizer_record(ttype, tmodel, tokenizer), arch, sizes, ckpt)
+    batch_list = prepare_batch_list(cfg, sizes, ckpt)
+    record = tokenizer_record(ttype, tmodel, tokenizer)
+    return TrainingPlan(tokenizer, record, arch, sizes, ckpt, batch_list)
 
 
 class Trainer:
@@ -153,6 +158,7 @@ class Trainer:
             self.sizes,
             self.tokenizer,
             require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
+            batch_list=plan.batch_list,
         )
         self.train_ds, self.valid_ds, _ = datasets
         self._build_model()
@@ -178,6 +184,7 @@ class Trainer:
                 self.iteration, consumed = state.iteration, state.consumed_samples
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = MicroBatches(self.train_ds, t.micro_batch_size, consumed)
+        self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device)
         self.exit = ExitController(cfg.checkpoint, self.device)
 
@@ -340,6 +347,7 @@ class Trainer:
                 "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
                 "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
+                **checkpoint_record(self.plan.batch_list),
             },
         )
 
@@ -353,6 +361,7 @@ class Trainer:
             t0 = time.perf_counter()
             stats, grad_norm, ratio = self.train_step()
             self.iteration += 1
+            self.sample_record.step(self.iteration)
             self.log.step(
                 self.iteration,
                 stats,

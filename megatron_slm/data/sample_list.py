@@ -1,0 +1,321 @@
+"""Multiple-round training data (RethinkTinyLM): the trainer's sample order, per-sample losses of
+that order, and batch lists drawn from it.
+
+Three pieces, shared by ``tools/score_batches.py``, ``tools/resample_batches.py`` and the trainer
+(``--train-samples-from``):
+
+* **Source** (:func:`source_settings`, :func:`build_source_dataset`): the training sample order is
+  megatron-core's ``GPTDataset`` order for the blend, split, seed, sequence length and number of
+  train samples, built by the trainer's own ``build_gpt_datasets``. Batch ``b`` is samples
+  ``b * G .. (b + 1) * G - 1`` (``G`` = global batch size), as the trainer draws them. The source
+  record holds every setting that decides that order plus each dataset's fingerprint
+  (``data.indexed.token_dataset_fingerprint``): files made for one order are refused for another.
+* **Batch losses** ``<P>.bin`` + ``<P>.json``: one ``(loss, tokens)`` record per sample (mean loss
+  over its loss-masked tokens as float32, token count as int32), resumable like the sidecar: a
+  preallocated ``<P>.bin.partial``, metadata in ``<P>.json.partial``, one empty marker file per
+  written sample range in ``<P>.ranges/``; ``finalize`` renames and writes ``<P>.json`` last.
+  A batch's loss is the token-weighted mean of its samples (the trainer's per-token normalisation).
+* **Batch list** (a JSON file, e.g. ``round2.idx``): the chosen batch ids of the source, in
+  training order, with the source record and the draw's settings and report.
+  :class:`SampleListDataset` exposes its samples to the trainer as one dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from megatron_slm.atomic_io import write_json_atomic
+
+LOSSES_FORMAT = "megatron-slm-batch-losses"
+LIST_FORMAT = "megatron-slm-batch-list"
+VERSION = 1
+RECORD = np.dtype([("loss", "<f4"), ("tokens", "<i4")])  # one per sample
+
+# Settings that decide the sample order, in the order mismatches are reported.
+SOURCE_KEYS = (
+    "datasets",
+    "weights",
+    "split",
+    "seq_length",
+    "seed",
+    "num_samples",
+    "global_batch_size",
+)
+
+
+class SampleListError(ValueError):
+    """A batch-losses file or batch list that does not fit (names the file and the setting)."""
+
+
+# -- source --------------------------------------------------------------------------------------
+
+
+def source_settings(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: int | None,
+    global_batch_size: int,
+) -> dict:
+    """The record of a training sample order (its size: :func:`build_source_dataset`)."""
+    from megatron_slm.data.gpt_dataset import parse_data_path
+    from megatron_slm.data.indexed import token_dataset_fingerprint
+
+    prefixes, weights = parse_data_path(list(data_path))
+    return {
+        "datasets": [
+            {"name": os.path.basename(p), "fingerprint": token_dataset_fingerprint(p)}
+            for p in prefixes
+        ],
+        "weights": None if weights is None else [float(w) for w in weights],
+        "split": split,
+        "seq_length": int(seq_length),
+        "seed": int(seed),
+        "num_samples": None if num_samples is None else int(num_samples),
+        "global_batch_size": int(global_batch_size),
+    }
+
+
+def build_source_dataset(
+    data_path: Sequence[str], source: dict, tokenizer, data_cache_path: str | None = None
+):
+    """The train dataset of ``source`` (what the trainer builds for it) and its number of whole
+    batches: ``min(num_samples or len, len) // global_batch_size``."""
+    from megatron_slm.data.gpt_dataset import build_gpt_datasets
+
+    train, _, _ = build_gpt_datasets(
+        list(data_path),
+        source["split"],
+        source["seq_length"],
+        source["seed"],
+        [source["num_samples"], 0, 0],
+        tokenizer,
+        data_cache_path=data_cache_path,
+    )
+    if train is None:
+        raise SampleListError(f"--split {source['split']}: the train split is empty")
+    n = len(train) if source["num_samples"] is None else min(len(train), source["num_samples"])
+    return train, n // source["global_batch_size"]
+
+
+def check_source(found: dict, expected: dict, what: str, flags: str) -> None:
+    """Raise SampleListError naming the first setting where ``found`` (a file's record) differs
+    from ``expected`` (the current flags')."""
+    for key in SOURCE_KEYS:
+        a, b = found.get(key), expected.get(key)
+        if key == "datasets":
+            a = [d.get("fingerprint") for d in a or []]
+            b = [d.get("fingerprint") for d in b or []]
+            if a != b:
+                raise SampleListError(
+                    f"{what} was made for other data (dataset fingerprints differ from {flags}'s "
+                    f"--data-path: the token files changed or another blend is given)"
+                )
+        elif a != b:
+            flag = "--" + key.replace("_", "-")
+            raise SampleListError(f"{what} was made with {flag} {a}, the run has {flag} {b}")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- batch losses --------------------------------------------------------------------------------
+
+
+def losses_paths(prefix: str) -> tuple[str, str]:
+    """``--losses`` / ``--output`` given as ``P`` or ``P.json`` -> (``P.bin``, ``P.json``)."""
+    prefix = prefix.removesuffix(".json")
+    return prefix + ".bin", prefix + ".json"
+
+
+class BatchLossesWriter:
+    """Rank 0's resumable writer of a batch-losses file (see the module docstring)."""
+
+    def __init__(self, prefix: str, meta: dict, n_samples: int, overwrite: bool = False):
+        self.bin_path, self.json_path = losses_paths(prefix)
+        self.partial_bin = self.bin_path + ".partial"
+        self.partial_json = self.json_path + ".partial"
+        self.ranges_dir = self.bin_path.removesuffix(".bin") + ".ranges"
+        self.meta = dict(meta, format=LOSSES_FORMAT, version=VERSION, samples=n_samples)
+        self.n = n_samples
+        if os.path.exists(self.json_path) and not overwrite:
+            raise SampleListError(
+                f"--output {self.json_path} already exists; pass --overwrite to replace it"
+            )
+        if os.path.exists(self.partial_json) and not overwrite:
+            with open(self.partial_json) as f:
+                old = json.load(f)
+            if old != json.loads(json.dumps(self.meta)):
+                raise SampleListError(
+                    f"--output {self.json_path}: a partial run with other settings exists "
+                    f"({self.partial_json}); rerun with its flags or pass --overwrite"
+                )
+            if os.path.getsize(self.partial_bin) != self.n * RECORD.itemsize:
+                raise SampleListError(f"--output {self.partial_bin} has the wrong size")
+            return
+        shutil.rmtree(self.ranges_dir, ignore_errors=True)
+        with open(self.partial_bin, "wb") as f:
+            f.truncate(self.n * RECORD.itemsize)
+        os.makedirs(self.ranges_dir)
+        write_json_atomic(self.partial_json, self.meta)
+
+    def completed_ranges(self) -> list[tuple[int, int]]:
+        out = []
+        for name in os.listdir(self.ranges_dir):
+            a, _, b = name.partition("-")
+            out.append((int(a), int(b)))
+        return sorted(out)
+
+    def write_range(self, first: int, records: np.ndarray) -> None:
+        """Write samples ``first ..`` (data fsync'd before the range is recorded)."""
+        records = np.ascontiguousarray(records, dtype=RECORD)
+        with open(self.partial_bin, "r+b") as f:
+            f.seek(first * RECORD.itemsize)
+            f.write(records.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        marker = os.path.join(self.ranges_dir, f"{first}-{first + len(records)}")
+        with open(marker, "w") as f:
+            os.fsync(f.fileno())
+        dir_fd = os.open(self.ranges_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def finalize(self) -> None:
+        covered = np.zeros(self.n, dtype=bool)
+        for a, b in self.completed_ranges():
+            covered[a:b] = True
+        if not covered.all():
+            raise SampleListError(
+                f"{self.partial_bin}: samples {int(np.argmin(covered))}.. were never written"
+            )
+        os.replace(self.partial_bin, self.bin_path)
+        write_json_atomic(self.json_path, self.meta)  # publishes
+        os.remove(self.partial_json)
+        shutil.rmtree(self.ranges_dir, ignore_errors=True)
+
+
+@dataclass
+class BatchLosses:
+    meta: dict
+    records: np.ndarray  # [samples] RECORD
+    path: str
+
+    @property
+    def source(self) -> dict:
+        return self.meta["source"]
+
+    @property
+    def sample_losses(self) -> np.ndarray:
+        return self.records["loss"]
+
+    def batch_losses(self) -> np.ndarray:
+        """``[batches]`` float64: token-weighted mean loss of each batch."""
+        g = self.source["global_batch_size"]
+        loss = self.records["loss"].astype(np.float64).reshape(-1, g)
+        tokens = self.records["tokens"].astype(np.float64).reshape(-1, g)
+        return (loss * tokens).sum(1) / np.maximum(tokens.sum(1), 1.0)
+
+
+def read_batch_losses(prefix: str, flag: str = "--losses") -> BatchLosses:
+    bin_path, json_path = losses_paths(prefix)
+    if not os.path.exists(json_path):
+        partial = os.path.exists(json_path + ".partial")
+        raise SampleListError(
+            f"{flag} {json_path} does not exist"
+            + (
+                " (only a partial run: rerun tools/score_batches.py to finish it)"
+                if partial
+                else ""
+            )
+        )
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleListError(f"{flag} {json_path}: unreadable ({e})") from None
+    if meta.get("format") != LOSSES_FORMAT or meta.get("version") != VERSION:
+        raise SampleListError(f"{flag} {json_path} is not a {LOSSES_FORMAT} v{VERSION} file")
+    n = int(meta["samples"])
+    if not os.path.exists(bin_path) or os.path.getsize(bin_path) != n * RECORD.itemsize:
+        raise SampleListError(f"{flag} {bin_path} is missing or not {n} records long")
+    records = np.fromfile(bin_path, dtype=RECORD)
+    return BatchLosses(meta, records, json_path)
+
+
+# -- batch lists ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchList:
+    meta: dict
+    batches: list[int]
+    path: str
+    sha256: str
+
+    @property
+    def source(self) -> dict:
+        return self.meta["source"]
+
+
+def write_batch_list(path: str, source: dict, batches: Sequence[int], **extra) -> None:
+    n = source.get("batches")
+    bad = [b for b in batches if not 0 <= int(b) < (n if n is not None else float("inf"))]
+    if bad:
+        raise SampleListError(f"--output {path}: batch id {bad[0]} is outside the source's {n}")
+    meta = {"format": LIST_FORMAT, "version": VERSION, "source": source, **extra}
+    meta["batches"] = [int(b) for b in batches]
+    write_json_atomic(path, meta)
+
+
+def read_batch_list(path: str, flag: str = "--train-samples-from") -> BatchList:
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise SampleListError(f"{flag} {path} does not exist") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleListError(f"{flag} {path}: not a batch list ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != LIST_FORMAT:
+        raise SampleListError(f"{flag} {path}: not a {LIST_FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise SampleListError(f"{flag} {path}: version {meta.get('version')}, expected {VERSION}")
+    batches = meta.pop("batches")
+    return BatchList(meta, [int(b) for b in batches], path, _sha256(path))
+
+
+class SampleListDataset:
+    """The samples of ``batches`` of ``source`` in order: item ``i`` is source sample
+    ``batches[i // G] * G + i % G``. The trainer's consumed-sample count indexes it as any
+    dataset, so a resume continues inside the round exactly."""
+
+    def __init__(self, source, batches: Sequence[int], global_batch_size: int):
+        self.source = source
+        self.batches = np.asarray(batches, dtype=np.int64)
+        self.g = global_batch_size
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.g
+
+    def source_index(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return int(self.batches[i // self.g]) * self.g + i % self.g
+
+    def __getitem__(self, i: int):
+        return self.source[self.source_index(i)]

@@ -1,0 +1,58 @@
+"""Loss of every training sample and batch under a frozen model, in the trainer's order.
+
+    torchrun --nproc-per-node 8 tools/score_batches.py --load checkpoints/round1 \\
+        --data-path 0.7 data/web_text_document 0.3 data/code_text_document \\
+        --split 969,30,1 --seq-length 2048 --seed 1234 --global-batch-size 1024 \\
+        --train-iters 75000 --output round1_losses --tensor-model-parallel-size 2
+
+writes ``round1_losses.bin`` (per-sample mean loss and token count) and ``round1_losses.json``
+(the sample order's record: dataset fingerprints, blend, split, seed, sequence length, global batch
+size). Give the sampling flags of the training run whose order you score. An interrupted run
+resumes when rerun with the same flags. Next: tools/resample_batches.py. See
+``megatron_slm.tinylm.batch_scores``.
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig  # noqa: E402
+
+PROG = "score_batches"
+GROUPS = {"batch scoring": ScoreBatchesConfig}
+
+
+def main(argv=None) -> int:
+    """Score the batches; exit status 2 on bad input (one line on stderr)."""
+    config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["batch scoring"]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    import torch.distributed as dist
+
+    from megatron_slm.tinylm.batch_scores import score_batches
+
+    try:
+        launch.initialize(
+            device=config.device,
+            tensor_model_parallel_size=config.tensor_model_parallel_size,
+            pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        )
+        report = score_batches(config)
+        if dist.get_rank() == 0:
+            print(report.format(), flush=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        launch.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
