@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_slm.cli import arg
-from megatron_slm.errors import ConfigError, TokenizerError
+from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
@@ -214,7 +214,7 @@ class NullTokenizer(_SLMTokenizer):
         ids = [int(x) for x in text.split()]
         for i in ids:
             if not 0 <= i < self._vocab_size:
-                raise ValueError(f"NullTokenizer: id {i} outside [0, {self._vocab_size})")
+                raise TokenizerError(f"NullTokenizer: id {i} outside [0, {self._vocab_size})")
         return ids
 
     def detokenize(self, ids: Iterable[int]) -> str:
@@ -289,7 +289,7 @@ def train_sentencepiece(
 
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("train_sentencepiece needs at least one non-empty text")
+        raise InputFileError("--input: no non-empty text to train a tokenizer on")
     kwargs = dict(
         model_prefix=model_prefix,
         vocab_size=int(vocab_size),
