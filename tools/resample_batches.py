@@ -19,22 +19,20 @@ except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.tinylm.rounds_config import ResampleConfig  # noqa: E402
 
 PROG = "resample_batches"
 GROUPS = {"resampling": ResampleConfig}
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     """Draw and write the list; exit status 2 on bad input (one line on stderr)."""
     config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["resampling"]
     from megatron_slm.tinylm.resample import resample
 
-    try:
-        print(resample(config).format(), flush=True)
-    except (ValueError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    print(resample(config).format(), flush=True)
     return 0
 
 

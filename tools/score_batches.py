@@ -23,12 +23,14 @@ except ImportError:  # running from a checkout without installing
 
 from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig  # noqa: E402
 
 PROG = "score_batches"
 GROUPS = {"batch scoring": ScoreBatchesConfig}
 
 
+@entry_point(PROG)
 def main(argv=None) -> int:
     """Score the batches; exit status 2 on bad input (one line on stderr)."""
     config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["batch scoring"]
@@ -37,20 +39,14 @@ def main(argv=None) -> int:
 
     from megatron_slm.tinylm.batch_scores import score_batches
 
-    try:
-        launch.initialize(
-            device=config.device,
-            tensor_model_parallel_size=config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-        )
-        report = score_batches(config)
-        if dist.get_rank() == 0:
-            print(report.format(), flush=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        launch.shutdown()
+    launch.initialize(
+        device=config.device,
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+    )
+    report = score_batches(config)
+    if dist.get_rank() == 0:
+        print(report.format(), flush=True)
     return 0
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.errors import InputFileError
 
 LOSSES_FORMAT = "megatron-slm-batch-losses"
 LIST_FORMAT = "megatron-slm-batch-list"
@@ -50,7 +51,7 @@ SOURCE_KEYS = (
 )
 
 
-class SampleListError(ValueError):
+class SampleListError(InputFileError):
     """A batch-losses file or batch list that does not fit (names the file and the setting)."""
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_slm.data.sample_list import read_batch_losses, write_batch_list
+from megatron_slm.data.sample_list import SampleListError, read_batch_losses, write_batch_list
 from megatron_slm.tinylm.rounds_config import ResampleConfig
 
 
@@ -80,7 +80,7 @@ def resample(config: ResampleConfig) -> ResampleReport:
     losses = read_batch_losses(config.losses)
     batch_losses = losses.batch_losses()
     if not np.isfinite(batch_losses).all():
-        raise ValueError(f"--losses {losses.path}: some batch losses are not finite")
+        raise SampleListError(f"--losses {losses.path}: some batch losses are not finite")
     chosen = draw_batches(batch_losses, config.keep, config.temperature, config.seed)
     report = ResampleReport(
         config.output,

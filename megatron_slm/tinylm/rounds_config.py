@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 
 
@@ -49,7 +50,7 @@ class ScoreBatchesConfig(ModelArgs, TokenizerArgs):
         ModelArgs.__post_init__(self)
         TokenizerArgs.__post_init__(self)
         if not self.data_path:
-            raise ValueError("--data-path: give the trainer's blend")
+            raise ConfigError("--data-path: give the trainer's blend")
         for name in (
             "seq_length",
             "global_batch_size",
@@ -59,11 +60,11 @@ class ScoreBatchesConfig(ModelArgs, TokenizerArgs):
             "pipeline_model_parallel_size",
         ):
             if getattr(self, name) is None or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.train_iters is not None and self.train_iters < 1:
-            raise ValueError("--train-iters must be >= 1")
+            raise ConfigError("--train-iters must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"--micro-batch-size {self.micro_batch_size} must divide --global-batch-size "
                 f"{self.global_batch_size}"
             )
@@ -85,6 +86,6 @@ class ResampleConfig:
 
     def __post_init__(self):
         if not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"--keep must be in (0, 1], got {self.keep}")
+            raise ConfigError(f"--keep must be in (0, 1], got {self.keep}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
+            raise ConfigError(f"--temperature must be a positive number, got {self.temperature}")
