@@ -95,3 +95,25 @@ def test_process_group_is_shut_down_on_failure(capsys):
     assert main([]) == 2
     assert not dist.is_initialized()
     assert _err_lines(capsys) == ["grouped: error: --x: bad"]
+
+
+def test_every_entry_point_uses_the_runner():
+    """A tool without the runner would print tracebacks for bad input: every tools/*.py and
+    megatron_slm/pretrain.py wrap their main with entry_point(...)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    scripts = sorted(root.glob("tools/*.py")) + [root / "megatron_slm" / "pretrain.py"]
+    assert len(scripts) > 5
+    missing = []
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        calls = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "entry_point"
+        ]
+        if not calls:
+            missing.append(path.name)
+    assert missing == []
