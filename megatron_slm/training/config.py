@@ -253,6 +253,13 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
         raise ValueError("--data-path is required (or --sft-data)")
     if cfg.data.data_path and cfg.sft.enabled:
         raise ValueError("give either --data-path or --sft-data, not both")
+    if cfg.sft.enabled and cfg.model.transformer_impl not in (None, "torch"):
+        # TE and megatron's fused causal softmax ignore a given mask: packed examples would
+        # attend to each other. The torch spec (SDPA) honours it, on CPU and GPU.
+        raise ValueError(
+            f"--sft-data packs examples with a block-diagonal attention mask, which "
+            f"--transformer-impl {cfg.model.transformer_impl} ignores: use --transformer-impl torch"
+        )
     if cfg.sft.enabled and cfg.slm.needs_reference:
         raise ValueError("--sft-data has no reference losses: use --slm-ratio 1 or leave it unset")
     if world_size % (tp * pp):

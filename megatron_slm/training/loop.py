@@ -154,7 +154,9 @@ class Trainer:
         p, t = cfg.parallel, cfg.training
         tp = p.tensor_model_parallel_size
         self.build_opts = ModelBuildOptions(
-            transformer_impl=cfg.model.transformer_impl or default_spec_impl(self.device),
+            # SFT: the torch spec, the one that honours the packed block-diagonal mask.
+            transformer_impl=cfg.model.transformer_impl
+            or ("torch" if cfg.sft.enabled else default_spec_impl(self.device)),
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,

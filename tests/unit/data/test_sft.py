@@ -195,3 +195,26 @@ def test_packed_losses_and_prompt_label_invariance(sft):
     torch.testing.assert_close(out["packed"], out["unpacked"], rtol=0, atol=1e-5)
     for selective in (False, True):
         assert out[f"same_{selective}"] and out[f"nonzero_{selective}"]
+
+
+def test_trainer_cli_errors_before_any_work(sft, tmp_path, capsys):
+    from megatron_slm.pretrain import main
+
+    tok, path, _ = sft
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(path).readline() + '{"messages": "oops"}\n')
+    base = ["--model-preset", "tiny", "--train-iters", "2", "--seq-length", str(SEQ)]
+    sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok._model_file]
+    cases = [
+        ([*sp, "--sft-data", str(bad)], f"--sft-data {bad}:2: expected an object"),
+        (["--tokenizer-type", "NullTokenizer", "--vocab-size", "512", "--sft-data", path],
+         "needs a tokenizer with a chat template"),
+        ([*sp, "--sft-data", path, "--data-path", "x"], "either --data-path or --sft-data"),
+        ([*sp, "--sft-data", path, "--transformer-impl", "local"], "--transformer-impl torch"),
+        ([*sp, "--sft-data", path, "--sft-epochs", "1", "--global-batch-size", "64"],
+         "--sft-epochs 1 gives"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main([*base, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m megatron_slm.pretrain: error: ") and message in err[-1]
