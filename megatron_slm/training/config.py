@@ -103,9 +103,39 @@ class DataArgs:
         None, "Append the source sample ids each step consumed to this JSON-lines file (tests)."
     )
 
+    # "--data-path is required" (unless --sft-data) is checked in validate().
+
+
+@dataclass
+class SFTArgs:
+    """Supervised fine-tuning on chat-format JSONL instead of --data-path (data/sft.py)."""
+
+    sft_data: list[str] = arg(
+        [],
+        "Chat-format JSONL ({'messages': [{'role', 'content'}, ...]}) to fine-tune on instead of "
+        "--data-path; repeat or list several files. Loss on assistant tokens only; examples are "
+        "packed into --seq-length rows with attention reset at their boundaries.",
+        action="extend",
+    )
+    sft_epochs: int | None = arg(
+        None, "Epochs of SFT data (default: as many as --train-iters needs, reshuffled each)."
+    )
+    sft_too_long: str = arg(
+        "truncate",
+        "Examples longer than --seq-length + 1 tokens: truncate (keep the start) or drop.",
+        choices=("truncate", "drop"),
+    )
+    sft_chat_template: str | None = arg(
+        None, "Jinja chat template file (default: the tokenizer's, else megatron_slm's default)."
+    )
+
     def __post_init__(self):
-        if not self.data_path:
-            raise ConfigError("--data-path is required")
+        if self.sft_epochs is not None and self.sft_epochs < 1:
+            raise ConfigError("--sft-epochs must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sft_data)
 
 
 @dataclass
@@ -183,6 +213,7 @@ GROUPS = {
     "model": ModelArgs,
     "training": TrainingArgs,
     "data": DataArgs,
+    "sft": SFTArgs,
     "tokenizer": TokenizerArgs,
     "slm": SLMArgs,
     "checkpoint": CheckpointArgs,
@@ -196,6 +227,7 @@ class PretrainConfig:
     model: ModelArgs
     training: TrainingArgs
     data: DataArgs
+    sft: SFTArgs
     tokenizer: TokenizerArgs
     slm: SLMArgs
     checkpoint: CheckpointArgs
@@ -226,6 +258,19 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     """Cross-group checks; every failure names the flag. Returns the derived sizes."""
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if not cfg.data.data_path and not cfg.sft.enabled:
+        raise ConfigError("--data-path is required (or --sft-data)")
+    if cfg.data.data_path and cfg.sft.enabled:
+        raise ConfigError("give either --data-path or --sft-data, not both")
+    if cfg.sft.enabled and cfg.model.transformer_impl not in (None, "torch"):
+        # TE and megatron's fused causal softmax ignore a given mask: packed examples would
+        # attend to each other. The torch spec (SDPA) honours it, on CPU and GPU.
+        raise ConfigError(
+            f"--sft-data packs examples with a block-diagonal attention mask, which "
+            f"--transformer-impl {cfg.model.transformer_impl} ignores: use --transformer-impl torch"
+        )
+    if cfg.sft.enabled and cfg.slm.needs_reference:
+        raise ConfigError("--sft-data has no reference losses: use --slm-ratio 1 or leave it unset")
     if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "

@@ -105,6 +105,14 @@ def test_round_trip_and_export(setup, arch):
     assert cfg["architectures"] == src["architectures"]
     assert cfg["vocab_size"] == setup["vocab"] and cfg["tie_word_embeddings"] is False
     assert os.path.isfile(export / "tokenizer.json")
+    # An HF tokenizer without a chat template gains the default one (ProX needs a template).
+    from transformers import AutoTokenizer
+
+    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    assert AutoTokenizer.from_pretrained(str(export)).chat_template == DEFAULT_CHAT_TEMPLATE
+    gen = json.load(open(export / "generation_config.json"))
+    assert gen["eos_token_id"] == cfg["eos_token_id"] == EOS
     logits = worker.hf_logits(str(export), setup["tokens"])
     assert torch.equal(logits, setup["ref"][arch]["logits"])
 
