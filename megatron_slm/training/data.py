@@ -59,5 +59,5 @@ class MicroBatches:
         return {
             k: torch.stack([torch.as_tensor(s[k]) for s in samples])
             for k in samples[0]
-            if k in ("tokens", "labels", "loss_mask", "position_ids", "ref_loss")
+            if k in ("tokens", "labels", "loss_mask", "position_ids", "ref_loss", "dataset_id")
         }
