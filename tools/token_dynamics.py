@@ -4,8 +4,8 @@ above a threshold, by default the first checkpoint's median loss); plot each cat
 curve. With a reference-loss sidecar, the same split for the tokens an SLM run selects and the
 ones it does not.
 
-    python tools/token_dynamics.py --checkpoints out/slm/iter_* --data-path out/noisy_text_document \\
-        --output out/dynamics          # writes out/dynamics.json and out/dynamics.png
+    python tools/token_dynamics.py --checkpoints out/slm/iter_* --data-path out/noisy_text \\
+        --output out/dynamics   # writes out/dynamics.json and out/dynamics.png
 
 See ``megatron_slm.visualize.dynamics``.
 """
@@ -36,9 +36,7 @@ def main(argv=None) -> int:
     from megatron_slm.visualize.trajectories import token_dynamics
 
     # Shell globs sort iter_0000100 before iter_0000050 only with unpadded names: order by step.
-    config.checkpoints = sorted(
-        config.checkpoints, key=lambda p: checkpoint_step(p.rstrip("/"), 0)
-    )
+    config.checkpoints = sorted(config.checkpoints, key=lambda p: checkpoint_step(p.rstrip("/"), 0))
     try:
         device = launch.initialize(device=config.device)
         token_dynamics(config, device)

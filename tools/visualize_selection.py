@@ -2,7 +2,7 @@
 excess loss (model loss - reference loss), the selected ones marked, as a self-contained HTML page
 (hover a token for its loss, reference loss and excess) or a PNG.
 
-    python tools/visualize_selection.py --load checkpoints/slm --data-path out/noisy_text_document \\
+    python tools/visualize_selection.py --load checkpoints/slm --data-path out/noisy_text \\
         --docs 0,17,42 --ratio 0.6 --output report.html
     python tools/visualize_selection.py ... --sample 20 --format png --output report.png
 

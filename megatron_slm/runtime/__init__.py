@@ -17,7 +17,8 @@ from megatron_slm.runtime.loader import LoadedModel, load_model
 __all__ = [
     "LoadedModel",
     "forward_logits",
-    "load_model", "per_token_losses",
+    "load_model",
+    "per_token_losses",
     "selective_losses",
     "sequence_losses",
 ]

@@ -156,7 +156,9 @@ class Trainer:
             require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
         )
         self.train_ds, self.valid_ds, _ = datasets
-        self.sources = [os.path.basename(p) for p in blend_prefixes(cfg.data.data_path or [])]
+        prefixes = blend_prefixes(cfg.data.data_path or [])
+        names = [os.path.basename(p) for p in prefixes]
+        self.sources = names if len(set(names)) == len(names) else prefixes
         self.n_sources = len(self.sources)
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.

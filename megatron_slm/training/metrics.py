@@ -50,6 +50,7 @@ def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
     out[1].index_add_(0, src, selected.float().sum(dim=1))
     return out.flatten()
 
+
 # Dense bf16 peak TFLOP/s per device, for MFU (by substring of the device name).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -123,7 +124,10 @@ class TrainingLogger:
         }
         if self.sources:
             k = len(self.sources)
-            valid, chosen = values[len(STAT_KEYS) : len(STAT_KEYS) + k], values[len(STAT_KEYS) + k :]
+            valid, chosen = (
+                values[len(STAT_KEYS) : len(STAT_KEYS) + k],
+                values[len(STAT_KEYS) + k :],
+            )
             record["selected_fraction_by_source"] = {
                 name: c / v if v else math.nan for name, v, c in zip(self.sources, valid, chosen)
             }
@@ -169,7 +173,9 @@ class TrainingLogger:
         mean = lambda k: sum(r[k] for r in w) / len(w)
         secs = sum(r["step_seconds"] for r in w)
         fmt = lambda x: "n/a" if math.isnan(x) else f"{x:.4f}"  # noqa: E731
-        excess_text = f"{fmt(nanmean(w, 'excess_selected'))} / {fmt(nanmean(w, 'excess_unselected'))}"
+        excess_text = (
+            f"{fmt(nanmean(w, 'excess_selected'))} / {fmt(nanmean(w, 'excess_unselected'))}"
+        )
         line = (
             f"iter {iteration:>7d}/{self.sizes.train_iters} | "
             f"tokens {w[-1]['consumed_tokens']:,} | "

@@ -18,7 +18,9 @@ def parse_doc_list(text: str | None) -> list[int]:
     try:
         docs = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise VisualizeError(f"--docs must be comma-separated document indices, got {text!r}")
+        raise VisualizeError(
+            f"--docs must be comma-separated document indices, got {text!r}"
+        ) from None
     if any(d < 0 for d in docs):
         raise VisualizeError(f"--docs indices must be >= 0, got {text!r}")
     return docs

@@ -141,8 +141,10 @@ def learning_curves(cfg: CurveConfig, device, log=print) -> dict:
             continue
         reach = r["tokens_to_baseline_final_loss"]
         if reach is None:
-            log(f"{name} does not reach {cfg.baseline}'s final loss "
-                f"{result['baseline_final_loss']:.4f} within its {curves[name][-1][0]:,} tokens")
+            log(
+                f"{name} does not reach {cfg.baseline}'s final loss "
+                f"{result['baseline_final_loss']:.4f} within its {curves[name][-1][0]:,} tokens"
+            )
         else:
             log(f"{name} reaches {cfg.baseline}'s final loss {result['baseline_final_loss']:.4f} "
                 f"after {reach:,.0f} tokens, {cfg.baseline} after {result['baseline_tokens']:,}: "

@@ -25,9 +25,7 @@ CATEGORIES = ("H->H", "L->H", "H->L", "L->L")
 def categorize(first: np.ndarray, last: np.ndarray, theta: float) -> np.ndarray:
     """Category index (into :data:`CATEGORIES`) of each token: ``[n]`` int8."""
     hi0, hi1 = first > theta, last > theta
-    return np.select(
-        [hi0 & hi1, ~hi0 & hi1, hi0 & ~hi1], [0, 1, 2], default=3
-    ).astype(np.int8)
+    return np.select([hi0 & hi1, ~hi0 & hi1, hi0 & ~hi1], [0, 1, 2], default=3).astype(np.int8)
 
 
 def category_summary(losses: np.ndarray, theta: float, mask: np.ndarray | None = None) -> dict:

@@ -121,8 +121,8 @@ def render_html(selections, title: str, subtitle: str = "") -> str:
     )
     body = "".join(_document(s, limit) for s in selections)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{css}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class=\"sub\">{html.escape(subtitle)}</p>{legend}"
+        f'<h1>{html.escape(title)}</h1><p class="sub">{html.escape(subtitle)}</p>{legend}'
         f'<div id="tip"></div>{body}<script>{_JS}</script></body></html>\n'
     )

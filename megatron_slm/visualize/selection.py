@@ -66,20 +66,27 @@ def document_stats(loss: np.ndarray, ref: np.ndarray, selected: np.ndarray) -> d
 
 
 def token_texts(tokenizer, ids) -> list[str]:
-    """Text of each id alone (the tokenizer's detokenize; the id itself when there is none)."""
-    out = []
-    for i in ids:
+    """Text each id adds to the decoded sequence: ``decode(ids[:i + 1])`` minus ``decode(ids[:i])``
+    (keeps the spaces a tokenizer puts between pieces), else the id decoded alone, else ``<id>``.
+    Quadratic in the length, which stays a few hundred tokens here."""
+    ids = [int(i) for i in ids]
+    if tokenizer is None:
+        return [f"{i} " for i in ids]
+    out, prev = [], ""
+    for n, i in enumerate(ids, start=1):
         try:
-            text = tokenizer.detokenize([int(i)]) if tokenizer is not None else str(int(i))
+            text = tokenizer.detokenize(ids[:n])
+            piece = text[len(prev) :] if text.startswith(prev) else tokenizer.detokenize([i])
         except Exception:  # noqa: BLE001 - tokenizers differ in what they refuse (special ids)
-            text = f"<{int(i)}>"
-        out.append(text if text != "" else f"<{int(i)}>")
+            text, piece = prev, f"<{i}>"
+        out.append(piece if piece else f"<{i}>")
+        prev = text
     return out
 
 
 @dataclass
 class SelectionSettings:
-    """The trainer's selection flags (``--slm-ratio``, ``--slm-select-mode``, ``--slm-unscored``)."""
+    """The trainer's selection flags (--slm-ratio, --slm-select-mode, --slm-unscored)."""
 
     ratio: float = 0.6
     mode: str = "excess"

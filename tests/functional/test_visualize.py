@@ -87,9 +87,10 @@ def test_dynamics_and_curve_tools(result):
     assert summary["steps"] == [1, 2, 3]  # sorted by step whatever the order given
     assert sum(c["count"] for c in summary["categories"].values()) == summary["tokens"]
     sel, unsel = summary["selection"]["selected"], summary["selection"]["unselected"]
-    assert sum(c["count"] for c in sel.values()) + sum(
-        c["count"] for c in unsel.values()
-    ) == summary["tokens"]
+    assert (
+        sum(c["count"] for c in sel.values()) + sum(c["count"] for c in unsel.values())
+        == summary["tokens"]
+    )
     png = open(prefix + ".png", "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (700, 300)
     rc, out, err = result["runs"]["curve"]
@@ -181,9 +182,13 @@ def test_report_in_headless_chromium(result, browser, tmp_path):
     requests = [e["params"]["request"]["url"] for e in cdp.events
                 if e.get("method") == "Network.requestWillBeSent"]  # fmt: skip
     assert requests == [url], requests
-    errors = [e for e in cdp.events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    errors = [
+        e
+        for e in cdp.events
+        if e.get("method") == "Runtime.exceptionThrown"
+        or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
+        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
     assert not errors, errors
 
     per_doc = cdp.evaluate(
