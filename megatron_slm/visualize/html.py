@@ -31,7 +31,7 @@ h1{font-size:1.3em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.2em 0 .3em}
 .text{font-family:ui-monospace,monospace;line-height:1.9;white-space:pre-wrap;
  word-break:break-word;border:1px solid #ddd;padding:.6em;border-radius:4px}
 .tok{padding:1px 0;border-bottom:2px solid transparent;cursor:default}
-.tok.sel{border-bottom:2px solid #111;font-weight:600}
+.tok.sel,.key-sel{border-bottom:2px solid #111;font-weight:600}
 .ctx{color:#888}
 .swatch{display:inline-block;padding:0 .4em;font-family:ui-monospace,monospace}
 table.stats{border-collapse:collapse;font-size:.85em;margin:.3em 0}
@@ -113,8 +113,8 @@ def render_html(selections, title: str, subtitle: str = "") -> str:
         '<div class="legend"><div><div class="bar"></div><div class="ticks">'
         f"<span>{-limit:.2f}</span><span>excess loss (nats)</span><span>+{limit:.2f}</span>"
         "</div></div>"
-        '<span class="swatch tok sel" style="background:#fff">selected</span>'
-        '<span class="swatch tok" style="background:#fff">not selected</span>'
+        '<span class="swatch key-sel">selected</span>'
+        '<span class="swatch">not selected</span>'
         f'<span class="swatch" style="background:{rgb_hex(UNSCORED)}">no reference loss</span>'
         "<span>excess = loss − reference loss; red: the reference knows it better (trained on "
         "first), blue: already learned</span></div>"

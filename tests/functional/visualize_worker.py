@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import warnings
 
 import numpy as np
 
@@ -33,7 +34,13 @@ def run_tool(name: str, *argv) -> tuple[int, str, str]:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # megatron-core's library warnings are not the tool's output (the quickstart hides them too).
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        warnings.simplefilter("ignore")
         try:
             rc = tool.main([str(a) for a in argv])
         except SystemExit as e:  # argparse errors
