@@ -64,7 +64,9 @@ class ReferenceSource:
                 self.sidecar = SidecarReader(cfg.data_path, np.array(ds.sequence_lengths))
             except SidecarError as e:
                 raise VisualizeError(f"--data-path {e}") from None
-            self.label = f"sidecar ({self.sidecar.reference or 'reference'})"
+            # The recorded identity is "path:iteration=..:meta-sha256=..": the path says enough.
+            ref = (self.sidecar.reference or "unknown").split(":")[0]
+            self.label = f"sidecar {os.path.basename(cfg.data_path)}_refloss (model {ref})"
         elif cfg.select_mode == "excess":
             raise VisualizeError(
                 f"--data-path {cfg.data_path}: no reference-loss sidecar "
