@@ -155,13 +155,21 @@ setup(
         "sentencepiece",
         "protobuf>=3.20",  # editing SentencePiece model protos (tinylm prune)
         "tensorboard",
+        "matplotlib>=3.5,<4",  # selection pictures, token dynamics, the quickstart curve
         "tqdm",
         "psutil",  # megatron-core distributed checkpointing needs it
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "transformers>=4.40",
+            "safetensors",
+            "ruff",
+            "websocket-client>=1.6,<2",  # headless Chromium test (DevTools protocol)
+        ],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
         "vllm": ["vllm"],
     },

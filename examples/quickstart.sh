@@ -12,6 +12,8 @@
 # 6. ProX: the noisy corpus refined with programs (apply mode; tools/prox_refine.py), then a
 #    plain model trained on the refined corpus
 # 7. all three evaluated on held-out clean text         (tools/evaluate.py)
+# 8. Rho-1 vs plain: held-out loss at every saved checkpoint against tokens trained, the tokens
+#    Rho-1 needs to reach plain's final loss (curve.png), and a selection picture (selection.html)
 # Environment: OUT (output dir), ITERS, PYTHON (skip the .venv setup), TRAIN_ARGS (extra flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,11 +71,13 @@ echo "== 4. score the noisy corpus offline (reference-loss sidecar)"
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tok.model" --max-chars 160
 
 echo "== 5a. Rho-1: selective training on the noisy corpus (top 60% by excess loss)"
+# Checkpoints every quarter of the run feed the learning curve of step 8.
+CURVE_ARGS=(--save-interval "$(( ITERS / 4 > 0 ? ITERS / 4 : 1 ))")
 run_train --data-path "$OUT/noisy_text_document" --slm-ratio 0.6 --save "$OUT/slm" \
-    --tensorboard-dir "$OUT/tensorboard/slm"
+    --tensorboard-dir "$OUT/tensorboard/slm" --log-selection-interval 50 "${CURVE_ARGS[@]}"
 echo "== 5b. baseline: plain causal LM on the noisy corpus"
 run_train --data-path "$OUT/noisy_text_document" --save "$OUT/plain" \
-    --tensorboard-dir "$OUT/tensorboard/plain"
+    --tensorboard-dir "$OUT/tensorboard/plain" "${CURVE_ARGS[@]}"
 
 echo "== 6. ProX: refine the noisy corpus, then train on it"
 # The programs next to the sample data stand in for a refining model's output (see
@@ -105,3 +109,9 @@ print(f"held-out clean loss: plain {plain:.4f}  |  Rho-1 (60% tokens) {slm:.4f} 
       f"ProX-refined corpus {prox:.4f} ({'better' if prox < plain else 'worse'} by "
       f"{abs(plain - prox):.4f})")
 PY
+
+echo "== 8. the claim: held-out loss against tokens trained, and what Rho-1 selects"
+"$PYTHON" tools/learning_curve.py --runs plain="$OUT/plain" rho1="$OUT/slm" \
+    --data "$OUT/clean_heldout.jsonl" --append-eod --seq-length 128 --output "$OUT/curve"
+"$PYTHON" tools/visualize_selection.py --load "$OUT/slm" --data-path "$OUT/noisy_text_document" \
+    --sample 3 --ratio 0.6 --max-tokens 160 --output "$OUT/selection.html"

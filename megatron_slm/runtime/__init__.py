@@ -9,8 +9,16 @@ package only uses the parallel state they set up.
 from megatron_slm.runtime.forward import (
     forward_logits,
     per_token_losses,
+    selective_losses,
     sequence_losses,
 )
 from megatron_slm.runtime.loader import LoadedModel, load_model
 
-__all__ = ["LoadedModel", "forward_logits", "load_model", "per_token_losses", "sequence_losses"]
+__all__ = [
+    "LoadedModel",
+    "forward_logits",
+    "load_model",
+    "per_token_losses",
+    "selective_losses",
+    "sequence_losses",
+]

@@ -120,6 +120,28 @@ def _pipeline_losses(lm: LoadedModel, batches: list, real_vocab_only: bool):
 
 
 @torch.no_grad()
+def selective_losses(lm: LoadedModel, batch, *, ref_loss=None, loss_mask=None, **selection):
+    """The trainer's selection on one batch (PP=1): the selective op on the model's ``[s, b, v/tp]``
+    logits, exactly as ``training.slm_loss`` calls it (padded vocabulary, same ratio/scope/mode/
+    unscored/seed keywords). ``ref_loss``/``loss_mask`` are ``[b, s]``. Returns
+    ``(loss [b, s] fp32, selected [b, s] bool)`` on the model's device."""
+    from megatron_slm.ops import selective_cross_entropy
+
+    _require_single_stage()
+    logits = _forward(lm, lm.chunks[0], batch)  # [b, s, v/tp]
+    dev = lm.device
+    t = lambda x: None if x is None else x.to(dev).transpose(0, 1)  # noqa: E731 - [b, s] -> [s, b]
+    out = selective_cross_entropy(
+        logits.transpose(0, 1),
+        t(batch.labels),
+        ref_loss=t(ref_loss),
+        loss_mask=t(loss_mask),
+        **selection,
+    )
+    return out.loss.transpose(0, 1).float(), out.selected.transpose(0, 1)
+
+
+@torch.no_grad()
 def sequence_losses(lm: LoadedModel, tokens: torch.Tensor, real_vocab_only: bool = True):
     """``tokens [b, s + 1]`` -> loss ``[b, s]`` of tokens 1..s given the ones before (PP=1)."""
     _require_single_stage()

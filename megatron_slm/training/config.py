@@ -206,6 +206,15 @@ class LoggingArgs:
     log_loss_file: str | None = arg(
         None, "Append one JSON line per step (losses, selection) to this file (tests, analysis)."
     )
+    log_selection_interval: int | None = arg(
+        None,
+        "Every N steps: a picture of one training sample's selection (tokens coloured by excess "
+        "loss, selected ones underlined) to TensorBoard (needs --tensorboard-dir, matplotlib).",
+    )
+
+    def __post_init__(self):
+        if self.log_selection_interval is not None and self.log_selection_interval < 1:
+            raise ValueError("--log-selection-interval must be >= 1")
 
 
 GROUPS = {

@@ -67,6 +67,18 @@ def build_sft_dataset(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer):
     return ds
 
 
+# Sample keys a micro-batch carries: segment_ids for packed SFT rows, dataset_id for blends.
+BATCH_KEYS = (
+    "tokens",
+    "labels",
+    "loss_mask",
+    "position_ids",
+    "ref_loss",
+    "segment_ids",
+    "dataset_id",
+)
+
+
 class MicroBatches:
     """Micro-batches of this data-parallel rank, resumable from a consumed-sample count.
 
@@ -96,5 +108,5 @@ class MicroBatches:
         return {
             k: torch.stack([torch.as_tensor(s[k]) for s in samples])
             for k in samples[0]
-            if k in ("tokens", "labels", "loss_mask", "position_ids", "ref_loss", "segment_ids")
+            if k in BATCH_KEYS
         }

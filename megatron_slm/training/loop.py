@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +39,7 @@ from megatron_slm.checkpoint import (
     tokenizer_record,
 )
 from megatron_slm.data.gpt_dataset import check_data_path
+from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sample_list import BatchList
 from megatron_slm.data.sft import packed_attention_mask
 from megatron_slm.errors import ConfigError
@@ -45,7 +47,13 @@ from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, 
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
-from megatron_slm.training.metrics import STAT_KEYS, TrainingLogger
+from megatron_slm.training.metrics import (
+    OP_STAT_KEYS,
+    STAT_KEYS,
+    TrainingLogger,
+    excess_split,
+    source_counts,
+)
 from megatron_slm.training.online_reference import OnlineReference
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
@@ -199,6 +207,10 @@ class Trainer:
                 batch_list=plan.batch_list,
             )
             self.train_ds, self.valid_ds, _ = datasets
+        prefixes = blend_prefixes(cfg.data.data_path or [])
+        names = [os.path.basename(p) for p in prefixes]
+        self.sources = names if len(set(names)) == len(names) else prefixes
+        self.n_sources = len(self.sources)
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
         self.online = None
@@ -223,7 +235,7 @@ class Trainer:
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = MicroBatches(self.train_ds, t.micro_batch_size, consumed)
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
-        self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device)
+        self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
 
     def _build_model(self) -> None:
@@ -241,7 +253,7 @@ class Trainer:
             DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
             for i, c in enumerate(chunks)
         ]
-        self._last_ref = None
+        self._last_ref = self._last_labels = None
         self.slm_loss = SelectiveLMLoss(
             cfg.slm.slm_select_scope, cfg.slm.slm_select_mode, cfg.slm.slm_unscored
         )
@@ -275,35 +287,48 @@ class Trainer:
         if "segment_ids" in batch:
             attention_mask = packed_attention_mask(batch["segment_ids"].to(self.device))
         inner = unwrap(model)
+        ref = None
         if inner.post_process and ratio is not None:
-            ref = None
             if ratio < 1.0 and self.cfg.slm.slm_select_mode == "excess":
                 if self.online is not None:
                     ref = self.online.per_token_loss(tokens, labels)
                 else:
                     ref = batch["ref_loss"].to(self.device, non_blocking=True)
+            elif ratio < 1.0 and "ref_loss" in batch and self.online is None:
+                # Ablation modes rank without a reference; a sidecar, when there is one, still
+                # measures the excess loss of what they select (the op ignores it for ranking).
+                ref = batch["ref_loss"].to(self.device, non_blocking=True)
             self._micro += 1
             self.slm_loss.prepare(
                 MicroBatchSelection(ref, loss_mask, ratio, seed_base + self._micro)
             )
-            self._last_ref = ref
+            self._last_ref, self._last_labels = ref, labels
         output = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s], last stage
-        return output, partial(self._loss_func, ratio, loss_mask)
+        source = batch.get("dataset_id")
+        return output, partial(self._loss_func, ratio, loss_mask, ref, source)
 
-    def _loss_func(self, ratio, loss_mask, per_token_loss):
+    def _loss_func(self, ratio, loss_mask, ref, source, per_token_loss):
         if ratio is None:  # plain causal LM: megatron-core's per-token loss, masked
             mask = loss_mask.to(per_token_loss.dtype)
             loss = (per_token_loss.float() * mask).sum()
             n = mask.sum()
             zero = torch.zeros((), device=loss.device)
-            stats = torch.stack([loss.detach(), n, loss.detach(), n, zero, zero])
-            return loss, n.to(torch.int), {"slm": stats}
+            stats = torch.stack([loss.detach(), n, loss.detach(), n] + [zero] * 6)
+            return loss, n.to(torch.int), {"slm": self._with_sources(stats, mask, mask, source)}
         out = self.slm_loss.last
         selected = out.selected.t()  # [b, s]
         loss = (per_token_loss * selected).sum()
         st = out.stats
-        stats = torch.stack([st[k].float() for k in STAT_KEYS])
-        return loss, selected.sum().to(torch.int), {"slm": stats.detach()}
+        stats = torch.cat([torch.stack([st[k].float() for k in OP_STAT_KEYS]),
+                           excess_split(out.loss.t(), ref, loss_mask, selected)])  # fmt: skip
+        stats = self._with_sources(stats.detach(), loss_mask, selected, source)
+        return loss, selected.sum().to(torch.int), {"slm": stats}
+
+    def _with_sources(self, stats, valid, selected, source):
+        """Append per-blend-source (valid, selected) token counts (see metrics.source_counts)."""
+        if self.n_sources < 2:
+            return stats
+        return torch.cat([stats, source_counts(valid, selected, source, self.n_sources)])
 
     def _run_schedule(self, batches, forward_only: bool, ratio: float, seed_base: int):
         n_chunks = len(self.chunks)
@@ -326,7 +351,8 @@ class Trainer:
 
     def _reduce_stats(self, outputs) -> torch.Tensor | None:
         """Sum the micro-batch statistics over this rank's micro-batches and the DP group."""
-        total = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        n = len(STAT_KEYS) + (2 * self.n_sources if self.n_sources > 1 else 0)
+        total = torch.zeros(n, dtype=torch.float64, device=self.device)
         for out in outputs:
             total += out["slm"].to(torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -421,6 +447,12 @@ class Trainer:
                 self.slm_loss.last,
                 self._last_ref,
             )
+            interval = cfg.logging.log_selection_interval
+            if interval and self.iteration % interval == 0 and ratio is not None:
+                self.log.selection_image(
+                    self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
+                    self.tokenizer,
+                )  # fmt: skip
             t = cfg.training
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 self.log.validation(self.iteration, self.evaluate())

@@ -18,11 +18,46 @@ from megatron_slm.training.config import DerivedSizes, PretrainConfig
 
 logger = logging.getLogger("megatron_slm")
 
-# Order of the per-micro-batch statistics vector (names of the selective op's stats).
-STAT_KEYS = ("loss_sum", "n_valid", "selected_loss_sum", "n_selected", "excess_sum", "n_scored")
+# Order of the per-micro-batch statistics vector: the selective op's stats, then the excess loss
+# of the selected and unselected tokens that have a reference (measured in every mode when a
+# reference is at hand), then (blends) per-source valid and selected token counts.
+OP_STAT_KEYS = ("loss_sum", "n_valid", "selected_loss_sum", "n_selected", "excess_sum", "n_scored")
+EXCESS_KEYS = ("excess_sel_sum", "n_excess_sel", "excess_unsel_sum", "n_excess_unsel")
+STAT_KEYS = OP_STAT_KEYS + EXCESS_KEYS
+
+
+def excess_split(loss, ref, loss_mask, selected) -> torch.Tensor:
+    """``[4]``: excess sum and count over selected, then unselected valid tokens with a finite
+    reference (all zero without ``ref``). All ``[b, s]``."""
+    if ref is None:
+        return torch.zeros(4, device=loss.device)
+    excess = loss.float() - ref.float()
+    has = torch.isfinite(excess) & loss_mask.bool()
+    parts = []
+    for group in (has & selected, has & ~selected):
+        parts += [torch.where(group, excess, torch.zeros_like(excess)).sum(), group.sum().float()]
+    return torch.stack(parts)
+
+
+def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
+    """``[2 * n_sources]``: valid then selected token counts of each blend source (``source [b]``
+    = the sample's dataset index in the blend); zeros when the batch has no source ids."""
+    out = torch.zeros(2, n_sources, device=valid.device)
+    if source is None:
+        return out.flatten()
+    src = source.to(valid.device).long()
+    out[0].index_add_(0, src, valid.float().sum(dim=1))
+    out[1].index_add_(0, src, selected.float().sum(dim=1))
+    return out.flatten()
+
 
 # Dense bf16 peak TFLOP/s per device, for MFU (by substring of the device name).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def nanmean(window: list[dict], key: str) -> float:
+    values = [r[key] for r in window if not math.isnan(r[key])]
+    return sum(values) / len(values) if values else math.nan
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -34,9 +69,15 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 class TrainingLogger:
     def __init__(
-        self, cfg: PretrainConfig, arch: GPTModelConfig, sizes: DerivedSizes, device: torch.device
+        self,
+        cfg: PretrainConfig,
+        arch: GPTModelConfig,
+        sizes: DerivedSizes,
+        device: torch.device,
+        sources: list[str] | None = None,
     ):
         self.cfg, self.sizes = cfg, sizes
+        self.sources = sources if sources and len(sources) > 1 else []
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
         self.tokens_per_step = sizes.global_batch_size * cfg.training.seq_length
@@ -57,7 +98,9 @@ class TrainingLogger:
     def step(self, iteration, stats, grad_norm, lr, seconds, consumed_samples, ratio, last, ref):
         if not self.is_writer or stats is None:
             return
-        s = dict(zip(STAT_KEYS, stats.tolist()))
+        values = stats.tolist()
+        s = dict(zip(STAT_KEYS, values))
+        mean = lambda key, n: s[key] / s[n] if s[n] else math.nan  # noqa: E731
         record = {
             "iteration": iteration,
             "consumed_samples": consumed_samples,
@@ -66,13 +109,28 @@ class TrainingLogger:
             "selected_loss": s["selected_loss_sum"] / max(s["n_selected"], 1),
             "selected_fraction": s["n_selected"] / max(s["n_valid"], 1),
             "n_selected": int(s["n_selected"]),
-            "excess_loss": s["excess_sum"] / s["n_scored"] if s["n_scored"] else math.nan,
+            # Mean excess over every valid token with a reference (NaN: no reference at hand).
+            "excess_loss": (s["excess_sel_sum"] + s["excess_unsel_sum"])
+            / (s["n_excess_sel"] + s["n_excess_unsel"])
+            if s["n_excess_sel"] + s["n_excess_unsel"]
+            else math.nan,
+            "excess_selected": mean("excess_sel_sum", "n_excess_sel"),
+            "excess_unselected": mean("excess_unsel_sum", "n_excess_unsel"),
             "ratio": ratio,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "step_seconds": seconds,
             "tokens_per_second": self.tokens_per_step / seconds,
         }
+        if self.sources:
+            k = len(self.sources)
+            valid, chosen = (
+                values[len(STAT_KEYS) : len(STAT_KEYS) + k],
+                values[len(STAT_KEYS) + k :],
+            )
+            record["selected_fraction_by_source"] = {
+                name: c / v if v else math.nan for name, v, c in zip(self.sources, valid, chosen)
+            }
         record["tflops_per_device"] = self.flops_per_step / seconds / self.world / 1e12
         if self.peak:
             record["mfu"] = record["tflops_per_device"] / self.peak
@@ -85,6 +143,8 @@ class TrainingLogger:
                 "selected_loss",
                 "selected_fraction",
                 "excess_loss",
+                "excess_selected",
+                "excess_unselected",
                 "lr",
                 "grad_norm",
                 "tokens_per_second",
@@ -92,6 +152,9 @@ class TrainingLogger:
             ):
                 if not math.isnan(record[key]):
                     self.tb.add_scalar(f"slm/{key}", record[key], iteration)
+            for name, share in record.get("selected_fraction_by_source", {}).items():
+                if not math.isnan(share):
+                    self.tb.add_scalar(f"slm/selected_fraction_by_source/{name}", share, iteration)
             if last is not None and ref is not None:
                 excess = (last.loss - ref.t().float()).flatten()
                 excess = excess[torch.isfinite(excess)]
@@ -109,13 +172,15 @@ class TrainingLogger:
         w, self._window = self._window, []
         mean = lambda k: sum(r[k] for r in w) / len(w)
         secs = sum(r["step_seconds"] for r in w)
-        excess = mean("excess_loss")
-        excess_text = "n/a" if math.isnan(excess) else f"{excess:.4f}"
+        fmt = lambda x: "n/a" if math.isnan(x) else f"{x:.4f}"  # noqa: E731
+        excess_text = (
+            f"{fmt(nanmean(w, 'excess_selected'))} / {fmt(nanmean(w, 'excess_unselected'))}"
+        )
         line = (
             f"iter {iteration:>7d}/{self.sizes.train_iters} | "
             f"tokens {w[-1]['consumed_tokens']:,} | "
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
-            f"sel. {mean('selected_fraction'):.3f} | excess {excess_text} | "
+            f"sel. {mean('selected_fraction'):.3f} | excess sel./unsel. {excess_text} | "
             f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
             f"{self.tokens_per_step * len(w) / secs:,.0f} tok/s | "
             f"{self.flops_per_step * len(w) / secs / self.world / 1e12:.2f} TFLOP/s/dev"
@@ -123,6 +188,31 @@ class TrainingLogger:
         if self.peak:
             line += f" | MFU {mean('mfu') * 100:.1f}%"
         print(line, flush=True)
+
+    def selection_image(self, iteration, last, ref, labels, tokenizer, max_tokens=256):
+        """TensorBoard image of the first sample of the step's last micro-batch: its tokens
+        coloured by excess loss, the selected ones underlined (``megatron_slm.visualize``)."""
+        if not self.tb or last is None or labels is None:
+            return
+        import numpy as np
+
+        from megatron_slm.visualize.png import render_rgb
+        from megatron_slm.visualize.selection import DocumentSelection, token_texts
+
+        n = min(max_tokens, labels.shape[1])
+        loss = last.loss[:n, 0].detach().float().cpu().numpy()  # [s, b] -> first sample
+        ref_np = ref[0, :n].float().cpu().numpy() if ref is not None else np.full(n, np.nan)
+        sample = DocumentSelection(
+            doc=0,
+            context="",
+            tokens=token_texts(tokenizer, labels[0, :n].cpu().tolist()),
+            loss=loss,
+            ref=ref_np.astype(np.float32),
+            selected=last.selected[:n, 0].cpu().numpy().astype(bool),
+            truncated=n < labels.shape[1],
+        )
+        image = render_rgb([sample], title=f"training sample, step {iteration}")
+        self.tb.add_image("slm/selection", image, iteration, dataformats="HWC")
 
     def validation(self, iteration, loss):
         if not self.is_writer or loss is None:

@@ -175,17 +175,57 @@ def test_tensorboard_has_slm_scalars(corpus, reference_ckpt, tmp_path):
     steps = read_steps_of(
         prefix, tmp_path / "tb.jsonl", 3, "--slm-ratio", "0.6",
         "--slm-ref-source", "online", "--slm-ref-load", reference_ckpt,
-        "--tensorboard-dir", tb,
+        "--tensorboard-dir", tb, "--log-selection-interval", 2,
     )  # fmt: skip
-    acc = EventAccumulator(str(tb), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    acc = EventAccumulator(
+        str(tb), size_guidance={"histograms": 0, "scalars": 0, "images": 0}
+    ).Reload()
     tags = acc.Tags()
-    for tag in ("loss", "selected_loss", "selected_fraction", "excess_loss", "lr", "grad_norm"):
+    assert [e.step for e in acc.Images("slm/selection")] == [2]  # --log-selection-interval 2
+    for tag in ("loss", "selected_loss", "selected_fraction", "excess_loss", "excess_selected",
+                "excess_unselected", "lr", "grad_norm"):  # fmt: skip
         events = acc.Scalars(f"slm/{tag}")
         assert [e.step for e in events] == [1, 2, 3]
         for event, step in zip(events, steps):
             if not math.isnan(step[tag]):
                 assert event.value == pytest.approx(step[tag], rel=1e-6)
     assert "slm/excess_loss_selected" in tags["histograms"]
+
+
+def _copy_dataset(prefix, directory) -> str:
+    import shutil
+
+    os.makedirs(directory, exist_ok=True)
+    copy = os.path.join(str(directory), os.path.basename(prefix))
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, copy + ext)
+    return copy
+
+
+def test_ablation_modes_log_measured_excess(corpus, reference_ckpt, online_steps, tmp_path):
+    """``random`` selection with a sidecar logs the measured excess (it used to log 0.0000): at
+    step 1 every run has the same weights and batch, so the mean excess over all tokens equals the
+    excess-mode run's (online reference = the same values), and the selected and unselected means
+    partition it. Without a sidecar the console says n/a."""
+    _, prefix = corpus
+    scored = _copy_dataset(prefix, tmp_path / "scored")
+    run_distributed(_score_documents, 1, reference_ckpt, scored)
+    ablation = ("--slm-ratio", "0.5", "--slm-select-mode", "random")
+    # 3 steps: the shortest run the warmup of tiny_args allows; step 1 is compared.
+    step = read_steps_of(scored, tmp_path / "random.jsonl", 3, *ablation)[0]
+    assert step["excess_loss"] == pytest.approx(online_steps[0]["excess_loss"], rel=1e-4)
+    sel, unsel = step["excess_selected"], step["excess_unselected"]
+    assert math.isfinite(sel) and math.isfinite(unsel) and sel != unsel
+    assert min(sel, unsel) < step["excess_loss"] < max(sel, unsel)
+    # A blend of two sidecar-less copies: n/a, and each source's selected share (random: ~0.5).
+    a, b = _copy_dataset(prefix, tmp_path / "a"), _copy_dataset(prefix, tmp_path / "b")
+    blend = ("--data-path", "0.5", a, "0.5", b)
+    proc = run_pretrain(tiny_args(a, str(tmp_path / "bare.jsonl"), 3, *ablation, *blend))
+    assert "excess sel./unsel. n/a / n/a" in proc.stdout
+    step = read_steps(str(tmp_path / "bare.jsonl"))[0]
+    assert math.isnan(step["excess_selected"])
+    shares = step["selected_fraction_by_source"]
+    assert sorted(shares) == sorted([a, b]) and all(0.3 < v < 0.7 for v in shares.values())
 
 
 def test_bad_configuration_fails_before_training(corpus, reference_ckpt, tmp_path):

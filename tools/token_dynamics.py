@@ -1,0 +1,47 @@
+"""Token-loss dynamics (Rho-1, Fig. 2): follow the same tokens through training checkpoints and
+split them into H->H, L->H, H->L, L->L by their loss at the first and the last checkpoint (high =
+above a threshold, by default the first checkpoint's median loss); plot each category's mean loss
+curve. With a reference-loss sidecar, the same split for the tokens an SLM run selects and the
+ones it does not.
+
+    python tools/token_dynamics.py --checkpoints out/slm/iter_* --data-path out/noisy_text \\
+        --output out/dynamics   # writes out/dynamics.json and out/dynamics.png
+
+See ``megatron_slm.visualize.dynamics``.
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.visualize.config import DynamicsConfig  # noqa: E402
+
+PROG = "token_dynamics"
+
+
+@entry_point(PROG)
+def main(argv=None) -> int:
+    """Compute and plot; exit status 2 on bad input (one line on stderr)."""
+    groups = {"token dynamics": DynamicsConfig}
+    config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["token dynamics"]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from megatron_slm.visualize.dynamics import checkpoint_step
+    from megatron_slm.visualize.trajectories import token_dynamics
+
+    # Shell globs sort iter_0000100 before iter_0000050 only with unpadded names: order by step.
+    config.checkpoints = sorted(config.checkpoints, key=lambda p: checkpoint_step(p.rstrip("/"), 0))
+    device = launch.initialize(device=config.device)
+    token_dynamics(config, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Picture which tokens selective training keeps: every token of a few documents coloured by its
+excess loss (model loss - reference loss), the selected ones marked, as a self-contained HTML page
+(hover a token for its loss, reference loss and excess) or a PNG.
+
+    python tools/visualize_selection.py --load checkpoints/slm --data-path out/noisy_text \\
+        --docs 0,17,42 --ratio 0.6 --output report.html
+    python tools/visualize_selection.py ... --sample 20 --format png --output report.png
+
+Reference losses come from the dataset's sidecar (tools/score_corpus.py), or from a reference
+model with --slm-ref-load; the selection is the trainer's selective op on the model's logits. See
+``megatron_slm.visualize``.
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm import launch  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.visualize.config import VisualizeConfig  # noqa: E402
+
+PROG = "visualize_selection"
+
+
+@entry_point(PROG)
+def main(argv=None) -> int:
+    """Render the report; exit status 2 on bad input (one line on stderr)."""
+    groups = {"selection picture": VisualizeConfig}
+    config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["selection picture"]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from megatron_slm.visualize.report import visualize_selection
+
+    device = launch.initialize(
+        device=config.device, tensor_model_parallel_size=config.tensor_model_parallel_size
+    )
+    summary = visualize_selection(config, device)
+    shares = ", ".join(
+        f"{d}: {s['selected_share'] * 100:.0f}%" for d, s in zip(summary["documents"],
+                                                              summary["stats"])
+    )  # fmt: skip
+    print(f"wrote {summary['output']} (documents selected share: {shares})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
