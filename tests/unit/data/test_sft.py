@@ -2,7 +2,9 @@
 real megatron-core model: packed rows give the unpacked per-token losses (no cross-example
 attention), and prompt labels have no effect on the gradient (plain and selective-op loss)."""
 
+import functools
 import json
+import types
 
 import numpy as np
 import pytest
@@ -176,7 +178,9 @@ def _model_checks(rank, world, tokenizer, path):
             del model.compute_language_model_loss
         else:  # the trainer's plain path (megatron-core's loss, masked by its _loss_func)
             per_token = model(batch["tokens"], batch["position_ids"], mask, labels=labels)
-            loss = Trainer._loss_func(None, None, loss_mask, per_token)[0]
+            unblended = types.SimpleNamespace(n_sources=0)  # the trainer's state _loss_func reads
+            unblended._with_sources = functools.partial(Trainer._with_sources, unblended)
+            loss = Trainer._loss_func(unblended, None, loss_mask, None, None, per_token)[0]
         loss.backward()
         return [p.grad.clone() for p in model.parameters()], loss.detach()
 
