@@ -4,7 +4,9 @@
     python tools/convert_checkpoint.py hf-to-megatron --load /models/TinyLlama-1.1B \\
         --save ckpt/tinyllama --tensor-model-parallel-size 2 --make-vocab-size-divisible-by 128
 
-    # megatron checkpoint (root or iter_N directory, any TP/PP) -> HF directory
+    # megatron checkpoint (root or iter_N directory, any TP/PP) -> HF directory: weights,
+    # config.json, generation_config.json and a fast tokenizer with a chat template (a
+    # SentencePiece model is converted to tokenizer.json; --chat-template FILE overrides)
     python tools/convert_checkpoint.py megatron-to-hf --load ckpt/run --save hf/run \\
         --max-shard-size 5GB --dtype bfloat16
 
@@ -63,7 +65,14 @@ class ConvertConfig:
     )
     max_shard_size: str = arg("5GB", "megatron-to-hf: e.g. 5GB, 500MB.")
     tokenizer_model: str | None = arg(
-        None, "megatron-to-hf: HF tokenizer directory to copy (default: the checkpoint's)."
+        None,
+        "megatron-to-hf: HF tokenizer directory to copy or SentencePiece model to convert "
+        "(default: the checkpoint's).",
+    )
+    chat_template: str | None = arg(
+        None,
+        "megatron-to-hf: jinja chat template file written to tokenizer_config.json (default: the "
+        "checkpoint's SFT template, else the tokenizer's own, else megatron_slm's default).",
     )
 
 
@@ -103,6 +112,12 @@ def main(argv=None) -> int:
             )
             print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
         else:
+            template = None
+            if cfg.chat_template is not None:
+                if not os.path.isfile(cfg.chat_template):
+                    raise ConversionError(f"--chat-template {cfg.chat_template}: no such file")
+                with open(cfg.chat_template, encoding="utf-8") as f:
+                    template = f.read()
             launch.initialize(device="cpu")
             out = convert_megatron_to_hf(
                 cfg.load,
@@ -111,6 +126,7 @@ def main(argv=None) -> int:
                 dtype=cfg.dtype,
                 max_shard_size=cfg.max_shard_size,
                 tokenizer_model=cfg.tokenizer_model,
+                chat_template=template,
             )
             print(f"wrote {out}")
     except (ConversionError, ValueError, FileNotFoundError) as exc:

@@ -35,6 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.convert.tokenizer_export import (
+    set_chat_template,
+    write_generation_config,
+    write_sentencepiece_hf_tokenizer,
+)
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict, global_name, tp_shard, unwrap
 
@@ -714,8 +719,10 @@ def convert_megatron_to_hf(
     dtype: str | torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     tokenizer_model: str | None = None,
+    chat_template: str | None = None,
 ) -> str:
-    """megatron_slm checkpoint -> HF directory (config.json, safetensors, tokenizer files).
+    """megatron_slm checkpoint -> HF directory (config.json, generation_config.json, safetensors,
+    a fast tokenizer with a chat template; see :func:`export_tokenizer`).
 
     Runs in one process: the checkpoint is loaded at TP=1/PP=1 (megatron-core reshards).
     """
@@ -742,25 +749,83 @@ def convert_megatron_to_hf(
     os.makedirs(save, exist_ok=True)
     tensors = ((k, v.to(out_dtype)) for k, v in hf_tensors_from_megatron(state, model))
     files = write_hf_weights(tensors, save, max_shard_size)
+    ids = export_tokenizer(ckpt, meta, save, tokenizer_model, chat_template)
+    if ids is not None:  # the exported tokenizer's special ids win over the defaults
+        hf_cfg.update({k: v for k, v in ids.items() if k != "pad_token_id" or v is not None})
     with open(os.path.join(save, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-
-    tok = tokenizer_model
-    if tok is None and meta.get("tokenizer", {}).get("type") == "HuggingFaceTokenizer":
-        tok = meta["tokenizer"].get("model")
-        if tok and not os.path.isdir(tok):  # moved checkpoint: the copy beside it
-            root = ckpt
-            if os.path.basename(ckpt).startswith("iter_"):
-                root = os.path.dirname(ckpt)
-            tok = os.path.join(root, "tokenizer")
-    if tok and os.path.isdir(tok):
-        copied = copy_tokenizer(tok, save)
-        if not copied:
-            logger.warning("%s holds no tokenizer files", tok)
-    else:
-        logger.warning("no Hugging Face tokenizer recorded for %s: none written to %s", load, save)
+    write_generation_config(
+        save,
+        hf_cfg.get("bos_token_id"),
+        hf_cfg.get("eos_token_id"),
+        hf_cfg.get("pad_token_id"),
+    )
     logger.info("exported %s -> %s (%s)", ckpt, save, ", ".join(files))
     return save
+
+
+def _checkpoint_file(ckpt: str, recorded: str | None, name: str) -> str | None:
+    """A recorded tokenizer path, or the copy beside a moved checkpoint (root/``name``)."""
+    if recorded and os.path.exists(recorded):
+        return recorded
+    root = os.path.dirname(ckpt) if os.path.basename(ckpt).startswith("iter_") else ckpt
+    beside = os.path.join(root, name)
+    return beside if os.path.exists(beside) else None
+
+
+def export_tokenizer(
+    ckpt: str,
+    meta: dict,
+    save: str,
+    tokenizer_model: str | None = None,
+    chat_template: str | None = None,
+) -> dict | None:
+    """Write the checkpoint's tokenizer to ``save`` as a Hugging Face tokenizer with a chat
+    template; return its ``{bos,eos,pad}_token_id`` (None when no tokenizer was written).
+
+    * ``tokenizer_model`` (``--tokenizer-model``): a HF tokenizer directory or SentencePiece file
+      to use instead of the recorded one;
+    * a SentencePiece tokenizer becomes ``tokenizer.json`` + ``tokenizer_config.json`` +
+      ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours;
+    * a HF tokenizer is copied as is;
+    * the chat template: ``chat_template`` (``--chat-template FILE``), else the one the checkpoint
+      records (``chat_template``: an SFT run's), else the HF tokenizer's own, else
+      ``data.chat.DEFAULT_CHAT_TEMPLATE``, the template the trainer's SFT mode uses by default.
+    """
+    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    record = meta.get("tokenizer") or {}
+    chosen = chat_template or meta.get("chat_template")
+    src = tokenizer_model
+    if src is None and record.get("type") == "HuggingFaceTokenizer":
+        src = _checkpoint_file(ckpt, record.get("model"), "tokenizer")
+    elif src is None and record.get("type") == "SentencePieceTokenizer":
+        src = _checkpoint_file(ckpt, record.get("model"), "tokenizer.model")
+        if src is None:
+            raise ConversionError(
+                f"--load {ckpt}: the recorded SentencePiece model {record.get('model')} is missing;"
+                " give it with --tokenizer-model"
+            )
+    if src is None:
+        logger.warning("no tokenizer recorded for %s: none written to %s", ckpt, save)
+        return None
+    if os.path.isfile(src):
+        write_sentencepiece_hf_tokenizer(src, save, chosen or DEFAULT_CHAT_TEMPLATE)
+    elif os.path.isdir(src):
+        if not copy_tokenizer(src, save):
+            raise ConversionError(f"--tokenizer-model {src}: holds no tokenizer files")
+        if set_chat_template(save, chosen or DEFAULT_CHAT_TEMPLATE, overwrite=bool(chosen)):
+            logger.info("chat template written to %s/tokenizer_config.json", save)
+    else:
+        raise ConversionError(f"--tokenizer-model {src}: no such file or directory")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(save, local_files_only=True)
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def load_hf_model(

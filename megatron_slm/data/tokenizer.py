@@ -52,8 +52,31 @@ class _SLMTokenizer(MegatronTokenizerBase):
     def vocab(self):  # noqa: D102 - not needed by the data pipeline
         raise NotImplementedError(f"{type(self).__name__} does not expose its vocabulary")
 
-    def apply_chat_template(self, *args, **kwargs):  # noqa: D102
-        raise NotImplementedError(f"{type(self).__name__} has no chat template")
+    # -- chat (SFT): see data/chat.py ------------------------------------------------------------
+    chat_template: str | None = None
+    """Jinja chat template (None: the tokenizer has none; the NullTokenizer)."""
+
+    def chat_special_tokens(self) -> dict[str, str | None]:
+        """``bos_token``, ``eos_token``, ``unk_token``, ``pad_token`` strings for templates."""
+        return {}
+
+    def tokenize_with_specials(self, text: str) -> list[int]:
+        """Ids of ``text`` in which special-token strings (``<s>``, ``</s>``, ...) become their
+        ids, as a Hugging Face tokenizer encodes a rendered chat prompt."""
+        raise NotImplementedError(f"{type(self).__name__} has no special tokens")
+
+    def apply_chat_template(
+        self, messages, add_generation_prompt: bool = False, tokenize: bool = True, **_unused
+    ):
+        """Like transformers' ``apply_chat_template``: rendered text or its ids."""
+        from megatron_slm.data.chat import ChatTemplateError, render_chat
+
+        if not self.chat_template:
+            raise ChatTemplateError(f"{type(self).__name__} has no chat template")
+        text = render_chat(
+            self.chat_template, messages, self.chat_special_tokens(), add_generation_prompt
+        )
+        return self.tokenize_with_specials(text) if tokenize else text
 
     # -- helpers ---------------------------------------------------------------------------------
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -96,6 +119,16 @@ class SentencePieceTokenizer(_SLMTokenizer):
             sha256=_file_digest(model_file),
             vocab_size=self._sp.get_piece_size(),
         )
+        from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+        self.chat_template = DEFAULT_CHAT_TEMPLATE
+        # Control and unknown pieces: the special tokens of the exported HF tokenizer too.
+        sp = self._sp
+        self.special_pieces = {
+            sp.id_to_piece(i): i
+            for i in range(sp.get_piece_size())
+            if sp.is_control(i) or sp.is_unknown(i)
+        }
 
     def __getstate__(self):
         return {"model_file": self._model_file}
@@ -114,6 +147,35 @@ class SentencePieceTokenizer(_SLMTokenizer):
     def detokenize(self, ids: Iterable[int]) -> str:
         """Decode ids to text."""
         return self._sp.decode([int(i) for i in ids])
+
+    def chat_special_tokens(self) -> dict[str, str | None]:
+        sp = self._sp
+
+        def piece(i):
+            return sp.id_to_piece(i) if i >= 0 else None
+
+        return {
+            "bos_token": piece(sp.bos_id()),
+            "eos_token": piece(sp.eos_id()),
+            "unk_token": piece(sp.unk_id()),
+            "pad_token": piece(sp.pad_id()),
+        }
+
+    def tokenize_with_specials(self, text: str) -> list[int]:
+        """Special pieces' strings become their ids; the text between them is encoded
+        separately (each part with sentencepiece's dummy prefix, as the exported tokenizer)."""
+        import re
+
+        if not self.special_pieces:
+            return self.tokenize(text)
+        names = sorted(self.special_pieces, key=len, reverse=True)
+        ids: list[int] = []
+        for part in re.split("(" + "|".join(map(re.escape, names)) + ")", text):
+            if part in self.special_pieces:
+                ids.append(self.special_pieces[part])
+            elif part:
+                ids += self.tokenize(part)
+        return ids
 
     @property
     def vocab_size(self) -> int:
@@ -152,6 +214,9 @@ class HuggingFaceTokenizer(_SLMTokenizer):
         super().__init__(
             os.path.abspath(path), sha256=digest.hexdigest()[:16], vocab_size=len(self._tok)
         )
+        from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+        self.chat_template = getattr(self._tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
     def __getstate__(self):
         return {"path": self._path}
@@ -170,6 +235,18 @@ class HuggingFaceTokenizer(_SLMTokenizer):
     def detokenize(self, ids: Iterable[int]) -> str:
         """Decode ids to text."""
         return self._tok.decode([int(i) for i in ids])
+
+    def chat_special_tokens(self) -> dict[str, str | None]:
+        t = self._tok
+        return {
+            "bos_token": t.bos_token,
+            "eos_token": t.eos_token,
+            "unk_token": t.unk_token,
+            "pad_token": t.pad_token,
+        }
+
+    def tokenize_with_specials(self, text: str) -> list[int]:
+        return self._tok(text, add_special_tokens=False).input_ids
 
     @property
     def vocab_size(self) -> int:

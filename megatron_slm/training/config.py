@@ -94,9 +94,39 @@ class DataArgs:
     split: str = arg("969,30,1", "Train/valid/test split of each dataset.")
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
 
+    # "--data-path is required" (unless --sft-data) is checked in validate().
+
+
+@dataclass
+class SFTArgs:
+    """Supervised fine-tuning on chat-format JSONL instead of --data-path (data/sft.py)."""
+
+    sft_data: list[str] = arg(
+        [],
+        "Chat-format JSONL ({'messages': [{'role', 'content'}, ...]}) to fine-tune on instead of "
+        "--data-path; repeat or list several files. Loss on assistant tokens only; examples are "
+        "packed into --seq-length rows with attention reset at their boundaries.",
+        action="extend",
+    )
+    sft_epochs: int | None = arg(
+        None, "Epochs of SFT data (default: as many as --train-iters needs, reshuffled each)."
+    )
+    sft_too_long: str = arg(
+        "truncate",
+        "Examples longer than --seq-length + 1 tokens: truncate (keep the start) or drop.",
+        choices=("truncate", "drop"),
+    )
+    sft_chat_template: str | None = arg(
+        None, "Jinja chat template file (default: the tokenizer's, else megatron_slm's default)."
+    )
+
     def __post_init__(self):
-        if not self.data_path:
-            raise ValueError("--data-path is required")
+        if self.sft_epochs is not None and self.sft_epochs < 1:
+            raise ValueError("--sft-epochs must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sft_data)
 
 
 @dataclass
@@ -174,6 +204,7 @@ GROUPS = {
     "model": ModelArgs,
     "training": TrainingArgs,
     "data": DataArgs,
+    "sft": SFTArgs,
     "tokenizer": TokenizerArgs,
     "slm": SLMArgs,
     "checkpoint": CheckpointArgs,
@@ -187,6 +218,7 @@ class PretrainConfig:
     model: ModelArgs
     training: TrainingArgs
     data: DataArgs
+    sft: SFTArgs
     tokenizer: TokenizerArgs
     slm: SLMArgs
     checkpoint: CheckpointArgs
@@ -217,6 +249,12 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     """Cross-group checks; every failure names the flag. Returns the derived sizes."""
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if not cfg.data.data_path and not cfg.sft.enabled:
+        raise ValueError("--data-path is required (or --sft-data)")
+    if cfg.data.data_path and cfg.sft.enabled:
+        raise ValueError("give either --data-path or --sft-data, not both")
+    if cfg.sft.enabled and cfg.slm.needs_reference:
+        raise ValueError("--sft-data has no reference losses: use --slm-ratio 1 or leave it unset")
     if world_size % (tp * pp):
         raise ValueError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "

@@ -33,6 +33,28 @@ def build_datasets(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_
     )
 
 
+def build_sft_dataset(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer):
+    """Packed SFT rows (data/sft.py); no validation split (hold data out in its own file)."""
+    from megatron_slm.data.sft import SFTDataset
+
+    need = sizes.train_iters * sizes.global_batch_size
+    ds = SFTDataset(
+        tokenizer,
+        cfg.sft.sft_data,
+        cfg.training.seq_length,
+        cfg.training.seed,
+        need,
+        epochs=cfg.sft.sft_epochs,
+        too_long=cfg.sft.sft_too_long,
+    )
+    if len(ds) < need:
+        raise ValueError(
+            f"--train-iters {sizes.train_iters} x --global-batch-size {sizes.global_batch_size} "
+            f"needs {need} packed sequences; --sft-epochs {cfg.sft.sft_epochs} gives {len(ds)}"
+        )
+    return ds
+
+
 class MicroBatches:
     """Micro-batches of this data-parallel rank, resumable from a consumed-sample count.
 
@@ -59,5 +81,5 @@ class MicroBatches:
         return {
             k: torch.stack([torch.as_tensor(s[k]) for s in samples])
             for k in samples[0]
-            if k in ("tokens", "labels", "loss_mask", "position_ids", "ref_loss")
+            if k in ("tokens", "labels", "loss_mask", "position_ids", "ref_loss", "segment_ids")
         }

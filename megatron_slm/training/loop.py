@@ -37,10 +37,11 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
     tokenizer_record,
 )
+from megatron_slm.data.sft import packed_attention_mask
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
-from megatron_slm.training.data import MicroBatches, build_datasets
+from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
 from megatron_slm.training.metrics import STAT_KEYS, TrainingLogger
 from megatron_slm.training.online_reference import OnlineReference
 from megatron_slm.training.signals import ExitController
@@ -103,6 +104,7 @@ class TrainingPlan:
     arch: GPTModelConfig
     sizes: DerivedSizes
     checkpoint: CheckpointInfo | None
+    sft_dataset: object | None = None  # --sft-data: built (and checked) before any work
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
         vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
@@ -115,9 +117,32 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     may only confirm them), else the flags'. Fails before any work, naming the flag."""
     ckpt = read_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
     tokenizer, ttype, tmodel = resolve_tokenizer(cfg.tokenizer, ckpt)
+    if cfg.sft.enabled:
+        _set_chat_template(cfg, tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     sizes = validate(cfg, world_size, arch)
-    return TrainingPlan(tokenizer, tokenizer_record(ttype, tmodel, tokenizer), arch, sizes, ckpt)
+    sft = build_sft_dataset(cfg, sizes, tokenizer) if cfg.sft.enabled else None
+    record = tokenizer_record(ttype, tmodel, tokenizer)
+    return TrainingPlan(tokenizer, record, arch, sizes, ckpt, sft)
+
+
+def _set_chat_template(cfg: PretrainConfig, tokenizer, ckpt: CheckpointInfo | None) -> None:
+    """--sft-chat-template FILE, else the --load checkpoint's SFT template, else the
+    tokenizer's own (data/chat.py's default for SentencePiece models)."""
+    path = cfg.sft.sft_chat_template
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokenizer.chat_template = f.read()
+        except OSError as exc:
+            raise ValueError(f"--sft-chat-template {path}: cannot read ({exc.strerror})") from None
+    elif ckpt is not None and ckpt.meta.get("chat_template"):
+        tokenizer.chat_template = ckpt.meta["chat_template"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"--sft-data needs a tokenizer with a chat template; {type(tokenizer).__name__} has "
+            "none (use SentencePieceTokenizer or HuggingFaceTokenizer)"
+        )
 
 
 class Trainer:
@@ -141,13 +166,16 @@ class Trainer:
             recompute_activations=t.recompute_activations,
         )
         s = cfg.slm
-        datasets = build_datasets(
-            cfg,
-            self.sizes,
-            self.tokenizer,
-            require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
-        )
-        self.train_ds, self.valid_ds, _ = datasets
+        if plan.sft_dataset is not None:
+            self.train_ds, self.valid_ds = plan.sft_dataset, None
+        else:
+            datasets = build_datasets(
+                cfg,
+                self.sizes,
+                self.tokenizer,
+                require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
+            )
+            self.train_ds, self.valid_ds, _ = datasets
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
         self.online = None
@@ -219,6 +247,9 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)  # [b, s]
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
+        attention_mask = None  # plain causal; packed SFT rows: block-diagonal causal
+        if "segment_ids" in batch:
+            attention_mask = packed_attention_mask(batch["segment_ids"].to(self.device))
         inner = unwrap(model)
         if inner.post_process and ratio is not None:
             ref = None
@@ -232,7 +263,7 @@ class Trainer:
                 MicroBatchSelection(ref, loss_mask, ratio, seed_base + self._micro)
             )
             self._last_ref = ref
-        output = model(tokens, position_ids, None, labels=labels)  # [b, s] on the last stage
+        output = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s], last stage
         return output, partial(self._loss_func, ratio, loss_mask)
 
     def _loss_func(self, ratio, loss_mask, per_token_loss):
@@ -333,8 +364,15 @@ class Trainer:
                 "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
                 "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
+                **self._chat_metadata(),
             },
         )
+
+    def _chat_metadata(self) -> dict:
+        """SFT runs record their chat template: the HF export writes it (same prompts)."""
+        if not self.cfg.sft.enabled:
+            return {}
+        return {"chat_template": self.tokenizer.chat_template}
 
     def train(self) -> dict:
         cfg, total_iters = self.cfg, self.sizes.train_iters

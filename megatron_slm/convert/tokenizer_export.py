@@ -1,0 +1,185 @@
+"""A Hugging Face fast tokenizer (+ chat template, generation config) for an exported checkpoint.
+
+:func:`sentencepiece_to_fast` builds ``tokenizer.json`` from a SentencePiece model with the
+``tokenizers`` library directly (what transformers' Llama converter builds, without depending on
+its version-specific converter classes), so that
+``AutoTokenizer.from_pretrained(dir)(text, add_special_tokens=False).input_ids`` equals our
+``SentencePieceTokenizer.tokenize(text)`` (``tokenize_with_specials`` when the text contains
+special-token strings):
+
+* model: BPE (vocabulary = the pieces in id order, merges from the pieces, byte fallback) or
+  Unigram (pieces with their scores);
+* normalizer: the model's precompiled character map when it has one (e.g. ``nmt_nfkc``), its
+  whitespace rule (``remove_extra_whitespaces``: strip, collapse runs of spaces), the dummy
+  prefix ``▁`` (``add_dummy_prefix``), then spaces -> ``▁``; applied to each piece of text between
+  special tokens, like SentencePiece on each piece;
+* control and unknown pieces are special added tokens (``<s>``, ``</s>``, ``<unk>``, ...);
+* decoder: ``▁`` -> space, byte fallback, fuse, strip the dummy prefix's space.
+
+No BOS is added by ``tokenizer(text)`` (``add_bos_token`` false): our training data has no BOS
+(Megatron-LM's SentencePiece tokenizer adds none), so HF ids equal the ids the model was trained
+on. The chat template writes ``bos_token`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_slm.atomic_io import write_json_atomic, write_text_atomic
+
+
+def _spm_proto(model_file: str):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto
+
+
+def _bpe_merges(pieces: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split ``(a, b)`` of a piece into two pieces, ordered by the merged piece's id (its
+    rank: SentencePiece BPE pieces are sorted by score), then by the parts' ids, as transformers'
+    ``SentencePieceExtractor``."""
+    merges = []
+    for merged in pieces:
+        for i in range(1, len(merged)):
+            a, b = merged[:i], merged[i:]
+            if a in vocab and b in vocab:
+                merges.append((vocab[merged], vocab[a], vocab[b], a, b))
+    merges.sort()
+    return [(a, b) for *_, a, b in merges]
+
+
+def sentencepiece_to_fast(model_file: str):
+    """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece model (see the module doc)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    proto = _spm_proto(model_file)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = [p.piece for p in proto.pieces]
+    byte_fallback = bool(trainer.byte_fallback)
+    if trainer.model_type == 2:  # BPE
+        vocab = {p: i for i, p in enumerate(pieces)}
+        model = models.BPE(
+            vocab,
+            _bpe_merges(pieces, vocab),
+            unk_token=pieces[trainer.unk_id],
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+        )
+    elif trainer.model_type == 1:  # Unigram
+        model = models.Unigram(
+            [(p.piece, p.score) for p in proto.pieces], trainer.unk_id, byte_fallback
+        )
+    else:
+        raise ValueError(
+            f"{model_file}: SentencePiece model type {trainer.model_type} is not supported "
+            "(BPE or Unigram)"
+        )
+    tok = Tokenizer(model)
+    seq = []
+    if norm.precompiled_charsmap:
+        seq.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        seq += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if norm.add_dummy_prefix:
+        seq.append(normalizers.Prepend("▁"))
+    seq.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(seq)
+    dec = [decoders.Replace("▁", " ")]
+    if byte_fallback:
+        dec += [decoders.ByteFallback(), decoders.Fuse()]
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(dec)
+    # Control (3) and unknown (2) pieces are special; user-defined (4) ones are atomic.
+    added = [
+        AddedToken(p.piece, special=p.type in (2, 3), normalized=False)
+        for p in proto.pieces
+        if p.type in (2, 3, 4)
+    ]
+    tok.add_tokens(added)
+    return tok
+
+
+def _piece(proto, idx: int) -> str | None:
+    return proto.pieces[idx].piece if 0 <= idx < len(proto.pieces) else None
+
+
+def write_sentencepiece_hf_tokenizer(
+    model_file: str, save: str, chat_template: str, model_max_length: int | None = None
+) -> list[str]:
+    """tokenizer.json, tokenizer_config.json (with ``chat_template``) and special_tokens_map.json
+    for a SentencePiece model; returns the file names."""
+    proto = _spm_proto(model_file)
+    t = proto.trainer_spec
+    special = {
+        "bos_token": _piece(proto, t.bos_id),
+        "eos_token": _piece(proto, t.eos_id),
+        "unk_token": _piece(proto, t.unk_id),
+        "pad_token": _piece(proto, t.pad_id),
+    }
+    tok = sentencepiece_to_fast(model_file)
+    write_text_atomic(os.path.join(save, "tokenizer.json"), tok.to_str())
+    decoder = {
+        str(i): {
+            "content": p.piece,
+            "special": p.type in (2, 3),
+            "normalized": False,
+            "lstrip": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+        for i, p in enumerate(proto.pieces)
+        if p.type in (2, 3, 4)
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": decoder,
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length or 1_000_000_000,
+        "chat_template": chat_template,
+    }
+    write_json_atomic(os.path.join(save, "tokenizer_config.json"), config)
+    write_json_atomic(
+        os.path.join(save, "special_tokens_map.json"),
+        {k: v for k, v in special.items() if v is not None},
+    )
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def set_chat_template(save: str, chat_template: str, overwrite: bool) -> bool:
+    """Put ``chat_template`` into an exported HF tokenizer's tokenizer_config.json (when it has
+    none, or always with ``overwrite``); a ``chat_template.jinja`` beside it, which transformers
+    prefers, is replaced too. Returns whether the template was written."""
+    path = os.path.join(save, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    jinja = os.path.join(save, "chat_template.jinja")
+    has = bool(config.get("chat_template")) or os.path.isfile(jinja)
+    if has and not overwrite:
+        return False
+    config["chat_template"] = chat_template
+    write_json_atomic(path, config)
+    if os.path.isfile(jinja):
+        write_text_atomic(jinja, chat_template)
+    return True
+
+
+def write_generation_config(save: str, bos: int | None, eos: int | None, pad: int | None) -> None:
+    """generation_config.json: greedy by default, stops at ``eos``; pads with ``eos`` when the
+    tokenizer has no pad token."""
+    cfg = {"_from_model_config": False, "do_sample": False}
+    if bos is not None and bos >= 0:
+        cfg["bos_token_id"] = bos
+    if eos is not None and eos >= 0:
+        cfg["eos_token_id"] = eos
+        cfg["pad_token_id"] = pad if pad is not None and pad >= 0 else eos
+    write_json_atomic(os.path.join(save, "generation_config.json"), cfg)
