@@ -2,8 +2,8 @@
 programs; the valid answers become chat-format SFT examples for a refining model.
 
 Every example's ``messages`` are :func:`megatron_slm.refine.prompts.chat_messages` of the user
-message ``tools/prox_refine.py`` sends at inference (the document, truncated by ``doc_message`` as at
-inference when ``--tokenizer`` is given; or one ``[doc]...[/doc]`` chunk split by the same
+message ``tools/prox_refine.py`` sends at inference (the document, truncated by ``doc_message``
+as at inference when ``--tokenizer`` is given; or one ``[doc]...[/doc]`` chunk split by the same
 ``split_into_chunks``), plus the program as the assistant's answer.
 
 Resume: every teacher answer is appended to ``<output>.journal`` (one JSON line, fsync'd) as it
@@ -337,8 +337,10 @@ def _seed(messages, source, record, stage, **extra) -> dict:
     return seed
 
 
-def annotate(config: AnnotateConfig, log=print) -> dict:
-    """Annotate; returns the statistics (also written to ``<output>.stats.json``)."""
+def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
+    """Annotate; returns the statistics (also written to ``<output>.stats.json``). ``teacher``:
+    any object with the teachers' ``answer_all``/``retries`` (e.g. a scripted labeller); default:
+    the one ``--teacher`` names."""
     docs = read_documents(config.input, config.text_key)
     prompts = load_prompts(config.prompts_dir, config.stage)
     tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
@@ -352,7 +354,7 @@ def annotate(config: AnnotateConfig, log=print) -> dict:
         raise AnnotateError(str(e)) from None
     start = time.perf_counter()
     try:
-        teacher = make_teacher(config, log)
+        teacher = teacher if teacher is not None else make_teacher(config, log)
         journal = Journal(config.output + ".journal", manifest(config, prompts))
         stats = {
             "stage": config.stage,

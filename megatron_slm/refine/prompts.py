@@ -12,8 +12,8 @@ with the text, then the template's generation prompt:
 ``decode``); this module does not import transformers.
 
 The seed examples of ``tools/prox_annotate.py`` are built from the same functions
-(:func:`chat_messages`, :func:`doc_message`), so a refining model fine-tuned on them sees at training
-time exactly the messages ``tools/prox_refine.py`` sends at inference.
+(:func:`chat_messages`, :func:`doc_message`), so a refining model fine-tuned on them sees at
+training time exactly the messages ``tools/prox_refine.py`` sends at inference.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ A 200 response that is not a chat completion is an *answer error*: reported, nev
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -93,8 +93,9 @@ class OpenAITeacher:
                 reason = f"HTTP {e.code}"
             except json.JSONDecodeError as e:
                 return None, f"response is not JSON ({e})"
-            except (urllib.error.URLError, OSError, socket.timeout) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 # URLError wraps refused/reset connections; a read timeout is a bare OSError
+                # (TimeoutError); a truncated response is an HTTPException
                 reason = _one_line(getattr(e, "reason", None) or e)
             else:
                 try:
