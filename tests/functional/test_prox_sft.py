@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from megatron_slm.refine.annotate import AnnotateConfig, annotate
+from megatron_slm.refine.prompts import SYSTEM_PROMPT
 from tests.functional.pretrain_helpers import run_pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ NOISE = [
     "http://spam.example/click?id=7",
     "(c) footer all rights reserved",
 ]
-ITERS = int(os.environ.get("PROX_SFT_ITERS", "400"))
+ITERS = int(os.environ.get("PROX_SFT_ITERS", "500"))
 
 
 def clean_line(rng):
@@ -106,14 +107,24 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("prox_sft")
     rng = random.Random(0)
     docs = {"train": [], "heldout": []}
-    for split, count in (("train", 240), ("heldout", 40)):
+    for split, count in (("train", 400), ("heldout", 40)):
         for i in range(count):
             text, noise = make_doc(rng, spam=i % 5 == 0)
             docs[split].append({"id": f"{split}{i}", "text": text, "noise": noise})
         write_jsonl(root / f"{split}.jsonl", docs[split])
     noise_by_text = {d["text"]: d["noise"] for split in docs.values() for d in split}
-    corpus = [d["text"] for d in docs["train"]] + [f"[{i:03d}]" for i in range(20)]
-    spm = train_sentencepiece(corpus * 2, str(root / "tok"), 400)
+    for split in docs:  # the chunk stage sees the documents the document stage keeps
+        kept = [d for d in docs[split] if len(d["noise"]) < len(d["text"].split("\n"))]
+        write_jsonl(root / f"{split}_kept.jsonl", kept)
+    # the tokenizer also sees the program syntax and the chat markup: short programs, fast SFT
+    programs = [
+        f"remove_lines(line_start={i}, line_end={i})\nkeep_chunk()\nkeep_doc()\ndrop_doc()"
+        for i in range(10)
+    ]
+    markup = ["<|system|>\n<|user|>\n<|assistant|>\n[doc]\n[/doc]\n" + SYSTEM_PROMPT] * 50
+    lines = [f"[{i:03d}]" for i in range(10)] * 5
+    corpus = [d["text"] for d in docs["train"]] + programs * 60 + markup + lines
+    spm = train_sentencepiece(corpus, str(root / "tok"), 480)
     hf_tok = str(root / "hf_tok")
     os.makedirs(hf_tok)
     write_sentencepiece_hf_tokenizer(spm, hf_tok, DEFAULT_CHAT_TEMPLATE)
@@ -123,7 +134,7 @@ def trained(tmp_path_factory):
         for stage in ("doc", "chunk"):
             out = str(root / f"{split}_{stage}.jsonl")
             config = AnnotateConfig(
-                input=[str(root / f"{split}.jsonl")],
+                input=[str(root / (f"{split}.jsonl" if stage == "doc" else f"{split}_kept.jsonl"))],
                 stage=stage,
                 teacher=str(root),  # unused: the labeller answers
                 output=out,
