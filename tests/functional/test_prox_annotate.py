@@ -28,6 +28,7 @@ from megatron_slm.refine.prompts import chat_messages
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "prox_annotate.py")
 TEMPLATE = (

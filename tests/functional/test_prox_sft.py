@@ -18,6 +18,7 @@ from megatron_slm.refine.annotate import AnnotateConfig, annotate
 from megatron_slm.refine.prompts import SYSTEM_PROMPT
 from tests.functional.pretrain_helpers import run_pretrain
 
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = (
     "the water cycle moves rain over land and sea plants use light to make sugar cells divide "
