@@ -159,8 +159,6 @@ def trained(tmp_path_factory):
             spm,
             "--model-preset",
             "tiny",
-            "--num-layers",
-            2,
             "--seq-length",
             256,
             "--micro-batch-size",
