@@ -1,5 +1,7 @@
 """prox_eval's metrics against counts worked out by hand on small fixed cases."""
 
+import json
+
 import pytest
 
 from megatron_slm.refine.evaluate import Example, score
@@ -68,3 +70,18 @@ def test_chunk_line_f1_and_normalize_match_by_hand():
 
 def test_empty_classes_give_zero_not_a_division_error():
     assert prf(0, 0, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 0}
+
+
+def test_heldout_file_errors_name_the_line(tmp_path):
+    from megatron_slm.refine.evaluate import EvalError, read_examples
+
+    path = tmp_path / "heldout.jsonl"
+    good = {"messages": [{"role": "user", "content": "[doc]\n[000]a\n[/doc]"},
+                         {"role": "assistant", "content": "keep_chunk()"}]}  # fmt: skip
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": good["messages"][:1]}) + "\n")
+    with pytest.raises(EvalError, match=f"{path}:2: .*last \\(assistant\\) message"):
+        read_examples(str(path))
+    path.write_text(json.dumps(good) + "\n")
+    assert [(e.stage, e.reference) for e in read_examples(str(path))] == [("chunk", "keep_chunk()")]
+    with pytest.raises(EvalError, match="--data .*: no such file"):
+        read_examples(str(tmp_path / "missing.jsonl"))
