@@ -30,7 +30,7 @@ NOISE = [
     "http://spam.example/click?id=7",
     "(c) footer all rights reserved",
 ]
-ITERS = int(os.environ.get("PROX_SFT_ITERS", "500"))
+ITERS = int(os.environ.get("PROX_SFT_ITERS", "800"))
 
 
 def clean_line(rng):
@@ -159,6 +159,8 @@ def trained(tmp_path_factory):
             spm,
             "--model-preset",
             "tiny",
+            "--num-layers",
+            2,
             "--seq-length",
             256,
             "--micro-batch-size",
