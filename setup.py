@@ -148,6 +148,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_slm", "megatron_slm.*"]),
+    # the teacher prompts of tools/prox_annotate.py: editable text files shipped in the wheel
+    package_data={"megatron_slm.refine": ["prompts/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.20",
@@ -162,10 +164,11 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
+        # transformers[serving]: the ProX teacher test runs a real `transformers serve`
         "test": [
             "pytest>=7",
             "hypothesis>=6",
-            "transformers>=4.40",
+            "transformers[serving]>=5.0",
             "safetensors",
             "ruff",
             "websocket-client>=1.6,<2",  # headless Chromium test (DevTools protocol)

@@ -5,5 +5,8 @@
 * ``chunking`` the numbered-line chunks the chunk-level model sees (pure text);
 * ``prompts``  chat prompts rendered with the model's own template (duck-typed tokenizer);
 * ``backends`` generation with ``transformers`` or ``vllm`` (imported lazily);
-* ``pipeline`` the sharded, resumable refining run behind ``tools/prox_refine.py``.
+* ``pipeline`` the sharded, resumable refining run behind ``tools/prox_refine.py``;
+* ``teachers``, ``seeds``, ``annotate``: seed annotation by a teacher LLM behind
+  ``tools/prox_annotate.py`` (teacher prompts in ``prompts/*.txt``);
+* ``metrics``, ``evaluate``: program-quality evaluation behind ``tools/prox_eval.py``.
 """

@@ -10,6 +10,10 @@ with the text, then the template's generation prompt:
 
 ``tokenizer`` is a Hugging Face tokenizer (duck-typed: ``apply_chat_template``, ``__call__``,
 ``decode``); this module does not import transformers.
+
+The seed examples of ``tools/prox_annotate.py`` are built from the same functions
+(:func:`chat_messages`, :func:`doc_message`), so a refining model fine-tuned on them sees at
+training time exactly the messages ``tools/prox_refine.py`` sends at inference.
 """
 
 from __future__ import annotations
@@ -23,12 +27,21 @@ class PromptError(UserError):
     pass
 
 
-def chat_prompt(tokenizer, user_message: str) -> str:
+def chat_messages(user_message: str, answer: str | None = None) -> list[dict]:
+    """The refining model's conversation; with ``answer`` (a program) it is an SFT example."""
     messages = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user_message},
     ]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def chat_prompt(tokenizer, user_message: str) -> str:
+    return tokenizer.apply_chat_template(
+        chat_messages(user_message), add_generation_prompt=True, tokenize=False
+    )
 
 
 def count_prompt_tokens(tokenizer, prompt: str) -> int:
@@ -54,10 +67,16 @@ def _document_prefix(tokenizer, document: str, budget: int) -> str:
 
 def doc_prompt(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, bool]:
     """``(prompt, truncated)`` for the document-level model."""
+    message, truncated = doc_message(tokenizer, document, max_tokens)
+    return chat_prompt(tokenizer, message), truncated
+
+
+def doc_message(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, bool]:
+    """``(user message, truncated)``: the document, cut so the rendered prompt fits."""
     prompt = chat_prompt(tokenizer, document)
     length = count_prompt_tokens(tokenizer, prompt)
     if length <= max_tokens:
-        return prompt, False
+        return document, False
     overhead = count_prompt_tokens(tokenizer, chat_prompt(tokenizer, ""))
     if overhead >= max_tokens:
         raise PromptError(
@@ -68,10 +87,10 @@ def doc_prompt(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, b
     # Tokenization at the junction with the template can differ by a token or two: shrink until
     # the rendered prompt fits.
     while True:
-        prompt = chat_prompt(tokenizer, _document_prefix(tokenizer, document, budget))
-        excess = count_prompt_tokens(tokenizer, prompt) - max_tokens
+        message = _document_prefix(tokenizer, document, budget)
+        excess = count_prompt_tokens(tokenizer, chat_prompt(tokenizer, message)) - max_tokens
         if excess <= 0:
-            return prompt, True
+            return message, True
         budget -= max(1, excess)
 
 

@@ -1,0 +1,512 @@
+"""Seed annotation behind ``tools/prox_annotate.py``: a teacher LLM labels documents or writes chunk
+programs; the valid answers become chat-format SFT examples for a refining model.
+
+Every example's ``messages`` are :func:`megatron_slm.refine.prompts.chat_messages` of the user
+message ``tools/prox_refine.py`` sends at inference (the document, truncated by ``doc_message``
+as at inference when ``--tokenizer`` is given; or one ``[doc]...[/doc]`` chunk split by the same
+``split_into_chunks``), plus the program as the assistant's answer.
+
+Resume: every teacher answer is appended to ``<output>.journal`` (one JSON line, fsync'd) as it
+arrives; a rerun reads the journal and sends only the requests without an answer. The journal's
+first line records what determines the answers (stage, teacher, prompt files); another run's
+journal is refused. ``<output>`` and ``<output>.stats.json`` are written atomically at the end,
+from the journal, in input order.
+
+Document stage requests: the educational-value grade for every document, then the format grade
+only for documents graded edu = 2 (the only case where it changes the label).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from megatron_slm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_slm.cli import arg
+from megatron_slm.crash_points import CrashPoints
+from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.errors import ConfigError, UserError
+from megatron_slm.output_lock import OutputLock, OutputLockedError
+from megatron_slm.progress import ProgressBar
+from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX, split_into_chunks, wrap_chunk
+from megatron_slm.refine.prompts import chat_messages, doc_message
+from megatron_slm.refine.seeds import (
+    check_chunk_program,
+    clean_program,
+    doc_label,
+    needs_format_grade,
+    parse_score,
+)
+from megatron_slm.refine.teachers import LocalTeacher, OpenAITeacher, TeacherError, is_url
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+PROMPT_FILES = {"edu": "doc_edu.txt", "format": "doc_format.txt", "chunk": "chunk_program.txt"}
+PLACEHOLDER = {"edu": "{document}", "format": "{document}", "chunk": "{chunk}"}
+JOURNAL_FORMAT = "megatron-slm-prox-annotate-journal"
+KILL_HOOK_ENV = "MEGATRON_SLM_ANNOTATE_KILL_AT"
+"""Test hook: ``answer:<k>`` SIGKILLs the run right after the k-th answer is journaled."""
+
+
+class AnnotateError(UserError):
+    """Bad input or settings; the message names the flag or the file and line."""
+
+
+@dataclass
+class AnnotateConfig:
+    input: list[str] = arg([], "JSONL files or globs of documents.", required=True)
+    stage: str = arg(None, "What the teacher annotates.", required=True, choices=["doc", "chunk"])
+    teacher: str = arg(
+        None,
+        "OpenAI-compatible base URL (http://host:port/v1) or a local Hugging Face model directory.",
+        required=True,
+    )
+    output: str = arg(None, "Seeds JSONL ({'messages': [...]} per example).", required=True)
+    teacher_model: str | None = arg(
+        None, "Model name sent to an OpenAI-compatible endpoint (needed with a URL)."
+    )
+    api_key_env: str = arg(
+        "OPENAI_API_KEY", "Environment variable holding the endpoint's API key (unset: no key)."
+    )
+    tokenizer: str | None = arg(
+        None,
+        "The refining model's Hugging Face tokenizer: chunks (--stage chunk, required) and the "
+        "document truncation are then exactly those of tools/prox_refine.py.",
+    )
+    prompts_dir: str | None = arg(
+        None, "Directory of doc_edu.txt, doc_format.txt, chunk_program.txt (default: packaged)."
+    )
+    text_key: str = arg("text", "JSON key of the document text.")
+    concurrency: int = arg(8, "Requests in flight (OpenAI-compatible teacher).")
+    timeout: float = arg(120.0, "Seconds per request before it is retried.")
+    max_retries: int = arg(8, "Retries of a request (exponential backoff) before the run stops.")
+    backoff: float = arg(1.0, "First retry delay in seconds; doubles per retry (jittered).")
+    max_new_tokens: int = arg(512, "Teacher answer length limit.")
+    doc_max_prompt_tokens: int = arg(
+        2000, "As tools/prox_refine.py: document-level prompt limit (with --tokenizer)."
+    )
+    chunk_max_tokens: int = arg(
+        1500, "As tools/prox_refine.py: tokens of numbered lines per chunk."
+    )
+    line_prefix: str = arg(DEFAULT_LINE_PREFIX, "As tools/prox_refine.py: line-number prefix.")
+    device: str = arg("auto", "Local teacher: auto, cpu, cuda, cuda:N.")
+    dtype: str = arg(
+        "auto", "Local teacher dtype.", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    batch_size: int = arg(8, "Local teacher: prompts per generate call.")
+
+    def __post_init__(self):
+        if not self.input:
+            raise ConfigError("--input: give at least one JSONL file or glob")
+        for name in ("concurrency", "max_new_tokens", "batch_size", "doc_max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.chunk_max_tokens < 1:
+            raise ConfigError("--chunk-max-tokens must be >= 1")
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.timeout <= 0 or self.backoff < 0:
+            raise ConfigError("--timeout must be > 0 and --backoff >= 0")
+        if is_url(self.teacher) and not self.teacher_model:
+            raise ConfigError("--teacher is a URL: give --teacher-model (the served model's name)")
+        if self.stage == "chunk" and not self.tokenizer:
+            raise ConfigError(
+                "--stage chunk needs --tokenizer (the refining model's tokenizer: chunks are split "
+                "by its token counts, as tools/prox_refine.py splits them)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, prompts, journal
+# ---------------------------------------------------------------------------------------------
+def read_documents(patterns: list[str], text_key: str) -> list[tuple[str, dict, str]]:
+    """``(source "path:line", record, text)`` of every document, in input order."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise AnnotateError(f"--input {pattern!r}: no such file")
+        paths.extend(m for m in matches if m not in paths)
+    docs = []
+    for path in paths:
+        try:
+            for line_no, record in iter_jsonl(path):
+                text = record.get(text_key)
+                if not isinstance(text, str):
+                    what = "no" if text_key not in record else "a non-string"
+                    raise AnnotateError(f"{path}:{line_no}: {what} {text_key!r} key (--text-key)")
+                docs.append((f"{path}:{line_no}", record, text))
+        except UnicodeDecodeError as e:
+            raise AnnotateError(f"{path}: not UTF-8 text ({e})") from None
+        except AnnotateError:
+            raise
+        except ValueError as e:  # iter_jsonl names the file and line
+            raise AnnotateError(str(e)) from None
+    return docs
+
+
+def load_prompts(prompts_dir: str | None, stage: str) -> dict[str, str]:
+    root = prompts_dir or PROMPTS_DIR
+    names = ("edu", "format") if stage == "doc" else ("chunk",)
+    prompts = {}
+    for name in names:
+        path = os.path.join(root, PROMPT_FILES[name])
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts[name] = f.read()
+        except OSError as e:
+            raise AnnotateError(f"--prompts-dir: cannot read {path} ({e.strerror})") from None
+        if PLACEHOLDER[name] not in prompts[name]:
+            raise AnnotateError(f"--prompts-dir: {path} has no {PLACEHOLDER[name]} placeholder")
+    return prompts
+
+
+def teacher_messages(template: str, name: str, content: str) -> list[dict]:
+    return [{"role": "user", "content": template.replace(PLACEHOLDER[name], content)}]
+
+
+def request_key(messages: list[dict], max_new_tokens: int) -> str:
+    blob = json.dumps([messages, max_new_tokens], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class Journal:
+    """Append-only answers: ``{"key", "answer", "error"}`` per line, fsync'd; the first line is the
+    run's manifest."""
+
+    def __init__(self, path: str, manifest: dict):
+        self.path = path
+        self.answers: dict[str, tuple[str | None, str | None]] = {}
+        if os.path.exists(path):
+            self._load(manifest)
+            self.f = open(path, "a", encoding="utf-8")
+        else:
+            self.f = open(path + ".tmp", "w", encoding="utf-8")
+            self.f.write(json.dumps(manifest, sort_keys=True) + "\n")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(path + ".tmp", path)
+            self.f = open(path, "a", encoding="utf-8")
+
+    def _load(self, manifest: dict) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        lines = data.split(b"\n")
+        good = len(data)
+        if lines[-1]:  # a torn last line from a killed run: cut it off
+            good = len(data) - len(lines[-1])
+            lines = lines[:-1]
+        try:
+            head = json.loads(lines[0])
+        except (IndexError, ValueError):
+            raise AnnotateError(f"--output: {self.path} is not a journal; delete it") from None
+        if head != manifest:
+            keys = sorted(k for k in set(head) | set(manifest) if head.get(k) != manifest.get(k))
+            raise AnnotateError(
+                f"--output: {self.path} is another run's journal (differs in: {', '.join(keys)}); "
+                f"use another --output or delete it"
+            )
+        for i, line in enumerate(lines[1:], 2):
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+                self.answers[entry["key"]] = (entry["answer"], entry["error"])
+            except (ValueError, KeyError, TypeError):
+                raise AnnotateError(f"{self.path}:{i}: corrupt journal line; delete it") from None
+        if good != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def add(self, key: str, answer: str | None, error: str | None) -> None:
+        self.f.write(json.dumps({"key": key, "answer": answer, "error": error}) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.answers[key] = (answer, error)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+_crash = CrashPoints(KILL_HOOK_ENV)
+
+
+def _load_tokenizer(path: str):
+    from megatron_slm.refine.backends import BackendError, load_tokenizer
+
+    try:
+        return load_tokenizer(path, "--tokenizer")
+    except BackendError as e:
+        raise AnnotateError(str(e)) from None
+
+
+def make_teacher(config: AnnotateConfig, log):
+    if is_url(config.teacher):
+        return OpenAITeacher(
+            config.teacher,
+            config.teacher_model,
+            os.environ.get(config.api_key_env) or None,
+            config.timeout,
+            config.max_retries,
+            config.backoff,
+            concurrency=config.concurrency,
+            log=log,
+        )
+    from megatron_slm.refine.backends import BackendError
+
+    if not os.path.isdir(config.teacher):
+        raise AnnotateError(f"--teacher {config.teacher}: neither an http(s) URL nor a directory")
+    try:
+        return LocalTeacher(config.teacher, config.device, config.dtype, config.batch_size)
+    except BackendError as e:
+        raise AnnotateError(str(e)) from None
+
+
+def manifest(config: AnnotateConfig, prompts: dict[str, str]) -> dict:
+    teacher = (
+        {"url": config.teacher.rstrip("/"), "model": config.teacher_model}
+        if is_url(config.teacher)
+        else {"dir": os.path.abspath(config.teacher)}
+    )
+    return {
+        "format": JOURNAL_FORMAT,
+        "version": 1,
+        "stage": config.stage,
+        "teacher": teacher,
+        "max_new_tokens": config.max_new_tokens,
+        "prompts": {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in prompts.items()},
+    }
+
+
+class _Asker:
+    """Sends the requests the journal has no answer for; progress with rate and ETA."""
+
+    def __init__(self, teacher, journal: Journal, config: AnnotateConfig, stats: dict, log):
+        self.teacher, self.journal, self.config, self.stats, self.log = (
+            teacher,
+            journal,
+            config,
+            stats,
+            log,
+        )
+
+    def ask(self, phase: str, requests: dict[str, list[dict]]) -> None:
+        todo = [(k, m) for k, m in requests.items() if k not in self.journal.answers]
+        self.stats["requests"] += len(requests)
+        self.stats["requests_resumed"] += len(requests) - len(todo)
+        if not todo:
+            return
+        bar = ProgressBar(f"prox_annotate {phase}", len(todo), "requests")
+        done = 0
+
+        def on_answer(key, answer, error):
+            nonlocal done
+            self.journal.add(key, answer, error)
+            self.stats["requests_sent"] += 1
+            done += 1
+            bar.update(done, extra=f"retries {self.teacher.retries}")
+            _crash.reached("answer")
+
+        try:
+            self.teacher.answer_all(todo, self.config.max_new_tokens, on_answer)
+        except TeacherError as e:
+            raise AnnotateError(f"{e} (answers so far are kept; rerun to resume)") from None
+        bar.update(done, extra=f"retries {self.teacher.retries}", final=True)
+
+
+def _answer(journal: Journal, key: str, stats: dict, what: str):
+    answer, error = journal.answers[key]
+    if answer is None:
+        stats["malformed"] += 1
+        stats["malformed_reasons"].setdefault(what, 0)
+        stats["malformed_reasons"][what] += 1
+    return answer
+
+
+def _seed(messages, source, record, stage, **extra) -> dict:
+    seed = {"messages": messages, "metadata": {"stage": stage, "source": source, **extra}}
+    if "id" in record:
+        seed["id"] = record["id"]
+    return seed
+
+
+def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
+    """Annotate; returns the statistics (also written to ``<output>.stats.json``). ``teacher``:
+    any object with the teachers' ``answer_all``/``retries`` (e.g. a scripted labeller); default:
+    the one ``--teacher`` names."""
+    docs = read_documents(config.input, config.text_key)
+    prompts = load_prompts(config.prompts_dir, config.stage)
+    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+    out_dir = os.path.dirname(os.path.abspath(config.output))
+    if not os.path.isdir(out_dir):
+        raise AnnotateError(f"--output {config.output}: directory {out_dir} does not exist")
+    lock = OutputLock(config.output + ".lock", f"--output {config.output}")
+    try:
+        lock.acquire()
+    except OutputLockedError as e:
+        raise AnnotateError(str(e)) from None
+    start = time.perf_counter()
+    try:
+        teacher = teacher if teacher is not None else make_teacher(config, log)
+        journal = Journal(config.output + ".journal", manifest(config, prompts))
+        stats = {
+            "stage": config.stage,
+            "documents": len(docs),
+            "requests": 0,
+            "requests_sent": 0,
+            "requests_resumed": 0,
+            "malformed": 0,
+            "malformed_reasons": {},
+            "seeds": 0,
+        }
+        asker = _Asker(teacher, journal, config, stats, log)
+        try:
+            if config.stage == "doc":
+                seeds = _doc_stage(docs, prompts, tokenizer, config, asker, journal, stats)
+            else:
+                seeds = _chunk_stage(docs, prompts, tokenizer, config, asker, journal, stats)
+        finally:
+            journal.close()
+        stats["retries"] = teacher.retries
+        stats["seeds"] = len(seeds)
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in seeds)
+        write_text_atomic(config.output, text)
+        write_json_atomic(config.output + ".stats.json", stats)
+    finally:
+        lock.release()
+    log(format_summary(stats))
+    return stats
+
+
+def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal, stats: dict):
+    n = config.max_new_tokens
+    edu_keys, requests = [], {}
+    for _, _, text in docs:
+        messages = teacher_messages(prompts["edu"], "edu", text)
+        key = request_key(messages, n)
+        edu_keys.append(key)
+        requests[key] = messages
+    asker.ask("edu", requests)
+    edu: list[int | None] = []
+    for key in edu_keys:
+        answer = _answer(journal, key, stats, "edu: no answer")
+        score = parse_score(answer) if answer is not None else None
+        if answer is not None and score is None:
+            stats["malformed"] += 1
+            stats["malformed_reasons"]["edu: no 0-5 score"] = (
+                stats["malformed_reasons"].get("edu: no 0-5 score", 0) + 1
+            )
+        edu.append(score)
+    fmt_keys: dict[int, str] = {}
+    requests = {}
+    for i, (_, _, text) in enumerate(docs):
+        if edu[i] is not None and needs_format_grade(edu[i]):
+            messages = teacher_messages(prompts["format"], "format", text)
+            fmt_keys[i] = request_key(messages, n)
+            requests[fmt_keys[i]] = messages
+    asker.ask("format", requests)
+    seeds = []
+    labels = {"keep": 0, "drop": 0, "excluded": 0}
+    for i, (source, record, text) in enumerate(docs):
+        if edu[i] is None:
+            continue
+        fmt = None
+        if i in fmt_keys:
+            answer = _answer(journal, fmt_keys[i], stats, "format: no answer")
+            fmt = parse_score(answer) if answer is not None else None
+            if fmt is None:
+                if answer is not None:
+                    stats["malformed"] += 1
+                    reasons = stats["malformed_reasons"]
+                    reasons["format: no 0-5 score"] = reasons.get("format: no 0-5 score", 0) + 1
+                continue
+        label = doc_label(edu[i], fmt)
+        if label is None:
+            labels["excluded"] += 1
+            continue
+        labels["keep" if label.startswith("keep") else "drop"] += 1
+        user = (
+            text
+            if tokenizer is None
+            else doc_message(tokenizer, text, config.doc_max_prompt_tokens)[0]
+        )
+        seeds.append(
+            _seed(chat_messages(user, label), source, record, "doc", edu=edu[i], format=fmt)
+        )
+    stats["labels"] = labels
+    return seeds
+
+
+def _chunk_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal, stats: dict):
+    def count(lines):
+        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+
+    n = config.max_new_tokens
+    items, requests = [], {}
+    for source, record, text in docs:
+        if not text.split():
+            continue  # prox_refine drops empty documents without asking the model
+        chunks, _ = split_into_chunks(text, count, config.chunk_max_tokens, config.line_prefix)
+        for chunk in chunks:
+            wrapped = wrap_chunk(chunk.body)
+            messages = teacher_messages(prompts["chunk"], "chunk", wrapped)
+            key = request_key(messages, n)
+            items.append((source, record, text, chunk, wrapped, key))
+            requests[key] = messages
+    stats["chunks"] = len(items)
+    asker.ask("chunk", requests)
+    seeds = []
+    invalid: dict[str, int] = {}
+    stats["programs_invalid"] = 0
+    for source, record, text, chunk, wrapped, key in items:
+        answer = _answer(journal, key, stats, "chunk: no answer")
+        if answer is None:
+            continue
+        program = clean_program(answer)
+        reason = check_chunk_program(program, text, chunk.first_line, chunk.last_line)
+        if reason is not None:
+            stats["programs_invalid"] += 1
+            kind = reason.split(": ", 1)[-1].split(" (")[0][:60]
+            invalid[kind] = invalid.get(kind, 0) + 1
+            continue
+        seeds.append(
+            _seed(
+                chat_messages(wrapped, program),
+                source,
+                record,
+                "chunk",
+                lines=[chunk.first_line, chunk.last_line],
+            )
+        )
+    stats["malformed"] += stats["programs_invalid"]
+    stats["invalid_reasons"] = dict(sorted(invalid.items(), key=lambda kv: -kv[1])[:20])
+    return seeds
+
+
+def format_summary(stats: dict) -> str:
+    lines = [
+        f"prox_annotate {stats['stage']}: {stats['documents']:,} documents -> "
+        f"{stats['seeds']:,} seeds; {stats['requests']:,} requests ({stats['requests_sent']:,} "
+        f"sent now, {stats['requests_resumed']:,} from the journal, {stats['retries']:,} "
+        f"retries), {stats['malformed']:,} malformed answers",
+    ]
+    if "labels" in stats:
+        lab = stats["labels"]
+        lines.append(
+            f"  labels: keep {lab['keep']:,}, drop {lab['drop']:,}, excluded {lab['excluded']:,}"
+        )
+    if "programs_invalid" in stats:
+        lines.append(
+            f"  chunks {stats['chunks']:,}, invalid programs {stats['programs_invalid']:,}"
+            + (f" ({stats['invalid_reasons']})" if stats["invalid_reasons"] else "")
+        )
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Teacher LLMs for seed annotation: an OpenAI-compatible chat-completions endpoint (vLLM, SGLang,
+``transformers serve``, a hosted API) or a local Hugging Face model directory.
+
+Both answer a list of requests ``(key, messages)`` and report each answer through a callback as it
+arrives (the annotator journals it at once, so an interrupted run never asks again). The HTTP
+client is the standard library's ``urllib``: no new dependency. Transient failures (connection
+refused or reset, timeouts, HTTP 408/429/5xx) are retried with exponential backoff; any other HTTP
+status is a :class:`TeacherError` (a wrong URL, model name or key does not get better by waiting).
+A 200 response that is not a chat completion is an *answer error*: reported, never retried.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+OnAnswer = Callable[[str, "str | None", "str | None"], None]
+"""``on_answer(key, answer, error)``: exactly one of answer / error is None."""
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot answer (bad URL, model, key; retries exhausted): the run stops, and a
+    rerun resumes from the journal."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class OpenAITeacher:
+    """``POST {base_url}/chat/completions`` with greedy decoding, ``concurrency`` requests in
+    flight."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 8,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        concurrency: int = 8,
+        log: Callable[[str], None] = print,
+    ):
+        base = base_url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.concurrency, self.log = concurrency, log
+        self.retries = 0  # total retried requests (statistics)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _post(self, body: bytes) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+
+    def complete(self, messages: list[dict], max_tokens: int) -> tuple[str | None, str | None]:
+        """``(answer, None)`` or ``(None, answer error)``; raises TeacherError when it gives up."""
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "stream": False,
+            }
+        ).encode("utf-8")
+        for attempt in range(self.max_retries + 1):
+            if self._stop.is_set():
+                raise TeacherError("stopped")
+            try:
+                reply = self._post(body)
+            except urllib.error.HTTPError as e:
+                detail = _one_line(e.read().decode("utf-8", "replace"))
+                if e.code not in RETRY_STATUS:
+                    raise TeacherError(
+                        f"--teacher {self.url}: HTTP {e.code} ({detail or e.reason})"
+                    ) from None
+                reason = f"HTTP {e.code}"
+            except json.JSONDecodeError as e:
+                return None, f"response is not JSON ({e})"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                # URLError wraps refused/reset connections; a read timeout is a bare OSError
+                # (TimeoutError); a truncated response is an HTTPException
+                reason = _one_line(getattr(e, "reason", None) or e)
+            else:
+                try:
+                    content = reply["choices"][0]["message"]["content"]
+                except (KeyError, IndexError, TypeError):
+                    return None, f"not a chat completion: {_one_line(json.dumps(reply))}"
+                if not isinstance(content, str):
+                    return None, "the answer has no text content"
+                return content, None
+            if attempt == self.max_retries:
+                raise TeacherError(
+                    f"--teacher {self.url}: giving up after {self.max_retries} retries ({reason})"
+                )
+            delay = min(self.max_backoff, self.backoff * 2**attempt)
+            delay *= 0.5 + random.random()  # jitter: concurrent workers do not retry in lockstep
+            with self._lock:
+                self.retries += 1
+            self.log(f"prox_annotate: {reason}; retry {attempt + 1} in {delay:.1f}s")
+            self._stop.wait(delay)
+        raise AssertionError("unreachable")
+
+    def answer_all(self, requests, max_tokens: int, on_answer: OnAnswer) -> None:
+        if not requests:
+            return
+        self._stop.clear()
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {}
+            for key, messages in requests:
+                futures[pool.submit(self.complete, messages, max_tokens)] = key
+            try:
+                for future in as_completed(futures):  # journaled as each answer arrives
+                    answer, error = future.result()  # a TeacherError stops the run
+                    on_answer(futures[future], answer, error)
+            except BaseException:
+                self._stop.set()  # running requests give up at their next retry
+                for future in futures:
+                    future.cancel()
+                raise
+
+
+class LocalTeacher:
+    """A local Hugging Face model directory: batched greedy ``generate`` (refine.backends)."""
+
+    def __init__(self, model_dir: str, device: str, dtype: str, batch_size: int):
+        from megatron_slm.refine.backends import TransformersGenerator
+
+        self.generator = TransformersGenerator(model_dir, "--teacher", device, dtype, batch_size)
+        self.tokenizer = self.generator.tokenizer
+        self.batch_size = batch_size
+        self.retries = 0
+
+    def answer_all(self, requests, max_tokens: int, on_answer: OnAnswer) -> None:
+        # one generate call per batch so finished batches are journaled before the next starts
+        step = self.batch_size
+        for i in range(0, len(requests), step):
+            batch = requests[i : i + step]
+            prompts = [
+                self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                for _, m in batch
+            ]
+            for (key, _), answer in zip(batch, self.generator.generate(prompts, max_tokens)):
+                on_answer(key, answer, None)
+
+
+def is_url(teacher: str) -> bool:
+    return teacher.startswith(("http://", "https://"))

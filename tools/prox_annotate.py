@@ -1,0 +1,45 @@
+"""Seed annotation for the ProX refining models: a teacher LLM labels documents (doc stage) or
+writes chunk programs (chunk stage); the valid answers become chat-format SFT examples.
+
+    python tools/prox_annotate.py --input 'raw/*.jsonl' --stage doc \\
+        --teacher http://localhost:8000/v1 --teacher-model meta-llama/Llama-3.1-70B-Instruct \\
+        --tokenizer refiner-hf/ --output doc_seeds.jsonl
+    python tools/prox_annotate.py --input 'raw/*.jsonl' --stage chunk --teacher teacher-hf/ \\
+        --tokenizer refiner-hf/ --output chunk_seeds.jsonl
+
+The teacher is an OpenAI-compatible endpoint (vLLM, SGLang, ``transformers serve``; the API key
+from $OPENAI_API_KEY or --api-key-env) or a local Hugging Face model directory. Rerun the same
+command to resume: answers already in ``<output>.journal`` are never requested again. Train on the
+seeds with ``python -m megatron_slm.pretrain --sft-data seeds.jsonl``. See
+``megatron_slm.refine.annotate``.
+"""
+
+import logging
+import os
+import sys
+
+try:
+    import megatron_slm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
+from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.refine.annotate import AnnotateConfig, annotate  # noqa: E402
+
+PROG = "prox_annotate"
+GROUPS = {"annotation": AnnotateConfig}
+
+
+@entry_point(PROG)
+def main(argv=None) -> int:
+    """Annotate; exit status 2 with one ``prog: error: ...`` line on bad input."""
+    parser = build_parser(PROG, __doc__, GROUPS)
+    config = parse_configs(parser, GROUPS, argv)["annotation"]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    annotate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
