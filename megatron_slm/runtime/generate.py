@@ -1,0 +1,99 @@
+"""Batched greedy decoding of a :class:`~megatron_slm.runtime.loader.LoadedModel` (any TP, PP=1),
+with megatron-core's static KV cache (``StaticInferenceContext``) or without a cache.
+
+Prompts of different lengths share a batch the way Megatron-LM's own text generation does: the
+batch starts decoding at the shortest prompt's length; a row still inside its prompt takes its
+next prompt token instead of the model's choice. No row ever attends to padding, so no attention
+mask is needed and each row's logits are those of the row decoded alone (up to rounding).
+
+With the cache the prompt prefix shared by the batch (``min(len)`` tokens) is one causal forward;
+then one token per row per step, attending to the cached keys and values (megatron-core switches
+attention to ``no_mask`` once ``sequence_len_offset > 0``). Without the cache every step re-runs
+the whole sequence: the reference the cached decoder is tested against.
+
+Every TP rank runs the same loop; the argmax is over the TP-gathered real vocabulary, so all
+ranks pick the same token (padding rows never win).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megatron_slm.runtime.loader import LoadedModel
+
+# stop(row, new_ids) -> True when row ``row`` (index into the prompts) is finished.
+StopFn = Callable[[int, list[int]], bool]
+
+
+def _last_logits(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """``[b, s, v/tp]`` -> fp32 ``[b, vocab]`` of the last position over the real vocabulary."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    last = gather_from_tensor_model_parallel_region(logits[:, -1:].contiguous())  # [b, 1, v]
+    return last[:, 0, : lm.vocab_size].float()
+
+
+@torch.no_grad()
+def greedy_generate(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eod: int | None = None,
+    stop: StopFn | None = None,
+    max_length: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (lists of ids), one batch. A row stops after
+    ``max_new_tokens``, at ``eod`` (included, like ``transformers`` ``generate``), when
+    ``stop(row, new_ids)`` is true, or at ``max_length`` tokens in all (default: the model's
+    max position embeddings)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate needs non-empty prompts")
+    if len(lm.chunks) != 1:
+        raise ValueError("generation needs --pipeline-model-parallel-size 1")
+    limit = max_length or lm.arch.max_position_embeddings
+    lengths = [len(p) for p in prompts]
+    if max(lengths) >= limit:
+        raise ValueError(f"a prompt of {max(lengths)} tokens does not fit {limit} positions")
+    b = len(prompts)
+    total = min(limit, max(lengths) + max_new_tokens)
+    tokens = torch.zeros(b, total, dtype=torch.long)  # [b, total], rows filled as they go
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    positions = torch.arange(total).expand(b, total)
+    model = lm.chunks[0]
+    ctx = StaticInferenceContext(b, total) if use_cache else None
+    new: list[list[int]] = [[] for _ in range(b)]
+    done = [max_new_tokens <= 0] * b
+    prev = 0
+    for cur in range(min(lengths), total):
+        if all(done):
+            break
+        start = prev if use_cache else 0
+        inputs, pos = tokens[:, start:cur], positions[:, start:cur]
+        logits = model(
+            inputs.to(lm.device), pos.to(lm.device), None, inference_context=ctx
+        )  # [b, s or 1, v/tp]
+        if ctx is not None:
+            ctx.increment_sequence_len_offset(cur - start)
+            ctx.enable_decode_mode()
+        prev = cur
+        chosen = _last_logits(lm, logits).argmax(-1).cpu()  # [b]
+        for i in range(b):
+            if cur < lengths[i]:
+                continue  # still inside its prompt: tokens[i, cur] is the prompt's
+            tokens[i, cur] = chosen[i]
+            if done[i]:
+                continue
+            new[i].append(int(chosen[i]))
+            done[i] = (
+                len(new[i]) >= max_new_tokens
+                or (eod is not None and new[i][-1] == eod)
+                or (stop is not None and stop(i, new[i]))
+            )
+    return new
