@@ -84,8 +84,8 @@ class MegatronSLMLM(TemplateLM):
         if model.tokenizer is None:
             raise ValueError(f"{model.source}: no tokenizer known (give tokenizer_model=...)")
         self.lm = model
-        self._batch_size = 8 if str(batch_size).startswith("auto") else _flag_int(
-            "batch_size", batch_size
+        self._batch_size = (
+            8 if str(batch_size).startswith("auto") else _flag_int("batch_size", batch_size)
         )
         self._max_length = _flag_int("max_length", max_length) if max_length else None
         self._max_gen_toks = _flag_int("max_gen_toks", max_gen_toks)
@@ -114,9 +114,11 @@ class MegatronSLMLM(TemplateLM):
                     f"tensor_model_parallel_size={tp} but the process group has TP "
                     f"{parallel_state.get_tensor_model_parallel_world_size()}"
                 )
-            dev = torch.device("cuda", torch.cuda.current_device()) if (
-                torch.cuda.is_available() and device != "cpu"
-            ) else torch.device("cpu")
+            dev = (
+                torch.device("cuda", torch.cuda.current_device())
+                if (torch.cuda.is_available() and device != "cpu")
+                else torch.device("cpu")
+            )
         else:
             dev = launch.initialize(device=device, tensor_model_parallel_size=tp)
             atexit.register(launch.shutdown)
@@ -230,8 +232,10 @@ class MegatronSLMLM(TemplateLM):
             group_by="gen_kwargs",
             group_fn=lambda r: r[1],
         )
-        eos = self.tok_decode([self.eot_token_id]) if self._hf is None else self._hf.decode(
-            [self.eot_token_id]
+        eos = (
+            self.tok_decode([self.eot_token_id])
+            if self._hf is None
+            else self._hf.decode([self.eot_token_id])
         )
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
@@ -249,7 +253,7 @@ class MegatronSLMLM(TemplateLM):
                 )
             prompts = [self.tok_encode(c)[-max_ctx:] for c in contexts]
 
-            def stop(row: int, new_ids: list[int]) -> bool:
+            def stop(row: int, new_ids: list[int], until=tuple(until)) -> bool:
                 text = self.tok_decode(new_ids)
                 return any(s and s in text for s in until)
 

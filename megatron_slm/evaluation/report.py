@@ -58,7 +58,9 @@ def run_evaluation(
 
 def _plain(value):
     """lm-eval results as JSON-serialisable values (numpy scalars, NaN-free strings kept)."""
-    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return json.loads(
+        json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )
 
 
 def format_table(report: dict) -> str:

@@ -47,7 +47,9 @@ MATH_SUBJECTS = (
 
 def load_math(math_path: str | None = None, **_):
     def hub(ds):
-        parts = [ds.load_dataset("EleutherAI/hendrycks_math", s, split="test") for s in MATH_SUBJECTS]
+        parts = [
+            ds.load_dataset("EleutherAI/hendrycks_math", s, split="test") for s in MATH_SUBJECTS
+        ]
         return ds.concatenate_datasets(parts)
 
     return _local_or_hub(math_path or os.environ.get("MEGATRON_SLM_MATH"), (hub,), "math_path")
