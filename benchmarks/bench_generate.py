@@ -1,6 +1,6 @@
 """Batched greedy generation with megatron-core's KV cache against the old batch-1 decoder.
 
-    python benchmarks/bench_generate.py [--prompts 32] [--batch-size 16] [--new-tokens 64]
+    python benchmarks/bench_generate.py [--prompts 32] [--batch-size 32] [--new-tokens 64]
 
 Same model (a random megatron-core GPTModel, preset ``tiny`` unless ``--preset``), same prompts
 (lognormal lengths around ``--prompt-length``), same number of new tokens per prompt (no EOD), in
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-length", type=int, default=96, help="median prompt tokens")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

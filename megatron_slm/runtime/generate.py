@@ -27,14 +27,6 @@ from megatron_slm.runtime.loader import LoadedModel
 StopFn = Callable[[int, list[int]], bool]
 
 
-def _last_logits(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
-    """``[b, s, v/tp]`` -> fp32 ``[b, vocab]`` of the last position over the real vocabulary."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    last = gather_from_tensor_model_parallel_region(logits[:, -1:].contiguous())  # [b, 1, v]
-    return last[:, 0, : lm.vocab_size].float()
-
-
 @torch.no_grad()
 def greedy_generate(
     lm: LoadedModel,
@@ -76,14 +68,19 @@ def greedy_generate(
             break
         start = prev if use_cache else 0
         inputs, pos = tokens[:, start:cur], positions[:, start:cur]
+        # TP-gathered logits (megatron-core requires it with an inference context).
         logits = model(
-            inputs.to(lm.device), pos.to(lm.device), None, inference_context=ctx
-        )  # [b, s or 1, v/tp]
+            inputs.to(lm.device),
+            pos.to(lm.device),
+            None,
+            inference_context=ctx,
+            runtime_gather_output=True,
+        )  # [b, s or 1, v_padded]
         if ctx is not None:
             ctx.increment_sequence_len_offset(cur - start)
             ctx.enable_decode_mode()
         prev = cur
-        chosen = _last_logits(lm, logits).argmax(-1).cpu()  # [b]
+        chosen = logits[:, -1, : lm.vocab_size].argmax(-1).cpu()  # [b], padding never wins
         for i in range(b):
             if cur < lengths[i]:
                 continue  # still inside its prompt: tokens[i, cur] is the prompt's

@@ -177,3 +177,13 @@ def export_and_reference(rank, world, root, task_dir):
         )
         out["hf_generate"].append(gen[0, len(p) :].tolist())
     return out
+
+
+def train_evaluate_and_compare(rank, world, root, tok_dir, task_dir, ppl_data, seq_length, steps):
+    """One process for everything at TP=1 (process start-ups dominate these tests): train and
+    evaluate the QA model, export it and run the references, then our adapter."""
+    trained = worker.train_and_evaluate(
+        rank, world, root, tok_dir, task_dir, ppl_data, seq_length, steps, [GEN_TASK]
+    )
+    ref = export_and_reference(rank, world, root, task_dir)
+    return trained, ref, ours(rank, world, root, task_dir, 1)

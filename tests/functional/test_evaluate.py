@@ -48,19 +48,9 @@ def trained(tmp_path_factory):
     with open(ppl_data, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS)
     task_dir = lmw.write_tasks(str(root), qa_path)
-    ((loss, report, n_tokens, ppl),) = run_distributed(
-        worker.train_and_evaluate,
-        1,
-        str(root),
-        tok_dir,
-        task_dir,
-        ppl_data,
-        SEQ_LENGTH,
-        100,
-        [lmw.GEN_TASK],
+    (((loss, report, n_tokens, ppl), ref, tp1),) = run_distributed(
+        lmw.train_evaluate_and_compare, 1, str(root), tok_dir, task_dir, ppl_data, SEQ_LENGTH, 100
     )
-    (ref,) = run_distributed(lmw.export_and_reference, 1, str(root), task_dir)
-    (tp1,) = run_distributed(lmw.ours, 1, str(root), task_dir, 1)
     tp2, _ = run_distributed(lmw.ours, 2, str(root), task_dir, 2)
     return dict(
         root=root,
