@@ -100,8 +100,16 @@ def _evaluate(lm, task_dir):
     )
     if out is None:  # LOCAL_RANK != 0 under TP
         return None
+    # generation: the filtered answer; multiple choice: the loglikelihood of each choice
     samples = {
-        t: [(s["doc_id"], s["filtered_resps"]) for s in out["samples"][t]] for t in out["samples"]
+        t: [
+            (
+                s["doc_id"],
+                [r[0] if isinstance(r, (list, tuple)) else r for r in s["filtered_resps"]],
+            )
+            for s in out["samples"][t]
+        ]
+        for t in out["samples"]
     }
     metrics = {t: {k: v for k, v in r.items() if k != "alias"} for t, r in out["results"].items()}
     return json.loads(json.dumps({"metrics": metrics, "samples": samples}, default=float))

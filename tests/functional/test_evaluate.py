@@ -92,7 +92,11 @@ def test_loglikelihoods_equal_hf(trained, tp):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_task_accuracies_equal_hf(trained, tp):
     ours, ref = trained["ours"][tp]["tasks"], trained["ref"]["tasks"]
-    assert ours["samples"] == ref["samples"]
+    assert ours["samples"][lmw.GEN_TASK] == ref["samples"][lmw.GEN_TASK]
+    mc, ref_mc = ours["samples"][lmw.MC_TASK], ref["samples"][lmw.MC_TASK]
+    assert [d for d, _ in mc] == [d for d, _ in ref_mc]
+    for (_, lls), (_, ref_lls) in zip(mc, ref_mc):
+        assert lls == pytest.approx(ref_lls, abs=1e-4)
     for task in (lmw.GEN_TASK, lmw.MC_TASK):
         assert ours["metrics"][task] == pytest.approx(ref["metrics"][task], abs=1e-9)
     assert ours["metrics"][lmw.MC_TASK]["acc,none"] > 0.5
