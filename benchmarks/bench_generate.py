@@ -2,14 +2,15 @@
 
     python benchmarks/bench_generate.py [--prompts 32] [--batch-size 32] [--new-tokens 64]
 
-Same model (a random megatron-core GPTModel, preset ``tiny`` unless ``--preset``), same prompts
-(lognormal lengths around ``--prompt-length``), same number of new tokens per prompt (no EOD), in
-one run:
+Same model (a random megatron-core GPTModel, preset ``tiny`` unless ``--preset``), same prompts,
+shaped like a few-shot evaluation: one shared ``--prompt-length``-token prefix (the shots) plus a
+question of 8-40 tokens, same number of new tokens per prompt (no EOD), in one run:
 
 - ``anchor``: the decoder ``tools/evaluate.py`` had before lm-eval (kept below verbatim as
   ``old_greedy_generate``): one prompt at a time, every step re-running the whole sequence;
 - ``kv``: ``megatron_slm.runtime.greedy_generate``: prompts sorted by length, batches of
-  ``--batch-size``, megatron-core's ``StaticInferenceContext`` KV cache.
+  ``--batch-size`` (as lm-eval's collator forms them), megatron-core's ``StaticInferenceContext``
+  KV cache.
 
 Both produce the same tokens (checked). Prints generated tokens/s of each and the ratio kv /
 anchor; acceptance (issue 20): >= 10. Best of ``--repeat`` runs each.
@@ -61,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--prompt-length", type=int, default=96, help="median prompt tokens")
+    p.add_argument("--prompt-length", type=int, default=128, help="shared prefix tokens")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeat", type=int, default=2)
@@ -75,9 +76,12 @@ def main() -> None:
         c.eval()
     m = LoadedModel(chunks, arch, None, chunks[0].vocab_size, device, torch.float32, "random")
     rng = np.random.default_rng(0)
-    cap = arch.max_position_embeddings - args.new_tokens - 1
-    lengths = np.clip(rng.lognormal(np.log(args.prompt_length), 0.4, args.prompts), 4, cap)
-    prompts = [rng.integers(0, arch.vocab_size, int(n)).tolist() for n in lengths]
+    prefix = rng.integers(0, arch.vocab_size, args.prompt_length).tolist()
+    lengths = rng.integers(8, 41, args.prompts)
+    prompts = [prefix + rng.integers(0, arch.vocab_size, int(n)).tolist() for n in lengths]
+    if max(map(len, prompts)) + args.new_tokens > arch.max_position_embeddings:
+        raise SystemExit("--prompt-length + 40 + --new-tokens exceeds the model's positions")
+    lengths = [len(q) for q in prompts]
     n_new = args.prompts * args.new_tokens
 
     def run_anchor():

@@ -27,6 +27,21 @@ from megatron_slm.runtime.loader import LoadedModel
 StopFn = Callable[[int, list[int]], bool]
 
 
+def _length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[list[int]]:
+    """Indices grouped by prompt length so that no group spans more than
+    ``max(8, max_new_tokens // 2)`` tokens: inside a group the longer prompts are fed one token
+    per step from the shortest one's length, which is cheap only for a small spread (lm-eval's
+    length-sorted batches have one; a batch of mixed lengths is split instead)."""
+    spread = max(8, max_new_tokens // 2)
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and lengths[i] - lengths[groups[-1][0]] <= spread:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @torch.no_grad()
 def greedy_generate(
     lm: LoadedModel,
@@ -46,6 +61,26 @@ def greedy_generate(
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate needs non-empty prompts")
+    groups = _length_groups([len(p) for p in prompts], max_new_tokens)
+    if len(groups) > 1:
+        out: list[list[int]] = [[] for _ in prompts]
+        for group in groups:
+
+            def group_stop(row, new, group=group):
+                return stop(group[row], new)
+
+            results = greedy_generate(
+                lm,
+                [prompts[i] for i in group],
+                max_new_tokens=max_new_tokens,
+                eod=eod,
+                stop=None if stop is None else group_stop,
+                max_length=max_length,
+                use_cache=use_cache,
+            )
+            for i, r in zip(group, results):
+                out[i] = r
+        return out
     if len(lm.chunks) != 1:
         raise ValueError("generation needs --pipeline-model-parallel-size 1")
     limit = max_length or lm.arch.max_position_embeddings
