@@ -106,8 +106,13 @@ class MegatronSLMLM(TemplateLM):
         tp = _flag_int("tensor_model_parallel_size", tp)
         if dtype not in DTYPES:
             raise ValueError(f"--model_args dtype={dtype!r}: one of {', '.join(DTYPES)}")
-        if device in (None, "", "auto") or str(device).startswith("cuda"):
-            device = "auto" if device in (None, "", "auto") else "cuda"
+        if device in (None, "", "auto"):
+            device = "auto"
+        elif str(device).startswith("cuda"):
+            # lm-eval's CLI passes cuda:0 unless told otherwise; like its hf model, fall back.
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device != "cpu":
+            raise ValueError(f"--device {device}: megatron-slm runs on cpu or cuda")
         if parallel_state.model_parallel_is_initialized():
             if parallel_state.get_tensor_model_parallel_world_size() != tp:
                 raise ValueError(

@@ -168,7 +168,7 @@ def test_lm_eval_cli_finds_megatron_slm(trained, tmp_path):
         "--model",
         "megatron-slm",
         "--model_args",
-        f"load={trained['root'] / 'qa_ckpt'},device=cpu",
+        f"load={trained['root'] / 'qa_ckpt'}",
         "--tasks",
         lmw.MC_TASK,
         "--include_path",
