@@ -4,7 +4,9 @@ with megatron-core's static KV cache (``StaticInferenceContext``) or without a c
 Prompts of different lengths share a batch the way Megatron-LM's own text generation does: the
 batch starts decoding at the shortest prompt's length; a row still inside its prompt takes its
 next prompt token instead of the model's choice. No row ever attends to padding, so no attention
-mask is needed and each row's logits are those of the row decoded alone (up to rounding).
+mask is needed and each row's logits are those of the row decoded alone (up to rounding). The
+longer prompts are fed one token per step, so a batch whose lengths spread more than
+``max(8, max_new_tokens // 2)`` tokens is split into groups of similar length first.
 
 With the cache the prompt prefix shared by the batch (``min(len)`` tokens) is one causal forward;
 then one token per row per step, attending to the cached keys and values (megatron-core switches
