@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,6 +140,35 @@ def _have_ninja() -> bool:
 
 ext_modules, cmdclass = _extensions()
 
+# lm-eval has no plugin entry points: megatron_slm_lm_eval.pth (one guarded import of the tiny
+# megatron_slm_lm_eval_hook module) registers `lm_eval --model megatron-slm` when lm-eval is
+# imported. It must land in site-packages itself, for wheels (build_py) and editable installs.
+PTH = "megatron_slm_lm_eval.pth"
+
+
+def _with_pth(base):
+    class WithPth(base):
+        def run(self):
+            super().run()
+            self.copy_file(os.path.join(ROOT, PTH), os.path.join(self.build_lib, PTH))
+
+    return WithPth
+
+
+cmdclass["build_py"] = _with_pth(build_py)
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+
+    class EditableWithPth(editable_wheel):
+        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+            out = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+            shutil.copy(os.path.join(ROOT, PTH), unpacked_wheel)
+            return out
+
+    cmdclass["editable_wheel"] = EditableWithPth
+except ImportError:  # setuptools < 64: no PEP 660 editable installs to hook into
+    pass
+
 setup(
     name="megatron-slm",
     version="0.1.0",
@@ -148,8 +179,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_slm", "megatron_slm.*"]),
-    # the teacher prompts of tools/prox_annotate.py: editable text files shipped in the wheel
-    package_data={"megatron_slm.refine": ["prompts/*.txt"]},
+    py_modules=["megatron_slm_lm_eval_hook"],
+    package_data={
+        # the teacher prompts of tools/prox_annotate.py: editable text files shipped in the wheel
+        "megatron_slm.refine": ["prompts/*.txt"],
+        "megatron_slm.evaluation.tasks": ["*.yaml", "*.txt"],
+    },
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.20",
@@ -164,6 +199,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
+        "lm-eval": ["lm-eval>=0.4.9,<0.5"],
         # transformers[serving]: the ProX teacher test runs a real `transformers serve`
         "test": [
             "pytest>=7",
@@ -172,6 +208,8 @@ setup(
             "safetensors",
             "ruff",
             "websocket-client>=1.6,<2",  # headless Chromium test (DevTools protocol)
+            "lm-eval>=0.4.9,<0.5",
+            "accelerate",  # lm-eval's hf model, the reference of the adapter's tests
         ],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
         "vllm": ["vllm"],

@@ -11,7 +11,7 @@
 # 5. Rho-1 training on the noisy corpus, top 60% tokens by excess loss, and a plain baseline
 # 6. ProX: the noisy corpus refined with programs (apply mode; tools/prox_refine.py), then a
 #    plain model trained on the refined corpus
-# 7. all three evaluated on held-out clean text         (tools/evaluate.py)
+# 7. all three evaluated on held-out clean text and its questions (tools/evaluate.py, lm-eval)
 # 8. Rho-1 vs plain: held-out loss at every saved checkpoint against tokens trained, the tokens
 #    Rho-1 needs to reach plain's final loss (curve.png), and a selection picture (selection.html)
 # Environment: OUT (output dir), ITERS, PYTHON (skip the .venv setup), TRAIN_ARGS (extra flags).
@@ -92,10 +92,20 @@ rm -rf "$OUT/prox_refined" "$OUT/prox"
 run_train --data-path "$OUT/prox_refined_text_document" --save "$OUT/prox" \
     --tensorboard-dir "$OUT/tensorboard/prox"
 
-echo "== 7. held-out clean text"
+echo "== 7. held-out clean text: perplexity, and its questions as the lm-eval task qa_local"
+"$PYTHON" - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+with open(f"{out}/clean_heldout.jsonl") as src, open(f"{out}/qa_heldout.jsonl", "w") as dst:
+    for line in src:
+        for q, a in re.findall(r"Question: (.*?\?) Answer: (.*?\.)", json.loads(line)["text"]):
+            dst.write(json.dumps({"question": q, "answer": a}) + "\n")
+PY
 for run in plain slm prox; do
     "$PYTHON" tools/evaluate.py --load "$OUT/$run" --perplexity-data "clean=$OUT/clean_heldout.jsonl" \
-        --seq-length 128 --append-eod --output "$OUT/eval_$run.json"
+        --seq-length 128 --append-eod --output "$OUT/eval_$run.json" \
+        --lm-eval-tasks qa_local --lm-eval-metadata "{\"qa_path\": \"$OUT/qa_heldout.jsonl\"}" \
+        --limit 100 --micro-batch-size 16
 done
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
@@ -108,6 +118,9 @@ print(f"held-out clean loss: plain {plain:.4f}  |  Rho-1 (60% tokens) {slm:.4f} 
       f"({'better' if slm < plain else 'worse'} by {abs(plain - slm):.4f})  |  "
       f"ProX-refined corpus {prox:.4f} ({'better' if prox < plain else 'worse'} by "
       f"{abs(plain - prox):.4f})")
+em = {r: json.load(open(f"{out}/eval_{r}.json"))["lm_eval"]["qa_local"]["exact_match,none"]
+      for r in ("plain", "slm", "prox")}
+print("held-out questions, exact match (qa_local): " + "  |  ".join(f"{r} {v:.2f}" for r, v in em.items()))
 PY
 
 echo "== 8. the claim: held-out loss against tokens trained, and what Rho-1 selects"

@@ -1,18 +1,19 @@
-"""Evaluate a model: mean token loss / perplexity per dataset and few-shot QA exact match.
+"""Evaluate a model: mean token loss / perplexity per dataset and lm-evaluation-harness tasks.
 
     python tools/evaluate.py --load ckpt/run \\
         --perplexity-data wiki=data/wiki.jsonl data/web_text_document \\
-        --fewshot-data gsm=data/gsm8k_test.jsonl --num-shots 4 --answer-extraction last-number \\
-        --output eval/report.json
+        --lm-eval-tasks rho1_math arc_easy --output eval/report.json
+    python tools/evaluate.py --load ckpt/run --lm-eval-tasks gsm8k_rho1 \\
+        --lm-eval-metadata '{"gsm8k_path": "data/gsm8k_test.jsonl"}'
 
 ``--load`` is a megatron_slm checkpoint (its architecture and tokenizer are read from it) or a
 Hugging Face Llama/Mistral directory. Perplexity data: JSONL (``--json-key`` field, or a ``tokens``
-list) or indexed dataset prefixes; few-shot data: JSONL with ``question`` and ``answer``. Runs with
-TP under torchrun (``--tensor-model-parallel-size``); rank 0 prints the table and writes the JSON
-report.
+list) or indexed dataset prefixes. lm-eval tasks run through the ``megatron-slm`` lm-eval model
+(``megatron_slm.evaluation.lm_eval_model``), with megatron-slm's tasks (Rho-1's GSM8K/MATH
+protocol, ``qa_local``) on the include path. Runs with TP under torchrun
+(``--tensor-model-parallel-size``); rank 0 prints the table and writes the JSON report.
 """
 
-import dataclasses
 import logging
 import os
 import sys
@@ -26,7 +27,6 @@ from megatron_slm import launch  # noqa: E402
 from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
 from megatron_slm.entry import entry_point  # noqa: E402
 from megatron_slm.evaluation import (  # noqa: E402
-    FewShotConfig,
     format_table,
     load_eval_model,
     run_evaluation,
@@ -36,11 +36,7 @@ from megatron_slm.evaluation.config import EvaluateConfig  # noqa: E402
 from megatron_slm.evaluation.report import check_inputs  # noqa: E402
 
 PROG = "evaluate"
-GROUPS = {"evaluation": EvaluateConfig, "few-shot QA": FewShotConfig}
-
-
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape")
+GROUPS = {"evaluation": EvaluateConfig}
 
 
 @entry_point(PROG)
@@ -49,16 +45,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     configs = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)
-    cfg, fewshot = configs["evaluation"], configs["few-shot QA"]
-    # Templates and stops accept escapes such as "\n" from the shell.
-    fewshot = dataclasses.replace(
-        fewshot,
-        prompt_template=_unescape(fewshot.prompt_template),
-        answer_template=_unescape(fewshot.answer_template),
-        shot_separator=_unescape(fewshot.shot_separator),
-        stop=[_unescape(s) for s in fewshot.stop],
-    )
-    check_inputs(cfg.perplexity_data, cfg.fewshot_data, fewshot.fewshot_shots)  # before the model
+    cfg = configs["evaluation"]
+    check_inputs(cfg.perplexity_data)  # before the model
     device = launch.initialize(
         device=cfg.device, tensor_model_parallel_size=cfg.tensor_model_parallel_size
     )
@@ -67,14 +55,13 @@ def main(argv=None) -> int:
     report = run_evaluation(
         model,
         perplexity_data=cfg.perplexity_data,
-        fewshot_data=cfg.fewshot_data,
         seq_length=cfg.seq_length or ckpt_seq or model.arch.max_position_embeddings,
         micro_batch_size=cfg.micro_batch_size,
         json_key=cfg.json_key,
         append_eod=cfg.append_eod,
         max_documents=cfg.max_documents,
-        fewshot=fewshot,
-        shots_path=fewshot.fewshot_shots,
+        lm_eval_tasks=cfg.lm_eval_tasks,
+        lm_eval_options=cfg.lm_eval_options(),
     )
     if dist.get_rank() == 0:
         print(format_table(report))

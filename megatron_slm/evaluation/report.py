@@ -1,4 +1,4 @@
-"""One evaluation run: perplexity datasets and few-shot QA sets -> a JSON report and a table."""
+"""One evaluation run: perplexity datasets and lm-eval tasks -> a JSON report and a table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 
 from megatron_slm.errors import InputFileError
-from megatron_slm.evaluation.fewshot import FewShotConfig, evaluate_fewshot, read_qa
 from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
 from megatron_slm.runtime import LoadedModel
 
@@ -21,11 +20,7 @@ def _name_and_path(spec: str) -> tuple[str, str]:
     return (base[: -len(".jsonl")] if base.endswith(".jsonl") else base), spec
 
 
-def check_inputs(
-    perplexity_data: Sequence[str] = (),
-    fewshot_data: Sequence[str] = (),
-    shots_path: str | None = None,
-) -> None:
+def check_inputs(perplexity_data: Sequence[str] = ()) -> None:
     """Every data file exists (and an indexed dataset is consistent) before any model is loaded;
     raises ``InputFileError`` naming the flag and the path."""
     from megatron_slm.data.index_file import read_index
@@ -41,30 +36,22 @@ def check_inputs(
                 hint="give a .jsonl file or a tokenized dataset prefix",
             )
         read_index(path, flag="--perplexity-data")
-    for flag, paths in (("--fewshot-data", fewshot_data), ("--fewshot-shots", [shots_path])):
-        for spec in paths:
-            if spec is None:
-                continue
-            path = spec if flag == "--fewshot-shots" else _name_and_path(spec)[1]
-            if not os.path.isfile(path):
-                raise InputFileError("no such file", subject=f"{flag} {path}")
 
 
 def run_evaluation(
     m: LoadedModel,
     *,
     perplexity_data: Sequence[str] = (),
-    fewshot_data: Sequence[str] = (),
     seq_length: int = 1024,
     micro_batch_size: int = 4,
     json_key: str = "text",
     append_eod: bool = False,
     max_documents: int | None = None,
-    fewshot: FewShotConfig | None = None,
-    shots_path: str | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_options: dict | None = None,
 ) -> dict:
     """Evaluate ``m`` on every dataset; the report (a JSON-serialisable dict)."""
-    report: dict = {"model": m.source, "perplexity": [], "fewshot": []}
+    report: dict = {"model": m.source, "perplexity": [], "lm_eval": {}}
     for spec in perplexity_data:
         name, path = _name_and_path(spec)
         docs = read_documents(path, m.tokenizer, json_key, append_eod)
@@ -78,12 +65,21 @@ def run_evaluation(
             max_documents=max_documents,
         )
         report["perplexity"].append(result.as_dict())
-    cfg = fewshot or FewShotConfig()
-    shots = read_qa(shots_path) if shots_path else None
-    for spec in fewshot_data:
-        name, path = _name_and_path(spec)
-        report["fewshot"].append(evaluate_fewshot(m, read_qa(path), cfg, shots, name, path))
+    if lm_eval_tasks:
+        from megatron_slm.evaluation.harness import run_lm_eval
+
+        out = run_lm_eval(m, lm_eval_tasks, batch_size=micro_batch_size, **(lm_eval_options or {}))
+        if out is not None:  # None on the processes that do not write results
+            report["lm_eval"] = _plain(out["results"])
+            report["lm_eval_config"] = _plain({k: out.get(k) for k in ("n-shot", "n-samples")})
     return report
+
+
+def _plain(value):
+    """lm-eval results as JSON-serialisable values (numpy scalars, NaN-free strings kept)."""
+    return json.loads(
+        json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )
 
 
 def format_table(report: dict) -> str:
@@ -97,14 +93,14 @@ def format_table(report: dict) -> str:
                 f"{r['name']:<24} {r['documents']:>10} {r['tokens']:>12} "
                 f"{r['mean_loss']:>10.4f} {r['perplexity']:>12.4f}"
             )
-    if report["fewshot"]:
+    if report.get("lm_eval"):
         lines.append("")
-        lines.append(f"{'qa set':<24} {'shots':>6} {'questions':>10} {'correct':>8} {'EM':>8}")
-        for r in report["fewshot"]:
-            lines.append(
-                f"{r['name']:<24} {r['num_shots']:>6} {r['questions']:>10} {r['correct']:>8} "
-                f"{100 * r['exact_match']:>7.2f}%"
-            )
+        lines.append(f"{'lm-eval task':<24} {'metric':<24} {'value':>10}")
+        for task, metrics in report["lm_eval"].items():
+            for key, value in metrics.items():
+                if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                lines.append(f"{task:<24} {key.split(',')[0]:<24} {value:>10.4f}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The one way to run a trained model: load a checkpoint at any TP/PP, compute per-token losses.
+"""The one way to run a trained model: load a checkpoint at any TP/PP, compute per-token losses,
+decode greedily (batched, KV cache).
 
 Every consumer builds on this package: the offline scorer, the evaluator, the trainer's online
 reference, and the tools that follow (ProX generation, parameter inheritance, batch scoring).
@@ -11,14 +12,18 @@ from megatron_slm.runtime.forward import (
     per_token_losses,
     selective_losses,
     sequence_losses,
+    sequence_scores,
 )
+from megatron_slm.runtime.generate import greedy_generate
 from megatron_slm.runtime.loader import LoadedModel, load_model
 
 __all__ = [
     "LoadedModel",
     "forward_logits",
+    "greedy_generate",
     "load_model",
     "per_token_losses",
     "selective_losses",
     "sequence_losses",
+    "sequence_scores",
 ]

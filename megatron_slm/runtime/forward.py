@@ -150,6 +150,42 @@ def sequence_losses(lm: LoadedModel, tokens: torch.Tensor, real_vocab_only: bool
     return losses.cpu()
 
 
+def _vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``[b, s, v/tp]`` -> ``[b, s]`` global argmax ids without gathering the vocabulary: each
+    rank's (max, argmax) is all-gathered over TP; the first shard holding the maximum wins, so
+    ties go to the lowest id, as with a full argmax."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    local_arg = logits.argmax(-1)  # [b, s]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local_arg
+    local_max = logits.gather(-1, local_arg[..., None])[..., 0].float().contiguous()
+    offset = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    group = parallel_state.get_tensor_model_parallel_group()
+    maxes = [torch.empty_like(local_max) for _ in range(tp)]
+    args = [torch.empty_like(local_arg) for _ in range(tp)]
+    dist.all_gather(maxes, local_max, group=group)
+    dist.all_gather(args, (local_arg + offset).contiguous(), group=group)
+    best = torch.stack(maxes).argmax(0)  # [b, s], first shard on ties
+    return torch.stack(args).gather(0, best[None])[0]
+
+
+@torch.no_grad()
+def sequence_scores(lm: LoadedModel, tokens: torch.Tensor):
+    """``tokens [b, s + 1]`` -> (loss ``[b, s]`` of tokens 1..s given the ones before, ``[b, s]``
+    bool: the token is the greedy choice), over the real vocabulary, any TP (PP=1): what
+    lm-eval's ``loglikelihood`` needs, with no gathered ``[tokens, vocab]`` tensor."""
+    _require_single_stage()
+    tokens = tokens.to(torch.long)
+    batch = Rows.causal(tokens[:, :-1], tokens[:, 1:])
+    logits = _mask_padding_rows(lm, _forward(lm, lm.chunks[0], batch))  # [b, s, v/tp]
+    greedy = _vocab_parallel_argmax(logits).cpu() == tokens[:, 1:]
+    losses = _losses_of(lm, logits, batch, real_vocab_only=False)  # padding already masked
+    return losses.cpu(), greedy
+
+
 @torch.no_grad()
 def forward_logits(lm: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
     """``tokens [b, s]`` -> fp32 logits over the real vocabulary ``[b, s, vocab]`` (TP-gathered,

@@ -99,13 +99,13 @@ def hf_greedy(path: str, prompt: list[int], max_new_tokens: int, eos: int) -> li
 
 def model_logits(rank, world, load, tokens, tp, prompt, max_new_tokens, eos):
     """Load ``load`` (megatron checkpoint or HF dir) at TP=tp: logits and a greedy continuation."""
-    from megatron_slm.evaluation import greedy_generate, load_eval_model
+    from megatron_slm.evaluation import load_eval_model
     from megatron_slm.launch import initialize
-    from megatron_slm.runtime import forward_logits
+    from megatron_slm.runtime import forward_logits, greedy_generate
 
     m = load_eval_model(load, initialize(device="cpu", tensor_model_parallel_size=tp))
     logits = forward_logits(m, tokens)
-    gen = greedy_generate(m, prompt, max_new_tokens=max_new_tokens, eod=eos)
+    (gen,) = greedy_generate(m, [prompt], max_new_tokens=max_new_tokens, eod=eos)
     return logits, gen, m.padded_vocab_size
 
 
@@ -270,23 +270,26 @@ QA = [
 NUM_SHOTS = 2
 
 
+def qa_prompt(question: str, shots) -> str:
+    """The few-shot format the QA model learns (lm-eval's: shots joined by a blank line)."""
+    parts = [f"Question: {q}\nAnswer: {a}" for q, a in shots]
+    return "\n\n".join([*parts, f"Question: {question}\nAnswer:"])
+
+
 def train_qa_model(rank, world, root, tok_dir, steps=200):
     """Train a tiny megatron GPT (plain torch Adam) to answer QA[NUM_SHOTS:] in the few-shot
     format; save it as a checkpoint; return the final training loss."""
     from megatron_slm.checkpoint import save_checkpoint
     from megatron_slm.data.tokenizer import build_tokenizer
-    from megatron_slm.evaluation import FewShotConfig, build_prompt
     from megatron_slm.launch import initialize
     from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
 
     initialize(device="cpu", seed=3)
     tok = build_tokenizer("HuggingFaceTokenizer", tok_dir)
-    cfg = FewShotConfig(num_shots=NUM_SHOTS)
-    shots = [{"question": q, "answer": a} for q, a in QA[:NUM_SHOTS]]
     seqs, masks = [], []
     for q, a in QA[NUM_SHOTS:]:
-        prompt = tok.tokenize(build_prompt(q, shots, cfg))
-        answer = tok.tokenize(cfg.answer_template.format(answer=a) + "\n") + [tok.eod]
+        prompt = tok.tokenize(qa_prompt(q, QA[:NUM_SHOTS]))
+        answer = tok.tokenize(f" {a}\n") + [tok.eod]
         seqs.append(prompt + answer)
         masks.append([0] * (len(prompt) - 1) + [1] * len(answer))
     width = max(map(len, seqs))
@@ -334,11 +337,11 @@ def train_qa_model(rank, world, root, tok_dir, steps=200):
     return loss.item()
 
 
-def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
-    """Library evaluation of the trained model, plus the independent perplexity: megatron's own
-    per-token loss (``model(labels=)``) over the same segments, exp of its mean."""
+def evaluate_qa_model(rank, world, root, task_dir, ppl_data, seq_length, tasks):
+    """Library evaluation of the trained model (perplexity, lm-eval ``tasks`` from ``task_dir``),
+    plus the independent perplexity: megatron's own per-token loss (``model(labels=)``) over the
+    same segments, exp of its mean."""
     from megatron_slm.evaluation import (
-        FewShotConfig,
         load_eval_model,
         read_documents,
         run_evaluation,
@@ -350,10 +353,10 @@ def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
     report = run_evaluation(
         m,
         perplexity_data=[ppl_data],
-        fewshot_data=[qa_path],
         seq_length=seq_length,
         micro_batch_size=2,
-        fewshot=FewShotConfig(num_shots=NUM_SHOTS),
+        lm_eval_tasks=tasks,
+        lm_eval_options={"include_paths": [task_dir]},
     )
     losses = []
     with torch.no_grad():
@@ -366,6 +369,6 @@ def evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length):
     return report, len(losses), float(torch.exp(losses.mean()))
 
 
-def train_and_evaluate(rank, world, root, tok_dir, qa_path, ppl_data, seq_length, steps):
+def train_and_evaluate(rank, world, root, tok_dir, task_dir, ppl_data, seq_length, steps, tasks):
     loss = train_qa_model(rank, world, root, tok_dir, steps)
-    return loss, *evaluate_qa_model(rank, world, root, qa_path, ppl_data, seq_length)
+    return loss, *evaluate_qa_model(rank, world, root, task_dir, ppl_data, seq_length, tasks)

@@ -1,15 +1,25 @@
-"""The evaluator on a tiny megatron GPT trained here (plain torch) to answer a tiny QA set.
+"""The evaluator and the ``megatron-slm`` lm-eval model on a tiny megatron GPT trained here (plain
+torch) to answer a tiny QA set, against independent references:
 
-- few-shot exact match is computed on extracted answers: the QA file's gold answer for one question
-  differs from what the model was taught, so exactly that question is wrong;
+- lm-eval's own ``hf`` model on the Hugging Face export of the same checkpoint: loglikelihoods
+  (1e-4), greedy flags, rolling loglikelihoods, and a local generation task and a local
+  multiple-choice task (per-sample answers and accuracies), at TP=1 and TP=2;
+- greedy decoding with megatron-core's KV cache equals decoding without it (token for token, in
+  one batch of prompts of different lengths, and one prompt at a time) and ``transformers``
+  ``generate(do_sample=False)``;
+- the generation task's exact match: the QA file's gold answer for one question differs from what
+  the model was taught, so exactly that question is wrong;
 - perplexity equals exp of the mean per-token loss computed independently (megatron-core's own
   ``model(labels=)`` loss over the same segments);
-- tools/evaluate.py under torchrun at TP=2 reproduces the library's TP=1 report.
+- tools/evaluate.py under torchrun at TP=2 reproduces the library's TP=1 report, and
+  ``lm_eval --model megatron-slm`` (the installed CLI) gives the library's accuracy.
 """
 
+import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +27,7 @@ import pytest
 
 from tests.dist_helpers import free_port, run_distributed
 from tests.functional import hf_worker as worker
+from tests.functional import lm_eval_worker as lmw
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +38,7 @@ DOCS = ["red green blue and the quick brown fox", "Question: what color is grass
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     root = tmp_path_factory.mktemp("evaluate")
     tok_dir = worker.make_tokenizer(str(root / "tokenizer"))
     qa_path, ppl_data = str(root / "qa.jsonl"), str(root / "docs.jsonl")
@@ -35,32 +47,67 @@ def trained(tmp_path_factory):
             f.write(json.dumps({"question": q, "answer": WRONG.get(q, a)}) + "\n")
     with open(ppl_data, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in DOCS)
-    ((loss, report, n_tokens, ppl),) = run_distributed(
-        worker.train_and_evaluate, 1, str(root), tok_dir, qa_path, ppl_data, SEQ_LENGTH, 100
+    task_dir = lmw.write_tasks(str(root), qa_path)
+    (((loss, report, n_tokens, ppl), ref, tp1),) = run_distributed(
+        lmw.train_evaluate_and_compare, 1, str(root), tok_dir, task_dir, ppl_data, SEQ_LENGTH, 100
     )
+    tp2, _ = run_distributed(lmw.ours, 2, str(root), task_dir, 2)
     return dict(
         root=root,
         qa=qa_path,
         docs=ppl_data,
+        tasks=task_dir,
         loss=loss,
         report=report,
         n_tokens=n_tokens,
         ppl=ppl,
+        ref=ref,
+        ours={1: tp1, 2: tp2},
     )
 
 
-def test_fewshot_exact_match(trained):
+def test_generation_task_exact_match(trained):
     assert trained["loss"] < 0.05  # the model learned its answers
-    (qa,) = trained["report"]["fewshot"]
-    assert qa["questions"] == len(worker.QA) - worker.NUM_SHOTS
-    for ex in qa["examples"]:
-        assert ex["correct"] == (ex["extracted"] == ex["gold"])
-        if ex["question"] in WRONG:
-            assert ex["extracted"] == "green" and not ex["correct"]
-        else:
-            assert ex["correct"], ex
-    assert qa["correct"] == qa["questions"] - len(WRONG)
-    assert qa["exact_match"] == pytest.approx(qa["correct"] / qa["questions"])
+    metrics = trained["report"]["lm_eval"][lmw.GEN_TASK]
+    n = len(worker.QA) - worker.NUM_SHOTS
+    assert metrics["exact_match,strip"] == pytest.approx((n - len(WRONG)) / n)
+    answers = trained["ours"][1]["tasks"]["samples"][lmw.GEN_TASK]
+    questions = [q for q, _ in worker.QA[worker.NUM_SHOTS :]]
+    for doc_id, (resp,) in answers:
+        taught = dict(worker.QA)[questions[doc_id]]
+        assert resp == taught
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_loglikelihoods_equal_hf(trained, tp):
+    ours, ref = trained["ours"][tp], trained["ref"]
+    assert len(ours["ll"]) == len(ref["ll"])
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(ours["ll"], ref["ll"]):
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+    assert any(g for _, g in ref["ll"]) and not all(g for _, g in ref["ll"])
+    assert ours["rolling"] == pytest.approx(ref["rolling"], abs=1e-4)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_task_accuracies_equal_hf(trained, tp):
+    ours, ref = trained["ours"][tp]["tasks"], trained["ref"]["tasks"]
+    assert ours["samples"][lmw.GEN_TASK] == ref["samples"][lmw.GEN_TASK]
+    mc, ref_mc = ours["samples"][lmw.MC_TASK], ref["samples"][lmw.MC_TASK]
+    assert [d for d, _ in mc] == [d for d, _ in ref_mc]
+    for (_, lls), (_, ref_lls) in zip(mc, ref_mc):
+        assert lls == pytest.approx(ref_lls, abs=1e-4)
+    for task in (lmw.GEN_TASK, lmw.MC_TASK):
+        assert ours["metrics"][task] == pytest.approx(ref["metrics"][task], abs=1e-9)
+    assert ours["metrics"][lmw.MC_TASK]["acc,none"] > 0.5
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kv_cache_greedy_equals_no_cache_and_hf(trained, tp):
+    ours = trained["ours"][tp]
+    assert ours["cached"] == ours["uncached"] == ours["single"]
+    assert ours["cached"] == trained["ref"]["hf_generate"]
+    assert len({len(p) for p in ours["cached"]}) >= 1 and all(ours["cached"])
 
 
 def test_perplexity_is_exp_mean_token_loss(trained):
@@ -91,21 +138,49 @@ def test_cli_under_torchrun_tp2(trained, tmp_path):
         f"docs={trained['docs']}",
         "--seq-length",
         str(SEQ_LENGTH),
-        "--fewshot-data",
-        trained["qa"],
-        "--num-shots",
-        str(worker.NUM_SHOTS),
+        "--lm-eval-tasks",
+        lmw.GEN_TASK,
+        "--lm-eval-include-path",
+        trained["tasks"],
         "--output",
         str(out),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "EM" in run.stdout and "ppl" in run.stdout
+    assert "exact_match" in run.stdout and "ppl" in run.stdout
     report = json.load(open(out))
     lib = trained["report"]
-    assert report["fewshot"][0]["examples"] == lib["fewshot"][0]["examples"]
+    assert report["lm_eval"] == lib["lm_eval"]
     assert report["perplexity"][0]["tokens"] == lib["perplexity"][0]["tokens"]
     assert report["perplexity"][0]["perplexity"] == pytest.approx(
         lib["perplexity"][0]["perplexity"], rel=1e-5
+    )
+
+
+def test_lm_eval_cli_finds_megatron_slm(trained, tmp_path):
+    """The installed ``lm_eval`` command resolves ``--model megatron-slm`` (through the .pth
+    hook) and sets up its own process group."""
+    exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
+    assert exe, "lm-eval's console script is not installed next to this interpreter"
+    cmd = [
+        exe,
+        "--model",
+        "megatron-slm",
+        "--model_args",
+        f"load={trained['root'] / 'qa_ckpt'}",
+        "--tasks",
+        lmw.MC_TASK,
+        "--include_path",
+        trained["tasks"],
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    results = json.load(open(result_file))["results"][lmw.MC_TASK]
+    assert results["acc,none"] == pytest.approx(
+        trained["ours"][1]["tasks"]["metrics"][lmw.MC_TASK]["acc,none"]
     )
