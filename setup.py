@@ -203,6 +203,7 @@ setup(
         # transformers[serving]: the ProX teacher test runs a real `transformers serve`
         "test": [
             "pytest>=7",
+            "pytest-xdist>=3",  # scripts/run_tests.sh runs the suite on every core
             "hypothesis>=6",
             "transformers[serving]>=5.0",
             "safetensors",

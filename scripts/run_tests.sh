@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "${@:-tests}"
+# Most tests run one process at a time (a trainer, a tool, a server starting), so one pytest
+# worker per core (pytest-xdist) roughly halves the wall time; a test file stays on one worker, so
+# its module-scoped fixtures (trained tiny models) are built once. PYTEST_WORKERS=0: serial.
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadfile "${@:-tests}"
