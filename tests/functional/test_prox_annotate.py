@@ -24,6 +24,7 @@ import pytest
 
 from megatron_slm.refine.annotate import KILL_HOOK_ENV, AnnotateConfig, annotate
 from megatron_slm.refine.prompts import chat_messages
+from tests.unit.refine import read_jsonl, write_jsonl
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -200,17 +201,6 @@ def served(tmp_path_factory):
     proxy.shutdown()
     server.stop()
     print(f"transformers serve start times: {[round(s, 1) for s in server.start_seconds]} s")
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def annotate_here(args):

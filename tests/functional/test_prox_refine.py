@@ -21,7 +21,7 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
-from tests.unit.refine import run_tool
+from tests.unit.refine import read_jsonl, run_tool, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 TOOL = os.path.join(REPO, "tools", "prox_refine.py")
@@ -36,17 +36,6 @@ SMALL = ["--doc-max-new-tokens", "6", "--chunk-max-new-tokens", "6"]
 
 def expected_prompt(user_message):
     return f"<s><|system|>\n{SYSTEM}</s>\n<|user|>\n{user_message}</s>\n<|assistant|>\n"
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def snapshot(root):

@@ -17,6 +17,7 @@ import pytest
 from megatron_slm.refine.annotate import AnnotateConfig, annotate
 from megatron_slm.refine.prompts import SYSTEM_PROMPT
 from tests.functional.pretrain_helpers import run_pretrain
+from tests.unit.refine import read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,17 +75,6 @@ class ScriptedLabeller:
                 lines = text.split("\n")
                 spam = len(self.noise_by_text[text]) == len(lines)
                 on_answer(key, f"Score: {0 if spam else 4}", None)
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def tool(name, *args):
@@ -209,9 +199,15 @@ def test_eval_doc_f1(report):
 # Measured on 2 cores (2 layers, 500 / 800 SFT steps; 4 layers, 500): chunk line F1 0.68 / 0.61 /
 # 0.61, noise lines removed 85% / 80% / 82%, clean lines removed 8% / 8% / 10%. The document
 # stage is learned (F1 1.0); copying line numbers needs more steps than this test can afford.
+# strict: once a change reaches a target, the XPASS fails the run and the mark must go.
 CHUNK_SHORT = pytest.mark.xfail(
-    reason="the tiny CPU model does not reach the chunk-level targets in budget", strict=False
+    reason="the tiny CPU model does not reach the chunk-level targets in budget", strict=True
 )
+
+
+def test_eval_chunk_f1_learned(report):
+    """What holds today: far above a model that removes nothing (F1 0)."""
+    assert report["chunk_lines"]["f1"] >= 0.5, report
 
 
 @CHUNK_SHORT
@@ -219,8 +215,8 @@ def test_eval_chunk_f1(report):
     assert report["chunk_lines"]["f1"] >= 0.8, report
 
 
-@CHUNK_SHORT
-def test_refine_removes_noise(trained):
+@pytest.fixture(scope="module")
+def refined_counts(trained):
     root, hf, _, heldout_docs = trained
     out = root / "refined"
     tool(
@@ -249,5 +245,15 @@ def test_refine_removes_noise(trained):
     print(
         f"noise removed {noise_removed}/{noise_total}, clean removed {clean_removed}/{clean_total}"
     )
-    assert noise_removed >= 0.8 * noise_total
-    assert clean_removed <= 0.05 * clean_total
+    return noise_removed, noise_total, clean_removed, clean_total
+
+
+def test_refine_removes_noise(refined_counts):
+    noise_removed, noise_total, _, _ = refined_counts
+    assert noise_removed >= 0.8 * noise_total, refined_counts
+
+
+@CHUNK_SHORT
+def test_refine_keeps_clean_lines(refined_counts):
+    _, _, clean_removed, clean_total = refined_counts
+    assert clean_removed <= 0.05 * clean_total, refined_counts

@@ -1,5 +1,6 @@
 """Shared helpers of the refine tests."""
 
+import json
 import os
 import sys
 
@@ -15,3 +16,14 @@ def run_tool(argv, capsys):
         sys.path.pop(0)
     code = prox_refine.main(argv)
     return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

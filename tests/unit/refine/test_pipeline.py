@@ -11,23 +11,12 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
-from tests.unit.refine import run_tool
+from tests.unit.refine import read_jsonl, run_tool, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 TOOL = os.path.join(REPO, "tools", "prox_refine.py")
 
 LINE = "line {j} of doc {i} has some words"
-
-
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def doc_text(i, n=6):
