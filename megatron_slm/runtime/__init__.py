@@ -15,12 +15,13 @@ from megatron_slm.runtime.forward import (
     sequence_scores,
 )
 from megatron_slm.runtime.generate import greedy_generate
-from megatron_slm.runtime.loader import LoadedModel, load_model
+from megatron_slm.runtime.loader import LoadedModel, job_device, load_model
 
 __all__ = [
     "LoadedModel",
     "forward_logits",
     "greedy_generate",
+    "job_device",
     "load_model",
     "per_token_losses",
     "selective_losses",

@@ -48,6 +48,28 @@ class LoadedModel:
         return parallel_state.is_pipeline_last_stage()
 
 
+def job_device(config, error: type[Exception]) -> torch.device:
+    """The device of a job whose entry point set up the process groups: checks that the parallel
+    state has the config's ``--tensor/pipeline-model-parallel-size`` (raising ``error``) and
+    resolves ``config.device`` (CUDA: this rank's current device)."""
+    from megatron.core import parallel_state
+
+    from megatron_slm.platform import resolve_device
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (config.tensor_model_parallel_size, config.pipeline_model_parallel_size):
+        raise error(
+            f"the parallel state is TP={tp}, PP={pp}; the config asks for "
+            f"--tensor-model-parallel-size {config.tensor_model_parallel_size} "
+            f"--pipeline-model-parallel-size {config.pipeline_model_parallel_size}"
+        )
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def load_model(
     load: str,
     device: torch.device,

@@ -380,23 +380,11 @@ def score_corpus(config: ScoreConfig) -> list[ScoreReport]:
 
     Collective: call on every rank after ``launch.initialize`` with the config's TP/PP sizes."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from megatron_slm.platform import resolve_device
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import job_device, load_model
 
     inputs = resolve_inputs(config)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp, pp) != (config.tensor_model_parallel_size, config.pipeline_model_parallel_size):
-        raise ScoringError(
-            f"the parallel state is TP={tp}, PP={pp}; the config asks for "
-            f"--tensor-model-parallel-size {config.tensor_model_parallel_size} "
-            f"--pipeline-model-parallel-size {config.pipeline_model_parallel_size}"
-        )
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = job_device(config, ScoringError)
     if not inputs.tokenizer:
         logger.info("no tokenizer given or recorded: checking ids against the model vocabulary")
     is_rank0 = dist.get_rank() == 0

@@ -112,20 +112,9 @@ def score_batches(config: ScoreBatchesConfig) -> ScoreBatchesReport | None:
     from megatron.core import parallel_state
 
     from megatron_slm.output_lock import OutputLock
-    from megatron_slm.platform import resolve_device
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import job_device, load_model
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp, pp) != (config.tensor_model_parallel_size, config.pipeline_model_parallel_size):
-        raise SampleListError(
-            f"the parallel state is TP={tp}, PP={pp}; the config asks for "
-            f"--tensor-model-parallel-size {config.tensor_model_parallel_size} "
-            f"--pipeline-model-parallel-size {config.pipeline_model_parallel_size}"
-        )
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = job_device(config, SampleListError)
     is_rank0 = dist.get_rank() == 0
     dp, dp_rank = (
         parallel_state.get_data_parallel_world_size(),
