@@ -1,8 +1,10 @@
 """Atomic file writes: a temporary file in the same directory, fsync, then ``os.replace``, so a
-crash leaves either the old file or the new one, never a torn one."""
+crash leaves either the old file or the new one, never a torn one; and the sha256 of a file, by
+which outputs record (and later check) the files they were made from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -22,3 +24,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 def write_json_atomic(path: str, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -22,7 +22,6 @@ Three pieces, shared by ``tools/score_batches.py``, ``tools/resample_batches.py`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.atomic_io import file_sha256, write_json_atomic
 from megatron_slm.errors import InputFileError
 
 LOSSES_FORMAT = "megatron-slm-batch-losses"
@@ -123,14 +122,6 @@ def check_source(found: dict, expected: dict, what: str, flags: str) -> None:
         elif a != b:
             flag = "--" + key.replace("_", "-")
             raise SampleListError(f"{what} was made with {flag} {a}, the run has {flag} {b}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- batch losses --------------------------------------------------------------------------------
@@ -297,7 +288,7 @@ def read_batch_list(path: str, flag: str = "--train-samples-from") -> BatchList:
     if meta.get("version") != VERSION:
         raise SampleListError(f"{flag} {path}: version {meta.get('version')}, expected {VERSION}")
     batches = meta.pop("batches")
-    return BatchList(meta, [int(b) for b in batches], path, _sha256(path))
+    return BatchList(meta, [int(b) for b in batches], path, file_sha256(path))
 
 
 class SampleListDataset:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_slm.atomic_io import file_sha256
 from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 
@@ -33,11 +34,7 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokeni
 
 def _file_digest(path: str, n_hex: int = 16) -> str:
     """Short sha256 of a file (tokenizer models are small)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n_hex]
+    return file_sha256(path)[:n_hex]
 
 
 class _SLMTokenizer(MegatronTokenizerBase):

@@ -22,13 +22,12 @@ only on its own content and the settings in run.json, never on the rank layout.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
-from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.atomic_io import file_sha256, write_json_atomic
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import UserError
@@ -352,19 +351,11 @@ class Layout:
         )
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_identity(model_dir: str) -> dict:
     config = os.path.join(model_dir, "config.json")
     return {
         "path": os.path.abspath(model_dir),
-        "config_sha256": _sha256(config) if os.path.isfile(config) else None,
+        "config_sha256": file_sha256(config) if os.path.isfile(config) else None,
     }
 
 
@@ -385,7 +376,7 @@ def run_manifest(shards: list[Shard], run: RunConfig, mode) -> dict:
         manifest["mode"] = "apply"
         manifest["programs"] = {
             "path": os.path.abspath(mode.programs),
-            "sha256": _sha256(mode.programs),
+            "sha256": file_sha256(mode.programs),
             "id_key": mode.id_key,
         }
         manifest["tokenizer"] = os.path.abspath(mode.tokenizer) if mode.tokenizer else None

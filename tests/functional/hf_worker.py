@@ -372,3 +372,17 @@ def evaluate_qa_model(rank, world, root, task_dir, ppl_data, seq_length, tasks):
 def train_and_evaluate(rank, world, root, tok_dir, task_dir, ppl_data, seq_length, steps, tasks):
     loss = train_qa_model(rank, world, root, tok_dir, steps)
     return loss, *evaluate_qa_model(rank, world, root, task_dir, ppl_data, seq_length, tasks)
+
+
+def make_chat_model(path: str, chat_template: str, seed: int, max_position_embeddings: int) -> str:
+    """A tiny random Llama with this file's tokenizer and ``chat_template`` (a ProX model dir)."""
+    from transformers import AutoTokenizer
+
+    make_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    make_hf_model(
+        path, "llama", len(tok), seed=seed, max_position_embeddings=max_position_embeddings
+    )
+    return path

@@ -181,17 +181,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from tests.functional import hf_worker
 
     root = tmp_path_factory.mktemp("teacher")
-    model = str(root / "model")
-    hf_worker.make_tokenizer(model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(model)
-    hf_worker.make_hf_model(model, "llama", len(tok), seed=5, max_position_embeddings=2048)
+    model = hf_worker.make_chat_model(str(root / "model"), TEMPLATE, seed=5,
+                                      max_position_embeddings=2048)  # fmt: skip
     server = Server(model, str(root / "serve.log"))
     server.start()
     proxy = Proxy(server)

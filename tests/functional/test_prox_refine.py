@@ -50,18 +50,11 @@ def snapshot(root):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from tests.functional import hf_worker
 
     root = tmp_path_factory.mktemp("prox_model")
-    path = str(root / "model")
-    hf_worker.make_tokenizer(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(path)
-    hf_worker.make_hf_model(path, "llama", len(tok), seed=3, max_position_embeddings=1024)
-    return path
+    return hf_worker.make_chat_model(str(root / "model"), TEMPLATE, seed=3,
+                                     max_position_embeddings=1024)  # fmt: skip
 
 
 @pytest.fixture
