@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.atomic_io import write_json_atomic, write_text_atomic
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import ConfigError, UserError
@@ -31,6 +31,11 @@ class EvalConfig:
         None, "Held-out seeds JSONL: {'messages': [system, user, assistant]}.", required=True
     )
     output: str | None = arg(None, "JSON report path (default: printed to stdout).")
+    predictions: str | None = arg(
+        None,
+        "Also write every example's program next to the reference (JSONL: stage, user, "
+        "reference, prediction), to see what the model gets wrong.",
+    )
     device: str = arg("auto", "auto, cpu, cuda, cuda:N.")
     dtype: str = arg("auto", "Model dtype.", choices=["auto", "float32", "bfloat16", "float16"])
     batch_size: int = arg(32, "Prompts per generate call.")
@@ -117,6 +122,14 @@ def evaluate(config: EvalConfig, log=print) -> dict:
             for i, out in zip(idx, gen.generate(prompts, limit)):
                 predictions[i] = out
     report = score(examples, predictions)
+    if config.predictions:
+        rows = (
+            {"stage": ex.stage, "user": ex.user, "reference": ex.reference, "prediction": pred}
+            for ex, pred in zip(examples, predictions)
+        )
+        write_text_atomic(
+            config.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
     report["model"] = os.path.abspath(config.model)
     report["data"] = os.path.abspath(config.data)
     if config.output:
