@@ -53,6 +53,28 @@ def _bpe_merges(pieces: list[str], vocab: dict[str, int]) -> list[tuple[str, str
     return [(a, b) for *_, a, b in merges]
 
 
+def _check_bpe_characters(model_file: str, proto) -> None:
+    """SentencePiece's BPE merges characters whether or not they are pieces; Hugging Face's BPE
+    starts from pieces (a character that is none falls back to bytes), so a piece built from a
+    character the model lacks would never be produced and the ids would silently differ. Models
+    pruned by ``tools/compact_tokenizer.py`` before it kept such characters are refused."""
+    pieces = {p.piece for p in proto.pieces}
+    missing = {
+        c
+        for p in proto.pieces
+        if p.type == 1 and len(p.piece) > 1  # NORMAL
+        for c in p.piece
+        if c not in pieces
+    }
+    if missing:
+        shown = "".join(sorted(missing))[:40]
+        raise TokenizerError(
+            f"{model_file}: BPE pieces are built from {len(missing)} characters that are not "
+            f"pieces ({shown!r}); a Hugging Face tokenizer cannot reproduce its ids. Prune the "
+            f"tokenizer again with tools/compact_tokenizer.py prune (it now keeps them)"
+        )
+
+
 def sentencepiece_to_fast(model_file: str):
     """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece model (see the module doc)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
@@ -62,6 +84,7 @@ def sentencepiece_to_fast(model_file: str):
     pieces = [p.piece for p in proto.pieces]
     byte_fallback = bool(trainer.byte_fallback)
     if trainer.model_type == 2:  # BPE
+        _check_bpe_characters(model_file, proto)
         vocab = {p: i for i, p in enumerate(pieces)}
         model = models.BPE(
             vocab,

@@ -73,8 +73,10 @@ class AnnotateConfig:
     )
     tokenizer: str | None = arg(
         None,
-        "The refining model's Hugging Face tokenizer: chunks (--stage chunk, required) and the "
-        "document truncation are then exactly those of tools/prox_refine.py.",
+        "The refining model's tokenizer (its Hugging Face directory, or the SentencePiece .model "
+        "it will be trained with, read as tools/convert_checkpoint.py exports it): chunks (--stage "
+        "chunk, required) and the document truncation are then exactly those of "
+        "tools/prox_refine.py.",
     )
     prompts_dir: str | None = arg(
         None, "Directory of doc_edu.txt, doc_format.txt, chunk_program.txt (default: packaged)."
@@ -243,7 +245,7 @@ def _load_tokenizer(path: str):
     from megatron_slm.refine.backends import BackendError, load_tokenizer
 
     try:
-        return load_tokenizer(path, "--tokenizer")
+        return load_tokenizer(path, "--tokenizer", sentencepiece_ok=True)
     except BackendError as e:
         raise AnnotateError(str(e)) from None
 

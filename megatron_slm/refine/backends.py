@@ -18,9 +18,14 @@ class BackendError(UserError):
     pass
 
 
-def load_tokenizer(model_dir: str, flag: str):
+def load_tokenizer(model_dir: str, flag: str, sentencepiece_ok: bool = False):
     """The model's tokenizer; a BackendError naming ``flag`` when the directory has none or the
-    tokenizer has no chat template."""
+    tokenizer has no chat template. With ``sentencepiece_ok``, ``model_dir`` may also be the
+    SentencePiece ``.model`` a refining model is about to be trained with: the tokenizer is then
+    the one ``tools/convert_checkpoint.py`` will export for it (the default chat template), so
+    seeds can be chunked before the model exists."""
+    if sentencepiece_ok and os.path.isfile(model_dir):
+        return _exported_sentencepiece_tokenizer(model_dir, flag)
     if not os.path.isdir(model_dir):
         raise BackendError(f"{flag} {model_dir}: not a directory")
     if not any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
@@ -40,6 +45,24 @@ def load_tokenizer(model_dir: str, flag: str):
             f"'chat_template' or chat_template.jinja); the refining prompts are rendered with it"
         )
     return tokenizer
+
+
+def _exported_sentencepiece_tokenizer(model_file: str, flag: str):
+    import tempfile
+
+    from megatron_slm.convert.tokenizer_export import write_sentencepiece_hf_tokenizer
+    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            write_sentencepiece_hf_tokenizer(model_file, tmp, DEFAULT_CHAT_TEMPLATE)
+        except Exception as e:  # protobuf DecodeError, TokenizerError, ...
+            reason = " ".join(str(e).split())[:200]
+            raise BackendError(
+                f"{flag} {model_file}: not a SentencePiece model nor a tokenizer directory "
+                f"({type(e).__name__}: {reason})"
+            ) from None
+        return load_tokenizer(tmp, flag)  # read into memory: the directory can go
 
 
 def _batches(order: list[int], size: int):

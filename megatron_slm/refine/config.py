@@ -74,7 +74,7 @@ class ApplyConfig:
     id_key: str = arg("id", "JSON key identifying a document in the input and the programs.")
     tokenizer: str | None = arg(
         None,
-        "Hugging Face tokenizer directory to count tokens before "
+        "Hugging Face tokenizer directory (or SentencePiece .model) to count tokens before "
         "and after in stats.json (default: words only).",
     )
 

@@ -175,7 +175,9 @@ class ProgramTable:
             from megatron_slm.refine.backends import BackendError, load_tokenizer
 
             try:
-                self.tokenizer = load_tokenizer(config.tokenizer, "--tokenizer")
+                self.tokenizer = load_tokenizer(
+                    config.tokenizer, "--tokenizer", sentencepiece_ok=True
+                )
             except BackendError as e:
                 raise RefineError(str(e)) from None
 

@@ -14,12 +14,15 @@ pieces are mostly merged away in the encoded corpus, so their counts are low eve
 occurrence of ``▁the`` went through them. Dropping unreachable pieces would drop exactly the long,
 frequent pieces that give compression and leave their budget to rare ones, so instead a piece is
 kept together with its closure: every piece the original model creates while encoding that piece's
-own string (:func:`spm.bpe_trace`). With all of them kept and scores unchanged, the pruned model's
-greedy merges on that string are the original's (each chosen pair is still present and still the
-best among a subset), so the piece stays producible. A candidate whose closure does not fit in the
-remaining budget is skipped for now; later passes fill the remainder (a piece whose intermediates
-are all kept needs one slot, so the budget is always filled exactly). Reachability is then verified
-with SentencePiece itself: every kept piece's own string must encode to exactly that piece.
+own string (:func:`spm.bpe_trace`), and the single-character pieces of its string (SentencePiece
+starts from characters whether or not they are pieces; Hugging Face's BPE, which the exported
+``tokenizer.json`` uses, only merges pieces and would fall back to bytes). With all of them kept and
+scores unchanged, the pruned model's greedy merges on that string are the original's (each chosen
+pair is still present and still the best among a subset), so the piece stays producible. A candidate
+whose closure does not fit in the remaining budget is skipped for now; later passes fill the
+remainder (a piece whose intermediates are all kept needs one slot, so the budget is always filled
+exactly). Reachability is then verified with SentencePiece itself: every kept piece's own string
+must encode to exactly that piece.
 
 Pieces that the *original* model cannot produce from their own string (possible for both BPE and
 unigram) never occur in the counts; they are used only when N needs more pieces than the reachable
@@ -61,7 +64,10 @@ def mandatory_ids(proto) -> list[int]:
 
 
 def bpe_closures(proto, ids) -> dict[int, list[int]]:
-    """For each id: the ids of the pieces its own string's BPE trace creates (itself included)."""
+    """For each id: the ids of its characters' pieces and of the pieces its own string's BPE trace
+    creates (itself included). SentencePiece merges characters that are not pieces, Hugging Face's
+    BPE (the exported tokenizer.json) only merges pieces: with the characters kept, both produce
+    the same ids."""
     scores, index = {}, {}
     for i, p in enumerate(proto.pieces):
         if p.type in (spm.NORMAL, spm.USER_DEFINED):
@@ -70,9 +76,12 @@ def bpe_closures(proto, ids) -> dict[int, list[int]]:
     frozen = tuple(
         sorted((p.piece for p in proto.pieces if p.type == spm.USER_DEFINED), key=len, reverse=True)
     )
-    return {
-        i: [index[s] for s in spm.bpe_trace(proto.pieces[i].piece, scores, frozen)] for i in ids
-    }
+    closures = {}
+    for i in ids:
+        text = proto.pieces[i].piece
+        chars = [index[c] for c in text if c in index] if len(text) > 1 else []
+        closures[i] = chars + [index[s] for s in spm.bpe_trace(text, scores, frozen)]
+    return closures
 
 
 def select_pieces(proto, counts: np.ndarray, vocab_size: int, flag: str = "--vocab-size"):

@@ -40,12 +40,14 @@ def test_applying_them_removes_the_noise(tmp_path):
         kept = [json.loads(line) for line in f]
     stats = json.load(open(tmp_path / "stats.json"))["totals"]
     assert stats["documents"] == 1600 and stats["program_errors"] == 0
-    assert stats["decisions"].get("refined", 0) > 1500
-    assert stats["decisions"]["drop_doc"] == stats["dropped"] > 0  # the mostly-noise documents
+    # every document has noise lines; one in ten is a spam page, and a few more are mostly noise
+    assert stats["decisions"]["drop_doc"] == stats["dropped"] >= 0.1 * 1600 * 0.8
+    assert stats["decisions"].get("refined", 0) + stats["dropped"] == 1600
     for record in kept:
         text = record["text"]
         assert not any(n in text for n in NOISE), text
         assert not re.search(r"\b[0-9a-f]{16,}\b", text), text
         assert "  " not in text and text == text.strip()
-        # what is left is the clean generator's sentences: questions, answers and facts
-        assert text.split()[0] in ("Question:", "The", "Water", "A", "Plants", "Sound"), text
+        # what is left is the clean generator's lines: questions with answers, and facts
+        for line in text.split("\n"):
+            assert line.split()[0] in ("Question:", "The", "Water", "A", "Plants", "Sound"), text

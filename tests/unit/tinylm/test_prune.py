@@ -166,3 +166,50 @@ def test_unprunable_models(models, tmp_path):
     bad.write_bytes(b"\xff\x00not a proto")
     with pytest.raises(TokenizerModelError, match="not a SentencePiece model"):
         spm.load_model_proto(str(bad))
+
+
+@pytest.fixture(scope="module")
+def pruned_bpe_export(models, tmp_path_factory):
+    """The tight BPE pruning exported as a Hugging Face tokenizer, as the trainer's export does."""
+    from transformers import AutoTokenizer
+
+    from megatron_slm.convert.tokenizer_export import write_sentencepiece_hf_tokenizer
+    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    root = tmp_path_factory.mktemp("export")
+    _, result, small = _pruned(models, "bpe", 300, root)
+    write_sentencepiece_hf_tokenizer(str(root / "bpe_300.model"), str(root), DEFAULT_CHAT_TEMPLATE)
+    return small, AutoTokenizer.from_pretrained(str(root)), result
+
+
+def test_pruned_bpe_keeps_the_characters_of_its_pieces(pruned_bpe_export):
+    small, _, result = pruned_bpe_export
+    pieces = {p.piece for p in result.proto.pieces}
+    for p in result.proto.pieces:
+        if p.type == spm.NORMAL:
+            assert set(p.piece) <= pieces, p.piece
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.lists(CHARS, max_size=60).map("".join))
+def test_pruned_bpe_exports_to_the_same_ids(pruned_bpe_export, text):
+    """A model trained with the pruned tokenizer sees the same ids through its HF export."""
+    small, hf, _ = pruned_bpe_export
+    assert hf(text, add_special_tokens=False).input_ids == small.encode(text)
+
+
+def test_export_refuses_a_bpe_model_missing_characters(models, tmp_path):
+    """What pruning did before it kept characters: the export would silently differ."""
+    from megatron_slm.convert.tokenizer_export import sentencepiece_to_fast
+    from megatron_slm.errors import TokenizerError
+    from megatron_slm.tinylm.prune import pruned_proto
+
+    proto = spm.load_model_proto(models["bpe"]["model"])
+    index = {p.piece: j for j, p in enumerate(proto.pieces)}
+    keep = [j for j in range(len(proto.pieces)) if j != index["o"]]
+    path = str(tmp_path / "no_o.model")
+    write_model(pruned_proto(proto, keep), path)
+    with pytest.raises(TokenizerError, match=f"{path}: BPE pieces are built from 1 char.*'o'"):
+        sentencepiece_to_fast(path)
