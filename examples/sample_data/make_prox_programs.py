@@ -1,10 +1,11 @@
-"""Write ProX programs for the noisy sample corpus (the quickstart's ``apply`` step).
+"""Write ProX programs for the noisy sample corpus: the rule-based labeller of the quickstart.
 
-Stand-in for a trained refining model until the quickstart trains one: for every document of
-``noisy.jsonl`` it writes a chunk-level program that deletes the noise ``make_sample_corpus.py``
-inserted (boilerplate sentences, hex strings, runs of random consonant words) with ``normalize``
-calls, and a document-level ``drop_doc()`` for documents that are more than half noise. The
-boilerplate contains commas and ``!`` inside the strings: the programs exercise the literal parser.
+For every document of ``noisy.jsonl`` it writes a chunk-level program that removes the noise lines
+``make_sample_corpus.py`` inserted (boilerplate, hex strings, runs of random consonant words),
+adjacent ones as one ``remove_lines`` range, and a document-level ``drop_doc()`` for documents
+that are more than half noise (by words). The quickstart distils these programs into a refining
+model (``tools/prox_annotate.py --programs``, then SFT); ``tools/prox_refine.py apply`` applies them
+directly.
 
     python examples/sample_data/make_prox_programs.py   # writes noisy_programs.jsonl
 """
@@ -20,25 +21,30 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_sample_corpus import NOISE  # noqa: E402
 
-HEX = r"\b[0-9a-f]{16,48}\b"
-GIBBERISH = r"\b[qwxzjkvbpy]{2,7}(?: [qwxzjkvbpy]{2,7}){3,}\b"  # adjacent runs merge
-PATTERN = re.compile("|".join([*(re.escape(n) for n in NOISE), HEX, GIBBERISH]))
+HEX = r"[0-9a-f]{16,48}"
+GIBBERISH = r"[qwxzjkvbpy]{2,7}(?: [qwxzjkvbpy]{2,7}){3,}"
+NOISE_LINE = re.compile("|".join([*(re.escape(n) for n in NOISE), HEX, GIBBERISH]))
+
+
+def noise_ranges(lines: list[str]) -> list[tuple[int, int]]:
+    """``(first, last)`` line numbers of each run of noise lines."""
+    ranges: list[tuple[int, int]] = []
+    for i, line in enumerate(lines):
+        if NOISE_LINE.fullmatch(line):
+            if ranges and ranges[-1][1] == i - 1:
+                ranges[-1] = (ranges[-1][0], i)
+            else:
+                ranges.append((i, i))
+    return ranges
 
 
 def program_for(text: str) -> dict:
-    pieces = []
-    for m in PATTERN.finditer(text):
-        start, end = m.span()
-        # take one neighbouring space with the piece, so no double space is left behind
-        if end < len(text) and text[end] == " ":
-            end += 1
-        elif start > 0 and text[start - 1] == " ":
-            start -= 1
-        pieces.append(text[start:end])
-    noise_words = sum(len(p.split()) for p in pieces)
+    lines = text.split("\n")
+    ranges = noise_ranges(lines)
+    noise_words = sum(len(lines[i].split()) for a, b in ranges for i in range(a, b + 1))
     doc_program = "drop_doc()" if noise_words > 0.5 * len(text.split()) else "keep_doc()"
-    lines = [f'normalize(source_str={json.dumps(p)}, target_str="")' for p in dict.fromkeys(pieces)]
-    return {"doc_program": doc_program, "chunk_program": "\n".join(lines) or "keep_chunk()"}
+    calls = [f"remove_lines(line_start={a}, line_end={b})" for a, b in ranges]
+    return {"doc_program": doc_program, "chunk_program": "\n".join(calls) or "keep_chunk()"}
 
 
 def main(argv=None) -> int:

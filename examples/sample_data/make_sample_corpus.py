@@ -2,8 +2,9 @@
 
 * ``clean.jsonl``: short, regular English documents (arithmetic word problems with worked answers,
   simple facts): the "high-quality" corpus a reference model is trained on.
-* ``noisy.jsonl``: the same kind of documents interleaved with web noise (navigation boilerplate,
-  random character strings, hashes): the "pretraining corpus" selective training filters.
+* ``noisy.jsonl``: the same kind of documents laid out one sentence group per line, as web pages
+  are, with whole lines of web noise among them (navigation boilerplate, random character strings,
+  hashes): the "pretraining corpus" selective training and ProX filter.
 
     python examples/sample_data/make_sample_corpus.py --out examples/sample_data
 """
@@ -52,11 +53,15 @@ def word_problem(rng: random.Random) -> str:
     )
 
 
-def clean_document(rng: random.Random) -> str:
+def clean_sentences(rng: random.Random) -> list[str]:
     parts = [word_problem(rng) for _ in range(rng.randint(1, 4))]
     parts += rng.sample(FACTS, rng.randint(0, 2))
     rng.shuffle(parts)
-    return " ".join(parts)
+    return parts
+
+
+def clean_document(rng: random.Random) -> str:
+    return " ".join(clean_sentences(rng))
 
 
 def noise(rng: random.Random) -> str:
@@ -72,10 +77,14 @@ def noise(rng: random.Random) -> str:
 
 
 def noisy_document(rng: random.Random) -> str:
-    parts = [clean_document(rng)]
+    """A web page's lines: one problem or fact per line with 1-4 noise lines among them, or (one
+    page in ten) nothing but noise."""
+    if rng.random() < 0.1:
+        return "\n".join(noise(rng) for _ in range(rng.randint(3, 8)))
+    lines = clean_sentences(rng)
     for _ in range(rng.randint(1, 4)):
-        parts.insert(rng.randint(0, len(parts)), noise(rng))
-    return " ".join(parts)
+        lines.insert(rng.randint(0, len(lines)), noise(rng))
+    return "\n".join(lines)
 
 
 def write(path: str, docs: list[str]) -> None:
