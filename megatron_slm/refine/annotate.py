@@ -16,10 +16,10 @@ Document stage requests: the educational-value grade for every document, then th
 only for documents graded edu = 2 (the only case where it changes the label).
 
 ``--programs FILE`` instead of ``--teacher``: the answers are existing programs (a rule-based
-labeller's, a larger refining model's from ``prox_refine.py apply``-format files, ProX's released
-ones), read by the reader of ``tools/prox_refine.py apply`` (``pipeline.ProgramFile``) and matched
-by ``--id-key``. Doc stage: the ``doc_program`` (``keep_doc()``/``drop_doc()``) is the answer, a
-null one leaves the document out. Chunk stage: the document is split as above and each chunk gets
+labeller's, a larger refining model's, ProX's released ones once in this format), read by the
+reader of ``tools/prox_refine.py apply`` (``pipeline.ProgramFile``) and matched by ``--id-key``.
+Doc stage: the ``doc_program`` (``keep_doc()``/``drop_doc()``) is the answer; a null one leaves
+the document out. Chunk stage: the document is split as above and each chunk gets
 :func:`megatron_slm.refine.seeds.chunk_part` of the document-wide ``chunk_program``, then the same
 grammar check as a teacher's program. No requests, no journal; the outputs are written atomically.
 """
@@ -41,6 +41,7 @@ from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX, split_into_chunks, wrap_chunk
+from megatron_slm.refine.pipeline import ProgramFile, RefineError
 from megatron_slm.refine.program import parse_program
 from megatron_slm.refine.prompts import chat_messages, doc_message
 from megatron_slm.refine.seeds import (
@@ -362,6 +363,18 @@ def _seed(messages, source, record, stage, **extra) -> dict:
     return seed
 
 
+def _lock_output(config: AnnotateConfig) -> OutputLock:
+    out_dir = os.path.dirname(os.path.abspath(config.output))
+    if not os.path.isdir(out_dir):
+        raise AnnotateError(f"--output {config.output}: directory {out_dir} does not exist")
+    lock = OutputLock(config.output + ".lock", f"--output {config.output}")
+    try:
+        lock.acquire()
+    except OutputLockedError as e:
+        raise AnnotateError(str(e)) from None
+    return lock
+
+
 def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
     """Annotate; returns the statistics (also written to ``<output>.stats.json``). ``teacher``:
     any object with the teachers' ``answer_all``/``retries`` (e.g. a scripted labeller); default:
@@ -371,14 +384,7 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
         return _from_programs(config, docs, log)
     prompts = load_prompts(config.prompts_dir, config.stage)
     tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
-    out_dir = os.path.dirname(os.path.abspath(config.output))
-    if not os.path.isdir(out_dir):
-        raise AnnotateError(f"--output {config.output}: directory {out_dir} does not exist")
-    lock = OutputLock(config.output + ".lock", f"--output {config.output}")
-    try:
-        lock.acquire()
-    except OutputLockedError as e:
-        raise AnnotateError(str(e)) from None
+    lock = _lock_output(config)
     start = time.perf_counter()
     try:
         teacher = teacher if teacher is not None else make_teacher(config, log)
@@ -424,22 +430,13 @@ def _count_malformed(stats: dict, reason: str) -> None:
 
 def _from_programs(config: AnnotateConfig, docs, log) -> dict:
     """``--programs``: the seeds' answers are the file's programs (no requests, no journal)."""
-    from megatron_slm.refine.pipeline import ProgramFile, RefineError
-
     try:
         table = ProgramFile(config.programs, config.id_key)
         found = [table.lookup(record, source) for source, record, _ in docs]
     except RefineError as e:
         raise AnnotateError(str(e)) from None
     tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
-    out_dir = os.path.dirname(os.path.abspath(config.output))
-    if not os.path.isdir(out_dir):
-        raise AnnotateError(f"--output {config.output}: directory {out_dir} does not exist")
-    lock = OutputLock(config.output + ".lock", f"--output {config.output}")
-    try:
-        lock.acquire()
-    except OutputLockedError as e:
-        raise AnnotateError(str(e)) from None
+    lock = _lock_output(config)
     start = time.perf_counter()
     try:
         stats = {
