@@ -245,3 +245,25 @@ def test_cli(tmp_path, capsys):
     assert prox_annotate.main(argv[2:]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"prox_annotate: error: {inp}:2: no program for id 2 in {prog}"]
+
+
+def test_ranges_to_the_end_and_past_it_are_clipped():
+    ops = parse_program("remove_lines(all=True)\nremove_lines(8, 20)", "chunk").operations
+    assert chunk_part(ops, TEXT, 3, 5) == "remove_lines(line_start=3, line_end=5)"
+    assert chunk_part(ops, TEXT, 9, 9) == (
+        "remove_lines(line_start=9, line_end=9)\nremove_lines(line_start=9, line_end=9)"
+    )
+
+
+def test_doc_user_message_is_truncated_as_at_inference(tmp_path, monkeypatch):
+    from megatron_slm.refine.prompts import doc_message
+    from tests.unit.refine.test_prompts import OVERHEAD, TOK
+
+    monkeypatch.setattr(annotate_module, "_load_tokenizer", lambda path: TOK)
+    text = "a long document\n" * 20
+    _, seeds, _ = run(
+        tmp_path, "doc", [("a", text)], [("a", "keep_doc()", None)],
+        tokenizer="stub", doc_max_prompt_tokens=OVERHEAD + 40,
+    )  # fmt: skip
+    user = doc_message(TOK, text, OVERHEAD + 40)[0]
+    assert len(user) < len(text) and seeds[0]["messages"] == chat_messages(user, "keep_doc()")
