@@ -14,6 +14,14 @@ from the journal, in input order.
 
 Document stage requests: the educational-value grade for every document, then the format grade
 only for documents graded edu = 2 (the only case where it changes the label).
+
+``--programs FILE`` instead of ``--teacher``: the answers are existing programs (a rule-based
+labeller's, a larger refining model's, ProX's released ones once in this format), read by the
+reader of ``tools/prox_refine.py apply`` (``pipeline.ProgramFile``) and matched by ``--id-key``.
+Doc stage: the ``doc_program`` (``keep_doc()``/``drop_doc()``) is the answer; a null one leaves
+the document out. Chunk stage: the document is split as above and each chunk gets
+:func:`megatron_slm.refine.seeds.chunk_part` of the document-wide ``chunk_program``, then the same
+grammar check as a teacher's program. No requests, no journal; the outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -33,10 +41,15 @@ from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX, split_into_chunks, wrap_chunk
+from megatron_slm.refine.pipeline import ProgramFile, RefineError
+from megatron_slm.refine.program import parse_program
 from megatron_slm.refine.prompts import chat_messages, doc_message
 from megatron_slm.refine.seeds import (
+    KEEP_PROGRAM,
     check_chunk_program,
+    chunk_part,
     clean_program,
+    doc_answer,
     doc_label,
     needs_format_grade,
     parse_score,
@@ -59,11 +72,18 @@ class AnnotateError(UserError):
 class AnnotateConfig:
     input: list[str] = arg([], "JSONL files or globs of documents.", required=True)
     stage: str = arg(None, "What the teacher annotates.", required=True, choices=["doc", "chunk"])
-    teacher: str = arg(
+    teacher: str | None = arg(
         None,
-        "OpenAI-compatible base URL (http://host:port/v1) or a local Hugging Face model directory.",
-        required=True,
+        "OpenAI-compatible base URL (http://host:port/v1) or a local Hugging Face model directory "
+        "(or give --programs).",
     )
+    programs: str | None = arg(
+        None,
+        "Instead of a teacher: a JSONL of existing programs by document id, the file "
+        "tools/prox_refine.py apply --programs reads ({id, doc_program, chunk_program}; chunk "
+        "programs with document-wide line numbers, cut into one program per chunk).",
+    )
+    id_key: str = arg("id", "With --programs: JSON key identifying a document in both files.")
     output: str = arg(None, "Seeds JSONL ({'messages': [...]} per example).", required=True)
     teacher_model: str | None = arg(
         None, "Model name sent to an OpenAI-compatible endpoint (needed with a URL)."
@@ -112,7 +132,12 @@ class AnnotateConfig:
             raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
         if self.timeout <= 0 or self.backoff < 0:
             raise ConfigError("--timeout must be > 0 and --backoff >= 0")
-        if is_url(self.teacher) and not self.teacher_model:
+        if (self.teacher is None) == (self.programs is None):
+            raise ConfigError(
+                "give exactly one of --teacher (a teacher LLM writes the answers) and --programs "
+                "(a JSONL of existing programs)"
+            )
+        if self.teacher is not None and is_url(self.teacher) and not self.teacher_model:
             raise ConfigError("--teacher is a URL: give --teacher-model (the served model's name)")
         if self.stage == "chunk" and not self.tokenizer:
             raise ConfigError(
@@ -340,13 +365,7 @@ def _seed(messages, source, record, stage, **extra) -> dict:
     return seed
 
 
-def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
-    """Annotate; returns the statistics (also written to ``<output>.stats.json``). ``teacher``:
-    any object with the teachers' ``answer_all``/``retries`` (e.g. a scripted labeller); default:
-    the one ``--teacher`` names."""
-    docs = read_documents(config.input, config.text_key)
-    prompts = load_prompts(config.prompts_dir, config.stage)
-    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+def _lock_output(config: AnnotateConfig) -> OutputLock:
     out_dir = os.path.dirname(os.path.abspath(config.output))
     if not os.path.isdir(out_dir):
         raise AnnotateError(f"--output {config.output}: directory {out_dir} does not exist")
@@ -355,6 +374,19 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
         lock.acquire()
     except OutputLockedError as e:
         raise AnnotateError(str(e)) from None
+    return lock
+
+
+def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
+    """Annotate; returns the statistics (also written to ``<output>.stats.json``). ``teacher``:
+    any object with the teachers' ``answer_all``/``retries`` (e.g. a scripted labeller); default:
+    the one ``--teacher`` names."""
+    docs = read_documents(config.input, config.text_key)
+    if config.programs is not None:
+        return _from_programs(config, docs, log)
+    prompts = load_prompts(config.prompts_dir, config.stage)
+    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+    lock = _lock_output(config)
     start = time.perf_counter()
     try:
         teacher = teacher if teacher is not None else make_teacher(config, log)
@@ -380,13 +412,118 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
         stats["retries"] = teacher.retries
         stats["seeds"] = len(seeds)
         stats["seconds"] = round(time.perf_counter() - start, 3)
-        text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in seeds)
-        write_text_atomic(config.output, text)
-        write_json_atomic(config.output + ".stats.json", stats)
+        _write(config, seeds, stats)
     finally:
         lock.release()
     log(format_summary(stats))
     return stats
+
+
+def _write(config: AnnotateConfig, seeds: list[dict], stats: dict) -> None:
+    text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in seeds)
+    write_text_atomic(config.output, text)
+    write_json_atomic(config.output + ".stats.json", stats)
+
+
+def _count_malformed(stats: dict, reason: str) -> None:
+    stats["malformed"] += 1
+    stats["malformed_reasons"][reason] = stats["malformed_reasons"].get(reason, 0) + 1
+
+
+def _from_programs(config: AnnotateConfig, docs, log) -> dict:
+    """``--programs``: the seeds' answers are the file's programs (no requests, no journal)."""
+    try:
+        table = ProgramFile(config.programs, config.id_key)
+        found = [table.lookup(record, source) for source, record, _ in docs]
+    except RefineError as e:
+        raise AnnotateError(str(e)) from None
+    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+    lock = _lock_output(config)
+    start = time.perf_counter()
+    try:
+        stats = {
+            "stage": config.stage,
+            "documents": len(docs),
+            "programs": config.programs,
+            "malformed": 0,
+            "malformed_reasons": {},
+            "seeds": 0,
+        }
+        if config.stage == "doc":
+            seeds = _doc_programs(docs, [doc for doc, _ in found], tokenizer, config, stats)
+        else:
+            seeds = _chunk_programs(docs, [chunk for _, chunk in found], tokenizer, config, stats)
+        stats["seeds"] = len(seeds)
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        _write(config, seeds, stats)
+    finally:
+        lock.release()
+    log(format_summary(stats))
+    return stats
+
+
+def _doc_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict]:
+    seeds = []
+    labels = {"keep": 0, "drop": 0, "excluded": 0}
+    for (source, record, text), program in zip(docs, programs):
+        if program is None:
+            labels["excluded"] += 1
+            continue
+        label, reason = doc_answer(program)
+        if label is None:
+            _count_malformed(stats, f"doc_program: {reason.split(': ', 1)[-1][:60]}")
+            continue
+        labels["keep" if label == KEEP_PROGRAM else "drop"] += 1
+        user = (
+            text
+            if tokenizer is None
+            else doc_message(tokenizer, text, config.doc_max_prompt_tokens)[0]
+        )
+        seeds.append(_seed(chat_messages(user, label), source, record, "doc"))
+    stats["labels"] = labels
+    return seeds
+
+
+def _chunk_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict]:
+    def count(lines):
+        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+
+    seeds = []
+    invalid: dict[str, int] = {}
+    stats.update(chunks=0, documents_excluded=0, programs_invalid=0)
+    for (source, record, text), program in zip(docs, programs):
+        if not text.split():
+            continue  # prox_refine drops empty documents without asking the model
+        if program is None:
+            stats["documents_excluded"] += 1
+            continue
+        parsed = parse_program(program, "chunk")
+        if parsed.errors or not parsed.operations:
+            reason = parsed.errors[0].reason[:60] if parsed.errors else "empty program"
+            _count_malformed(stats, f"chunk_program: {reason}")
+            continue
+        chunks, _ = split_into_chunks(text, count, config.chunk_max_tokens, config.line_prefix)
+        for chunk in chunks:
+            stats["chunks"] += 1
+            part = chunk_part(parsed.operations, text, chunk.first_line, chunk.last_line)
+            reason = check_chunk_program(part, text, chunk.first_line, chunk.last_line)
+            if reason is not None:
+                stats["programs_invalid"] += 1
+                kind = reason.split(": ", 1)[-1].split(" (")[0][:60]
+                invalid[kind] = invalid.get(kind, 0) + 1
+                continue
+            seeds.append(
+                _seed(
+                    chat_messages(wrap_chunk(chunk.body), part),
+                    source,
+                    record,
+                    "chunk",
+                    lines=[chunk.first_line, chunk.last_line],
+                )
+            )
+    stats["malformed"] += stats["programs_invalid"]
+    stats["invalid_reasons"] = dict(sorted(invalid.items(), key=lambda kv: -kv[1])[:20])
+    return seeds
 
 
 def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal, stats: dict):
@@ -495,20 +632,29 @@ def _chunk_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journ
 
 
 def format_summary(stats: dict) -> str:
-    lines = [
-        f"prox_annotate {stats['stage']}: {stats['documents']:,} documents -> "
-        f"{stats['seeds']:,} seeds; {stats['requests']:,} requests ({stats['requests_sent']:,} "
-        f"sent now, {stats['requests_resumed']:,} from the journal, {stats['retries']:,} "
-        f"retries), {stats['malformed']:,} malformed answers",
-    ]
+    head = f"prox_annotate {stats['stage']}: {stats['documents']:,} documents -> "
+    if "programs" in stats:
+        head += (
+            f"{stats['seeds']:,} seeds from the programs in {stats['programs']}, "
+            f"{stats['malformed']:,} malformed programs"
+        )
+    else:
+        head += (
+            f"{stats['seeds']:,} seeds; {stats['requests']:,} requests "
+            f"({stats['requests_sent']:,} sent now, {stats['requests_resumed']:,} from the "
+            f"journal, {stats['retries']:,} retries), {stats['malformed']:,} malformed answers"
+        )
+    lines = [head]
     if "labels" in stats:
         lab = stats["labels"]
         lines.append(
             f"  labels: keep {lab['keep']:,}, drop {lab['drop']:,}, excluded {lab['excluded']:,}"
         )
     if "programs_invalid" in stats:
+        excluded = stats.get("documents_excluded")
         lines.append(
             f"  chunks {stats['chunks']:,}, invalid programs {stats['programs_invalid']:,}"
+            + (f", documents without a chunk program {excluded:,}" if excluded else "")
             + (f" ({stats['invalid_reasons']})" if stats["invalid_reasons"] else "")
         )
     return "\n".join(lines)

@@ -144,32 +144,50 @@ def _id_key(value) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-class ProgramTable:
-    """``apply`` mode: the programs of a JSONL file, by document id."""
+class ProgramFile:
+    """The programs of a ``--programs`` JSONL file (``{id, doc_program?, chunk_program?}`` per
+    line, each program a string or null), by document id: the one reader of this format, for
+    ``tools/prox_refine.py apply`` and ``tools/prox_annotate.py --programs``."""
 
-    def __init__(self, config: ApplyConfig, rule: AcceptanceRule):
-        self.path, self.id_key, self.rule = config.programs, config.id_key, rule
-        if not os.path.isfile(self.path):
-            raise RefineError(f"--programs {self.path}: no such file")
+    def __init__(self, path: str, id_key: str):
+        self.path, self.id_key = path, id_key
+        if not os.path.isfile(path):
+            raise RefineError(f"--programs {path}: no such file")
         self.programs: dict[str, tuple[str | None, str | None]] = {}
         first_line: dict[str, int] = {}
-        for line_no, record in _read_jsonl(self.path):
-            if self.id_key not in record:
-                raise RefineError(f"{self.path}:{line_no}: no {self.id_key!r} key (--id-key)")
-            key = _id_key(record[self.id_key])
+        for line_no, record in _read_jsonl(path):
+            if id_key not in record:
+                raise RefineError(f"{path}:{line_no}: no {id_key!r} key (--id-key)")
+            key = _id_key(record[id_key])
             if key in first_line:
                 raise RefineError(
-                    f"{self.path}:{line_no}: duplicate {self.id_key} {key} (first at line "
-                    f"{first_line[key]})"
+                    f"{path}:{line_no}: duplicate {id_key} {key} (first at line {first_line[key]})"
                 )
             programs = []
             for name in ("doc_program", "chunk_program"):
                 value = record.get(name)
                 if value is not None and not isinstance(value, str):
-                    raise RefineError(f"{self.path}:{line_no}: {name!r} must be a string or null")
+                    raise RefineError(f"{path}:{line_no}: {name!r} must be a string or null")
                 programs.append(value)
             first_line[key] = line_no
             self.programs[key] = (programs[0], programs[1])
+
+    def lookup(self, record: dict, where: str) -> tuple[str | None, str | None]:
+        """``(doc_program, chunk_program)`` of the input document ``record``; ``where`` ("path:line"
+        of the document) names it in the error when it has no id or no program."""
+        if self.id_key not in record:
+            raise RefineError(f"{where}: no {self.id_key!r} key (--id-key)")
+        key = _id_key(record[self.id_key])
+        if key not in self.programs:
+            raise RefineError(f"{where}: no program for {self.id_key} {key} in {self.path}")
+        return self.programs[key]
+
+
+class ProgramTable:
+    """``apply`` mode: the programs of a JSONL file, by document id."""
+
+    def __init__(self, config: ApplyConfig, rule: AcceptanceRule):
+        self.programs, self.rule = ProgramFile(config.programs, config.id_key), rule
         self.tokenizer = None
         if config.tokenizer:
             from megatron_slm.refine.backends import BackendError, load_tokenizer
@@ -182,17 +200,10 @@ class ProgramTable:
                 raise RefineError(str(e)) from None
 
     def refine(self, docs: list[Document]) -> list[Outcome]:
-        outcomes = []
-        for doc in docs:
-            if self.id_key not in doc.record:
-                raise RefineError(f"{doc.path}:{doc.line}: no {self.id_key!r} key (--id-key)")
-            key = _id_key(doc.record[self.id_key])
-            if key not in self.programs:
-                raise RefineError(
-                    f"{doc.path}:{doc.line}: no program for {self.id_key} {key} in {self.path}"
-                )
-            outcomes.append(decide(doc.text, *self.programs[key], self.rule))
-        return outcomes
+        return [
+            decide(doc.text, *self.programs.lookup(doc.record, f"{doc.path}:{doc.line}"), self.rule)
+            for doc in docs
+        ]
 
 
 class ModelRefiner:

@@ -5,17 +5,20 @@
   left out (ProX's labelling);
 * chunk stage: the teacher's program is cleaned (code fences, a leading ``Program:``), parsed by the
   strict parser and executed; a program with any error, a line range outside its chunk, or a
-  ``normalize`` whose source is not in the chunk is invalid (ProX's grammar check).
+  ``normalize`` whose source is not in the chunk is invalid (ProX's grammar check);
+* existing programs (``--programs``): a document's ``doc_program`` is the label as it is; its
+  document-wide ``chunk_program`` is cut into one program per chunk (:func:`chunk_part`).
 
 A grade or program that cannot be read is *malformed*: counted by the caller, never a seed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from megatron_slm.refine.executor import apply_chunk_program
-from megatron_slm.refine.program import Keep, Normalize, RemoveLines, parse_program
+from megatron_slm.refine.program import DropDoc, Keep, Normalize, RemoveLines, parse_program
 
 KEEP_PROGRAM = "keep_doc()"
 DROP_PROGRAM = "drop_doc()"
@@ -90,3 +93,46 @@ def check_chunk_program(program: str, text: str, first_line: int, last_line: int
     if errors:
         return f"program line {errors[0].line}: {errors[0].reason}"
     return None
+
+
+def doc_answer(program: str) -> tuple[str | None, str | None]:
+    """``(keep_doc() or drop_doc(), None)`` for a document program that is one keep or drop call
+    (``untouch_doc()`` is written ``keep_doc()``); else ``(None, reason)``."""
+    parsed = parse_program(program, "doc")
+    if parsed.errors:
+        e = parsed.errors[0]
+        return None, f"program line {e.line}: {e.reason}"
+    if len(parsed.operations) != 1:
+        return None, "empty program" if not parsed.operations else "more than one call"
+    return (DROP_PROGRAM if isinstance(parsed.operations[0][1], DropDoc) else KEEP_PROGRAM), None
+
+
+def render_call(op) -> str:
+    """The canonical spelling of a chunk-level operation (``parse_program`` reads it back as
+    ``op``): strings as JSON literals, which Python's literal syntax reads the same way."""
+    if isinstance(op, RemoveLines):
+        return f"remove_lines(line_start={op.start}, line_end={op.end})"
+    if isinstance(op, Normalize):
+        source = json.dumps(op.source, ensure_ascii=False)
+        target = json.dumps(op.target, ensure_ascii=False)
+        return f"normalize(source_str={source}, target_str={target})"
+    return "keep_chunk()"
+
+
+def chunk_part(operations: list, text: str, first_line: int, last_line: int) -> str:
+    """The program of document lines ``first_line..last_line`` of ``text``, cut from the parsed
+    document-wide chunk program ``operations`` (``(program line, op)`` pairs): its
+    ``remove_lines`` ranges clipped to the chunk (a range over two chunks gives one call in each),
+    the ``normalize`` calls whose source occurs in the chunk's text, in program order;
+    ``keep_chunk()`` when none applies."""
+    chunk_text = "\n".join(text.split("\n")[first_line : last_line + 1])
+    calls = []
+    for _, op in operations:
+        if isinstance(op, RemoveLines):
+            end = last_line if op.end is None else min(op.end, last_line)
+            start = max(op.start, first_line)
+            if start <= end:
+                calls.append(render_call(RemoveLines(start, end)))
+        elif isinstance(op, Normalize) and op.source in chunk_text:
+            calls.append(render_call(op))
+    return "\n".join(calls) if calls else render_call(Keep())
