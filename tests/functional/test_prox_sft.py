@@ -31,7 +31,12 @@ NOISE = [
     "http://spam.example/click?id=7",
     "(c) footer all rights reserved",
 ]
-ITERS = int(os.environ.get("PROX_SFT_ITERS", "500"))
+ITERS = int(os.environ.get("PROX_SFT_ITERS", "1000"))
+# Measured on 2 cores (150 held-out documents): copying line numbers generalises with many distinct
+# documents, not with epochs over a few. 2 layers x 500 steps: chunk line F1 0.68 on 400 training
+# documents, 0.82 on 3000, 0.85 with document-stage seeds from 600 of them; x 1000 steps: 0.94.
+# 4 layers or hidden 128 learn slower at this budget (0.56, 0.82).
+TRAIN_DOCS, DOC_STAGE_DOCS, HELDOUT_DOCS = 3000, 600, 150
 
 
 def clean_line(rng):
@@ -91,14 +96,12 @@ def tool(name, *args):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from megatron_slm.convert.tokenizer_export import write_sentencepiece_hf_tokenizer
-    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
     from megatron_slm.data.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("prox_sft")
-    rng = random.Random(0)
     docs = {"train": [], "heldout": []}
-    for split, count in (("train", 400), ("heldout", 40)):
+    for split, count, seed in (("train", TRAIN_DOCS, 0), ("heldout", HELDOUT_DOCS, 1)):
+        rng = random.Random(seed)
         for i in range(count):
             text, noise = make_doc(rng, spam=i % 5 == 0)
             docs[split].append({"id": f"{split}{i}", "text": text, "noise": noise})
@@ -107,7 +110,11 @@ def trained(tmp_path_factory):
     for split in docs:  # the chunk stage sees the documents the document stage keeps
         kept = [d for d in docs[split] if len(d["noise"]) < len(d["text"].split("\n"))]
         write_jsonl(root / f"{split}_kept.jsonl", kept)
-    # the tokenizer also sees the program syntax and the chat markup: short programs, fast SFT
+    # the document stage is learned from far fewer examples: its seeds come from a part
+    write_jsonl(root / "train_doc_stage.jsonl", docs["train"][:DOC_STAGE_DOCS])
+    write_jsonl(root / "heldout_doc_stage.jsonl", docs["heldout"])
+    # the tokenizer also sees the program syntax and the chat markup: short programs, fast SFT;
+    # single digits (as Llama's): a line number is copied digit by digit
     programs = [
         f"remove_lines(line_start={i}, line_end={i})\nkeep_chunk()\nkeep_doc()\ndrop_doc()"
         for i in range(10)
@@ -115,21 +122,18 @@ def trained(tmp_path_factory):
     markup = ["<|system|>\n<|user|>\n<|assistant|>\n[doc]\n[/doc]\n" + SYSTEM_PROMPT] * 50
     lines = [f"[{i:03d}]" for i in range(10)] * 5
     corpus = [d["text"] for d in docs["train"]] + programs * 60 + markup + lines
-    spm = train_sentencepiece(corpus, str(root / "tok"), 480)
-    hf_tok = str(root / "hf_tok")
-    os.makedirs(hf_tok)
-    write_sentencepiece_hf_tokenizer(spm, hf_tok, DEFAULT_CHAT_TEMPLATE)
+    spm = train_sentencepiece(corpus, str(root / "tok"), 480, split_digits=True)
     labeller = ScriptedLabeller(noise_by_text)
     seeds = {}
     for split in docs:
         for stage in ("doc", "chunk"):
             out = str(root / f"{split}_{stage}.jsonl")
             config = AnnotateConfig(
-                input=[str(root / (f"{split}.jsonl" if stage == "doc" else f"{split}_kept.jsonl"))],
+                input=[str(root / f"{split}_{'doc_stage' if stage == 'doc' else 'kept'}.jsonl")],
                 stage=stage,
                 teacher=str(root),  # unused: the labeller answers
                 output=out,
-                tokenizer=hf_tok,
+                tokenizer=spm,  # read as the export will write it
             )
             annotate(config, log=lambda m: None, teacher=labeller)
             seeds[split, stage] = out
@@ -184,6 +188,7 @@ def report(trained):
     report_path = root / "eval.json"
     proc = tool(
         "prox_eval.py", "--model", hf, "--data", heldout, "--output", report_path,
+        "--predictions", root / "predictions.jsonl",
         "--doc-max-new-tokens", 16, "--chunk-max-new-tokens", 64,
     )  # fmt: skip
     print(proc.stderr)
@@ -196,23 +201,24 @@ def test_eval_doc_f1(report):
     assert report["doc_drop"]["f1"] >= 0.9, report
 
 
-# Measured on 2 cores (2 layers, 500 / 800 SFT steps; 4 layers, 500): chunk line F1 0.68 / 0.61 /
-# 0.61, noise lines removed 85% / 80% / 82%, clean lines removed 8% / 8% / 10%. The document
-# stage is learned (F1 1.0); copying line numbers needs more steps than this test can afford.
-# strict: once a change reaches a target, the XPASS fails the run and the mark must go.
-CHUNK_SHORT = pytest.mark.xfail(
-    reason="the tiny CPU model does not reach the chunk-level targets in budget", strict=True
-)
-
-
-def test_eval_chunk_f1_learned(report):
-    """What holds today: far above a model that removes nothing (F1 0)."""
-    assert report["chunk_lines"]["f1"] >= 0.5, report
-
-
-@CHUNK_SHORT
 def test_eval_chunk_f1(report):
     assert report["chunk_lines"]["f1"] >= 0.8, report
+
+
+def test_predictions_file_gives_the_report(trained, report):
+    """--predictions holds every example's program: scoring it independently gives the report."""
+    from megatron_slm.refine.evaluate import Example, score
+
+    root, _, heldout, _ = trained
+    rows = read_jsonl(root / "predictions.jsonl")
+    references = read_jsonl(heldout)
+    assert [r["reference"] for r in rows] == [x["messages"][-1]["content"] for x in references]
+    rescored = score(
+        [Example(r["stage"], r["user"], r["reference"]) for r in rows],
+        [r["prediction"] for r in rows],
+    )
+    assert rescored["chunk_lines"] == report["chunk_lines"]
+    assert rescored["doc_drop"] == report["doc_drop"]
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +259,6 @@ def test_refine_removes_noise(refined_counts):
     assert noise_removed >= 0.8 * noise_total, refined_counts
 
 
-@CHUNK_SHORT
 def test_refine_keeps_clean_lines(refined_counts):
     _, _, clean_removed, clean_total = refined_counts
     assert clean_removed <= 0.05 * clean_total, refined_counts
