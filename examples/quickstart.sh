@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: the whole Selective Language Modeling pipeline on the bundled sample corpus, on CPU.
 #
-#   bash examples/quickstart.sh            # sets up .venv, then about 7 minutes on 2 cores
+#   bash examples/quickstart.sh            # sets up .venv, then about 10 minutes on 2 cores
 #
 # 1. a compact tokenizer: a 1000-piece sentencepiece model, counted on the clean corpus and
 #    pruned to 512 pieces                   (tools/train_tokenizer.py, tools/compact_tokenizer.py)
@@ -9,12 +9,15 @@
 # 3. a reference model trained on clean text            (python -m megatron_slm.pretrain)
 # 4. the noisy corpus scored offline into a sidecar     (tools/score_corpus.py)
 # 5. Rho-1 training on the noisy corpus, top 60% tokens by excess loss, and a plain baseline
-# 6. ProX: the noisy corpus refined with programs (apply mode; tools/prox_refine.py), then a
+# 6. ProX: seed programs from a rule-based labeller (tools/prox_annotate.py --programs), a 2-layer
+#    refining model fine-tuned on them (pretrain --sft-data), exported and scored on held-out
+#    seeds (tools/prox_eval.py); the noisy corpus refined by it (tools/prox_refine.py), then a
 #    plain model trained on the refined corpus
 # 7. all three evaluated on held-out clean text and its questions (tools/evaluate.py, lm-eval)
 # 8. Rho-1 vs plain: held-out loss at every saved checkpoint against tokens trained, the tokens
 #    Rho-1 needs to reach plain's final loss (curve.png), and a selection picture (selection.html)
-# Environment: OUT (output dir), ITERS, PYTHON (skip the .venv setup), TRAIN_ARGS (extra flags).
+# Environment: OUT (output dir), ITERS, PROX_SFT_ITERS (refining model), PYTHON (skip the .venv
+# setup), TRAIN_ARGS (extra flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -79,13 +82,42 @@ echo "== 5b. baseline: plain causal LM on the noisy corpus"
 run_train --data-path "$OUT/noisy_text_document" --save "$OUT/plain" \
     --tensorboard-dir "$OUT/tensorboard/plain" "${CURVE_ARGS[@]}"
 
-echo "== 6. ProX: refine the noisy corpus, then train on it"
-# The programs next to the sample data stand in for a refining model's output (see
-# examples/sample_data/make_prox_programs.py); a model writes them with
-# `tools/prox_refine.py --doc-model ... --chunk-model ...` instead of `apply`.
-rm -rf "$OUT/prox_refined" "$OUT/prox"
-"$PYTHON" tools/prox_refine.py apply --input "$SAMPLE/noisy.jsonl" \
-    --programs "$SAMPLE/noisy_programs.jsonl" --output-dir "$OUT/prox_refined"
+echo "== 6. ProX: train a refining model, refine the noisy corpus with it, train on the result"
+# 6a. Seeds: a rule-based labeller (examples/sample_data/make_prox_programs.py, its programs in
+# noisy_programs.jsonl) stands in for the teacher LLM of `prox_annotate.py --teacher URL`. Chunk
+# seeds from the first 1200 documents, document seeds from the first 400; the last 400 held out.
+rm -rf "$OUT/prox_refined" "$OUT/prox" "$OUT/refiner" "$OUT/refiner_hf" "$OUT"/prox_seeds_*
+head -n 1200 "$SAMPLE/noisy.jsonl" > "$OUT/prox_docs_train.jsonl"
+tail -n +1201 "$SAMPLE/noisy.jsonl" > "$OUT/prox_docs_heldout.jsonl"
+# What the refining model sees must fit its 512-token sequences: chunks of at most 320 tokens of
+# numbered lines, documents cut at 448 prompt tokens; prox_refine.py below uses the same limits.
+LIMITS=(--chunk-max-tokens 320 --doc-max-prompt-tokens 448)
+annotate() {  # split, stage, documents
+    "$PYTHON" tools/prox_annotate.py --input "$3" --stage "$2" --programs "$SAMPLE/noisy_programs.jsonl" \
+        --tokenizer "$OUT/tok.model" "${LIMITS[@]}" --output "$OUT/prox_seeds_$1_$2.jsonl"
+}
+head -n 400 "$OUT/prox_docs_train.jsonl" > "$OUT/prox_docs_train_doc.jsonl"
+annotate train doc "$OUT/prox_docs_train_doc.jsonl"
+annotate train chunk "$OUT/prox_docs_train.jsonl"
+annotate heldout doc "$OUT/prox_docs_heldout.jsonl"
+annotate heldout chunk "$OUT/prox_docs_heldout.jsonl"
+cat "$OUT"/prox_seeds_heldout_{doc,chunk}.jsonl > "$OUT/prox_seeds_heldout.jsonl"
+# 6b. SFT of a 2-layer refining model on the seeds (loss on the programs only), HF export.
+"$PYTHON" -m megatron_slm.pretrain --sft-data "$OUT"/prox_seeds_train_{doc,chunk}.jsonl \
+    --model-preset tiny --num-layers 2 --tokenizer-type SentencePieceTokenizer \
+    --tokenizer-model "$OUT/tok.model" --seq-length 512 --max-position-embeddings 512 \
+    --micro-batch-size 8 --global-batch-size 8 --train-iters "${PROX_SFT_ITERS:-800}" \
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 20 --log-interval 100 --eval-interval 0 \
+    --device cpu --save "$OUT/refiner" ${TRAIN_ARGS:-}
+"$PYTHON" tools/convert_checkpoint.py megatron-to-hf --load "$OUT/refiner" --save "$OUT/refiner_hf"
+GEN=(--device cpu --doc-max-new-tokens 16 --chunk-max-new-tokens 160)
+"$PYTHON" tools/prox_eval.py --model "$OUT/refiner_hf" --data "$OUT/prox_seeds_heldout.jsonl" \
+    "${GEN[@]}" --output "$OUT/prox_eval.json" --predictions "$OUT/prox_predictions.jsonl"
+# 6c. The whole noisy corpus refined by the model (tools/prox_refine.py apply would run the
+# labeller's programs directly), then a plain model trained on what is left.
+"$PYTHON" tools/prox_refine.py --input "$SAMPLE/noisy.jsonl" --output-dir "$OUT/prox_refined" \
+    --stage doc,chunk --doc-model "$OUT/refiner_hf" --chunk-model "$OUT/refiner_hf" \
+    "${LIMITS[@]}" "${GEN[@]}"
 "$PYTHON" tools/preprocess_data.py --input "$OUT/prox_refined/noisy.jsonl" \
     --output-prefix "$OUT/prox_refined" --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model "$OUT/tok.model" --append-eod

@@ -744,7 +744,7 @@ def refine_corpus(
     finish_stats(stats)
     totals = write_totals(layout, shards)
     report = RefineReport(len(shards), [s.name for s in todo], skipped, stats, totals is not None)
-    if todo:
+    if todo and (world_size > 1 or totals is None):  # one rank's summary is the total's
         log(format_summary(f"prox_refine rank {rank}", stats))
     if totals is not None:
         log(format_summary("prox_refine total", totals))

@@ -66,6 +66,8 @@ class ReferenceSource:
                 raise VisualizeError(f"--data-path {e}") from None
             # The recorded identity is "path:iteration=..:meta-sha256=..": the path says enough.
             ref = (self.sidecar.reference or "unknown").split(":")[0]
+            if os.path.isabs(ref) and not os.path.relpath(ref).startswith(".."):
+                ref = os.path.relpath(ref)  # a shared report names no machine's paths
             self.label = f"sidecar {os.path.basename(cfg.data_path)}_refloss (model {ref})"
         elif cfg.select_mode == "excess":
             raise VisualizeError(
