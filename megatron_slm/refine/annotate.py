@@ -410,16 +410,16 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
         finally:
             journal.close()
         stats["retries"] = teacher.retries
-        stats["seeds"] = len(seeds)
-        stats["seconds"] = round(time.perf_counter() - start, 3)
-        _write(config, seeds, stats)
+        _write(config, seeds, stats, start)
     finally:
         lock.release()
     log(format_summary(stats))
     return stats
 
 
-def _write(config: AnnotateConfig, seeds: list[dict], stats: dict) -> None:
+def _write(config: AnnotateConfig, seeds: list[dict], stats: dict, start: float) -> None:
+    stats["seeds"] = len(seeds)
+    stats["seconds"] = round(time.perf_counter() - start, 3)
     text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in seeds)
     write_text_atomic(config.output, text)
     write_json_atomic(config.output + ".stats.json", stats)
@@ -453,9 +453,7 @@ def _from_programs(config: AnnotateConfig, docs, log) -> dict:
             seeds = _doc_programs(docs, [doc for doc, _ in found], tokenizer, config, stats)
         else:
             seeds = _chunk_programs(docs, [chunk for _, chunk in found], tokenizer, config, stats)
-        stats["seeds"] = len(seeds)
-        stats["seconds"] = round(time.perf_counter() - start, 3)
-        _write(config, seeds, stats)
+        _write(config, seeds, stats, start)
     finally:
         lock.release()
     log(format_summary(stats))
@@ -485,12 +483,9 @@ def _doc_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict]:
 
 
 def _chunk_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict]:
-    def count(lines):
-        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
-
-    seeds = []
-    invalid: dict[str, int] = {}
-    stats.update(chunks=0, documents_excluded=0, programs_invalid=0)
+    count = _token_counter(tokenizer)
+    seeds = _ChunkSeeds(stats)
+    stats.update(chunks=0, documents_excluded=0)
     for (source, record, text), program in zip(docs, programs):
         if not text.split():
             continue  # prox_refine drops empty documents without asking the model
@@ -506,24 +501,40 @@ def _chunk_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict
         for chunk in chunks:
             stats["chunks"] += 1
             part = chunk_part(parsed.operations, text, chunk.first_line, chunk.last_line)
-            reason = check_chunk_program(part, text, chunk.first_line, chunk.last_line)
-            if reason is not None:
-                stats["programs_invalid"] += 1
-                kind = reason.split(": ", 1)[-1].split(" (")[0][:60]
-                invalid[kind] = invalid.get(kind, 0) + 1
-                continue
-            seeds.append(
-                _seed(
-                    chat_messages(wrap_chunk(chunk.body), part),
-                    source,
-                    record,
-                    "chunk",
-                    lines=[chunk.first_line, chunk.last_line],
-                )
-            )
-    stats["malformed"] += stats["programs_invalid"]
-    stats["invalid_reasons"] = dict(sorted(invalid.items(), key=lambda kv: -kv[1])[:20])
-    return seeds
+            seeds.add(part, source, record, text, chunk)
+    return seeds.finish()
+
+
+class _ChunkSeeds:
+    """Chunk seeds whose programs pass the grammar check; the others counted by reason."""
+
+    def __init__(self, stats: dict):
+        self.stats, self.seeds, self.invalid = stats, [], {}
+        stats["programs_invalid"] = 0
+
+    def add(self, program: str, source: str, record: dict, text: str, chunk) -> None:
+        reason = check_chunk_program(program, text, chunk.first_line, chunk.last_line)
+        if reason is not None:
+            self.stats["programs_invalid"] += 1
+            kind = reason.split(": ", 1)[-1].split(" (")[0][:60]
+            self.invalid[kind] = self.invalid.get(kind, 0) + 1
+            return
+        messages = chat_messages(wrap_chunk(chunk.body), program)
+        lines = [chunk.first_line, chunk.last_line]
+        self.seeds.append(_seed(messages, source, record, "chunk", lines=lines))
+
+    def finish(self) -> list[dict]:
+        self.stats["malformed"] += self.stats["programs_invalid"]
+        top = sorted(self.invalid.items(), key=lambda kv: -kv[1])[:20]
+        self.stats["invalid_reasons"] = dict(top)
+        return self.seeds
+
+
+def _token_counter(tokenizer):
+    def count(lines):
+        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+
+    return count
 
 
 def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal, stats: dict):
@@ -586,9 +597,7 @@ def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal
 
 
 def _chunk_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal, stats: dict):
-    def count(lines):
-        return [len(ids) for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
-
+    count = _token_counter(tokenizer)
     n = config.max_new_tokens
     items, requests = [], {}
     for source, record, text in docs:
@@ -599,36 +608,17 @@ def _chunk_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journ
             wrapped = wrap_chunk(chunk.body)
             messages = teacher_messages(prompts["chunk"], "chunk", wrapped)
             key = request_key(messages, n)
-            items.append((source, record, text, chunk, wrapped, key))
+            items.append((source, record, text, chunk, key))
             requests[key] = messages
     stats["chunks"] = len(items)
     asker.ask("chunk", requests)
-    seeds = []
-    invalid: dict[str, int] = {}
-    stats["programs_invalid"] = 0
-    for source, record, text, chunk, wrapped, key in items:
+    seeds = _ChunkSeeds(stats)
+    for source, record, text, chunk, key in items:
         answer = _answer(journal, key, stats, "chunk: no answer")
         if answer is None:
             continue
-        program = clean_program(answer)
-        reason = check_chunk_program(program, text, chunk.first_line, chunk.last_line)
-        if reason is not None:
-            stats["programs_invalid"] += 1
-            kind = reason.split(": ", 1)[-1].split(" (")[0][:60]
-            invalid[kind] = invalid.get(kind, 0) + 1
-            continue
-        seeds.append(
-            _seed(
-                chat_messages(wrapped, program),
-                source,
-                record,
-                "chunk",
-                lines=[chunk.first_line, chunk.last_line],
-            )
-        )
-    stats["malformed"] += stats["programs_invalid"]
-    stats["invalid_reasons"] = dict(sorted(invalid.items(), key=lambda kv: -kv[1])[:20])
-    return seeds
+        seeds.add(clean_program(answer), source, record, text, chunk)
+    return seeds.finish()
 
 
 def format_summary(stats: dict) -> str:
