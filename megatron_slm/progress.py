@@ -11,6 +11,12 @@ import sys
 import time
 
 
+def rate_text(rate: float) -> str:
+    """Whole numbers from 100 up, three significant digits below: a job at one checkpoint a
+    minute shows 0.0167, not 0."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "--:--:--"
@@ -42,7 +48,7 @@ class ProgressBar:
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         line = (
             f"[{self.name}] [{bar}] {100 * frac:5.1f}% {done}/{self.total} {self.unit} | "
-            f"{rate:,.0f} {self.unit}/s | ETA {hms(eta)}" + (f" | {extra}" if extra else "")
+            f"{rate_text(rate)} {self.unit}/s | ETA {hms(eta)}" + (f" | {extra}" if extra else "")
         )
         if self.tty:
             self.stream.write("\r" + line + ("\n" if final else ""))
