@@ -1,6 +1,6 @@
 """examples/pretrain_rho_7b.sh under a real (local, one-node) SLURM cluster: the tiny model on CPU
 with 2 tasks, a checkpoint at the end; SIGTERM mid-run saves and exits cleanly; resubmitting the
-same job resumes from that checkpoint."""
+same job resumes from that checkpoint. examples/multi_round.sh as one job, end to end."""
 
 from __future__ import annotations
 
@@ -97,3 +97,44 @@ def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):
     resumed = [s["iteration"] for s in steps[saved:]]
     assert resumed == [saved + 1, saved + 2], _job_log(tmp_path, job2)
     assert latest_iteration(str(run / "checkpoints")) == saved + 2
+
+
+def test_multi_round_script_under_slurm(slurm, tmp_path):
+    """examples/multi_round.sh as one job (srun for training and scoring): round 1, every batch
+    scored, half of them drawn as torch.multinomial(softmax(loss)) draws them, round 2 one step per
+    drawn batch (which samples it consumes: test_multi_round.py); resubmitting the finished job (a
+    requeue) redoes nothing."""
+    import numpy as np
+    import torch
+
+    from megatron_slm.data.sample_list import read_batch_list, read_batch_losses
+
+    prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 400)
+    run = tmp_path / "run"
+    env = _env(tmp_path, run, 0, prefix)
+    del env["TRAIN_ITERS"]
+    env.update(
+        ROUND1_ITERS="12", KEEP="0.5", TEMPERATURE="1.0", RESAMPLE_SEED="5", SLM_RATIO="",
+        SCORE_BF16="0", SCORE_MICRO_BATCH_SIZE="4", SCORE_COMMIT_INTERVAL="2", LOG_LOSS_FILE="",
+    )  # fmt: skip
+    script = os.path.join(REPO, "examples", "multi_round.sh")
+    out = str(tmp_path / "job-%j.out")
+    job = slurm.sbatch(script, *SBATCH_CPU, f"--output={out}", env=env, cwd=REPO)
+    assert slurm.wait(job) == "COMPLETED", _job_log(tmp_path, job)
+
+    losses = read_batch_losses(str(run / "round1_batch_losses"))
+    assert losses.records.shape == (12 * 8,) and np.isfinite(losses.sample_losses).all()
+    p = torch.softmax(torch.tensor(losses.batch_losses(), dtype=torch.float64), dim=0)
+    drawn = torch.multinomial(p, 6, replacement=False, generator=torch.Generator().manual_seed(5))
+    blist = read_batch_list(str(run / "round2.idx"))
+    assert blist.batches == drawn.tolist()
+    assert latest_iteration(str(run / "round1" / "checkpoints")) == 12
+    assert latest_iteration(str(run / "round2" / "checkpoints")) == 6
+
+    before = {p: p.read_bytes() for p in (run / "round2.idx", run / "round1_batch_losses.bin")}
+    job2 = slurm.sbatch(script, *SBATCH_CPU, f"--output={out}", env=env, cwd=REPO)
+    assert slurm.wait(job2) == "COMPLETED", _job_log(tmp_path, job2)
+    log = _job_log(tmp_path, job2)
+    assert "== scoring" not in log and "== resampling" not in log, log
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert latest_iteration(str(run / "round2" / "checkpoints")) == 6

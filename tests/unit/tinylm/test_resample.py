@@ -172,7 +172,7 @@ def test_sample_list_dataset_maps_whole_batches(tmp_path):
 
 def test_multi_round_script_parses_and_uses_real_flags():
     """examples/multi_round.sh: bash syntax, and every --flag it passes exists in the CLIs it
-    calls (run end to end by hand; no SLURM job in CI, which has no time left for one)."""
+    calls (the job runs end to end in tests/functional/test_slurm.py)."""
     import re
     import subprocess
 
