@@ -56,7 +56,9 @@ def _exported_sentencepiece_tokenizer(model_file: str, flag: str):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             write_sentencepiece_hf_tokenizer(model_file, tmp, DEFAULT_CHAT_TEMPLATE)
-        except Exception as e:  # protobuf DecodeError, TokenizerError, ...
+        except UserError as e:  # a SentencePiece model the export refuses: its own reason
+            raise BackendError(f"{flag} {e}") from None
+        except Exception as e:  # protobuf DecodeError, ...
             reason = " ".join(str(e).split())[:200]
             raise BackendError(
                 f"{flag} {model_file}: not a SentencePiece model nor a tokenizer directory "

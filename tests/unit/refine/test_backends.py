@@ -45,3 +45,15 @@ def test_a_file_is_refused_unless_allowed_and_a_bad_one_is_named(spm_model, tmp_
     bad.write_bytes(b"\x00\xffnot a protobuf" * 10)
     with pytest.raises(BackendError, match=f"--tokenizer {bad}: not a SentencePiece model"):
         load_tokenizer(str(bad), "--tokenizer", sentencepiece_ok=True)
+
+
+def test_a_model_the_export_refuses_is_refused_with_its_reason(spm_model, tmp_path):
+    from megatron_slm.tinylm import spm
+    from megatron_slm.tinylm.prune import pruned_proto, write_model
+
+    proto = spm.load_model_proto(spm_model)
+    keep = [i for i, p in enumerate(proto.pieces) if p.piece != "o"]
+    path = str(tmp_path / "no_o.model")
+    write_model(pruned_proto(proto, keep), path)
+    with pytest.raises(BackendError, match=f"^--tokenizer {path}: BPE pieces are built from"):
+        load_tokenizer(path, "--tokenizer", sentencepiece_ok=True)
