@@ -352,9 +352,7 @@ class _Asker:
 def _answer(journal: Journal, key: str, stats: dict, what: str):
     answer, error = journal.answers[key]
     if answer is None:
-        stats["malformed"] += 1
-        stats["malformed_reasons"].setdefault(what, 0)
-        stats["malformed_reasons"][what] += 1
+        _count_malformed(stats, what)
     return answer
 
 
@@ -425,6 +423,13 @@ def _write(config: AnnotateConfig, seeds: list[dict], stats: dict, start: float)
     write_json_atomic(config.output + ".stats.json", stats)
 
 
+def _doc_user_message(text: str, tokenizer, config: AnnotateConfig) -> str:
+    """The document as prox_refine.py sends it, cut to fit the prompt with a tokenizer."""
+    if tokenizer is None:
+        return text
+    return doc_message(tokenizer, text, config.doc_max_prompt_tokens)[0]
+
+
 def _count_malformed(stats: dict, reason: str) -> None:
     stats["malformed"] += 1
     stats["malformed_reasons"][reason] = stats["malformed_reasons"].get(reason, 0) + 1
@@ -472,11 +477,7 @@ def _doc_programs(docs, programs, tokenizer, config, stats: dict) -> list[dict]:
             _count_malformed(stats, f"doc_program: {reason.split(': ', 1)[-1][:60]}")
             continue
         labels["keep" if label == KEEP_PROGRAM else "drop"] += 1
-        user = (
-            text
-            if tokenizer is None
-            else doc_message(tokenizer, text, config.doc_max_prompt_tokens)[0]
-        )
+        user = _doc_user_message(text, tokenizer, config)
         seeds.append(_seed(chat_messages(user, label), source, record, "doc"))
     stats["labels"] = labels
     return seeds
@@ -551,10 +552,7 @@ def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal
         answer = _answer(journal, key, stats, "edu: no answer")
         score = parse_score(answer) if answer is not None else None
         if answer is not None and score is None:
-            stats["malformed"] += 1
-            stats["malformed_reasons"]["edu: no 0-5 score"] = (
-                stats["malformed_reasons"].get("edu: no 0-5 score", 0) + 1
-            )
+            _count_malformed(stats, "edu: no 0-5 score")
         edu.append(score)
     fmt_keys: dict[int, str] = {}
     requests = {}
@@ -575,20 +573,14 @@ def _doc_stage(docs, prompts, tokenizer, config, asker: _Asker, journal: Journal
             fmt = parse_score(answer) if answer is not None else None
             if fmt is None:
                 if answer is not None:
-                    stats["malformed"] += 1
-                    reasons = stats["malformed_reasons"]
-                    reasons["format: no 0-5 score"] = reasons.get("format: no 0-5 score", 0) + 1
+                    _count_malformed(stats, "format: no 0-5 score")
                 continue
         label = doc_label(edu[i], fmt)
         if label is None:
             labels["excluded"] += 1
             continue
         labels["keep" if label.startswith("keep") else "drop"] += 1
-        user = (
-            text
-            if tokenizer is None
-            else doc_message(tokenizer, text, config.doc_max_prompt_tokens)[0]
-        )
+        user = _doc_user_message(text, tokenizer, config)
         seeds.append(
             _seed(chat_messages(user, label), source, record, "doc", edu=edu[i], format=fmt)
         )
