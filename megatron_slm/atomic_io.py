@@ -26,6 +26,11 @@ def write_json_atomic(path: str, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+def write_jsonl_atomic(path: str, records) -> None:
+    """One JSON object per line, unicode kept as is."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()

@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from megatron_slm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic
 from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
@@ -418,8 +418,7 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
 def _write(config: AnnotateConfig, seeds: list[dict], stats: dict, start: float) -> None:
     stats["seeds"] = len(seeds)
     stats["seconds"] = round(time.perf_counter() - start, 3)
-    text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in seeds)
-    write_text_atomic(config.output, text)
+    write_jsonl_atomic(config.output, seeds)
     write_json_atomic(config.output + ".stats.json", stats)
 
 

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from megatron_slm.atomic_io import write_json_atomic, write_text_atomic
+from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import ConfigError, UserError
@@ -127,9 +127,7 @@ def evaluate(config: EvalConfig, log=print) -> dict:
             {"stage": ex.stage, "user": ex.user, "reference": ex.reference, "prediction": pred}
             for ex, pred in zip(examples, predictions)
         )
-        write_text_atomic(
-            config.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        )
+        write_jsonl_atomic(config.predictions, rows)
     report["model"] = os.path.abspath(config.model)
     report["data"] = os.path.abspath(config.data)
     if config.output:
