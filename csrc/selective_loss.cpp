@@ -8,6 +8,10 @@
 //                           inplace) -> grad[N,V] (logits dtype; the logits buffer when inplace)
 //   selective_loss_select(scores[G,n] fp32, eligible[G,n] bool, k[G] int64) -> selected[G,n] bool
 //       exact top-k per group, ties by lower index, O(n) (std::nth_element)
+//   selective_loss_finalize(stats[N,3] fp32 combined over TP, target[N] int64, v_global,
+//                           ref[N] fp32 or None, mask[N] bool or None, flags)
+//       -> (loss, lse, score [N] fp32, eligible, selected [N] bool, totals[8] fp32)
+//       the per-row epilogue and the op's statistics in one call (selective_loss_finalize.h)
 
 #include <torch/extension.h>
 
@@ -16,10 +20,13 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "selective_loss_finalize.h"
 #include "selective_loss_kernels.h"
 
 #ifdef MEGATRON_SLM_WITH_CUDA
@@ -260,6 +267,74 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
   return out;
 }
 
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>
+selective_loss_finalize(torch::Tensor stats, torch::Tensor target, int64_t v_global,
+                        std::optional<torch::Tensor> ref, std::optional<torch::Tensor> mask,
+                        int64_t flags) {
+  namespace fin = megatron_slm::finalize;
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == 3 && stats.scalar_type() == torch::kFloat32 &&
+                  stats.is_contiguous(),
+              "selective_loss_finalize: stats must be contiguous fp32 [rows, 3]");
+  const int64_t N = stats.size(0);
+  const auto dev = stats.device();
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N && target.scalar_type() == torch::kInt64 &&
+                  target.is_contiguous() && target.device() == dev,
+              "selective_loss_finalize: target must be contiguous int64 [rows] on ", dev);
+  if (ref) {
+    TORCH_CHECK(ref->dim() == 1 && ref->size(0) == N && ref->scalar_type() == torch::kFloat32 &&
+                    ref->is_contiguous() && ref->device() == dev,
+                "selective_loss_finalize: ref must be contiguous fp32 [rows] on ", dev);
+  }
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == N && mask->scalar_type() == torch::kBool &&
+                    mask->is_contiguous() && mask->device() == dev,
+                "selective_loss_finalize: mask must be contiguous bool [rows] on ", dev);
+  }
+  const auto f32 = stats.options();
+  auto loss = torch::empty({N}, f32), lse = torch::empty({N}, f32), score = torch::empty({N}, f32);
+  auto eligible = torch::empty({N}, f32.dtype(torch::kBool));
+  auto selected = torch::empty({N}, f32.dtype(torch::kBool));
+  auto totals = torch::empty({fin::kSums + 1}, f32);
+  const float* rp = ref ? ref->data_ptr<float>() : nullptr;
+  const uint8_t* mp = mask ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr;
+  auto* el = reinterpret_cast<uint8_t*>(eligible.data_ptr<bool>());
+  auto* se = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
+  const int fl = static_cast<int>(flags);
+  if (stats.is_cuda()) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(dev);
+    auto partials = torch::empty(
+        {megatron_slm::cuda::selective_loss_finalize_blocks(N) * fin::kSums},
+        f32.dtype(torch::kFloat64));
+    check_launch(megatron_slm::cuda::selective_loss_finalize(
+                     stats.data_ptr<float>(), target.data_ptr<int64_t>(), rp, mp, N, v_global, fl,
+                     loss.data_ptr<float>(), lse.data_ptr<float>(), score.data_ptr<float>(), el,
+                     se, partials.data_ptr<double>(), totals.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(dev.index()).stream()),
+                 "finalize");
+    return {loss, lse, score, eligible, selected, totals};
+#else
+    TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
+#endif
+  }
+  // Rows are cheap (a log each): one sequential pass, sums in row order.
+  double acc[fin::kSums] = {};
+  const float* st = stats.data_ptr<float>();
+  const int64_t* tg = target.data_ptr<int64_t>();
+  float* lp = loss.data_ptr<float>();
+  float* lsp = lse.data_ptr<float>();
+  float* sp = score.data_ptr<float>();
+  for (int64_t r = 0; r < N; ++r) {
+    fin::finalize_row(st + 3 * r, tg[r], v_global, rp != nullptr, rp ? rp[r] : 0.0f,
+                      mp == nullptr || mp[r] != 0, fl, lp + r, lsp + r, sp + r, el + r, se + r,
+                      acc);
+  }
+  float* tp = totals.data_ptr<float>();
+  for (int j = 0; j < fin::kSums; ++j) tp[j] = static_cast<float>(acc[j]);
+  tp[fin::kSums] = 0.0f;
+  return {loss, lse, score, eligible, selected, totals};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MEGATRON_SLM_WITH_CUDA
   m.attr("WITH_CUDA") = true;
@@ -276,4 +351,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_loss_select", &selective_loss_select,
         "Exact per-group top-k (ties by lower index) with std::nth_element", py::arg("scores"),
         py::arg("eligible"), py::arg("k"));
+  m.def("selective_loss_finalize", &selective_loss_finalize,
+        "Per-row loss/lse/score/selection flags and the op's statistics from combined row stats",
+        py::arg("stats"), py::arg("target"), py::arg("v_global"), py::arg("ref"), py::arg("mask"),
+        py::arg("flags"));
+  m.attr("FINALIZE_RANK_EXCESS") = megatron_slm::finalize::kRankExcess;
+  m.attr("FINALIZE_KEEP_UNSCORED") = megatron_slm::finalize::kKeepUnscored;
+  m.attr("FINALIZE_SELECT_ALL") = megatron_slm::finalize::kSelectAll;
 }

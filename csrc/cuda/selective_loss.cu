@@ -5,6 +5,9 @@
 //   (or +inf) sums to NaN; an all -inf row gives {-inf, 0} (its loss is then NaN, as in torch).
 // * backward: one block per row, writes (softmax - onehot) * scale rounded once to the logits
 //   dtype, in place when grad == logits; zero-scale rows are zero-filled without loads.
+// * finalize: one thread per row derives loss, lse, score and the selection flags from the
+//   combined row statistics (selective_loss_finalize.h) and sums the op's statistics: per-block
+//   partial sums in double, then one block adds the partials in block order (deterministic).
 // * select: 4-pass 8-bit radix select of the k-th largest key, then an ordered pass that breaks
 //   ties among equal keys by position (exact top-k, O(n)); each group is cut into chunks, one
 //   block per (group, chunk), so that one large group still uses the whole GPU.
@@ -16,9 +19,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "selective_loss_cuda.h"
+#include "selective_loss_finalize.h"
 
 // Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
 // under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
@@ -173,7 +178,9 @@ __device__ MaxSum block_reduce(MaxSum v) {
 // ------------------------------------------------------------------------------------------
 // forward statistics
 // ------------------------------------------------------------------------------------------
-template <typename T, bool kVectorized>
+// kUnroll vectors in flight per thread before any is used: with one, each thread waits a full
+// memory latency per 16 bytes (the loop's next load issues only after the math on this one).
+template <typename T, bool kVectorized, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     fwd_stats_kernel(const T* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
                      int64_t V, int64_t vocab_start, float* __restrict__ stats) {
@@ -184,8 +191,20 @@ __global__ void __launch_bounds__(kThreads)
     if (kVectorized) {
       const uint4* xv = reinterpret_cast<const uint4*>(x);
       const int64_t nvec = V / Tr::kVec;
+      const int64_t step = static_cast<int64_t>(blockDim.x) * kUnroll;
       float buf[Tr::kVec];
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      int64_t i = threadIdx.x;
+      for (; i + (kUnroll - 1) * static_cast<int64_t>(blockDim.x) < nvec; i += step) {
+        uint4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(xv + i + u * blockDim.x);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          Tr::unpack(v[u], buf);
+          accumulate(acc, buf, Tr::kVec);
+        }
+      }
+      for (; i < nvec; i += blockDim.x) {  // the tail: fewer than kUnroll vectors left
         Tr::unpack(__ldg(xv + i), buf);
         accumulate(acc, buf, Tr::kVec);
       }
@@ -208,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------
 // backward
 // ------------------------------------------------------------------------------------------
-template <typename T, bool kVectorized>
+template <typename T, bool kVectorized, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* logits, T* grad, const int64_t* __restrict__ target, int64_t N,
                     int64_t V, int64_t vocab_start, const float* __restrict__ lse,
@@ -234,10 +253,30 @@ __global__ void __launch_bounds__(kThreads)
       const uint4* xv = reinterpret_cast<const uint4*>(x);
       uint4* gv = reinterpret_cast<uint4*>(g);
       const int64_t nvec = V / Tr::kVec;
+      const int64_t step = static_cast<int64_t>(blockDim.x) * kUnroll;
       float buf[Tr::kVec];
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+      int64_t i = threadIdx.x;
+      // In place, grad == logits: each vector is read before it is written, by the same thread.
+      for (; i + (kUnroll - 1) * static_cast<int64_t>(blockDim.x) < nvec; i += step) {
+        uint4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = xv[i + u * blockDim.x];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t iv = i + u * blockDim.x;
+          Tr::unpack(v[u], buf);
+#pragma unroll
+          for (int j = 0; j < Tr::kVec; ++j) {
+            const int64_t col = iv * Tr::kVec + j;
+            const float p = __expf(buf[j] - l);
+            buf[j] = (col == t ? p - 1.0f : p) * sc;
+          }
+          gv[iv] = Tr::pack(buf);
+        }
+      }
+      for (; i < nvec; i += blockDim.x) {
         Tr::unpack(xv[i], buf);
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < Tr::kVec; ++j) {
           const int64_t col = i * Tr::kVec + j;
           const float p = __expf(buf[j] - l);
@@ -251,6 +290,72 @@ __global__ void __launch_bounds__(kThreads)
         g[i] = Tr::from_f((i == t ? p - 1.0f : p) * sc);
       }
     }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// finalize: per-row epilogue + the op's statistics
+// ------------------------------------------------------------------------------------------
+constexpr int kFinalizeThreads = 256;
+// At most this many blocks (and partial sums); fixed by N alone, so the sums' order (and bits)
+// never depend on the device.
+constexpr int64_t kFinalizeMaxBlocks = 128;
+constexpr int kSums = finalize::kSums;
+
+struct FinalizeArgs {
+  const float* stats;      // [N, 3] combined {max, sumexp, target logit}
+  const int64_t* target;   // [N]
+  const float* ref;        // [N] or nullptr
+  const uint8_t* mask;     // [N] or nullptr (all valid)
+  int64_t N;
+  int64_t v_global;
+  int flags;
+  float* loss;             // [N]
+  float* lse;              // [N]
+  float* score;            // [N]
+  uint8_t* eligible;       // [N]
+  uint8_t* selected;       // [N]
+  double* partials;        // [blocks, kSums]
+  float* totals;           // [kSums + 1]
+};
+
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_rows_kernel(FinalizeArgs a) {
+  __shared__ double red[kSums][kFinalizeThreads];
+  double acc[kSums];
+  for (int j = 0; j < kSums; ++j) acc[j] = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < a.N;
+       r += stride) {
+    const bool has_ref = a.ref != nullptr;
+    finalize::finalize_row(a.stats + 3 * r, a.target[r], a.v_global, has_ref,
+                           has_ref ? a.ref[r] : 0.0f, a.mask == nullptr || a.mask[r] != 0,
+                           a.flags, a.loss + r, a.lse + r, a.score + r, a.eligible + r,
+                           a.selected + r, acc);
+  }
+  for (int j = 0; j < kSums; ++j) red[j][threadIdx.x] = acc[j];
+  __syncthreads();
+  for (int half = kFinalizeThreads / 2; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half) {
+      for (int j = 0; j < kSums; ++j) red[j][threadIdx.x] += red[j][threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < kSums; ++j) a.partials[blockIdx.x * kSums + j] = red[j][0];
+  }
+}
+
+// One block: thread j adds partial j of every block, in block order.
+__global__ void __launch_bounds__(32)
+    finalize_totals_kernel(const double* __restrict__ partials, int blocks,
+                           float* __restrict__ totals) {
+  const int j = threadIdx.x;
+  if (j < kSums) {
+    double sum = 0.0;
+    for (int b = 0; b < blocks; ++b) sum += partials[b * kSums + j];
+    totals[j] = static_cast<float>(sum);
+  } else if (j == kSums) {
+    totals[j] = 0.0f;
   }
 }
 
@@ -451,6 +556,16 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
+// Vectors in flight per thread in the row kernels: 2 by default; MEGATRON_SLM_ROW_UNROLL=1 keeps
+// the one-at-a-time loop (benchmarks/gpu/run.sh measures both). Read once per process.
+int row_unroll() {
+  static const int unroll = [] {
+    const char* env = std::getenv("MEGATRON_SLM_ROW_UNROLL");
+    return env != nullptr && env[0] == '1' && env[1] == '\0' ? 1 : 2;
+  }();
+  return unroll;
+}
+
 // Grid of min(count, device limit) blocks: the kernels loop over the rest.
 cudaError_t grid_for(int64_t count, unsigned int* grid) {
   int device = 0;
@@ -471,12 +586,15 @@ cudaError_t launch_fwd(const void* logits, const int64_t* target, int64_t N, int
   unsigned int grid = 0;
   const cudaError_t err = grid_for(N, &grid);
   if (err != cudaSuccess) return err;
-  if (vec) {
-    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, true>)(x, target, N, V,
-                                                                     vocab_start, stats);
+  if (vec && row_unroll() == 2) {
+    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, true, 2>)(x, target, N, V,
+                                                                        vocab_start, stats);
+  } else if (vec) {
+    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, true, 1>)(x, target, N, V,
+                                                                        vocab_start, stats);
   } else {
-    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, false>)(x, target, N, V,
-                                                                      vocab_start, stats);
+    SLM_LAUNCH(grid, kThreads, 0, stream, fwd_stats_kernel<T, false, 1>)(x, target, N, V,
+                                                                         vocab_start, stats);
   }
   return cudaGetLastError();
 }
@@ -493,12 +611,15 @@ cudaError_t launch_bwd(const void* logits, void* grad, const int64_t* target, in
   unsigned int grid = 0;
   const cudaError_t err = grid_for(N, &grid);
   if (err != cudaSuccess) return err;
-  if (vec) {
-    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, true>)(x, g, target, N, V,
-                                                                    vocab_start, lse, scale);
+  if (vec && row_unroll() == 2) {
+    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, true, 2>)(x, g, target, N, V,
+                                                                       vocab_start, lse, scale);
+  } else if (vec) {
+    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, true, 1>)(x, g, target, N, V,
+                                                                       vocab_start, lse, scale);
   } else {
-    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, false>)(x, g, target, N, V,
-                                                                     vocab_start, lse, scale);
+    SLM_LAUNCH(grid, kThreads, 0, stream, backward_kernel<T, false, 1>)(x, g, target, N, V,
+                                                                        vocab_start, lse, scale);
   }
   return cudaGetLastError();
 }
@@ -526,6 +647,26 @@ int selective_loss_backward(const void* logits, void* grad, int dtype, const int
     return launch_bwd<__half>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
   }
   return launch_bwd<__nv_bfloat16>(logits, grad, target, N, V, vocab_start, lse, scale, stream);
+}
+
+int selective_loss_finalize_blocks(int64_t N) {
+  const int64_t need = (N + kFinalizeThreads - 1) / kFinalizeThreads;
+  return static_cast<int>(need < kFinalizeMaxBlocks ? (need > 0 ? need : 1) : kFinalizeMaxBlocks);
+}
+
+int selective_loss_finalize(const float* stats, const int64_t* target, const float* ref,
+                            const uint8_t* mask, int64_t N, int64_t v_global, int flags,
+                            float* loss, float* lse, float* score, uint8_t* eligible,
+                            uint8_t* selected, double* partials, float* totals,
+                            cudaStream_t stream) {
+  const int blocks = selective_loss_finalize_blocks(N);
+  FinalizeArgs a{stats, target, ref, mask, N, v_global, flags, loss, lse, score, eligible,
+                 selected, partials, totals};
+  SLM_LAUNCH(blocks, kFinalizeThreads, 0, stream, finalize_rows_kernel)(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  SLM_LAUNCH(1, 32, 0, stream, finalize_totals_kernel)(partials, blocks, totals);
+  return cudaGetLastError();
 }
 
 namespace {

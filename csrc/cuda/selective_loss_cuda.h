@@ -31,6 +31,18 @@ int selective_loss_backward(const void* logits, void* grad, int dtype, const int
                             int64_t N, int64_t V, int64_t vocab_start, const float* lse,
                             const float* scale, cudaStream_t stream);
 
+// Per-row epilogue (csrc/selective_loss_finalize.h) over combined stats[N, 3]: writes loss, lse,
+// score, eligible and selected [N] and totals[kSums + 1] = {n_valid, n_scored, n_selected,
+// loss_sum, selected_loss_sum, excess_sum, n_bad_targets, 0}. ref and mask may be nullptr.
+// `partials` is device memory of selective_loss_finalize_blocks(N) * kSums doubles. Two launches;
+// the sums are deterministic (fixed order for a given N).
+int selective_loss_finalize_blocks(int64_t N);
+int selective_loss_finalize(const float* stats, const int64_t* target, const float* ref,
+                            const uint8_t* mask, int64_t N, int64_t v_global, int flags,
+                            float* loss, float* lse, float* score, uint8_t* eligible,
+                            uint8_t* selected, double* partials, float* totals,
+                            cudaStream_t stream);
+
 // Exact top-k per group g of scores[G, n]: selected[g, i] = 1 for the k[g] eligible entries with
 // the highest score (ties: lower i; NaN ranks as -inf and -0.0 as +0.0), 0 elsewhere. Radix
 // select, O(n), several blocks per group. `workspace` is device memory of

@@ -46,6 +46,10 @@ Tensor parallelism: each rank computes ``{max, sum exp, target logit}`` per row 
 one pass; the ``[rows, 3]`` stats are combined with a single ``all_gather`` (one collective).
 Backward needs no communication.
 
+Fixed cost: one *finalize* kernel derives loss, lse, the score, the scored/selected flags and all
+statistics from the combined row stats (no selection pass at ratio 1), and nothing is read back
+to the host: ``k`` stays on the device and target ids are checked with a device-side assert.
+
 Implementations (``impl``): ``"cpp"`` (``megatron_slm._C`` CPU kernels), ``"cuda"`` (CUDA kernels
 in ``_C``), ``"torch"`` (pure PyTorch, :mod:`.selective_loss_reference`), ``"auto"`` (the compiled
 kernel for the tensor's device when built, else torch).
@@ -93,16 +97,23 @@ class _Kernels(NamedTuple):
     fwd_stats: object
     backward: object
     select: object
+    finalize: object
     name: str
 
 
-_TORCH_KERNELS = _Kernels(_ref.torch_fwd_stats, _ref.torch_backward, _ref.torch_select, "torch")
+_TORCH_KERNELS = _Kernels(
+    _ref.torch_fwd_stats, _ref.torch_backward, _ref.torch_select, _ref.torch_finalize, "torch"
+)
 
 
 def _compiled_kernels(name: str) -> _Kernels:
     c = _extension._C
     return _Kernels(
-        c.selective_loss_fwd_stats, c.selective_loss_backward, c.selective_loss_select, name
+        c.selective_loss_fwd_stats,
+        c.selective_loss_backward,
+        c.selective_loss_select,
+        c.selective_loss_finalize,
+        name,
     )
 
 
@@ -172,105 +183,72 @@ def _resolve_dp_group(dp_group):
 # --------------------------------------------------------------------------------------------
 # Forward pieces
 # --------------------------------------------------------------------------------------------
-def _token_loss(stats: torch.Tensor, tp_group, tp_size: int):
-    """Combine per-shard ``[N, 3]`` stats (one all_gather) into (loss, logsumexp), fp32 [N]."""
-    if tp_size > 1:
-        parts = [torch.empty_like(stats) for _ in range(tp_size)]
-        dist.all_gather(parts, stats.contiguous(), group=tp_group)
-        allst = torch.stack(parts)  # [tp, N, 3]
-        m = allst[..., 0].max(dim=0).values
-        scale = torch.exp(allst[..., 0] - m)
-        scale = torch.where(allst[..., 1] > 0, scale, torch.zeros_like(scale))
-        s = (allst[..., 1] * scale).sum(dim=0)
-        t = allst[..., 2].sum(dim=0)
-    else:
-        m, s, t = stats[:, 0], stats[:, 1], stats[:, 2]
-    lse = torch.log(s) + m
-    return lse - t, lse.contiguous()
+# Launch budget (what a GPU pays per call, and why the epilogue is one kernel): fwd_stats, the
+# finalize kernel (loss, lse, score, flags and every statistic; 2 launches), the target check
+# (2), and at ratio < 1 the top-k pass; backward: the scale (1) and the gradient kernel.
+# tests/unit/ops/test_selective_loss.py counts the aten calls so that a regression shows on CPU.
 
 
-def _select(loss, ref_loss, loss_mask, ratio, scope, mode, unscored, seed, dp_info, kernels):
-    """Selection mask (bool, loss-shaped) and the stats vector."""
-    dp_group, dp_size, dp_rank = dp_info
-    shape = loss.shape
-    valid = (
-        torch.ones(shape, dtype=torch.bool, device=loss.device)
-        if loss_mask is None
-        else loss_mask.to(torch.bool)
+def _combine_tp(stats: torch.Tensor, tp_group, tp_size: int) -> torch.Tensor:
+    """Per-shard ``[N, 3]`` row stats -> the whole vocabulary's ``{max, sumexp, target logit}``
+    (one all_gather)."""
+    if tp_size == 1:
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(tp_size)]
+    dist.all_gather(parts, stats.contiguous(), group=tp_group)
+    allst = torch.stack(parts)  # [tp, N, 3]
+    m = allst[..., 0].max(dim=0).values
+    scale = torch.exp(allst[..., 0] - m)
+    scale = torch.where(allst[..., 1] > 0, scale, torch.zeros_like(scale))
+    s = (allst[..., 1] * scale).sum(dim=0)
+    t = allst[..., 2].sum(dim=0)
+    return torch.stack([m, s, t], dim=1).contiguous()
+
+
+def _finalize_flags(mode: str, has_ref: bool, unscored: str, ratio: float) -> int:
+    rank_excess = mode == "excess" and has_ref
+    return (
+        (_ref.FINALIZE_RANK_EXCESS if rank_excess else 0)
+        | (_ref.FINALIZE_KEEP_UNSCORED if rank_excess and unscored == "keep" else 0)
+        | (_ref.FINALIZE_SELECT_ALL if ratio >= 1.0 else 0)
     )
-    excess = None
-    if ref_loss is not None:
-        ref = ref_loss.to(torch.float32)
-        finite = torch.isfinite(ref)
-        excess = loss - ref
-    if mode == "excess" and ref_loss is not None:
-        scored = valid & finite
-        uns = valid & ~finite
-        score = excess
-    else:
-        scored = valid
-        uns = None
-        if mode == "random":
-            score = _ref.random_scores(shape, seed, dp_rank if scope == "data-parallel" else 0)
-            score = score.to(loss.device)
-        else:
-            score = loss
 
-    if ratio >= 1.0:
-        selected = scored.clone()
-    elif scope == "sequence":
-        if loss.dim() != 2:
+
+def _top_k(score, eligible, n_scored, shape, cfg, kernels) -> torch.Tensor:
+    """The top-k selection ``[N]`` bool of the scored rows (ratio < 1) for the config's scope."""
+    ratio, scope, mode = cfg["ratio"], cfg["scope"], cfg["mode"]
+    dp_group, dp_size, dp_rank = cfg["dp_info"]
+    if mode == "random":
+        score = _ref.random_scores(shape, cfg["seed"], dp_rank if scope == "data-parallel" else 0)
+        score = score.to(eligible.device).reshape(-1)
+    if scope == "sequence":
+        if len(shape) != 2:
             raise ValueError("scope='sequence' needs [s, b] inputs")
-        sc = score.t().contiguous()
-        el = scored.t().contiguous()
+        sc = score.view(shape).t().contiguous()  # [b, s]: one group per sequence
+        el = eligible.view(shape).t().contiguous()
         k = _num_to_keep_t(ratio, el.sum(dim=1))
-        selected = kernels.select(sc, el, k).t()
-    elif scope == "microbatch" or dp_size == 1:
-        sc = score.reshape(1, -1).contiguous()
-        el = scored.reshape(1, -1).contiguous()
-        k = _num_to_keep_t(ratio, el.sum(dim=1))
-        selected = kernels.select(sc, el, k).reshape(shape)
-    else:  # data-parallel: exchange per-token scores and eligibility (one all_gather)
-        n = score.numel()
-        packed = torch.stack([score.reshape(-1).float(), scored.reshape(-1).float()])
-        parts = [torch.empty_like(packed) for _ in range(dp_size)]
-        dist.all_gather(parts, packed.contiguous(), group=dp_group)
-        allp = torch.cat(parts, dim=1)  # [2, dp * n], rank-major
-        sc = allp[0].reshape(1, -1).contiguous()
-        el = (allp[1] > 0.5).reshape(1, -1).contiguous()
-        k = _num_to_keep_t(ratio, el.sum(dim=1))
-        sel_all = kernels.select(sc, el, k)
-        selected = sel_all[0, dp_rank * n : (dp_rank + 1) * n].reshape(shape)
-
-    if uns is not None and unscored == "keep":
-        selected = selected | uns
-    selected = selected.contiguous()
-
-    zero = loss.new_zeros(())
-    if excess is not None:
-        ex_mask = valid & finite
-        excess_sum = torch.where(ex_mask, excess, torch.zeros_like(excess)).sum()
-    else:
-        excess_sum = zero
-    stats = torch.stack(
-        [
-            valid.sum().float(),
-            scored.sum().float(),
-            selected.sum().float(),
-            torch.where(valid, loss, torch.zeros_like(loss)).sum(),
-            torch.where(selected, loss, torch.zeros_like(loss)).sum(),
-            excess_sum,
-        ]
-    )
-    return selected, stats
+        return kernels.select(sc, el, k).t().reshape(-1)
+    if scope == "microbatch" or dp_size == 1:
+        k = _num_to_keep_t(ratio, n_scored.reshape(1))
+        return kernels.select(score.view(1, -1), eligible.view(1, -1), k).view(-1)
+    # data-parallel: exchange per-token scores and eligibility (one all_gather)
+    n = score.numel()
+    packed = torch.stack([score.float(), eligible.float()])
+    parts = [torch.empty_like(packed) for _ in range(dp_size)]
+    dist.all_gather(parts, packed.contiguous(), group=dp_group)
+    allp = torch.cat(parts, dim=1)  # [2, dp * n], rank-major
+    sc = allp[0].reshape(1, -1).contiguous()
+    el = (allp[1] > 0.5).reshape(1, -1).contiguous()
+    k = _num_to_keep_t(ratio, el.sum(dim=1))
+    return kernels.select(sc, el, k)[0, dp_rank * n : (dp_rank + 1) * n]
 
 
 def _num_to_keep_t(ratio: float, n_scored: torch.Tensor) -> torch.Tensor:
-    """Vectorized :func:`selective_loss_reference.num_to_keep` (int64, on CPU for the kernels)."""
+    """Vectorized :func:`selective_loss_reference.num_to_keep` (int64, on the counts' device:
+    the select kernels take k where it lies, so no count is read back)."""
     n = n_scored.to(torch.int64)
     k = torch.floor(ratio * n.double() + 0.5).to(torch.int64)
-    k = torch.minimum(torch.clamp(k, min=1), n)
-    return k.cpu() if n.device.type == "cpu" else k
+    return torch.minimum(torch.clamp(k, min=1), n)
 
 
 class _SelectiveCrossEntropy(torch.autograd.Function):
@@ -283,22 +261,28 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         if not logits2d.is_contiguous():
             logits2d = logits2d.contiguous()
         target1d = target.reshape(-1).to(torch.int64).contiguous()
+        ref1d = None if ref_loss is None else ref_loss.reshape(-1).to(torch.float32).contiguous()
+        mask1d = None if loss_mask is None else loss_mask.reshape(-1).to(torch.bool).contiguous()
 
-        stats = kernels.fwd_stats(logits2d, target1d, vocab_start)
-        loss1d, lse = _token_loss(stats, cfg["tp_group"], cfg["tp_size"])
-        loss = loss1d.reshape(target.shape)
-        selected, st = _select(
-            loss,
-            ref_loss,
-            loss_mask,
-            cfg["ratio"],
-            cfg["scope"],
-            cfg["mode"],
-            cfg["unscored"],
-            cfg["seed"],
-            cfg["dp_info"],
-            kernels,
+        stats = _combine_tp(
+            kernels.fwd_stats(logits2d, target1d, vocab_start), cfg["tp_group"], cfg["tp_size"]
         )
+        flags = _finalize_flags(cfg["mode"], ref1d is not None, cfg["unscored"], cfg["ratio"])
+        v_global = v_local * cfg["tp_size"]
+        loss1d, lse, score, eligible, selected, totals = kernels.finalize(
+            stats, target1d, v_global, ref1d, mask1d, flags
+        )
+        _check_targets(totals, target1d, v_global, v_local, cfg["tp_size"])
+        if cfg["ratio"] < 1.0:
+            top = _top_k(score, eligible, totals[1], tuple(target.shape), cfg, kernels)
+            selected = selected | top  # selected held the always-kept unscored rows
+            top_sums = torch.stack(
+                [top.sum(dtype=torch.float32), torch.where(top, loss1d, 0.0).sum()]
+            )
+            totals[2:5:2] += top_sums  # n_selected, selected_loss_sum
+        loss = loss1d.view(target.shape)
+        selected = selected.view(target.shape)
+        st = totals[: len(_STAT_NAMES)]
         ctx.save_for_backward(logits2d, target1d, lse, selected)
         ctx.kernels = kernels
         ctx.vocab_start = vocab_start
@@ -371,16 +355,20 @@ def _check_inputs(logits, target, ref_loss, loss_mask, ratio, scope, mode, unsco
 CHECK_TARGETS_ENV = "MEGATRON_SLM_CHECK_TARGETS"
 
 
-def _check_target_range(target: torch.Tensor, v_global: int, v_local: int, tp_size: int) -> None:
-    """Target ids must lie in the global vocabulary. On CPU the check is free and raises at once.
-    On GPU reading the range back would cost a device-to-host sync per micro-batch, so the check
-    is a device-side assert (reported asynchronously, at the next sync) unless
-    ``MEGATRON_SLM_CHECK_TARGETS=1`` asks for the eager, synchronising check with a full message."""
-    if target.device.type != "cpu" and os.environ.get(CHECK_TARGETS_ENV) != "1":
-        in_range = ((target >= 0) & (target < v_global)).all()
-        torch._assert_async(in_range, f"target ids outside [0, {v_global})")
-        return
-    lo, hi = (int(x) for x in torch.aminmax(target))
+def _check_targets(totals, target1d, v_global: int, v_local: int, tp_size: int) -> None:
+    """Target ids must lie in the global vocabulary (the finalize kernel counted the others; the
+    row kernels never read outside the shard). The check stays on the device: a device-side
+    assert, reported at the next sync on a GPU and at once on the CPU, where the full message
+    follows. ``MEGATRON_SLM_CHECK_TARGETS=1`` asks for the eager, synchronising check on GPU."""
+    eager = target1d.device.type != "cpu" and os.environ.get(CHECK_TARGETS_ENV) == "1"
+    if not eager:
+        try:
+            torch._assert_async(totals[6] == 0, f"target ids outside [0, {v_global})")
+            return
+        except RuntimeError:
+            if target1d.device.type != "cpu":
+                raise
+    lo, hi = (int(x) for x in torch.aminmax(target1d))
     if lo < 0 or hi >= v_global:
         raise ValueError(
             f"target ids must be in [0, {v_global}) (global vocabulary = {v_local} "
@@ -408,9 +396,6 @@ def selective_cross_entropy(
     logits = vocab_parallel_logits
     _check_inputs(logits, target, ref_loss, loss_mask, ratio, scope, mode, unscored, impl)
     tp_group, tp_size, tp_rank = _resolve_tp_group(tp_group)
-    v_global = logits.shape[-1] * tp_size
-    if target.numel():
-        _check_target_range(target, v_global, logits.shape[-1], tp_size)
     dp_info = _resolve_dp_group(dp_group) if scope == "data-parallel" else (None, 1, 0)
     if ref_loss is not None:
         ref_loss = ref_loss.to(device=logits.device)

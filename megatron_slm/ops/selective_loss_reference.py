@@ -72,6 +72,45 @@ def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
     return stats
 
 
+# Flags of the finalize kernels (csrc/selective_loss_finalize.h).
+FINALIZE_RANK_EXCESS = 1  # score = loss - ref; valid rows with a non-finite ref are unscored
+FINALIZE_KEEP_UNSCORED = 2  # unscored valid rows are always selected
+FINALIZE_SELECT_ALL = 4  # ratio 1: every scored row is selected
+
+
+def torch_finalize(stats, target, v_global: int, ref, mask, flags: int):
+    """The per-row epilogue of the op from combined row stats ``[N, 3]``: ``(loss, lse, score,
+    eligible, selected, totals)`` with ``totals[8] = {n_valid, n_scored, n_selected, loss_sum,
+    selected_loss_sum, excess_sum, n_bad_targets, 0}`` (fp32; sums taken in float64). Same
+    arithmetic as the C++/CUDA kernels: ``log`` in float64 rounded once, then ``+ max``."""
+    lse = torch.log(stats[:, 1].double()).float() + stats[:, 0]
+    loss = lse - stats[:, 2]
+    valid = torch.ones_like(loss, dtype=torch.bool) if mask is None else mask
+    finite = torch.isfinite(ref) if ref is not None else torch.zeros_like(valid)
+    excess = loss - ref if ref is not None else loss
+    rank_excess = bool(flags & FINALIZE_RANK_EXCESS)
+    scored = valid & finite if rank_excess else valid
+    unscored = valid & ~finite if rank_excess else torch.zeros_like(valid)
+    selected = scored & bool(flags & FINALIZE_SELECT_ALL)
+    selected = selected | (unscored & bool(flags & FINALIZE_KEEP_UNSCORED))
+    zero = torch.zeros_like(loss, dtype=torch.float64)
+    ld = loss.double()
+    totals = torch.stack(
+        [
+            valid.double().sum(),
+            scored.double().sum(),
+            selected.double().sum(),
+            torch.where(valid, ld, zero).sum(),
+            torch.where(selected, ld, zero).sum(),
+            torch.where(valid & finite, excess.double(), zero).sum(),
+            ((target < 0) | (target >= v_global)).double().sum(),
+            zero.new_zeros(()),
+        ]
+    ).float()
+    score = excess if rank_excess else loss
+    return loss, lse, score.contiguous(), scored, selected, totals
+
+
 def torch_backward(
     logits: torch.Tensor,
     target: torch.Tensor,

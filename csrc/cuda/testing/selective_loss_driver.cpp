@@ -5,6 +5,8 @@
 //     fwd:    dtype(0 fp32, 1 fp16, 2 bf16) N V vocab_start misalign   in: logits target
 //     bwd:    ... + inplace gmisalign                                     in: + lse scale
 //     select: G n                                                        in: scores eligible k
+//     finalize: N v_global flags has_ref has_mask            in: stats target [ref] [mask]
+//               out_<order>.bin = loss lse score (fp32) eligible selected (u8) totals (8 fp32)
 //     orders=forward,reverse,random:SEED   one run (and one output file out_<order>.bin) each
 //     max_grid=X   the device's grid limit in x      fail_launch=CODE   inject a launch failure
 // Inputs are raw little-endian arrays DIR/<name>.bin. Every buffer is allocated with its exact
@@ -219,6 +221,36 @@ int main(int argc, char** argv) {
             workspace.p, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
+    }
+  } else if (op == "finalize") {
+    const int64_t N = iarg("N"), v_global = iarg("v_global");
+    const int flags = static_cast<int>(iarg("flags"));
+    const bool has_ref = iarg("has_ref") != 0, has_mask = iarg("has_mask") != 0;
+    Buffer stats(static_cast<size_t>(N) * 12, 0), target(static_cast<size_t>(N) * 8, 0);
+    Buffer ref(has_ref ? static_cast<size_t>(N) * 4 : 0, 0);
+    Buffer mask(has_mask ? static_cast<size_t>(N) : 0, 0);
+    stats.fill(read_file(dir + "/stats.bin"));
+    target.fill(read_file(dir + "/target.bin"));
+    if (has_ref) ref.fill(read_file(dir + "/ref.bin"));
+    if (has_mask) mask.fill(read_file(dir + "/mask.bin"));
+    const size_t n = static_cast<size_t>(N);
+    for (const std::string& o : orders) {
+      set_order(o);
+      // one output buffer: loss, lse, score [N] fp32, eligible, selected [N] u8, totals[8] fp32
+      Buffer out(n * 12 + n * 2 + 8 * 4, 0);
+      Buffer partials(static_cast<size_t>(k::selective_loss_finalize_blocks(N)) * 7 * 8, 0);
+      float* f = reinterpret_cast<float*>(out.p);
+      uint8_t* u = reinterpret_cast<uint8_t*>(out.p + n * 12);
+      simt::config().fail_next_launch = fail_launch;
+      finish(status_of([&] {
+        return k::selective_loss_finalize(
+            reinterpret_cast<const float*>(stats.p), reinterpret_cast<const int64_t*>(target.p),
+            has_ref ? reinterpret_cast<const float*>(ref.p) : nullptr,
+            has_mask ? reinterpret_cast<const uint8_t*>(mask.p) : nullptr, N, v_global, flags, f,
+            f + n, f + 2 * n, u, u + n, reinterpret_cast<double*>(partials.p),
+            reinterpret_cast<float*>(out.p + n * 14), nullptr);
+      }));
+      write_file(dir + "/out_" + o + ".bin", out.p, out.bytes);
     }
   } else {
     std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());

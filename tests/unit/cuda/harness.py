@@ -64,7 +64,12 @@ def build(
     incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
     headers = b"".join(
-        p.read_bytes() for p in (TESTING / "simt_host.h", CSRC / "cuda" / "selective_loss_cuda.h")
+        p.read_bytes()
+        for p in (
+            TESTING / "simt_host.h",
+            CSRC / "cuda" / "selective_loss_cuda.h",
+            CSRC / "selective_loss_finalize.h",
+        )
     )
     objects = []
     for src in sources:
@@ -112,6 +117,9 @@ def _run(exe: Path, tmp: Path, args: dict, orders) -> None:
         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:exitcode=66",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=67",
     )
+    if "row_unroll" in args:  # the row kernels' variant (read from the environment, as on a GPU)
+        args = dict(args)
+        env["MEGATRON_SLM_ROW_UNROLL"] = str(args.pop("row_unroll"))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise DriverError(p.returncode, p.stderr)
@@ -201,3 +209,26 @@ def select(exe, scores, eligible, k, orders=ORDERS, **extra):
         _write(tmp / "k.bin", k.to(torch.int64))
         _run(exe, tmp, dict(op="select", G=g, n=n, **extra), orders)
         return {o: _read(tmp / f"out_{o}.bin", torch.bool, (g, n)) for o in orders}
+
+
+def finalize(exe, stats, target, v_global, ref, mask, flags, orders=ORDERS, **extra):
+    """{order: (loss, lse, score, eligible, selected, totals)} of the CUDA finalize launcher."""
+    n = stats.shape[0]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "stats.bin", stats.float())
+        _write(tmp / "target.bin", target.to(torch.int64))
+        if ref is not None:
+            _write(tmp / "ref.bin", ref.float())
+        if mask is not None:
+            _write(tmp / "mask.bin", mask.bool())
+        args = dict(op="finalize", N=n, v_global=v_global, flags=flags, has_ref=ref is not None)
+        _run(exe, tmp, dict(args, has_mask=mask is not None, **extra), orders)
+        out = {}
+        for o in orders:
+            raw = (tmp / f"out_{o}.bin").read_bytes()
+            f = torch.frombuffer(bytearray(raw[: 12 * n]), dtype=torch.float32).view(3, n)
+            u = torch.frombuffer(bytearray(raw[12 * n : 14 * n]), dtype=torch.uint8).view(2, n)
+            totals = torch.frombuffer(bytearray(raw[14 * n :]), dtype=torch.float32)
+            out[o] = (f[0], f[1], f[2], u[0].bool(), u[1].bool(), totals)
+        return out

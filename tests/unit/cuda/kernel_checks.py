@@ -94,8 +94,12 @@ def grad_reference(x, t, vocab_start, lse, scale, fast_exp=False):
     g[scale == 0] = 0.0
     tol = 2 * ulp(torch.maximum(g.abs(), p * scale.double().abs()[:, None]), x.dtype)
     if fast_exp:  # __expf: 2 + floor(1.173 |d|) fp32 ulp of p, carried through * scale
+        # __expf(-inf) is exactly 0: no error term there (inf ulps x 0 would make the bound NaN)
         exp_ulps = 2 + torch.floor(1.173 * d.double().abs())
-        tol = tol + exp_ulps * ulp(p, torch.float32) * scale.double().abs()[:, None]
+        term = exp_ulps * ulp(p, torch.float32) * scale.double().abs()[:, None]
+        tol = tol + torch.where(p == 0, torch.zeros_like(term), term)
+    # zero-scale rows must be exactly 0 (their logits are not read; an all -inf row's p is NaN)
+    tol[scale == 0] = 0.0
     return g, tol
 
 

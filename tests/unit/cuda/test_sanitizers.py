@@ -76,6 +76,28 @@ def test_select_clean_under_asan_ubsan(exes):
         assert all(torch.equal(a[o], b[o]) for o in ORDERS)
 
 
+def test_unrolled_rows_and_finalize_clean_under_asan_ubsan(exes):
+    plain, asan = exes
+    x = K.logits(8, 6000, torch.bfloat16, seed=2)  # long rows: the 2-vector unrolled loop
+    t = K.targets(8, 6000, 0, seed=2)
+    lse = torch.logsumexp(x.double(), dim=1).float()
+    for run in (
+        lambda exe: H.fwd_stats(exe, x, t, orders=ORDERS),
+        lambda exe: H.backward(exe, x, t, lse, torch.ones(8), inplace=True, orders=ORDERS),
+    ):
+        a, b = run(asan), run(plain)
+        assert all(torch.equal(_bits(a[o]), _bits(b[o])) for o in ORDERS)
+    n = 3000
+    stats = torch.stack([torch.randn(n), torch.rand(n) + 1, torch.randn(n)], dim=1).contiguous()
+    target, ref, mask = torch.randint(-2, 102, (n,)), torch.randn(n), torch.rand(n) < 0.7
+    a = H.finalize(asan, stats, target, 100, ref, mask, 3, orders=ORDERS)
+    b = H.finalize(plain, stats, target, 100, ref, mask, 3, orders=ORDERS)
+    for o in ORDERS:
+        assert all(
+            torch.equal(p.view(torch.uint8), q.view(torch.uint8)) for p, q in zip(a[o], b[o])
+        )
+
+
 def test_asan_sees_a_planted_overrun(tmp_path):
     src = H.KERNELS.read_text()
     loop = "for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {\n        const float f"

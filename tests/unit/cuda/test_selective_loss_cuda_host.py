@@ -15,8 +15,12 @@ import torch
 
 from megatron_slm import _extension
 from megatron_slm.ops.selective_loss_reference import (
+    FINALIZE_KEEP_UNSCORED,
+    FINALIZE_RANK_EXCESS,
+    FINALIZE_SELECT_ALL,
     reference_select,
     torch_backward,
+    torch_finalize,
     torch_fwd_stats,
     torch_select,
 )
@@ -107,6 +111,101 @@ def test_backward_grad_misaligned_only(exe):
     scale = torch.ones(12)
     outs = H.backward(exe, x, t, lse, scale, gmisalign=2, orders=H.ORDERS[:1])
     K.check_grad(outs[H.ORDERS[0]], x, t, 0, lse, scale, "cuda")
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_fast_exp_tolerance(exe, dtype):
+    """The GPU tests' tolerance (__expf error added) on rows with -inf logits and zero scales:
+    the bound must stay finite (inf ulps x ulp(0) x 0 was NaN, and `err <= NaN` failed every
+    GPU backward case), and the harness's gradient must meet it."""
+    n, v = 12, 1000
+    x = K.logits(n, v, dtype, seed=3)  # row 3: -inf every 3rd entry, row 4 all -inf
+    t = K.targets(n, v, 0, seed=3)
+    lse = torch.logsumexp(x.double(), dim=1).float()
+    scale = torch.linspace(-1.0, 1.0, n)
+    scale[[3, 4, 6]] = 0.0  # zero rows among the -inf ones, and one with a single finite entry
+    scale[8] = 0.0
+    g, tol = K.grad_reference(x, t, 0, lse, scale, fast_exp=True)
+    checked = ~torch.isnan(g)  # what check_grad compares (rows with NaN/+inf logits are NaN)
+    assert checked[3].all() and checked[4].all()
+    assert not torch.isnan(tol[checked]).any()
+    gr = H.backward(exe, x, t, lse, scale, 0, orders=H.ORDERS[:1])[H.ORDERS[0]]
+    K.check_grad(gr, x, t, 0, lse, scale, "cuda", fast_exp=True)
+    gc = C.selective_loss_backward(x.clone(), t, 0, lse, scale, False)
+    K.check_grad(gc, x, t, 0, lse, scale, "cpp", fast_exp=True)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_row_kernels_unrolled(exe, dtype, unroll):
+    """Rows long enough for the unrolled loop (several 2 x 256-vector steps, then the tail), with
+    each variant of MEGATRON_SLM_ROW_UNROLL: same stats bits and gradient as the C++ kernels'
+    bounds allow, in place too."""
+    n, v = 8, 6000
+    x = K.logits(n, v, dtype, seed=11)
+    t = K.targets(n, v, 0, seed=11)
+    st = _same_for_all_orders(H.fwd_stats(exe, x, t, 0, row_unroll=unroll))
+    K.check_stats(st, x, t, 0, "cuda")
+    lse = torch.logsumexp(x.double(), dim=1).float()
+    scale = torch.linspace(-1.0, 1.0, n)
+    scale[2] = 0.0
+    for inplace in (False, True):
+        outs = H.backward(exe, x, t, lse, scale, 0, inplace=inplace, row_unroll=unroll)
+        K.check_grad(_same_for_all_orders(outs), x, t, 0, lse, scale, "cuda")
+
+
+def _finalize_inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, generator=g) * 3
+    s = torch.rand(n, generator=g) * 50 + 0.5
+    t = torch.randn(n, generator=g) * 3
+    m[1], s[1] = -INF, 0.0  # an all -inf row: NaN loss
+    s[2] = NAN  # a NaN row
+    stats = torch.stack([m, s, t], dim=1).contiguous()
+    target = torch.randint(0, 100, (n,), generator=g)
+    target[3], target[4] = -1, 100  # outside [0, v_global)
+    ref = torch.rand(n, generator=g) * 6
+    ref[5], ref[6], ref[7] = NAN, INF, -INF  # unscored rows
+    mask = torch.rand(n, generator=g) < 0.8
+    return stats, target, ref, mask
+
+
+@needs_c
+@pytest.mark.parametrize("n", [1, 37, 3000, 40000])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        FINALIZE_RANK_EXCESS | FINALIZE_KEEP_UNSCORED | FINALIZE_SELECT_ALL,
+        FINALIZE_RANK_EXCESS,
+        FINALIZE_SELECT_ALL,
+        0,
+    ],
+)
+def test_finalize(exe, n, flags):
+    """The finalize kernel (one block per 256 rows, at most 128 blocks: 40000 rows loop) against
+    the C++ kernel (the same arithmetic: bitwise) and torch_finalize (float64 sums)."""
+    stats, target, ref, mask = _finalize_inputs(max(n, 8), seed=n)
+    stats, target, ref, mask = stats[:n], target[:n], ref[:n], mask[:n]
+    for r, m in ((ref, mask), (None, None), (ref, None)):
+        outs = H.finalize(exe, stats, target, 100, r, m, flags)
+        got = outs[H.ORDERS[0]]
+        for o in H.ORDERS[1:]:
+            for a, b in zip(got, outs[o]):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), o
+        cpp = C.selective_loss_finalize(stats, target, 100, r, m, flags)
+        ref_out = torch_finalize(stats, target, 100, r, m, flags)
+        for i, (a, b, c) in enumerate(zip(got, cpp, ref_out)):
+            if i < 3:  # loss, lse, score: bitwise, NaN where NaN
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32)), i
+                torch.testing.assert_close(a, c, rtol=0, atol=0, equal_nan=True)
+            elif i < 5:
+                assert torch.equal(a, b) and torch.equal(a, c), i
+            else:  # totals: same double sums in another order, one rounding to fp32
+                torch.testing.assert_close(a, b, rtol=2**-23, atol=0, equal_nan=True)
+                torch.testing.assert_close(a, c, rtol=2**-23, atol=0, equal_nan=True)
+        assert got[5][6] == (target < 0).sum() + (target >= 100).sum()
 
 
 # ------------------------------------------------------------------------------------------

@@ -368,3 +368,77 @@ def test_special_rows_match_reference(impl, dtype):
     assert torch.equal(torch.isnan(out.loss), torch.isnan(truth))
     finite = ~torch.isnan(truth)
     torch.testing.assert_close(out.loss[finite], truth[finite], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# fixed cost: host syncs and launches per call (what a GPU pays whatever the vocabulary)
+# ------------------------------------------------------------------------------------------
+def _fwd_bwd(impl, ratio, scope="microbatch", logits=None):
+    x, target, ref, mask = _inputs(s=64, b=2, v=100)
+    x = (x if logits is None else logits).requires_grad_()
+
+    def call():
+        out = selective_cross_entropy(
+            x, target, ref_loss=ref, loss_mask=mask, ratio=ratio, scope=scope, impl=impl
+        )
+        selective_loss_mean(out).backward()
+        return out
+
+    return call
+
+
+@pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
+@pytest.mark.parametrize("ratio", [1.0, 0.6])
+@pytest.mark.parametrize("scope", ["microbatch", "sequence"])
+def test_no_host_sync_per_call(ratio, scope):
+    """N fwd+bwd calls of the compiled kernels read nothing back to the host (counts and the
+    target check stay on the device), and the statistics still hold the right values. (The
+    pure-PyTorch fallback reads row indices back in backward: it is the fallback, not the
+    path a GPU job takes.)"""
+    impl = "cpp"
+    from tests.sync_counter import SyncCounter
+
+    call = _fwd_bwd(impl, ratio, scope)
+    call()
+    with SyncCounter() as c:
+        outs = [call() for _ in range(5)]
+    assert c.count == 0, c.report()
+    x, target, ref, mask = _inputs(s=64, b=2, v=100)
+    lr, sr = reference_selective_cross_entropy(
+        x.clone(), target, ref_loss=ref, loss_mask=mask, ratio=ratio, scope=scope
+    )
+    out = outs[-1]
+    assert torch.equal(out.selected, sr)
+    assert out.stats["n_selected"] == sr.sum() and out.stats["n_valid"] == mask.sum()
+    torch.testing.assert_close(out.stats["selected_loss_sum"], lr.detach()[sr].sum())
+
+
+@pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
+@pytest.mark.parametrize("ratio, kernel_calls, aten_budget", [(1.0, 3, 13), (0.6, 4, 25)])
+def test_launches_per_call(monkeypatch, ratio, kernel_calls, aten_budget):
+    """fwd+bwd (+ the mean) at ratio 1: fwd_stats, finalize and backward, no selection pass,
+    the statistics from the finalize kernel (was 38 aten launches before the fused epilogue);
+    ratio 0.6 adds the top-k select. Budgets are today's counts: raise them only with a reason."""
+    from tests.launch_counter import aten_launches, warm
+
+    calls = []
+    real = sl_mod._compiled_kernels
+
+    def counting(name):
+        k = real(name)
+        wrap = lambda f: lambda *a: (calls.append(f.__name__), f(*a))[1]  # noqa: E731
+        return k._replace(
+            fwd_stats=wrap(k.fwd_stats),
+            backward=wrap(k.backward),
+            select=wrap(k.select),
+            finalize=wrap(k.finalize),
+        )
+
+    monkeypatch.setattr(sl_mod, "_compiled_kernels", counting)
+    call = _fwd_bwd("cpp", ratio)
+    warm(call)
+    calls.clear()
+    names = aten_launches(call)
+    assert len(calls) == kernel_calls, calls
+    assert "selective_loss_select" in calls if ratio < 1 else "selective_loss_select" not in calls
+    assert len(names) <= aten_budget, sorted(names)
