@@ -1,0 +1,115 @@
+"""A tiny workload of the selective loss op for compute-sanitizer (memcheck, racecheck).
+
+    compute-sanitizer --tool memcheck python benchmarks/gpu/sanitizer_workload.py
+    python benchmarks/gpu/sanitizer_workload.py --device cpu   # the same cases, C++ kernels
+
+Forward + backward of ``selective_cross_entropy`` over fp32 / bf16 / fp16, ratios 1, 0.6 and
+0.01, in place and not, on logits with NaN entries, -inf entries, all -inf rows and a row with
+one finite entry, reference losses with NaN (unscored tokens) and a loss mask; vocabularies
+that take the vectorized and the scalar paths, and one selection over more than one block of the
+CUDA select kernels. Shapes are tiny: racecheck instruments every shared-memory access.
+
+Each call is also checked, coarsely (a memory bug gives garbage, not rounding; the precise checks
+are tests/gpu's): losses against a float64 log-sum-exp, the number of selected tokens, and zero
+gradient on every row not selected. Prints one line per failure and ``sanitizer workload: N calls,
+0 failures``; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from megatron_slm.ops import selective_cross_entropy, selective_loss_mean
+from megatron_slm.ops.selective_loss_reference import num_to_keep
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RATIOS = (1.0, 0.6, 0.01)
+# [s, b, v]: v = 4096 takes the vectorized path, 1001 (odd) the scalar one
+SHAPES = ((16, 2, 4096), (24, 2, 1001))
+# 8400 tokens: more than one 8192-token block of the CUDA select kernels
+MULTI_BLOCK = (4200, 2, 64)
+
+
+def make_case(shape, dtype, seed):
+    """Logits with the special rows, targets, reference losses with NaN, a loss mask."""
+    s, b, v = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s * b, v, generator=g) * 3
+    x[1, 0] = float("nan")
+    x[2, ::3] = -float("inf")
+    x[3] = -float("inf")  # all -inf: loss NaN
+    x[4, 1:] = -float("inf")  # one finite entry
+    x[5, -1] = float("inf")
+    target = torch.randint(0, v, (s, b), generator=g)
+    ref = torch.rand(s, b, generator=g) * 5
+    ref[0] = float("nan")  # unscored (first token of a document)
+    mask = torch.ones(s, b)
+    mask[-2:, 0] = 0
+    return x.view(s, b, v).to(dtype), target, ref, mask
+
+
+def expected_loss(x, target):
+    """Float64 cross entropy of the (already rounded) logits."""
+    xd = x.double()
+    return torch.logsumexp(xd, -1) - xd.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def run_case(shape, dtype, ratio, inplace, device, impl, seed):
+    """One fwd+bwd call and its checks; returns a list of failure messages."""
+    x_cpu, t_cpu, r_cpu, m_cpu = make_case(shape, dtype, seed)
+    x = x_cpu.to(device).requires_grad_()
+    t, r, m = t_cpu.to(device), r_cpu.to(device), m_cpu.to(device)
+    out = selective_cross_entropy(
+        x * 1, t, ref_loss=r, loss_mask=m, ratio=ratio, impl=impl, inplace_backward=inplace
+    )
+    selective_loss_mean(out).backward()
+    loss, sel, grad = out.loss.cpu().double(), out.selected.cpu(), x.grad.cpu()
+    want = expected_loss(x_cpu, t_cpu)
+    name = f"{list(shape)} {dtype} ratio={ratio} inplace={inplace}"
+    fails = []
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(loss), finite):
+        fails.append(f"{name}: finite losses differ from the float64 reference")
+    elif not torch.allclose(loss[finite], want[finite], rtol=1e-3, atol=1e-3):
+        err = (loss[finite] - want[finite]).abs().max().item()
+        fails.append(f"{name}: loss off by {err:.3g}")
+    valid = m_cpu.bool()
+    scored = valid & torch.isfinite(r_cpu)
+    # scores of tokens with a NaN loss are NaN and rank last, but they are still scored
+    n_want = num_to_keep(ratio, int(scored.sum())) + int((valid & ~scored).sum())
+    if int(sel.sum()) != n_want:
+        fails.append(f"{name}: {int(sel.sum())} selected, expected {n_want}")
+    if (sel & ~valid).any():
+        fails.append(f"{name}: a masked token was selected")
+    if (grad[~sel] != 0).any():
+        fails.append(f"{name}: nonzero gradient on a row not selected")
+    return fails
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    impl = "cuda" if args.device.startswith("cuda") else "auto"  # the CUDA kernels, or fail
+    cases = [
+        (shape, dtype, ratio, inplace)
+        for shape in SHAPES
+        for dtype in DTYPES.values()
+        for ratio in RATIOS
+        for inplace in (False, True)
+    ]
+    cases.append((MULTI_BLOCK, torch.float32, 0.6, True))
+    fails = []
+    for i, case in enumerate(cases):
+        fails += run_case(*case, device=args.device, impl=impl, seed=i)
+    for f in fails:
+        print("FAIL", f)
+    print(f"sanitizer workload: {len(cases)} calls, {len(fails)} failures", flush=True)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
