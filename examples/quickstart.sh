@@ -3,8 +3,10 @@
 #
 #   bash examples/quickstart.sh            # sets up .venv, then about 10 minutes on 2 cores
 #
-# 1. a compact tokenizer: a 1000-piece sentencepiece model, counted on the clean corpus and
-#    pruned to 512 pieces                   (tools/train_tokenizer.py, tools/compact_tokenizer.py)
+# 1. a compact tokenizer: a 1000-piece sentencepiece model, counted on the clean corpus (with the
+#    coverage curve: N -> coverage, held-out tokens per byte, the N --coverage 0.995 keeps;
+#    $OUT/counts.coverage.png) and pruned to 512 pieces
+#                                           (tools/train_tokenizer.py, tools/compact_tokenizer.py)
 # 2. indexed datasets of the clean and noisy corpora   (tools/preprocess_data.py)
 # 3. a reference model trained on clean text            (python -m megatron_slm.pretrain)
 # 4. the noisy corpus scored offline into a sidecar     (tools/score_corpus.py)
@@ -43,7 +45,8 @@ echo "== 1. compact tokenizer: train large, count, prune (RethinkTinyLM)"
     --output-prefix "$OUT/clean_train_big" --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model "$OUT/tok_big.model" --append-eod
 "$PYTHON" tools/compact_tokenizer.py count --data-path "$OUT/clean_train_big_text_document" \
-    --tokenizer-model "$OUT/tok_big.model" --output "$OUT/counts.npy"
+    --tokenizer-model "$OUT/tok_big.model" --output "$OUT/counts.npy" \
+    --heldout "$OUT/clean_heldout.jsonl"
 "$PYTHON" tools/compact_tokenizer.py prune --tokenizer-model "$OUT/tok_big.model" \
     --counts "$OUT/counts.npy" --vocab-size 512 --output "$OUT/tok.model" \
     --heldout "$OUT/clean_heldout.jsonl"

@@ -1,9 +1,13 @@
 """Compact tokenizer (RethinkTinyLM): count ids, prune a SentencePiece model, remap a checkpoint.
 
-    # 1. id frequencies of the corpus tokenized with the large model
+    # 1. id frequencies of the corpus tokenized with the large model, and the coverage curve
+    #    (N -> share of counted tokens kept, tokens per byte on held-out text; the N each
+    #    --curve-coverages value needs): a table, counts.coverage.json and counts.coverage.png
     python tools/compact_tokenizer.py count --data-path out/corpus_text_document \\
-        --tokenizer-model big.model --output counts.npy --workers 8
-    # 2. keep N pieces: writes small.model, small.idmap.json (new id -> old id), small.report.json
+        --tokenizer-model big.model --output counts.npy --workers 8 --heldout heldout.jsonl
+    # 2. keep N pieces (--vocab-size N, or --coverage 0.995: the smallest N covering 99.5% of
+    #    the counted tokens): writes small.model, small.idmap.json (new id -> old id),
+    #    small.report.json
     python tools/compact_tokenizer.py prune --tokenizer-model big.model --counts counts.npy \\
         --vocab-size 48000 --output small.model --heldout heldout.jsonl
     # 3. re-tokenize the corpus with small.model (tools/preprocess_data.py): ids are not a
@@ -65,8 +69,15 @@ def main(argv=None) -> int:
     from megatron_slm.tinylm.report import summary
 
     if command == "count":
-        meta = compact.count(cfg)
+        from megatron_slm.tinylm.coverage import curve_table
+
+        meta, curve, skipped = compact.count(cfg)
         print(f"wrote {cfg.output}: {meta['num_tokens']} tokens, {meta['num_ids']} ids")
+        if curve is None:
+            print(skipped)
+        else:
+            print(curve_table(curve))
+            print(f"wrote {curve['files']['png']}, {curve['files']['json']}")
     elif command == "prune":
         report = compact.prune(cfg)
         print(summary(report))

@@ -266,16 +266,46 @@ class BatchList:
 
 
 def write_batch_list(path: str, source: dict, batches: Sequence[int], **extra) -> None:
-    n = source.get("batches")
-    bad = [b for b in batches if not 0 <= int(b) < (n if n is not None else float("inf"))]
-    if bad:
-        raise SampleListError(f"--output {path}: batch id {bad[0]} is outside the source's {n}")
+    ids = check_batch_ids(batches, source, f"--output {path}")
     meta = {"format": LIST_FORMAT, "version": VERSION, "source": source, **extra}
-    meta["batches"] = [int(b) for b in batches]
+    meta["batches"] = ids
     write_json_atomic(path, meta)
 
 
+def check_batch_ids(batches, source, where: str) -> list[int]:
+    """``batches`` as ints, each a batch of ``source`` (``0 <= id < source["batches"]``), or
+    SampleListError naming ``where``, the first offending id and the valid range. A list is only
+    usable against the count its source record holds: the trainer checks every id with it at plan
+    time (before any step or write) and that count against the dataset it builds."""
+    n = source.get("batches") if isinstance(source, dict) else None
+    if not _is_int(n) or n < 0:
+        raise SampleListError(
+            f"{where}: the source record has no batch count ('source.batches'); "
+            "draw the list with tools/resample_batches.py"
+        )
+    if not isinstance(batches, list | tuple | np.ndarray):
+        raise SampleListError(f"{where}: 'batches' is not a list of batch ids")
+    ids = []
+    for pos, b in enumerate(batches):
+        if not _is_int(b):
+            raise SampleListError(f"{where}: batch id {b!r} (entry {pos}) is not an integer")
+        if not 0 <= b < n:
+            raise SampleListError(
+                f"{where}: batch id {int(b)} (entry {pos}) is outside the source order, whose "
+                f"{n} batches have ids 0..{n - 1}"
+            )
+        ids.append(int(b))
+    return ids
+
+
+def _is_int(x) -> bool:
+    # JSON true/false parse as bool, a subclass of int; 3.0 is a float: neither is a batch id.
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
 def read_batch_list(path: str, flag: str = "--train-samples-from") -> BatchList:
+    """Read a batch list and check every id against its source's batch count (SampleListError
+    naming ``flag``, the file, the id and the valid range)."""
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -287,8 +317,10 @@ def read_batch_list(path: str, flag: str = "--train-samples-from") -> BatchList:
         raise SampleListError(f"{flag} {path}: not a {LIST_FORMAT} file")
     if meta.get("version") != VERSION:
         raise SampleListError(f"{flag} {path}: version {meta.get('version')}, expected {VERSION}")
-    batches = meta.pop("batches")
-    return BatchList(meta, [int(b) for b in batches], path, file_sha256(path))
+    if "batches" not in meta:
+        raise SampleListError(f"{flag} {path}: no 'batches' list")
+    batches = check_batch_ids(meta.pop("batches"), meta.get("source"), f"{flag} {path}")
+    return BatchList(meta, batches, path, file_sha256(path))
 
 
 class SampleListDataset:

@@ -7,11 +7,14 @@ import os
 
 import torch
 
-from megatron_slm.errors import InputFileError, TokenizerError
+from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 
-def count(cfg: CountConfig, progress: bool = True) -> dict:
+def count(cfg: CountConfig, progress: bool = True) -> tuple[dict, dict | None, str | None]:
+    """Count ids, then (SentencePiece BPE/unigram models) the coverage curve: writes the counts,
+    ``<counts>.coverage.json`` and ``<counts>.coverage.png``. Returns (counts metadata, curve,
+    why there is no curve)."""
     from megatron_slm.checkpoint import tokenizer_record
     from megatron_slm.data.tokenizer import build_tokenizer
     from megatron_slm.tinylm.counts import count_corpus
@@ -24,10 +27,61 @@ def count(cfg: CountConfig, progress: bool = True) -> dict:
             f"--tokenizer-model {cfg.tokenizer_model}: cannot load ({e})"
         ) from None
     record = tokenizer_record(ttype, cfg.tokenizer_model, tok)
-    return count_corpus(cfg.data_path, record, cfg.output, workers=cfg.workers, progress=progress)
+    proto, skipped = _curve_model(cfg, ttype)  # checked before the corpus is read
+    heldout = _heldout_texts(cfg) if cfg.heldout else None
+    meta = count_corpus(cfg.data_path, record, cfg.output, workers=cfg.workers, progress=progress)
+    if proto is None:
+        return meta, None, skipped
+    return meta, _write_curve(cfg, proto, heldout), None
 
 
-def _heldout_texts(cfg: PruneConfig) -> list[str]:
+def _curve_model(cfg: CountConfig, ttype: str):
+    """(the model proto, None), or (None, why the tokenizer has no coverage curve)."""
+    from megatron_slm.tinylm import spm
+    from megatron_slm.tinylm.compact_config import PRUNABLE_TOKENIZERS
+    from megatron_slm.tinylm.coverage import size_range
+
+    if ttype not in PRUNABLE_TOKENIZERS:
+        return None, f"no coverage curve: a {ttype} cannot be pruned"
+    proto = spm.load_model_proto(cfg.tokenizer_model)
+    kind = spm.model_type(proto)
+    if kind not in spm.PRUNABLE_MODEL_TYPES:
+        return None, f"no coverage curve: a SentencePiece {kind} model cannot be pruned"
+    lo, hi = size_range(proto)
+    bad = [n for n in cfg.curve_sizes if not lo <= n <= hi]
+    if bad:
+        raise ConfigError(
+            f"--curve-sizes {bad[0]}: a pruned {cfg.tokenizer_model} has {lo}..{hi} pieces "
+            f"({lo} are always kept)"
+        )
+    return proto, None
+
+
+def _write_curve(cfg: CountConfig, proto, heldout: list[str] | None) -> dict:
+    import numpy as np
+
+    from megatron_slm.atomic_io import write_bytes_atomic, write_json_atomic
+    from megatron_slm.tinylm.coverage import (
+        TABLE_SIZES,
+        coverage_curve,
+        curve_paths,
+        curve_png,
+        default_sizes,
+    )
+
+    counts = np.load(cfg.output, allow_pickle=False)
+    sizes = cfg.curve_sizes or default_sizes(proto, TABLE_SIZES)
+    curve = coverage_curve(proto, counts, sizes, list(cfg.curve_coverages), heldout)
+    json_path, png_path = curve_paths(cfg.output)
+    curve["files"] = {"json": os.path.abspath(json_path), "png": os.path.abspath(png_path)}
+    title = f"{os.path.basename(cfg.tokenizer_model)}: coverage of {curve['counted_tokens']:,.0f} "
+    title += "counted tokens by pruned size"
+    write_bytes_atomic(png_path, curve_png(curve, title))
+    write_json_atomic(json_path, curve)
+    return curve
+
+
+def _heldout_texts(cfg: CountConfig | PruneConfig) -> list[str]:
     from megatron_slm.data.jsonl import iter_jsonl
     from megatron_slm.data.preprocess import expand_inputs
 
@@ -52,7 +106,7 @@ def prune(cfg: PruneConfig) -> dict:
     from megatron_slm.tinylm import spm
     from megatron_slm.tinylm.counts import check_counts_tokenizer, load_counts
     from megatron_slm.tinylm.idmap import IdMap, idmap_path_for, write_idmap
-    from megatron_slm.tinylm.prune import prune_model, write_model
+    from megatron_slm.tinylm.prune import Ranking, prune_model, write_model
     from megatron_slm.tinylm.report import prune_report
 
     proto = spm.load_model_proto(cfg.tokenizer_model)
@@ -68,7 +122,9 @@ def prune(cfg: PruneConfig) -> dict:
         f"--counts {cfg.counts}",
     )
     heldout = _heldout_texts(cfg) if cfg.heldout else None
-    result = prune_model(proto, counts, cfg.vocab_size)
+    ranking = Ranking(proto, counts)
+    size = cfg.vocab_size or ranking.smallest_size(cfg.coverage, "--coverage")
+    result = prune_model(proto, counts, size, ranking)
     write_model(result.proto, cfg.output)
     new_tok = SentencePieceTokenizer(cfg.output)
     idmap = IdMap(
@@ -87,6 +143,7 @@ def prune(cfg: PruneConfig) -> dict:
         hidden_size=cfg.hidden_size,
         divisible_by=cfg.make_vocab_size_divisible_by,
     )
+    report["coverage_target"] = cfg.coverage  # None: --vocab-size chose N
     report["files"] = {
         "model": os.path.abspath(cfg.output),
         "id_map": os.path.abspath(cfg.id_map or idmap_path_for(cfg.output)),

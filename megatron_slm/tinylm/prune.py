@@ -84,64 +84,172 @@ def bpe_closures(proto, ids) -> dict[int, list[int]]:
     return closures
 
 
-def select_pieces(proto, counts: np.ndarray, vocab_size: int, flag: str = "--vocab-size"):
-    """Choose ``vocab_size`` pieces of ``proto`` by ``counts`` (see the module docstring)."""
-    kind = spm.model_type(proto)
-    n_old = len(proto.pieces)
-    mandatory = mandatory_ids(proto)
-    if vocab_size < len(mandatory):
-        raise TokenizerModelError(
-            f"{flag} {vocab_size} is smaller than the {len(mandatory)} pieces every pruned model "
-            "keeps (control, unknown, user-defined, byte-fallback and whitespace pieces)"
+class Ranking:
+    """The frequency order of a model's pieces under ``counts`` and the closure groups that
+    pruning keeps them in, computed once; :meth:`select` then chooses N pieces (see the module
+    docstring) and :meth:`coverage` / :meth:`smallest_size` answer for any N cheaply, which the
+    coverage curve and ``prune --coverage`` need at many N.
+
+    Selection is first fit in frequency order: candidate ``k`` (with the pieces its closure adds,
+    its *group*) is kept when the group fits in the budget left. Group ``k`` depends only on the
+    groups before it, so the kept set for N is the longest prefix of groups that fits plus a short
+    tail of first fits after the first group that does not (a budget smaller than that group),
+    i.e. what one first-fit pass over all candidates gives, without replaying the prefix."""
+
+    def __init__(self, proto, counts: np.ndarray):
+        self.proto, self.counts = proto, counts
+        self.kind = spm.model_type(proto)
+        self.n_old = len(proto.pieces)
+        self.mandatory = mandatory_ids(proto)
+        normal = [i for i, p in enumerate(proto.pieces) if p.type == spm.NORMAL]
+        self.selectable = len(set(self.mandatory) | set(normal))  # UNUSED pieces are never kept
+        self.unreachable = sorted(spm.unreachable_pieces(proto, normal))
+        unreachable = set(self.unreachable)
+        reachable = [i for i in normal if i not in unreachable]
+        # Most frequent first; ties (and zero counts) in the original order.
+        self.order = sorted(reachable, key=lambda i: (-float(counts[i]), i))
+        self.closures = (
+            bpe_closures(proto, self.order) if self.kind == "bpe" else {i: [i] for i in self.order}
         )
-    if vocab_size > n_old:
-        raise TokenizerModelError(f"{flag} {vocab_size} is larger than the model's {n_old} pieces")
-    normal = [i for i, p in enumerate(proto.pieces) if p.type == spm.NORMAL]
-    unreachable = set(spm.unreachable_pieces(proto, normal))
-    reachable = [i for i in normal if i not in unreachable]
-    # Most frequent first; ties (and zero counts) in the original order.
-    order = sorted(reachable, key=lambda i: (-float(counts[i]), i))
-    closures = bpe_closures(proto, order) if kind == "bpe" else {i: [i] for i in order}
-    kept = set(mandatory)
-    by_closure: set[int] = set()
-    budget = vocab_size - len(kept)
-    remaining = order
-    while budget > 0 and remaining:
-        left = []
-        for i in remaining:
-            if i in kept:
+        # rank[piece]: the candidate whose group keeps it (-1: mandatory; len(order): none).
+        none = len(self.order)
+        rank = [none] * self.n_old
+        for i in self.mandatory:
+            rank[i] = -1
+        closure = [False] * self.n_old  # kept for another piece's closure
+        sizes, group_counts = [], []
+        for k, i in enumerate(self.order):
+            if rank[i] != none:  # already kept by an earlier group
+                sizes.append(0)
+                group_counts.append(0.0)
                 continue
-            new = [j for j in dict.fromkeys(closures[i]) if j not in kept]
-            if i not in new:  # the trace did not end in i: keep it on its own
-                new.append(i)
-            if len(new) <= budget:
-                kept.update(new)
-                by_closure.update(j for j in new if j != i)
-                budget -= len(new)
+            new = self._new(i, lambda j: rank[j] != none)
+            for j in new:
+                rank[j] = k
+                closure[j] = j != i
+            sizes.append(len(new))
+            group_counts.append(float(np.sum(counts[new])))
+        self.rank = np.asarray(rank, dtype=np.int64)
+        self.closure = np.asarray(closure, dtype=bool)
+        # ends[k]: pieces kept once candidates 0..k are; covered[k]: their counted tokens.
+        m = len(self.mandatory)
+        self.ends = m + np.cumsum(np.asarray(sizes, dtype=np.int64))
+        base = float(np.sum(counts[self.mandatory]))
+        self.covered = base + np.cumsum(np.asarray(group_counts, dtype=np.float64))
+        self.base_covered = base
+        self.total = float(np.sum(counts))
+
+    def _new(self, i: int, kept) -> list[int]:
+        """The pieces keeping candidate ``i`` adds (its closure not yet kept, and itself)."""
+        new = [j for j in dict.fromkeys(self.closures[i]) if not kept(j)]
+        if i not in new:  # the trace did not end in i: keep it on its own
+            new.append(i)
+        return new
+
+    def _fit(self, vocab_size: int):
+        """(prefix length j, tail pieces kept, of which kept for a closure, extra pieces)."""
+        j = int(np.searchsorted(self.ends, vocab_size, side="right"))
+        budget = vocab_size - (int(self.ends[j - 1]) if j else len(self.mandatory))
+        tail: set[int] = set()
+        tail_closure: set[int] = set()
+        rank = self.rank
+
+        def kept(x: int) -> bool:
+            return rank[x] < j or x in tail
+
+        remaining = self.order[j:]
+        while budget > 0 and remaining:
+            left = []
+            for i in remaining:
+                if kept(i):
+                    continue
+                new = self._new(i, kept)
+                if len(new) <= budget:
+                    tail.update(new)
+                    tail_closure.update(x for x in new if x != i)
+                    budget -= len(new)
+                    if budget == 0:
+                        break
+                else:
+                    left.append(i)
+            if len(left) == len(remaining):
+                break  # nothing fitted in a whole pass
+            remaining = left
+        extra = []
+        if budget > 0:  # N needs more pieces than the reachable ones
+            for i in self.unreachable + [i for i in self.order if not kept(i)]:
                 if budget == 0:
                     break
-            else:
-                left.append(i)
-        if len(left) == len(remaining):
-            break  # nothing fitted in a whole pass (cannot happen for a consistent trace)
-        remaining = left
-    extra = []
-    if budget > 0:
-        for i in sorted(unreachable) + [i for i in order if i not in kept]:
-            if budget == 0:
-                break
-            if i not in kept:
-                kept.add(i)
                 extra.append(i)
                 budget -= 1
-    if budget > 0:
-        raise TokenizerModelError(f"{flag} {vocab_size}: only {len(kept)} pieces can be kept")
-    return Selection(
-        kept=sorted(kept),
-        mandatory=mandatory,
-        by_closure=sorted(j for j in by_closure if j in kept),
-        unreachable_in_original=sorted(j for j in extra if j in unreachable),
-    )
+        return j, tail, tail_closure, extra, budget
+
+    def _check_size(self, vocab_size: int, flag: str) -> None:
+        m = len(self.mandatory)
+        if vocab_size < m:
+            raise TokenizerModelError(
+                f"{flag} {vocab_size} is smaller than the {m} pieces every pruned model keeps "
+                "(control, unknown, user-defined, byte-fallback and whitespace pieces)"
+            )
+        if vocab_size > self.n_old:
+            raise TokenizerModelError(
+                f"{flag} {vocab_size} is larger than the model's {self.n_old} pieces"
+            )
+
+    def select(self, vocab_size: int, flag: str = "--vocab-size") -> Selection:
+        """Choose ``vocab_size`` pieces (see the module docstring)."""
+        self._check_size(vocab_size, flag)
+        j, tail, tail_closure, extra, budget = self._fit(vocab_size)
+        if budget > 0:
+            kept = int(np.sum(self.rank < j)) + len(tail) + len(extra)
+            raise TokenizerModelError(f"{flag} {vocab_size}: only {kept} pieces can be kept")
+        prefix = np.flatnonzero(self.rank < j)
+        kept = sorted(set(prefix.tolist()) | tail | set(extra))
+        by_closure = set(np.flatnonzero((self.rank < j) & self.closure).tolist()) | tail_closure
+        unreachable = set(self.unreachable)
+        return Selection(
+            kept=kept,
+            mandatory=self.mandatory,
+            by_closure=sorted(by_closure),
+            unreachable_in_original=sorted(i for i in extra if i in unreachable),
+        )
+
+    def coverage(self, vocab_size: int) -> float:
+        """Share of the counted tokens whose piece :meth:`select` keeps at ``vocab_size``."""
+        self._check_size(vocab_size, "--vocab-size")
+        j, tail, _, extra, _ = self._fit(vocab_size)
+        covered = self.covered[j - 1] if j else self.base_covered
+        covered += float(np.sum(self.counts[sorted(tail | set(extra))]))
+        return covered / self.total if self.total > 0 else float("nan")
+
+    def smallest_size(self, target: float, flag: str = "--coverage") -> int:
+        """The smallest N whose selection covers at least ``target`` of the counted tokens.
+
+        Coverage is not monotone in N (a larger budget can fit an earlier candidate's closure of
+        rare pieces instead of several frequent later pieces), so the answer is found by scanning
+        N upwards from a bound below it: N pieces cover at most the mandatory pieces and the
+        N - mandatory most frequent others."""
+        if not self.total > 0:
+            raise TokenizerModelError(f"{flag} {target}: the counts hold no tokens")
+        m = len(self.mandatory)
+        others = np.ones(self.n_old, dtype=bool)
+        others[self.mandatory] = False
+        best = np.sort(np.asarray(self.counts, dtype=np.float64)[others])[::-1]
+        bound = (self.base_covered + np.concatenate([[0.0], np.cumsum(best)])) / self.total
+        # (1 - 1e-9): the same sums in another order may round a little above the bound.
+        n = m + int(np.searchsorted(bound, target * (1 - 1e-9), side="left"))
+        for size in range(n, self.selectable + 1):
+            if self.coverage(size) >= target:
+                return size
+        raise TokenizerModelError(
+            f"{flag} {target}: even all {self.selectable} selectable pieces cover only "
+            f"{self.coverage(self.selectable):.6f} of the counted tokens"
+        )
+
+
+def select_pieces(proto, counts: np.ndarray, vocab_size: int, flag: str = "--vocab-size"):
+    """Choose ``vocab_size`` pieces of ``proto`` by ``counts`` (see the module docstring)."""
+    return Ranking(proto, counts).select(vocab_size, flag)
 
 
 def pruned_proto(proto, kept: list[int]):
@@ -169,9 +277,11 @@ class PruneResult:
     unreachable_kept: list[int]  # new ids of kept pieces that do not encode to themselves
 
 
-def prune_model(proto, counts: np.ndarray, vocab_size: int) -> PruneResult:
+def prune_model(
+    proto, counts: np.ndarray, vocab_size: int, ranking: Ranking | None = None
+) -> PruneResult:
     """Select, build and verify the pruned model (reachability checked with SentencePiece)."""
-    selection = select_pieces(proto, counts, vocab_size)
+    selection = (ranking or Ranking(proto, counts)).select(vocab_size)
     new = pruned_proto(proto, selection.kept)
     unreachable = spm.unreachable_pieces(new)
     return PruneResult(new, selection, unreachable)

@@ -85,7 +85,13 @@ def prune_report(
 
 def summary(report: dict) -> str:
     k, e = report["kept"], report["embedding_parameters"]
-    lines = [
+    lines = []
+    if report.get("coverage_target") is not None:
+        lines.append(
+            f"--coverage {report['coverage_target']:g}: N = {report['pieces']['after']}, the "
+            "smallest size whose kept pieces cover that share of the counted tokens"
+        )
+    lines += [
         f"pieces {report['pieces']['before']} -> {report['pieces']['after']} "
         f"({report['model_type']}): {k['mandatory']} mandatory, {k['by_frequency']} by frequency, "
         f"{k['merge_closure']} for merge closure",

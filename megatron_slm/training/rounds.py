@@ -8,6 +8,11 @@ that order with the source's settings (the ``build_gpt_datasets`` call of
 ``batches[k]`` whole. ``consumed_samples`` counts samples of the list, so a checkpoint resumes
 inside the round. ``--train-samples-record FILE`` appends, per step, the source sample ids the
 step consumed (all data-parallel ranks), to check the above.
+
+Every batch id is checked against the source's batch count when the list is read, in
+``plan_training`` (before any process group, step or write: an id outside the order would
+otherwise train silently on other samples, or index past the dataset mid-run), and that count
+against the order the trainer builds, before the first step (:func:`wrap_train_dataset`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from megatron_slm.data.sample_list import (
 
 
 def prepare_batch_list(cfg, sizes, checkpoint) -> BatchList | None:
-    """Read and check ``--train-samples-from`` before any work (ValueError naming the flag)."""
+    """Read and check ``--train-samples-from`` before any work (SampleListError naming the flag):
+    the ids (``read_batch_list``), the run's data and sampling flags, its length, the checkpoint."""
     path = cfg.data.train_samples_from
     if not path:
         return None
@@ -64,7 +70,7 @@ def wrap_train_dataset(blist: BatchList, source):
     """``source``: the train dataset built with the list's source settings (``num_samples``)."""
     n = len(source) if blist.source["num_samples"] is None else blist.source["num_samples"]
     n_batches = min(n, len(source)) // blist.source["global_batch_size"]
-    if blist.source.get("batches") not in (None, n_batches):
+    if blist.source["batches"] != n_batches:  # the ids were checked against this count
         raise SampleListError(
             f"--train-samples-from {blist.path}: the source order has {n_batches} batches here, "
             f"{blist.source['batches']} when the list was made (another megatron-core version?)"

@@ -1,8 +1,8 @@
 """The compact-tokenizer path as a user runs it: train a 1000-piece tokenizer, tokenize the sample,
-train a tiny model, ``count`` (2 workers), ``prune`` to 600 pieces, ``remap-checkpoint`` at TP=1,
-TP=2 and PP=2 (torchrun). The remapped checkpoints' logits equal the original's at the kept ids
-(1e-5), evaluated at TP=1 and TP=2, on a text both tokenizers split the same way. Bad inputs fail
-with one line and exit status 2.
+train a tiny model, ``count`` (2 workers, with the coverage curve), ``prune`` to 600 pieces (and
+by ``--coverage``), ``remap-checkpoint`` at TP=1, TP=2 and PP=2 (torchrun). The remapped
+checkpoints' logits equal the original's at the kept ids (1e-5), evaluated at TP=1 and TP=2, on a
+text both tokenizers split the same way. Bad inputs fail with one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def pipeline(tmp_path_factory):
     with open(SAMPLE) as f, open(heldout, "w") as out:
         out.writelines(f.readlines()[-20:])
     counts = str(root / "counts.npy")
-    _tool("count", "--data-path", prefix, "--tokenizer-model", big, "--output", counts,
-          "--workers", 2)  # fmt: skip
+    count = _tool("count", "--data-path", prefix, "--tokenizer-model", big, "--output", counts,
+                  "--workers", 2, "--heldout", heldout)  # fmt: skip
     small = str(root / "small.model")
     proc = _tool("prune", "--tokenizer-model", big, "--counts", counts, "--vocab-size", N_SMALL,
                  "--output", small, "--heldout", heldout, "--hidden-size", 64)  # fmt: skip
@@ -86,7 +86,8 @@ def pipeline(tmp_path_factory):
               "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp,
               nproc=tp * pp)  # fmt: skip
     return dict(root=root, big=big, prefix=prefix, ref=ref, counts=counts, small=small,
-                idmap=idmap, remapped=remapped, prune_stdout=proc.stdout)  # fmt: skip
+                idmap=idmap, remapped=remapped, prune_stdout=proc.stdout,
+                count_stdout=count.stdout)  # fmt: skip
 
 
 def test_count_matches_dataset(pipeline):
@@ -120,6 +121,32 @@ def test_prune_outputs(pipeline):
     assert h["after"]["tokens"] >= h["before"]["tokens"] and h["documents"] == 20
     assert report["embedding_parameters"]["saved"] == 2 * (1024 - 640) * 64
     assert "every kept piece is reachable" in pipeline["prune_stdout"]
+
+
+def test_coverage_curve_and_prune_by_coverage(pipeline, tmp_path):
+    """``count`` printed the coverage curve (table, JSON, PNG); ``prune --coverage 0.995`` keeps
+    the N it shows, the smallest whose kept pieces cover 99.5% of the counted tokens."""
+    from megatron_slm.tinylm import spm
+    from megatron_slm.tinylm.coverage import curve_table
+    from megatron_slm.tinylm.prune import Ranking
+
+    with open(pipeline["counts"][:-4] + ".coverage.json") as f:
+        curve = json.load(f)
+    assert curve_table(curve) in pipeline["count_stdout"]
+    assert os.path.getsize(pipeline["counts"][:-4] + ".coverage.png") > 1000
+    n = curve["targets"]["0.995"]
+    row = next(r for r in curve["rows"] if r["vocab_size"] == n)
+    assert row["coverage"] >= 0.995 and row["targets"] == [0.995]
+    out = str(tmp_path / "cov.model")
+    proc = _tool("prune", "--tokenizer-model", pipeline["big"], "--counts", pipeline["counts"],
+                 "--coverage", 0.995, "--output", out)  # fmt: skip
+    assert f"--coverage 0.995: N = {n}," in proc.stdout
+    with open(tmp_path / "cov.report.json") as f:
+        report = json.load(f)
+    assert report["pieces"]["after"] == n and report["coverage"] == row["coverage"]
+    counts = np.load(pipeline["counts"])
+    ranking = Ranking(spm.load_model_proto(pipeline["big"]), counts)
+    assert ranking.coverage(n - 1) < 0.995 <= ranking.coverage(n)
 
 
 def _same_tokenization_ids(pipeline, new_to_old):

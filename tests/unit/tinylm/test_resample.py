@@ -170,6 +170,61 @@ def test_sample_list_dataset_maps_whole_batches(tmp_path):
         read_batch_list(str(bad))
 
 
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        ([0, 10], "batch id 10 (entry 1) is outside the source order, whose 10 batches have ids "
+                  "0..9"),
+        ([-1], "batch id -1 (entry 0) is outside"),
+        ([3, 10**7], "batch id 10000000 (entry 1) is outside"),
+        ([1.5], "batch id 1.5 (entry 0) is not an integer"),
+        ([True], "batch id True (entry 0) is not an integer"),
+        (["3"], "batch id '3' (entry 0) is not an integer"),
+        ({"0": 1}, "'batches' is not a list"),
+    ],
+)  # fmt: skip
+def test_batch_ids_outside_the_source_are_refused(tmp_path, ids, message):
+    """Every id is checked against the source's batch count when a list is read, and when one
+    is written; ids 0 and N-1 are the valid ends."""
+    from megatron_slm.data.sample_list import LIST_FORMAT, write_batch_list
+
+    source = _source(g=4, batches=10)
+    path = tmp_path / "r.idx"
+    meta = {"format": LIST_FORMAT, "version": 1, "source": source, "batches": ids}
+    path.write_text(json.dumps(meta))
+    with pytest.raises(SampleListError) as e:
+        read_batch_list(str(path))
+    assert str(e.value).startswith(f"--train-samples-from {path}: {message}")
+    if isinstance(ids, list) and not any(isinstance(b, str | bool) for b in ids):
+        with pytest.raises(SampleListError, match="--output .*: " + message.split(" (")[0]):
+            write_batch_list(str(tmp_path / "w.idx"), source, ids)
+        assert not os.path.exists(tmp_path / "w.idx")
+    write_batch_list(str(path), source, [9, 0])
+    assert read_batch_list(str(path)).batches == [9, 0]
+    no_count = {k: v for k, v in source.items() if k != "batches"}
+    path.write_text(json.dumps(dict(meta, source=no_count, batches=[0])))
+    with pytest.raises(SampleListError, match="r.idx: the source record has no batch count"):
+        read_batch_list(str(path))
+    path.write_text(json.dumps({k: v for k, v in meta.items() if k != "batches"}))
+    with pytest.raises(SampleListError, match="r.idx: no 'batches' list"):
+        read_batch_list(str(path))
+
+
+def test_list_of_another_order_length_is_refused_before_step_1(tmp_path):
+    """The ids were checked against the source record's count; the trainer then checks that
+    count against the order it builds (megatron-core: min(num_samples, len) // G batches)."""
+    from megatron_slm.data.sample_list import write_batch_list
+    from megatron_slm.training.rounds import wrap_train_dataset
+
+    path = str(tmp_path / "r.idx")
+    write_batch_list(path, dict(_source(g=4, batches=10), num_samples=40), [9, 0])
+    blist = read_batch_list(path)
+    ds = wrap_train_dataset(blist, list(range(100, 140)))
+    assert [ds[i] for i in range(8)] == [136, 137, 138, 139, 100, 101, 102, 103]
+    with pytest.raises(SampleListError, match="the source order has 9 batches here, 10 when"):
+        wrap_train_dataset(blist, list(range(36)))
+
+
 def test_multi_round_script_parses_and_uses_real_flags():
     """examples/multi_round.sh: bash syntax, and every --flag it passes exists in the CLIs it
     calls (the job runs end to end in tests/functional/test_slurm.py)."""
