@@ -6,9 +6,14 @@ anchor), ``--slm-ratio 0.6`` with reference losses from a sidecar written by
 the steps after warm-up, ratios to plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the
 scorer, so its tokens/s can be compared with training's (forward only: about 3x).
 
+The trainer reads its statistics back (a host wait) every ``--log-interval`` steps only, and a
+step's ``step_seconds`` is the mean over the steps read together; the warm-up is a whole number
+of such windows, so the measured windows hold no warm-up step.
+
     python benchmarks/bench_train_step.py                        # tiny model on CPU
     python benchmarks/bench_train_step.py --device cuda --model-preset tinyllama-1.1b \\
-        --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16
+        --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16 \\
+        --iters 25 --warmup 5 --rounds 1                         # one pass per variant
 
 Targets (issue 5, CPU tiny model): sidecar <= 1.05x plain, online <= 1.5x plain.
 """
@@ -63,9 +68,12 @@ def main() -> None:
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--log-interval", type=int, default=5, help="steps per host read (window)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; best kept")
     args = p.parse_args()
+    if args.warmup % args.log_interval or args.iters % args.log_interval:
+        p.error("--warmup and --iters must be multiples of --log-interval (whole windows)")
 
     env = dict(os.environ, PYTHONPATH=REPO)
     work = tempfile.mkdtemp(prefix="bench_train_step_")
@@ -75,7 +83,7 @@ def main() -> None:
         "--vocab-size", str(args.vocab_size), "--model-preset", args.model_preset,
         "--seq-length", str(args.seq_length), "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.global_batch_size), "--device", args.device,
-        "--eval-interval", "0", "--log-interval", "1000", "--split", "100,0,0",
+        "--eval-interval", "0", "--log-interval", str(args.log_interval), "--split", "100,0,0",
     ]  # fmt: skip
     if args.num_layers:
         common += ["--num-layers", str(args.num_layers)]

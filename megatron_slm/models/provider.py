@@ -17,6 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
 from megatron_slm.models.specs import gpt_block_spec
 from megatron_slm.platform import cpu_backend_enabled
@@ -106,11 +107,12 @@ def build_gpt_chunk(
     post_process: bool,
     vp_stage: int | None = None,
 ) -> GPTModel:
-    """One GPTModel chunk (the layers of one (virtual) pipeline stage)."""
+    """One GPTModel chunk (the layers of one (virtual) pipeline stage); the last stage computes
+    its loss without host syncs (``models.cross_entropy``)."""
     vocab = padded_vocab_size(
         model.vocab_size, opts.make_vocab_size_divisible_by, config.tensor_model_parallel_size
     )
-    return GPTModel(
+    chunk = GPTModel(
         config=config,
         transformer_layer_spec=gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage),
         vocab_size=vocab,
@@ -123,6 +125,9 @@ def build_gpt_chunk(
         rotary_base=int(model.rotary_base),
         vp_stage=vp_stage,
     )
+    if post_process:
+        install_language_model_loss(chunk)
+    return chunk
 
 
 def build_model(

@@ -102,8 +102,17 @@ class DataArgs:
     train_samples_record: str | None = arg(
         None, "Append the source sample ids each step consumed to this JSON-lines file (tests)."
     )
+    num_workers: int = arg(
+        2,
+        "DataLoader worker processes per rank that read and stack micro-batches ahead of the "
+        "step (0: read on the training thread).",
+    )
 
     # "--data-path is required" (unless --sft-data) is checked in validate().
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -201,10 +210,18 @@ class CheckpointArgs:
 
 @dataclass
 class LoggingArgs:
-    log_interval: int = arg(10, "Console/TensorBoard line every N steps.")
+    log_interval: int = arg(
+        10,
+        "Console line every N steps. The host reads the steps' statistics back from the device "
+        "at these steps only (and before evaluation, checkpoints and selection pictures); "
+        "per-step records and TensorBoard scalars are written then. With several ranks, exit "
+        "signals and --exit-duration-in-mins are also checked at these steps.",
+    )
     tensorboard_dir: str | None = arg(None, "TensorBoard event directory.")
     log_loss_file: str | None = arg(
-        None, "Append one JSON line per step (losses, selection) to this file (tests, analysis)."
+        None,
+        "Append one JSON line per step (losses, selection) to this file (tests, analysis); "
+        "step_seconds is the mean over the steps read back together.",
     )
     log_selection_interval: int | None = arg(
         None,
@@ -213,6 +230,8 @@ class LoggingArgs:
     )
 
     def __post_init__(self):
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
         if self.log_selection_interval is not None and self.log_selection_interval < 1:
             raise ValueError("--log-selection-interval must be >= 1")
 

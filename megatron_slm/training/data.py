@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+from functools import partial
 
 import torch
 from megatron.core import parallel_state
+from torch.utils.data import DataLoader
 
 from megatron_slm.data import build_gpt_datasets
 from megatron_slm.errors import ConfigError
@@ -79,34 +82,105 @@ BATCH_KEYS = (
 )
 
 
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack the samples' :data:`BATCH_KEYS` into ``[b, ...]`` tensors (in the loader's workers)."""
+    return {
+        k: torch.stack([torch.as_tensor(s[k]) for s in samples])
+        for k in samples[0]
+        if k in BATCH_KEYS
+    }
+
+
+def _ignore_signals(signums: tuple[int, ...], _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the trainer's exit signal is for the trainer. SLURM signals
+    every process of a job step (``scancel --signal``, pre-emption); a worker killed by it makes
+    the DataLoader raise in the trainer instead of letting it save and exit, and a forked worker
+    that inherited the trainer's handler would report the signal as its own. Ignoring workers
+    still stop with the trainer (its shutdown, or their watchdog if it dies)."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class _RankBatches:
+    """Batch sampler: this DP rank's micro-batch index lists from ``consumed`` on (see
+    :class:`MicroBatches`), up to the last whole micro-batch of a dataset of ``size`` samples."""
+
+    def __init__(self, consumed: int, size: int, mbs: int, dp: int, dp_rank: int):
+        self.consumed, self.size, self.mbs, self.dp, self.dp_rank = consumed, size, mbs, dp, dp_rank
+
+    def __iter__(self):
+        consumed = self.consumed
+        while (start := consumed + self.dp_rank * self.mbs) + self.mbs <= self.size:
+            yield list(range(start, start + self.mbs))
+            consumed += self.mbs * self.dp
+
+
 class MicroBatches:
     """Micro-batches of this data-parallel rank, resumable from a consumed-sample count.
 
     Megatron-LM's order: the global batch is cut into chunks of ``micro_batch_size x dp``
     consecutive samples; DP rank r takes the r-th ``micro_batch_size`` slice of each chunk.
+
+    Samples are read and stacked by a ``torch.utils.data.DataLoader`` with ``num_workers``
+    processes (``--num-workers``; 0: on the calling thread) that read ahead of the step, into
+    pinned memory with ``pin_memory`` (CUDA), as Megatron-LM does, so the host never waits for
+    data and the trainer's ``.to(device, non_blocking=True)`` copies are asynchronous.
+    ``consumed_samples`` and ``read`` count the micro-batches handed out, not those read ahead,
+    so a checkpoint resumes at the first sample not trained on. Workers ignore
+    ``ignored_signals`` (the trainer's ``--exit-signal``).
     """
 
-    def __init__(self, dataset, micro_batch_size: int, consumed_samples: int = 0):
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        consumed_samples: int = 0,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        ignored_signals: tuple[int, ...] = (),
+    ):
         self.dataset = dataset
         self.mbs = micro_batch_size
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.consumed_samples = consumed_samples
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.ignored_signals = tuple(ignored_signals)
         self.read: list[int] | None = None  # dataset indices read, when recorded (rounds.py)
+        self._batches = None  # the loader's iterator, started at the first micro-batch
 
     def __iter__(self):
         return self
 
+    def _start(self):
+        sampler = _RankBatches(
+            self.consumed_samples, len(self.dataset), self.mbs, self.dp, self.dp_rank
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            # Its own generator: starting the loader draws a worker seed from it, not from the
+            # global RNG (the samples are functions of their index; nothing else is random).
+            generator=torch.Generator(),
+            prefetch_factor=2 if self.num_workers else None,
+            worker_init_fn=partial(_ignore_signals, self.ignored_signals),
+        )
+        return iter(loader)
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            self._batches = self._start()
+        batch = next(self._batches)  # StopIteration after the last whole micro-batch
         start = self.consumed_samples + self.dp_rank * self.mbs
-        if start + self.mbs > len(self.dataset):
-            raise StopIteration
-        samples = [self.dataset[i] for i in range(start, start + self.mbs)]
         if self.read is not None:
             self.read.extend(range(start, start + self.mbs))
         self.consumed_samples += self.mbs * self.dp
-        return {
-            k: torch.stack([torch.as_tensor(s[k]) for s in samples])
-            for k in samples[0]
-            if k in BATCH_KEYS
-        }
+        return batch
+
+    def close(self) -> None:
+        """Stop the loader's workers (they also stop when this object is collected)."""
+        self._batches = None

@@ -13,20 +13,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
+import signal
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
@@ -55,6 +49,12 @@ from megatron_slm.training.metrics import (
     source_counts,
 )
 from megatron_slm.training.online_reference import OnlineReference
+from megatron_slm.training.optimizer import (
+    OptimizerStep,
+    build_optimizer,
+    finalize_grads,
+    use_fused_adam,
+)
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
 from megatron_slm.training.slm_loss import MicroBatchSelection, SelectiveLMLoss
@@ -68,43 +68,6 @@ def _params_dtype(cfg: PretrainConfig) -> torch.dtype:
     if cfg.training.fp16:
         return torch.float16
     return torch.float32
-
-
-def _build_optimizer(cfg: PretrainConfig, chunks, train_iters: int):
-    t = cfg.training
-    opt = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.bf16,
-            fp16=t.fp16,
-            params_dtype=_params_dtype(cfg),
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        ),
-        chunks,
-    )
-    scheduler = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0 if t.lr_warmup_iters else t.lr,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.lr_decay_iters or train_iters,
-        lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=train_iters,
-        wd_incr_style="constant",
-        wsd_decay_steps=max(1, train_iters // 10) if t.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
-    )
-    return opt, scheduler
 
 
 @dataclass
@@ -232,8 +195,9 @@ class Trainer:
             )
             if not cfg.checkpoint.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
+                use_fused_adam(self.optimizer)  # the checkpoint's param groups replaced ours
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
-        self.batches = MicroBatches(self.train_ds, t.micro_batch_size, consumed)
+        self.batches = self._micro_batches(self.train_ds, consumed)
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
@@ -261,12 +225,29 @@ class Trainer:
             for chunk in self.chunks:
                 if unwrap(chunk).post_process:
                     self.slm_loss.install(unwrap(chunk))
-        self.optimizer, self.scheduler = _build_optimizer(cfg, self.chunks, self.sizes.train_iters)
-        config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer, self.scheduler = build_optimizer(
+            cfg, self.chunks, self.build_opts.params_dtype, self.sizes.train_iters
+        )
+        self.optimizer_step = OptimizerStep(self.optimizer, cfg.training.clip_grad, self.device)
+        config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [c.no_sync for c in self.chunks]
         config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         self.config = config
+
+    def _micro_batches(self, dataset, consumed: int = 0) -> MicroBatches:
+        return MicroBatches(
+            dataset,
+            self.cfg.training.micro_batch_size,
+            consumed,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            ignored_signals=self._exit_signals(),
+        )
+
+    def _exit_signals(self) -> tuple[int, ...]:
+        ck = self.cfg.checkpoint
+        return (getattr(signal, ck.exit_signal),) if ck.exit_signal_handler else ()
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -368,7 +349,7 @@ class Trainer:
         outputs = self._run_schedule(
             self.batches, False, ratio, self.cfg.training.seed * 1_000_003 + self.iteration * 4099
         )
-        ok, grad_norm, _ = self.optimizer.step()
+        ok, grad_norm = self.optimizer_step.step()  # no host sync (but fp16's loss scaler)
         if ok:
             self.scheduler.step(increment=1)
         return self._reduce_stats(outputs), grad_norm, ratio
@@ -379,7 +360,7 @@ class Trainer:
             return None
         for chunk in self.chunks:
             chunk.eval()
-        batches = MicroBatches(self.valid_ds, self.cfg.training.micro_batch_size)
+        batches = self._micro_batches(self.valid_ds)
         eval_ratio = 1.0 if self.cfg.slm.enabled else None
         total = None  # only the last pipeline stage has statistics
         try:
@@ -425,49 +406,58 @@ class Trainer:
             return {}
         return {"chat_template": self.tokenizer.chat_template}
 
-    def train(self) -> dict:
-        cfg, total_iters = self.cfg, self.sizes.train_iters
-        for chunk in self.chunks:
-            chunk.train()
-        last_saved = self.iteration if cfg.checkpoint.load else None
-        reason = "finished"
-        while self.iteration < total_iters:
-            t0 = time.perf_counter()
-            stats, grad_norm, ratio = self.train_step()
-            self.iteration += 1
-            self.sample_record.step(self.iteration)
-            self.log.step(
-                self.iteration,
-                stats,
-                grad_norm,
-                self.optimizer.param_groups[0]["lr"],
-                time.perf_counter() - t0,
-                self.batches.consumed_samples,
-                ratio,
-                self.slm_loss.last,
-                self._last_ref,
-            )
-            interval = cfg.logging.log_selection_interval
-            if interval and self.iteration % interval == 0 and ratio is not None:
+    def advance(self) -> str | None:
+        """One training step and what its iteration asks for: a log line, a selection picture,
+        an evaluation, a checkpoint, the exit check. Returns the reason to stop, or None.
+
+        Between log steps the host never waits for the device: the step's statistics stay there
+        until the logger reads them (``metrics.TrainingLogger``)."""
+        cfg = self.cfg
+        t, ck = cfg.training, cfg.checkpoint
+        stats, grad_norm, ratio = self.train_step()
+        self.iteration += 1
+        self.sample_record.step(self.iteration)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.step(self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio)
+        log_step = self.log.is_log_step(self.iteration)
+        if log_step:
+            self.log.log(self.iteration, self.slm_loss.last, self._last_ref)
+        interval = cfg.logging.log_selection_interval
+        picture = bool(interval and self.iteration % interval == 0 and ratio is not None)
+        evaluate = bool(t.eval_interval and self.iteration % t.eval_interval == 0)
+        save = bool(ck.save and ck.save_interval and self.iteration % ck.save_interval == 0)
+        if picture or evaluate or save:
+            self.log.read()  # the steps so far are timed without this work
+            if picture:
                 self.log.selection_image(
                     self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
                     self.tokenizer,
                 )  # fmt: skip
-            t = cfg.training
-            if t.eval_interval and self.iteration % t.eval_interval == 0:
+            if evaluate:
                 self.log.validation(self.iteration, self.evaluate())
-            ck = cfg.checkpoint
-            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+            if save:
                 self.save()
-                last_saved = self.iteration
-            reason = self.exit.should_exit(self.iteration)
+                self._last_saved = self.iteration
+            self.log.restart_clock()
+        return self.exit.should_exit(self.iteration, vote=log_step)
+
+    def train(self) -> dict:
+        """Steps until the end or a clean exit; a checkpoint of the last step (with --save)."""
+        for chunk in self.chunks:
+            chunk.train()
+        self._last_saved = self.iteration if self.cfg.checkpoint.load else None
+        reason = "finished"
+        self.log.restart_clock()
+        while self.iteration < self.sizes.train_iters:
+            reason = self.advance()
             if reason:
                 break
         else:
             reason = "finished"
-        if cfg.checkpoint.save and last_saved != self.iteration:
+        self.batches.close()
+        self.log.close(self.iteration)
+        if self.cfg.checkpoint.save and self._last_saved != self.iteration:
             self.save()
-        self.log.close()
         logger.info("training stopped at iteration %d (%s)", self.iteration, reason)
         return {"iteration": self.iteration, "reason": reason}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -67,7 +69,30 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+@dataclass
+class _Pending:
+    """One step whose device values the host has not read yet."""
+
+    iteration: int
+    stats: torch.Tensor  # [len(STAT_KEYS) (+ 2 * sources)] float64, on the device
+    grad_norm: torch.Tensor | None  # 0-dim, on the device
+    lr: float
+    consumed_samples: int
+    ratio: float | None
+
+
 class TrainingLogger:
+    """Keeps each step's statistics on the device and reads them back at log steps.
+
+    :meth:`step` costs no host synchronisation: it keeps the step's device tensors. :meth:`read`
+    copies every pending step back with one transfer, writes their per-step records (JSON log,
+    TensorBoard) and starts a new timing segment; the trainer calls it at log steps (through
+    :meth:`log`) and before work that is not a training step (evaluation, checkpoints, selection
+    pictures), then :meth:`restart_clock` after it. A step's ``step_seconds`` is the mean over
+    the steps read together: the device runs ahead of the host, so only the wall time between
+    two reads (each waits for the device) measures the steps in between.
+    """
+
     def __init__(
         self,
         cfg: PretrainConfig,
@@ -93,18 +118,53 @@ class TrainingLogger:
             if self.is_writer and cfg.logging.log_loss_file
             else None
         )
-        self._window = []
+        self._pending: list[_Pending] = []
+        self._window: list[dict] = []  # records read since the last console line
+        self._clock = time.perf_counter()
 
-    def step(self, iteration, stats, grad_norm, lr, seconds, consumed_samples, ratio, last, ref):
-        if not self.is_writer or stats is None:
+    def is_log_step(self, iteration: int) -> bool:
+        return iteration % self.cfg.logging.log_interval == 0 or iteration == self.sizes.train_iters
+
+    def restart_clock(self) -> None:
+        """Start a timing segment (after work that is not a training step)."""
+        self._clock = time.perf_counter()
+
+    def step(self, iteration, stats, grad_norm, lr, consumed_samples, ratio) -> None:
+        """Keep this step's device values (``stats`` None: not the last pipeline stage)."""
+        if self.is_writer and stats is not None:
+            self._pending.append(_Pending(iteration, stats, grad_norm, lr, consumed_samples, ratio))
+
+    def log(self, iteration, last=None, ref=None) -> None:
+        """A log step: read the pending steps, histograms of this step's selection, console."""
+        self.read()
+        if self.tb and last is not None and ref is not None:
+            self._histograms(iteration, last, ref)
+        if self._window:
+            self._console(iteration)
+
+    def read(self) -> None:
+        """Read the pending steps back (one host synchronisation) and write their records."""
+        if not self._pending:
+            self.restart_clock()
             return
-        values = stats.tolist()
+        pending, self._pending = self._pending, []
+        nan = torch.full((), math.nan, dtype=torch.float64, device=pending[0].stats.device)
+        norms = [nan if p.grad_norm is None else p.grad_norm.to(torch.float64) for p in pending]
+        rows = torch.cat([torch.stack([p.stats for p in pending]), torch.stack(norms)[:, None]], 1)
+        values = rows.tolist()  # the one device -> host read of the window
+        now = time.perf_counter()
+        seconds = (now - self._clock) / len(pending)
+        self._clock = now
+        for p, row in zip(pending, values):
+            self._write(self._record(p, row[:-1], row[-1], seconds))
+
+    def _record(self, p: _Pending, values: list[float], grad_norm: float, seconds: float) -> dict:
         s = dict(zip(STAT_KEYS, values))
         mean = lambda key, n: s[key] / s[n] if s[n] else math.nan  # noqa: E731
         record = {
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "consumed_tokens": consumed_samples * self.cfg.training.seq_length,
+            "iteration": p.iteration,
+            "consumed_samples": p.consumed_samples,
+            "consumed_tokens": p.consumed_samples * self.cfg.training.seq_length,
             "loss": s["loss_sum"] / max(s["n_valid"], 1),
             "selected_loss": s["selected_loss_sum"] / max(s["n_selected"], 1),
             "selected_fraction": s["n_selected"] / max(s["n_valid"], 1),
@@ -116,9 +176,9 @@ class TrainingLogger:
             else math.nan,
             "excess_selected": mean("excess_sel_sum", "n_excess_sel"),
             "excess_unselected": mean("excess_unsel_sum", "n_excess_unsel"),
-            "ratio": ratio,
-            "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "ratio": p.ratio,
+            "lr": p.lr,
+            "grad_norm": grad_norm,
             "step_seconds": seconds,
             "tokens_per_second": self.tokens_per_step / seconds,
         }
@@ -134,6 +194,10 @@ class TrainingLogger:
         record["tflops_per_device"] = self.flops_per_step / seconds / self.world / 1e12
         if self.peak:
             record["mfu"] = record["tflops_per_device"] / self.peak
+        return record
+
+    def _write(self, record: dict) -> None:
+        iteration = record["iteration"]
         if self.loss_file:
             self.loss_file.write(json.dumps(record) + "\n")
             self.loss_file.flush()
@@ -155,18 +219,18 @@ class TrainingLogger:
             for name, share in record.get("selected_fraction_by_source", {}).items():
                 if not math.isnan(share):
                     self.tb.add_scalar(f"slm/selected_fraction_by_source/{name}", share, iteration)
-            if last is not None and ref is not None:
-                excess = (last.loss - ref.t().float()).flatten()
-                excess = excess[torch.isfinite(excess)]
-                if excess.numel():
-                    self.tb.add_histogram("slm/excess_loss_all", excess.detach().cpu(), iteration)
-                    chosen = (last.loss - ref.t().float())[last.selected]
-                    chosen = chosen[torch.isfinite(chosen)]
-                    if chosen.numel():
-                        self.tb.add_histogram("slm/excess_loss_selected", chosen.cpu(), iteration)
         self._window.append(record)
-        if iteration % self.cfg.logging.log_interval == 0 or iteration == self.sizes.train_iters:
-            self._console(iteration)
+
+    def _histograms(self, iteration, last, ref) -> None:
+        """Excess loss of the step's last micro-batch: all valid tokens, and the selected ones."""
+        excess = (last.loss - ref.t().float()).flatten()
+        excess = excess[torch.isfinite(excess)]
+        if excess.numel():
+            self.tb.add_histogram("slm/excess_loss_all", excess.detach().cpu(), iteration)
+            chosen = (last.loss - ref.t().float())[last.selected]
+            chosen = chosen[torch.isfinite(chosen)]
+            if chosen.numel():
+                self.tb.add_histogram("slm/excess_loss_selected", chosen.cpu(), iteration)
 
     def _console(self, iteration):
         w, self._window = self._window, []
@@ -228,7 +292,11 @@ class TrainingLogger:
                 json.dumps({"iteration": iteration, "validation_loss": loss}) + "\n"
             )
 
-    def close(self):
+    def close(self, iteration: int) -> None:
+        """Write what is still pending (a run stopped between log steps), then close."""
+        self.read()
+        if self._window:
+            self._console(iteration)
         if self.tb:
             self.tb.flush()
             self.tb.close()

@@ -2,6 +2,11 @@
 
 The signal handler only sets a flag; the loop checks it after each step, all ranks agree through
 one all-reduce, the trainer saves a checkpoint and returns normally, so a requeued job resumes.
+
+With several ranks the agreement is a collective whose result the host must read, a wait for the
+device, so it runs at log steps only (``--log-interval``): a signal or the time limit is acted on
+up to ``log-interval`` steps late. Give SLURM's ``--signal=TERM@SECONDS`` lead time for that many
+steps plus a checkpoint save. A single process needs no agreement and checks every step.
 """
 
 from __future__ import annotations
@@ -34,20 +39,23 @@ class ExitController:
         )
         self.received = True
 
-    def should_exit(self, iteration: int) -> str | None:
-        """The reason to stop after ``iteration`` (same answer on every rank), or None."""
-        flags = torch.tensor(
-            [
-                float(self.received),
-                float(
-                    self.cfg.exit_duration_in_mins is not None
-                    and (time.monotonic() - self.start) / 60 > self.cfg.exit_duration_in_mins
-                ),
-            ],
-            device=self.device,
-        )
+    def should_exit(self, iteration: int, vote: bool = True) -> str | None:
+        """The reason to stop after ``iteration`` (same answer on every rank), or None.
+
+        ``vote``: whether ranks may agree on the signal and time flags at this step (every rank
+        passes the same value; the trainer passes "this is a log step")."""
+        flags = [
+            self.received,
+            self.cfg.exit_duration_in_mins is not None
+            and (time.monotonic() - self.start) / 60 > self.cfg.exit_duration_in_mins,
+        ]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if vote:
+                votes = torch.tensor([float(f) for f in flags], device=self.device)
+                dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+                flags = [v > 0 for v in votes.tolist()]
+            else:
+                flags = [False, False]
         if flags[0]:
             return f"signal {self.cfg.exit_signal}"
         if flags[1]:

@@ -151,6 +151,29 @@ def test_exact_resume(corpus, tmp_path, layout):
         assert a["loss"] == b["loss"] and a["selected_loss"] == b["selected_loss"]
 
 
+def test_log_interval_reads_late_but_records_every_step(corpus, tmp_path):
+    """--log-interval 3: the host reads statistics at steps 3, 6 and the last only, yet every
+    step's record is written, with the same values as reading every step; a clean exit between
+    log steps (--exit-interval 4) writes its pending records, and the resumed run continues."""
+    _, prefix = corpus
+    every = read_steps_of(prefix, tmp_path / "every.jsonl", 8)
+    late = ("--log-interval", 3)
+    log = tmp_path / "late.jsonl"
+    proc = run_pretrain(tiny_args(prefix, str(log), 8, *late))
+    assert [line.split("/")[0].split()[-1] for line in proc.stdout.splitlines()
+            if line.startswith("iter ")] == ["3", "6", "8"]  # fmt: skip
+    ckpt = str(tmp_path / "ckpt")
+    split = tmp_path / "split.jsonl"
+    run_pretrain(tiny_args(prefix, str(split), 8, *late, "--save", ckpt, "--exit-interval", 4))
+    assert [r["iteration"] for r in read_steps(str(split))] == [1, 2, 3, 4]
+    run_pretrain(tiny_args(prefix, str(split), 8, *late, "--load", ckpt))
+    for records in (read_steps(str(log)), read_steps(str(split))):
+        assert [r["iteration"] for r in records] == list(range(1, 9))
+        for a, b in zip(every, records):
+            assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"])
+            assert a["consumed_samples"] == b["consumed_samples"]
+
+
 def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
     _, prefix = corpus
     straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6)

@@ -1,11 +1,19 @@
 """The CPU core attention against an independent float64 attention, and the torch spec against
-megatron-core's own local spec on the same weights."""
+megatron-core's own local spec on the same weights; the default spec on a GPU without Transformer
+Engine is the torch spec, whose unmasked attention asks SDPA for flash attention."""
+
+import sys
 
 import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_slm.models.specs import TorchSDPAttention
+from megatron_slm.models.specs import (
+    TorchRMSNorm,
+    TorchSDPAttention,
+    default_spec_impl,
+    gpt_block_spec,
+)
 from tests.dist_helpers import run_distributed
 
 
@@ -43,10 +51,12 @@ def test_causal_gqa_attention_matches_naive(groups):
     torch.testing.assert_close(out, _naive_attention(q, k, v, causal))
 
 
-def test_block_diagonal_mask_isolates_documents():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_block_diagonal_mask_isolates_documents(groups):
     g = torch.Generator().manual_seed(1)
     s, b, n, h = 6, 1, 2, 4
-    q, k, v = (torch.randn(s, b, n, h, generator=g, dtype=torch.float64) for _ in range(3))
+    q = torch.randn(s, b, n, h, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(s, b, groups, h, generator=g, dtype=torch.float64) for _ in range(2))
     doc = torch.tensor([0, 0, 0, 1, 1, 1])
     mask = (doc[:, None] != doc[None, :]) | torch.ones(s, s, dtype=torch.bool).triu(1)
     out = _attention()(q, k, v, mask[None, None])
@@ -54,6 +64,37 @@ def test_block_diagonal_mask_isolates_documents():
     alone = _attention()(q[3:], k[3:], v[3:], None)
     torch.testing.assert_close(out[3:], alone)
     torch.testing.assert_close(out, _naive_attention(q, k, v, mask))
+
+
+def test_unmasked_attention_is_causal_sdpa_without_expanded_heads(monkeypatch):
+    """No mask tensor, is_causal and unexpanded grouped heads: what SDPA's flash kernel takes."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((attn_mask, is_causal, k.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(q, k, v, attn_mask, dropout_p, is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = torch.randn(5, 2, 4, 8), torch.randn(5, 2, 2, 8), torch.randn(5, 2, 2, 8)
+    _attention()(q, k, v, None)
+    assert calls == [(None, True, 2, True)]
+
+
+def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import fails: no TE
+    impl = default_spec_impl(torch.device("cuda"))
+    assert impl == "torch"
+    # Two layers on this stage (the real count needs an initialised pipeline layout).
+    monkeypatch.setattr(
+        "megatron_slm.models.specs.get_num_layers_to_build", lambda config, vp_stage=None: 2
+    )
+    block = gpt_block_spec(impl, config=None)
+    for layer in block.layer_specs:
+        assert layer.submodules.self_attention.submodules.core_attention is TorchSDPAttention
+        assert layer.submodules.input_layernorm is TorchRMSNorm
+    assert block.layer_norm is TorchRMSNorm
+    assert default_spec_impl(torch.device("cpu")) == "torch"
 
 
 def _torch_vs_local_spec(rank, world):
@@ -68,6 +109,8 @@ def _torch_vs_local_spec(rank, world):
     model_parallel_cuda_manual_seed(5)
     (ours,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
     (local,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="local"))
+    for layer in ours.decoder.layers:
+        assert isinstance(layer.self_attention.core_attention, TorchSDPAttention)
     local.load_state_dict(ours.state_dict(), strict=False)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)

@@ -1,0 +1,162 @@
+"""The optimizer and the gradient path of a step, without host synchronisations.
+
+megatron-core's ``optimizer.step()`` reads the global gradient norm back to the host to decide
+whether to clip (``clip_grad_norm`` → ``.item()``), ``finalize_model_grads`` tests
+``if num_tokens > 0`` before dividing the gradients by the token count, and torch's non-fused
+Adam reads each parameter's step count (``_get_value(step)``). Each is a host wait per step.
+Here:
+
+* :func:`finalize_grads` is megatron-core's ``finalize_model_grads`` with the per-token scaling
+  on the device (``1 / max(num_tokens, 1)``: with no token the gradients are zero either way);
+* :class:`OptimizerStep` runs megatron-core's own stages, ``prepare_grads`` →
+  clip → ``step_with_ready_grads``, with the clip coefficient computed and applied on the device
+  (``min(1, clip / (norm + 1e-6))``, a multiply by 1.0 being exact) and no zero count;
+* :func:`use_fused_adam` switches torch's Adam to its fused kernel (step counts on the device).
+
+fp16 keeps megatron-core's dynamic loss scaler: ``prepare_grads`` reads the found-inf flag on the
+host, because skipping the update and backing off the scale are host decisions; fp16 therefore
+still syncs once per step. bf16 and fp32 have no grad scaler and do not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+
+from megatron_slm.training.config import PretrainConfig
+
+
+def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, train_iters: int):
+    """megatron-core's mixed-precision Adam(W) (fused where torch's) and its LR scheduler."""
+    t = cfg.training
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=t.bf16,
+            fp16=t.fp16,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        chunks,
+    )
+    use_fused_adam(opt)
+    scheduler = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0 if t.lr_warmup_iters else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters or train_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, train_iters // 10) if t.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
+    )
+    return opt, scheduler
+
+
+def _parts(optimizer) -> list:
+    """The megatron-core optimizers inside ``optimizer`` (a ChainedOptimizer or one)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def use_fused_adam(optimizer) -> None:
+    """Make every torch ``Adam``/``AdamW`` inside megatron-core's ``optimizer`` fused (one kernel
+    for all parameters, step counts on the device). Call again after loading a checkpoint: its
+    saved param groups replace these flags, and its step counts may be host tensors.
+    (Transformer Engine's or Apex's FusedAdam, used when installed, are left alone.)"""
+    for part in _parts(optimizer):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam):  # AdamW derives from Adam
+            continue
+        inner.defaults.update(fused=True, foreach=None)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=None)
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and "step" in state:
+                    state["step"] = torch.as_tensor(
+                        state["step"], dtype=torch.float32, device=p.device
+                    ).clone()
+
+
+def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
+    """``config.finalize_model_grads_func``: megatron-core's ``finalize_model_grads`` (DP
+    all-reduce, sequence-parallel norms, embeddings), then the per-token scaling on the device."""
+    finalize_model_grads(
+        model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce
+    )
+    if num_tokens is None:
+        return
+    if pg_collection is not None:
+        pp_group, dp_cp_group = pg_collection.pp, pg_collection.dp_cp
+    else:
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    # The count lives on the last pipeline stage; every rank scales its own gradients.
+    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    dist.all_reduce(num_tokens, group=dp_cp_group)
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
+
+
+class OptimizerStep:
+    """``step()`` -> ``(updated, grad_norm)``; ``grad_norm`` is a 0-dim fp32 device tensor (None
+    without clipping or when fp16's scaler skipped the step). See the module docstring."""
+
+    def __init__(self, optimizer, clip_grad: float, device: torch.device):
+        self.optimizer, self.clip_grad, self.device = optimizer, clip_grad, device
+        self.parts = [p for p in _parts(optimizer) if not getattr(p, "is_stub_optimizer", False)]
+        groups = {p.get_grad_stats_parallel_group() for p in _parts(optimizer)}
+        if len(groups) != 1:
+            raise NotImplementedError("optimizers with different gradient-statistics groups (MoE)")
+        (self.stats_group,) = groups
+
+    @torch.no_grad()
+    def step(self) -> tuple[bool, torch.Tensor | None]:
+        if self.optimizer.prepare_grads():  # fp16 only: found inf/nan (read on the host)
+            return False, None
+        grad_norm = self._clip() if self.clip_grad > 0 else None
+        return self.optimizer.step_with_ready_grads(), grad_norm
+
+    def _clip(self) -> torch.Tensor:
+        # Same tensors and group as megatron-core's get_grad_norm_fp32 / clip_grad_norm.
+        for_norm = [g for p in self.parts for g in p.get_main_grads_for_grad_norm()]
+        if for_norm:
+            total = torch.stack(torch._foreach_norm(for_norm)).float().square().sum()
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+        dist.all_reduce(total, group=self.stats_group)
+        norm = total.sqrt()
+        coeff = self.clip_grad / (norm + 1.0e-6)
+        # Like megatron-core, scale only when coeff < 1 (a NaN norm leaves the gradients as is).
+        coeff = torch.where(coeff < 1.0, coeff, torch.ones_like(coeff))
+        grads = [g for p in self.parts for g in self._grads(p)]
+        if grads:
+            torch._foreach_mul_(grads, coeff)
+        return norm
+
+    @staticmethod
+    def _grads(part) -> list[torch.Tensor]:
+        attr = (
+            "decoupled_grad"
+            if part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            else "grad"
+        )
+        return [g for g in (getattr(p, attr, None) for p in part.get_parameters()) if g is not None]

@@ -1,0 +1,89 @@
+"""The training step between log steps on a GPU under ``torch.cuda.set_sync_debug_mode("error")``
+(bf16, the default layer spec, DataLoader workers with pinned memory, NCCL): any host wait raises.
+The CPU twin (``tests/unit/training/test_train_step_syncs.py``) counts them with ``SyncCounter``;
+this one also catches waits that only CUDA has (blocking copies, stream synchronisation)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from megatron_slm import _extension
+from tests.dist_helpers import free_port
+from tests.functional.pretrain_helpers import make_null_corpus, tiny_args
+from tests.unit.training.test_train_step_syncs import LOG_EVERY, records_of, reference_losses
+
+pytestmark = pytest.mark.gpu
+
+
+def _train(prefix, log_file, extra, ratio):
+    from megatron_slm import launch
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.loop import Trainer, plan_training
+
+    argv = [str(a) for a in tiny_args(prefix, log_file, 2 * LOG_EVERY, *extra)]
+    cfg = parse_config(argv + ["--device", "cuda", "--bf16", "--log-interval", str(LOG_EVERY)])
+    plan = plan_training(cfg, 1)
+    trainer = Trainer(cfg, plan, launch.initialize(device="cuda", seed=cfg.training.seed))
+    for chunk in trainer.chunks:
+        chunk.train()
+    for _ in range(LOG_EVERY):
+        assert trainer.advance() is None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(LOG_EVERY - 1):
+            assert trainer.advance() is None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = reference_losses(trainer, ratio)
+    assert trainer.advance() is None
+    trainer.batches.close()
+    trainer.log.close(trainer.iteration)
+    launch.shutdown()
+    return expected, records_of(log_file)
+
+
+def _worker(queue, port, *args):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    try:
+        queue.put(("ok", _train(*args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+# The selective op is held to zero syncs with its CUDA kernels; its pure-PyTorch fallback (no
+# CUDA build of _C) selects with nonzero() and is not a GPU hot path.
+SLM = pytest.param(
+    ("--slm-ratio", "0.5", "--slm-select-mode", "loss"),
+    0.5,
+    id="slm",
+    marks=pytest.mark.skipif(
+        not _extension.HAS_CUDA_KERNELS, reason="megatron_slm._C built without CUDA kernels"
+    ),
+)
+
+
+@pytest.mark.parametrize("extra, ratio", [pytest.param((), None, id="plain"), SLM])
+def test_no_host_sync_between_log_steps_on_gpu(tmp_path, extra, ratio):
+    prefix = make_null_corpus(str(tmp_path), "docs", [31] * 96)
+    ctx = mp.get_context("spawn")  # a fresh CUDA context and an NCCL process group
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_worker, args=(queue, free_port(), prefix, str(tmp_path / "log.jsonl"), extra, ratio)
+    )
+    proc.start()
+    status, payload = queue.get(timeout=600)
+    proc.join()
+    assert status == "ok", payload
+    (loss_sum, n_valid, selected_sum, n_selected), records = payload
+    assert [r["iteration"] for r in records] == list(range(1, 2 * LOG_EVERY + 1))
+    # bf16 logits, fp32 losses: the step's forward and the reference see the same logits.
+    assert records[-1]["loss"] == pytest.approx(loss_sum / n_valid, rel=1e-3)
+    assert records[-1]["selected_loss"] == pytest.approx(selected_sum / n_selected, rel=1e-3)

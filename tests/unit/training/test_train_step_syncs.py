@@ -1,0 +1,119 @@
+"""The training step between log steps never waits for the device (issue 26, item 2).
+
+A tiny model trains in-process (the real ``Trainer`` of ``python -m megatron_slm.pretrain``); the
+steps strictly between two log steps run inside ``SyncCounter`` and must read nothing back. The
+log step afterwards must still log the right values: its loss (and, with selection, its selected
+loss) is recomputed independently, in float64 with ``torch.nn.functional.cross_entropy`` on the
+logits of the same batch and the same weights, and the records of the silent steps appear only
+once the log step has read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.functional.pretrain_helpers import make_null_corpus, tiny_args
+
+LOG_EVERY = 4
+ITERS = 2 * LOG_EVERY
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syncs")
+    return make_null_corpus(str(root), "docs", [31] * 96)
+
+
+def reference_losses(trainer, ratio):
+    """Sum of the per-token losses, valid-token count, sum over the tokens the step selects
+    (top ``ratio`` of each micro-batch by loss, ``--slm-select-mode loss``), selected count:
+    for the global batch the next step will read, with the current weights, all DP ranks."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+
+    from megatron_slm.training.data import MicroBatches
+
+    peek = MicroBatches(
+        trainer.train_ds, trainer.cfg.training.micro_batch_size, trainer.batches.consumed_samples
+    )
+    totals = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(trainer.sizes.num_microbatches):
+            batch = {k: v.to(trainer.device) for k, v in next(peek).items()}
+            logits = trainer.chunks[0](batch["tokens"], batch["position_ids"], None)  # [b, s, v]
+            loss = F.cross_entropy(
+                logits.double().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+            )
+            valid = batch["loss_mask"].flatten().bool()
+            kept = loss[valid].sort(descending=True).values
+            k = round(ratio * kept.numel()) if ratio is not None else kept.numel()
+            totals += torch.tensor([kept.sum().item(), kept.numel(), kept[:k].sum().item(), k])
+    totals = totals.to(trainer.device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return totals.tolist()
+
+
+def records_of(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _worker(rank, world, prefix, log_file, extra, ratio):
+    from megatron_slm import launch
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.loop import Trainer, plan_training
+    from tests.sync_counter import SyncCounter
+
+    argv = tiny_args(prefix, log_file, ITERS, *extra)
+    cfg = parse_config([str(a) for a in argv] + ["--log-interval", str(LOG_EVERY)])
+    plan = plan_training(cfg, world)
+    device = launch.initialize(device="cpu", seed=cfg.training.seed)
+    trainer = Trainer(cfg, plan, device)
+    for chunk in trainer.chunks:
+        chunk.train()
+    for _ in range(LOG_EVERY):  # up to and including the first log step
+        assert trainer.advance() is None
+    with SyncCounter() as counter:
+        for _ in range(LOG_EVERY - 1):
+            assert trainer.advance() is None
+    before_log_step = [r["iteration"] for r in records_of(log_file)]
+    expected = reference_losses(trainer, ratio)
+    assert trainer.advance() is None  # the second log step reads steps LOG_EVERY+1 .. 2*LOG_EVERY
+    trainer.batches.close()
+    trainer.log.close(trainer.iteration)
+    return counter.count, counter.report(), before_log_step, expected, records_of(log_file)
+
+
+@pytest.mark.parametrize(
+    "world, extra, ratio",
+    [
+        (2, (), None),  # plain causal LM, two data-parallel ranks
+        (1, ("--slm-ratio", "0.5", "--slm-select-mode", "loss"), 0.5),  # the selective op
+    ],
+    ids=["plain-dp2", "slm"],
+)
+def test_no_host_sync_between_log_steps(corpus, tmp_path, world, extra, ratio):
+    log_file = str(tmp_path / "steps.jsonl")
+    results = run_distributed(_worker, world, corpus, log_file, extra, ratio)
+    for count, report, *_ in results:
+        assert count == 0, report
+    *_, before_log_step, expected, records = results[-1]  # the last rank writes the log
+    # The silent steps were not read (nor written) until the log step.
+    assert before_log_step == list(range(1, LOG_EVERY + 1))
+    assert [r["iteration"] for r in records] == list(range(1, ITERS + 1))
+    window = records[LOG_EVERY:]
+    assert len({r["step_seconds"] for r in window}) == 1  # timed together, from one read
+    last = records[-1]
+    loss_sum, n_valid, selected_sum, n_selected = expected
+    assert last["loss"] == pytest.approx(loss_sum / n_valid, rel=1e-5)
+    assert last["n_selected"] == n_selected
+    assert last["selected_loss"] == pytest.approx(selected_sum / n_selected, rel=1e-5)
+    assert all(r["grad_norm"] > 0 for r in records)
