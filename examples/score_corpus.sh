@@ -29,7 +29,7 @@ PYTHON=${PYTHON:-python}
 TP=${TP:-1}
 PP=${PP:-1}
 MODEL_PRESET=${MODEL_PRESET:-}          # empty: the checkpoint's architecture; set: must match it
-BF16=${BF16:-1}                         # 1: run the model in bfloat16 (GPU)
+FP32=${FP32:-0}                         # 1: run in float32 (default: the checkpoint's dtype)
 DEVICE=${DEVICE:-auto}                  # auto | cuda | cpu
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ read -r -a DATA_PREFIXES <<< "$DATA_PREFIX"
 DATA_ARGS=(--data-prefix "${DATA_PREFIXES[@]}")
 MODEL_ARGS=(--load "$REF_CHECKPOINT")
 [[ -n "$MODEL_PRESET" ]] && MODEL_ARGS+=(--model-preset "$MODEL_PRESET")
-[[ "$BF16" == 1 ]] && MODEL_ARGS+=(--bf16)
+[[ "$FP32" == 1 ]] && MODEL_ARGS+=(--fp32)
 PARALLEL_ARGS=(
     --tensor-model-parallel-size "$TP"
     --pipeline-model-parallel-size "$PP"

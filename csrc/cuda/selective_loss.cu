@@ -557,7 +557,10 @@ __global__ void __launch_bounds__(kSelectThreads)
 }
 
 // Vectors in flight per thread in the row kernels: 2 by default; MEGATRON_SLM_ROW_UNROLL=1 keeps
-// the one-at-a-time loop (benchmarks/gpu/run.sh measures both). Read once per process.
+// the one-at-a-time loop. Read once per process. Measured on an H200 (benchmarks/RESULTS_gpu.md):
+// the same within noise at [8192, 131072] bf16/fp32 and [8192, 32000] bf16 (1.65 vs 1.66 ms,
+// 3.25 vs 3.23, 0.44 vs 0.45): 8 blocks of 256 threads per SM already keep enough bytes in
+// flight there; the variant stays for devices with fewer resident warps.
 int row_unroll() {
   static const int unroll = [] {
     const char* env = std::getenv("MEGATRON_SLM_ROW_UNROLL");

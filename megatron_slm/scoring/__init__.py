@@ -2,8 +2,9 @@
 
 One module per job: :mod:`.config` (the typed settings and CLI), :mod:`.inputs` (checkpoint, data
 and window checks before any work), :mod:`.packing` (document packing and sliding windows),
-:mod:`.scorer` (orchestration: chunks, ranks, resume, publication). The model runs on
-``megatron_slm.runtime``.
+:mod:`.chunks` (a chunk made ready for the device), :mod:`.pipeline` (the sync-free loop: prefetch
+thread, main thread, host-worker thread), :mod:`.scorer` (orchestration: chunks, ranks, resume,
+publication). The model runs on ``megatron_slm.runtime``.
 """
 
 from megatron_slm.scoring.config import ScoreConfig, ScoringError

@@ -32,7 +32,11 @@ class ScoreConfig(ModelArgs, TokenizerArgs):
         required=True,
     )
     load: str | None = arg(None, "Reference model checkpoint (root or iter_N dir).", required=True)
-    bf16: bool = arg(False, "Run the model in bfloat16.")
+    fp32: bool = arg(
+        False,
+        "Run the model in float32 even when the checkpoint was trained in bfloat16/float16 "
+        "(default: the checkpoint's recorded params_dtype, float32 when none is recorded).",
+    )
     tensor_model_parallel_size: int = arg(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size.")
     seq_length: int | None = arg(

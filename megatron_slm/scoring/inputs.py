@@ -9,6 +9,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import torch
+
 from megatron_slm.checkpoint import (
     CheckpointInfo,
     read_checkpoint,
@@ -29,6 +31,14 @@ def default_stride(seq_length: int) -> int:
     return max(1, seq_length * 3 // 4)
 
 
+def model_dtype(config: ScoreConfig, ckpt: CheckpointInfo) -> torch.dtype:
+    """The dtype the reference model runs in: the checkpoint's recorded ``params_dtype``
+    (bfloat16 for a model trained in bfloat16), float32 when none is recorded or with ``--fp32``."""
+    if config.fp32:
+        return torch.float32
+    return ckpt.params_dtype or torch.float32
+
+
 @dataclass
 class ScoringInputs:
     checkpoint: CheckpointInfo
@@ -40,6 +50,8 @@ class ScoringInputs:
     stride: int
     reference: str
     """The reference identity recorded in the sidecar (checkpoint, metadata digest, tokenizer)."""
+    params_dtype: torch.dtype = torch.float32
+    """The dtype the model runs in: the checkpoint's (``--fp32``: float32)."""
 
     def settings(self, config: ScoreConfig) -> dict:
         """The settings recorded in the sidecar metadata: everything that changes the bytes."""
@@ -52,7 +64,7 @@ class ScoringInputs:
             "packing": config.packing_mode,
             "tensor_model_parallel_size": config.tensor_model_parallel_size,
             "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
-            "params_dtype": "bfloat16" if config.bf16 else "float32",
+            "params_dtype": str(self.params_dtype).removeprefix("torch."),
             "make_vocab_size_divisible_by": self.checkpoint.divisor_for(
                 config.tensor_model_parallel_size
             ),
@@ -109,4 +121,5 @@ def resolve_inputs(config: ScoreConfig) -> ScoringInputs:
         seq_length=seq,
         stride=stride,
         reference=_reference_identity(ckpt, tokenizer),
+        params_dtype=model_dtype(config, ckpt),
     )

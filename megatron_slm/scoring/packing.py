@@ -34,6 +34,13 @@ share a row, so the fill fell to 86-88% and ate the gain.
 Segment ids mark the padding too (``-1``, one segment of its own): a padding query then always
 sees at least itself, so the attention softmax never has an all-masked row (which would give NaN,
 and NaN values times a zero probability would leak into real rows).
+
+The scorer itself uses the array versions at the end of this module (:func:`segment_table`,
+:func:`length_sorted_host_batches`, :func:`packed_row_host_batches`): the same rows in the same
+batches as the per-segment functions above (which stay as the readable reference the tests
+compare against), built without a Python object per segment, as :class:`HostBatch` es with their
+inputs in one ``[3, b, s]`` (pinned) buffer and the scatter of their kept losses precomputed.
+Packing 760k tokens (6000 documents, seq 256) takes 0.09 s on one CPU core.
 """
 
 from __future__ import annotations
@@ -47,13 +54,17 @@ from megatron_slm.errors import ConfigError
 
 __all__ = [
     "Batch",
+    "HostBatch",
     "Segment",
     "document_segments",
     "length_sorted_batches",
+    "length_sorted_host_batches",
     "make_batches",
     "pack_rows",
+    "packed_row_host_batches",
     "plan_windows",
     "scatter_losses",
+    "segment_table",
 ]
 
 
@@ -285,3 +296,146 @@ def scatter_losses(batch: Batch, losses: np.ndarray, values: dict[int, np.ndarra
         row = losses[seg.row, seg.offset + seg.keep_from : seg.offset + seg.length]
         first = seg.start + 1 + seg.keep_from
         values[seg.doc][first : first + len(row)] = row
+
+
+# ---------------------------------------------------------------------------------------------
+# The scorer's batches: vectorised, one host buffer per batch, scatter plan precomputed
+# ---------------------------------------------------------------------------------------------
+DOC, START, LENGTH, KEEP = range(4)
+"""Columns of :func:`segment_table`."""
+
+
+def segment_table(lengths: np.ndarray, seq_length: int, stride: int) -> np.ndarray:
+    """``[n_segments, 4]`` int64 (document index into ``lengths``, start, length, keep_from): the
+    segments of :func:`document_segments` for documents ``0 .. len(lengths) - 1``, in the same
+    (document) order, without a Python object per segment (most documents are one segment)."""
+    n = np.asarray(lengths, dtype=np.int64)
+    short = np.flatnonzero((n >= 2) & (n - 1 <= seq_length))
+    parts = [np.stack([short, np.zeros_like(short), n[short] - 1, np.zeros_like(short)], 1)]
+    for d in np.flatnonzero(n - 1 > seq_length):  # sliding windows: few documents
+        windows = plan_windows(int(n[d]), seq_length, stride)
+        parts.append(np.array([(d, *w) for w in windows], dtype=np.int64))
+    table = np.concatenate(parts).reshape(-1, 4)
+    return table[np.argsort(table[:, DOC], kind="stable")]  # windows of a document stay in order
+
+
+@dataclass
+class HostBatch:
+    """One micro-batch as the scorer's pipeline moves it: the inputs in one host buffer (one copy
+    to the device), and where each kept loss goes among its chunk's values."""
+
+    data: torch.Tensor
+    """``[3, b, s]`` int64: input ids, labels, position ids (padding: 0); pinned for CUDA."""
+    attention_mask: torch.Tensor | None
+    """``[b, 1, s, s]`` bool, True = masked (packed rows), or None (plain causal attention)."""
+    src: np.ndarray
+    """``[k]`` flat index (``row * s + column``) of each kept loss in the batch's ``[b, s]``."""
+    dest: np.ndarray
+    """``[k]`` index of each kept loss in the chunk's values (documents back to back)."""
+
+    def scatter(self, losses: np.ndarray, values: np.ndarray) -> None:
+        """``losses [b, s]`` of this batch -> ``values`` (the chunk's flat values), in place."""
+        values[self.dest] = np.ravel(losses)[self.src]
+
+
+def _host_buffer(n: int, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """``[n]`` int64 host buffer (page-locked with ``pin``) and a numpy view of it."""
+    if pin:
+        t = torch.empty(n, dtype=torch.int64, pin_memory=True)
+        return t, t.numpy()
+    a = np.empty(n, dtype=np.int64)
+    return torch.from_numpy(a), a
+
+
+def length_sorted_host_batches(
+    table: np.ndarray,
+    tokens: np.ndarray,
+    doc_offsets: np.ndarray,
+    positions_per_batch: int,
+    pin: bool = False,
+) -> list[HostBatch]:
+    """:func:`length_sorted_batches` of the segments ``table`` (:func:`segment_table`): the same
+    rows in the same batches, built for the whole chunk at once with array operations (a few
+    dozen numpy calls per chunk instead of a dozen per batch: the prefetch thread then holds the
+    interpreter lock less, which the main thread launching the model needs).
+
+    Args:
+        table: ``[n_segments, 4]`` segments; their document index points into ``doc_offsets``.
+        tokens: ``[n]`` int64 token ids of the documents, back to back.
+        doc_offsets: ``[n_docs + 1]`` start of each document in ``tokens`` (and the end).
+        positions_per_batch: most ``rows x longest segment`` per batch.
+        pin: page-locked inputs (asynchronous copies to a GPU).
+    """
+    seg = table[np.argsort(-table[:, LENGTH], kind="stable")]  # [R, 4] longest first
+    n_rows = len(seg)
+    if not n_rows:
+        return []
+    firsts, i = [], 0  # first row of each batch: a batch is as wide as its first (longest) row
+    while i < n_rows:
+        firsts.append(i)
+        i += max(1, positions_per_batch // int(seg[i, LENGTH]))
+    firsts = np.array(firsts)
+    widths = seg[firsts, LENGTH]  # [G]
+    rows_per = np.diff(np.append(firsts, n_rows))  # [G]
+    sizes = rows_per * widths  # [G] positions per batch
+    batch_of_row = np.repeat(np.arange(len(firsts)), rows_per)  # [R]
+    row_width = widths[batch_of_row]  # [R]
+    row_start = np.cumsum(row_width) - row_width  # [R] first position of each row
+    row_of_pos = np.repeat(np.arange(n_rows), row_width)  # [P] positions: batch, row, column
+    pos = np.arange(len(row_of_pos))
+    col = pos - row_start[row_of_pos]  # [P]
+    valid = col < seg[row_of_pos, LENGTH]  # [P]
+    idx = (doc_offsets[seg[:, DOC]] + seg[:, START])[row_of_pos] + col  # [P] index in `tokens`
+    batch_of_pos = batch_of_row[row_of_pos]  # [P]
+    batch_pos = np.cumsum(sizes) - sizes  # [G] first position of each batch
+    local = pos - batch_pos[batch_of_pos]  # [P] row * width + column within the batch
+    # The buffer holds each batch's [3, b, s] block contiguously: one copy per batch.
+    offsets = np.append(0, np.cumsum(3 * sizes))  # [G + 1]
+    plane = offsets[:-1][batch_of_pos] + local  # [P] where each position's token id goes
+    stride = sizes[batch_of_pos]  # [P] distance to its label, then to its position id
+    buf, out = _host_buffer(int(offsets[-1]), pin)
+    out[plane] = np.where(valid, tokens[np.where(valid, idx, 0)], 0)
+    out[plane + stride] = np.where(valid, tokens[np.where(valid, idx + 1, 0)], 0)
+    out[plane + 2 * stride] = np.where(valid, seg[row_of_pos, START] + col, 0)
+    kept = np.flatnonzero(valid & (col >= seg[row_of_pos, KEEP]))  # [K] in batch order
+    cuts = np.cumsum(np.bincount(batch_of_pos[kept], minlength=len(firsts)))[:-1]
+    srcs, dests = np.split(local[kept], cuts), np.split(idx[kept] + 1, cuts)
+    bounds = offsets.tolist()
+    return [
+        HostBatch(buf[bounds[g] : bounds[g + 1]].view(3, -1, w), None, srcs[g], dests[g])
+        for g, w in enumerate(widths.tolist())
+    ]
+
+
+def packed_row_host_batches(
+    table: np.ndarray,
+    tokens: np.ndarray,
+    doc_offsets: np.ndarray,
+    seq_length: int,
+    micro_batch_size: int,
+    pad_last: bool,
+    pin: bool = False,
+) -> list[HostBatch]:
+    """:func:`pack_rows` + :func:`make_batches` (block-diagonal masks) of the segments ``table``,
+    as host batches (arguments as in :func:`length_sorted_host_batches`)."""
+    items = [Segment(*map(int, t)) for t in table]
+    segs, n_rows = pack_rows(items, seq_length)
+    if not n_rows:
+        return []
+    docs = {s.doc for s in segs}
+    doc_tokens = {d: tokens[doc_offsets[d] : doc_offsets[d + 1]] for d in docs}
+    out = []
+    for b in make_batches(segs, n_rows, doc_tokens, seq_length, micro_batch_size, pad_last):
+        data, view = _host_buffer(3 * b.tokens.numel(), pin)
+        view.reshape(3, *b.tokens.shape)[:] = np.stack([b.tokens, b.labels, b.position_ids])
+        mask = b.attention_mask
+        if mask is not None and pin:
+            mask = mask.pin_memory()
+        src, dest = [], []
+        for g in b.segments:
+            kept = np.arange(g.keep_from, g.length)
+            src.append(g.row * seq_length + g.offset + kept)
+            dest.append(doc_offsets[g.doc] + g.start + 1 + kept)
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        out.append(HostBatch(data.view(3, *b.tokens.shape), mask, cat(src), cat(dest)))
+    return out

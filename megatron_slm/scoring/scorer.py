@@ -23,8 +23,17 @@ micro-batch size, commit interval, TP/PP sizes, parameter dtype), so a rerun wit
 refused instead of mixing values. One writer per output: global rank 0 holds an exclusive lock on
 ``P_refloss.lock`` for the whole job (``megatron_slm.output_lock``).
 
-The model is loaded and run by the shared runtime (``megatron_slm.runtime``): fused per-token
-losses at any TP, megatron-core's forward-only pipeline schedule with PP > 1.
+The model is loaded and run by the shared runtime (``megatron_slm.runtime``) in the checkpoint's
+recorded ``params_dtype`` (bfloat16 for a model trained so; ``--fp32`` forces float32): fused
+per-token losses at any TP, megatron-core's forward-only pipeline schedule with PP > 1.
+
+The loop is a pipeline (:mod:`.pipeline`): a prefetch thread checks and packs the next rounds into
+pinned host buffers (:mod:`.chunks`), the main thread only launches copies, forwards and losses
+and never reads a device value, and a host-worker thread waits for each batch's asynchronous
+device-to-host copy, scatters the losses and writes the chunk. The per-round statistics
+all-reduce (one collective per round) runs one round late, so the device always has work queued.
+The ``range`` crash point fires on rank 0's host worker after its round's ``write_range``,
+``commit`` after a round's statistics came back from every rank.
 """
 
 from __future__ import annotations
@@ -36,20 +45,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.progress import ProgressBar, hms
-from megatron_slm.runtime import per_token_losses
+from megatron_slm.scoring.chunks import ChunkLayout, check_ids, chunk_bounds, prepare_chunk
 from megatron_slm.scoring.config import ScoreConfig, ScoringError
 from megatron_slm.scoring.inputs import ScoringInputs, resolve_inputs
-from megatron_slm.scoring.packing import (
-    document_segments,
-    length_sorted_batches,
-    make_batches,
-    pack_rows,
-    scatter_losses,
-)
+from megatron_slm.scoring.pipeline import Prefetcher, ScoringPipeline
 
 logger = logging.getLogger("megatron_slm")
 
@@ -175,20 +177,6 @@ def _chunks_todo(writer, n_docs: int, interval: int, limit: int) -> list[int]:
     return todo
 
 
-def _chunk_batches(docs, lengths, tokens, inputs: ScoringInputs, config: ScoreConfig):
-    """The micro-batches of one chunk, as one list (= one call of the model: one pipeline schedule
-    with PP > 1, where the last batch is padded to the full micro-batch size)."""
-    seq = inputs.seq_length
-    items = document_segments(docs, lengths, seq, inputs.stride)
-    if config.packing_mode == "length-sorted":
-        yield length_sorted_batches(items, tokens, config.micro_batch_size * seq)
-        return
-    segs, n_rows = pack_rows(items, seq)
-    if n_rows:
-        pad = config.pipeline_model_parallel_size > 1
-        yield make_batches(segs, n_rows, tokens, seq, config.micro_batch_size, pad_last=pad)
-
-
 def _token_memmap(prefix: str, dataset) -> np.ndarray:
     """All token ids ``[n_tokens]`` of the dataset, memory-mapped (documents back to back, as
     megatron-core's builder writes them; checked against the index's pointers)."""
@@ -205,20 +193,6 @@ def _token_memmap(prefix: str, dataset) -> np.ndarray:
     if not lengths.sum():
         return np.zeros(0, dtype=dtype)
     return np.memmap(get_bin_path(prefix), dtype=dtype, mode="r")
-
-
-def _check_ids(prefix, tokens, offsets, chunk, interval, n_docs, vocab_limit) -> None:
-    """ScoringError when chunk ``chunk`` has an id outside the model/tokenizer vocabulary."""
-    first, end = chunk * interval, min((chunk + 1) * interval, n_docs)
-    lo, hi = int(offsets[first]), int(offsets[end])
-    if hi <= lo:
-        return
-    biggest = int(tokens[lo:hi].max())
-    if biggest >= vocab_limit:
-        raise ScoringError(
-            f"--data-prefix {prefix}: documents {first}..{end - 1} contain token id {biggest}, "
-            f"outside the vocabulary of the reference model/tokenizer ({vocab_limit} ids)"
-        )
 
 
 def _mean_of_sidecar(prefix: str) -> float:
@@ -267,62 +241,59 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     if is_writer and not config.dry_run and writer is None:
         writer = _open_writer_rank(prefix, config, inputs, settings)
     todo = _broadcast(_chunks_todo(writer, n_docs, interval, limit) if is_rank0 else None, device)
-    remaining_docs = sum(min((c + 1) * interval, n_docs) - c * interval for c in todo)
-    remaining_tokens = sum(
-        int(offsets[min((c + 1) * interval, n_docs)] - offsets[c * interval]) for c in todo
-    )
+    bounds = {c: chunk_bounds(c, interval, n_docs) for c in todo}  # [first, end) documents
+    remaining_docs = sum(end - first for first, end in bounds.values())
+    remaining_tokens = sum(int(offsets[end] - offsets[first]) for first, end in bounds.values())
     if config.dry_run:
         todo = todo[:dp]
     tokens_mmap = _token_memmap(prefix, dataset)  # [total tokens] (our datasets are contiguous)
-    todo_tokens = sum(
-        int(offsets[min((c + 1) * interval, n_docs)] - offsets[c * interval]) for c in todo
-    )
+    todo_tokens = sum(int(offsets[bounds[c][1]] - offsets[bounds[c][0]]) for c in todo)
     bar = ProgressBar(f"score {os.path.basename(prefix)}", todo_tokens, "tokens", is_rank0)
-    crash = CrashPoints(KILL_HOOK_ENV)
-    run_docs = run_tokens = 0
-    loss_sum, loss_count = 0.0, 0
-    start = time.perf_counter()
-    for r in range(-(-len(todo) // dp)):
+    layout = ChunkLayout(
+        seq_length=inputs.seq_length,
+        stride=inputs.stride,
+        micro_batch_size=config.micro_batch_size,
+        packing=config.packing_mode,
+        pipeline_parallel=config.pipeline_model_parallel_size,
+        pin=device.type == "cuda",
+    )
+
+    def prepare_round(r: int):
+        """This rank's chunk of round ``r`` (prefetch thread). Every rank checks every chunk of
+        the round, so a bad id fails all ranks at the same round."""
         round_chunks = todo[r * dp : (r + 1) * dp]
-        # Every rank checks every chunk of the round, so a bad id fails all ranks alike.
         for c in round_chunks:
-            _check_ids(prefix, tokens_mmap, offsets, c, interval, n_docs, inputs.vocab_limit)
-        stats = torch.zeros(4, dtype=torch.float64, device=device)
-        if dp_rank < len(round_chunks):
-            c = round_chunks[dp_rank]
-            first, end = c * interval, min((c + 1) * interval, n_docs)
-            docs = list(range(first, end))
-            tokens = {
-                d: np.asarray(tokens_mmap[offsets[d] : offsets[d + 1]], dtype=np.int64)
-                for d in docs
-            }
-            values = {d: np.full(int(lengths[d]), np.nan, dtype=np.float32) for d in docs}
-            for batches in _chunk_batches(docs, lengths[first:end], tokens, inputs, config):
-                for batch, losses in zip(batches, per_token_losses(lm, batches)):
-                    scatter_losses(batch, losses.cpu().numpy(), values)
-            if is_writer:
-                vals = [values[d] for d in docs]
-                if not config.dry_run:
-                    writer.write_range(first, vals)
-                flat = np.concatenate(vals).astype(np.float64) if vals else np.zeros(0)
-                ok = np.isfinite(flat)
-                stats += torch.tensor(
-                    [len(docs), int(lengths[first:end].sum()), flat[ok].sum(), ok.sum()],
-                    dtype=torch.float64,
-                    device=device,
-                )
-        if is_rank0:
-            crash.reached("range")
-        dist.all_reduce(stats)
-        d_docs, d_tokens, d_sum, d_count = (float(x) for x in stats.cpu())
-        run_docs += int(d_docs)
-        run_tokens += int(d_tokens)
-        loss_sum += d_sum
-        loss_count += int(d_count)
-        if is_rank0:
-            crash.reached("commit")
-        bar.update(run_tokens, _mean_text(loss_sum, loss_count))
+            check_ids(prefix, tokens_mmap, offsets, *bounds[c], inputs.vocab_limit)
+        if dp_rank >= len(round_chunks):
+            return None
+        return prepare_chunk(tokens_mmap, offsets, *bounds[round_chunks[dp_rank]], layout)
+
+    def write(chunk) -> None:
+        writer.write_range(chunk.first_doc, chunk.document_values())
+
+    def progress(t) -> None:
+        bar.update(t.tokens, _mean_text(t.loss_sum, t.loss_count))
+
+    pipeline = ScoringPipeline(
+        lm,
+        is_writer=is_writer,
+        write=write if is_writer and writer is not None else None,
+        on_round=progress,
+        crash=CrashPoints(KILL_HOOK_ENV) if is_rank0 else None,
+    )
+    n_rounds = -(-len(todo) // dp)
+    start = time.perf_counter()
+    prefetch = Prefetcher(prepare_round, n_rounds)
+    try:
+        for _ in range(n_rounds):
+            pipeline.run_round(prefetch.get())
+        totals = pipeline.close()
+    finally:
+        prefetch.close()
+        pipeline.abort()
     seconds = time.perf_counter() - start
+    run_docs, run_tokens = totals.documents, totals.tokens
+    loss_sum, loss_count = totals.loss_sum, totals.loss_count
     bar.update(run_tokens, _mean_text(loss_sum, loss_count), final=True)
     rate = run_tokens / seconds if seconds > 0 else 0.0
 
@@ -337,7 +308,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
         dist.barrier()
         error = None
         if is_rank0:
-            crash.reached("finalize")
+            CrashPoints(KILL_HOOK_ENV).reached("finalize")
             try:
                 writer.finalize()
             except Exception as e:  # noqa: BLE001 - reported on every rank
@@ -403,7 +374,7 @@ def score_corpus(config: ScoreConfig) -> list[ScoreReport]:
                 config.load,
                 device,
                 model_args=config,
-                params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                params_dtype=inputs.params_dtype,
                 with_tokenizer=False,
             )
         except ValueError as e:

@@ -6,8 +6,9 @@
   (block-diagonal masks) at TP=1 and PP=2.
 - Resume: the CLI SIGKILLed at three different moments (a hook in the scorer), rerun each time:
   the published bytes equal the uninterrupted run's.
-- Bad input: missing checkpoint / data prefix, vocabulary smaller than the data's largest id,
-  corrupted progress file, existing output.
+- Bad input: missing checkpoint / data prefix, vocabulary smaller than the data's largest id
+  (the tokenizer's, and an id in the data found while scoring), corrupted progress file, existing
+  output.
 """
 
 from __future__ import annotations
@@ -290,6 +291,12 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
     root = setup["root"]
     corrupt = _copy_data(setup, "corrupt")
     dry = _copy_data(setup, "dry")
+    # An id outside the reference vocabulary in the third chunk: found by the prefetch thread,
+    # raised on the main thread before that round, after the first chunks were written.
+    (root / "bad_id").mkdir()
+    bad_docs = [list(d) for d in DOCS]
+    bad_docs[2 * INTERVAL + 1][-1] = VOCAB + 100
+    bad_id = write_token_dataset(str(root / "bad_id" / "corpus"), bad_docs, vocab_size=1 << 17)
     cases = {
         "checkpoint": (_kwargs(setup, setup["prefix"], load=str(root / "nope")), "no such"),
         "prefix": (_kwargs(setup, str(root / "missing" / "corpus")), "not found"),
@@ -302,6 +309,10 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
         "preset": (_kwargs(setup, setup["prefix"], hidden_size=128), "--hidden-size 128"),
         "partial": (_kwargs(setup, corrupt), "is corrupted"),
         "exists": (_kwargs(setup, setup["tp1"]), "already exists"),
+        "bad_id": (
+            _kwargs(setup, bad_id),
+            f"documents {2 * INTERVAL}..{3 * INTERVAL - 1} contain token id {VOCAB + 100}",
+        ),
     }
     (out,) = run_distributed(
         _bad_inputs_worker,
@@ -319,6 +330,11 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
     assert report["estimated_seconds"] > 0 and report["documents"] == INTERVAL
     assert report["tokens_total"] == sum(map(len, DOCS))
     assert sorted(os.listdir(os.path.dirname(dry))) == ["corpus.bin", "corpus.idx"]
+    # the chunks before the bad one were written and recorded, for a rerun after fixing the data
+    assert sorted(os.listdir(bad_id + "_refloss.ranges")) == [
+        f"0-{INTERVAL}",
+        f"{INTERVAL}-{2 * INTERVAL}",
+    ]
 
 
 def _bad_inputs_worker(rank, world, cases, corrupt_kwargs, dry_kwargs):

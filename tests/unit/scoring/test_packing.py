@@ -8,10 +8,13 @@ import torch
 from megatron_slm.scoring.packing import (
     document_segments,
     length_sorted_batches,
+    length_sorted_host_batches,
     make_batches,
     pack_rows,
+    packed_row_host_batches,
     plan_windows,
     scatter_losses,
+    segment_table,
 )
 
 
@@ -129,3 +132,97 @@ def test_checkpoint_seq_length_from_trainer_metadata():
     assert seq({"seq_length": 64}) == 64
     assert seq({"model": {}}) is None
     assert default_stride(128) == 96 and default_stride(1) == 1
+
+
+# --- the scorer's vectorised host batches against the per-segment reference above --------------
+def _corpus(seed: int, n_docs: int, seq: int):
+    """Random documents (some empty, of one token, or several windows long), back to back."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 3 * seq, size=n_docs)
+    lengths[:3] = [0, 1, 2]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(0, 500, size=int(offsets[-1])).astype(np.int64)
+    docs = {d: tokens[offsets[d] : offsets[d + 1]] for d in range(n_docs)}
+    return lengths, offsets, tokens, docs
+
+
+def _reference_values(batches, docs, offsets, losses):
+    values = {d: np.full(len(t), np.nan, dtype=np.float32) for d, t in docs.items()}
+    for b, loss in zip(batches, losses):
+        scatter_losses(b, loss, values)
+    return np.concatenate([values[d] for d in range(len(docs))])
+
+
+def _host_values(batches, offsets, losses):
+    values = np.full(int(offsets[-1]), np.nan, dtype=np.float32)
+    for b, loss in zip(batches, losses):
+        b.scatter(loss, values)
+    return values
+
+
+@pytest.mark.parametrize("seq,stride", [(16, 12), (16, 5), (8, 8)])
+def test_segment_table_is_document_segments(seq, stride):
+    lengths, *_ = _corpus(1, 40, seq)
+    ref = document_segments(list(range(len(lengths))), lengths, seq, stride)
+    table = segment_table(lengths, seq, stride)
+    assert table.tolist() == [[s.doc, s.start, s.length, s.keep_from] for s in ref]
+
+
+@pytest.mark.parametrize("budget", [16, 37, 64])
+def test_length_sorted_host_batches_equal_reference(budget):
+    seq, stride = 16, 12
+    lengths, offsets, tokens, docs = _corpus(2, 60, seq)
+    ref = length_sorted_batches(document_segments(list(docs), lengths, seq, stride), docs, budget)
+    host = length_sorted_host_batches(segment_table(lengths, seq, stride), tokens, offsets, budget)
+    assert len(host) == len(ref)
+    rng = np.random.default_rng(0)
+    for h, r in zip(host, ref):
+        assert h.attention_mask is None
+        torch.testing.assert_close(h.data, torch.stack([r.tokens, r.labels, r.position_ids]))
+    losses = [rng.random(tuple(r.tokens.shape), dtype=np.float32) for r in ref]
+    expected = _reference_values(ref, docs, offsets, losses)
+    np.testing.assert_array_equal(_host_values(host, offsets, losses), expected)
+    assert np.isnan(expected).sum() == (lengths > 0).sum()  # only each document's first token
+
+
+@pytest.mark.parametrize("pad_last", [True, False])
+def test_packed_row_host_batches_equal_reference(pad_last):
+    seq, stride, mbs = 16, 5, 3
+    lengths, offsets, tokens, docs = _corpus(3, 30, seq)
+    segs, rows = pack_rows(document_segments(list(docs), lengths, seq, stride), seq)
+    ref = make_batches(segs, rows, docs, seq, mbs, pad_last=pad_last)
+    table = segment_table(lengths, seq, stride)
+    host = packed_row_host_batches(table, tokens, offsets, seq, mbs, pad_last)
+    assert len(host) == len(ref) and any(r.attention_mask is not None for r in ref)
+    for h, r in zip(host, ref):
+        torch.testing.assert_close(h.data, torch.stack([r.tokens, r.labels, r.position_ids]))
+        if r.attention_mask is None:
+            assert h.attention_mask is None
+        else:
+            assert torch.equal(h.attention_mask, r.attention_mask)
+    rng = np.random.default_rng(1)
+    losses = [rng.random(tuple(r.tokens.shape), dtype=np.float32) for r in ref]
+    expected = _reference_values(ref, docs, offsets, losses)
+    np.testing.assert_array_equal(_host_values(host, offsets, losses), expected)
+
+
+def test_model_dtype_is_the_checkpoints_unless_fp32():
+    import dataclasses
+
+    from megatron_slm.checkpoint import CheckpointInfo
+    from megatron_slm.models import get_preset
+    from megatron_slm.scoring import ScoreConfig
+    from megatron_slm.scoring.inputs import ScoringInputs, model_dtype
+
+    arch = get_preset("tiny")
+    meta = {"model": dataclasses.asdict(arch), "padded_vocab_size": 512}
+    bf16 = CheckpointInfo("ckpt", dict(meta, params_dtype="bfloat16"))
+    config = ScoreConfig(data_prefix=["d"], load="ckpt")
+    assert model_dtype(config, bf16) == torch.bfloat16
+    assert model_dtype(config, CheckpointInfo("ckpt", meta)) == torch.float32  # none recorded
+    forced = ScoreConfig(data_prefix=["d"], load="ckpt", fp32=True)
+    assert model_dtype(forced, bf16) == torch.float32
+    # the dtype is a recorded setting: a resume in another dtype is refused
+    for cfg, dtype in ((config, torch.bfloat16), (forced, torch.float32)):
+        inputs = ScoringInputs(bf16, arch, None, 512, 64, 48, "ref", model_dtype(cfg, bf16))
+        assert inputs.settings(cfg)["params_dtype"] == str(dtype).removeprefix("torch.")
