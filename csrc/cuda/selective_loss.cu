@@ -227,6 +227,21 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------
 // backward
 // ------------------------------------------------------------------------------------------
+// (softmax - onehot) * scale of the kVec logits in vector iv of a row, packed back.
+template <typename Tr>
+__device__ __forceinline__ uint4 grad_vector(const uint4& v, int64_t iv, int64_t t, float l,
+                                             float sc) {
+  float buf[Tr::kVec];
+  Tr::unpack(v, buf);
+#pragma unroll
+  for (int j = 0; j < Tr::kVec; ++j) {
+    const int64_t col = iv * Tr::kVec + j;
+    const float p = __expf(buf[j] - l);
+    buf[j] = (col == t ? p - 1.0f : p) * sc;
+  }
+  return Tr::pack(buf);
+}
+
 template <typename T, bool kVectorized, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const T* logits, T* grad, const int64_t* __restrict__ target, int64_t N,
@@ -254,7 +269,6 @@ __global__ void __launch_bounds__(kThreads)
       uint4* gv = reinterpret_cast<uint4*>(g);
       const int64_t nvec = V / Tr::kVec;
       const int64_t step = static_cast<int64_t>(blockDim.x) * kUnroll;
-      float buf[Tr::kVec];
       int64_t i = threadIdx.x;
       // In place, grad == logits: each vector is read before it is written, by the same thread.
       for (; i + (kUnroll - 1) * static_cast<int64_t>(blockDim.x) < nvec; i += step) {
@@ -264,26 +278,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t iv = i + u * blockDim.x;
-          Tr::unpack(v[u], buf);
-#pragma unroll
-          for (int j = 0; j < Tr::kVec; ++j) {
-            const int64_t col = iv * Tr::kVec + j;
-            const float p = __expf(buf[j] - l);
-            buf[j] = (col == t ? p - 1.0f : p) * sc;
-          }
-          gv[iv] = Tr::pack(buf);
+          gv[iv] = grad_vector<Tr>(v[u], iv, t, l, sc);
         }
       }
-      for (; i < nvec; i += blockDim.x) {
-        Tr::unpack(xv[i], buf);
-#pragma unroll
-        for (int j = 0; j < Tr::kVec; ++j) {
-          const int64_t col = i * Tr::kVec + j;
-          const float p = __expf(buf[j] - l);
-          buf[j] = (col == t ? p - 1.0f : p) * sc;
-        }
-        gv[i] = Tr::pack(buf);
-      }
+      for (; i < nvec; i += blockDim.x) gv[i] = grad_vector<Tr>(xv[i], i, t, l, sc);
     } else {
       for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
         const float p = __expf(Tr::to_f(x[i]) - l);
