@@ -54,10 +54,24 @@ def _slurm_master_addr() -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _loopback_interface() -> str:
+    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
+def _init_single_process(backend: str, timeout: datetime.timedelta) -> None:
+    """A world of one listens on no network interface: nobody else has to join.
+
+    The env:// rendezvous would start a TCPStore server, which binds every interface (``[::]``)
+    whatever MASTER_ADDR says, unauthenticated; an in-process HashStore needs no socket. Gloo and
+    NCCL still open their own transport listeners, on the interface the hostname resolves to
+    unless told otherwise: pinned to loopback here (an explicit setting is kept).
+    """
+    loopback = _loopback_interface()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def initialize(
@@ -93,20 +107,21 @@ def initialize(
         torch.cuda.set_device(info.local_rank)
         dev = torch.device("cuda", info.local_rank)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        if "MASTER_PORT" not in os.environ:
-            if info.world_size > 1:
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if info.world_size == 1:
+            _init_single_process(distributed_backend(dev), timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            if "MASTER_PORT" not in os.environ:
                 # Same port on every task: derived from the job id under SLURM.
                 job = int(os.environ.get("SLURM_JOB_ID", "0"))
                 os.environ["MASTER_PORT"] = str(20000 + job % 20000)
-            else:
-                os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(
-            distributed_backend(dev),
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+            dist.init_process_group(
+                distributed_backend(dev),
+                rank=info.rank,
+                world_size=info.world_size,
+                timeout=timeout,
+            )
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if info.world_size % (tp * pp):
         raise ConfigError(

@@ -57,8 +57,9 @@ class OutputLock:
     """Exclusive, non-blocking lock of one output, as a context manager or ``acquire``/``release``.
 
     The lock file at ``path`` holds the holder's description (JSON: hostname, pid, start time UTC,
-    ``sys.argv``, ``SLURM_JOB_ID``), rewritten by every new holder. It is never deleted: deleting
-    it would let a waiting process lock the old inode while a newcomer creates and locks a new one.
+    ``sys.argv``, ``SLURM_JOB_ID``), rewritten by every new holder; it is mode 0600 and never
+    opened through a symlink. It is never deleted: deleting it would let a waiting process lock
+    the old inode while a newcomer creates and locks a new one.
     ``what`` names the output in error messages.
     """
 
@@ -119,15 +120,30 @@ class OutputLock:
             os.close(fd)  # closing the last fd of the open file releases the flock
 
     def _open(self) -> int:
+        # O_NOFOLLOW: a symlink planted at the lock path must not make us create, truncate or
+        # write the file it points to. 0600: the holder record names the command line.
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(
+                    f"the lock file of {self.what} is a symbolic link, not followed",
+                    subject=self.path,
+                    hint="remove the link; a lock file must be a regular file",
+                ) from None
+            if not isinstance(e, FileNotFoundError):
+                raise
             directory = os.path.dirname(os.path.abspath(self.path))
             raise FileNotFoundError(
                 errno.ENOENT,
                 f"cannot create the lock file of {self.what}: directory {directory} does not exist",
                 self.path,
             ) from None
+        try:
+            os.fchmod(fd, 0o600)  # a lock file created by an older version was 0644
+        except PermissionError:  # another user's file that we may write: leave its mode
+            pass
+        return fd
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

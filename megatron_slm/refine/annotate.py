@@ -91,6 +91,11 @@ class AnnotateConfig:
     api_key_env: str = arg(
         "OPENAI_API_KEY", "Environment variable holding the endpoint's API key (unset: no key)."
     )
+    teacher_allow_insecure_http: bool = arg(
+        False,
+        "Allow plain http:// to a non-loopback teacher (the key and the answers travel "
+        "unencrypted).",
+    )
     tokenizer: str | None = arg(
         None,
         "The refining model's tokenizer (its Hugging Face directory, or the SentencePiece .model "
@@ -286,6 +291,7 @@ def make_teacher(config: AnnotateConfig, log):
             config.backoff,
             concurrency=config.concurrency,
             log=log,
+            allow_insecure_http=config.teacher_allow_insecure_http,
         )
     from megatron_slm.refine.backends import BackendError
 

@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from megatron_slm.atomic_io import file_sha256, write_json_atomic
+from megatron_slm.atomic_io import file_sha256, temp_files_of, write_json_atomic
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import UserError
@@ -662,11 +662,15 @@ class RefineReport:
 
 
 def _clean_partials(layout: Layout, shard: Shard) -> None:
+    # Exactly the names this shard's writers create (refine_shard's ".partial", the atomic
+    # writer's temporaries): a prefix glob would also match another shard's files (a shard
+    # named "a.jsonl.tmp7" writes "a.jsonl.tmp7.jsonl" next to shard "a"'s "a.jsonl").
     for path in (layout.kept(shard), layout.dropped(shard), layout.shard_stats(shard)):
-        for stale in glob.glob(glob.escape(path) + ".partial") + glob.glob(
-            glob.escape(path) + ".tmp*"
-        ):
-            os.remove(stale)
+        for stale in [path + ".partial", *temp_files_of(path)]:
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
 
 
 def write_totals(layout: Layout, shards: list[Shard]) -> dict | None:

@@ -7,11 +7,18 @@ client is the standard library's ``urllib``: no new dependency. Transient failur
 refused or reset, timeouts, HTTP 408/429/5xx) are retried with exponential backoff; any other HTTP
 status is a :class:`TeacherError` (a wrong URL, model name or key does not get better by waiting).
 A 200 response that is not a chat completion is an *answer error*: reported, never retried.
+
+Trust: the API key goes to the endpoint's own origin only. It is an unredirected header and the
+client follows no redirect (a 3xx is a :class:`TeacherError`), so an endpoint cannot forward the
+key, or substitute another server's answer, by redirecting (urllib would otherwise follow, even
+https -> http, re-sending ordinary headers). Plain ``http://`` is accepted for loopback hosts
+only, unless ``allow_insecure_http`` says the network in between is trusted.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import random
 import threading
@@ -19,6 +26,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from urllib.parse import urlsplit
+
+from megatron_slm.errors import ConfigError
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -33,6 +43,33 @@ class TeacherError(RuntimeError):
 
 def _one_line(text: str, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
+
+
+INSECURE_HTTP_FLAG = "--teacher-allow-insecure-http"
+"""The flag that lets plain http:// reach a non-loopback teacher (named in the error)."""
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """``localhost`` or a loopback IP literal (127.0.0.0/8, ::1): traffic that never leaves the
+    machine. Other names are not resolved: what they resolve to can change."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """No redirect is followed: the 3xx reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirect)
 
 
 class OpenAITeacher:
@@ -50,7 +87,19 @@ class OpenAITeacher:
         max_backoff: float = 60.0,
         concurrency: int = 8,
         log: Callable[[str], None] = print,
+        allow_insecure_http: bool = False,
     ):
+        parts = urlsplit(base_url)
+        if (
+            parts.scheme == "http"
+            and not allow_insecure_http
+            and not is_loopback_host(parts.hostname)
+        ):
+            raise ConfigError(
+                f"--teacher {base_url}: plain http:// to a non-loopback host sends the API key "
+                f"and the answers unencrypted; use https://, or {INSECURE_HTTP_FLAG} if the "
+                "network in between is trusted"
+            )
         base = base_url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
@@ -61,11 +110,12 @@ class OpenAITeacher:
         self._stop = threading.Event()
 
     def _post(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        if self.api_key:  # never copied onto a redirect (and _OPENER follows none anyway)
+            request.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
+        with _OPENER.open(request, timeout=self.timeout) as response:
             return json.loads(response.read().decode("utf-8"))
 
     def complete(self, messages: list[dict], max_tokens: int) -> tuple[str | None, str | None]:
@@ -86,6 +136,12 @@ class OpenAITeacher:
                 reply = self._post(body)
             except urllib.error.HTTPError as e:
                 detail = _one_line(e.read().decode("utf-8", "replace"))
+                if 300 <= e.code < 400:
+                    raise TeacherError(
+                        f"--teacher {self.url}: HTTP {e.code} redirect to "
+                        f"{e.headers.get('Location')!r} refused (the API key and the answers "
+                        "stay with the endpoint given; give the final URL)"
+                    ) from None
                 if e.code not in RETRY_STATUS:
                     raise TeacherError(
                         f"--teacher {self.url}: HTTP {e.code} ({detail or e.reason})"

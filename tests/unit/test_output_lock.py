@@ -123,3 +123,33 @@ def test_missing_directory_names_path(tmp_path):
     assert "cannot create the lock file of the scores" in msg
     assert str(tmp_path / "no" / "such" / "dir") in msg and path in msg
     assert not os.path.exists(tmp_path / "no")
+
+
+def test_symlink_at_the_lock_path_is_not_followed(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    os.chmod(target, 0o644)
+    path = tmp_path / "out.lock"
+    os.symlink(target, path)
+    with pytest.raises(ValueError) as e:  # a UserError: one line naming the lock file
+        OutputLock(str(path), "the test output").acquire()
+    assert str(e.value).startswith(f"{path}: the lock file of the test output is a symbolic link")
+    assert target.read_text() == "keep me"
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    # a dangling link is not followed either: nothing is created at its target
+    os.remove(path)
+    os.symlink(tmp_path / "missing", path)
+    with pytest.raises(ValueError):
+        OutputLock(str(path), "the test output").acquire()
+    assert not (tmp_path / "missing").exists()
+
+
+def test_lock_file_is_private(tmp_path):
+    """The holder record names the command line: owner-only, also for an older 0644 file."""
+    fresh, old = tmp_path / "fresh.lock", tmp_path / "old.lock"
+    old.write_text("")
+    os.chmod(old, 0o644)
+    for path in (fresh, old):
+        with OutputLock(str(path), "the test output"):
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert read_holder(str(path))["argv"] == sys.argv

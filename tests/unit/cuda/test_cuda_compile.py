@@ -13,7 +13,8 @@ from tests.unit.cuda import harness as H
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 
-# Block size each kernel is launched with (kThreads / kSelectThreads in the .cu).
+# Block size each kernel is launched with (kThreads / kSelectThreads / kFinalizeThreads in the
+# .cu; the totals kernel is one warp).
 LAUNCH_THREADS = {
     "fwd_stats_kernel": 256,
     "backward_kernel": 256,
@@ -21,6 +22,8 @@ LAUNCH_THREADS = {
     "select_hist_kernel": 1024,
     "select_count_kernel": 1024,
     "select_write_kernel": 1024,
+    "finalize_rows_kernel": 256,
+    "finalize_totals_kernel": 32,
 }
 
 

@@ -385,3 +385,32 @@ def run_tool_ok(argv):
     finally:
         sys.path.pop(0)
     return prox_refine.main(argv)
+
+
+def test_cleanup_of_a_shard_spares_a_shard_named_like_its_temp_files(small):
+    """Shard ``a.jsonl.tmp7`` writes ``a.jsonl.tmp7.jsonl`` next to shard ``a``'s ``a.jsonl``: a
+    prefix glob ``a.jsonl.tmp*`` in ``a``'s cleanup deleted it (and its dropped file)."""
+    os.rename(small / "raw" / "b.jsonl", small / "raw" / "a.jsonl.tmp7.jsonl")
+    run_apply(small)
+    out = small / "out"
+    other = snapshot(out)
+    other = {k: v for k, v in other.items() if "a.jsonl.tmp7" in k}
+    assert sorted(other) == [
+        "a.jsonl.tmp7.jsonl",
+        "dropped/a.jsonl.tmp7.jsonl",
+        "shards/a.jsonl.tmp7.json",
+        "shards/a.jsonl.tmp7.lock",
+    ]
+    # shard a is redone (as after a crash), with stale files of its own writers planted
+    os.remove(out / "shards" / "a.json")
+    own_stale = [
+        out / "a.jsonl.partial",
+        out / "dropped" / "a.jsonl.partial",
+        out / "shards" / ".a.json.x7_k2q9z.tmp",  # the atomic writer's mkstemp name
+    ]
+    for path in own_stale:
+        path.write_text("stale")
+    report = run_apply(small)
+    assert report.shards_done_here == ["a"] and report.complete
+    assert {k: v for k, v in snapshot(out).items() if "a.jsonl.tmp7" in k} == other
+    assert not any(p.exists() for p in own_stale)
