@@ -25,7 +25,7 @@
 # Environment (all optional):
 #   OUT               output folder (default /tmp/megatron_slm_gpu_out)
 #   PYTHON            interpreter (default python3)
-#   GPU_RUN_TOTAL_S   wall-clock budget of the whole run, seconds (default 320)
+#   GPU_RUN_TOTAL_S   wall-clock budget of the whole run, seconds (default 470)
 #   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_PROFILE T_TRAIN T_SCORE   per-step timeouts, seconds
 #   TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: the CPU count)
 #   COMPUTE_SANITIZER path of compute-sanitizer (default: on PATH, else /usr/local/cuda/bin)
@@ -41,7 +41,7 @@ cd "$REPO" || exit 2
 OUT=${OUT:-/tmp/megatron_slm_gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-TOTAL_S=${GPU_RUN_TOTAL_S:-320}
+TOTAL_S=${GPU_RUN_TOTAL_S:-470}
 LOG=$OUT/log.txt
 RES=$OUT/RESULTS_gpu.md
 WORK=$(mktemp -d)
@@ -54,7 +54,7 @@ TRAIN_CMD=${TRAIN_CMD:-"$PY benchmarks/bench_train_step.py --device cuda --model
 SCORE_CMD=${SCORE_CMD:-}
 read -ra TRAIN <<<"$TRAIN_CMD"
 read -ra SCORE <<<"$SCORE_CMD"
-read -ra OP_EXTRA <<<"${OP_ARGS:---no-fused}"
+read -ra OP_EXTRA <<<"${OP_ARGS:-}"
 read -ra PROFILE_EXTRA <<<"${PROFILE_ARGS:-}"
 export PY WORK SITE REPO NCPU PYTHONUNBUFFERED=1 PYTHONPATH=$REPO
 T0=$SECONDS
@@ -207,15 +207,15 @@ main() {
         fi
     } >>"$RES"
 
-    run_step build "${T_BUILD:-90}" bash -c build_ext
+    run_step build "${T_BUILD:-120}" bash -c build_ext
     section "Build" build <"$WORK/build.out"
 
     # correctness checks, small and independent: run side by side
     read -ra GPU_TESTS <<<"${GPU_TESTS:-tests/gpu}"
-    QUIET=1 run_step tests "${T_CHECKS:-75}" "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" &
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 QUIET=1 run_step memcheck "${T_CHECKS:-75}" \
+    QUIET=1 run_step tests "${T_CHECKS:-120}" "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" &
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 QUIET=1 run_step memcheck "${T_CHECKS:-120}" \
         bash -c "sanitize memcheck" &
-    QUIET=1 run_step racecheck "${T_CHECKS:-75}" bash -c "sanitize racecheck" &
+    QUIET=1 run_step racecheck "${T_CHECKS:-120}" bash -c "sanitize racecheck" &
     wait
     # on a GPU nothing in tests/gpu should skip (a skip there means: no CUDA kernels were built)
     if [[ $(status_of tests) == ok ]] && grep -qE '[0-9]+ skipped' "$WORK/tests.out"; then
@@ -247,19 +247,19 @@ main() {
         echo '```'
     } | section "compute-sanitizer" memcheck racecheck
 
-    run_step op "${T_OP:-60}" "$PY" benchmarks/gpu/op_table.py "${OP_EXTRA[@]}"
+    run_step op "${T_OP:-120}" "$PY" benchmarks/gpu/op_table.py "${OP_EXTRA[@]}"
     section "Selective loss op, side by side" op <"$WORK/op.out"
     # the row kernels' other variant (one vector in flight per thread), ours only: picks the default
-    MEGATRON_SLM_ROW_UNROLL=1 run_step op_unroll1 "${T_OP_UNROLL:-30}" "$PY" \
+    MEGATRON_SLM_ROW_UNROLL=1 run_step op_unroll1 "${T_OP_UNROLL:-45}" "$PY" \
         benchmarks/gpu/op_table.py --columns "ours 1.0" "ours 0.6" --copy-bytes 1073741824 \
         "${OP_EXTRA[@]}"
     section "Ours with MEGATRON_SLM_ROW_UNROLL=1" op_unroll1 <"$WORK/op_unroll1.out"
 
-    run_step profile "${T_PROFILE:-25}" "$PY" benchmarks/gpu/profile_op.py "${PROFILE_EXTRA[@]}"
+    run_step profile "${T_PROFILE:-60}" "$PY" benchmarks/gpu/profile_op.py "${PROFILE_EXTRA[@]}"
     cp "$WORK/profile.out" "$OUT/profile.txt"
     section "Profile of one call of ours" profile <"$WORK/profile.out"
 
-    run_step train "${T_TRAIN:-120}" "${TRAIN[@]}"
+    run_step train "${T_TRAIN:-150}" "${TRAIN[@]}"
     { echo "\`${TRAIN_CMD}\`"; echo; cat "$WORK/train.out"; } | section "Training step" train
 
     if ((${#SCORE[@]})); then
