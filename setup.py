@@ -213,7 +213,6 @@ setup(
             "accelerate",  # lm-eval's hf model, the reference of the adapter's tests
         ],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
-        "vllm": ["vllm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

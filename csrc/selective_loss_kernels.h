@@ -162,8 +162,11 @@ static inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  const float scale = bits_to_float(static_cast<uint32_t>(e) << 23);
+  // 2^n without a float -> int conversion, which is undefined for NaN (a NaN x reaches here):
+  // adding 1.5 * 2^23 puts the integer n (|n| <= 128) in the low mantissa bits, exactly. For a
+  // NaN the bits are garbage but defined, and p (NaN) * scale is NaN.
+  const uint32_t e = float_to_bits(n + 12582912.0f) - 0x4B400000u + 127u;
+  const float scale = bits_to_float(e << 23);
   const float y = p * scale;
   return underflow ? 0.0f : y;
 }
@@ -172,16 +175,20 @@ static inline float fast_exp(float x) {
 // reassociate a single float accumulator, but it vectorizes these lane-wise loops.
 constexpr int64_t kLanes = 16;
 
+// The NaN rule of the row statistics (the CUDA kernel's fmaxf, csrc/cuda/selective_loss.cu):
+// the max ignores NaN, it is the largest non-NaN value (-inf when there is none), and a NaN
+// anywhere makes the row's sum NaN. `x > acc ? x : acc` keeps acc (never NaN) when x is NaN,
+// wherever the NaN sits; it still vectorizes to maxps.
 static inline float chunk_max(const float* buf, int64_t n) {
   float acc[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc[j] > buf[i + j] ? acc[j] : buf[i + j];
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] = buf[i + j] > acc[j] ? buf[i + j] : acc[j];
   }
   float m = -std::numeric_limits<float>::infinity();
-  for (; i < n; ++i) m = m > buf[i] ? m : buf[i];
-  for (int64_t j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  for (; i < n; ++i) m = buf[i] > m ? buf[i] : m;
+  for (int64_t j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
   return m;
 }
 
@@ -200,7 +207,8 @@ static inline float chunk_sum_exp(const float* buf, int64_t n, float shift) {
 
 // Forward statistics of one row, one pass over memory: running max, sum of exp(x - max) and the
 // target logit (0 when the target is not in this shard). stats = {max, sumexp, target_logit}.
-// A row with a NaN sums to NaN; an all -inf row gives {-inf, 0} (like the CUDA and torch kernels;
+// A row with a NaN sums to NaN and its max is the largest non-NaN value (chunk_max: the CUDA
+// kernel's rule); an all -inf row gives {-inf, 0} (like the CUDA and torch kernels;
 // its loss log(0) - inf - target logit is then NaN, as torch's logsumexp gives).
 template <typename T>
 static inline void row_forward_stats(const T* row, int64_t V, int64_t local_target, float* stats) {

@@ -11,8 +11,9 @@
 # each task, across its srun tasks (SLURM_PROCID/SLURM_NTASKS; no process group is created). Each
 # output shard is written atomically; rerunning the same command (or requeueing after a
 # preemption) skips the finished shards and gives byte-identical outputs. Every value below can be
-# overridden from the environment. CONTAINER_IMAGE (pyxis/enroot squashfs) is optional. With
-# vLLM tensor parallelism (TP=2, 4, 8) submit with --ntasks-per-node=$((8 / TP)).
+# overridden from the environment. CONTAINER_IMAGE (pyxis/enroot squashfs) is optional. This runs
+# the transformers backend in every task; for vLLM at scale use examples/prox_refine_vllm.sh (one
+# `vllm serve` per node, --backend openai).
 #
 #SBATCH --job-name=prox-refine
 #SBATCH --nodes=1
@@ -37,8 +38,7 @@ ID_KEY=${ID_KEY:-id}
 STAGE=${STAGE:-doc,chunk}
 DOC_MODEL=${DOC_MODEL:-}
 CHUNK_MODEL=${CHUNK_MODEL:-}
-BACKEND=${BACKEND:-vllm}                # vllm (GPU, pip install '.[vllm]') | transformers
-TP=${TP:-1}                             # vllm backend: GPUs per model copy (tensor parallel)
+SEMANTICS=${SEMANTICS:-strict}          # strict | prox (reproduce the released ProX code)
 DEVICE=${DEVICE:-auto}                  # transformers backend: auto | cpu | cuda
 DTYPE=${DTYPE:-auto}
 BATCH_SIZE=${BATCH_SIZE:-32}            # transformers backend: prompts per generate call
@@ -69,14 +69,14 @@ RUN_ARGS=(
     --drop-ratio "$DROP_RATIO"
     --drop-words "$DROP_WORDS"
     --max-errors "$MAX_ERRORS"
+    --semantics "$SEMANTICS"
 )
 if [[ -n "$PROGRAMS" ]]; then
     MODE_ARGS=(apply --programs "$PROGRAMS" --id-key "$ID_KEY")
 else
     MODE_ARGS=(
         --stage "$STAGE"
-        --backend "$BACKEND"
-        --tensor-parallel-size "$TP"
+        --backend transformers
         --device "$DEVICE"
         --dtype "$DTYPE"
         --batch-size "$BATCH_SIZE"
@@ -106,6 +106,6 @@ if [[ -n "$PROGRAMS" ]]; then
     srun "${SRUN_ARGS[@]}" "$PYTHON" "$SCRIPT" "${MODE_ARGS[@]:0:1}" "${RUN_ARGS[@]}" \
         "${MODE_ARGS[@]:1}"
 else
-    # TP GPUs per task (one with transformers): each task sees only its own (vLLM, transformers)
-    srun "${SRUN_ARGS[@]}" --gpus-per-task="$TP" "$PYTHON" "$SCRIPT" "${RUN_ARGS[@]}" "${MODE_ARGS[@]}"
+    # one GPU per task: each task sees only its own
+    srun "${SRUN_ARGS[@]}" --gpus-per-task=1 "$PYTHON" "$SCRIPT" "${RUN_ARGS[@]}" "${MODE_ARGS[@]}"
 fi

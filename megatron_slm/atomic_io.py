@@ -44,7 +44,7 @@ def temp_files_of(path: str) -> list[str]:
     ]
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # Linux reports it without changing it; os.umask() would set it process-wide for a moment.
     try:
         with open("/proc/self/status") as f:
@@ -65,7 +65,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=directory)
     try:
         # mkstemp creates 0600; the output gets the mode a plain open() would have given it
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -77,10 +77,10 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     """Make the rename durable. Some filesystems cannot fsync a directory (EINVAL): the rename
     is still atomic there, only its durability is the filesystem's."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -8,9 +8,12 @@ Layout (Megatron-LM's, so its tooling recognises it)::
         megatron_slm.json                        model architecture + tokenizer + run metadata
         rng/rank_00000.pt                        per-rank RNG states (exact resume)
 
-A checkpoint is written into ``iter_N.partial`` and renamed after every rank finished, and the
-tracker file is replaced atomically last: a crash mid-save never leaves a half checkpoint that a
-later ``--load`` would pick up.
+A checkpoint is written into ``iter_N.partial`` and renamed after every rank finished (swapped
+with an existing ``iter_N`` in one atomic exchange), and the tracker file is replaced atomically
+last: a crash mid-save never leaves a half checkpoint that a later ``--load`` would pick up, nor a
+tracker naming a missing directory. The RNG files hold no pickled objects and load with
+``weights_only=True`` (:func:`load_rng_file`); megatron-core's own reader unpickles the
+checkpoint's ``.metadata``, so ``--load`` trusts its input, as ``torch.load`` does.
 
 Checkpoints describe themselves (``megatron_slm.json``, the one home of checkpoint facts): the full
 architecture and how it was chosen (preset + overrides), the tokenizer (type, file, vocabulary
@@ -22,12 +25,15 @@ any work. Keys are only ever added: checkpoints of older versions of this code k
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +41,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_slm.atomic_io import write_text_atomic
-from megatron_slm.errors import CheckpointError, TokenizerError
+from megatron_slm.atomic_io import current_umask, fsync_dir, write_text_atomic
+from megatron_slm.crash_points import CrashPoints
+from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
 from megatron_slm.models.sharding import unwrap
@@ -46,6 +53,103 @@ logger = logging.getLogger("megatron_slm")
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megatron_slm.json"
 FORMAT_VERSION = 1
+# Tests SIGKILL a save at a named point (crash_points.py): "swap" (just before the new iteration
+# directory takes the old one's place), "swapped" (just after it, before the tracker is replaced),
+# "publish" (a converter's complete output, before it replaces --save).
+KILL_HOOK_ENV = "MEGATRON_SLM_CHECKPOINT_KILL_AT"
+_crash = CrashPoints(KILL_HOOK_ENV)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    the filesystem cannot (then nothing changed)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
+
+
+def replace_directory(new: str, final: str) -> None:
+    """Publish the complete directory ``new`` as ``final`` (same parent), replacing a previous
+    ``final`` only once ``new`` is complete.
+
+    An existing ``final`` is swapped with ``new`` in one atomic exchange, so ``final`` names a
+    complete directory at every instant, then the old one (now at ``new``) is deleted. Where the
+    filesystem cannot exchange (NFS, old kernels) the old directory is renamed aside first and
+    ``final`` is missing between two renames (logged)."""
+    if not os.path.lexists(final):
+        os.rename(new, final)
+    elif _exchange(new, final):
+        shutil.rmtree(new)
+    else:
+        logger.warning("%s: no atomic directory exchange here; replacing in two renames", final)
+        aside = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(final)}.",
+            suffix=".old",
+            dir=os.path.dirname(os.path.abspath(final)),
+        )
+        os.rename(final, os.path.join(aside, "old"))
+        os.rename(new, final)
+        shutil.rmtree(aside)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def check_new_output_dir(save: str, overwrite: bool, flag: str = "--save") -> None:
+    """Converters write a whole new directory: a non-empty ``save`` (a training run's checkpoints,
+    an earlier export) is refused unless ``overwrite``, before any work."""
+    if os.path.lexists(save) and not os.path.isdir(save):
+        raise ConfigError(f"{flag} {save} exists and is not a directory")
+    if overwrite or not os.path.isdir(save) or not os.listdir(save):
+        return
+    iteration = latest_iteration(save)
+    what = (
+        f"holds a checkpoint (iteration {iteration})" if iteration is not None else "is not empty"
+    )
+    raise ConfigError(
+        f"{flag} {save} {what}: choose a new directory or pass --overwrite to replace it"
+    )
+
+
+def staging_dir(save: str) -> str:
+    """A fresh directory ``.<name>.<random>.partial`` beside ``save`` to write a new output into
+    (made by rank 0, the same path on every rank); :func:`publish_output_dir` puts it in place."""
+    parent = os.path.dirname(os.path.abspath(save))
+    staged = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(parent, exist_ok=True)
+        name = os.path.basename(os.path.abspath(save))
+        staged[0] = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+        os.chmod(staged[0], 0o777 & ~current_umask())  # mkdtemp makes 0700: the usual mode
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(staged, src=0)
+    return staged[0]
+
+
+def publish_output_dir(staged: str, save: str) -> None:
+    """Put the complete ``staged`` directory in place of ``save`` (:func:`replace_directory`: an
+    old ``save`` is replaced only now), on rank 0, after every rank finished writing."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _crash.reached("publish")
+        replace_directory(staged, os.path.abspath(save))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def discard_staging_dir(staged: str) -> None:
+    """Remove a staging directory after a failure (rank 0)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -143,10 +247,25 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+# RNG files hold only tensors, numbers, strings, tuples and dicts, so they load with
+# ``torch.load(weights_only=True)``: loading a checkpoint never unpickles code from it. numpy's
+# state array is stored as a tensor; files written before this form (with a pickled
+# ``np.ndarray``) load under an allow-list of exactly numpy's array-reconstruction globals.
+RNG_FORMAT = 2
+
+
 def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
+        "format": RNG_FORMAT,
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # [624] uint32 values
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
@@ -156,11 +275,57 @@ def _rng_state() -> dict:
     return state
 
 
+def _numpy_state(saved):
+    if isinstance(saved, dict):  # RNG_FORMAT 2
+        keys = saved["keys"].numpy().astype(np.uint32)
+        return (saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    return saved  # format 1: the tuple np.random.get_state() returns
+
+
+def _numpy_safe_globals() -> list:
+    """The globals a pickled ``np.ndarray`` of uint32 needs (old RNG files), nothing more."""
+    from numpy._core import multiarray
+
+    return [
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+        multiarray._reconstruct,
+        # the name numpy 1.x wrote the same function under
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+    ]
+
+
+def load_rng_file(path: str) -> dict:
+    """Read an RNG file with ``weights_only=True``; anything else in it is a ``CheckpointError``
+    naming the file (never executed)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, or a damaged zip archive
+        raise CheckpointError(
+            f"{path}: refused: not a plain RNG state file ({_unpickle_reason(exc)}); "
+            "checkpoints load with weights_only=True and never run code from the file"
+        ) from None
+    if not isinstance(state, dict) or not {"python", "numpy", "torch", "tracker"} <= set(state):
+        raise CheckpointError(f"{path}: not an RNG state file (missing keys)")
+    return state
+
+
+def _unpickle_reason(exc: Exception) -> str:
+    # torch's message is a paragraph that ends by suggesting weights_only=False; keep the cause.
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "unsupported" in ln.lower() and not ln.startswith("Weights only load failed"):
+            return ln.split("WeightsUnpickler error:")[-1].strip().rstrip(".")
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -223,8 +388,11 @@ def save_checkpoint(
             **(metadata or {}),
         }
         write_text_atomic(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        # The tracker may name ``final`` (re-saving an iteration): it must never name a missing
+        # directory, so the new directory takes the old one's place in one exchange.
+        _crash.reached("swap")
+        replace_directory(partial, final)
+        _crash.reached("swapped")
         write_text_atomic(os.path.join(root, TRACKER), str(iteration))
         logger.info("saved checkpoint %s", final)
     dist.barrier()
@@ -243,10 +411,14 @@ def load_checkpoint(
     """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
 
     Works at any TP/PP: megatron-core reshards on load. With a different parallel layout the
-    per-rank RNG states do not apply and are skipped (with a log line).
+    per-rank RNG states do not apply and are skipped (with a log line). ``path`` may be the
+    :class:`CheckpointInfo` a loader already read: its metadata is not read again.
     """
-    ckpt = resolve_checkpoint(path, flag)
-    meta = read_metadata(ckpt, flag)
+    if isinstance(path, CheckpointInfo):
+        ckpt, meta = path.path, path.meta
+    else:
+        ckpt = resolve_checkpoint(path, flag)
+        meta = read_metadata(ckpt, flag)
     state = model_sharded_state_dict(chunks)
     if optimizer is not None and not weights_only:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
@@ -271,7 +443,7 @@ def load_checkpoint(
     )
     rng_file = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
     if same_layout and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_rng_file(rng_file))
     else:
         logger.info("parallel layout differs from the checkpoint's: RNG states not restored")
     return CheckpointState(int(loaded["iteration"]), int(loaded["consumed_samples"]), meta)
@@ -440,6 +612,26 @@ def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, 
         )
 
 
+def check_recorded_tokenizer(checkpoint: CheckpointInfo, path: str | None = None) -> None:
+    """The tokenizer model file the checkpoint names (or ``path``, a copy of it such as the one
+    beside a moved checkpoint) must still hash to the recorded ``sha256``: a file replaced since
+    training is refused, naming both digests. Records without a hash (older checkpoints) and
+    files that do not exist (nothing will read them) are not checked."""
+    from megatron_slm.data.tokenizer import model_digest
+
+    recorded = checkpoint.tokenizer or {}
+    theirs, path = recorded.get("sha256"), path or recorded.get("model")
+    if not theirs or not path:
+        return
+    mine = model_digest(recorded.get("type"), path)
+    if mine is not None and mine != theirs:
+        raise TokenizerError(
+            f"{path}: tokenizer sha256 {mine} differs from the {theirs} recorded in the checkpoint "
+            f"{checkpoint.flag} {checkpoint.path}: not the tokenizer the model was trained with "
+            "(restore the file, or give the model's tokenizer with --tokenizer-model)"
+        )
+
+
 def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = True):
     """The tokenizer from ``TokenizerArgs`` flags, else the checkpoint's record; checked against
     the checkpoint. Returns ``(tokenizer or None, type, model path)``; None only when neither the
@@ -472,6 +664,8 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
         return None, None, None
     if ttype != "NullTokenizer" and not model:
         raise CheckpointError(f"--tokenizer-type {ttype} needs --tokenizer-model")
+    if checkpoint is not None and ttype == recorded.get("type") and model == recorded.get("model"):
+        check_recorded_tokenizer(checkpoint)  # the recorded file, whoever named it
     try:
         tokenizer = build_tokenizer(ttype, model, vocab)
     except (OSError, ValueError, RuntimeError) as e:

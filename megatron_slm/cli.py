@@ -28,7 +28,8 @@ from megatron_slm.errors import UsageError
 
 def arg(default: Any, help: str, **argparse_kwargs) -> Any:
     """A dataclass field that is also a CLI flag; extra keyword arguments go to ``add_argument``
-    (``nargs``, ``choices``, ``required``, ``metavar``, ``type``)."""
+    (``nargs``, ``choices``, ``required``, ``metavar``, ``type``), except ``aliases``: more
+    option strings for the same flag (an older or shorter name that keeps working)."""
     meta = {"help": help, "argparse": argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -57,6 +58,7 @@ def add_config_arguments(group, cls) -> None:
         if "help" not in f.metadata:
             continue  # not a flag (derived or internal field)
         kwargs = dict(f.metadata.get("argparse", {}))
+        names = (flag_name(f.name), *kwargs.pop("aliases", ()))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base = _base_type(hints[f.name])
         help_text = f.metadata["help"]
@@ -68,9 +70,7 @@ def add_config_arguments(group, cls) -> None:
                 kwargs.setdefault("nargs", "+")
             if not kwargs.get("required") and default not in (None, []):
                 help_text = f"{help_text} (default: {default})"
-        group.add_argument(
-            flag_name(f.name), dest=f.name, default=default, help=help_text, **kwargs
-        )
+        group.add_argument(*names, dest=f.name, default=default, help=help_text, **kwargs)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ Usage (the whole error policy of a tool)::
 
     PROG = "my_tool"
 
-    @entry_point(PROG)
+    @entry_point(PROG)                  # log_level=logging.INFO for tools that report as they go
     def main(argv=None) -> int:
         cfg = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["my tool"]
         launch.initialize(...)          # no try/finally: the runner shuts the group down
@@ -37,12 +37,14 @@ Library code never prints errors or calls ``sys.exit``: it raises, the runner re
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
 
 from megatron_slm.errors import UsageError, UserError
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"  # one format for every tool's log lines
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MEGATRON_SLM_DEBUG"
 
@@ -89,8 +91,12 @@ def format_error(prog: str, exc: BaseException) -> str:
     return f"{prog}: error: {' '.join(message.split())}"
 
 
-def entry_point(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate an entry point's ``main(argv=None) -> int`` with the error policy above."""
+def entry_point(
+    prog: str, log_level: int = logging.WARNING
+) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate an entry point's ``main(argv=None) -> int`` with the error policy above, and
+    send log records of ``log_level`` and above to stderr in :data:`LOG_FORMAT` (unless the
+    process configured logging already)."""
 
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -100,6 +106,7 @@ def entry_point(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]
             debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
             argv = [a for a in argv if a != DEBUG_FLAG]
             owns_group = not _group_initialized()  # a caller's group (tests) stays up
+            logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
             _active += 1
             try:
                 return main(argv)

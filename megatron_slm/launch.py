@@ -147,3 +147,19 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank: how a decision made on the writer
+    rank (what to do next, or the error to stop with) reaches the others."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def raise_on_every_rank(error: str | None, kind: type[Exception]) -> None:
+    """Collective: if rank 0 hit ``error``, every rank raises ``kind(error)``, so no rank waits
+    in a later collective for one that has stopped."""
+    err = broadcast_from_rank0(error)
+    if err is not None:
+        raise kind(err)

@@ -13,11 +13,8 @@ from megatron_slm.training.config import parse_config
 PROG = "python -m megatron_slm.pretrain"
 
 
-@entry_point(PROG)
+@entry_point(PROG, log_level=logging.INFO)
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     # megatron-core logs every bucket's parameter names and its whole optimizer config at INFO.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     cfg = parse_config(argv)

@@ -22,18 +22,11 @@ See ``megatron_slm.tinylm`` (``prune`` explains the BPE merge closure).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import ArgumentParser, add_config_arguments, config_from_namespace  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig  # noqa: E402
+from megatron_slm.cli import ArgumentParser, add_config_arguments, config_from_namespace
+from megatron_slm.entry import entry_point
+from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 PROG = "compact_tokenizer"
 COMMANDS = {
@@ -64,7 +57,6 @@ def get_config(argv=None):
 @entry_point(PROG)
 def main(argv=None) -> int:
     command, cfg = get_config(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     from megatron_slm.tinylm import compact
     from megatron_slm.tinylm.report import summary
 
@@ -91,14 +83,16 @@ def _remap(cfg) -> None:
     import torch.distributed as dist
 
     from megatron_slm import launch
+    from megatron_slm.runtime import plan_load
     from megatron_slm.tinylm import compact
 
+    plan = plan_load(cfg, tokenizer="none")  # the checkpoint's metadata, read once
     device = launch.initialize(
         device=cfg.device,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
     )
-    out = compact.remap(cfg, device)
+    out = compact.remap(cfg, plan, device)
     if dist.get_rank() == 0:
         print(f"wrote {out}")
 

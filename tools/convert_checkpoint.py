@@ -23,20 +23,15 @@ import os
 import sys
 from dataclasses import dataclass
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
-from megatron_slm.convert.hf import (  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import arg, build_parser, parse_configs
+from megatron_slm.convert.hf import (
     ConversionError,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     import_layout,
 )
-from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.entry import entry_point
 
 PROG = "convert_checkpoint"
 DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
@@ -50,6 +45,11 @@ class ConvertConfig:
     )
     load: str | None = arg(None, "Source directory.", required=True)
     save: str | None = arg(None, "Destination directory.", required=True)
+    overwrite: bool = arg(
+        False,
+        "Replace a non-empty --save (an earlier output is replaced only once the new one is "
+        "complete); without it a non-empty --save is refused.",
+    )
     # hf-to-megatron
     tensor_model_parallel_size: int = arg(1, "hf-to-megatron: target TP (sets the padding).")
     pipeline_model_parallel_size: int = arg(1, "hf-to-megatron: target PP.")
@@ -91,9 +91,8 @@ def get_config(argv=None) -> ConvertConfig:
     return cfg
 
 
-@entry_point(PROG)
+@entry_point(PROG, log_level=logging.INFO)
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = get_config(argv)
     if cfg.direction == "hf-to-megatron":
         tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
@@ -107,6 +106,7 @@ def main(argv=None) -> int:
             pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
             make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
             params_dtype=cfg.params_dtype,
+            overwrite=cfg.overwrite,
         )
         print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
     else:
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
             max_shard_size=cfg.max_shard_size,
             tokenizer_model=cfg.tokenizer_model,
             chat_template=template,
+            overwrite=cfg.overwrite,
         )
         print(f"wrote {out}")
     return 0

@@ -15,42 +15,32 @@ protocol, ``qa_local``) on the include path. Runs with TP under torchrun
 """
 
 import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.evaluation import (  # noqa: E402
-    format_table,
-    load_eval_model,
-    run_evaluation,
-    write_report,
-)
-from megatron_slm.evaluation.config import EvaluateConfig  # noqa: E402
-from megatron_slm.evaluation.report import check_inputs  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.evaluation import format_table, run_evaluation, write_report
+from megatron_slm.evaluation.config import EvaluateConfig
+from megatron_slm.evaluation.report import check_inputs
+from megatron_slm.runtime import load_model, plan_load
 
 PROG = "evaluate"
 GROUPS = {"evaluation": EvaluateConfig}
 
 
-@entry_point(PROG)
+@entry_point(PROG, log_level=logging.INFO)
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     configs = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)
     cfg = configs["evaluation"]
     check_inputs(cfg.perplexity_data)  # before the model
+    plan = plan_load(cfg)  # the model's description, read once, before any process group
     device = launch.initialize(
         device=cfg.device, tensor_model_parallel_size=cfg.tensor_model_parallel_size
     )
-    model = load_eval_model(cfg.load, device, model_args=cfg, tokenizer_args=cfg)
+    model = load_model(plan, device)
     ckpt_seq = model.checkpoint.seq_length if model.checkpoint else None
     report = run_evaluation(
         model,

@@ -15,34 +15,27 @@ the kept indices in its megatron_slm.json and a JSON report (<save>/inheritance_
 """
 
 import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.tinylm.inheritance import (  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.tinylm.inheritance import (
     format_report,
     inherit_weights,
     prepare_inheritance,
     save_inherited,
 )
-from megatron_slm.tinylm.inheritance_config import InheritConfig  # noqa: E402
+from megatron_slm.tinylm.inheritance_config import InheritConfig
 
 PROG = "inherit_parameters"
 GROUPS = {"parameter inheritance": InheritConfig}
 
 
-@entry_point(PROG)
+@entry_point(PROG, log_level=logging.INFO)
 def main(argv=None) -> int:
     import torch.distributed as dist
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["parameter inheritance"]
     request = prepare_inheritance(cfg)  # every check, before any process group or weight
     device = launch.initialize(

@@ -8,18 +8,12 @@ Exit status 1 when any sidecar is missing or does not match its token dataset.
 """
 
 import json
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar  # noqa: E402
-from megatron_slm.data.tokenizer import build_tokenizer  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar
+from megatron_slm.data.tokenizer import build_tokenizer
+from megatron_slm.entry import entry_point
 
 PROG = "inspect_sidecar"
 GROUPS = {"inspection": InspectConfig}

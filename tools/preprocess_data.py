@@ -8,17 +8,11 @@ writes ``out/corpus_text_document.bin/.idx``. See ``megatron_slm.data.preprocess
 """
 
 import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs
+from megatron_slm.entry import entry_point
 
 PROG = "preprocess_data"
 GROUPS = {"preprocessing": PreprocessConfig}
@@ -39,11 +33,10 @@ def get_config(argv=None) -> PreprocessConfig:
     return cfg
 
 
-@entry_point(PROG)
+@entry_point(PROG, log_level=logging.INFO)
 def main(argv=None) -> int:
     """Run preprocessing; prints the output prefixes."""
     cfg = get_config(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     result = cfg.run()
     for key, prefix in result.items():
         print(f"{key}: {prefix}")

@@ -22,18 +22,11 @@ line, matched by ``--id-key``): document labels as they are, document-wide chunk
 one program per chunk. No requests, no journal.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.refine.annotate import AnnotateConfig, annotate  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.refine.annotate import AnnotateConfig, annotate
 
 PROG = "prox_annotate"
 GROUPS = {"annotation": AnnotateConfig}
@@ -44,7 +37,6 @@ def main(argv=None) -> int:
     """Annotate; exit status 2 with one ``prog: error: ...`` line on bad input."""
     parser = build_parser(PROG, __doc__, GROUPS)
     config = parse_configs(parser, GROUPS, argv)["annotation"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     annotate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

@@ -8,18 +8,11 @@ rate: a JSON report (``--output``, else stdout) and a printed summary. See
 ``megatron_slm.refine.evaluate`` and ``megatron_slm.refine.metrics``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.refine.evaluate import EvalConfig, dumps, evaluate  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.refine.evaluate import EvalConfig, dumps, evaluate
 
 PROG = "prox_eval"
 GROUPS = {"evaluation": EvalConfig}
@@ -30,7 +23,6 @@ def main(argv=None) -> int:
     """Evaluate; exit status 2 with one ``prog: error: ...`` line on bad input."""
     parser = build_parser(PROG, __doc__, GROUPS)
     config = parse_configs(parser, GROUPS, argv)["evaluation"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     report = evaluate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
     if not config.output:
         print(dumps(report))

@@ -5,6 +5,10 @@ Model mode: the refining models write the programs (document level, then chunk l
     python tools/prox_refine.py --input 'raw/*.jsonl' --output-dir refined/ --stage doc,chunk \\
         --doc-model prox-doc --chunk-model prox-chunk --backend transformers
 
+Through an OpenAI-compatible server (vllm serve, SGLang, TGI, transformers serve; the scale path,
+examples/prox_refine_vllm.sh): ``--backend openai --endpoint http://localhost:8000/v1``. To
+reproduce a corpus refined by the released ProX models: ``--semantics prox --doc-template llama2``.
+
 Apply mode: execute programs produced elsewhere (no model):
 
     python tools/prox_refine.py apply --input 'raw/*.jsonl' --programs programs.jsonl \\
@@ -16,19 +20,12 @@ array (``--shard-index/--num-shards``); rerun the same command to resume. See
 ``megatron_slm.refine.pipeline``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig  # noqa: E402
-from megatron_slm.refine.pipeline import refine_corpus  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.refine.config import ApplyConfig, ModelConfig, RunConfig
+from megatron_slm.refine.pipeline import refine_corpus
 
 PROG = "prox_refine"
 
@@ -49,7 +46,6 @@ def get_configs(argv=None):
 
 def _refine(argv) -> int:
     _, run, mode = get_configs(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     refine_corpus(run, mode)
     return 0
 

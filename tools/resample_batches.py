@@ -10,17 +10,11 @@ distribution of the kept batches against all; the list records the source's fing
 trainer checks against its data. See ``megatron_slm.tinylm.resample``.
 """
 
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.tinylm.rounds_config import ResampleConfig  # noqa: E402
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.tinylm.rounds_config import ResampleConfig
 
 PROG = "resample_batches"
 GROUPS = {"resampling": ResampleConfig}

@@ -12,19 +12,12 @@ resumes when rerun with the same flags. Next: tools/resample_batches.py. See
 ``megatron_slm.tinylm.batch_scores``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig
 
 PROG = "score_batches"
 GROUPS = {"batch scoring": ScoreBatchesConfig}
@@ -34,7 +27,6 @@ GROUPS = {"batch scoring": ScoreBatchesConfig}
 def main(argv=None) -> int:
     """Score the batches; exit status 2 on bad input (one line on stderr)."""
     config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["batch scoring"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     import torch.distributed as dist
 
     from megatron_slm.tinylm.batch_scores import score_batches

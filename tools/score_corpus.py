@@ -9,19 +9,12 @@ torchrun, srun (``examples/score_corpus.sh``) or plain python (a world of one). 
 resume where they stopped when rerun with the same flags. See ``megatron_slm.scoring``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.scoring import ScoreConfig, score_corpus  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.scoring import ScoreConfig, score_corpus
 
 PROG = "score_corpus"
 
@@ -31,7 +24,6 @@ def main(argv=None) -> int:
     """Run scoring; exit status 2 on bad input (one line on stderr, see megatron_slm.entry)."""
     parser = build_parser(PROG, __doc__, {"scoring": ScoreConfig})
     config = parse_configs(parser, {"scoring": ScoreConfig}, argv)["scoring"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     launch.initialize(
         device=config.device,
         tensor_model_parallel_size=config.tensor_model_parallel_size,

@@ -10,19 +10,12 @@ ones it does not.
 See ``megatron_slm.visualize.dynamics``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.visualize.config import DynamicsConfig  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.visualize.config import DynamicsConfig
 
 PROG = "token_dynamics"
 
@@ -32,7 +25,6 @@ def main(argv=None) -> int:
     """Compute and plot; exit status 2 on bad input (one line on stderr)."""
     groups = {"token dynamics": DynamicsConfig}
     config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["token dynamics"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
     from megatron_slm.visualize.dynamics import checkpoint_step
     from megatron_slm.visualize.trajectories import token_dynamics
 

@@ -11,17 +11,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm.cli import arg, build_parser, parse_configs  # noqa: E402
-from megatron_slm.data.jsonl import iter_jsonl  # noqa: E402
-from megatron_slm.data.preprocess import expand_inputs  # noqa: E402
-from megatron_slm.data.tokenizer import train_sentencepiece  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.errors import InputFileError  # noqa: E402
+from megatron_slm.cli import arg, build_parser, parse_configs
+from megatron_slm.data.jsonl import iter_jsonl
+from megatron_slm.data.preprocess import expand_inputs
+from megatron_slm.data.tokenizer import train_sentencepiece
+from megatron_slm.entry import entry_point
+from megatron_slm.errors import InputFileError
 
 
 @dataclass

@@ -11,19 +11,12 @@ model with --slm-ref-load; the selection is the trainer's selective op on the mo
 ``megatron_slm.visualize``.
 """
 
-import logging
-import os
 import sys
 
-try:
-    import megatron_slm  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_slm import launch  # noqa: E402
-from megatron_slm.cli import build_parser, parse_configs  # noqa: E402
-from megatron_slm.entry import entry_point  # noqa: E402
-from megatron_slm.visualize.config import VisualizeConfig  # noqa: E402
+from megatron_slm import launch
+from megatron_slm.cli import build_parser, parse_configs
+from megatron_slm.entry import entry_point
+from megatron_slm.visualize.config import VisualizeConfig
 
 PROG = "visualize_selection"
 
@@ -33,13 +26,14 @@ def main(argv=None) -> int:
     """Render the report; exit status 2 on bad input (one line on stderr)."""
     groups = {"selection picture": VisualizeConfig}
     config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["selection picture"]
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stderr)
+    from megatron_slm.runtime import plan_load
     from megatron_slm.visualize.report import visualize_selection
 
+    plan = plan_load(config)  # the model's description, read once, before any process group
     device = launch.initialize(
         device=config.device, tensor_model_parallel_size=config.tensor_model_parallel_size
     )
-    summary = visualize_selection(config, device)
+    summary = visualize_selection(config, plan, device)
     shares = ", ".join(
         f"{d}: {s['selected_share'] * 100:.0f}%" for d, s in zip(summary["documents"],
                                                               summary["stats"])

@@ -3,6 +3,8 @@
 // * fwd_stats: one block per row, 16-byte vectorized loads, per-thread online max/sum-exp,
 //   block reduction of the (max, sum) pairs; fp32 math for every input dtype. A row with a NaN
 //   (or +inf) sums to NaN; an all -inf row gives {-inf, 0} (its loss is then NaN, as in torch).
+//   NaN rule (the CPU kernel's too, csrc/selective_loss_kernels.h): the max ignores NaN (fmaxf):
+//   the largest non-NaN value, -inf when there is none.
 // * backward: one block per row, writes (softmax - onehot) * scale rounded once to the logits
 //   dtype, in place when grad == logits; zero-scale rows are zero-filled without loads.
 // * finalize: one thread per row derives loss, lse, score and the selection flags from the

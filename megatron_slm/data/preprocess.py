@@ -8,8 +8,11 @@ Pipeline: the main process reads lines in batches (``_BATCH_LINES`` lines or ``_
 bytes), workers parse + tokenize a whole batch (``json.loads`` then one batched
 ``tokenize_batch``) and return compact numpy arrays, the main process appends them to the
 builders in input order (results are consumed in submission order, at most ``2 * workers``
-batches in flight, so any number of workers gives the same bytes). Files are written to
-``*.tmp`` names and renamed when everything succeeded.
+batches in flight, so any number of workers gives the same bytes). Files are written under
+unique temporary names and published when everything succeeded, each pair so that a reader finds
+the old pair, the new pair or no index at all, never a mismatched pair
+(``indexed.publish_pair``). A run holds ``<output_prefix>.lock`` (``output_lock.OutputLock``) and
+first repairs what a killed run on the same outputs left (``indexed.recover_pair``).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_slm.cli import arg
-from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype
+from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, recover_pair
 from megatron_slm.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from megatron_slm.errors import ConfigError, InputFileError
+from megatron_slm.output_lock import OutputLock
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +308,8 @@ def preprocess_corpus(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     created = _make_dirs(out_dir)  # removed again if the run fails: nothing left behind
     prefixes = {k: f"{output_prefix}_{k}_document" for k in json_keys}
-    builders = {k: DocumentBuilder(p, dtype) for k, p in prefixes.items()}
+    lock = OutputLock(output_prefix + ".lock", f"--output-prefix {output_prefix}")
+    builders = {}
     total_bytes = sum(os.path.getsize(f) for f in files)
 
     result = PreprocessResult(prefixes)
@@ -312,6 +317,12 @@ def preprocess_corpus(
     done_bytes, next_log = 0, log_interval
     pool = None
     try:
+        lock.acquire()
+        for p in prefixes.values():
+            repaired = recover_pair(p)
+            if repaired:
+                logger.warning("%s: a killed run's leftovers: %s", p, repaired)
+        builders = {k: DocumentBuilder(p, dtype) for k, p in prefixes.items()}
         if workers == 1:
             _init_worker(*init_args)
             encoded = map(_encode_batch, _read_batches(files))
@@ -352,6 +363,10 @@ def preprocess_corpus(
     except BaseException:
         for b in builders.values():
             b.abort()
+        if created and lock.held:  # our lock file alone in the directory this run created
+            lock.release()
+            with contextlib.suppress(OSError):
+                os.remove(lock.path)
         for d in created:
             with contextlib.suppress(OSError):
                 os.rmdir(d)  # only if still empty
@@ -360,6 +375,7 @@ def preprocess_corpus(
         if pool is not None:
             pool.terminate()
             pool.join()
+        lock.release()
     result.elapsed_s = time.perf_counter() - t0
     dt = max(result.elapsed_s, 1e-9)
     logger.info(

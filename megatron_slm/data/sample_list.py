@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from megatron_slm.atomic_io import file_sha256, write_json_atomic
 from megatron_slm.errors import InputFileError
+from megatron_slm.ranged_output import RangedOutput
 
 LOSSES_FORMAT = "megatron-slm-batch-losses"
 LIST_FORMAT = "megatron-slm-batch-list"
@@ -134,72 +134,53 @@ def losses_paths(prefix: str) -> tuple[str, str]:
 
 
 class BatchLossesWriter:
-    """Rank 0's resumable writer of a batch-losses file (see the module docstring)."""
+    """Rank 0's resumable writer of a batch-losses file (see the module docstring), sample range
+    by sample range (``megatron_slm.ranged_output``)."""
 
     def __init__(self, prefix: str, meta: dict, n_samples: int, overwrite: bool = False):
         self.bin_path, self.json_path = losses_paths(prefix)
-        self.partial_bin = self.bin_path + ".partial"
-        self.partial_json = self.json_path + ".partial"
-        self.ranges_dir = self.bin_path.removesuffix(".bin") + ".ranges"
         self.meta = dict(meta, format=LOSSES_FORMAT, version=VERSION, samples=n_samples)
         self.n = n_samples
         if os.path.exists(self.json_path) and not overwrite:
             raise SampleListError(
                 f"--output {self.json_path} already exists; pass --overwrite to replace it"
             )
-        if os.path.exists(self.partial_json) and not overwrite:
-            with open(self.partial_json) as f:
-                old = json.load(f)
+        self._out = RangedOutput(
+            self.bin_path, self.json_path, n_samples * RECORD.itemsize, n_samples
+        )
+        self.partial_bin, self.partial_json = self._out.partial_bin, self._out.partial_json
+        if self._out.partial_exists() and not overwrite:
+            try:
+                old = self._out.partial_metadata()
+            except (OSError, ValueError) as e:
+                raise SampleListError(f"--output {self.partial_json} is unreadable ({e})") from None
             if old != json.loads(json.dumps(self.meta)):
                 raise SampleListError(
                     f"--output {self.json_path}: a partial run with other settings exists "
                     f"({self.partial_json}); rerun with its flags or pass --overwrite"
                 )
-            if os.path.getsize(self.partial_bin) != self.n * RECORD.itemsize:
+            if not self._out.partial_size_ok():
                 raise SampleListError(f"--output {self.partial_bin} has the wrong size")
+            os.makedirs(self._out.ranges_dir, exist_ok=True)
             return
-        shutil.rmtree(self.ranges_dir, ignore_errors=True)
-        with open(self.partial_bin, "wb") as f:
-            f.truncate(self.n * RECORD.itemsize)
-        os.makedirs(self.ranges_dir)
-        write_json_atomic(self.partial_json, self.meta)
+        self._out.create(self.meta)
 
     def completed_ranges(self) -> list[tuple[int, int]]:
-        out = []
-        for name in os.listdir(self.ranges_dir):
-            a, _, b = name.partition("-")
-            out.append((int(a), int(b)))
-        return sorted(out)
+        return self._out.completed_ranges()
 
     def write_range(self, first: int, records: np.ndarray) -> None:
         """Write samples ``first ..`` (data fsync'd before the range is recorded)."""
         records = np.ascontiguousarray(records, dtype=RECORD)
-        with open(self.partial_bin, "r+b") as f:
-            f.seek(first * RECORD.itemsize)
-            f.write(records.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        marker = os.path.join(self.ranges_dir, f"{first}-{first + len(records)}")
-        with open(marker, "w") as f:
-            os.fsync(f.fileno())
-        dir_fd = os.open(self.ranges_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        end = first + len(records)
+        self._out.write(first, end, records.tobytes(), first * RECORD.itemsize)
 
     def finalize(self) -> None:
-        covered = np.zeros(self.n, dtype=bool)
-        for a, b in self.completed_ranges():
-            covered[a:b] = True
-        if not covered.all():
+        missing = self._out.missing_ranges()
+        if missing:
             raise SampleListError(
-                f"{self.partial_bin}: samples {int(np.argmin(covered))}.. were never written"
+                f"{self.partial_bin}: samples {missing[0][0]}.. were never written"
             )
-        os.replace(self.partial_bin, self.bin_path)
-        write_json_atomic(self.json_path, self.meta)  # publishes
-        os.remove(self.partial_json)
-        shutil.rmtree(self.ranges_dir, ignore_errors=True)
+        self._out.publish(self.meta)
 
 
 @dataclass

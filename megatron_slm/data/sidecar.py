@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 
 import numpy as np
 
-from megatron_slm.atomic_io import write_json_atomic
 from megatron_slm.data.index_file import read_index
 from megatron_slm.data.indexed import get_bin_path, get_idx_path, token_dataset_fingerprint
 from megatron_slm.errors import InputFileError
+from megatron_slm.ranged_output import RangedOutput
 
 FORMAT_NAME = "megatron-slm-refloss"
 FORMAT_VERSION = 1
@@ -130,7 +129,8 @@ def _describe(data_prefix: str) -> str:
 # writer
 # ---------------------------------------------------------------------------------------------
 class SidecarWriter:
-    """Write a sidecar document range by document range, then publish it atomically.
+    """Write a sidecar document range by document range, then publish it atomically
+    (``megatron_slm.ranged_output``: values fsync'd before a range is recorded).
 
     Args:
         data_prefix: the token dataset prefix ``P`` (``P.bin``/``P.idx`` must exist).
@@ -157,9 +157,6 @@ class SidecarWriter:
         self._np_dtype = _storage_dtype(dtype)
         self.prefix = sidecar_prefix(data_prefix)
         self.bin_path, self.json_path = sidecar_paths(data_prefix)
-        self.partial_bin = self.bin_path + ".partial"
-        self.partial_json = self.json_path + ".partial"
-        self.ranges_dir = self.prefix + ".ranges"
 
         lengths = _token_lengths(data_prefix)
         self._offsets = _doc_offsets(lengths)  # [n_docs + 1]
@@ -182,24 +179,11 @@ class SidecarWriter:
             raise FileExistsError(
                 f"{_describe(data_prefix)} is already published; pass overwrite=True to replace it"
             )
-        if not _resume:
-            self._create_partial()
-        self._fd = os.open(self.partial_bin, os.O_RDWR)
-
-    # -- construction ----------------------------------------------------------------------------
-    def _create_partial(self) -> None:
-        self._remove_partial()
-        os.makedirs(self.ranges_dir, exist_ok=True)
         nbytes = self.num_tokens * self._np_dtype.itemsize
-        with open(self.partial_bin, "wb") as f:
-            f.truncate(nbytes)  # sparse preallocation; every byte is written before publication
-        write_json_atomic(self.partial_json, self.metadata)
-
-    def _remove_partial(self) -> None:
-        for path in (self.partial_bin, self.partial_json):
-            if os.path.exists(path):
-                os.remove(path)
-        shutil.rmtree(self.ranges_dir, ignore_errors=True)
+        self._out = RangedOutput(self.bin_path, self.json_path, nbytes, self.num_documents)
+        self.partial_bin, self.ranges_dir = self._out.partial_bin, self._out.ranges_dir
+        if not _resume:
+            self._out.create(self.metadata)
 
     @classmethod
     def open_or_resume(
@@ -215,45 +199,27 @@ class SidecarWriter:
         (token dataset fingerprint, dtype, reference, settings), keeping its completed ranges;
         otherwise start a fresh one. A partial sidecar with different metadata is an error (delete
         it, or start fresh with ``SidecarWriter(...)``)."""
-        partial_json = sidecar_paths(data_prefix)[1] + ".partial"
-        partial_bin = sidecar_paths(data_prefix)[0] + ".partial"
-        if not (os.path.exists(partial_json) and os.path.exists(partial_bin)):
-            return cls(
-                data_prefix,
-                dtype=dtype,
-                reference=reference,
-                settings=settings,
-                overwrite=overwrite,
-            )
-        writer = cls.__new__(cls)
+        kwargs = dict(dtype=dtype, reference=reference, settings=settings, overwrite=overwrite)
+        bin_path, json_path = sidecar_paths(data_prefix)
+        if not os.path.exists(json_path + ".partial") or not os.path.exists(bin_path + ".partial"):
+            return cls(data_prefix, **kwargs)
+        writer = cls(data_prefix, _resume=True, **kwargs)
         try:
-            with open(partial_json) as f:
-                found = json.load(f)
+            found = writer._out.partial_metadata()
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
             raise SidecarError(
-                f"the partial sidecar metadata {partial_json} is corrupted ({e}); delete the "
-                f"partial sidecar or rerun with --overwrite to score from scratch"
+                f"the partial sidecar metadata {writer._out.partial_json} is corrupted ({e}); "
+                f"delete the partial sidecar or rerun with --overwrite to score from scratch"
             ) from None
-        cls.__init__(
-            writer,
-            data_prefix,
-            dtype=dtype,
-            reference=reference,
-            settings=settings,
-            overwrite=overwrite,
-            _resume=True,
-        )
         if found != writer.metadata:
             diff = sorted(k for k in writer.metadata if found.get(k) != writer.metadata[k])
-            writer.close()
             raise SidecarError(
                 f"cannot resume {_describe(data_prefix)}: the partial sidecar "
                 f"{writer.partial_bin} was started with different {', '.join(diff)} "
                 f"(found { ({k: found.get(k) for k in diff}) }); delete it to start over"
             )
-        expected = writer.num_tokens * writer._np_dtype.itemsize
-        if os.path.getsize(writer.partial_bin) != expected:
-            writer.close()
+        if not writer._out.partial_size_ok():
+            expected = writer.num_tokens * writer._np_dtype.itemsize
             raise SidecarError(
                 f"cannot resume {_describe(data_prefix)}: {writer.partial_bin} has "
                 f"{os.path.getsize(writer.partial_bin)} bytes, expected {expected}"
@@ -264,29 +230,11 @@ class SidecarWriter:
     # -- ranges ----------------------------------------------------------------------------------
     def completed_ranges(self) -> list[tuple[int, int]]:
         """Merged, sorted ``[first, end)`` document ranges written so far (this or earlier runs)."""
-        raw = []
-        for name in os.listdir(self.ranges_dir) if os.path.isdir(self.ranges_dir) else []:
-            a, _, b = name.partition("-")
-            if a.isdigit() and b.isdigit():
-                raw.append((int(a), int(b)))
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(raw):
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        return merged
+        return self._out.completed_ranges()
 
     def missing_ranges(self) -> list[tuple[int, int]]:
         """Sorted ``[first, end)`` document ranges not yet written."""
-        missing, pos = [], 0
-        for a, b in self.completed_ranges():
-            if a > pos:
-                missing.append((pos, a))
-            pos = max(pos, b)
-        if pos < self.num_documents:
-            missing.append((pos, self.num_documents))
-        return missing
+        return self._out.missing_ranges()
 
     def write_range(self, first_doc: int, values: Sequence[np.ndarray]) -> None:
         """Write the values of documents ``first_doc .. first_doc + len(values) - 1``.
@@ -314,15 +262,8 @@ class SidecarWriter:
                     f"tokens in {get_idx_path(self.data_prefix)}"
                 )
         flat = np.concatenate([np.asarray(v, np.float32) for v in values])  # [n_tokens in range]
-        flat = encode_values(flat, self.dtype)
-        data = flat.tobytes()
         offset = int(self._offsets[first_doc]) * self._np_dtype.itemsize
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
-        os.fsync(self._fd)
-        open(os.path.join(self.ranges_dir, f"{first_doc}-{end_doc}"), "w").close()
+        self._out.write(first_doc, end_doc, encode_values(flat, self.dtype).tobytes(), offset)
 
     # -- publication -----------------------------------------------------------------------------
     def finalize(self) -> str:
@@ -335,23 +276,12 @@ class SidecarWriter:
                 f"cannot finalize {_describe(self.data_prefix)}: documents not written: {shown}"
                 + (f" and {len(missing) - 5} more ranges" if len(missing) > 5 else "")
             )
-        os.fsync(self._fd)
-        self.close()
-        if os.path.exists(self.json_path):
-            os.remove(self.json_path)  # unpublish the old one before replacing its values
-        os.replace(self.partial_bin, self.bin_path)
-        write_json_atomic(self.json_path, self.metadata)
-        self._remove_partial()
+        self._out.publish(self.metadata)
         return self.prefix
 
     def close(self) -> None:
         """Close the partial file (the partial state stays on disk for a later resume)."""
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        self.close()
+        self._out.close()
 
 
 # ---------------------------------------------------------------------------------------------

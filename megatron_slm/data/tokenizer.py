@@ -37,6 +37,27 @@ def _file_digest(path: str, n_hex: int = 16) -> str:
     return file_sha256(path)[:n_hex]
 
 
+def _directory_digest(path: str, n_hex: int = 16) -> str:
+    """Short sha256 over the tokenizer files of a Hugging Face tokenizer directory."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full) and ("token" in name or name.endswith((".model", ".json"))):
+            digest.update(name.encode() + _file_digest(full).encode())
+    return digest.hexdigest()[:n_hex]
+
+
+def model_digest(tokenizer_type: str, path: str) -> str | None:
+    """The ``sha256`` a tokenizer of this type built from ``path`` has in its
+    ``unique_identifiers`` (what a checkpoint records), without building it; None when the type
+    has no model file or ``path`` does not exist."""
+    if tokenizer_type == "SentencePieceTokenizer" and os.path.isfile(path):
+        return _file_digest(path)
+    if tokenizer_type == "HuggingFaceTokenizer" and os.path.isdir(path):
+        return _directory_digest(path)
+    return None
+
+
 class _SLMTokenizer(MegatronTokenizerBase):
     """Common base: megatron-core's abstract tokenizer plus the helpers preprocessing needs."""
 
@@ -217,13 +238,8 @@ class HuggingFaceTokenizer(_SLMTokenizer):
             ) from None
         if self._tok.eos_token_id is None:
             raise TokenizerError(f"Hugging Face tokenizer {path} has no eos token to use as EOD")
-        digest = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            if os.path.isfile(full) and ("token" in name or name.endswith((".model", ".json"))):
-                digest.update(name.encode() + _file_digest(full).encode())
         super().__init__(
-            os.path.abspath(path), sha256=digest.hexdigest()[:16], vocab_size=len(self._tok)
+            os.path.abspath(path), sha256=_directory_digest(path), vocab_size=len(self._tok)
         )
         from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
 

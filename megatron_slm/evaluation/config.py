@@ -8,17 +8,14 @@ from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
+from megatron_slm.runtime.plan import LoadArgs
 
 
 @dataclass
-class EvaluateConfig(ModelArgs, TokenizerArgs):
-    load: str | None = arg(
-        None,
-        "megatron_slm checkpoint (root or iter_N) or Hugging Face model directory.",
-        required=True,
-    )
-    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size (world = TP x replicas).")
-    device: str = arg("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
+class EvaluateConfig(LoadArgs, ModelArgs, TokenizerArgs):
+    """``--load``, ``--device``, ``--tensor-model-parallel-size``: ``LoadArgs`` (world = TP x
+    replicas)."""
+
     output: str | None = arg(None, "JSON report path.")
     perplexity_data: list[str] = arg(
         [], "[name=]path ...: JSONL files or indexed dataset prefixes.", nargs="*"
@@ -46,6 +43,7 @@ class EvaluateConfig(ModelArgs, TokenizerArgs):
     limit: int | None = arg(None, "lm-eval --limit: at most this many examples per task.")
 
     def __post_init__(self):
+        LoadArgs.__post_init__(self)
         ModelArgs.__post_init__(self)
         TokenizerArgs.__post_init__(self)
         if not self.perplexity_data and not self.lm_eval_tasks:

@@ -14,6 +14,10 @@ lm-eval's TP convention: each rank reports rank 0 and only ``LOCAL_RANK`` 0 writ
 * ``generate_until``: batched greedy decoding with megatron-core's static KV cache
   (``runtime.greedy_generate``), stop sequences checked as tokens arrive, ``max_gen_toks``, and
   contexts left-truncated to ``max_length - max_gen_toks`` like the ``hf`` model.
+* ``generate_until`` with ``tool_rounds: N`` in the task's ``generation_kwargs`` (the
+  ``*_rho1_tora`` tasks; only this model knows the key): the tool-integrated loop of
+  ``evaluation/tora.py``, each round one batched generation, programs run in the sandbox
+  (``evaluation/sandbox.py``) by the first tensor-parallel rank, results broadcast.
 Tokenization mirrors the ``hf`` model for Hugging Face tokenizers (``tokenizer.encode``; BOS
 added by the tokenizer's own rule; the empty-context prefix is BOS, else EOS).
 
@@ -39,6 +43,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.evaluation.sandbox import RunResult, Sandbox
+from megatron_slm.evaluation.tora import tool_loop
 from megatron_slm.runtime import LoadedModel, greedy_generate, sequence_scores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +99,7 @@ class MegatronSLMLM(TemplateLM):
         tok = model.tokenizer
         self._hf = getattr(tok, "_tok", None)  # transformers tokenizer behind ours, if any
         self.tokenizer = self._hf
+        self._sandbox_obj: Sandbox | None = None  # made on the first tool-integrated request
 
     @staticmethod
     def _load(load, tp, device, dtype, tokenizer_type, tokenizer_model) -> LoadedModel:
@@ -252,29 +259,68 @@ class MegatronSLMLM(TemplateLM):
                 raise ConfigError("megatron-slm decodes greedily only (do_sample=False)")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             budget = kwargs.pop("max_gen_toks")
-            max_ctx = self.max_length - budget
-            if max_ctx < 1:
-                raise ConfigError(
-                    f"max_gen_toks {budget} leaves no context within max_length {self.max_length}"
+            rounds = kwargs.pop("tool_rounds", None)
+            if rounds:
+                # Tool-integrated tasks (tora.py): a round never takes more than half the window,
+                # so the growing context keeps the other half.
+                budget = max(1, min(budget, self.max_length // 2))
+                texts = tool_loop(
+                    list(contexts),
+                    lambda ctxs, until=until, budget=budget: self._generate(ctxs, until, budget),
+                    self._run_programs,
+                    rounds=int(rounds),
                 )
-            prompts = [self.tok_encode(c)[-max_ctx:] for c in contexts]
-
-            def stop(row: int, new_ids: list[int], until=tuple(until)) -> bool:
-                text = self.tok_decode(new_ids)
-                return any(s and s in text for s in until)
-
-            outs = greedy_generate(
-                self.lm,
-                prompts,
-                max_new_tokens=budget,
-                eod=self.eot_token_id,
-                stop=stop,
-                max_length=self.max_length,
-            )
-            for context, gen_kwargs, new in zip(contexts, all_kwargs, outs):
-                text = postprocess_generated_text(self.tok_decode(new), until, None)
+            else:
+                texts = self._generate(contexts, until, budget)
+            for context, gen_kwargs, text in zip(contexts, all_kwargs, texts):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
                 bar.update(1)
         bar.close()
         return collator.get_original(results)
+
+    def _generate(self, contexts, until: list[str], budget: int) -> list[str]:
+        """One batch of greedy generations, each cut at the first stop sequence."""
+        max_ctx = self.max_length - budget
+        if max_ctx < 1:
+            raise ConfigError(
+                f"max_gen_toks {budget} leaves no context within max_length {self.max_length}"
+            )
+        prompts = [self.tok_encode(c)[-max_ctx:] for c in contexts]
+
+        def stop(row: int, new_ids: list[int], until=tuple(until)) -> bool:
+            text = self.tok_decode(new_ids)
+            return any(s and s in text for s in until)
+
+        outs = greedy_generate(
+            self.lm,
+            prompts,
+            max_new_tokens=budget,
+            eod=self.eot_token_id,
+            stop=stop,
+            max_length=self.max_length,
+        )
+        return [postprocess_generated_text(self.tok_decode(new), until, None) for new in outs]
+
+    def _run_programs(self, programs: list[str]) -> list[RunResult]:
+        """Run a round's programs in the sandbox on the first rank of the tensor-parallel group
+        and broadcast the results: every rank must extend its prompts with the same text."""
+        from megatron.core import parallel_state
+
+        tp = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            if parallel_state.model_parallel_is_initialized()
+            else 1
+        )
+        if tp == 1:
+            return self._sandbox().run_many(programs)
+        src = parallel_state.get_tensor_model_parallel_src_rank()
+        box = [self._sandbox().run_many(programs) if torch.distributed.get_rank() == src else None]
+        group = parallel_state.get_tensor_model_parallel_group()
+        torch.distributed.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def _sandbox(self) -> Sandbox:
+        if self._sandbox_obj is None:
+            self._sandbox_obj = Sandbox()
+        return self._sandbox_obj

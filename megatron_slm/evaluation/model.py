@@ -1,5 +1,6 @@
-"""The model an evaluation runs: a megatron_slm checkpoint (through ``megatron_slm.runtime``) or a
-Hugging Face Llama/Mistral directory (converted in memory by ``megatron_slm.convert``).
+"""The model an evaluation runs: a megatron_slm checkpoint or a Hugging Face Llama/Mistral
+directory (converted in memory), both through ``megatron_slm.runtime``'s one front door
+(``plan_load`` -> ``load_model``).
 
 Evaluation runs with tensor parallelism (every TP rank runs the same loop in lockstep; logits are
 gathered over TP); pipeline parallelism is not supported. With a world larger than TP, every
@@ -9,21 +10,11 @@ the padding rows megatron adds never win a greedy step, and losses equal those o
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from megatron_slm.checkpoint import METADATA, TRACKER
-from megatron_slm.errors import CheckpointError
-from megatron_slm.runtime import LoadedModel, load_model
+from megatron_slm.runtime import LoadArgs, LoadedModel, is_hf_dir, load_model, plan_load
 
-
-def is_hf_dir(path: str) -> bool:
-    return (
-        os.path.isfile(os.path.join(path, "config.json"))
-        and not os.path.isfile(os.path.join(path, METADATA))
-        and not os.path.isfile(os.path.join(path, TRACKER))
-    )
+__all__ = ["is_hf_dir", "load_eval_model"]
 
 
 def load_eval_model(
@@ -34,23 +25,11 @@ def load_eval_model(
     tokenizer_args=None,
     params_dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    """Load ``load`` for the initialised (TP-only) parallel layout."""
-    if not os.path.isdir(load):
-        raise CheckpointError(f"--load {load}: no such directory")
-    if is_hf_dir(load):
-        from megatron_slm.convert.hf import load_hf_model
+    """Plan and load ``load`` for the initialised (TP-only) parallel layout: the one call for
+    callers that hold a path (lm-eval's ``model_args``); tools plan from their config."""
+    from megatron.core import parallel_state
 
-        return load_hf_model(
-            load,
-            device,
-            tokenizer_args=tokenizer_args,
-            params_dtype=params_dtype,
-            transformer_impl=getattr(model_args, "transformer_impl", None),
-        )
-    return load_model(
-        load,
-        device,
-        model_args=model_args,
-        tokenizer_args=tokenizer_args,
-        params_dtype=params_dtype,
-    )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    args = LoadArgs(load=load, device=device.type, tensor_model_parallel_size=tp)
+    plan = plan_load(args, model_args=model_args, tokenizer_args=tokenizer_args)
+    return load_model(plan, device, params_dtype=params_dtype)

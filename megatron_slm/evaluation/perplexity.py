@@ -67,18 +67,26 @@ def read_documents(
         return
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_slm.data.index_file import read_index
-
-    if not (os.path.isfile(path + ".bin") or os.path.isfile(path + ".idx")):
-        raise InputFileError(
-            "no such file, and no indexed dataset PATH.bin/.idx",
-            subject=f"--perplexity-data {path}",
-            hint="give a .jsonl file or a tokenized dataset prefix",
-        )
-    read_index(path, flag="--perplexity-data")  # a damaged dataset names its file
+    check_documents(path)  # a missing or damaged dataset names its flag and file
     dataset = IndexedDataset(path)
     for i in range(len(dataset)):
         yield np.asarray(dataset[i]).astype(np.int64).tolist()
+
+
+def check_documents(path: str, flag: str = "--perplexity-data") -> None:
+    """``path`` is a JSONL file, or a consistent indexed dataset prefix; raises
+    ``InputFileError`` naming ``flag`` and the path."""
+    from megatron_slm.data.index_file import read_index
+
+    if path.endswith((".jsonl", ".json")) and os.path.isfile(path):
+        return
+    if not (os.path.isfile(path + ".bin") or os.path.isfile(path + ".idx")):
+        raise InputFileError(
+            "no such file, and no indexed dataset PATH.bin/.idx",
+            subject=f"{flag} {path}",
+            hint="give a .jsonl file or a tokenized dataset prefix",
+        )
+    read_index(path, flag=flag)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from megatron_slm.errors import InputFileError
+from megatron_slm.atomic_io import write_text_atomic
 from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
 from megatron_slm.runtime import LoadedModel
 
@@ -23,19 +23,10 @@ def _name_and_path(spec: str) -> tuple[str, str]:
 def check_inputs(perplexity_data: Sequence[str] = ()) -> None:
     """Every data file exists (and an indexed dataset is consistent) before any model is loaded;
     raises ``InputFileError`` naming the flag and the path."""
-    from megatron_slm.data.index_file import read_index
+    from megatron_slm.evaluation.perplexity import check_documents
 
     for spec in perplexity_data:
-        path = _name_and_path(spec)[1]
-        if os.path.isfile(path):
-            continue
-        if not (os.path.exists(path + ".bin") or os.path.exists(path + ".idx")):
-            raise InputFileError(
-                "no such file, and no indexed dataset PATH.bin/.idx",
-                subject=f"--perplexity-data {path}",
-                hint="give a .jsonl file or a tokenized dataset prefix",
-            )
-        read_index(path, flag="--perplexity-data")
+        check_documents(_name_and_path(spec)[1])
 
 
 def run_evaluation(
@@ -106,7 +97,4 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=2))

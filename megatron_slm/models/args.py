@@ -32,8 +32,9 @@ ARCHITECTURE_FLAGS = (
 class ModelArgs:
     model_preset: str | None = arg(
         None,
-        f"Architecture preset (tiny, tinyllama-1.1b, mistral-7b, pangu-pi-1b-pro). Default: the "
-        f"--load checkpoint's architecture, else {DEFAULT_PRESET}.",
+        f"Architecture preset (tiny, tinyllama-1.1b, mistral-7b, pangu-pi-1b-pro, "
+        f"pangu-pi-1.5b-pro). Default: the --load checkpoint's architecture, else "
+        f"{DEFAULT_PRESET}.",
     )
     num_layers: int | None = arg(None, "Override the preset's number of layers.")
     hidden_size: int | None = arg(None, "Override the preset's hidden size.")

@@ -68,10 +68,11 @@ import torch.distributed as dist
 
 from megatron_slm import _extension
 from megatron_slm.ops import selective_loss_reference as _ref
+from megatron_slm.ops.selection import SELECT_MODES as _MODES
+from megatron_slm.ops.selection import SELECT_SCOPES as _SCOPES
+from megatron_slm.ops.selection import UNSCORED_POLICIES as _UNSCORED
+from megatron_slm.ops.selection import needs_reference, ranks_by_excess, ratio_error
 
-_SCOPES = ("sequence", "microbatch", "data-parallel")
-_MODES = ("excess", "loss", "random")
-_UNSCORED = ("keep", "drop")
 _IMPLS = ("auto", "cpp", "cuda", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STAT_NAMES = (
@@ -206,7 +207,7 @@ def _combine_tp(stats: torch.Tensor, tp_group, tp_size: int) -> torch.Tensor:
 
 
 def _finalize_flags(mode: str, has_ref: bool, unscored: str, ratio: float) -> int:
-    rank_excess = mode == "excess" and has_ref
+    rank_excess = ranks_by_excess(mode, has_ref)
     return (
         (_ref.FINALIZE_RANK_EXCESS if rank_excess else 0)
         | (_ref.FINALIZE_KEEP_UNSCORED if rank_excess and unscored == "keep" else 0)
@@ -310,10 +311,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
 def _check_inputs(logits, target, ref_loss, loss_mask, ratio, scope, mode, unscored, impl):
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("vocab_parallel_logits and target must be tensors")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
-    if not (0.0 < float(ratio) <= 1.0):  # also rejects NaN
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if ratio_error(ratio, "ratio"):
+        raise ValueError(ratio_error(ratio, "ratio"))
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
     if mode not in _MODES:
@@ -346,7 +345,7 @@ def _check_inputs(logits, target, ref_loss, loss_mask, ratio, scope, mode, unsco
             )
     if ref_loss is not None and not ref_loss.dtype.is_floating_point:
         raise ValueError(f"ref_loss must be floating point, got {ref_loss.dtype}")
-    if mode == "excess" and ref_loss is None and ratio < 1.0:
+    if needs_reference(ratio, mode) and ref_loss is None:
         raise ValueError("mode='excess' with ratio < 1 needs ref_loss (the reference-model loss)")
     if scope == "sequence" and target.dim() != 2:
         raise ValueError("scope='sequence' needs [s, b] target")

@@ -53,7 +53,8 @@ def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
 
     An all -inf row gives ``{-inf, 0, ...}`` (not the NaN of ``exp(-inf - -inf)``), as the C++ and
     CUDA kernels do: another shard's stats then combine correctly, and the loss of a row that is
-    -inf everywhere is NaN like :func:`reference_token_loss`'s."""
+    -inf everywhere is NaN like :func:`reference_token_loss`'s. A row with NaN: max of the
+    non-NaN entries, sum NaN (the kernels' rule)."""
     n, v = logits.shape
     stats = torch.empty(n, 3, dtype=torch.float32, device=logits.device)
     local = target - vocab_start
@@ -62,9 +63,12 @@ def torch_fwd_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int
     for r0 in range(0, n, _ROW_BLOCK):
         r1 = min(n, r0 + _ROW_BLOCK)
         x = logits[r0:r1].float()
-        m = x.max(dim=-1).values
+        # The kernels' NaN rule: the max ignores NaN (-inf if every entry is NaN), any NaN makes
+        # the sum NaN (csrc/selective_loss_kernels.h).
+        nan = torch.isnan(x)
+        m = torch.where(nan, -math.inf, x).amax(dim=-1)
         s = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
-        s = torch.where(m == -math.inf, torch.zeros_like(s), s)  # max is NaN if a NaN is present
+        s = torch.where((m == -math.inf) & ~nan.any(dim=-1), torch.zeros_like(s), s)
         t = x.gather(1, local[r0:r1].unsqueeze(-1)).squeeze(-1)
         stats[r0:r1, 0] = m
         stats[r0:r1, 1] = s
@@ -119,26 +123,21 @@ def torch_backward(
     scale: torch.Tensor,
     inplace: bool,
 ) -> torch.Tensor:
-    """``(softmax - onehot) * scale`` in the logits dtype; rows with zero scale are zero-filled
-    without reading their logits; written into ``logits`` when ``inplace``."""
+    """``(softmax - onehot) * scale`` in the logits dtype; rows with zero scale are exactly zero
+    (even where their logits are NaN); written into ``logits`` when ``inplace``."""
     n, v = logits.shape
     grad = logits if inplace else torch.empty_like(logits)
-    active = torch.nonzero(scale != 0).squeeze(-1)
-    zero = torch.nonzero(scale == 0).squeeze(-1)
-    if zero.numel():
-        grad.index_fill_(0, zero, 0)
+    # Every row is computed and zero-scale rows are masked, rather than gathering the active
+    # rows: a row list would be read back to the host (a sync per call on a GPU).
     local = target - vocab_start
     in_shard = (local >= 0) & (local < v)
-    for i0 in range(0, active.numel(), _ROW_BLOCK):
-        rows = active[i0 : i0 + _ROW_BLOCK]
-        x = logits.index_select(0, rows).float()
-        g = torch.exp(x - lse[rows].unsqueeze(-1))
-        loc = local[rows]
+    for i0 in range(0, n, _ROW_BLOCK):
+        rows = slice(i0, i0 + _ROW_BLOCK)
+        g = torch.exp(logits[rows].float() - lse[rows].unsqueeze(-1))  # [rows, v]
         hit = in_shard[rows]
-        hit_rows = torch.nonzero(hit).squeeze(-1)
-        g[hit_rows, loc[hit_rows]] -= 1.0
-        g.mul_(scale[rows].unsqueeze(-1))
-        grad.index_copy_(0, rows, g.to(logits.dtype))
+        g.scatter_add_(1, local[rows].clamp(0, v - 1).unsqueeze(-1), -hit.float().unsqueeze(-1))
+        s = scale[rows].unsqueeze(-1)
+        grad[rows] = torch.where(s != 0, g * s, 0.0).to(logits.dtype)
     return grad
 
 

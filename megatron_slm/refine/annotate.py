@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic
+from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
@@ -216,13 +216,8 @@ class Journal:
         if os.path.exists(path):
             self._load(manifest)
             self.f = open(path, "a", encoding="utf-8")
-        else:
-            self.f = open(path + ".tmp", "w", encoding="utf-8")
-            self.f.write(json.dumps(manifest, sort_keys=True) + "\n")
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(path + ".tmp", path)
+        else:  # the manifest line appears whole or not at all (unique temporary, fsync, rename)
+            write_text_atomic(path, json.dumps(manifest, sort_keys=True) + "\n")
             self.f = open(path, "a", encoding="utf-8")
 
     def _load(self, manifest: dict) -> None:

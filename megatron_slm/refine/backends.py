@@ -1,8 +1,15 @@
-"""Generation backends for the refining models: ``transformers`` (any device) and ``vllm`` (GPU).
+"""Generation backends for the refining models, both greedy:
 
-Both load a Hugging Face causal-LM directory (a released ProX refining model, or one exported by
-``tools/convert_checkpoint.py``) and decode greedily. Neither torch, transformers nor vllm is
-imported at module load.
+* ``transformers``: the Hugging Face causal-LM directory (a released ProX refining model, or one
+  exported by ``tools/convert_checkpoint.py``) loaded in process, any device;
+* ``openai``: any OpenAI-compatible server (``vllm serve``, SGLang, TGI, ``transformers serve``)
+  through its ``/completions`` endpoint, with the annotate stage's client (concurrency, retries
+  with backoff, timeouts) and a journal of the answers. This is the scale path: one ``vllm serve``
+  per node (examples/prox_refine_vllm.sh).
+
+A prompt is rendered here, never by the server: a string (tokenized without special tokens: the
+chat template writes its own) or token ids (``--semantics prox``: the ids ProX's code sent). Neither
+torch nor transformers is imported at module load.
 """
 
 from __future__ import annotations
@@ -101,10 +108,12 @@ class TransformersGenerator:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.pad_id = pad
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+    def generate(self, prompts: list[str | list[int]], max_new_tokens: int) -> list[str]:
         import torch
 
         encoded = [self.encode(p) for p in prompts]
@@ -133,47 +142,96 @@ class TransformersGenerator:
         return outputs
 
 
-class VllmGenerator:
-    """vLLM offline generation (GPU); used with ``--backend vllm`` when vllm is installed."""
+class OpenAIGenerator:
+    """Greedy completions from an OpenAI-compatible server, ``concurrency`` requests in flight.
+    With :attr:`journal` set, answers already journaled are not requested again and new ones
+    are journaled as they arrive.
 
-    def __init__(
-        self,
-        model_dir: str,
-        flag: str,
-        dtype: str,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-    ):
+    The model must see exactly the ids the transformers backend would feed it. A server tokenizes
+    a text prompt with the tokenizer's special tokens added (vLLM, SGLang, ``transformers
+    serve``): the prompt goes as text when that gives those ids (no BOS added by the tokenizer,
+    or prox's chunk prompts, which mean it), else as token ids (vllm serve and SGLang take them;
+    ``transformers serve`` answers HTTP 400, a clear error)."""
+
+    def __init__(self, model_dir: str, flag: str, config):
+        from megatron_slm.refine.teachers import OpenAICompletions
+
         self.tokenizer = load_tokenizer(model_dir, flag)
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise BackendError(
-                "--backend vllm: vllm is not installed (pip install 'megatron-slm[vllm]')"
-            ) from None
-        self.engine = LLM(
-            model=model_dir,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
+        self.client = OpenAICompletions(
+            config.endpoint,
+            config.model or model_dir,  # `vllm serve DIR` names the model DIR
+            api_key=os.environ.get(API_KEY_ENV) or None,
+            timeout=config.request_timeout,
+            max_retries=config.max_retries,
+            backoff=config.retry_backoff,
+            concurrency=config.concurrency,
+            log=_log_warning,
+            allow_insecure_http=config.endpoint_allow_insecure_http,
+            flag="--endpoint",
+            insecure_flag="--endpoint-allow-insecure-http",
         )
+        self.journal = None
 
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        from vllm import SamplingParams
+    def generate(self, prompts: list[str | list[int]], max_new_tokens: int) -> list[str]:
+        from megatron_slm.refine.journal import request_key
+        from megatron_slm.refine.teachers import TeacherError
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-        token_prompts = [
-            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
-            for p in prompts
-        ]
-        results = self.engine.generate(token_prompts, params, use_tqdm=False)
-        return [r.outputs[0].text.strip(" ") for r in results]
+        ids = [self.encode(p) for p in prompts]
+        keys = [request_key(self.client.model, max_new_tokens, i) for i in ids]
+        answers = dict(self.journal.answers) if self.journal is not None else {}
+        todo = {}
+        for key, prompt, prompt_ids in zip(keys, prompts, ids):
+            if key not in answers and key not in todo:
+                todo[key] = self._wire(prompt, prompt_ids)
+
+        def on_answer(key: str, answer: str | None, error: str | None) -> None:
+            if answer is None:  # a 200 that is no completion: a broken server, not a program
+                raise BackendError(f"--endpoint {self.client.url}: {error}")
+            answers[key] = answer
+            if self.journal is not None:
+                self.journal.add(key, answer)
+
+        try:
+            self.client.answer_all(list(todo.items()), max_new_tokens, on_answer)
+        except TeacherError as e:
+            raise BackendError(str(e)) from None
+        return [answers[k].strip(" ") for k in keys]
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """The ids the model sees (as :meth:`TransformersGenerator.encode`)."""
+        if isinstance(prompt, list):
+            return prompt
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _wire(self, prompt: str | list[int], ids: list[int]) -> str | list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            candidates = [prompt]
+        else:  # the text whose tokenization, with what the tokenizer adds, is ``ids``
+            added = tok("")["input_ids"]
+            body = ids[len(added) :] if added and ids[: len(added)] == added else ids
+            decode = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            candidates = [tok.decode(body, **decode), tok.decode(ids, **decode)]
+        for text in candidates:
+            if tok(text)["input_ids"] == ids:
+                return text
+        return ids
+
+
+API_KEY_ENV = "OPENAI_API_KEY"
+"""The API key of ``--backend openai`` (sent to the endpoint's own origin only), if set."""
+
+
+def _log_warning(message: str) -> None:
+    import logging
+
+    logging.getLogger("megatron_slm.refine").warning(message)
 
 
 def load_generator(config, stage: str):
     """The generator of ``stage`` ("doc" or "chunk") for a ``ModelConfig``."""
     model_dir = config.doc_model if stage == "doc" else config.chunk_model
     flag = f"--{stage}-model"
-    if config.backend == "vllm":
-        return VllmGenerator(model_dir, flag, config.dtype, config.tensor_parallel_size)
+    if config.backend == "openai":
+        return OpenAIGenerator(model_dir, flag, config)
     return TransformersGenerator(model_dir, flag, config.device, config.dtype, config.batch_size)

@@ -5,7 +5,8 @@ minimum, more when needed; the numbers do not restart per chunk). Lines are pack
 order, while the chunk's token count (the sum of its numbered lines' counts, as ProX counts) stays
 <= ``max_tokens``. A single line longer than ``max_tokens`` is never sent: it closes the current
 chunk, is recorded in ``long_lines`` and stays in the document unchanged (splitting it would give
-the model line numbers that do not exist in the document).
+the model line numbers that do not exist in the document). With ``send_long_lines`` (``--semantics
+prox``) such a line is sent as a chunk of its own, as ProX's code does (still recorded).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def split_into_chunks(
     count_tokens: Callable[[list[str]], list[int]],
     max_tokens: int = 1500,
     prefix: str = DEFAULT_LINE_PREFIX,
+    send_long_lines: bool = False,
 ) -> tuple[list[Chunk], list[int]]:
     """``(chunks, long lines)`` of ``text``; ``count_tokens`` maps a list of strings to their token
     counts (one batched tokenizer call per document)."""
@@ -57,6 +59,8 @@ def split_into_chunks(
         if n > max_tokens:
             close(i)
             long_lines.append(i)
+            if send_long_lines:
+                chunks.append(Chunk(i, i, numbered[i], n))
             start, total = i + 1, 0
         elif total + n > max_tokens:
             close(i)

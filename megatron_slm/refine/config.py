@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
-from megatron_slm.refine.executor import AcceptanceRule
+from megatron_slm.refine.executor import SEMANTICS, AcceptanceRule
 
 STAGES = ("doc", "chunk")
 
@@ -39,6 +39,13 @@ class RunConfig:
     drop_words: int = arg(10, "Drop when the refined document has at most this many words.")
     max_errors: int = arg(
         2, "A chunk program with this many errors is ignored (the original text is kept)."
+    )
+    semantics: str = arg(
+        "strict",
+        "How programs are read and prompts built: strict (parsed as Python calls, every "
+        "unusable line an error) or prox (the released ProX code's decisions, quirks included: "
+        "to reproduce a ProX corpus with its released models). See docs/design.md.",
+        choices=list(SEMANTICS),
     )
 
     def __post_init__(self):
@@ -84,9 +91,39 @@ class ModelConfig:
     stage: str = arg("doc,chunk", "Stages to run: doc, chunk or doc,chunk.")
     doc_model: str | None = arg(None, "Document-level refining model (Hugging Face directory).")
     chunk_model: str | None = arg(None, "Chunk-level refining model (Hugging Face directory).")
-    backend: str = arg("transformers", "Generation backend.", choices=["transformers", "vllm"])
-    tensor_parallel_size: int = arg(
-        1, "vllm backend: GPUs per model (vLLM's tensor parallelism; one task per model copy)."
+    backend: str = arg(
+        "transformers",
+        "Generation backend: transformers (in process) or openai (an OpenAI-compatible server: "
+        "vllm serve, SGLang, TGI, transformers serve; the scale path).",
+        choices=["transformers", "openai"],
+    )
+    endpoint: str | None = arg(
+        None, "openai backend: the server's base URL, e.g. http://localhost:8000/v1."
+    )
+    model: str | None = arg(
+        None,
+        "openai backend: the served model's name (default: the stage's --doc-model / "
+        "--chunk-model path, the name `vllm serve DIR` gives it). The model directory still "
+        "gives the tokenizer and chat template: prompts are rendered here.",
+    )
+    # 16 was best against a 2-core CPU transformers serve (benchmarks/RESULTS_prox_refine.md); a
+    # GPU vllm serve batches hundreds (examples/prox_refine_vllm.sh: 256)
+    concurrency: int = arg(32, "openai backend: requests in flight.")
+    request_timeout: float = arg(600.0, "openai backend: seconds per request before a retry.")
+    max_retries: int = arg(
+        10, "openai backend: retries of a request (exponential backoff) before the run stops."
+    )
+    retry_backoff: float = arg(
+        1.0, "openai backend: first retry delay in seconds; doubles per retry (jittered, <= 60)."
+    )
+    endpoint_allow_insecure_http: bool = arg(
+        False, "openai backend: allow plain http:// to a non-loopback --endpoint."
+    )
+    doc_template: str = arg(
+        "model",
+        "Document-level prompt: the model's own chat template, or llama2 (Llama-2-chat's, as "
+        "ProX's released code renders it with --token_template).",
+        choices=["model", "llama2"],
     )
     device: str = arg("auto", "transformers backend device: auto, cpu, cuda, cuda:N.")
     dtype: str = arg(
@@ -121,7 +158,18 @@ class ModelConfig:
             raise ConfigError("--stage doc needs --doc-model")
         if "chunk" in stages and not self.chunk_model:
             raise ConfigError("--stage chunk needs --chunk-model")
+        if self.backend == "openai":
+            if not self.endpoint:
+                raise ConfigError("--backend openai needs --endpoint URL")
+            if "doc" in stages and "chunk" in stages and self.doc_model != self.chunk_model:
+                raise ConfigError(
+                    "--backend openai serves one model: with two different models run --stage doc "
+                    "and --stage chunk as two runs, or give the same --doc-model/--chunk-model"
+                )
+        elif self.endpoint or self.model:
+            raise ConfigError("--endpoint and --model are for --backend openai")
         for name in (
+            "concurrency",
             "batch_size",
             "window",
             "doc_max_prompt_tokens",
@@ -132,12 +180,12 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(
-                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
-            )
-        if self.tensor_parallel_size > 1 and self.backend != "vllm":
-            raise ConfigError("--tensor-parallel-size > 1 needs --backend vllm")
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if not self.retry_backoff >= 0:
+            raise ConfigError(f"--retry-backoff must be >= 0, got {self.retry_backoff}")
+        if not self.request_timeout > 0:
+            raise ConfigError(f"--request-timeout must be > 0, got {self.request_timeout}")
         try:
             self.line_prefix.format(i=0)
         except (KeyError, IndexError, ValueError) as e:

@@ -1,6 +1,11 @@
 """Execute ProX programs on documents, with ProX's acceptance rule.
 
-Chunk-level semantics (kept exactly as ProX's, so programs from the released models run unchanged):
+Two semantics (``--semantics``): ``strict`` (the default, below) parses each line as a Python call
+(:mod:`megatron_slm.refine.program`) and counts every line it cannot apply as an error; ``prox``
+(:mod:`megatron_slm.refine.prox_compat`) reproduces the released ProX code's decisions, quirks
+included. They agree on well-formed programs; docs/design.md lists every difference.
+
+Strict chunk-level semantics (ProX's, for well-formed programs):
 
 * every ``normalize`` replaces all occurrences in the whole document, in program order, *before*
   any line is removed;
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_slm.refine import prox_compat
 from megatron_slm.refine.program import (
     DropDoc,
     Normalize,
@@ -37,6 +43,13 @@ DROP_EMPTY = "drop_empty"
 DROP_RATIO = "drop_ratio"
 DROP_SHORT = "drop_short"
 DROPPED = frozenset({DROP_DOC, DROP_EMPTY, DROP_RATIO, DROP_SHORT})
+
+SEMANTICS = ("strict", "prox")
+
+
+def _check_semantics(semantics: str) -> None:
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
 
 
 @dataclass(frozen=True)
@@ -73,9 +86,13 @@ class DocResult:
         return self.decision in DROPPED
 
 
-def execute_doc_program(program: str) -> DocResult:
-    """Document-level program: any ``drop_doc()`` drops; otherwise (keep, nothing parseable) the
-    document is kept. Errors are recorded but do not change the decision."""
+def execute_doc_program(program: str, semantics: str = "strict") -> DocResult:
+    """Document-level program. strict: any ``drop_doc()`` drops; otherwise (keep, nothing
+    parseable) the document is kept; errors are recorded but do not change the decision. prox:
+    the substring ``drop`` anywhere drops; no errors."""
+    _check_semantics(semantics)
+    if semantics == "prox":
+        return DocResult(DROP_DOC if prox_compat.doc_drops(program) else KEEP_DOC)
     parsed = parse_program(program, "doc")
     drop = any(isinstance(op, DropDoc) for _, op in parsed.operations)
     return DocResult(DROP_DOC if drop else KEEP_DOC, parsed.errors)
@@ -92,9 +109,14 @@ def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def apply_chunk_program(text: str, program: str) -> tuple[str, list[ProgramError], int, int]:
+def apply_chunk_program(
+    text: str, program: str, semantics: str = "strict"
+) -> tuple[str, list[ProgramError], int, int]:
     """Run a chunk-level program on ``text``: ``(refined text, errors, lines removed,
     normalizations applied)``. No acceptance rule."""
+    _check_semantics(semantics)
+    if semantics == "prox":
+        return prox_compat.apply_chunk_program(text, program)
     refined, errors, removed, normalizations, _ = _apply(text, program, None)
     return refined, errors, removed, normalizations
 
@@ -171,11 +193,17 @@ def accept(
 
 
 def execute_chunk_program(
-    text: str, program: str, rule: AcceptanceRule = AcceptanceRule()
+    text: str, program: str, rule: AcceptanceRule = AcceptanceRule(), semantics: str = "strict"
 ) -> ChunkResult:
-    """Run a chunk-level program on a whole document and apply the acceptance rule."""
+    """Run a chunk-level program on a whole document and apply the acceptance rule (the same
+    rule in both semantics)."""
+    _check_semantics(semantics)
     words_before = len(text.split())
-    refined, errors, removed, normalizations, words_after = _apply(text, program, words_before)
+    if semantics == "prox":
+        refined, errors, removed, normalizations = prox_compat.apply_chunk_program(text, program)
+        words_after = None
+    else:
+        refined, errors, removed, normalizations, words_after = _apply(text, program, words_before)
     decision, before, after = accept(text, refined, len(errors), rule, words_before, words_after)
     applied = decision == KEEP_REFINED
     return ChunkResult(

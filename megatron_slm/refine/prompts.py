@@ -1,4 +1,5 @@
-"""Chat prompts for the ProX refining models, rendered with the model's own chat template.
+"""Chat prompts for the ProX refining models, rendered with the model's own chat template (or, for
+the document level with ``--doc-template llama2``, Llama-2-chat's, as ProX's released code does).
 
 Both stages send two messages (ProX's): the system message :data:`SYSTEM_PROMPT` and a user message
 with the text, then the template's generation prompt:
@@ -7,6 +8,9 @@ with the text, then the template's generation prompt:
   prompt is <= ``max_tokens`` tokens. Only the document is cut, never the template (ProX truncates
   the rendered prompt from the right, which loses the end-of-instruction marker);
 * chunk level: the user message is one chunk, ``[doc]\\n[000]first line\\n...\\n[/doc]``.
+
+``--semantics prox`` builds the prompts as ProX's released code did, as token ids
+(:func:`prox_doc_prompt_ids`, :func:`prox_chunk_prompt_ids`).
 
 ``tokenizer`` is a Hugging Face tokenizer (duck-typed: ``apply_chat_template``, ``__call__``,
 ``decode``); this module does not import transformers.
@@ -21,6 +25,7 @@ from __future__ import annotations
 from megatron_slm.errors import UserError
 
 SYSTEM_PROMPT = "You are a helpful, respectful and honest assistant."
+DOC_TEMPLATES = ("model", "llama2")
 
 
 class PromptError(UserError):
@@ -38,7 +43,18 @@ def chat_messages(user_message: str, answer: str | None = None) -> list[dict]:
     return messages
 
 
-def chat_prompt(tokenizer, user_message: str) -> str:
+def llama2_chat_prompt(tokenizer, user_message: str) -> str:
+    """Llama-2-chat's chat template on (system, user): ProX renders the document prompt with it
+    (``--token_template meta-llama/Llama-2-7b-chat-hf``, its BOS replaced by the refining
+    model's). The template strips the system block + message as one string, and writes nothing
+    for the generation prompt."""
+    content = f"<<SYS>>\n{SYSTEM_PROMPT}\n<</SYS>>\n\n{user_message}".strip()
+    return f"{tokenizer.bos_token or ''}[INST] {content} [/INST]"
+
+
+def chat_prompt(tokenizer, user_message: str, template: str = "model") -> str:
+    if template == "llama2":
+        return llama2_chat_prompt(tokenizer, user_message)
     return tokenizer.apply_chat_template(
         chat_messages(user_message), add_generation_prompt=True, tokenize=False
     )
@@ -65,19 +81,23 @@ def _document_prefix(tokenizer, document: str, budget: int) -> str:
     return tokenizer.decode(ids[:budget], skip_special_tokens=True)
 
 
-def doc_prompt(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, bool]:
+def doc_prompt(
+    tokenizer, document: str, max_tokens: int = 2000, template: str = "model"
+) -> tuple[str, bool]:
     """``(prompt, truncated)`` for the document-level model."""
-    message, truncated = doc_message(tokenizer, document, max_tokens)
-    return chat_prompt(tokenizer, message), truncated
+    message, truncated = doc_message(tokenizer, document, max_tokens, template)
+    return chat_prompt(tokenizer, message, template), truncated
 
 
-def doc_message(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, bool]:
+def doc_message(
+    tokenizer, document: str, max_tokens: int = 2000, template: str = "model"
+) -> tuple[str, bool]:
     """``(user message, truncated)``: the document, cut so the rendered prompt fits."""
-    prompt = chat_prompt(tokenizer, document)
+    prompt = chat_prompt(tokenizer, document, template)
     length = count_prompt_tokens(tokenizer, prompt)
     if length <= max_tokens:
         return document, False
-    overhead = count_prompt_tokens(tokenizer, chat_prompt(tokenizer, ""))
+    overhead = count_prompt_tokens(tokenizer, chat_prompt(tokenizer, "", template))
     if overhead >= max_tokens:
         raise PromptError(
             f"the chat template alone takes {overhead} tokens, more than --doc-max-prompt-tokens "
@@ -88,7 +108,9 @@ def doc_message(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, 
     # the rendered prompt fits.
     while True:
         message = _document_prefix(tokenizer, document, budget)
-        excess = count_prompt_tokens(tokenizer, chat_prompt(tokenizer, message)) - max_tokens
+        excess = (
+            count_prompt_tokens(tokenizer, chat_prompt(tokenizer, message, template)) - max_tokens
+        )
         if excess <= 0:
             return message, True
         budget -= max(1, excess)
@@ -97,3 +119,27 @@ def doc_message(tokenizer, document: str, max_tokens: int = 2000) -> tuple[str, 
 def chunk_prompt(tokenizer, wrapped_chunk: str) -> str:
     """The chunk-level prompt for an already wrapped chunk (see ``chunking.wrap_chunk``)."""
     return chat_prompt(tokenizer, wrapped_chunk)
+
+
+def prox_doc_prompt_ids(
+    tokenizer, document: str, max_tokens: int = 2000, template: str = "model"
+) -> tuple[list[int], bool]:
+    """``(token ids, truncated)`` as ProX's document stage builds them: the rendered prompt
+    tokenized without added special tokens (``apply_chat_template(tokenize=True)``), then cut to
+    ``max_tokens`` ids from the right, so a long document loses the template's end too."""
+    rendered = chat_prompt(tokenizer, document, template)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return ids[:max_tokens], len(ids) > max_tokens
+
+
+def prox_chunk_prompt_ids(tokenizer, wrapped_chunk: str) -> list[int]:
+    """The chunk prompt's ids as ProX sent them: the rendered text handed to vLLM's
+    ``LLM.generate``, which tokenizes with the tokenizer's special tokens added (a tokenizer that
+    prepends BOS gives a second one after a template's own)."""
+    return tokenizer(chunk_prompt(tokenizer, wrapped_chunk))["input_ids"]
+
+
+def prox_count_line_tokens(tokenizer, lines: list[str]) -> list[int]:
+    """ProX's chunk packing counts each numbered line with ``tokenizer.encode``: special tokens
+    (BOS) included, once per line."""
+    return [len(ids) for ids in tokenizer(lines)["input_ids"]]

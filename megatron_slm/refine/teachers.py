@@ -76,6 +76,8 @@ class OpenAITeacher:
     """``POST {base_url}/chat/completions`` with greedy decoding, ``concurrency`` requests in
     flight."""
 
+    PATH = "/chat/completions"
+
     def __init__(
         self,
         base_url: str,
@@ -88,6 +90,8 @@ class OpenAITeacher:
         concurrency: int = 8,
         log: Callable[[str], None] = print,
         allow_insecure_http: bool = False,
+        flag: str = "--teacher",
+        insecure_flag: str = INSECURE_HTTP_FLAG,
     ):
         parts = urlsplit(base_url)
         if (
@@ -96,12 +100,14 @@ class OpenAITeacher:
             and not is_loopback_host(parts.hostname)
         ):
             raise ConfigError(
-                f"--teacher {base_url}: plain http:// to a non-loopback host sends the API key "
-                f"and the answers unencrypted; use https://, or {INSECURE_HTTP_FLAG} if the "
+                f"{flag} {base_url}: plain http:// to a non-loopback host sends the API key "
+                f"and the answers unencrypted; use https://, or {insecure_flag} if the "
                 "network in between is trusted"
             )
         base = base_url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        path = self.PATH
+        self.url = base if base.endswith(path) else base + path
+        self.flag = flag
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.concurrency, self.log = concurrency, log
@@ -120,10 +126,24 @@ class OpenAITeacher:
 
     def complete(self, messages: list[dict], max_tokens: int) -> tuple[str | None, str | None]:
         """``(answer, None)`` or ``(None, answer error)``; raises TeacherError when it gives up."""
+        return self._request({"messages": messages}, max_tokens)
+
+    @staticmethod
+    def _answer(reply) -> tuple[str | None, str | None]:
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return None, f"not a chat completion: {_one_line(json.dumps(reply))}"
+        if not isinstance(content, str):
+            return None, "the answer has no text content"
+        return content, None
+
+    def _request(self, fields: dict, max_tokens: int) -> tuple[str | None, str | None]:
+        """POST ``fields`` plus the model and greedy settings, with retries."""
         body = json.dumps(
             {
                 "model": self.model,
-                "messages": messages,
+                **fields,
                 "max_tokens": max_tokens,
                 "temperature": 0.0,
                 "stream": False,
@@ -138,13 +158,13 @@ class OpenAITeacher:
                 detail = _one_line(e.read().decode("utf-8", "replace"))
                 if 300 <= e.code < 400:
                     raise TeacherError(
-                        f"--teacher {self.url}: HTTP {e.code} redirect to "
+                        f"{self.flag} {self.url}: HTTP {e.code} redirect to "
                         f"{e.headers.get('Location')!r} refused (the API key and the answers "
                         "stay with the endpoint given; give the final URL)"
                     ) from None
                 if e.code not in RETRY_STATUS:
                     raise TeacherError(
-                        f"--teacher {self.url}: HTTP {e.code} ({detail or e.reason})"
+                        f"{self.flag} {self.url}: HTTP {e.code} ({detail or e.reason})"
                     ) from None
                 reason = f"HTTP {e.code}"
             except json.JSONDecodeError as e:
@@ -154,22 +174,16 @@ class OpenAITeacher:
                 # (TimeoutError); a truncated response is an HTTPException
                 reason = _one_line(getattr(e, "reason", None) or e)
             else:
-                try:
-                    content = reply["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
-                    return None, f"not a chat completion: {_one_line(json.dumps(reply))}"
-                if not isinstance(content, str):
-                    return None, "the answer has no text content"
-                return content, None
+                return self._answer(reply)
             if attempt == self.max_retries:
                 raise TeacherError(
-                    f"--teacher {self.url}: giving up after {self.max_retries} retries ({reason})"
+                    f"{self.flag} {self.url}: giving up after {self.max_retries} retries ({reason})"
                 )
             delay = min(self.max_backoff, self.backoff * 2**attempt)
             delay *= 0.5 + random.random()  # jitter: concurrent workers do not retry in lockstep
             with self._lock:
                 self.retries += 1
-            self.log(f"prox_annotate: {reason}; retry {attempt + 1} in {delay:.1f}s")
+            self.log(f"{self.flag} {self.url}: {reason}; retry {attempt + 1} in {delay:.1f}s")
             self._stop.wait(delay)
         raise AssertionError("unreachable")
 
@@ -190,6 +204,26 @@ class OpenAITeacher:
                 for future in futures:
                     future.cancel()
                 raise
+
+
+class OpenAICompletions(OpenAITeacher):
+    """``POST {base_url}/completions`` (the legacy text-completion endpoint): the prompt is sent
+    as rendered here, text or token ids, so the server applies no chat template of its own."""
+
+    PATH = "/completions"
+
+    def complete(self, prompt: str | list[int], max_tokens: int) -> tuple[str | None, str | None]:
+        return self._request({"prompt": prompt}, max_tokens)
+
+    @staticmethod
+    def _answer(reply) -> tuple[str | None, str | None]:
+        try:
+            text = reply["choices"][0]["text"]
+        except (KeyError, IndexError, TypeError):
+            return None, f"not a completion: {_one_line(json.dumps(reply))}"
+        if not isinstance(text, str):
+            return None, "the answer has no text"
+        return text, None
 
 
 class LocalTeacher:

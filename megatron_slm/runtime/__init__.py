@@ -1,5 +1,6 @@
-"""The one way to run a trained model: load a checkpoint at any TP/PP, compute per-token losses,
-decode greedily (batched, KV cache).
+"""The one way to run a trained model: plan it (``LoadArgs`` -> ``plan_load``: the checkpoint's
+metadata or a Hugging Face directory's config read once), load it at any TP/PP
+(``load_model(plan, device)``), compute per-token losses, decode greedily (batched, KV cache).
 
 Every consumer builds on this package: the offline scorer, the evaluator, the trainer's online
 reference, and the tools that follow (ProX generation, parameter inheritance, batch scoring).
@@ -16,14 +17,20 @@ from megatron_slm.runtime.forward import (
 )
 from megatron_slm.runtime.generate import greedy_generate
 from megatron_slm.runtime.loader import LoadedModel, job_device, load_model
+from megatron_slm.runtime.plan import DeviceArgs, LoadArgs, LoadPlan, is_hf_dir, plan_load
 
 __all__ = [
+    "DeviceArgs",
+    "LoadArgs",
+    "LoadPlan",
     "LoadedModel",
     "forward_logits",
     "greedy_generate",
+    "is_hf_dir",
     "job_device",
     "load_model",
     "per_token_losses",
+    "plan_load",
     "selective_losses",
     "sequence_losses",
     "sequence_scores",

@@ -1,8 +1,9 @@
-"""Load a checkpoint for inference at the current TP/PP layout.
+"""Load a planned model for inference at the current TP/PP layout.
 
-One rule for every loader: the architecture and the tokenizer come from the checkpoint's metadata
-(flags may only confirm them, see ``megatron_slm.checkpoint.resolve_architecture``), and the padded
-vocabulary is the checkpoint's, kept at any TP size that divides it.
+One rule for every loader: the architecture and the tokenizer are the plan's (``runtime.plan``:
+the checkpoint's metadata, read once; flags may only confirm them), and the padded vocabulary is
+the checkpoint's, kept at any TP size that divides it. A Hugging Face directory is converted in
+memory into the same chunks (``runtime.hf_source``).
 """
 
 from __future__ import annotations
@@ -11,17 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.checkpoint import (
-    CheckpointInfo,
-    load_checkpoint,
-    read_checkpoint,
-    resolve_architecture,
-    resolve_tokenizer,
-)
-from megatron_slm.data.tokenizer import TokenizerArgs
-from megatron_slm.errors import CheckpointError
-from megatron_slm.models.args import ModelArgs
+from megatron_slm.checkpoint import CheckpointInfo, load_checkpoint
+from megatron_slm.errors import CheckpointError, UserError
 from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.runtime.plan import LoadPlan
 
 
 @dataclass
@@ -35,7 +29,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str  # what was loaded (checkpoint iteration directory, or a Hugging Face directory)
-    checkpoint: CheckpointInfo | None = None  # None for a model converted in memory
+    checkpoint: CheckpointInfo | None = None  # the plan's facts (a HF directory's: implied)
 
     @property
     def vocab_size(self) -> int:
@@ -71,52 +65,51 @@ def job_device(config, error: type[Exception]) -> torch.device:
 
 
 def load_model(
-    load: str,
+    plan: LoadPlan,
     device: torch.device,
     *,
-    model_args: ModelArgs | None = None,
-    tokenizer_args: TokenizerArgs | None = None,
     params_dtype: torch.dtype = torch.float32,
-    flag: str = "--load",
-    with_tokenizer: bool = True,
-    require_tokenizer: bool = False,
 ) -> LoadedModel:
-    """Build and load the checkpoint ``load`` (root or ``iter_N``) for the initialised layout.
-
-    Raises ``ValueError`` naming the flag for a missing checkpoint, flags that contradict it, or
-    weights that do not fit."""
+    """Build ``plan``'s model for the initialised layout and read its weights (the metadata is
+    not read again). Raises ``CheckpointError`` naming the plan's flag for weights that do not
+    fit."""
     from megatron.core import parallel_state
 
     from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
 
-    model_args = model_args or ModelArgs()
-    info = read_checkpoint(load, flag)
-    tokenizer = None
-    if with_tokenizer:
-        tok_args = tokenizer_args or TokenizerArgs()
-        tokenizer, _, _ = resolve_tokenizer(tok_args, info, require_tokenizer)
-    arch = resolve_architecture(model_args, info, None)
-    if tokenizer is not None and tokenizer.vocab_size > info.padded_vocab_size:
-        raise CheckpointError(
-            f"{flag} {load}: the tokenizer has {tokenizer.vocab_size} ids, more than the model's "
-            f"{info.padded_vocab_size} embedding rows"
-        )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     opts = ModelBuildOptions(
-        transformer_impl=model_args.transformer_impl or default_spec_impl(device),
+        transformer_impl=plan.transformer_impl or default_spec_impl(device),
         params_dtype=params_dtype,
-        make_vocab_size_divisible_by=info.divisor_for(tp),
+        make_vocab_size_divisible_by=plan.divisor_for(tp),
         use_cpu_initialization=device.type == "cpu",
     )
-    chunks = build_model(arch, opts, device)
+    chunks = build_model(plan.arch, opts, device)
     try:
-        load_checkpoint(info.path, chunks, weights_only=True, flag=flag)
+        if plan.is_hf:
+            _load_hf_weights(plan, chunks)
+        else:
+            load_checkpoint(plan.checkpoint, chunks, weights_only=True, flag=plan.flag)
+    except UserError:
+        raise  # names the file or tensor already
     except Exception as e:  # noqa: BLE001 - shape mismatches surface as many exception types
         raise CheckpointError(
-            f"{flag} {load}: cannot load the weights ({type(e).__name__}: {e})"
+            f"{plan.flag} {plan.path}: cannot load the weights ({type(e).__name__}: {e})"
         ) from e
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)
     padded = chunks[0].vocab_size
-    return LoadedModel(chunks, arch, tokenizer, padded, device, params_dtype, info.path, info)
+    return LoadedModel(
+        chunks, plan.arch, plan.tokenizer, padded, device, params_dtype, plan.path, plan.checkpoint
+    )
+
+
+def _load_hf_weights(plan: LoadPlan, chunks) -> None:
+    """A HF directory's tensors into this rank's chunks (convert's HF -> megatron mapping)."""
+    from megatron_slm.runtime.hf_source import HFWeights, check_hf_weights, load_hf_into_chunks
+
+    tied = bool(plan.hf_config.get("tie_word_embeddings", False))
+    weights = HFWeights(plan.path)
+    check_hf_weights(plan.arch, weights, tied)
+    load_hf_into_chunks(chunks, weights, plan.arch, tied)

@@ -14,6 +14,7 @@ from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import UserError
 from megatron_slm.models.args import ModelArgs
+from megatron_slm.runtime.plan import LoadArgs
 
 PACKINGS = ("auto", "rows", "length-sorted")
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
@@ -24,20 +25,21 @@ class ScoringError(UserError):
 
 
 @dataclass
-class ScoreConfig(ModelArgs, TokenizerArgs):
+class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
+    """``--load`` (the reference model), ``--device``, ``--tensor-model-parallel-size``:
+    ``LoadArgs``."""
+
     data_prefix: list[str] = arg(
         [],
         "Token dataset prefixes (<P>.bin/.idx); a sidecar is written next to each. Numbers among "
         "them (Megatron --data-path weights) are ignored.",
         required=True,
     )
-    load: str | None = arg(None, "Reference model checkpoint (root or iter_N dir).", required=True)
     fp32: bool = arg(
         False,
         "Run the model in float32 even when the checkpoint was trained in bfloat16/float16 "
         "(default: the checkpoint's recorded params_dtype, float32 when none is recorded).",
     )
-    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size.")
     seq_length: int | None = arg(
         None,
@@ -72,11 +74,11 @@ class ScoreConfig(ModelArgs, TokenizerArgs):
     overwrite: bool = arg(
         False, "Replace a published sidecar; discard partial state that does not match."
     )
-    device: str = arg("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
     seed: int = arg(1234, "Random seed (scoring is deterministic).")
 
     def __post_init__(self):
         try:
+            LoadArgs.__post_init__(self)
             ModelArgs.__post_init__(self)
             TokenizerArgs.__post_init__(self)
         except ValueError as e:

@@ -1,6 +1,6 @@
 """Everything scoring needs that can be checked before any process group exists: the data
-prefixes, the reference checkpoint (its architecture, tokenizer and padding through the shared
-rules of ``megatron_slm.checkpoint``), the window geometry, and the settings a sidecar records."""
+prefixes, the reference model (its architecture, tokenizer and padding: the runtime's load plan,
+read once), the window geometry, and the settings a sidecar records."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.checkpoint import (
-    CheckpointInfo,
-    read_checkpoint,
-    resolve_architecture,
-    resolve_tokenizer,
-)
+from megatron_slm.checkpoint import CheckpointInfo
 from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.runtime.plan import LoadPlan, plan_load
 from megatron_slm.scoring.config import ScoreConfig, ScoringError
 
 
@@ -52,6 +48,8 @@ class ScoringInputs:
     """The reference identity recorded in the sidecar (checkpoint, metadata digest, tokenizer)."""
     params_dtype: torch.dtype = torch.float32
     """The dtype the model runs in: the checkpoint's (``--fp32``: float32)."""
+    plan: LoadPlan | None = None
+    """The reference model, planned once (``load_model`` reads no metadata again)."""
 
     def settings(self, config: ScoreConfig) -> dict:
         """The settings recorded in the sidecar metadata: everything that changes the bytes."""
@@ -95,12 +93,10 @@ def resolve_inputs(config: ScoreConfig) -> ScoringInputs:
     for prefix in config.data_prefix:
         _check_data_prefix(prefix)
     try:
-        ckpt = read_checkpoint(config.load, "--load")
-        tokenizer, _, _ = resolve_tokenizer(config, ckpt, required=False)
-        arch = resolve_architecture(config, ckpt, None)
-        ckpt.divisor_for(config.tensor_model_parallel_size)
+        plan = plan_load(config)
     except ValueError as e:
         raise ScoringError(str(e)) from None
+    ckpt, tokenizer, arch = plan.checkpoint, plan.tokenizer, plan.arch
     vocab_limit = arch.vocab_size
     if tokenizer is not None:
         if tokenizer.vocab_size > arch.vocab_size:
@@ -122,4 +118,5 @@ def resolve_inputs(config: ScoreConfig) -> ScoringInputs:
         stride=stride,
         reference=_reference_identity(ckpt, tokenizer),
         params_dtype=model_dtype(config, ckpt),
+        plan=plan,
     )

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_slm.crash_points import CrashPoints
+from megatron_slm.launch import broadcast_from_rank0, raise_on_every_rank
 from megatron_slm.progress import ProgressBar, hms
 from megatron_slm.scoring.chunks import ChunkLayout, check_ids, chunk_bounds, prepare_chunk
 from megatron_slm.scoring.config import ScoreConfig, ScoringError
@@ -101,20 +102,6 @@ class ScoreReport:
         return "\n".join(lines)
 
 
-def _broadcast(obj, device):
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _raise_if_any(error: str | None, device) -> None:
-    err = _broadcast(error, device)
-    if err is not None:
-        raise ScoringError(err)
-
-
 def _open_output(prefix: str, config: ScoreConfig, inputs: ScoringInputs, settings: dict):
     """Rank 0 opens, resumes or (``--overwrite``) recreates the partial sidecar. Returns the
     writer, or raises ScoringError."""
@@ -147,7 +134,7 @@ def _prepare_output(prefix, config, inputs, settings, is_rank0, device):
             writer = _open_output(prefix, config, inputs, settings)
         except ScoringError as e:
             error = str(e)
-    _raise_if_any(error, device)
+    raise_on_every_rank(error, ScoringError)
     return writer
 
 
@@ -240,7 +227,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     dist.barrier()
     if is_writer and not config.dry_run and writer is None:
         writer = _open_writer_rank(prefix, config, inputs, settings)
-    todo = _broadcast(_chunks_todo(writer, n_docs, interval, limit) if is_rank0 else None, device)
+    todo = broadcast_from_rank0(_chunks_todo(writer, n_docs, interval, limit) if is_rank0 else None)
     bounds = {c: chunk_bounds(c, interval, n_docs) for c in todo}  # [first, end) documents
     remaining_docs = sum(end - first for first, end in bounds.values())
     remaining_tokens = sum(int(offsets[end] - offsets[first]) for first, end in bounds.values())
@@ -313,7 +300,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
                 writer.finalize()
             except Exception as e:  # noqa: BLE001 - reported on every rank
                 error = f"cannot publish the sidecar of {prefix}: {e}"
-        _raise_if_any(error, device)
+        raise_on_every_rank(error, ScoringError)
         published = True
         mean = _mean_of_sidecar(prefix)
     if writer is not None and not published:
@@ -368,15 +355,9 @@ def score_corpus(config: ScoreConfig) -> list[ScoreReport]:
                 locks.enter_context(_output_lock(prefix, config, is_rank0))
         except ValueError as e:
             error = str(e)
-        _raise_if_any(error, device)
+        raise_on_every_rank(error, ScoringError)
         try:
-            lm = load_model(
-                config.load,
-                device,
-                model_args=config,
-                params_dtype=inputs.params_dtype,
-                with_tokenizer=False,
-            )
+            lm = load_model(inputs.plan, device, params_dtype=inputs.params_dtype)
         except ValueError as e:
             raise ScoringError(str(e)) from None
         for prefix in config.data_prefix:

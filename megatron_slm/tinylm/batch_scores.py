@@ -37,6 +37,7 @@ from megatron_slm.data.sample_list import (
     losses_paths,
     source_settings,
 )
+from megatron_slm.launch import broadcast_from_rank0, raise_on_every_rank
 from megatron_slm.progress import ProgressBar
 from megatron_slm.runtime import per_token_losses
 from megatron_slm.runtime.forward import Rows
@@ -66,20 +67,6 @@ class ScoreBatchesReport:
             f"{self.seconds:.1f} s ({self.tokens_per_second:,.0f} tokens/s), mean loss "
             f"{self.mean_loss:.4f}\n  published: {self.output}"
         )
-
-
-def _broadcast(obj):
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _raise_if_any(error: str | None) -> None:
-    err = _broadcast(error)
-    if err is not None:
-        raise SampleListError(err)
 
 
 def _chunk_records(lm, dataset, first: int, end: int, mbs: int) -> np.ndarray | None:
@@ -112,7 +99,7 @@ def score_batches(config: ScoreBatchesConfig) -> ScoreBatchesReport | None:
     from megatron.core import parallel_state
 
     from megatron_slm.output_lock import OutputLock
-    from megatron_slm.runtime import job_device, load_model
+    from megatron_slm.runtime import job_device, load_model, plan_load
 
     device = job_device(config, SampleListError)
     is_rank0 = dist.get_rank() == 0
@@ -133,15 +120,12 @@ def score_batches(config: ScoreBatchesConfig) -> ScoreBatchesReport | None:
             stack.enter_context(lock)
         except ValueError as e:
             error = str(e)
-        _raise_if_any(error)
+        raise_on_every_rank(error, SampleListError)
         try:
             lm = load_model(
-                config.load,
+                plan_load(config, tokenizer="required"),
                 device,
-                model_args=config,
-                tokenizer_args=config,
                 params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                require_tokenizer=True,
             )
         except ValueError as e:
             raise SampleListError(str(e)) from None
@@ -188,7 +172,7 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
             writer = BatchLossesWriter(config.output, meta, n_samples, config.overwrite)
         except SampleListError as e:
             error = str(e)
-    _raise_if_any(error)
+    raise_on_every_rank(error, SampleListError)
     todo = None
     if is_rank0:
         done = np.zeros(n_samples, dtype=bool)
@@ -197,7 +181,7 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
         todo = [
             c for c in range(-(-n_batches // ci)) if not done[c * ci * g : (c + 1) * ci * g].all()
         ]
-    todo = _broadcast(todo)
+    todo = broadcast_from_rank0(todo)
     total = sum(min((c + 1) * ci, n_batches) * g - c * ci * g for c in todo)
     bar = ProgressBar(
         f"score batches {os.path.basename(config.output)}", total, "samples", is_rank0
@@ -235,7 +219,7 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
             writer.finalize()
         except (SampleListError, OSError) as e:
             error = f"cannot publish {config.output}: {e}"
-    _raise_if_any(error)
+    raise_on_every_rank(error, SampleListError)
     if not is_rank0:
         return None
     from megatron_slm.data.sample_list import read_batch_losses

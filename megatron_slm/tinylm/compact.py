@@ -159,16 +159,18 @@ def report_path_for(model_path: str) -> str:
     return base + ".report.json"
 
 
-def remap(cfg: RemapConfig, device: torch.device) -> str:
+def remap(cfg: RemapConfig, plan, device: torch.device) -> str:
+    """``plan``: ``runtime.plan_load(cfg, tokenizer="none")``, made before any process group."""
     from megatron_slm.tinylm.idmap import read_idmap
     from megatron_slm.tinylm.remap import remap_checkpoint
 
     idmap = read_idmap(cfg.id_map)
     return remap_checkpoint(
-        cfg.load,
+        plan,
         idmap,
         cfg.save,
         device,
         tokenizer_model=cfg.tokenizer_model,
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+        overwrite=cfg.overwrite,
     )

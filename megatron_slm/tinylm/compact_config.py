@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
+from megatron_slm.runtime.plan import LoadArgs
 
 PRUNABLE_TOKENIZERS = ("SentencePieceTokenizer",)
 
@@ -111,23 +112,28 @@ class PruneConfig:
 
 
 @dataclass
-class RemapConfig:
-    """``remap-checkpoint``: a checkpoint's embedding and output rows for the pruned tokenizer."""
+class RemapConfig(LoadArgs):
+    """``remap-checkpoint``: a checkpoint's embedding and output rows for the pruned tokenizer.
+    ``--load`` (trained with the large tokenizer), ``--device``, ``--tensor-model-parallel-size``
+    (of this run and of the saved layout): ``LoadArgs``."""
 
-    load: str | None = arg(None, "Checkpoint trained with the large tokenizer.", required=True)
     id_map: str | None = arg(None, "The .idmap.json written by `prune`.", required=True)
     save: str | None = arg(None, "Directory of the new checkpoint.", required=True)
+    overwrite: bool = arg(
+        False,
+        "Replace a non-empty --save (only once the new checkpoint is complete); without it a "
+        "non-empty --save is refused.",
+    )
     tokenizer_model: str | None = arg(
         None, "The pruned .model (default: the path the id map records)."
     )
     make_vocab_size_divisible_by: int | None = arg(
         None, "Vocabulary padding of the new checkpoint (default: the checkpoint's)."
     )
-    tensor_model_parallel_size: int = arg(1, "TP of this run (and of the saved layout).")
     pipeline_model_parallel_size: int = arg(1, "PP of this run (and of the saved layout).")
-    device: str = arg("cpu", "cpu, cuda or auto.", choices=("cpu", "cuda", "auto"))
 
     def __post_init__(self):
+        LoadArgs.__post_init__(self)
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")

@@ -17,13 +17,14 @@ them: the result is ``sum_i w_i / sum(w) * counts_i / n_i`` scaled to the total 
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_slm.atomic_io import write_json_atomic
+from megatron_slm.atomic_io import write_bytes_atomic, write_json_atomic
 from megatron_slm.data.index_file import read_index
 from megatron_slm.data.indexed import IndexedDataset, get_bin_path
 from megatron_slm.errors import InputFileError
@@ -225,9 +226,9 @@ def count_corpus(
     }
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{output}.tmp{os.getpid()}.npy"
-    np.save(tmp, counts)
-    os.replace(tmp, output)
+    buf = io.BytesIO()  # [num_ids] int64: small enough to hold whole
+    np.save(buf, counts)
+    write_bytes_atomic(output, buf.getvalue())
     write_json_atomic(counts_metadata_path(output), meta)
     return meta
 

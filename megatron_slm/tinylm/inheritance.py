@@ -3,7 +3,8 @@ Minitron), on the shared runtime.
 
 Three steps, each under the layout its entry point initialised (entry points own process groups):
 
-1. :func:`prepare_inheritance` (no process group): read the source's metadata, build the target
+1. :func:`prepare_inheritance` (no process group): plan the source (``runtime.plan_load``: a
+   checkpoint or a Hugging Face directory, its description read once), build the target
    architecture, check everything (sizes, ``--layers``, calibration data). Bad input fails here,
    before any weight is read.
 2. :func:`inherit_weights` (the source's TP/PP): load the source with ``runtime.load_model``, run
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_slm.checkpoint import CheckpointInfo, latest_iteration, read_checkpoint
+from megatron_slm.checkpoint import CheckpointInfo, latest_iteration
 from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
+from megatron_slm.runtime.plan import LoadPlan, plan_load
 from megatron_slm.tinylm.importance import (
     Importance,
     calibration_statistics,
@@ -63,6 +65,7 @@ class InheritanceRequest:
     source: GPTModelConfig
     target: GPTModelConfig
     seq_length: int  # calibration row length
+    plan: LoadPlan  # the source, planned once (its metadata is not read again)
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -75,7 +78,10 @@ class InheritanceRequest:
 
 def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     """All checks that need no process group and no weights (errors name the flag)."""
-    info = read_checkpoint(cfg.load, "--load")
+    # The config's model flags describe the target: the source is the checkpoint's alone.
+    impl = ModelArgs(transformer_impl=cfg.transformer_impl)
+    plan = plan_load(cfg, model_args=impl, tokenizer="none")
+    info = plan.checkpoint
     source = info.model
     target = target_architecture(source, cfg.model_args(), cfg.layer_choice)
     check_target(source, target)
@@ -102,7 +108,8 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
         make_plan(source, target, layers, random_importance(source, 0)), info.padded_vocab_size
     )
     seq = cfg.calibration_seq_length or info.seq_length or 512
-    return InheritanceRequest(cfg, info, source, target, min(seq, source.max_position_embeddings))
+    seq = min(seq, source.max_position_embeddings)
+    return InheritanceRequest(cfg, info, source, target, seq, plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,10 +166,7 @@ class InheritedWeights:
 def _source_model(req: InheritanceRequest, device: torch.device):
     from megatron_slm.runtime import load_model
 
-    impl = ModelArgs(transformer_impl=req.cfg.transformer_impl)
-    return load_model(
-        req.info.path, device, model_args=impl, params_dtype=req.params_dtype, with_tokenizer=False
-    )
+    return load_model(req.plan, device, params_dtype=req.params_dtype)
 
 
 def inherit_weights(req: InheritanceRequest, device: torch.device) -> InheritedWeights:

@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
+from megatron_slm.runtime.plan import LoadArgs
 from megatron_slm.tinylm.importance import WIDTH_METHODS
 from megatron_slm.tinylm.inheritance_plan import LayerChoice
 
 
 @dataclass
-class InheritConfig(ModelArgs):
-    """The target shape comes from the shared model flags (``--model-preset`` and overrides)."""
+class InheritConfig(LoadArgs, ModelArgs):
+    """The target shape comes from the shared model flags (``--model-preset`` and overrides);
+    ``--load`` (the trained source: a checkpoint or a HF directory), ``--device`` and
+    ``--tensor-model-parallel-size`` (the source's) are ``LoadArgs``."""
 
-    load: str | None = arg(None, "The trained source checkpoint (root or iter_N).", required=True)
     save: str | None = arg(None, "Where to write the inherited checkpoint.", required=True)
     layers: str | None = arg(
         None,
@@ -36,13 +38,12 @@ class InheritConfig(ModelArgs):
         None, "Tokens per calibration row (default: the source's training --seq-length, else 512)."
     )
     calibration_micro_batch_size: int = arg(4, "Calibration rows per forward.")
-    tensor_model_parallel_size: int = arg(1, "TP size the source is loaded with.")
     pipeline_model_parallel_size: int = arg(1, "PP size the source is loaded with.")
-    device: str = arg("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
     seed: int = arg(1234, "Seed of the random-init baseline and of --width-importance random.")
     report: str | None = arg(None, "JSON report path (default: <save>/inheritance_report.json).")
 
     def __post_init__(self):
+        LoadArgs.__post_init__(self)
         ModelArgs.__post_init__(self)
         self.layer_choice = LayerChoice.parse(self.layers)
         if self.layer_choice is not None and self.layer_choice.method == "importance":

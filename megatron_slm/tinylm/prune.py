@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_slm.atomic_io import write_bytes_atomic
 from megatron_slm.tinylm import spm
 from megatron_slm.tinylm.spm import TokenizerModelError
 
@@ -290,9 +291,4 @@ def prune_model(
 def write_model(proto, path: str) -> None:
     """Write a ``.model`` file atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(proto.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, proto.SerializeToString())

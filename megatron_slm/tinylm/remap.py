@@ -20,10 +20,16 @@ import os
 
 import torch
 
-from megatron_slm.checkpoint import read_checkpoint, save_checkpoint
+from megatron_slm.checkpoint import (
+    check_new_output_dir,
+    discard_staging_dir,
+    publish_output_dir,
+    save_checkpoint,
+    staging_dir,
+)
 from megatron_slm.models.presets import padded_vocab_size
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
-from megatron_slm.runtime import load_model
+from megatron_slm.runtime import LoadPlan, load_model
 from megatron_slm.tinylm.idmap import IdMap, IdMapError, check_fits_checkpoint
 
 logger = logging.getLogger("megatron_slm")
@@ -101,27 +107,29 @@ def remap_chunks(old_chunks, new_chunks, new_to_old: torch.Tensor, old_vocab: in
 
 
 def remap_checkpoint(
-    load: str,
+    plan: LoadPlan,
     idmap: IdMap,
     save: str,
     device: torch.device,
     *,
     tokenizer_model: str | None = None,
     make_vocab_size_divisible_by: int | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """Write ``save``: the checkpoint ``load`` for the pruned tokenizer of ``idmap``.
+    """Write ``save``: the planned checkpoint (``runtime.plan_load``) for the pruned tokenizer of
+    ``idmap``. A non-empty ``save`` is refused unless ``overwrite``; the checkpoint is written
+    beside it and replaces it only once complete (``checkpoint.publish_output_dir``).
 
     Needs the parallel state initialised (any TP/PP); returns the new iteration directory."""
     from megatron.core import parallel_state
 
     from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
 
-    info = read_checkpoint(load, "--load")
+    check_new_output_dir(save, overwrite)
+    info = plan.checkpoint
     check_fits_checkpoint(idmap, info)
     record = new_tokenizer_record(idmap, tokenizer_model, "--id-map")
-    old = load_model(
-        load, device, params_dtype=info.params_dtype or torch.float32, with_tokenizer=False
-    )
+    old = load_model(plan, device, params_dtype=info.params_dtype or torch.float32)
     arch = old.arch.replace(vocab_size=idmap.new_size)
     divisor = make_vocab_size_divisible_by or info.vocab_divisor
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -150,7 +158,14 @@ def remap_checkpoint(
     )
     if seq_length:
         meta["seq_length"] = seq_length
-    out = save_checkpoint(save, 0, new_chunks, model_config=arch, metadata=meta)
+    staged = staging_dir(save)
+    try:
+        staged_out = save_checkpoint(staged, 0, new_chunks, model_config=arch, metadata=meta)
+        publish_output_dir(staged, save)
+    except BaseException:
+        discard_staging_dir(staged)
+        raise
+    out = os.path.join(os.path.abspath(save), os.path.basename(staged_out))
     logger.info(
         "remapped %s -> %s: vocabulary %d -> %d (padded %d -> %d at TP=%d)",
         info.path,

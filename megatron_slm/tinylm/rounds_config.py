@@ -15,11 +15,14 @@ from megatron_slm.cli import arg
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
+from megatron_slm.runtime.plan import LoadArgs
 
 
 @dataclass
-class ScoreBatchesConfig(ModelArgs, TokenizerArgs):
-    load: str | None = arg(None, "The frozen model's checkpoint (root or iter_N).", required=True)
+class ScoreBatchesConfig(LoadArgs, ModelArgs, TokenizerArgs):
+    """``--load`` (the frozen model), ``--device``, ``--tensor-model-parallel-size``:
+    ``LoadArgs``."""
+
     data_path: list[str] = arg(
         [], "The trainer's blend: PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...", nargs="+"
     )
@@ -41,12 +44,11 @@ class ScoreBatchesConfig(ModelArgs, TokenizerArgs):
         8, "Batches per work chunk = the unit of data-parallel work and of resume."
     )
     bf16: bool = arg(False, "Run the model in bfloat16.")
-    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size.")
     overwrite: bool = arg(False, "Replace a published output; discard a mismatched partial one.")
-    device: str = arg("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self):
+        LoadArgs.__post_init__(self)
         ModelArgs.__post_init__(self)
         TokenizerArgs.__post_init__(self)
         if not self.data_path:

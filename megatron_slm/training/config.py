@@ -14,13 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.cli import arg, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
+from megatron_slm.ops.selection import (
+    SELECT_MODES,
+    SELECT_SCOPES,
+    UNSCORED_POLICIES,
+    needs_reference,
+    ratio_error,
+)
 
 
 @dataclass
@@ -162,13 +168,13 @@ class SLMArgs:
     slm_start_iter: int = arg(0, "Plain training before this step, selective after.")
 
     def __post_init__(self):
-        if self.slm_ratio is not None and not 0.0 < self.slm_ratio <= 1.0:
-            raise ConfigError(f"--slm-ratio must be in (0, 1], got {self.slm_ratio}")
+        if self.slm_ratio is not None and ratio_error(self.slm_ratio):
+            raise ConfigError(ratio_error(self.slm_ratio))
         for name, allowed in (
             ("slm_ref_source", ("sidecar", "online")),
-            ("slm_select_scope", ("sequence", "microbatch", "data-parallel")),
-            ("slm_select_mode", ("excess", "loss", "random")),
-            ("slm_unscored", ("keep", "drop")),
+            ("slm_select_scope", SELECT_SCOPES),
+            ("slm_select_mode", SELECT_MODES),
+            ("slm_unscored", UNSCORED_POLICIES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -187,7 +193,7 @@ class SLMArgs:
 
     @property
     def needs_reference(self) -> bool:
-        return self.selective and self.slm_select_mode == "excess"
+        return self.slm_ratio is not None and needs_reference(self.slm_ratio, self.slm_select_mode)
 
 
 @dataclass
@@ -344,13 +350,6 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
             f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than the decay steps ({decay}: "
             "--lr-decay-iters or the training steps)"
         )
-    if s.needs_reference and s.slm_ref_source == "online":
-        ref = read_checkpoint(s.slm_ref_load, "--slm-ref-load").model
-        if ref.vocab_size != architecture.vocab_size:
-            raise ConfigError(
-                f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
-                f"({ref.vocab_size}) differs from the data's tokenizer ({architecture.vocab_size})"
-            )
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ConfigError("--finetune needs --load")
     return DerivedSizes(dp, gbs, num_micro, iters)

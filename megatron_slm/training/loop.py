@@ -39,6 +39,9 @@ from megatron_slm.data.sft import packed_attention_mask
 from megatron_slm.errors import ConfigError
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.sharding import unwrap
+from megatron_slm.ops.selection import needs_reference
+from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
+from megatron_slm.runtime.reference import OnlineReference
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
 from megatron_slm.training.metrics import (
@@ -48,7 +51,6 @@ from megatron_slm.training.metrics import (
     excess_split,
     source_counts,
 )
-from megatron_slm.training.online_reference import OnlineReference
 from megatron_slm.training.optimizer import (
     OptimizerStep,
     build_optimizer,
@@ -80,6 +82,7 @@ class TrainingPlan:
     sizes: DerivedSizes
     checkpoint: CheckpointInfo | None
     batch_list: BatchList | None = None  # --train-samples-from
+    reference: LoadPlan | None = None  # --slm-ref-load (online reference), planned once
     sft_dataset: object | None = None  # --sft-data: built (and checked) before any work
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
@@ -97,6 +100,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         _set_chat_template(cfg, tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     sizes = validate(cfg, world_size, arch)
+    reference = _plan_reference(cfg, arch)
     if cfg.sft.enabled:
         if cfg.data.train_samples_from:
             raise ConfigError("--train-samples-from draws --data-path batches; not with --sft-data")
@@ -113,8 +117,35 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
     record = tokenizer_record(ttype, tmodel, tokenizer)
     return TrainingPlan(
-        tokenizer, record, arch, sizes, ckpt, batch_list=batch_list, sft_dataset=sft
+        tokenizer,
+        record,
+        arch,
+        sizes,
+        ckpt,
+        batch_list=batch_list,
+        sft_dataset=sft,
+        reference=reference,
     )
+
+
+def _plan_reference(cfg: PretrainConfig, arch: GPTModelConfig) -> LoadPlan | None:
+    """The online reference model (--slm-ref-load): its metadata read once, its vocabulary the
+    data's tokenizer's."""
+    s = cfg.slm
+    if not (s.needs_reference and s.slm_ref_source == "online"):
+        return None
+    args = LoadArgs(
+        load=s.slm_ref_load,
+        device=cfg.training.device,
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+    )
+    ref = plan_load(args, tokenizer="none", flag="--slm-ref-load")
+    if ref.arch.vocab_size != arch.vocab_size:
+        raise ConfigError(
+            f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
+            f"({ref.arch.vocab_size}) differs from the data's tokenizer ({arch.vocab_size})"
+        )
+    return ref
 
 
 def _set_chat_template(cfg: PretrainConfig, tokenizer, ckpt: CheckpointInfo | None) -> None:
@@ -179,7 +210,7 @@ class Trainer:
         self.online = None
         if s.needs_reference and s.slm_ref_source == "online":
             self.online = OnlineReference(
-                s.slm_ref_load,
+                plan.reference,
                 self.device,
                 self.build_opts.params_dtype,
                 self.tokenizer.eod,
@@ -187,7 +218,7 @@ class Trainer:
         self.iteration, consumed = 0, 0
         if cfg.checkpoint.load:
             state = checkpointing.load_checkpoint(
-                plan.checkpoint.path,
+                plan.checkpoint,  # read once by plan_training
                 self.chunks,
                 None if cfg.checkpoint.finetune else self.optimizer,
                 None if cfg.checkpoint.finetune else self.scheduler,
@@ -270,7 +301,7 @@ class Trainer:
         inner = unwrap(model)
         ref = None
         if inner.post_process and ratio is not None:
-            if ratio < 1.0 and self.cfg.slm.slm_select_mode == "excess":
+            if needs_reference(ratio, self.cfg.slm.slm_select_mode):
                 if self.online is not None:
                     ref = self.online.per_token_loss(tokens, labels)
                 else:

@@ -18,6 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_slm.ops import SelectiveLossOutput, selective_cross_entropy
+from megatron_slm.ops.selection import selects_everything
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SelectiveLMLoss:
         if sel is None:
             raise RuntimeError("SelectiveLMLoss.prepare() was not called before the forward")
         mode = self.mode
-        if sel.ratio >= 1.0 or (mode == "excess" and sel.ref_loss is None):
+        if selects_everything(sel.ratio, mode, sel.ref_loss is not None):
             mode = "loss"  # ratio 1 selects every valid token; no reference needed
         out = selective_cross_entropy(
             logits,

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.ops.selection import SELECT_MODES, UNSCORED_POLICIES, ratio_error
+from megatron_slm.runtime.plan import DeviceArgs, LoadArgs
 from megatron_slm.visualize.selection import VisualizeError
 
 FORMATS = ("html", "png")
@@ -27,19 +29,21 @@ def parse_doc_list(text: str | None) -> list[int]:
 
 
 @dataclass
-class VisualizeConfig:
-    load: str | None = arg(None, "Checkpoint of the model being trained (root or iter_N).",
-                           required=True)  # fmt: skip
+class VisualizeConfig(LoadArgs):
+    """``--load`` (the model being trained: a checkpoint or a HF directory), ``--device``,
+    ``--tensor-model-parallel-size`` (run under torchrun): ``LoadArgs``."""
+
     data_path: str | None = arg(
         None, "Token dataset prefix (<P>.bin/.idx, with its <P>_refloss sidecar).", required=True
     )
     docs: str | None = arg(None, "Comma-separated document indices, e.g. 0,17,42.")
     sample: int | None = arg(None, "Instead of --docs: this many random documents (--seed).")
-    ratio: float = arg(0.6, "Selection ratio (the trainer's --slm-ratio).")
-    select_mode: str = arg("excess", "excess (Rho-1), loss or random: the trainer's "
-                           "--slm-select-mode.", choices=("excess", "loss", "random"))  # fmt: skip
-    unscored: str = arg("keep", "Tokens without a reference loss: keep or drop (--slm-unscored).",
-                        choices=("keep", "drop"))  # fmt: skip
+    # The trainer's selection flags, by the trainer's names (the short names still work).
+    slm_ratio: float = arg(0.6, "Selection ratio, as the trainer's.", aliases=("--ratio",))
+    slm_select_mode: str = arg("excess", "excess (Rho-1), loss or random, as the trainer's.",
+                               choices=SELECT_MODES, aliases=("--select-mode",))  # fmt: skip
+    slm_unscored: str = arg("keep", "Tokens without a reference loss: keep or drop.",
+                            choices=UNSCORED_POLICIES, aliases=("--unscored",))  # fmt: skip
     slm_ref_load: str | None = arg(
         None, "Online reference model checkpoint (instead of the dataset's sidecar)."
     )
@@ -48,23 +52,22 @@ class VisualizeConfig:
     format: str = arg("html", "html (self-contained page) or png (matplotlib).", choices=FORMATS)
     title: str | None = arg(None, "Page title (default: checkpoint and data).")
     seed: int = arg(0, "Seed of --sample and of the random selection mode.")
-    device: str = arg("cpu", "cpu, cuda or auto.", choices=("auto", "cpu", "cuda"))
-    tensor_model_parallel_size: int = arg(1, "Tensor-parallel size (run under torchrun).")
 
     def __post_init__(self):
+        LoadArgs.__post_init__(self)
         self.doc_list = parse_doc_list(self.docs)
         if bool(self.doc_list) == (self.sample is not None):
             raise VisualizeError("give exactly one of --docs and --sample")
         if self.sample is not None and self.sample < 1:
             raise VisualizeError(f"--sample must be >= 1, got {self.sample}")
-        if not 0.0 < self.ratio <= 1.0:
-            raise VisualizeError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if ratio_error(self.slm_ratio):
+            raise VisualizeError(ratio_error(self.slm_ratio))
         if self.max_tokens < 1:
             raise VisualizeError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass
-class DynamicsConfig:
+class DynamicsConfig(DeviceArgs):
     checkpoints: list[str] = arg([], "Checkpoints in training order (e.g. DIR/iter_*).",
                                  required=True)  # fmt: skip
     data_path: str | None = arg(None, "Token dataset prefix (<P>.bin/.idx).", required=True)
@@ -75,7 +78,8 @@ class DynamicsConfig:
         "Loss threshold between low and high (nats). Default: the median loss of the first "
         "checkpoint over the followed tokens.",
     )
-    ratio: float = arg(0.6, "Selection ratio for the selected/unselected split (--slm-ratio).")
+    slm_ratio: float = arg(0.6, "Selection ratio of the selected/unselected split, as the "
+                           "trainer's.", aliases=("--ratio",))  # fmt: skip
     select_checkpoint: str | None = arg(
         None,
         "Split tokens by the selection this checkpoint makes with the dataset's sidecar (an SLM "
@@ -85,14 +89,13 @@ class DynamicsConfig:
                              required=True)  # fmt: skip
     width: int = arg(960, "Plot width in pixels.")
     height: int = arg(540, "Plot height in pixels.")
-    device: str = arg("cpu", "cpu, cuda or auto.", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self):
         if not self.checkpoints:
             raise VisualizeError("--checkpoints needs at least one checkpoint")
         if self.num_docs < 1 or self.max_tokens < 1:
             raise VisualizeError("--num-docs and --max-tokens must be >= 1")
-        if not 0.0 < self.ratio <= 1.0:
-            raise VisualizeError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if ratio_error(self.slm_ratio):
+            raise VisualizeError(ratio_error(self.slm_ratio))
         if self.width < 64 or self.height < 64:
             raise VisualizeError("--width and --height must be >= 64 pixels")

@@ -15,11 +15,12 @@ import os
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
+from megatron_slm.runtime.plan import DeviceArgs
 from megatron_slm.visualize.selection import VisualizeError
 
 
 @dataclass
-class CurveConfig:
+class CurveConfig(DeviceArgs):
     runs: list[str] = arg([], "NAME=CHECKPOINT_ROOT per run (its iter_* directories are read).",
                           required=True)  # fmt: skip
     data: str | None = arg(None, "Held-out data: JSONL (text) or an indexed dataset prefix.",
@@ -30,7 +31,6 @@ class CurveConfig:
     append_eod: bool = arg(False, "Append the end-of-document token to JSONL documents.")
     max_documents: int | None = arg(None, "Evaluate only the first N documents.")
     output: str | None = arg(None, "Output prefix: <P>.json and <P>.png.", required=True)
-    device: str = arg("cpu", "cpu, cuda or auto.", choices=("auto", "cpu", "cuda"))
 
     def __post_init__(self):
         self.run_paths = {}
@@ -113,17 +113,18 @@ def plot_curves(curves, result, title: str, width: int = 800, height: int = 480)
 
 def learning_curves(cfg: CurveConfig, device, log=print) -> dict:
     from megatron_slm.atomic_io import write_bytes_atomic, write_json_atomic
-    from megatron_slm.checkpoint import read_checkpoint
     from megatron_slm.evaluation.perplexity import evaluate_perplexity, read_documents
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import LoadArgs, load_model, plan_load
 
     curves: dict[str, list[tuple[int, float]]] = {}
     for name, root in cfg.run_paths.items():
         points = []
         for path in checkpoints_of(root, f"--runs {name}"):
             try:
-                info = read_checkpoint(path, f"--runs {name}")
-                lm = load_model(path, device, flag=f"--runs {name}", require_tokenizer=True)
+                args = LoadArgs(load=path, device=cfg.device)
+                plan = plan_load(args, tokenizer="required", flag=f"--runs {name}")
+                info = plan.checkpoint
+                lm = load_model(plan, device)
                 docs = read_documents(cfg.data, lm.tokenizer, append_eod=cfg.append_eod)
                 res = evaluate_perplexity(lm, docs, seq_length=cfg.seq_length,
                                           max_documents=cfg.max_documents)  # fmt: skip

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from megatron_slm.ops.selection import needs_reference
 from megatron_slm.visualize.config import VisualizeConfig
 from megatron_slm.visualize.selection import (
     DocumentSelection,
@@ -49,13 +50,17 @@ class ReferenceSource:
 
         self.online = self.sidecar = None
         if cfg.slm_ref_load:
-            from megatron_slm.training.online_reference import OnlineReference
+            from megatron_slm.runtime.reference import OnlineReference
 
             if lm.tokenizer is None:
                 raise VisualizeError(f"--load {cfg.load}: no tokenizer recorded (needed for EOD)")
+            from megatron_slm.runtime import LoadArgs, plan_load
+
+            args = LoadArgs(load=cfg.slm_ref_load, device=cfg.device,
+                            tensor_model_parallel_size=cfg.tensor_model_parallel_size)  # fmt: skip
             try:
-                self.online = OnlineReference(cfg.slm_ref_load, lm.device, lm.dtype,
-                                              lm.tokenizer.eod)  # fmt: skip
+                ref = plan_load(args, tokenizer="none", flag="--slm-ref-load")
+                self.online = OnlineReference(ref, lm.device, lm.dtype, lm.tokenizer.eod)
             except ValueError as e:
                 raise VisualizeError(str(e)) from None
             self.label = f"online reference {cfg.slm_ref_load}"
@@ -69,7 +74,7 @@ class ReferenceSource:
             if os.path.isabs(ref) and not os.path.relpath(ref).startswith(".."):
                 ref = os.path.relpath(ref)  # a shared report names no machine's paths
             self.label = f"sidecar {os.path.basename(cfg.data_path)}_refloss (model {ref})"
-        elif cfg.select_mode == "excess":
+        elif needs_reference(cfg.slm_ratio, cfg.slm_select_mode):
             raise VisualizeError(
                 f"--data-path {cfg.data_path}: no reference-loss sidecar "
                 f"({cfg.data_path}_refloss.json) and no --slm-ref-load: excess loss needs a "
@@ -93,7 +98,7 @@ def build_selections(cfg: VisualizeConfig, lm) -> tuple[list[DocumentSelection],
     ds = open_documents(cfg.data_path)
     docs = pick_documents(cfg, len(ds))
     ref_source = ReferenceSource(cfg, lm, ds)
-    settings = SelectionSettings(cfg.ratio, cfg.select_mode, cfg.unscored, cfg.seed)
+    settings = SelectionSettings(cfg.slm_ratio, cfg.slm_select_mode, cfg.slm_unscored, cfg.seed)
     out = []
     for d in docs:
         full = np.asarray(ds.get(d), dtype=np.int64)
@@ -123,8 +128,9 @@ def build_selections(cfg: VisualizeConfig, lm) -> tuple[list[DocumentSelection],
     return out, ref_source.label
 
 
-def visualize_selection(cfg: VisualizeConfig, device: torch.device) -> dict:
-    """Load, select, render; returns a summary (documents, output path). Writes on rank 0."""
+def visualize_selection(cfg: VisualizeConfig, plan, device: torch.device) -> dict:
+    """Load ``plan`` (``runtime.plan_load(cfg)``, made before any process group), select,
+    render; returns a summary (documents, output path). Writes on rank 0."""
     import torch.distributed as dist
 
     from megatron_slm.atomic_io import write_bytes_atomic
@@ -133,13 +139,13 @@ def visualize_selection(cfg: VisualizeConfig, device: torch.device) -> dict:
     from megatron_slm.visualize.png import render_png
 
     try:
-        lm = load_model(cfg.load, device)
+        lm = load_model(plan, device)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     selections, ref_label = build_selections(cfg, lm)
     title = cfg.title or f"Token selection: {cfg.load} on {os.path.basename(cfg.data_path)}"
     subtitle = (
-        f"ratio {cfg.ratio}, mode {cfg.select_mode}, unscored {cfg.unscored}; "
+        f"ratio {cfg.slm_ratio}, mode {cfg.slm_select_mode}, unscored {cfg.slm_unscored}; "
         f"reference: {ref_label}"
     )
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -5,7 +5,7 @@ labels ``d[1:]``. Each shown token is a label, with
 
 - ``loss``: the model's loss of it given the tokens before it in the document (shared runtime),
 - ``ref``: the reference loss, from the dataset's sidecar (value at the token's position) or from
-  an online reference model (``training.online_reference``: the trainer's own), NaN if unscored,
+  an online reference model (``runtime.reference``: the trainer's own), NaN if unscored,
 - ``selected``: the selective op's mask on the model's logits with the trainer's settings
   (``runtime.selective_losses``: the very call ``training.slm_loss`` makes), one document = one
   selection group. In training the group is the micro-batch (``--slm-select-scope``), so the
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from megatron_slm.errors import UserError
+from megatron_slm.ops.selection import selects_everything
 
 
 class VisualizeError(UserError):
@@ -97,7 +98,7 @@ class SelectionSettings:
 
     def op_kwargs(self, has_ref: bool) -> dict:
         mode = self.mode
-        if self.ratio >= 1.0 or (mode == "excess" and not has_ref):
+        if selects_everything(self.ratio, mode, has_ref):
             mode = "loss"  # as training.slm_loss: ratio 1 needs no reference
         # One row = one group: "sequence" and "microbatch" are the same selection here.
         return dict(ratio=self.ratio, scope="sequence", mode=mode, unscored=self.unscored,

@@ -35,10 +35,10 @@ def _rows(cfg: DynamicsConfig) -> list[tuple[int, np.ndarray]]:
 
 
 def _load(path: str, flag: str, device):
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import LoadArgs, load_model, plan_load
 
     try:
-        return load_model(path, device, flag=flag, with_tokenizer=False)
+        return load_model(plan_load(LoadArgs(load=path), tokenizer="none", flag=flag), device)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
 
@@ -80,7 +80,7 @@ def _selection(cfg: DynamicsConfig, rows, device) -> tuple[np.ndarray, str] | No
     path = cfg.select_checkpoint or cfg.checkpoints[0]
     lm = _load(path, "--select-checkpoint", device)
     _check_ids(lm, rows, path)
-    settings = SelectionSettings(ratio=cfg.ratio)
+    settings = SelectionSettings(ratio=cfg.slm_ratio)
     masks = [select_row(lm, ids, sidecar.get(d, 0, ids.size)[1:], settings)[1] for d, ids in rows]
     return np.concatenate(masks), path
 
@@ -109,7 +109,7 @@ def token_dynamics(cfg: DynamicsConfig, device: torch.device, log=print) -> dict
         mask, sel_path = sel
         split = {
             "checkpoint": sel_path,
-            "ratio": cfg.ratio,
+            "ratio": cfg.slm_ratio,
             "selected": category_summary(losses, theta, mask),
             "unselected": category_summary(losses, theta, ~mask),
         }

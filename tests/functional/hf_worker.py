@@ -205,9 +205,9 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
 def _full_state(ckpt):
     from megatron_slm.launch import initialize
     from megatron_slm.models.sharding import full_state_dict
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import LoadArgs, load_model, plan_load
 
-    lm = load_model(ckpt, initialize(device="cpu"), with_tokenizer=False)
+    lm = load_model(plan_load(LoadArgs(load=ckpt), tokenizer="none"), initialize(device="cpu"))
     return {k: v.clone() for k, v in full_state_dict(lm.chunks[0]).items()}
 
 

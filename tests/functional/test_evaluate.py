@@ -184,3 +184,138 @@ def test_lm_eval_cli_finds_megatron_slm(trained, tmp_path):
     assert results["acc,none"] == pytest.approx(
         trained["ours"][1]["tasks"]["metrics"][lmw.MC_TASK]["acc,none"]
     )
+
+
+# ---- Rho-1's tool-integrated (ToRA) tasks on the tiny checkpoint ---------------------------
+TORA_GSM8K = [
+    {"question": "what color is grass?", "answer": "green\n#### 3"},
+    {"question": "Tom has 2 apples and buys 3 more. How many now?", "answer": "2+3\n#### 5"},
+]
+TORA_MATH = [{"problem": "Compute $1 + 1$.", "solution": "It is $\\boxed{2}$."}]
+
+
+def _tora_data(root) -> dict:
+    paths = {
+        "gsm8k_path": str(root / "tora_gsm8k.jsonl"),
+        "math_path": str(root / "tora_math.jsonl"),
+    }
+    for key, rows in (("gsm8k_path", TORA_GSM8K), ("math_path", TORA_MATH)):
+        with open(paths[key], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return paths
+
+
+def tora_worker(rank, world, root, metadata):
+    """The tool-integrated prompts through our adapter without and with tool rounds, and through
+    lm-eval's ``hf`` model on the export; the library run of the ``rho1_math_tora`` tag."""
+    import re
+
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_slm.evaluation import load_eval_model
+    from megatron_slm.evaluation.harness import run_lm_eval
+    from megatron_slm.evaluation.lm_eval_model import MegatronSLMLM
+    from megatron_slm.evaluation.tasks import TASKS_DIR, utils
+    from megatron_slm.launch import initialize
+
+    m = load_eval_model(os.path.join(root, "qa_ckpt"), initialize(device="cpu"))
+    with open(os.path.join(TASKS_DIR, "gsm8k_rho1_tora.yaml")) as f:
+        until = json.loads(re.search(r"until: (\[.*\])", f.read()).group(1))
+    plain = {"until": until, "do_sample": False, "max_gen_toks": 24}
+
+    # The ToRA prompts (unknown words to this model) and QA prompts it answers at length.
+    prompts = [utils.gsm8k_tora_prompt(d) for d in TORA_GSM8K]
+    shots = worker.QA[: worker.NUM_SHOTS]
+    prompts += [worker.qa_prompt(q, shots) for q, _ in worker.QA[worker.NUM_SHOTS :][:3]]
+
+    def requests(kwargs):
+        return [Instance("generate_until", {}, (p, kwargs), i) for i, p in enumerate(prompts)]
+
+    ours = MegatronSLMLM(model=m, batch_size=2)
+    hf = HFLM(pretrained=os.path.join(root, "qa_hf"), device="cpu", dtype="float32", batch_size=1)
+    out = {
+        "ours": ours.generate_until(requests(plain)),
+        "tool": ours.generate_until(requests(dict(plain, tool_rounds=4))),
+        "hf": hf.generate_until(requests(plain)),
+    }
+    res = run_lm_eval(m, ["rho1_math_tora"], metadata=metadata, batch_size=2, log_samples=True)
+    out["results"] = {t: res["results"][t] for t in ("gsm8k_rho1_tora", "math_rho1_tora")}
+    out["resps"] = {t: [s["resps"][0][0] for s in res["samples"][t]] for t in out["results"]}
+    return json.loads(json.dumps(out, default=float))
+
+
+@pytest.fixture(scope="module")
+def tora(trained):
+    metadata = _tora_data(trained["root"])
+    (out,) = run_distributed(tora_worker, 1, str(trained["root"]), metadata)
+    return dict(out, metadata=metadata)
+
+
+def test_tora_first_round_equals_hf_and_starts_the_completion(trained, tora):
+    """The non-tool part: a round is a plain greedy generation, equal to lm-eval's hf model on
+    the export; with tool rounds on, the completion starts with exactly that round."""
+    assert tora["ours"] == tora["hf"] and sum(map(bool, tora["ours"])) >= 3
+    for plain, tool in zip(tora["ours"], tora["tool"]):
+        assert tool.startswith(plain.rstrip())
+        if "```output" not in tool:  # no program asked for: the completion is that one round
+            assert tool == plain.rstrip()
+
+
+def test_tora_tasks_through_evaluate_cli_and_lm_eval_cli(trained, tora, tmp_path):
+    from megatron_slm.evaluation.tasks import TASKS_DIR, utils
+
+    results = tora["results"]
+    for task, docs, prompt in (
+        ("gsm8k_rho1_tora", TORA_GSM8K, utils.gsm8k_tora_prompt),
+        ("math_rho1_tora", TORA_MATH, utils.math_tora_prompt),
+    ):
+        resps = tora["resps"][task]
+        assert len(resps) == len(docs)
+        graded = [utils.process_results(d, [r])["exact_match"] for d, r in zip(docs, resps)]
+        assert results[task]["exact_match,none"] == pytest.approx(sum(graded) / len(docs))
+        assert all(prompt(d).endswith("\n\nSolution:\n") for d in docs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
+    load = str(trained["root"] / "qa_ckpt")
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", load]
+    cmd += ["--device", "cpu", "--lm-eval-tasks", "rho1_math_tora", "--micro-batch-size", "2"]
+    cmd += ["--lm-eval-metadata", json.dumps(tora["metadata"]), "--output", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.load(open(out))["lm_eval"]
+    for task, metrics in results.items():
+        assert report[task]["exact_match,none"] == pytest.approx(metrics["exact_match,none"])
+
+    exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
+    cmd = [exe, "--model", "megatron-slm", "--model_args", f"load={load}", "--batch_size", "2"]
+    cmd += ["--tasks", "gsm8k_rho1_tora", "--include_path", TASKS_DIR]
+    cmd += ["--metadata", json.dumps(tora["metadata"]), "--output_path", str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    cli = json.load(open(result_file))["results"]["gsm8k_rho1_tora"]
+    assert cli["exact_match,none"] == pytest.approx(results["gsm8k_rho1_tora"]["exact_match,none"])
+
+
+def tp_programs_worker(rank, world):
+    """``_run_programs`` under TP=2: a program whose output differs on every run (os.urandom)
+    runs once, on the first TP rank, and both ranks get its result."""
+    from types import SimpleNamespace
+
+    from megatron_slm.evaluation.lm_eval_model import MegatronSLMLM
+    from megatron_slm.evaluation.sandbox import Sandbox, SandboxLimits
+    from megatron_slm.launch import initialize
+
+    initialize(device="cpu", tensor_model_parallel_size=2)
+    box = Sandbox(SandboxLimits(wall_seconds=5.0))
+    fake = SimpleNamespace(_sandbox=lambda: box)
+    results = MegatronSLMLM._run_programs(fake, ["import os\nprint(os.urandom(8).hex())"] * 2)
+    return [(r.status, r.stdout) for r in results]
+
+
+def test_tool_results_are_the_first_tp_rank_s():
+    first, second = run_distributed(tp_programs_worker, 2)
+    assert first == second
+    (status_a, out_a), (status_b, out_b) = first
+    assert status_a == status_b == "ok" and out_a != out_b  # two runs, one per program

@@ -18,13 +18,14 @@ def main(load: str, tokens: str, out: str) -> None:
     import torch.distributed as dist
 
     from megatron_slm import launch
-    from megatron_slm.runtime import load_model
+    from megatron_slm.runtime import LoadArgs, load_model, plan_load
     from megatron_slm.runtime.forward import forward_logits
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = launch.initialize(device="cpu", tensor_model_parallel_size=world)
     try:
-        lm = load_model(load, device, with_tokenizer=False)
+        plan = plan_load(LoadArgs(load=load, tensor_model_parallel_size=world), tokenizer="none")
+        lm = load_model(plan, device)
         ids = torch.from_numpy(np.load(tokens)).long()[None]  # [1, s]
         logits = forward_logits(lm, ids)[0]  # [s, vocab]
         if dist.get_rank() == 0:

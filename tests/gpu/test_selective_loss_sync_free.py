@@ -32,7 +32,7 @@ def _inputs(dtype, s=128, b=4, v=32000):
     return logits.cuda(), target.cuda(), ref.cuda(), mask.cuda()
 
 
-def _step(logits, target, ref, mask, ratio, scope, inplace):
+def _step(logits, target, ref, mask, ratio, scope, inplace, impl="cuda"):
     """What the trainer does with the op: fwd, mean over the selected tokens, bwd."""
     x = logits.clone().requires_grad_()
     out = selective_cross_entropy(
@@ -42,7 +42,7 @@ def _step(logits, target, ref, mask, ratio, scope, inplace):
         loss_mask=mask,
         ratio=ratio,
         scope=scope,
-        impl="cuda",
+        impl=impl,
         inplace_backward=inplace,
     )
     selective_loss_mean(out).backward()
@@ -64,11 +64,26 @@ def test_sync_debug_mode_catches_a_sync(no_host_sync):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fwd_bwd_without_host_sync(no_host_sync, ratio, inplace, scope, dtype):
     logits, target, ref, mask = _inputs(dtype)
+    _check_without_host_sync(no_host_sync, logits, target, ref, mask, ratio, scope, inplace)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.6])
+def test_torch_fallback_without_host_sync(no_host_sync, ratio):
+    """The pure-PyTorch kernels (a GPU job without the CUDA build) are sync-free too."""
+    logits, target, ref, mask = _inputs(torch.float32)
+    _check_without_host_sync(
+        no_host_sync, logits, target, ref, mask, ratio, "microbatch", False, impl="torch"
+    )
+
+
+def _check_without_host_sync(no_host_sync, logits, target, ref, mask, ratio, scope, inplace,
+                             impl="cuda"):  # fmt: skip
+    dtype = logits.dtype
     # one call outside the guard first: lazy one-time set-up (kernel loading, allocator
     # segments) is not a per-step cost; every later call is what a training step pays
-    _step(logits, target, ref, mask, ratio, scope, inplace)
+    _step(logits, target, ref, mask, ratio, scope, inplace, impl)
     with no_host_sync(), SyncCounter() as counter:
-        out, grad = _step(logits, target, ref, mask, ratio, scope, inplace)
+        out, grad = _step(logits, target, ref, mask, ratio, scope, inplace, impl)
     assert counter.count == 0, counter.report()
 
     # the values, outside the guard, as test_selective_loss_cuda.py checks them: the selection

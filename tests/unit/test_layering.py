@@ -1,13 +1,19 @@
-"""Dependencies point down only (docs/design.md, "Package map"): no module imports a package of a
-higher layer, and the trainer never imports the Hugging Face converter. Read from the source with
-``ast`` (function-level imports included), so a lazy import cannot hide a cycle."""
+"""Dependencies point down (docs/design.md, "Package map"): no module imports a package of a
+higher layer, packages of one layer import each other only along the listed edges, the trainer
+never imports the Hugging Face converter, and nothing in the package, ``tools/`` or
+``benchmarks/`` imports a script or a test. Read from the source with ``ast``: function-level
+imports, relative imports and ``importlib.import_module``/``__import__`` with a literal name are
+all seen, so neither a lazy nor a dynamic import can hide an upward arrow or a cycle."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
 
-PKG = pathlib.Path(__file__).resolve().parents[2] / "megatron_slm"
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PKG = ROOT / "megatron_slm"
 LAYERS = {
     # entry point and the features built on the runtime
     "pretrain": 6, "evaluation": 6, "scoring": 6, "training": 6, "refine": 6, "tinylm": 6,
@@ -17,24 +23,85 @@ LAYERS = {
     "checkpoint": 3,
     "models": 2, "data": 2, "ops": 2,
     "launch": 1, "platform": 1, "cli": 1, "progress": 1, "output_lock": 1, "atomic_io": 1,
+    "ranged_output": 1,
     "_extension": 1, "__init__": 1, "crash_points": 1, "_lazy_jit": 1, "errors": 1, "entry": 1,
 }  # fmt: skip
+# The only imports between packages of one layer (above the one-file utilities of layer 1, which
+# import each other freely: the graph test below keeps them acyclic).
+SIDEWAYS = {
+    ("pretrain", "training"),  # the entry point runs the trainer
+    ("training", "visualize"),  # the trainer's TensorBoard selection image
+    ("visualize", "evaluation"),  # the learning curve measures held-out perplexity
+}
 FORBIDDEN = {("training", "convert")}
+SCRIPT_DIRS = {"tools", "benchmarks", "tests", "examples", "scripts"}  # never imported
 
 
-def _imports(path: pathlib.Path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+def _package_of(rel: pathlib.PurePath) -> tuple[str, ...]:
+    """``('megatron_slm', 'visualize')`` for ``report.py`` and ``__init__.py`` in ``visualize/``."""
+    return rel.with_suffix("").parts[:-1]
+
+
+def _resolve_relative(rel: pathlib.PurePath, level: int, module: str | None) -> str:
+    base = _package_of(rel)
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join(base + ((module,) if module else ()))
+
+
+def _literal(node) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def imported_names(rel: pathlib.PurePath, source: str):
+    """(line, dotted name) of every import in ``source``, the file at ``rel`` (from the root)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            module = (
+                node.module if not node.level else _resolve_relative(rel, node.level, node.module)
+            )
+            if module:
+                yield node.lineno, module
+                for alias in node.names:
+                    yield node.lineno, f"{module}.{alias.name}"
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        else:
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            name = _literal(node.args[0])
+            if called not in ("import_module", "__import__") or name is None:
+                continue
+            if name.startswith("."):  # import_module(".x", __package__): relative to the module
+                level = len(name) - len(name.lstrip("."))
+                name = _resolve_relative(rel, level, name.lstrip(".") or None)
+            yield node.lineno, name
+
+
+def violations(rel: pathlib.PurePath, source: str) -> list[str]:
+    """The layering rules broken by one file (``rel`` from the repository root)."""
+    top = rel.parts[0]
+    owner = rel.parts[1].removesuffix(".py") if top == "megatron_slm" else None
+    bad = []
+    for line, name in imported_names(rel, source):
+        parts = name.split(".")
+        if parts[0] in SCRIPT_DIRS and top != "tests":
+            bad.append(
+                f"{rel}:{line} imports {parts[0]} (a script or test directory is never imported)"
+            )
+        if owner is None or parts[0] != "megatron_slm" or len(parts) < 2:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "megatron_slm" and len(parts) > 1 and parts[1] in LAYERS:
-                yield node.lineno, parts[1]
+        target = parts[1]
+        if target not in LAYERS or target == owner:
+            continue
+        where = f"{rel}:{line} imports megatron_slm.{target}"
+        if LAYERS[target] > LAYERS[owner]:
+            bad.append(f"{where} (upward: layer {LAYERS[owner]} -> {LAYERS[target]})")
+        elif LAYERS[target] == LAYERS[owner] > 1 and (owner, target) not in SIDEWAYS:
+            bad.append(f"{where} (sideways edge not in SIDEWAYS)")
+        elif (owner, target) in FORBIDDEN:
+            bad.append(f"{where} (forbidden)")
+    return sorted(set(bad))
 
 
 def test_every_top_level_module_has_a_layer():
@@ -46,14 +113,83 @@ def test_every_top_level_module_has_a_layer():
     assert found <= set(LAYERS), sorted(found - set(LAYERS))
 
 
-def test_dependencies_point_down():
-    bad = []
+def test_sideways_edges_form_no_cycle():
+    assert not {(b, a) for a, b in SIDEWAYS} & SIDEWAYS
+    for a, b in SIDEWAYS:
+        assert LAYERS[a] == LAYERS[b], (a, b)
+
+
+def test_top_level_parts_import_no_cycle():
+    graph: dict[str, set[str]] = {}
     for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG)
-        owner = rel.parts[0].removesuffix(".py")
-        for line, target in _imports(path):
-            if target == owner:
-                continue
-            if LAYERS[target] > LAYERS[owner] or (owner, target) in FORBIDDEN:
-                bad.append(f"{rel}:{line} imports megatron_slm.{target}")
+        rel = path.relative_to(ROOT)
+        owner = rel.parts[1].removesuffix(".py")
+        for _, name in imported_names(rel, path.read_text()):
+            parts = name.split(".")
+            if parts[0] == "megatron_slm" and len(parts) > 1 and parts[1] in LAYERS:
+                if parts[1] != owner:
+                    graph.setdefault(owner, set()).add(parts[1])
+    done, path_stack = set(), []
+
+    def visit(node):
+        assert node not in path_stack, " -> ".join(path_stack[path_stack.index(node) :] + [node])
+        if node in done:
+            return
+        path_stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt)
+        path_stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+@pytest.mark.parametrize("top", ["megatron_slm", "tools", "benchmarks"])
+def test_dependencies_point_down(top):
+    bad = []
+    for path in sorted((ROOT / top).rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        bad += violations(rel, path.read_text())
     assert not bad, "\n".join(bad)
+
+
+IMPORTLIB = "import importlib\nimportlib.import_module"
+PLANTED = [
+    # (file, source, what the checker must say)
+    ("megatron_slm/runtime/x.py", "from ..training.loop import pretrain", "upward"),
+    ("megatron_slm/runtime/__init__.py", "from ..scoring import score_corpus", "upward"),
+    ("megatron_slm/models/x.py", f"{IMPORTLIB}('megatron_slm.training')", "upward"),
+    (
+        "megatron_slm/models/x.py",
+        "def f():\n    __import__('megatron_slm.runtime.loader')",
+        "upward",
+    ),
+    ("megatron_slm/data/x.py", f"{IMPORTLIB}('..runtime', __package__)", "upward"),
+    ("megatron_slm/scoring/x.py", "from megatron_slm.refine.executor import run", "sideways"),
+    ("megatron_slm/visualize/x.py", "from ..training import online_reference", "sideways"),
+    ("megatron_slm/training/x.py", "from megatron_slm.convert.hf import load", "forbidden"),
+    ("megatron_slm/refine/x.py", "from tools.prox_refine import main", "never imported"),
+    ("megatron_slm/checkpoint.py", f"{IMPORTLIB}('tools.score_corpus')", "never imported"),
+    ("tools/x.py", "from tests.conftest import tiny_model", "never imported"),
+    ("benchmarks/x.py", "import tools.evaluate", "never imported"),
+]
+
+
+@pytest.mark.parametrize("rel,source,reason", PLANTED)
+def test_planted_violation_is_caught(rel, source, reason):
+    found = violations(pathlib.PurePath(rel), source)
+    assert len(found) == 1 and reason in found[0], found
+
+
+@pytest.mark.parametrize(
+    "rel,source",
+    [
+        ("megatron_slm/training/x.py", "from ..runtime import load_model\nfrom . import config"),
+        ("megatron_slm/visualize/x.py", "from megatron_slm.evaluation.perplexity import f"),
+        ("megatron_slm/data/__init__.py", f"{IMPORTLIB}(f'{{__name__}}.x')"),
+        ("tests/unit/x.py", "from tests.sync_counter import SyncCounter"),
+    ],
+)
+def test_allowed_imports_pass(rel, source):
+    assert violations(pathlib.PurePath(rel), source) == []

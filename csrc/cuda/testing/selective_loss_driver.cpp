@@ -1,13 +1,17 @@
 // Test driver: runs the CUDA launchers of csrc/cuda/selective_loss.cu (compiled as C++ under
 // simt_host.h) on host memory. Built and run by tests/unit/cuda/ (also with ASan + UBSan).
 //
-//   selective_loss_driver op=fwd|bwd|select dir=DIR [key=value ...]
+//   selective_loss_driver op=fwd|cpu_fwd|bwd|select|finalize dir=DIR [key=value ...]
 //     fwd:    dtype(0 fp32, 1 fp16, 2 bf16) N V vocab_start misalign   in: logits target
+//     cpu_fwd: as fwd, through the C++ CPU kernel (selective_loss_kernels.h), so that the
+//             sanitizer builds check the CPU kernel's arithmetic (NaN rows) too
 //     bwd:    ... + inplace gmisalign                                     in: + lse scale
 //     select: G n                                                        in: scores eligible k
 //     finalize: N v_global flags has_ref has_mask            in: stats target [ref] [mask]
 //               out_<order>.bin = loss lse score (fp32) eligible selected (u8) totals (8 fp32)
-//     orders=forward,reverse,random:SEED   one run (and one output file out_<order>.bin) each
+//     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
+//             out_<order>.bin) each; adversarial needs the build with memory hooks
+//     resident=B yield_permille=P   adversarial mode: blocks at once, yield chance per access
 //     max_grid=X   the device's grid limit in x      fail_launch=CODE   inject a launch failure
 // Inputs are raw little-endian arrays DIR/<name>.bin. Every buffer is allocated with its exact
 // size (at byte offset `misalign` from a 16-byte boundary), so that ASan sees any overrun.
@@ -23,6 +27,7 @@
 #include <vector>
 
 #include "cuda/selective_loss_cuda.h"
+#include "selective_loss_kernels.h"
 #include "simt_host.h"
 
 namespace {
@@ -72,8 +77,12 @@ struct Buffer {
     if (posix_memalign(&base, 16, misalign + n + (n == 0 ? 1 : 0)) != 0) std::abort();
     p = static_cast<char*>(base) + misalign;
     std::memset(p, 0xA5, n);  // "uninitialised" device memory, not zeros
+    simt::track(p, n);        // adversarial mode: accesses to it are switch points
   }
-  ~Buffer() { std::free(base); }
+  ~Buffer() {
+    simt::untrack(p);
+    std::free(base);
+  }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   void fill(const std::vector<char>& src) {
@@ -129,6 +138,9 @@ int main(int argc, char** argv) {
   const std::string op = arg("op");
   const std::string dir = arg("dir");
   simt::config().max_grid_x = static_cast<unsigned int>(iarg("max_grid", "2147483647"));
+  simt::config().resident_blocks = static_cast<int>(iarg("resident", "8"));
+  simt::config().yield_permille = static_cast<unsigned int>(
+      iarg("yield_permille", std::to_string(simt::kDefaultYieldPermille).c_str()));
   const auto fail_launch = static_cast<cudaError_t>(iarg("fail_launch", "0"));
 
   std::vector<std::string> orders;
@@ -144,21 +156,17 @@ int main(int argc, char** argv) {
     }
   }
   auto set_order = [](const std::string& o) {
-    simt::Config& c = simt::config();
-    if (o == "forward") {
-      c.order = simt::Order::kForward;
-    } else if (o == "reverse") {
-      c.order = simt::Order::kReverse;
-    } else if (o.rfind("random:", 0) == 0) {
-      c.order = simt::Order::kRandom;
-      c.seed = std::stoull(o.substr(7));
-    } else {
+    if (!simt::set_order(o)) {
       std::fprintf(stderr, "driver: unknown order %s\n", o.c_str());
+      std::exit(1);
+    }
+    if (simt::config().adversarial && !simt::memory_hooks_linked()) {
+      std::fprintf(stderr, "driver: order %s needs the build with memory hooks\n", o.c_str());
       std::exit(1);
     }
   };
 
-  if (op == "fwd" || op == "bwd") {
+  if (op == "fwd" || op == "bwd" || op == "cpu_fwd") {
     const int dtype = static_cast<int>(iarg("dtype"));
     const int64_t N = iarg("N"), V = iarg("V"), vocab_start = iarg("vocab_start", "0");
     const size_t esz = dtype_size(dtype);
@@ -167,7 +175,26 @@ int main(int argc, char** argv) {
     Buffer logits(static_cast<size_t>(N * V) * esz, misalign);
     Buffer target(static_cast<size_t>(N) * 8, 0);
     target.fill(read_file(dir + "/target.bin"));
-    if (op == "fwd") {
+    if (op == "cpu_fwd") {
+      namespace sl = megatron_slm::selective_loss;
+      logits.fill(logits_in);
+      Buffer stats(static_cast<size_t>(N) * 3 * 4, 0);
+      float* st = reinterpret_cast<float*>(stats.p);
+      const int64_t* tg = reinterpret_cast<const int64_t*>(target.p);
+      for (int64_t r = 0; r < N; ++r) {
+        const int64_t t = tg[r] - vocab_start;
+        if (dtype == k::kFloat32) {
+          sl::row_forward_stats(reinterpret_cast<const float*>(logits.p) + r * V, V, t, st + 3 * r);
+        } else if (dtype == k::kFloat16) {
+          sl::row_forward_stats(reinterpret_cast<const sl::fp16_t*>(logits.p) + r * V, V, t,
+                                st + 3 * r);
+        } else {
+          sl::row_forward_stats(reinterpret_cast<const sl::bf16_t*>(logits.p) + r * V, V, t,
+                                st + 3 * r);
+        }
+      }
+      for (const std::string& o : orders) write_file(dir + "/out_" + o + ".bin", stats.p, stats.bytes);
+    } else if (op == "fwd") {
       for (const std::string& o : orders) {
         set_order(o);
         logits.fill(logits_in);

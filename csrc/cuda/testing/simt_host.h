@@ -2,21 +2,30 @@
 //
 // Under this header the unchanged csrc/cuda/*.cu compile as plain C++ with g++ (the stub
 // include/cuda_runtime.h, cuda_fp16.h and cuda_bf16.h all include it). CUDA qualifiers are
-// no-ops, __shared__ variables are static storage in the "simt_shared" section (blocks of a grid
-// run one after another, and the section is filled with 0xFF before every block so that a read
-// of shared memory before any write shows up as NaN / huge counts), and every thread of a block
-// is a cooperative fiber (ucontext) that runs until it reaches __syncthreads() or a warp
-// collective (__shfl_*_sync, __ballot_sync), the only places where threads can observe each
-// other. Because nothing else switches, atomics are plain read-modify-writes and a run is
-// deterministic for a given thread order. The order is a priority: forward always resumes the
-// lowest runnable thread (warp 0 runs ahead of the others as far as barriers allow), reverse the
-// highest, random a seeded random one; that exposes code that depends on it, e.g. a missing
-// __syncthreads.
+// no-ops, __shared__ variables are static storage in the "simt_shared" section (filled with 0xFF
+// before every block, so that a read of shared memory before any write shows up as NaN / huge
+// counts), and every thread of a block is a cooperative fiber (ucontext) that runs until it
+// reaches __syncthreads() or a warp collective (__shfl_*_sync, __ballot_sync), the only places
+// where threads can observe each other. A run is deterministic for a given order. The order is
+// a priority: forward always resumes the lowest runnable thread (warp 0 runs ahead of the others
+// as far as barriers allow), reverse the highest, random a seeded random one; that exposes code
+// that depends on it, e.g. a missing __syncthreads. Blocks run one after another, in ascending
+// (forward), descending (reverse) or seeded random (random) order: results must not depend on it.
+//
+// Adversarial mode (order "adversarial:SEED", set_order) also runs config().resident_blocks
+// blocks at once, their threads interleaved (each block's __shared__ data is swapped into the
+// section while its thread runs), and adds switch points: every atomic lets another thread go
+// first, and in a build with memory hooks (-fsanitize=thread instrumentation received by
+// simt_memory_hooks.cpp instead of the TSan runtime) so may any load or store of shared memory or
+// of a tracked device buffer (simt::track). A plain `+=` where an atomicAdd is needed then loses
+// updates between its load and its store, in a block or between blocks; the atomic itself is
+// never split.
 //
 // The scheduler checks what the hardware would not forgive: __syncthreads reached from different
 // call sites (divergent barrier), a barrier some threads of the block never reach (they exited),
-// deadlock, warp collectives whose mask names exited or missing lanes or disagrees between
-// lanes, and launches whose grid or block exceeds the device limits (config().max_grid_x, ...).
+// deadlock, warp collectives whose mask names exited or missing lanes or whose lanes disagree on
+// the operation, the mask or the call site, and launches whose grid or block exceeds the device
+// limits (config().max_grid_x, ...).
 // Kernel misuse fails the launch with a sticky cudaErrorLaunchFailure (simt::take_error gives
 // the message).
 // GCC drops the section attribute of statics in template instantiations: keep __shared__
@@ -28,6 +37,7 @@
 // __sanitizer_finish_switch_fiber) so that ASan follows the stacks.
 #pragma once
 
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -114,6 +124,10 @@ namespace simt {
 
 enum class Order { kForward, kReverse, kRandom };
 
+// Yield probability (per mille) at a tracked memory access in adversarial mode: high enough that
+// a read-modify-write of a hot histogram bin is cut within a few hundred of them.
+constexpr unsigned int kDefaultYieldPermille = 125;
+
 // Device limits and scheduling of the emulated device; tests change them between launches.
 struct Config {
   Order order = Order::kForward;
@@ -124,6 +138,12 @@ struct Config {
   unsigned int max_threads_per_block = 1024u;
   int multiprocessors = 4;
   bool poison_shared = true;
+  // Adversarial mode (order must be kRandom): resident_blocks blocks run at once, their threads
+  // interleaved; every atomic yields first, and with memory hooks linked (simt_memory_hooks.cpp,
+  // code built with -fsanitize=thread) so does a tracked memory access with yield_permille.
+  bool adversarial = false;
+  int resident_blocks = 8;
+  unsigned int yield_permille = kDefaultYieldPermille;
   cudaError_t fail_next_launch = cudaSuccess;  // fault injection: the next launch fails so
 };
 
@@ -136,11 +156,15 @@ namespace detail {
 
 struct Fiber {
   enum State { kReady, kBarrier, kWarp, kDone };
-  ucontext_t ctx;
+  ucontext_t ctx;  // its entry (makecontext); later switches go through jb
+  jmp_buf jb;
+  bool started = false;
   char* stack = nullptr;
   size_t stack_size = 0;
   uint3 tid{0, 0, 0};
-  int linear = 0;
+  int linear = 0;  // thread index in its block
+  int id = 0;      // index in Runtime::fibers: slot * nthreads + linear
+  int slot = 0;    // the resident block it belongs to
   State state = kReady;
   // barrier / warp op in progress
   const char* file = nullptr;
@@ -155,14 +179,31 @@ struct Fiber {
 
 enum WarpOp { kShflXor = 1, kShflDown = 2, kBallot = 3 };
 
+// A block resident on the emulated device. Adversarial mode keeps several; the others one.
+struct Slot {
+  uint3 block_idx{0, 0, 0};
+  int live = 0;             // fibers not done; 0: the slot is free
+  std::vector<char> smem;   // its __shared__ section while another slot's is loaded
+};
+
+// Memory the kernels may share (device buffers, registered by the driver): in adversarial mode an
+// access there may switch threads.
+struct Range {
+  uintptr_t lo, hi;
+};
+
 struct Runtime {
   std::vector<Fiber> fibers;
   std::set<int> ready;         // runnable fibers (forward / reverse orders)
   std::vector<int> ready_bag;  // runnable fibers (random order)
   Fiber* cur = nullptr;
   ucontext_t sched_ctx;
+  jmp_buf sched_jb;
   const std::function<void()>* body = nullptr;
-  uint3 block_idx{0, 0, 0};
+  std::vector<Slot> slots;
+  int loaded_slot = -1;  // whose __shared__ data the section holds (-1: nobody's)
+  std::vector<Range> tracked;
+  int atomic_depth = 0;  // inside an atomic: its read and write are one step
   dim3 block_dim, grid_dim;
   int nthreads = 0;
   std::mt19937_64 rng;
@@ -213,7 +254,11 @@ inline void yield_to_scheduler(bool dying) {
 #else
   (void)dying;
 #endif
-  swapcontext(&f->ctx, &r.sched_ctx);
+  if (SIMT_ASAN) {
+    swapcontext(&f->ctx, &r.sched_ctx);
+  } else if (_setjmp(f->jb) == 0) {
+    _longjmp(r.sched_jb, 1);
+  }
 #if SIMT_ASAN
   __sanitizer_finish_switch_fiber(f->fake_stack, &r.main_bottom, &r.main_size);
 #endif
@@ -238,7 +283,16 @@ inline void resume(Fiber& f) {
 #if SIMT_ASAN
   __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_size);
 #endif
-  swapcontext(&r.sched_ctx, &f.ctx);
+  // swapcontext saves and restores the signal mask, a system call per switch. Without ASan
+  // (whose longjmp interceptor does not expect stack switches) the switches after a fiber's first
+  // entry are _setjmp/_longjmp between live frames of two stacks: several times faster.
+  if (SIMT_ASAN) {
+    swapcontext(&r.sched_ctx, &f.ctx);
+  } else if (_setjmp(r.sched_jb) == 0) {
+    if (f.started) _longjmp(f.jb, 1);
+    f.started = true;
+    setcontext(&f.ctx);
+  }
 #if SIMT_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
@@ -253,9 +307,10 @@ inline void fail(const std::string& msg) {
 }
 
 inline std::string where(const Fiber& f) {
+  const uint3 b = rt().slots[static_cast<size_t>(f.slot)].block_idx;
   return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," +
-         std::to_string(f.tid.z) + ") of block (" + std::to_string(rt().block_idx.x) + "," +
-         std::to_string(rt().block_idx.y) + "," + std::to_string(rt().block_idx.z) + ")";
+         std::to_string(f.tid.z) + ") of block (" + std::to_string(b.x) + "," +
+         std::to_string(b.y) + "," + std::to_string(b.z) + ")";
 }
 
 inline std::string site(const Fiber& f) {
@@ -267,7 +322,7 @@ inline void release(const std::vector<int>& ids) {
   Runtime& r = rt();
   for (int i : ids) {
     r.fibers[static_cast<size_t>(i)].state = Fiber::kReady;
-    if (config().order == Order::kRandom) {
+    if (config().order == Order::kRandom || config().adversarial) {
       r.ready_bag.push_back(i);
     } else {
       r.ready.insert(i);
@@ -280,7 +335,7 @@ inline void release(const std::vector<int>& ids) {
 // barriers let it; reverse lets the last warp run ahead; random picks uniformly each time.
 inline int next_ready() {
   Runtime& r = rt();
-  switch (config().order) {
+  switch (config().adversarial ? Order::kRandom : config().order) {
     case Order::kForward:
     case Order::kReverse: {
       if (r.ready.empty()) return -1;
@@ -321,12 +376,12 @@ inline void syncthreads(const char* file, int line) {
 // Called by the last lane that arrives: every lane of the mask is waiting at a warp op.
 inline void try_complete_warp(Fiber& me) {
   Runtime& r = rt();
-  const int warp_base = me.linear & ~31;
+  const int warp_base = me.id - (me.linear & 31);  // fiber of lane 0
   const unsigned int mask = me.mask;
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     const int id = warp_base + l;
-    if (id >= r.nthreads) {
+    if ((me.linear & ~31) + l >= r.nthreads) {
       fail("warp op mask 0x" + std::to_string(mask) + " names lane " + std::to_string(l) +
            " that does not exist (block of " + std::to_string(r.nthreads) + " threads) at " +
            site(me));
@@ -344,7 +399,9 @@ inline void try_complete_warp(Fiber& me) {
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     const Fiber& o = r.fibers[static_cast<size_t>(warp_base + l)];
-    if (o.op != me.op || o.mask != mask) {
+    // The same operation and mask from different call sites is still divergent code: the
+    // hardware would run the two shuffles one after the other, each with missing lanes.
+    if (o.op != me.op || o.mask != mask || o.line != me.line || std::strcmp(o.file, me.file)) {
       fail("lanes disagree on a warp op: " + site(me) + " (mask " + std::to_string(mask) +
            ") vs " + site(o) + " (mask " + std::to_string(o.mask) + ")");
       return;
@@ -411,13 +468,15 @@ T from_bits(uint64_t b) {
   return v;
 }
 
-// Nothing is runnable and some fibers are not done: release a barrier or report why not.
-inline bool release_barrier_or_fail() {
+// Nothing is runnable (in any slot) and some fibers of `slot` are not done: release its barrier
+// or report why not.
+inline bool release_barrier_or_fail(int slot) {
   Runtime& r = rt();
+  const int base = slot * r.nthreads;
   std::vector<int> at_barrier;
   int done = 0;
   const Fiber* first = nullptr;
-  for (int i = 0; i < r.nthreads; ++i) {
+  for (int i = base; i < base + r.nthreads; ++i) {
     Fiber& f = r.fibers[static_cast<size_t>(i)];
     if (f.state == Fiber::kDone) {
       ++done;
@@ -428,12 +487,13 @@ inline bool release_barrier_or_fail() {
   }
   const int waiting = r.nthreads - done;
   if (static_cast<int>(at_barrier.size()) != waiting) {
-    for (int i = 0; i < r.nthreads; ++i) {
+    for (int i = base; i < base + r.nthreads; ++i) {
       const Fiber& f = r.fibers[static_cast<size_t>(i)];
       if (f.state == Fiber::kWarp) {
-        const int base = i & ~31;
-        for (int l = 0; l < 32 && base + l < r.nthreads; ++l) {
-          if ((f.mask >> l & 1u) && r.fibers[static_cast<size_t>(base + l)].state == Fiber::kDone) {
+        const int lane0 = i - (f.linear & 31);
+        for (int l = 0; l < 32 && (f.linear & ~31) + l < r.nthreads; ++l) {
+          if ((f.mask >> l & 1u) &&
+              r.fibers[static_cast<size_t>(lane0 + l)].state == Fiber::kDone) {
             fail("warp op at " + site(f) + " by " + where(f) + " names lane " + std::to_string(l) +
                  ", which has exited");
             return false;
@@ -468,23 +528,49 @@ inline bool release_barrier_or_fail() {
 extern "C" char __start_simt_shared[] __attribute__((weak));
 extern "C" char __stop_simt_shared[] __attribute__((weak));
 
-inline void run_block() {
+inline size_t shared_bytes() {
+  return __start_simt_shared != nullptr
+             ? static_cast<size_t>(__stop_simt_shared - __start_simt_shared)
+             : 0;
+}
+
+// Resident blocks share the one static __shared__ section: it holds the data of the slot whose
+// thread runs, the others' wait in Slot::smem.
+inline void load_shared(int slot) {
   Runtime& r = rt();
-  if (config().poison_shared && __start_simt_shared != nullptr) {
-    std::memset(__start_simt_shared, 0xFF,
-                static_cast<size_t>(__stop_simt_shared - __start_simt_shared));
+  if (r.loaded_slot == slot) return;
+  const size_t n = shared_bytes();
+  if (n > 0) {
+    if (r.loaded_slot >= 0) {
+      std::memcpy(r.slots[static_cast<size_t>(r.loaded_slot)].smem.data(), __start_simt_shared, n);
+    }
+    std::memcpy(__start_simt_shared, r.slots[static_cast<size_t>(slot)].smem.data(), n);
   }
-#if SIMT_ASAN
-  if (r.stacks_dirty) {
-    for (Fiber& f : r.fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
-    r.stacks_dirty = false;
+  r.loaded_slot = slot;
+}
+
+// Block `idx` starts in `slot`: fresh fibers, poisoned shared memory.
+inline void start_block(int slot, uint3 idx) {
+  Runtime& r = rt();
+  Slot& s = r.slots[static_cast<size_t>(slot)];
+  s.block_idx = idx;
+  s.live = r.nthreads;
+  const size_t n = shared_bytes();
+  if (r.slots.size() == 1) {
+    if (config().poison_shared && n > 0) std::memset(__start_simt_shared, 0xFF, n);
+    r.loaded_slot = slot;
+  } else {
+    s.smem.assign(n, config().poison_shared ? '\xFF' : '\0');
+    if (r.loaded_slot == slot) r.loaded_slot = -1;  // the section holds the finished block's
   }
-#endif
-  std::vector<int> all;
+  std::vector<int> ids;
+  const int base = slot * r.nthreads;
   for (int i = 0; i < r.nthreads; ++i) {
-    Fiber& f = r.fibers[static_cast<size_t>(i)];
+    Fiber& f = r.fibers[static_cast<size_t>(base + i)];
     const unsigned int bx = r.block_dim.x, by = r.block_dim.y;
     f.linear = i;
+    f.id = base + i;
+    f.slot = slot;
     f.tid = uint3{static_cast<unsigned int>(i) % bx, static_cast<unsigned int>(i) / bx % by,
                   static_cast<unsigned int>(i) / (bx * by)};
     f.fake_stack = nullptr;
@@ -493,26 +579,102 @@ inline void run_block() {
     f.ctx.uc_stack.ss_size = f.stack_size;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
-    all.push_back(i);
+    f.started = false;
+    ids.push_back(base + i);
   }
+  release(ids);
+}
+
+// The order in which blocks start: ascending (forward), descending (reverse) or a seeded
+// permutation (random, adversarial). Results must not depend on it, as on a GPU.
+inline std::vector<uint3> block_order(dim3 grid) {
+  std::vector<uint3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned int z = 0; z < grid.z; ++z) {
+    for (unsigned int y = 0; y < grid.y; ++y) {
+      for (unsigned int x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+    }
+  }
+  if (config().order == Order::kReverse && !config().adversarial) {
+    std::reverse(blocks.begin(), blocks.end());
+  } else if (config().order == Order::kRandom || config().adversarial) {
+    for (size_t i = blocks.size(); i > 1; --i) {  // Fisher-Yates with the launch's rng
+      std::swap(blocks[i - 1], blocks[static_cast<size_t>(rt().rng() % i)]);
+    }
+  }
+  return blocks;
+}
+
+// Runs the grid's blocks: one at a time, or (adversarial) resident_blocks at once with their
+// threads interleaved, each freed slot taking the next block as an SM would.
+inline void run_grid(const std::vector<uint3>& blocks) {
+  Runtime& r = rt();
+  const Config& c = config();
+  const size_t resident =
+      c.adversarial ? std::min(blocks.size(), static_cast<size_t>(std::max(1, c.resident_blocks)))
+                    : 1;
+  r.slots.assign(resident, Slot{});
+  r.loaded_slot = -1;
+  ensure_fibers(static_cast<int>(resident) * r.nthreads);
+#if SIMT_ASAN
+  if (r.stacks_dirty) {
+    for (Fiber& f : r.fibers) ASAN_UNPOISON_MEMORY_REGION(f.stack, f.stack_size);
+    r.stacks_dirty = false;
+  }
+#endif
   r.ready.clear();
   r.ready_bag.clear();
-  release(all);
+  size_t next = 0;
+  for (size_t s = 0; s < resident; ++s) start_block(static_cast<int>(s), blocks[next++]);
   for (;;) {
     while (r.error.empty()) {
       const int id = next_ready();
       if (id < 0) break;
-      resume(r.fibers[static_cast<size_t>(id)]);
+      Fiber& f = r.fibers[static_cast<size_t>(id)];
+      load_shared(f.slot);
+      resume(f);
+      if (f.state == Fiber::kDone && --r.slots[static_cast<size_t>(f.slot)].live == 0 &&
+          next < blocks.size()) {
+        start_block(f.slot, blocks[next++]);
+      }
     }
     if (!r.error.empty()) break;
-    bool all_done = true;
-    for (int i = 0; i < r.nthreads; ++i) {
-      all_done = all_done && r.fibers[static_cast<size_t>(i)].state == Fiber::kDone;
+    bool live = false;
+    bool ok = true;
+    for (size_t s = 0; s < resident && ok; ++s) {
+      if (r.slots[s].live == 0) continue;
+      live = true;
+      ok = release_barrier_or_fail(static_cast<int>(s));
     }
-    if (all_done) return;
-    if (!release_barrier_or_fail()) break;
+    if (!live) return;
+    if (!ok) break;
   }
   r.stacks_dirty = true;  // fibers abandoned mid-stack
+}
+
+// A thread gives way and stays runnable: the extra switch points of adversarial mode.
+inline void give_way(bool always) {
+  Runtime& r = rt();
+  Fiber* f = r.cur;
+  if (f == nullptr || !config().adversarial) return;
+  if (!always && r.rng() % 1000 >= config().yield_permille) return;
+  release({f->id});
+  yield_to_scheduler(false);
+}
+
+// Called before every load and store of code built with -fsanitize=thread (the hooks of
+// simt_memory_hooks.cpp): an access to shared memory or a tracked device buffer may switch
+// threads, so a plain read-modify-write there can lose a concurrent update.
+inline void on_memory_access(const void* p) {
+  Runtime& r = rt();
+  if (r.cur == nullptr || r.atomic_depth > 0 || !config().adversarial) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  bool hit = a >= reinterpret_cast<uintptr_t>(__start_simt_shared) &&
+             a < reinterpret_cast<uintptr_t>(__stop_simt_shared);
+  for (size_t i = 0; i < r.tracked.size() && !hit; ++i) {
+    hit = a >= r.tracked[i].lo && a < r.tracked[i].hi;
+  }
+  if (hit) give_way(false);
 }
 
 inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
@@ -539,7 +701,6 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     std::fprintf(stderr, "simt: launch from inside a kernel is not supported\n");
     std::abort();
   }
-  ensure_fibers(static_cast<int>(threads));
   r.in_kernel = true;
   r.body = &body;
   r.grid_dim = grid;
@@ -547,20 +708,17 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   r.nthreads = static_cast<int>(threads);
   r.rng.seed(c.seed);
   r.error.clear();
-  for (unsigned int z = 0; z < grid.z && r.error.empty(); ++z) {
-    for (unsigned int y = 0; y < grid.y && r.error.empty(); ++y) {
-      for (unsigned int x = 0; x < grid.x && r.error.empty(); ++x) {
-        r.block_idx = uint3{x, y, z};
-        run_block();
-      }
-    }
-  }
+  run_grid(block_order(grid));
   r.in_kernel = false;
   r.body = nullptr;
   if (!r.error.empty()) {
     r.sticky_error = cudaErrorLaunchFailure;
     r.sticky_message = r.error;
   }
+}
+
+inline const uint3& current_block_idx() {
+  return rt().slots[static_cast<size_t>(current()->slot)].block_idx;
 }
 
 }  // namespace detail
@@ -605,13 +763,50 @@ inline cudaError_t take_error(std::string* message, bool clear_sticky = true) {
   return e;
 }
 
+// Device buffers: in adversarial mode, accesses to them are switch points (with memory hooks).
+inline void track(const void* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  detail::rt().tracked.push_back(detail::Range{a, a + bytes});
+}
+inline void untrack(const void* p) {
+  std::vector<detail::Range>& t = detail::rt().tracked;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  t.erase(std::remove_if(t.begin(), t.end(), [a](const detail::Range& g) { return g.lo == a; }),
+          t.end());
+}
+
+// Defined by simt_memory_hooks.cpp: without it no plain memory access is a switch point.
+extern "C" int simt_memory_hooks_linked() __attribute__((weak));
+inline bool memory_hooks_linked() { return simt_memory_hooks_linked != nullptr; }
+
+// "forward", "reverse", "random:SEED" or "adversarial:SEED"; false for anything else.
+inline bool set_order(const std::string& o) {
+  Config& c = config();
+  c.adversarial = false;
+  if (o == "forward") {
+    c.order = Order::kForward;
+  } else if (o == "reverse") {
+    c.order = Order::kReverse;
+  } else if (o.rfind("random:", 0) == 0 && o.size() > 7) {
+    c.order = Order::kRandom;
+    c.seed = std::stoull(o.substr(7));
+  } else if (o.rfind("adversarial:", 0) == 0 && o.size() > 12) {
+    c.order = Order::kRandom;
+    c.adversarial = true;
+    c.seed = std::stoull(o.substr(12));
+  } else {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace simt
 
 // ------------------------------------------------------------------------------------------
 // built-in variables and device functions
 // ------------------------------------------------------------------------------------------
 #define threadIdx (static_cast<const uint3&>(::simt::detail::current()->tid))
-#define blockIdx (static_cast<const uint3&>(::simt::detail::rt().block_idx))
+#define blockIdx (::simt::detail::current_block_idx())
 #define blockDim (static_cast<const dim3&>(::simt::detail::rt().block_dim))
 #define gridDim (static_cast<const dim3&>(::simt::detail::rt().grid_dim))
 #define warpSize 32
@@ -636,17 +831,24 @@ inline unsigned int __ballot_sync_impl(unsigned int mask, int pred, const char* 
 #define __shfl_down_sync(mask, v, delta) __shfl_down_sync_impl(mask, v, delta, __FILE__, __LINE__)
 #define __ballot_sync(mask, pred) __ballot_sync_impl(mask, pred, __FILE__, __LINE__)
 
-// Fibers switch only at barriers and warp ops, so a read-modify-write is atomic.
+// An atomic is one indivisible step: another thread may go first (adversarial mode), but its
+// read and write are never split, even when memory hooks split every other access.
 template <typename T>
 inline T atomicAdd(T* p, T v) {
+  ::simt::detail::give_way(true);
+  ++::simt::detail::rt().atomic_depth;
   const T old = *p;
   *p = old + v;
+  --::simt::detail::rt().atomic_depth;
   return old;
 }
 template <typename T>
 inline T atomicMax(T* p, T v) {
+  ::simt::detail::give_way(true);
+  ++::simt::detail::rt().atomic_depth;
   const T old = *p;
   *p = old < v ? v : old;
+  --::simt::detail::rt().atomic_depth;
   return old;
 }
 template <typename T>

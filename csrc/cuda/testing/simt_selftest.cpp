@@ -39,6 +39,45 @@ __global__ void publish(unsigned int* out, bool barrier) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = value;
 }
 
+// Which block started when: out[1 + i] is the i-th block to reach the counter out[0].
+__global__ void block_order(unsigned int* out) {
+  if (threadIdx.x == 0) out[1 + atomicAdd(&out[0], 1u)] = blockIdx.x;
+}
+
+// block_sum, with a plain `+=` (a lost-update race) unless `atomic`.
+__global__ void block_sum_plain(unsigned int* out, bool atomic) {
+  __shared__ unsigned int sum;
+  if (threadIdx.x == 0) sum = 0;
+  __syncthreads();
+  if (atomic) {
+    atomicAdd(&sum, threadIdx.x + 1000u * blockIdx.x);
+  } else {
+    sum += threadIdx.x + 1000u * blockIdx.x;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = sum;
+}
+
+// Every thread of every block counts itself in global memory.
+__global__ void global_count(unsigned int* out, bool atomic) {
+  if (atomic) {
+    atomicAdd(&out[0], 1u);
+  } else {
+    out[0] += 1u;
+  }
+}
+
+// The same operation and mask, from two call sites.
+__global__ void divergent_shuffle(unsigned int* out) {
+  unsigned int v = threadIdx.x;
+  if (threadIdx.x & 1u) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
 __global__ void divergent_barrier(unsigned int* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
@@ -95,12 +134,11 @@ void print(const std::vector<unsigned int>& v) {
 int main(int argc, char** argv) {
   if (argc < 3) return 1;
   const std::string c = argv[1], order = argv[2];
-  simt::config().order = order == "reverse"   ? simt::Order::kReverse
-                         : order == "forward" ? simt::Order::kForward
-                                              : simt::Order::kRandom;
-  simt::config().seed = 99;
+  if (!simt::set_order(order)) return 1;
+  if (simt::config().adversarial && !simt::memory_hooks_linked()) return 1;
   std::vector<unsigned int> out(4096, 0);
   unsigned int* p = out.data();
+  simt::track(p, out.size() * sizeof(unsigned int));  // device memory
   size_t n = 32;
   if (c == "shuffles") {
     SLM_LAUNCH(1, 32, 0, nullptr, shuffles)(p);
@@ -114,6 +152,17 @@ int main(int argc, char** argv) {
   } else if (c == "publish_race") {
     SLM_LAUNCH(2, 64, 0, nullptr, publish)(p, false);
     n = 128;
+  } else if (c == "block_order") {
+    SLM_LAUNCH(16, 32, 0, nullptr, block_order)(p);
+    n = 17;
+  } else if (c == "shared_plain_add" || c == "shared_atomic_add") {
+    SLM_LAUNCH(3, 256, 0, nullptr, block_sum_plain)(p, c == "shared_atomic_add");
+    n = 3;
+  } else if (c == "global_plain_add" || c == "global_atomic_add") {
+    SLM_LAUNCH(8, 64, 0, nullptr, global_count)(p, c == "global_atomic_add");
+    n = 1;
+  } else if (c == "divergent_shuffle") {
+    SLM_LAUNCH(1, 32, 0, nullptr, divergent_shuffle)(p);
   } else if (c == "divergent_barrier") {
     SLM_LAUNCH(1, 32, 0, nullptr, divergent_barrier)(p);
   } else if (c == "exited_before_barrier") {

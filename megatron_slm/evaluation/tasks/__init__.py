@@ -8,6 +8,11 @@
   match after normalisation (``megatron_slm.evaluation.math_answer``).
 * ``math_rho1``: MATH test, 4-shot chain of thought (same harness), boxed answers.
 * ``rho1_math``: both (a tag).
+* ``gsm8k_rho1_tora``, ``math_rho1_tora`` (tag ``rho1_math_tora``): Rho-1's tool-integrated
+  protocol (math-evaluation-harness's ``tora`` prompt layout, our own examples in
+  ``*_tora.txt``): up to 4 rounds of generation and sandboxed execution of the model's Python
+  (``megatron_slm.evaluation.tora``); ``generation_kwargs.tool_rounds`` is read by the
+  ``megatron-slm`` model only.
 * ``qa_local``: a local JSONL of ``question``/``answer`` records, 0-shot
   ``Question: ... Answer:``, the answer extracted like the math tasks.
 

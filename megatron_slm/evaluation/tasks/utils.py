@@ -70,6 +70,21 @@ def math_prompt(doc: dict) -> str:
     return _prompt("math_cot.txt") + f"Question: {doc['problem']}\nAnswer:"
 
 
+def _tora_prompt(shots: str, question: str) -> str:
+    """math-evaluation-harness's ``tora`` layout: instructions, examples separated by ``---``,
+    then ``Question: ...`` and ``Solution:`` on its own line."""
+    header = _prompt("tora_header.txt").rstrip("\n")
+    return f"{header}\n\n{_prompt(shots).rstrip()}\n\nQuestion: {question}\n\nSolution:\n"
+
+
+def gsm8k_tora_prompt(doc: dict) -> str:
+    return _tora_prompt("gsm8k_tora.txt", doc["question"])
+
+
+def math_tora_prompt(doc: dict) -> str:
+    return _tora_prompt("math_tora.txt", doc["problem"])
+
+
 def gsm8k_gold(doc: dict) -> str:
     return normalize_answer(str(doc["answer"]).split("####")[-1])
 

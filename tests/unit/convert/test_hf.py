@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_slm.checkpoint import divisible_by_for_padded
-from megatron_slm.convert import hf
-from megatron_slm.convert.hf import ConversionError
+from megatron_slm.convert import ConversionError, hf_files, hf_target
 from megatron_slm.models.sharding import tp_shard
+from megatron_slm.runtime import hf_source
 
 HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -34,9 +34,11 @@ def _write_hf(path, config=HF_CONFIG, tensors=None, shards=1):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     if tensors is None:
-        model = hf.gpt_config_from_hf(config)
+        model = hf_source.gpt_config_from_hf(config)
         g = torch.Generator().manual_seed(0)
-        tensors = {n: torch.randn(s, generator=g) for n, s in hf.expected_hf_shapes(model).items()}
+        tensors = {
+            n: torch.randn(s, generator=g) for n, s in hf_source.expected_hf_shapes(model).items()
+        }
     names = sorted(tensors)
     if shards == 1:
         save_file(tensors, os.path.join(path, "model.safetensors"))
@@ -53,23 +55,23 @@ def _write_hf(path, config=HF_CONFIG, tensors=None, shards=1):
 
 
 def test_config_mapping_transformers_4_and_5_styles():
-    model = hf.gpt_config_from_hf(HF_CONFIG)
+    model = hf_source.gpt_config_from_hf(HF_CONFIG)
     assert (model.num_layers, model.hidden_size, model.ffn_hidden_size) == (2, 32, 48)
     assert (model.num_attention_heads, model.num_query_groups, model.vocab_size) == (4, 2, 100)
     assert model.rotary_base == 500000.0 and model.norm_epsilon == 1e-5
     v5 = {k: v for k, v in HF_CONFIG.items() if k != "rope_theta"}
     v5["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
-    assert hf.gpt_config_from_hf(v5).rotary_base == 1234.0
-    back = hf.hf_config_from_gpt(model, "MistralForCausalLM")
+    assert hf_source.gpt_config_from_hf(v5).rotary_base == 1234.0
+    back = hf_target.hf_config_from_gpt(model, "MistralForCausalLM")
     assert back["architectures"] == ["MistralForCausalLM"] and back["vocab_size"] == 100
-    assert hf.gpt_config_from_hf(back) == model
+    assert hf_source.gpt_config_from_hf(back) == model
 
 
 def test_exported_config_loads_in_transformers():
     from transformers import AutoConfig
 
-    model = hf.gpt_config_from_hf(HF_CONFIG)
-    cfg = AutoConfig.for_model(**hf.hf_config_from_gpt(model))
+    model = hf_source.gpt_config_from_hf(HF_CONFIG)
+    cfg = AutoConfig.for_model(**hf_target.hf_config_from_gpt(model))
     assert cfg.num_key_value_heads == 2 and cfg.tie_word_embeddings is False
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
     assert rope["rope_theta"] == 500000.0
@@ -89,69 +91,71 @@ def test_exported_config_loads_in_transformers():
 def test_unsupported_configs(tmp_path, change, message):
     _write_hf(tmp_path, {**HF_CONFIG, **change}, tensors={"x": torch.zeros(1)})
     with pytest.raises(ConversionError, match=message) as err:
-        hf.gpt_config_from_hf(hf.read_hf_config(str(tmp_path)), str(tmp_path / "config.json"))
+        hf_source.gpt_config_from_hf(
+            hf_source.read_hf_config(str(tmp_path)), str(tmp_path / "config.json")
+        )
     assert "config.json" in str(err.value)
 
 
 def test_missing_config_and_weight_files(tmp_path):
     with pytest.raises(ConversionError, match="config.json: not found"):
-        hf.read_hf_config(str(tmp_path))
+        hf_source.read_hf_config(str(tmp_path))
     with open(tmp_path / "config.json", "w") as f:
         json.dump(HF_CONFIG, f)
     with pytest.raises(ConversionError, match="no weight file found"):
-        hf.HFWeights(str(tmp_path))
+        hf_source.HFWeights(str(tmp_path))
 
 
 def test_missing_shard_named(tmp_path):
     _write_hf(tmp_path, shards=2)
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
     with pytest.raises(ConversionError, match=r"model-00002-of-00002\.safetensors: weight file"):
-        hf.HFWeights(str(tmp_path))
+        hf_source.HFWeights(str(tmp_path))
 
 
 def test_shape_mismatch_and_missing_tensor_named(tmp_path):
-    model = hf.gpt_config_from_hf(HF_CONFIG)
-    tensors = {n: torch.zeros(s) for n, s in hf.expected_hf_shapes(model).items()}
+    model = hf_source.gpt_config_from_hf(HF_CONFIG)
+    tensors = {n: torch.zeros(s) for n, s in hf_source.expected_hf_shapes(model).items()}
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(32, 32)
     _write_hf(tmp_path / "a", tensors=tensors)
     with pytest.raises(
         ConversionError,
         match=r"model\.layers\.1\.self_attn\.k_proj\.weight in .*model\.safetensors",
     ) as err:
-        hf.check_hf_weights(model, hf.HFWeights(str(tmp_path / "a")))
+        hf_source.check_hf_weights(model, hf_source.HFWeights(str(tmp_path / "a")))
     assert "[32, 32]" in str(err.value) and "[16, 32]" in str(err.value)
 
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     _write_hf(tmp_path / "b", tensors=tensors)
     with pytest.raises(ConversionError, match=r"k_proj\.weight not found"):
-        hf.check_hf_weights(model, hf.HFWeights(str(tmp_path / "b")))
+        hf_source.check_hf_weights(model, hf_source.HFWeights(str(tmp_path / "b")))
 
-    tensors = {n: torch.zeros(s) for n, s in hf.expected_hf_shapes(model).items()}
+    tensors = {n: torch.zeros(s) for n, s in hf_source.expected_hf_shapes(model).items()}
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
     _write_hf(tmp_path / "c", tensors=tensors)
     with pytest.raises(ConversionError, match=r"unsupported tensors.*q_proj\.bias"):
-        hf.check_hf_weights(model, hf.HFWeights(str(tmp_path / "c")))
+        hf_source.check_hf_weights(model, hf_source.HFWeights(str(tmp_path / "c")))
 
 
 def test_vocabulary_larger_than_padded(tmp_path):
     _write_hf(tmp_path)
-    model = hf.gpt_config_from_hf(HF_CONFIG)
-    weights = hf.HFWeights(str(tmp_path))
+    model = hf_source.gpt_config_from_hf(HF_CONFIG)
+    weights = hf_source.HFWeights(str(tmp_path))
     with pytest.raises(ConversionError, match=r"model\.embed_tokens\.weight: vocabulary of 100"):
-        hf.megatron_tensor_from_hf("embedding.word_embeddings.weight", model, weights, 64)
+        hf_source.megatron_tensor_from_hf("embedding.word_embeddings.weight", model, weights, 64)
     with pytest.raises(ConversionError, match=r"lm_head\.weight: vocabulary of 100 rows"):
-        hf.megatron_tensor_from_hf("output_layer.weight", model, weights, 96)
+        hf_source.megatron_tensor_from_hf("output_layer.weight", model, weights, 96)
     with pytest.raises(ConversionError, match=r"tokenizer /tok: vocabulary of 130 tokens"):
-        hf.check_tokenizer_vocab("/tok", 130, model, 128)
-    padded = hf.megatron_tensor_from_hf("output_layer.weight", model, weights, 128)
+        hf_files.check_tokenizer_vocab("/tok", 130, model, 128)
+    padded = hf_source.megatron_tensor_from_hf("output_layer.weight", model, weights, 128)
     assert padded.shape == (128, 32) and not padded[100:].any()
 
 
 def test_layout_round_trip_and_qkv_order(tmp_path):
     tensors = _write_hf(tmp_path, shards=3)
-    model = hf.gpt_config_from_hf(HF_CONFIG)
-    weights = hf.HFWeights(str(tmp_path))
-    hf.check_hf_weights(model, weights)
+    model = hf_source.gpt_config_from_hf(HF_CONFIG)
+    weights = hf_source.HFWeights(str(tmp_path))
+    hf_source.check_hf_weights(model, weights)
     names = ["embedding.word_embeddings.weight", "output_layer.weight"]
     names += ["decoder.final_layernorm.weight"]
     for i in range(2):
@@ -166,7 +170,7 @@ def test_layout_round_trip_and_qkv_order(tmp_path):
                 "mlp.linear_fc2.weight",
             )
         ]
-    state = {n: hf.megatron_tensor_from_hf(n, model, weights, 128) for n in names}
+    state = {n: hf_source.megatron_tensor_from_hf(n, model, weights, 128) for n in names}
     # Group 1 of layer 0: q heads 2, 3 then k head 1, v head 1 (head_dim 8).
     qkv = state["decoder.layers.0.self_attention.linear_qkv.weight"]
     p = "model.layers.0.self_attn."
@@ -174,7 +178,7 @@ def test_layout_round_trip_and_qkv_order(tmp_path):
     assert torch.equal(group1[:16], tensors[p + "q_proj.weight"][16:32])
     assert torch.equal(group1[16:24], tensors[p + "k_proj.weight"][8:16])
     assert torch.equal(group1[24:32], tensors[p + "v_proj.weight"][8:16])
-    back = dict(hf.hf_tensors_from_megatron(state, model))
+    back = dict(hf_target.hf_tensors_from_megatron(state, model))
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
         assert torch.equal(back[name], t), name
@@ -192,14 +196,14 @@ def test_tp_shard_swiglu_and_vocab():
 
 def test_sharded_export_and_bin_reading(tmp_path):
     tensors = {f"t{i}": torch.randn(64, 16) for i in range(5)}
-    files = hf.write_hf_weights(iter(tensors.items()), str(tmp_path), max_shard_size="9KB")
+    files = hf_files.write_hf_weights(iter(tensors.items()), str(tmp_path), max_shard_size="9KB")
     assert len(files) == 3 and os.path.isfile(tmp_path / "model.safetensors.index.json")
-    weights = hf.HFWeights(str(tmp_path))
+    weights = hf_source.HFWeights(str(tmp_path))
     assert all(torch.equal(weights.get(n), t) for n, t in tensors.items())
     torch.save(tensors, tmp_path / "bin_only.bin")
     os.makedirs(tmp_path / "bin")
     os.replace(tmp_path / "bin_only.bin", tmp_path / "bin" / "pytorch_model.bin")
-    weights = hf.HFWeights(str(tmp_path / "bin"))
+    weights = hf_source.HFWeights(str(tmp_path / "bin"))
     assert weights.shape("t3") == (64, 16) and torch.equal(weights.get("t3"), tensors["t3"])
     with pytest.raises(ConversionError, match="tensor nope not found"):
         weights.get("nope")

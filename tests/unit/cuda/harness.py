@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +25,12 @@ TESTING = CSRC / "cuda" / "testing"
 KERNELS = CSRC / "cuda" / "selective_loss.cu"
 DRIVER = TESTING / "selective_loss_driver.cpp"
 
+# Thread and block orders: forward runs blocks in ascending order, reverse descending, random a
+# seeded permutation (and threads in the same priority orders).
 ORDERS = ("forward", "reverse", "random:12345")
+# Adversarial orders need a build with race=True: several blocks resident at once, threads
+# switching at every atomic and at random loads / stores of shared and device memory.
+ADVERSARIAL = ("adversarial:1", "adversarial:2")
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Bit views of each dtype (numpy has no bfloat16): outputs are compared bit for bit.
 _BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -34,9 +40,24 @@ BASE_FLAGS = ["-std=c++17", "-O2", "-g", "-Wall", "-Wextra", "-Wno-unknown-pragm
 SANITIZE_FLAGS = [
     "-O1",
     "-fno-omit-frame-pointer",
-    "-fsanitize=address,undefined",
+    # float-cast-overflow is not part of GCC's "undefined": NaN / out-of-range float -> int
+    "-fsanitize=address,undefined,float-cast-overflow",
     "-fno-sanitize-recover=all",
 ]
+# The race build: -fsanitize=thread only for its instrumentation (a call before every load and
+# store), linked without the TSan runtime; simt_memory_hooks.cpp receives the calls.
+# (-fno-threadsafe-statics: one OS thread, and no __tsan_atomic guard loads to provide.)
+# -O1 -g0 halves its compile time; it only has to run small inputs.
+RACE_FLAGS = [
+    "-O1",
+    "-g0",
+    "-fsanitize=thread",
+    "--param=tsan-instrument-func-entry-exit=0",
+    "-fno-threadsafe-statics",
+    "-Wno-tsan",
+]
+MEMORY_HOOKS = TESTING / "simt_memory_hooks.cpp"
+QUICK_FLAGS = ["-O1", "-g0"]
 
 
 def have_compiler() -> bool:
@@ -50,33 +71,63 @@ def _build_dir() -> Path:
     return path
 
 
+_INCLUDE = re.compile(rb"^\s*#\s*include\s*[<\"]([^>\"]+)[>\"]", re.M)
+
+
+def _local_headers(src: Path, dirs: list[Path]) -> list[Path]:
+    """The project headers `src` includes, directly or not (those found in its own directory or
+    in `dirs`, in the compiler's order; <cuda_runtime.h> is the harness's stub, system headers are
+    not found): what its object's cache key must cover."""
+    seen: dict[Path, None] = {}
+    todo = [src]
+    while todo:
+        f = todo.pop()
+        for name in _INCLUDE.findall(f.read_bytes()):
+            for d in (f.parent, *dirs):
+                h = (d / name.decode()).resolve()
+                if h.is_file():
+                    if h not in seen:
+                        seen[h] = None
+                        todo.append(h)
+                    break
+    return sorted(seen)
+
+
 def build(
     kernels: Path = KERNELS,
     sanitize: bool = False,
     extra_sources=(),
     name="driver",
     driver: Path = DRIVER,
+    race: bool = False,
+    include_first: Path | None = None,
+    quick: bool = False,
 ) -> Path:
-    """Compile kernels + driver into an executable and return its path. Objects and executables
-    are cached by content, so that variants of the kernels only recompile the kernels."""
-    flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else [])
+    """Compile kernels + driver into an executable and return its path. Objects are cached by
+    content (flags, source, the headers it includes), so that variants of the kernels only
+    recompile the kernels.
+
+    race: every source instrumented with RACE_FLAGS and the memory hooks linked (the adversarial
+    orders). include_first: a directory searched before csrc/ (planted copies of headers).
+    quick: -O1 without debug info, for planted variants (half the compile time)."""
+    assert not (race and sanitize), "the race build replaces the sanitizer runtimes' hooks"
+    flags = BASE_FLAGS + (SANITIZE_FLAGS if sanitize else []) + (QUICK_FLAGS if quick else [])
     # csrc/cuda too: a modified copy of the kernels elsewhere still finds selective_loss_cuda.h
-    incs = [f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{TESTING / 'include'}", f"-I{TESTING}"]
+    dirs = [CSRC, CSRC / "cuda", TESTING / "include", TESTING]
+    if include_first is not None:
+        dirs.insert(0, Path(include_first))
+    incs = [f"-I{d}" for d in dirs]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
-    headers = b"".join(
-        p.read_bytes()
-        for p in (
-            TESTING / "simt_host.h",
-            CSRC / "cuda" / "selective_loss_cuda.h",
-            CSRC / "selective_loss_finalize.h",
-        )
-    )
     objects = []
-    for src in sources:
-        h = hashlib.sha256(" ".join([CXX, *flags]).encode() + headers + src.read_bytes())
+    for src, src_flags in [(s, flags + (RACE_FLAGS if race else [])) for s in sources] + (
+        [(MEMORY_HOOKS, flags)] if race else []
+    ):
+        h = hashlib.sha256(" ".join([CXX, *src_flags]).encode() + src.read_bytes())
+        for header in _local_headers(src, dirs):
+            h.update(header.read_bytes())
         obj = _build_dir() / f"{src.stem}-{h.hexdigest()[:16]}.o"
         if not obj.exists():
-            _compile([CXX, *flags, *incs, "-c", "-x", "c++", str(src)], obj)
+            _compile([CXX, *src_flags, *incs, "-c", "-x", "c++", str(src)], obj)
         objects.append(obj)
     h = hashlib.sha256(" ".join([CXX, *flags, *(o.name for o in objects)]).encode())
     out = _build_dir() / f"{name}-{h.hexdigest()[:16]}"
@@ -135,8 +186,9 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return t.view(dtype).reshape(shape)
 
 
-def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, **extra):
-    """{order: stats[N, 3] fp32} of the CUDA fwd_stats launcher run on the CPU."""
+def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, op="fwd", **extra):
+    """{order: stats[N, 3] fp32} of the CUDA fwd_stats launcher run on the CPU (op="cpu_fwd":
+    of the C++ CPU kernel, compiled into the driver)."""
     n, v = logits.shape
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -146,7 +198,7 @@ def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, **e
             exe,
             tmp,
             dict(
-                op="fwd",
+                op=op,
                 dtype=DTYPE_CODE[logits.dtype],
                 N=n,
                 V=v,

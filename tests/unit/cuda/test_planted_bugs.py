@@ -1,17 +1,18 @@
 """The harness can fail: copies of csrc/cuda/selective_loss.cu with a planted synchronisation
 bug must fail the same checks that the real source passes (tests in
 test_selective_loss_cuda_host.py), either through the harness's own misuse report or through
-wrong / thread-order-dependent results."""
+wrong / thread- or block-order-dependent results. Missing atomics (`+=` for atomicAdd) pass
+every one-block-at-a-time order: they are planted in the race build and run in the adversarial
+orders (blocks resident together, threads switching between a `+=`'s load and store)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_slm.ops.selective_loss_reference import torch_select
+from megatron_slm.ops.selective_loss_reference import torch_finalize, torch_select
 from tests.unit.cuda import harness as H
 from tests.unit.cuda import kernel_checks as K
-from tests.unit.cuda.test_selective_loss_cuda_host import _same_for_all_orders
 
 pytestmark = pytest.mark.skipif(not H.have_compiler(), reason="needs a C++ compiler")
 
@@ -23,6 +24,23 @@ HIST_ZERO_BARRIER = """    for (int i = threadIdx.x; i < 256; i += blockDim.x) h
 WRITE_TILE_BARRIER = """      if (lane == 0) warp_counts[warp] = __popc(ballot);
       __syncthreads();"""
 ROW_LOOP_BARRIER = "  __syncthreads();  // sm/ss are rewritten by the next row of this block"
+SHARED_HIST_ATOMIC = "atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);"
+GLOBAL_HIST_ATOMIC = "atomicAdd(&gh[i], static_cast<unsigned long long>(hist[i]));"
+COUNT_SHUFFLE = (
+    "for (int off = 16; off > 0; off >>= 1) count += __shfl_xor_sync(0xffffffffu, count, off);"
+)
+# The last block sums every block's partials itself, assuming that it runs last: right in
+# ascending block order only (a GPU gives no such order; a ticket counter would be needed).
+PARTIALS_WRITE = """a.partials[blockIdx.x * kSums + j] = red[j][0];
+  }"""
+LAST_BLOCK_SUMS = """
+  __syncthreads();
+  if (blockIdx.x == gridDim.x - 1 && static_cast<int>(threadIdx.x) < kSums) {
+    double sum = 0.0;
+    for (unsigned int b = 0; b < gridDim.x; ++b) sum += a.partials[b * kSums + threadIdx.x];
+    a.totals[threadIdx.x] = static_cast<float>(sum);
+  }"""
+TOTALS_LAUNCH = "SLM_LAUNCH(1, 32, 0, stream, finalize_totals_kernel)(partials, blocks, totals);"
 
 PLANTS = {
     # name: (original, planted, op, extra driver arguments)
@@ -51,38 +69,122 @@ PLANTS = {
         "select",
         {},
     ),
+    # odd and even lanes meet at two shuffles with the same operation and mask
+    "select_count_divergent_shuffle": (
+        COUNT_SHUFFLE,
+        "for (int off = 16; off > 0; off >>= 1) {\n"
+        "      if (lane & 1) count += __shfl_xor_sync(0xffffffffu, count, off);\n"
+        "      else count += __shfl_xor_sync(0xffffffffu, count, off);\n"
+        "    }",
+        "select",
+        {},
+    ),
+    "finalize_block_order_dependence": (
+        [
+            (PARTIALS_WRITE, PARTIALS_WRITE + LAST_BLOCK_SUMS),
+            (TOTALS_LAUNCH, "cudaMemsetAsync(totals + kSums, 0, sizeof(float), stream);"),
+        ],
+        None,
+        "finalize",
+        {},
+    ),
+}
+# Planted in the race build, checked in the adversarial orders.
+RACE_PLANTS = {
+    "select_shared_hist_plain_add": (SHARED_HIST_ATOMIC, "hist[(key >> shift) & 0xFFu] += 1u;"),
+    "select_global_hist_plain_add": (GLOBAL_HIST_ATOMIC, "gh[i] += hist[i];"),
 }
 
 
-def _checks(exe, op, extra):
-    """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection)."""
+def _same(outs, orders):
+    """The output of the first order, after checking that every order gave the same bits."""
+    first = outs[orders[0]]
+    for o in orders[1:]:
+        for a, b in zip(first, outs[o]) if isinstance(first, tuple) else [(first, outs[o])]:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{orders[0]} vs {o}"
+    return first
+
+
+def _checks(exe, op, extra, orders=H.ORDERS):
+    """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection; the
+    finalize sums over 12 blocks), in every given order."""
     if op == "fwd":
         for v in (1000, 1001):
             x = K.logits(12, v, torch.float32, seed=v)
             t = K.targets(12, v, 0, seed=v)
-            st = _same_for_all_orders(H.fwd_stats(exe, x, t, **extra))
+            st = _same(H.fwd_stats(exe, x, t, orders=orders, **extra), orders)
             K.check_stats(st, x, t, 0, "cuda")
-    else:
+    elif op == "select":
         scores, eligible = K.select_inputs(2, 20000, seed=1)
         k = torch.tensor([5000, 12345])
-        got = _same_for_all_orders(H.select(exe, scores, eligible, k, **extra))
+        got = _same(H.select(exe, scores, eligible, k, orders=orders, **extra), orders)
         assert torch.equal(got, torch_select(scores, eligible, k))
+    else:
+        n = 3000
+        g = torch.Generator().manual_seed(3)
+        stats = torch.stack(
+            [
+                torch.randn(n, generator=g),
+                torch.rand(n, generator=g) + 1,
+                torch.randn(n, generator=g),
+            ],
+            dim=1,
+        ).contiguous()
+        target, ref = torch.randint(-2, 102, (n,), generator=g), torch.randn(n, generator=g)
+        mask = torch.rand(n, generator=g) < 0.7
+        got = _same(
+            H.finalize(exe, stats, target, 100, ref, mask, 3, orders=orders, **extra), orders
+        )
+        want = torch_finalize(stats, target, 100, ref, mask, 3)
+        torch.testing.assert_close(got[5], want[5], rtol=2**-23, atol=0, equal_nan=True)
 
 
 def test_the_real_source_passes_the_checks():
-    for op, extra in (("fwd", {}), ("fwd", {"max_grid": 3}), ("select", {})):
+    for op, extra in (("fwd", {}), ("fwd", {"max_grid": 3}), ("select", {}), ("finalize", {})):
         _checks(H.build(), op, extra)
+
+
+def test_the_real_source_passes_the_adversarial_orders():
+    """Blocks resident together with their threads interleaved at atomics and memory accesses:
+    the select kernels' histograms (shared and global atomics), the finalize partial sums, rows
+    looping over a small grid."""
+    exe = H.build(race=True, name="driver-race")
+    for op, extra in (("fwd", {"max_grid": 3}), ("select", {}), ("finalize", {})):
+        _checks(exe, op, extra, orders=H.ADVERSARIAL)
+
+
+def _planted(tmp_path, replacements):
+    src = H.KERNELS.read_text()
+    for original, planted in replacements:
+        assert src.count(original) == 1, "the planting site moved: update the test"
+        src = src.replace(original, planted)
+    path = tmp_path / "selective_loss.cu"
+    path.write_text(src)
+    return path
 
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_planted_bug_fails_the_checks(plant, tmp_path):
     original, planted, op, extra = PLANTS[plant]
-    src = H.KERNELS.read_text()
-    assert src.count(original) == 1, "the planting site moved: update the test"
-    path = tmp_path / "selective_loss.cu"
-    path.write_text(src.replace(original, planted))
-    exe = H.build(kernels=path, name=f"driver-{plant}")
+    replacements = original if isinstance(original, list) else [(original, planted)]
+    exe = H.build(kernels=_planted(tmp_path, replacements), name=f"driver-{plant}", quick=True)
     with pytest.raises((AssertionError, H.DriverError)) as e:
         _checks(exe, op, extra)
     if "divergent" in plant:  # reported by the harness itself, not just a wrong result
-        assert isinstance(e.value, H.DriverError) and "divergent __syncthreads" in e.value.stderr
+        assert isinstance(e.value, H.DriverError)
+        kind = "shuffle" if "shuffle" in plant else "barrier"
+        msg = "lanes disagree on a warp op" if kind == "shuffle" else "divergent __syncthreads"
+        assert msg in e.value.stderr
+    if "block_order" in plant:  # right in ascending block order: only the other orders see it
+        _checks(exe, op, extra, orders=H.ORDERS[:1])
+
+
+@pytest.mark.parametrize("plant", sorted(RACE_PLANTS))
+def test_missing_atomic_fails_the_adversarial_orders(plant, tmp_path):
+    """A `+=` for an atomicAdd loses updates once loads and stores are switch points and blocks
+    overlap. (It passes every one-block-at-a-time order, where threads switch only at barriers
+    and warp ops: test_simt_harness shows that on a plain `+=`.)"""
+    path = _planted(tmp_path, [RACE_PLANTS[plant]])
+    exe = H.build(kernels=path, race=True, name=f"driver-race-{plant}")
+    with pytest.raises(AssertionError):
+        _checks(exe, "select", {}, orders=H.ADVERSARIAL[:1])

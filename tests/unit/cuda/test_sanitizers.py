@@ -1,10 +1,18 @@
-"""The harness driver built with -fsanitize=address,undefined runs the CUDA kernels clean: no
-out-of-bounds access (every buffer has its exact size), no undefined behaviour. Its outputs
-equal the plain build's. A planted off-by-one shows that the instrumentation sees the kernels."""
+"""The harness driver built with -fsanitize=address,undefined,float-cast-overflow runs the CUDA
+kernels and the C++ CPU kernels clean: no out-of-bounds access (every buffer has its exact
+size), no undefined behaviour. Its outputs equal the plain build's. Planted bugs show that the
+instrumentation sees the kernels: an off-by-one (ASan), a misaligned vector load (UBSan), a NaN
+converted to int (float-cast-overflow, which GCC's "undefined" leaves out).
+
+The sanitizers cannot vanish silently: in CI (MEGATRON_SLM_CI or CI set, as .ci/run does) a
+missing runtime fails test_sanitizer_runtimes_present; elsewhere the module skips, saying why."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,20 +21,40 @@ from tests.unit.cuda import harness as H
 from tests.unit.cuda import kernel_checks as K
 
 
-def _have_sanitizers() -> bool:
+def _in_ci() -> bool:
+    flag = os.environ.get("MEGATRON_SLM_CI") or os.environ.get("CI") or ""
+    return flag.lower() not in ("", "0", "false", "no")
+
+
+def _sanitizer_problem() -> str | None:
+    """Why no sanitized program can be built and run here, or None."""
     if not H.have_compiler():
-        return False
-    p = subprocess.run(
-        [H.CXX, *H.SANITIZE_FLAGS, "-x", "c++", "-", "-o", "/dev/null"],
-        input="int main() { return 0; }",
-        capture_output=True,
-        text=True,
-    )
-    return p.returncode == 0
+        return f"no C++ compiler ({H.CXX})"
+    with tempfile.TemporaryDirectory() as d:
+        exe = Path(d) / "probe"
+        p = subprocess.run(
+            [H.CXX, *H.SANITIZE_FLAGS, "-x", "c++", "-", "-o", str(exe)],
+            input="int main() { return 0; }",
+            capture_output=True,
+            text=True,
+        )
+        if p.returncode != 0:
+            return f"no ASan/UBSan runtime for {H.CXX}: {p.stderr.strip()[-300:]}"
+        p = subprocess.run([str(exe)], capture_output=True, text=True)
+        if p.returncode != 0:
+            return f"a sanitized program does not run here: {p.stderr.strip()[-300:]}"
+    return None
 
 
-pytestmark = pytest.mark.skipif(not _have_sanitizers(), reason="no ASan/UBSan runtime")
+PROBLEM = _sanitizer_problem()
+pytestmark = pytest.mark.skipif(
+    PROBLEM is not None and not _in_ci(), reason=f"{PROBLEM} (outside CI: skipped)"
+)
 ORDERS = H.ORDERS[:2]
+
+
+def test_sanitizer_runtimes_present():
+    assert PROBLEM is None, PROBLEM
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +137,52 @@ def test_asan_sees_a_planted_overrun(tmp_path):
     with pytest.raises(H.DriverError) as e:
         H.fwd_stats(exe, x, torch.zeros(3, dtype=torch.int64), orders=ORDERS[:1])
     assert "heap-buffer-overflow" in e.value.stderr
+
+
+def test_ubsan_sees_a_planted_misaligned_load(tmp_path):
+    """The forward launcher without its pointer-alignment test: 16-byte vector loads from logits
+    4 bytes off a 16-byte boundary."""
+    src = H.KERNELS.read_text()
+    check = "const bool vec = (reinterpret_cast<uintptr_t>(logits) % 16 == 0) &&\n"
+    check += "                   ((V * static_cast<int64_t>(sizeof(T))) % 16 == 0);"
+    assert src.count(check) == 1, "the planting site moved: update the test"
+    planted = tmp_path / "selective_loss.cu"
+    planted.write_text(src.replace(check, "const bool vec = (V * sizeof(T)) % 16 == 0;"))
+    exe = H.build(kernels=planted, sanitize=True, name="driver-ubsan-planted", quick=True)
+    x = K.logits(3, 1000, torch.float32, seed=0, special=False)
+    with pytest.raises(H.DriverError) as e:
+        H.fwd_stats(exe, x, torch.zeros(3, dtype=torch.int64), misalign=4, orders=ORDERS[:1])
+    assert "misaligned address" in e.value.stderr and e.value.returncode == 67
+
+
+def _nan_rows(dtype):
+    x = K.logits(12, 1000, dtype, seed=4)  # rows 1, 2: a NaN; row 5: +inf
+    x[7, -1] = K.NAN  # the last entry: past the vectorized lanes of the CPU max
+    x[8] = K.NAN
+    return x, K.targets(12, 1000, 0, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_clean_on_nan_rows(exes, dtype):
+    """The C++ row kernel's exp of NaN (logit - max) stays defined; its stats follow the rule."""
+    _, asan = exes
+    x, t = _nan_rows(dtype)
+    st = H.fwd_stats(asan, x, t, op="cpu_fwd", orders=ORDERS[:1])[ORDERS[0]]
+    K.check_stats(st, x, t, 0, "cpu kernel under sanitizers")
+
+
+def test_float_cast_sanitizer_sees_a_planted_nan_cast(tmp_path):
+    """fast_exp with the float -> int32 conversion it used to have: NaN logits reach it."""
+    hdr = (H.CSRC / "selective_loss_kernels.h").read_text()
+    defined = "const uint32_t e = float_to_bits(n + 12582912.0f) - 0x4B400000u + 127u;"
+    assert hdr.count(defined) == 1, "the planting site moved: update the test"
+    (tmp_path / "selective_loss_kernels.h").write_text(
+        hdr.replace(
+            defined, "const uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n) + 127);"
+        )
+    )
+    exe = H.build(sanitize=True, include_first=tmp_path, name="driver-cast-planted", quick=True)
+    x, t = _nan_rows(torch.float32)
+    with pytest.raises(H.DriverError) as e:
+        H.fwd_stats(exe, x, t, op="cpu_fwd", orders=ORDERS[:1])
+    assert "outside the range of representable values" in e.value.stderr

@@ -74,6 +74,53 @@ def test_fwd_stats(exe, dtype, v, misaligned, vocab_start):
     K.check_stats(torch_fwd_stats(x, t, vocab_start), x, t, vocab_start, "torch")
 
 
+def _nan_rows(v, dtype):
+    """Rows whose NaNs sit where a max can lose them: first and last entry, the last lane of a
+    16-wide group, both sides of the C++ kernel's 512-entry chunks, the tail of a thread's
+    vectors; with +inf, with -inf only, all NaN; one NaN row per position."""
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(14, v, generator=g) * 3
+    for r, i in enumerate([0, v - 1, 15, 511, 512, v // 2, v - 9, v - 17]):
+        x[r, i] = NAN
+    x[8, [3, v - 1]] = torch.tensor([INF, NAN])
+    x[9] = -INF
+    x[9, [2, v - 1]] = NAN  # NaN and -inf only: the max is -inf
+    x[10] = NAN
+    x[11, v - 1] = NAN
+    x[11, v - 2] = 50.0  # the max right before the NaN
+    x[12, 0] = NAN
+    x[12, 1] = 50.0  # ... right after it
+    return x.to(dtype), K.targets(14, v, 0, seed=v)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v", [1000, 1040])
+def test_nan_rows_every_statistic_agrees(exe, dtype, v):
+    """One NaN rule (the max ignores NaN, the sum is NaN) in the C++, CUDA and pure-PyTorch
+    kernels: the same max and target logit bits, NaN sums, and the same finalize outputs."""
+    x, t = _nan_rows(v, dtype)
+    x[13] = 1.0  # a plain row: its stats and finalize outputs are compared too
+    t[1] = v - 1  # the target is the NaN itself
+    cuda = _same_for_all_orders(H.fwd_stats(exe, x, t))
+    cpp = C.selective_loss_fwd_stats(x, t, 0)
+    K.check_stats(cuda, x, t, 0, "cuda")
+    K.check_stats(cpp, x, t, 0, "cpp")
+    pt = torch_fwd_stats(x, t, 0)
+    K.check_stats(pt, x, t, 0, "torch")
+    assert torch.equal(cuda[:, [0, 2]].view(torch.int32), cpp[:, [0, 2]].view(torch.int32))
+    assert torch.equal(pt[:, [0, 2]].view(torch.int32), cpp[:, [0, 2]].view(torch.int32))
+    assert torch.isnan(cuda[:13, 1]).all() and torch.isnan(cpp[:13, 1]).all()
+    assert torch.isnan(pt[:13, 1]).all()
+    assert torch.equal(cuda[13], cpp[13])  # all-equal row: sum exp(0) exact in both
+    ref = torch.rand(14) * 4
+    for flags in (FINALIZE_RANK_EXCESS | FINALIZE_KEEP_UNSCORED, FINALIZE_SELECT_ALL):
+        a = H.finalize(exe, cuda, t, v, ref, None, flags, orders=H.ORDERS[:1])[H.ORDERS[0]]
+        b = C.selective_loss_finalize(cpp, t, v, ref, None, flags)
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert torch.equal(p.view(torch.uint8), q.view(torch.uint8)), i
+
+
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("v", [8, 1000, 1001])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from megatron_slm.models import PRESETS, check_parallel_layout, get_preset, padded_vocab_size
@@ -15,6 +17,23 @@ def test_pangu_pi_1b_pro_shape():
     cfg = get_preset("pangu-pi-1b-pro")
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size) == (1792, 14, 48000)
     assert cfg.ffn_hidden_size == 4864 and cfg.ffn_hidden_size >= cfg.hidden_size * 8 / 3
+
+
+def test_pangu_pi_1_5b_pro_matches_the_paper():
+    """Width, depth and vocabulary of the paper's configuration table; the total, counted here
+    layer by layer, is the paper's 1.5B (Figure 1) to the digit it prints."""
+    cfg = get_preset("pangu-pi-1.5b-pro")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.vocab_size) == (2048, 22, 48000)
+    assert cfg.hidden_size // cfg.num_attention_heads == 1792 // 14  # the 1B Pro's head size
+    h, f = 2048, 6912
+    layer = 4 * h * h + 3 * h * f + 2 * h  # attention (MHA), SwiGLU, two norms
+    expected = 22 * layer + h + 2 * 48000 * h
+    assert cfg.num_parameters() == expected == 1_500_080_128
+    assert round(cfg.num_parameters() / 1e9, 1) == 1.5
+    assert cfg.ffn_hidden_size % 256 == 0
+    # the 1B Pro's 8/3 rule would miss the paper's figure
+    ratio_8_3 = dataclasses.replace(cfg, ffn_hidden_size=5632)
+    assert round(ratio_8_3.num_parameters() / 1e9, 1) == 1.3
 
 
 def test_unknown_preset_names_the_flag():

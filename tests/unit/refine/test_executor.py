@@ -12,6 +12,7 @@ from megatron_slm.refine.executor import (
     KEEP_DOC,
     KEEP_ORIGINAL,
     KEEP_REFINED,
+    SEMANTICS,
     AcceptanceRule,
     apply_chunk_program,
     execute_chunk_program,
@@ -27,15 +28,35 @@ def without(*indices):
     return "\n".join(line for i, line in enumerate(LINES) if i not in indices)
 
 
-def refine(program, text=DOC):
-    refined, errors, removed, normalizations = apply_chunk_program(text, program)
+# the tests that apply to both semantics (well-formed programs) run in both
+BOTH = pytest.mark.parametrize("semantics", SEMANTICS)
+
+
+def refine(program, text=DOC, semantics="strict"):
+    refined, errors, removed, normalizations = apply_chunk_program(text, program, semantics)
     return refined, [e.reason for e in errors], removed, normalizations
 
 
-def test_remove_lines_inclusive_zero_based():
-    assert refine("remove_lines(line_start=0, line_end=0)") == (without(0), [], 1, 0)
-    assert refine("remove_lines(line_start=2, line_end=4)") == (without(2, 3, 4), [], 3, 0)
-    assert refine("remove_lines(line_start=11, line_end=11)") == (without(11), [], 1, 0)
+@BOTH
+def test_remove_lines_inclusive_zero_based(semantics):
+    assert refine("remove_lines(line_start=0, line_end=0)", semantics=semantics) == (
+        without(0),
+        [],
+        1,
+        0,
+    )
+    assert refine("remove_lines(line_start=2, line_end=4)", semantics=semantics) == (
+        without(2, 3, 4),
+        [],
+        3,
+        0,
+    )
+    assert refine("remove_lines(line_start=11, line_end=11)", semantics=semantics) == (
+        without(11),
+        [],
+        1,
+        0,
+    )
 
 
 def test_positional_and_keyword_forms_agree():
@@ -49,7 +70,8 @@ def test_positional_and_keyword_forms_agree():
         assert refine(program)[0] == expected, program
 
 
-def test_overlapping_and_adjacent_ranges_merge():
+@BOTH
+def test_overlapping_and_adjacent_ranges_merge(semantics):
     program = "\n".join(
         [
             "remove_lines(line_start=2, line_end=5)",
@@ -59,15 +81,16 @@ def test_overlapping_and_adjacent_ranges_merge():
             "remove_lines(line_start=10, line_end=10)",
         ]
     )
-    assert refine(program) == (without(2, 3, 4, 5, 6, 7, 10), [], 7, 0)
+    assert refine(program, semantics=semantics) == (without(2, 3, 4, 5, 6, 7, 10), [], 7, 0)
 
 
-def test_numbering_is_document_wide_across_chunks():
+@BOTH
+def test_numbering_is_document_wide_across_chunks(semantics):
     # Two chunk programs joined (chunk 1 showed lines 0..5, chunk 2 lines 6..11): chunk 2's
     # numbers are the document's, not restarted at 0.
     chunk_1 = "remove_lines(line_start=1, line_end=1)"
     chunk_2 = "remove_lines(line_start=8, line_end=9)"
-    assert refine(chunk_1 + "\n" + chunk_2) == (without(1, 8, 9), [], 3, 0)
+    assert refine(chunk_1 + "\n" + chunk_2, semantics=semantics) == (without(1, 8, 9), [], 3, 0)
 
 
 def test_out_of_range_start_is_an_error_and_removes_nothing():
@@ -88,17 +111,19 @@ def test_reversed_range_is_an_error_and_removes_nothing():
     assert errors == ["reversed range 5..2"]
 
 
-def test_remove_all():
-    assert refine("remove_lines(all=True)") == ("", [], 12, 0)
+@BOTH
+def test_remove_all(semantics):
+    assert refine("remove_lines(all=True)", semantics=semantics) == ("", [], 12, 0)
 
 
-def test_normalize_replaces_everywhere_before_removal():
+@BOTH
+def test_normalize_replaces_everywhere_before_removal(semantics):
     text = "a ad x\nkeep ad\nad line\nlast"
     program = (
         "remove_lines(line_start=2, line_end=2)\n"  # listed first, still runs after normalize
         'normalize(source_str="ad", target_str="AD")'
     )
-    assert refine(program, text) == ("a AD x\nkeep AD\nlast", [], 1, 1)
+    assert refine(program, text, semantics) == ("a AD x\nkeep AD\nlast", [], 1, 1)
 
 
 def test_normalize_runs_in_order_and_can_delete():
@@ -128,8 +153,9 @@ def test_strings_with_commas_quotes_parentheses():
     assert refine(program, text)[0] == "g(x=1), 'y'\nsecond line"
 
 
-def test_keep_chunk_only_returns_document_unchanged():
-    assert refine("keep_chunk()\nkeep_chunk()") == (DOC, [], 0, 0)
+@BOTH
+def test_keep_chunk_only_returns_document_unchanged(semantics):
+    assert refine("keep_chunk()\nkeep_chunk()", semantics=semantics) == (DOC, [], 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,35 +166,53 @@ def words_doc(n_words, per_line=1):
     return "\n".join(" ".join(words[i : i + per_line]) for i in range(0, n_words, per_line))
 
 
-def test_ratio_at_threshold_drops():
+@BOTH
+def test_ratio_at_threshold_drops(semantics):
     text = words_doc(40)  # 40 lines of one word
     # keep 2 of 40 words: ratio 0.05 <= 0.05 -> drop
-    result = execute_chunk_program(text, "remove_lines(line_start=2, line_end=39)")
+    result = execute_chunk_program(
+        text, "remove_lines(line_start=2, line_end=39)", semantics=semantics
+    )
     assert result.decision == DROP_RATIO and result.dropped
     assert result.text == text and result.words_before == 40 and result.words_after == 0
 
 
-def test_ratio_above_threshold_then_short_rule():
+@BOTH
+def test_ratio_above_threshold_then_short_rule(semantics):
     text = words_doc(40)
     # keep 3 of 40: ratio 0.075 > 0.05, but 3 <= 10 words -> dropped as short
-    result = execute_chunk_program(text, "remove_lines(line_start=3, line_end=39)")
+    result = execute_chunk_program(
+        text, "remove_lines(line_start=3, line_end=39)", semantics=semantics
+    )
     assert result.decision == DROP_SHORT
 
 
-def test_short_rule_boundary():
+@BOTH
+def test_short_rule_boundary(semantics):
     text = words_doc(40)
-    at = execute_chunk_program(text, "remove_lines(line_start=10, line_end=39)")  # 10 words
-    above = execute_chunk_program(text, "remove_lines(line_start=11, line_end=39)")  # 11 words
+    at = execute_chunk_program(
+        text, "remove_lines(line_start=10, line_end=39)", semantics=semantics
+    )  # 10 words
+    above = execute_chunk_program(
+        text, "remove_lines(line_start=11, line_end=39)", semantics=semantics
+    )  # 11 words
     assert at.decision == DROP_SHORT
     assert above.decision == KEEP_REFINED
     assert above.text == words_doc(11) and above.lines_removed == 29
     assert (above.words_before, above.words_after) == (40, 11)
 
 
-def test_short_documents_are_dropped_even_untouched():
+@BOTH
+def test_short_documents_are_dropped_even_untouched(semantics):
     # ProX's FineWeb rule: <= 10 words after refining drops, whatever the program.
-    assert execute_chunk_program(words_doc(10), "keep_chunk()").decision == DROP_SHORT
-    assert execute_chunk_program(words_doc(11), "keep_chunk()").decision == KEEP_REFINED
+    assert (
+        execute_chunk_program(words_doc(10), "keep_chunk()", semantics=semantics).decision
+        == DROP_SHORT
+    )
+    assert (
+        execute_chunk_program(words_doc(11), "keep_chunk()", semantics=semantics).decision
+        == KEEP_REFINED
+    )
 
 
 def test_errors_below_limit_keep_refined():
@@ -204,9 +248,10 @@ def test_custom_thresholds():
     assert execute_chunk_program(text, "remove_lines(21, 39)\nx", rule).decision == KEEP_ORIGINAL
 
 
+@BOTH
 @pytest.mark.parametrize("text", ["", " ", "\n\n", " \t\n "])
-def test_empty_documents_are_dropped(text):
-    result = execute_chunk_program(text, "keep_chunk()")
+def test_empty_documents_are_dropped(text, semantics):
+    result = execute_chunk_program(text, "keep_chunk()", semantics=semantics)
     assert result.decision == DROP_EMPTY and result.dropped
 
 
@@ -256,17 +301,18 @@ def programs(draw):
     return "\n".join(lines)
 
 
+@BOTH
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=300), program=st.one_of(st.text(max_size=200), programs()))
-def test_executor_never_raises(text, program):
-    result = execute_chunk_program(text, program)
+def test_executor_never_raises(text, program, semantics):
+    result = execute_chunk_program(text, program, semantics=semantics)
     assert result.decision in {DROP_EMPTY, DROP_RATIO, DROP_SHORT, KEEP_REFINED, KEEP_ORIGINAL}
     assert result.words_before == len(text.split())
     if result.dropped:
         assert result.words_after == 0
     else:  # derived without re-splitting when possible: must equal a plain count
         assert result.words_after == len(result.text.split())
-    execute_doc_program(program)
+    execute_doc_program(program, semantics)
 
 
 @settings(max_examples=200, deadline=None)
@@ -276,8 +322,9 @@ def test_executor_never_raises(text, program):
 )
 def test_keep_chunk_only_is_identity(text, program):
     program = "\n".join(["keep_chunk()"] + program)
-    refined, errors, removed, normalizations = apply_chunk_program(text, program)
-    assert (refined, errors, removed, normalizations) == (text, [], 0, 0)
+    for semantics in SEMANTICS:
+        refined, errors, removed, normalizations = apply_chunk_program(text, program, semantics)
+        assert (refined, errors, removed, normalizations) == (text, [], 0, 0)
     result = execute_chunk_program(text, program)
     assert result.text == text
 

@@ -205,12 +205,21 @@ def test_flag_validation(small, capsys):
     assert code == 2 and "--shard-index must be in [0, --num-shards 2)" in err
     code, err = run_tool(["--input", "x", "--output-dir", "y", "--stage", "chunk"], capsys)
     assert code == 2 and "--stage chunk needs --chunk-model" in err
+    base = ["--input", "x", "--output-dir", "y", "--doc-model", "m", "--stage", "doc"]
+    code, err = run_tool(base + ["--backend", "vllm"], capsys)
+    assert code == 2 and "--backend" in err and "invalid choice: 'vllm'" in err
+    code, err = run_tool(base + ["--backend", "openai"], capsys)
+    assert code == 2 and "--backend openai needs --endpoint URL" in err
+    code, err = run_tool(base + ["--endpoint", "http://localhost:1/v1"], capsys)
+    assert code == 2 and "--endpoint and --model are for --backend openai" in err
     code, err = run_tool(
-        ["--input", "x", "--output-dir", "y", "--doc-model", "m", "--stage", "doc",
-         "--tensor-parallel-size", "2"],
+        ["--input", "x", "--output-dir", "y", "--doc-model", "a", "--chunk-model", "b",
+         "--backend", "openai", "--endpoint", "http://localhost:1/v1"],
         capsys,
     )  # fmt: skip
-    assert code == 2 and "--tensor-parallel-size > 1 needs --backend vllm" in err
+    assert code == 2 and "--backend openai serves one model" in err
+    code, err = run_tool(base + ["--semantics", "loose"], capsys)
+    assert code == 2 and "--semantics" in err and "invalid choice: 'loose'" in err
     code, err = run_tool(
         ["--input", "x", "--output-dir", "y", "--chunk-model", "m", "--stage", "chunk",
          "--line-prefix", "[]"],

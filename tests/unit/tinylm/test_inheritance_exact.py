@@ -70,7 +70,7 @@ def _inherit(src, plan):
 def _depth_vs_hf(src, arch, tokens):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_slm.convert.hf import hf_config_from_gpt, hf_tensors_from_megatron
+    from megatron_slm.convert import hf_config_from_gpt, hf_tensors_from_megatron
     from megatron_slm.models.args import ModelArgs
     from megatron_slm.models.sharding import full_state_dict
     from megatron_slm.tinylm.importance import Importance

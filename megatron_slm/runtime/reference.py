@@ -1,4 +1,5 @@
-"""The online reference model: a frozen copy evaluated per micro-batch, without gradients.
+"""The online reference model: a frozen copy evaluated per micro-batch, without gradients (the
+trainer's ``--slm-ref-source online`` and the selection report's ``--slm-ref-load``).
 
 It gives the same values the offline scorer writes into a sidecar, so ``--slm-ref-source online``
 and ``sidecar`` select the same tokens: attention is reset at every end-of-document token (each
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_slm.runtime import load_model, per_token_losses
-from megatron_slm.runtime.forward import Rows
+from megatron_slm.runtime.forward import Rows, per_token_losses
+from megatron_slm.runtime.loader import load_model
+from megatron_slm.runtime.plan import LoadPlan
 
 
 def document_causal_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
@@ -34,11 +36,10 @@ class OnlineReference:
     """The frozen reference model of ``--slm-ref-load``, loaded by the shared runtime at the
     trainer's TP (its architecture and padded vocabulary are its own checkpoint's)."""
 
-    def __init__(self, load: str, device, params_dtype, eod: int):
-        # Its vocabulary was checked against the data's tokenizer before any work (config.validate).
-        self.model = load_model(
-            load, device, params_dtype=params_dtype, flag="--slm-ref-load", with_tokenizer=False
-        )
+    def __init__(self, plan: LoadPlan, device, params_dtype, eod: int):
+        # ``plan``: runtime.plan_load of --slm-ref-load, made (and its vocabulary checked against
+        # the data's tokenizer) before any work.
+        self.model = load_model(plan, device, params_dtype=params_dtype)
         self.eod = eod
 
     @torch.no_grad()

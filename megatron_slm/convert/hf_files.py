@@ -1,0 +1,170 @@
+"""The files of an exported Hugging Face directory besides its config: safetensors shards (and
+their index) and the tokenizer (checked against the checkpoint's record, with a chat template)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+
+import torch
+
+from megatron_slm.checkpoint import CheckpointInfo
+from megatron_slm.convert.tokenizer_export import (
+    set_chat_template,
+    write_sentencepiece_hf_tokenizer,
+)
+from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.runtime.hf_source import ConversionError, tokenizer_files
+
+logger = logging.getLogger("megatron_slm")
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    files = tokenizer_files(src)
+    os.makedirs(dst, exist_ok=True)
+    for f in files:
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    return files
+
+
+def tokenizer_vocab_size(path: str) -> int:
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise ConversionError(f"{path}: cannot load the Hugging Face tokenizer: {exc}") from exc
+
+
+def check_tokenizer_vocab(tok_path: str, n_tokens: int, model: GPTModelConfig, padded: int):
+    if n_tokens > padded:
+        raise ConversionError(
+            f"tokenizer {tok_path}: vocabulary of {n_tokens} tokens is larger than the padded "
+            f"vocabulary size {padded} of model.embed_tokens.weight"
+        )
+    if n_tokens > model.vocab_size:
+        logger.warning(
+            "tokenizer %s has %d tokens, more than vocab_size %d: ids >= %d use zero padding rows",
+            tok_path,
+            n_tokens,
+            model.vocab_size,
+            model.vocab_size,
+        )
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", size.upper())
+    if not m:
+        raise ConversionError(f"--max-shard-size {size!r}: expected e.g. 5GB, 500MB or bytes")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def write_hf_weights(
+    tensors: Iterator[tuple[str, torch.Tensor]], save: str, max_shard_size: str | int = "5GB"
+) -> list[str]:
+    """safetensors file(s) (+ ``model.safetensors.index.json`` when sharded); returns file names."""
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().clone()
+        size += nbytes
+    n = len(shards)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    weight_map, total = {}, 0
+    for file, shard in zip(names, shards):
+        save_file(shard, os.path.join(save, file), metadata={"format": "pt"})
+        for k, t in shard.items():
+            weight_map[k] = file
+            total += t.numel() * t.element_size()
+    if n > 1:
+        with open(os.path.join(save, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def _checkpoint_file(ckpt: str, recorded: str | None, name: str) -> str | None:
+    """A recorded tokenizer path, or the copy beside a moved checkpoint (root/``name``)."""
+    if recorded and os.path.exists(recorded):
+        return recorded
+    root = os.path.dirname(ckpt) if os.path.basename(ckpt).startswith("iter_") else ckpt
+    beside = os.path.join(root, name)
+    return beside if os.path.exists(beside) else None
+
+
+def export_tokenizer(
+    info: CheckpointInfo,
+    save: str,
+    tokenizer_model: str | None = None,
+    chat_template: str | None = None,
+) -> dict | None:
+    """Write the checkpoint's tokenizer to ``save`` as a Hugging Face tokenizer with a chat
+    template; return its ``{bos,eos,pad}_token_id`` (None when no tokenizer was written).
+
+    * ``tokenizer_model`` (``--tokenizer-model``): a HF tokenizer directory or SentencePiece file
+      to use instead of the recorded one;
+    * a SentencePiece tokenizer becomes ``tokenizer.json`` + ``tokenizer_config.json`` +
+      ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours;
+    * a HF tokenizer is copied as is;
+    * the chat template: ``chat_template`` (``--chat-template FILE``), else the one the checkpoint
+      records (``chat_template``: an SFT run's), else the HF tokenizer's own, else
+      ``data.chat.DEFAULT_CHAT_TEMPLATE``, the template the trainer's SFT mode uses by default.
+
+    The file written must hash to the digest the checkpoint records for its tokenizer (when it
+    records one and the file is of the recorded kind): an export never ships a tokenizer the model
+    was not trained with.
+    """
+    from megatron_slm.checkpoint import check_recorded_tokenizer
+    from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    ckpt, meta = info.path, info.meta
+    record = meta.get("tokenizer") or {}
+    chosen = chat_template or meta.get("chat_template")
+    src = tokenizer_model
+    if src is None and record.get("type") == "HuggingFaceTokenizer":
+        src = _checkpoint_file(ckpt, record.get("model"), "tokenizer")
+    elif src is None and record.get("type") == "SentencePieceTokenizer":
+        src = _checkpoint_file(ckpt, record.get("model"), "tokenizer.model")
+        if src is None:
+            raise ConversionError(
+                f"--load {ckpt}: the recorded SentencePiece model {record.get('model')} is missing;"
+                " give it with --tokenizer-model"
+            )
+    if src is None:
+        logger.warning("no tokenizer recorded for %s: none written to %s", ckpt, save)
+        return None
+    check_recorded_tokenizer(info, src)
+    if os.path.isfile(src):
+        write_sentencepiece_hf_tokenizer(src, save, chosen or DEFAULT_CHAT_TEMPLATE)
+    elif os.path.isdir(src):
+        if not copy_tokenizer(src, save):
+            raise ConversionError(f"--tokenizer-model {src}: holds no tokenizer files")
+        if set_chat_template(save, chosen or DEFAULT_CHAT_TEMPLATE, overwrite=bool(chosen)):
+            logger.info("chat template written to %s/tokenizer_config.json", save)
+    else:
+        raise ConversionError(f"--tokenizer-model {src}: no such file or directory")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(save, local_files_only=True)
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }

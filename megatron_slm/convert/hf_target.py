@@ -1,0 +1,135 @@
+"""megatron-core GPT -> Hugging Face Llama / Mistral: the config and the tensors (the mirror of
+``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.runtime.hf_source import _LAYER_MAP, SUPPORTED_ARCHITECTURES, ConversionError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def hf_config_from_gpt(
+    model: GPTModelConfig,
+    arch: str = "LlamaForCausalLM",
+    dtype: torch.dtype = torch.float32,
+    source: dict | None = None,
+) -> dict:
+    """A ``config.json`` for ``transformers`` (4.x and 5.x read it). ``source`` is the original HF
+    config of an imported model: token ids and the sliding window are taken from it."""
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(
+            f"--architecture {arch!r} is not supported; choose one of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    source = source or {}
+    if model.rotary_base != int(model.rotary_base):
+        raise ConversionError(f"rotary_base {model.rotary_base} is not an integer")
+    cfg = {
+        "architectures": [arch],
+        "model_type": SUPPORTED_ARCHITECTURES[arch],
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "num_hidden_layers": model.num_layers,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_theta": float(model.rotary_base),
+        "rope_scaling": None,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "initializer_range": model.init_method_std,
+        "tie_word_embeddings": False,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": dtype_name(dtype),
+        "bos_token_id": source.get("bos_token_id", 1),
+        "eos_token_id": source.get("eos_token_id", 2),
+    }
+    if source.get("pad_token_id") is not None:
+        cfg["pad_token_id"] = source["pad_token_id"]
+    if arch == "LlamaForCausalLM":
+        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        cfg["sliding_window"] = source.get("sliding_window")
+    return cfg
+
+
+def hf_tensors_from_megatron(
+    state: dict[str, torch.Tensor], model: GPTModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from a full (TP=1, PP=1) megatron state dict; vocabulary padding dropped."""
+    expected = {
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "decoder.final_layernorm.weight",
+    }
+    for i in range(model.num_layers):
+        expected.update(
+            f"decoder.layers.{i}.{s}"
+            for s in (*_LAYER_MAP, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+        )
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConversionError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ConversionError(f"checkpoint has unsupported tensors: {', '.join(unexpected[:8])}")
+
+    def vocab(name: str) -> torch.Tensor:
+        t = state[name]
+        if t.shape[0] < model.vocab_size:
+            raise ConversionError(
+                f"tensor {name} has {t.shape[0]} rows, fewer than vocab_size {model.vocab_size}"
+            )
+        return t[: model.vocab_size]
+
+    yield "model.embed_tokens.weight", vocab("embedding.word_embeddings.weight")
+    ng, h, d = model.num_query_groups, model.hidden_size, model.head_dim
+    r, f = model.num_attention_heads // ng, model.ffn_hidden_size
+    for i in range(model.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = state[src + "self_attention.linear_qkv.weight"]
+        if qkv.shape != (ng * (r + 2) * d, h):
+            raise ConversionError(
+                f"tensor {src}self_attention.linear_qkv.weight has shape {list(qkv.shape)}, "
+                f"the model config implies {[ng * (r + 2) * d, h]}"
+            )
+        q, k, v = qkv.reshape(ng, (r + 2) * d, h).split([r * d, d, d], dim=1)
+        fc1 = state[src + "mlp.linear_fc1.weight"]
+        if fc1.shape != (2 * f, h):
+            raise ConversionError(
+                f"tensor {src}mlp.linear_fc1.weight has shape {list(fc1.shape)}, "
+                f"the model config implies {[2 * f, h]}"
+            )
+        yield dst + "input_layernorm.weight", state[src + "input_layernorm.weight"]
+        yield dst + "self_attn.q_proj.weight", q.reshape(ng * r * d, h)
+        yield dst + "self_attn.k_proj.weight", k.reshape(ng * d, h)
+        yield dst + "self_attn.v_proj.weight", v.reshape(ng * d, h)
+        yield dst + "self_attn.o_proj.weight", state[src + "self_attention.linear_proj.weight"]
+        yield dst + "post_attention_layernorm.weight", state[src + "pre_mlp_layernorm.weight"]
+        yield dst + "mlp.gate_proj.weight", fc1[:f]
+        yield dst + "mlp.up_proj.weight", fc1[f:]
+        yield dst + "mlp.down_proj.weight", state[src + "mlp.linear_fc2.weight"]
+    yield "model.norm.weight", state["decoder.final_layernorm.weight"]
+    yield "lm_head.weight", vocab("output_layer.weight")

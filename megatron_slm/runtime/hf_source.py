@@ -1,0 +1,368 @@
+"""Read a Hugging Face Llama / Mistral directory as a megatron-core GPT model: the config mapping,
+lazy weight access, and the HF -> megatron tensor mapping (full tensors, then this rank's TP shard).
+
+It sits under the runtime so that ``runtime.plan_load`` can run a HF directory as it runs a
+checkpoint (converted in memory, nothing written); ``megatron_slm.convert`` builds its import and
+export on the same mapping (see ``convert/hf.py`` for the two layout changes it implements).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+
+from megatron_slm.errors import UserError
+from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.models.sharding import global_name, tp_shard, unwrap
+
+logger = logging.getLogger("megatron_slm")
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+# Tensors some checkpoints carry that hold no weights (recomputed RoPE buffers).
+_IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class ConversionError(UserError):
+    """Bad input to a conversion: the message names the file or tensor at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config <-> GPTModelConfig
+# ---------------------------------------------------------------------------------------------
+def read_hf_config(path: str) -> dict:
+    """``<path>/config.json`` as a dict, with the architecture checked."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ConversionError(f"--load {path}: no such directory")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"{cfg_path}: not found (not a Hugging Face model directory)")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{cfg_path}: cannot read: {exc}") from exc
+    architecture(cfg, cfg_path)
+    return cfg
+
+
+def architecture(hf_config: dict, where: str = "config.json") -> str:
+    archs = hf_config.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(
+            f"{where}: unsupported architecture {archs or hf_config.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return archs[0]
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    """RoPE base from a transformers 4 (``rope_theta``/``rope_scaling``) or 5
+    (``rope_parameters``) config; scaled RoPE variants are refused."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for d in (params, scaling):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind not in ("default", None):
+            raise ConversionError(
+                f"{where}: RoPE scaling {kind!r} is not supported (only plain RoPE)"
+            )
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
+    """The megatron_slm architecture of a HF Llama/Mistral config (unsupported features refused)."""
+    arch = architecture(cfg, where)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ConversionError(f"{where}: {flag}=true is not supported (no biases)")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if head_dim * heads != cfg["hidden_size"]:
+        raise ConversionError(
+            f"{where}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
+            f"{cfg['hidden_size']} is not supported"
+        )
+    window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
+    if window is not None and window < cfg.get("max_position_embeddings", 0):
+        logger.warning(
+            "%s: sliding_window %d is converted to full causal attention (exact for sequences "
+            "up to %d tokens)",
+            where,
+            window,
+            window,
+        )
+    return GPTModelConfig(
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads") or heads,
+        vocab_size=cfg["vocab_size"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rotary_base=_rope_theta(cfg, where),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# HF weight files
+# ---------------------------------------------------------------------------------------------
+class HFWeights:
+    """Lazy access to the tensors of a HF model directory (safetensors or ``.bin``, sharded with an
+    index json or single-file). Missing files and tensors raise :class:`ConversionError` naming
+    them."""
+
+    def __init__(self, path: str):
+        self.path = path
+        found = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
+        if not found:
+            raise ConversionError(
+                f"{path}: no weight file found (looked for {', '.join(WEIGHT_FILES)})"
+            )
+        main = found[0]
+        self._files: dict[str, str] = {}  # tensor name -> file name
+        self._bin_cache: dict[str, dict] = {}  # the one .bin file loaded (mmap)
+        if main.endswith(".index.json"):
+            index_path = os.path.join(path, main)
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise ConversionError(f"{index_path}: cannot read weight_map: {exc}") from exc
+            for name, file in weight_map.items():
+                if not os.path.isfile(os.path.join(path, file)):
+                    raise ConversionError(
+                        f"{os.path.join(path, file)}: weight file not found (listed in "
+                        f"{main} for tensor {name})"
+                    )
+            self._files = dict(weight_map)
+        else:
+            for name in self._open(main).keys():
+                self._files[name] = main
+
+    def _open(self, file: str):
+        full = os.path.join(self.path, file)
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                return safe_open(full, framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+                raise ConversionError(f"{full}: cannot read safetensors file: {exc}") from exc
+        if file not in self._bin_cache:
+            try:
+                self._bin_cache = {
+                    file: torch.load(full, map_location="cpu", weights_only=True, mmap=True)
+                }
+            except Exception as exc:  # noqa: BLE001
+                raise ConversionError(f"{full}: cannot read PyTorch weight file: {exc}") from exc
+        return _DictReader(self._bin_cache[file])
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def _file_of(self, name: str) -> str:
+        if name not in self._files:
+            raise ConversionError(f"{self.path}: tensor {name} not found in the weight files")
+        return self._files[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._file_of(name)
+        reader = self._open(file)
+        if file.endswith(".safetensors"):
+            return tuple(reader.get_slice(name).get_shape())
+        return tuple(reader.get_tensor(name).shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(self._file_of(name)).get_tensor(name)
+
+    def location(self, name: str) -> str:
+        return os.path.join(self.path, self._file_of(name))
+
+
+class _DictReader:
+    def __init__(self, state: dict):
+        self._state = state
+
+    def keys(self):
+        return self._state.keys()
+
+    def get_tensor(self, name):
+        return self._state[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# name / layout mapping (full, unsharded tensors)
+# ---------------------------------------------------------------------------------------------
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_LAYER_MAP = {  # megatron suffix -> HF suffix (one-to-one tensors)
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor a HF checkpoint of ``model`` has, with its shape."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    q, kv = model.num_attention_heads * d, model.num_query_groups * d
+    shapes = {"model.embed_tokens.weight": (model.vocab_size, h), "model.norm.weight": (h,)}
+    if not tied:
+        shapes["lm_head.weight"] = (model.vocab_size, h)
+    for i in range(model.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
+    return shapes
+
+
+def check_hf_weights(model: GPTModelConfig, weights: HFWeights, tied: bool = False) -> None:
+    """Every expected tensor present with the shape config.json implies; nothing unexpected."""
+    expected = expected_hf_shapes(model, tied)
+    for name, shape in expected.items():
+        if name not in weights:
+            if name == "lm_head.weight":
+                raise ConversionError(
+                    f"{weights.path}: tensor lm_head.weight not found and tie_word_embeddings "
+                    "is false"
+                )
+            raise ConversionError(f"{weights.path}: tensor {name} not found in the weight files")
+        actual = weights.shape(name)
+        if actual != shape:
+            raise ConversionError(
+                f"tensor {name} in {weights.location(name)} has shape {list(actual)}, "
+                f"config.json implies {list(shape)}"
+            )
+    extra = [
+        n
+        for n in weights.names()
+        if n not in expected
+        and not _IGNORED_HF.fullmatch(n)
+        and not (tied and n == "lm_head.weight")
+    ]
+    if extra:
+        raise ConversionError(
+            f"{weights.path}: unsupported tensors (not part of a Llama/Mistral model without "
+            f"biases): {', '.join(sorted(extra)[:8])}" + (" ..." if len(extra) > 8 else "")
+        )
+
+
+def _pad_vocab(name: str, tensor: torch.Tensor, padded: int) -> torch.Tensor:
+    if tensor.shape[0] > padded:
+        raise ConversionError(
+            f"tensor {name}: vocabulary of {tensor.shape[0]} rows is larger than the padded "
+            f"vocabulary size {padded} of the model"
+        )
+    if tensor.shape[0] == padded:
+        return tensor
+    pad = tensor.new_zeros((padded - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def megatron_tensor_from_hf(
+    name: str,
+    model: GPTModelConfig,
+    weights: HFWeights,
+    padded_vocab: int,
+    tied: bool = False,
+) -> torch.Tensor:
+    """The full (TP=1) megatron tensor ``name`` (global layer numbering) from HF weights."""
+    if name == "embedding.word_embeddings.weight":
+        return _pad_vocab(
+            "model.embed_tokens.weight", weights.get("model.embed_tokens.weight"), padded_vocab
+        )
+    if name == "output_layer.weight":
+        src = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        return _pad_vocab(src, weights.get(src), padded_vocab)
+    if name == "decoder.final_layernorm.weight":
+        return weights.get("model.norm.weight")
+    m = _LAYER.fullmatch(name)
+    if not m:
+        raise ConversionError(f"megatron parameter {name} has no Hugging Face counterpart")
+    layer, suffix = int(m.group(1)), m.group(2)
+    p = f"model.layers.{layer}."
+    if suffix in _LAYER_MAP:
+        return weights.get(p + _LAYER_MAP[suffix])
+    if suffix == "self_attention.linear_qkv.weight":
+        ng, h, d = model.num_query_groups, model.hidden_size, model.head_dim
+        r = model.num_attention_heads // ng
+        q = weights.get(p + "self_attn.q_proj.weight").reshape(ng, r * d, h)
+        k = weights.get(p + "self_attn.k_proj.weight").reshape(ng, d, h)
+        v = weights.get(p + "self_attn.v_proj.weight").reshape(ng, d, h)
+        return torch.cat([q, k, v], dim=1).reshape(ng * (r + 2) * d, h)
+    if suffix == "mlp.linear_fc1.weight":
+        gate = weights.get(p + "mlp.gate_proj.weight")
+        up = weights.get(p + "mlp.up_proj.weight")
+        return torch.cat([gate, up], dim=0)
+    raise ConversionError(f"megatron parameter {name} has no Hugging Face counterpart")
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron model chunks (any TP/PP)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied: bool = False):
+    """Copy HF weights into this rank's model chunks (built for the current TP/PP layout)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for chunk in map(unwrap, chunks):
+        for local, param in chunk.named_parameters():
+            name = global_name(chunk, local)
+            padded = None
+            if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                padded = param.shape[0] * (tp if getattr(param, "tensor_model_parallel", 0) else 1)
+            full = megatron_tensor_from_hf(name, model, weights, padded or 0, tied)
+            try:
+                shard = tp_shard(name, full, param, tp, rank)
+            except ValueError as e:
+                raise ConversionError(str(e)) from None
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ConversionError(
+                    f"tensor {name}: shard of shape {list(shard.shape)} does not fit megatron "
+                    f"parameter {local} of shape {list(param.shape)}"
+                )
+            param.copy_(shard)
+
+
+def tokenizer_files(path: str) -> list[str]:
+    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
