@@ -42,6 +42,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_slm.atomic_io import current_umask, fsync_dir, write_text_atomic
+from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
@@ -101,6 +102,15 @@ def replace_directory(new: str, final: str) -> None:
         os.rename(new, final)
         shutil.rmtree(aside)
     fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def overwrite_arg():
+    """The ``--overwrite`` flag of every converter that writes a whole new ``--save``."""
+    return arg(
+        False,
+        "Replace a non-empty --save (the old output goes only once the new one is complete); "
+        "without it a non-empty --save is refused.",
+    )
 
 
 def check_new_output_dir(save: str, overwrite: bool, flag: str = "--save") -> None:

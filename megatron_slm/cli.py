@@ -23,7 +23,7 @@ import types
 from dataclasses import field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from megatron_slm.errors import UsageError
+from megatron_slm.errors import ConfigError, UsageError
 
 
 def arg(default: Any, help: str, **argparse_kwargs) -> Any:
@@ -39,6 +39,18 @@ def arg(default: Any, help: str, **argparse_kwargs) -> Any:
 def flag_name(field_name: str) -> str:
     """``tensor_model_parallel_size`` -> ``--tensor-model-parallel-size``."""
     return "--" + field_name.replace("_", "-")
+
+
+def check_at_least(cfg, *names: str, minimum: int = 1, error: type[Exception] = ConfigError,
+                   optional: bool = False) -> None:  # fmt: skip
+    """Each named field of dataclass ``cfg`` is >= ``minimum``, else ``error`` naming its flag;
+    ``optional``: an unset (None) field passes."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if value is None or value < minimum:
+            raise error(f"{flag_name(name)} must be >= {minimum}")
 
 
 def _base_type(hint):

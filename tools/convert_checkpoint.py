@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from megatron_slm import launch
+from megatron_slm.checkpoint import overwrite_arg
 from megatron_slm.cli import arg, build_parser, parse_configs
 from megatron_slm.convert.hf import (
     ConversionError,
@@ -45,11 +46,7 @@ class ConvertConfig:
     )
     load: str | None = arg(None, "Source directory.", required=True)
     save: str | None = arg(None, "Destination directory.", required=True)
-    overwrite: bool = arg(
-        False,
-        "Replace a non-empty --save (an earlier output is replaced only once the new one is "
-        "complete); without it a non-empty --save is refused.",
-    )
+    overwrite: bool = overwrite_arg()
     # hf-to-megatron
     tensor_model_parallel_size: int = arg(1, "hf-to-megatron: target TP (sets the padding).")
     pipeline_model_parallel_size: int = arg(1, "hf-to-megatron: target PP.")

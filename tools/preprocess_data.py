@@ -10,8 +10,8 @@ writes ``out/corpus_text_document.bin/.idx``. See ``megatron_slm.data.preprocess
 import logging
 import sys
 
-from megatron_slm.cli import build_parser, parse_configs
-from megatron_slm.data.preprocess import PreprocessConfig, expand_inputs
+from megatron_slm.cli import build_parser
+from megatron_slm.data.preprocess import PreprocessConfig, parse_input_config
 from megatron_slm.entry import entry_point
 
 PROG = "preprocess_data"
@@ -24,13 +24,7 @@ def get_parser():
 
 def get_config(argv=None) -> PreprocessConfig:
     """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    parser = get_parser()
-    cfg = parse_configs(parser, GROUPS, argv)["preprocessing"]
-    try:
-        expand_inputs(cfg.input)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    return cfg
+    return parse_input_config(get_parser(), GROUPS, "preprocessing", argv)
 
 
 @entry_point(PROG, log_level=logging.INFO)

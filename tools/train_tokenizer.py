@@ -11,9 +11,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg, build_parser, parse_configs
+from megatron_slm.cli import arg, build_parser
 from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.data.preprocess import expand_inputs
+from megatron_slm.data.preprocess import expand_inputs, parse_input_config
 from megatron_slm.data.tokenizer import train_sentencepiece
 from megatron_slm.entry import entry_point
 from megatron_slm.errors import InputFileError
@@ -61,13 +61,9 @@ def iter_texts(patterns, key, max_docs):
 
 def get_config(argv=None) -> TrainTokenizerConfig:
     """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    parser = build_parser(PROG, __doc__, GROUPS)
-    cfg = parse_configs(parser, GROUPS, argv)["tokenizer training"]
-    try:
-        expand_inputs(cfg.input)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    return cfg
+    return parse_input_config(
+        build_parser(PROG, __doc__, GROUPS), GROUPS, "tokenizer training", argv
+    )
 
 
 @entry_point(PROG)

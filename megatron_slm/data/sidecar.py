@@ -186,20 +186,11 @@ class SidecarWriter:
             self._out.create(self.metadata)
 
     @classmethod
-    def open_or_resume(
-        cls,
-        data_prefix: str,
-        *,
-        dtype: str = "float16",
-        reference: str = "",
-        settings: dict | None = None,
-        overwrite: bool = False,
-    ) -> SidecarWriter:
+    def open_or_resume(cls, data_prefix: str, **kwargs) -> SidecarWriter:
         """Reopen the partial sidecar of ``data_prefix`` if one exists with the same metadata
-        (token dataset fingerprint, dtype, reference, settings), keeping its completed ranges;
-        otherwise start a fresh one. A partial sidecar with different metadata is an error (delete
-        it, or start fresh with ``SidecarWriter(...)``)."""
-        kwargs = dict(dtype=dtype, reference=reference, settings=settings, overwrite=overwrite)
+        (token dataset fingerprint, dtype, reference, settings: the constructor's keywords),
+        keeping its completed ranges; otherwise start a fresh one. A partial sidecar with
+        different metadata is an error (delete it, or start fresh with ``SidecarWriter(...)``)."""
         bin_path, json_path = sidecar_paths(data_prefix)
         if not os.path.exists(json_path + ".partial") or not os.path.exists(bin_path + ".partial"):
             return cls(data_prefix, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
@@ -53,9 +53,7 @@ class EvaluateConfig(LoadArgs, ModelArgs, TokenizerArgs):
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be >= 1")
         self.lm_eval_options()  # a bad --lm-eval-metadata fails here, before any loading
-        for name in ("tensor_model_parallel_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_at_least(self, "tensor_model_parallel_size", "micro_batch_size")
         if self.seq_length is not None and self.seq_length < 2:
             raise ConfigError("--seq-length must be >= 2")
 

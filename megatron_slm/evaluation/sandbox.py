@@ -7,7 +7,7 @@ temporary working directory, an environment of a few fixed variables (nothing in
 tokens, no paths), its own session, and on timeout or too much output it is killed with its
 whole process group. As root (tests, CI, containers) it also runs as an unprivileged uid/gid
 (nobody/nogroup) in new network, mount and PID namespaces: no network interface but loopback,
-every filesystem read-only except its working directory (seen as ``/tmp``), and the kernel kills
+every filesystem read-only except its fresh working directory, and the kernel kills
 everything it started when it ends. docs/design.md ("The sandbox") says what is not protected.
 
     results = Sandbox(SandboxLimits(wall_seconds=5)).run_many(["print(1 + 1)"])
@@ -133,7 +133,7 @@ class Sandbox:
         lim = self.limits
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        home = "/tmp" if self.as_root else workdir  # as root the workdir is mounted on /tmp
+        home = workdir
         if self.as_root:
             os.chown(workdir, NOBODY, NOBODY)
             os.chmod(workdir, 0o700)

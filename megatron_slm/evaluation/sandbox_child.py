@@ -4,7 +4,7 @@ model-written program. Standard library only and no package import (it starts wi
 few milliseconds, once per program).
 
 As root: new network, mount, PID, IPC and UTS namespaces; in the mount namespace every
-filesystem is remounted read-only, the fresh working directory is bound over ``/tmp`` (the only
+filesystem is remounted read-only, the fresh working directory is bound onto itself (the only
 writable place), a fresh ``/proc`` is mounted, and a directory the unprivileged user cannot
 traverse on the way to the interpreter (``/root`` for a pyenv Python) is covered by an empty
 read-only tmpfs holding just the interpreter's tree. The program then runs under the dropped
@@ -126,13 +126,15 @@ def _root_child(cfg: dict, status_fd: int) -> None:
     for i, (hidden, inners) in enumerate(cfg["expose"]):
         _expose(hidden, inners, os.path.join(workdir, f".expose{i}-"))
     _read_only_everywhere()
-    _mount(workdir, "/tmp", None, MS_BIND)
-    _mount(None, "/tmp", None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
+    # The working directory, bound onto itself, is the one writable mount. (Not bound over /tmp:
+    # the interpreter or its packages may live under /tmp, e.g. a CI checkout's .venv.)
+    _mount(workdir, workdir, None, MS_BIND)
+    _mount(None, workdir, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
     try:  # this namespace's processes only; best effort (a container may refuse a new proc)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except SetupError:
         pass
-    os.chdir("/tmp")
+    os.chdir(workdir)
     _limits(cfg)
     os.setgroups([])
     os.setgid(cfg["gid"])

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from megatron_slm.errors import ConfigError
 
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups")  # fmt: skip
+"""The transformer's shape: its depth, width and heads (what inheritance cuts down)."""
+
 
 @dataclass(frozen=True)
 class GPTModelConfig:
@@ -38,15 +42,7 @@ class GPTModelConfig:
     """--init-method-std: std of the normal weight initialisation."""
 
     def __post_init__(self):
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_query_groups",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
+        for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.hidden_size % self.num_attention_heads:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import ConfigError, UserError
@@ -128,9 +128,7 @@ class AnnotateConfig:
     def __post_init__(self):
         if not self.input:
             raise ConfigError("--input: give at least one JSONL file or glob")
-        for name in ("concurrency", "max_new_tokens", "batch_size", "doc_max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_at_least(self, "concurrency", "max_new_tokens", "batch_size", "doc_max_prompt_tokens")
         if self.chunk_max_tokens < 1:
             raise ConfigError("--chunk-max-tokens must be >= 1")
         if self.max_retries < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import UserError
@@ -88,18 +88,15 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
             raise ScoringError("--data-prefix: give at least one token dataset prefix")
         if not self.load:
             raise ScoringError("--load: the reference model checkpoint is required")
-        for name in (
+        check_at_least(
+            self,
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
             "micro_batch_size",
             "commit_interval",
-        ):
-            if getattr(self, name) < 1:
-                raise ScoringError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("seq_length", "stride", "max_docs"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ScoringError(f"--{name.replace('_', '-')} must be >= 1")
+            error=ScoringError,
+        )
+        check_at_least(self, "seq_length", "stride", "max_docs", error=ScoringError, optional=True)
         if self.packing not in PACKINGS:
             raise ScoringError(
                 f"--packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}"

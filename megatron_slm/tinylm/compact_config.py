@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.checkpoint import overwrite_arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.runtime.plan import LoadArgs
@@ -106,9 +107,7 @@ class PruneConfig:
             check_coverage("--coverage", self.coverage)
         if self.output and not self.output.endswith(".model"):
             raise ConfigError(f"--output must end in .model, got {self.output!r}")
-        for name in ("heldout_max_docs", "hidden_size", "make_vocab_size_divisible_by"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_at_least(self, "heldout_max_docs", "hidden_size", "make_vocab_size_divisible_by")
 
 
 @dataclass
@@ -119,11 +118,7 @@ class RemapConfig(LoadArgs):
 
     id_map: str | None = arg(None, "The .idmap.json written by `prune`.", required=True)
     save: str | None = arg(None, "Directory of the new checkpoint.", required=True)
-    overwrite: bool = arg(
-        False,
-        "Replace a non-empty --save (only once the new checkpoint is complete); without it a "
-        "non-empty --save is refused.",
-    )
+    overwrite: bool = overwrite_arg()
     tokenizer_model: str | None = arg(
         None, "The pruned .model (default: the path the id map records)."
     )
@@ -134,8 +129,6 @@ class RemapConfig(LoadArgs):
 
     def __post_init__(self):
         LoadArgs.__post_init__(self)
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_at_least(self, "tensor_model_parallel_size", "pipeline_model_parallel_size")
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
             raise ConfigError("--make-vocab-size-divisible-by must be >= 1")

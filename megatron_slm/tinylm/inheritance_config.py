@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.runtime.plan import LoadArgs
@@ -49,14 +49,13 @@ class InheritConfig(LoadArgs, ModelArgs):
         if self.layer_choice is not None and self.layer_choice.method == "importance":
             if not self.calibration_data:
                 raise ConfigError("--layers importance needs --calibration-data")
-        for name in (
+        check_at_least(
+            self,
             "calibration_samples",
             "calibration_micro_batch_size",
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        )
         if self.calibration_seq_length is not None and self.calibration_seq_length < 2:
             raise ConfigError("--calibration-seq-length must be >= 2")
 

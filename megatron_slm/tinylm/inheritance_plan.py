@@ -17,7 +17,7 @@ import torch
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
-from megatron_slm.models.presets import GPTModelConfig, get_preset
+from megatron_slm.models.presets import SHAPE_FIELDS, GPTModelConfig, get_preset
 
 LAYER_METHODS = ("ends", "importance", "list")
 
@@ -97,13 +97,7 @@ def target_architecture(
 
 def check_target(source: GPTModelConfig, target: GPTModelConfig) -> None:
     """Refuse a target the source cannot be cut down to (errors name the flag and both values)."""
-    for name in (
-        "num_layers",
-        "hidden_size",
-        "ffn_hidden_size",
-        "num_attention_heads",
-        "num_query_groups",
-    ):
+    for name in SHAPE_FIELDS:
         mine, theirs = getattr(target, name), getattr(source, name)
         if mine > theirs:
             raise ConfigError(

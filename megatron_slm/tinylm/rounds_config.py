@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
@@ -53,16 +53,15 @@ class ScoreBatchesConfig(LoadArgs, ModelArgs, TokenizerArgs):
         TokenizerArgs.__post_init__(self)
         if not self.data_path:
             raise ConfigError("--data-path: give the trainer's blend")
-        for name in (
+        check_at_least(
+            self,
             "seq_length",
             "global_batch_size",
             "micro_batch_size",
             "commit_interval",
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
-        ):
-            if getattr(self, name) is None or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        )
         if self.train_iters is not None and self.train_iters < 1:
             raise ConfigError("--train-iters must be >= 1")
         if self.global_batch_size % self.micro_batch_size:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.cli import arg, parse_configs
+from megatron_slm.cli import arg, check_at_least, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
@@ -76,9 +76,7 @@ class TrainingArgs:
     recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
 
     def __post_init__(self):
-        for name in ("micro_batch_size", "seq_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_at_least(self, "micro_batch_size", "seq_length")
         if (self.train_iters is None) == (self.train_tokens is None):
             raise ConfigError("give exactly one of --train-iters and --train-tokens")
         if self.bf16 and self.fp16:
