@@ -41,7 +41,7 @@ except ImportError:
 from megatron_slm.refine.backends import OpenAIGenerator, TransformersGenerator  # noqa: E402
 from megatron_slm.refine.config import ModelConfig  # noqa: E402
 from megatron_slm.refine.executor import AcceptanceRule  # noqa: E402
-from megatron_slm.refine.pipeline import ModelRefiner  # noqa: E402
+from megatron_slm.refine.sources import ModelRefiner  # noqa: E402
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"

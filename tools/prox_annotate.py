@@ -26,7 +26,8 @@ import sys
 
 from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
-from megatron_slm.refine.annotate import AnnotateConfig, annotate
+from megatron_slm.refine.annotate import annotate
+from megatron_slm.refine.annotate_config import AnnotateConfig
 
 PROG = "prox_annotate"
 GROUPS = {"annotation": AnnotateConfig}

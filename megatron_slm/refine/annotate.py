@@ -17,7 +17,7 @@ only for documents graded edu = 2 (the only case where it changes the label).
 
 ``--programs FILE`` instead of ``--teacher``: the answers are existing programs (a rule-based
 labeller's, a larger refining model's, ProX's released ones once in this format), read by the
-reader of ``tools/prox_refine.py apply`` (``pipeline.ProgramFile``) and matched by ``--id-key``.
+reader of ``tools/prox_refine.py apply`` (``sources.ProgramFile``) and matched by ``--id-key``.
 Doc stage: the ``doc_program`` (``keep_doc()``/``drop_doc()``) is the answer; a null one leaves
 the document out. Chunk stage: the document is split as above and each chunk gets
 :func:`megatron_slm.refine.seeds.chunk_part` of the document-wide ``chunk_program``, then the same
@@ -26,22 +26,26 @@ grammar check as a teacher's program. No requests, no journal; the outputs are w
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import time
-from dataclasses import dataclass
 
-from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-from megatron_slm.cli import arg, check_at_least
+from megatron_slm.atomic_io import write_json_atomic, write_jsonl_atomic
 from megatron_slm.crash_points import CrashPoints
-from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
 from megatron_slm.progress import ProgressBar
-from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX, split_into_chunks, wrap_chunk
-from megatron_slm.refine.pipeline import ProgramFile, RefineError
+from megatron_slm.refine.annotate_config import AnnotateConfig, AnnotateError
+from megatron_slm.refine.annotate_inputs import (
+    JOURNAL_FORMAT,
+    KILL_HOOK_ENV,
+    Journal,
+    load_prompts,
+    read_documents,
+    request_key,
+    teacher_messages,
+)
+from megatron_slm.refine.chunking import split_into_chunks, wrap_chunk
+from megatron_slm.refine.decision import RefineError
 from megatron_slm.refine.program import parse_program
 from megatron_slm.refine.prompts import chat_messages, doc_message
 from megatron_slm.refine.seeds import (
@@ -54,209 +58,8 @@ from megatron_slm.refine.seeds import (
     needs_format_grade,
     parse_score,
 )
+from megatron_slm.refine.sources import ProgramFile
 from megatron_slm.refine.teachers import LocalTeacher, OpenAITeacher, TeacherError, is_url
-
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-PROMPT_FILES = {"edu": "doc_edu.txt", "format": "doc_format.txt", "chunk": "chunk_program.txt"}
-PLACEHOLDER = {"edu": "{document}", "format": "{document}", "chunk": "{chunk}"}
-JOURNAL_FORMAT = "megatron-slm-prox-annotate-journal"
-KILL_HOOK_ENV = "MEGATRON_SLM_ANNOTATE_KILL_AT"
-"""Test hook: ``answer:<k>`` SIGKILLs the run right after the k-th answer is journaled."""
-
-
-class AnnotateError(UserError):
-    """Bad input or settings; the message names the flag or the file and line."""
-
-
-@dataclass
-class AnnotateConfig:
-    input: list[str] = arg([], "JSONL files or globs of documents.", required=True)
-    stage: str = arg(None, "What the teacher annotates.", required=True, choices=["doc", "chunk"])
-    teacher: str | None = arg(
-        None,
-        "OpenAI-compatible base URL (http://host:port/v1) or a local Hugging Face model directory "
-        "(or give --programs).",
-    )
-    programs: str | None = arg(
-        None,
-        "Instead of a teacher: a JSONL of existing programs by document id, the file "
-        "tools/prox_refine.py apply --programs reads ({id, doc_program, chunk_program}; chunk "
-        "programs with document-wide line numbers, cut into one program per chunk).",
-    )
-    id_key: str = arg("id", "With --programs: JSON key identifying a document in both files.")
-    output: str = arg(None, "Seeds JSONL ({'messages': [...]} per example).", required=True)
-    teacher_model: str | None = arg(
-        None, "Model name sent to an OpenAI-compatible endpoint (needed with a URL)."
-    )
-    api_key_env: str = arg(
-        "OPENAI_API_KEY", "Environment variable holding the endpoint's API key (unset: no key)."
-    )
-    teacher_allow_insecure_http: bool = arg(
-        False,
-        "Allow plain http:// to a non-loopback teacher (the key and the answers travel "
-        "unencrypted).",
-    )
-    tokenizer: str | None = arg(
-        None,
-        "The refining model's tokenizer (its Hugging Face directory, or the SentencePiece .model "
-        "it will be trained with, read as tools/convert_checkpoint.py exports it): chunks (--stage "
-        "chunk, required) and the document truncation are then exactly those of "
-        "tools/prox_refine.py.",
-    )
-    prompts_dir: str | None = arg(
-        None, "Directory of doc_edu.txt, doc_format.txt, chunk_program.txt (default: packaged)."
-    )
-    text_key: str = arg("text", "JSON key of the document text.")
-    concurrency: int = arg(8, "Requests in flight (OpenAI-compatible teacher).")
-    timeout: float = arg(120.0, "Seconds per request before it is retried.")
-    max_retries: int = arg(8, "Retries of a request (exponential backoff) before the run stops.")
-    backoff: float = arg(1.0, "First retry delay in seconds; doubles per retry (jittered).")
-    max_new_tokens: int = arg(512, "Teacher answer length limit.")
-    doc_max_prompt_tokens: int = arg(
-        2000, "As tools/prox_refine.py: document-level prompt limit (with --tokenizer)."
-    )
-    chunk_max_tokens: int = arg(
-        1500, "As tools/prox_refine.py: tokens of numbered lines per chunk."
-    )
-    line_prefix: str = arg(DEFAULT_LINE_PREFIX, "As tools/prox_refine.py: line-number prefix.")
-    device: str = arg("auto", "Local teacher: auto, cpu, cuda, cuda:N.")
-    dtype: str = arg(
-        "auto", "Local teacher dtype.", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    batch_size: int = arg(8, "Local teacher: prompts per generate call.")
-
-    def __post_init__(self):
-        if not self.input:
-            raise ConfigError("--input: give at least one JSONL file or glob")
-        check_at_least(self, "concurrency", "max_new_tokens", "batch_size", "doc_max_prompt_tokens")
-        if self.chunk_max_tokens < 1:
-            raise ConfigError("--chunk-max-tokens must be >= 1")
-        if self.max_retries < 0:
-            raise ConfigError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.timeout <= 0 or self.backoff < 0:
-            raise ConfigError("--timeout must be > 0 and --backoff >= 0")
-        if (self.teacher is None) == (self.programs is None):
-            raise ConfigError(
-                "give exactly one of --teacher (a teacher LLM writes the answers) and --programs "
-                "(a JSONL of existing programs)"
-            )
-        if self.teacher is not None and is_url(self.teacher) and not self.teacher_model:
-            raise ConfigError("--teacher is a URL: give --teacher-model (the served model's name)")
-        if self.stage == "chunk" and not self.tokenizer:
-            raise ConfigError(
-                "--stage chunk needs --tokenizer (the refining model's tokenizer: chunks are split "
-                "by its token counts, as tools/prox_refine.py splits them)"
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs, prompts, journal
-# ---------------------------------------------------------------------------------------------
-def read_documents(patterns: list[str], text_key: str) -> list[tuple[str, dict, str]]:
-    """``(source "path:line", record, text)`` of every document, in input order."""
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise AnnotateError(f"--input {pattern!r}: no such file")
-        paths.extend(m for m in matches if m not in paths)
-    docs = []
-    for path in paths:
-        try:
-            for line_no, record in iter_jsonl(path):
-                text = record.get(text_key)
-                if not isinstance(text, str):
-                    what = "no" if text_key not in record else "a non-string"
-                    raise AnnotateError(f"{path}:{line_no}: {what} {text_key!r} key (--text-key)")
-                docs.append((f"{path}:{line_no}", record, text))
-        except UnicodeDecodeError as e:
-            raise AnnotateError(f"{path}: not UTF-8 text ({e})") from None
-        except AnnotateError:
-            raise
-        except ValueError as e:  # iter_jsonl names the file and line
-            raise AnnotateError(str(e)) from None
-    return docs
-
-
-def load_prompts(prompts_dir: str | None, stage: str) -> dict[str, str]:
-    root = prompts_dir or PROMPTS_DIR
-    names = ("edu", "format") if stage == "doc" else ("chunk",)
-    prompts = {}
-    for name in names:
-        path = os.path.join(root, PROMPT_FILES[name])
-        try:
-            with open(path, encoding="utf-8") as f:
-                prompts[name] = f.read()
-        except OSError as e:
-            raise AnnotateError(f"--prompts-dir: cannot read {path} ({e.strerror})") from None
-        if PLACEHOLDER[name] not in prompts[name]:
-            raise AnnotateError(f"--prompts-dir: {path} has no {PLACEHOLDER[name]} placeholder")
-    return prompts
-
-
-def teacher_messages(template: str, name: str, content: str) -> list[dict]:
-    return [{"role": "user", "content": template.replace(PLACEHOLDER[name], content)}]
-
-
-def request_key(messages: list[dict], max_new_tokens: int) -> str:
-    blob = json.dumps([messages, max_new_tokens], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-class Journal:
-    """Append-only answers: ``{"key", "answer", "error"}`` per line, fsync'd; the first line is the
-    run's manifest."""
-
-    def __init__(self, path: str, manifest: dict):
-        self.path = path
-        self.answers: dict[str, tuple[str | None, str | None]] = {}
-        if os.path.exists(path):
-            self._load(manifest)
-            self.f = open(path, "a", encoding="utf-8")
-        else:  # the manifest line appears whole or not at all (unique temporary, fsync, rename)
-            write_text_atomic(path, json.dumps(manifest, sort_keys=True) + "\n")
-            self.f = open(path, "a", encoding="utf-8")
-
-    def _load(self, manifest: dict) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        lines = data.split(b"\n")
-        good = len(data)
-        if lines[-1]:  # a torn last line from a killed run: cut it off
-            good = len(data) - len(lines[-1])
-            lines = lines[:-1]
-        try:
-            head = json.loads(lines[0])
-        except (IndexError, ValueError):
-            raise AnnotateError(f"--output: {self.path} is not a journal; delete it") from None
-        if head != manifest:
-            keys = sorted(k for k in set(head) | set(manifest) if head.get(k) != manifest.get(k))
-            raise AnnotateError(
-                f"--output: {self.path} is another run's journal (differs in: {', '.join(keys)}); "
-                f"use another --output or delete it"
-            )
-        for i, line in enumerate(lines[1:], 2):
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-                self.answers[entry["key"]] = (entry["answer"], entry["error"])
-            except (ValueError, KeyError, TypeError):
-                raise AnnotateError(f"{self.path}:{i}: corrupt journal line; delete it") from None
-        if good != len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def add(self, key: str, answer: str | None, error: str | None) -> None:
-        self.f.write(json.dumps({"key": key, "answer": answer, "error": error}) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.answers[key] = (answer, error)
-
-    def close(self) -> None:
-        self.f.close()
-
 
 # ---------------------------------------------------------------------------------------------
 # the run

@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from megatron_slm.refine.annotate import KILL_HOOK_ENV, AnnotateConfig, annotate
+from megatron_slm.refine.annotate import KILL_HOOK_ENV, annotate
+from megatron_slm.refine.annotate_config import AnnotateConfig
 from megatron_slm.refine.prompts import chat_messages
 from tests.unit.refine import read_jsonl, write_jsonl
 

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from megatron_slm.refine.annotate import AnnotateConfig, annotate
+from megatron_slm.refine.annotate import annotate
+from megatron_slm.refine.annotate_config import AnnotateConfig
 from megatron_slm.refine.prompts import SYSTEM_PROMPT
 from tests.functional.pretrain_helpers import run_pretrain
 from tests.unit.refine import read_jsonl, write_jsonl

@@ -75,7 +75,7 @@ def test_token_counts(tmp_path, victim):
 
 
 def test_annotation_journal(tmp_path, victim):
-    from megatron_slm.refine.annotate import Journal
+    from megatron_slm.refine.annotate_inputs import Journal
 
     path = str(tmp_path / "answers.jsonl")
     _plant(victim, path + ".tmp")

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from megatron_slm.refine.annotate import AnnotateConfig, AnnotateError, annotate
+from megatron_slm.refine.annotate import annotate
+from megatron_slm.refine.annotate_config import AnnotateConfig, AnnotateError
 from megatron_slm.refine.prompts import chat_messages
 from tests.unit.refine import REPO
 

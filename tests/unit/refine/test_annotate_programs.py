@@ -12,7 +12,8 @@ import pytest
 
 import megatron_slm.refine.annotate as annotate_module
 from megatron_slm.errors import ConfigError
-from megatron_slm.refine.annotate import AnnotateConfig, AnnotateError, annotate
+from megatron_slm.refine.annotate import annotate
+from megatron_slm.refine.annotate_config import AnnotateConfig, AnnotateError
 from megatron_slm.refine.chunking import split_into_chunks, wrap_chunk
 from megatron_slm.refine.executor import apply_chunk_program
 from megatron_slm.refine.program import Normalize, RemoveLines, parse_program

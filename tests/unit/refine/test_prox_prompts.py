@@ -8,9 +8,10 @@ import pytest
 
 from megatron_slm.refine import backends
 from megatron_slm.refine.config import ModelConfig
+from megatron_slm.refine.decision import Document
 from megatron_slm.refine.executor import AcceptanceRule
-from megatron_slm.refine.pipeline import Document, ModelRefiner
 from megatron_slm.refine.prompts import SYSTEM_PROMPT
+from megatron_slm.refine.sources import ModelRefiner
 
 # rows of the docs/design.md table covered here (test_prox_semantics checks the table)
 PROMPT_ROWS = {

@@ -126,7 +126,8 @@ def test_plain_http_to_another_host_needs_the_flag(url):
 
 def test_annotate_flag_reaches_the_client(tmp_path):
     """prox_annotate's --teacher-allow-insecure-http is the flag the refusal names."""
-    from megatron_slm.refine.annotate import AnnotateConfig, make_teacher
+    from megatron_slm.refine.annotate import make_teacher
+    from megatron_slm.refine.annotate_config import AnnotateConfig
 
     def config(**kw):
         return AnnotateConfig(
