@@ -8,6 +8,7 @@ memory into the same chunks (``runtime.hf_source``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from megatron_slm.checkpoint import CheckpointInfo, load_checkpoint
 from megatron_slm.errors import CheckpointError, UserError
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.plan import LoadPlan
+
+logger = logging.getLogger("megatron_slm")
 
 
 @dataclass
@@ -72,10 +75,17 @@ def load_model(
 ) -> LoadedModel:
     """Build ``plan``'s model for the initialised layout and read its weights (the metadata is
     not read again). Raises ``CheckpointError`` naming the plan's flag for weights that do not
-    fit."""
+    fit. From plain Python (a notebook, a script) with no process group yet, it creates a
+    one-process group (TP=1, PP=1) first and logs that it did."""
     from megatron.core import parallel_state
 
     from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
+
+    if not parallel_state.model_parallel_is_initialized():
+        from megatron_slm import launch
+
+        launch.initialize(device=device.type)
+        logger.warning("load_model: no process group, created a one-process group (TP=1, PP=1)")
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     opts = ModelBuildOptions(

@@ -134,3 +134,28 @@ def test_swapped_tokenizer_is_refused_by_load_and_export(runs, swapped, tmp_path
     proc = _tool("convert_checkpoint.py", "megatron-to-hf", "--load", ckpt, "--save", out)
     _refused(proc, recorded, now, "convert_checkpoint")
     assert not (out / "tokenizer.json").exists()
+
+
+def test_load_model_from_plain_python_without_a_process_group(runs):
+    """A notebook's two lines: plan_load + load_model, no launch.initialize; the model's losses
+    equal those of the same model loaded after launch.initialize (the tools' way)."""
+    code = (
+        "import sys, torch\n"
+        "from megatron_slm.runtime import LoadArgs, load_model, plan_load, sequence_losses\n"
+        "plan = plan_load(LoadArgs(load=sys.argv[1], device='cpu'), tokenizer='none')\n"
+        "if sys.argv[2] == 'initialized':\n"
+        "    from megatron_slm import launch\n"
+        "    launch.initialize(device='cpu')\n"
+        "lm = load_model(plan, torch.device('cpu'))\n"
+        "ids = torch.arange(1, 18).unsqueeze(0) % lm.arch.vocab_size\n"
+        "print(sequence_losses(lm, ids).tolist())\n"
+    )
+    out = {}
+    for mode in ("plain", "initialized"):
+        proc = subprocess.run([sys.executable, "-c", code, runs["sp_ckpt"], mode],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[mode] = proc.stdout.strip().splitlines()[-1]
+        created = "created a one-process group" in proc.stderr
+        assert created == (mode == "plain"), proc.stderr[-2000:]
+    assert out["plain"] == out["initialized"]
