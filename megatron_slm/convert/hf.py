@@ -51,6 +51,7 @@ from megatron_slm.convert.hf_target import (
     parse_dtype,
 )
 from megatron_slm.convert.tokenizer_export import write_generation_config
+from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
 from megatron_slm.runtime.hf_source import (
@@ -186,10 +187,14 @@ def convert_hf_to_megatron(
         "hf": {"architecture": architecture(hf_cfg), "config": hf_cfg},
     }
     if tok_files:
+        if dist.get_world_size() > 1:
+            dist.barrier()  # rank 0's copy is complete before any rank hashes it
         metadata["tokenizer"] = {
             "type": "HuggingFaceTokenizer",
             "model": tok_dir,
             "vocab_size": n_tokens,
+            # the copy's digest: every later load and export checks the files against it
+            "sha256": model_digest("HuggingFaceTokenizer", os.path.join(staged, "tokenizer")),
         }
     try:
         staged_ckpt = save_checkpoint(

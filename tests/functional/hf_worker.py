@@ -113,6 +113,7 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
     """World of one, per architecture: HF -> megatron (padded for TP=2), logits, greedy and
     perplexity at TP=1, export back to HF, re-import; full state dicts for the round trip."""
     from megatron_slm.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_slm.data.tokenizer import model_digest
     from megatron_slm.evaluation import evaluate_perplexity, load_eval_model, read_documents
     from megatron_slm.launch import initialize
 
@@ -121,6 +122,12 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
         hf_dir, ckpt = os.path.join(root, arch), os.path.join(root, f"{arch}_ckpt")
         initialize(device="cpu")
         convert_hf_to_megatron(hf_dir, ckpt, tensor_model_parallel_size=2)
+        # the imported tokenizer is recorded with the digest of its copy (every later load and
+        # export checks the files against it)
+        record = _metadata(ckpt)["tokenizer"]
+        assert record["sha256"] and record["sha256"] == model_digest(
+            record["type"], record["model"]
+        )
         logits, gen, padded = model_logits(
             rank, world, ckpt, tokens, 1, prompt, max_new_tokens, eos
         )
@@ -386,3 +393,12 @@ def make_chat_model(path: str, chat_template: str, seed: int, max_position_embed
         path, "llama", len(tok), seed=seed, max_position_embeddings=max_position_embeddings
     )
     return path
+
+
+def _metadata(ckpt: str) -> dict:
+    import json
+
+    with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
+        iteration = int(f.read())
+    with open(os.path.join(ckpt, f"iter_{iteration:07d}", "megatron_slm.json")) as f:
+        return json.load(f)
