@@ -54,21 +54,16 @@ def targets(n, v, vocab_start, seed):
 
 
 def stats_reference(x, t, vocab_start):
-    """{max, sum exp(x - max), target logit or 0} in float64; all -inf rows give sum 0."""
+    """{max, sum exp(x - max), target logit or 0} in float64; all -inf rows give sum 0. The max
+    follows the kernels' NaN rule: NaN is ignored (as fmaxf does), -inf when all are NaN."""
     xd = x.double()
-    m = xd.max(dim=1).values
+    m = torch.where(torch.isnan(xd), -INF, xd).max(dim=1).values
     s = torch.exp(xd - m[:, None]).sum(dim=1)
     s = torch.where(m == -INF, torch.zeros_like(s), s)
     loc = t - vocab_start
     hit = (loc >= 0) & (loc < x.shape[1])
     tl = xd.gather(1, torch.where(hit, loc, 0)[:, None])[:, 0]
     return m, s, torch.where(hit, tl, torch.zeros_like(tl))
-
-
-def nan_rule_max(x):
-    """The kernels' row max (float64): NaN is ignored, as fmaxf does; -inf when all are NaN."""
-    xd = x.double()
-    return torch.where(torch.isnan(xd), -INF, xd).max(dim=1).values
 
 
 def check_stats(st, x, t, vocab_start, who, fast_exp=False):
@@ -80,7 +75,7 @@ def check_stats(st, x, t, vocab_start, who, fast_exp=False):
     nan_row = torch.isnan(x.float()).any(dim=1) | (x.float() == INF).any(dim=1)
     ok = ~nan_row
     # maxima and target logits: exact (rows with NaN/+inf sum to NaN; their max follows the rule)
-    assert torch.equal(st[:, 0].double(), nan_rule_max(x)), who
+    assert torch.equal(st[:, 0].double(), m), who
     exact = dict(rtol=0, atol=0, equal_nan=True, msg=who)  # a NaN target logit stays NaN
     torch.testing.assert_close(st[:, 2].double(), tl, **exact)
     assert torch.isnan(st[nan_row, 1]).all(), f"{who}: rows with NaN or +inf must sum to NaN"
