@@ -6,7 +6,9 @@ server: every request goes over real HTTP to the real server and its real answer
 with a grade or program appended by rule from markers in the document (``EDU=n``, ``FMT=n``,
 ``BAD``), so the labels are known. The proxy also counts requests per prompt, which is how the
 test sees that a resumed run never asks again for an answer it already has, and it answers 502
-while the server is restarted mid-run (the client's retries must carry the run through).
+while the server is restarted mid-run (the client's retries must carry the run through). From the
+restart until the new server is up, every request gets 502, even one the old server would still
+answer during its graceful shutdown: so the run cannot finish without the restarted server.
 """
 
 import http.client
@@ -124,6 +126,13 @@ class Proxy(http.server.ThreadingHTTPServer):
         self.restart_after = None  # restart the server after this many forwarded answers
         self.lock = threading.Lock()
         self.real_answers = []
+        self.restarting = False  # from the restart until the new server answers /health
+
+    def restart_upstream(self):
+        self.upstream.stop()
+        self.upstream.start()
+        with self.lock:
+            self.restarting = False
 
     @property
     def url(self):
@@ -155,6 +164,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 proxy.active -= 1
 
     def _forward(self, proxy, body, content):
+        if proxy.restarting:
+            return self._reply(502, b'{"error": "upstream restarting"}')
         try:
             conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port, timeout=60)
             conn.request("POST", self.path, body, {"Content-Type": "application/json"})
@@ -171,13 +182,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             proxy.counts[content] = proxy.counts.get(content, 0) + 1
             proxy.real_answers.append(answer)
         reply["choices"][0]["message"]["content"] = rewrite(content, answer)
-        self._reply(200, json.dumps(reply).encode())
         with proxy.lock:
             proxy.forwarded += 1
             restart = proxy.forwarded == proxy.restart_after
+            proxy.restarting = proxy.restarting or restart
+        self._reply(200, json.dumps(reply).encode())
         if restart:  # the server goes away mid-run and comes back a little later
-            proxy.upstream.stop()
-            threading.Thread(target=proxy.upstream.start, daemon=True).start()
+            threading.Thread(target=proxy.restart_upstream, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
