@@ -6,7 +6,9 @@
 //       per row {max, sum exp(x - max), target logit or 0 when the target is not in this shard}
 //   selective_loss_backward(logits[N,V], target[N], vocab_start, lse[N] fp32, scale[N] fp32,
 //                           inplace) -> grad[N,V] (logits dtype; the logits buffer when inplace)
-//   selective_loss_select(scores[G,n] fp32, eligible[G,n] bool, k[G] int64) -> selected[G,n] bool
+//   selective_loss_select(scores[G,n] fp32, eligible[G,n] bool, k[G] int64 | None, ratio)
+//       -> selected[G,n] bool; with k None, k[g] = keep_count(ratio, eligible count of g) (no
+//       count and no k prepared by the caller: fewer launches per call on a GPU)
 //       exact top-k per group, ties by lower index, O(n) (std::nth_element)
 //   selective_loss_finalize(stats[N,3] fp32 combined over TP, target[N] int64, v_global,
 //                           ref[N] fp32 or None, mask[N] bool or None, flags)
@@ -116,8 +118,8 @@ void dispatch_dtype(torch::ScalarType st, Fn&& fn) {
 
 // Exact top-k of one group: indices (into the group) of the k eligible entries with the highest
 // score, ties broken by the lower index. NaN scores rank lowest. O(n) expected.
-void select_group(const float* scores, const bool* eligible, int64_t n, int64_t k, bool* out,
-                  std::vector<std::pair<float, int64_t>>& work) {
+void select_group(const float* scores, const bool* eligible, int64_t n, int64_t k, double ratio,
+                  bool* out, std::vector<std::pair<float, int64_t>>& work) {
   std::fill(out, out + n, false);
   work.clear();
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -125,6 +127,7 @@ void select_group(const float* scores, const bool* eligible, int64_t n, int64_t 
     if (eligible[i]) work.emplace_back(std::isnan(scores[i]) ? neg_inf : scores[i], i);
   }
   const int64_t m = static_cast<int64_t>(work.size());
+  if (ratio >= 0) k = megatron_slm::finalize::keep_count(ratio, m);  // k < 0: derive it
   if (k <= 0 || m == 0) return;
   if (k < m) {
     auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
@@ -212,14 +215,18 @@ torch::Tensor selective_loss_backward(torch::Tensor logits, torch::Tensor target
   return grad;
 }
 
-torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible, torch::Tensor k) {
+torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible,
+                                    std::optional<torch::Tensor> k, double ratio) {
   TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat32 &&
                   scores.is_contiguous(),
               "selective_loss_select: scores must be contiguous fp32 [groups, n]");
   TORCH_CHECK(eligible.sizes() == scores.sizes() && eligible.scalar_type() == torch::kBool &&
                   eligible.is_contiguous(),
               "selective_loss_select: eligible must be contiguous bool like scores");
-  TORCH_CHECK(k.dim() == 1 && k.size(0) == scores.size(0) && k.scalar_type() == torch::kInt64,
+  TORCH_CHECK(k.has_value() != (ratio >= 0.0),
+              "selective_loss_select: give either k or a ratio >= 0 (k is then derived)");
+  TORCH_CHECK(!k.has_value() || (k->dim() == 1 && k->size(0) == scores.size(0) &&
+                                 k->scalar_type() == torch::kInt64),
               "selective_loss_select: k must be int64 [groups]");
   // k may live anywhere (it is copied to the scores' device below); the others may not.
   TORCH_CHECK(eligible.device() == scores.device(),
@@ -235,7 +242,7 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
   if (scores.is_cuda()) {
 #ifdef MEGATRON_SLM_WITH_CUDA
     const c10::cuda::CUDAGuard guard(scores.device());
-    auto kk = k.to(scores.device()).contiguous();
+    torch::Tensor kk = k.has_value() ? k->to(scores.device()).contiguous() : torch::Tensor();
     // int64 elements: the workspace is 8-byte aligned
     auto workspace = torch::empty(
         {(megatron_slm::cuda::selective_loss_select_workspace_bytes(G, n) + 7) / 8},
@@ -243,7 +250,8 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
     check_launch(megatron_slm::cuda::selective_loss_select(
                      scores.data_ptr<float>(),
                      reinterpret_cast<const uint8_t*>(eligible.data_ptr<bool>()),
-                     kk.data_ptr<int64_t>(), G, n, reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
+                     kk.defined() ? kk.data_ptr<int64_t>() : nullptr, ratio, G, n,
+                     reinterpret_cast<uint8_t*>(out.data_ptr<bool>()),
                      workspace.data_ptr(),
                      c10::cuda::getCurrentCUDAStream(scores.device().index()).stream()),
                  "select");
@@ -252,16 +260,16 @@ torch::Tensor selective_loss_select(torch::Tensor scores, torch::Tensor eligible
     TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
 #endif
   }
-  auto kc = k.contiguous();
+  torch::Tensor kc = k.has_value() ? k->contiguous() : torch::Tensor();
   const float* sc = scores.data_ptr<float>();
   const bool* el = eligible.data_ptr<bool>();
-  const int64_t* kp = kc.data_ptr<int64_t>();
+  const int64_t* kp = kc.defined() ? kc.data_ptr<int64_t>() : nullptr;
   bool* o = out.data_ptr<bool>();
   at::parallel_for(0, G, G > 1 ? 1 : G, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<float, int64_t>> work;
     work.reserve(static_cast<size_t>(n));
     for (int64_t g = begin; g < end; ++g) {
-      select_group(sc + g * n, el + g * n, n, kp[g], o + g * n, work);
+      select_group(sc + g * n, el + g * n, n, kp != nullptr ? kp[g] : -1, ratio, o + g * n, work);
     }
   });
   return out;
@@ -349,8 +357,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("target"), py::arg("vocab_start"), py::arg("lse"),
         py::arg("scale"), py::arg("inplace"));
   m.def("selective_loss_select", &selective_loss_select,
-        "Exact per-group top-k (ties by lower index) with std::nth_element", py::arg("scores"),
-        py::arg("eligible"), py::arg("k"));
+        "Exact per-group top-k (ties by lower index) with std::nth_element; k None: derived from "
+        "the ratio and each group's eligible count",
+        py::arg("scores"), py::arg("eligible"), py::arg("k") = py::none(), py::arg("ratio") = -1.0);
   m.def("selective_loss_finalize", &selective_loss_finalize,
         "Per-row loss/lse/score/selection flags and the op's statistics from combined row stats",
         py::arg("stats"), py::arg("target"), py::arg("v_global"), py::arg("ref"), py::arg("mask"),

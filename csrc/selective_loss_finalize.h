@@ -74,5 +74,15 @@ SLM_FINALIZE_FN void finalize_row(const float* st, int64_t target, int64_t v_glo
   if (target < 0 || target >= v_global) acc[kBadTargets] += 1.0;
 }
 
+// How many of a group's n_scored rows the top-k keeps at `ratio` (< 1): floor(ratio * n + 0.5),
+// at least 1, at most n (selective_loss_reference.num_to_keep). The select kernels compute it
+// from the group's eligible count themselves, so no count and no k is prepared per call.
+SLM_FINALIZE_FN int64_t keep_count(double ratio, int64_t n_scored) {
+  if (n_scored <= 0) return 0;
+  if (ratio >= 1.0) return n_scored;
+  const int64_t k = static_cast<int64_t>(floor(ratio * static_cast<double>(n_scored) + 0.5));
+  return k < 1 ? 1 : (k > n_scored ? n_scored : k);
+}
+
 }  // namespace finalize
 }  // namespace megatron_slm

@@ -384,6 +384,7 @@ __device__ __forceinline__ uint32_t score_key(float f) {
 struct SelectState {
   unsigned long long remaining;  // how many of the candidates are still to be taken
   unsigned long long total;      // eligible entries of the group
+  long long k;                   // the group's k: given, or keep_count(ratio, total)
   uint32_t prefix;               // key digits found so far (the k-th key after the last pass)
   uint32_t pad;
 };
@@ -429,16 +430,19 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // One block per group; thread 0 scans the 256 bins. Clears the histogram for the next pass.
 __global__ void __launch_bounds__(kPickThreads)
-    select_pick_kernel(const int64_t* __restrict__ k, int64_t G, int shift, SelectWorkspace ws) {
+    select_pick_kernel(const int64_t* __restrict__ k, double ratio, int64_t G, int shift,
+                       SelectWorkspace ws) {
   for (int64_t grp = blockIdx.x; grp < G; grp += gridDim.x) {
     unsigned long long* gh = ws.hist + grp * 256;
     SelectState& st = ws.state[grp];
     if (threadIdx.x == 0) {
       unsigned long long total = 0;
       for (int b = 0; b < 256; ++b) total += gh[b];
-      if (shift == 24) {
+      if (shift == 24) {  // the first pass counts every eligible entry: k can be derived here
         st.total = total;
-        st.remaining = k[grp] > 0 ? static_cast<unsigned long long>(k[grp]) : 0ull;
+        st.k = k != nullptr ? k[grp]
+                            : finalize::keep_count(ratio, static_cast<int64_t>(total));
+        st.remaining = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
       }
       const unsigned long long rem = st.remaining;
       if (rem > 0 && rem <= total) {
@@ -459,22 +463,21 @@ __global__ void __launch_bounds__(kPickThreads)
   }
 }
 
-__device__ __forceinline__ bool select_all_or_none(const SelectState& st, long long kk) {
-  const unsigned long long want = kk > 0 ? static_cast<unsigned long long>(kk) : 0ull;
+__device__ __forceinline__ bool select_all_or_none(const SelectState& st) {
+  const unsigned long long want = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
   return want == 0 || want >= st.total;
 }
 
 __global__ void __launch_bounds__(kSelectThreads)
     select_count_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
-                        const int64_t* __restrict__ k, int64_t G, int64_t n,
-                        SelectWorkspace ws) {
+                        int64_t G, int64_t n, SelectWorkspace ws) {
   __shared__ unsigned int warp_counts[kSelectThreads / 32];
   const int64_t chunks = chunks_of(n);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   for (int64_t item = blockIdx.x; item < G * chunks; item += gridDim.x) {
     const int64_t grp = item / chunks;
-    if (select_all_or_none(ws.state[grp], k[grp])) continue;  // uniform in the block
+    if (select_all_or_none(ws.state[grp])) continue;  // uniform in the block
     const int64_t lo = (item % chunks) * kSelectChunk;
     const int64_t hi = lo + kSelectChunk < n ? lo + kSelectChunk : n;
     const float* sc = scores + grp * n;
@@ -499,8 +502,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 __global__ void __launch_bounds__(kSelectThreads)
     select_write_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
-                        const int64_t* __restrict__ k, int64_t G, int64_t n,
-                        uint8_t* __restrict__ selected, SelectWorkspace ws) {
+                        int64_t G, int64_t n, uint8_t* __restrict__ selected, SelectWorkspace ws) {
   __shared__ unsigned int warp_counts[kSelectThreads / 32];
   __shared__ unsigned long long s_taken;
   const int64_t chunks = chunks_of(n);
@@ -516,9 +518,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     const uint8_t* el = eligible + grp * n;
     uint8_t* out = selected + grp * n;
     const SelectState& st = ws.state[grp];
-    const long long kk = k[grp];
-    if (select_all_or_none(st, kk)) {  // k <= 0: nothing; k >= #eligible: every eligible entry
-      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) out[i] = (kk > 0 && el[i]) ? 1 : 0;
+    if (select_all_or_none(st)) {  // k <= 0: nothing; k >= #eligible: every eligible entry
+      const bool any = st.k > 0;
+      for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) out[i] = (any && el[i]) ? 1 : 0;
       continue;
     }
     const uint32_t kth = st.prefix;
@@ -692,7 +694,7 @@ int64_t selective_loss_select_workspace_bytes(int64_t G, int64_t n) {
 }
 
 int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
-                          int64_t G, int64_t n, uint8_t* selected, void* workspace,
+                          double ratio, int64_t G, int64_t n, uint8_t* selected, void* workspace,
                           cudaStream_t stream) {
   if (G <= 0 || n <= 0) return cudaSuccess;
   const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
@@ -710,14 +712,15 @@ int selective_loss_select(const float* scores, const uint8_t* eligible, const in
     SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_hist_kernel)(scores, eligible, G, n,
                                                                           shift, ws);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    SLM_LAUNCH(groups_grid, kPickThreads, 0, stream, select_pick_kernel)(k, G, shift, ws);
+    SLM_LAUNCH(groups_grid, kPickThreads, 0, stream, select_pick_kernel)(k, ratio, G, shift,
+                                                                          ws);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_count_kernel)(scores, eligible, k, G, n,
+  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_count_kernel)(scores, eligible, G, n,
                                                                          ws);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_write_kernel)(scores, eligible, k, G,
-                                                                         n, selected, ws);
+  SLM_LAUNCH(items_grid, kSelectThreads, 0, stream, select_write_kernel)(scores, eligible, G, n,
+                                                                         selected, ws);
   return cudaGetLastError();
 }
 

@@ -48,7 +48,8 @@ Backward needs no communication.
 
 Fixed cost: one *finalize* kernel derives loss, lse, the score, the scored/selected flags and all
 statistics from the combined row stats (no selection pass at ratio 1), and nothing is read back
-to the host: ``k`` stays on the device and target ids are checked with a device-side assert.
+to the host: the select kernel derives ``k`` from each group's eligible count, and target ids are
+checked with a device-side assert.
 
 Implementations (``impl``): ``"cpp"`` (``megatron_slm._C`` CPU kernels), ``"cuda"`` (CUDA kernels
 in ``_C``), ``"torch"`` (pure PyTorch, :mod:`.selective_loss_reference`), ``"auto"`` (the compiled
@@ -215,23 +216,22 @@ def _finalize_flags(mode: str, has_ref: bool, unscored: str, ratio: float) -> in
     )
 
 
-def _top_k(score, eligible, n_scored, shape, cfg, kernels) -> torch.Tensor:
+def _top_k(score, eligible, shape, cfg, kernels) -> torch.Tensor:
     """The top-k selection ``[N]`` bool of the scored rows (ratio < 1) for the config's scope."""
     ratio, scope, mode = cfg["ratio"], cfg["scope"], cfg["mode"]
     dp_group, dp_size, dp_rank = cfg["dp_info"]
     if mode == "random":
         score = _ref.random_scores(shape, cfg["seed"], dp_rank if scope == "data-parallel" else 0)
         score = score.to(eligible.device).reshape(-1)
+    # k of each group is derived by the select kernel from its eligible count (no launches here)
     if scope == "sequence":
         if len(shape) != 2:
             raise ValueError("scope='sequence' needs [s, b] inputs")
         sc = score.view(shape).t().contiguous()  # [b, s]: one group per sequence
         el = eligible.view(shape).t().contiguous()
-        k = _num_to_keep_t(ratio, el.sum(dim=1))
-        return kernels.select(sc, el, k).t().reshape(-1)
+        return kernels.select(sc, el, None, ratio).t().reshape(-1)
     if scope == "microbatch" or dp_size == 1:
-        k = _num_to_keep_t(ratio, n_scored.reshape(1))
-        return kernels.select(score.view(1, -1), eligible.view(1, -1), k).view(-1)
+        return kernels.select(score.view(1, -1), eligible.view(1, -1), None, ratio).view(-1)
     # data-parallel: exchange per-token scores and eligibility (one all_gather)
     n = score.numel()
     packed = torch.stack([score.float(), eligible.float()])
@@ -240,16 +240,7 @@ def _top_k(score, eligible, n_scored, shape, cfg, kernels) -> torch.Tensor:
     allp = torch.cat(parts, dim=1)  # [2, dp * n], rank-major
     sc = allp[0].reshape(1, -1).contiguous()
     el = (allp[1] > 0.5).reshape(1, -1).contiguous()
-    k = _num_to_keep_t(ratio, el.sum(dim=1))
-    return kernels.select(sc, el, k)[0, dp_rank * n : (dp_rank + 1) * n]
-
-
-def _num_to_keep_t(ratio: float, n_scored: torch.Tensor) -> torch.Tensor:
-    """Vectorized :func:`selective_loss_reference.num_to_keep` (int64, on the counts' device:
-    the select kernels take k where it lies, so no count is read back)."""
-    n = n_scored.to(torch.int64)
-    k = torch.floor(ratio * n.double() + 0.5).to(torch.int64)
-    return torch.minimum(torch.clamp(k, min=1), n)
+    return kernels.select(sc, el, None, ratio)[0, dp_rank * n : (dp_rank + 1) * n]
 
 
 class _SelectiveCrossEntropy(torch.autograd.Function):
@@ -275,7 +266,7 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         )
         _check_targets(totals, target1d, v_global, v_local, cfg["tp_size"])
         if cfg["ratio"] < 1.0:
-            top = _top_k(score, eligible, totals[1], tuple(target.shape), cfg, kernels)
+            top = _top_k(score, eligible, tuple(target.shape), cfg, kernels)
             selected = selected | top  # selected held the always-kept unscored rows
             top_sums = torch.stack(
                 [top.sum(dtype=torch.float32), torch.where(top, loss1d, 0.0).sum()]

@@ -27,6 +27,13 @@ _ROW_BLOCK = 256  # rows per block in the torch kernels (bounds the fp32 tempora
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
+def _num_to_keep_t(ratio: float, n_scored: torch.Tensor) -> torch.Tensor:
+    """Vectorized :func:`num_to_keep` (int64, on the counts' device: nothing is read back)."""
+    n = n_scored.to(torch.int64)
+    k = torch.floor(ratio * n.double() + 0.5).to(torch.int64)
+    return torch.minimum(torch.clamp(k, min=1), n)
+
+
 def num_to_keep(ratio: float, n_scored: int) -> int:
     """``round(ratio * n_scored)`` (half up), at least 1 when ``n_scored > 0``."""
     if n_scored <= 0:
@@ -141,11 +148,17 @@ def torch_backward(
     return grad
 
 
-def torch_select(scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Exact top-k per row of ``scores[G, n]`` among ``eligible``; ties by lower index."""
+def torch_select(
+    scores: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor | None = None, ratio: float = -1.0
+) -> torch.Tensor:
+    """Exact top-k per row of ``scores[G, n]`` among ``eligible``; ties by lower index. With
+    ``k=None``, each row's k is :func:`num_to_keep` of ``ratio`` and its eligible count (as the
+    compiled kernels derive it)."""
     g, n = scores.shape
     if g == 0 or n == 0:
         return torch.zeros_like(eligible)
+    if k is None:
+        k = _num_to_keep_t(ratio, eligible.sum(dim=1))
     key = (-scores.double()).nan_to_num(nan=1e300, posinf=1e300)
     key = torch.where(eligible, key, torch.full_like(key, math.inf))
     order = torch.sort(key, dim=1, stable=True).indices

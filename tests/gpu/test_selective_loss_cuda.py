@@ -11,6 +11,7 @@ import torch
 from megatron_slm import _extension
 from megatron_slm.ops import selective_cross_entropy, selective_loss_mean
 from megatron_slm.ops.selective_loss_reference import (
+    num_to_keep,
     reference_select,
     reference_selective_cross_entropy,
     torch_select,
@@ -141,6 +142,18 @@ def test_select_kernel(n):
     assert torch.equal(got, torch_select(scores, eligible, k))
     for i in range(6):
         assert got[i].tolist() == reference_select(scores[i], eligible[i], int(k[i])), i
+
+
+@needs_kernels
+@pytest.mark.parametrize("ratio", [0.6, 0.5, 0.001])
+def test_select_kernel_derives_k(ratio):
+    """No k: each group's k from the ratio and its eligible count, computed on the device."""
+    scores, eligible = K.select_inputs(3, 100_000, seed=3)
+    eligible[1] = False
+    got = _extension._C.selective_loss_select(scores.cuda(), eligible.cuda(), None, ratio).cpu()
+    for i in range(3):
+        k = num_to_keep(ratio, int(eligible[i].sum()))
+        assert got[i].tolist() == reference_select(scores[i], eligible[i], k), i
 
 
 @needs_kernels

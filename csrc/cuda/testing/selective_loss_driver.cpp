@@ -235,7 +235,8 @@ int main(int argc, char** argv) {
     Buffer kk(static_cast<size_t>(G) * 8, 0);
     scores.fill(read_file(dir + "/scores.bin"));
     eligible.fill(read_file(dir + "/eligible.bin"));
-    kk.fill(read_file(dir + "/k.bin"));
+    const double ratio = std::stod(arg("ratio", "-1"));  // >= 0: k derived in the kernels
+    if (ratio < 0) kk.fill(read_file(dir + "/k.bin"));
     for (const std::string& o : orders) {
       set_order(o);
       Buffer selected(static_cast<size_t>(G * n), 0);
@@ -244,8 +245,8 @@ int main(int argc, char** argv) {
       finish(status_of([&] {
         return k::selective_loss_select(
             reinterpret_cast<const float*>(scores.p), reinterpret_cast<const uint8_t*>(eligible.p),
-            reinterpret_cast<const int64_t*>(kk.p), G, n, reinterpret_cast<uint8_t*>(selected.p),
-            workspace.p, nullptr);
+            ratio < 0 ? reinterpret_cast<const int64_t*>(kk.p) : nullptr, ratio, G, n,
+            reinterpret_cast<uint8_t*>(selected.p), workspace.p, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
     }

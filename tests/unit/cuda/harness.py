@@ -252,13 +252,15 @@ def backward(
 
 
 def select(exe, scores, eligible, k, orders=ORDERS, **extra):
-    """{order: selected[G, n] bool} of the CUDA select launcher run on the CPU."""
+    """{order: selected[G, n] bool} of the CUDA select launcher run on the CPU. ``k=None`` with
+    ``ratio=R`` in ``extra``: the kernels derive each group's k."""
     g, n = scores.shape
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         _write(tmp / "scores.bin", scores.float())
         _write(tmp / "eligible.bin", eligible.bool())
-        _write(tmp / "k.bin", k.to(torch.int64))
+        if k is not None:
+            _write(tmp / "k.bin", k.to(torch.int64))
         _run(exe, tmp, dict(op="select", G=g, n=n, **extra), orders)
         return {o: _read(tmp / f"out_{o}.bin", torch.bool, (g, n)) for o in orders}
 

@@ -18,6 +18,7 @@ from megatron_slm.ops.selective_loss_reference import (
     FINALIZE_KEEP_UNSCORED,
     FINALIZE_RANK_EXCESS,
     FINALIZE_SELECT_ALL,
+    num_to_keep,
     reference_select,
     torch_backward,
     torch_finalize,
@@ -278,6 +279,21 @@ def test_select(exe, n):
 
 
 SELECT_CHUNK = 8 * 1024  # kSelectChunk: scores per (group, chunk) work item of the select kernels
+
+
+@needs_c
+@pytest.mark.parametrize("ratio", [0.6, 0.5, 0.001])
+def test_select_derives_k_from_the_ratio(exe, ratio):
+    """No k given: the first pick pass derives each group's k from the eligible count it has
+    just summed (groups of one and of two chunks, one with nothing eligible)."""
+    n = SELECT_CHUNK + 999
+    scores, eligible = K.select_inputs(3, n, seed=7)
+    eligible[1] = False
+    ks = [num_to_keep(ratio, int(eligible[i].sum())) for i in range(3)]
+    got = _same_for_all_orders(H.select(exe, scores, eligible, None, ratio=ratio))
+    for i in range(3):
+        assert got[i].tolist() == reference_select(scores[i], eligible[i], ks[i]), i
+    assert torch.equal(got, C.selective_loss_select(scores, eligible, None, ratio))
 
 
 @needs_c

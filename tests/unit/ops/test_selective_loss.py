@@ -258,6 +258,36 @@ def test_select_kernels_agree():
             assert torch.equal(got, expect)
 
 
+# ratios whose k rounds half up (0.5 * odd counts), tiny (k clamps to 1), near 1
+SELECT_RATIOS = [0.5, 0.6, 0.001, 0.999, 0.25]
+
+
+@pytest.mark.parametrize("ratio", SELECT_RATIOS)
+def test_select_derives_k_from_the_ratio(ratio):
+    """``k=None``: each group's k is ``num_to_keep(ratio, its eligible count)``, in the kernel
+    (CPU) and in the torch fallback; a group with nothing eligible selects nothing."""
+    g = torch.Generator().manual_seed(int(ratio * 1000))
+    scores = torch.randint(0, 6, (5, 77), generator=g).float()  # many ties
+    eligible = torch.rand(5, 77, generator=g) < torch.tensor([[0.8], [0.5], [1.0], [0.0], [0.1]])
+    ks = [num_to_keep(ratio, int(eligible[i].sum())) for i in range(5)]
+    assert ks[3] == 0
+    expect = torch.stack(
+        [torch.tensor(reference_select(scores[i], eligible[i], ks[i])) for i in range(5)]
+    )
+    assert torch.equal(torch_select(scores, eligible, None, ratio), expect)
+    if _extension.HAS_C:
+        got = _extension._C.selective_loss_select(scores, eligible, None, ratio)
+        assert torch.equal(got, expect)
+
+
+@pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
+def test_select_takes_k_or_a_ratio():
+    scores, eligible = torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    for args in [(None, -1.0), (torch.ones(1, dtype=torch.int64), 0.5)]:
+        with pytest.raises(RuntimeError, match="either k or a ratio"):
+            _extension._C.selective_loss_select(scores, eligible, *args)
+
+
 def test_fallback_without_extension(monkeypatch):
     monkeypatch.setattr(_extension, "HAS_C", False)
     monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", False)
@@ -414,11 +444,13 @@ def test_no_host_sync_per_call(impl, ratio, scope):
 
 
 @pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
-@pytest.mark.parametrize("ratio, kernel_calls, aten_budget", [(1.0, 3, 13), (0.6, 4, 25)])
+@pytest.mark.parametrize("ratio, kernel_calls, aten_budget", [(1.0, 3, 13), (0.6, 4, 20)])
 def test_launches_per_call(monkeypatch, ratio, kernel_calls, aten_budget):
     """fwd+bwd (+ the mean) at ratio 1: fwd_stats, finalize and backward, no selection pass,
     the statistics from the finalize kernel (was 38 aten launches before the fused epilogue);
-    ratio 0.6 adds the top-k select. Budgets are today's counts: raise them only with a reason."""
+    ratio 0.6 adds the top-k select, which derives k from the group's eligible count itself (was
+    25 with k computed by 5 tensor ops). Budgets are today's counts: raise them only with a
+    reason."""
     from tests.launch_counter import aten_launches, warm
 
     calls = []
