@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import sys
+import textwrap
 
 import pytest
 
@@ -35,6 +37,42 @@ SIDEWAYS = {
 }
 FORBIDDEN = {("training", "convert")}
 SCRIPT_DIRS = {"tools", "benchmarks", "tests", "examples", "scripts"}  # never imported
+DESIGN = ROOT / "docs" / "design.md"
+DIAGRAM_START = "<!-- layers: drawn by tests/unit/test_layering.py from its tables -->"
+DIAGRAM_END = "<!-- /layers -->"
+
+
+def diagram() -> str:
+    """The package map of docs/design.md, drawn from LAYERS, SIDEWAYS and FORBIDDEN (so the
+    picture and the rule the test enforces cannot drift; ``python tests/unit/test_layering.py``
+    rewrites it)."""
+    lines = [
+        "tools/*.py  benchmarks/*.py  python -m megatron_slm.pretrain",
+        "    entry points: import any layer; nothing imports them, nor tests/ and scripts/",
+    ]
+    for layer in sorted(set(LAYERS.values()), reverse=True):
+        names = [n for n, v in LAYERS.items() if v == layer]
+        body = textwrap.wrap("  ".join(names), 88, break_on_hyphens=False)
+        lines += ["    │", f"layer {layer}  {body[0]}"] + [f"         {b}" for b in body[1:]]
+        edges = [f"{a} → {b}" for a, b in sorted(SIDEWAYS) if LAYERS[a] == layer]
+        if edges:
+            lines.append("         sideways, the only ones: " + ", ".join(edges))
+    if FORBIDDEN:
+        lines += [
+            "",
+            "forbidden although downward: " + ", ".join(f"{a} ↛ {b}" for a, b in FORBIDDEN),
+        ]
+    return "\n".join(lines)
+
+
+def _doc_block(text: str) -> tuple[int, int]:
+    """Character span of the diagram's code block in docs/design.md."""
+    start = text.index(DIAGRAM_START) + len(DIAGRAM_START)
+    return start, text.index(DIAGRAM_END, start)
+
+
+def _rendered() -> str:
+    return f"\n```\n{diagram()}\n```\n"
 
 
 def _package_of(rel: pathlib.PurePath) -> tuple[str, ...]:
@@ -102,6 +140,23 @@ def violations(rel: pathlib.PurePath, source: str) -> list[str]:
         elif (owner, target) in FORBIDDEN:
             bad.append(f"{where} (forbidden)")
     return sorted(set(bad))
+
+
+def test_design_doc_draws_the_table():
+    """docs/design.md's package map is ``diagram()`` verbatim."""
+    text = DESIGN.read_text()
+    start, end = _doc_block(text)
+    assert text[start:end] == _rendered(), "run: python tests/unit/test_layering.py"
+
+
+def test_diagram_follows_the_table(monkeypatch):
+    """A new edge or a moved package changes the drawing (so the doc test above would fail)."""
+    here = sys.modules[__name__]
+    before = diagram()
+    monkeypatch.setattr(here, "SIDEWAYS", SIDEWAYS | {("scoring", "refine")})
+    assert "scoring → refine" in diagram() and diagram() != before
+    monkeypatch.setattr(here, "LAYERS", {**LAYERS, "convert": 4})
+    assert "layer 4  convert  runtime" in diagram() and "layer 5" not in diagram()
 
 
 def test_every_top_level_module_has_a_layer():
@@ -193,3 +248,10 @@ def test_planted_violation_is_caught(rel, source, reason):
 )
 def test_allowed_imports_pass(rel, source):
     assert violations(pathlib.PurePath(rel), source) == []
+
+
+if __name__ == "__main__":  # rewrite docs/design.md's package map from the tables above
+    text = DESIGN.read_text()
+    start, end = _doc_block(text)
+    DESIGN.write_text(text[:start] + _rendered() + text[end:])
+    sys.exit(0)
