@@ -44,17 +44,26 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError
 
 logger = logging.getLogger("megatron_slm")
+
+DEVICES = ("auto", "cpu", "cuda")
 
 _CPU = torch.device("cpu")
 _enabled = False
 
 
+def device_arg():
+    """The ``--device`` flag of every job that runs a megatron model: one definition, one default
+    (``runtime.DeviceArgs`` and the trainer's ``TrainingArgs`` both use it)."""
+    return arg("auto", "auto (cuda when available, else cpu), cpu or cuda.", choices=DEVICES)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in DEVICES:
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

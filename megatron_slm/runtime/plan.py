@@ -33,8 +33,8 @@ from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
+from megatron_slm.platform import device_arg
 
-DEVICES = ("auto", "cpu", "cuda")
 TOKENIZER_MODES = ("optional", "required", "none")
 
 
@@ -42,7 +42,7 @@ TOKENIZER_MODES = ("optional", "required", "none")
 class DeviceArgs:
     """The device flag of every job that runs a model (one default for all of them)."""
 
-    device: str = arg("auto", "auto (cuda when available, else cpu), cpu or cuda.", choices=DEVICES)
+    device: str = device_arg()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from megatron_slm.ops.selection import (
     needs_reference,
     ratio_error,
 )
+from megatron_slm.platform import device_arg
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainingArgs:
     bf16: bool = arg(False, "bf16 mixed precision.")
     fp16: bool = arg(False, "fp16 mixed precision with loss scaling (GPU only).")
     seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")
-    device: str = arg("auto", "cpu, cuda or auto.")
+    device: str = device_arg()
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
     eval_iters: int = arg(10, "Validation batches per evaluation.")
     recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")

@@ -156,6 +156,9 @@ def test_every_loading_tool_shares_the_load_flags():
     for cls in (DynamicsConfig, CurveConfig):
         assert issubclass(cls, DeviceArgs) and flags(cls)["device"] == shared["device"]
     assert shared["device"][1] == "auto"
+    from megatron_slm.training.config import TrainingArgs  # the trainer: the same flag
+
+    assert flags(TrainingArgs)["device"] == shared["device"]
 
 
 def test_missing_checkpoint_names_the_flag(tmp_path):
