@@ -16,47 +16,28 @@
     python tools/compact_tokenizer.py remap-checkpoint --load ckpt/big --id-map small.idmap.json \\
         --save ckpt/small
 
-See ``megatron_slm.tinylm`` (``prune`` explains the BPE merge closure).
+``--help`` after a command lists its flags. See ``megatron_slm.tinylm`` (``prune`` explains the
+BPE merge closure).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from megatron_slm.cli import ArgumentParser, add_config_arguments, config_from_namespace
+from megatron_slm.cli import Command
 from megatron_slm.entry import entry_point
 from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 PROG = "compact_tokenizer"
 COMMANDS = {
-    "count": (CountConfig, "Token-id frequencies over indexed datasets."),
-    "prune": (PruneConfig, "Prune a SentencePiece model to N pieces."),
-    "remap-checkpoint": (RemapConfig, "Embedding/output rows of a checkpoint by the id map."),
+    "count": Command(CountConfig, "Token-id frequencies over indexed datasets."),
+    "prune": Command(PruneConfig, "Prune a SentencePiece model to N pieces."),
+    "remap-checkpoint": Command(RemapConfig, "A checkpoint's embedding/output rows by the id map."),
 }
 
 
-def get_config(argv=None):
-    parser = ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    subparsers = {}
-    for name, (cls, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.prog = f"{PROG} {name}"
-        add_config_arguments(p, cls)
-        subparsers[name] = p
-    ns = parser.parse_args(argv)
-    try:
-        return ns.command, config_from_namespace(COMMANDS[ns.command][0], ns)
-    except ValueError as e:
-        subparsers[ns.command].error(str(e))
-
-
-@entry_point(PROG)
-def main(argv=None) -> int:
-    command, cfg = get_config(argv)
+@entry_point(PROG, doc=__doc__, commands=COMMANDS)
+def main(command: str, cfg: CountConfig | PruneConfig | RemapConfig) -> int:
     from megatron_slm.tinylm import compact
     from megatron_slm.tinylm.report import summary
 

@@ -10,7 +10,7 @@
     python tools/convert_checkpoint.py megatron-to-hf --load ckpt/run --save hf/run \\
         --max-shard-size 5GB --dtype bfloat16
 
-The direction can also be given as ``--direction hf-to-megatron|megatron-to-hf``.
+``--help`` after the direction lists its flags.
 
 hf-to-megatron runs in one process (the usual way: the checkpoint is written for the target TP/PP,
 whose only layout-dependent part is the padded vocabulary) or under torchrun with
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from megatron_slm import launch
 from megatron_slm.checkpoint import overwrite_arg
-from megatron_slm.cli import arg, build_parser, parse_configs
+from megatron_slm.cli import Command, arg
 from megatron_slm.convert.hf import (
     ConversionError,
     convert_hf_to_megatron,
@@ -35,63 +35,61 @@ from megatron_slm.convert.hf import (
 from megatron_slm.entry import entry_point
 
 PROG = "convert_checkpoint"
-DIRECTIONS = ("hf-to-megatron", "megatron-to-hf")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class ConvertConfig:
-    direction: str | None = arg(
-        None, "hf-to-megatron or megatron-to-hf (or positional).", choices=DIRECTIONS
-    )
+class _Paths:
+    """What both directions take."""
+
     load: str | None = arg(None, "Source directory.", required=True)
     save: str | None = arg(None, "Destination directory.", required=True)
     overwrite: bool = overwrite_arg()
-    # hf-to-megatron
-    tensor_model_parallel_size: int = arg(1, "hf-to-megatron: target TP (sets the padding).")
-    pipeline_model_parallel_size: int = arg(1, "hf-to-megatron: target PP.")
-    make_vocab_size_divisible_by: int = arg(128, "hf-to-megatron: vocabulary padding multiple.")
-    params_dtype: str = arg("float32", "hf-to-megatron: dtype of the parameters.", choices=DTYPES)
-    # megatron-to-hf
+
+
+@dataclass
+class HfToMegatronConfig(_Paths):
+    """``hf-to-megatron``: the target layout and dtype."""
+
+    tensor_model_parallel_size: int = arg(1, "Target TP (sets the padding).")
+    pipeline_model_parallel_size: int = arg(1, "Target PP.")
+    make_vocab_size_divisible_by: int = arg(128, "Vocabulary padding multiple.")
+    params_dtype: str = arg("float32", "dtype of the parameters.", choices=DTYPES)
+
+
+@dataclass
+class MegatronToHfConfig(_Paths):
+    """``megatron-to-hf``: what the Hugging Face directory gets."""
+
     architecture: str | None = arg(
         None,
-        "megatron-to-hf: default the imported model's, else LlamaForCausalLM.",
+        "Default the imported model's, else LlamaForCausalLM.",
         choices=("LlamaForCausalLM", "MistralForCausalLM"),
     )
-    dtype: str | None = arg(
-        None, "megatron-to-hf: safetensors dtype (default: the checkpoint's).", choices=DTYPES
-    )
-    max_shard_size: str = arg("5GB", "megatron-to-hf: e.g. 5GB, 500MB.")
+    dtype: str | None = arg(None, "safetensors dtype (default: the checkpoint's).", choices=DTYPES)
+    max_shard_size: str = arg("5GB", "e.g. 5GB, 500MB.")
     tokenizer_model: str | None = arg(
         None,
-        "megatron-to-hf: HF tokenizer directory to copy or SentencePiece model to convert "
+        "HF tokenizer directory to copy or SentencePiece model to convert "
         "(default: the checkpoint's).",
     )
     chat_template: str | None = arg(
         None,
-        "megatron-to-hf: jinja chat template file written to tokenizer_config.json (default: the "
-        "checkpoint's SFT template, else the tokenizer's own, else megatron_slm's default).",
+        "jinja chat template file written to tokenizer_config.json (default: the checkpoint's "
+        "SFT template, else the tokenizer's own, else megatron_slm's default).",
     )
 
 
-def get_config(argv=None) -> ConvertConfig:
-    parser = build_parser(PROG, __doc__, {"conversion": ConvertConfig})
-    parser.add_argument("direction_pos", nargs="?", choices=DIRECTIONS, metavar="DIRECTION")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse_configs(parser, {"conversion": ConvertConfig}, argv)["conversion"]
-    positional = parser.parse_args(argv).direction_pos
-    if cfg.direction and positional and cfg.direction != positional:
-        parser.error("the positional direction and --direction disagree")
-    cfg.direction = cfg.direction or positional
-    if cfg.direction is None:
-        parser.error("give the direction: hf-to-megatron or megatron-to-hf")
-    return cfg
+COMMANDS = {
+    "hf-to-megatron": Command(HfToMegatronConfig, "Hugging Face directory -> megatron checkpoint."),
+    "megatron-to-hf": Command(MegatronToHfConfig, "megatron checkpoint -> Hugging Face directory."),
+}
 
 
-@entry_point(PROG, log_level=logging.INFO)
-def main(argv=None) -> int:
-    cfg = get_config(argv)
-    if cfg.direction == "hf-to-megatron":
+@entry_point(PROG, log_level=logging.INFO, doc=__doc__, commands=COMMANDS,
+             command_name="direction")  # fmt: skip
+def main(direction: str, cfg: HfToMegatronConfig | MegatronToHfConfig) -> int:
+    if direction == "hf-to-megatron":
         tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
         launch.initialize(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp

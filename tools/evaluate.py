@@ -18,7 +18,6 @@ import logging
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.evaluation import format_table, run_evaluation, write_report
 from megatron_slm.evaluation.config import EvaluateConfig
@@ -29,12 +28,10 @@ PROG = "evaluate"
 GROUPS = {"evaluation": EvaluateConfig}
 
 
-@entry_point(PROG, log_level=logging.INFO)
-def main(argv=None) -> int:
+@entry_point(PROG, log_level=logging.INFO, doc=__doc__, groups=GROUPS)
+def main(cfg: EvaluateConfig) -> int:
     import torch.distributed as dist
 
-    configs = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)
-    cfg = configs["evaluation"]
     check_inputs(cfg.perplexity_data)  # before the model
     plan = plan_load(cfg)  # the model's description, read once, before any process group
     device = launch.initialize(

@@ -18,7 +18,6 @@ import logging
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.tinylm.inheritance import (
     format_report,
@@ -32,11 +31,10 @@ PROG = "inherit_parameters"
 GROUPS = {"parameter inheritance": InheritConfig}
 
 
-@entry_point(PROG, log_level=logging.INFO)
-def main(argv=None) -> int:
+@entry_point(PROG, log_level=logging.INFO, doc=__doc__, groups=GROUPS)
+def main(cfg: InheritConfig) -> int:
     import torch.distributed as dist
 
-    cfg = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["parameter inheritance"]
     request = prepare_inheritance(cfg)  # every check, before any process group or weight
     device = launch.initialize(
         device=cfg.device,

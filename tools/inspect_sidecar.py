@@ -10,7 +10,6 @@ Exit status 1 when any sidecar is missing or does not match its token dataset.
 import json
 import sys
 
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar
 from megatron_slm.data.tokenizer import build_tokenizer
 from megatron_slm.entry import entry_point
@@ -19,16 +18,9 @@ PROG = "inspect_sidecar"
 GROUPS = {"inspection": InspectConfig}
 
 
-def get_config(argv=None) -> InspectConfig:
-    """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    parser = build_parser(PROG, __doc__, GROUPS)
-    return parse_configs(parser, GROUPS, argv)["inspection"]
-
-
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(cfg: InspectConfig) -> int:
     """Print one report per dataset; returns 1 if any check failed."""
-    cfg = get_config(argv)
     tokenizer = None
     if cfg.tokenizer_type and (cfg.top or cfg.bottom):
         tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_size)

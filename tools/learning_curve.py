@@ -10,18 +10,16 @@ See ``megatron_slm.visualize.curve``.
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.visualize.curve import CurveConfig, learning_curves
 
 PROG = "learning_curve"
+GROUPS = {"learning curve": CurveConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: CurveConfig) -> int:
     """Evaluate and plot; exit status 2 on bad input (one line on stderr)."""
-    groups = {"learning curve": CurveConfig}
-    config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["learning curve"]
     device = launch.initialize(device=config.device)
     learning_curves(config, device)
     return 0

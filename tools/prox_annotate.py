@@ -24,7 +24,6 @@ one program per chunk. No requests, no journal.
 
 import sys
 
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.refine.annotate import annotate
 from megatron_slm.refine.annotate_config import AnnotateConfig
@@ -33,11 +32,9 @@ PROG = "prox_annotate"
 GROUPS = {"annotation": AnnotateConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: AnnotateConfig) -> int:
     """Annotate; exit status 2 with one ``prog: error: ...`` line on bad input."""
-    parser = build_parser(PROG, __doc__, GROUPS)
-    config = parse_configs(parser, GROUPS, argv)["annotation"]
     annotate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

@@ -10,7 +10,6 @@ rate: a JSON report (``--output``, else stdout) and a printed summary. See
 
 import sys
 
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.refine.evaluate import EvalConfig, dumps, evaluate
 
@@ -18,11 +17,9 @@ PROG = "prox_eval"
 GROUPS = {"evaluation": EvalConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: EvalConfig) -> int:
     """Evaluate; exit status 2 with one ``prog: error: ...`` line on bad input."""
-    parser = build_parser(PROG, __doc__, GROUPS)
-    config = parse_configs(parser, GROUPS, argv)["evaluation"]
     report = evaluate(config, log=lambda m: print(m, file=sys.stderr, flush=True))
     if not config.output:
         print(dumps(report))

@@ -12,7 +12,6 @@ trainer checks against its data. See ``megatron_slm.tinylm.resample``.
 
 import sys
 
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.tinylm.rounds_config import ResampleConfig
 
@@ -20,10 +19,9 @@ PROG = "resample_batches"
 GROUPS = {"resampling": ResampleConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: ResampleConfig) -> int:
     """Draw and write the list; exit status 2 on bad input (one line on stderr)."""
-    config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["resampling"]
     from megatron_slm.tinylm.resample import resample
 
     print(resample(config).format(), flush=True)

@@ -15,7 +15,6 @@ resumes when rerun with the same flags. Next: tools/resample_batches.py. See
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.tinylm.rounds_config import ScoreBatchesConfig
 
@@ -23,10 +22,9 @@ PROG = "score_batches"
 GROUPS = {"batch scoring": ScoreBatchesConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: ScoreBatchesConfig) -> int:
     """Score the batches; exit status 2 on bad input (one line on stderr)."""
-    config = parse_configs(build_parser(PROG, __doc__, GROUPS), GROUPS, argv)["batch scoring"]
     import torch.distributed as dist
 
     from megatron_slm.tinylm.batch_scores import score_batches

@@ -12,18 +12,16 @@ resume where they stopped when rerun with the same flags. See ``megatron_slm.sco
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.scoring import ScoreConfig, score_corpus
 
 PROG = "score_corpus"
+GROUPS = {"scoring": ScoreConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: ScoreConfig) -> int:
     """Run scoring; exit status 2 on bad input (one line on stderr, see megatron_slm.entry)."""
-    parser = build_parser(PROG, __doc__, {"scoring": ScoreConfig})
-    config = parse_configs(parser, {"scoring": ScoreConfig}, argv)["scoring"]
     launch.initialize(
         device=config.device,
         tensor_model_parallel_size=config.tensor_model_parallel_size,

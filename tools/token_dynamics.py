@@ -13,18 +13,16 @@ See ``megatron_slm.visualize.dynamics``.
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.visualize.config import DynamicsConfig
 
 PROG = "token_dynamics"
+GROUPS = {"token dynamics": DynamicsConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: DynamicsConfig) -> int:
     """Compute and plot; exit status 2 on bad input (one line on stderr)."""
-    groups = {"token dynamics": DynamicsConfig}
-    config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["token dynamics"]
     from megatron_slm.visualize.dynamics import checkpoint_step
     from megatron_slm.visualize.trajectories import token_dynamics
 

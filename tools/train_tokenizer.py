@@ -11,9 +11,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg, build_parser
+from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
-from megatron_slm.data.preprocess import expand_inputs, parse_input_config
+from megatron_slm.data.preprocess import expand_inputs
 from megatron_slm.data.tokenizer import train_sentencepiece
 from megatron_slm.entry import entry_point
 from megatron_slm.errors import InputFileError
@@ -59,16 +59,8 @@ def iter_texts(patterns, key, max_docs):
                 return
 
 
-def get_config(argv=None) -> TrainTokenizerConfig:
-    """Parse (and validate) the command line; errors exit with status 2 naming the flag."""
-    return parse_input_config(
-        build_parser(PROG, __doc__, GROUPS), GROUPS, "tokenizer training", argv
-    )
-
-
-@entry_point(PROG)
-def main(argv=None) -> int:
-    cfg = get_config(argv)
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(cfg: TrainTokenizerConfig) -> int:
     texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))  # bad input: nothing written
     os.makedirs(os.path.dirname(os.path.abspath(cfg.model_prefix)), exist_ok=True)
     path = train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)

@@ -14,18 +14,16 @@ model with --slm-ref-load; the selection is the trainer's selective op on the mo
 import sys
 
 from megatron_slm import launch
-from megatron_slm.cli import build_parser, parse_configs
 from megatron_slm.entry import entry_point
 from megatron_slm.visualize.config import VisualizeConfig
 
 PROG = "visualize_selection"
+GROUPS = {"selection picture": VisualizeConfig}
 
 
-@entry_point(PROG)
-def main(argv=None) -> int:
+@entry_point(PROG, doc=__doc__, groups=GROUPS)
+def main(config: VisualizeConfig) -> int:
     """Render the report; exit status 2 on bad input (one line on stderr)."""
-    groups = {"selection picture": VisualizeConfig}
-    config = parse_configs(build_parser(PROG, __doc__, groups), groups, argv)["selection picture"]
     from megatron_slm.runtime import plan_load
     from megatron_slm.visualize.report import visualize_selection
 

@@ -152,19 +152,6 @@ def _make_dirs(path: str) -> list[str]:
     return missing
 
 
-def parse_input_config(parser, groups: dict[str, type], title: str, argv=None):
-    """``parse_configs`` for a tool reading ``--input`` files: every path and glob must name a
-    file (else a flag error, exit 2) before any work."""
-    from megatron_slm.cli import parse_configs
-
-    cfg = parse_configs(parser, groups, argv)[title]
-    try:
-        expand_inputs(cfg.input)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    return cfg
-
-
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
     """Paths and globs -> the list of files (globs sorted; order of arguments kept)."""
     if isinstance(inputs, str):

@@ -162,7 +162,7 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
     with open(os.path.join(root, "bad", "config.json"), "w") as f:
         json.dump(bad, f)
     results["cli_bad"] = _run_convert_cli(
-        "--direction", "hf-to-megatron", "--load", os.path.join(root, "bad"), "--save", "x"
+        "hf-to-megatron", "--load", os.path.join(root, "bad"), "--save", "x"
     )
     return results
 

@@ -217,8 +217,7 @@ def annotate_here(args):
         import prox_annotate
     finally:
         sys.path.pop(0)
-    parser = prox_annotate.build_parser("prox_annotate", None, prox_annotate.GROUPS)
-    config = prox_annotate.parse_configs(parser, prox_annotate.GROUPS, args)["annotation"]
+    config = prox_annotate.main.parse(args)
     assert isinstance(config, AnnotateConfig)
     return annotate(config, log=lambda m: None)
 

@@ -95,7 +95,7 @@ def run_in_process(argv):
         import prox_refine
     finally:
         sys.path.pop(0)
-    parser, run, mode = prox_refine.get_configs(argv)
+    run, mode = prox_refine.main.parse(argv)[1].values()
     return refine_corpus(run, mode, rank=0, world_size=1, log=lambda *_: None)
 
 

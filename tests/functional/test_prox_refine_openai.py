@@ -71,7 +71,7 @@ def run_here(args):
         import prox_refine
     finally:
         sys.path.pop(0)
-    _, run, mode = prox_refine.get_configs(args)
+    run, mode = prox_refine.main.parse(args)[1].values()
     return refine_corpus(run, mode, rank=0, world_size=1, log=lambda *_: None)
 
 

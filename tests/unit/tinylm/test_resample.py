@@ -238,8 +238,8 @@ def test_multi_round_script_parses_and_uses_real_flags():
     known = set()
     for parser in (
         build_parser(),
-        _tool("score_batches").build_parser("s", None, _tool("score_batches").GROUPS),
-        _tool("resample_batches").build_parser("r", None, _tool("resample_batches").GROUPS),
+        _tool("score_batches").main.command_line.parser(),
+        _tool("resample_batches").main.command_line.parser(),
     ):
         known |= {s for a in parser._actions for s in a.option_strings}
     with open(script) as f:
