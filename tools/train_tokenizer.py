@@ -7,7 +7,6 @@ writes ``out/tok.model`` and ``out/tok.vocab``.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 
@@ -62,7 +61,6 @@ def iter_texts(patterns, key, max_docs):
 @entry_point(PROG, doc=__doc__, groups=GROUPS)
 def main(cfg: TrainTokenizerConfig) -> int:
     texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))  # bad input: nothing written
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.model_prefix)), exist_ok=True)
     path = train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)
     print(f"wrote {path} ({len(texts)} documents)")
     return 0

@@ -17,8 +17,10 @@ Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``HuggingFaceToke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -394,6 +396,22 @@ def train_sentencepiece(
         max_sentence_length=1 << 20,
     )
     kwargs.update(options)
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), **kwargs)
+    out_dir = os.path.dirname(os.path.abspath(model_prefix))
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), **kwargs)
+    except RuntimeError as exc:
+        if created:  # a failed run leaves nothing behind (the trainer writes only at the end)
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        # Every character seen (and the 256 byte pieces and the specials) needs a piece of its
+        # own: sentencepiece says so as "... required_chars. 20 vs 266. ..."
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if need is None:
+            raise
+        raise ConfigError(
+            f"--vocab-size {vocab_size} is too small for this text: sentencepiece needs at least "
+            f"{need.group(1)} pieces (one per character seen, 256 byte pieces and the specials)"
+        ) from None
     return model_prefix + ".model"

@@ -143,6 +143,9 @@ def _cases(f):
         ("train-tokenizer-missing-key", _tool("train_tokenizer"),
          ["--input", f["nokey"], "--model-prefix", f"{out}/tok", "--vocab-size", "20"],
          "nokey.jsonl"),
+        ("train-tokenizer-vocab-too-small", _tool("train_tokenizer"),
+         ["--input", f["jsonl"], "--model-prefix", f"{out}/tok", "--vocab-size", "20"],
+         "--vocab-size 20 is too small for this text: sentencepiece needs at least 266"),
         # --- scorer
         ("score-no-checkpoint", _tool("score_corpus"),
          ["--data-prefix", f["data"], "--load", f"{f['dir']}/nockpt", "--device", "cpu"],
