@@ -140,6 +140,18 @@ def initialize(
     return dev
 
 
+# The config fields a job's layout is read from (``runtime.LoadArgs`` and the configs built on it).
+_LAYOUT_FIELDS = ("device", "tensor_model_parallel_size", "pipeline_model_parallel_size", "seed")
+
+
+def initialize_for(config, **overrides) -> torch.device:
+    """:func:`initialize` with the layout a job's config declares: whichever of ``device``,
+    ``tensor_model_parallel_size``, ``pipeline_model_parallel_size`` and ``seed`` it has (the
+    rest keep their defaults); ``overrides`` win."""
+    layout = {f: getattr(config, f) for f in _LAYOUT_FIELDS if hasattr(config, f)}
+    return initialize(**{**layout, **overrides})
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

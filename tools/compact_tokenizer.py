@@ -68,11 +68,7 @@ def _remap(cfg) -> None:
     from megatron_slm.tinylm import compact
 
     plan = plan_load(cfg, tokenizer="none")  # the checkpoint's metadata, read once
-    device = launch.initialize(
-        device=cfg.device,
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-    )
+    device = launch.initialize_for(cfg)
     out = compact.remap(cfg, plan, device)
     if dist.get_rank() == 0:
         print(f"wrote {out}")

@@ -34,9 +34,7 @@ def main(cfg: EvaluateConfig) -> int:
 
     check_inputs(cfg.perplexity_data)  # before the model
     plan = plan_load(cfg)  # the model's description, read once, before any process group
-    device = launch.initialize(
-        device=cfg.device, tensor_model_parallel_size=cfg.tensor_model_parallel_size
-    )
+    device = launch.initialize_for(cfg)
     model = load_model(plan, device)
     ckpt_seq = model.checkpoint.seq_length if model.checkpoint else None
     report = run_evaluation(

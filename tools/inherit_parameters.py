@@ -36,12 +36,7 @@ def main(cfg: InheritConfig) -> int:
     import torch.distributed as dist
 
     request = prepare_inheritance(cfg)  # every check, before any process group or weight
-    device = launch.initialize(
-        device=cfg.device,
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        seed=cfg.seed,
-    )
+    device = launch.initialize_for(cfg)
     inherited = inherit_weights(request, device)
     # The target is built and saved whole: re-initialise at TP=1/PP=1 (the trainer reshards).
     device = launch.initialize(device=cfg.device, seed=cfg.seed)

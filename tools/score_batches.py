@@ -29,11 +29,7 @@ def main(config: ScoreBatchesConfig) -> int:
 
     from megatron_slm.tinylm.batch_scores import score_batches
 
-    launch.initialize(
-        device=config.device,
-        tensor_model_parallel_size=config.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-    )
+    launch.initialize_for(config)
     report = score_batches(config)
     if dist.get_rank() == 0:
         print(report.format(), flush=True)

@@ -22,12 +22,7 @@ GROUPS = {"scoring": ScoreConfig}
 @entry_point(PROG, doc=__doc__, groups=GROUPS)
 def main(config: ScoreConfig) -> int:
     """Run scoring; exit status 2 on bad input (one line on stderr, see megatron_slm.entry)."""
-    launch.initialize(
-        device=config.device,
-        tensor_model_parallel_size=config.tensor_model_parallel_size,
-        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-        seed=config.seed,
-    )
+    launch.initialize_for(config)
     score_corpus(config)
     return 0
 

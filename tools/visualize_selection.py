@@ -28,9 +28,7 @@ def main(config: VisualizeConfig) -> int:
     from megatron_slm.visualize.report import visualize_selection
 
     plan = plan_load(config)  # the model's description, read once, before any process group
-    device = launch.initialize(
-        device=config.device, tensor_model_parallel_size=config.tensor_model_parallel_size
-    )
+    device = launch.initialize_for(config)
     summary = visualize_selection(config, plan, device)
     shares = ", ".join(
         f"{d}: {s['selected_share'] * 100:.0f}%" for d, s in zip(summary["documents"],
