@@ -1,7 +1,11 @@
 """What a token selection setting means, in one place: the trainer (``--slm-*``), the op and the
-selection pictures all ask here, so they cannot drift apart."""
+selection pictures all ask here, so they cannot drift apart. The flags that set a selection are
+defined here too (``*_arg``): the trainer's ``SLMArgs`` and the visualizer's configs declare them
+by these definitions, under the trainer's names."""
 
 from __future__ import annotations
+
+from megatron_slm.cli import arg
 
 SELECT_MODES = ("excess", "loss", "random")
 """excess: current - reference loss (Rho-1); loss: current loss; random: a seeded draw."""
@@ -34,3 +38,29 @@ def selects_everything(ratio: float, mode: str, has_reference: bool) -> bool:
 def ranks_by_excess(mode: str, has_reference: bool) -> bool:
     """Whether the ranking score is the excess loss (else the current loss, or a random draw)."""
     return mode == "excess" and has_reference
+
+
+def select_mode_arg(**kwargs):
+    """``--slm-select-mode`` (``kwargs``: e.g. the visualizer's short alias)."""
+    return arg("excess", "Ranking: excess (current - reference loss, Rho-1), loss or random "
+               "(ablations).", choices=SELECT_MODES, **kwargs)  # fmt: skip
+
+
+def unscored_arg(**kwargs):
+    """``--slm-unscored``."""
+    return arg("keep", "Tokens without a reference loss: keep (always selected) or drop.",
+               choices=UNSCORED_POLICIES, **kwargs)  # fmt: skip
+
+
+def choice_error(cfg, tables: dict[str, tuple]) -> str | None:
+    """The message for the first field of ``cfg`` whose value is not in its table (a config
+    built in Python is checked like a parsed one), else None."""
+    for name, allowed in tables.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            return f"--{name.replace('_', '-')} must be one of {allowed}, got {value!r}"
+    return None
+
+
+SELECTION_TABLES = {"slm_select_mode": SELECT_MODES, "slm_unscored": UNSCORED_POLICIES}
+"""The choice checks of the selection flags every config with them runs."""

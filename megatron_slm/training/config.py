@@ -21,11 +21,13 @@ from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.ops.selection import (
-    SELECT_MODES,
     SELECT_SCOPES,
-    UNSCORED_POLICIES,
+    SELECTION_TABLES,
+    choice_error,
     needs_reference,
     ratio_error,
+    select_mode_arg,
+    unscored_arg,
 )
 from megatron_slm.platform import device_arg
 
@@ -162,24 +164,16 @@ class SLMArgs:
     slm_ref_source: str = arg("sidecar", "Reference losses: sidecar (offline) or online.")
     slm_ref_load: str | None = arg(None, "Reference model checkpoint (online source).")
     slm_select_scope: str = arg("microbatch", "sequence, microbatch or data-parallel.")
-    slm_select_mode: str = arg("excess", "excess (Rho-1), loss or random (ablations).")
-    slm_unscored: str = arg("keep", "Tokens without a reference loss: keep (train) or drop.")
+    slm_select_mode: str = select_mode_arg()
+    slm_unscored: str = unscored_arg()
     slm_start_iter: int = arg(0, "Plain training before this step, selective after.")
 
     def __post_init__(self):
         if self.slm_ratio is not None and ratio_error(self.slm_ratio):
             raise ConfigError(ratio_error(self.slm_ratio))
-        for name, allowed in (
-            ("slm_ref_source", ("sidecar", "online")),
-            ("slm_select_scope", SELECT_SCOPES),
-            ("slm_select_mode", SELECT_MODES),
-            ("slm_unscored", UNSCORED_POLICIES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be one of {allowed}, "
-                    f"got {getattr(self, name)!r}"
-                )
+        tables = {"slm_ref_source": ("sidecar", "online"), "slm_select_scope": SELECT_SCOPES}
+        if error := choice_error(self, {**tables, **SELECTION_TABLES}):
+            raise ConfigError(error)
 
     @property
     def enabled(self) -> bool:

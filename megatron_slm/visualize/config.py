@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg
-from megatron_slm.ops.selection import SELECT_MODES, UNSCORED_POLICIES, ratio_error
+from megatron_slm.ops.selection import (
+    SELECTION_TABLES,
+    choice_error,
+    ratio_error,
+    select_mode_arg,
+    unscored_arg,
+)
 from megatron_slm.runtime.plan import DeviceArgs, LoadArgs
 from megatron_slm.visualize.selection import VisualizeError
 
@@ -40,10 +46,8 @@ class VisualizeConfig(LoadArgs):
     sample: int | None = arg(None, "Instead of --docs: this many random documents (--seed).")
     # The trainer's selection flags, by the trainer's names (the short names still work).
     slm_ratio: float = arg(0.6, "Selection ratio, as the trainer's.", aliases=("--ratio",))
-    slm_select_mode: str = arg("excess", "excess (Rho-1), loss or random, as the trainer's.",
-                               choices=SELECT_MODES, aliases=("--select-mode",))  # fmt: skip
-    slm_unscored: str = arg("keep", "Tokens without a reference loss: keep or drop.",
-                            choices=UNSCORED_POLICIES, aliases=("--unscored",))  # fmt: skip
+    slm_select_mode: str = select_mode_arg(aliases=("--select-mode",))
+    slm_unscored: str = unscored_arg(aliases=("--unscored",))
     slm_ref_load: str | None = arg(
         None, "Online reference model checkpoint (instead of the dataset's sidecar)."
     )
@@ -60,8 +64,8 @@ class VisualizeConfig(LoadArgs):
             raise VisualizeError("give exactly one of --docs and --sample")
         if self.sample is not None and self.sample < 1:
             raise VisualizeError(f"--sample must be >= 1, got {self.sample}")
-        if ratio_error(self.slm_ratio):
-            raise VisualizeError(ratio_error(self.slm_ratio))
+        if error := ratio_error(self.slm_ratio) or choice_error(self, SELECTION_TABLES):
+            raise VisualizeError(error)
         if self.max_tokens < 1:
             raise VisualizeError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 

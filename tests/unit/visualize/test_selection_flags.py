@@ -37,6 +37,23 @@ def test_trainer_names_and_short_names_parse_alike():
     assert (short.slm_ratio, short.slm_select_mode, short.slm_unscored) == (0.3, "loss", "drop")
 
 
+def test_one_definition_of_each_selection_flag():
+    """The trainer's and the visualizer's --slm-select-mode/--slm-unscored: the same default,
+    choices and help (ops.selection's definitions), and checked when built in Python too."""
+
+    def flags(cls):
+        parser = build_parser("t", None, {"g": cls})
+        return {a.dest: (a.default, a.choices, a.help) for a in parser._actions}
+
+    trainer, visualizer = flags(SLMArgs), flags(VisualizeConfig)
+    for dest in ("slm_select_mode", "slm_unscored"):
+        assert trainer[dest] == visualizer[dest] and trainer[dest][1], dest
+    with pytest.raises(Exception, match="--slm-select-mode must be one of"):
+        SLMArgs(slm_ratio=0.5, slm_select_mode="top")
+    with pytest.raises(VisualizeError, match="--slm-unscored must be one of"):
+        VisualizeConfig(load="ckpt", data_path="d", docs="0", output="o.html", slm_unscored="x")
+
+
 @pytest.mark.parametrize(
     "ratio, mode, has_ref, needs, everything",
     [
