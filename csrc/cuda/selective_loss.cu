@@ -11,7 +11,8 @@
 //   combined row statistics (selective_loss_finalize.h) and sums the op's statistics: per-block
 //   partial sums in double, then one block adds the partials in block order (deterministic).
 // * select: 4-pass 8-bit radix select of the k-th largest key, then an ordered pass that breaks
-//   ties among equal keys by position (exact top-k, O(n)); each group is cut into chunks, one
+//   ties among equal keys by position (exact top-k, O(n)). A group of one chunk (<= 8192
+//   scores) is selected by one block in one launch; a larger group is cut into chunks, one
 //   block per (group, chunk), so that one large group still uses the whole GPU.
 // Grids are capped at the device's limit; blocks then loop over rows / groups. Every launcher
 // returns the launch's cudaError_t (0 on success).
@@ -40,6 +41,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kSelectThreads = 1024;
 constexpr int kPickThreads = 256;
+// select_one_block_kernel: 512 threads (16 scores each at n = 8192) leave it 128 registers; at
+// 1024 ptxas spilled (64 registers).
+constexpr int kOneBlockThreads = 512;
 constexpr int64_t kSelectChunk = 8 * kSelectThreads;  // scores per block and (group, chunk) item
 
 // ------------------------------------------------------------------------------------------
@@ -500,15 +504,49 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
+// Writes out[lo, hi) in position order, tile by tile: keys above the k-th (kth), and keys equal
+// to it while fewer than take_equal were taken before (*s_taken: those before out[lo] on entry;
+// the block's shared counter). Called by the whole block; warp_counts is block shared memory.
+__device__ __forceinline__ void write_ordered(const float* sc, const uint8_t* el, uint8_t* out,
+                                              int64_t lo, int64_t hi, uint32_t kth,
+                                              unsigned long long take_equal,
+                                              unsigned int* warp_counts,
+                                              unsigned long long* s_taken) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  for (int64_t base = lo; base < hi; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    bool is_eq = false;
+    bool is_gt = false;
+    if (i < hi && el[i]) {
+      const uint32_t key = score_key(sc[i]);
+      is_gt = key > kth;
+      is_eq = key == kth;
+    }
+    const unsigned int ballot = __ballot_sync(0xffffffffu, is_eq);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    unsigned long long before = *s_taken;
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    before += __popc(ballot & ((1u << lane) - 1u));
+    if (i < hi) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long tile = 0;
+      for (int w = 0; w < nwarps; ++w) tile += warp_counts[w];
+      *s_taken += tile;
+    }
+    __syncthreads();
+  }
+}
+
 __global__ void __launch_bounds__(kSelectThreads)
     select_write_kernel(const float* __restrict__ scores, const uint8_t* __restrict__ eligible,
                         int64_t G, int64_t n, uint8_t* __restrict__ selected, SelectWorkspace ws) {
   __shared__ unsigned int warp_counts[kSelectThreads / 32];
   __shared__ unsigned long long s_taken;
   const int64_t chunks = chunks_of(n);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
   for (int64_t item = blockIdx.x; item < G * chunks; item += gridDim.x) {
     const int64_t grp = item / chunks;
     const int64_t chunk = item % chunks;
@@ -531,30 +569,81 @@ __global__ void __launch_bounds__(kSelectThreads)
       s_taken = before;
     }
     __syncthreads();
-    for (int64_t base = lo; base < hi; base += blockDim.x) {
-      const int64_t i = base + threadIdx.x;
-      bool is_eq = false;
-      bool is_gt = false;
-      if (i < hi && el[i]) {
+    write_ordered(sc, el, out, lo, hi, kth, take_equal, warp_counts, &s_taken);
+  }
+}
+
+// Groups of one chunk (n <= kSelectChunk, e.g. a micro-batch of up to 8192 tokens): one block per
+// group runs all four digit passes and the ordered write in shared memory: one launch, no
+// workspace. On an H200 the multi-block path's 11 launches (memset, 4 x histogram + pick, count,
+// write) were most of the select's cost at [4096, 2, 32000] (0.51 ms at ratio 0.6 vs 0.44 ms at
+// ratio 1, benchmarks/RESULTS_gpu.md). The pick scans 32 lane sums, then 8 bins, not 256 bins.
+__global__ void __launch_bounds__(kOneBlockThreads)
+    select_one_block_kernel(const float* __restrict__ scores,
+                            const uint8_t* __restrict__ eligible, const int64_t* __restrict__ k,
+                            double ratio, int64_t G, int64_t n, uint8_t* __restrict__ selected) {
+  __shared__ unsigned int bins[256];
+  __shared__ unsigned int lane_sums[32];  // lane l: bins 255 - 8 l down to 248 - 8 l (top first)
+  __shared__ unsigned int warp_counts[kOneBlockThreads / 32];
+  __shared__ unsigned long long s_taken;
+  __shared__ SelectState st;
+  for (int64_t grp = blockIdx.x; grp < G; grp += gridDim.x) {
+    const float* sc = scores + grp * n;
+    const uint8_t* el = eligible + grp * n;
+    uint8_t* out = selected + grp * n;
+    if (threadIdx.x == 0) {
+      st.remaining = 0ull;
+      st.total = 0ull;
+      st.k = 0;
+      st.prefix = 0u;
+      s_taken = 0ull;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0u;
+      __syncthreads();  // bins zeroed, st of the last pass written
+      const uint32_t mask = shift == 24 ? 0u : ~0u << (shift + 8);
+      const uint32_t prefix = st.prefix;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        if (!el[i]) continue;
         const uint32_t key = score_key(sc[i]);
-        is_gt = key > kth;
-        is_eq = key == kth;
+        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & 0xFFu], 1u);
       }
-      const unsigned int ballot = __ballot_sync(0xffffffffu, is_eq);
-      if (lane == 0) warp_counts[warp] = __popc(ballot);
       __syncthreads();
-      unsigned long long before = s_taken;
-      for (int w = 0; w < warp; ++w) before += warp_counts[w];
-      before += __popc(ballot & ((1u << lane) - 1u));
-      if (i < hi) out[i] = (is_gt || (is_eq && before < take_equal)) ? 1 : 0;
+      if (threadIdx.x < 32) {
+        unsigned int sum = 0u;
+        for (int j = 0; j < 8; ++j) sum += bins[255 - 8 * static_cast<int>(threadIdx.x) - j];
+        lane_sums[threadIdx.x] = sum;
+      }
       __syncthreads();
       if (threadIdx.x == 0) {
-        unsigned long long tile = 0;
-        for (int w = 0; w < nwarps; ++w) tile += warp_counts[w];
-        s_taken += tile;
+        unsigned long long total = 0ull;
+        for (int l = 0; l < 32; ++l) total += lane_sums[l];
+        if (shift == 24) {  // the first pass counts every eligible entry: k can be derived here
+          st.total = total;
+          st.k = k != nullptr ? k[grp]
+                              : finalize::keep_count(ratio, static_cast<int64_t>(total));
+          st.remaining = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
+        }
+        const unsigned long long rem = st.remaining;
+        if (rem > 0 && rem <= total) {  // the bin of the rem-th largest candidate
+          unsigned long long above = 0ull;
+          int l = 0;
+          for (; l < 31 && above + lane_sums[l] < rem; ++l) above += lane_sums[l];
+          int b = 255 - 8 * l;
+          for (int j = 0; j < 7 && above + bins[b] < rem; ++j, --b) above += bins[b];
+          st.remaining = rem - above;
+          st.prefix |= static_cast<uint32_t>(b) << shift;
+        }
       }
-      __syncthreads();
+      __syncthreads();  // the next pass zeroes bins and reads st.prefix
     }
+    if (select_all_or_none(st)) {  // uniform in the block: k <= 0 or k >= #eligible
+      const bool any = st.k > 0;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = (any && el[i]) ? 1 : 0;
+    } else {
+      write_ordered(sc, el, out, 0, n, st.prefix, st.remaining, warp_counts, &s_taken);
+    }
+    __syncthreads();  // st, s_taken and warp_counts are reset by the next group
   }
 }
 
@@ -689,6 +778,7 @@ SelectWorkspace carve(void* workspace, int64_t G, int64_t n) {
 }  // namespace
 
 int64_t selective_loss_select_workspace_bytes(int64_t G, int64_t n) {
+  if (n <= kSelectChunk) return 0;  // select_one_block_kernel keeps its state in shared memory
   const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
   return G * static_cast<int64_t>(sizeof(SelectState) + 256 * 8 + chunks * 4);
 }
@@ -697,6 +787,14 @@ int selective_loss_select(const float* scores, const uint8_t* eligible, const in
                           double ratio, int64_t G, int64_t n, uint8_t* selected, void* workspace,
                           cudaStream_t stream) {
   if (G <= 0 || n <= 0) return cudaSuccess;
+  if (n <= kSelectChunk) {
+    unsigned int grid = 0;
+    const cudaError_t err = grid_for(G, &grid);
+    if (err != cudaSuccess) return err;
+    SLM_LAUNCH(grid, kOneBlockThreads, 0, stream, select_one_block_kernel)(scores, eligible, k,
+                                                                            ratio, G, n, selected);
+    return cudaGetLastError();
+  }
   const int64_t chunks = (n + kSelectChunk - 1) / kSelectChunk;
   unsigned int items_grid = 0, groups_grid = 0;
   cudaError_t err = grid_for(G * chunks, &items_grid);

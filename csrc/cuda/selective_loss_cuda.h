@@ -46,9 +46,9 @@ int selective_loss_finalize(const float* stats, const int64_t* target, const flo
 // Exact top-k per group g of scores[G, n]: selected[g, i] = 1 for the k[g] eligible entries with
 // the highest score (ties: lower i; NaN ranks as -inf and -0.0 as +0.0), 0 elsewhere. With
 // k == nullptr, k[g] = keep_count(ratio, eligible entries of g), derived in the kernels. Radix
-// select, O(n), several blocks per group. `workspace` is device memory of
-// selective_loss_select_workspace_bytes(G, n) bytes (8-byte aligned), in use until the
-// selection is done on `stream`.
+// select, O(n): one launch of one block per group for n <= 8192, else several blocks per group.
+// `workspace` is device memory of selective_loss_select_workspace_bytes(G, n) bytes (8-byte
+// aligned; 0 for n <= 8192), in use until the selection is done on `stream`.
 int64_t selective_loss_select_workspace_bytes(int64_t G, int64_t n);
 int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
                           double ratio, int64_t G, int64_t n, uint8_t* selected, void* workspace,

@@ -146,9 +146,10 @@ def test_select_kernel(n):
 
 @needs_kernels
 @pytest.mark.parametrize("ratio", [0.6, 0.5, 0.001])
-def test_select_kernel_derives_k(ratio):
+@pytest.mark.parametrize("n", [5000, 100_000])  # one block per group; several
+def test_select_kernel_derives_k(ratio, n):
     """No k: each group's k from the ratio and its eligible count, computed on the device."""
-    scores, eligible = K.select_inputs(3, 100_000, seed=3)
+    scores, eligible = K.select_inputs(3, n, seed=3)
     eligible[1] = False
     got = _extension._C.selective_loss_select(scores.cuda(), eligible.cuda(), None, ratio).cpu()
     for i in range(3):

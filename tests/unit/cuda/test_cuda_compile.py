@@ -22,6 +22,7 @@ LAUNCH_THREADS = {
     "select_hist_kernel": 1024,
     "select_count_kernel": 1024,
     "select_write_kernel": 1024,
+    "select_one_block_kernel": 512,
     "finalize_rows_kernel": 256,
     "finalize_totals_kernel": 32,
 }

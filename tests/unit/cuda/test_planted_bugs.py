@@ -21,8 +21,11 @@ BLOCK_REDUCE_BARRIER = """    ss[warp] = v.s;
   __syncthreads();"""
 HIST_ZERO_BARRIER = """    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
     __syncthreads();"""
-WRITE_TILE_BARRIER = """      if (lane == 0) warp_counts[warp] = __popc(ballot);
+WRITE_TILE_BARRIER = """    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();"""
+ONE_BLOCK_ZERO_BARRIER = """      for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0u;
       __syncthreads();"""
+ONE_BLOCK_ATOMIC = "atomicAdd(&bins[(key >> shift) & 0xFFu], 1u);"
 ROW_LOOP_BARRIER = "  __syncthreads();  // sm/ss are rewritten by the next row of this block"
 SHARED_HIST_ATOMIC = "atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);"
 GLOBAL_HIST_ATOMIC = "atomicAdd(&gh[i], static_cast<unsigned long long>(hist[i]));"
@@ -69,6 +72,12 @@ PLANTS = {
         "select",
         {},
     ),
+    "select_one_block_missing_barrier": (
+        ONE_BLOCK_ZERO_BARRIER,
+        ONE_BLOCK_ZERO_BARRIER.replace("__syncthreads();", ""),
+        "select_one_block",
+        {},
+    ),
     # odd and even lanes meet at two shuffles with the same operation and mask
     "select_count_divergent_shuffle": (
         COUNT_SHUFFLE,
@@ -91,8 +100,15 @@ PLANTS = {
 }
 # Planted in the race build, checked in the adversarial orders.
 RACE_PLANTS = {
-    "select_shared_hist_plain_add": (SHARED_HIST_ATOMIC, "hist[(key >> shift) & 0xFFu] += 1u;"),
-    "select_global_hist_plain_add": (GLOBAL_HIST_ATOMIC, "gh[i] += hist[i];"),
+    "select_shared_hist_plain_add": (
+        (SHARED_HIST_ATOMIC, "hist[(key >> shift) & 0xFFu] += 1u;"),
+        "select",
+    ),
+    "select_global_hist_plain_add": ((GLOBAL_HIST_ATOMIC, "gh[i] += hist[i];"), "select"),
+    "select_one_block_plain_add": (
+        (ONE_BLOCK_ATOMIC, "bins[(key >> shift) & 0xFFu] += 1u;"),
+        "select_one_block",
+    ),
 }
 
 
@@ -106,8 +122,9 @@ def _same(outs, orders):
 
 
 def _checks(exe, op, extra, orders=H.ORDERS):
-    """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection; the
-    finalize sums over 12 blocks), in every given order."""
+    """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection; groups
+    of one chunk, one block each, k given and derived; the finalize sums over 12 blocks), in
+    every given order."""
     if op == "fwd":
         for v in (1000, 1001):
             x = K.logits(12, v, torch.float32, seed=v)
@@ -119,6 +136,13 @@ def _checks(exe, op, extra, orders=H.ORDERS):
         k = torch.tensor([5000, 12345])
         got = _same(H.select(exe, scores, eligible, k, orders=orders, **extra), orders)
         assert torch.equal(got, torch_select(scores, eligible, k))
+    elif op == "select_one_block":
+        scores, eligible = K.select_inputs(3, 3000, seed=2)
+        k = torch.tensor([1000, 1, 2222])
+        got = _same(H.select(exe, scores, eligible, k, orders=orders, **extra), orders)
+        assert torch.equal(got, torch_select(scores, eligible, k))
+        got = _same(H.select(exe, scores, eligible, None, orders=orders, ratio=0.6), orders)
+        assert torch.equal(got, torch_select(scores, eligible, None, 0.6))
     else:
         n = 3000
         g = torch.Generator().manual_seed(3)
@@ -140,7 +164,8 @@ def _checks(exe, op, extra, orders=H.ORDERS):
 
 
 def test_the_real_source_passes_the_checks():
-    for op, extra in (("fwd", {}), ("fwd", {"max_grid": 3}), ("select", {}), ("finalize", {})):
+    for op, extra in (("fwd", {}), ("fwd", {"max_grid": 3}), ("select", {}),
+                      ("select_one_block", {"max_grid": 2}), ("finalize", {})):  # fmt: skip
         _checks(H.build(), op, extra)
 
 
@@ -149,7 +174,8 @@ def test_the_real_source_passes_the_adversarial_orders():
     the select kernels' histograms (shared and global atomics), the finalize partial sums, rows
     looping over a small grid."""
     exe = H.build(race=True, name="driver-race")
-    for op, extra in (("fwd", {"max_grid": 3}), ("select", {}), ("finalize", {})):
+    for op, extra in (("fwd", {"max_grid": 3}), ("select", {}), ("select_one_block", {}),
+                      ("finalize", {})):  # fmt: skip
         _checks(exe, op, extra, orders=H.ADVERSARIAL)
 
 
@@ -184,7 +210,8 @@ def test_missing_atomic_fails_the_adversarial_orders(plant, tmp_path):
     """A `+=` for an atomicAdd loses updates once loads and stores are switch points and blocks
     overlap. (It passes every one-block-at-a-time order, where threads switch only at barriers
     and warp ops: test_simt_harness shows that on a plain `+=`.)"""
-    path = _planted(tmp_path, [RACE_PLANTS[plant]])
+    replacement, op = RACE_PLANTS[plant]
+    path = _planted(tmp_path, [replacement])
     exe = H.build(kernels=path, race=True, name=f"driver-race-{plant}")
     with pytest.raises(AssertionError):
-        _checks(exe, "select", {}, orders=H.ADVERSARIAL[:1])
+        _checks(exe, op, {}, orders=H.ADVERSARIAL[:1])
