@@ -433,6 +433,15 @@ __global__ void __launch_bounds__(kSelectThreads)
 }
 
 // One block per group; thread 0 scans the 256 bins. Clears the histogram for the next pass.
+// After the first digit pass, which counts every eligible entry of the group: its k (given, or
+// derived from the ratio and that count) and how many are still to be taken.
+__device__ __forceinline__ void start_group(SelectState& st, const int64_t* k, double ratio,
+                                            int64_t grp, unsigned long long total) {
+  st.total = total;
+  st.k = k != nullptr ? k[grp] : finalize::keep_count(ratio, static_cast<int64_t>(total));
+  st.remaining = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
+}
+
 __global__ void __launch_bounds__(kPickThreads)
     select_pick_kernel(const int64_t* __restrict__ k, double ratio, int64_t G, int shift,
                        SelectWorkspace ws) {
@@ -442,12 +451,7 @@ __global__ void __launch_bounds__(kPickThreads)
     if (threadIdx.x == 0) {
       unsigned long long total = 0;
       for (int b = 0; b < 256; ++b) total += gh[b];
-      if (shift == 24) {  // the first pass counts every eligible entry: k can be derived here
-        st.total = total;
-        st.k = k != nullptr ? k[grp]
-                            : finalize::keep_count(ratio, static_cast<int64_t>(total));
-        st.remaining = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
-      }
+      if (shift == 24) start_group(st, k, ratio, grp, total);
       const unsigned long long rem = st.remaining;
       if (rem > 0 && rem <= total) {
         // the bin holding the rem-th largest candidate, counting from the top bin
@@ -618,12 +622,7 @@ __global__ void __launch_bounds__(kOneBlockThreads)
       if (threadIdx.x == 0) {
         unsigned long long total = 0ull;
         for (int l = 0; l < 32; ++l) total += lane_sums[l];
-        if (shift == 24) {  // the first pass counts every eligible entry: k can be derived here
-          st.total = total;
-          st.k = k != nullptr ? k[grp]
-                              : finalize::keep_count(ratio, static_cast<int64_t>(total));
-          st.remaining = st.k > 0 ? static_cast<unsigned long long>(st.k) : 0ull;
-        }
+        if (shift == 24) start_group(st, k, ratio, grp, total);
         const unsigned long long rem = st.remaining;
         if (rem > 0 && rem <= total) {  // the bin of the rem-th largest candidate
           unsigned long long above = 0ull;
