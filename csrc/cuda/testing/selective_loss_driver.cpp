@@ -242,6 +242,7 @@ int main(int argc, char** argv) {
       Buffer selected(static_cast<size_t>(G * n), 0);
       Buffer workspace(static_cast<size_t>(k::selective_loss_select_workspace_bytes(G, n)), 0);
       simt::config().fail_next_launch = fail_launch;
+      simt::counters() = simt::Counters{};
       finish(status_of([&] {
         return k::selective_loss_select(
             reinterpret_cast<const float*>(scores.p), reinterpret_cast<const uint8_t*>(eligible.p),
@@ -249,6 +250,9 @@ int main(int argc, char** argv) {
             reinterpret_cast<uint8_t*>(selected.p), workspace.p, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
+      const std::string issued = std::to_string(simt::counters().launches) + " " +
+                                 std::to_string(simt::counters().memsets);
+      write_file(dir + "/issued_" + o + ".txt", issued.data(), issued.size());
     }
   } else if (op == "finalize") {
     const int64_t N = iarg("N"), v_global = iarg("v_global");

@@ -152,6 +152,18 @@ inline Config& config() {
   return c;
 }
 
+// What a launcher issued (kernels that ran, device memsets): the launch budget of an operation,
+// which is its fixed cost on a GPU, checked on the CPU. Tests reset it between calls.
+struct Counters {
+  unsigned long long launches = 0;
+  unsigned long long memsets = 0;
+};
+
+inline Counters& counters() {
+  static Counters c;
+  return c;
+}
+
 namespace detail {
 
 struct Fiber {
@@ -702,6 +714,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     std::abort();
   }
   r.in_kernel = true;
+  ++counters().launches;
   r.body = &body;
   r.grid_dim = grid;
   r.block_dim = block;
@@ -985,6 +998,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t stream = nullptr) {
   (void)stream;
+  ++simt::counters().memsets;
   std::memset(p, v, n);
   return cudaSuccess;
 }

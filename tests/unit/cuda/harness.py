@@ -251,9 +251,10 @@ def backward(
         return {o: _read(tmp / f"out_{o}.bin", logits.dtype, (n, v)) for o in orders}
 
 
-def select(exe, scores, eligible, k, orders=ORDERS, **extra):
+def select(exe, scores, eligible, k, orders=ORDERS, issued=None, **extra):
     """{order: selected[G, n] bool} of the CUDA select launcher run on the CPU. ``k=None`` with
-    ``ratio=R`` in ``extra``: the kernels derive each group's k."""
+    ``ratio=R`` in ``extra``: the kernels derive each group's k. ``issued``: a dict that gets
+    {order: (kernel launches, memsets)} of the call."""
     g, n = scores.shape
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -262,6 +263,10 @@ def select(exe, scores, eligible, k, orders=ORDERS, **extra):
         if k is not None:
             _write(tmp / "k.bin", k.to(torch.int64))
         _run(exe, tmp, dict(op="select", G=g, n=n, **extra), orders)
+        if issued is not None:
+            for o in orders:
+                launches, memsets = (tmp / f"issued_{o}.txt").read_text().split()
+                issued[o] = (int(launches), int(memsets))
         return {o: _read(tmp / f"out_{o}.bin", torch.bool, (g, n)) for o in orders}
 
 

@@ -281,6 +281,19 @@ def test_select(exe, n):
 SELECT_CHUNK = 8 * 1024  # kSelectChunk: scores per (group, chunk) work item of the select kernels
 
 
+@pytest.mark.parametrize("n, launches, memsets", [(1, 1, 0), (SELECT_CHUNK, 1, 0),
+                                                  (SELECT_CHUNK + 1, 10, 1)])  # fmt: skip
+def test_select_launch_budget(exe, n, launches, memsets):
+    """The select's fixed cost on a GPU: a group of one chunk (a micro-batch of up to 8192
+    tokens) is one launch of one block per group, no workspace; a larger group is the
+    multi-block radix select: a memset, 4 x (histogram + pick), count and write."""
+    scores, eligible = K.select_inputs(2, n, seed=n)
+    issued = {}
+    got = _same_for_all_orders(H.select(exe, scores, eligible, None, issued=issued, ratio=0.6))
+    assert set(issued.values()) == {(launches, memsets)}, issued
+    assert torch.equal(got, torch_select(scores, eligible, None, 0.6))
+
+
 @needs_c
 @pytest.mark.parametrize("ratio", [0.6, 0.5, 0.001])
 def test_select_derives_k_from_the_ratio(exe, ratio):
