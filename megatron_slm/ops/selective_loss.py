@@ -271,7 +271,7 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
             top_sums = torch.stack(
                 [top.sum(dtype=torch.float32), torch.where(top, loss1d, 0.0).sum()]
             )
-            totals[2:5:2] += top_sums  # n_selected, selected_loss_sum
+            totals[2:5:2].add_(top_sums)  # n_selected, selected_loss_sum (in place: no copy back)
         loss = loss1d.view(target.shape)
         selected = selected.view(target.shape)
         st = totals[: len(_STAT_NAMES)]

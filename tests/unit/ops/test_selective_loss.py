@@ -444,13 +444,13 @@ def test_no_host_sync_per_call(impl, ratio, scope):
 
 
 @pytest.mark.skipif(not _extension.HAS_C, reason="megatron_slm._C not built")
-@pytest.mark.parametrize("ratio, kernel_calls, aten_budget", [(1.0, 3, 13), (0.6, 4, 20)])
+@pytest.mark.parametrize("ratio, kernel_calls, aten_budget", [(1.0, 3, 13), (0.6, 4, 19)])
 def test_launches_per_call(monkeypatch, ratio, kernel_calls, aten_budget):
     """fwd+bwd (+ the mean) at ratio 1: fwd_stats, finalize and backward, no selection pass,
     the statistics from the finalize kernel (was 38 aten launches before the fused epilogue);
     ratio 0.6 adds the top-k select, which derives k from the group's eligible count itself (was
-    25 with k computed by 5 tensor ops). Budgets are today's counts: raise them only with a
-    reason."""
+    25 with k computed by 5 tensor ops, 20 with a copy back of the top-k sums). Budgets are
+    today's counts: raise them only with a reason."""
     from tests.launch_counter import aten_launches, warm
 
     calls = []
