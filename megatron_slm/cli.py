@@ -59,6 +59,17 @@ def check_at_least(cfg, *names: str, minimum: int = 1, error: type[Exception] = 
             raise error(f"{flag_name(name)} must be >= {minimum}")
 
 
+def check_choices(cfg, *names: str, error: type[Exception] = ConfigError) -> None:
+    """Each named field of dataclass ``cfg`` holds one of the ``choices`` its ``arg`` declares,
+    else ``error`` naming its flag: a config built in Python is checked like a parsed one."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name in names:
+        allowed = tuple(fields[name].metadata["argparse"]["choices"])
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise error(f"{flag_name(name)} must be one of {allowed}, got {value!r}")
+
+
 def _base_type(hint):
     """``int | None`` -> int, ``list[str]`` -> str, ``bool`` -> bool."""
     origin = get_origin(hint)

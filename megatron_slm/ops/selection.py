@@ -50,17 +50,3 @@ def unscored_arg(**kwargs):
     """``--slm-unscored``."""
     return arg("keep", "Tokens without a reference loss: keep (always selected) or drop.",
                choices=UNSCORED_POLICIES, **kwargs)  # fmt: skip
-
-
-def choice_error(cfg, tables: dict[str, tuple]) -> str | None:
-    """The message for the first field of ``cfg`` whose value is not in its table (a config
-    built in Python is checked like a parsed one), else None."""
-    for name, allowed in tables.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            return f"--{name.replace('_', '-')} must be one of {allowed}, got {value!r}"
-    return None
-
-
-SELECTION_TABLES = {"slm_select_mode": SELECT_MODES, "slm_unscored": UNSCORED_POLICIES}
-"""The choice checks of the selection flags every config with them runs."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.cli import arg, check_at_least, parse_configs
+from megatron_slm.cli import arg, check_at_least, check_choices, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
@@ -22,8 +22,6 @@ from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.ops.selection import (
     SELECT_SCOPES,
-    SELECTION_TABLES,
-    choice_error,
     needs_reference,
     ratio_error,
     select_mode_arg,
@@ -161,9 +159,11 @@ class SLMArgs:
         "Fraction of tokens trained on. Unset: plain causal LM through megatron-core's own loss; "
         "1.0: every token, through the selective op (numerically the same as plain).",
     )
-    slm_ref_source: str = arg("sidecar", "Reference losses: sidecar (offline) or online.")
+    slm_ref_source: str = arg("sidecar", "Reference losses: sidecar (offline) or online.",
+                              choices=("sidecar", "online"))  # fmt: skip
     slm_ref_load: str | None = arg(None, "Reference model checkpoint (online source).")
-    slm_select_scope: str = arg("microbatch", "sequence, microbatch or data-parallel.")
+    slm_select_scope: str = arg("microbatch", "sequence, microbatch or data-parallel.",
+                                choices=SELECT_SCOPES)  # fmt: skip
     slm_select_mode: str = select_mode_arg()
     slm_unscored: str = unscored_arg()
     slm_start_iter: int = arg(0, "Plain training before this step, selective after.")
@@ -171,9 +171,7 @@ class SLMArgs:
     def __post_init__(self):
         if self.slm_ratio is not None and ratio_error(self.slm_ratio):
             raise ConfigError(ratio_error(self.slm_ratio))
-        tables = {"slm_ref_source": ("sidecar", "online"), "slm_select_scope": SELECT_SCOPES}
-        if error := choice_error(self, {**tables, **SELECTION_TABLES}):
-            raise ConfigError(error)
+        check_choices(self, "slm_ref_source", "slm_select_scope", "slm_select_mode", "slm_unscored")
 
     @property
     def enabled(self) -> bool:

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
-from megatron_slm.ops.selection import (
-    SELECTION_TABLES,
-    choice_error,
-    ratio_error,
-    select_mode_arg,
-    unscored_arg,
-)
+from megatron_slm.cli import arg, check_choices
+from megatron_slm.ops.selection import ratio_error, select_mode_arg, unscored_arg
 from megatron_slm.runtime.plan import DeviceArgs, LoadArgs
 from megatron_slm.visualize.selection import VisualizeError
 
@@ -64,8 +58,9 @@ class VisualizeConfig(LoadArgs):
             raise VisualizeError("give exactly one of --docs and --sample")
         if self.sample is not None and self.sample < 1:
             raise VisualizeError(f"--sample must be >= 1, got {self.sample}")
-        if error := ratio_error(self.slm_ratio) or choice_error(self, SELECTION_TABLES):
-            raise VisualizeError(error)
+        if ratio_error(self.slm_ratio):
+            raise VisualizeError(ratio_error(self.slm_ratio))
+        check_choices(self, "slm_select_mode", "slm_unscored", error=VisualizeError)
         if self.max_tokens < 1:
             raise VisualizeError(f"--max-tokens must be >= 1, got {self.max_tokens}")
 

@@ -292,7 +292,7 @@ def test_no_tool_parses_by_itself():
         "line 8: calls add_subparsers",
         "line 8: calls parse_configs",
     ]
-    assert len(TOOLS) == 16
+    assert {"score_corpus.py", "prox_refine.py"} <= {p.name for p in TOOLS}  # the glob sees them
     found = {p.name: tool_violations(p.read_text()) for p in TOOLS}
     assert {name: bad for name, bad in found.items() if bad} == {}
 
