@@ -2,7 +2,8 @@
 
 Runs ``python -m megatron_slm.pretrain`` as users do on a synthetic corpus: plain causal LM (the
 anchor), ``--slm-ratio 0.6`` with reference losses from a sidecar written by
-``tools/score_corpus.py``, and with the online reference model. Reports the median step time of
+``tools/score_corpus.py``, and with the online reference model (on CUDA also with the reference's
+document attention on a dense mask instead of FlexAttention). Reports the median step time of
 the steps after warm-up, ratios to plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the
 scorer, so its tokens/s can be compared with training's (forward only: about 3x).
 
@@ -102,12 +103,19 @@ def main() -> None:
     report = re.search(r"scored .*?: .*? \(([\d,]+) tokens/s\)", run(score_cmd, env))
     score_tps = float(report.group(1).replace(",", "")) if report else float("nan")
 
-    variants = {
-        "plain (anchor)": [],
-        "slm 0.6 sidecar": ["--slm-ratio", "0.6"],
-        "slm 0.6 online": ["--slm-ratio", "0.6", "--slm-ref-source", "online",
-                           "--slm-ref-load", ref],
-    }  # fmt: skip
+    online = ["--slm-ratio", "0.6", "--slm-ref-source", "online", "--slm-ref-load", ref]
+    variants = {  # name: (flags, environment)
+        "plain (anchor)": ([], {}),
+        "slm 0.6 sidecar": (["--slm-ratio", "0.6"], {}),
+        "slm 0.6 online": (online, {}),
+    }
+    if args.device == "cuda":
+        # The online reference's document attention runs on FlexAttention by default on CUDA;
+        # the dense-mask SDPA it replaced, for comparison (models/document_mask.py).
+        variants["slm 0.6 online, dense mask"] = (
+            online,
+            {"MEGATRON_SLM_DOCUMENT_ATTENTION": "dense"},
+        )
     # Rounds interleave the variants; each variant keeps its fastest round (the machine is shared
     # and noisy: one pass in a fixed order measured the second variant 19% slow, a profile 4% fast),
     # and the order rotates so no variant always runs right after another.
@@ -116,9 +124,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotate the order
         for i, name in enumerate(order):
-            extra = variants[name]
+            extra, extra_env = variants[name]
             log = os.path.join(work, f"{round_}_{i}.jsonl")
-            run([*py, "--train-iters", str(args.iters), "--log-loss-file", log, *extra], env)
+            cmd = [*py, "--train-iters", str(args.iters), "--log-loss-file", log, *extra]
+            run(cmd, {**env, **extra_env})
             steps = [json.loads(line) for line in open(log)][args.warmup :]
             measured = (
                 statistics.median(s["step_seconds"] for s in steps),

@@ -14,7 +14,8 @@
 #            benchmarks/gpu/sanitizer_workload.py (our kernels only: --kernel-name kns=megatron_slm)
 #   op       benchmarks/gpu/op_table.py: torch, megatron-core (+ fused), Liger, ours vs the bound
 #   profile  benchmarks/gpu/profile_op.py: the kernels of one call of ours at [4096, 2, 32000]
-#   train    $TRAIN_CMD: training step, plain / sidecar / online reference, MFU
+#   train    $TRAIN_CMD: training step, plain / sidecar / online reference (FlexAttention and
+#            dense-mask document attention), MFU
 #   score    $SCORE_CMD: scorer tokens/s against training's
 #
 # Written into $OUT as it goes (at most 8 files come back from the GPU machine):
@@ -249,17 +250,12 @@ main() {
 
     run_step op "${T_OP:-120}" "$PY" benchmarks/gpu/op_table.py "${OP_EXTRA[@]}"
     section "Selective loss op, side by side" op <"$WORK/op.out"
-    # the row kernels' other variant (one vector in flight per thread), ours only: picks the default
-    MEGATRON_SLM_ROW_UNROLL=1 run_step op_unroll1 "${T_OP_UNROLL:-45}" "$PY" \
-        benchmarks/gpu/op_table.py --columns "ours 1.0" "ours 0.6" --copy-bytes 1073741824 \
-        "${OP_EXTRA[@]}"
-    section "Ours with MEGATRON_SLM_ROW_UNROLL=1" op_unroll1 <"$WORK/op_unroll1.out"
 
     run_step profile "${T_PROFILE:-60}" "$PY" benchmarks/gpu/profile_op.py "${PROFILE_EXTRA[@]}"
     cp "$WORK/profile.out" "$OUT/profile.txt"
     section "Profile of one call of ours" profile <"$WORK/profile.out"
 
-    run_step train "${T_TRAIN:-150}" "${TRAIN[@]}"
+    run_step train "${T_TRAIN:-200}" "${TRAIN[@]}"
     { echo "\`${TRAIN_CMD}\`"; echo; cat "$WORK/train.out"; } | section "Training step" train
 
     if ((${#SCORE[@]})); then
@@ -270,7 +266,7 @@ main() {
     {
         echo "| step | status | seconds | timeout s |"
         echo "|---|---|---:|---:|"
-        for s in wheels env build tests memcheck racecheck op op_unroll1 profile train score; do
+        for s in wheels env build tests memcheck racecheck op profile train score; do
             echo "| $s | $(status_of "$s") | $(cat "$WORK/$s.sec" 2>/dev/null || echo -) |" \
                 "$(cat "$WORK/$s.budget" 2>/dev/null || echo -) |"
         done

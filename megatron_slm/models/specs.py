@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.torch_version import TorchVersion
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.document_mask import DocumentMask, document_attention_backend
 
 SPEC_IMPLS = ("te", "local", "torch")
 
@@ -58,7 +59,10 @@ class TorchSDPAttention(MegatronModule):
 
     ``attention_mask`` follows megatron-core: bool, ``True`` = masked out, broadcastable to
     ``[b, np, sq, sk]``. With no mask the attention is causal (``attn_mask_type``); a given mask is
-    used as is (the scorer passes block-diagonal causal masks for packed documents).
+    used as is (the scorer passes block-diagonal causal masks for packed documents). A
+    :class:`~megatron_slm.models.document_mask.DocumentMask` (packed documents of the online
+    reference and the scorer) runs on FlexAttention's block mask where that is the faster path
+    (CUDA, forward only), else as its dense mask.
     """
 
     def __init__(
@@ -103,6 +107,15 @@ class TorchSDPAttention(MegatronModule):
         # [s, b, n, h] -> [b, n, s, h]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        scale = self.softmax_scale if self.softmax_scale is not None else 1 / math.sqrt(head_dim)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(attention_mask, DocumentMask):
+            # Forward only: FlexAttention has no backward on CPU, so one could not be tested here.
+            no_grad = not (torch.is_grad_enabled() and q.requires_grad)
+            if no_grad and dropout_p == 0 and document_attention_backend(q.device) == "flex":
+                out = attention_mask.attend(q, k, v, scale)
+                return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
+            attention_mask = attention_mask.dense()
         if attention_mask is not None:
             sdpa_mask, is_causal = ~attention_mask, False
         else:
@@ -119,8 +132,6 @@ class TorchSDPAttention(MegatronModule):
                 k, v = (
                     t[:, :, None].expand(b, groups, r, *t.shape[2:]).flatten(1, 2) for t in (k, v)
                 )
-        scale = self.softmax_scale if self.softmax_scale is not None else 1 / math.sqrt(head_dim)
-        dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0:
             with get_cuda_rng_tracker().fork():
                 out = torch.nn.functional.scaled_dot_product_attention(

@@ -2,8 +2,10 @@
 packed or length-sorted micro-batches (any TP/PP), logits for generation (PP=1).
 
 A *batch* is any object with ``tokens``, ``labels``, ``position_ids`` (``[b, s]`` int64) and
-``attention_mask`` (``[b, 1, s, s]`` bool, True = masked, or None for plain causal attention), such
-as ``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
+``attention_mask`` (``[b, 1, s, s]`` bool, True = masked; a ``models.document_mask.DocumentMask``,
+given to the model as it is where its attention reads one, else as its dense mask; or None for
+plain causal attention), such as
+``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
 
 Losses are the fused vocab-parallel cross entropy (``megatron_slm.ops.selective_cross_entropy``,
 ratio 1, no gradient) on the ``[s, b, v/tp]`` logits: no gathered ``[tokens, vocab]`` tensor at
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.runtime.loader import LoadedModel
 
 
@@ -29,7 +32,7 @@ class Rows:
     tokens: torch.Tensor  # [b, s]
     labels: torch.Tensor  # [b, s]
     position_ids: torch.Tensor  # [b, s]
-    attention_mask: torch.Tensor | None = None  # [b, 1, s, s], True = masked
+    attention_mask: object = None  # [b, 1, s, s] bool (True = masked), a DocumentMask, or None
 
     @classmethod
     def causal(cls, tokens: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> Rows:
@@ -45,7 +48,11 @@ def _forward(lm: LoadedModel, chunk, batch):
     distance between query and key, so a document packed at offset ``o`` scores as if alone, up to
     rounding (the scorer's exactness tests bound it)."""
     dev = lm.device
-    mask = None if batch.attention_mask is None else batch.attention_mask.to(dev)
+    mask = batch.attention_mask
+    if mask is not None:
+        mask = mask.to(dev)
+        if isinstance(mask, DocumentMask) and not lm.reads_document_masks:
+            mask = mask.dense()
     return chunk(batch.tokens.to(dev), batch.position_ids.to(dev), mask)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from megatron_slm.checkpoint import CheckpointInfo, load_checkpoint
 from megatron_slm.errors import CheckpointError, UserError
+from megatron_slm.models.document_mask import reads_document_masks
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.plan import LoadPlan
 
@@ -37,6 +39,11 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         return self.arch.vocab_size
+
+    @cached_property
+    def reads_document_masks(self) -> bool:
+        """Whether its attention takes a ``DocumentMask`` as it is (else: its dense mask)."""
+        return reads_document_masks(self.chunks)
 
     @property
     def is_last_stage(self) -> bool:

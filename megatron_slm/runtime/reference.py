@@ -15,21 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.runtime.forward import Rows, per_token_losses
 from megatron_slm.runtime.loader import load_model
 from megatron_slm.runtime.plan import LoadPlan
-
-
-def document_causal_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """tokens [b, s] -> bool mask [b, 1, s, s], True = masked (megatron-core's convention).
-
-    A document ends with (and includes) its end-of-document token.
-    """
-    ends = (tokens == eod).to(torch.int32)
-    doc = torch.cumsum(ends, dim=1) - ends  # [b, s] document index of each position
-    s = tokens.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)
-    return ((doc[:, :, None] != doc[:, None, :]) | causal)[:, None]
 
 
 class OnlineReference:
@@ -45,7 +34,8 @@ class OnlineReference:
     @torch.no_grad()
     def per_token_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens, labels [b, s] -> reference loss of each label [b, s] (fp32, NaN: no context)."""
-        batch = Rows.causal(tokens, labels, document_causal_mask(tokens, self.eod))
+        # The documents themselves, not an s x s mask: FlexAttention on CUDA (models.document_mask).
+        batch = Rows.causal(tokens, labels, DocumentMask.from_tokens(tokens, self.eod))
         (loss,) = per_token_losses(self.model, [batch])
         # The label after an end-of-document token starts a new document: nothing to condition on.
         return loss.masked_fill(tokens == self.eod, float("nan"))

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.document_mask import DocumentMask
 
 __all__ = [
     "Batch",
@@ -164,9 +165,9 @@ class Batch:
     """``[b, s]`` int64 next-token ids (padding: 0)."""
     position_ids: torch.Tensor
     """``[b, s]`` int64 position of each input within its document (reset per segment)."""
-    attention_mask: torch.Tensor | None
-    """``[b, 1, s, s]`` bool, True = masked: block-diagonal causal; None when every row is one
-    full-length segment (plain causal attention, the fast path)."""
+    attention_mask: DocumentMask | None
+    """Block-diagonal causal attention: the segment id of each position (padding ``-1``); None
+    when every row is one full-length segment (plain causal attention, the fast path)."""
     segments: list[Segment]
     """Segments of these rows; ``row`` is the row index within this batch."""
     num_real_rows: int
@@ -208,7 +209,6 @@ def make_batches(
         positions[seg.row, lo:hi] = np.arange(seg.start, seg.start + seg.length)
         seg_ids[seg.row, lo:hi] = k
         full_rows[seg.row] = seg.length == s
-    causal = np.tril(np.ones((s, s), dtype=bool))  # [s_q, s_k], True = may attend
     batches = []
     by_row: dict[int, list[Segment]] = {}
     for seg in segments:
@@ -217,10 +217,8 @@ def make_batches(
         rows = slice(b * mbs, (b + 1) * mbs if pad_last else min((b + 1) * mbs, num_rows))
         if full_rows[rows].all():
             mask = None
-        else:
-            ids = seg_ids[rows]  # [b, s]
-            same = ids[:, :, None] == ids[:, None, :]  # [b, s_q, s_k]
-            mask = torch.from_numpy(~(same & causal[None]))[:, None]  # [b, 1, s, s]
+        else:  # block-diagonal causal: [b, s] segment ids, not an s x s mask to copy
+            mask = DocumentMask(torch.from_numpy(seg_ids[rows]))
         segs = [
             Segment(g.doc, g.start, g.length, g.keep_from, row=g.row - b * mbs, offset=g.offset)
             for r in range(b * mbs, min((b + 1) * mbs, num_rows))
@@ -326,8 +324,8 @@ class HostBatch:
 
     data: torch.Tensor
     """``[3, b, s]`` int64: input ids, labels, position ids (padding: 0); pinned for CUDA."""
-    attention_mask: torch.Tensor | None
-    """``[b, 1, s, s]`` bool, True = masked (packed rows), or None (plain causal attention)."""
+    attention_mask: DocumentMask | None
+    """The segment ids of packed rows (``[b, s]``, pinned for CUDA), or None (plain causal)."""
     src: np.ndarray
     """``[k]`` flat index (``row * s + column``) of each kept loss in the batch's ``[b, s]``."""
     dest: np.ndarray

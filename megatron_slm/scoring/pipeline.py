@@ -199,7 +199,7 @@ class ScoringPipeline:
         data = batch.data.to(dev, non_blocking=True)  # [3, b, s]; pinned source: asynchronous
         mask = batch.attention_mask
         if mask is not None:
-            mask = mask.to(dev, non_blocking=True)  # [b, 1, s, s]
+            mask = mask.to(dev, non_blocking=True)  # DocumentMask: [b, s] segment ids
         return Rows(data[0], data[1], data[2], mask)
 
     @staticmethod

@@ -1,0 +1,121 @@
+"""Causal attention inside each document of a packed row, without a dense mask where it costs.
+
+A :class:`DocumentMask` says which document each position of a ``[b, s]`` row belongs to: a
+query attends to the keys of its own document at or before it. The torch spec's core attention
+(:class:`~megatron_slm.models.specs.TorchSDPAttention`) takes it as its ``attention_mask`` and
+runs it one of two ways (``document_attention_backend``):
+
+* ``flex`` (default on CUDA): FlexAttention with a block mask, compiled. It skips the blocks no
+  query may see (every block above the diagonal, and those across documents) instead of reading a
+  mask, where SDPA given a dense mask cannot use flash attention and computes all ``s x s`` scores.
+  Forward only (the online reference, the scorer): FlexAttention has no backward on CPU, so a
+  backward could not be tested here; with a gradient the dense mask is used.
+* ``dense`` (default elsewhere): the ``[b, 1, s, s]`` bool mask, through SDPA. On CPU the
+  compiled block-sparse kernel is no faster at the sizes we run there, and compiling costs seconds.
+
+``MEGATRON_SLM_DOCUMENT_ATTENTION=flex|dense`` overrides the default (benchmarks compare the two).
+Other core attentions (megatron-core's ``local``, Transformer Engine) take the dense tensor
+(``reads_document_masks`` tells which a model needs).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from megatron_slm.errors import ConfigError
+
+BACKENDS = ("flex", "dense")
+ENV = "MEGATRON_SLM_DOCUMENT_ATTENTION"
+
+
+def document_attention_backend(device: torch.device) -> str:
+    """``flex`` or ``dense`` for attention on ``device`` (see the module doc)."""
+    chosen = os.environ.get(ENV, "").strip().lower()
+    if chosen and chosen not in BACKENDS:
+        raise ConfigError(f"{ENV}={chosen} is not one of {', '.join(BACKENDS)}")
+    if chosen:
+        return chosen
+    return "flex" if device.type == "cuda" and _has_flex() else "dense"
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Shapes are fixed per run (micro-batch x sequence): one compilation; a new block mask (its
+    # mask_mod closes over another micro-batch's document ids) does not recompile.
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+
+
+class DocumentMask:
+    """Document index of every position of a ``[b, s]`` micro-batch (a row may hold several)."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.doc_ids = doc_ids  # [b, s] int
+        self._dense: torch.Tensor | None = None
+        self._block_mask = None
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, eod: int) -> DocumentMask:
+        """A document ends with (and includes) its end-of-document token."""
+        ends = (tokens == eod).to(torch.int32)
+        return cls(torch.cumsum(ends, dim=1) - ends)
+
+    def to(self, device, non_blocking: bool = False) -> DocumentMask:
+        # A batch's mask moves to the model's device as a tensor mask does: [b, s] ids, not s x s.
+        if self.doc_ids.device == torch.device(device):
+            return self  # keeps what was built from it
+        return DocumentMask(self.doc_ids.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> DocumentMask:
+        return DocumentMask(self.doc_ids.pin_memory())
+
+    def dense(self) -> torch.Tensor:
+        """bool ``[b, 1, s, s]``, True = masked (megatron-core's convention)."""
+        if self._dense is None:
+            doc, s = self.doc_ids, self.doc_ids.shape[1]
+            causal = torch.ones(s, s, dtype=torch.bool, device=doc.device).triu(1)
+            self._dense = ((doc[:, :, None] != doc[:, None, :]) | causal)[:, None]
+        return self._dense
+
+    def block_mask(self):
+        """FlexAttention's block mask, built once per micro-batch (all layers share it)."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            doc = self.doc_ids
+            b, s = doc.shape
+
+            def same_document_causal(batch, head, q, kv):
+                return (doc[batch, q] == doc[batch, kv]) & (kv <= q)
+
+            self._block_mask = create_block_mask(
+                same_document_causal, b, None, s, s, device=doc.device
+            )
+        return self._block_mask
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        """FlexAttention over ``q [b, n, s, h]``, ``k``/``v`` ``[b, g, s, h]`` (``g`` divides
+        ``n``: grouped heads as SDPA's ``enable_gqa``) -> ``[b, n, s, h]``."""
+        gqa = k.shape[1] != q.shape[1]
+        return _compiled_flex()(q, k, v, block_mask=self.block_mask(), scale=scale, enable_gqa=gqa)
+
+
+def reads_document_masks(modules) -> bool:
+    """Whether the attention of these model chunks takes a :class:`DocumentMask` (the torch
+    spec's); the others (``local``, Transformer Engine) need :meth:`DocumentMask.dense`."""
+    from megatron_slm.models.specs import TorchSDPAttention
+
+    cores = [m.core_attention for c in modules for m in c.modules() if hasattr(m, "core_attention")]
+    return bool(cores) and all(isinstance(m, TorchSDPAttention) for m in cores)

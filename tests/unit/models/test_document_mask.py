@@ -1,0 +1,138 @@
+"""Document-causal attention without a dense mask: the mask a DocumentMask stands for against one
+built by hand from the tokens, its FlexAttention path (compiled, forced on CPU) against a float64
+attention with that mask, no host syncs, and the online reference's path through a whole
+megatron-core model (torch spec with FlexAttention vs megatron-core's local spec with the dense
+mask, and each document scored alone)."""
+
+import pytest
+import torch
+
+from megatron_slm.errors import ConfigError
+from megatron_slm.models.document_mask import (
+    ENV,
+    DocumentMask,
+    document_attention_backend,
+    reads_document_masks,
+)
+from tests.dist_helpers import run_distributed
+from tests.sync_counter import SyncCounter
+from tests.unit.models.test_specs import _attention, _naive_attention
+
+EOD = 0
+
+
+def _tokens(b, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 50, (b, s), generator=g)
+    # documents of very different lengths, one row without any end of document
+    for row, ends in enumerate(([3, 4, 90, 150, s - 1], [], [0, 127, 128, 129])[:b]):
+        tokens[row, ends] = EOD
+    return tokens
+
+
+def _allowed_by_hand(tokens):  # [b, s, s] True = may attend
+    b, s = tokens.shape
+    allowed = torch.zeros(b, s, s, dtype=torch.bool)
+    for r in range(b):
+        row = tokens[r].tolist()
+        for q in range(s):
+            # walk back from q to the previous end of document (it belongs to the one before)
+            k = q
+            while k >= 0 and (k == q or row[k] != EOD):
+                allowed[r, q, k] = True
+                k -= 1
+    return allowed
+
+
+def test_dense_mask_is_causal_within_each_document():
+    tokens = _tokens(3, 200, 0)
+    dense = DocumentMask.from_tokens(tokens, EOD).dense()
+    assert dense.shape == (3, 1, 200, 200) and dense.dtype == torch.bool
+    assert torch.equal(~dense[:, 0], _allowed_by_hand(tokens))
+
+
+def test_backend_default_and_override(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert document_attention_backend(torch.device("cpu")) == "dense"
+    assert document_attention_backend(torch.device("cuda")) == "flex"
+    monkeypatch.setenv(ENV, "flex")
+    assert document_attention_backend(torch.device("cpu")) == "flex"
+    monkeypatch.setenv(ENV, "Dense")
+    assert document_attention_backend(torch.device("cuda")) == "dense"
+    monkeypatch.setenv(ENV, "sparse")
+    with pytest.raises(ConfigError, match=f"{ENV}=sparse is not one of flex, dense"):
+        document_attention_backend(torch.device("cpu"))
+
+
+def _qkv(s, b, n, g, h, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(s, b, n, h, generator=gen)
+    k, v = (torch.randn(s, b, g, h, generator=gen) for _ in range(2))
+    return q, k, v
+
+
+def test_flex_attention_matches_float64_with_the_dense_mask(monkeypatch):
+    """Sequence 200: blocks of 128 with a partial last one; grouped heads (4 query, 2 key/value)."""
+    monkeypatch.setenv(ENV, "flex")
+    tokens = _tokens(3, 200, 1)
+    mask = DocumentMask.from_tokens(tokens, EOD)
+    q, k, v = _qkv(200, 3, 4, 2, 16, 2)
+    out = _attention()(q, k, v, mask)
+    assert mask._block_mask is not None  # the flex path ran (the dense mask was never built)
+    assert mask._dense is None
+    expected = _naive_attention(q.double(), k.double(), v.double(), mask.dense())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # The dense path (the default on CPU) gives the same.
+    monkeypatch.setenv(ENV, "dense")
+    dense_out = _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD))
+    torch.testing.assert_close(dense_out, out, rtol=1e-5, atol=1e-5)
+
+    # No host syncs in what the host does per micro-batch: the document ids and the block mask.
+    # (The compiled kernel reads its block mask on the device; torch.compile cannot run under the
+    # counter's dispatch mode, so the call itself is not counted.)
+    with SyncCounter() as c:
+        DocumentMask.from_tokens(_tokens(3, 200, 3), EOD).block_mask()
+    assert c.count == 0, c.report()
+
+
+def _model_forward(rank, world):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
+    from megatron_slm.platform import enable_cpu_backend
+
+    enable_cpu_backend()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(5)
+    (ours,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
+    (local,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="local"))
+    local.load_state_dict(ours.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 512, (2, 160), generator=g)
+    tokens[0, [30, 100]] = EOD
+    tokens[1, 140] = EOD
+    pos = torch.arange(160).expand(2, 160)
+    mask = DocumentMask.from_tokens(tokens, EOD)
+    with torch.no_grad():
+        flex = ours(tokens, pos, mask)
+        dense = local(tokens, pos, mask.dense())
+        # the middle document of row 0 (positions 31..100), forwarded alone from its own start
+        alone = ours(tokens[:1, 31:101], pos[:1, :70], None)
+    return (
+        reads_document_masks([ours]),
+        reads_document_masks([local]),
+        mask._block_mask is not None,
+        flex,
+        dense,
+        alone,
+    )
+
+
+def test_torch_spec_flex_matches_local_spec_dense_and_documents_alone(monkeypatch):
+    monkeypatch.setenv(ENV, "flex")  # inherited by the spawned rank
+    ((ours_reads, local_reads, used_flex, flex, dense, alone),) = run_distributed(_model_forward, 1)
+    assert ours_reads and not local_reads
+    assert used_flex
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flex[:1, 31:101], alone, rtol=1e-4, atol=1e-4)
