@@ -51,10 +51,15 @@ def make_corpus(directory: str, docs: int, doc_len: int, vocab: int) -> str:
     return out["text"]
 
 
-def run(cmd: list[str], env: dict) -> str:
+def run(cmd: list[str], env: dict, fatal: bool = True) -> str | None:
+    """The command's output; on failure its tail on stderr, then exit (``fatal``) or None."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        message = f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if fatal:
+            sys.exit(message)
+        print(message, file=sys.stderr, flush=True)
+        return None
     return proc.stdout + proc.stderr
 
 
@@ -100,8 +105,10 @@ def main() -> None:
         "--micro-batch-size", str(args.micro_batch_size * 2), "--dtype", "float32",
     ]  # fmt: skip
     # The scorer's own report: corpus tokens per second of its scoring loop (start-up excluded).
-    report = re.search(r"scored .*?: .*? \(([\d,]+) tokens/s\)", run(score_cmd, env))
+    output = run(score_cmd, env, fatal=False) or ""
+    report = re.search(r"scored .*?: .*? \(([\d,]+) tokens/s\)", output)
     score_tps = float(report.group(1).replace(",", "")) if report else float("nan")
+    print(f"scorer: {score_tps:,.0f} tokens/s", flush=True)
 
     online = ["--slm-ratio", "0.6", "--slm-ref-source", "online", "--slm-ref-load", ref]
     variants = {  # name: (flags, environment)
@@ -127,7 +134,10 @@ def main() -> None:
             extra, extra_env = variants[name]
             log = os.path.join(work, f"{round_}_{i}.jsonl")
             cmd = [*py, "--train-iters", str(args.iters), "--log-loss-file", log, *extra]
-            run(cmd, {**env, **extra_env})
+            # A variant that fails is reported and the others go on (a GPU lease is short).
+            if run(cmd, {**env, **extra_env}, fatal=False) is None:
+                results.setdefault(name, None)
+                continue
             steps = [json.loads(line) for line in open(log)][args.warmup :]
             measured = (
                 statistics.median(s["step_seconds"] for s in steps),
@@ -135,22 +145,30 @@ def main() -> None:
                 statistics.median(s["tflops_per_device"] for s in steps),
                 statistics.median(s.get("mfu", float("nan")) for s in steps),
             )
-            if name not in results or measured[0] < results[name][0]:
+            print(f"round {round_} {name}: {measured[0] * 1e3:.1f} ms/step", flush=True)
+            if results.get(name) is None or measured[0] < results[name][0]:
                 results[name] = measured
-    anchor = results["plain (anchor)"][0]
+    nan = float("nan")
+    anchor = (results.get("plain (anchor)") or (nan,))[0]
     print(f"\nmodel {args.model_preset}, seq {args.seq_length}, global batch "
           f"{args.global_batch_size}, device {args.device}, "
           f"best of {args.rounds} rounds\n")  # fmt: skip
     print("| variant | step ms | vs plain | tokens/s | TFLOP/s/device | MFU |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, (sec, tps, tflops, mfu) in results.items():
+    for name, measured in results.items():
+        if measured is None:
+            print(f"| {name} | failed (stderr above) | | | | |")
+            continue
+        sec, tps, tflops, mfu = measured
         mfu_text = "-" if mfu != mfu else f"{mfu:.1%}"
         print(f"| {name} | {sec * 1e3:.1f} | {sec / anchor:.3f}x | {tps:,.0f} | "
               f"{tflops:.3f} | {mfu_text} |")  # fmt: skip
-    train_tps = results["plain (anchor)"][1]
+    train_tps = (results.get("plain (anchor)") or (nan, nan))[1]
     ratio = score_tps / train_tps
     print(f"\nscoring (tools/score_corpus.py, same model and sequence length): "
           f"{score_tps:,.0f} tokens/s = {ratio:.2f}x training tokens/s")  # fmt: skip
+    if score_tps != score_tps or None in results.values():
+        sys.exit(1)  # what failed is on stderr above
 
 
 if __name__ == "__main__":

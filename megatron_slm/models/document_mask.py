@@ -14,12 +14,15 @@ runs it one of two ways (``document_attention_backend``):
   compiled block-sparse kernel is no faster at the sizes we run there, and compiling costs seconds.
 
 ``MEGATRON_SLM_DOCUMENT_ATTENTION=flex|dense`` overrides the default (benchmarks compare the two).
+If FlexAttention fails on its first use as the default (no C compiler for Triton, an unsupported
+GPU), the process warns once and goes on with the dense mask; asked for by name, it raises.
 Other core attentions (megatron-core's ``local``, Transformer Engine) take the dense tensor
 (``reads_document_masks`` tells which a model needs).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 
@@ -27,18 +30,35 @@ import torch
 
 from megatron_slm.errors import ConfigError
 
+logger = logging.getLogger("megatron_slm")
+
 BACKENDS = ("flex", "dense")
 ENV = "MEGATRON_SLM_DOCUMENT_ATTENTION"
 
 
-def document_attention_backend(device: torch.device) -> str:
-    """``flex`` or ``dense`` for attention on ``device`` (see the module doc)."""
+class _Flex:
+    works = False  # a call has succeeded in this process: later errors are real errors
+    failed: str | None = None  # why its first use failed (then: dense for the process)
+
+
+def _chosen() -> str:
     chosen = os.environ.get(ENV, "").strip().lower()
     if chosen and chosen not in BACKENDS:
         raise ConfigError(f"{ENV}={chosen} is not one of {', '.join(BACKENDS)}")
-    if chosen:
-        return chosen
-    return "flex" if device.type == "cuda" and _has_flex() else "dense"
+    return chosen
+
+
+def document_attention_backend(device: torch.device) -> str:
+    """``flex`` or ``dense`` for attention on ``device`` (see the module doc)."""
+    return _chosen() or _default_backend(device)
+
+
+FLEX_BY_DEFAULT_ON = ("cuda",)
+
+
+def _default_backend(device: torch.device) -> str:
+    usable = _has_flex() and _Flex.failed is None
+    return "flex" if device.type in FLEX_BY_DEFAULT_ON and usable else "dense"
 
 
 def _has_flex() -> bool:
@@ -105,11 +125,31 @@ class DocumentMask:
             )
         return self._block_mask
 
-    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+    def attend(self, q, k, v, scale: float) -> torch.Tensor | None:
         """FlexAttention over ``q [b, n, s, h]``, ``k``/``v`` ``[b, g, s, h]`` (``g`` divides
-        ``n``: grouped heads as SDPA's ``enable_gqa``) -> ``[b, n, s, h]``."""
+        ``n``: grouped heads as SDPA's ``enable_gqa``) -> ``[b, n, s, h]``.
+
+        None when its first use fails and it was the default rather than asked for by name (no
+        C compiler for Triton, an unsupported GPU, ...): logged once, and the process uses the
+        dense mask from then on instead of stopping a job that has a slower way to go on."""
         gqa = k.shape[1] != q.shape[1]
-        return _compiled_flex()(q, k, v, block_mask=self.block_mask(), scale=scale, enable_gqa=gqa)
+        try:
+            out = _compiled_flex()(
+                q, k, v, block_mask=self.block_mask(), scale=scale, enable_gqa=gqa
+            )
+        except Exception as e:  # noqa: BLE001 - any failure of the first compilation
+            if _Flex.works or _chosen() == "flex":
+                raise
+            _Flex.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            logger.warning(
+                "FlexAttention failed on its first use (%s); packed documents use a dense "
+                "attention mask from now on (%s=flex makes this an error)",
+                _Flex.failed,
+                ENV,
+            )
+            return None
+        _Flex.works = True
+        return out
 
 
 def reads_document_masks(modules) -> bool:

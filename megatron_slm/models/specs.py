@@ -113,8 +113,9 @@ class TorchSDPAttention(MegatronModule):
             # Forward only: FlexAttention has no backward on CPU, so one could not be tested here.
             no_grad = not (torch.is_grad_enabled() and q.requires_grad)
             if no_grad and dropout_p == 0 and document_attention_backend(q.device) == "flex":
-                out = attention_mask.attend(q, k, v, scale)
-                return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
+                out = attention_mask.attend(q, k, v, scale)  # None: flex failed, use the mask
+                if out is not None:
+                    return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
             attention_mask = attention_mask.dense()
         if attention_mask is not None:
             sdpa_mask, is_causal = ~attention_mask, False

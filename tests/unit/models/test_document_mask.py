@@ -64,6 +64,41 @@ def test_backend_default_and_override(monkeypatch):
         document_attention_backend(torch.device("cpu"))
 
 
+def test_flex_failing_as_the_default_falls_back_to_the_dense_mask(monkeypatch, caplog):
+    """A first FlexAttention call that fails (here: a stand-in for a missing C compiler) warns
+    once and the process goes on with the dense mask; asked for by name, the error is raised."""
+    from megatron_slm.models import document_mask
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC")
+
+    monkeypatch.setattr(document_mask, "_compiled_flex", lambda: broken)
+    monkeypatch.setattr(document_mask, "FLEX_BY_DEFAULT_ON", ("cpu",))
+    monkeypatch.setattr(document_mask._Flex, "failed", None)
+    monkeypatch.setattr(document_mask._Flex, "works", False)
+    monkeypatch.delenv(ENV, raising=False)
+    tokens = _tokens(2, 160, 5)
+    q, k, v = _qkv(160, 2, 4, 2, 16, 6)
+    expected = _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD).dense())
+    assert document_attention_backend(torch.device("cpu")) == "flex"
+    with caplog.at_level("WARNING", logger="megatron_slm"):
+        out = _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD))
+        again = _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+    assert len(calls) == 1  # not retried
+    assert document_attention_backend(torch.device("cpu")) == "dense"
+    (warning,) = [r.getMessage() for r in caplog.records if "FlexAttention" in r.getMessage()]
+    assert "Failed to find C compiler" in warning and f"{ENV}=flex" in warning
+
+    monkeypatch.setenv(ENV, "flex")
+    with pytest.raises(RuntimeError, match="C compiler"):
+        _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD))
+
+
 def _qkv(s, b, n, g, h, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(s, b, n, h, generator=gen)
