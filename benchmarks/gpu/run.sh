@@ -16,7 +16,8 @@
 #   profile  benchmarks/gpu/profile_op.py: the kernels of one call of ours at [4096, 2, 32000]
 #   train    $TRAIN_CMD: training step, plain / sidecar / online reference (FlexAttention and
 #            dense-mask document attention), MFU
-#   score    $SCORE_CMD: scorer tokens/s against training's
+#   score    $SCORE_CMD: scorer tokens/s against a training step's, length-sorted rows and packed
+#            rows (FlexAttention) side by side (SCORE_CMD="" leaves it out)
 #
 # Written into $OUT as it goes (at most 8 files come back from the GPU machine):
 #   log.txt           everything, stdout and stderr of every step
@@ -33,8 +34,7 @@
 #   SKIP_STEPS        steps to leave out, e.g. "racecheck profile train" (a short lease)
 #   GPU_TESTS         what pytest runs in the tests step (default tests/gpu)
 #   OP_ARGS PROFILE_ARGS  extra arguments of op_table.py / profile_op.py (e.g. --shapes ...)
-#   TRAIN_CMD SCORE_CMD   the training-step and scorer benchmarks (split on spaces). The defaults
-#                     below are PLACEHOLDERS until the owners of those benchmarks fix the flags.
+#   TRAIN_CMD SCORE_CMD   the training-step and scorer benchmarks (split on spaces)
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -51,8 +51,8 @@ NCPU=$(nproc 2>/dev/null || echo 8)
 SAN=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 TRAIN_CMD=${TRAIN_CMD:-"$PY benchmarks/bench_train_step.py --device cuda --model-preset tinyllama-1.1b --num-layers 8 --seq-length 2048 --micro-batch-size 4 --global-batch-size 8 --bf16 --iters 15 --warmup 5 --rounds 1"}
 # The training-step benchmark also runs tools/score_corpus.py on its model: scorer tok/s vs
-# training is in its output. SCORE_CMD adds benchmarks/bench_score_corpus.py when set.
-SCORE_CMD=${SCORE_CMD:-}
+# training is in its output; SCORE_CMD compares the scorer's two packings against its own anchor.
+SCORE_CMD=${SCORE_CMD-"$PY benchmarks/bench_score_corpus.py --device cuda --model-preset tinyllama-1.1b --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16 --docs 1000 --repeat 1 --packing auto rows"}
 read -ra TRAIN <<<"$TRAIN_CMD"
 read -ra SCORE <<<"$SCORE_CMD"
 read -ra OP_EXTRA <<<"${OP_ARGS:-}"
@@ -259,7 +259,7 @@ main() {
     { echo "\`${TRAIN_CMD}\`"; echo; cat "$WORK/train.out"; } | section "Training step" train
 
     if ((${#SCORE[@]})); then
-        run_step score "${T_SCORE:-90}" "${SCORE[@]}"
+        run_step score "${T_SCORE:-120}" "${SCORE[@]}"
         { echo "\`${SCORE_CMD}\`"; echo; cat "$WORK/score.out"; } | section "Scorer" score
     fi
 

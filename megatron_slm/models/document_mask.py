@@ -158,4 +158,4 @@ def reads_document_masks(modules) -> bool:
     from megatron_slm.models.specs import TorchSDPAttention
 
     cores = [m.core_attention for c in modules for m in c.modules() if hasattr(m, "core_attention")]
-    return bool(cores) and all(isinstance(m, TorchSDPAttention) for m in cores)
+    return all(isinstance(m, TorchSDPAttention) for m in cores)  # no attention: nothing to read

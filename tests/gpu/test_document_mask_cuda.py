@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_slm.models.document_mask import ENV, DocumentMask, document_attention_backend
+from megatron_slm.models.document_mask import (
+    ENV,
+    DocumentMask,
+    _Flex,
+    document_attention_backend,
+)
 from tests.unit.models.test_document_mask import EOD, _tokens
 from tests.unit.models.test_specs import _attention
 
@@ -26,7 +31,8 @@ def test_flex_is_the_default_and_matches_dense(dtype, monkeypatch, no_host_sync)
     mask = DocumentMask.from_tokens(tokens, EOD)
     with torch.no_grad():
         out = _attention()(q, k, v, mask)
-        assert mask._block_mask is not None and mask._dense is None  # flex ran
+        assert _Flex.failed is None, _Flex.failed  # flex ran (no fallback to the dense mask)
+        assert _Flex.works and mask._dense is None
         monkeypatch.setenv(ENV, "dense")
         dense = _attention()(q, k, v, DocumentMask.from_tokens(tokens, EOD))
         monkeypatch.delenv(ENV)
