@@ -140,7 +140,8 @@ class DocumentMask:
         except Exception as e:  # noqa: BLE001 - any failure of the first compilation
             if _Flex.works or _chosen() == "flex":
                 raise
-            _Flex.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            _Flex.failed = f"{type(e).__name__}: {first_line}"
             logger.warning(
                 "FlexAttention failed on its first use (%s); packed documents use a dense "
                 "attention mask from now on (%s=flex makes this an error)",
