@@ -16,7 +16,7 @@ from megatron_slm.models.document_mask import (
 )
 from tests.dist_helpers import run_distributed
 from tests.sync_counter import SyncCounter
-from tests.unit.models.test_specs import _attention, _naive_attention
+from tests.unit.models.test_specs import _attention, _naive_attention, tiny_torch_and_local_models
 
 EOD = 0
 
@@ -131,18 +131,7 @@ def test_flex_attention_matches_float64_with_the_dense_mask(monkeypatch):
 
 
 def _model_forward(rank, world):
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
-    from megatron_slm.platform import enable_cpu_backend
-
-    enable_cpu_backend()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(5)
-    (ours,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
-    (local,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="local"))
-    local.load_state_dict(ours.state_dict(), strict=False)
+    ours, local = tiny_torch_and_local_models()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 512, (2, 160), generator=g)
     tokens[0, [30, 100]] = EOD

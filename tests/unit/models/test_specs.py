@@ -97,7 +97,9 @@ def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     assert default_spec_impl(torch.device("cpu")) == "torch"
 
 
-def _torch_vs_local_spec(rank, world):
+def tiny_torch_and_local_models():
+    """In a spawned rank (CPU): the tiny preset with the torch spec, and with megatron-core's
+    local spec holding the same weights."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -109,9 +111,14 @@ def _torch_vs_local_spec(rank, world):
     model_parallel_cuda_manual_seed(5)
     (ours,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
     (local,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="local"))
+    local.load_state_dict(ours.state_dict(), strict=False)
+    return ours, local
+
+
+def _torch_vs_local_spec(rank, world):
+    ours, local = tiny_torch_and_local_models()
     for layer in ours.decoder.layers:
         assert isinstance(layer.self_attention.core_attention, TorchSDPAttention)
-    local.load_state_dict(ours.state_dict(), strict=False)
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     with torch.no_grad():
