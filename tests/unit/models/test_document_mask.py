@@ -131,6 +131,11 @@ def test_flex_attention_matches_float64_with_the_dense_mask(monkeypatch):
 
 
 def _model_forward(rank, world):
+    from megatron_slm.models import get_preset
+    from megatron_slm.runtime import LoadedModel
+    from megatron_slm.runtime.forward import Rows, per_token_losses
+    from megatron_slm.runtime.reference import OnlineReference
+
     ours, local = tiny_torch_and_local_models()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 512, (2, 160), generator=g)
@@ -143,6 +148,28 @@ def _model_forward(rank, world):
         dense = local(tokens, pos, mask.dense())
         # the middle document of row 0 (positions 31..100), forwarded alone from its own start
         alone = ours(tokens[:1, 31:101], pos[:1, :70], None)
+
+    # Through the runtime and the online reference: which mask each core attention is handed.
+    seen = []
+    for model in (ours, local):
+        for layer in model.decoder.layers:
+            layer.self_attention.core_attention.register_forward_pre_hook(
+                lambda module, args: seen.append(type(args[3]).__name__)
+            )
+    labels = torch.roll(tokens, -1, dims=1)
+    lms = [
+        LoadedModel([m], get_preset("tiny"), None, 512, torch.device("cpu"), torch.float32, "mem")
+        for m in (ours, local)
+    ]
+    runtime_losses = []
+    for lm in lms:
+        seen.clear()
+        (loss,) = per_token_losses(lm, [Rows.causal(tokens, labels, DocumentMask(mask.doc_ids))])
+        runtime_losses.append((loss, sorted(set(seen))))
+    reference = OnlineReference.__new__(OnlineReference)
+    reference.model, reference.eod = lms[0], EOD
+    seen.clear()
+    online = reference.per_token_loss(tokens, labels)
     return (
         reads_document_masks([ours]),
         reads_document_masks([local]),
@@ -150,13 +177,29 @@ def _model_forward(rank, world):
         flex,
         dense,
         alone,
+        runtime_losses,
+        (online, sorted(set(seen))),
     )
 
 
 def test_torch_spec_flex_matches_local_spec_dense_and_documents_alone(monkeypatch):
+    """The torch spec on FlexAttention against megatron-core's local spec on the dense mask,
+    directly, through ``per_token_losses`` (each model handed the form it reads) and through the
+    online reference (NaN after each end of document: a new document has no context)."""
     monkeypatch.setenv(ENV, "flex")  # inherited by the spawned rank
-    ((ours_reads, local_reads, used_flex, flex, dense, alone),) = run_distributed(_model_forward, 1)
+    ((ours_reads, local_reads, used_flex, flex, dense, alone, runtime, online),) = run_distributed(
+        _model_forward, 1
+    )
     assert ours_reads and not local_reads
     assert used_flex
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(flex[:1, 31:101], alone, rtol=1e-4, atol=1e-4)
+    (ours_loss, ours_seen), (local_loss, local_seen) = runtime
+    assert ours_seen == ["DocumentMask"] and local_seen == ["Tensor"]
+    torch.testing.assert_close(ours_loss, local_loss, rtol=1e-4, atol=1e-4)
+    online_loss, online_seen = online
+    assert online_seen == ["DocumentMask"]
+    eod = torch.zeros_like(online_loss, dtype=torch.bool)
+    eod[0, [30, 100]] = eod[1, 140] = True
+    assert torch.equal(online_loss.isnan(), eod)
+    torch.testing.assert_close(online_loss[~eod], ours_loss[~eod])
