@@ -225,13 +225,3 @@ class SFTDataset:
             "position_ids": position_ids,
             "segment_ids": segment_ids,
         }
-
-
-def packed_attention_mask(segment_ids):
-    """``[b, s]`` segment ids -> ``[b, 1, s, s]`` bool, True = masked (block-diagonal causal)."""
-    import torch
-
-    s = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return ~(same & causal)[:, None]

@@ -4,8 +4,7 @@ packed or length-sorted micro-batches (any TP/PP), logits for generation (PP=1).
 A *batch* is any object with ``tokens``, ``labels``, ``position_ids`` (``[b, s]`` int64) and
 ``attention_mask`` (``[b, 1, s, s]`` bool, True = masked; a ``models.document_mask.DocumentMask``,
 given to the model as it is where its attention reads one, else as its dense mask; or None for
-plain causal attention), such as
-``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
+plain causal attention), such as ``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
 
 Losses are the fused vocab-parallel cross entropy (``megatron_slm.ops.selective_cross_entropy``,
 ratio 1, no gradient) on the ``[s, b, v/tp]`` logits: no gathered ``[tokens, vocab]`` tensor at

@@ -35,9 +35,9 @@ from megatron_slm.checkpoint import (
 from megatron_slm.data.gpt_dataset import check_data_path
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sample_list import BatchList
-from megatron_slm.data.sft import packed_attention_mask
 from megatron_slm.errors import ConfigError
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
+from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.ops.selection import needs_reference
 from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
@@ -297,7 +297,9 @@ class Trainer:
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
         attention_mask = None  # plain causal; packed SFT rows: block-diagonal causal
         if "segment_ids" in batch:
-            attention_mask = packed_attention_mask(batch["segment_ids"].to(self.device))
+            # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
+            # other specs read only the dense form (models/document_mask.py)
+            attention_mask = DocumentMask(batch["segment_ids"].to(self.device)).dense()
         inner = unwrap(model)
         ref = None
         if inner.post_process and ratio is not None:

@@ -15,9 +15,9 @@ from megatron_slm.data.chat import tokenize_chat
 from megatron_slm.data.sft import (
     SFTDataError,
     SFTDataset,
-    packed_attention_mask,
     read_sft_examples,
 )
+from megatron_slm.models.document_mask import DocumentMask
 from tests.dist_helpers import run_distributed
 
 WORDS = "the quick brown fox jumps over a lazy dog keep drop line text spam".split()
@@ -144,7 +144,7 @@ def _model_checks(rank, world, tokenizer, path):
     rows = [ds[i] for i in range(2)]
     assert max(len(r) for r in ds.rows[:2]) > 1
     batch = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]}
-    mask = packed_attention_mask(batch["segment_ids"])
+    mask = DocumentMask(batch["segment_ids"]).dense()
     out = {}
     with torch.no_grad():
         packed = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
