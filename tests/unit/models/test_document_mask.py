@@ -4,6 +4,8 @@ attention with that mask, no host syncs, and the online reference's path through
 megatron-core model (torch spec with FlexAttention vs megatron-core's local spec with the dense
 mask, and each document scored alone)."""
 
+import os
+
 import pytest
 import torch
 
@@ -170,6 +172,12 @@ def _model_forward(rank, world):
     reference.model, reference.eod = lms[0], EOD
     seen.clear()
     online = reference.per_token_loss(tokens, labels)
+    # The reference's micro-batch reads nothing back to the host (counted in the dense form: the
+    # counter's dispatch mode and torch.compile exclude each other; the block mask is counted in
+    # the test above).
+    os.environ[ENV] = "dense"
+    with SyncCounter() as counter:
+        reference.per_token_loss(tokens, labels)
     return (
         reads_document_masks([ours]),
         reads_document_masks([local]),
@@ -179,6 +187,7 @@ def _model_forward(rank, world):
         alone,
         runtime_losses,
         (online, sorted(set(seen))),
+        counter.report() if counter.count else None,
     )
 
 
@@ -187,9 +196,9 @@ def test_torch_spec_flex_matches_local_spec_dense_and_documents_alone(monkeypatc
     directly, through ``per_token_losses`` (each model handed the form it reads) and through the
     online reference (NaN after each end of document: a new document has no context)."""
     monkeypatch.setenv(ENV, "flex")  # inherited by the spawned rank
-    ((ours_reads, local_reads, used_flex, flex, dense, alone, runtime, online),) = run_distributed(
-        _model_forward, 1
-    )
+    (result,) = run_distributed(_model_forward, 1)
+    ours_reads, local_reads, used_flex, flex, dense, alone, runtime, online, syncs = result
+    assert syncs is None, syncs
     assert ours_reads and not local_reads
     assert used_flex
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
