@@ -61,7 +61,8 @@ def _default_backend(device: torch.device) -> str:
     return "flex" if device.type in FLEX_BY_DEFAULT_ON and usable else "dense"
 
 
-def _has_flex() -> bool:
+@lru_cache(maxsize=1)
+def _has_flex() -> bool:  # asked by every attention layer of every forward: import once
     try:
         from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
     except ImportError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch.distributed as dist
 
-from megatron_slm.cli import Command, arg
+from megatron_slm.cli import Command, arg, check_at_least
 from megatron_slm.entry import entry_point
 from megatron_slm.errors import ConfigError, InputFileError, UserError
 from megatron_slm.scoring import ScoringError
@@ -26,8 +26,7 @@ class _Cfg:
     steps: int = arg(1, "Steps.")
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        check_at_least(self, "steps")
 
 
 def _tool(raise_what=None):
@@ -64,7 +63,7 @@ def test_argparse_and_config_errors_go_through_the_runner(capsys):
     (line,) = _err_lines(capsys)
     assert line.startswith("my_tool: error: argument --steps: invalid int value")
     assert _tool()(["--steps", "0"]) == 2
-    assert _err_lines(capsys) == ["my_tool: error: --steps must be >= 1, got 0"]
+    assert _err_lines(capsys) == ["my_tool: error: --steps must be >= 1"]
     assert _tool()(["--nope"]) == 2
     assert _err_lines(capsys) == ["my_tool: error: unrecognized arguments: --nope"]
     with pytest.raises(SystemExit) as e:  # --help still exits 0
@@ -134,8 +133,7 @@ class _Count:
     workers: int = arg(1, "Worker processes.")
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        check_at_least(self, "workers")
 
 
 @dataclass
@@ -189,7 +187,7 @@ def test_commands_dispatch_by_word_with_only_their_own_flags(capsys):
         (["prune", "--vocab-size", "7", "--workers", "2"],
          "t prune: error: unrecognized arguments: --workers 2"),
         (["count", "--vocab-size", "7"], "t count: error: unrecognized arguments: --vocab-size 7"),
-        (["count", "--workers", "0"], "t count: error: --workers must be >= 1, got 0"),
+        (["count", "--workers", "0"], "t count: error: --workers must be >= 1"),
         (["count", "--workers", "two"],
          "t count: error: argument --workers: invalid int value: 'two'"),
         (["prune"], "t prune: error: the following arguments are required: --vocab-size"),
