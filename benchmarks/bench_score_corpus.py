@@ -8,12 +8,14 @@
 Measures, in one run, on one synthetic corpus and one reference model (default: preset ``tiny``):
 
 - ``train``: the anchor: a plain training step of the same megatron-core GPTModel at the same
-  sequence length and micro-batch size: forward, per-token loss (``selective_cross_entropy``,
+  sequence length and ``--micro-batch-size``: forward, per-token loss (``selective_cross_entropy``,
   ratio 1), mean, backward, ``torch.optim.AdamW`` step. Tokens/s = ``micro_batch_size *
   seq_length`` per step (every position is a real token in training).
 - ``score``: the scorer end to end over the corpus (prefetch + packing, copies, forward,
-  per-token loss, scatter, commits to the sidecar, publication); tokens/s = corpus tokens /
-  seconds of the scoring loop (model loading excluded).
+  per-token loss, scatter, commits to the sidecar, publication) at ``--score-micro-batch-size``
+  (default: twice the training one, which a forward fits in the same memory) and the tool's
+  ``--commit-interval``; tokens/s = corpus tokens / seconds of the scoring loop (model loading
+  excluded).
 - ``--null-model``: the scorer with a stand-in forward that returns precomputed logits (a view of
   one buffer of the model's padded vocabulary), so everything but the model is measured: packing,
   copies, the loss op, scatter, writing. Acceptance (issue 26): >= 2M tokens/s on one core.
@@ -146,8 +148,22 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, default=1500)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--stride", type=int, default=None, help="default: the tool's default")
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--commit-interval", type=int, default=250)
+    p.add_argument("--micro-batch-size", type=int, default=8, help="the training anchor's")
+    p.add_argument(
+        "--score-micro-batch-size",
+        type=int,
+        default=None,
+        help="the scorer's (default: twice --micro-batch-size: a forward keeps no activations "
+        "for a backward, so the scorer fits at least twice the rows of training in the same "
+        "memory; benchmarks/bench_train_step.py scores with twice its micro-batch too)",
+    )
+    p.add_argument(
+        "--commit-interval",
+        type=int,
+        default=ScoreConfig.commit_interval,
+        help="documents per chunk (default: the tool's); chunks are the unit of length sorting, "
+        "so shorter ones pad more",
+    )
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
@@ -178,6 +194,7 @@ def main(argv=None) -> int:
         args.warmup_docs = args.docs if args.device == "cuda" else 0
     torch.set_num_threads(args.threads)
     seq, mbs = args.seq_length, args.micro_batch_size
+    score_mbs = args.score_micro_batch_size or 2 * mbs
     stride = args.stride or default_stride(seq)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cfg = get_preset(args.model_preset)
@@ -188,7 +205,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "corpus_text_document")
         lengths = make_corpus(data, args.docs, seq, cfg.vocab_size)
-        print(corpus_stats(lengths, seq, stride, mbs, args.commit_interval), flush=True)
+        print(corpus_stats(lengths, seq, stride, score_mbs, args.commit_interval), flush=True)
+        print(f"micro-batch: training {mbs} x {seq}, scoring {score_mbs} x {seq}", flush=True)
         ckpt = os.path.join(tmp, "ref")
         opts = ModelBuildOptions(transformer_impl=default_spec_impl(device), params_dtype=dtype)
         chunks = build_model(cfg, opts, device)
@@ -201,14 +219,14 @@ def main(argv=None) -> int:
             load=ckpt,
             seq_length=seq,
             stride=stride,
-            micro_batch_size=mbs,
+            micro_batch_size=score_mbs,
             commit_interval=args.commit_interval,
             dtype="float16",
             device=args.device,
             overwrite=True,
         )
         if args.null_model:
-            null = NullModel(padded_vocab, mbs * seq, device, dtype)
+            null = NullModel(padded_vocab, score_mbs * seq, device, dtype)
             null_lm = LoadedModel([null], cfg, None, padded_vocab, device, dtype, "null model")
 
             def score(prefix, packing):

@@ -169,11 +169,15 @@ class ScoringPipeline:
     def run_round(self, chunk: PreparedChunk | None) -> None:
         """Launch one round's batches; reduce the previous round's statistics."""
         if chunk is not None:
-            for schedule in chunk.schedules:
-                losses = per_token_losses(self.lm, [self._to_device(b) for b in schedule])
-                if self.is_writer:
-                    for batch, loss in zip(schedule, losses):
-                        self._worker.submit(self._scatter, chunk, batch, *self._to_host(loss))
+            # Inference mode, not only no_grad: no version counters or view tracking on any
+            # tensor, so less host time per op (best of 4 on CPU, tiny model: +2 to +7%). The
+            # losses only go to the host, never into autograd.
+            with torch.inference_mode():
+                for schedule in chunk.schedules:
+                    losses = per_token_losses(self.lm, [self._to_device(b) for b in schedule])
+                    if self.is_writer:
+                        for batch, loss in zip(schedule, losses):
+                            self._worker.submit(self._scatter, chunk, batch, *self._to_host(loss))
         if self._pending is not None:
             self._reduce(self._pending)
         self._pending = self._worker.submit(self._end_round, chunk if self.is_writer else None)

@@ -1,8 +1,9 @@
 """The scorer's pipeline (megatron_slm/scoring/pipeline.py) with a tiny model in real processes:
 
 - zero host syncs on the main thread over several rounds of scorer batches (after two warm-up
-  rounds), the values equal to a plain one-document-at-a-time forward with sliding windows; on a
-  GPU (marked ``gpu``) the same rounds also run under ``torch.cuda.set_sync_debug_mode("error")``;
+  rounds), every forward in inference mode, the values equal to a plain one-document-at-a-time
+  forward with sliding windows; on a GPU (marked ``gpu``) the same rounds also run under
+  ``torch.cuda.set_sync_debug_mode("error")``;
 - a host-worker failure on one rank ends every rank (its own error there, a ScoringError on the
   others), none waits forever in the round collective;
 - the prefetcher hands its items over in order and re-raises its exception on the main thread.
@@ -89,6 +90,10 @@ def _sync_free_worker(rank, world, device="cpu"):
 
     lm = _tiny_lm(seed=3, device=device)
     cuda = lm.device.type == "cuda"
+    modes = []  # inference mode at each forward of the pipeline
+    hook = lm.chunks[0].register_forward_pre_hook(
+        lambda *_: modes.append(torch.is_inference_mode_enabled())
+    )
     docs = _documents(DOCS_PER_CHUNK * ROUNDS, seed=11)
     chunks = _chunks(docs, pin=cuda)
     written = {}
@@ -109,17 +114,19 @@ def _sync_free_worker(rank, world, device="cpu"):
         for chunk in chunks[2:]:
             pipe.run_round(chunk)
     totals = pipe.close()
+    hook.remove()
     batches = sum(len(s) for c in chunks[2:] for s in c.schedules)
     values = np.concatenate([written[c.first_doc] for c in chunks])
     expected = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])
-    return counter.count, counter.report(), batches, values, expected, totals.__dict__
+    return counter.count, counter.report(), batches, values, expected, totals.__dict__, modes
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_main_thread_never_syncs_and_values_are_exact(device):
     result = run_distributed(_sync_free_worker, 1, device)[0]
-    count, report, batches, values, expected, totals = result
+    count, report, batches, values, expected, totals, modes = result
     assert batches >= 3 * (ROUNDS - 2)  # several scorer batches per counted round
+    assert len(modes) >= batches and all(modes)  # every forward in inference mode
     assert count == 0, report
     np.testing.assert_array_equal(np.isnan(values), np.isnan(expected))
     ok = ~np.isnan(expected)
