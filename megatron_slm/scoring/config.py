@@ -54,7 +54,8 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
     micro_batch_size: int = arg(
         4,
         "Rows of --seq-length per forward (length-sorted batching: the same number of positions, "
-        "in more, shorter rows).",
+        "in more, shorter rows). A forward keeps no activations for a backward, so at least "
+        "twice the training micro-batch usually fits, and more rows per forward run faster.",
     )
     packing: str = arg(
         "auto",
