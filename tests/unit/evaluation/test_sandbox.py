@@ -3,6 +3,7 @@ that run's result, and the next run still works. Limits are tiny so the whole fi
 seconds; the fork bomb is bounded by the process limit and killed with its group (as root, with
 its PID namespace)."""
 
+import dataclasses
 import os
 import socket
 import time
@@ -69,8 +70,13 @@ def test_infinite_loop_hits_the_cpu_limit(box):
     assert sleeper.status == "timeout"
 
 
-def test_unbounded_allocation_hits_the_memory_limit(box):
-    res = box.run("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))")
+def test_unbounded_allocation_hits_the_memory_limit():
+    # Time limits far above the ~0.3 s this takes: under a loaded CI machine the page faults of
+    # 256 MiB once outlasted TINY's 1 s of CPU, and the run ended as a timeout instead.
+    roomy = dataclasses.replace(TINY, wall_seconds=60.0, cpu_seconds=30)
+    res = Sandbox(roomy, workers=1).run(
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))"
+    )
     assert res.status == "error"
     assert report(res) == "MemoryError"
 
