@@ -297,6 +297,13 @@ def _measure_memory(name, dtype_name, shape, device):
         return {"error": str(exc)[:200]}
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds with 3 significant digits below 10 ms (a small --shape measures the fixed cost
+    per call), one decimal above."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:#.3g}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", type=int, nargs=3, default=[1024, 4, 32000])
@@ -348,7 +355,7 @@ def main():
             mem = {} if args.no_memory else _measure_memory(name, dtype_name, shape, args.device)
             rows.append((dtype_name, name, ratio, t, anchor.get(ratio), mem))
             flag = " (host waited for the GPU: syncs or launch-bound)" if waited else ""
-            print(f"# done {dtype_name} {name}: {t * 1e3:.1f} ms{flag}", flush=True)
+            print(f"# done {dtype_name} {name}: {_ms(t)} ms{flag}", flush=True)
 
     print()
     print(
@@ -365,7 +372,7 @@ def main():
         else:
             mib, frac = "n/a", "n/a"
             print(f"# memory of {name} [{dtype_name}] not measured: {mem.get('error')}")
-        print(f"| {dtype_name} | {label} | {ratio} | {t * 1e3:.1f} | {sp} | {mib} | {frac} |")
+        print(f"| {dtype_name} | {label} | {ratio} | {_ms(t)} | {sp} | {mib} | {frac} |")
     print(f"\none fp32 copy of the logits = {fp32_copy / 2**20:.0f} MiB")
 
 

@@ -13,7 +13,11 @@
 //   selective_loss_finalize(stats[N,3] fp32 combined over TP, target[N] int64, v_global,
 //                           ref[N] fp32 or None, mask[N] bool or None, flags)
 //       -> (loss, lse, score [N] fp32, eligible, selected [N] bool, totals[8] fp32)
-//       the per-row epilogue and the op's statistics in one call (selective_loss_finalize.h)
+//       the per-row epilogue and the op's statistics in one call (selective_loss_finalize.h);
+//       totals[7] is 1 when every target id is in range (read by a device-side assert)
+//   selective_loss_add_top(top[N] bool, loss[N] fp32, selected[N] bool, totals[8] fp32)
+//       ratio < 1: selected |= top, and totals' n_selected and selected_loss_sum grow by the top
+//       rows' count and loss sum (in place; one launch on a GPU)
 
 #include <torch/extension.h>
 
@@ -339,8 +343,50 @@ selective_loss_finalize(torch::Tensor stats, torch::Tensor target, int64_t v_glo
   }
   float* tp = totals.data_ptr<float>();
   for (int j = 0; j < fin::kSums; ++j) tp[j] = static_cast<float>(acc[j]);
-  tp[fin::kSums] = 0.0f;
+  tp[fin::kTargetsOk] = fin::targets_ok(acc[fin::kBadTargets]);
   return {loss, lse, score, eligible, selected, totals};
+}
+
+void selective_loss_add_top(torch::Tensor top, torch::Tensor loss, torch::Tensor selected,
+                            torch::Tensor totals) {
+  namespace fin = megatron_slm::finalize;
+  const int64_t N = loss.numel();
+  const auto dev = loss.device();
+  TORCH_CHECK(loss.dim() == 1 && loss.scalar_type() == torch::kFloat32 && loss.is_contiguous(),
+              "selective_loss_add_top: loss must be contiguous fp32 [rows]");
+  for (const auto* t : {&top, &selected}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == torch::kBool &&
+                    t->is_contiguous() && t->device() == dev,
+                "selective_loss_add_top: top and selected must be contiguous bool [rows] on ", dev);
+  }
+  TORCH_CHECK(totals.dim() == 1 && totals.size(0) == fin::kSums + 1 &&
+                  totals.scalar_type() == torch::kFloat32 && totals.is_contiguous() &&
+                  totals.device() == dev,
+              "selective_loss_add_top: totals must be contiguous fp32 [", fin::kSums + 1, "] on ",
+              dev);
+  const auto* tp = reinterpret_cast<const uint8_t*>(top.data_ptr<bool>());
+  auto* se = reinterpret_cast<uint8_t*>(selected.data_ptr<bool>());
+  const float* lp = loss.data_ptr<float>();
+  if (dev.is_cuda()) {
+#ifdef MEGATRON_SLM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(dev);
+    check_launch(megatron_slm::cuda::selective_loss_add_top(
+                     tp, lp, N, se, totals.data_ptr<float>(),
+                     c10::cuda::getCurrentCUDAStream(dev.index()).stream()),
+                 "add_top");
+    return;
+#else
+    TORCH_CHECK(false, "megatron_slm._C was built without CUDA kernels");
+#endif
+  }
+  double n = 0.0, sum = 0.0;
+  for (int64_t r = 0; r < N; ++r) {
+    if (tp[r] == 0) continue;
+    se[r] = 1;
+    n += 1.0;
+    sum += static_cast<double>(lp[r]);
+  }
+  fin::add_top_sums(totals.data_ptr<float>(), n, sum);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -364,6 +410,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-row loss/lse/score/selection flags and the op's statistics from combined row stats",
         py::arg("stats"), py::arg("target"), py::arg("v_global"), py::arg("ref"), py::arg("mask"),
         py::arg("flags"));
+  m.def("selective_loss_add_top", &selective_loss_add_top,
+        "ratio < 1: the top-k rows join the selection and its statistics (in place)",
+        py::arg("top"), py::arg("loss"), py::arg("selected"), py::arg("totals"));
   m.attr("FINALIZE_RANK_EXCESS") = megatron_slm::finalize::kRankExcess;
   m.attr("FINALIZE_KEEP_UNSCORED") = megatron_slm::finalize::kKeepUnscored;
   m.attr("FINALIZE_SELECT_ALL") = megatron_slm::finalize::kSelectAll;

@@ -32,6 +32,9 @@ constexpr int kSelectAll = 4;     // ratio 1: every scored row is selected (no t
 constexpr int kSums = 7;
 constexpr int kNValid = 0, kNScored = 1, kNSelected = 2, kLossSum = 3, kSelectedLossSum = 4,
               kExcessSum = 5, kBadTargets = 6;
+// totals[kTargetsOk] (after the sums): 1 when every target id is in range, else 0, so that the
+// caller's device-side assert reads it as it is (no comparison launched per call).
+constexpr int kTargetsOk = kSums;
 
 // Bitwise finiteness test: no fast-math setting can fold it away.
 SLM_FINALIZE_FN bool is_finite(float f) {
@@ -72,6 +75,16 @@ SLM_FINALIZE_FN void finalize_row(const float* st, int64_t target, int64_t v_glo
   }
   if (valid && finite_ref) acc[kExcessSum] += static_cast<double>(excess);
   if (target < 0 || target >= v_global) acc[kBadTargets] += 1.0;
+}
+
+SLM_FINALIZE_FN float targets_ok(double bad_targets) { return bad_targets == 0.0 ? 1.0f : 0.0f; }
+
+// The top-k rows (ratio < 1) join the selection's statistics: their count and loss sum, taken in
+// double, are added to the float totals with one rounding each.
+SLM_FINALIZE_FN void add_top_sums(float* totals, double n_top, double top_loss_sum) {
+  totals[kNSelected] = static_cast<float>(static_cast<double>(totals[kNSelected]) + n_top);
+  totals[kSelectedLossSum] =
+      static_cast<float>(static_cast<double>(totals[kSelectedLossSum]) + top_loss_sum);
 }
 
 // How many of a group's n_scored rows the top-k keeps at `ratio` (< 1): floor(ratio * n + 0.5),

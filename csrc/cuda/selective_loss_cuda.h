@@ -33,7 +33,8 @@ int selective_loss_backward(const void* logits, void* grad, int dtype, const int
 
 // Per-row epilogue (csrc/selective_loss_finalize.h) over combined stats[N, 3]: writes loss, lse,
 // score, eligible and selected [N] and totals[kSums + 1] = {n_valid, n_scored, n_selected,
-// loss_sum, selected_loss_sum, excess_sum, n_bad_targets, 0}. ref and mask may be nullptr.
+// loss_sum, selected_loss_sum, excess_sum, n_bad_targets, targets_ok (1 when n_bad_targets is
+// 0, else 0)}. ref and mask may be nullptr.
 // `partials` is device memory of selective_loss_finalize_blocks(N) * kSums doubles. Two launches;
 // the sums are deterministic (fixed order for a given N).
 int selective_loss_finalize_blocks(int64_t N);
@@ -53,6 +54,12 @@ int64_t selective_loss_select_workspace_bytes(int64_t G, int64_t n);
 int selective_loss_select(const float* scores, const uint8_t* eligible, const int64_t* k,
                           double ratio, int64_t G, int64_t n, uint8_t* selected, void* workspace,
                           cudaStream_t stream);
+
+// The top-k rows join the selection (ratio < 1): selected[r] |= top[r] for r < N, and
+// totals[n_selected] and totals[selected_loss_sum] grow by the count and the loss sum of the top
+// rows (double sums in a fixed order, one rounding each). One launch of one block.
+int selective_loss_add_top(const uint8_t* top, const float* loss, int64_t N, uint8_t* selected,
+                           float* totals, cudaStream_t stream);
 
 const char* selective_loss_error_string(int code);
 

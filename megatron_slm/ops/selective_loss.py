@@ -48,8 +48,9 @@ Backward needs no communication.
 
 Fixed cost: one *finalize* kernel derives loss, lse, the score, the scored/selected flags and all
 statistics from the combined row stats (no selection pass at ratio 1), and nothing is read back
-to the host: the select kernel derives ``k`` from each group's eligible count, and target ids are
-checked with a device-side assert.
+to the host: the select kernel derives ``k`` from each group's eligible count, one *add_top*
+kernel joins the top rows to the selection and its statistics, and target ids are checked with a
+device-side assert on the finalize's ``targets_ok`` total.
 
 Implementations (``impl``): ``"cpp"`` (``megatron_slm._C`` CPU kernels), ``"cuda"`` (CUDA kernels
 in ``_C``), ``"torch"`` (pure PyTorch, :mod:`.selective_loss_reference`), ``"auto"`` (the compiled
@@ -100,11 +101,17 @@ class _Kernels(NamedTuple):
     backward: object
     select: object
     finalize: object
+    add_top: object
     name: str
 
 
 _TORCH_KERNELS = _Kernels(
-    _ref.torch_fwd_stats, _ref.torch_backward, _ref.torch_select, _ref.torch_finalize, "torch"
+    _ref.torch_fwd_stats,
+    _ref.torch_backward,
+    _ref.torch_select,
+    _ref.torch_finalize,
+    _ref.torch_add_top,
+    "torch",
 )
 
 
@@ -115,6 +122,7 @@ def _compiled_kernels(name: str) -> _Kernels:
         c.selective_loss_backward,
         c.selective_loss_select,
         c.selective_loss_finalize,
+        c.selective_loss_add_top,
         name,
     )
 
@@ -246,6 +254,8 @@ def _top_k(score, eligible, shape, cfg, kernels) -> torch.Tensor:
 class _SelectiveCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ref_loss, loss_mask, cfg):
+        # selected and stats get no gradient: no zeros are made for them (two launches a call)
+        ctx.set_materialize_grads(False)
         kernels = cfg["kernels"]
         v_local = logits.shape[-1]
         vocab_start = cfg["tp_rank"] * v_local
@@ -267,11 +277,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         _check_targets(totals, target1d, v_global, v_local, cfg["tp_size"])
         if cfg["ratio"] < 1.0:
             top = _top_k(score, eligible, tuple(target.shape), cfg, kernels)
-            selected = selected | top  # selected held the always-kept unscored rows
-            top_sums = torch.stack(
-                [top.sum(dtype=torch.float32), torch.where(top, loss1d, 0.0).sum()]
-            )
-            totals[2:5:2].add_(top_sums)  # n_selected, selected_loss_sum (in place: no copy back)
+            # selected held the always-kept unscored rows; the top rows join it and its sums
+            kernels.add_top(top, loss1d, selected, totals)
         loss = loss1d.view(target.shape)
         selected = selected.view(target.shape)
         st = totals[: len(_STAT_NAMES)]
@@ -353,7 +360,7 @@ def _check_targets(totals, target1d, v_global: int, v_local: int, tp_size: int) 
     eager = target1d.device.type != "cpu" and os.environ.get(CHECK_TARGETS_ENV) == "1"
     if not eager:
         try:
-            torch._assert_async(totals[6] == 0, f"target ids outside [0, {v_global})")
+            torch._assert_async(totals[7], f"target ids outside [0, {v_global})")  # targets_ok
             return
         except RuntimeError:
             if target1d.device.type != "cpu":
@@ -409,9 +416,27 @@ def selective_cross_entropy(
     return SelectiveLossOutput(loss, selected, stats)
 
 
+class _SelectedMean(torch.autograd.Function):
+    """``sum(loss over selected) / n`` from the op's own ``selected_loss_sum``: the forward
+    launches no product and no sum over the rows; the gradient is ``selected / n``."""
+
+    @staticmethod
+    def forward(ctx, loss, selected, selected_loss_sum, n):
+        n = n.clamp(min=1.0)
+        ctx.save_for_backward(selected, n)
+        return selected_loss_sum / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        selected, n = ctx.saved_tensors
+        return selected * (grad / n), None, None, None
+
+
 def selective_loss_mean(out: SelectiveLossOutput, n_selected=None) -> torch.Tensor:
     """Training loss ``sum(loss over selected) / n_selected`` (``n_selected`` defaults to this
-    rank's count; pass the DP-reduced count for a global mean). Zero when nothing is selected."""
+    rank's count; pass the DP-reduced count for a global mean). Zero when nothing is selected.
+    The sum is the op's ``selected_loss_sum`` (float64 sums): rows not selected never enter it,
+    not even as ``NaN * 0``."""
     n = out.stats["n_selected"] if n_selected is None else n_selected
-    n = torch.as_tensor(n, dtype=torch.float32, device=out.loss.device).clamp(min=1.0)
-    return (out.loss * out.selected).sum() / n
+    n = torch.as_tensor(n, dtype=torch.float32, device=out.loss.device)
+    return _SelectedMean.apply(out.loss, out.selected, out.stats["selected_loss_sum"], n)

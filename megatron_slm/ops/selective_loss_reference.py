@@ -92,7 +92,8 @@ FINALIZE_SELECT_ALL = 4  # ratio 1: every scored row is selected
 def torch_finalize(stats, target, v_global: int, ref, mask, flags: int):
     """The per-row epilogue of the op from combined row stats ``[N, 3]``: ``(loss, lse, score,
     eligible, selected, totals)`` with ``totals[8] = {n_valid, n_scored, n_selected, loss_sum,
-    selected_loss_sum, excess_sum, n_bad_targets, 0}`` (fp32; sums taken in float64). Same
+    selected_loss_sum, excess_sum, n_bad_targets, targets_ok}`` (fp32; sums taken in float64;
+    ``targets_ok`` is 1 when ``n_bad_targets`` is 0, else 0). Same
     arithmetic as the C++/CUDA kernels: ``log`` in float64 rounded once, then ``+ max``."""
     lse = torch.log(stats[:, 1].double()).float() + stats[:, 0]
     loss = lse - stats[:, 2]
@@ -106,6 +107,7 @@ def torch_finalize(stats, target, v_global: int, ref, mask, flags: int):
     selected = selected | (unscored & bool(flags & FINALIZE_KEEP_UNSCORED))
     zero = torch.zeros_like(loss, dtype=torch.float64)
     ld = loss.double()
+    bad_targets = ((target < 0) | (target >= v_global)).double().sum()
     totals = torch.stack(
         [
             valid.double().sum(),
@@ -114,12 +116,20 @@ def torch_finalize(stats, target, v_global: int, ref, mask, flags: int):
             torch.where(valid, ld, zero).sum(),
             torch.where(selected, ld, zero).sum(),
             torch.where(valid & finite, excess.double(), zero).sum(),
-            ((target < 0) | (target >= v_global)).double().sum(),
-            zero.new_zeros(()),
+            bad_targets,
+            (bad_targets == 0).double(),
         ]
     ).float()
     score = excess if rank_excess else loss
     return loss, lse, score.contiguous(), scored, selected, totals
+
+
+def torch_add_top(top, loss, selected, totals) -> None:
+    """Ratio < 1: ``selected |= top``; ``totals``' n_selected and selected_loss_sum grow by the
+    top rows' count and loss sum (float64 sums, one rounding each). In place, as the kernels."""
+    selected |= top
+    sums = torch.stack([top.double().sum(), torch.where(top, loss.double(), 0.0).sum()])
+    totals[2:5:2] = (totals[2:5:2].double() + sums).float()
 
 
 def torch_backward(

@@ -9,6 +9,9 @@
 //     select: G n                                                        in: scores eligible k
 //     finalize: N v_global flags has_ref has_mask            in: stats target [ref] [mask]
 //               out_<order>.bin = loss lse score (fp32) eligible selected (u8) totals (8 fp32)
+//     add_top: N                                          in: top loss selected totals
+//              out_<order>.bin = selected (u8) totals (8 fp32)
+//     select and add_top also write issued_<order>.txt: "kernel launches memsets" of the call
 //     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
 //             out_<order>.bin) each; adversarial needs the build with memory hooks
 //     resident=B yield_permille=P   adversarial mode: blocks at once, yield chance per access
@@ -283,6 +286,34 @@ int main(int argc, char** argv) {
             reinterpret_cast<float*>(out.p + n * 14), nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", out.p, out.bytes);
+    }
+  } else if (op == "add_top") {
+    const int64_t N = iarg("N");
+    const size_t n = static_cast<size_t>(N);
+    Buffer top(n, 0), loss(n * 4, 0);
+    top.fill(read_file(dir + "/top.bin"));
+    loss.fill(read_file(dir + "/loss.bin"));
+    const std::vector<char> selected_in = read_file(dir + "/selected.bin");
+    const std::vector<char> totals_in = read_file(dir + "/totals.bin");
+    for (const std::string& o : orders) {
+      set_order(o);
+      Buffer selected(n, 0), totals(8 * 4, 0);  // both in/out, each its own allocation
+      selected.fill(selected_in);
+      totals.fill(totals_in);
+      simt::config().fail_next_launch = fail_launch;
+      simt::counters() = simt::Counters{};
+      finish(status_of([&] {
+        return k::selective_loss_add_top(reinterpret_cast<const uint8_t*>(top.p),
+                                          reinterpret_cast<const float*>(loss.p), N,
+                                          reinterpret_cast<uint8_t*>(selected.p),
+                                          reinterpret_cast<float*>(totals.p), nullptr);
+      }));
+      std::vector<char> out(selected.p, selected.p + n);  // selected [N] u8, then totals[8] fp32
+      out.insert(out.end(), totals.p, totals.p + totals.bytes);
+      write_file(dir + "/out_" + o + ".bin", out.data(), out.size());
+      const std::string issued = std::to_string(simt::counters().launches) + " " +
+                                 std::to_string(simt::counters().memsets);
+      write_file(dir + "/issued_" + o + ".txt", issued.data(), issued.size());
     }
   } else {
     std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());

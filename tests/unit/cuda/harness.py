@@ -291,3 +291,25 @@ def finalize(exe, stats, target, v_global, ref, mask, flags, orders=ORDERS, **ex
             totals = torch.frombuffer(bytearray(raw[14 * n :]), dtype=torch.float32)
             out[o] = (f[0], f[1], f[2], u[0].bool(), u[1].bool(), totals)
         return out
+
+
+def add_top(exe, top, loss, selected, totals, orders=ORDERS, issued=None, **extra):
+    """{order: (selected [N] bool, totals [8] fp32)} of the CUDA add_top launcher (both in/out:
+    the inputs are not changed). ``issued``: as for :func:`select`."""
+    n = loss.numel()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "top.bin", top.bool())
+        _write(tmp / "loss.bin", loss.float())
+        _write(tmp / "selected.bin", selected.bool())
+        _write(tmp / "totals.bin", totals.float())
+        _run(exe, tmp, dict(op="add_top", N=n, **extra), orders)
+        out = {}
+        for o in orders:
+            raw = (tmp / f"out_{o}.bin").read_bytes()
+            sel = torch.frombuffer(bytearray(raw[:n]), dtype=torch.uint8).bool()
+            out[o] = (sel, torch.frombuffer(bytearray(raw[n:]), dtype=torch.float32))
+            if issued is not None:
+                launches, memsets = (tmp / f"issued_{o}.txt").read_text().split()
+                issued[o] = (int(launches), int(memsets))
+        return out

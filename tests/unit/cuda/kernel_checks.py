@@ -129,3 +129,18 @@ def select_inputs(g, n, seed):
     scores = torch.where(special, specials[pick], scores)
     eligible = torch.rand(g, n, generator=gen) < 0.8
     return scores, eligible
+
+
+def add_top_inputs(n, seed, nan_at="none"):
+    """top, loss, already selected rows and totals for add_top; ``nan_at`` "top" puts a NaN loss
+    on a top row, "other" on a row outside the top."""
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.rand(n, generator=g) * 8
+    kept = torch.rand(n, generator=g) < 0.1  # already selected (the op's unscored rows)
+    top = (torch.rand(n, generator=g) < 0.5) & ~kept  # disjoint, as in the op
+    if nan_at == "top" and top.any():
+        loss[top.nonzero()[0, 0]] = NAN
+    if nan_at == "other" and (~top).any():
+        loss[(~top).nonzero()[0, 0]] = NAN  # never summed
+    totals = torch.tensor([9.0, 8.0, float(kept.sum()), 7.0, 3.25, 1.0, 0.0, 1.0])
+    return top, loss, kept, totals

@@ -13,8 +13,8 @@ from tests.unit.cuda import harness as H
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 
-# Block size each kernel is launched with (kThreads / kSelectThreads / kFinalizeThreads in the
-# .cu; the totals kernel is one warp).
+# Block size each kernel is launched with (kThreads / kSelectThreads / kFinalizeThreads /
+# kAddTopThreads in the .cu; the totals kernel is one warp).
 LAUNCH_THREADS = {
     "fwd_stats_kernel": 256,
     "backward_kernel": 256,
@@ -25,6 +25,7 @@ LAUNCH_THREADS = {
     "select_one_block_kernel": 512,
     "finalize_rows_kernel": 256,
     "finalize_totals_kernel": 32,
+    "add_top_kernel": 512,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_slm.ops.selective_loss_reference import torch_finalize, torch_select
+from megatron_slm.ops.selective_loss_reference import torch_add_top, torch_finalize, torch_select
 from tests.unit.cuda import harness as H
 from tests.unit.cuda import kernel_checks as K
 
@@ -38,12 +38,16 @@ PARTIALS_WRITE = """a.partials[blockIdx.x * kSums + j] = red[j][0];
   }"""
 LAST_BLOCK_SUMS = """
   __syncthreads();
-  if (blockIdx.x == gridDim.x - 1 && static_cast<int>(threadIdx.x) < kSums) {
+  if (blockIdx.x == gridDim.x - 1 && static_cast<int>(threadIdx.x) <= kSums) {
+    const int j = static_cast<int>(threadIdx.x) < kSums ? threadIdx.x : finalize::kBadTargets;
     double sum = 0.0;
-    for (unsigned int b = 0; b < gridDim.x; ++b) sum += a.partials[b * kSums + threadIdx.x];
-    a.totals[threadIdx.x] = static_cast<float>(sum);
+    for (unsigned int b = 0; b < gridDim.x; ++b) sum += a.partials[b * kSums + j];
+    a.totals[threadIdx.x] = j == static_cast<int>(threadIdx.x) ? static_cast<float>(sum)
+                                                                : finalize::targets_ok(sum);
   }"""
 TOTALS_LAUNCH = "SLM_LAUNCH(1, 32, 0, stream, finalize_totals_kernel)(partials, blocks, totals);"
+ADD_TOP_BARRIER = """  red_sum[threadIdx.x] = sum;
+  __syncthreads();"""
 
 PLANTS = {
     # name: (original, planted, op, extra driver arguments)
@@ -88,10 +92,16 @@ PLANTS = {
         "select",
         {},
     ),
+    "add_top_missing_barrier": (
+        ADD_TOP_BARRIER,
+        ADD_TOP_BARRIER.replace("__syncthreads();", ""),
+        "add_top",
+        {},
+    ),
     "finalize_block_order_dependence": (
         [
             (PARTIALS_WRITE, PARTIALS_WRITE + LAST_BLOCK_SUMS),
-            (TOTALS_LAUNCH, "cudaMemsetAsync(totals + kSums, 0, sizeof(float), stream);"),
+            (TOTALS_LAUNCH, "(void)partials;"),
         ],
         None,
         "finalize",
@@ -123,8 +133,8 @@ def _same(outs, orders):
 
 def _checks(exe, op, extra, orders=H.ORDERS):
     """The checks of the real tests (fp32, scalar and vectorized rows; a 3-chunk selection; groups
-    of one chunk, one block each, k given and derived; the finalize sums over 12 blocks), in
-    every given order."""
+    of one chunk, one block each, k given and derived; the finalize sums over 12 blocks; the
+    add_top block reduction), in every given order."""
     if op == "fwd":
         for v in (1000, 1001):
             x = K.logits(12, v, torch.float32, seed=v)
@@ -143,6 +153,13 @@ def _checks(exe, op, extra, orders=H.ORDERS):
         assert torch.equal(got, torch_select(scores, eligible, k))
         got = _same(H.select(exe, scores, eligible, None, orders=orders, ratio=0.6), orders)
         assert torch.equal(got, torch_select(scores, eligible, None, 0.6))
+    elif op == "add_top":
+        top, loss, kept, totals = K.add_top_inputs(3000, seed=4)
+        sel, tot = _same(H.add_top(exe, top, loss, kept, totals, orders=orders, **extra), orders)
+        want_sel, want_tot = kept.clone(), totals.clone()
+        torch_add_top(top, loss, want_sel, want_tot)
+        assert torch.equal(sel, want_sel)
+        torch.testing.assert_close(tot, want_tot, rtol=2**-23, atol=0)
     else:
         n = 3000
         g = torch.Generator().manual_seed(3)
@@ -165,7 +182,8 @@ def _checks(exe, op, extra, orders=H.ORDERS):
 
 def test_the_real_source_passes_the_checks():
     for op, extra in (("fwd", {}), ("fwd", {"max_grid": 3}), ("select", {}),
-                      ("select_one_block", {"max_grid": 2}), ("finalize", {})):  # fmt: skip
+                      ("select_one_block", {"max_grid": 2}), ("finalize", {}),
+                      ("add_top", {})):  # fmt: skip
         _checks(H.build(), op, extra)
 
 
@@ -175,7 +193,7 @@ def test_the_real_source_passes_the_adversarial_orders():
     looping over a small grid."""
     exe = H.build(race=True, name="driver-race")
     for op, extra in (("fwd", {"max_grid": 3}), ("select", {}), ("select_one_block", {}),
-                      ("finalize", {})):  # fmt: skip
+                      ("finalize", {}), ("add_top", {})):  # fmt: skip
         _checks(exe, op, extra, orders=H.ADVERSARIAL)
 
 

@@ -104,7 +104,7 @@ def test_select_clean_under_asan_ubsan(exes):
         assert all(torch.equal(a[o], b[o]) for o in ORDERS)
 
 
-def test_unrolled_rows_and_finalize_clean_under_asan_ubsan(exes):
+def test_unrolled_rows_finalize_and_add_top_clean_under_asan_ubsan(exes):
     plain, asan = exes
     x = K.logits(8, 6000, torch.bfloat16, seed=2)  # long rows: the 2-vector unrolled loop
     t = K.targets(8, 6000, 0, seed=2)
@@ -120,6 +120,13 @@ def test_unrolled_rows_and_finalize_clean_under_asan_ubsan(exes):
     target, ref, mask = torch.randint(-2, 102, (n,)), torch.randn(n), torch.rand(n) < 0.7
     a = H.finalize(asan, stats, target, 100, ref, mask, 3, orders=ORDERS)
     b = H.finalize(plain, stats, target, 100, ref, mask, 3, orders=ORDERS)
+    for o in ORDERS:
+        assert all(
+            torch.equal(p.view(torch.uint8), q.view(torch.uint8)) for p, q in zip(a[o], b[o])
+        )
+    top, loss, kept, totals = K.add_top_inputs(n, seed=5, nan_at="other")
+    a = H.add_top(asan, top, loss, kept, totals, orders=ORDERS)
+    b = H.add_top(plain, top, loss, kept, totals, orders=ORDERS)
     for o in ORDERS:
         assert all(
             torch.equal(p.view(torch.uint8), q.view(torch.uint8)) for p, q in zip(a[o], b[o])

@@ -20,6 +20,7 @@ from megatron_slm.ops.selective_loss_reference import (
     FINALIZE_SELECT_ALL,
     num_to_keep,
     reference_select,
+    torch_add_top,
     torch_backward,
     torch_finalize,
     torch_fwd_stats,
@@ -254,6 +255,36 @@ def test_finalize(exe, n, flags):
                 torch.testing.assert_close(a, b, rtol=2**-23, atol=0, equal_nan=True)
                 torch.testing.assert_close(a, c, rtol=2**-23, atol=0, equal_nan=True)
         assert got[5][6] == (target < 0).sum() + (target >= 100).sum()
+        assert got[5][7] == (1.0 if got[5][6] == 0 else 0.0)  # targets_ok, for the assert
+
+
+@needs_c
+@pytest.mark.parametrize("n", [1, 37, 3000, 20000])
+@pytest.mark.parametrize("nan_at", ["none", "top", "other"])
+def test_add_top(exe, n, nan_at):
+    """The top-k rows join the selection and its sums: one block (20000 rows: 40 per thread),
+    one launch, the same bits in every order; against the C++ kernel, torch_add_top and the
+    float64 sums. A NaN loss outside the top rows is never read into the sums."""
+    top, loss, kept, totals = K.add_top_inputs(n, seed=n, nan_at=nan_at)
+    issued = {}
+    outs = H.add_top(exe, top, loss, kept, totals, issued=issued)
+    assert set(issued.values()) == {(1, 0)}, issued
+    sel, tot = outs[H.ORDERS[0]]
+    for o in H.ORDERS[1:]:
+        assert torch.equal(sel, outs[o][0]) and torch.equal(
+            tot.view(torch.int32), outs[o][1].view(torch.int32)
+        )
+    assert torch.equal(sel, kept | top)
+    want = totals.double()
+    want[2] += top.sum()
+    want[4] += loss.double()[top].sum()
+    torch.testing.assert_close(tot, want.float(), rtol=2**-23, atol=0, equal_nan=True)
+    assert math.isnan(tot[4]) == (nan_at == "top" and bool(top.any()))
+    for impl in (C.selective_loss_add_top, torch_add_top):
+        s2, t2 = kept.clone(), totals.clone()
+        impl(top, loss, s2, t2)
+        assert torch.equal(s2, sel)
+        torch.testing.assert_close(t2, tot, rtol=2**-23, atol=0, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,7 +402,7 @@ def test_more_rows_than_the_grid_allows(exe):
     assert torch.equal(got, torch_select(scores, eligible, k))
 
 
-@pytest.mark.parametrize("op", ["fwd", "bwd", "select"])
+@pytest.mark.parametrize("op", ["fwd", "bwd", "select", "add_top"])
 def test_launch_failure_reaches_the_caller(exe, op):
     """Bug 5: a failed launch is reported by the launcher instead of leaving garbage."""
     x = K.logits(4, 8, torch.float32, seed=0, special=False)
@@ -382,8 +413,10 @@ def test_launch_failure_reaches_the_caller(exe, op):
             H.fwd_stats(exe, x, t, **kw)
         elif op == "bwd":
             H.backward(exe, x, t, torch.zeros(4), torch.ones(4), **kw)
-        else:
+        elif op == "select":
             H.select(exe, x, x > 0, torch.ones(4, dtype=torch.int64), **kw)
+        else:
+            H.add_top(exe, t == 0, t.float(), t != 0, torch.zeros(8), **kw)
     assert e.value.returncode == 2 and "error 701" in e.value.stderr
 
 
