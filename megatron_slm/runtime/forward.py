@@ -7,8 +7,8 @@ given to the model as it is where its attention reads one, else as its dense mas
 plain causal attention), such as ``megatron_slm.scoring.packing.Batch`` or :class:`Rows`.
 
 Losses are the fused vocab-parallel cross entropy (``megatron_slm.ops.selective_cross_entropy``,
-ratio 1, no gradient) on the ``[s, b, v/tp]`` logits: no gathered ``[tokens, vocab]`` tensor at
-any TP size. By default the softmax spans the padded vocabulary, as in training (Megatron-LM's
+ratio 1, no gradient) on the ``[s, b, v/tp]`` logits as the output layer wrote them (taken inside
+the model's forward): no gathered ``[tokens, vocab]`` tensor at any TP size, and no copy. By default the softmax spans the padded vocabulary, as in training (Megatron-LM's
 convention, and what the offline scorer has always written); ``real_vocab_only`` drops the padding
 rows, which makes losses of an imported model equal Hugging Face's.
 """
@@ -21,6 +21,7 @@ import torch
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.document_mask import DocumentMask
+from megatron_slm.models.sharding import unwrap
 from megatron_slm.runtime.loader import LoadedModel
 
 
@@ -39,8 +40,9 @@ class Rows:
         return cls(tokens, labels, positions, attention_mask)
 
 
-def _forward(lm: LoadedModel, chunk, batch):
-    """One chunk's forward: logits ``[b, s, v/tp]`` on the last stage, hidden ``[s, b, h]`` else.
+def _forward(lm: LoadedModel, chunk, batch, labels=None):
+    """One chunk's forward: logits ``[b, s, v/tp]`` on the last stage (with ``labels``: what the
+    model's ``compute_language_model_loss`` returns), hidden ``[s, b, h]`` else.
 
     megatron-core's RoPE rotates by the position in the row, not by ``position_ids`` (passed
     anyway: learned absolute embeddings would use them). Rotary attention depends only on the
@@ -52,7 +54,9 @@ def _forward(lm: LoadedModel, chunk, batch):
         mask = mask.to(dev)
         if isinstance(mask, DocumentMask) and not lm.reads_document_masks:
             mask = mask.dense()
-    return chunk(batch.tokens.to(dev), batch.position_ids.to(dev), mask)
+    if labels is None:
+        return chunk(batch.tokens.to(dev), batch.position_ids.to(dev), mask)
+    return chunk(batch.tokens.to(dev), batch.position_ids.to(dev), mask, labels=labels)
 
 
 def _mask_padding_rows(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
@@ -67,17 +71,44 @@ def _mask_padding_rows(lm: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _losses_of(lm: LoadedModel, logits: torch.Tensor, batch, real_vocab_only: bool):
+def _losses_of(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, real_vocab_only: bool):
+    """Loss of each label: ``logits [x, y, v/tp]`` and ``labels [x, y]`` in either order
+    (``[s, b]`` or ``[b, s]``): at ratio 1 each token's loss depends on its row alone, so the op
+    reads the logits in the layout they are in (a transposed view would make it copy them).
+    fp32; the TP all-reduce happens inside the op."""
     from megatron_slm.ops import selective_cross_entropy
 
     if real_vocab_only:
         logits = _mask_padding_rows(lm, logits)
-    # The op reads [b, s, v/tp] as its [s, b, v/tp]: at ratio 1 each token's loss depends on its
-    # row alone, and the contiguous layout spares two copies of the logits (transposing back to
-    # [s, b] made the op copy them: 45% of the scorer's host time with a null model on CPU).
-    # fp32 loss; the TP all-reduce happens inside the op.
-    out = selective_cross_entropy(logits, batch.labels.to(lm.device))
-    return out.loss.float()  # [b, s], on the model's device
+    out = selective_cross_entropy(logits, labels.to(lm.device))
+    return out.loss.float()
+
+
+def _losses_in_model(lm: LoadedModel, chunk, batch, real_vocab_only: bool) -> torch.Tensor:
+    """``[b, s]`` losses of one batch, taken inside the model's forward on the ``[s, b, v/tp]``
+    logits its output layer wrote. Without labels a GPTModel returns them as a transposed copy
+    (``[b, s, v/tp]``: every logit read and written once more before the loss reads them); with
+    labels it hands them to ``compute_language_model_loss`` as they are. That hook (the
+    provider's, models/cross_entropy.py) is swapped for this call only."""
+    model = unwrap(chunk)
+    own = vars(model).get("compute_language_model_loss")
+
+    def loss_hook(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return _losses_of(lm, logits, labels.t(), real_vocab_only).t()  # [s, b] -> [b, s]
+
+    model.compute_language_model_loss = loss_hook
+    try:
+        return _forward(lm, chunk, batch, labels=batch.labels.to(lm.device)).contiguous()
+    finally:
+        if own is None:
+            del model.compute_language_model_loss
+        else:
+            model.compute_language_model_loss = own
+
+
+def _takes_labels(chunk) -> bool:
+    """Whether the chunk computes its loss from labels (a GPTModel; not, e.g., a stand-in)."""
+    return hasattr(unwrap(chunk), "compute_language_model_loss")
 
 
 @torch.no_grad()
@@ -87,7 +118,9 @@ def per_token_losses(lm: LoadedModel, batches: list, real_vocab_only: bool = Fal
     pipeline schedule, so they must share one shape."""
     if len(lm.chunks) == 1 and _pp_size() == 1:
         (chunk,) = lm.chunks
-        return [_losses_of(lm, _forward(lm, chunk, b), b, real_vocab_only) for b in batches]
+        if _takes_labels(chunk):
+            return [_losses_in_model(lm, chunk, b, real_vocab_only) for b in batches]
+        return [_losses_of(lm, _forward(lm, chunk, b), b.labels, real_vocab_only) for b in batches]
     return _pipeline_losses(lm, batches, real_vocab_only)
 
 
@@ -107,7 +140,7 @@ def _pipeline_losses(lm: LoadedModel, batches: list, real_vocab_only: bool):
         output = _forward(lm, chunk, batch)
 
         def loss_func(logits):
-            collected.append(_losses_of(lm, logits, batch, real_vocab_only))
+            collected.append(_losses_of(lm, logits, batch.labels, real_vocab_only))
             zero = torch.zeros((), device=lm.device)
             return zero, torch.ones((), dtype=torch.int, device=lm.device), {}
 
@@ -189,7 +222,7 @@ def sequence_scores(lm: LoadedModel, tokens: torch.Tensor):
     batch = Rows.causal(tokens[:, :-1], tokens[:, 1:])
     logits = _mask_padding_rows(lm, _forward(lm, lm.chunks[0], batch))  # [b, s, v/tp]
     greedy = _vocab_parallel_argmax(logits).cpu() == tokens[:, 1:]
-    losses = _losses_of(lm, logits, batch, real_vocab_only=False)  # padding already masked
+    losses = _losses_of(lm, logits, batch.labels, real_vocab_only=False)  # padding masked
     return losses.cpu(), greedy
 
 
