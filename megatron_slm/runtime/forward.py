@@ -8,9 +8,10 @@ plain causal attention), such as ``megatron_slm.scoring.packing.Batch`` or :clas
 
 Losses are the fused vocab-parallel cross entropy (``megatron_slm.ops.selective_cross_entropy``,
 ratio 1, no gradient) on the ``[s, b, v/tp]`` logits as the output layer wrote them (taken inside
-the model's forward): no gathered ``[tokens, vocab]`` tensor at any TP size, and no copy. By default the softmax spans the padded vocabulary, as in training (Megatron-LM's
-convention, and what the offline scorer has always written); ``real_vocab_only`` drops the padding
-rows, which makes losses of an imported model equal Hugging Face's.
+the model's forward): no gathered ``[tokens, vocab]`` tensor at any TP size, and no copy. By
+default the softmax spans the padded vocabulary, as in training (Megatron-LM's convention, and
+what the offline scorer has always written); ``real_vocab_only`` drops the padding rows, which
+makes losses of an imported model equal Hugging Face's.
 """
 
 from __future__ import annotations
