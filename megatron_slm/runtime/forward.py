@@ -16,6 +16,7 @@ makes losses of an imported model equal Hugging Face's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,26 +86,29 @@ def _losses_of(lm: LoadedModel, logits: torch.Tensor, labels: torch.Tensor, real
     return out.loss.float()
 
 
-def _losses_in_model(lm: LoadedModel, chunk, batch, real_vocab_only: bool) -> torch.Tensor:
-    """``[b, s]`` losses of one batch, taken inside the model's forward on the ``[s, b, v/tp]``
-    logits its output layer wrote. Without labels a GPTModel returns them as a transposed copy
-    (``[b, s, v/tp]``: every logit read and written once more before the loss reads them); with
-    labels it hands them to ``compute_language_model_loss`` as they are. That hook (the
-    provider's, models/cross_entropy.py) is swapped for this call only."""
-    model = unwrap(chunk)
-    own = vars(model).get("compute_language_model_loss")
+@contextmanager
+def _loss_hooks(lm: LoadedModel, real_vocab_only: bool):
+    """While open, each chunk's GPTModel turns the labels it is given into ``[b, s]`` per-token
+    losses, on the ``[s, b, v/tp]`` logits its output layer wrote. (Without labels a GPTModel
+    returns them as a transposed copy, ``[b, s, v/tp]``: every logit read and written once more
+    before the loss reads them.) The chunks' own hooks (the provider's, models/cross_entropy.py)
+    are put back on exit."""
 
     def loss_hook(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return _losses_of(lm, logits, labels.t(), real_vocab_only).t()  # [s, b] -> [b, s]
 
-    model.compute_language_model_loss = loss_hook
+    models = [unwrap(chunk) for chunk in lm.chunks]
+    own = [vars(model).get("compute_language_model_loss") for model in models]
+    for model in models:
+        model.compute_language_model_loss = loss_hook
     try:
-        return _forward(lm, chunk, batch, labels=batch.labels.to(lm.device)).contiguous()
+        yield
     finally:
-        if own is None:
-            del model.compute_language_model_loss
-        else:
-            model.compute_language_model_loss = own
+        for model, hook in zip(models, own):
+            if hook is None:
+                del model.compute_language_model_loss
+            else:
+                model.compute_language_model_loss = hook
 
 
 def _takes_labels(chunk) -> bool:
@@ -117,12 +121,15 @@ def per_token_losses(lm: LoadedModel, batches: list, real_vocab_only: bool = Fal
     """``[b, s]`` float32 loss of every label of each batch (tensors on the model's device) on the
     last pipeline stage; an empty list on the others. With PP > 1 the batches are one forward-only
     pipeline schedule, so they must share one shape."""
-    if len(lm.chunks) == 1 and _pp_size() == 1:
-        (chunk,) = lm.chunks
-        if _takes_labels(chunk):
-            return [_losses_in_model(lm, chunk, b, real_vocab_only) for b in batches]
+    single = len(lm.chunks) == 1 and _pp_size() == 1
+    if single and not _takes_labels(lm.chunks[0]):  # a stand-in for a model: it gives logits
+        chunk = lm.chunks[0]
         return [_losses_of(lm, _forward(lm, chunk, b), b.labels, real_vocab_only) for b in batches]
-    return _pipeline_losses(lm, batches, real_vocab_only)
+    with _loss_hooks(lm, real_vocab_only):
+        if single:
+            (chunk,) = lm.chunks
+            return [_forward(lm, chunk, b, b.labels.to(lm.device)).contiguous() for b in batches]
+        return _pipeline_losses(lm, batches)
 
 
 def _pp_size() -> int:
@@ -131,17 +138,19 @@ def _pp_size() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size()
 
 
-def _pipeline_losses(lm: LoadedModel, batches: list, real_vocab_only: bool):
+def _pipeline_losses(lm: LoadedModel, batches: list):
+    """The batches as one forward-only schedule (inside :func:`_loss_hooks`: the last stage's
+    output is the losses)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     collected: list[torch.Tensor] = []
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        output = _forward(lm, chunk, batch)
+        output = _forward(lm, chunk, batch, batch.labels.to(lm.device))
 
-        def loss_func(logits):
-            collected.append(_losses_of(lm, logits, batch.labels, real_vocab_only))
+        def loss_func(losses):
+            collected.append(losses.contiguous())
             zero = torch.zeros((), device=lm.device)
             return zero, torch.ones((), dtype=torch.int, device=lm.device), {}
 
