@@ -123,6 +123,13 @@ int finish(int launcher_status) {
   return 0;
 }
 
+// What the last call issued (simt::counters): "kernel launches memsets" in issued_<order>.txt.
+void write_issued(const std::string& dir, const std::string& order) {
+  const std::string issued = std::to_string(simt::counters().launches) + " " +
+                             std::to_string(simt::counters().memsets);
+  write_file(dir + "/issued_" + order + ".txt", issued.data(), issued.size());
+}
+
 size_t dtype_size(int dtype) { return dtype == megatron_slm::cuda::kFloat32 ? 4 : 2; }
 
 }  // namespace
@@ -253,9 +260,7 @@ int main(int argc, char** argv) {
             reinterpret_cast<uint8_t*>(selected.p), workspace.p, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", selected.p, selected.bytes);
-      const std::string issued = std::to_string(simt::counters().launches) + " " +
-                                 std::to_string(simt::counters().memsets);
-      write_file(dir + "/issued_" + o + ".txt", issued.data(), issued.size());
+      write_issued(dir, o);
     }
   } else if (op == "finalize") {
     const int64_t N = iarg("N"), v_global = iarg("v_global");
@@ -311,9 +316,7 @@ int main(int argc, char** argv) {
       std::vector<char> out(selected.p, selected.p + n);  // selected [N] u8, then totals[8] fp32
       out.insert(out.end(), totals.p, totals.p + totals.bytes);
       write_file(dir + "/out_" + o + ".bin", out.data(), out.size());
-      const std::string issued = std::to_string(simt::counters().launches) + " " +
-                                 std::to_string(simt::counters().memsets);
-      write_file(dir + "/issued_" + o + ".txt", issued.data(), issued.size());
+      write_issued(dir, o);
     }
   } else {
     std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());

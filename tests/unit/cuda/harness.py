@@ -186,6 +186,11 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return t.view(dtype).reshape(shape)
 
 
+def _issued(tmp: Path, orders) -> dict:
+    """{order: (kernel launches, memsets)} that the driver counted for the call."""
+    return {o: tuple(int(x) for x in (tmp / f"issued_{o}.txt").read_text().split()) for o in orders}
+
+
 def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, op="fwd", **extra):
     """{order: stats[N, 3] fp32} of the CUDA fwd_stats launcher run on the CPU (op="cpu_fwd":
     of the C++ CPU kernel, compiled into the driver)."""
@@ -264,9 +269,7 @@ def select(exe, scores, eligible, k, orders=ORDERS, issued=None, **extra):
             _write(tmp / "k.bin", k.to(torch.int64))
         _run(exe, tmp, dict(op="select", G=g, n=n, **extra), orders)
         if issued is not None:
-            for o in orders:
-                launches, memsets = (tmp / f"issued_{o}.txt").read_text().split()
-                issued[o] = (int(launches), int(memsets))
+            issued.update(_issued(tmp, orders))
         return {o: _read(tmp / f"out_{o}.bin", torch.bool, (g, n)) for o in orders}
 
 
@@ -309,7 +312,6 @@ def add_top(exe, top, loss, selected, totals, orders=ORDERS, issued=None, **extr
             raw = (tmp / f"out_{o}.bin").read_bytes()
             sel = torch.frombuffer(bytearray(raw[:n]), dtype=torch.uint8).bool()
             out[o] = (sel, torch.frombuffer(bytearray(raw[n:]), dtype=torch.float32))
-            if issued is not None:
-                launches, memsets = (tmp / f"issued_{o}.txt").read_text().split()
-                issued[o] = (int(launches), int(memsets))
+        if issued is not None:
+            issued.update(_issued(tmp, orders))
         return out
