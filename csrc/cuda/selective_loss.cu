@@ -14,8 +14,9 @@
 //   and loss sum to the statistics (deterministic: one block, fixed order).
 // * select: 4-pass 8-bit radix select of the k-th largest key, then an ordered pass that breaks
 //   ties among equal keys by position (exact top-k, O(n)). A group of one chunk (<= 8192
-//   scores) is selected by one block in one launch; a larger group is cut into chunks, one
-//   block per (group, chunk), so that one large group still uses the whole GPU.
+//   scores) is selected by one block in one launch, from a copy of its keys in shared memory;
+//   a larger group is cut into chunks, one block per (group, chunk), so that one large group
+//   still uses the whole GPU.
 // Grids are capped at the device's limit; blocks then loop over rows / groups. Every launcher
 // returns the launch's cudaError_t (0 on success).
 
@@ -383,11 +384,14 @@ __global__ void __launch_bounds__(kAddTopThreads)
   __shared__ double red_sum[kAddTopThreads];
   double n = 0.0;
   double sum = 0.0;
+#pragma unroll 4
   for (int64_t r = threadIdx.x; r < N; r += blockDim.x) {
-    if (top[r]) {
+    const uint8_t t = top[r];
+    const float l = loss[r];  // loaded with top[r], not after it: the loads of a row overlap
+    if (t) {
       selected[r] = 1;
       n += 1.0;
-      sum += static_cast<double>(loss[r]);
+      sum += static_cast<double>(l);
     }
   }
   red_n[threadIdx.x] = n;
@@ -414,6 +418,63 @@ __device__ __forceinline__ uint32_t score_key(float f) {
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) u = 0xFF800000u;  // NaN -> -inf
   if ((u & 0x7FFFFFFFu) == 0u) u = 0u;                    // -0.0 -> +0.0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The key of entry i when it is a candidate (eligible), else 0. score_key never returns 0: NaN
+// takes -inf's key (0x007FFFFF), and the keys below it would be negative NaNs. Both loads are
+// unconditional, so that a loop's loads do not wait on each other.
+__device__ __forceinline__ uint32_t candidate_key(const float* sc, const uint8_t* el, int64_t i) {
+  const float s = sc[i];
+  const uint8_t e = el[i];
+  return e ? score_key(s) : 0u;
+}
+
+// Candidate keys read from the scores in global memory, or from a block's staged copy.
+struct GlobalKeys {
+  const float* sc;
+  const uint8_t* el;
+  __device__ __forceinline__ uint32_t operator()(int64_t i) const {
+    return candidate_key(sc, el, i);
+  }
+};
+struct StagedKeys {
+  const uint32_t* keys;
+  __device__ __forceinline__ uint32_t operator()(int64_t i) const { return keys[i]; }
+};
+
+// keys[0, n) = the candidate keys, by the whole block: each thread's kStageLoads loads are issued
+// before their keys are stored, so that their latencies overlap.
+constexpr int kStageLoads = 4;
+__device__ __forceinline__ void stage_keys(const float* sc, const uint8_t* el, int64_t n,
+                                           uint32_t* keys) {
+  for (int64_t base = threadIdx.x; base < n; base += kStageLoads * blockDim.x) {
+    uint32_t key[kStageLoads];
+#pragma unroll
+    for (int j = 0; j < kStageLoads; ++j) {
+      const int64_t i = base + j * static_cast<int64_t>(blockDim.x);
+      key[j] = i < n ? candidate_key(sc, el, i) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kStageLoads; ++j) {
+      const int64_t i = base + j * static_cast<int64_t>(blockDim.x);
+      if (i < n) keys[i] = key[j];
+    }
+  }
+}
+
+// Adds a tile's keys to a shared histogram: the lanes of a warp that fall in the same bin add
+// once, with their count. Scores are skewed: most keys' first digit (sign and exponent) falls in
+// a few bins, and a plain per-key atomic serialises on them. Every lane of the warp calls it
+// (the match names the whole warp; __match_any_sync needs sm_70+); bin < 0 adds nothing.
+__device__ __forceinline__ void add_to_bins(unsigned int* bins, int bin) {
+  const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+  const unsigned int lower = peers & ((1u << (threadIdx.x & 31)) - 1u);
+  if (bin >= 0 && lower == 0u) atomicAdd(&bins[bin], static_cast<unsigned int>(__popc(peers)));
+}
+
+// The digit of a key for a histogram pass (-1: not a candidate, or outside the prefix found so far)
+__device__ __forceinline__ int digit_of(uint32_t key, uint32_t mask, uint32_t prefix, int shift) {
+  return key != 0u && (key & mask) == prefix ? static_cast<int>((key >> shift) & 0xFFu) : -1;
 }
 
 // Multi-block radix select. Every group g of n scores is cut into chunks of kSelectChunk; a
@@ -458,10 +519,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
     __syncthreads();
     const uint32_t prefix = ws.state[grp].prefix;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-      if (!el[i]) continue;
-      const uint32_t key = score_key(sc[i]);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);
+    for (int64_t base = lo; base < hi; base += blockDim.x) {  // whole warps to the end
+      const int64_t i = base + threadIdx.x;
+      add_to_bins(hist, i < hi ? digit_of(candidate_key(sc, el, i), mask, prefix, shift) : -1);
     }
     __syncthreads();
     unsigned long long* gh = ws.hist + grp * 256;
@@ -533,7 +593,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     const uint32_t kth = ws.state[grp].prefix;
     unsigned int count = 0;
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-      count += (el[i] && score_key(sc[i]) == kth) ? 1u : 0u;
+      count += candidate_key(sc, el, i) == kth ? 1u : 0u;  // kth is never 0
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) count += __shfl_xor_sync(0xffffffffu, count, off);
@@ -551,7 +611,9 @@ __global__ void __launch_bounds__(kSelectThreads)
 // Writes out[lo, hi) in position order, tile by tile: keys above the k-th (kth), and keys equal
 // to it while fewer than take_equal were taken before (*s_taken: those before out[lo] on entry;
 // the block's shared counter). Called by the whole block; warp_counts is block shared memory.
-__device__ __forceinline__ void write_ordered(const float* sc, const uint8_t* el, uint8_t* out,
+// keys(i): entry i's candidate key (GlobalKeys or StagedKeys).
+template <typename Keys>
+__device__ __forceinline__ void write_ordered(const Keys& keys, uint8_t* out,
                                               int64_t lo, int64_t hi, uint32_t kth,
                                               unsigned long long take_equal,
                                               unsigned int* warp_counts,
@@ -561,13 +623,9 @@ __device__ __forceinline__ void write_ordered(const float* sc, const uint8_t* el
   const int nwarps = blockDim.x >> 5;
   for (int64_t base = lo; base < hi; base += blockDim.x) {
     const int64_t i = base + threadIdx.x;
-    bool is_eq = false;
-    bool is_gt = false;
-    if (i < hi && el[i]) {
-      const uint32_t key = score_key(sc[i]);
-      is_gt = key > kth;
-      is_eq = key == kth;
-    }
+    const uint32_t key = i < hi ? keys(i) : 0u;  // 0: no candidate, never above or at kth
+    const bool is_gt = key > kth;
+    const bool is_eq = key == kth;
     const unsigned int ballot = __ballot_sync(0xffffffffu, is_eq);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
     __syncthreads();
@@ -613,7 +671,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       s_taken = before;
     }
     __syncthreads();
-    write_ordered(sc, el, out, lo, hi, kth, take_equal, warp_counts, &s_taken);
+    write_ordered(GlobalKeys{sc, el}, out, lo, hi, kth, take_equal, warp_counts, &s_taken);
   }
 }
 
@@ -622,10 +680,14 @@ __global__ void __launch_bounds__(kSelectThreads)
 // workspace. On an H200 the multi-block path's 11 launches (memset, 4 x histogram + pick, count,
 // write) were most of the select's cost at [4096, 2, 32000] (0.51 ms at ratio 0.6 vs 0.44 ms at
 // ratio 1, benchmarks/RESULTS_gpu.md). The pick scans 32 lane sums, then 8 bins, not 256 bins.
+// The group's candidate keys are read from global memory once, into shared memory (32 KiB): the
+// five passes over them (4 digits, the write) then wait on no global load. One block is all the
+// GPU runs here, so its loads' latency, not bandwidth, is the select's time.
 __global__ void __launch_bounds__(kOneBlockThreads)
     select_one_block_kernel(const float* __restrict__ scores,
                             const uint8_t* __restrict__ eligible, const int64_t* __restrict__ k,
                             double ratio, int64_t G, int64_t n, uint8_t* __restrict__ selected) {
+  __shared__ uint32_t keys[kSelectChunk];  // candidate keys of the group (0: not eligible)
   __shared__ unsigned int bins[256];
   __shared__ unsigned int lane_sums[32];  // lane l: bins 255 - 8 l down to 248 - 8 l (top first)
   __shared__ unsigned int warp_counts[kOneBlockThreads / 32];
@@ -635,6 +697,7 @@ __global__ void __launch_bounds__(kOneBlockThreads)
     const float* sc = scores + grp * n;
     const uint8_t* el = eligible + grp * n;
     uint8_t* out = selected + grp * n;
+    stage_keys(sc, el, n, keys);
     if (threadIdx.x == 0) {
       st.remaining = 0ull;
       st.total = 0ull;
@@ -644,13 +707,12 @@ __global__ void __launch_bounds__(kOneBlockThreads)
     }
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0u;
-      __syncthreads();  // bins zeroed, st of the last pass written
+      __syncthreads();  // bins zeroed, keys staged, st of the last pass written
       const uint32_t mask = shift == 24 ? 0u : ~0u << (shift + 8);
       const uint32_t prefix = st.prefix;
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        if (!el[i]) continue;
-        const uint32_t key = score_key(sc[i]);
-        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & 0xFFu], 1u);
+      for (int64_t base = 0; base < n; base += blockDim.x) {  // whole warps to the end
+        const int64_t i = base + threadIdx.x;
+        add_to_bins(bins, i < n ? digit_of(keys[i], mask, prefix, shift) : -1);
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -678,11 +740,11 @@ __global__ void __launch_bounds__(kOneBlockThreads)
     }
     if (select_all_or_none(st)) {  // uniform in the block: k <= 0 or k >= #eligible
       const bool any = st.k > 0;
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = (any && el[i]) ? 1 : 0;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = any && keys[i] != 0u;
     } else {
-      write_ordered(sc, el, out, 0, n, st.prefix, st.remaining, warp_counts, &s_taken);
+      write_ordered(StagedKeys{keys}, out, 0, n, st.prefix, st.remaining, warp_counts, &s_taken);
     }
-    __syncthreads();  // st, s_taken and warp_counts are reset by the next group
+    __syncthreads();  // keys, st, s_taken and warp_counts are rewritten by the next group
   }
 }
 

@@ -1,13 +1,13 @@
 // simt_host.h: run CUDA kernel source on the CPU, for tests only (never part of megatron_slm._C).
 //
 // Under this header the unchanged csrc/cuda/*.cu compile as plain C++ with g++ (the stub
-// include/cuda_runtime.h, cuda_fp16.h and cuda_bf16.h all include it). CUDA qualifiers are
-// no-ops, __shared__ variables are static storage in the "simt_shared" section (filled with 0xFF
-// before every block, so that a read of shared memory before any write shows up as NaN / huge
-// counts), and every thread of a block is a cooperative fiber (ucontext) that runs until it
-// reaches __syncthreads() or a warp collective (__shfl_*_sync, __ballot_sync), the only places
-// where threads can observe each other. A run is deterministic for a given order. The order is
-// a priority: forward always resumes the lowest runnable thread (warp 0 runs ahead of the others
+// include/cuda_runtime.h, cuda_fp16.h and cuda_bf16.h all include it). CUDA qualifiers are no-ops,
+// __shared__ variables are static storage in the "simt_shared" section (filled with 0xFF before
+// every block, so that a read of shared memory before any write shows up as NaN / huge counts), and
+// every thread of a block is a cooperative fiber (ucontext) that runs until it reaches
+// __syncthreads() or a warp collective (__shfl_*_sync, __ballot_sync, __match_any_sync), the only
+// places where threads can observe each other. A run is deterministic for a given order. The order
+// is a priority: forward always resumes the lowest runnable thread (warp 0 runs ahead of the others
 // as far as barriers allow), reverse the highest, random a seeded random one; that exposes code
 // that depends on it, e.g. a missing __syncthreads. Blocks run one after another, in ascending
 // (forward), descending (reverse) or seeded random (random) order: results must not depend on it.
@@ -189,7 +189,7 @@ struct Fiber {
   void* fake_stack = nullptr;
 };
 
-enum WarpOp { kShflXor = 1, kShflDown = 2, kBallot = 3 };
+enum WarpOp { kShflXor = 1, kShflDown = 2, kBallot = 3, kMatchAny = 4 };
 
 // A block resident on the emulated device. Adversarial mode keeps several; the others one.
 struct Slot {
@@ -423,12 +423,11 @@ inline void try_complete_warp(Fiber& me) {
   for (int id : ids) {
     Fiber& o = r.fibers[static_cast<size_t>(id)];
     const int lane = id & 31;
-    if (o.op == kBallot) {
+    if (o.op == kBallot || o.op == kMatchAny) {  // lanes whose value is true / equals o's
       uint64_t bits = 0;
       for (int l = 0; l < 32; ++l) {
-        if ((mask >> l & 1u) && r.fibers[static_cast<size_t>(warp_base + l)].value) {
-          bits |= 1ull << l;
-        }
+        const uint64_t v = r.fibers[static_cast<size_t>(warp_base + l)].value;
+        if ((mask >> l & 1u) && (o.op == kBallot ? v != 0 : v == o.value)) bits |= 1ull << l;
       }
       o.result = bits;
       continue;
@@ -842,7 +841,13 @@ inline unsigned int __ballot_sync_impl(unsigned int mask, int pred, const char* 
 }
 #define __shfl_xor_sync(mask, v, lane_mask) __shfl_xor_sync_impl(mask, v, lane_mask, __FILE__, __LINE__)
 #define __shfl_down_sync(mask, v, delta) __shfl_down_sync_impl(mask, v, delta, __FILE__, __LINE__)
+template <typename T>
+inline unsigned int __match_any_sync_impl(unsigned int mask, T v, const char* file, int line) {
+  using namespace ::simt::detail;
+  return static_cast<unsigned int>(warp_op(kMatchAny, mask, to_bits(v), 0, file, line));
+}
 #define __ballot_sync(mask, pred) __ballot_sync_impl(mask, pred, __FILE__, __LINE__)
+#define __match_any_sync(mask, v) __match_any_sync_impl(mask, v, __FILE__, __LINE__)
 
 // An atomic is one indivisible step: another thread may go first (adversarial mode), but its
 // read and write are never split, even when memory hooks split every other access.

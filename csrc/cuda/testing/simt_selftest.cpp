@@ -14,9 +14,11 @@ __global__ void shuffles(unsigned int* out) {
   const unsigned int x = __shfl_xor_sync(0xffffffffu, t * 10u, 5);
   const unsigned int d = __shfl_down_sync(0xffffffffu, t * 10u, 3);
   const unsigned int b = __ballot_sync(0xffffffffu, t % 3 == 0);
-  out[3 * t + 0] = x;
-  out[3 * t + 1] = d;
-  out[3 * t + 2] = b;
+  const unsigned int m = __match_any_sync(0xffffffffu, static_cast<int>(t % 5) - 1);
+  out[4 * t + 0] = x;
+  out[4 * t + 1] = d;
+  out[4 * t + 2] = b;
+  out[4 * t + 3] = m;
 }
 
 // Every thread adds its id into one shared counter: exact when atomics are atomic.
@@ -142,7 +144,7 @@ int main(int argc, char** argv) {
   size_t n = 32;
   if (c == "shuffles") {
     SLM_LAUNCH(1, 32, 0, nullptr, shuffles)(p);
-    n = 96;
+    n = 128;
   } else if (c == "block_sum") {
     SLM_LAUNCH(3, 256, 0, nullptr, block_sum)(p);
     n = 3;

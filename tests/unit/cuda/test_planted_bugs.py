@@ -25,9 +25,10 @@ WRITE_TILE_BARRIER = """    if (lane == 0) warp_counts[warp] = __popc(ballot);
     __syncthreads();"""
 ONE_BLOCK_ZERO_BARRIER = """      for (int b = threadIdx.x; b < 256; b += blockDim.x) bins[b] = 0u;
       __syncthreads();"""
-ONE_BLOCK_ATOMIC = "atomicAdd(&bins[(key >> shift) & 0xFFu], 1u);"
 ROW_LOOP_BARRIER = "  __syncthreads();  // sm/ss are rewritten by the next row of this block"
-SHARED_HIST_ATOMIC = "atomicAdd(&hist[(key >> shift) & 0xFFu], 1u);"
+# the shared histograms' add (both select paths): one per bin and warp, with the lanes' count
+BINS_ATOMIC = "atomicAdd(&bins[bin], static_cast<unsigned int>(__popc(peers)));"
+BINS_PLAIN_ADD = "bins[bin] += static_cast<unsigned int>(__popc(peers));"
 GLOBAL_HIST_ATOMIC = "atomicAdd(&gh[i], static_cast<unsigned long long>(hist[i]));"
 COUNT_SHUFFLE = (
     "for (int off = 16; off > 0; off >>= 1) count += __shfl_xor_sync(0xffffffffu, count, off);"
@@ -110,15 +111,9 @@ PLANTS = {
 }
 # Planted in the race build, checked in the adversarial orders.
 RACE_PLANTS = {
-    "select_shared_hist_plain_add": (
-        (SHARED_HIST_ATOMIC, "hist[(key >> shift) & 0xFFu] += 1u;"),
-        "select",
-    ),
+    "select_shared_hist_plain_add": ((BINS_ATOMIC, BINS_PLAIN_ADD), "select"),
     "select_global_hist_plain_add": ((GLOBAL_HIST_ATOMIC, "gh[i] += hist[i];"), "select"),
-    "select_one_block_plain_add": (
-        (ONE_BLOCK_ATOMIC, "bins[(key >> shift) & 0xFFu] += 1u;"),
-        "select_one_block",
-    ),
+    "select_one_block_plain_add": ((BINS_ATOMIC, BINS_PLAIN_ADD), "select_one_block"),
 }
 
 

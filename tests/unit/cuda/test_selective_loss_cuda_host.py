@@ -371,11 +371,15 @@ def test_select_signed_zeros_tie_by_position(exe):
         assert got[0].tolist() == reference_select(scores[0], eligible[0], kk), kk
 
 
-def test_select_nan_ties_with_minus_inf(exe):
-    """Bug 3: NaN ranks like -inf (lowest), ties by position, not below -inf."""
+@pytest.mark.parametrize("dropped", [[], [0, 3]])
+def test_select_nan_ties_with_minus_inf(exe, dropped):
+    """Bug 3: NaN ranks like -inf (lowest), ties by position, not below -inf. With entries not
+    eligible too: the kernels mark them with key 0, just below -inf's key, and the k-th key here
+    shares its first digit (0x00) with that mark."""
     scores = torch.tensor([[NAN, -INF, NAN, -INF, 2.0, NAN]])
     eligible = torch.ones_like(scores, dtype=torch.bool)
-    for kk in range(1, 7):
+    eligible[0, dropped] = False
+    for kk in range(1, 7 - len(dropped)):
         k = torch.tensor([kk])
         got = _same_for_all_orders(H.select(exe, scores, eligible, k))
         assert got[0].tolist() == reference_select(scores[0], eligible[0], kk), kk

@@ -41,9 +41,11 @@ def test_warp_exchanges_match_cuda_semantics(selftest, order):
     v = _values(out)
     ballot = sum(1 << t for t in range(32) if t % 3 == 0)
     for t in range(32):
-        assert v[3 * t] == (t ^ 5) * 10  # __shfl_xor_sync
-        assert v[3 * t + 1] == (t + 3) * 10 if t + 3 < 32 else t * 10  # __shfl_down_sync
-        assert v[3 * t + 2] == ballot
+        assert v[4 * t] == (t ^ 5) * 10  # __shfl_xor_sync
+        assert v[4 * t + 1] == (t + 3) * 10 if t + 3 < 32 else t * 10  # __shfl_down_sync
+        assert v[4 * t + 2] == ballot
+        # __match_any_sync of t % 5 - 1 (a negative value too): the lanes of the same residue
+        assert v[4 * t + 3] == sum(1 << u for u in range(32) if u % 5 == t % 5)
 
 
 @pytest.mark.parametrize("order", H.ORDERS)
