@@ -839,13 +839,13 @@ inline unsigned int __ballot_sync_impl(unsigned int mask, int pred, const char* 
   using namespace ::simt::detail;
   return static_cast<unsigned int>(warp_op(kBallot, mask, pred != 0, 0, file, line));
 }
-#define __shfl_xor_sync(mask, v, lane_mask) __shfl_xor_sync_impl(mask, v, lane_mask, __FILE__, __LINE__)
-#define __shfl_down_sync(mask, v, delta) __shfl_down_sync_impl(mask, v, delta, __FILE__, __LINE__)
 template <typename T>
 inline unsigned int __match_any_sync_impl(unsigned int mask, T v, const char* file, int line) {
   using namespace ::simt::detail;
   return static_cast<unsigned int>(warp_op(kMatchAny, mask, to_bits(v), 0, file, line));
 }
+#define __shfl_xor_sync(mask, v, lane_mask) __shfl_xor_sync_impl(mask, v, lane_mask, __FILE__, __LINE__)
+#define __shfl_down_sync(mask, v, delta) __shfl_down_sync_impl(mask, v, delta, __FILE__, __LINE__)
 #define __ballot_sync(mask, pred) __ballot_sync_impl(mask, pred, __FILE__, __LINE__)
 #define __match_any_sync(mask, v) __match_any_sync_impl(mask, v, __FILE__, __LINE__)
 
