@@ -9,9 +9,10 @@
 #            .whl/ is git-ignored, filled with `pip download`, see README.md "GPU")
 #   env      the header of RESULTS_gpu.md: date, commit, device, driver, versions
 #   build    megatron_slm._C with its CUDA kernels (setup.py build_ext --inplace)
-#   checks   three at once, all small: pytest tests/gpu (the op's calls under
-#            torch.cuda.set_sync_debug_mode("error")), compute-sanitizer memcheck and racecheck on
-#            benchmarks/gpu/sanitizer_workload.py (our kernels only: --kernel-name kns=megatron_slm)
+#   checks   three at once, all small: pytest tests/gpu (the op's calls, training steps and
+#            scorer rounds under torch.cuda.set_sync_debug_mode("error")), compute-sanitizer
+#            memcheck and racecheck on benchmarks/gpu/sanitizer_workload.py (our kernels only:
+#            --kernel-name kns=megatron_slm)
 #   op       benchmarks/gpu/op_table.py: torch, megatron-core (+ fused), Liger, ours vs the bound
 #   train    $TRAIN_CMD: training step, plain / sidecar / online reference (FlexAttention and
 #            dense-mask document attention), MFU
@@ -233,7 +234,7 @@ main() {
         cat "$WORK/$s.out" "$WORK/$s.err" | head -c 8000000 >"$OUT/$s.txt"
     done
     {
-        echo "pytest tests/gpu (the op's calls run under \`torch.cuda.set_sync_debug_mode(\"error\")\`):"
+        echo "pytest tests/gpu (the op's calls, training steps and scorer rounds under \`torch.cuda.set_sync_debug_mode(\"error\")\`):"
         echo
         echo '```text'
         grep -E '^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|skipped|error)' "$WORK/tests.out" | tail -n 40

@@ -6,8 +6,9 @@
 Forward + backward of ``selective_cross_entropy`` over fp32 / bf16 / fp16, ratios 1, 0.6 and
 0.01, in place and not, on logits with NaN entries, -inf entries, all -inf rows and a row with
 one finite entry, reference losses with NaN (unscored tokens) and a loss mask; vocabularies
-that take the vectorized and the scalar paths, and one selection over more than one block of the
-CUDA select kernels. Shapes are tiny: racecheck instruments every shared-memory access.
+that take the vectorized and the scalar paths, one selection that fills most of the one-block
+select kernel's shared staging (several load rounds and write tiles) and one over more than one
+block of the CUDA select kernels. Shapes are tiny: racecheck instruments every shared-memory access.
 
 Each call is also checked, coarsely (a memory bug gives garbage, not rounding; the precise checks
 are tests/gpu's): losses against a float64 log-sum-exp, the number of selected tokens, and zero
@@ -29,6 +30,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RATIOS = (1.0, 0.6, 0.01)
 # [s, b, v]: v = 4096 takes the vectorized path, 1001 (odd) the scalar one
 SHAPES = ((16, 2, 4096), (24, 2, 1001))
+# 8000 tokens: one block of the CUDA select kernels, its 8192-key shared staging nearly full
+ONE_BLOCK_FULL = (4000, 2, 64)
 # 8400 tokens: more than one 8192-token block of the CUDA select kernels
 MULTI_BLOCK = (4200, 2, 64)
 
@@ -101,6 +104,7 @@ def main(argv=None) -> int:
         for ratio in RATIOS
         for inplace in (False, True)
     ]
+    cases.append((ONE_BLOCK_FULL, torch.bfloat16, 0.6, True))
     cases.append((MULTI_BLOCK, torch.float32, 0.6, True))
     fails = []
     for i, case in enumerate(cases):

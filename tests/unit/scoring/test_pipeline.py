@@ -2,8 +2,8 @@
 
 - zero host syncs on the main thread over several rounds of scorer batches (after two warm-up
   rounds), every forward in inference mode, the values equal to a plain one-document-at-a-time
-  forward with sliding windows; on a GPU (marked ``gpu``) the same rounds also run under
-  ``torch.cuda.set_sync_debug_mode("error")``;
+  forward with sliding windows; its GPU twin (``tests/gpu/test_scoring_sync_free.py``) runs the
+  same rounds under ``torch.cuda.set_sync_debug_mode("error")``;
 - a host-worker failure on one rank ends every rank (its own error there, a ScoringError on the
   others), none waits forever in the round collective;
 - the prefetcher hands its items over in order and re-raises its exception on the main thread.
@@ -17,7 +17,6 @@ import pytest
 from tests.dist_helpers import run_distributed
 
 SEQ, STRIDE, MBS, DOCS_PER_CHUNK, ROUNDS = 32, 24, 2, 6, 6
-TOL = 1e-5
 
 
 def _documents(n: int, seed: int) -> list[np.ndarray]:
@@ -57,12 +56,13 @@ def _chunks(docs: list[np.ndarray], pin: bool = False):
 
 def _plain_losses(model, doc: np.ndarray) -> np.ndarray:
     """The reference: windows of SEQ inputs at 0, STRIDE, ... (the last cut at the document's
-    end), each token scored by the first window that predicts it; NaN at position 0."""
+    end), each token scored by the first window that predicts it; NaN at position 0. In the
+    model's precision (float64 values, not rounded)."""
     import torch
     import torch.nn.functional as F
 
     n = len(doc)
-    values = np.full(n, np.nan, dtype=np.float32)
+    values = np.full(n, np.nan, dtype=np.float64)
     done, start = 0, 0
     dev = next(model.parameters()).device
     while done < n - 1:
@@ -117,23 +117,32 @@ def _sync_free_worker(rank, world, device="cpu"):
     hook.remove()
     batches = sum(len(s) for c in chunks[2:] for s in c.schedules)
     values = np.concatenate([written[c.first_doc] for c in chunks])
-    expected = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])
-    return counter.count, counter.report(), batches, values, expected, totals.__dict__, modes
+    plain = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])  # float32 model
+    lm.chunks[0].double()
+    exact = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])
+    return counter.count, counter.report(), batches, values, plain, exact, totals.__dict__, modes
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_main_thread_never_syncs_and_values_are_exact(device):
-    result = run_distributed(_sync_free_worker, 1, device)[0]
-    count, report, batches, values, expected, totals, modes = result
+def check_sync_free_and_exact(result) -> None:
+    """The assertions on one :func:`_sync_free_worker` result (shared with the GPU twin). The
+    values are held to the float64 forward within twice the error of the plain float32 forward
+    on the same device (the same-precision rule of the op's tests)."""
+    count, report, batches, values, plain, exact, totals, modes = result
     assert batches >= 3 * (ROUNDS - 2)  # several scorer batches per counted round
     assert len(modes) >= batches and all(modes)  # every forward in inference mode
     assert count == 0, report
-    np.testing.assert_array_equal(np.isnan(values), np.isnan(expected))
-    ok = ~np.isnan(expected)
-    np.testing.assert_allclose(values[ok], expected[ok], rtol=0, atol=TOL)
+    np.testing.assert_array_equal(np.isnan(values), np.isnan(exact))
+    ok = ~np.isnan(exact)
+    tol = 2 * np.abs(plain[ok] - exact[ok]).max()
+    assert 0 < tol < 1e-4  # a float32 forward's error (not 0: the check is not vacuous)
+    np.testing.assert_allclose(values[ok], exact[ok], rtol=0, atol=tol)
     assert totals["documents"] == DOCS_PER_CHUNK * ROUNDS and totals["tokens"] == len(values)
     assert totals["loss_count"] == ok.sum()
-    assert totals["loss_sum"] == pytest.approx(expected[ok].astype(np.float64).sum(), rel=1e-6)
+    assert totals["loss_sum"] == pytest.approx(exact[ok].sum(), rel=1e-6)
+
+
+def test_main_thread_never_syncs_and_values_are_exact():
+    check_sync_free_and_exact(run_distributed(_sync_free_worker, 1)[0])
 
 
 def _failing_writer_worker(rank, world):
