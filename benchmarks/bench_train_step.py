@@ -1,9 +1,10 @@
 """Training step time: selective (sidecar, online reference) against plain training, same run.
 
 Runs ``python -m megatron_slm.pretrain`` as users do on a synthetic corpus: plain causal LM (the
-anchor), ``--slm-ratio 0.6`` with reference losses from a sidecar written by
-``tools/score_corpus.py``, and with the online reference model (on CUDA also with the reference's
-document attention on a dense mask instead of FlexAttention). Reports the median step time of
+anchor; with ``--megatron-loss`` also plain with megatron-core's cross entropy), ``--slm-ratio
+0.6`` with reference losses from a sidecar written by ``tools/score_corpus.py``, and with the
+online reference model (on CUDA also with the reference's document attention on a dense mask
+instead of FlexAttention). Reports the median step time of
 the steps after warm-up, ratios to plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the
 scorer, so its tokens/s can be compared with training's (forward only: about 3x).
 
@@ -77,6 +78,11 @@ def main() -> None:
     p.add_argument("--log-interval", type=int, default=5, help="steps per host read (window)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; best kept")
+    p.add_argument(
+        "--megatron-loss",
+        action="store_true",
+        help="also plain training with --cross-entropy-impl megatron (megatron-core's loss)",
+    )
     args = p.parse_args()
     if args.warmup % args.log_interval or args.iters % args.log_interval:
         p.error("--warmup and --iters must be multiples of --log-interval (whole windows)")
@@ -116,6 +122,8 @@ def main() -> None:
         "slm 0.6 sidecar": (["--slm-ratio", "0.6"], {}),
         "slm 0.6 online": (online, {}),
     }
+    if args.megatron_loss:
+        variants["plain, megatron-core loss"] = (["--cross-entropy-impl", "megatron"], {})
     if args.device == "cuda":
         # The online reference's document attention runs on FlexAttention by default on CUDA;
         # the dense-mask SDPA it replaced, for comparison (models/document_mask.py).

@@ -2,8 +2,14 @@
 
 from megatron_slm.ops.selective_loss import (
     SelectiveLossOutput,
+    compiled_kernels_for,
     selective_cross_entropy,
     selective_loss_mean,
 )
 
-__all__ = ["SelectiveLossOutput", "selective_cross_entropy", "selective_loss_mean"]
+__all__ = [
+    "SelectiveLossOutput",
+    "compiled_kernels_for",
+    "selective_cross_entropy",
+    "selective_loss_mean",
+]

@@ -151,6 +151,13 @@ def _pick_kernels(impl: str, device: torch.device) -> _Kernels:
     return _TORCH_KERNELS
 
 
+def compiled_kernels_for(device: torch.device) -> str | None:
+    """``"cpp"`` or ``"cuda"``: the compiled kernels ``impl="auto"`` runs on ``device``; None where
+    it would run the pure-PyTorch reference (no ``megatron_slm._C``, or built without CUDA)."""
+    kernels = _pick_kernels("auto", torch.device(device))
+    return None if kernels is _TORCH_KERNELS else kernels.name
+
+
 # --------------------------------------------------------------------------------------------
 # Process groups
 # --------------------------------------------------------------------------------------------

@@ -75,9 +75,19 @@ class TrainingArgs:
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
     eval_iters: int = arg(10, "Validation batches per evaluation.")
     recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
+    cross_entropy_impl: str = arg(
+        "fused",
+        "Plain training's loss: fused (megatron_slm's vocab-parallel op at ratio 1: "
+        "megatron-core's per-token loss without its fp32 softmax kept for backward; "
+        "megatron-core's function where megatron_slm._C has no kernels for the device) or "
+        "megatron (megatron-core's vocab_parallel_cross_entropy). Selective training always "
+        "runs the fused op.",
+        choices=("fused", "megatron"),
+    )
 
     def __post_init__(self):
         check_at_least(self, "micro_batch_size", "seq_length")
+        check_choices(self, "cross_entropy_impl")
         if (self.train_iters is None) == (self.train_tokens is None):
             raise ConfigError("give exactly one of --train-iters and --train-tokens")
         if self.bf16 and self.fp16:
@@ -293,6 +303,11 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
         raise ConfigError(
             f"--sft-data packs examples with a block-diagonal attention mask, which "
             f"--transformer-impl {cfg.model.transformer_impl} ignores: use --transformer-impl torch"
+        )
+    if cfg.slm.enabled and t.cross_entropy_impl == "megatron":
+        raise ConfigError(
+            "--cross-entropy-impl megatron cannot select tokens: selective training "
+            "(--slm-ratio) runs the fused op; leave --cross-entropy-impl at fused"
         )
     if cfg.sft.enabled and cfg.slm.needs_reference:
         raise ConfigError("--sft-data has no reference losses: use --slm-ratio 1 or leave it unset")

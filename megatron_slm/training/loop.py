@@ -59,7 +59,11 @@ from megatron_slm.training.optimizer import (
 )
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
-from megatron_slm.training.slm_loss import MicroBatchSelection, SelectiveLMLoss
+from megatron_slm.training.slm_loss import (
+    MicroBatchSelection,
+    SelectiveLMLoss,
+    install_plain_loss,
+)
 
 logger = logging.getLogger("megatron_slm")
 
@@ -252,10 +256,14 @@ class Trainer:
         self.slm_loss = SelectiveLMLoss(
             cfg.slm.slm_select_scope, cfg.slm.slm_select_mode, cfg.slm.slm_unscored
         )
-        if cfg.slm.enabled:
-            for chunk in self.chunks:
-                if unwrap(chunk).post_process:
-                    self.slm_loss.install(unwrap(chunk))
+        for chunk in self.chunks:
+            if not unwrap(chunk).post_process:
+                continue
+            if cfg.slm.enabled:
+                self.slm_loss.install(unwrap(chunk))
+            else:
+                impl = cfg.training.cross_entropy_impl
+                logger.info("plain loss: %s", install_plain_loss(unwrap(chunk), impl, self.device))
         self.optimizer, self.scheduler = build_optimizer(
             cfg, self.chunks, self.build_opts.params_dtype, self.sizes.train_iters
         )

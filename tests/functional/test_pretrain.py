@@ -41,13 +41,22 @@ def reference_ckpt(corpus):
 
 def test_plain_loss_falls_and_ratio_one_is_plain(corpus, tmp_path):
     _, prefix = corpus
-    plain = read_steps_of(prefix, tmp_path / "plain.jsonl", 10)
+    log = tmp_path / "plain.jsonl"
+    proc = run_pretrain(tiny_args(prefix, str(log), 10, "--cross-entropy-impl", "megatron"))
+    assert "plain loss: megatron-core's vocab_parallel_cross_entropy" in proc.stderr
+    plain = read_steps(str(log))
     assert plain[-1]["loss"] < plain[0]["loss"] - 0.5, [r["loss"] for r in plain]
+    log = tmp_path / "fused.jsonl"
+    proc = run_pretrain(tiny_args(prefix, str(log), 10))  # the default: the fused op
+    assert "plain loss: the fused op (megatron_slm._C, cpp kernels)" in proc.stderr
+    fused = read_steps(str(log))
     ratio1 = read_steps_of(prefix, tmp_path / "ratio1.jsonl", 10, "--slm-ratio", "1.0")
-    # Same per-step losses: the fused op at ratio 1 is plain cross entropy over every token.
-    for a, b in zip(plain, ratio1):
-        assert a["selected_fraction"] == b["selected_fraction"] == 1.0
+    # Same per-step losses as megatron-core's cross entropy: the fused op at ratio 1 is plain
+    # cross entropy over every token, as the plain loss and inside selective training.
+    for a, b, c in zip(plain, fused, ratio1):
+        assert a["selected_fraction"] == b["selected_fraction"] == c["selected_fraction"] == 1.0
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
 
 
 def read_steps_of(prefix, log_file, iters, *extra, nproc=1):
