@@ -41,7 +41,7 @@ def report_once() -> None:
 
 
 def extension_status() -> str:
-    """One line describing the extension, for logs (the trainer prints it at start-up)."""
+    """One line describing the extension (scripts/setup.sh and the benchmarks print it)."""
     if HAS_C:
         return "megatron_slm._C: " + ("C++ + CUDA" if HAS_CUDA_KERNELS else "C++ only")
     return f"megatron_slm._C: not available, pure-PyTorch fallback ({_IMPORT_ERROR})"
