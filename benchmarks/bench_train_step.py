@@ -4,9 +4,9 @@ Runs ``python -m megatron_slm.pretrain`` as users do on a synthetic corpus: plai
 anchor; with ``--megatron-loss`` also plain with megatron-core's cross entropy), ``--slm-ratio
 0.6`` with reference losses from a sidecar written by ``tools/score_corpus.py``, and with the
 online reference model (on CUDA also with the reference's document attention on a dense mask
-instead of FlexAttention). Reports the median step time of
-the steps after warm-up, ratios to plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the
-scorer, so its tokens/s can be compared with training's (forward only: about 3x).
+instead of FlexAttention). Reports the median step time of the steps after warm-up, ratios to
+plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the scorer on the training corpus
+(``--docs``), so its tokens/s can be compared with training's (forward only: about 3x).
 
 The trainer reads its statistics back (a host wait) every ``--log-interval`` steps only, and a
 step's ``step_seconds`` is the mean over the steps read together; the warm-up is a whole number

@@ -55,7 +55,8 @@ TRAIN_CMD=${TRAIN_CMD:-"$PY benchmarks/bench_train_step.py --device cuda --model
 # The training-step benchmark also runs tools/score_corpus.py on its model: scorer tok/s vs
 # training is in its output; SCORE_CMD compares the scorer's two packings against its own anchor.
 # Both score several of the tool's 1000-document chunks: the first chunk is packed before any
-# forward, so a one-chunk corpus times that packing too (on cpu: 2.35x training, 3.32x at 3).
+# forward, so a one-chunk corpus times that packing too (cpu: 400 documents, one chunk, 2.35x
+# training; 1200 documents, two chunks, 3.32x).
 SCORE_CMD=${SCORE_CMD-"$PY benchmarks/bench_score_corpus.py --device cuda --model-preset tinyllama-1.1b --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16 --docs 3000 --warmup-docs 1000 --repeat 1 --packing auto rows"}
 read -ra TRAIN <<<"$TRAIN_CMD"
 read -ra SCORE <<<"$SCORE_CMD"

@@ -6,8 +6,10 @@ shard with boolean-mask assignments (``masked_target[target_mask] = 0``), which 
 computation, with megatron-core's own helpers in the same order (values and gradients are
 bit-identical), and ``masked_fill`` in place of the two assignments.
 
-:func:`install_language_model_loss` makes a ``GPTModel`` chunk compute its plain loss with it
-(the selective loss of ``training/slm_loss.py`` replaces it again where selection is on).
+:func:`install_language_model_loss` makes a ``GPTModel`` chunk compute its plain loss with it.
+The trainer replaces it with the fused op (``training/slm_loss.py``: the selective loss, and
+plain training's unless ``--cross-entropy-impl megatron`` or ``_C`` has no kernels for the
+device); the runtime takes its losses with the fused op too.
 """
 
 from __future__ import annotations
