@@ -39,7 +39,7 @@ MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-8}
 SIDECAR_DTYPE=${SIDECAR_DTYPE:-float16}
 COMMIT_INTERVAL=${COMMIT_INTERVAL:-2000}
 MAX_DOCS=${MAX_DOCS:-}                  # set for a trial on the first N documents
-DRY_RUN=${DRY_RUN:-0}                   # 1: score one chunk per rank, print a time estimate
+DRY_RUN=${DRY_RUN:-0}                   # 1: score two chunks per rank, print a time estimate
 OVERWRITE=${OVERWRITE:-0}               # 1: replace an existing sidecar
 
 # --- tokenizer (empty: recorded in the checkpoint) --------------------------------------------

@@ -70,7 +70,9 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
         None, "Score only the first N documents (trial; partial state kept, sidecar not published)."
     )
     dry_run: bool = arg(
-        False, "Score one chunk per data-parallel rank, write nothing, print a time estimate."
+        False,
+        "Score two chunks per data-parallel rank, write nothing, print a time estimate (the "
+        "second round's rate times the rest: the first one also packs its chunk and warms up).",
     )
     overwrite: bool = arg(
         False, "Replace a published sidecar; discard partial state that does not match."

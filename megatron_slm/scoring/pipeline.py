@@ -24,7 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +181,15 @@ class ScoringPipeline:
         if self._pending is not None:
             self._reduce(self._pending)
         self._pending = self._worker.submit(self._end_round, chunk if self.is_writer else None)
+
+    def flush(self) -> None:
+        """Wait until every round so far is done on the device, written and counted in
+        :attr:`totals` (``--dry-run`` times its rounds so; the job itself never waits here).
+        A failure surfaces here as in :meth:`run_round`, or at :meth:`close`."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._reduce(pending)
+        wait([self._worker.submit(lambda: None)])  # runs after the round's accounting
 
     def close(self) -> Totals:
         """Reduce the last round, wait for every write; the totals of the run."""

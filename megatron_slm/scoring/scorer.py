@@ -82,6 +82,10 @@ class ScoreReport:
     tokens_total: int = 0
     estimated_seconds: float | None = None
     """--dry-run: estimated time to score every remaining document with this layout."""
+    first_round_seconds: float | None = None
+    """--dry-run: the first round's time (its chunk packed before any forward, the warm-up)."""
+    steady_tokens_per_second: float | None = None
+    """--dry-run with two rounds: the second round's rate, at which the estimate times the rest."""
 
     def format(self) -> str:
         head = "dry run" if self.estimated_seconds is not None else "scored"
@@ -91,9 +95,15 @@ class ScoreReport:
             f"{self.mean_ref_loss:.4f}"
         ]
         if self.estimated_seconds is not None:
+            basis = ""
+            if self.steady_tokens_per_second is not None:
+                basis = (
+                    f" (first round {self.first_round_seconds:.1f} s with packing and warm-up, "
+                    f"then {self.steady_tokens_per_second:,.0f} tokens/s)"
+                )
             lines.append(
                 f"  estimate for the remaining corpus ({self.documents_total} documents, "
-                f"{self.tokens_total} tokens): {hms(self.estimated_seconds)}"
+                f"{self.tokens_total} tokens): {hms(self.estimated_seconds)}{basis}"
             )
         elif self.published:
             lines.append(f"  sidecar published: {self.sidecar_prefix}.bin / .json")
@@ -197,6 +207,26 @@ def _mean_of_sidecar(prefix: str) -> float:
     return total / count if count else float("nan")
 
 
+def dry_run_estimate(
+    marks: list[tuple[float, int]], remaining_tokens: int
+) -> tuple[float, float | None]:
+    """(seconds to score ``remaining_tokens``, the steady rate or None) from a dry run's rounds.
+
+    ``marks[r]`` = (seconds from the start, tokens scored so far) when round ``r``'s statistics
+    came back. The first round carries what no later round repeats: its chunk is packed before any
+    forward, and the device warms up. A later round's chunk was packed while the one before it
+    ran, which is how the rest of the corpus runs, so the rest is timed at that rate (cpu, tiny
+    model: a one-chunk run's rate was 0.7x the steady one). With one round, all of it is timed at
+    that round's rate.
+    """
+    first_s, first_tokens = marks[0]
+    last_s, last_tokens = marks[-1]
+    if last_tokens <= first_tokens or last_s <= first_s or remaining_tokens <= first_tokens:
+        return (remaining_tokens * first_s / first_tokens if first_tokens else 0.0), None
+    steady = (last_tokens - first_tokens) / (last_s - first_s)
+    return first_s + (remaining_tokens - first_tokens) / steady, steady
+
+
 def _mean_text(loss_sum: float, count: int) -> str:
     return f"mean ref loss {loss_sum / count if count else float('nan'):.4f}"
 
@@ -232,7 +262,7 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     remaining_docs = sum(end - first for first, end in bounds.values())
     remaining_tokens = sum(int(offsets[end] - offsets[first]) for first, end in bounds.values())
     if config.dry_run:
-        todo = todo[:dp]
+        todo = todo[: 2 * dp]  # two rounds: the second one runs at the steady rate
     tokens_mmap = _token_memmap(prefix, dataset)  # [total tokens] (our datasets are contiguous)
     todo_tokens = sum(int(offsets[bounds[c][1]] - offsets[bounds[c][0]]) for c in todo)
     bar = ProgressBar(f"score {os.path.basename(prefix)}", todo_tokens, "tokens", is_rank0)
@@ -272,8 +302,14 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     start = time.perf_counter()
     prefetch = Prefetcher(prepare_round, n_rounds)
     try:
+        round_marks: list[tuple[float, int]] = []  # dry run: (seconds, tokens so far) per round
         for _ in range(n_rounds):
             pipeline.run_round(prefetch.get())
+            if config.dry_run:
+                # Each round timed to its end (statistics reduce one round late in the job, so
+                # without the wait the first round's end would include the second's forwards).
+                pipeline.flush()
+                round_marks.append((time.perf_counter() - start, pipeline.totals.tokens))
         totals = pipeline.close()
     finally:
         prefetch.close()
@@ -287,10 +323,14 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     published = False
     mean = loss_sum / loss_count if loss_count else float("nan")
     total_docs_left = total_tokens_left = 0
-    estimate = None
+    estimate = steady = first_round = None
     if config.dry_run:
         total_docs_left, total_tokens_left = remaining_docs, remaining_tokens
-        estimate = total_tokens_left / rate if rate > 0 else float("inf")
+        if round_marks:
+            estimate, steady = dry_run_estimate(round_marks, remaining_tokens)
+            first_round = round_marks[0][0]
+        else:
+            estimate = 0.0
     elif limit == n_docs:
         dist.barrier()
         error = None
@@ -319,6 +359,8 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
         documents_total=total_docs_left,
         tokens_total=total_tokens_left,
         estimated_seconds=estimate,
+        first_round_seconds=first_round,
+        steady_tokens_per_second=steady,
     )
 
 

@@ -325,9 +325,13 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
         assert out[name] is not None and needle in out[name], (name, out[name])
     # --overwrite starts over from a corrupted partial sidecar.
     assert _sidecar_bytes(corrupt) == _sidecar_bytes(setup["tp1"])
-    # --dry-run scores one chunk, writes nothing and estimates the time of the whole corpus.
+    # --dry-run scores two chunks (two rounds at DP=1), writes nothing and estimates the time of
+    # the whole corpus: the first round's time, then the rest at the second round's rate.
     (report,) = out["dry_run"]
-    assert report["estimated_seconds"] > 0 and report["documents"] == INTERVAL
+    assert report["documents"] == 2 * INTERVAL and report["steady_tokens_per_second"] > 0
+    rest = report["tokens_total"] - sum(map(len, DOCS[:INTERVAL]))
+    expected = report["first_round_seconds"] + rest / report["steady_tokens_per_second"]
+    assert report["estimated_seconds"] == pytest.approx(expected)
     assert report["tokens_total"] == sum(map(len, DOCS))
     assert sorted(os.listdir(os.path.dirname(dry))) == ["corpus.bin", "corpus.idx"]
     # the chunks before the bad one were written and recorded, for a rerun after fixing the data

@@ -1,8 +1,9 @@
 """The scorer's pipeline (megatron_slm/scoring/pipeline.py) with a tiny model in real processes:
 
 - zero host syncs on the main thread over several rounds of scorer batches (after two warm-up
-  rounds), every forward in inference mode, the values equal to a plain one-document-at-a-time
-  forward with sliding windows; its GPU twin (``tests/gpu/test_scoring_sync_free.py``) runs the
+  rounds; the first one flushed, as ``--dry-run`` does, and counted when the flush returns),
+  every forward in inference mode, the values equal to a plain one-document-at-a-time forward
+  with sliding windows; its GPU twin (``tests/gpu/test_scoring_sync_free.py``) runs the
   same rounds under ``torch.cuda.set_sync_debug_mode("error")``;
 - a host-worker failure on one rank ends every rank (its own error there, a ScoringError on the
   others), none waits forever in the round collective;
@@ -104,6 +105,8 @@ def _sync_free_worker(rank, world, device="cpu"):
         group=dist.new_group([0], backend="nccl") if cuda else None,
     )
     pipe.run_round(chunks[0])  # warm-up: first calls allocate and pick kernels
+    pipe.flush()  # --dry-run's wait: round 0 done and counted (run_round alone counts it later)
+    flushed = pipe.totals.documents
     pipe.run_round(chunks[1])  # ... and the first round collective
     strict = contextlib.nullcontext()
     if cuda:
@@ -120,7 +123,17 @@ def _sync_free_worker(rank, world, device="cpu"):
     plain = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])  # float32 model
     lm.chunks[0].double()
     exact = np.concatenate([_plain_losses(lm.chunks[0], d) for d in docs])
-    return counter.count, counter.report(), batches, values, plain, exact, totals.__dict__, modes
+    return (
+        counter.count,
+        counter.report(),
+        batches,
+        values,
+        plain,
+        exact,
+        totals.__dict__,
+        modes,
+        flushed,
+    )
 
 
 def check_sync_free_and_exact(result) -> None:
@@ -129,7 +142,8 @@ def check_sync_free_and_exact(result) -> None:
     on the same device (the same-precision rule of the op's tests) plus one float32 ulp of the
     largest loss: float32 values are whole ulps apart, and the fused loss (``__expf`` on a GPU)
     may round once more than ``F.cross_entropy``."""
-    count, report, batches, values, plain, exact, totals, modes = result
+    count, report, batches, values, plain, exact, totals, modes, flushed = result
+    assert flushed == DOCS_PER_CHUNK
     assert batches >= 3 * (ROUNDS - 2)  # several scorer batches per counted round
     assert len(modes) >= batches and all(modes)  # every forward in inference mode
     assert count == 0, report
