@@ -32,8 +32,10 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
     data_prefix: list[str] = arg(
         [],
         "Token dataset prefixes (<P>.bin/.idx); a sidecar is written next to each. Numbers among "
-        "them (Megatron --data-path weights) are ignored.",
+        "them (Megatron --data-path weights) are ignored. --data-path is the same flag: the "
+        "trainer's blend can be passed as it is.",
         required=True,
+        aliases=("--data-path",),
     )
     fp32: bool = arg(
         False,
