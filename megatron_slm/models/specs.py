@@ -7,8 +7,10 @@ Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, Ro
             kernels where megatron-core picks them up).
 * ``torch`` megatron-core's tensor-parallel linears with core attention on
             ``torch.nn.functional.scaled_dot_product_attention`` (causal without a mask: flash
-            attention on GPU) and ``torch.nn.RMSNorm`` (``F.rms_norm``: torch's fused kernel
-            where it has one) that supports sequence parallelism. The default on CPU, and on
+            attention on GPU; forward-only calls without SDPA's cuDNN backend, whose per-shape
+            graph builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
+            (``F.rms_norm``: torch's fused kernel where it has one) that supports sequence
+            parallelism. The default on CPU, and on
             GPU without Transformer Engine.
 
 All three keep megatron-core's parameter names and ``sharded_state_dict_keys_map``, so checkpoints
@@ -17,6 +19,7 @@ move freely between them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -109,10 +112,10 @@ class TorchSDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         scale = self.softmax_scale if self.softmax_scale is not None else 1 / math.sqrt(head_dim)
         dropout_p = self.dropout_p if self.training else 0.0
+        forward_only = not (torch.is_grad_enabled() and q.requires_grad)
         if isinstance(attention_mask, DocumentMask):
             # Forward only: FlexAttention has no backward on CPU, so one could not be tested here.
-            no_grad = not (torch.is_grad_enabled() and q.requires_grad)
-            if no_grad and dropout_p == 0 and document_attention_backend(q.device) == "flex":
+            if forward_only and dropout_p == 0 and document_attention_backend(q.device) == "flex":
                 out = attention_mask.attend(q, k, v, scale)  # None: flex failed, use the mask
                 if out is not None:
                     return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
@@ -133,17 +136,31 @@ class TorchSDPAttention(MegatronModule):
                 k, v = (
                     t[:, :, None].expand(b, groups, r, *t.shape[2:]).flatten(1, 2) for t in (k, v)
                 )
-        if dropout_p > 0:
-            with get_cuda_rng_tracker().fork():
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, sdpa_mask, dropout_p, is_causal, scale=scale, **gqa
-                )
-        else:
+        backends = _without_cudnn_attention() if forward_only else contextlib.nullcontext()
+        rng = get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        with backends, rng:
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, sdpa_mask, 0.0, is_causal, scale=scale, **gqa
+                q, k, v, sdpa_mask, dropout_p, is_causal, scale=scale, **gqa
             )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
+
+
+@contextlib.contextmanager
+def _without_cudnn_attention():
+    """SDPA without its cuDNN backend, for forward-only calls (the scorer's length-sorted rows,
+    generation, evaluation, the online reference). On sm90 with a recent cuDNN, SDPA tries cuDNN
+    first, and cuDNN builds and caches one execution graph per (batch, length): 23-37 ms of host
+    time each in public measurements (not measured here), and the scorer meets a new width in
+    nearly every batch. Flash attention compiles nothing per shape and runs a head-dim-64 forward
+    about as fast as cuDNN. Training keeps cuDNN: its shapes are fixed and its backward is the
+    faster one on Hopper. The flag is global, so it is restored at once."""
+    was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was_enabled)
 
 
 def _torch_layer_spec() -> ModuleSpec:

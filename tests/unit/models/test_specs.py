@@ -81,6 +81,38 @@ def test_unmasked_attention_is_causal_sdpa_without_expanded_heads(monkeypatch):
     assert calls == [(None, True, 2, True)]
 
 
+def test_forward_only_attention_leaves_cudnn_out(monkeypatch):
+    """Forward-only calls run SDPA with its cuDNN backend off (one graph build per shape there),
+    and the flag comes back; a call that records a backward keeps the user's setting."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = torch.randn(5, 2, 4, 8), torch.randn(5, 2, 2, 8), torch.randn(5, 2, 2, 8)
+    attn = _attention()
+    with torch.no_grad():
+        scored = attn(q, k, v, None)
+    with torch.inference_mode():
+        attn(q, k, v, None)
+    trained = attn(q.clone().requires_grad_(), k, v, None)
+    attn(q, k, v, None)  # grad mode on, but nothing to differentiate: forward only
+    assert seen == [False, False, True, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    torch.testing.assert_close(scored, trained.detach())
+    try:  # a user who turned cuDNN attention off keeps it off, in both kinds of call
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        attn(q.clone().requires_grad_(), k, v, None)
+        with torch.no_grad():
+            attn(q, k, v, None)
+        assert seen[-2:] == [False, False] and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import fails: no TE
     impl = default_spec_impl(torch.device("cuda"))
