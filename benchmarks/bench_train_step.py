@@ -64,6 +64,10 @@ def run(cmd: list[str], env: dict, fatal: bool = True) -> str | None:
     return proc.stdout + proc.stderr
 
 
+def _percent(x: float) -> str:
+    return "-" if x != x else f"{x:.1%}"  # NaN: no peak known for the device (cpu)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -96,7 +100,10 @@ def main() -> None:
     if args.warmup % args.log_interval or args.iters % args.log_interval:
         p.error("--warmup and --iters must be multiples of --log-interval (whole windows)")
 
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # the repository first, then whatever the caller had (run.sh's fallback wheel folder)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    )
     work = tempfile.mkdtemp(prefix="bench_train_step_")
     docs = args.docs or (8000 if args.device == "cuda" else 1200)
     prefix = make_corpus(work, docs, 300, args.vocab_size)
@@ -122,6 +129,9 @@ def main() -> None:
     ]  # fmt: skip
     # The scorer's own report: corpus tokens per second of its scoring loop (start-up excluded).
     output = run(score_cmd, env, fatal=False) or ""
+    for line in output.splitlines():
+        if "FlexAttention failed" in line:
+            print(f"scorer: {line.strip()}", flush=True)
     report = re.search(r"scored .*?: .*? \(([\d,]+) tokens/s\)", output)
     score_tps = float(report.group(1).replace(",", "")) if report else float("nan")
     print(f"scorer: {score_tps:,.0f} tokens/s", flush=True)
@@ -153,9 +163,13 @@ def main() -> None:
             log = os.path.join(work, f"{round_}_{i}.jsonl")
             cmd = [*py, "--train-iters", str(args.iters), "--log-loss-file", log, *extra]
             # A variant that fails is reported and the others go on (a GPU lease is short).
-            if run(cmd, {**env, **extra_env}, fatal=False) is None:
+            output = run(cmd, {**env, **extra_env}, fatal=False)
+            if output is None:
                 results.setdefault(name, None)
                 continue
+            for line in output.splitlines():  # a fallback would measure dense attention as flex
+                if "FlexAttention failed" in line:
+                    print(f"round {round_} {name}: {line.strip()}", flush=True)
             steps = [json.loads(line) for line in open(log)][args.warmup :]
             measured = (
                 statistics.median(s["step_seconds"] for s in steps),
@@ -163,7 +177,12 @@ def main() -> None:
                 statistics.median(s["tflops_per_device"] for s in steps),
                 statistics.median(s.get("mfu", float("nan")) for s in steps),
             )
-            print(f"round {round_} {name}: {measured[0] * 1e3:.1f} ms/step", flush=True)
+            # everything measured, as it comes: a run cut short by a timeout keeps its figures
+            print(
+                f"round {round_} {name}: {measured[0] * 1e3:.1f} ms/step, "
+                f"{measured[1]:,.0f} tokens/s, MFU {_percent(measured[3])}",
+                flush=True,
+            )
             if results.get(name) is None or measured[0] < results[name][0]:
                 results[name] = measured
     nan = float("nan")
@@ -178,7 +197,7 @@ def main() -> None:
             print(f"| {name} | failed (stderr above) | | | | |")
             continue
         sec, tps, tflops, mfu = measured
-        mfu_text = "-" if mfu != mfu else f"{mfu:.1%}"
+        mfu_text = _percent(mfu)
         print(f"| {name} | {sec * 1e3:.1f} | {sec / anchor:.3f}x | {tps:,.0f} | "
               f"{tflops:.3f} | {mfu_text} |")  # fmt: skip
     train_tps = (results.get("plain (anchor)") or (nan, nan))[1]

@@ -221,10 +221,12 @@ main() {
 
     # correctness checks, small and independent: run side by side
     read -ra GPU_TESTS <<<"${GPU_TESTS:-tests/gpu}"
-    QUIET=1 run_step tests "${T_CHECKS:-150}" "$PY" -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}" &
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 QUIET=1 run_step memcheck "${T_CHECKS:-150}" \
+    # -v: a line per test as it ends, so a step cut short by its timeout still says what passed
+    QUIET=1 run_step tests "${T_CHECKS:-200}" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
+        "${GPU_TESTS[@]}" &
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 QUIET=1 run_step memcheck "${T_CHECKS:-200}" \
         bash -c "sanitize memcheck" &
-    QUIET=1 run_step racecheck "${T_CHECKS:-150}" bash -c "sanitize racecheck" &
+    QUIET=1 run_step racecheck "${T_CHECKS:-200}" bash -c "sanitize racecheck" &
     wait
     # on a GPU nothing in tests/gpu should skip (a skip there means: no CUDA kernels were built)
     if [[ $(status_of tests) == ok ]] && grep -qE '[0-9]+ skipped' "$WORK/tests.out"; then
@@ -244,6 +246,12 @@ main() {
         echo
         echo '```text'
         grep -E '^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed|skipped|error)' "$WORK/tests.out" | tail -n 40
+        if ! grep -qE '[0-9]+ (passed|failed|error)' "$WORK/tests.out"; then
+            echo "no summary (pytest ended early); from the per-test lines:" \
+                "$(grep -c ' PASSED' "$WORK/tests.out") passed," \
+                "$(grep -c ' FAILED' "$WORK/tests.out") failed"
+            grep -E ' (FAILED|ERROR)' "$WORK/tests.out" | head -n 30
+        fi
         echo '```'
     } | section "tests/gpu" tests
     {

@@ -307,7 +307,8 @@ class Trainer:
         if "segment_ids" in batch:
             # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
             # other specs read only the dense form (models/document_mask.py)
-            attention_mask = DocumentMask(batch["segment_ids"].to(self.device)).dense()
+            segments = batch["segment_ids"].to(self.device, non_blocking=True)  # [b, s]
+            attention_mask = DocumentMask(segments).dense()
         inner = unwrap(model)
         ref = None
         if inner.post_process and ratio is not None:

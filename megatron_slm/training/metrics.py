@@ -47,7 +47,7 @@ def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
     out = torch.zeros(2, n_sources, device=valid.device)
     if source is None:
         return out.flatten()
-    src = source.to(valid.device).long()
+    src = source.to(valid.device, non_blocking=True).long()  # pinned by the loader: no wait
     out[0].index_add_(0, src, valid.float().sum(dim=1))
     out[1].index_add_(0, src, selected.float().sum(dim=1))
     return out.flatten()

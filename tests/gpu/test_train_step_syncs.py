@@ -14,18 +14,25 @@ import torch.multiprocessing as mp
 
 from megatron_slm import _extension
 from tests.dist_helpers import free_port
-from tests.functional.pretrain_helpers import make_null_corpus, tiny_args
-from tests.unit.training.test_train_step_syncs import LOG_EVERY, records_of, reference_losses
+from tests.functional.pretrain_helpers import tiny_args
+from tests.unit.training.test_train_step_syncs import (
+    LOG_EVERY,
+    blend_of_two,
+    check_source_shares,
+    records_of,
+    reference_losses,
+)
 
 pytestmark = pytest.mark.gpu
 
 
-def _train(prefix, log_file, extra, ratio):
+def _train(data_path, log_file, extra, ratio):
     from megatron_slm import launch
     from megatron_slm.training.config import parse_config
     from megatron_slm.training.loop import Trainer, plan_training
 
-    argv = [str(a) for a in tiny_args(prefix, log_file, 2 * LOG_EVERY, *extra)]
+    argv = tiny_args(data_path[1], log_file, 2 * LOG_EVERY, *data_path, *extra)  # a blend
+    argv = [str(a) for a in argv]
     cfg = parse_config(argv + ["--device", "cuda", "--bf16", "--log-interval", str(LOG_EVERY)])
     plan = plan_training(cfg, 1)
     trainer = Trainer(cfg, plan, launch.initialize(device="cuda", seed=cfg.training.seed))
@@ -72,18 +79,22 @@ SLM = pytest.param(
 
 @pytest.mark.parametrize("extra, ratio", [pytest.param((), None, id="plain"), SLM])
 def test_no_host_sync_between_log_steps_on_gpu(tmp_path, extra, ratio):
-    prefix = make_null_corpus(str(tmp_path), "docs", [31] * 96)
+    data_path = blend_of_two(str(tmp_path))
     ctx = mp.get_context("spawn")  # a fresh CUDA context and an NCCL process group
     queue = ctx.Queue()
     proc = ctx.Process(
-        target=_worker, args=(queue, free_port(), prefix, str(tmp_path / "log.jsonl"), extra, ratio)
+        target=_worker,
+        args=(queue, free_port(), data_path, str(tmp_path / "log.jsonl"), extra, ratio),
     )
     proc.start()
-    status, payload = queue.get(timeout=600)
-    proc.join()
+    # A child that dies without a word (a CUDA or NCCL abort) fails the test in minutes, not at
+    # the GPU script's step timeout (which would lose every other test's result).
+    status, payload = queue.get(timeout=240)
+    proc.join(60)
     assert status == "ok", payload
     (loss_sum, n_valid, selected_sum, n_selected), records = payload
     assert [r["iteration"] for r in records] == list(range(1, 2 * LOG_EVERY + 1))
     # bf16 logits, fp32 losses: the step's forward and the reference see the same logits.
     assert records[-1]["loss"] == pytest.approx(loss_sum / n_valid, rel=1e-3)
     assert records[-1]["selected_loss"] == pytest.approx(selected_sum / n_selected, rel=1e-3)
+    check_source_shares(records[-1], ratio)

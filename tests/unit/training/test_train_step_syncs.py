@@ -23,10 +23,16 @@ LOG_EVERY = 4
 ITERS = 2 * LOG_EVERY
 
 
+def blend_of_two(directory: str) -> list[str]:
+    """``--data-path`` of a two-source blend: the step also counts tokens per source."""
+    a = make_null_corpus(directory, "docs", [31] * 96)
+    b = make_null_corpus(directory, "more", [23] * 96, seed=1)
+    return ["--data-path", "0.5", a, "0.5", b]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syncs")
-    return make_null_corpus(str(root), "docs", [31] * 96)
+    return blend_of_two(str(tmp_path_factory.mktemp("syncs")))
 
 
 def reference_losses(trainer, ratio):
@@ -66,13 +72,13 @@ def records_of(path):
         return [json.loads(line) for line in f]
 
 
-def _worker(rank, world, prefix, log_file, extra, ratio):
+def _worker(rank, world, data_path, log_file, extra, ratio):
     from megatron_slm import launch
     from megatron_slm.training.config import parse_config
     from megatron_slm.training.loop import Trainer, plan_training
     from tests.sync_counter import SyncCounter
 
-    argv = tiny_args(prefix, log_file, ITERS, *extra)
+    argv = tiny_args(data_path[1], log_file, ITERS, *data_path, *extra)  # the blend overrides
     cfg = parse_config([str(a) for a in argv] + ["--log-interval", str(LOG_EVERY)])
     plan = plan_training(cfg, world)
     device = launch.initialize(device="cpu", seed=cfg.training.seed)
@@ -117,3 +123,13 @@ def test_no_host_sync_between_log_steps(corpus, tmp_path, world, extra, ratio):
     assert last["n_selected"] == n_selected
     assert last["selected_loss"] == pytest.approx(selected_sum / n_selected, rel=1e-5)
     assert all(r["grad_norm"] > 0 for r in records)
+    check_source_shares(last, ratio)
+
+
+def check_source_shares(record, ratio) -> None:
+    """The blend's two sources are counted apart: all of each is trained without selection,
+    about ``ratio`` of each with it (the kept tokens of a micro-batch come from both)."""
+    shares = record["selected_fraction_by_source"]
+    assert len(shares) == 2, shares
+    for share in shares.values():
+        assert share == 1.0 if ratio is None else 0 < share < 1, shares
