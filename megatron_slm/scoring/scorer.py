@@ -212,12 +212,12 @@ def dry_run_estimate(
 ) -> tuple[float, float | None]:
     """(seconds to score ``remaining_tokens``, the steady rate or None) from a dry run's rounds.
 
-    ``marks[r]`` = (seconds from the start, tokens scored so far) when round ``r``'s statistics
-    came back. The first round carries what no later round repeats: its chunk is packed before any
-    forward, and the device warms up. A later round's chunk was packed while the one before it
-    ran, which is how the rest of the corpus runs, so the rest is timed at that rate (cpu, tiny
-    model: a one-chunk run's rate was 0.7x the steady one). With one round, all of it is timed at
-    that round's rate.
+    ``marks[r]`` = (seconds from the start, tokens scored so far) once round ``r`` had finished
+    on the device and been counted (``ScoringPipeline.flush``). The first round carries what no
+    later round repeats: its chunk is packed before any forward, and the device warms up. A later
+    round's chunk was packed while the one before it ran, which is how the rest of the corpus
+    runs, so the rest is timed at that rate (cpu, tiny model: a one-chunk run's rate was 0.7x the
+    steady one). With one round, all of it is timed at that round's rate.
     """
     first_s, first_tokens = marks[0]
     last_s, last_tokens = marks[-1]
@@ -301,8 +301,8 @@ def score_dataset(prefix: str, config: ScoreConfig, inputs: ScoringInputs, lm) -
     n_rounds = -(-len(todo) // dp)
     start = time.perf_counter()
     prefetch = Prefetcher(prepare_round, n_rounds)
+    round_marks: list[tuple[float, int]] = []  # dry run: (seconds, tokens so far) per round
     try:
-        round_marks: list[tuple[float, int]] = []  # dry run: (seconds, tokens so far) per round
         for _ in range(n_rounds):
             pipeline.run_round(prefetch.get())
             if config.dry_run:
