@@ -34,6 +34,7 @@
 
 #include "selective_loss_finalize.h"
 #include "selective_loss_kernels.h"
+#include "swiglu.h"
 
 #ifdef MEGATRON_SLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -413,6 +414,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_loss_add_top", &selective_loss_add_top,
         "ratio < 1: the top-k rows join the selection and its statistics (in place)",
         py::arg("top"), py::arg("loss"), py::arg("selected"), py::arg("totals"));
+  // the fused SwiGLU (csrc/swiglu.cpp): one module for the extension's ops
+  m.def("swiglu_forward", &swiglu_forward, "silu(x[..., :f]) * x[..., f:] in one pass",
+        py::arg("x"));
+  m.def("swiglu_backward", &swiglu_backward, "dx[..., 2f] of the fused SwiGLU in one pass",
+        py::arg("dy"), py::arg("x"));
   m.attr("FINALIZE_RANK_EXCESS") = megatron_slm::finalize::kRankExcess;
   m.attr("FINALIZE_KEEP_UNSCORED") = megatron_slm::finalize::kKeepUnscored;
   m.attr("FINALIZE_SELECT_ALL") = megatron_slm::finalize::kSelectAll;

@@ -18,6 +18,8 @@
 #            dense-mask document attention), MFU
 #   score    $SCORE_CMD: scorer tokens/s against a training step's, length-sorted rows and packed
 #            rows (FlexAttention) side by side (SCORE_CMD="" leaves it out)
+#   swiglu   benchmarks/bench_swiglu.py: the fused SwiGLU against megatron-core's unfused one, one
+#            tinyllama MLP activation, fwd+bwd (diagnostic)
 #   sdpa     benchmarks/gpu/sdpa_shapes.py: forward-only attention at many widths, SDPA's default
 #            order (cuDNN first on sm90: a graph build per shape) against the torch spec's
 #            forward-only choice (no cuDNN) (diagnostic)
@@ -33,7 +35,7 @@
 #   OUT               output folder (default /tmp/megatron_slm_gpu_out)
 #   PYTHON            interpreter (default python3)
 #   GPU_RUN_TOTAL_S   wall-clock budget of the whole run, seconds (default 470)
-#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SDPA T_PROFILE   per-step timeouts, s
+#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SWIGLU T_SDPA T_PROFILE   timeouts, s
 #   TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: the CPU count)
 #   COMPUTE_SANITIZER path of compute-sanitizer (default: on PATH, else /usr/local/cuda/bin)
 #   SKIP_STEPS        steps to leave out, e.g. "racecheck profile train" (a short lease)
@@ -276,6 +278,9 @@ main() {
     fi
 
     # diagnostics only: last, so a short lease spends its time on the figures with targets
+    run_step swiglu "${T_SWIGLU:-30}" "$PY" benchmarks/bench_swiglu.py --device cuda
+    section "Fused SwiGLU" swiglu <"$WORK/swiglu.out"
+
     run_step sdpa "${T_SDPA:-40}" "$PY" benchmarks/gpu/sdpa_shapes.py
     section "Forward-only attention at many widths" sdpa <"$WORK/sdpa.out"
 
@@ -286,7 +291,7 @@ main() {
     {
         echo "| step | status | seconds | timeout s |"
         echo "|---|---|---:|---:|"
-        for s in wheels env build tests memcheck racecheck op train score sdpa profile; do
+        for s in wheels env build tests memcheck racecheck op train score swiglu sdpa profile; do
             echo "| $s | $(status_of "$s") | $(cat "$WORK/$s.sec" 2>/dev/null || echo -) |" \
                 "$(cat "$WORK/$s.budget" 2>/dev/null || echo -) |"
         done

@@ -9,6 +9,8 @@ one finite entry, reference losses with NaN (unscored tokens) and a loss mask; v
 that take the vectorized and the scalar paths, one selection that fills most of the one-block
 select kernel's shared staging (several load rounds and write tiles) and one over more than one
 block of the CUDA select kernels. Shapes are tiny: racecheck instruments every shared-memory access.
+Then the fused SwiGLU (``ops.swiglu``) forward + backward over the three dtypes, on its vector path
+and its one-value path (odd width, a misaligned view), with NaN and infinities.
 
 Each call is also checked, coarsely (a memory bug gives garbage, not rounding; the precise checks
 are tests/gpu's): losses against a float64 log-sum-exp, the number of selected tokens, and zero
@@ -25,6 +27,7 @@ import torch
 
 from megatron_slm.ops import selective_cross_entropy, selective_loss_mean
 from megatron_slm.ops.selective_loss_reference import num_to_keep
+from megatron_slm.ops.swiglu import swiglu, swiglu_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RATIOS = (1.0, 0.6, 0.01)
@@ -92,6 +95,32 @@ def run_case(shape, dtype, ratio, inplace, device, impl, seed):
     return fails
 
 
+def run_swiglu_case(rows, f, dtype, offset, device, seed):
+    """Fused SwiGLU fwd+bwd on ``[rows, 2f]`` (a view ``offset`` elements into its buffer),
+    checked against the unfused float64 expression: positions of NaN, values within 2% (a memory
+    bug gives garbage)."""
+    g = torch.Generator().manual_seed(seed)
+    buf = (torch.randn(rows * 2 * f + offset, generator=g) * 4).to(dtype)
+    buf[offset : offset + 3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x = torch.empty(rows * 2 * f + offset, dtype=dtype, device=device)[offset:]  # misaligned
+    x = x.view(rows, 2 * f).copy_(buf[offset:].view(rows, 2 * f)).requires_grad_()  # if offset
+    dy = torch.randn(rows, f, generator=g).to(dtype)
+    y = swiglu(x, impl="fused")  # the compiled kernels on the CPU too (--device cpu)
+    y.backward(dy.to(device))
+    xd = buf[offset:].view(rows, 2 * f).double().requires_grad_()
+    want = swiglu_reference(xd)
+    want.backward(dy.double())
+    name = f"swiglu [{rows}, {2 * f}] {dtype} offset={offset}"
+    fails = []
+    for what, got, exp in (("y", y, want), ("dx", x.grad, xd.grad)):
+        got, exp = got.detach().cpu().double(), exp.detach()
+        if not torch.equal(got.isnan(), exp.isnan()):
+            fails.append(f"{name}: NaN positions of {what} differ")
+        elif not torch.allclose(got, exp, rtol=2e-2, atol=2e-2, equal_nan=True):
+            fails.append(f"{name}: {what} off by {(got - exp).abs().nan_to_num().max():.3g}")
+    return fails
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -109,9 +138,13 @@ def main(argv=None) -> int:
     fails = []
     for i, case in enumerate(cases):
         fails += run_case(*case, device=args.device, impl=impl, seed=i)
+    swiglu_cases = [(64, 32, d, 0) for d in DTYPES.values()] + [(9, 13, torch.bfloat16, 1)]
+    for i, case in enumerate(swiglu_cases):
+        fails += run_swiglu_case(*case, device=args.device, seed=i)
     for f in fails:
         print("FAIL", f)
-    print(f"sanitizer workload: {len(cases)} calls, {len(fails)} failures", flush=True)
+    n_calls = len(cases) + len(swiglu_cases)
+    print(f"sanitizer workload: {n_calls} calls, {len(fails)} failures", flush=True)
     return 1 if fails else 0
 
 

@@ -30,6 +30,7 @@
 
 #include "selective_loss_cuda.h"
 #include "selective_loss_finalize.h"
+#include "vector_traits.cuh"
 
 // Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
 // under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
@@ -48,81 +49,6 @@ constexpr int kPickThreads = 256;
 // 1024 ptxas spilled (64 registers).
 constexpr int kOneBlockThreads = 512;
 constexpr int64_t kSelectChunk = 8 * kSelectThreads;  // scores per block and (group, chunk) item
-
-// ------------------------------------------------------------------------------------------
-// dtype traits: 16-byte vectors and fp32 conversions
-// ------------------------------------------------------------------------------------------
-template <typename T>
-struct Traits;
-
-template <>
-struct Traits<float> {
-  static constexpr int kVec = 4;
-  __device__ static float to_f(float x) { return x; }
-  __device__ static float from_f(float x) { return x; }
-  __device__ static void unpack(const uint4& v, float* out) {
-    out[0] = __uint_as_float(v.x);
-    out[1] = __uint_as_float(v.y);
-    out[2] = __uint_as_float(v.z);
-    out[3] = __uint_as_float(v.w);
-  }
-  __device__ static uint4 pack(const float* in) {
-    return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]),
-                      __float_as_uint(in[3]));
-  }
-};
-
-template <>
-struct Traits<__half> {
-  static constexpr int kVec = 8;
-  __device__ static float to_f(__half x) { return __half2float(x); }
-  __device__ static __half from_f(float x) { return __float2half_rn(x); }
-  // memcpy, not a reinterpret_cast: reading a uint4 through __half2 is undefined behaviour
-  // (g++ -O2 miscompiles it); compilers turn the copy into register moves.
-  __device__ static void unpack(const uint4& v, float* out) {
-    __half2 h[4];
-    memcpy(h, &v, sizeof(h));
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static uint4 pack(const float* in) {
-    __half2 h[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
-    uint4 v;
-    memcpy(&v, h, sizeof(v));
-    return v;
-  }
-};
-
-template <>
-struct Traits<__nv_bfloat16> {
-  static constexpr int kVec = 8;
-  __device__ static float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
-  __device__ static void unpack(const uint4& v, float* out) {
-    __nv_bfloat162 h[4];
-    memcpy(h, &v, sizeof(h));
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      out[2 * i] = f.x;
-      out[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static uint4 pack(const float* in) {
-    __nv_bfloat162 h[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-    uint4 v;
-    memcpy(&v, h, sizeof(v));
-    return v;
-  }
-};
 
 // (max, sum) pair of an online softmax; sum is relative to max.
 struct MaxSum {

@@ -34,6 +34,7 @@ SIDEWAYS = {
     ("pretrain", "training"),  # the entry point runs the trainer
     ("training", "visualize"),  # the trainer's TensorBoard selection image
     ("visualize", "evaluation"),  # the learning curve measures held-out perplexity
+    ("models", "ops"),  # the torch spec's MLP runs the fused SwiGLU
 }
 FORBIDDEN = {("training", "convert")}
 SCRIPT_DIRS = {"tools", "benchmarks", "tests", "examples", "scripts"}  # never imported

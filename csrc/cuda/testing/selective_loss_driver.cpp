@@ -11,6 +11,9 @@
 //               out_<order>.bin = loss lse score (fp32) eligible selected (u8) totals (8 fp32)
 //     add_top: N                                          in: top loss selected totals
 //              out_<order>.bin = selected (u8) totals (8 fp32)
+//     swiglu_fwd: dtype rows f misalign                in: x (rows x 2f)     out: y (rows x f)
+//     swiglu_bwd: dtype rows f misalign                in: dy x              out: dx (rows x 2f)
+//             (csrc/cuda/swiglu.cu, linked into the driver too)
 //     select and add_top also write issued_<order>.txt: "kernel launches memsets" of the call
 //     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
 //             out_<order>.bin) each; adversarial needs the build with memory hooks
@@ -30,6 +33,7 @@
 #include <vector>
 
 #include "cuda/selective_loss_cuda.h"
+#include "cuda/swiglu_cuda.h"
 #include "selective_loss_kernels.h"
 #include "simt_host.h"
 
@@ -316,6 +320,28 @@ int main(int argc, char** argv) {
       std::vector<char> out(selected.p, selected.p + n);  // selected [N] u8, then totals[8] fp32
       out.insert(out.end(), totals.p, totals.p + totals.bytes);
       write_file(dir + "/out_" + o + ".bin", out.data(), out.size());
+      write_issued(dir, o);
+    }
+  } else if (op == "swiglu_fwd" || op == "swiglu_bwd") {
+    const int dtype = static_cast<int>(iarg("dtype"));
+    const int64_t rows = iarg("rows"), f = iarg("f");
+    const size_t half = static_cast<size_t>(rows * f) * dtype_size(dtype);
+    const size_t misalign = static_cast<size_t>(iarg("misalign", "0"));
+    Buffer x(2 * half, misalign);
+    x.fill(read_file(dir + "/x.bin"));
+    const bool fwd = op == "swiglu_fwd";
+    Buffer dy(fwd ? 0 : half, misalign);
+    if (!fwd) dy.fill(read_file(dir + "/dy.bin"));
+    for (const std::string& o : orders) {
+      set_order(o);
+      Buffer out(fwd ? half : 2 * half, misalign);
+      simt::config().fail_next_launch = fail_launch;
+      simt::counters() = simt::Counters{};
+      finish(status_of([&] {
+        return fwd ? k::swiglu_forward(x.p, out.p, dtype, rows, f, nullptr)
+                   : k::swiglu_backward(dy.p, x.p, out.p, dtype, rows, f, nullptr);
+      }));
+      write_file(dir + "/out_" + o + ".bin", out.p, out.bytes);
       write_issued(dir, o);
     }
   } else {

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CSRC = ROOT / "csrc"
 TESTING = CSRC / "cuda" / "testing"
 KERNELS = CSRC / "cuda" / "selective_loss.cu"
+SWIGLU_KERNELS = CSRC / "cuda" / "swiglu.cu"  # linked into every driver build (its swiglu ops)
 DRIVER = TESTING / "selective_loss_driver.cpp"
 
 # Thread and block orders: forward runs blocks in ascending order, reverse descending, random a
@@ -118,6 +119,8 @@ def build(
         dirs.insert(0, Path(include_first))
     incs = [f"-I{d}" for d in dirs]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
+    if Path(driver) == DRIVER:
+        sources.append(SWIGLU_KERNELS)
     objects = []
     for src, src_flags in [(s, flags + (RACE_FLAGS if race else [])) for s in sources] + (
         [(MEMORY_HOOKS, flags)] if race else []
@@ -315,3 +318,23 @@ def add_top(exe, top, loss, selected, totals, orders=ORDERS, issued=None, **extr
         if issued is not None:
             issued.update(_issued(tmp, orders))
         return out
+
+
+def swiglu(exe, x, dy=None, misalign=0, orders=ORDERS, issued=None, **extra):
+    """{order: y [rows, f]} of the CUDA SwiGLU forward launcher on ``x [rows, 2f]``; with ``dy``
+    ``[rows, f]``, {order: dx [rows, 2f]} of the backward launcher."""
+    rows, f = x.shape[0], x.shape[1] // 2
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _write(tmp / "x.bin", x)
+        if dy is not None:
+            _write(tmp / "dy.bin", dy.to(x.dtype))
+        op = "swiglu_fwd" if dy is None else "swiglu_bwd"
+        args = dict(op=op, dtype=DTYPE_CODE[x.dtype], rows=rows, f=f, misalign=misalign, **extra)
+        _run(exe, tmp, args, orders)
+        shape = (rows, f if dy is None else 2 * f)
+        if issued is not None:
+            issued.update(_issued(tmp, orders))
+        if x.numel() == 0:  # nothing to read back (and no bytes to view as the dtype)
+            return {o: torch.empty(shape, dtype=x.dtype) for o in orders}
+        return {o: _read(tmp / f"out_{o}.bin", x.dtype, shape) for o in orders}

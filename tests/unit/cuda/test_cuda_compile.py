@@ -26,31 +26,35 @@ LAUNCH_THREADS = {
     "finalize_rows_kernel": 256,
     "finalize_totals_kernel": 32,
     "add_top_kernel": 512,
+    "swiglu_forward_kernel": 256,  # kSwigluThreads in swiglu.cu
+    "swiglu_backward_kernel": 256,
 }
 
 
 def test_every_kernel_declares_its_launch_bounds(tmp_path):
     """Bug 9: without __launch_bounds__ ptxas may use more registers than a 1024-thread block
     can have, and the launch (not the build) fails. With them, PTX carries .maxntid."""
-    ptx = tmp_path / "k.ptx"
-    subprocess.run(
-        [
-            NVCC,
-            "-ptx",
-            "-std=c++17",
-            "-O3",
-            "--use_fast_math",
-            f"-I{H.CSRC}",
-            "-arch=sm_80",
-            str(H.KERNELS),
-            "-o",
-            str(ptx),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    text = ptx.read_text()
+    text = ""
+    for source in (H.KERNELS, H.SWIGLU_KERNELS):
+        ptx = tmp_path / f"{source.stem}.ptx"
+        subprocess.run(
+            [
+                NVCC,
+                "-ptx",
+                "-std=c++17",
+                "-O3",
+                "--use_fast_math",
+                f"-I{H.CSRC}",
+                "-arch=sm_80",
+                str(source),
+                "-o",
+                str(ptx),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        text += ptx.read_text()
     assert sum(k in text for k in LAUNCH_THREADS) == len(LAUNCH_THREADS)
     entries = re.findall(r"\.entry\s+(\S+?)\(.*?\)\s*(\.maxntid\s+(\d+), 1, 1)?", text, re.S)
     assert entries, "no kernels in the PTX"

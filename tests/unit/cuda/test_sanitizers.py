@@ -92,6 +92,25 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
             assert all(torch.equal(_bits(a[o]), _bits(b[o])) for o in ORDERS)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_clean_under_asan_ubsan(exes, dtype):
+    """Both paths (vectors; odd width and misaligned buffers: one value per thread), with NaN
+    and infinities (UBSan's float-cast-overflow would catch a conversion out of range)."""
+    plain, asan = exes
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for rows, f, misalign in ((5, 64, 0), (4, 13, esize)):
+        x = torch.randn(rows, 2 * f, generator=torch.Generator().manual_seed(f)) * 50
+        x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        x, dy = x.to(dtype), torch.randn(rows, f).to(dtype)
+        for grad in (None, dy):
+            a = H.swiglu(asan, x, grad, misalign=misalign, orders=ORDERS)
+            b = H.swiglu(plain, x, grad, misalign=misalign, orders=ORDERS)
+            for o in ORDERS:  # the same bits, but a NaN's sign may differ between -O1 and -O2
+                nan = a[o].isnan()
+                assert torch.equal(nan, b[o].isnan())
+                assert torch.equal(_bits(a[o])[~nan], _bits(b[o])[~nan])
+
+
 def test_select_clean_under_asan_ubsan(exes):
     plain, asan = exes
     for n in (1, 1000, 3000, 20000):  # 20000: three blocks per group

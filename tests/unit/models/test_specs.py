@@ -9,6 +9,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_slm.models.specs import (
+    FusedSwiGLUMLP,
     TorchRMSNorm,
     TorchSDPAttention,
     default_spec_impl,
@@ -148,15 +149,32 @@ def tiny_torch_and_local_models():
 
 
 def _torch_vs_local_spec(rank, world):
+    import functools
+
+    import megatron_slm.models.specs as specs
+
+    # the fused SwiGLU's kernels, as on a GPU (on the CPU impl="auto" is the reference)
+    specs.swiglu = functools.partial(specs.swiglu, impl="fused")
     ours, local = tiny_torch_and_local_models()
     for layer in ours.decoder.layers:
         assert isinstance(layer.self_attention.core_attention, TorchSDPAttention)
+        assert isinstance(layer.mlp, FusedSwiGLUMLP) and layer.mlp.fused
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
-    with torch.no_grad():
-        return ours(tokens, pos, None, labels=tokens), local(tokens, pos, None, labels=tokens)
+    out = []
+    for model in (ours, local):  # per-token losses, and every parameter's gradient of their sum
+        losses = model(tokens, pos, None, labels=tokens)
+        losses.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        out.append((losses.detach(), grads))
+    return out
 
 
 def test_torch_spec_matches_megatron_local_spec():
-    ((ours, local),) = run_distributed(_torch_vs_local_spec, 1)
+    """The torch spec (SDPA, torch's RMSNorm, the fused SwiGLU) against megatron-core's local
+    spec (its unfused SwiGLU among them) on the same weights: losses and gradients."""
+    (((ours, ours_grads), (local, local_grads)),) = run_distributed(_torch_vs_local_spec, 1)
     torch.testing.assert_close(ours, local, rtol=1e-5, atol=1e-5)
+    assert ours_grads.keys() == local_grads.keys() and any("linear_fc1" in n for n in ours_grads)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, local_grads[name], rtol=1e-4, atol=1e-5, msg=name)
