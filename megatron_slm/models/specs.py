@@ -174,13 +174,14 @@ class FusedSwiGLUMLP(MLP):
     def __init__(self, config: TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         c = self.config
+        # getattr: fields that megatron-core versions of the supported range may lack
         self.fused = (
             c.gated_linear_unit
             and c.activation_func is torch.nn.functional.silu
-            and not c.bias_activation_fusion
-            and not c.use_te_activation_func
-            and c.glu_linear_offset == 0.0
-            and c.activation_func_clamp_value is None
+            and not getattr(c, "bias_activation_fusion", False)
+            and not getattr(c, "use_te_activation_func", False)
+            and getattr(c, "glu_linear_offset", 0.0) == 0.0
+            and getattr(c, "activation_func_clamp_value", None) is None
         )
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
