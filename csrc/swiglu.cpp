@@ -10,12 +10,14 @@
 
 #include <cmath>
 
+// declarations only (no CUDA headers): the launches below name them in both builds
+#include "cuda/swiglu_cuda.h"
+
 #ifdef MEGATRON_SLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/selective_loss_cuda.h"
-#include "cuda/swiglu_cuda.h"
 #endif
 
 namespace {
@@ -66,6 +68,20 @@ int dtype_code(torch::ScalarType st) {
   if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
   return st == torch::kFloat16 ? megatron_slm::cuda::kFloat16 : megatron_slm::cuda::kBFloat16;
 }
+
+// launch(dtype code, stream) on x's device and current stream; a launch error raises.
+template <typename Launch>
+void launch_on_cuda(const torch::Tensor& x, Launch launch) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int err = launch(dtype_code(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "swiglu: CUDA launch failed: ",
+              megatron_slm::cuda::selective_loss_error_string(err));
+}
+#else
+template <typename Launch>
+void launch_on_cuda(const torch::Tensor&, Launch) {
+  TORCH_CHECK(false, "swiglu: megatron_slm._C was built without CUDA kernels");
+}
 #endif
 
 }  // namespace
@@ -77,17 +93,10 @@ torch::Tensor swiglu_forward(const torch::Tensor& x) {
   auto y = torch::empty(sizes, x.options());
   const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
   if (x.is_cuda()) {
-#ifdef MEGATRON_SLM_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int err = megatron_slm::cuda::swiglu_forward(
-        x.data_ptr(), y.data_ptr(), dtype_code(x.scalar_type()), rows, f,
-        c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "swiglu: CUDA launch failed: ",
-                megatron_slm::cuda::selective_loss_error_string(err));
+    launch_on_cuda(x, [&](int dtype, auto stream) {
+      return megatron_slm::cuda::swiglu_forward(x.data_ptr(), y.data_ptr(), dtype, rows, f, stream);
+    });
     return y;
-#else
-    TORCH_CHECK(false, "swiglu: megatron_slm._C was built without CUDA kernels");
-#endif
   }
   TORCH_CHECK(x.device().is_cpu(), "swiglu: x must be on the CPU or a CUDA device");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "swiglu_forward", [&] {
@@ -104,17 +113,11 @@ torch::Tensor swiglu_backward(const torch::Tensor& dy, const torch::Tensor& x) {
   auto dx = torch::empty_like(x);
   const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
   if (x.is_cuda()) {
-#ifdef MEGATRON_SLM_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int err = megatron_slm::cuda::swiglu_backward(
-        dy.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype_code(x.scalar_type()), rows, f,
-        c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "swiglu: CUDA launch failed: ",
-                megatron_slm::cuda::selective_loss_error_string(err));
+    launch_on_cuda(x, [&](int dtype, auto stream) {
+      return megatron_slm::cuda::swiglu_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype,
+                                                 rows, f, stream);
+    });
     return dx;
-#else
-    TORCH_CHECK(false, "swiglu: megatron_slm._C was built without CUDA kernels");
-#endif
   }
   TORCH_CHECK(x.device().is_cpu(), "swiglu: x must be on the CPU or a CUDA device");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "swiglu_backward", [&] {

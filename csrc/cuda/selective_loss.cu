@@ -30,13 +30,7 @@
 
 #include "selective_loss_cuda.h"
 #include "selective_loss_finalize.h"
-#include "vector_traits.cuh"
-
-// Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
-// under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
-#ifndef SLM_LAUNCH
-#define SLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#endif
+#include "kernel_common.cuh"
 
 namespace megatron_slm {
 namespace cuda {
@@ -685,17 +679,6 @@ int row_unroll() {
     return env != nullptr && env[0] == '1' && env[1] == '\0' ? 1 : 2;
   }();
   return unroll;
-}
-
-// Grid of min(count, device limit) blocks: the kernels loop over the rest.
-cudaError_t grid_for(int64_t count, unsigned int* grid) {
-  int device = 0;
-  int max_x = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, device);
-  if (err != cudaSuccess) return err;
-  *grid = static_cast<unsigned int>(count < max_x ? count : static_cast<int64_t>(max_x));
-  return cudaSuccess;
 }
 
 template <typename T>

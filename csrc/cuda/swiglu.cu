@@ -17,12 +17,7 @@
 
 #include "selective_loss_cuda.h"
 #include "swiglu_cuda.h"
-#include "vector_traits.cuh"
-
-// Every launch goes through SLM_LAUNCH (see selective_loss.cu); the CPU harness defines its own.
-#ifndef SLM_LAUNCH
-#define SLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#endif
+#include "kernel_common.cuh"
 
 namespace megatron_slm {
 namespace cuda {
@@ -51,16 +46,24 @@ __device__ __forceinline__ void store_values(T* p, const float* v) {
 
 __device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
-template <typename T, bool kVecPath>
-__global__ void __launch_bounds__(kSwigluThreads) swiglu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
-                                      int64_t f) {
-  constexpr int kN = kVecPath ? Traits<T>::kVec : 1;
+// body(r, j) for every vector of kN values of every row: row r, columns j .. j + kN - 1 of f
+// (grid-stride: any grid covers every row).
+template <int kN, typename Body>
+__device__ __forceinline__ void for_each_vector(int64_t rows, int64_t f, Body body) {
   const int64_t per_row = f / kN;
   const int64_t total = rows * per_row;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / per_row;
-    const int64_t j = (i - r * per_row) * kN;
+    body(r, (i - r * per_row) * kN);
+  }
+}
+
+template <typename T, bool kVecPath>
+__global__ void __launch_bounds__(kSwigluThreads) swiglu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
+                                      int64_t f) {
+  constexpr int kN = kVecPath ? Traits<T>::kVec : 1;
+  for_each_vector<kN>(rows, f, [&](int64_t r, int64_t j) {
     const T* gate = x + r * 2 * f + j;
     float a[kN], b[kN], out[kN];
     load_values<T, kVecPath>(gate, a);
@@ -68,19 +71,14 @@ __global__ void __launch_bounds__(kSwigluThreads) swiglu_forward_kernel(const T*
 #pragma unroll
     for (int k = 0; k < kN; ++k) out[k] = a[k] * sigmoid(a[k]) * b[k];
     store_values<T, kVecPath>(y + r * f + j, out);
-  }
+  });
 }
 
 template <typename T, bool kVecPath>
 __global__ void __launch_bounds__(kSwigluThreads) swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                        T* __restrict__ dx, int64_t rows, int64_t f) {
   constexpr int kN = kVecPath ? Traits<T>::kVec : 1;
-  const int64_t per_row = f / kN;
-  const int64_t total = rows * per_row;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / per_row;
-    const int64_t j = (i - r * per_row) * kN;
+  for_each_vector<kN>(rows, f, [&](int64_t r, int64_t j) {
     const int64_t in = r * 2 * f + j;
     float g[kN], a[kN], b[kN], da[kN], db[kN];
     load_values<T, kVecPath>(dy + r * f + j, g);
@@ -94,21 +92,14 @@ __global__ void __launch_bounds__(kSwigluThreads) swiglu_backward_kernel(const T
     }
     store_values<T, kVecPath>(dx + in, da);
     store_values<T, kVecPath>(dx + in + f, db);
-  }
+  });
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Blocks for `items` work items, one per thread, at most the device's grid limit.
 cudaError_t elementwise_grid(int64_t items, unsigned int* grid) {
-  int device = 0;
-  int max_x = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, device);
-  if (err != cudaSuccess) return err;
-  const int64_t blocks = (items + kSwigluThreads - 1) / kSwigluThreads;
-  *grid = static_cast<unsigned int>(blocks < max_x ? blocks : static_cast<int64_t>(max_x));
-  return cudaSuccess;
+  return grid_for((items + kSwigluThreads - 1) / kSwigluThreads, grid);
 }
 
 template <typename T>

@@ -1,16 +1,34 @@
-// dtype traits of the CUDA kernels: fp32 conversions and 16-byte vectors (uint4) of each
-// storage type. No torch headers; the CPU test harness (testing/simt_host.h) provides the CUDA
-// types and intrinsics these use.
+// What every .cu of csrc/cuda shares: the launch macro, the grid cap, and the dtype traits
+// (fp32 conversions and 16-byte vectors, uint4, of each storage type). No torch headers; the CPU
+// test harness (testing/simt_host.h) provides the CUDA types and intrinsics these use.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstring>
+
+// Every launch goes through SLM_LAUNCH(grid, block, smem, stream, kernel)(args...): a real launch
+// under nvcc; the CPU test harness (csrc/cuda/testing/simt_host.h) defines its own.
+#ifndef SLM_LAUNCH
+#define SLM_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace megatron_slm {
 namespace cuda {
+
+// Grid of min(count, device limit) blocks: the kernels loop over the rest.
+inline cudaError_t grid_for(int64_t count, unsigned int* grid) {
+  int device = 0;
+  int max_x = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, device);
+  if (err != cudaSuccess) return err;
+  *grid = static_cast<unsigned int>(count < max_x ? count : static_cast<int64_t>(max_x));
+  return cudaSuccess;
+}
 
 template <typename T>
 struct Traits;
