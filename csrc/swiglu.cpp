@@ -6,6 +6,7 @@
 
 #include "swiglu.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -29,16 +30,21 @@ int64_t half_width(const torch::Tensor& x) {
   return x.size(-1) / 2;
 }
 
-inline float sigmoid(float a) { return 1.0f / (1.0f + std::exp(-a)); }
+// fp32 math for fp32/bf16/fp16 (the CUDA kernels' formulas), double for double
+template <typename A>
+inline A sigmoid(A a) {
+  return A(1) / (A(1) + std::exp(-a));
+}
 
 template <typename T>
 void forward_cpu(const T* x, T* y, int64_t rows, int64_t f) {
+  using A = at::opmath_type<T>;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = x + r * 2 * f;
       for (int64_t j = 0; j < f; ++j) {
-        const float a = static_cast<float>(gate[j]);
-        y[r * f + j] = static_cast<T>(a * sigmoid(a) * static_cast<float>(gate[f + j]));
+        const A a = static_cast<A>(gate[j]);
+        y[r * f + j] = static_cast<T>(a * sigmoid(a) * static_cast<A>(gate[f + j]));
       }
     }
   });
@@ -46,15 +52,16 @@ void forward_cpu(const T* x, T* y, int64_t rows, int64_t f) {
 
 template <typename T>
 void backward_cpu(const T* dy, const T* x, T* dx, int64_t rows, int64_t f) {
+  using A = at::opmath_type<T>;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = x + r * 2 * f;
       for (int64_t j = 0; j < f; ++j) {
-        const float g = static_cast<float>(dy[r * f + j]);
-        const float a = static_cast<float>(gate[j]);
-        const float b = static_cast<float>(gate[f + j]);
-        const float s = sigmoid(a);
-        dx[r * 2 * f + j] = static_cast<T>(g * b * s * (1.0f + a * (1.0f - s)));
+        const A g = static_cast<A>(dy[r * f + j]);
+        const A a = static_cast<A>(gate[j]);
+        const A b = static_cast<A>(gate[f + j]);
+        const A s = sigmoid(a);
+        dx[r * 2 * f + j] = static_cast<T>(g * b * s * (A(1) + a * (A(1) - s)));
         dx[r * 2 * f + f + j] = static_cast<T>(g * a * s);
       }
     }

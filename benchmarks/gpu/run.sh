@@ -22,7 +22,7 @@
 #            tinyllama MLP activation, fwd+bwd (diagnostic)
 #   sdpa     benchmarks/gpu/sdpa_shapes.py: forward-only attention at many widths, SDPA's default
 #            order (cuDNN first on sm90: a graph build per shape) against the torch spec's
-#            forward-only choice (no cuDNN) (diagnostic)
+#            choice in eval mode (no cuDNN) (diagnostic)
 #   profile  benchmarks/gpu/profile_op.py: the kernels of one call of ours at [4096, 2, 32000]
 #            (last: diagnostic only)
 #

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     fails = []
     for i, case in enumerate(cases):
         fails += run_case(*case, device=args.device, impl=impl, seed=i)
-    swiglu_cases = [(64, 32, d, 0) for d in DTYPES.values()] + [(9, 13, torch.bfloat16, 1)]
+    swiglu_cases = [(64, 32, d, 0) for d in DTYPES.values()]
+    swiglu_cases += [(9, 32, torch.bfloat16, 1), (9, 13, torch.bfloat16, 1)]  # misaligned; odd
     for i, case in enumerate(swiglu_cases):
         fails += run_swiglu_case(*case, device=args.device, seed=i)
     for f in fails:

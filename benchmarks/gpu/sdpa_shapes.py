@@ -4,13 +4,14 @@
     python benchmarks/gpu/sdpa_shapes.py --device cpu --widths 4 --max-width 128   # smoke run
 
 The scorer's length-sorted rows give nearly every batch a width of its own. SDPA tries cuDNN first
-on sm90 with a recent cuDNN, and cuDNN builds one execution graph per shape; the torch spec's
-forward-only calls turn cuDNN off (``models.specs._without_cudnn_attention``). For each choice,
-the call the spec makes (``[b, heads, s, 64]`` query, grouped key/value, ``is_causal``,
-``enable_gqa``, inference mode) at ``--widths`` distinct widths: first the first call at each width
-(host wall time to the end of its GPU work, graph builds included), then a second pass over the
-same widths (cached). Prints a markdown table: the backend SDPA picks, ms per first call, ms per
-cached call, and what the first calls cost on top of the cached ones in all.
+on sm90 with a recent cuDNN, and cuDNN builds one execution graph per shape; the torch spec turns
+cuDNN off for models in eval mode, the scorer's among them
+(``models.specs._without_cudnn_attention``). For each choice, the call the spec makes (``[b, heads,
+s, 64]`` query, grouped key/value, ``is_causal``, ``enable_gqa``, inference mode) at ``--widths``
+distinct widths: first the first call at each width (host wall time to the end of its GPU work,
+graph builds included), then a second pass over the same widths (cached). Prints a markdown table:
+the backend SDPA picks, ms per first call, ms per cached call, and what the first calls cost on top
+of the cached ones in all.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     step = max(1, (args.max_width - 64) // args.widths)
     choices = {
         "SDPA's default order": contextlib.nullcontext,
-        "without cuDNN (forward-only calls)": _without_cudnn_attention,
+        "without cuDNN (the torch spec in eval mode)": _without_cudnn_attention,
     }
     print(
         f"[{args.batch}, {args.heads} heads ({args.groups} key/value), width, {args.head_dim}] "

@@ -7,8 +7,8 @@ Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, Ro
             kernels where megatron-core picks them up).
 * ``torch`` megatron-core's tensor-parallel linears with core attention on
             ``torch.nn.functional.scaled_dot_product_attention`` (causal without a mask: flash
-            attention on GPU; forward-only calls without SDPA's cuDNN backend, whose per-shape
-            graph builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
+            attention on GPU; in eval mode without SDPA's cuDNN backend, whose per-shape graph
+            builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
             (``F.rms_norm``: torch's fused kernel where it has one) that supports sequence
             parallelism. The default on CPU, and on
             GPU without Transformer Engine.
@@ -138,7 +138,10 @@ class TorchSDPAttention(MegatronModule):
                 k, v = (
                     t[:, :, None].expand(b, groups, r, *t.shape[2:]).flatten(1, 2) for t in (k, v)
                 )
-        backends = _without_cudnn_attention() if forward_only else contextlib.nullcontext()
+        # A model in eval mode runs forward-only jobs (the runtime loads every model so); a
+        # training forward without a graph (activation recompute's first pass) keeps the kernel
+        # its recompute will use.
+        backends = _without_cudnn_attention() if not self.training else contextlib.nullcontext()
         rng = get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with backends, rng:
             out = torch.nn.functional.scaled_dot_product_attention(
@@ -150,13 +153,15 @@ class TorchSDPAttention(MegatronModule):
 
 @contextlib.contextmanager
 def _without_cudnn_attention():
-    """SDPA without its cuDNN backend, for forward-only calls (the scorer's length-sorted rows,
+    """SDPA without its cuDNN backend, for models in eval mode (the scorer's length-sorted rows,
     generation, evaluation, the online reference). On sm90 with a recent cuDNN, SDPA tries cuDNN
     first, and cuDNN builds and caches one execution graph per (batch, length): 23-37 ms of host
     time each in public measurements (not measured here), and the scorer meets a new width in
     nearly every batch. Flash attention compiles nothing per shape and runs a head-dim-64 forward
     about as fast as cuDNN. Training keeps cuDNN: its shapes are fixed and its backward is the
-    faster one on Hopper. The flag is global, so it is restored at once."""
+    faster one on Hopper. The flag is process-wide and restored at once: correct while one thread
+    runs the models (today's case; two threads running forwards at once could see each other's
+    setting)."""
     was_enabled = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:

@@ -237,7 +237,8 @@ def _top_k(score, eligible, shape, cfg, kernels) -> torch.Tensor:
     dp_group, dp_size, dp_rank = cfg["dp_info"]
     if mode == "random":
         score = _ref.random_scores(shape, cfg["seed"], dp_rank if scope == "data-parallel" else 0)
-        # drawn on the host (the same draw on every device); a staged copy, no device wait
+        # drawn on the host (the same draw on every device); not a blocking copy (from pageable
+        # memory CUDA stages it, which may still wait on the stream: an ablation mode)
         score = score.to(eligible.device, non_blocking=True).reshape(-1)
     # k of each group is derived by the select kernel from its eligible count (no launches here)
     if scope == "sequence":

@@ -52,6 +52,7 @@ class _FusedSwiGLU(torch.autograd.Function):
         return _extension._C.swiglu_forward(x)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises, not a wrong grad
     def backward(ctx, dy: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return _extension._C.swiglu_backward(dy.contiguous(), x)

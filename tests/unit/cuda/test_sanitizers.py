@@ -94,11 +94,11 @@ def test_kernels_clean_under_asan_ubsan(exes, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_clean_under_asan_ubsan(exes, dtype):
-    """Both paths (vectors; odd width and misaligned buffers: one value per thread), with NaN
+    """Both paths (vectors; a misaligned buffer or an odd width: one value per thread), with NaN
     and infinities (UBSan's float-cast-overflow would catch a conversion out of range)."""
     plain, asan = exes
     esize = torch.tensor([], dtype=dtype).element_size()
-    for rows, f, misalign in ((5, 64, 0), (4, 13, esize)):
+    for rows, f, misalign in ((5, 64, 0), (4, 32, esize), (4, 13, esize)):
         x = torch.randn(rows, 2 * f, generator=torch.Generator().manual_seed(f)) * 50
         x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
         x, dy = x.to(dtype), torch.randn(rows, f).to(dtype)

@@ -81,10 +81,12 @@ def test_kernels_match_the_cpp_kernels(exe, dtype, rows, f, misalign):
 
 
 def test_a_capped_grid_still_covers_every_row(exe):
-    x, dy = swiglu_inputs(40, 16, torch.bfloat16)
-    capped = H.swiglu(exe, x, dy, orders=("forward",), max_grid=1)["forward"]
-    full = H.swiglu(exe, x, dy, orders=("forward",))["forward"]
-    assert torch.equal(capped.view(torch.int16), full.view(torch.int16))
+    # 40 rows x 128 vectors = 5120 items: 20 blocks of 256 threads, or 1 block looping 20 times
+    x, dy = swiglu_inputs(40, 1024, torch.bfloat16)
+    for grad in (None, dy):
+        capped = H.swiglu(exe, x, grad, orders=("forward",), max_grid=1)["forward"]
+        full = H.swiglu(exe, x, grad, orders=("forward",))["forward"]
+        assert torch.equal(capped.view(torch.int16), full.view(torch.int16))
 
 
 def test_empty_input_launches_nothing(exe):

@@ -82,9 +82,11 @@ def test_unmasked_attention_is_causal_sdpa_without_expanded_heads(monkeypatch):
     assert calls == [(None, True, 2, True)]
 
 
-def test_forward_only_attention_leaves_cudnn_out(monkeypatch):
-    """Forward-only calls run SDPA with its cuDNN backend off (one graph build per shape there),
-    and the flag comes back; a call that records a backward keeps the user's setting."""
+def test_eval_mode_attention_leaves_cudnn_out(monkeypatch):
+    """A model in eval mode (the scorer, generation, evaluation, the online reference) runs SDPA
+    with its cuDNN backend off (one graph build per shape there), and the flag comes back; in
+    train mode the user's setting stays, with or without a graph (activation recompute's first
+    pass runs without one, and its recompute must use the same kernel)."""
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -94,21 +96,23 @@ def test_forward_only_attention_leaves_cudnn_out(monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     q, k, v = torch.randn(5, 2, 4, 8), torch.randn(5, 2, 2, 8), torch.randn(5, 2, 2, 8)
-    attn = _attention()
+    attn = _attention().eval()
     with torch.no_grad():
         scored = attn(q, k, v, None)
     with torch.inference_mode():
         attn(q, k, v, None)
+    attn(q, k, v, None)
+    attn.train()
     trained = attn(q.clone().requires_grad_(), k, v, None)
-    attn(q, k, v, None)  # grad mode on, but nothing to differentiate: forward only
-    assert seen == [False, False, True, False]
+    with torch.no_grad():
+        attn(q, k, v, None)  # recompute's first pass
+    assert seen == [False, False, False, True, True]
     assert torch.backends.cuda.cudnn_sdp_enabled()
     torch.testing.assert_close(scored, trained.detach())
-    try:  # a user who turned cuDNN attention off keeps it off, in both kinds of call
+    try:  # a user who turned cuDNN attention off keeps it off, in both modes
         torch.backends.cuda.enable_cudnn_sdp(False)
         attn(q.clone().requires_grad_(), k, v, None)
-        with torch.no_grad():
-            attn(q, k, v, None)
+        attn.eval()(q, k, v, None)
         assert seen[-2:] == [False, False] and not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)

@@ -99,3 +99,18 @@ def test_auto_is_fused_on_cuda_only_and_the_reference_elsewhere(monkeypatch):
         fused(x)
     with pytest.raises(ValueError, match="impl must be"):
         sw.swiglu(x, impl="triton")
+
+
+def test_float64_is_computed_in_float64():
+    x, dy = inputs((6, 20), torch.float64)
+    y, dx = value_and_grad(fused, x, dy)
+    ref_y, ref_dx = value_and_grad(sw.swiglu_reference, x, dy)
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-12, atol=1e-12)
+
+
+def test_a_double_backward_raises_instead_of_a_wrong_gradient():
+    x = torch.randn(4, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), x)
