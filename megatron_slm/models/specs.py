@@ -10,7 +10,7 @@ Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, Ro
             attention on GPU; in eval mode without SDPA's cuDNN backend, whose per-shape graph
             builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
             (``F.rms_norm``: torch's fused kernel where it has one) that supports sequence
-            parallelism. The default on CPU, and on
+            parallelism, and the fused SwiGLU (``FusedSwiGLUMLP``). The default on CPU, and on
             GPU without Transformer Engine.
 
 All three keep megatron-core's parameter names and ``sharded_state_dict_keys_map``, so checkpoints

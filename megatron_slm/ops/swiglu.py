@@ -62,12 +62,12 @@ def swiglu(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """``silu(x[..., :f]) * x[..., f:]`` for ``x [..., 2f]``. ``impl``: ``auto`` (fused on CUDA
     where compiled, else the reference), ``fused`` (the compiled kernels, CPU or CUDA; an error
     where there are none), ``torch`` (the reference)."""
+    if impl not in ("auto", "fused", "torch"):
+        raise ValueError(f"swiglu: impl must be auto, fused or torch, got {impl!r}")
     if impl == "fused":
         if not has_swiglu_kernels(x.device):
             raise RuntimeError(f"swiglu: megatron_slm._C has no SwiGLU kernels for {x.device}")
         return _FusedSwiGLU.apply(x)
     if impl == "auto" and fused_swiglu_available(x.device) and x.dtype in _FUSED_DTYPES:
         return _FusedSwiGLU.apply(x)
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"swiglu: impl must be auto, fused or torch, got {impl!r}")
     return swiglu_reference(x)

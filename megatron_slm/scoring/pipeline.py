@@ -186,16 +186,12 @@ class ScoringPipeline:
         """Wait until every round so far is done on the device, written and counted in
         :attr:`totals` (``--dry-run`` times its rounds so; the job itself never waits here).
         A failure surfaces here as in :meth:`run_round`, or at :meth:`close`."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._reduce(pending)
+        self._reduce_pending()
         wait([self._worker.submit(lambda: None)])  # runs after the round's accounting
 
     def close(self) -> Totals:
         """Reduce the last round, wait for every write; the totals of the run."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._reduce(pending)
+        self._reduce_pending()
         self._worker.close()
         if isinstance(self._worker.error, _PeerFailed):
             raise ScoringError(str(self._worker.error))
@@ -224,6 +220,12 @@ class ScoringPipeline:
         event = torch.cuda.Event()
         event.record()
         return host, event
+
+    def _reduce_pending(self) -> None:
+        """Reduce the round whose statistics are still pending, if any (once)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._reduce(pending)
 
     def _reduce(self, pending: Future) -> None:
         import torch.distributed as dist

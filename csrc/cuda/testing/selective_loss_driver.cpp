@@ -14,7 +14,8 @@
 //     swiglu_fwd: dtype rows f misalign                in: x (rows x 2f)     out: y (rows x f)
 //     swiglu_bwd: dtype rows f misalign                in: dy x              out: dx (rows x 2f)
 //             (csrc/cuda/swiglu.cu, linked into the driver too)
-//     select and add_top also write issued_<order>.txt: "kernel launches memsets" of the call
+//     select, add_top and swiglu_* also write issued_<order>.txt: "kernel launches memsets"
+//             of the call
 //     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
 //             out_<order>.bin) each; adversarial needs the build with memory hooks
 //     resident=B yield_permille=P   adversarial mode: blocks at once, yield chance per access
