@@ -25,29 +25,39 @@ from megatron_slm.ops.swiglu import has_swiglu_kernels, swiglu, swiglu_reference
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def time_call(fn, x, dy, iters: int, cuda: bool) -> float:
-    """Median ms of ``fn(x).backward(dy)`` over ``iters`` calls (3 warm-up calls first)."""
+def time_ms(run, iters: int, cuda: bool) -> float:
+    """Median ms of ``run()`` over ``iters`` calls (3 warm-up calls first; CUDA events on a GPU).
+    Also used by bench_rope.py."""
     times = []
     for i in range(iters + 3):
-        x.grad = None
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(x).backward(dy)
+            run()
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
-            fn(x).backward(dy)
+            run()
             ms = (time.perf_counter() - t0) * 1e3
         if i >= 3:
             times.append(ms)
     return statistics.median(times)
 
 
+def fwd_bwd(fn, x, dy):
+    """A closure for :func:`time_ms`: ``fn(x).backward(dy)`` with ``x``'s gradient cleared."""
+
+    def run():
+        x.grad = None
+        fn(x).backward(dy)
+
+    return run
+
+
 def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy (read + write) of 1 GiB."""
+    """Bytes per second of a device-to-device copy (read + write) of 1 GiB (also bench_rope's)."""
     src = torch.empty(1 << 29, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -82,8 +92,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(tokens, 2 * ffn, generator=g) * 2).to(dtype).to(device).requires_grad_()
     dy = torch.randn(tokens, ffn, generator=g).to(dtype).to(device)
-    anchor = time_call(swiglu_reference, x, dy, args.iters, cuda)
-    fused = time_call(lambda t: swiglu(t, impl="fused"), x, dy, args.iters, cuda)
+    anchor = time_ms(fwd_bwd(swiglu_reference, x, dy), args.iters, cuda)
+    fused = time_ms(fwd_bwd(lambda t: swiglu(t, impl="fused"), x, dy), args.iters, cuda)
     print(f"[{tokens}, 2 x {ffn}] {str(dtype).replace('torch.', '')} on {device}, fwd+bwd, "
           f"median of {args.iters}\n")  # fmt: skip
     print("| | ms | vs unfused |")

@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "rope.h"
 #include "selective_loss_finalize.h"
 #include "selective_loss_kernels.h"
 #include "swiglu.h"
@@ -41,6 +42,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/selective_loss_cuda.h"
+#include "cuda_dtype.h"
 #endif
 
 namespace sl = megatron_slm::selective_loss;
@@ -69,9 +71,7 @@ void check_launch(int err, const char* what) {
 }
 
 int cuda_dtype_code(torch::ScalarType st) {
-  if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
-  if (st == torch::kFloat16) return megatron_slm::cuda::kFloat16;
-  return megatron_slm::cuda::kBFloat16;
+  return megatron_slm::cuda_dtype_code(st, "selective_loss");
 }
 #endif
 
@@ -419,6 +419,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"));
   m.def("swiglu_backward", &swiglu_backward, "dx[..., 2f] of the fused SwiGLU in one pass",
         py::arg("dy"), py::arg("x"));
+  // the fused RoPE (csrc/rope.cpp)
+  m.def("rope", &rope,
+        "megatron-core's rotate_half RoPE of x [s, b, heads, d] with fp32 cos/sin [s, d] in one "
+        "pass (backward: the transposed rotation of the output's gradient)",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("backward"));
   m.attr("FINALIZE_RANK_EXCESS") = megatron_slm::finalize::kRankExcess;
   m.attr("FINALIZE_KEEP_UNSCORED") = megatron_slm::finalize::kKeepUnscored;
   m.attr("FINALIZE_SELECT_ALL") = megatron_slm::finalize::kSelectAll;

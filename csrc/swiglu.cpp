@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/selective_loss_cuda.h"
+#include "cuda_dtype.h"
 #endif
 
 namespace {
@@ -69,18 +70,12 @@ void backward_cpu(const T* dy, const T* x, T* dx, int64_t rows, int64_t f) {
 }
 
 #ifdef MEGATRON_SLM_WITH_CUDA
-int dtype_code(torch::ScalarType st) {
-  TORCH_CHECK(st == torch::kFloat32 || st == torch::kFloat16 || st == torch::kBFloat16,
-              "swiglu: CUDA tensors must be float32, float16 or bfloat16, got ", st);
-  if (st == torch::kFloat32) return megatron_slm::cuda::kFloat32;
-  return st == torch::kFloat16 ? megatron_slm::cuda::kFloat16 : megatron_slm::cuda::kBFloat16;
-}
-
 // launch(dtype code, stream) on x's device and current stream; a launch error raises.
 template <typename Launch>
 void launch_on_cuda(const torch::Tensor& x, Launch launch) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int err = launch(dtype_code(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
+  const int err = launch(megatron_slm::cuda_dtype_code(x.scalar_type(), "swiglu"),
+                         c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "swiglu: CUDA launch failed: ",
               megatron_slm::cuda::selective_loss_error_string(err));
 }

@@ -20,6 +20,8 @@
 #            rows (FlexAttention) side by side (SCORE_CMD="" leaves it out)
 #   swiglu   benchmarks/bench_swiglu.py: the fused SwiGLU against megatron-core's unfused one, one
 #            tinyllama MLP activation, fwd+bwd (diagnostic)
+#   rope     benchmarks/bench_rope.py: the fused RoPE against megatron-core's unfused one, one
+#            tinyllama layer's query and key, fwd+bwd (diagnostic)
 #   sdpa     benchmarks/gpu/sdpa_shapes.py: forward-only attention at many widths, SDPA's default
 #            order (cuDNN first on sm90: a graph build per shape) against the torch spec's
 #            choice in eval mode (no cuDNN) (diagnostic)
@@ -35,7 +37,8 @@
 #   OUT               output folder (default /tmp/megatron_slm_gpu_out)
 #   PYTHON            interpreter (default python3)
 #   GPU_RUN_TOTAL_S   wall-clock budget of the whole run, seconds (default 470)
-#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SWIGLU T_SDPA T_PROFILE   timeouts, s
+#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SWIGLU T_ROPE T_SDPA T_PROFILE
+#                     timeouts, s
 #   TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: the CPU count)
 #   COMPUTE_SANITIZER path of compute-sanitizer (default: on PATH, else /usr/local/cuda/bin)
 #   SKIP_STEPS        steps to leave out, e.g. "racecheck profile train" (a short lease)
@@ -281,6 +284,9 @@ main() {
     run_step swiglu "${T_SWIGLU:-30}" "$PY" benchmarks/bench_swiglu.py --device cuda
     section "Fused SwiGLU" swiglu <"$WORK/swiglu.out"
 
+    run_step rope "${T_ROPE:-30}" "$PY" benchmarks/bench_rope.py --device cuda
+    section "Fused RoPE" rope <"$WORK/rope.out"
+
     run_step sdpa "${T_SDPA:-40}" "$PY" benchmarks/gpu/sdpa_shapes.py
     section "Forward-only attention at many widths" sdpa <"$WORK/sdpa.out"
 
@@ -291,7 +297,7 @@ main() {
     {
         echo "| step | status | seconds | timeout s |"
         echo "|---|---|---:|---:|"
-        for s in wheels env build tests memcheck racecheck op train score swiglu sdpa profile; do
+        for s in wheels env build tests memcheck racecheck op train score swiglu rope sdpa profile; do
             echo "| $s | $(status_of "$s") | $(cat "$WORK/$s.sec" 2>/dev/null || echo -) |" \
                 "$(cat "$WORK/$s.budget" 2>/dev/null || echo -) |"
         done

@@ -10,7 +10,9 @@ that take the vectorized and the scalar paths, one selection that fills most of 
 select kernel's shared staging (several load rounds and write tiles) and one over more than one
 block of the CUDA select kernels. Shapes are tiny: racecheck instruments every shared-memory access.
 Then the fused SwiGLU (``ops.swiglu``) forward + backward over the three dtypes, on its vector path
-and its one-value path (odd width, a misaligned view), with NaN and infinities.
+and its one-value path (odd width, a misaligned view), with NaN and infinities; and the fused
+RoPE (``ops.rope``) forward + backward: the vector path, a strided key view of a QKV projection,
+a small head and a misaligned view (one pair per thread).
 
 Each call is also checked, coarsely (a memory bug gives garbage, not rounding; the precise checks
 are tests/gpu's): losses against a float64 log-sum-exp, the number of selected tokens, and zero
@@ -26,6 +28,7 @@ import sys
 import torch
 
 from megatron_slm.ops import selective_cross_entropy, selective_loss_mean
+from megatron_slm.ops.rope import apply_rope, rope_reference
 from megatron_slm.ops.selective_loss_reference import num_to_keep
 from megatron_slm.ops.swiglu import swiglu, swiglu_reference
 
@@ -121,6 +124,42 @@ def run_swiglu_case(rows, f, dtype, offset, device, seed):
     return fails
 
 
+def run_rope_case(s, heads, d, dtype, layout, device, seed):
+    """Fused RoPE fwd+bwd on ``[s, 2, heads, d]``: ``layout`` contiguous, ``key`` (the key view
+    of a ``[s, 2, heads, 3d]`` projection) or ``shifted`` (one element past an aligned start),
+    checked against the unfused float64 RoPE: values within 2% (a memory bug gives garbage)."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * d if layout == "key" else d
+    src = (torch.randn(s, 2, heads, width, generator=g) * 4).to(dtype)
+    if layout == "shifted":
+        buf = torch.empty(src.numel() + 1, dtype=dtype, device=device)
+        buf[1:].copy_(src.view(-1))
+        leaf = buf.requires_grad_()
+        t = leaf[1:].view(src.shape)
+    else:
+        leaf = src.to(device, copy=True).requires_grad_()
+        t = leaf[..., d : 2 * d] if layout == "key" else leaf
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    f = torch.outer(torch.arange(s, dtype=torch.float32) * 50, inv)
+    freqs = torch.cat([f, f + 0.5], dim=-1)[:, None, None, :]
+    dy = torch.randn(s, 2, heads, d, generator=g).to(dtype)
+    y = apply_rope(t, freqs.to(device), impl="fused")  # the compiled kernel on the CPU too
+    y.backward(dy.to(device))
+    td = src[..., d : 2 * d] if layout == "key" else src
+    td = td.detach().double().requires_grad_()
+    want = rope_reference(td, freqs.double())
+    want.backward(dy.double())
+    name = f"rope [{s}, 2, {heads}, {d}] {dtype} {layout}"
+    fails = []
+    grad = leaf.grad[1:].view(src.shape) if layout == "shifted" else leaf.grad
+    grad = grad[..., d : 2 * d] if layout == "key" else grad
+    for what, got, exp in (("y", y, want), ("dx", grad, td.grad)):
+        got, exp = got.detach().cpu().double(), exp.detach()
+        if not torch.allclose(got, exp, rtol=2e-2, atol=5e-2):
+            fails.append(f"{name}: {what} off by {(got - exp).abs().nan_to_num().max():.3g}")
+    return fails
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,9 +181,14 @@ def main(argv=None) -> int:
     swiglu_cases += [(9, 32, torch.bfloat16, 1), (9, 13, torch.bfloat16, 1)]  # misaligned; odd
     for i, case in enumerate(swiglu_cases):
         fails += run_swiglu_case(*case, device=args.device, seed=i)
+    rope_cases = [(32, 4, 64, d, "contiguous") for d in DTYPES.values()]
+    rope_cases += [(16, 2, 64, torch.bfloat16, "key"), (9, 3, 6, torch.float32, "contiguous")]
+    rope_cases += [(9, 2, 64, torch.bfloat16, "shifted")]
+    for i, case in enumerate(rope_cases):
+        fails += run_rope_case(*case, device=args.device, seed=i)
     for f in fails:
         print("FAIL", f)
-    n_calls = len(cases) + len(swiglu_cases)
+    n_calls = len(cases) + len(swiglu_cases) + len(rope_cases)
     print(f"sanitizer workload: {n_calls} calls, {len(fails)} failures", flush=True)
     return 1 if fails else 0
 

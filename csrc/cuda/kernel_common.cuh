@@ -102,5 +102,27 @@ struct Traits<__nv_bfloat16> {
   }
 };
 
+// kN values at p as fp32: one 16-byte vector (kN == Traits<T>::kVec; p 16-byte aligned) or one
+// value (kN == 1); and back, rounded once to T. The elementwise kernels' loads and stores.
+template <typename T, int kN>
+__device__ __forceinline__ void load_values(const T* p, float* v) {
+  static_assert(kN == 1 || kN == Traits<T>::kVec, "one value or one 16-byte vector");
+  if constexpr (kN > 1) {
+    Traits<T>::unpack(*reinterpret_cast<const uint4*>(p), v);
+  } else {
+    v[0] = Traits<T>::to_f(*p);
+  }
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_values(T* p, const float* v) {
+  static_assert(kN == 1 || kN == Traits<T>::kVec, "one value or one 16-byte vector");
+  if constexpr (kN > 1) {
+    *reinterpret_cast<uint4*>(p) = Traits<T>::pack(v);
+  } else {
+    *p = Traits<T>::from_f(v[0]);
+  }
+}
+
 }  // namespace cuda
 }  // namespace megatron_slm

@@ -25,25 +25,6 @@ namespace {
 
 constexpr int kSwigluThreads = 256;
 
-// n values at p: one 16-byte vector (kVecPath) or one value.
-template <typename T, bool kVecPath>
-__device__ __forceinline__ void load_values(const T* p, float* v) {
-  if constexpr (kVecPath) {
-    Traits<T>::unpack(*reinterpret_cast<const uint4*>(p), v);
-  } else {
-    v[0] = Traits<T>::to_f(*p);
-  }
-}
-
-template <typename T, bool kVecPath>
-__device__ __forceinline__ void store_values(T* p, const float* v) {
-  if constexpr (kVecPath) {
-    *reinterpret_cast<uint4*>(p) = Traits<T>::pack(v);
-  } else {
-    *p = Traits<T>::from_f(v[0]);
-  }
-}
-
 __device__ __forceinline__ float sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
 // body(r, j) for every vector of kN values of every row: row r, columns j .. j + kN - 1 of f
@@ -66,11 +47,11 @@ __global__ void __launch_bounds__(kSwigluThreads) swiglu_forward_kernel(const T*
   for_each_vector<kN>(rows, f, [&](int64_t r, int64_t j) {
     const T* gate = x + r * 2 * f + j;
     float a[kN], b[kN], out[kN];
-    load_values<T, kVecPath>(gate, a);
-    load_values<T, kVecPath>(gate + f, b);
+    load_values<T, kN>(gate, a);
+    load_values<T, kN>(gate + f, b);
 #pragma unroll
     for (int k = 0; k < kN; ++k) out[k] = a[k] * sigmoid(a[k]) * b[k];
-    store_values<T, kVecPath>(y + r * f + j, out);
+    store_values<T, kN>(y + r * f + j, out);
   });
 }
 
@@ -81,17 +62,17 @@ __global__ void __launch_bounds__(kSwigluThreads) swiglu_backward_kernel(const T
   for_each_vector<kN>(rows, f, [&](int64_t r, int64_t j) {
     const int64_t in = r * 2 * f + j;
     float g[kN], a[kN], b[kN], da[kN], db[kN];
-    load_values<T, kVecPath>(dy + r * f + j, g);
-    load_values<T, kVecPath>(x + in, a);
-    load_values<T, kVecPath>(x + in + f, b);
+    load_values<T, kN>(dy + r * f + j, g);
+    load_values<T, kN>(x + in, a);
+    load_values<T, kN>(x + in + f, b);
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const float s = sigmoid(a[k]);
       da[k] = g[k] * b[k] * s * (1.0f + a[k] * (1.0f - s));  // d silu(a) / da = s (1 + a (1 - s))
       db[k] = g[k] * a[k] * s;
     }
-    store_values<T, kVecPath>(dx + in, da);
-    store_values<T, kVecPath>(dx + in + f, db);
+    store_values<T, kN>(dx + in, da);
+    store_values<T, kN>(dx + in + f, db);
   });
 }
 

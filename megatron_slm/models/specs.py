@@ -10,8 +10,9 @@ Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, Ro
             attention on GPU; in eval mode without SDPA's cuDNN backend, whose per-shape graph
             builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
             (``F.rms_norm``: torch's fused kernel where it has one) that supports sequence
-            parallelism, and the fused SwiGLU (``FusedSwiGLUMLP``). The default on CPU, and on
-            GPU without Transformer Engine.
+            parallelism, the fused SwiGLU (``FusedSwiGLUMLP``) and the fused RoPE
+            (``FusedRoPESelfAttention``). The default on CPU, and on GPU without Transformer
+            Engine.
 
 All three keep megatron-core's parameter names and ``sharded_state_dict_keys_map``, so checkpoints
 move freely between them.
@@ -26,6 +27,7 @@ import torch
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
@@ -39,6 +41,7 @@ from torch.torch_version import TorchVersion
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.document_mask import DocumentMask, document_attention_backend
+from megatron_slm.ops.rope import apply_rope
 from megatron_slm.ops.swiglu import swiglu
 
 SPEC_IMPLS = ("te", "local", "torch")
@@ -198,11 +201,75 @@ class FusedSwiGLUMLP(MLP):
         return self.linear_fc2(swiglu(intermediate))  # ([s, b, h], bias or None)
 
 
+def _rope_mscale(config: TransformerConfig) -> float:
+    """YaRN's attention scale of megatron-core's RoPE (1 without YaRN)."""
+    try:
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+            _yarn_get_concentration_factor_from_config,
+        )
+    except ImportError:  # a megatron-core without YaRN: no scale
+        return 1.0
+    return _yarn_get_concentration_factor_from_config(config)
+
+
+class FusedRoPESelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` with its RoPE as one fused op (``ops.rope``: one pass
+    over the query and the key each way instead of about six tensor ops). Megatron-core applies
+    RoPE inside ``Attention.forward``, between the QKV projection and the core attention, and
+    fuses it only with Transformer Engine; here ``forward`` takes ``rotary_pos_emb`` out of the
+    call and ``get_query_key_value_tensors`` applies it to the query and key it returns (after
+    their norms, where megatron-core applies it too). Calls it does not cover (inference
+    contexts, packed THD sequences, YaRN, interleaved or partial rotation, layers without RoPE)
+    take megatron-core's own path. Same parameters and checkpoints."""
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        c = self.config
+        self.fused_rope = (
+            not c.rotary_interleaved
+            and not getattr(c, "multi_latent_attention", False)
+            and not getattr(c, "no_rope_freq", None)
+            and not getattr(c, "fused_single_qkv_rope", False)
+            and not getattr(c, "apply_rope_fusion", False)
+            and _rope_mscale(c) == 1.0
+        )
+        self._rope_of_this_call = None
+
+    def forward(self, *args, **kwargs):
+        rope = kwargs.get("rotary_pos_emb")
+        covered = (
+            self.fused_rope
+            and rope is not None
+            and len(args) <= 2  # the rest by keyword (megatron-core's TransformerLayer does so)
+            and kwargs.get("key_value_states") is None
+            and kwargs.get("inference_context") is None
+            and kwargs.get("inference_params") is None
+            and kwargs.get("packed_seq_params") is None
+            and kwargs.get("rotary_pos_cos") is None
+            and kwargs.get("rotary_pos_sin") is None
+        )
+        if not covered:
+            return super().forward(*args, **kwargs)
+        self._rope_of_this_call = rope if isinstance(rope, tuple) else (rope, rope)
+        try:
+            return super().forward(*args, **{**kwargs, "rotary_pos_emb": None})
+        finally:
+            self._rope_of_this_call = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        qkv = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope_of_this_call is None:
+            return qkv
+        (q_freqs, k_freqs), (query, key, *rest) = self._rope_of_this_call, qkv
+        return (apply_rope(query, q_freqs), apply_rope(key, k_freqs), *rest)
+
+
 def _torch_layer_spec() -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     sub = spec.submodules
     sub.input_layernorm = TorchRMSNorm
     sub.pre_mlp_layernorm = TorchRMSNorm
+    sub.self_attention.module = FusedRoPESelfAttention
     sub.self_attention.submodules.core_attention = TorchSDPAttention
     sub.mlp.module = FusedSwiGLUMLP
     return spec

@@ -14,7 +14,10 @@
 //     swiglu_fwd: dtype rows f misalign                in: x (rows x 2f)     out: y (rows x f)
 //     swiglu_bwd: dtype rows f misalign                in: dy x              out: dx (rows x 2f)
 //             (csrc/cuda/swiglu.cu, linked into the driver too)
-//     select, add_top and swiglu_* also write issued_<order>.txt: "kernel launches memsets"
+//     rope: dtype rows rows_per_position d row_stride backward misalign
+//           in: x (row r at element r * row_stride, d values) cos sin (fp32, rows /
+//           rows_per_position x d)   out: rows x d   (csrc/cuda/rope.cu, linked in too)
+//     select, add_top, swiglu_* and rope also write issued_<order>.txt: "kernel launches memsets"
 //             of the call
 //     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
 //             out_<order>.bin) each; adversarial needs the build with memory hooks
@@ -34,6 +37,7 @@
 #include <vector>
 
 #include "cuda/selective_loss_cuda.h"
+#include "cuda/rope_cuda.h"
 #include "cuda/swiglu_cuda.h"
 #include "selective_loss_kernels.h"
 #include "simt_host.h"
@@ -341,6 +345,33 @@ int main(int argc, char** argv) {
       finish(status_of([&] {
         return fwd ? k::swiglu_forward(x.p, out.p, dtype, rows, f, nullptr)
                    : k::swiglu_backward(dy.p, x.p, out.p, dtype, rows, f, nullptr);
+      }));
+      write_file(dir + "/out_" + o + ".bin", out.p, out.bytes);
+      write_issued(dir, o);
+    }
+  } else if (op == "rope") {
+    const int dtype = static_cast<int>(iarg("dtype"));
+    const int64_t rows = iarg("rows"), per_position = iarg("rows_per_position"), d = iarg("d");
+    const int64_t row_stride = iarg("row_stride");
+    const bool backward = iarg("backward") != 0;
+    const size_t esz = dtype_size(dtype);
+    const size_t misalign = static_cast<size_t>(iarg("misalign", "0"));
+    // exactly the elements the rows span: the last row ends the buffer
+    Buffer x(rows == 0 ? 0 : static_cast<size_t>((rows - 1) * row_stride + d) * esz, misalign);
+    x.fill(read_file(dir + "/x.bin"));
+    const size_t table = static_cast<size_t>(rows == 0 ? 0 : rows / per_position * d) * 4;
+    Buffer cos(table, 0), sin(table, 0);
+    cos.fill(read_file(dir + "/cos.bin"));
+    sin.fill(read_file(dir + "/sin.bin"));
+    for (const std::string& o : orders) {
+      set_order(o);
+      Buffer out(static_cast<size_t>(rows * d) * esz, misalign);
+      simt::config().fail_next_launch = fail_launch;
+      simt::counters() = simt::Counters{};
+      finish(status_of([&] {
+        return k::rope(x.p, row_stride, reinterpret_cast<const float*>(cos.p),
+                       reinterpret_cast<const float*>(sin.p), out.p, dtype, rows, per_position,
+                       d, backward, nullptr);
       }));
       write_file(dir + "/out_" + o + ".bin", out.p, out.bytes);
       write_issued(dir, o);

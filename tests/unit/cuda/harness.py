@@ -24,6 +24,7 @@ CSRC = ROOT / "csrc"
 TESTING = CSRC / "cuda" / "testing"
 KERNELS = CSRC / "cuda" / "selective_loss.cu"
 SWIGLU_KERNELS = CSRC / "cuda" / "swiglu.cu"  # linked into every driver build (its swiglu ops)
+ROPE_KERNELS = CSRC / "cuda" / "rope.cu"  # and this one (its rope op)
 DRIVER = TESTING / "selective_loss_driver.cpp"
 
 # Thread and block orders: forward runs blocks in ascending order, reverse descending, random a
@@ -120,7 +121,7 @@ def build(
     incs = [f"-I{d}" for d in dirs]
     sources = [*([Path(kernels)] if kernels else []), Path(driver), *map(Path, extra_sources)]
     if Path(driver) == DRIVER:
-        sources.append(SWIGLU_KERNELS)
+        sources += [SWIGLU_KERNELS, ROPE_KERNELS]
     objects = []
     for src, src_flags in [(s, flags + (RACE_FLAGS if race else [])) for s in sources] + (
         [(MEMORY_HOOKS, flags)] if race else []
@@ -338,3 +339,39 @@ def swiglu(exe, x, dy=None, misalign=0, orders=ORDERS, issued=None, **extra):
         if x.numel() == 0:  # nothing to read back (and no bytes to view as the dtype)
             return {o: torch.empty(shape, dtype=x.dtype) for o in orders}
         return {o: _read(tmp / f"out_{o}.bin", x.dtype, shape) for o in orders}
+
+
+def rope(exe, x, cos, sin, backward=False, misalign=0, orders=ORDERS, issued=None, **extra):
+    """{order: out [s, b, heads, d]} of the CUDA RoPE launcher on ``x [s, b, heads, d]`` (rows of
+    one stride: contiguous, or a strided view such as the key of the QKV projection) with fp32
+    ``cos``/``sin [s, d]``; ``backward``: the transposed rotation."""
+    s, b, n, d = x.shape
+    rows_view = x.reshape(-1, d)  # the kernel's [rows, d] (a view where the rows have one stride)
+    rows, row_stride = rows_view.shape[0], rows_view.stride(0) if rows_view.numel() else d
+    assert rows_view.stride(1) == 1 or rows_view.numel() == 0
+    with tempfile.TemporaryDirectory() as dtmp:
+        tmp = Path(dtmp)
+        if rows:  # the elements the rows span, from the first row's start to the last's end
+            span = rows_view.as_strided(((rows - 1) * row_stride + d,), (1,))
+            _write(tmp / "x.bin", span)
+        else:
+            _write(tmp / "x.bin", x.new_empty(0))
+        _write(tmp / "cos.bin", cos.float())
+        _write(tmp / "sin.bin", sin.float())
+        args = dict(
+            op="rope",
+            dtype=DTYPE_CODE[x.dtype],
+            rows=rows,
+            rows_per_position=max(b * n, 1),
+            d=d,
+            row_stride=row_stride,
+            backward=backward,
+            misalign=misalign,
+            **extra,
+        )
+        _run(exe, tmp, args, orders)
+        if issued is not None:
+            issued.update(_issued(tmp, orders))
+        if x.numel() == 0:
+            return {o: torch.empty(x.shape, dtype=x.dtype) for o in orders}
+        return {o: _read(tmp / f"out_{o}.bin", x.dtype, x.shape) for o in orders}

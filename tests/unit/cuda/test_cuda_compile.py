@@ -28,6 +28,7 @@ LAUNCH_THREADS = {
     "add_top_kernel": 512,
     "swiglu_forward_kernel": 256,  # kSwigluThreads in swiglu.cu
     "swiglu_backward_kernel": 256,
+    "rope_kernel": 256,  # kRopeThreads in rope.cu
 }
 
 
@@ -35,7 +36,7 @@ def test_every_kernel_declares_its_launch_bounds(tmp_path):
     """Bug 9: without __launch_bounds__ ptxas may use more registers than a 1024-thread block
     can have, and the launch (not the build) fails. With them, PTX carries .maxntid."""
     text = ""
-    for source in (H.KERNELS, H.SWIGLU_KERNELS):
+    for source in (H.KERNELS, H.SWIGLU_KERNELS, H.ROPE_KERNELS):
         ptx = tmp_path / f"{source.stem}.ptx"
         subprocess.run(
             [

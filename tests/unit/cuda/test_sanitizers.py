@@ -111,6 +111,32 @@ def test_swiglu_clean_under_asan_ubsan(exes, dtype):
                 assert torch.equal(_bits(a[o])[~nan], _bits(b[o])[~nan])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_clean_under_asan_ubsan(exes, dtype):
+    """Both paths (vectors; a misaligned buffer or a small head: one pair per thread) and strided
+    rows, each buffer exactly as long as the rows it spans, with NaN and infinities."""
+    plain, asan = exes
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for s, heads, d, misalign, strided in (
+        (4, 3, 64, 0, False),
+        (3, 2, 32, esize, False),
+        (3, 2, 6, 0, False),
+        (4, 2, 64, 0, True),
+    ):
+        x = torch.randn(s, 2, heads, 3 * d if strided else d, generator=torch.Generator()) * 50
+        x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        x = x.to(dtype)[..., d : 2 * d] if strided else x.to(dtype)
+        angles = torch.rand(s, d) * 1000
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        for backward in (False, True):
+            a = H.rope(asan, x, cos, sin, backward, misalign=misalign, orders=ORDERS)
+            b = H.rope(plain, x, cos, sin, backward, misalign=misalign, orders=ORDERS)
+            for o in ORDERS:  # the same bits, but a NaN's sign may differ between -O1 and -O2
+                nan = a[o].isnan()
+                assert torch.equal(nan, b[o].isnan())
+                assert torch.equal(_bits(a[o])[~nan], _bits(b[o])[~nan])
+
+
 def test_select_clean_under_asan_ubsan(exes):
     plain, asan = exes
     for n in (1, 1000, 3000, 20000):  # 20000: three blocks per group

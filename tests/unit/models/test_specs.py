@@ -9,6 +9,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_slm.models.specs import (
+    FusedRoPESelfAttention,
     FusedSwiGLUMLP,
     TorchRMSNorm,
     TorchSDPAttention,
@@ -128,6 +129,7 @@ def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     )
     block = gpt_block_spec(impl, config=None)
     for layer in block.layer_specs:
+        assert layer.submodules.self_attention.module is FusedRoPESelfAttention
         assert layer.submodules.self_attention.submodules.core_attention is TorchSDPAttention
         assert layer.submodules.input_layernorm is TorchRMSNorm
     assert block.layer_norm is TorchRMSNorm
@@ -156,11 +158,25 @@ def _torch_vs_local_spec(rank, world):
     import functools
 
     import megatron_slm.models.specs as specs
+    import megatron_slm.ops.rope as rp
 
     # the fused SwiGLU's kernels, as on a GPU (on the CPU impl="auto" is the reference)
     specs.swiglu = functools.partial(specs.swiglu, impl="fused")
+    rope_calls = []  # the fused RoPE is the default on the CPU too: count its kernel's calls
+
+    fused_rope = rp._FusedRoPE
+
+    class CountedRoPE(fused_rope):
+        @staticmethod
+        def forward(ctx, t, cos, sin):
+            rope_calls.append(tuple(t.shape))
+            return fused_rope.forward(ctx, t, cos, sin)
+
+    rp._FusedRoPE = CountedRoPE
     ours, local = tiny_torch_and_local_models()
     for layer in ours.decoder.layers:
+        assert isinstance(layer.self_attention, FusedRoPESelfAttention)
+        assert layer.self_attention.fused_rope
         assert isinstance(layer.self_attention.core_attention, TorchSDPAttention)
         assert isinstance(layer.mlp, FusedSwiGLUMLP) and layer.mlp.fused
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -171,12 +187,15 @@ def _torch_vs_local_spec(rank, world):
         losses.sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         out.append((losses.detach(), grads))
+        if model is ours:  # the query and the key of every layer, through the fused kernel
+            assert len(rope_calls) == 2 * len(ours.decoder.layers), rope_calls
     return out
 
 
 def test_torch_spec_matches_megatron_local_spec():
-    """The torch spec (SDPA, torch's RMSNorm, the fused SwiGLU) against megatron-core's local
-    spec (its unfused SwiGLU among them) on the same weights: losses and gradients."""
+    """The torch spec (SDPA, torch's RMSNorm, the fused SwiGLU and RoPE) against megatron-core's
+    local spec (its unfused SwiGLU and RoPE among them) on the same weights: losses and
+    gradients."""
     (((ours, ours_grads), (local, local_grads)),) = run_distributed(_torch_vs_local_spec, 1)
     torch.testing.assert_close(ours, local, rtol=1e-5, atol=1e-5)
     assert ours_grads.keys() == local_grads.keys() and any("linear_fc1" in n for n in ours_grads)
