@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
-from megatron_slm.models.specs import gpt_block_spec
+from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dropped
 from megatron_slm.platform import cpu_backend_enabled
 
 
@@ -112,19 +112,20 @@ def build_gpt_chunk(
     vocab = padded_vocab_size(
         model.vocab_size, opts.make_vocab_size_divisible_by, config.tensor_model_parallel_size
     )
-    chunk = GPTModel(
-        config=config,
-        transformer_layer_spec=gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage),
-        vocab_size=vocab,
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=int(model.rotary_base),
-        vp_stage=vp_stage,
-    )
+    with subclassed_mlp_warning_dropped():  # the torch spec's FusedSwiGLUMLP
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage),
+            vocab_size=vocab,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp_stage,
+        )
     if post_process:
         install_language_model_loss(chunk)
     return chunk

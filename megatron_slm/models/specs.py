@@ -21,6 +21,7 @@ move freely between them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -262,6 +263,29 @@ class FusedRoPESelfAttention(SelfAttention):
             return qkv
         (q_freqs, k_freqs), (query, key, *rest) = self._rope_of_this_call, qkv
         return (apply_rope(query, q_freqs), apply_rope(key, k_freqs), *rest)
+
+
+class _SubclassedMLPWarning(logging.Filter):
+    """megatron-core's ``TransformerLayer`` passes the TP group only to an MLP spec whose module is
+    exactly ``MLP`` and warns "Unknown MLP type" for any other, subclasses included, once per
+    layer of every model built. ``FusedSwiGLUMLP`` then takes the default TP group, the one it
+    would be passed (every model here is built on ``parallel_state``'s groups): the warning says
+    nothing, so it is dropped while our models are built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def subclassed_mlp_warning_dropped():
+    """Inside, megatron-core's "Unknown MLP type" warning is dropped (``_SubclassedMLPWarning``)."""
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    quiet = _SubclassedMLPWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _torch_layer_spec() -> ModuleSpec:

@@ -63,7 +63,10 @@ def fused_rope_applies(t: torch.Tensor, freqs: torch.Tensor) -> bool:
 
 class _Tables:
     """fp32 ``cos``/``sin`` ``[s, d]`` of the last few ``freqs`` tensors, by identity (a kept
-    reference, so no other tensor can take its place) and version (an in-place change misses)."""
+    reference, so no other tensor can take its place) and version (an in-place change misses;
+    inference tensors have no version: by identity alone, as megatron-core's own cache of
+    ``rotary_pos_emb`` per length). The tables are ordinary tensors even when made in inference
+    mode (the scorer's), so that a training step may save them for its backward."""
 
     def __init__(self, size: int = 8):
         self._size = size
@@ -72,15 +75,17 @@ class _Tables:
 
     def __call__(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = id(freqs)
+        version = None if freqs.is_inference() else freqs._version
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[0] is freqs and hit[1] == freqs._version:
+            if hit is not None and hit[0] is freqs and hit[1] == version:
                 self._cache.move_to_end(key)
                 return hit[2]
-        f = freqs.detach().float().reshape(freqs.shape[0], freqs.shape[-1])
-        tables = (torch.cos(f).contiguous(), torch.sin(f).contiguous())
+        with torch.inference_mode(False):
+            f = freqs.detach().float().reshape(freqs.shape[0], freqs.shape[-1])
+            tables = (torch.cos(f).contiguous(), torch.sin(f).contiguous())
         with self._lock:
-            self._cache[key] = (freqs, freqs._version, tables)
+            self._cache[key] = (freqs, version, tables)
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return tables

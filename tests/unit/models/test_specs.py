@@ -173,7 +173,18 @@ def _torch_vs_local_spec(rank, world):
             return fused_rope.forward(ctx, t, cos, sin)
 
     rp._FusedRoPE = CountedRoPE
+    import logging
+
+    from megatron.core import parallel_state
+
+    warnings = []  # what megatron-core's TransformerLayer logs while the models are built
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron.core.transformer.transformer_layer").addHandler(handler)
     ours, local = tiny_torch_and_local_models()
+    assert not [w for w in warnings if "Unknown MLP type" in w], warnings
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    assert all(layer.mlp.tp_group is tp_group for layer in ours.decoder.layers)
     for layer in ours.decoder.layers:
         assert isinstance(layer.self_attention, FusedRoPESelfAttention)
         assert layer.self_attention.fused_rope

@@ -108,6 +108,20 @@ def test_tables_are_computed_once_per_freqs_tensor():
     torch.testing.assert_close(sin, torch.sin(freqs.reshape(7, 8)))
 
 
+def test_inference_mode_freqs_and_tables_serve_a_later_training_step():
+    """The scorer runs in inference mode: its ``rotary_pos_emb`` (megatron-core caches it per
+    length) has no version counter, and tables made then must still be savable for a backward."""
+    with torch.inference_mode():
+        freqs = rope_freqs(6, 8)
+        t = torch.randn(6, 1, 2, 8)
+        assert torch.equal(fused(t, freqs), fused(t.clone(), freqs))
+    assert rp._tables(freqs)[0] is rp._tables(freqs)[0] and not rp._tables(freqs)[0].is_inference()
+    t, dy = inputs((6, 1, 2, 8), torch.float32)
+    got = value_and_grad(fused, t, dy, freqs)  # the inference-mode tensor's tables, saved
+    want = value_and_grad(rp.rope_reference, t.double(), dy.double(), freqs.double())
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_auto_is_the_kernel_where_it_applies_and_the_reference_elsewhere(monkeypatch):
     t, dy = inputs((6, 2, 2, 8), torch.float32)
     freqs = rope_freqs(6, 8)
