@@ -232,6 +232,8 @@ class FusedRoPESelfAttention(SelfAttention):
             and not getattr(c, "no_rope_freq", None)
             and not getattr(c, "fused_single_qkv_rope", False)
             and not getattr(c, "apply_rope_fusion", False)
+            # offloading would offload the tables every layer saves (one shared pair)
+            and not getattr(c, "fine_grained_activation_offloading", False)
             and _rope_mscale(c) == 1.0
         )
         self._rope_of_this_call = None
@@ -262,7 +264,10 @@ class FusedRoPESelfAttention(SelfAttention):
         if self._rope_of_this_call is None:
             return qkv
         (q_freqs, k_freqs), (query, key, *rest) = self._rope_of_this_call, qkv
-        return (apply_rope(query, q_freqs), apply_rope(key, k_freqs), *rest)
+        # a None half is not rotated (megatron-core's rule)
+        query = query if q_freqs is None else apply_rope(query, q_freqs)
+        key = key if k_freqs is None else apply_rope(key, k_freqs)
+        return (query, key, *rest)
 
 
 class _SubclassedMLPWarning(logging.Filter):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 
 import torch
 
@@ -50,42 +51,53 @@ def has_rope_kernels(device: torch.device) -> bool:
 
 def fused_rope_applies(t: torch.Tensor, freqs: torch.Tensor) -> bool:
     """Whether the kernel computes this call: ``t [s, b, heads, d]`` with ``freqs [s, 1, 1, d]``
-    on its device (the whole head dimension rotated, one angle per position)."""
+    on its device (the whole head dimension rotated, one angle per position; angles that need no
+    gradient)."""
     return (
         t.dim() == 4
         and freqs.dim() == 4
         and freqs.shape == (t.shape[0], 1, 1, t.shape[3])
+        and t.shape[3] > 0
         and t.shape[3] % 2 == 0
         and freqs.device == t.device
         and freqs.is_floating_point()
+        and not freqs.requires_grad
     )
 
 
 class _Tables:
-    """fp32 ``cos``/``sin`` ``[s, d]`` of the last few ``freqs`` tensors, by identity (a kept
-    reference, so no other tensor can take its place) and version (an in-place change misses;
-    inference tensors have no version: by identity alone, as megatron-core's own cache of
-    ``rotary_pos_emb`` per length). The tables are ordinary tensors even when made in inference
-    mode (the scorer's), so that a training step may save them for its backward."""
+    """fp32 ``cos``/``sin`` ``[s, d]`` of the last few ``freqs`` tensors, keyed by the memory they
+    view (a detached copy of ``rotary_pos_emb``, which activation recompute hands each layer,
+    finds the same tables) and their version counter, which views share (an in-place change
+    misses; inference tensors have none: by memory alone, as megatron-core's own cache of
+    ``rotary_pos_emb`` per length). A weak reference to the first tensor keeps an entry valid:
+    once it is gone, its memory may hold other angles. The tables are ordinary tensors even when
+    made in inference mode (the scorer's), so that a training step may save them for its
+    backward."""
 
     def __init__(self, size: int = 8):
         self._size = size
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _key(freqs: torch.Tensor) -> tuple:
+        memory = (freqs.untyped_storage().data_ptr(), freqs.storage_offset())
+        return (freqs.device, freqs.dtype, *memory, tuple(freqs.shape), tuple(freqs.stride()))
+
     def __call__(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(freqs)
+        key = self._key(freqs)
         version = None if freqs.is_inference() else freqs._version
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None and hit[0] is freqs and hit[1] == version:
+            if hit is not None and hit[0]() is not None and hit[1] == version:
                 self._cache.move_to_end(key)
                 return hit[2]
         with torch.inference_mode(False):
             f = freqs.detach().float().reshape(freqs.shape[0], freqs.shape[-1])
             tables = (torch.cos(f).contiguous(), torch.sin(f).contiguous())
         with self._lock:
-            self._cache[key] = (freqs, version, tables)
+            self._cache[key] = (weakref.ref(freqs), version, tables)
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
         return tables

@@ -17,7 +17,8 @@
 //     rope: dtype rows rows_per_position d row_stride backward misalign
 //           in: x (row r at element r * row_stride, d values) cos sin (fp32, rows /
 //           rows_per_position x d)   out: rows x d   (csrc/cuda/rope.cu, linked in too)
-//     select, add_top, swiglu_* and rope also write issued_<order>.txt: "kernel launches memsets"
+//     select, add_top, swiglu_* and rope also write issued_<order>.txt: "kernel launches memsets
+//             blocks" (blocks of all its launches)
 //             of the call
 //     orders=forward,reverse,random:SEED,adversarial:SEED   one run (and one output file
 //             out_<order>.bin) each; adversarial needs the build with memory hooks
@@ -132,10 +133,12 @@ int finish(int launcher_status) {
   return 0;
 }
 
-// What the last call issued (simt::counters): "kernel launches memsets" in issued_<order>.txt.
+// What the last call issued (simt::counters): "kernel launches memsets blocks" in
+// issued_<order>.txt.
 void write_issued(const std::string& dir, const std::string& order) {
   const std::string issued = std::to_string(simt::counters().launches) + " " +
-                             std::to_string(simt::counters().memsets);
+                             std::to_string(simt::counters().memsets) + " " +
+                             std::to_string(simt::counters().blocks);
   write_file(dir + "/issued_" + order + ".txt", issued.data(), issued.size());
 }
 

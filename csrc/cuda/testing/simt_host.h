@@ -157,6 +157,7 @@ inline Config& config() {
 struct Counters {
   unsigned long long launches = 0;
   unsigned long long memsets = 0;
+  unsigned long long blocks = 0;  // of all launches: which path a launcher took shows in it
 };
 
 inline Counters& counters() {
@@ -714,6 +715,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   }
   r.in_kernel = true;
   ++counters().launches;
+  counters().blocks += static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
   r.body = &body;
   r.grid_dim = grid;
   r.block_dim = block;

@@ -190,9 +190,13 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return t.view(dtype).reshape(shape)
 
 
-def _issued(tmp: Path, orders) -> dict:
-    """{order: (kernel launches, memsets)} that the driver counted for the call."""
-    return {o: tuple(int(x) for x in (tmp / f"issued_{o}.txt").read_text().split()) for o in orders}
+def _issued(tmp: Path, orders, with_blocks: bool = False) -> dict:
+    """{order: (kernel launches, memsets)} that the driver counted for the call (``with_blocks``:
+    and the blocks of all its launches, which show the path a launcher took)."""
+    n = 3 if with_blocks else 2
+    return {
+        o: tuple(int(x) for x in (tmp / f"issued_{o}.txt").read_text().split()[:n]) for o in orders
+    }
 
 
 def fwd_stats(exe, logits, target, vocab_start=0, misalign=0, orders=ORDERS, op="fwd", **extra):
@@ -344,7 +348,8 @@ def swiglu(exe, x, dy=None, misalign=0, orders=ORDERS, issued=None, **extra):
 def rope(exe, x, cos, sin, backward=False, misalign=0, orders=ORDERS, issued=None, **extra):
     """{order: out [s, b, heads, d]} of the CUDA RoPE launcher on ``x [s, b, heads, d]`` (rows of
     one stride: contiguous, or a strided view such as the key of the QKV projection) with fp32
-    ``cos``/``sin [s, d]``; ``backward``: the transposed rotation."""
+    ``cos``/``sin [s, d]``; ``backward``: the transposed rotation. ``issued``: filled with
+    {order: (launches, memsets, blocks)}."""
     s, b, n, d = x.shape
     rows_view = x.reshape(-1, d)  # the kernel's [rows, d] (a view where the rows have one stride)
     rows, row_stride = rows_view.shape[0], rows_view.stride(0) if rows_view.numel() else d
@@ -371,7 +376,7 @@ def rope(exe, x, cos, sin, backward=False, misalign=0, orders=ORDERS, issued=Non
         )
         _run(exe, tmp, args, orders)
         if issued is not None:
-            issued.update(_issued(tmp, orders))
+            issued.update(_issued(tmp, orders, with_blocks=True))
         if x.numel() == 0:
             return {o: torch.empty(x.shape, dtype=x.dtype) for o in orders}
         return {o: _read(tmp / f"out_{o}.bin", x.dtype, x.shape) for o in orders}

@@ -212,3 +212,75 @@ def test_torch_spec_matches_megatron_local_spec():
     assert ours_grads.keys() == local_grads.keys() and any("linear_fc1" in n for n in ours_grads)
     for name, grad in ours_grads.items():
         torch.testing.assert_close(grad, local_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _fused_rope_attention_against_megatron(rank, world):
+    """In a spawned rank: FusedRoPESelfAttention and megatron-core's SelfAttention with the same
+    weights (GQA, q/k norms): training calls through the kernel, a KV-cache prefill and decode
+    step and a rotary pair with no key half through megatron-core's own path."""
+    from megatron.core import parallel_state
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import megatron_slm.ops.rope as rp
+    from megatron_slm.platform import enable_cpu_backend
+
+    enable_cpu_backend()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(3)
+    calls = []
+    fused_rope = rp._FusedRoPE
+
+    class CountedRoPE(fused_rope):
+        @staticmethod
+        def forward(ctx, t, cos, sin):
+            calls.append(tuple(t.shape))
+            return fused_rope.forward(ctx, t, cos, sin)
+
+    rp._FusedRoPE = CountedRoPE
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        use_cpu_initialization=True, add_bias_linear=False, qk_layernorm=True,
+        normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, masked_softmax_fusion=False,
+    )  # fmt: skip
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
+    spec = spec.submodules.self_attention
+    mask_type = spec.params["attn_mask_type"]
+    ref = SelfAttention(cfg, spec.submodules, layer_number=1, attn_mask_type=mask_type)
+    ours = FusedRoPESelfAttention(cfg, spec.submodules, layer_number=1, attn_mask_type=mask_type)
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # norms that are not the identity
+        for m in (ref, ours):
+            for n, p in m.named_parameters():
+                if "layernorm" in n:
+                    p.copy_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
+    freqs = RotaryEmbedding(16, 1.0)(10)
+    x = torch.randn(10, 2, 64, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, m in (("ref", ref), ("ours", ours)):
+        xx = x.clone().requires_grad_()
+        y, _ = m(xx, attention_mask=None, rotary_pos_emb=freqs)
+        y.sum().backward()
+        half, _ = m(x, attention_mask=None, rotary_pos_emb=(freqs, None))
+        out[name] = [y.detach(), xx.grad, half.detach()]
+        n_trained = len(calls)
+        m.eval()
+        ctx = StaticInferenceContext(2, 10)
+        with torch.no_grad():
+            out[name].append(m(x[:6], None, inference_context=ctx, rotary_pos_emb=freqs)[0])
+            ctx.increment_sequence_len_offset(6)
+            out[name].append(m(x[6:7], None, inference_context=ctx, rotary_pos_emb=freqs)[0])
+        assert len(calls) == n_trained  # the KV-cache path: megatron-core's RoPE
+    assert calls == [(10, 2, 4, 16), (10, 2, 2, 16), (10, 2, 4, 16)], calls
+    return out
+
+
+def test_fused_rope_attention_matches_megatron_and_falls_back():
+    (out,) = run_distributed(_fused_rope_attention_against_megatron, 1)
+    for i, (ours, ref) in enumerate(zip(out["ours"], out["ref"])):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=str(i))

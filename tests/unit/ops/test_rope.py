@@ -95,13 +95,25 @@ def test_strided_key_of_the_qkv_projection_is_read_in_place():
     # rows of no single stride (a transposed view): copied first, same values
     odd = torch.randn(b, s, groups, d).transpose(0, 1)
     torch.testing.assert_close(fused(odd, freqs), rp.rope_reference(odd, freqs))
+    assert "aten::copy_" not in aten_calls(lambda: fused(key, freqs))  # the key: in place
+    assert "aten::copy_" in aten_calls(lambda: fused(odd, freqs))  # the check can see a copy
 
 
-def test_tables_are_computed_once_per_freqs_tensor():
+def aten_calls(fn) -> set[str]:
+    """Names of the operators ``fn`` dispatches (the C++ glue's reshape, copy, empty)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_tables_are_computed_once_per_freqs_memory():
     freqs = rope_freqs(7, 8)
     first = rp._tables(freqs)
     assert rp._tables(freqs)[0] is first[0]  # the layers of a model share one pair
-    freqs.mul_(2)  # an in-place change is a miss
+    # activation recompute hands each layer a detached tensor of the same memory: a hit
+    assert rp._tables(freqs.detach())[0] is first[0]
+    assert rp._tables(freqs.clone())[0] is not first[0]  # other memory: a miss
+    freqs.detach().mul_(2)  # an in-place change (through a view: one version counter) misses
     cos, sin = rp._tables(freqs)
     assert cos is not first[0]
     torch.testing.assert_close(cos, torch.cos(freqs.reshape(7, 8)))
@@ -136,6 +148,9 @@ def test_auto_is_the_kernel_where_it_applies_and_the_reference_elsewhere(monkeyp
     with pytest.raises(ValueError, match="fused kernel takes"):
         fused(t, partial)
     assert torch.equal(rp.apply_rope(t.double(), freqs), rp.rope_reference(t.double(), freqs))
+    learned = freqs.clone().requires_grad_()  # angles with a gradient: the reference carries it
+    assert not rp.fused_rope_applies(t, learned) and rp.apply_rope(t, learned).requires_grad
+    assert not rp.fused_rope_applies(torch.empty(6, 2, 2, 0), torch.empty(6, 1, 1, 0))
     with pytest.raises(ValueError, match="impl must be"):
         rp.apply_rope(t, freqs, impl="triton")
     monkeypatch.setattr(rp, "has_rope_kernels", lambda device: False)  # no _C, or no CUDA
