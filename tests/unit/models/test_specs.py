@@ -154,25 +154,31 @@ def tiny_torch_and_local_models():
     return ours, local
 
 
-def _torch_vs_local_spec(rank, world):
-    import functools
-
-    import megatron_slm.models.specs as specs
+def count_fused_rope_calls() -> list:
+    """In a spawned rank: from now on, the input shape of every fused RoPE kernel call is
+    appended to the returned list."""
     import megatron_slm.ops.rope as rp
 
-    # the fused SwiGLU's kernels, as on a GPU (on the CPU impl="auto" is the reference)
-    specs.swiglu = functools.partial(specs.swiglu, impl="fused")
-    rope_calls = []  # the fused RoPE is the default on the CPU too: count its kernel's calls
-
-    fused_rope = rp._FusedRoPE
+    calls, fused_rope = [], rp._FusedRoPE
 
     class CountedRoPE(fused_rope):
         @staticmethod
         def forward(ctx, t, cos, sin):
-            rope_calls.append(tuple(t.shape))
+            calls.append(tuple(t.shape))
             return fused_rope.forward(ctx, t, cos, sin)
 
     rp._FusedRoPE = CountedRoPE
+    return calls
+
+
+def _torch_vs_local_spec(rank, world):
+    import functools
+
+    import megatron_slm.models.specs as specs
+
+    # the fused SwiGLU's kernels, as on a GPU (on the CPU impl="auto" is the reference)
+    specs.swiglu = functools.partial(specs.swiglu, impl="fused")
+    rope_calls = count_fused_rope_calls()  # the fused RoPE is the default on the CPU too
     import logging
 
     from megatron.core import parallel_state
@@ -226,22 +232,12 @@ def _fused_rope_attention_against_megatron(rank, world):
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    import megatron_slm.ops.rope as rp
     from megatron_slm.platform import enable_cpu_backend
 
     enable_cpu_backend()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(3)
-    calls = []
-    fused_rope = rp._FusedRoPE
-
-    class CountedRoPE(fused_rope):
-        @staticmethod
-        def forward(ctx, t, cos, sin):
-            calls.append(tuple(t.shape))
-            return fused_rope.forward(ctx, t, cos, sin)
-
-    rp._FusedRoPE = CountedRoPE
+    calls = count_fused_rope_calls()
     cfg = TransformerConfig(
         num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         use_cpu_initialization=True, add_bias_linear=False, qk_layernorm=True,
