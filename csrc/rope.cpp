@@ -12,13 +12,7 @@
 // declarations only (no CUDA headers): the launch below names it in both builds
 #include "cuda/rope_cuda.h"
 
-#ifdef MEGATRON_SLM_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "cuda/selective_loss_cuda.h"
-#include "cuda_dtype.h"
-#endif
+#include "cuda_glue.h"
 
 namespace {
 
@@ -71,19 +65,12 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   const int64_t rows_per_position = s == 0 ? 1 : rows / s;
   auto out = torch::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.is_cuda()) {
-#ifdef MEGATRON_SLM_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const int dtype = megatron_slm::cuda_dtype_code(x.scalar_type(), "rope");
-    const int err = megatron_slm::cuda::rope(
-        rows_view.data_ptr(), row_stride, cos.data_ptr<float>(), sin.data_ptr<float>(),
-        out.data_ptr(), dtype, rows, rows_per_position, d, backward,
-        c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "rope: CUDA launch failed: ",
-                megatron_slm::cuda::selective_loss_error_string(err));
+    megatron_slm::launch_on_cuda(x, "rope", [&](int dtype, auto stream) {
+      return megatron_slm::cuda::rope(rows_view.data_ptr(), row_stride, cos.data_ptr<float>(),
+                                      sin.data_ptr<float>(), out.data_ptr(), dtype, rows,
+                                      rows_per_position, d, backward, stream);
+    });
     return out;
-#else
-    TORCH_CHECK(false, "rope: megatron_slm._C was built without CUDA kernels");
-#endif
   }
   TORCH_CHECK(x.device().is_cpu(), "rope: x must be on the CPU or a CUDA device");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope", [&] {

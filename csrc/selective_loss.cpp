@@ -42,7 +42,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/selective_loss_cuda.h"
-#include "cuda_dtype.h"
+#include "cuda_glue.h"
 #endif
 
 namespace sl = megatron_slm::selective_loss;

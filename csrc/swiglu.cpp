@@ -14,13 +14,7 @@
 // declarations only (no CUDA headers): the launches below name them in both builds
 #include "cuda/swiglu_cuda.h"
 
-#ifdef MEGATRON_SLM_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "cuda/selective_loss_cuda.h"
-#include "cuda_dtype.h"
-#endif
+#include "cuda_glue.h"
 
 namespace {
 
@@ -69,22 +63,6 @@ void backward_cpu(const T* dy, const T* x, T* dx, int64_t rows, int64_t f) {
   });
 }
 
-#ifdef MEGATRON_SLM_WITH_CUDA
-// launch(dtype code, stream) on x's device and current stream; a launch error raises.
-template <typename Launch>
-void launch_on_cuda(const torch::Tensor& x, Launch launch) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int err = launch(megatron_slm::cuda_dtype_code(x.scalar_type(), "swiglu"),
-                         c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "swiglu: CUDA launch failed: ",
-              megatron_slm::cuda::selective_loss_error_string(err));
-}
-#else
-template <typename Launch>
-void launch_on_cuda(const torch::Tensor&, Launch) {
-  TORCH_CHECK(false, "swiglu: megatron_slm._C was built without CUDA kernels");
-}
-#endif
 
 }  // namespace
 
@@ -95,7 +73,7 @@ torch::Tensor swiglu_forward(const torch::Tensor& x) {
   auto y = torch::empty(sizes, x.options());
   const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
   if (x.is_cuda()) {
-    launch_on_cuda(x, [&](int dtype, auto stream) {
+    megatron_slm::launch_on_cuda(x, "swiglu", [&](int dtype, auto stream) {
       return megatron_slm::cuda::swiglu_forward(x.data_ptr(), y.data_ptr(), dtype, rows, f, stream);
     });
     return y;
@@ -115,7 +93,7 @@ torch::Tensor swiglu_backward(const torch::Tensor& dy, const torch::Tensor& x) {
   auto dx = torch::empty_like(x);
   const int64_t rows = f == 0 ? 0 : x.numel() / (2 * f);
   if (x.is_cuda()) {
-    launch_on_cuda(x, [&](int dtype, auto stream) {
+    megatron_slm::launch_on_cuda(x, "swiglu", [&](int dtype, auto stream) {
       return megatron_slm::cuda::swiglu_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), dtype,
                                                  rows, f, stream);
     });
