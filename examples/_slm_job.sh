@@ -19,6 +19,13 @@ PARALLEL_ARGS=(
 )
 [[ "${SEQUENCE_PARALLEL:-1}" == 1 && "${TP}" -gt 1 ]] && PARALLEL_ARGS+=(--sequence-parallel)
 [[ "${DISTRIBUTED_OPTIMIZER:-1}" == 1 ]] && PARALLEL_ARGS+=(--use-distributed-optimizer)
+# Data-parallel gradient reduction (and, with the distributed optimizer, the parameter
+# all-gather) overlapped with the backward (forward), bucket by bucket: Megatron-LM's setting at
+# scale. The distributed optimizer's checkpoints resume with the same setting (its buckets).
+if [[ "${OVERLAP_COMM:-1}" == 1 ]]; then
+    PARALLEL_ARGS+=(--overlap-grad-reduce)
+    [[ "${DISTRIBUTED_OPTIMIZER:-1}" == 1 ]] && PARALLEL_ARGS+=(--overlap-param-gather)
+fi
 TRAINING_ARGS=(
     --seq-length "${SEQ_LENGTH}"
     --micro-batch-size "${MICRO_BATCH_SIZE:-1}"

@@ -7,7 +7,8 @@ megatron-core is written for CUDA. Its modules reach the GPU in four ways:
 2. ``device="cuda"`` literals and ``.cuda()`` calls (pipeline schedules' token counters, the
    optimizer's found-inf / grad-norm tensors, grad clipping, utilities);
 3. ``torch.cuda.synchronize()`` and the CUDA RNG state API (``tensor_parallel.random``'s tracker);
-4. a type assertion ``param.grad.type() == 'torch.cuda.FloatTensor'`` in grad clipping.
+4. type checks such as ``param.type() == 'torch.cuda.FloatTensor'`` (grad clipping, the
+   distributed optimizer's parameter groups).
 
 :func:`enable_cpu_backend` makes all four work on CPU, so the *real* ``GPTModel``, tensor-parallel
 layers, pipeline schedules (1F1B, interleaved), ``DistributedDataParallel`` and the optimizer run
@@ -15,7 +16,8 @@ with the gloo backend, unmodified:
 
 * a :class:`torch.overrides.TorchFunctionMode` rewrites every ``device=`` that names CUDA (a string,
   a ``torch.device`` or a bare device index) to ``cpu``, turns ``Tensor.cuda()`` / ``.to("cuda")``
-  into no-ops and drops ``pin_memory``;
+  into no-ops and drops ``pin_memory``, and ``Tensor.type()`` (no argument: the type's name) says
+  ``torch.cuda.FloatTensor`` for a CPU float tensor: the CPU plays the CUDA device throughout;
 * ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode), ``synchronize`` is
   a no-op, and the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
   megatron's RNG tracker forks the right state);
@@ -25,8 +27,9 @@ Limits (by design; none of this is active when CUDA is available):
 
 * fp32 only (megatron-core's mixed-precision optimizer is CUDA-only, so the trainer refuses
   --bf16/--fp16 on CPU); no Transformer Engine, no
-  fused kernels, no CUDA graphs, no ``overlap_grad_reduce`` / ``overlap_param_gather`` (these need
-  CUDA streams), no activation offloading, no MoE token dispatchers that use NCCL-only collectives.
+  fused kernels, no CUDA graphs, no activation offloading, no MoE token dispatchers that use
+  NCCL-only collectives. The distributed optimizer and overlapped data-parallel communication
+  (``overlap_grad_reduce`` / ``overlap_param_gather``: gloo's asynchronous collectives) do run.
 * The TorchFunctionMode is thread-local: it is pushed in the calling thread and stays active for the
   life of the process. Worker threads that build CUDA tensors (none in our code paths) would not
   see it.
@@ -100,6 +103,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = (args[0], _CPU, *args[2:])
         if func is torch.Tensor.pin_memory:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name[len("torch.") :]
         return func(*args, **kwargs)
 
 

@@ -39,6 +39,22 @@ class ParallelConfig:
     )
     sequence_parallel: bool = arg(False, "Shard norm/dropout activations along the sequence.")
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state across data parallel.")
+    overlap_grad_reduce: bool = arg(
+        False,
+        "Reduce the data-parallel gradients in buckets during the backward of each step's last "
+        "micro-batch, as each bucket's gradients are ready (asynchronous collectives), instead "
+        "of all at once after it.",
+    )
+    overlap_param_gather: bool = arg(
+        False,
+        "With --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated "
+        "parameters bucket by bucket during the next forward, instead of in the optimizer step.",
+    )
+    ddp_bucket_size: int | None = arg(
+        None,
+        "Elements per gradient bucket with --overlap-grad-reduce (default: megatron-core's, "
+        "max(40M, 1M x data-parallel size)).",
+    )
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
@@ -47,6 +63,13 @@ class ParallelConfig:
             raise ConfigError("--pipeline-model-parallel-size must be >= 1")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.overlap_param_gather and not (
+            self.use_distributed_optimizer and self.overlap_grad_reduce
+        ):
+            raise ConfigError(
+                "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
+            )
+        check_at_least(self, "ddp_bucket_size", optional=True)
 
 
 @dataclass

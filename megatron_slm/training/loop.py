@@ -10,6 +10,7 @@ per-micro-batch means.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -54,7 +55,9 @@ from megatron_slm.training.metrics import (
 from megatron_slm.training.optimizer import (
     OptimizerStep,
     build_optimizer,
+    check_optimizer_resume,
     finalize_grads,
+    optimizer_layout,
     use_fused_adam,
 )
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
@@ -104,6 +107,8 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         _set_chat_template(cfg, tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     sizes = validate(cfg, world_size, arch)
+    if ckpt is not None and not cfg.checkpoint.finetune:
+        check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
     reference = _plan_reference(cfg, arch)
     if cfg.sft.enabled:
         if cfg.data.train_samples_from:
@@ -243,10 +248,17 @@ class Trainer:
         config = chunks[0].config
         if cfg.training.bf16 or cfg.training.fp16:
             chunks = [Float16Module(config, c) for c in chunks]
+        par = cfg.parallel
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            overlap_param_gather=par.overlap_param_gather,
+            # Megatron-LM's rule: stages launch their all-gathers together only in the
+            # interleaved schedule (the only one that calls param_sync_func); otherwise each
+            # bucket's forward pre-hook launches the next bucket's.
+            align_param_gather=par.overlap_param_gather and len(chunks) > 1,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+            bucket_size=par.ddp_bucket_size,
         )
         self.chunks = [
             DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
@@ -272,7 +284,30 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [c.no_sync for c in self.chunks]
         config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        if par.overlap_grad_reduce:  # Megatron-LM's align_grad_reduce (its default)
+            grad_sync = [c.start_grad_sync for c in self.chunks]
+            config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
+        if ddp_config.align_param_gather:
+            config.param_sync_func = [c.start_param_sync for c in self.chunks]
         self.config = config
+
+    @contextlib.contextmanager
+    def params_gathered(self):
+        """Inside, every rank holds all the parameters of the last optimizer step. With
+        --overlap-param-gather a step's all-gathers run in the next step's forward (pre-hooks);
+        an evaluation or a checkpoint in between would read stale shards. Megatron-LM's way:
+        the pre-hooks are removed with one synchronous all-gather, and put back after."""
+        hooked = [c for c in self.chunks if getattr(c, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        param_sync = self.config.param_sync_func
+        self.config.param_sync_func = None  # the schedule must not launch them either
+        try:
+            yield
+        finally:
+            self.config.param_sync_func = param_sync
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
 
     def _micro_batches(self, dataset, consumed: int = 0) -> MicroBatches:
         return MicroBatches(
@@ -437,6 +472,7 @@ class Trainer:
                 "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
                 "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
+                "optimizer_layout": optimizer_layout(self.cfg, self.sizes.data_parallel_size),
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
             },
@@ -475,11 +511,12 @@ class Trainer:
                     self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
                     self.tokenizer,
                 )  # fmt: skip
-            if evaluate:
-                self.log.validation(self.iteration, self.evaluate())
-            if save:
-                self.save()
-                self._last_saved = self.iteration
+            with self.params_gathered() if evaluate or save else contextlib.nullcontext():
+                if evaluate:
+                    self.log.validation(self.iteration, self.evaluate())
+                if save:
+                    self.save()
+                    self._last_saved = self.iteration
             self.log.restart_clock()
         return self.exit.should_exit(self.iteration, vote=log_step)
 
@@ -499,7 +536,8 @@ class Trainer:
         self.batches.close()
         self.log.close(self.iteration)
         if self.cfg.checkpoint.save and self._last_saved != self.iteration:
-            self.save()
+            with self.params_gathered():
+                self.save()
         logger.info("training stopped at iteration %d (%s)", self.iteration, reason)
         return {"iteration": self.iteration, "reason": reason}
 

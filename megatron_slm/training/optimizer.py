@@ -28,7 +28,56 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.training.config import PretrainConfig
+
+
+def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
+    """What a checkpoint's optimizer state depends on beyond the model: the distributed
+    optimizer saves it per gradient bucket (megatron-core's "dp_reshardable", Megatron-LM's
+    default), so resuming it needs the same optimizer, TP, PP and buckets; only DP may change.
+    ``bucket_size`` is megatron-core's: none without --overlap-grad-reduce (one bucket), else
+    --ddp-bucket-size or max(40M, 1M x DP)."""
+    p = cfg.parallel
+    bucket = None
+    if p.use_distributed_optimizer and p.overlap_grad_reduce:
+        bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * data_parallel_size)
+    return {
+        "distributed": p.use_distributed_optimizer,
+        "tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "bucket_size": bucket,
+    }
+
+
+def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -> None:
+    """Resuming ``ckpt`` (--load without --finetune) can restore its optimizer state in this
+    run's layout; else one line naming --load and what differs. Checkpoints without the record
+    were written before the distributed optimizer could save: plain optimizer state."""
+    saved = ckpt.meta.get("optimizer_layout") or {"distributed": False}
+    run = optimizer_layout(cfg, data_parallel_size)
+    where = f"--load {ckpt.path}"
+    weights_only = "or pass --finetune to load its weights only"
+    if saved["distributed"] != run["distributed"]:
+        saved_by = "with" if saved["distributed"] else "without"
+        raise ConfigError(
+            f"{where}: its optimizer state was saved {saved_by} --use-distributed-optimizer; "
+            f"resume {saved_by} it, {weights_only}"
+        )
+    if not run["distributed"]:
+        return  # the plain optimizer's state is per parameter: any layout
+    flags = {
+        "tensor_model_parallel_size": "--tensor-model-parallel-size",
+        "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+        "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
+    }
+    for key, flag in flags.items():
+        if saved.get(key) != run[key]:
+            raise ConfigError(
+                f"{where}: the distributed optimizer's state is saved per gradient bucket and "
+                f"resumes only with the same {flag}: saved {saved.get(key)}, this run "
+                f"{run[key]}; resume with the saved value, {weights_only}"
+            )
 
 
 def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, train_iters: int):

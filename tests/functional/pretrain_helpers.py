@@ -39,12 +39,20 @@ def make_null_corpus(directory: str, name: str, doc_lengths, seed: int = 0) -> s
     return out["text"]
 
 
-def run_pretrain(args, nproc: int = 1, env: dict | None = None, check: bool = True, timeout=600):
+def run_pretrain(
+    args,
+    nproc: int = 1,
+    env: dict | None = None,
+    check: bool = True,
+    timeout=600,
+    entry: tuple[str, ...] = ("-m", "megatron_slm.pretrain"),
+):
+    """``entry``: what runs the trainer (a module, or a script that wraps its ``main``)."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port"]
         cmd += [str(_free_port())]
-    cmd += ["-m", "megatron_slm.pretrain", "--device", "cpu", *map(str, args)]
+    cmd += [*entry, "--device", "cpu", *map(str, args)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

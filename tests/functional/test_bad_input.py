@@ -114,6 +114,8 @@ def _cases(f):
         ("pretrain-tp-not-dividing", P,
          _pretrain_args(f, f["data"], "--tensor-model-parallel-size", "3"),
          "--tensor-model-parallel-size"),
+        ("pretrain-overlap-param-gather-alone", P,
+         _pretrain_args(f, f["data"], "--overlap-param-gather"), "--overlap-param-gather needs"),
         ("pretrain-unknown-preset", P, [*_pretrain_args(f, f["data"]), "--model-preset", "nope"],
          "--model-preset"),
         ("pretrain-unknown-flag", P, _pretrain_args(f, f["data"], "--no-such-flag"),

@@ -41,7 +41,7 @@ def _env(tmp_path, run_dir, iters, prefix):
     return {
         "REPO_DIR": REPO, "PYTHON": sys.executable, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1",
         "MODEL_PRESET": "tiny", "DEVICE": "cpu", "TP": "1", "PP": "1", "PRECISION": "fp32",
-        "SEQUENCE_PARALLEL": "0", "DISTRIBUTED_OPTIMIZER": "0",
+        "SEQUENCE_PARALLEL": "0",  # the script's other defaults: distributed optimizer, overlap
         "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "8",
         "TRAIN_ITERS": str(iters), "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
         "TOKENIZER_TYPE": "NullTokenizer", "VOCAB_SIZE": str(VOCAB), "TOKENIZER_MODEL": "none",

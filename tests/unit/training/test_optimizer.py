@@ -5,8 +5,9 @@ Two identical tiny models take the same backward; one goes through megatron-core
 ``OptimizerStep``. The gradient norm must equal an independent float64 norm of the all-reduced,
 per-token-scaled gradients; the updated parameters must equal megatron-core's (bit for bit when
 nothing is clipped); and our path must not read anything back to the host. One rank, and two
-data-parallel ranks (the token count and the gradients are all-reduced). megatron-core's
-distributed optimizer needs CUDA parameters, so the GPU runs cover it.
+data-parallel ranks (the token count and the gradients are all-reduced), with the plain and the
+distributed optimizer (gradients reduce-scattered, the norm summed over the shards, parameters
+all-gathered).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def _setup(cfg):
     torch.manual_seed(3)
     model_parallel_cuda_manual_seed(3)
     (model,) = build_model(get_preset("tiny"), ModelBuildOptions())
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer
+    )
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     optimizer, _ = build_optimizer(cfg, [ddp], torch.float32, train_iters=10)
     return ddp, optimizer
@@ -46,14 +49,14 @@ def _backward(ddp, rank):
     return torch.tensor(loss.numel(), dtype=torch.int)
 
 
-def _worker(rank, world, clips):
+def _worker(rank, world, clips, flags):
     from megatron_slm import launch
 
     launch.initialize(device="cpu")
-    return [_compare(rank, clip) for clip in clips]
+    return [_compare(rank, clip, flags) for clip in clips]
 
 
-def _compare(rank, clip):
+def _compare(rank, clip, flags):
     import torch.distributed as dist
     from megatron.core.distributed import finalize_model_grads
 
@@ -61,7 +64,7 @@ def _compare(rank, clip):
     from megatron_slm.training.optimizer import OptimizerStep, finalize_grads
     from tests.sync_counter import SyncCounter
 
-    cfg = parse_config(["--train-iters", "10", "--clip-grad", str(clip), "--lr", "0.01"])
+    cfg = parse_config(["--train-iters", "10", "--clip-grad", str(clip), "--lr", "0.01", *flags])
     theirs, their_opt = _setup(cfg)
     ours, our_opt = _setup(cfg)
 
@@ -95,10 +98,14 @@ def _compare(rank, clip):
     }
 
 
-@pytest.mark.parametrize("world", [1, 2], ids=["dp1", "dp2"])
-def test_matches_megatron_core_without_syncs(world):
+@pytest.mark.parametrize(
+    "world, flags",
+    [(1, ()), (2, ()), (2, ("--use-distributed-optimizer",))],
+    ids=["dp1", "dp2", "dp2-distributed"],
+)
+def test_matches_megatron_core_without_syncs(world, flags):
     clips = (0.05, 1e6)  # clipped, not clipped
-    results = [r for rank in run_distributed(_worker, world, clips) for r in rank]
+    results = [r for rank in run_distributed(_worker, world, clips, flags) for r in rank]
     assert [r["clip"] for r in results] == list(clips) * world
     for result in results:
         clip = result["clip"]
@@ -108,8 +115,10 @@ def test_matches_megatron_core_without_syncs(world):
         assert our_norm == pytest.approx(expected_norm, rel=1e-6)
         assert their_norm == pytest.approx(expected_norm, rel=1e-6)
         assert (clip < expected_norm) == (clip == clips[0])  # both branches are exercised
-        # The gradients the update used: scaled by min(1, clip / norm) on the device.
-        torch.testing.assert_close(*result["grads"], rtol=1e-6, atol=1e-9)
+        # The gradients the update used: scaled by min(1, clip / norm) on the device (the
+        # distributed optimizer's buffers hold this rank's reduced shard only).
+        if not flags:
+            torch.testing.assert_close(*result["grads"], rtol=1e-6, atol=1e-9)
         if clip < expected_norm:  # clipped: the coefficient is rounded differently (fp32 here)
             for theirs, ours in result["params"]:
                 torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

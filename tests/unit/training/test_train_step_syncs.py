@@ -98,13 +98,24 @@ def _worker(rank, world, data_path, log_file, extra, ratio):
     return counter.count, counter.report(), before_log_step, expected, records_of(log_file)
 
 
+# The launch scripts' data parallelism: sharded optimizer, overlapped collectives.
+OVERLAP = (
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--ddp-bucket-size",
+    "30000",
+)
+
+
 @pytest.mark.parametrize(
     "world, extra, ratio",
     [
         (2, (), None),  # plain causal LM, two data-parallel ranks
         (1, ("--slm-ratio", "0.5", "--slm-select-mode", "loss"), 0.5),  # the selective op
+        (2, OVERLAP, None),
     ],
-    ids=["plain-dp2", "slm"],
+    ids=["plain-dp2", "slm", "overlap-dp2"],
 )
 def test_no_host_sync_between_log_steps(corpus, tmp_path, world, extra, ratio):
     log_file = str(tmp_path / "steps.jsonl")

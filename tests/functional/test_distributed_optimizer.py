@@ -1,0 +1,198 @@
+"""megatron-core's distributed optimizer and overlapped data-parallel communication in real
+``megatron_slm.pretrain`` runs (torchrun, two data-parallel ranks, CPU): the launch scripts'
+defaults at scale (``--use-distributed-optimizer``, ``--overlap-grad-reduce``,
+``--overlap-param-gather``).
+
+Without clipping every update is elementwise (the reduced gradient is the same two-term sum in
+any bucketing, and Adam is per element), so the plain optimizer, the distributed one and the
+distributed one with overlapped communication must log the same losses bit for bit; where
+the collectives were issued is recorded by ``collective_probe.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from megatron_slm.checkpoint import iteration_dir
+from tests.functional.pretrain_helpers import (
+    make_null_corpus,
+    read_steps,
+    run_pretrain,
+    tiny_args,
+)
+
+pytestmark = pytest.mark.slow
+
+PROBE = ("tests/functional/collective_probe.py",)
+DIST_OPT = ("--use-distributed-optimizer",)
+OVERLAP = (*DIST_OPT, "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", 30000)
+# Validation every 2 steps and a checkpoint every 3: both fall between an optimizer step and
+# the next forward, where overlapped all-gathers have not run yet.
+COMMON = ("--clip-grad", 0, "--split", "90,10,0", "--eval-interval", 2, "--eval-iters", 1)
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    return make_null_corpus(str(tmp_path_factory.mktemp("distopt")), "docs", [31] * 96)
+
+
+def _run(prefix, tmp_path, name, *extra, iters=6, probe=False):
+    """Per-step records, validation losses and (with ``probe``) rank 0's recorded collectives."""
+    log = tmp_path / f"{name}.jsonl"
+    out = str(tmp_path / f"{name}.probe")
+    run_pretrain(
+        tiny_args(prefix, str(log), iters, *COMMON, *extra),
+        nproc=2,
+        entry=PROBE if probe else ("-m", "megatron_slm.pretrain"),
+        env={"COLLECTIVE_PROBE_OUT": out},
+    )
+    with open(log) as f:
+        records = [json.loads(line) for line in f]
+    validation = {r["iteration"]: r["validation_loss"] for r in records if "validation_loss" in r}
+    calls = None
+    if probe:
+        with open(f"{out}.0.json") as f:
+            calls = json.load(f)
+    return read_steps(str(log)), validation, calls
+
+
+def _model_tensors(checkpoint_dir, scratch) -> dict:
+    """The model's tensors as saved (torch's DCP reader: no process group)."""
+    dcp_to_torch_save(checkpoint_dir, scratch)
+    state = torch.load(scratch, weights_only=False)
+    return {
+        k: v for k, v in state.items()
+        if isinstance(v, torch.Tensor) and not k.startswith("optimizer") and "_extra_state" not in k
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def overlapped(prefix, tmp_path_factory):
+    """The launch scripts' settings at scale, checkpointed at iterations 3 and 6."""
+    tmp = tmp_path_factory.mktemp("overlapped")
+    ckpt = str(tmp / "ckpt")
+    run = _run(prefix, tmp, "overlap", *OVERLAP, "--save", ckpt, "--save-interval", 3, probe=True)
+    return (*run, ckpt)
+
+
+def test_distributed_optimizer_and_overlap_match_the_plain_optimizer(prefix, overlapped, tmp_path):
+    plain_ckpt = str(tmp_path / "plain_ckpt")
+    saves = ("--save", plain_ckpt, "--save-interval", 3)
+    plain, plain_val, _ = _run(prefix, tmp_path, "plain", *saves)
+    sharded, sharded_val, serial = _run(prefix, tmp_path, "sharded", *DIST_OPT, probe=True)
+    overlap, overlap_val, overlapped_calls, ckpt = overlapped
+    losses = [r["loss"] for r in plain]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert [r["loss"] for r in sharded] == losses
+    assert [r["loss"] for r in overlap] == losses
+    # Evaluations read every parameter of the step before (the pre-hooks' all-gathers had not
+    # run): stale shards would change these.
+    assert sorted(plain_val) == [2, 4, 6]
+    assert sharded_val == plain_val and overlap_val == plain_val
+
+    # The probe itself: without overlap, one reduce-scatter per step after the backward and the
+    # all-gathers inside the optimizer step.
+    def where(calls, kind):
+        return [(c["in_backward"], c["in_optimizer_step"]) for c in calls if c["kind"] == kind]
+
+    assert where(serial, "reduce_scatter") == [(False, False)] * 6
+    assert where(serial, "all_gather") == [(False, True)] * 6
+    # Overlapped: several buckets, each reduce-scattered asynchronously inside the last
+    # micro-batch's backward (from step 2: megatron-core learns in step 1 when a bucket is
+    # complete); no all-gather in the optimizer step (they run in the forwards, asynchronously,
+    # or synchronously before an evaluation or a checkpoint).
+    scattered = where(overlapped_calls, "reduce_scatter")
+    buckets = len(scattered) // 6
+    assert buckets > 1 and len(scattered) == 6 * buckets
+    assert set(scattered[buckets:]) == {(True, False)}
+    assert all(c["async"] for c in overlapped_calls if c["kind"] == "reduce_scatter")
+    gathered = [c for c in overlapped_calls if c["kind"] == "all_gather"]
+    assert not any(c["in_optimizer_step"] for c in gathered)
+    # Synchronous: one per bucket before the evaluations at 2, 4, 6 and the checkpoint at 3.
+    # Asynchronous: in the forwards of steps 1, 2 and 6; the others follow such a gather, which
+    # already left every rank the parameters.
+    assert sum(not c["async"] for c in gathered) == 4 * buckets
+    assert sum(c["async"] for c in gathered) == 3 * buckets
+
+    # The checkpoints hold the weights of their step (each rank's shards of the last update
+    # were gathered first): what --finetune, the scorer and the exporters read.
+    for iteration in (3, 6):
+        saved = _model_tensors(iteration_dir(ckpt, iteration), tmp_path / "a.pt")
+        expected = _model_tensors(iteration_dir(plain_ckpt, iteration), tmp_path / "b.pt")
+        assert sorted(saved) == sorted(expected) and len(saved) > 5
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+    # ... and Adam's state (moments and step count): resuming at iteration 3 continues exactly.
+    resumed, _, _ = _run(prefix, tmp_path, "resumed", *OVERLAP, "--load", iteration_dir(ckpt, 3))
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == losses[3:]
+
+
+def test_distributed_optimizer_checkpoint_resumes_at_another_data_parallel_size(
+    prefix, overlapped, tmp_path
+):
+    """Its state is saved per gradient bucket (megatron-core's "dp_reshardable", Megatron-LM's
+    default): DP may change; the optimizer, TP, PP and the buckets may not, which the trainer
+    says before any work. Weights alone (--finetune) load anywhere."""
+    straight, _, _, ckpt = overlapped
+    at3 = iteration_dir(ckpt, 3)
+
+    def pretrain(name, *extra, iters=6):
+        log = tmp_path / f"{name}.jsonl"
+        proc = run_pretrain(tiny_args(prefix, str(log), iters, *COMMON, *extra), check=False)
+        return proc, (read_steps(str(log)) if proc.returncode == 0 else None)
+
+    _, one_rank = pretrain("dp1", *OVERLAP, "--load", at3)
+    assert [r["iteration"] for r in one_rank] == [4, 5, 6]
+    for a, b in zip(straight[3:], one_rank):
+        assert a["consumed_samples"] == b["consumed_samples"]
+        # fp32 gradient sums differ in order across data-parallel sizes
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+    for extra, message in [
+        ((), "its optimizer state was saved with --use-distributed-optimizer; resume with it"),
+        ((*DIST_OPT, "--overlap-grad-reduce", "--ddp-bucket-size", 50000),
+         "resumes only with the same gradient buckets (--overlap-grad-reduce, --ddp-bucket-size):"
+         " saved 30000, this run 50000"),
+    ]:  # fmt: skip
+        proc, _ = pretrain("refused", *extra, "--load", at3)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: --load {at3}: " in proc.stderr and message in proc.stderr
+
+    _, finetuned = pretrain("finetune", "--load", at3, "--finetune", "--lr-warmup-iters", 0,
+                            iters=1)  # fmt: skip
+    # step 1's batch again, on the weights of step 3: lower than the untrained model's loss
+    assert [r["iteration"] for r in finetuned] == [1]
+    assert finetuned[0]["loss"] < straight[0]["loss"] - 0.02
+
+
+def test_interleaved_pipeline_launches_the_gathers_from_the_schedule(prefix, tmp_path):
+    """Two data-parallel ranks of an interleaved pipeline (PP 2, two virtual stages each): the
+    schedule launches each model chunk's all-gathers (Megatron-LM's ``align_param_gather``,
+    through ``param_sync_func``) and its gradient reductions; the same losses and validation
+    losses as without overlap and the distributed optimizer."""
+    layout = ("--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1)
+
+    def losses(name, *extra):
+        log, out = tmp_path / f"{name}.jsonl", str(tmp_path / f"{name}.probe")
+        run_pretrain(
+            tiny_args(prefix, str(log), 4, *COMMON, *layout, *extra),
+            nproc=4,
+            entry=PROBE,
+            env={"COLLECTIVE_PROBE_OUT": out},
+        )
+        with open(f"{out}.0.json") as f:
+            gathers = [c for c in json.load(f) if c["kind"] == "all_gather"]
+        with open(log) as f:
+            return [(r.get("loss"), r.get("validation_loss")) for r in map(json.loads, f)], gathers
+
+    plain, _ = losses("plain")
+    assert len(plain) == 4 + 2 and plain[-1][1] is not None
+    overlapped, gathers = losses("overlap", *OVERLAP)
+    assert overlapped == plain
+    launched = [c for c in gathers if c["async"]]  # by the schedule, none by a pre-hook
+    assert launched and not any(c["in_forward_pre_hook"] for c in launched)
