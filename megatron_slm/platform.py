@@ -18,7 +18,8 @@ with the gloo backend, unmodified:
   a ``torch.device`` or a bare device index) to ``cpu``, turns ``Tensor.cuda()`` / ``.to("cuda")``
   into no-ops and drops ``pin_memory``, and ``Tensor.type()`` (no argument: the type's name) says
   ``torch.cuda.FloatTensor`` for a CPU float tensor: the CPU plays the CUDA device throughout;
-* ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode), ``synchronize`` is
+* ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode; the CPU device
+  where the mode is off, as in a backward, which runs inside its handler), ``synchronize`` is
   a no-op, and the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
   megatron's RNG tracker forks the right state);
 * grad clipping's CUDA type check is given a CPU-aware ``multi_tensor_applier``-free path.
@@ -109,6 +110,15 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _current_device():
+    """``torch.cuda.current_device()`` on CPU: 0, which the mode maps to the CPU; where the mode
+    is not active, the CPU device itself. A backward runs inside the mode's handler for
+    ``torch.autograd.backward`` (a mode is off while its handler runs), and megatron-core
+    allocates there with ``device=torch.cuda.current_device()`` (sequence parallelism's
+    reduce-scatter)."""
+    return 0 if torch._C._is_torch_function_mode_enabled() else _CPU
+
+
 def _cpu_rng_stand_ins() -> None:
     """CUDA RNG API → the CPU default generator, for megatron's RNG tracker."""
     from megatron.core.tensor_parallel import random as mcore_random
@@ -156,7 +166,7 @@ def enable_cpu_backend() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = _current_device
     torch.cuda.synchronize = lambda *_args, **_kwargs: None
     _cpu_rng_stand_ins()
     _cpu_grad_clipping()

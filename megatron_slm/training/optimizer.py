@@ -35,7 +35,8 @@ from megatron_slm.training.config import PretrainConfig
 def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
     """What a checkpoint's optimizer state depends on beyond the model: the distributed
     optimizer saves it per gradient bucket (megatron-core's "dp_reshardable", Megatron-LM's
-    default), so resuming it needs the same optimizer, TP, PP and buckets; only DP may change.
+    default), so resuming it needs the same optimizer, TP, PP (and virtual stages) and buckets;
+    only DP may change.
     ``bucket_size`` is megatron-core's: none without --overlap-grad-reduce (one bucket), else
     --ddp-bucket-size or max(40M, 1M x DP)."""
     p = cfg.parallel
@@ -46,6 +47,8 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
         "distributed": p.use_distributed_optimizer,
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        # one bucket buffer per model chunk of the interleaved schedule
+        "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
         "bucket_size": bucket,
     }
 
@@ -69,6 +72,7 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
     flags = {
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+        "num_layers_per_virtual_pipeline_stage": "--num-layers-per-virtual-pipeline-stage",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
     }
     for key, flag in flags.items():

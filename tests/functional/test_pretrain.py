@@ -199,6 +199,22 @@ def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_sequence_parallel_and_recompute_leave_the_losses_unchanged(corpus, tmp_path):
+    """The 7B launch script's settings at TP > 1: sequence parallelism (activations sharded
+    along the sequence, all-gathered before and reduce-scattered after each TP region, also in
+    the backward) and full activation recompute change where values live and when they are
+    computed, not the values."""
+    _, prefix = corpus
+    tp2 = ("--tensor-model-parallel-size", 2, "--clip-grad", 0)
+    plain = read_steps_of(prefix, tmp_path / "tp2.jsonl", 4, *tp2, nproc=2)
+    both = read_steps_of(
+        prefix, tmp_path / "sp.jsonl", 4, *tp2, "--sequence-parallel", "--recompute-activations",
+        nproc=2,
+    )  # fmt: skip
+    assert [r["loss"] for r in both] == [r["loss"] for r in plain]
+    assert plain[-1]["loss"] < plain[0]["loss"]
+
+
 def test_tensorboard_has_slm_scalars(corpus, reference_ckpt, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -120,6 +120,14 @@ def test_nan_rows_every_statistic_agrees(exe, dtype, v):
         a = H.finalize(exe, cuda, t, v, ref, None, flags, orders=H.ORDERS[:1])[H.ORDERS[0]]
         b = C.selective_loss_finalize(cpp, t, v, ref, None, flags)
         for i, (p, q) in enumerate(zip(a, b)):
+            if p.is_floating_point():
+                # Bitwise, NaN where NaN: a NaN's sign is not the rule's. Row 8's sum adds
+                # inf - inf (x86's default NaN, 0xffc00000) and a NaN logit (0x7fc00000); x86
+                # keeps the first operand's NaN, and which that is depends on the C++ kernel's
+                # code for the build host (-march=native): an AVX2 host's build keeps the other.
+                nan = torch.isnan(p)
+                assert torch.equal(nan, torch.isnan(q)), i
+                p, q = p[~nan], q[~nan]
             assert torch.equal(p.view(torch.uint8), q.view(torch.uint8)), i
 
 
