@@ -12,6 +12,7 @@ the collectives were issued is recorded by ``collective_probe.py``.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_slm.checkpoint import iteration_dir
 from tests.functional.pretrain_helpers import (
+    REPO,
     make_null_corpus,
     read_steps,
     run_pretrain,
@@ -27,7 +29,7 @@ from tests.functional.pretrain_helpers import (
 
 pytestmark = pytest.mark.slow
 
-PROBE = ("tests/functional/collective_probe.py",)
+PROBE = (os.path.join(REPO, "tests", "functional", "collective_probe.py"),)
 DIST_OPT = ("--use-distributed-optimizer",)
 OVERLAP = (*DIST_OPT, "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", 30000)
 # Validation every 2 steps and a checkpoint every 3: both fall between an optimizer step and
