@@ -268,18 +268,22 @@ def optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool 
     return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
 
 
+def optimizer_parts(optimizer) -> list:
+    """The megatron-core optimizers inside ``optimizer`` (a ChainedOptimizer or one)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(part, DistributedOptimizer) for part in parts)
+    return any(isinstance(part, DistributedOptimizer) for part in optimizer_parts(optimizer))
 
 
 def _distributed_torch_adams(optimizer):
     """(megatron-core part, its torch Adam) of each distributed optimizer inside ``optimizer``."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part in optimizer_parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if isinstance(part, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
             yield part, inner

@@ -28,6 +28,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
+from megatron_slm.checkpoint import optimizer_parts
 from megatron_slm.errors import ConfigError
 from megatron_slm.training.config import PretrainConfig
 
@@ -123,17 +124,12 @@ def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, trai
     return opt, scheduler
 
 
-def _parts(optimizer) -> list:
-    """The megatron-core optimizers inside ``optimizer`` (a ChainedOptimizer or one)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def use_fused_adam(optimizer) -> None:
     """Make every torch ``Adam``/``AdamW`` inside megatron-core's ``optimizer`` fused (one kernel
     for all parameters, step counts on the device). Call again after loading a checkpoint: its
     saved param groups replace these flags, and its step counts may be host tensors.
     (Transformer Engine's or Apex's FusedAdam, used when installed, are left alone.)"""
-    for part in _parts(optimizer):
+    for part in optimizer_parts(optimizer):
         inner = getattr(part, "optimizer", None)
         if not isinstance(inner, torch.optim.Adam):  # AdamW derives from Adam
             continue
@@ -175,8 +171,9 @@ class OptimizerStep:
 
     def __init__(self, optimizer, clip_grad: float, device: torch.device):
         self.optimizer, self.clip_grad, self.device = optimizer, clip_grad, device
-        self.parts = [p for p in _parts(optimizer) if not getattr(p, "is_stub_optimizer", False)]
-        groups = {p.get_grad_stats_parallel_group() for p in _parts(optimizer)}
+        parts = optimizer_parts(optimizer)
+        self.parts = [p for p in parts if not getattr(p, "is_stub_optimizer", False)]
+        groups = {p.get_grad_stats_parallel_group() for p in parts}
         if len(groups) != 1:
             raise NotImplementedError("optimizers with different gradient-statistics groups (MoE)")
         (self.stats_group,) = groups

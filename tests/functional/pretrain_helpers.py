@@ -14,6 +14,15 @@ from megatron_slm.data import preprocess_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 512
+# The launch scripts' data parallelism at scale (sharded optimizer, overlapped collectives), with
+# buckets small enough that the tiny model has several.
+OVERLAP_ARGS = (
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--ddp-bucket-size",
+    "30000",
+)
 
 
 def make_null_corpus(directory: str, name: str, doc_lengths, seed: int = 0) -> str:

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from megatron_slm.checkpoint import iteration_dir
 from tests.functional.pretrain_helpers import (
+    OVERLAP_ARGS,
     REPO,
     make_null_corpus,
     read_steps,
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 PROBE = (os.path.join(REPO, "tests", "functional", "collective_probe.py"),)
 DIST_OPT = ("--use-distributed-optimizer",)
-OVERLAP = (*DIST_OPT, "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", 30000)
+OVERLAP = OVERLAP_ARGS  # buckets of 30000 elements (the refusal below names the number)
 # Validation every 2 steps and a checkpoint every 3: both fall between an optimizer step and
 # the next forward, where overlapped all-gathers have not run yet.
 COMMON = ("--clip-grad", 0, "--split", "90,10,0", "--eval-interval", 2, "--eval-iters", 1)

@@ -14,10 +14,9 @@ import torch.multiprocessing as mp
 
 from megatron_slm import _extension
 from tests.dist_helpers import free_port
-from tests.functional.pretrain_helpers import tiny_args
+from tests.functional.pretrain_helpers import OVERLAP_ARGS, tiny_args
 from tests.unit.training.test_train_step_syncs import (
     LOG_EVERY,
-    OVERLAP,
     blend_of_two,
     check_source_shares,
     records_of,
@@ -80,7 +79,7 @@ SLM = pytest.param(
 
 # The launch scripts' data parallelism (one rank here: the collectives run on a group of one, but
 # the hooks, the asynchronous handles and the bf16 distributed optimizer's copies do run).
-OVERLAP_CASE = pytest.param(OVERLAP, None, id="overlap")
+OVERLAP_CASE = pytest.param(OVERLAP_ARGS, None, id="overlap")
 
 
 @pytest.mark.parametrize("extra, ratio", [pytest.param((), None, id="plain"), SLM, OVERLAP_CASE])

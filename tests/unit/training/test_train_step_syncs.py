@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_distributed
-from tests.functional.pretrain_helpers import make_null_corpus, tiny_args
+from tests.functional.pretrain_helpers import OVERLAP_ARGS, make_null_corpus, tiny_args
 
 LOG_EVERY = 4
 ITERS = 2 * LOG_EVERY
@@ -98,22 +98,12 @@ def _worker(rank, world, data_path, log_file, extra, ratio):
     return counter.count, counter.report(), before_log_step, expected, records_of(log_file)
 
 
-# The launch scripts' data parallelism: sharded optimizer, overlapped collectives.
-OVERLAP = (
-    "--use-distributed-optimizer",
-    "--overlap-grad-reduce",
-    "--overlap-param-gather",
-    "--ddp-bucket-size",
-    "30000",
-)
-
-
 @pytest.mark.parametrize(
     "world, extra, ratio",
     [
         (2, (), None),  # plain causal LM, two data-parallel ranks
         (1, ("--slm-ratio", "0.5", "--slm-select-mode", "loss"), 0.5),  # the selective op
-        (2, OVERLAP, None),
+        (2, OVERLAP_ARGS, None),  # the launch scripts' data parallelism
     ],
     ids=["plain-dp2", "slm", "overlap-dp2"],
 )
