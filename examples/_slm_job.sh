@@ -26,6 +26,9 @@ if [[ "${OVERLAP_COMM:-1}" == 1 ]]; then
     PARALLEL_ARGS+=(--overlap-grad-reduce)
     [[ "${DISTRIBUTED_OPTIMIZER:-1}" == 1 ]] && PARALLEL_ARGS+=(--overlap-param-gather)
 fi
+# The distributed optimizer's state per parameter in checkpoints: resumable at any TP/PP.
+[[ "${FULLY_RESHARDABLE:-0}" == 1 && "${DISTRIBUTED_OPTIMIZER:-1}" == 1 ]] &&
+    PARALLEL_ARGS+=(--dist-ckpt-optim-fully-reshardable)
 TRAINING_ARGS=(
     --seq-length "${SEQ_LENGTH}"
     --micro-batch-size "${MICRO_BATCH_SIZE:-1}"

@@ -48,6 +48,12 @@ from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
 from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
 from megatron_slm.models.sharding import unwrap
+from megatron_slm.optimizer_state import (
+    DP_RESHARDABLE,
+    OPTIMIZER_SHARDINGS,
+    optimizer_sharded_state_dict,
+    restore_distributed_adam_steps,
+)
 
 logger = logging.getLogger("megatron_slm")
 
@@ -225,6 +231,7 @@ _META_TYPES = {
     "make_vocab_size_divisible_by": int,
     "iteration": int,
     "params_dtype": str,
+    "optimizer_layout": dict,
 }
 
 
@@ -245,76 +252,19 @@ def _check_metadata(meta, meta_path: str) -> None:
         getattr(torch, meta["params_dtype"], None), torch.dtype
     ):
         raise CheckpointError(f"{meta_path}: unknown params_dtype {meta['params_dtype']!r:.80}")
+    sharding = (meta.get("optimizer_layout") or {}).get("format")
+    if sharding not in (None, *OPTIMIZER_SHARDINGS):
+        raise CheckpointError(f"{meta_path}: unknown optimizer_layout.format {sharding!r:.80}")
     for section in ("training",):
         value = (meta.get("config") or {}).get(section)
         if value is not None and not isinstance(value, dict):
             raise CheckpointError(f"{meta_path}: config.{section} must be an object")
 
 
-def optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool = False) -> dict:
-    """The optimizer's part of a checkpoint. The plain optimizer's state is per parameter
-    (resumes at any layout). The distributed optimizer's is per gradient bucket, as Megatron-LM
-    saves it ("dp_reshardable": every rank writes its own shard; resumes at any DP, with the same
-    TP, PP and buckets, which ``training.optimizer.check_optimizer_resume`` checks first).
-    megatron-core 0.16's default for it ("fully_sharded_model_space") cannot be saved at all, and
-    its per-parameter format ("fully_reshardable") writes misplaced state for every bucket after
-    the first (it slices a bucket-concatenated tensor with offsets that count the padding between
-    buckets)."""
-    if not _is_distributed(optimizer):
-        return optimizer.sharded_state_dict(model_state, is_loading=is_loading)
-    if is_loading:
-        _fill_empty_distributed_optimizer_state(optimizer)
-    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-    return optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
-
-
-def optimizer_parts(optimizer) -> list:
-    """The megatron-core optimizers inside ``optimizer`` (a ChainedOptimizer or one)."""
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(part, DistributedOptimizer) for part in optimizer_parts(optimizer))
-
-
-def _distributed_torch_adams(optimizer):
-    """(megatron-core part, its torch Adam) of each distributed optimizer inside ``optimizer``."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for part in optimizer_parts(optimizer):
-        inner = getattr(part, "optimizer", None)
-        if isinstance(part, DistributedOptimizer) and isinstance(inner, torch.optim.Adam):
-            yield part, inner
-
-
-def _restore_distributed_adam_steps(optimizer) -> None:
-    """The distributed optimizer keeps torch Adam's step count in its saved param groups and
-    restores it into each parameter's state, but its per-bucket state load then copies the
-    in-memory step over it (0, from ``_fill_empty_distributed_optimizer_state``): Adam's bias
-    correction would restart. The param groups' count is put back."""
-    for _, inner in _distributed_torch_adams(optimizer):
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                state = inner.state.get(p)
-                if state is not None and "step" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
-
-
-def _fill_empty_distributed_optimizer_state(optimizer) -> None:
-    """Give a distributed optimizer that has not stepped yet zero moments and step 0, to be
-    overwritten by the checkpoint's. Without Transformer Engine or Apex, megatron-core's
-    ``DistributedOptimizer.state_dict`` (which building the state to load into calls) reads the
-    step count from torch Adam's per-parameter state, and fails on an empty one."""
-    for part, inner in _distributed_torch_adams(optimizer):
-        if inner.state or part.init_state_fn is None:
-            continue
-        part.init_state_fn(inner, part.config)
-        for state in inner.state.values():
-            state.setdefault("step", torch.zeros((), dtype=torch.float32))
+def optimizer_sharding(meta: dict) -> str:
+    """The distributed optimizer's checkpoint format a checkpoint's metadata records (the one
+    its save writes): ``optimizer_layout.format``; records without it are per bucket."""
+    return (meta.get("optimizer_layout") or {}).get("format") or DP_RESHARDABLE
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -441,7 +391,8 @@ def save_checkpoint(
 
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer_sharded_state_dict(optimizer, state)
+        sharding = optimizer_sharding(metadata or {})
+        state["optimizer"] = optimizer_sharded_state_dict(optimizer, state, sharding=sharding)
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     if scheduler is not None:
@@ -497,7 +448,9 @@ def load_checkpoint(
         meta = read_metadata(ckpt, flag)
     state = model_sharded_state_dict(chunks)
     if optimizer is not None and not weights_only:
-        state["optimizer"] = optimizer_sharded_state_dict(optimizer, state, is_loading=True)
+        state["optimizer"] = optimizer_sharded_state_dict(
+            optimizer, state, is_loading=True, sharding=optimizer_sharding(meta)
+        )
     loaded = dist_checkpointing.load(state, ckpt)
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(loaded["model"])
@@ -511,7 +464,7 @@ def load_checkpoint(
         # fp32 weights are views of them
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_distributed_adam_steps(optimizer)
+        restore_distributed_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     same_layout = (

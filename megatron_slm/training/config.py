@@ -55,6 +55,14 @@ class ParallelConfig:
         "Elements per gradient bucket with --overlap-grad-reduce (default: megatron-core's, "
         "max(40M, 1M x data-parallel size)).",
     )
+    dist_ckpt_optim_fully_reshardable: bool = arg(
+        False,
+        "With --use-distributed-optimizer: save its state per parameter (the fp32 weight and "
+        "Adam's moments, sharded as the weight), resumable at any TP, PP, virtual stages, "
+        "buckets and DP. Saving gathers it over the data-parallel group: each rank holds its "
+        "model-parallel slice of the whole state in host memory. Default: per gradient bucket, "
+        "every rank writes its shard, resumable at another DP only.",
+    )
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
@@ -70,6 +78,11 @@ class ParallelConfig:
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
             )
         check_at_least(self, "ddp_bucket_size", optional=True)
+        if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
+                "(the plain optimizer's state is always per parameter)"
+            )
 
 
 @dataclass

@@ -28,24 +28,29 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
-from megatron_slm.checkpoint import optimizer_parts
 from megatron_slm.errors import ConfigError
+from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import PretrainConfig
 
 
 def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
-    """What a checkpoint's optimizer state depends on beyond the model: the distributed
-    optimizer saves it per gradient bucket (megatron-core's "dp_reshardable", Megatron-LM's
-    default), so resuming it needs the same optimizer, TP, PP (and virtual stages) and buckets;
-    only DP may change.
+    """What a checkpoint's optimizer state depends on beyond the model. ``format`` is the
+    distributed optimizer's (``optimizer_state``): per gradient bucket by default
+    ("dp_reshardable", Megatron-LM's default), so resuming it needs the same optimizer, TP, PP
+    (and virtual stages) and buckets, only DP may change; per parameter with
+    --dist-ckpt-optim-fully-reshardable, any layout.
     ``bucket_size`` is megatron-core's: none without --overlap-grad-reduce (one bucket), else
     --ddp-bucket-size or max(40M, 1M x DP)."""
     p = cfg.parallel
     bucket = None
     if p.use_distributed_optimizer and p.overlap_grad_reduce:
         bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * data_parallel_size)
+    sharding = None
+    if p.use_distributed_optimizer:
+        sharding = FULLY_RESHARDABLE if p.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
     return {
         "distributed": p.use_distributed_optimizer,
+        "format": sharding,
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
         # one bucket buffer per model chunk of the interleaved schedule
@@ -68,8 +73,8 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
             f"{where}: its optimizer state was saved {saved_by} --use-distributed-optimizer; "
             f"resume {saved_by} it, {weights_only}"
         )
-    if not run["distributed"]:
-        return  # the plain optimizer's state is per parameter: any layout
+    if not run["distributed"] or saved.get("format") == FULLY_RESHARDABLE:
+        return  # per parameter: any layout
     flags = {
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
@@ -80,9 +85,15 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         if saved.get(key) != run[key]:
             raise ConfigError(
                 f"{where}: the distributed optimizer's state is saved per gradient bucket and "
-                f"resumes only with the same {flag}: saved {saved.get(key)}, this run "
-                f"{run[key]}; resume with the saved value, {weights_only}"
+                f"resumes only with the same {flag}: saved {_shown(saved.get(key))}, this run "
+                f"{_shown(run[key])}; resume with the saved value (with "
+                f"--dist-ckpt-optim-fully-reshardable its next checkpoint resumes at any layout), "
+                f"{weights_only}"
             )
+
+
+def _shown(value) -> str:
+    return "unset" if value is None else str(value)
 
 
 def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, train_iters: int):

@@ -63,14 +63,27 @@ def _run(prefix, tmp_path, name, *extra, iters=6, probe=False):
     return read_steps(str(log)), validation, calls
 
 
-def _model_tensors(checkpoint_dir, scratch) -> dict:
-    """The model's tensors as saved (torch's DCP reader: no process group)."""
+def _saved_tensors(checkpoint_dir, scratch) -> dict:
+    """Every tensor as saved (torch's DCP reader: no process group)."""
     dcp_to_torch_save(checkpoint_dir, scratch)
     state = torch.load(scratch, weights_only=False)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _model_tensors(checkpoint_dir, scratch) -> dict:
+    """The model's tensors as saved."""
     return {
-        k: v for k, v in state.items()
-        if isinstance(v, torch.Tensor) and not k.startswith("optimizer") and "_extra_state" not in k
+        k: v for k, v in _saved_tensors(checkpoint_dir, scratch).items()
+        if not k.startswith("optimizer") and "_extra_state" not in k
     }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def plain(prefix, tmp_path_factory):
+    """The plain optimizer, checkpointed at iterations 3 and 6: the reference."""
+    tmp = tmp_path_factory.mktemp("plain")
+    ckpt = str(tmp / "ckpt")
+    return (*_run(prefix, tmp, "plain", "--save", ckpt, "--save-interval", 3), ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +95,10 @@ def overlapped(prefix, tmp_path_factory):
     return (*run, ckpt)
 
 
-def test_distributed_optimizer_and_overlap_match_the_plain_optimizer(prefix, overlapped, tmp_path):
-    plain_ckpt = str(tmp_path / "plain_ckpt")
-    saves = ("--save", plain_ckpt, "--save-interval", 3)
-    plain, plain_val, _ = _run(prefix, tmp_path, "plain", *saves)
+def test_distributed_optimizer_and_overlap_match_the_plain_optimizer(
+    prefix, plain, overlapped, tmp_path
+):
+    plain, plain_val, _, plain_ckpt = plain
     sharded, sharded_val, serial = _run(prefix, tmp_path, "sharded", *DIST_OPT, probe=True)
     overlap, overlap_val, overlapped_calls, ckpt = overlapped
     losses = [r["loss"] for r in plain]
@@ -199,3 +212,44 @@ def test_interleaved_pipeline_launches_the_gathers_from_the_schedule(prefix, tmp
     assert overlapped == plain
     launched = [c for c in gathers if c["async"]]  # by the schedule, none by a pre-hook
     assert launched and not any(c["in_forward_pre_hook"] for c in launched)
+
+
+def test_fully_reshardable_checkpoint_resumes_at_another_layout(
+    prefix, plain, overlapped, tmp_path
+):
+    """--dist-ckpt-optim-fully-reshardable saves the distributed optimizer's state per parameter
+    (megatron-core's "fully_reshardable" keys, each weight's slice taken from its own bucket):
+    it holds exactly the plain optimizer's Adam moments, and resumes at another TP and PP."""
+    plain, _, _, plain_ckpt = plain
+    straight = overlapped[0]
+    ckpt = str(tmp_path / "ckpt")
+    saves = ("--save", ckpt, "--save-interval", 3)
+    fully = ("--dist-ckpt-optim-fully-reshardable",)
+    steps, _, _ = _run(prefix, tmp_path, "fully", *OVERLAP, *fully, *saves)
+    assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
+
+    at3 = iteration_dir(ckpt, 3)
+    saved = _saved_tensors(at3, tmp_path / "a.pt")
+    reference = _saved_tensors(iteration_dir(plain_ckpt, 3), tmp_path / "b.pt")
+    weights = _model_tensors(at3, tmp_path / "c.pt")
+    assert len(weights) > 5
+    for key, weight in weights.items():
+        # fp32 training: the main weight is the weight
+        assert torch.equal(saved[f"optimizer.state.param.{key}"], weight), key
+        for moment in ("exp_avg", "exp_avg_sq"):
+            name = f"optimizer.state.{moment}.{key}"
+            assert torch.equal(saved[name], reference[name]), name
+            assert saved[name].abs().sum() > 0, name
+
+    for name, layout in [
+        ("tp2", ("--tensor-model-parallel-size", 2)),
+        ("pp2", ("--pipeline-model-parallel-size", 2)),
+    ]:
+        log = tmp_path / f"{name}.jsonl"
+        run_pretrain(
+            tiny_args(prefix, str(log), 6, *COMMON, *DIST_OPT, *layout, "--load", at3), nproc=2
+        )
+        resumed = read_steps(str(log))
+        assert [r["iteration"] for r in resumed] == [4, 5, 6]
+        for a, b in zip(straight[3:], resumed):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), name
