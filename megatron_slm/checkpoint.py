@@ -28,13 +28,17 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 
 import numpy as np
 import torch
@@ -375,14 +379,24 @@ def save_checkpoint(
     consumed_samples: int = 0,
     model_config: GPTModelConfig,
     metadata: dict | None = None,
+    fully_parallel: bool = False,
+    async_queue=None,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
 
     ``metadata`` adds to the recorded facts: ``tokenizer`` (:func:`tokenizer_record`),
-    ``model_args`` (``ModelArgs.record()``), ``make_vocab_size_divisible_by``, ``params_dtype``."""
+    ``model_args`` (``ModelArgs.record()``), ``make_vocab_size_divisible_by``, ``params_dtype``.
+    ``fully_parallel``: the data-parallel ranks share the writing of what they all hold
+    (Megatron-LM's ``--ckpt-fully-parallel-save``); else data-parallel rank 0 writes it.
+    ``async_queue`` (megatron-core's ``AsyncCallsQueue``; Megatron-LM's ``--async-save``): the
+    tensors are staged in host memory and written by a forked process while training goes on;
+    the directory is published (metadata, rename, tracker) when the caller finalizes the queue
+    after every rank's writer finished. Until then the previous checkpoint stays the latest."""
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
+    if async_queue is not None:
+        _writer_results_queue_dies_with_us()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -397,33 +411,102 @@ def save_checkpoint(
     state["consumed_samples"] = consumed_samples
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, partial)
+    request = dist_checkpointing.save(
+        state, partial, _save_strategy(fully_parallel), async_sharded_save=async_queue is not None
+    )
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
-    dist.barrier()
-    if rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "consumed_samples": consumed_samples,
-            "model": dataclasses.asdict(model_config),
-            # The embedding's rows at this TP (GPTModel keeps the padded size it was built with).
-            "padded_vocab_size": unwrap(chunks[0]).vocab_size,
-            "world_size": dist.get_world_size(),
-            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-            **(metadata or {}),
-        }
-        write_text_atomic(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
-        # The tracker may name ``final`` (re-saving an iteration): it must never name a missing
-        # directory, so the new directory takes the old one's place in one exchange.
-        _crash.reached("swap")
-        replace_directory(partial, final)
-        _crash.reached("swapped")
-        write_text_atomic(os.path.join(root, TRACKER), str(iteration))
-        logger.info("saved checkpoint %s", final)
-    dist.barrier()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "model": dataclasses.asdict(model_config),
+        # The embedding's rows at this TP (GPTModel keeps the padded size it was built with).
+        "padded_vocab_size": unwrap(chunks[0]).vocab_size,
+        "world_size": dist.get_world_size(),
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        **(metadata or {}),
+    }
+
+    def publish() -> None:
+        dist.barrier()
+        if rank == 0:
+            write_text_atomic(os.path.join(partial, METADATA), json.dumps(meta, indent=2))
+            # The tracker may name ``final`` (re-saving an iteration): it must never name a
+            # missing directory, so the new directory takes the old one's place in one exchange.
+            _crash.reached("swap")
+            replace_directory(partial, final)
+            _crash.reached("swapped")
+            write_text_atomic(os.path.join(root, TRACKER), str(iteration))
+            logger.info("saved checkpoint %s", final)
+        dist.barrier()
+
+    if request is None:
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
+
+
+# Initializer of a spawned helper: the kernel kills it when its parent dies (prctl
+# PR_SET_PDEATHSIG). Standard library only, so the helper does not import torch to run it.
+_DIE_WITH_PARENT = functools.partial(
+    exec, "import ctypes, signal; ctypes.CDLL(None).prctl(1, signal.SIGKILL)"
+)
+
+
+def _writer_results_queue_dies_with_us() -> None:
+    """megatron-core's background writers report through a queue served by a spawned
+    ``multiprocessing`` manager that outlives a rank killed mid-save (SIGKILL, OOM): an orphan
+    holding the job's output pipes open, on which torchrun's caller then waits forever. The
+    queue is created here first, its server started with a parent-death signal."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_DIE_WITH_PARENT if sys.platform == "linux" else None)
+    filesystem_async._results_queue = manager.Queue()
+    _writer_managers.append(manager)  # the server lives as long as this process
+
+
+_writer_managers: list = []
+
+
+def _save_strategy(fully_parallel: bool):
+    """megatron-core's default writer, or (``fully_parallel``, more than one data-parallel rank)
+    that writer with each replicated tensor assigned to one data-parallel rank, balancing the
+    bytes each writes (only metadata is exchanged)."""
+    group = _data_parallel_group_if_several() if fully_parallel else None
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+
+
+def _data_parallel_group_if_several():
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if group.size() > 1 else None
+
+
+def _load_strategy(fully_parallel: bool, ckpt: str):
+    """megatron-core's default reader, or (``fully_parallel``, several data-parallel ranks) that
+    reader on a share of the tensors per data-parallel rank, which then broadcast them."""
+    group = _data_parallel_group_if_several() if fully_parallel else None
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt), group)
 
 
 def load_checkpoint(
@@ -434,12 +517,15 @@ def load_checkpoint(
     *,
     weights_only: bool = False,
     flag: str = "--load",
+    fully_parallel: bool = False,
 ) -> CheckpointState:
     """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
 
     Works at any TP/PP: megatron-core reshards on load. With a different parallel layout the
     per-rank RNG states do not apply and are skipped (with a log line). ``path`` may be the
     :class:`CheckpointInfo` a loader already read: its metadata is not read again.
+    ``fully_parallel``: the data-parallel ranks share the reading (Megatron-LM's
+    ``--ckpt-fully-parallel-load``).
     """
     if isinstance(path, CheckpointInfo):
         ckpt, meta = path.path, path.meta
@@ -451,7 +537,7 @@ def load_checkpoint(
         state["optimizer"] = optimizer_sharded_state_dict(
             optimizer, state, is_loading=True, sharding=optimizer_sharding(meta)
         )
-    loaded = dist_checkpointing.load(state, ckpt)
+    loaded = dist_checkpointing.load(state, ckpt, _load_strategy(fully_parallel, ckpt))
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(loaded["model"])
     else:

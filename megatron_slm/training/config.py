@@ -243,6 +243,23 @@ class CheckpointArgs:
     exit_signal: str = arg("SIGTERM", "Signal name for --exit-signal-handler.")
     exit_duration_in_mins: float | None = arg(None, "Save and exit after this many minutes.")
     exit_interval: int | None = arg(None, "Save and exit when the step is a multiple of this.")
+    ckpt_fully_parallel_save: bool = arg(
+        True,
+        "Spread the writing of state that data-parallel ranks hold alike (the weights; the "
+        "plain or per-parameter optimizer state) over all of them, as Megatron-LM does by "
+        "default, instead of writing it from data-parallel rank 0.",
+    )
+    async_save: bool = arg(
+        False,
+        "Write checkpoints in the background (Megatron-LM's flag): the step stages the tensors "
+        "in host memory and a forked process writes them while training goes on; the "
+        "checkpoint becomes the latest at a later log step, before the next save, or at exit.",
+    )
+    ckpt_fully_parallel_load: bool = arg(
+        False,
+        "On --load, each data-parallel rank reads a share of what they all need and they "
+        "exchange it (Megatron-LM's flag), instead of every rank reading all of it from storage.",
+    )
 
     def __post_init__(self):
         if not isinstance(getattr(signal, self.exit_signal, None), signal.Signals):

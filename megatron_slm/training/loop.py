@@ -232,6 +232,7 @@ class Trainer:
                 None if cfg.checkpoint.finetune else self.optimizer,
                 None if cfg.checkpoint.finetune else self.scheduler,
                 weights_only=cfg.checkpoint.finetune,
+                fully_parallel=cfg.checkpoint.ckpt_fully_parallel_load,
             )
             if not cfg.checkpoint.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
@@ -241,6 +242,11 @@ class Trainer:
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
+        self.async_saves = None
+        if cfg.checkpoint.async_save and cfg.checkpoint.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_saves = AsyncCallsQueue()
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -458,6 +464,7 @@ class Trainer:
     def save(self) -> None:
         if not self.cfg.checkpoint.save:
             return
+        self.finish_saves()  # one background save at a time
         checkpointing.save_checkpoint(
             self.cfg.checkpoint.save,
             self.iteration,
@@ -476,7 +483,15 @@ class Trainer:
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
             },
+            fully_parallel=self.cfg.checkpoint.ckpt_fully_parallel_save,
+            async_queue=self.async_saves,
         )
+
+    def finish_saves(self, blocking: bool = True) -> None:
+        """Publish the background saves whose writers finished on every rank (``blocking``:
+        wait for them). A collective with a host read: at log steps, saves and the end only."""
+        if self.async_saves is not None:
+            self.async_saves.maybe_finalize_async_calls(blocking=blocking)
 
     def _chat_metadata(self) -> dict:
         """SFT runs record their chat template: the HF export writes it (same prompts)."""
@@ -500,6 +515,7 @@ class Trainer:
         log_step = self.log.is_log_step(self.iteration)
         if log_step:
             self.log.log(self.iteration, self.slm_loss.last, self._last_ref)
+            self.finish_saves(blocking=False)
         interval = cfg.logging.log_selection_interval
         picture = bool(interval and self.iteration % interval == 0 and ratio is not None)
         evaluate = bool(t.eval_interval and self.iteration % t.eval_interval == 0)
@@ -538,6 +554,7 @@ class Trainer:
         if self.cfg.checkpoint.save and self._last_saved != self.iteration:
             with self.params_gathered():
                 self.save()
+        self.finish_saves()
         logger.info("training stopped at iteration %d (%s)", self.iteration, reason)
         return {"iteration": self.iteration, "reason": reason}
 

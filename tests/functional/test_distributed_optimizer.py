@@ -1,7 +1,8 @@
 """megatron-core's distributed optimizer and overlapped data-parallel communication in real
 ``megatron_slm.pretrain`` runs (torchrun, two data-parallel ranks, CPU): the launch scripts'
 defaults at scale (``--use-distributed-optimizer``, ``--overlap-grad-reduce``,
-``--overlap-param-gather``).
+``--overlap-param-gather``), and the checkpoints of data-parallel runs (per-parameter optimizer
+state, fully parallel and background saves).
 
 Without clipping every update is elementwise (the reduced gradient is the same two-term sum in
 any bucketing, and Adam is per element), so the plain optimizer, the distributed one and the
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from megatron_slm.checkpoint import iteration_dir
+from megatron_slm.checkpoint import KILL_HOOK_ENV, iteration_dir, latest_iteration
 from tests.functional.pretrain_helpers import (
     OVERLAP_ARGS,
     REPO,
@@ -78,12 +79,23 @@ def _model_tensors(checkpoint_dir, scratch) -> dict:
     }  # fmt: skip
 
 
+def _bytes_written(checkpoint_dir) -> list[int]:
+    """Bytes of tensor data each rank wrote (torch DCP's ``__<rank>_<thread>.distcp`` files)."""
+    sizes = [0, 0]
+    for name in os.listdir(checkpoint_dir):
+        if name.endswith(".distcp"):
+            sizes[int(name.split("_")[2])] += os.path.getsize(os.path.join(checkpoint_dir, name))
+    return sizes
+
+
 @pytest.fixture(scope="module")
 def plain(prefix, tmp_path_factory):
-    """The plain optimizer, checkpointed at iterations 3 and 6: the reference."""
+    """The plain optimizer, checkpointed at iterations 3 and 6 by data-parallel rank 0 alone
+    (every tensor is replicated over DP): the reference."""
     tmp = tmp_path_factory.mktemp("plain")
     ckpt = str(tmp / "ckpt")
-    return (*_run(prefix, tmp, "plain", "--save", ckpt, "--save-interval", 3), ckpt)
+    saves = ("--save", ckpt, "--save-interval", 3, "--no-ckpt-fully-parallel-save")
+    return (*_run(prefix, tmp, "plain", *saves), ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +154,10 @@ def test_distributed_optimizer_and_overlap_match_the_plain_optimizer(
         assert sorted(saved) == sorted(expected) and len(saved) > 5
         for key, value in expected.items():
             assert torch.equal(saved[key], value), key
-    # ... and Adam's state (moments and step count): resuming at iteration 3 continues exactly.
-    resumed, _, _ = _run(prefix, tmp_path, "resumed", *OVERLAP, "--load", iteration_dir(ckpt, 3))
+    # ... and Adam's state (moments and step count): resuming at iteration 3 continues exactly
+    # (each rank reading half of the weights, which they then exchange).
+    load = ("--load", iteration_dir(ckpt, 3), "--ckpt-fully-parallel-load")
+    resumed, _, _ = _run(prefix, tmp_path, "resumed", *OVERLAP, *load)
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
     assert [r["loss"] for r in resumed] == losses[3:]
 
@@ -229,6 +243,11 @@ def test_fully_reshardable_checkpoint_resumes_at_another_layout(
     assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
 
     at3 = iteration_dir(ckpt, 3)
+    # This state is replicated over DP too; both ranks wrote their share of it (Megatron-LM's
+    # fully parallel save, the default), where the plain run's rank 1 wrote nothing.
+    assert _bytes_written(iteration_dir(plain_ckpt, 3))[1] == 0
+    written = _bytes_written(at3)
+    assert min(written) > 0.8 * max(written), written
     saved = _saved_tensors(at3, tmp_path / "a.pt")
     reference = _saved_tensors(iteration_dir(plain_ckpt, 3), tmp_path / "b.pt")
     weights = _model_tensors(at3, tmp_path / "c.pt")
@@ -253,3 +272,33 @@ def test_fully_reshardable_checkpoint_resumes_at_another_layout(
         assert [r["iteration"] for r in resumed] == [4, 5, 6]
         for a, b in zip(straight[3:], resumed):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), name
+
+
+def test_async_save_writes_the_same_checkpoints_while_training_goes_on(prefix, plain, tmp_path):
+    """--async-save: the checkpoints hold exactly what a blocking save writes, and the steps
+    after a save run before it is published (a SIGKILL at the publication leaves the steps
+    logged and no checkpoint named latest: the directory is still ``.partial``)."""
+    plain, _, _, plain_ckpt = plain
+    ckpt = str(tmp_path / "ckpt")
+    saves = ("--save", ckpt, "--save-interval", 3, "--async-save")
+    steps, _, _ = _run(prefix, tmp_path, "async", *saves)
+    assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
+    for iteration in (3, 6):
+        saved = _saved_tensors(iteration_dir(ckpt, iteration), tmp_path / "a.pt")
+        expected = _saved_tensors(iteration_dir(plain_ckpt, iteration), tmp_path / "b.pt")
+        assert sorted(saved) == sorted(expected) and len(saved) > 10
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+    assert latest_iteration(ckpt) == 6
+
+    killed = str(tmp_path / "killed")
+    log = tmp_path / "killed.jsonl"
+    proc = run_pretrain(
+        tiny_args(prefix, str(log), 6, *COMMON, "--save", killed, "--save-interval", 3,
+                  "--async-save"),
+        nproc=2, check=False, env={KILL_HOOK_ENV: "swap:1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert 4 in [r["iteration"] for r in read_steps(str(log))]
+    assert latest_iteration(killed) is None
+    assert os.path.isdir(iteration_dir(killed, 3) + ".partial")

@@ -76,8 +76,13 @@ def test_job_completes_with_checkpoint(slurm, tmp_path):
 def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):
     prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 64)
     run = tmp_path / "run"
-    # the distributed optimizer's state per parameter: the resubmission changes its buckets
-    env = {**_env(tmp_path, run, 100_000, prefix), "FULLY_RESHARDABLE": "1"}
+    # the distributed optimizer's state per parameter (the resubmission changes its buckets),
+    # checkpoints written in the background
+    env = {
+        **_env(tmp_path, run, 100_000, prefix),
+        "FULLY_RESHARDABLE": "1",
+        "EXTRA_ARGS": "--async-save",
+    }
     job = _submit(slurm, tmp_path, env)
     log = run / "steps.jsonl"
     deadline = time.time() + 300
@@ -94,7 +99,9 @@ def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):
     # Resubmitting the job resumes: the script loads its own latest checkpoint (here without
     # overlapped communication: one gradient bucket instead of several).
     job2 = _submit(
-        slurm, tmp_path, {**env, "OVERLAP_COMM": "0", "EXTRA_ARGS": f"--exit-interval {saved + 2}"}
+        slurm,
+        tmp_path,
+        {**env, "OVERLAP_COMM": "0", "EXTRA_ARGS": f"--async-save --exit-interval {saved + 2}"},
     )
     assert slurm.wait(job2) == "COMPLETED", _job_log(tmp_path, job2)
     steps = read_steps(str(log))
