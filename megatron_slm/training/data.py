@@ -128,6 +128,12 @@ class MicroBatches:
     ``consumed_samples`` and ``read`` count the micro-batches handed out, not those read ahead,
     so a checkpoint resumes at the first sample not trained on. Workers ignore
     ``ignored_signals`` (the trainer's ``--exit-signal``).
+
+    :meth:`rewind` starts again from the first micro-batch with the same worker processes (the
+    validation batches of every evaluation): forking new workers from the trainer, whose
+    collective backends and pin-memory threads run meanwhile, can deadlock a child in CPython's
+    after-fork cleanup (a thread held the interpreter's thread-list lock at the fork), which
+    hung a validation loader on the CPU.
     """
 
     def __init__(
@@ -148,16 +154,21 @@ class MicroBatches:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.ignored_signals = tuple(ignored_signals)
         self.read: list[int] | None = None  # dataset indices read, when recorded (rounds.py)
-        self._batches = None  # the loader's iterator, started at the first micro-batch
+        self._first = consumed_samples
+        self._loader = None  # built at the first micro-batch
+        self._batches = None  # the loader's iterator
 
     def __iter__(self):
         return self
 
     def _start(self):
-        sampler = _RankBatches(
-            self.consumed_samples, len(self.dataset), self.mbs, self.dp, self.dp_rank
-        )
-        loader = DataLoader(
+        if self._loader is None:
+            self._loader = self._build_loader()
+        return iter(self._loader)  # persistent workers: the same processes, sampler restarted
+
+    def _build_loader(self) -> DataLoader:
+        sampler = _RankBatches(self._first, len(self.dataset), self.mbs, self.dp, self.dp_rank)
+        return DataLoader(
             self.dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
@@ -167,9 +178,9 @@ class MicroBatches:
             # global RNG (the samples are functions of their index; nothing else is random).
             generator=torch.Generator(),
             prefetch_factor=2 if self.num_workers else None,
+            persistent_workers=self.num_workers > 0,
             worker_init_fn=partial(_ignore_signals, self.ignored_signals),
         )
-        return iter(loader)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._batches is None:
@@ -181,6 +192,13 @@ class MicroBatches:
         self.consumed_samples += self.mbs * self.dp
         return batch
 
+    def rewind(self) -> None:
+        """Start again from the first micro-batch, on the same worker processes."""
+        self.consumed_samples = self._first
+        if self.read is not None:
+            self.read.clear()
+        self._batches = None if self._loader is None else iter(self._loader)
+
     def close(self) -> None:
         """Stop the loader's workers (they also stop when this object is collected)."""
-        self._batches = None
+        self._loader = self._batches = None

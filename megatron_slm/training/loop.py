@@ -239,6 +239,7 @@ class Trainer:
                 use_fused_adam(self.optimizer)  # the checkpoint's param groups replaced ours
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
+        self.valid_batches = None  # built at the first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
@@ -443,7 +444,11 @@ class Trainer:
             return None
         for chunk in self.chunks:
             chunk.eval()
-        batches = self._micro_batches(self.valid_ds)
+        if self.valid_batches is None:
+            self.valid_batches = self._micro_batches(self.valid_ds)
+        else:
+            self.valid_batches.rewind()  # the same first batches, on the same workers
+        batches = self.valid_batches
         eval_ratio = 1.0 if self.cfg.slm.enabled else None
         total = None  # only the last pipeline stage has statistics
         try:
@@ -550,6 +555,8 @@ class Trainer:
         else:
             reason = "finished"
         self.batches.close()
+        if self.valid_batches is not None:
+            self.valid_batches.close()
         self.log.close(self.iteration)
         if self.cfg.checkpoint.save and self._last_saved != self.iteration:
             with self.params_gathered():

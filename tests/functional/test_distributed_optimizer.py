@@ -79,6 +79,16 @@ def _model_tensors(checkpoint_dir, scratch) -> dict:
     }  # fmt: skip
 
 
+def _assert_same_checkpoints(ckpt, reference, scratch, read) -> None:
+    """The tensors ``read`` returns from iterations 3 and 6 of both roots are equal."""
+    for iteration in (3, 6):
+        saved = read(iteration_dir(ckpt, iteration), scratch / "a.pt")
+        expected = read(iteration_dir(reference, iteration), scratch / "b.pt")
+        assert sorted(saved) == sorted(expected) and len(saved) > 5
+        for key, value in expected.items():
+            assert torch.equal(saved[key], value), key
+
+
 def _bytes_written(checkpoint_dir) -> list[int]:
     """Bytes of tensor data each rank wrote (torch DCP's ``__<rank>_<thread>.distcp`` files)."""
     sizes = [0, 0]
@@ -148,12 +158,7 @@ def test_distributed_optimizer_and_overlap_match_the_plain_optimizer(
 
     # The checkpoints hold the weights of their step (each rank's shards of the last update
     # were gathered first): what --finetune, the scorer and the exporters read.
-    for iteration in (3, 6):
-        saved = _model_tensors(iteration_dir(ckpt, iteration), tmp_path / "a.pt")
-        expected = _model_tensors(iteration_dir(plain_ckpt, iteration), tmp_path / "b.pt")
-        assert sorted(saved) == sorted(expected) and len(saved) > 5
-        for key, value in expected.items():
-            assert torch.equal(saved[key], value), key
+    _assert_same_checkpoints(ckpt, plain_ckpt, tmp_path, _model_tensors)
     # ... and Adam's state (moments and step count): resuming at iteration 3 continues exactly
     # (each rank reading half of the weights, which they then exchange).
     load = ("--load", iteration_dir(ckpt, 3), "--ckpt-fully-parallel-load")
@@ -283,12 +288,7 @@ def test_async_save_writes_the_same_checkpoints_while_training_goes_on(prefix, p
     saves = ("--save", ckpt, "--save-interval", 3, "--async-save")
     steps, _, _ = _run(prefix, tmp_path, "async", *saves)
     assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
-    for iteration in (3, 6):
-        saved = _saved_tensors(iteration_dir(ckpt, iteration), tmp_path / "a.pt")
-        expected = _saved_tensors(iteration_dir(plain_ckpt, iteration), tmp_path / "b.pt")
-        assert sorted(saved) == sorted(expected) and len(saved) > 10
-        for key, value in expected.items():
-            assert torch.equal(saved[key], value), key
+    _assert_same_checkpoints(ckpt, plain_ckpt, tmp_path, _saved_tensors)
     assert latest_iteration(ckpt) == 6
 
     killed = str(tmp_path / "killed")

@@ -94,3 +94,22 @@ def test_workers_ignore_the_exit_signal(dp_rank):
         _signal_worker(batches, signal.SIGTERM)
         list(batches)
     batches.close()
+
+
+def test_rewind_restarts_on_the_same_workers(dp_rank):
+    """The validation batches of every evaluation: the same micro-batches again, read by the
+    same worker processes (no fork per evaluation)."""
+    dp_rank["value"] = 1
+    batches = MicroBatches(_Samples(), MBS, 0, num_workers=2)
+    first = [next(batches)["tokens"][:, 0].tolist() for _ in range(3)]
+    assert first == _expected(1, 0)[:3]
+    workers = list(batches._batches._workers)
+    for _ in range(2):
+        batches.rewind()
+        assert batches.consumed_samples == 0
+        assert [next(batches)["tokens"][:, 0].tolist() for _ in range(3)] == first
+        assert batches._batches._workers == workers and all(w.is_alive() for w in workers)
+    batches.close()
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
