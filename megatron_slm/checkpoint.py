@@ -395,8 +395,7 @@ def save_checkpoint(
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
-    if async_queue is not None:
-        _writer_results_queue_dies_with_us()
+    _writer_results_queue_of_this_rank()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -450,24 +449,31 @@ def save_checkpoint(
     return final
 
 
-# Initializer of a spawned helper: the kernel kills it when its parent dies (prctl
-# PR_SET_PDEATHSIG). Standard library only, so the helper does not import torch to run it.
-_DIE_WITH_PARENT = functools.partial(
-    exec, "import ctypes, signal; ctypes.CDLL(None).prctl(1, signal.SIGKILL)"
+# Initializer of a spawned helper of a rank: the kernel kills it when the rank dies (prctl
+# PR_SET_PDEATHSIG), and it ignores the signals a job's exit may use (SLURM signals every process
+# of a step; the rank still needs the helper to save and exit). Standard library only, so the
+# helper does not import torch to run it.
+_HELPER_INIT = functools.partial(
+    exec,
+    "import ctypes, signal\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+    "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):\n"
+    "    signal.signal(s, signal.SIG_IGN)\n",
 )
 
 
-def _writer_results_queue_dies_with_us() -> None:
-    """megatron-core's background writers report through a queue served by a spawned
-    ``multiprocessing`` manager that outlives a rank killed mid-save (SIGKILL, OOM): an orphan
-    holding the job's output pipes open, on which torchrun's caller then waits forever. The
-    queue is created here first, its server started with a parent-death signal."""
+def _writer_results_queue_of_this_rank() -> None:
+    """megatron-core's checkpoint writers (blocking saves too) report through a queue served by
+    a spawned ``multiprocessing`` manager. Its default server outlives a rank killed mid-save
+    (SIGKILL, OOM): an orphan holding the job's output pipes open, on which torchrun's caller
+    then waits forever; and it dies of the job's exit signal, after which the exit save cannot
+    report. The queue is created here first, its server started with :data:`_HELPER_INIT`."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_DIE_WITH_PARENT if sys.platform == "linux" else None)
+    manager.start(initializer=_HELPER_INIT if sys.platform == "linux" else None)
     filesystem_async._results_queue = manager.Queue()
     _writer_managers.append(manager)  # the server lives as long as this process
 

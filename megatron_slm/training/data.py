@@ -200,5 +200,7 @@ class MicroBatches:
         self._batches = None if self._loader is None else iter(self._loader)
 
     def close(self) -> None:
-        """Stop the loader's workers (they also stop when this object is collected)."""
+        """Stop the loader's workers (they also stop when this object is collected); a later
+        micro-batch starts a new loader where this one stopped."""
         self._loader = self._batches = None
+        self._first = self.consumed_samples

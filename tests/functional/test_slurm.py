@@ -77,11 +77,13 @@ def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):
     prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 64)
     run = tmp_path / "run"
     # the distributed optimizer's state per parameter (the resubmission changes its buckets),
-    # checkpoints written in the background
+    # checkpoints written in the background, every 2 steps: the writers' helper processes exist
+    # when the signal reaches every process of the step
     env = {
         **_env(tmp_path, run, 100_000, prefix),
         "FULLY_RESHARDABLE": "1",
         "EXTRA_ARGS": "--async-save",
+        "SAVE_INTERVAL": "2",
     }
     job = _submit(slurm, tmp_path, env)
     log = run / "steps.jsonl"

@@ -113,3 +113,6 @@ def test_rewind_restarts_on_the_same_workers(dp_rank):
     for worker in workers:
         worker.join(timeout=10)
         assert not worker.is_alive()
+    # after a close, a new loader continues where the last one stopped
+    assert next(batches)["tokens"][:, 0].tolist() == _expected(1, 0)[3]
+    batches.close()
