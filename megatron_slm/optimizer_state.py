@@ -174,9 +174,10 @@ def _distributed_torch_adams(optimizer):
 
 def restore_distributed_adam_steps(optimizer) -> None:
     """The distributed optimizer keeps torch Adam's step count in its saved param groups and
-    restores it into each parameter's state, but its per-bucket state load then copies the
-    in-memory step over it (0, from ``_fill_empty_distributed_optimizer_state``): Adam's bias
-    correction would restart. The param groups' count is put back."""
+    restores it into each parameter's state (one tensor shared by all of them), but its
+    per-bucket state load then copies the in-memory step over it (0, from
+    ``_fill_empty_distributed_optimizer_state``): Adam's bias correction would restart. The
+    param groups' count is put back, one tensor per parameter (after either format's load)."""
     for _, inner in _distributed_torch_adams(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
