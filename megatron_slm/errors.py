@@ -1,9 +1,10 @@
 """The project's user-facing error types: bad input the user can fix.
 
-Every error a user can cause (a flag, a configuration, an input file, a checkpoint, a tokenizer)
-is a :class:`UserError`. Entry points run under :func:`megatron_slm.entry.entry_point`, which turns
-any ``UserError`` into one line ``PROG: error: <flag or file>: <what is wrong> (<what to do>)``
-and exit status 2; anything else is a bug and keeps its traceback. A module that adds its own
+Every error a user can cause (a flag, a configuration, an input file, a checkpoint, a tokenizer,
+a learning rate the run diverges with) is a :class:`UserError`. Entry points run under
+:func:`megatron_slm.entry.entry_point`, which turns any ``UserError`` into one line
+``PROG: error: <flag or file>: <what is wrong> (<what to do>)`` and exit status 2; anything else
+is a bug and keeps its traceback. A module that adds its own
 error type derives it from one of these classes, so no entry point needs a new ``except`` list.
 
 ``UserError`` derives from ``ValueError``: callers (and tests) that catch ``ValueError`` keep
@@ -15,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DivergenceError",
     "InputFileError",
     "TokenizerError",
     "UsageError",
@@ -46,6 +48,11 @@ class UsageError(UserError):
 
 class ConfigError(UserError):
     """A flag or configuration value that is invalid or contradicts another."""
+
+
+class DivergenceError(UserError):
+    """Training cannot go on as configured: a step's gradient norm was not finite (a learning
+    rate too high, bad data). The hint says what to change and which checkpoint to resume."""
 
 
 class InputFileError(UserError):

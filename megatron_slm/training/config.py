@@ -104,6 +104,13 @@ class TrainingArgs:
     adam_beta2: float = arg(0.95, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")
     clip_grad: float = arg(1.0, "Gradient clipping by global norm (0 disables).")
+    check_for_nan_in_loss_and_grad: bool = arg(
+        True,
+        "Stop at a step whose global gradient norm is NaN or inf (Megatron-LM's default), at "
+        "the next log step or save, whichever comes first; no checkpoint of its state is "
+        "written. Such a step's update is skipped on the device either way; with "
+        "--no-check-for-nan-in-loss-and-grad training logs it and goes on.",
+    )
     bf16: bool = arg(False, "bf16 mixed precision.")
     fp16: bool = arg(False, "fp16 mixed precision with loss scaling (GPU only).")
     seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")

@@ -36,7 +36,7 @@ from megatron_slm.checkpoint import (
 from megatron_slm.data.gpt_dataset import check_data_path
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sample_list import BatchList
-from megatron_slm.errors import ConfigError
+from megatron_slm.errors import ConfigError, DivergenceError
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.models.sharding import unwrap
@@ -53,6 +53,7 @@ from megatron_slm.training.metrics import (
     source_counts,
 )
 from megatron_slm.training.optimizer import (
+    NonFiniteSteps,
     OptimizerStep,
     build_optimizer,
     check_optimizer_resume,
@@ -287,6 +288,9 @@ class Trainer:
             cfg, self.chunks, self.build_opts.params_dtype, self.sizes.train_iters
         )
         self.optimizer_step = OptimizerStep(self.optimizer, cfg.training.clip_grad, self.device)
+        self.nonfinite = NonFiniteSteps(
+            cfg.training.check_for_nan_in_loss_and_grad, self.optimizer_step.skips_on_device
+        )
         config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [c.no_sync for c in self.chunks]
@@ -469,6 +473,7 @@ class Trainer:
     def save(self) -> None:
         if not self.cfg.checkpoint.save:
             return
+        self.check_finite()  # never a checkpoint of a diverged state
         self.finish_saves()  # one background save at a time
         checkpointing.save_checkpoint(
             self.cfg.checkpoint.save,
@@ -498,6 +503,17 @@ class Trainer:
         if self.async_saves is not None:
             self.async_saves.maybe_finalize_async_calls(blocking=blocking)
 
+    def check_finite(self) -> None:
+        """Steps with a non-finite gradient norm since the last check: logged, or (with
+        --check-for-nan-in-loss-and-grad) the end of the run, after the log has written them and
+        a background save of an earlier step is published."""
+        try:
+            self.nonfinite.check()
+        except DivergenceError:
+            self.log.close(self.iteration)
+            self.finish_saves()
+            raise
+
     def _chat_metadata(self) -> dict:
         """SFT runs record their chat template: the HF export writes it (same prompts)."""
         if not self.cfg.sft.enabled:
@@ -514,12 +530,14 @@ class Trainer:
         t, ck = cfg.training, cfg.checkpoint
         stats, grad_norm, ratio = self.train_step()
         self.iteration += 1
+        self.nonfinite.record(self.iteration, grad_norm)
         self.sample_record.step(self.iteration)
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.step(self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio)
         log_step = self.log.is_log_step(self.iteration)
         if log_step:
             self.log.log(self.iteration, self.slm_loss.last, self._last_ref)
+            self.check_finite()
             self.finish_saves(blocking=False)
         interval = cfg.logging.log_selection_interval
         picture = bool(interval and self.iteration % interval == 0 and ratio is not None)

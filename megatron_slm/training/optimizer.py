@@ -11,7 +11,11 @@ Here:
 * :class:`OptimizerStep` runs megatron-core's own stages, ``prepare_grads`` →
   clip → ``step_with_ready_grads``, with the clip coefficient computed and applied on the device
   (``min(1, clip / (norm + 1e-6))``, a multiply by 1.0 being exact) and no zero count;
-* :func:`use_fused_adam` switches torch's Adam to its fused kernel (step counts on the device).
+* :func:`use_fused_adam` switches torch's Adam to its fused kernel (step counts on the device);
+* a step whose global gradient norm is not finite is skipped on the device: the fused kernel's
+  ``found_inf`` input (the flag torch's own ``GradScaler`` passes it) leaves the weights, Adam's
+  moments and its step count as they were, with no host read. :class:`NonFiniteSteps` tells the
+  host at log steps and before saves (Megatron-LM's ``--check-for-nan-in-loss-and-grad``).
 
 fp16 keeps megatron-core's dynamic loss scaler: ``prepare_grads`` reads the found-inf flag on the
 host, because skipping the update and backing off the scale are host decisions; fp16 therefore
@@ -19,6 +23,8 @@ still syncs once per step. bf16 and fp32 have no grad scaler and do not.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -28,9 +34,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
-from megatron_slm.errors import ConfigError
+from megatron_slm.errors import ConfigError, DivergenceError
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import PretrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
@@ -177,8 +185,10 @@ def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=
 
 
 class OptimizerStep:
-    """``step()`` -> ``(updated, grad_norm)``; ``grad_norm`` is a 0-dim fp32 device tensor (None
-    without clipping or when fp16's scaler skipped the step). See the module docstring."""
+    """``step()`` -> ``(updated, grad_norm)``; ``grad_norm`` is the global gradient norm, a 0-dim
+    fp32 device tensor (None when fp16's scaler skipped the step). A step whose norm is not
+    finite changes nothing where :attr:`skips_on_device` (torch's Adam, this project's default;
+    Transformer Engine's or Apex's FusedAdam take no such flag). See the module docstring."""
 
     def __init__(self, optimizer, clip_grad: float, device: torch.device):
         self.optimizer, self.clip_grad, self.device = optimizer, clip_grad, device
@@ -188,30 +198,41 @@ class OptimizerStep:
         if len(groups) != 1:
             raise NotImplementedError("optimizers with different gradient-statistics groups (MoE)")
         (self.stats_group,) = groups
+        inner = [getattr(p, "optimizer", None) for p in self.parts]
+        self._adams = [o for o in inner if isinstance(o, torch.optim.Adam)]
+        self.skips_on_device = len(self._adams) == len(inner)
 
     @torch.no_grad()
     def step(self) -> tuple[bool, torch.Tensor | None]:
         if self.optimizer.prepare_grads():  # fp16 only: found inf/nan (read on the host)
             return False, None
-        grad_norm = self._clip() if self.clip_grad > 0 else None
+        grad_norm = self._norm()
+        if self.clip_grad > 0:
+            self._clip(grad_norm)
+        # torch's fused Adam skips the update (and undoes its step count) where found_inf is 1.
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        for adam in self._adams:
+            adam.grad_scale, adam.found_inf = None, found_inf
         return self.optimizer.step_with_ready_grads(), grad_norm
 
-    def _clip(self) -> torch.Tensor:
-        # Same tensors and group as megatron-core's get_grad_norm_fp32 / clip_grad_norm.
+    def _norm(self) -> torch.Tensor:
+        # Same tensors and group as megatron-core's get_grad_norm_fp32.
         for_norm = [g for p in self.parts for g in p.get_main_grads_for_grad_norm()]
         if for_norm:
             total = torch.stack(torch._foreach_norm(for_norm)).float().square().sum()
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
         dist.all_reduce(total, group=self.stats_group)
-        norm = total.sqrt()
+        return total.sqrt()
+
+    def _clip(self, norm: torch.Tensor) -> None:
+        # megatron-core's clip_grad_norm, on the device.
         coeff = self.clip_grad / (norm + 1.0e-6)
         # Like megatron-core, scale only when coeff < 1 (a NaN norm leaves the gradients as is).
         coeff = torch.where(coeff < 1.0, coeff, torch.ones_like(coeff))
         grads = [g for p in self.parts for g in self._grads(p)]
         if grads:
             torch._foreach_mul_(grads, coeff)
-        return norm
 
     @staticmethod
     def _grads(part) -> list[torch.Tensor]:
@@ -221,3 +242,51 @@ class OptimizerStep:
             else "grad"
         )
         return [g for g in (getattr(p, attr, None) for p in part.get_parameters()) if g is not None]
+
+
+class NonFiniteSteps:
+    """The steps whose gradient norm was not finite, told to the host when it reads anyway (log
+    steps, saves): ``record`` keeps each step's norm on the device, ``check`` reads them all with
+    one transfer. The norm is global, so every rank finds the same steps and stops at the same
+    point. ``stop`` (``--check-for-nan-in-loss-and-grad``, Megatron-LM's default) raises
+    :class:`~megatron_slm.errors.DivergenceError` on the first such step found, before a save
+    could write its state; without it each one is logged and training goes on."""
+
+    def __init__(self, stop: bool, skips_on_device: bool):
+        self.stop, self.skips_on_device = stop, skips_on_device
+        self._norms: list[tuple[int, torch.Tensor]] = []
+        self.total = 0  # such steps so far in this run
+
+    def record(self, iteration: int, grad_norm: torch.Tensor | None) -> None:
+        if grad_norm is not None:
+            self._norms.append((iteration, grad_norm))
+
+    def check(self) -> list[int]:
+        """The iterations found since the last check (raises with ``stop``)."""
+        if not self._norms:
+            return []
+        iterations, norms = zip(*self._norms)
+        self._norms = []
+        finite = torch.stack(norms).isfinite().tolist()  # the one host read
+        bad = [it for it, ok in zip(iterations, finite) if not ok]
+        if not bad:
+            return []
+        self.total += len(bad)
+        first = f"iteration {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        if self.skips_on_device:
+            effect = "the update was skipped: the weights and Adam's state are unchanged"
+        else:
+            effect = "the update was applied (this optimizer cannot skip on the device)"
+        if self.stop:
+            raise DivergenceError(
+                f"{first}: the gradient norm is not finite; {effect}. Stopped before any "
+                "checkpoint of that state",
+                hint="lower --lr or --clip-grad, check the data, and resume from the last "
+                "checkpoint; --no-check-for-nan-in-loss-and-grad skips such steps and goes on",
+            )
+        if dist.get_rank() == 0:  # the same on every rank
+            logger.warning(
+                "%s: the gradient norm is not finite; %s (%d such steps so far)", first, effect,
+                self.total,
+            )  # fmt: skip
+        return bad

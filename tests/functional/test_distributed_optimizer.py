@@ -1,8 +1,8 @@
 """megatron-core's distributed optimizer and overlapped data-parallel communication in real
 ``megatron_slm.pretrain`` runs (torchrun, two data-parallel ranks, CPU): the launch scripts'
 defaults at scale (``--use-distributed-optimizer``, ``--overlap-grad-reduce``,
-``--overlap-param-gather``), and the checkpoints of data-parallel runs (per-parameter optimizer
-state, fully parallel and background saves).
+``--overlap-param-gather``), the checkpoints of data-parallel runs (per-parameter optimizer
+state, fully parallel and background saves), and a run that diverges (non-finite gradients).
 
 Without clipping every update is elementwise (the reduced gradient is the same two-term sum in
 any bucketing, and Adam is per element), so the plain optimizer, the distributed one and the
@@ -13,6 +13,7 @@ the collectives were issued is recorded by ``collective_probe.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -302,3 +303,46 @@ def test_async_save_writes_the_same_checkpoints_while_training_goes_on(prefix, p
     assert 4 in [r["iteration"] for r in read_steps(str(log))]
     assert latest_iteration(killed) is None
     assert os.path.isdir(iteration_dir(killed, 3) + ".partial")
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_or_changes_nothing(prefix, tmp_path):
+    """``--lr 1e30`` (after tiny_args' two warmup steps, the first at lr 0): step 2 sends the
+    weights to about 1e29 and every later gradient is NaN. By default (Megatron-LM's
+    --check-for-nan-in-loss-and-grad) both ranks stop at step 3 with one line, before a
+    checkpoint of it; without the check such steps are skipped on the device: the sharded
+    optimizer's moments and the weights saved after steps 3 to 5 are those saved after step 2,
+    bit for bit."""
+    diverge = (*COMMON, "--lr", "1e30", "--save-interval", 1)
+    stopped = tmp_path / "stopped"
+    proc = run_pretrain(
+        tiny_args(prefix, str(tmp_path / "stopped.jsonl"), 6, *diverge, "--save", stopped),
+        nproc=2,
+        check=False,
+    )
+    both = proc.stdout + proc.stderr
+    errors = [ln for ln in both.splitlines() if ": error: " in ln]
+    assert proc.returncode != 0 and len(errors) == 1, both[-4000:]
+    assert errors[0].startswith(
+        "python -m megatron_slm.pretrain: error: iteration 3: the gradient norm is not finite; "
+        "the update was skipped"
+    ), errors
+    assert latest_iteration(str(stopped)) == 2
+    assert not os.path.exists(iteration_dir(str(stopped), 3))
+
+    went_on = tmp_path / "went_on"
+    log = tmp_path / "went_on.jsonl"
+    proc = run_pretrain(
+        tiny_args(prefix, str(log), 5, *diverge, *DIST_OPT, *OVERLAP, "--save", went_on,
+                  "--no-check-for-nan-in-loss-and-grad"),
+        nproc=2,
+    )  # fmt: skip
+    norms = [r["grad_norm"] for r in read_steps(str(log))]
+    assert all(map(math.isfinite, norms[:2])) and not any(map(math.isfinite, norms[2:])), norms
+    warnings = [ln for ln in proc.stderr.splitlines() if "the gradient norm is not finite" in ln]
+    assert len(warnings) == 3 and "iteration 3: " in warnings[0], proc.stderr[-4000:]
+    before = _saved_tensors(iteration_dir(str(went_on), 2), tmp_path / "a.pt")
+    after = _saved_tensors(iteration_dir(str(went_on), 5), tmp_path / "b.pt")
+    assert sorted(before) == sorted(after)
+    assert any(key.startswith("optimizer") for key in before), sorted(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key

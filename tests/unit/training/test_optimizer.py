@@ -8,9 +8,14 @@ nothing is clipped); and our path must not read anything back to the host. One r
 data-parallel ranks (the token count and the gradients are all-reduced), with the plain and the
 distributed optimizer (gradients reduce-scattered, the norm summed over the shards, parameters
 all-gathered).
+
+A step whose gradient norm is not finite must change nothing (weights, Adam's moments and step
+count), without a host read: after it, our next step must equal megatron-core's first.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -53,7 +58,7 @@ def _worker(rank, world, clips, flags):
     from megatron_slm import launch
 
     launch.initialize(device="cpu")
-    return [_compare(rank, clip, flags) for clip in clips]
+    return [_compare(rank, clip, flags) for clip in clips], _skip_non_finite(rank, flags)
 
 
 def _compare(rank, clip, flags):
@@ -98,6 +103,59 @@ def _compare(rank, clip, flags):
     }
 
 
+def _adam_state(opt) -> list[torch.Tensor]:
+    from megatron_slm.optimizer_state import optimizer_parts
+
+    return [
+        t.clone()
+        for part in optimizer_parts(opt)
+        for state in part.optimizer.state.values()
+        for t in state.values()
+    ]
+
+
+def _skip_non_finite(rank, flags):
+    """A NaN in one rank's gradient, then a finite step; megatron-core takes the finite one only."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.optimizer import OptimizerStep, finalize_grads
+    from tests.sync_counter import SyncCounter
+
+    cfg = parse_config(["--train-iters", "10", "--clip-grad", "1e6", "--lr", "0.01", *flags])
+    theirs, their_opt = _setup(cfg)
+    ours, our_opt = _setup(cfg)
+    n = _backward(theirs, rank)
+    finalize_model_grads([theirs], n.clone())
+    their_opt.step()
+
+    step = OptimizerStep(our_opt, 1e6, torch.device("cpu"))
+    before = [p.detach().clone() for p in ours.parameters()]
+    n = _backward(ours, rank)
+    if rank == 0:  # before the data-parallel reduction, as a NaN from the backward is
+        next(ours.parameters()).main_grad.view(-1)[0] = float("nan")
+    with SyncCounter() as counter:
+        finalize_grads([ours], n.clone())
+        _, nan_norm = step.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))
+    state = _adam_state(our_opt)
+    our_opt.zero_grad()  # as each training step starts: no .grad aliasing the gradient buffer
+    n = _backward(ours, rank)
+    finalize_grads([ours], n.clone())
+    _, norm = step.step()
+    return {
+        "syncs": (counter.count, counter.report()),
+        "norm": (nan_norm.item(), step.skips_on_device),
+        "unchanged": unchanged,
+        # a skipped first step leaves Adam's new state at zero (moments and step count)
+        "state_zero": bool(state) and all(not t.any() for t in state),
+        "next_norm": norm.item(),
+        "params": [
+            (a.detach(), b.detach()) for a, b in zip(theirs.parameters(), ours.parameters())
+        ],
+    }
+
+
 @pytest.mark.parametrize(
     "world, flags",
     [(1, ()), (2, ()), (2, ("--use-distributed-optimizer",))],
@@ -105,7 +163,15 @@ def _compare(rank, clip, flags):
 )
 def test_matches_megatron_core_without_syncs(world, flags):
     clips = (0.05, 1e6)  # clipped, not clipped
-    results = [r for rank in run_distributed(_worker, world, clips, flags) for r in rank]
+    ranks = run_distributed(_worker, world, clips, flags)
+    for _, skip in ranks:
+        assert skip["syncs"][0] == 0, skip["syncs"][1]
+        norm, on_device = skip["norm"]
+        assert math.isnan(norm) and on_device
+        assert skip["unchanged"] and skip["state_zero"]
+        assert math.isfinite(skip["next_norm"])
+        assert all(torch.equal(theirs, ours) for theirs, ours in skip["params"])
+    results = [r for compared, _ in ranks for r in compared]
     assert [r["clip"] for r in results] == list(clips) * world
     for result in results:
         clip = result["clip"]
