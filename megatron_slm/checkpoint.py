@@ -236,6 +236,7 @@ _META_TYPES = {
     "iteration": int,
     "params_dtype": str,
     "optimizer_layout": dict,
+    "lr_schedule": dict,
 }
 
 

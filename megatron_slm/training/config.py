@@ -85,6 +85,9 @@ class ParallelConfig:
             )
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
+
+
 @dataclass
 class TrainingArgs:
     micro_batch_size: int = arg(1, "Sequences per micro-batch per data-parallel rank.")
@@ -135,13 +138,7 @@ class TrainingArgs:
             raise ConfigError("give exactly one of --train-iters and --train-tokens")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
-        if self.lr_decay_style not in (
-            "constant",
-            "linear",
-            "cosine",
-            "WSD",
-            "inverse-square-root",
-        ):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
@@ -246,6 +243,21 @@ class CheckpointArgs:
     save_interval: int | None = arg(None, "Save every N steps (and at the end).")
     load: str | None = arg(None, "Checkpoint to resume from (model, optimizer, data position).")
     finetune: bool = arg(False, "With --load: load weights only, start at step 0.")
+    override_opt_param_scheduler: bool = arg(
+        False,
+        "Resuming: train on this run's learning-rate schedule (--lr, --min-lr, "
+        "--lr-warmup-iters, --lr-decay-iters, --lr-decay-style, --weight-decay, and the training "
+        "steps the decay defaults to) from the saved step on, where it differs from the "
+        "checkpoint's (Megatron-LM's flag). Without it or --use-checkpoint-opt-param-scheduler "
+        "a difference is refused.",
+        aliases=("--override-opt_param-scheduler",),
+    )
+    use_checkpoint_opt_param_scheduler: bool = arg(
+        False,
+        "Resuming: keep the checkpoint's learning-rate schedule whatever the flags say "
+        "(Megatron-LM's flag).",
+        aliases=("--use-checkpoint-opt_param-scheduler",),
+    )
     exit_signal_handler: bool = arg(False, "On --exit-signal: save a checkpoint and exit cleanly.")
     exit_signal: str = arg("SIGTERM", "Signal name for --exit-signal-handler.")
     exit_duration_in_mins: float | None = arg(None, "Save and exit after this many minutes.")
@@ -273,6 +285,11 @@ class CheckpointArgs:
             raise ConfigError(f"--exit-signal {self.exit_signal!r} is not a signal name")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError("--save-interval must be >= 1")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError(
+                "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are "
+                "exclusive: the first trains on this run's schedule, the second on the saved one"
+            )
 
 
 @dataclass

@@ -59,6 +59,8 @@ from megatron_slm.training.optimizer import (
     check_optimizer_resume,
     finalize_grads,
     optimizer_layout,
+    restore_lr_schedule,
+    resume_lr_schedule,
     use_fused_adam,
 )
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
@@ -92,6 +94,7 @@ class TrainingPlan:
     batch_list: BatchList | None = None  # --train-samples-from
     reference: LoadPlan | None = None  # --slm-ref-load (online reference), planned once
     sft_dataset: object | None = None  # --sft-data: built (and checked) before any work
+    lr_schedule: dict | None = None  # resume_lr_schedule: the flags', or the checkpoint's
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
         vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
@@ -125,6 +128,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         )
         sft = None
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
+    schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt)
     record = tokenizer_record(ttype, tmodel, tokenizer)
     return TrainingPlan(
         tokenizer,
@@ -135,6 +139,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         batch_list=batch_list,
         sft_dataset=sft,
         reference=reference,
+        lr_schedule=schedule,
     )
 
 
@@ -237,7 +242,9 @@ class Trainer:
             )
             if not cfg.checkpoint.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
-                use_fused_adam(self.optimizer)  # the checkpoint's param groups replaced ours
+                # the checkpoint's param groups replaced ours
+                use_fused_adam(self.optimizer)
+                restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
         self.valid_batches = None  # built at the first evaluation
@@ -285,7 +292,11 @@ class Trainer:
                 impl = cfg.training.cross_entropy_impl
                 logger.info("plain loss: %s", install_plain_loss(unwrap(chunk), impl, self.device))
         self.optimizer, self.scheduler = build_optimizer(
-            cfg, self.chunks, self.build_opts.params_dtype, self.sizes.train_iters
+            cfg,
+            self.chunks,
+            self.build_opts.params_dtype,
+            self.sizes.train_iters,
+            schedule=self.plan.lr_schedule,
         )
         self.optimizer_step = OptimizerStep(self.optimizer, cfg.training.clip_grad, self.device)
         self.nonfinite = NonFiniteSteps(
@@ -490,6 +501,7 @@ class Trainer:
                 "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
                 "optimizer_layout": optimizer_layout(self.cfg, self.sizes.data_parallel_size),
+                "lr_schedule": self.plan.lr_schedule,
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
             },

@@ -34,9 +34,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
-from megatron_slm.errors import ConfigError, DivergenceError
+from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
-from megatron_slm.training.config import PretrainConfig
+from megatron_slm.training.config import LR_DECAY_STYLES, PretrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,95 @@ def _shown(value) -> str:
     return "unset" if value is None else str(value)
 
 
-def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, train_iters: int):
-    """megatron-core's mixed-precision Adam(W) (fused where torch's) and its LR scheduler."""
+# What each value of a learning-rate schedule is set by, for messages.
+_SCHEDULE_FLAGS = {
+    "lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_iters": "--lr-warmup-iters",
+    "lr_decay_iters": "--lr-decay-iters (default: the training steps)",
+    "lr_decay_style": "--lr-decay-style",
+    "wsd_decay_iters": "WSD's decay steps (a tenth of the training steps)",
+    "weight_decay": "--weight-decay",
+}
+
+
+def lr_schedule(cfg: PretrainConfig, train_iters: int) -> dict:
+    """The learning-rate and weight-decay schedule the flags ask for, resolved (the decay over
+    the training steps unless --lr-decay-iters): what a checkpoint records and a resume checks."""
+    t = cfg.training
+    return {
+        "lr": t.lr,
+        "min_lr": t.min_lr,
+        "lr_warmup_iters": t.lr_warmup_iters,
+        "lr_decay_iters": t.lr_decay_iters or train_iters,
+        "lr_decay_style": t.lr_decay_style,
+        "wsd_decay_iters": max(1, train_iters // 10) if t.lr_decay_style == "WSD" else None,
+        "weight_decay": t.weight_decay,
+    }
+
+
+def resume_lr_schedule(cfg: PretrainConfig, train_iters: int, ckpt) -> dict:
+    """The schedule a run trains on: the flags', or on resuming (--load without --finetune) the
+    checkpoint's where it differs and --use-checkpoint-opt-param-scheduler says so. A difference
+    with neither that flag nor --override-opt-param-scheduler is refused, naming the flags:
+    megatron-core's scheduler would silently keep the saved schedule (a run extended by raising
+    --train-iters would train at the saved run's final learning rate)."""
+    run = lr_schedule(cfg, train_iters)
+    c = cfg.checkpoint
+    saved = ckpt.meta.get("lr_schedule") if ckpt is not None and not c.finetune else None
+    if saved is None or c.override_opt_param_scheduler:
+        return run  # checkpoints that predate the record: the flags
+    # A constant rate ignores the decay's length and floor (megatron-core's get_lr).
+    ignored = {"lr_decay_iters", "min_lr", "wsd_decay_iters"} if all(
+        s.get("lr_decay_style") == "constant" for s in (saved, run)
+    ) else set()  # fmt: skip
+    differing = [k for k in _SCHEDULE_FLAGS if k not in ignored and saved.get(k) != run[k]]
+    if not differing:
+        return run
+    if c.use_checkpoint_opt_param_scheduler:
+        _check_saved_schedule(saved, run, f"--load {ckpt.path}")
+        return saved
+    differences = "; ".join(
+        f"{_SCHEDULE_FLAGS[key]} saved {_shown(saved.get(key))}, this run {_shown(run[key])}"
+        for key in differing
+    )
+    raise ConfigError(
+        f"--load {ckpt.path}: its learning-rate schedule differs from this run's: {differences}",
+        hint="--override-opt-param-scheduler trains on this run's schedule from the saved step, "
+        "--use-checkpoint-opt-param-scheduler on the saved one",
+    )
+
+
+def _check_saved_schedule(saved, run: dict, where: str) -> None:
+    """A recorded schedule holds what the flags would: numbers where they hold numbers, a known
+    decay style, and WSD's decay steps exactly with WSD."""
+    for key, value in run.items():
+        got = saved.get(key)
+        if key == "lr_decay_style":
+            ok = got in LR_DECAY_STYLES
+        elif key == "wsd_decay_iters":
+            ok = got is None if saved.get("lr_decay_style") != "WSD" else _is_int(got, 1)
+        elif isinstance(value, int):
+            ok = _is_int(got, 0)
+        else:
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool) and got >= 0
+        if not ok:
+            raise CheckpointError(f"{where}: its lr_schedule.{key} is invalid: {got!r:.80}")
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def build_optimizer(
+    cfg: PretrainConfig,
+    chunks,
+    params_dtype: torch.dtype,
+    train_iters: int,
+    schedule: dict | None = None,
+):
+    """megatron-core's mixed-precision Adam(W) (fused where torch's) and its LR scheduler, on
+    ``schedule`` (:func:`resume_lr_schedule`; default: the flags')."""
     t = cfg.training
     opt = get_megatron_optimizer(
         OptimizerConfig(
@@ -125,22 +212,31 @@ def build_optimizer(cfg: PretrainConfig, chunks, params_dtype: torch.dtype, trai
         chunks,
     )
     use_fused_adam(opt)
-    scheduler = OptimizerParamScheduler(
-        opt,
-        init_lr=0.0 if t.lr_warmup_iters else t.lr,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_steps=t.lr_decay_iters or train_iters,
-        lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
+    return opt, lr_scheduler(opt, schedule or lr_schedule(cfg, train_iters), train_iters)
+
+
+def lr_scheduler(optimizer, schedule: dict, train_iters: int) -> OptimizerParamScheduler:
+    """megatron-core's scheduler on ``schedule`` (:func:`lr_schedule`), decided before: loading
+    a checkpoint's scheduler state restores its step count only (see :func:`resume_lr_schedule`
+    and :func:`restore_lr_schedule`)."""
+    s, wsd = schedule, schedule["lr_decay_style"] == "WSD"
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if s["lr_warmup_iters"] else s["lr"],
+        max_lr=s["lr"],
+        min_lr=s["min_lr"],
+        lr_warmup_steps=s["lr_warmup_iters"],
+        lr_decay_steps=s["lr_decay_iters"],
+        lr_decay_style=s["lr_decay_style"],
+        start_wd=s["weight_decay"],
+        end_wd=s["weight_decay"],
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=max(1, train_iters // 10) if t.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
+        wsd_decay_steps=s["wsd_decay_iters"] if wsd else None,
+        lr_wsd_decay_style="linear" if wsd else None,
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
-    return opt, scheduler
 
 
 def use_fused_adam(optimizer) -> None:
@@ -161,6 +257,16 @@ def use_fused_adam(optimizer) -> None:
                     state["step"] = torch.as_tensor(
                         state["step"], dtype=torch.float32, device=p.device
                     ).clone()
+
+
+def restore_lr_schedule(optimizer, scheduler, schedule: dict) -> None:
+    """After a checkpoint load: megatron-core's scheduler takes each parameter group's
+    ``max_lr``/``min_lr`` over its own, and the loaded groups carry the saved run's. Set them to
+    ``schedule`` (:func:`resume_lr_schedule`) and recompute the learning rate at the loaded step,
+    which the next update uses."""
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = schedule["lr"], schedule["min_lr"]
+    scheduler.step(increment=0)
 
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:

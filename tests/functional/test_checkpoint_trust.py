@@ -26,6 +26,10 @@ from tests.functional.pretrain_helpers import (
 pytestmark = pytest.mark.slow
 
 
+# The checkpoint's run trained 3 steps; resuming for 4 decays over 4 (this run's schedule).
+LONGER = ("--override-opt-param-scheduler",)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A corpus and a checkpoint of 3 iterations (and the log of those steps)."""
@@ -64,7 +68,7 @@ def test_planted_pickle_in_rng_file_is_refused_without_running(trained, tmp_path
     torch.save(state, rng_file)
 
     proc = run_pretrain(
-        tiny_args(prefix, str(tmp_path / "b.jsonl"), 4, "--load", ckpt), check=False
+        tiny_args(prefix, str(tmp_path / "b.jsonl"), 4, "--load", ckpt, *LONGER), check=False
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if "pretrain: error:" in ln]
@@ -112,7 +116,7 @@ def test_resave_killed_mid_swap_leaves_a_loadable_checkpoint(trained, tmp_path, 
     assert os.path.isfile(os.path.join(tracked, "megatron_slm.json")), os.listdir(ckpt)
     assert os.path.isfile(os.path.join(tracked, "rng", "rank_00000.pt"))
     resumed = tmp_path / "r.jsonl"
-    run_pretrain(tiny_args(prefix, str(resumed), 4, "--load", ckpt, "--seed", 3))
+    run_pretrain(tiny_args(prefix, str(resumed), 4, "--load", ckpt, "--seed", 3, *LONGER))
     assert [r["iteration"] for r in read_steps(str(resumed))] == [4]
     # a save that is not killed cleans what the killed one left
     run_pretrain(args)

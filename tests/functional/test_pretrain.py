@@ -183,6 +183,38 @@ def test_log_interval_reads_late_but_records_every_step(corpus, tmp_path):
             assert a["consumed_samples"] == b["consumed_samples"]
 
 
+def test_a_longer_run_resumes_only_on_a_schedule_it_names(corpus, tmp_path):
+    """Raising --train-iters (and the rates) on resume changes the schedule: refused before any
+    work, naming what differs, unless --override-opt-param-scheduler, which trains on the new
+    schedule from the saved step on: megatron-core's scheduler built on it gives the same rates
+    (megatron-core alone would keep the saved schedule's, here its final 0 from step 4 on)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    _, prefix = corpus
+    ckpt = str(tmp_path / "ckpt")
+    run_pretrain(tiny_args(prefix, str(tmp_path / "a.jsonl"), 3, "--save", ckpt))
+    longer = ("--lr", "6e-3", "--min-lr", "1e-4", "--lr-decay-style", "linear", "--load", ckpt)
+    proc = run_pretrain(tiny_args(prefix, str(tmp_path / "b.jsonl"), 6, *longer), check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "--lr-decay-iters (default: the training steps) saved 3, this run 6" in errors[0]
+    log = tmp_path / "c.jsonl"
+    run_pretrain(tiny_args(prefix, str(log), 6, *longer, "--override-opt_param-scheduler"))
+    resumed = read_steps(str(log))
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    reference = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=6e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=6,
+        lr_decay_style="linear", start_wd=0.1, end_wd=0.1, wd_incr_steps=6,
+        wd_incr_style="constant",
+    )  # fmt: skip
+    expected = []
+    for _ in range(6):
+        reference.step(increment=1)
+        expected.append(opt.param_groups[0]["lr"])
+    assert [r["lr"] for r in resumed] == expected[3:]
+
+
 def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
     _, prefix = corpus
     straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6)

@@ -1,0 +1,125 @@
+"""Resuming with another learning-rate schedule (``training/optimizer.py``): refused with the
+flags and both values, unless Megatron-LM's --override-opt-param-scheduler (this run's schedule)
+or --use-checkpoint-opt-param-scheduler (the saved one); and the scheduler built on a schedule
+gives megatron-core's own learning rates for it, also after a load replaced the optimizer's
+parameter groups with another run's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_slm.checkpoint import CheckpointInfo
+from megatron_slm.errors import CheckpointError, ConfigError
+from megatron_slm.training.config import CheckpointArgs, parse_config
+from megatron_slm.training.optimizer import (
+    lr_schedule,
+    lr_scheduler,
+    restore_lr_schedule,
+    resume_lr_schedule,
+)
+
+BASE = ["--train-iters", "100", "--lr", "1e-3", "--lr-warmup-iters", "10"]
+
+
+def _ckpt(schedule) -> CheckpointInfo:
+    return CheckpointInfo("ckpt/iter_0000050", {"lr_schedule": schedule})
+
+
+def test_the_same_schedule_resumes_and_another_is_refused_naming_the_flags():
+    saved = lr_schedule(parse_config(BASE), 100)
+    assert saved["lr_decay_iters"] == 100 and saved["wsd_decay_iters"] is None
+    assert resume_lr_schedule(parse_config(BASE), 100, _ckpt(saved)) == saved
+    longer = parse_config(["--load", "ckpt", *BASE, "--train-iters", "200", "--min-lr", "1e-5"])
+    with pytest.raises(ConfigError) as err:
+        resume_lr_schedule(longer, 200, _ckpt(saved))
+    message = str(err.value)
+    assert message.startswith("--load ckpt/iter_0000050: its learning-rate schedule differs")
+    assert "--min-lr saved 0.0, this run 1e-05" in message
+    assert "--lr-decay-iters (default: the training steps) saved 100, this run 200" in message
+    assert "--lr saved" not in message  # only what differs
+    assert "--override-opt-param-scheduler" in message
+
+
+def test_a_constant_rate_resumes_for_longer():
+    """A constant rate ignores the decay's length and floor: more steps are not a difference."""
+    const = [*BASE, "--lr-decay-style", "constant"]
+    saved = lr_schedule(parse_config(const), 100)
+    cfg = parse_config(["--load", "ckpt", *const, "--train-iters", "300", "--min-lr", "1e-5"])
+    assert resume_lr_schedule(cfg, 300, _ckpt(saved)) == lr_schedule(cfg, 300)
+    with pytest.raises(ConfigError, match="--lr saved 0.001, this run 0.002"):
+        resume_lr_schedule(parse_config([*const, "--lr", "2e-3"]), 100, _ckpt(saved))
+
+
+@pytest.mark.parametrize(
+    "flags, use_saved",
+    [
+        (["--override-opt-param-scheduler"], False),
+        (["--override-opt_param-scheduler"], False),  # Megatron-LM's spelling
+        (["--use-checkpoint-opt-param-scheduler"], True),
+        (["--use-checkpoint-opt_param-scheduler"], True),
+        (["--finetune"], False),  # a new run: no saved schedule applies
+    ],
+)
+def test_the_flags_choose_the_schedule(flags, use_saved):
+    saved = lr_schedule(parse_config(BASE), 100)
+    cfg = parse_config(["--load", "ckpt", *BASE, "--train-iters", "200", *flags])
+    run = lr_schedule(cfg, 200)
+    assert run != saved
+    assert resume_lr_schedule(cfg, 200, _ckpt(saved)) == (saved if use_saved else run)
+
+
+def test_unrecorded_checkpoints_and_bad_records():
+    cfg = parse_config(["--load", "ckpt", *BASE, "--use-checkpoint-opt-param-scheduler"])
+    assert resume_lr_schedule(cfg, 100, CheckpointInfo("old", {})) == lr_schedule(cfg, 100)
+    bad = dict(lr_schedule(cfg, 100), lr_decay_style="exotic")
+    with pytest.raises(CheckpointError, match="lr_schedule.lr_decay_style is invalid"):
+        resume_lr_schedule(cfg, 100, _ckpt(bad))
+    bad = dict(lr_schedule(cfg, 100), lr_decay_iters="100")
+    with pytest.raises(CheckpointError, match="lr_schedule.lr_decay_iters is invalid"):
+        resume_lr_schedule(cfg, 100, _ckpt(bad))
+    with pytest.raises(ConfigError, match="exclusive"):
+        CheckpointArgs(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True)
+
+
+def _lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        scheduler.step(increment=1)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_restored_schedule_gives_megatron_cores_learning_rates():
+    """A scheduler on the WSD schedule of 20 steps, loaded from a cosine run's state at step 5
+    with that run's parameter groups: from step 6 on, the rates of megatron-core's scheduler
+    built directly on the new schedule (the independent reference)."""
+
+    def optimizer(max_lr, min_lr):
+        param = torch.nn.Parameter(torch.zeros(2))
+        return torch.optim.AdamW([{"params": [param], "max_lr": max_lr, "min_lr": min_lr}])
+
+    old = parse_config(["--train-iters", "10", "--lr", "1e-3", "--lr-warmup-iters", "2"])
+    new = parse_config(["--train-iters", "20", "--lr", "4e-3", "--min-lr", "1e-4",
+                        "--lr-decay-style", "WSD"])  # fmt: skip
+    old_opt = optimizer(1e-3, 0.0)
+    old_sched = lr_scheduler(old_opt, lr_schedule(old, 10), 10)
+    _lrs(old_sched, old_opt, 5)
+
+    schedule = lr_schedule(new, 20)
+    resumed_opt = optimizer(1e-3, 0.0)  # the loaded groups: the old run's bounds
+    resumed = lr_scheduler(resumed_opt, schedule, 20)
+    resumed.load_state_dict(old_sched.state_dict())
+    restore_lr_schedule(resumed_opt, resumed, schedule)
+    got = [resumed_opt.param_groups[0]["lr"], *_lrs(resumed, resumed_opt, 15)]
+
+    ref_opt = optimizer(4e-3, 1e-4)
+    reference = OptimizerParamScheduler(
+        ref_opt, init_lr=0.0, max_lr=4e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=20,
+        lr_decay_style="WSD", start_wd=0.1, end_wd=0.1, wd_incr_steps=20,
+        wd_incr_style="constant", wsd_decay_steps=2, lr_wsd_decay_style="linear",
+    )  # fmt: skip
+    expected = _lrs(reference, ref_opt, 20)[4:]
+    assert got == expected
+    assert expected[0] == 4e-3 and expected[-1] == 1e-4  # stable, then the decay to --min-lr
