@@ -387,8 +387,9 @@ class NonFiniteSteps:
             raise DivergenceError(
                 f"{first}: the gradient norm is not finite; {effect}. Stopped before any "
                 "checkpoint of that state",
-                hint="lower --lr or --clip-grad, check the data, and resume from the last "
-                "checkpoint; --no-check-for-nan-in-loss-and-grad skips such steps and goes on",
+                hint="resume from the last checkpoint with a lower --lr (and "
+                "--override-opt-param-scheduler) or other data; "
+                "--no-check-for-nan-in-loss-and-grad skips such steps and goes on",
             )
         if dist.get_rank() == 0:  # the same on every rank
             logger.warning(

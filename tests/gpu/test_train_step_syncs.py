@@ -5,6 +5,7 @@ this one also catches waits that only CUDA has (blocking copies, stream synchron
 
 from __future__ import annotations
 
+import math
 import os
 import traceback
 
@@ -55,14 +56,68 @@ def _train(data_path, log_file, extra, ratio):
     return expected, records_of(log_file)
 
 
-def _worker(queue, port, *args):
+def _diverge(data_path, log_file):
+    """--lr 1e30: step 2 sends the weights to about 1e29 (tiny_args warms up over 2 steps, the
+    first at lr 0), every later step's gradient is NaN. Those steps must leave the bf16 weights
+    and the fp32 main weights untouched, with no host wait (fused Adam's found_inf on CUDA); the
+    log step then reads them back and goes on (--no-check-for-nan-in-loss-and-grad)."""
+    from megatron_slm import launch
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.loop import Trainer, plan_training
+
+    argv = tiny_args(data_path[1], log_file, 2 * LOG_EVERY, *data_path, "--lr", "1e30")
+    argv = [str(a) for a in argv] + ["--no-check-for-nan-in-loss-and-grad"]
+    cfg = parse_config(argv + ["--device", "cuda", "--bf16", "--log-interval", str(LOG_EVERY)])
+    trainer = Trainer(cfg, plan_training(cfg, 1), launch.initialize(device="cuda", seed=1))
+    for chunk in trainer.chunks:
+        chunk.train()
+    for _ in range(LOG_EVERY):
+        assert trainer.advance() is None
+    main = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    before = [t.detach().clone() for t in [*trainer.chunks[0].parameters(), *main]]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(LOG_EVERY - 1):
+            assert trainer.advance() is None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    after = [*trainer.chunks[0].parameters(), *main]
+    unchanged = len(before) == len(after) and all(map(torch.equal, before, after))
+    assert trainer.advance() is None  # the log step: reads the norms, warns, goes on
+    skipped = trainer.nonfinite.total
+    trainer.batches.close()
+    trainer.log.close(trainer.iteration)
+    launch.shutdown()
+    return unchanged, skipped, [r["grad_norm"] for r in records_of(log_file)]
+
+
+def _worker(queue, port, *args, run=_train):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     try:
-        queue.put(("ok", _train(*args)))
+        queue.put(("ok", run(*args)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put(("error", traceback.format_exc()))
+
+
+def _run_worker(*args, run=_train):
+    """``run(*args)`` in a spawned child (a fresh CUDA context and an NCCL process group)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(queue, free_port(), *args), kwargs={"run": run})
+    proc.start()
+    # A child that dies without a word (a CUDA or NCCL abort) fails the test within two minutes,
+    # before the GPU script's tests step (200 s) ends, and does not keep the GPU.
+    try:
+        status, payload = queue.get(timeout=120)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert status == "ok", payload
+    return payload
 
 
 # The selective op is held to zero syncs with its CUDA kernels; its pure-PyTorch fallback (no
@@ -85,25 +140,18 @@ OVERLAP_CASE = pytest.param(OVERLAP_ARGS, None, id="overlap")
 @pytest.mark.parametrize("extra, ratio", [pytest.param((), None, id="plain"), SLM, OVERLAP_CASE])
 def test_no_host_sync_between_log_steps_on_gpu(tmp_path, extra, ratio):
     data_path = blend_of_two(str(tmp_path))
-    ctx = mp.get_context("spawn")  # a fresh CUDA context and an NCCL process group
-    queue = ctx.Queue()
-    proc = ctx.Process(
-        target=_worker,
-        args=(queue, free_port(), data_path, str(tmp_path / "log.jsonl"), extra, ratio),
-    )
-    proc.start()
-    # A child that dies without a word (a CUDA or NCCL abort) fails the test within two minutes,
-    # before the GPU script's tests step (200 s) ends, and does not keep the GPU.
-    try:
-        status, payload = queue.get(timeout=120)
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-    assert status == "ok", payload
+    payload = _run_worker(data_path, str(tmp_path / "log.jsonl"), extra, ratio)
     (loss_sum, n_valid, selected_sum, n_selected), records = payload
     assert [r["iteration"] for r in records] == list(range(1, 2 * LOG_EVERY + 1))
     # bf16 logits, fp32 losses: the step's forward and the reference see the same logits.
     assert records[-1]["loss"] == pytest.approx(loss_sum / n_valid, rel=1e-3)
     assert records[-1]["selected_loss"] == pytest.approx(selected_sum / n_selected, rel=1e-3)
     check_source_shares(records[-1], ratio)
+
+
+def test_non_finite_steps_are_skipped_on_the_gpu_without_a_host_wait(tmp_path):
+    data_path = blend_of_two(str(tmp_path))
+    unchanged, skipped, norms = _run_worker(data_path, str(tmp_path / "log.jsonl"), run=_diverge)
+    assert all(map(math.isfinite, norms[:2])) and not any(map(math.isfinite, norms[2:])), norms
+    assert skipped == len(norms) - 2
+    assert unchanged
