@@ -27,7 +27,8 @@ from tests.unit.training.test_train_step_syncs import (
 pytestmark = pytest.mark.gpu
 
 
-def _train(data_path, log_file, extra, ratio):
+def _trainer_at_first_log_step(data_path, log_file, *extra):
+    """A bf16 trainer on CUDA over a blend, after its first LOG_EVERY steps."""
     from megatron_slm import launch
     from megatron_slm.training.config import parse_config
     from megatron_slm.training.loop import Trainer, plan_training
@@ -41,6 +42,11 @@ def _train(data_path, log_file, extra, ratio):
         chunk.train()
     for _ in range(LOG_EVERY):
         assert trainer.advance() is None
+    return trainer
+
+
+def _steps_before_the_next_log_step(trainer) -> None:
+    """The steps between two log steps, where any host wait raises."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -48,11 +54,22 @@ def _train(data_path, log_file, extra, ratio):
             assert trainer.advance() is None
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    expected = reference_losses(trainer, ratio)
-    assert trainer.advance() is None
+
+
+def _close(trainer) -> None:
+    from megatron_slm import launch
+
     trainer.batches.close()
     trainer.log.close(trainer.iteration)
     launch.shutdown()
+
+
+def _train(data_path, log_file, extra, ratio):
+    trainer = _trainer_at_first_log_step(data_path, log_file, *extra)
+    _steps_before_the_next_log_step(trainer)
+    expected = reference_losses(trainer, ratio)
+    assert trainer.advance() is None
+    _close(trainer)
     return expected, records_of(log_file)
 
 
@@ -61,34 +78,17 @@ def _diverge(data_path, log_file):
     first at lr 0), every later step's gradient is NaN. Those steps must leave the bf16 weights
     and the fp32 main weights untouched, with no host wait (fused Adam's found_inf on CUDA); the
     log step then reads them back and goes on (--no-check-for-nan-in-loss-and-grad)."""
-    from megatron_slm import launch
-    from megatron_slm.training.config import parse_config
-    from megatron_slm.training.loop import Trainer, plan_training
-
-    argv = tiny_args(data_path[1], log_file, 2 * LOG_EVERY, *data_path, "--lr", "1e30")
-    argv = [str(a) for a in argv] + ["--no-check-for-nan-in-loss-and-grad"]
-    cfg = parse_config(argv + ["--device", "cuda", "--bf16", "--log-interval", str(LOG_EVERY)])
-    trainer = Trainer(cfg, plan_training(cfg, 1), launch.initialize(device="cuda", seed=1))
-    for chunk in trainer.chunks:
-        chunk.train()
-    for _ in range(LOG_EVERY):
-        assert trainer.advance() is None
+    trainer = _trainer_at_first_log_step(
+        data_path, log_file, "--lr", "1e30", "--no-check-for-nan-in-loss-and-grad"
+    )
     main = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     before = [t.detach().clone() for t in [*trainer.chunks[0].parameters(), *main]]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(LOG_EVERY - 1):
-            assert trainer.advance() is None
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _steps_before_the_next_log_step(trainer)
     after = [*trainer.chunks[0].parameters(), *main]
     unchanged = len(before) == len(after) and all(map(torch.equal, before, after))
     assert trainer.advance() is None  # the log step: reads the norms, warns, goes on
     skipped = trainer.nonfinite.total
-    trainer.batches.close()
-    trainer.log.close(trainer.iteration)
-    launch.shutdown()
+    _close(trainer)
     return unchanged, skipped, [r["grad_norm"] for r in records_of(log_file)]
 
 
