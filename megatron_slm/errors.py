@@ -4,8 +4,8 @@ Every error a user can cause (a flag, a configuration, an input file, a checkpoi
 a learning rate the run diverges with) is a :class:`UserError`. Entry points run under
 :func:`megatron_slm.entry.entry_point`, which turns any ``UserError`` into one line
 ``PROG: error: <flag or file>: <what is wrong> (<what to do>)`` and exit status 2; anything else
-is a bug and keeps its traceback. A module that adds its own
-error type derives it from one of these classes, so no entry point needs a new ``except`` list.
+is a bug and keeps its traceback. A module that adds its own error type derives it from one of
+these classes, so no entry point needs a new ``except`` list.
 
 ``UserError`` derives from ``ValueError``: callers (and tests) that catch ``ValueError`` keep
 working.

@@ -111,7 +111,8 @@ class TrainingArgs:
         True,
         "Stop at a step whose global gradient norm is NaN or inf (Megatron-LM's default), at "
         "the next log step or save, whichever comes first; no checkpoint of its state is "
-        "written. Such a step's update is skipped on the device either way; with "
+        "written. Such a step's update is skipped on the device either way (torch's Adam; "
+        "Transformer Engine's or Apex's FusedAdam cannot); with "
         "--no-check-for-nan-in-loss-and-grad training logs it and goes on.",
     )
     bf16: bool = arg(False, "bf16 mixed precision.")

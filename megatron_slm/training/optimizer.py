@@ -367,16 +367,16 @@ class NonFiniteSteps:
         if grad_norm is not None:
             self._norms.append((iteration, grad_norm))
 
-    def check(self) -> list[int]:
-        """The iterations found since the last check (raises with ``stop``)."""
+    def check(self) -> None:
+        """Tell the steps found since the last check: raise with ``stop``, else log them."""
         if not self._norms:
-            return []
+            return
         iterations, norms = zip(*self._norms)
         self._norms = []
         finite = torch.stack(norms).isfinite().tolist()  # the one host read
         bad = [it for it, ok in zip(iterations, finite) if not ok]
         if not bad:
-            return []
+            return
         self.total += len(bad)
         first = f"iteration {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         if self.skips_on_device:
@@ -396,4 +396,3 @@ class NonFiniteSteps:
                 "%s: the gradient norm is not finite; %s (%d such steps so far)", first, effect,
                 self.total,
             )  # fmt: skip
-        return bad
