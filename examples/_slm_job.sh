@@ -40,9 +40,15 @@ TRAINING_ARGS=(
     --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
 )
 [[ "${PRECISION:-bf16}" == bf16 ]] && TRAINING_ARGS+=(--bf16)
-DATA_ARGS=(
-    --data-path ${DATA_PATH}
-    --split "${SPLIT:-998,2,0}"
+# VALID_DATA_PATH: validate on a corpus of its own (e.g. held-out high-quality data) instead of
+# a --split share of DATA_PATH; DOCUMENT_MASK=1: each packed document attends only to itself.
+if [[ -n "${VALID_DATA_PATH:-}" ]]; then
+    DATA_ARGS=(--train-data-path ${DATA_PATH} --valid-data-path ${VALID_DATA_PATH})
+else
+    DATA_ARGS=(--data-path ${DATA_PATH} --split "${SPLIT:-998,2,0}")
+fi
+[[ "${DOCUMENT_MASK:-0}" == 1 ]] && DATA_ARGS+=(--reset-attention-mask --eod-mask-loss)
+DATA_ARGS+=(
     --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
     --tokenizer-model "${TOKENIZER_MODEL}"
     --data-cache-path "${DATA_CACHE_PATH:-$RUN_DIR/cache}"

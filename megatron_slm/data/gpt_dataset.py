@@ -80,7 +80,9 @@ class SLMGPTDataset(GPTDataset):
         index_split: Split,
         config: GPTDatasetConfig,
     ) -> None:
-        require = bool(getattr(config, "require_sidecar", False))
+        # Only the training split ranks by reference losses: a validation or test blend of its
+        # own (--valid-data-path) needs no sidecar.
+        require = bool(getattr(config, "require_sidecar", False)) and index_split == Split.train
         # verified before the (possibly long) index build, so a mismatch fails fast
         self.sidecar = open_sidecar(dataset_path, indexed_dataset, require)
         super().__init__(
@@ -158,7 +160,7 @@ def check_data_path(
 
 
 def build_gpt_datasets(
-    data_path: str | Sequence[str],
+    data_path: str | Sequence[str] | None,
     split: str,
     seq_length: int,
     seed: int,
@@ -175,6 +177,7 @@ def build_gpt_datasets(
     drop_last_partial_validation_sequence: bool = True,
     mmap_bin_files: bool = True,
     is_built_on_rank: Callable[[], bool] | None = None,
+    blend_per_split: Sequence[Sequence[str] | None] | None = None,
 ) -> tuple:
     """Build (train, valid, test) ``SLMGPTDataset``s (or ``BlendedDataset``s of them) through
     megatron-core's ``BlendedMegatronDatasetBuilder``.
@@ -182,25 +185,37 @@ def build_gpt_datasets(
     Args:
         data_path: ``--data-path`` list, e.g. ``["0.7", "A", "0.3", "B"]`` or ``["A"]``.
         split: ``--split``, e.g. ``"969,30,1"``.
+        blend_per_split: instead of ``data_path`` and ``split``, ``[train, valid, test]`` blends
+            of their own (``--train-data-path`` ...; None: no such split), each dataset whole.
         seq_length: sequence length ``s`` of the samples.
         seed: dataset shuffling seed.
         num_samples: ``[train, valid, test]`` samples to draw (``None``: one epoch).
         tokenizer: from ``build_tokenizer`` (needs ``eod``, ``vocab_size``, ``unique_identifiers``).
         data_cache_path: where megatron-core caches the indices (default: next to the data).
-        require_sidecar: every dataset must have a valid sidecar (selective training).
+        require_sidecar: every dataset the model trains on must have a valid sidecar
+            (selective training).
         is_built_on_rank: megatron-core's callable (default: build on every rank).
 
     Sidecars of all prefixes are verified before any index is built.
     """
-    prefixes, weights = parse_data_path(data_path)
     num_samples = list(num_samples)
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be [train, valid, test], got {num_samples}")
-    check_data_path(prefixes, tokenizer.vocab_size, require_sidecar)
+    blend, per_split = None, None
+    if blend_per_split is None:
+        blend = parse_data_path(data_path)
+        check_data_path(blend[0], tokenizer.vocab_size, require_sidecar)
+    else:
+        per_split = [None if not p else parse_data_path(p) for p in blend_per_split]
+        for i, split_blend in enumerate(per_split):
+            if split_blend is not None:
+                check_data_path(split_blend[0], tokenizer.vocab_size, require_sidecar and i == 0)
+        split = None  # megatron-core: every document of each split's datasets
     config = SLMGPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
+        blend=blend,
+        blend_per_split=per_split,
         split=split,
         path_to_cache=data_cache_path,
         mmap_bin_files=mmap_bin_files,

@@ -149,6 +149,39 @@ class TrainingArgs:
 class DataArgs:
     data_path: list[str] = arg([], "Blend: PREFIX or WEIGHT PREFIX WEIGHT PREFIX ...", nargs="*")
     split: str = arg("969,30,1", "Train/valid/test split of each dataset.")
+    train_data_path: list[str] = arg(
+        [],
+        "Training blend of its own, instead of --data-path and --split (Megatron-LM's per-split "
+        "paths): every document of its datasets trains. Selective training needs sidecars for "
+        "these datasets only.",
+        nargs="*",
+    )
+    valid_data_path: list[str] = arg(
+        [],
+        "Validation blend of its own (with --train-data-path), e.g. a held-out set of the "
+        "reference model's high-quality data; needs no sidecar.",
+        nargs="*",
+    )
+    test_data_path: list[str] = arg(
+        [], "Test blend of its own (with --train-data-path).", nargs="*"
+    )
+    reset_attention_mask: bool = arg(
+        False,
+        "Each document of a packed sequence attends only to itself (a document ends with its "
+        "end-of-document token), as the scorer and the online reference score it. Runs the torch "
+        "spec with a dense [b, 1, s, s] mask: SDPA cannot use its flash kernel with one.",
+    )
+    reset_position_ids: bool = arg(
+        False,
+        "Position ids restart after each end-of-document token (Megatron-LM's flag). The rotary "
+        "embedding rotates by the position in the row, so this changes nothing the model "
+        "computes: --reset-attention-mask is what separates documents.",
+    )
+    eod_mask_loss: bool = arg(
+        False,
+        "No loss on the prediction that follows an end-of-document token (the next document's "
+        "first token, which its context cannot predict; it has no reference loss either).",
+    )
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
     train_samples_from: str | None = arg(
         None,
@@ -169,6 +202,42 @@ class DataArgs:
     def __post_init__(self):
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.per_split and not self.train_data_path:
+            raise ConfigError("--valid-data-path and --test-data-path need --train-data-path")
+        if self.per_split and self.data_path:
+            raise ConfigError(
+                "give either --data-path (with --split) or --train-data-path (with "
+                "--valid-data-path / --test-data-path), not both"
+            )
+        if self.per_split and self.train_samples_from:
+            raise ConfigError(
+                "--train-samples-from draws its batches from a --data-path/--split order; not "
+                "with --train-data-path"
+            )
+
+    @property
+    def per_split(self) -> bool:
+        """Megatron-LM's per-split paths instead of one blend cut by --split."""
+        return bool(self.train_data_path or self.valid_data_path or self.test_data_path)
+
+    @property
+    def train_blend(self) -> list[str]:
+        """The blend the model trains on: --train-data-path, else --data-path."""
+        return self.train_data_path if self.per_split else self.data_path
+
+    def blend_per_split(self) -> list[list[str] | None] | None:
+        """[train, valid, test] blends (None: that split has none); None with --data-path."""
+        if not self.per_split:
+            return None
+        return [
+            p or None for p in (self.train_data_path, self.valid_data_path, self.test_data_path)
+        ]
+
+    @property
+    def eod_flags(self) -> dict[str, bool]:
+        """What megatron-core's GPTDataset does at end-of-document tokens (the attention mask
+        is the trainer's, from the tokens on the device: no [s, s] mask per sample)."""
+        return {"reset_position_ids": self.reset_position_ids, "eod_mask_loss": self.eod_mask_loss}
 
 
 @dataclass
@@ -371,15 +440,27 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     """Cross-group checks; every failure names the flag. Returns the derived sizes."""
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if not cfg.data.data_path and not cfg.sft.enabled:
-        raise ConfigError("--data-path is required (or --sft-data)")
-    if cfg.data.data_path and cfg.sft.enabled:
-        raise ConfigError("give either --data-path or --sft-data, not both")
-    if cfg.sft.enabled and cfg.model.transformer_impl not in (None, "torch"):
+    d = cfg.data
+    if not d.train_blend and not cfg.sft.enabled:
+        raise ConfigError("--data-path is required (or --train-data-path, or --sft-data)")
+    if d.train_blend and cfg.sft.enabled:
+        flag = "--train-data-path" if d.per_split else "--data-path"
+        raise ConfigError(f"give either {flag} or --sft-data, not both")
+    if cfg.sft.enabled and (d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss):
+        raise ConfigError(
+            "--reset-attention-mask, --reset-position-ids and --eod-mask-loss apply to "
+            "--data-path documents; --sft-data rows already separate their examples"
+        )
+    masked = None  # the flag whose rows hold several documents, each attending to itself only
+    if cfg.sft.enabled:
+        masked = "--sft-data"
+    elif d.reset_attention_mask:
+        masked = "--reset-attention-mask"
+    if masked and cfg.model.transformer_impl not in (None, "torch"):
         # TE and megatron's fused causal softmax ignore a given mask: packed examples would
         # attend to each other. The torch spec (SDPA) honours it, on CPU and GPU.
         raise ConfigError(
-            f"--sft-data packs examples with a block-diagonal attention mask, which "
+            f"{masked} separates packed documents with a block-diagonal attention mask, which "
             f"--transformer-impl {cfg.model.transformer_impl} ignores: use --transformer-impl torch"
         )
     if cfg.slm.enabled and t.cross_entropy_impl == "megatron":

@@ -31,15 +31,18 @@ def build_datasets(
     ]
     if batch_list is not None:  # train = the source order the list was drawn from
         num_samples[0] = batch_list.source["num_samples"]
+    d = cfg.data
     datasets = build_gpt_datasets(
-        cfg.data.data_path,
-        cfg.data.split,
+        None if d.per_split else d.data_path,
+        d.split,
         t.seq_length,
         t.seed,
         num_samples,
         tokenizer,
-        data_cache_path=cfg.data.data_cache_path,
+        data_cache_path=d.data_cache_path,
         require_sidecar=require_sidecar,
+        blend_per_split=d.blend_per_split(),
+        **d.eod_flags,
     )
     if batch_list is None:
         return datasets

@@ -122,10 +122,13 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     else:
         s = cfg.slm
         check_data_path(
-            cfg.data.data_path,
+            cfg.data.train_blend,
             tokenizer.vocab_size,
             require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
         )
+        for blend in (cfg.data.valid_data_path, cfg.data.test_data_path):
+            if blend:
+                check_data_path(blend, tokenizer.vocab_size, require_sidecar=False)
         sft = None
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
     schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt)
@@ -191,9 +194,14 @@ class Trainer:
         p, t = cfg.parallel, cfg.training
         tp = p.tensor_model_parallel_size
         self.build_opts = ModelBuildOptions(
-            # SFT: the torch spec, the one that honours the packed block-diagonal mask.
+            # SFT, --reset-attention-mask: the torch spec, the one that honours the packed
+            # block-diagonal mask.
             transformer_impl=cfg.model.transformer_impl
-            or ("torch" if cfg.sft.enabled else default_spec_impl(self.device)),
+            or (
+                "torch"
+                if cfg.sft.enabled or cfg.data.reset_attention_mask
+                else default_spec_impl(self.device)
+            ),
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,
@@ -216,7 +224,13 @@ class Trainer:
                 batch_list=plan.batch_list,
             )
             self.train_ds, self.valid_ds, _ = datasets
-        prefixes = blend_prefixes(cfg.data.data_path or [])
+        if cfg.data.reset_position_ids and torch.distributed.get_rank() == 0:
+            logger.warning(
+                "--reset-position-ids changes nothing this model computes: megatron-core's rotary "
+                "embedding rotates by the position in the row; --reset-attention-mask is what "
+                "keeps each document to itself"
+            )
+        prefixes = blend_prefixes(cfg.data.train_blend)
         names = [os.path.basename(p) for p in prefixes]
         self.sources = names if len(set(names)) == len(names) else prefixes
         self.n_sources = len(self.sources)
@@ -354,18 +368,22 @@ class Trainer:
             return None
         return s.slm_ratio if self.iteration >= s.slm_start_iter else 1.0
 
-    def _forward_step(self, ratio, seed_base, data_iterator, model):
+    def _forward_step(self, ratio, seed_base, data_iterator, model, count_sources=True):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device, non_blocking=True)  # [b, s]
         labels = batch["labels"].to(self.device, non_blocking=True)  # [b, s]
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
-        attention_mask = None  # plain causal; packed SFT rows: block-diagonal causal
+        attention_mask = None  # plain causal; packed SFT rows, documents: block-diagonal causal
+        # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
+        # other specs read only the dense form (models/document_mask.py)
         if "segment_ids" in batch:
-            # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
-            # other specs read only the dense form (models/document_mask.py)
             segments = batch["segment_ids"].to(self.device, non_blocking=True)  # [b, s]
             attention_mask = DocumentMask(segments).dense()
+        elif self.cfg.data.reset_attention_mask:
+            # The documents as the scorer and the online reference cut them (each ends with its
+            # EOD token), found on the device: no [s, s] mask per sample, no host read.
+            attention_mask = DocumentMask.from_tokens(tokens, self.tokenizer.eod).dense()
         inner = unwrap(model)
         ref = None
         if inner.post_process and ratio is not None:
@@ -384,7 +402,8 @@ class Trainer:
             )
             self._last_ref, self._last_labels = ref, labels
         output = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s], last stage
-        source = batch.get("dataset_id")
+        # Per-source counts are the training blend's; a validation blend of its own has others.
+        source = batch.get("dataset_id") if count_sources else None
         return output, partial(self._loss_func, ratio, loss_mask, ref, source)
 
     def _loss_func(self, ratio, loss_mask, ref, source, per_token_loss):
@@ -420,7 +439,9 @@ class Trainer:
             iterators = [batches]
         self._micro = 0
         return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, ratio, seed_base),
+            forward_step_func=partial(
+                self._forward_step, ratio, seed_base, count_sources=not forward_only
+            ),
             data_iterator=iterators if n_chunks > 1 else iterators[0],
             model=self.chunks if n_chunks > 1 else self.chunks[0],
             num_microbatches=self.sizes.num_microbatches,

@@ -64,13 +64,20 @@ def _job_log(tmp_path, job):
 
 def test_job_completes_with_checkpoint(slurm, tmp_path):
     prefix = make_null_corpus(str(tmp_path), "corpus", [40] * 64)
+    held_out = make_null_corpus(str(tmp_path), "held_out", [7] * 64, seed=1)
     run = tmp_path / "run"
-    job = _submit(slurm, tmp_path, _env(tmp_path, run, 6, prefix))
+    env = _env(tmp_path, run, 6, prefix)
+    # a validation corpus of its own; documents masked apart, no loss after an EOD token
+    env.update(VALID_DATA_PATH=held_out, DOCUMENT_MASK="1", EVAL_INTERVAL="3", EVAL_ITERS="1")
+    job = _submit(slurm, tmp_path, env)
     assert slurm.wait(job) == "COMPLETED", _job_log(tmp_path, job)
     assert latest_iteration(str(run / "checkpoints")) == 6
     steps = read_steps(str(run / "steps.jsonl"))
     assert [s["iteration"] for s in steps] == list(range(1, 7))
     assert all(0.65 < s["selected_fraction"] < 0.75 for s in steps)
+    assert "validation at iter 6" in _job_log(tmp_path, job)
+    valid_tokens = [s["n_selected"] / s["selected_fraction"] for s in steps]
+    assert min(valid_tokens) < 8 * 32 - 0.5  # a row held an EOD token: its prediction is masked
 
 
 def test_sigterm_saves_and_resubmit_resumes(slurm, tmp_path):

@@ -1,0 +1,222 @@
+"""Megatron-LM's document and per-split data flags in the real ``Trainer``.
+
+``--reset-attention-mask``: each document of a packed row attends only to itself, so a token's
+loss is the one of its document forwarded alone (the reference here: each document cut out of the
+row at its end-of-document token and forwarded by itself, no mask at all), and the step still reads
+nothing back between log steps. ``--eod-mask-loss`` and ``--reset-position-ids``: the loss mask and
+position ids of Megatron-LM, written out from the tokens.
+
+``--train-data-path`` / ``--valid-data-path``: the model trains on one corpus (with its sidecar,
+under selection) and validates on another that has none; the validation loss is the mean loss of
+the validation corpus's samples, recomputed in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_slm.errors import ConfigError
+from megatron_slm.training.config import parse_config, validate
+from tests.dist_helpers import run_distributed
+from tests.functional.pretrain_helpers import VOCAB, make_null_corpus, tiny_args
+from tests.sync_counter import SyncCounter
+from tests.unit.data import write_sidecar
+
+LOG_EVERY = 3
+EOD = VOCAB - 1  # NullTokenizer's end-of-document id
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("documents"))
+    rng = np.random.default_rng(0)
+    short = make_null_corpus(root, "short", rng.integers(2, 10, 160).tolist())  # rows of ~5 docs
+    train = make_null_corpus(root, "train", [15] * 100, seed=1)  # a document every 16 tokens
+    valid = make_null_corpus(root, "valid", [7] * 60, seed=2)  # ... every 8 tokens
+    write_sidecar(train, lambda doc, pos: 0.5 + 0.01 * ((doc + pos) % 7))
+    return {"short": short, "train": train, "valid": valid}
+
+
+def _trainer(argv):
+    from megatron_slm import launch
+    from megatron_slm.training.loop import Trainer, plan_training
+
+    cfg = parse_config([str(a) for a in argv])
+    plan = plan_training(cfg, 1)
+    device = launch.initialize(device="cpu", seed=cfg.training.seed)
+    trainer = Trainer(cfg, plan, device)
+    for chunk in trainer.chunks:
+        chunk.train()
+    return trainer
+
+
+def _close(trainer):
+    trainer.batches.close()
+    if trainer.valid_batches is not None:
+        trainer.valid_batches.close()
+    trainer.log.close(trainer.iteration)
+
+
+def _token_losses(chunk, tokens):
+    """float64 per-token losses of ``tokens [n]`` forwarded alone (plain causal), ``[n - 1]``."""
+    import torch.nn.functional as F
+
+    positions = torch.arange(len(tokens))[None]
+    logits = chunk(tokens[None], positions, None)[0]  # [n, v]
+    return F.cross_entropy(logits[:-1].double(), tokens[1:], reduction="none")
+
+
+def _documents_worker(rank, world, data_prefix, log_file):
+    from megatron_slm.training.data import MicroBatches
+
+    argv = tiny_args(data_prefix, log_file, 2 * LOG_EVERY, "--log-interval", LOG_EVERY)
+    trainer = _trainer([*argv, "--reset-attention-mask", "--eod-mask-loss", "--reset-position-ids"])
+    chunk = trainer.chunks[0]
+    batch = next(iter(MicroBatches(trainer.train_ds, trainer.cfg.training.micro_batch_size, 0)))
+    with torch.no_grad():
+        output, _ = trainer._forward_step(None, 0, iter([batch]), chunk)  # [b, s] per-token loss
+        plain = chunk(batch["tokens"], batch["position_ids"], None)  # one causal row, for contrast
+    rows = []
+    for r in range(batch["tokens"].shape[0]):
+        tokens, labels = batch["tokens"][r], batch["labels"][r]
+        text = torch.cat([tokens, labels[-1:]])  # the row's s + 1 tokens
+        ends = (tokens == EOD).nonzero().flatten().tolist()  # a document ends with its EOD
+        expected = torch.empty(len(tokens), dtype=torch.float64)
+        start = 0
+        for end in [*ends, len(tokens) - 1]:  # the row's last document may be cut short
+            if start <= end:
+                # Positions start..end see only text[start..j] and predict text[j + 1]: the
+                # document forwarded alone, with the token after its last position.
+                expected[start : end + 1] = _token_losses(chunk, text[start : end + 2])
+            start = end + 1
+        rows.append(
+            {
+                "trainer": output[r].double(),
+                "expected": expected,
+                "plain": torch.nn.functional.cross_entropy(
+                    plain[r].double(), labels, reduction="none"
+                ),
+                "tokens": tokens,
+                "loss_mask": batch["loss_mask"][r],
+                "position_ids": batch["position_ids"][r],
+            }
+        )
+    for _ in range(LOG_EVERY):  # up to and including the first log step
+        assert trainer.advance() is None
+    with SyncCounter() as counter:
+        for _ in range(LOG_EVERY - 1):
+            assert trainer.advance() is None
+    _close(trainer)
+    return rows, counter.count, counter.report()
+
+
+def _positions_after_resets(tokens):
+    """Megatron-LM's ``--reset-position-ids``: 0 again after every end-of-document token."""
+    out, pos = [], 0
+    for t in tokens.tolist():
+        out.append(pos)
+        pos = 0 if t == EOD else pos + 1
+    return out
+
+
+def test_each_document_attends_only_to_itself(corpora, tmp_path):
+    rows, syncs, report = run_distributed(
+        _documents_worker, 1, corpora["short"], str(tmp_path / "steps.jsonl")
+    )[0]
+    assert syncs == 0, report  # the mask is built from the tokens on the device
+    after_first_end = []
+    for row in rows:
+        torch.testing.assert_close(row["trainer"], row["expected"], rtol=1e-4, atol=1e-5)
+        ends = (row["tokens"] == EOD).nonzero().flatten()
+        assert len(ends) >= 2  # several documents per row: the check has something to separate
+        later = slice(int(ends[0]) + 1, None)
+        after_first_end.append((row["plain"][later] - row["expected"][later]).abs().max())
+        assert row["loss_mask"].tolist() == (row["tokens"] != EOD).float().tolist()
+        assert row["position_ids"].tolist() == _positions_after_resets(row["tokens"])
+    # One causal row over all documents gives other losses: the comparison above can fail.
+    assert max(after_first_end) > 1e-3
+
+
+def _eod_gaps(rows):
+    """Distances between consecutive end-of-document tokens within the rows: the corpus's
+    document length + 1 (its EOD)."""
+    gaps = set()
+    for row in rows:
+        ends = (torch.as_tensor(row) == EOD).nonzero().flatten()
+        gaps |= set(ends.diff().tolist())
+    return gaps
+
+
+def _splits_worker(rank, world, train, valid, log_file):
+    import torch.nn.functional as F
+
+    from megatron_slm.training.data import MicroBatches
+
+    argv = tiny_args(train, log_file, 3, "--eval-interval", 3, "--eval-iters", 2)
+    argv = [a for a in argv if a not in ("--data-path", train, "--split", "100,0,0")]
+    argv += ["--train-data-path", train, "--valid-data-path", valid, "--slm-ratio", "0.5"]
+    trainer = _trainer(argv)
+    gbs = trainer.sizes.global_batch_size
+    train_rows = [trainer.train_ds[i]["tokens"] for i in range(gbs)]
+    train_refs = [trainer.train_ds[i]["ref_loss"] for i in range(gbs)]
+    valid_rows = [trainer.valid_ds[i]["tokens"] for i in range(2 * gbs)]
+    reported = trainer.evaluate()
+    # float64 mean loss of the first two global batches of the validation blend
+    total, count = 0.0, 0
+    peek = MicroBatches(trainer.valid_ds, trainer.cfg.training.micro_batch_size, 0)
+    with torch.no_grad():
+        for _ in range(2 * trainer.sizes.num_microbatches):
+            batch = next(peek)
+            logits = trainer.chunks[0](batch["tokens"], batch["position_ids"], None)
+            loss = F.cross_entropy(
+                logits.double().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+            )
+            mask = batch["loss_mask"].flatten().double()
+            total, count = total + float((loss * mask).sum()), count + float(mask.sum())
+    assert trainer.advance() is None  # a selective step trains on the sidecar
+    _close(trainer)
+    finite = [bool(torch.isfinite(r).any()) for r in train_refs]
+    return _eod_gaps(train_rows), _eod_gaps(valid_rows), finite, reported, total / count
+
+
+def test_a_validation_blend_of_its_own(corpora, tmp_path):
+    train_gaps, valid_gaps, finite, reported, expected = run_distributed(
+        _splits_worker, 1, corpora["train"], corpora["valid"], str(tmp_path / "steps.jsonl")
+    )[0]
+    assert train_gaps == {16} and valid_gaps == {8}  # each split reads its own corpus
+    assert all(finite)  # the training blend carries its sidecar's losses
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
+def _config(*argv):
+    cfg = parse_config([str(a) for a in argv])
+    from megatron_slm.models.presets import get_preset
+
+    return validate(cfg, 1, get_preset("tiny"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--data-path", "A", "--train-data-path", "B"), "either --data-path"),
+        (("--valid-data-path", "B"), "need --train-data-path"),
+        (("--train-data-path", "A", "--train-samples-from", "l.json"), "--train-samples-from"),
+        (("--data-path", "A", "--reset-attention-mask", "--transformer-impl", "te"), "use --trans"),
+        (("--sft-data", "x.jsonl", "--eod-mask-loss"), "--sft-data rows already"),
+        (("--sft-data", "x.jsonl", "--train-data-path", "A"), "--train-data-path or --sft-data"),
+    ],
+)
+def test_conflicting_data_flags_are_refused(argv, message, capsys):
+    """One line naming the flags: from the parser (exit 2) or from the cross-group checks."""
+    with pytest.raises((ConfigError, SystemExit)) as err:
+        _config(
+            *argv, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 2
+        )
+    if isinstance(err.value, SystemExit):
+        assert err.value.code == 2
+        text = capsys.readouterr().err
+    else:
+        text = str(err.value)
+    assert message in text
