@@ -86,6 +86,7 @@ class ParallelConfig:
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
 
 
 @dataclass
@@ -97,11 +98,35 @@ class TrainingArgs:
     seq_length: int = arg(256, "Training sequence length.")
     train_iters: int | None = arg(None, "Optimizer steps to train.")
     train_tokens: int | None = arg(None, "Tokens to train (alternative to --train-iters).")
+    train_samples: int | None = arg(
+        None,
+        "Sequences to train (Megatron-LM's sample-based schedule): --train-samples // "
+        "--global-batch-size steps; the schedule's lengths are then given in samples "
+        "(--lr-warmup-samples, --lr-decay-samples, --lr-wsd-decay-samples).",
+    )
     lr: float = arg(3e-4, "Peak learning rate.")
     min_lr: float = arg(0.0, "Final learning rate after decay.")
     lr_warmup_iters: int = arg(0, "Linear warmup steps.")
     lr_decay_iters: int | None = arg(None, "Decay steps (default: the training steps).")
+    lr_warmup_samples: int = arg(0, "Linear warmup in samples (with --train-samples).")
+    lr_decay_samples: int | None = arg(
+        None, "Decay in samples (with --train-samples; default: --train-samples)."
+    )
+    lr_warmup_fraction: float | None = arg(
+        None,
+        "Linear warmup as a fraction of the decay (instead of --lr-warmup-iters or "
+        "--lr-warmup-samples), as Megatron-LM computes it.",
+    )
     lr_decay_style: str = arg("cosine", "constant, linear, cosine or WSD.")
+    lr_wsd_decay_iters: int | None = arg(
+        None, "WSD: steps of the final decay (default: a tenth of the training steps)."
+    )
+    lr_wsd_decay_samples: int | None = arg(
+        None, "WSD: the final decay in samples (with --train-samples)."
+    )
+    lr_wsd_decay_style: str = arg(
+        "linear", "WSD: the shape of the final decay.", choices=WSD_DECAY_STYLES
+    )
     weight_decay: float = arg(0.1, "AdamW weight decay.")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
@@ -134,15 +159,59 @@ class TrainingArgs:
 
     def __post_init__(self):
         check_at_least(self, "micro_batch_size", "seq_length")
-        check_choices(self, "cross_entropy_impl")
-        if (self.train_iters is None) == (self.train_tokens is None):
-            raise ConfigError("give exactly one of --train-iters and --train-tokens")
+        check_choices(self, "cross_entropy_impl", "lr_wsd_decay_style")
+        lengths = (self.train_iters, self.train_tokens, self.train_samples)
+        if sum(x is not None for x in lengths) != 1:
+            raise ConfigError(
+                "give exactly one of --train-iters, --train-tokens and --train-samples"
+            )
+        check_at_least(self, "train_iters", "train_tokens", "train_samples", optional=True)
+        self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    def _check_schedule_units(self) -> None:
+        """Megatron-LM's rule: with --train-samples the schedule's lengths count samples, else
+        steps; one warmup flag at most."""
+        pairs = [  # (steps flag, its value), (samples flag, its value)
+            (("--lr-warmup-iters", self.lr_warmup_iters or None),
+             ("--lr-warmup-samples", self.lr_warmup_samples or None)),
+            (("--lr-decay-iters", self.lr_decay_iters),
+             ("--lr-decay-samples", self.lr_decay_samples)),
+            (("--lr-wsd-decay-iters", self.lr_wsd_decay_iters),
+             ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples)),
+        ]  # fmt: skip
+        in_samples = self.train_samples is not None
+        for (steps_flag, steps_value), (samples_flag, samples_value) in pairs:
+            if in_samples and steps_value is not None:
+                raise ConfigError(
+                    f"{steps_flag} counts steps; with --train-samples the schedule counts "
+                    f"samples: use {samples_flag}"
+                )
+            if not in_samples and samples_value is not None:
+                raise ConfigError(
+                    f"{samples_flag} counts samples: use it with --train-samples, or {steps_flag}"
+                )
+            for flag, value in ((steps_flag, steps_value), (samples_flag, samples_value)):
+                least = 0 if "warmup" in flag else 1
+                if value is not None and value < least:
+                    raise ConfigError(f"{flag} must be >= {least}")
+        f = self.lr_warmup_fraction
+        if f is not None:
+            if not 0 <= f < 1:
+                raise ConfigError(f"--lr-warmup-fraction must be in [0, 1), got {f}")
+            if self.lr_warmup_iters or self.lr_warmup_samples:
+                raise ConfigError(
+                    "--lr-warmup-fraction replaces --lr-warmup-iters / --lr-warmup-samples: "
+                    "give one"
+                )
+        wsd = self.lr_wsd_decay_iters or self.lr_wsd_decay_samples
+        if wsd is not None and self.lr_decay_style != "WSD":
+            raise ConfigError("--lr-wsd-decay-iters/-samples apply to --lr-decay-style WSD")
 
 
 @dataclass
@@ -428,6 +497,39 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     return PretrainConfig(**parse_configs(build_parser(), GROUPS, argv))
 
 
+def schedule_steps(
+    t: TrainingArgs, train_iters: int, global_batch_size: int | None
+) -> tuple[int | float, int | float, int | float | None]:
+    """(warmup, decay, WSD's final decay or None) in optimizer steps, as Megatron-LM resolves
+    its flags: lengths in samples (--train-samples) are divided by the global batch size, and
+    Megatron-LM's scheduler, which counts samples, gives the same rates at every step; a
+    fraction of a step stays (e.g. 100 warmup samples at 8 per step: 12.5 steps). Whole
+    numbers are ints."""
+    if t.train_samples is not None:
+        if not global_batch_size:
+            raise ValueError("a schedule in samples needs the global batch size")
+        decay = (t.lr_decay_samples or t.train_samples) / global_batch_size
+        warmup = t.lr_warmup_samples / global_batch_size
+        wsd = t.lr_wsd_decay_samples and t.lr_wsd_decay_samples / global_batch_size
+    else:
+        decay, warmup, wsd = (
+            t.lr_decay_iters or train_iters,
+            t.lr_warmup_iters,
+            t.lr_wsd_decay_iters,
+        )
+    if t.lr_warmup_fraction is not None:
+        warmup = t.lr_warmup_fraction * decay
+    if t.lr_decay_style != "WSD":
+        wsd = None
+    elif not wsd:
+        wsd = max(1, train_iters // 10)
+    return _whole(warmup), _whole(decay), _whole(wsd)
+
+
+def _whole(steps):
+    return int(steps) if steps is not None and float(steps).is_integer() else steps
+
+
 @dataclass(frozen=True)
 class DerivedSizes:
     data_parallel_size: int
@@ -498,7 +600,14 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
-    iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
+    if t.train_samples is not None:  # Megatron-LM: the whole global batches in them
+        iters = t.train_samples // gbs
+        if iters < 1:
+            raise ConfigError(
+                f"--train-samples {t.train_samples} is less than one global batch ({gbs})"
+            )
+    else:
+        iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":
         if not s.slm_ref_load:
@@ -509,11 +618,18 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
-    decay = t.lr_decay_iters or iters
-    if t.lr_warmup_iters and t.lr_warmup_iters >= decay:
+    warmup, decay, wsd = schedule_steps(t, iters, gbs)
+    unit = "samples" if t.train_samples is not None else "iters"
+    if warmup and warmup >= decay:  # (a fraction of the decay is always shorter)
+        given = t.lr_warmup_samples if t.train_samples is not None else t.lr_warmup_iters
         raise ConfigError(
-            f"--lr-warmup-iters {t.lr_warmup_iters} must be smaller than the decay steps ({decay}: "
-            "--lr-decay-iters or the training steps)"
+            f"--lr-warmup-{unit} {given} ({warmup:g} steps) must be smaller than the decay "
+            f"steps ({decay:g}: --lr-decay-{unit} or the training length)"
+        )
+    if wsd is not None and wsd > decay:
+        raise ConfigError(
+            f"WSD's final decay (--lr-wsd-decay-{unit}: {wsd:g} steps) exceeds the decay "
+            f"(--lr-decay-{unit} or the training length: {decay:g} steps)"
         )
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ConfigError("--finetune needs --load")

@@ -131,7 +131,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
                 check_data_path(blend, tokenizer.vocab_size, require_sidecar=False)
         sft = None
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
-    schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt)
+    schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt, sizes.global_batch_size)
     record = tokenizer_record(ttype, tmodel, tokenizer)
     return TrainingPlan(
         tokenizer,

@@ -36,7 +36,12 @@ from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
-from megatron_slm.training.config import LR_DECAY_STYLES, PretrainConfig
+from megatron_slm.training.config import (
+    LR_DECAY_STYLES,
+    WSD_DECAY_STYLES,
+    PretrainConfig,
+    schedule_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,42 +113,54 @@ def _shown(value) -> str:
 _SCHEDULE_FLAGS = {
     "lr": "--lr",
     "min_lr": "--min-lr",
-    "lr_warmup_iters": "--lr-warmup-iters",
+    "lr_warmup_iters": "the warmup steps (--lr-warmup-iters, -samples or -fraction)",
     "lr_decay_iters": "--lr-decay-iters (default: the training steps)",
     "lr_decay_style": "--lr-decay-style",
-    "wsd_decay_iters": "WSD's decay steps (a tenth of the training steps)",
+    "wsd_decay_iters": "WSD's decay steps (--lr-wsd-decay-iters; default a tenth of the steps)",
+    "lr_wsd_decay_style": "--lr-wsd-decay-style",
     "weight_decay": "--weight-decay",
 }
 
 
-def lr_schedule(cfg: PretrainConfig, train_iters: int) -> dict:
-    """The learning-rate and weight-decay schedule the flags ask for, resolved (the decay over
-    the training steps unless --lr-decay-iters): what a checkpoint records and a resume checks."""
+def lr_schedule(
+    cfg: PretrainConfig, train_iters: int, global_batch_size: int | None = None
+) -> dict:
+    """The learning-rate and weight-decay schedule the flags ask for, resolved in optimizer steps
+    (``config.schedule_steps``: the decay over the training steps unless --lr-decay-iters,
+    lengths in samples divided by ``global_batch_size``, default --global-batch-size): what a
+    checkpoint records and a resume checks."""
     t = cfg.training
+    warmup, decay, wsd = schedule_steps(t, train_iters, global_batch_size or t.global_batch_size)
     return {
         "lr": t.lr,
         "min_lr": t.min_lr,
-        "lr_warmup_iters": t.lr_warmup_iters,
-        "lr_decay_iters": t.lr_decay_iters or train_iters,
+        "lr_warmup_iters": warmup,
+        "lr_decay_iters": decay,
         "lr_decay_style": t.lr_decay_style,
-        "wsd_decay_iters": max(1, train_iters // 10) if t.lr_decay_style == "WSD" else None,
+        "wsd_decay_iters": wsd,
+        "lr_wsd_decay_style": t.lr_wsd_decay_style if wsd is not None else None,
         "weight_decay": t.weight_decay,
     }
 
 
-def resume_lr_schedule(cfg: PretrainConfig, train_iters: int, ckpt) -> dict:
+def resume_lr_schedule(
+    cfg: PretrainConfig, train_iters: int, ckpt, global_batch_size: int | None = None
+) -> dict:
     """The schedule a run trains on: the flags', or on resuming (--load without --finetune) the
     checkpoint's where it differs and --use-checkpoint-opt-param-scheduler says so. A difference
     with neither that flag nor --override-opt-param-scheduler is refused, naming the flags:
     megatron-core's scheduler would silently keep the saved schedule (a run extended by raising
     --train-iters would train at the saved run's final learning rate)."""
-    run = lr_schedule(cfg, train_iters)
+    run = lr_schedule(cfg, train_iters, global_batch_size)
     c = cfg.checkpoint
     saved = ckpt.meta.get("lr_schedule") if ckpt is not None and not c.finetune else None
     if saved is None or c.override_opt_param_scheduler:
         return run  # checkpoints that predate the record: the flags
+    if "lr_wsd_decay_style" not in saved:  # recorded before the flag: WSD decayed linearly
+        wsd = saved.get("lr_decay_style") == "WSD"
+        saved = {**saved, "lr_wsd_decay_style": "linear" if wsd else None}
     # A constant rate ignores the decay's length and floor (megatron-core's get_lr).
-    ignored = {"lr_decay_iters", "min_lr", "wsd_decay_iters"} if all(
+    ignored = {"lr_decay_iters", "min_lr", "wsd_decay_iters", "lr_wsd_decay_style"} if all(
         s.get("lr_decay_style") == "constant" for s in (saved, run)
     ) else set()  # fmt: skip
     differing = [k for k in _SCHEDULE_FLAGS if k not in ignored and saved.get(k) != run[k]]
@@ -164,24 +181,25 @@ def resume_lr_schedule(cfg: PretrainConfig, train_iters: int, ckpt) -> dict:
 
 
 def _check_saved_schedule(saved, run: dict, where: str) -> None:
-    """A recorded schedule holds what the flags would: numbers where they hold numbers, a known
-    decay style, and WSD's decay steps exactly with WSD."""
-    for key, value in run.items():
+    """A recorded schedule holds what the flags would: non-negative numbers (step counts may be
+    fractional: lengths given in samples), a decay of at least one step, a known decay style,
+    and WSD's decay steps exactly with WSD."""
+    for key in run:
         got = saved.get(key)
         if key == "lr_decay_style":
             ok = got in LR_DECAY_STYLES
         elif key == "wsd_decay_iters":
-            ok = got is None if saved.get("lr_decay_style") != "WSD" else _is_int(got, 1)
-        elif isinstance(value, int):
-            ok = _is_int(got, 0)
+            ok = got is None if saved.get("lr_decay_style") != "WSD" else _is_number(got, 1)
+        elif key == "lr_wsd_decay_style":
+            ok = got is None if saved.get("lr_decay_style") != "WSD" else got in WSD_DECAY_STYLES
         else:
-            ok = isinstance(got, (int, float)) and not isinstance(got, bool) and got >= 0
+            ok = _is_number(got, 1 if key == "lr_decay_iters" else 0)
         if not ok:
             raise CheckpointError(f"{where}: its lr_schedule.{key} is invalid: {got!r:.80}")
 
 
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _is_number(value, minimum: int) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum
 
 
 def build_optimizer(
@@ -233,7 +251,7 @@ def lr_scheduler(optimizer, schedule: dict, train_iters: int) -> OptimizerParamS
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
         wsd_decay_steps=s["wsd_decay_iters"] if wsd else None,
-        lr_wsd_decay_style="linear" if wsd else None,
+        lr_wsd_decay_style=s["lr_wsd_decay_style"] if wsd else None,
         override_opt_param_scheduler=True,
         use_checkpoint_opt_param_scheduler=False,
     )

@@ -215,6 +215,44 @@ def test_a_longer_run_resumes_only_on_a_schedule_it_names(corpus, tmp_path):
     assert [r["lr"] for r in resumed] == expected[3:]
 
 
+def _in_samples(prefix, log, *extra):
+    """tiny_args with the run's length and warmup in Megatron-LM's sample-based flags."""
+    argv = tiny_args(prefix, str(log), 1, *extra)
+    for flag in ("--train-iters", "--lr-warmup-iters"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    return argv
+
+
+def test_a_schedule_in_samples_trains_and_resumes(corpus, tmp_path):
+    """--train-samples 44 at 8 a step: 5 steps; the warmup, a fraction of the 40 decay samples,
+    is 1.5 steps. The logged rates are Megatron-LM's (megatron-core's scheduler counting
+    samples), also after a stop at step 2 and a resume, which reads the fractional schedule back
+    from the checkpoint's record."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    _, prefix = corpus
+    ckpt, log = str(tmp_path / "ckpt"), tmp_path / "steps.jsonl"
+    flags = ("--train-samples", 44, "--lr-decay-samples", 40, "--lr-warmup-fraction", "0.3",
+             "--lr-decay-style", "linear", "--min-lr", "1e-4", "--save", ckpt)  # fmt: skip
+    run_pretrain(_in_samples(prefix, log, *flags, "--exit-interval", 2))
+    run_pretrain(_in_samples(prefix, log, *flags, "--load", ckpt))
+    steps = read_steps(str(log))
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4, 5]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    reference = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=3e-3, min_lr=1e-4, lr_warmup_steps=0.3 * 40, lr_decay_steps=40,
+        lr_decay_style="linear", start_wd=0.1, end_wd=0.1, wd_incr_steps=44,
+        wd_incr_style="constant",
+    )  # fmt: skip
+    expected = []
+    for _ in range(5):
+        reference.step(increment=8)
+        expected.append(opt.param_groups[0]["lr"])
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == pytest.approx(2e-3)  # 8 of the 12 warmup samples
+
+
 def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
     _, prefix = corpus
     straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6)

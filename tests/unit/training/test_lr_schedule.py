@@ -123,3 +123,95 @@ def test_restored_schedule_gives_megatron_cores_learning_rates():
     expected = _lrs(reference, ref_opt, 20)[4:]
     assert got == expected
     assert expected[0] == 4e-3 and expected[-1] == 1e-4  # stable, then the decay to --min-lr
+
+
+def _validated(*flags):
+    from megatron_slm.models.presets import get_preset
+    from megatron_slm.training.config import validate
+
+    cfg = parse_config(["--data-path", "x", "--global-batch-size", "8", "--lr", "1e-3", *flags])
+    return cfg, validate(cfg, 1, get_preset("tiny"))
+
+
+def _megatron_lm_rates(steps: int, increment: int, **schedule) -> list[float]:
+    """Megatron-LM's scheduler: megatron-core's, built on its flags in samples (iterations x the
+    global batch size) and stepped by the global batch size."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    reference = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=1e-3, start_wd=0.1, end_wd=0.1, wd_incr_style="constant",
+        **schedule,
+    )  # fmt: skip
+    rates = []
+    for _ in range(steps):
+        reference.step(increment=increment)
+        rates.append(opt.param_groups[0]["lr"])
+    return rates
+
+
+@pytest.mark.parametrize(
+    "flags, steps, megatron_lm",
+    [
+        # 1000 samples at 8 a step: 125 steps; a warmup of 12.5 steps
+        (["--train-samples", "1000", "--lr-warmup-samples", "100", "--lr-decay-samples", "900",
+          "--min-lr", "1e-5"], 125,
+         dict(min_lr=1e-5, lr_warmup_steps=100, lr_decay_steps=900, lr_decay_style="cosine",
+              wd_incr_steps=1000)),
+        # Megatron-LM's --lr-warmup-fraction: of the decay, here counted in steps
+        (["--train-iters", "50", "--lr-warmup-fraction", "0.03", "--lr-decay-iters", "45",
+          "--lr-decay-style", "linear"], 50,
+         dict(min_lr=0.0, lr_warmup_steps=0.03 * 45 * 8, lr_decay_steps=45 * 8,
+              lr_decay_style="linear", wd_incr_steps=400)),
+        # 804 samples: 100 whole steps (the last 4 samples are not trained), WSD's final decay
+        # in samples and shaped as asked
+        (["--train-samples", "804", "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "300",
+          "--lr-wsd-decay-style", "exponential", "--lr-warmup-fraction", "0.1", "--min-lr",
+          "1e-4"], 100,
+         dict(min_lr=1e-4, lr_warmup_steps=0.1 * 804, lr_decay_steps=804, lr_decay_style="WSD",
+              wsd_decay_steps=300, lr_wsd_decay_style="exponential", wd_incr_steps=804)),
+    ],
+    ids=["samples", "warmup-fraction", "wsd-samples"],
+)  # fmt: skip
+def test_schedules_in_samples_give_megatron_lms_rates(flags, steps, megatron_lm):
+    cfg, sizes = _validated(*flags)
+    assert sizes.train_iters == steps
+    schedule = lr_schedule(cfg, sizes.train_iters, sizes.global_batch_size)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    ours = _lrs(lr_scheduler(opt, schedule, sizes.train_iters), opt, steps)
+    expected = _megatron_lm_rates(steps, 8, **megatron_lm)
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert len(set(expected)) > 20  # the rates move: warmup and decay both ran
+
+
+def test_a_wsd_record_from_before_its_style_flag_resumes_as_linear():
+    cfg = parse_config([*BASE, "--load", "ckpt", "--lr-decay-style", "WSD"])
+    old = {k: v for k, v in lr_schedule(cfg, 100).items() if k != "lr_wsd_decay_style"}
+    assert resume_lr_schedule(cfg, 100, _ckpt(old))["lr_wsd_decay_style"] == "linear"
+    cosine = parse_config([*BASE, "--load", "ckpt", "--lr-decay-style", "WSD",
+                           "--lr-wsd-decay-style", "cosine"])  # fmt: skip
+    with pytest.raises(ConfigError, match="--lr-wsd-decay-style saved linear, this run cosine"):
+        resume_lr_schedule(cosine, 100, _ckpt(old))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train-samples", "80", "--lr-warmup-iters", "2"], "use --lr-warmup-samples"),
+        (["--train-samples", "80", "--lr-decay-iters", "5"], "use --lr-decay-samples"),
+        (["--train-iters", "10", "--lr-decay-samples", "40"], "use it with --train-samples"),
+        (["--train-iters", "10", "--train-samples", "80"], "exactly one of"),
+        (["--train-iters", "10", "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "1"],
+         "--lr-warmup-fraction replaces"),
+        (["--train-iters", "10", "--lr-warmup-fraction", "1.5"], "in [0, 1)"),
+        (["--train-iters", "10", "--lr-wsd-decay-iters", "2"], "apply to --lr-decay-style WSD"),
+        (["--train-samples", "7"], "less than one global batch (8)"),
+        (["--train-samples", "80", "--lr-warmup-samples", "80"],
+         "--lr-warmup-samples 80 (10 steps) must be smaller than the decay steps (10: "),
+        (["--train-iters", "10", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "11"],
+         "exceeds the decay"),
+    ],
+)  # fmt: skip
+def test_schedule_flags_that_do_not_fit_are_refused(flags, message, capsys):
+    with pytest.raises((ConfigError, SystemExit)) as err:
+        _validated(*flags)
+    text = capsys.readouterr().err if isinstance(err.value, SystemExit) else str(err.value)
+    assert message in text
