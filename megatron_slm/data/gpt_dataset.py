@@ -178,6 +178,7 @@ def build_gpt_datasets(
     mmap_bin_files: bool = True,
     is_built_on_rank: Callable[[], bool] | None = None,
     blend_per_split: Sequence[Sequence[str] | None] | None = None,
+    multiple_validation_sets: bool = False,
 ) -> tuple:
     """Build (train, valid, test) ``SLMGPTDataset``s (or ``BlendedDataset``s of them) through
     megatron-core's ``BlendedMegatronDatasetBuilder``.
@@ -187,6 +188,8 @@ def build_gpt_datasets(
         split: ``--split``, e.g. ``"969,30,1"``.
         blend_per_split: instead of ``data_path`` and ``split``, ``[train, valid, test]`` blends
             of their own (``--train-data-path`` ...; None: no such split), each dataset whole.
+        multiple_validation_sets: with ``blend_per_split``, valid is a list, one dataset per
+            validation prefix (megatron-core's; one prefix: the dataset itself).
         seq_length: sequence length ``s`` of the samples.
         seed: dataset shuffling seed.
         num_samples: ``[train, valid, test]`` samples to draw (``None``: one epoch).
@@ -227,6 +230,7 @@ def build_gpt_datasets(
         drop_last_partial_validation_sequence=drop_last_partial_validation_sequence,
         add_extra_token_to_sequence=add_extra_token_to_sequence,
         require_sidecar=require_sidecar,
+        multiple_validation_sets=multiple_validation_sets,
     )
     builder = BlendedMegatronDatasetBuilder(
         SLMGPTDataset, num_samples, is_built_on_rank or (lambda: True), config

@@ -234,6 +234,11 @@ class DataArgs:
     test_data_path: list[str] = arg(
         [], "Test blend of its own (with --train-data-path).", nargs="*"
     )
+    multiple_validation_sets: bool = arg(
+        False,
+        "Evaluate each --valid-data-path dataset on its own and log a loss for each (Megatron-LM's "
+        "flag), e.g. held-out math and held-out web text.",
+    )
     reset_attention_mask: bool = arg(
         False,
         "Each document of a packed sequence attends only to itself (a document ends with its "
@@ -278,6 +283,8 @@ class DataArgs:
                 "give either --data-path (with --split) or --train-data-path (with "
                 "--valid-data-path / --test-data-path), not both"
             )
+        if self.multiple_validation_sets and not self.valid_data_path:
+            raise ConfigError("--multiple-validation-sets needs --valid-data-path")
         if self.per_split and self.train_samples_from:
             raise ConfigError(
                 "--train-samples-from draws its batches from a --data-path/--split order; not "

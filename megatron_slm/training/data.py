@@ -21,7 +21,8 @@ def build_datasets(
     cfg: PretrainConfig, sizes: DerivedSizes, tokenizer, require_sidecar: bool, batch_list=None
 ):
     """(train, valid, test); with ``batch_list`` (``--train-samples-from``) train is its
-    batches of the source order (``training.rounds``)."""
+    batches of the source order (``training.rounds``); with --multiple-validation-sets and
+    several validation datasets, valid is their list."""
     t = cfg.training
     evals = (sizes.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
     num_samples = [
@@ -42,6 +43,7 @@ def build_datasets(
         data_cache_path=d.data_cache_path,
         require_sidecar=require_sidecar,
         blend_per_split=d.blend_per_split(),
+        multiple_validation_sets=d.multiple_validation_sets,
         **d.eod_flags,
     )
     if batch_list is None:

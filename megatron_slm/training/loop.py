@@ -146,6 +146,24 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     )
 
 
+def validation_sets(cfg: PretrainConfig, valid) -> list[tuple[str, object]]:
+    """``(name, dataset)`` of each validation set: ``("", valid)`` for one (none without a
+    validation split), each --valid-data-path dataset by name with --multiple-validation-sets
+    (megatron-core builds them in the order of the flag)."""
+    if valid is None or (not isinstance(valid, list) and len(valid) == 0):
+        return []
+    if not isinstance(valid, list):
+        return [("", valid)]
+    return list(zip(source_names(cfg.data.valid_data_path), valid, strict=True))
+
+
+def source_names(data_path: list[str]) -> list[str]:
+    """A blend's datasets as logs name them: file names, or whole prefixes where two share one."""
+    prefixes = blend_prefixes(data_path)
+    names = [os.path.basename(p) for p in prefixes]
+    return names if len(set(names)) == len(names) else prefixes
+
+
 def _plan_reference(cfg: PretrainConfig, arch: GPTModelConfig) -> LoadPlan | None:
     """The online reference model (--slm-ref-load): its metadata read once, its vocabulary the
     data's tokenizer's."""
@@ -214,7 +232,7 @@ class Trainer:
         )
         s = cfg.slm
         if plan.sft_dataset is not None:
-            self.train_ds, self.valid_ds = plan.sft_dataset, None
+            self.train_ds, valid = plan.sft_dataset, None
         else:
             datasets = build_datasets(
                 cfg,
@@ -223,16 +241,15 @@ class Trainer:
                 require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
                 batch_list=plan.batch_list,
             )
-            self.train_ds, self.valid_ds, _ = datasets
+            self.train_ds, valid, _ = datasets
+        self.valid_sets = validation_sets(cfg, valid)
         if cfg.data.reset_position_ids and torch.distributed.get_rank() == 0:
             logger.warning(
                 "--reset-position-ids changes nothing this model computes: megatron-core's rotary "
                 "embedding rotates by the position in the row; --reset-attention-mask is what "
                 "keeps each document to itself"
             )
-        prefixes = blend_prefixes(cfg.data.train_blend)
-        names = [os.path.basename(p) for p in prefixes]
-        self.sources = names if len(set(names)) == len(names) else prefixes
+        self.sources = source_names(cfg.data.train_blend)
         self.n_sources = len(self.sources)
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
@@ -261,7 +278,7 @@ class Trainer:
                 restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
             logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
-        self.valid_batches = None  # built at the first evaluation
+        self.valid_batches = {}  # per validation set, built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
@@ -475,16 +492,26 @@ class Trainer:
         return self._reduce_stats(outputs), grad_norm, ratio
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.valid_ds is None or len(self.valid_ds) == 0:
-            return None
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss of each validation set over its first --eval-iters global batches
+        (``""`` names the only set; more with --multiple-validation-sets), at ratio 1."""
         for chunk in self.chunks:
             chunk.eval()
-        if self.valid_batches is None:
-            self.valid_batches = self._micro_batches(self.valid_ds)
+        losses = {}
+        for name, dataset in self.valid_sets:
+            loss = self._validation_loss(name, dataset)
+            if loss is not None:  # None: not the last pipeline stage, or no batch
+                losses[name] = loss
+        for chunk in self.chunks:
+            chunk.train()
+        return losses
+
+    def _validation_loss(self, name: str, dataset) -> float | None:
+        if name not in self.valid_batches:
+            self.valid_batches[name] = self._micro_batches(dataset)
         else:
-            self.valid_batches.rewind()  # the same first batches, on the same workers
-        batches = self.valid_batches
+            self.valid_batches[name].rewind()  # the same first batches, on the same workers
+        batches = self.valid_batches[name]
         eval_ratio = 1.0 if self.cfg.slm.enabled else None
         total = None  # only the last pipeline stage has statistics
         try:
@@ -494,8 +521,6 @@ class Trainer:
                     total = stats if total is None else total + stats
         except StopIteration:
             pass
-        for chunk in self.chunks:
-            chunk.train()
         if total is None:
             return None
         return (total[STAT_KEYS.index("loss_sum")] / total[STAT_KEYS.index("n_valid")]).item()
@@ -606,8 +631,8 @@ class Trainer:
         else:
             reason = "finished"
         self.batches.close()
-        if self.valid_batches is not None:
-            self.valid_batches.close()
+        for batches in self.valid_batches.values():
+            batches.close()
         self.log.close(self.iteration)
         if self.cfg.checkpoint.save and self._last_saved != self.iteration:
             with self.params_gathered():

@@ -278,19 +278,30 @@ class TrainingLogger:
         image = render_rgb([sample], title=f"training sample, step {iteration}")
         self.tb.add_image("slm/selection", image, iteration, dataformats="HWC")
 
-    def validation(self, iteration, loss):
-        if not self.is_writer or loss is None:
+    def validation(self, iteration, losses: dict[str, float]):
+        """``losses``: per validation set (``Trainer.evaluate``); ``""`` names the only one,
+        logged as before there were several."""
+        if not self.is_writer or not losses:
             return
-        print(
-            f"validation at iter {iteration}: loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}"
+        shown = " | ".join(
+            f"{name + ' ' if name else ''}loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}"
+            for name, loss in losses.items()
         )
-        if self.tb:
-            self.tb.add_scalar("slm/validation_loss", loss, iteration)
-            self.tb.add_scalar("slm/validation_ppl", math.exp(min(loss, 50)), iteration)
+        print(f"validation at iter {iteration}: {shown}")
+        for name, loss in losses.items():
+            suffix = f"/{name}" if name else ""
+            if self.tb:
+                self.tb.add_scalar(f"slm/validation_loss{suffix}", loss, iteration)
+                self.tb.add_scalar(
+                    f"slm/validation_ppl{suffix}", math.exp(min(loss, 50)), iteration
+                )
         if self.loss_file:
-            self.loss_file.write(
-                json.dumps({"iteration": iteration, "validation_loss": loss}) + "\n"
-            )
+            record = {"iteration": iteration}
+            if set(losses) == {""}:
+                record["validation_loss"] = losses[""]
+            else:
+                record["validation_losses"] = losses
+            self.loss_file.write(json.dumps(record) + "\n")
 
     def close(self, iteration: int) -> None:
         """Write what is still pending (a run stopped between log steps), then close."""

@@ -13,6 +13,8 @@ the validation corpus's samples, recomputed in float64.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -35,8 +37,9 @@ def corpora(tmp_path_factory):
     short = make_null_corpus(root, "short", rng.integers(2, 10, 160).tolist())  # rows of ~5 docs
     train = make_null_corpus(root, "train", [15] * 100, seed=1)  # a document every 16 tokens
     valid = make_null_corpus(root, "valid", [7] * 60, seed=2)  # ... every 8 tokens
+    other = make_null_corpus(root, "other", [4] * 80, seed=3)  # ... every 5 tokens
     write_sidecar(train, lambda doc, pos: 0.5 + 0.01 * ((doc + pos) % 7))
-    return {"short": short, "train": train, "valid": valid}
+    return {"short": short, "train": train, "valid": valid, "other": other}
 
 
 def _trainer(argv):
@@ -54,8 +57,8 @@ def _trainer(argv):
 
 def _close(trainer):
     trainer.batches.close()
-    if trainer.valid_batches is not None:
-        trainer.valid_batches.close()
+    for batches in trainer.valid_batches.values():
+        batches.close()
     trainer.log.close(trainer.iteration)
 
 
@@ -149,23 +152,14 @@ def _eod_gaps(rows):
     return gaps
 
 
-def _splits_worker(rank, world, train, valid, log_file):
+def _validation_loss(trainer, dataset) -> float:
+    """float64 mean loss of the first two global batches of ``dataset``, as evaluated."""
     import torch.nn.functional as F
 
     from megatron_slm.training.data import MicroBatches
 
-    argv = tiny_args(train, log_file, 3, "--eval-interval", 3, "--eval-iters", 2)
-    argv = [a for a in argv if a not in ("--data-path", train, "--split", "100,0,0")]
-    argv += ["--train-data-path", train, "--valid-data-path", valid, "--slm-ratio", "0.5"]
-    trainer = _trainer(argv)
-    gbs = trainer.sizes.global_batch_size
-    train_rows = [trainer.train_ds[i]["tokens"] for i in range(gbs)]
-    train_refs = [trainer.train_ds[i]["ref_loss"] for i in range(gbs)]
-    valid_rows = [trainer.valid_ds[i]["tokens"] for i in range(2 * gbs)]
-    reported = trainer.evaluate()
-    # float64 mean loss of the first two global batches of the validation blend
-    total, count = 0.0, 0
-    peek = MicroBatches(trainer.valid_ds, trainer.cfg.training.micro_batch_size, 0)
+    total, count = 0.0, 0.0
+    peek = MicroBatches(dataset, trainer.cfg.training.micro_batch_size, 0)
     with torch.no_grad():
         for _ in range(2 * trainer.sizes.num_microbatches):
             batch = next(peek)
@@ -175,19 +169,50 @@ def _splits_worker(rank, world, train, valid, log_file):
             )
             mask = batch["loss_mask"].flatten().double()
             total, count = total + float((loss * mask).sum()), count + float(mask.sum())
-    assert trainer.advance() is None  # a selective step trains on the sidecar
+    return total / count
+
+
+def _splits_worker(rank, world, train, valid, log_file):
+    argv = tiny_args(train, log_file, 3, "--eval-interval", 3, "--eval-iters", 2)
+    argv = [a for a in argv if a not in ("--data-path", train, "--split", "100,0,0")]
+    argv += ["--train-data-path", train, "--valid-data-path", *valid, "--slm-ratio", "0.5"]
+    trainer = _trainer([*argv, "--multiple-validation-sets"])
+    gbs = trainer.sizes.global_batch_size
+    train_rows = [trainer.train_ds[i]["tokens"] for i in range(gbs)]
+    train_refs = [trainer.train_ds[i]["ref_loss"] for i in range(gbs)]
+    sets = {
+        name: ([ds[i]["tokens"] for i in range(2 * gbs)], _validation_loss(trainer, ds))
+        for name, ds in trainer.valid_sets
+    }
+    reported = trainer.evaluate()
+    for _ in range(3):  # a selective step trains on the sidecar; step 3 evaluates and logs
+        assert trainer.advance() is None
     _close(trainer)
     finite = [bool(torch.isfinite(r).any()) for r in train_refs]
-    return _eod_gaps(train_rows), _eod_gaps(valid_rows), finite, reported, total / count
+    gaps = {name: _eod_gaps(rows) for name, (rows, _) in sets.items()}
+    expected = {name: loss for name, (_, loss) in sets.items()}
+    return _eod_gaps(train_rows), gaps, finite, reported, expected
 
 
-def test_a_validation_blend_of_its_own(corpora, tmp_path):
-    train_gaps, valid_gaps, finite, reported, expected = run_distributed(
-        _splits_worker, 1, corpora["train"], corpora["valid"], str(tmp_path / "steps.jsonl")
+def test_validation_sets_of_their_own(corpora, tmp_path):
+    """--train-data-path with two --valid-data-path datasets, --multiple-validation-sets: each
+    set holds its own corpus's documents and has a loss of its own, logged by name."""
+    log = tmp_path / "steps.jsonl"
+    valid = [corpora["valid"], corpora["other"]]
+    train_gaps, gaps, finite, reported, expected = run_distributed(
+        _splits_worker, 1, corpora["train"], valid, str(log)
     )[0]
-    assert train_gaps == {16} and valid_gaps == {8}  # each split reads its own corpus
+    names = ["valid_text_document", "other_text_document"]
+    assert train_gaps == {16}  # each split reads its own corpus
+    assert gaps == dict(zip(names, [{8}, {5}]))
     assert all(finite)  # the training blend carries its sidecar's losses
-    assert reported == pytest.approx(expected, rel=1e-5)
+    assert list(reported) == names
+    for name in names:
+        assert reported[name] == pytest.approx(expected[name], rel=1e-5)
+    assert abs(reported[names[0]] - reported[names[1]]) > 1e-3  # two sets, two losses
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    logged = [r["validation_losses"] for r in records if "validation_losses" in r]
+    assert len(logged) == 1 and list(logged[0]) == names  # step 3's evaluation
 
 
 def _config(*argv):
