@@ -8,6 +8,7 @@ size live in :func:`validate`. Every message names the flag.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from dataclasses import dataclass
@@ -234,6 +235,16 @@ class DataArgs:
     test_data_path: list[str] = arg(
         [], "Test blend of its own (with --train-data-path).", nargs="*"
     )
+    data_args_path: str | None = arg(
+        None,
+        "A file holding the --data-path blend (whitespace-separated), for blends too long for "
+        "a command line (Megatron-LM's flag).",
+    )
+    per_split_data_args_path: str | None = arg(
+        None,
+        'A JSON file {"train": [...], "valid": [...], "test": [...]} holding the per-split '
+        "blends, each as --train-data-path takes it (Megatron-LM's flag).",
+    )
     multiple_validation_sets: bool = arg(
         False,
         "Evaluate each --valid-data-path dataset on its own and log a loss for each (Megatron-LM's "
@@ -276,6 +287,7 @@ class DataArgs:
     def __post_init__(self):
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        self._read_blend_files()
         if self.per_split and not self.train_data_path:
             raise ConfigError("--valid-data-path and --test-data-path need --train-data-path")
         if self.per_split and self.data_path:
@@ -290,6 +302,30 @@ class DataArgs:
                 "--train-samples-from draws its batches from a --data-path/--split order; not "
                 "with --train-data-path"
             )
+
+    def _read_blend_files(self) -> None:
+        """--data-args-path / --per-split-data-args-path fill the blends they replace."""
+        if self.data_args_path and self.per_split_data_args_path:
+            raise ConfigError("give either --data-args-path or --per-split-data-args-path")
+        if self.data_args_path:
+            if self.data_path or self.per_split:
+                raise ConfigError("--data-args-path replaces --data-path and the per-split paths")
+            self.data_path = _read_text(self.data_args_path, "--data-args-path").split()
+            if not self.data_path:
+                raise ConfigError(f"--data-args-path {self.data_args_path}: no dataset in it")
+        if self.per_split_data_args_path:
+            if self.data_path or self.per_split:
+                raise ConfigError(
+                    "--per-split-data-args-path replaces --data-path and the per-split paths"
+                )
+            blends = _read_split_blends(self.per_split_data_args_path)
+            if not blends.get("train"):
+                raise ConfigError(
+                    f'--per-split-data-args-path {self.per_split_data_args_path}: no "train" blend'
+                )
+            self.train_data_path = blends["train"]
+            self.valid_data_path = blends.get("valid") or []
+            self.test_data_path = blends.get("test") or []
 
     @property
     def per_split(self) -> bool:
@@ -314,6 +350,42 @@ class DataArgs:
         """What megatron-core's GPTDataset does at end-of-document tokens (the attention mask
         is the trainer's, from the tokens on the device: no [s, s] mask per sample)."""
         return {"reset_position_ids": self.reset_position_ids, "eod_mask_loss": self.eod_mask_loss}
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text") from None
+
+
+def _read_split_blends(path: str) -> dict[str, list[str]]:
+    """Megatron-LM's per-split file: an object whose keys are among train, valid and test, each
+    a list of strings (numbers allowed: weights) or null."""
+    flag = "--per-split-data-args-path"
+    try:
+        blends = json.loads(_read_text(path, flag))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(blends, dict) or not set(blends) <= {"train", "valid", "test"}:
+        raise ConfigError(
+            f'{flag} {path}: must be an object with keys among "train", "valid" and "test"'
+        )
+    out = {}
+    for split, blend in blends.items():
+        if blend is None:
+            continue
+        ok = isinstance(blend, list) and all(
+            isinstance(x, str) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+            for x in blend
+        )
+        if not ok:
+            raise ConfigError(f'{flag} {path}: "{split}" must be a list of weights and prefixes')
+        out[split] = [str(x) for x in blend]
+    return out
 
 
 @dataclass

@@ -245,3 +245,46 @@ def test_conflicting_data_flags_are_refused(argv, message, capsys):
     else:
         text = str(err.value)
     assert message in text
+
+
+def test_blends_read_from_files_are_the_flags_blends(tmp_path):
+    """Megatron-LM's --data-args-path (the --data-path string) and --per-split-data-args-path
+    (JSON per split) give the configuration of the same blends given as flags."""
+    base = ["--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 2]
+    blend = ["0.3", "data/a_text_document", "0.7", "data/b_text_document"]  # --data-path's list
+    text = tmp_path / "blend.txt"
+    text.write_text(" 0.3 data/a_text_document\n0.7\tdata/b_text_document\n")
+    from_file = parse_config([str(a) for a in [*base, "--data-args-path", text]])
+    assert from_file.data.data_path == blend
+    assert from_file.data.train_blend == blend and from_file.data.blend_per_split() is None
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": [0.3, "data/a", 0.7, "data/b"], "valid": ["v"]}))
+    from_json = parse_config([str(a) for a in [*base, "--per-split-data-args-path", splits]])
+    flags = ["--train-data-path", "0.3", "data/a", "0.7", "data/b", "--valid-data-path", "v"]
+    given = parse_config([str(a) for a in [*base, *flags]]).data.blend_per_split()
+    assert from_json.data.blend_per_split() == given
+    assert given == [["0.3", "data/a", "0.7", "data/b"], ["v"], None]
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        (None, (), "cannot read (No such file or directory)"),
+        ("{", (), "not JSON"),
+        ('["a"]', (), 'keys among "train", "valid" and "test"'),
+        ('{"train": "a b"}', (), '"train" must be a list'),
+        ('{"valid": ["v"]}', (), 'no "train" blend'),
+        ('{"train": ["a"]}', ("--data-path", "x"), "replaces --data-path"),
+    ],
+)
+def test_a_blend_file_that_does_not_fit_is_one_line(tmp_path, capsys, content, extra, message):
+    path = tmp_path / "splits.json"
+    if content is not None:
+        path.write_text(content)
+    argv = ["--tokenizer-type", "NullTokenizer", "--train-iters", 2, *extra]
+    with pytest.raises(SystemExit) as err:
+        parse_config([str(a) for a in [*argv, "--per-split-data-args-path", path]])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert f"--per-split-data-args-path {path}" in lines[-1] or "replaces" in lines[-1]
+    assert message in lines[-1]
