@@ -283,18 +283,19 @@ class TrainingLogger:
         logged as before there were several."""
         if not self.is_writer or not losses:
             return
-        shown = " | ".join(
-            f"{name + ' ' if name else ''}loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}"
-            for name, loss in losses.items()
-        )
+        ppl = {name: math.exp(min(loss, 50)) for name, loss in losses.items()}
+        if set(losses) == {""}:
+            shown = f"loss {losses['']:.4f} | ppl {ppl['']:.2f}"
+        else:
+            shown = " | ".join(
+                f"{name} loss {loss:.4f}, ppl {ppl[name]:.2f}" for name, loss in losses.items()
+            )
         print(f"validation at iter {iteration}: {shown}")
-        for name, loss in losses.items():
-            suffix = f"/{name}" if name else ""
-            if self.tb:
+        if self.tb:
+            for name, loss in losses.items():
+                suffix = f"/{name}" if name else ""
                 self.tb.add_scalar(f"slm/validation_loss{suffix}", loss, iteration)
-                self.tb.add_scalar(
-                    f"slm/validation_ppl{suffix}", math.exp(min(loss, 50)), iteration
-                )
+                self.tb.add_scalar(f"slm/validation_ppl{suffix}", ppl[name], iteration)
         if self.loss_file:
             record = {"iteration": iteration}
             if set(losses) == {""}:
