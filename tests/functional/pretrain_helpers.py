@@ -98,3 +98,21 @@ def tiny_args(data_prefix: str, log_file: str, iters: int, *extra) -> list[str]:
         "--log-loss-file", log_file,
         *extra,
     ]  # fmt: skip
+
+
+def megatron_rates(steps: int, increment: int, **schedule) -> list[float]:
+    """The learning rate of each of ``steps`` steps under megatron-core's own scheduler built
+    on ``schedule`` (its keyword arguments, constant weight decay) and stepped by ``increment``
+    (1: steps; the global batch size: Megatron-LM's sample counting)."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = OptimizerParamScheduler(
+        opt, init_lr=0.0, start_wd=0.1, end_wd=0.1, wd_incr_style="constant", **schedule
+    )
+    rates = []
+    for _ in range(steps):
+        scheduler.step(increment=increment)
+        rates.append(opt.param_groups[0]["lr"])
+    return rates

@@ -13,6 +13,7 @@ import torch
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     make_null_corpus,
+    megatron_rates,
     read_steps,
     run_pretrain,
     tiny_args,
@@ -188,8 +189,6 @@ def test_a_longer_run_resumes_only_on_a_schedule_it_names(corpus, tmp_path):
     work, naming what differs, unless --override-opt-param-scheduler, which trains on the new
     schedule from the saved step on: megatron-core's scheduler built on it gives the same rates
     (megatron-core alone would keep the saved schedule's, here its final 0 from step 4 on)."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     _, prefix = corpus
     ckpt = str(tmp_path / "ckpt")
     run_pretrain(tiny_args(prefix, str(tmp_path / "a.jsonl"), 3, "--save", ckpt))
@@ -202,16 +201,10 @@ def test_a_longer_run_resumes_only_on_a_schedule_it_names(corpus, tmp_path):
     run_pretrain(tiny_args(prefix, str(log), 6, *longer, "--override-opt_param-scheduler"))
     resumed = read_steps(str(log))
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    reference = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=6e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=6,
-        lr_decay_style="linear", start_wd=0.1, end_wd=0.1, wd_incr_steps=6,
-        wd_incr_style="constant",
+    expected = megatron_rates(
+        6, 1, max_lr=6e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_steps=6,
+        lr_decay_style="linear", wd_incr_steps=6,
     )  # fmt: skip
-    expected = []
-    for _ in range(6):
-        reference.step(increment=1)
-        expected.append(opt.param_groups[0]["lr"])
     assert [r["lr"] for r in resumed] == expected[3:]
 
 
@@ -229,8 +222,6 @@ def test_a_schedule_in_samples_trains_and_resumes(corpus, tmp_path):
     is 1.5 steps. The logged rates are Megatron-LM's (megatron-core's scheduler counting
     samples), also after a stop at step 2 and a resume, which reads the fractional schedule back
     from the checkpoint's record."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     _, prefix = corpus
     ckpt, log = str(tmp_path / "ckpt"), tmp_path / "steps.jsonl"
     flags = ("--train-samples", 44, "--lr-decay-samples", 40, "--lr-warmup-fraction", "0.3",
@@ -239,16 +230,10 @@ def test_a_schedule_in_samples_trains_and_resumes(corpus, tmp_path):
     run_pretrain(_in_samples(prefix, log, *flags, "--load", ckpt))
     steps = read_steps(str(log))
     assert [r["iteration"] for r in steps] == [1, 2, 3, 4, 5]
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    reference = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=3e-3, min_lr=1e-4, lr_warmup_steps=0.3 * 40, lr_decay_steps=40,
-        lr_decay_style="linear", start_wd=0.1, end_wd=0.1, wd_incr_steps=44,
-        wd_incr_style="constant",
+    expected = megatron_rates(
+        5, 8, max_lr=3e-3, min_lr=1e-4, lr_warmup_steps=0.3 * 40, lr_decay_steps=40,
+        lr_decay_style="linear", wd_incr_steps=44,
     )  # fmt: skip
-    expected = []
-    for _ in range(5):
-        reference.step(increment=8)
-        expected.append(opt.param_groups[0]["lr"])
     assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12)
     assert expected[0] == pytest.approx(2e-3)  # 8 of the 12 warmup samples
 

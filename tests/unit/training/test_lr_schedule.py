@@ -2,7 +2,8 @@
 flags and both values, unless Megatron-LM's --override-opt-param-scheduler (this run's schedule)
 or --use-checkpoint-opt-param-scheduler (the saved one); and the scheduler built on a schedule
 gives megatron-core's own learning rates for it, also after a load replaced the optimizer's
-parameter groups with another run's."""
+parameter groups with another run's. Megatron-LM's sample-based flags (--train-samples, ...,
+--lr-warmup-fraction) give Megatron-LM's rates, whose scheduler counts samples."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from megatron_slm.training.optimizer import (
     restore_lr_schedule,
     resume_lr_schedule,
 )
+from tests.functional.pretrain_helpers import megatron_rates
 
 BASE = ["--train-iters", "100", "--lr", "1e-3", "--lr-warmup-iters", "10"]
 
@@ -133,21 +135,6 @@ def _validated(*flags):
     return cfg, validate(cfg, 1, get_preset("tiny"))
 
 
-def _megatron_lm_rates(steps: int, increment: int, **schedule) -> list[float]:
-    """Megatron-LM's scheduler: megatron-core's, built on its flags in samples (iterations x the
-    global batch size) and stepped by the global batch size."""
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    reference = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=1e-3, start_wd=0.1, end_wd=0.1, wd_incr_style="constant",
-        **schedule,
-    )  # fmt: skip
-    rates = []
-    for _ in range(steps):
-        reference.step(increment=increment)
-        rates.append(opt.param_groups[0]["lr"])
-    return rates
-
-
 @pytest.mark.parametrize(
     "flags, steps, megatron_lm",
     [
@@ -177,7 +164,7 @@ def test_schedules_in_samples_give_megatron_lms_rates(flags, steps, megatron_lm)
     schedule = lr_schedule(cfg, sizes.train_iters, sizes.global_batch_size)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     ours = _lrs(lr_scheduler(opt, schedule, sizes.train_iters), opt, steps)
-    expected = _megatron_lm_rates(steps, 8, **megatron_lm)
+    expected = megatron_rates(steps, 8, max_lr=1e-3, **megatron_lm)  # Megatron-LM's: samples
     assert ours == pytest.approx(expected, rel=1e-12, abs=1e-18)
     assert len(set(expected)) > 20  # the rates move: warmup and decay both ran
 
