@@ -589,7 +589,8 @@ def schedule_steps(
             raise ValueError("a schedule in samples needs the global batch size")
         decay = (t.lr_decay_samples or t.train_samples) / global_batch_size
         warmup = t.lr_warmup_samples / global_batch_size
-        wsd = t.lr_wsd_decay_samples and t.lr_wsd_decay_samples / global_batch_size
+        wsd_samples = t.lr_wsd_decay_samples
+        wsd = None if wsd_samples is None else wsd_samples / global_batch_size
     else:
         decay, warmup, wsd = (
             t.lr_decay_iters or train_iters,

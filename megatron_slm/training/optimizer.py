@@ -189,7 +189,8 @@ def _check_saved_schedule(saved, run: dict, where: str) -> None:
         if key == "lr_decay_style":
             ok = got in LR_DECAY_STYLES
         elif key == "wsd_decay_iters":
-            ok = got is None if saved.get("lr_decay_style") != "WSD" else _is_number(got, 1)
+            wsd = saved.get("lr_decay_style") == "WSD"  # (samples: a fraction of a step is one)
+            ok = _is_number(got, 0) and got > 0 if wsd else got is None
         elif key == "lr_wsd_decay_style":
             ok = got is None if saved.get("lr_decay_style") != "WSD" else got in WSD_DECAY_STYLES
         else:
