@@ -6,9 +6,11 @@ row at its end-of-document token and forwarded by itself, no mask at all), and t
 nothing back between log steps. ``--eod-mask-loss`` and ``--reset-position-ids``: the loss mask and
 position ids of Megatron-LM, written out from the tokens.
 
-``--train-data-path`` / ``--valid-data-path``: the model trains on one corpus (with its sidecar,
-under selection) and validates on another that has none; the validation loss is the mean loss of
-the validation corpus's samples, recomputed in float64.
+``--train-data-path`` / ``--valid-data-path`` with ``--multiple-validation-sets``: the model trains
+on one corpus (with its sidecar, under selection) and validates on two others that have none; each
+set's loss is the mean loss of its own samples, recomputed in float64. ``--data-args-path`` /
+``--per-split-data-args-path`` give the blends their flags give; conflicting data flags and blend
+files that do not fit are one line each.
 """
 
 from __future__ import annotations
