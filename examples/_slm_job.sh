@@ -12,7 +12,6 @@ MODEL_ARGS=(--model-preset "${MODEL_PRESET}")
 # Unset: Transformer Engine on GPU when installed, megatron-core local modules otherwise.
 [[ -n "${TRANSFORMER_IMPL:-}" ]] && MODEL_ARGS+=(--transformer-impl "$TRANSFORMER_IMPL")
 [[ -n "${NUM_LAYERS:-}" ]] && MODEL_ARGS+=(--num-layers "$NUM_LAYERS")
-[[ -n "${RECOMPUTE:-}" ]] && MODEL_ARGS+=(--recompute-activations)
 PARALLEL_ARGS=(
     --tensor-model-parallel-size "${TP}"
     --pipeline-model-parallel-size "${PP}"
@@ -40,6 +39,13 @@ TRAINING_ARGS=(
     --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
 )
 [[ "${PRECISION:-bf16}" == bf16 ]] && TRAINING_ARGS+=(--bf16)
+# RECOMPUTE=selective: each layer's core attention is recomputed in backward (Megatron-LM's
+# --recompute-activations); RECOMPUTE=full (or 1): every layer, from its input (least memory).
+case "${RECOMPUTE:-}" in
+    "") ;;
+    1 | full) TRAINING_ARGS+=(--recompute-granularity full) ;;
+    *) TRAINING_ARGS+=(--recompute-granularity "$RECOMPUTE") ;;
+esac
 # VALID_DATA_PATH: validate on a corpus of its own (e.g. held-out high-quality data) instead of
 # a --split share of DATA_PATH; DOCUMENT_MASK=1: each packed document attends only to itself.
 if [[ -n "${VALID_DATA_PATH:-}" ]]; then

@@ -69,6 +69,8 @@ if [[ ! -f "$LOSSES.json" ]]; then
         --device "${DEVICE:-cuda}"
     )
     [[ "$SCORE_BF16" == 1 && "${DEVICE:-cuda}" != cpu ]] && SCORE_ARGS+=(--bf16)
+    # Scored as round 1 trained: DOCUMENT_MASK=1 gave it --reset-attention-mask --eod-mask-loss.
+    [[ "${DOCUMENT_MASK:-0}" == 1 ]] && SCORE_ARGS+=(--reset-attention-mask --eod-mask-loss)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     if [[ -n "${SLURM_JOB_ID:-}" ]]; then
         export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"

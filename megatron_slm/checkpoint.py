@@ -211,6 +211,12 @@ def resolve_checkpoint(path: str, flag: str = "--load") -> str:
     return ckpt
 
 
+def holds_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a checkpoint root with a tracker or an iteration directory (complete
+    or not: :func:`resolve_checkpoint` says what is wrong with it)."""
+    return os.path.isfile(os.path.join(path, METADATA)) or latest_iteration(path) is not None
+
+
 def read_metadata(path: str, flag: str = "--load") -> dict:
     """Metadata of the checkpoint at ``path`` (root or iteration directory)."""
     ckpt = resolve_checkpoint(path, flag)
@@ -382,6 +388,7 @@ def save_checkpoint(
     metadata: dict | None = None,
     fully_parallel: bool = False,
     async_queue=None,
+    save_rng: bool = True,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
 
@@ -392,7 +399,9 @@ def save_checkpoint(
     ``async_queue`` (megatron-core's ``AsyncCallsQueue``; Megatron-LM's ``--async-save``): the
     tensors are staged in host memory and written by a forked process while training goes on;
     the directory is published (metadata, rename, tracker) when the caller finalizes the queue
-    after every rank's writer finished. Until then the previous checkpoint stays the latest."""
+    after every rank's writer finished. Until then the previous checkpoint stays the latest.
+    ``optimizer_saved`` in the metadata says whether the optimizer state is in it; ``save_rng``
+    False leaves the RNG states out (``--no-save-optim``, ``--no-save-rng``)."""
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -414,8 +423,9 @@ def save_checkpoint(
     request = dist_checkpointing.save(
         state, partial, _save_strategy(fully_parallel), async_sharded_save=async_queue is not None
     )
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+    if save_rng:
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
     meta = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
@@ -426,6 +436,7 @@ def save_checkpoint(
         "world_size": dist.get_world_size(),
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "optimizer_saved": optimizer is not None,
         **(metadata or {}),
     }
 
@@ -525,6 +536,7 @@ def load_checkpoint(
     weights_only: bool = False,
     flag: str = "--load",
     fully_parallel: bool = False,
+    load_rng: bool = True,
 ) -> CheckpointState:
     """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
 
@@ -532,7 +544,8 @@ def load_checkpoint(
     per-rank RNG states do not apply and are skipped (with a log line). ``path`` may be the
     :class:`CheckpointInfo` a loader already read: its metadata is not read again.
     ``fully_parallel``: the data-parallel ranks share the reading (Megatron-LM's
-    ``--ckpt-fully-parallel-load``).
+    ``--ckpt-fully-parallel-load``). ``load_rng=False``: the random states stay this run's
+    (``--no-load-rng``).
     """
     if isinstance(path, CheckpointInfo):
         ckpt, meta = path.path, path.meta
@@ -568,7 +581,9 @@ def load_checkpoint(
         == parallel_state.get_pipeline_model_parallel_world_size()
     )
     rng_file = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
-    if same_layout and os.path.isfile(rng_file):
+    if not load_rng:
+        logger.info("--no-load-rng: RNG states not restored")
+    elif same_layout and os.path.isfile(rng_file):
         _set_rng_state(load_rng_file(rng_file))
     else:
         logger.info("parallel layout differs from the checkpoint's: RNG states not restored")
@@ -716,6 +731,7 @@ def resolve_architecture(
             f"{vocab_source} has {vocab_size} ids, but {where} was trained with a vocabulary of "
             f"{arch.vocab_size}"
         )
+    model_args.check_head_size(arch, where)
     return arch
 
 

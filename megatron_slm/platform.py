@@ -137,6 +137,14 @@ def _cpu_rng_stand_ins() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
     mcore_random._get_cuda_rng_state = get_state
     mcore_random._set_cuda_rng_state = set_state
+    # The tracker warns when the CPU generator moved inside a fork: here it is the forked state
+    # (dropout under the tracker draws from it), so the warning would fire at every dropout.
+    logging.getLogger(mcore_random.__name__).addFilter(_ForkedCpuStateIsExpected())
+
+
+class _ForkedCpuStateIsExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "CPU RNG state changed within GPU RNG context"
 
 
 def _cpu_grad_clipping() -> None:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
         seed=cfg.training.seed,
+        timeout_minutes=p.distributed_timeout_minutes,
     )
     pretrain(cfg, plan, device)
     return 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
@@ -179,6 +179,7 @@ def build_gpt_datasets(
     is_built_on_rank: Callable[[], bool] | None = None,
     blend_per_split: Sequence[Sequence[str] | None] | None = None,
     multiple_validation_sets: bool = False,
+    mock: bool = False,
 ) -> tuple:
     """Build (train, valid, test) ``SLMGPTDataset``s (or ``BlendedDataset``s of them) through
     megatron-core's ``BlendedMegatronDatasetBuilder``.
@@ -198,6 +199,8 @@ def build_gpt_datasets(
         require_sidecar: every dataset the model trains on must have a valid sidecar
             (selective training).
         is_built_on_rank: megatron-core's callable (default: build on every rank).
+        mock: megatron-core's ``MockGPTDataset`` instead of any data (``--mock-data``): no
+            ``data_path``, ``split`` thirds, no sidecar.
 
     Sidecars of all prefixes are verified before any index is built.
     """
@@ -205,7 +208,9 @@ def build_gpt_datasets(
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be [train, valid, test], got {num_samples}")
     blend, per_split = None, None
-    if blend_per_split is None:
+    if mock:
+        split = None  # megatron-core's mock config: thirds
+    elif blend_per_split is None:
         blend = parse_data_path(data_path)
         check_data_path(blend[0], tokenizer.vocab_size, require_sidecar)
     else:
@@ -233,7 +238,10 @@ def build_gpt_datasets(
         multiple_validation_sets=multiple_validation_sets,
     )
     builder = BlendedMegatronDatasetBuilder(
-        SLMGPTDataset, num_samples, is_built_on_rank or (lambda: True), config
+        MockGPTDataset if mock else SLMGPTDataset,
+        num_samples,
+        is_built_on_rank or (lambda: True),
+        config,
     )
     with _single_process_rank():
         train, valid, test = builder.build()

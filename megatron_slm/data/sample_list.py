@@ -85,9 +85,14 @@ def source_settings(
 
 
 def build_source_dataset(
-    data_path: Sequence[str], source: dict, tokenizer, data_cache_path: str | None = None
+    data_path: Sequence[str],
+    source: dict,
+    tokenizer,
+    data_cache_path: str | None = None,
+    eod_mask_loss: bool = False,
 ):
-    """The train dataset of ``source`` (what the trainer builds for it) and its number of whole
+    """The train dataset of ``source`` (what the trainer builds for it; ``eod_mask_loss``: its
+    --eod-mask-loss, which changes the loss masks, not the order) and its number of whole
     batches: ``min(num_samples or len, len) // global_batch_size``."""
     from megatron_slm.data.gpt_dataset import build_gpt_datasets
 
@@ -99,6 +104,7 @@ def build_source_dataset(
         [source["num_samples"], 0, 0],
         tokenizer,
         data_cache_path=data_cache_path,
+        eod_mask_loss=eod_mask_loss,
     )
     if train is None:
         raise SampleListError(f"--split {source['split']}: the train split is empty")

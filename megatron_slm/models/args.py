@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, check_choices
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.presets import GPTModelConfig, get_preset
 
 DEFAULT_PRESET = "tiny"
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # megatron-core's AttnBackend
+_OWN_FUSIONS = (
+    "Accepted in either form (Megatron-LM's flag): megatron-slm chooses its fused kernels itself, "
+    "each tested against megatron-core's unfused path."
+)
+# (flag, the one value megatron-slm builds) for Megatron-LM's architecture choices.
+_LLAMA_CHOICES = (("normalization", "RMSNorm"), ("position_embedding_type", "rope"),
+                  ("rotary_percent", 1.0))  # fmt: skip
 DEFAULT_VOCAB_DIVISOR = 128
 ARCHITECTURE_FLAGS = (
     "num_layers",
@@ -50,18 +58,102 @@ class ModelArgs:
         "checkpoint keeps its padded vocabulary at any TP that divides it).",
     )
     transformer_impl: str | None = arg(
-        None, "Layer implementation: te, local or torch (default: te/local on GPU, torch on CPU)."
+        None,
+        "Layer implementation: te (Megatron-LM's transformer_engine), local or torch (default: "
+        "te on GPU when installed, else torch).",
+    )
+    init_method_std: float | None = arg(
+        None,
+        "Std of the normal initialisation of new weights (default 0.02); a loaded checkpoint's "
+        "weights are its own.",
+    )
+    attention_dropout: float = arg(
+        0.0,
+        "Dropout on the attention probabilities while training (Megatron-LM's default is 0.1; "
+        "Llama-style pretraining uses none). Scoring and evaluation never drop.",
+    )
+    hidden_dropout: float = arg(
+        0.0,
+        "Dropout on each layer's attention and MLP outputs while training (Megatron-LM's "
+        "default is 0.1).",
+    )
+    attention_backend: str = arg(
+        "auto",
+        "Megatron-LM's attention kernel choice, given to megatron-core: Transformer Engine's "
+        "attention (--transformer-impl te) takes flash, fused or unfused; local selects "
+        "--transformer-impl local. The torch spec lets SDPA choose (flash on GPU).",
+        choices=ATTENTION_BACKENDS,
+    )
+    # Megatron-LM's flags for the Llama architecture, which is the only one megatron-slm builds:
+    # accepted so that a Megatron-LM script's MODEL_ARGS run unchanged. A value that describes
+    # another architecture is refused, naming the flag.
+    use_mcore_models: bool = arg(False, "Accepted: models are always megatron-core's.")
+    group_query_attention: bool = arg(
+        False, "Accepted: grouped-query attention follows --num-query-groups."
+    )
+    swiglu: bool = arg(False, "Accepted: the MLP is always SwiGLU.")
+    untie_embeddings_and_output_weights: bool = arg(
+        False, "Accepted: input and output embeddings are always separate weights."
+    )
+    disable_bias_linear: bool = arg(False, "Accepted: linear layers never have biases.")
+    normalization: str | None = arg(None, "Accepted with RMSNorm, the only normalisation.")
+    position_embedding_type: str | None = arg(
+        None, "Accepted with rope, the only position embedding."
+    )
+    rotary_percent: float | None = arg(None, "Accepted with 1.0: RoPE rotates whole heads.")
+    kv_channels: int | None = arg(
+        None, "Accepted when it is the head size, --hidden-size / --num-attention-heads."
+    )
+    no_position_embedding: bool = arg(
+        False, "Accepted: there is no learned position embedding (RoPE only)."
+    )
+    use_flash_attn: bool = arg(
+        False,
+        "Accepted (Megatron-LM's older flag): flash attention is used where the layer spec has it "
+        "(TE's attention; the torch spec's SDPA on GPU).",
+    )
+    masked_softmax_fusion: bool = arg(True, _OWN_FUSIONS)
+    rope_fusion: bool = arg(True, _OWN_FUSIONS)
+    gradient_accumulation_fusion: bool = arg(True, _OWN_FUSIONS)
+    apply_layernorm_1p: bool = arg(
+        False, "Refused: zero-centred norm weights are not the Llama architecture."
     )
 
     def __post_init__(self):
+        if self.transformer_impl == "transformer_engine":  # Megatron-LM's name
+            self.transformer_impl = "te"
         if self.model_preset is not None:
             get_preset(self.model_preset)  # unknown preset -> error naming --model-preset
         if self.transformer_impl not in (None, "te", "local", "torch"):
             raise ConfigError(
-                f"--transformer-impl must be te, local or torch, got {self.transformer_impl!r}"
+                "--transformer-impl must be te (or transformer_engine), local or torch, got "
+                f"{self.transformer_impl!r}"
             )
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
             raise ConfigError("--make-vocab-size-divisible-by must be >= 1")
+        check_choices(self, "attention_backend")
+        for name, llama in _LLAMA_CHOICES:
+            value = getattr(self, name)
+            if value is not None and value != llama:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {value}: megatron-slm builds Llama-style models "
+                    f"only, whose value is {llama}"
+                )
+        if self.apply_layernorm_1p:
+            raise ConfigError(
+                "--apply-layernorm-1p: megatron-slm builds Llama-style models only, whose RMSNorm "
+                "weights are not zero-centred"
+            )
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
+        if self.init_method_std is not None and self.init_method_std <= 0:
+            raise ConfigError("--init-method-std must be positive")
+        if self.attention_backend == "local" and self.transformer_impl not in (None, "local"):
+            raise ConfigError(
+                f"--attention-backend local is megatron-core's local attention: it contradicts "
+                f"--transformer-impl {self.transformer_impl}"
+            )
 
     def overrides(self) -> dict:
         """The architecture flags given explicitly (not None)."""
@@ -70,7 +162,26 @@ class ModelArgs:
     def architecture(self, vocab_size: int) -> GPTModelConfig:
         """The architecture these flags describe on their own (no checkpoint)."""
         preset = get_preset(self.model_preset or DEFAULT_PRESET)
-        return preset.replace(vocab_size=vocab_size, **self.overrides())
+        arch = preset.replace(
+            vocab_size=vocab_size, init_method_std=self.init_method_std, **self.overrides()
+        )
+        self.check_head_size(arch)
+        return arch
+
+    def check_head_size(self, arch: GPTModelConfig, where: str = "") -> None:
+        """--kv-channels, when given, is ``arch``'s head size (megatron-slm's heads split the
+        width; Megatron-LM's may not)."""
+        if self.kv_channels is not None and self.kv_channels != arch.head_dim:
+            raise ConfigError(
+                f"--kv-channels {self.kv_channels} is not the head size of {where or 'the model'}"
+                f" ({arch.hidden_size} / {arch.num_attention_heads} heads = {arch.head_dim}): "
+                "megatron-slm's attention heads split --hidden-size"
+            )
+
+    @property
+    def spec_impl(self) -> str | None:
+        """--transformer-impl, or local when --attention-backend local asks for it."""
+        return self.transformer_impl or ("local" if self.attention_backend == "local" else None)
 
     def record(self) -> dict:
         """What a checkpoint records about how its architecture was chosen."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_slm.errors import ConfigError
@@ -41,8 +42,14 @@ class ModelBuildOptions:
     """Initialise the full weights on CPU, then shard: identical models for any TP size."""
     calculate_per_token_loss: bool = True
     """Normalise gradients by the number of (selected) tokens across micro-batches and DP."""
-    recompute_activations: bool = False
-    """--recompute-activations: full recomputation of each layer in backward."""
+    recompute: tuple[tuple[str, object], ...] = ()
+    """megatron-core's recompute fields as pairs (``TrainingArgs.recompute``); empty: none."""
+    attention_dropout: float = 0.0
+    """--attention-dropout (training only)."""
+    hidden_dropout: float = 0.0
+    """--hidden-dropout (training only)."""
+    attention_backend: str = "auto"
+    """--attention-backend: megatron-core's AttnBackend name (Transformer Engine's kernel)."""
 
 
 def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
@@ -68,8 +75,8 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=opts.hidden_dropout,
+        attention_dropout=opts.attention_dropout,
         init_method_std=model.init_method_std,
         # Fusions that need Apex/TE kernels are off; TE's spec fuses on its own.
         bias_activation_fusion=False,
@@ -92,9 +99,8 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         # batched p2p posts (send_prev, recv_prev, send_next, recv_next), which with PP=2 pairs a
         # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
         batch_p2p_comm=not cpu_backend_enabled(),
-        recompute_granularity="full" if opts.recompute_activations else None,
-        recompute_method="uniform" if opts.recompute_activations else None,
-        recompute_num_layers=1 if opts.recompute_activations else None,
+        attention_backend=AttnBackend[opts.attention_backend],
+        **dict(opts.recompute),
     )
 
 

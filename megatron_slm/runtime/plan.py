@@ -189,5 +189,5 @@ def plan_load(
     # vocabulary splits over TP: refused here, before any process group or weight.
     check_parallel_layout(arch, tp, getattr(args, "pipeline_model_parallel_size", 1))
     info.divisor_for(tp)
-    impl = getattr(model_args, "transformer_impl", None)
+    impl = getattr(model_args, "spec_impl", None)
     return LoadPlan(info, arch, tok, ttype, tmodel, tp, impl, hf_cfg)

@@ -5,8 +5,10 @@ point initialises the process groups). The sample order is the trainer's own
 (``data.sample_list.build_source_dataset``: megatron-core's ``GPTDataset`` for the blend, split,
 seed, sequence length and train samples); batch ``b`` is samples ``b*G .. b*G + G - 1``. Each
 sample is forwarded as the trainer feeds it (``tokens``, ``labels``, ``position_ids``, plain causal
-attention) through the shared runtime (fused per-token losses at any TP, megatron-core's
-forward-only pipeline schedule with PP > 1); its loss is the mean over its ``loss_mask``.
+attention, or each document to itself with --reset-attention-mask) through the shared runtime
+(fused per-token losses at any TP, megatron-core's forward-only pipeline schedule with PP > 1);
+its loss is the mean over its ``loss_mask`` (--eod-mask-loss: without the token after each
+end-of-document token).
 
 Work decomposition and resume follow the offline scorer: *chunks* of ``--commit-interval`` batches
 are forwarded the same way in every run (the same micro-batches), so values do not depend on the
@@ -38,6 +40,7 @@ from megatron_slm.data.sample_list import (
     source_settings,
 )
 from megatron_slm.launch import broadcast_from_rank0, raise_on_every_rank
+from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.progress import ProgressBar
 from megatron_slm.runtime import per_token_losses
 from megatron_slm.runtime.forward import Rows
@@ -69,13 +72,16 @@ class ScoreBatchesReport:
         )
 
 
-def _chunk_records(lm, dataset, first: int, end: int, mbs: int) -> np.ndarray | None:
-    """``[end - first]`` RECORDs of samples ``first..end-1`` (None off the last stage)."""
+def _chunk_records(lm, dataset, first: int, end: int, mbs: int, eod=None) -> np.ndarray | None:
+    """``[end - first]`` RECORDs of samples ``first..end-1`` (None off the last stage); with
+    ``eod`` (--reset-attention-mask) each document attends only to itself."""
     batches, masks = [], []
     for a in range(first, end, mbs):
         samples = [dataset[i] for i in range(a, a + mbs)]
         stack = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
-        batches.append(Rows(stack["tokens"], stack["labels"], stack["position_ids"]))
+        tokens = stack["tokens"]
+        documents = None if eod is None else DocumentMask.from_tokens(tokens, eod)
+        batches.append(Rows(tokens, stack["labels"], stack["position_ids"], documents))
         masks.append(stack["loss_mask"].float())  # [b, s]
     losses = per_token_losses(lm, batches)  # [b, s] each, last stage only
     if not losses:
@@ -138,7 +144,11 @@ def score_batches(config: ScoreBatchesConfig) -> ScoreBatchesReport | None:
             config.global_batch_size,
         )
         dataset, n_batches = build_source_dataset(
-            config.data_path, source, lm.tokenizer, config.data_cache_path
+            config.data_path,
+            source,
+            lm.tokenizer,
+            config.data_cache_path,
+            eod_mask_loss=config.eod_mask_loss,
         )
         if n_batches == 0:
             raise SampleListError(
@@ -164,6 +174,8 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
             "tensor_model_parallel_size": config.tensor_model_parallel_size,
             "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
             "params_dtype": "bfloat16" if config.bf16 else "float32",
+            "reset_attention_mask": config.reset_attention_mask,
+            "eod_mask_loss": config.eod_mask_loss,
         },
     }
     writer, error = None, None
@@ -195,7 +207,8 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
         if dp_rank < len(round_chunks):
             c = round_chunks[dp_rank]
             first, end = c * ci * g, min((c + 1) * ci, n_batches) * g
-            records = _chunk_records(lm, dataset, first, end, config.micro_batch_size)
+            eod = lm.tokenizer.eod if config.reset_attention_mask else None
+            records = _chunk_records(lm, dataset, first, end, config.micro_batch_size, eod)
             if is_writer:
                 mine = (first, records)
         gathered = [None] * dist.get_world_size() if is_rank0 else None

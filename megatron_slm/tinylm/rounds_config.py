@@ -36,6 +36,16 @@ class ScoreBatchesConfig(LoadArgs, ModelArgs, TokenizerArgs):
         "the train split; a weighted blend needs it).",
     )
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
+    reset_attention_mask: bool = arg(
+        False,
+        "The trainer's --reset-attention-mask: each document of a sample attends only to itself "
+        "(a document ends with its end-of-document token), as the trainer computes its loss.",
+    )
+    eod_mask_loss: bool = arg(
+        False,
+        "The trainer's --eod-mask-loss: a sample's loss leaves out the token after each "
+        "end-of-document token.",
+    )
     output: str | None = arg(
         None, "Output prefix P: writes P.bin (per-sample losses) and P.json.", required=True
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.cli import arg, check_at_least, check_choices, parse_configs
+from megatron_slm.cli import arg, check_at_least, check_choices, flag_name, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
@@ -56,6 +56,20 @@ class ParallelConfig:
         "Elements per gradient bucket with --overlap-grad-reduce (default: megatron-core's, "
         "max(40M, 1M x data-parallel size)).",
     )
+    distributed_backend: str | None = arg(
+        None,
+        "Accepted with the backend megatron-slm uses (Megatron-LM's flag): nccl on GPU, gloo on "
+        "CPU.",
+        choices=("nccl", "gloo"),
+    )
+    context_parallel_size: int = arg(
+        1, "Accepted at 1 (Megatron-LM's flag): megatron-slm does not shard the sequence."
+    )
+    distributed_timeout_minutes: int = arg(
+        30,
+        "How long a collective may wait for the other ranks before the job fails (Megatron-LM's "
+        "flag; its default is 10).",
+    )
     dist_ckpt_optim_fully_reshardable: bool = arg(
         False,
         "With --use-distributed-optimizer: save its state per parameter (the fp32 weight and "
@@ -79,6 +93,14 @@ class ParallelConfig:
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
             )
         check_at_least(self, "ddp_bucket_size", optional=True)
+        check_at_least(self, "distributed_timeout_minutes")
+        if self.distributed_backend is not None:
+            check_choices(self, "distributed_backend")
+        if self.context_parallel_size != 1:
+            raise ConfigError(
+                f"--context-parallel-size {self.context_parallel_size}: context parallelism is "
+                "not supported (the selection and the reference losses are per whole sequence)"
+            )
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -86,7 +108,11 @@ class ParallelConfig:
             )
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp")  # megatron-core's for dense layers (layernorm needs TE)
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
+WD_INCR_STYLES = ("constant", "linear", "cosine")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
 
 
@@ -128,7 +154,30 @@ class TrainingArgs:
     lr_wsd_decay_style: str = arg(
         "linear", "WSD: the shape of the final decay.", choices=WSD_DECAY_STYLES
     )
-    weight_decay: float = arg(0.1, "AdamW weight decay.")
+    decoupled_lr: float | None = arg(
+        None,
+        "Peak learning rate of the input embedding and the output layer, on the same schedule "
+        "(Megatron-LM's flag; default: --lr).",
+    )
+    decoupled_min_lr: float | None = arg(
+        None, "With --decoupled-lr: their final learning rate (default: --min-lr)."
+    )
+    lr_warmup_init: float = arg(
+        0.0, "The learning rate the linear warmup starts from (Megatron-LM's flag)."
+    )
+    weight_decay: float = arg(0.1, "AdamW weight decay (constant: --weight-decay-incr-style).")
+    start_weight_decay: float | None = arg(
+        None, "Weight decay at the first step (--weight-decay-incr-style linear or cosine)."
+    )
+    end_weight_decay: float | None = arg(
+        None, "Weight decay at the last training step (linear or cosine increment)."
+    )
+    weight_decay_incr_style: str = arg(
+        "constant",
+        "How the weight decay goes from --start-weight-decay to --end-weight-decay over the "
+        "training steps (megatron-core's scheduler, as in Megatron-LM).",
+        choices=WD_INCR_STYLES,
+    )
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")
@@ -141,13 +190,85 @@ class TrainingArgs:
         "Transformer Engine's or Apex's FusedAdam cannot); with "
         "--no-check-for-nan-in-loss-and-grad training logs it and goes on.",
     )
+    optimizer: str = arg(
+        "adam",
+        "Accepted with adam (Megatron-LM's flag): the optimizer is AdamW.",
+        choices=("adam",),
+    )
+    dataloader_type: str = arg(
+        "single",
+        "Accepted with single (Megatron-LM's flag): samples are read in megatron-core's shuffled "
+        "order from the consumed position, the order sidecars and batch lists are drawn in.",
+        choices=("single",),
+    )
+    async_tensor_model_parallel_allreduce: bool = arg(
+        True, "Accepted in either form: megatron-core decides this overlap itself."
+    )
     bf16: bool = arg(False, "bf16 mixed precision.")
+    grad_reduce_in_bf16: bool = arg(
+        False,
+        "With --bf16: accumulate and reduce the data-parallel gradients in bf16 instead of "
+        "fp32 (Megatron-LM's flag): half the reduction's bytes, less precise sums.",
+    )
+    accumulate_allreduce_grads_in_fp32: bool = arg(
+        False, "Accepted: gradients are summed and reduced in fp32 unless --grad-reduce-in-bf16."
+    )
+    calculate_per_token_loss: bool = arg(
+        False,
+        "Accepted: the loss is always the mean over the (selected) tokens of the whole global "
+        "batch, not a mean of per-micro-batch means.",
+    )
+    cross_entropy_loss_fusion: bool = arg(
+        False, "Accepted: the loss is megatron-slm's fused op by default (--cross-entropy-impl)."
+    )
+    manual_gc: bool = arg(
+        False,
+        "Turn Python's automatic garbage collection off while training and collect every "
+        "--manual-gc-interval steps instead (Megatron-LM's flag): with many ranks, a collection "
+        "that pauses one rank at a random step stalls them all at the next collective.",
+    )
+    manual_gc_interval: int = arg(
+        0, "With --manual-gc: collect every N steps (0: only at the start and around evaluations)."
+    )
+    manual_gc_eval: bool = arg(True, "With --manual-gc: collect before and after each evaluation.")
+    empty_unused_memory_level: int = arg(
+        0,
+        "Return the CUDA caching allocator's unused blocks to the device (Megatron-LM's flag): "
+        "1 after each step's forward/backward, 2 also after its optimizer update; 0 never. "
+        "Each return waits for the device.",
+        choices=(0, 1, 2),
+    )
     fp16: bool = arg(False, "fp16 mixed precision with loss scaling (GPU only).")
     seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")
     device: str = device_arg()
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
     eval_iters: int = arg(10, "Validation batches per evaluation.")
-    recompute_activations: bool = arg(False, "Recompute every layer's activations in backward.")
+    recompute_activations: bool = arg(
+        False,
+        "Selective recompute, as in Megatron-LM: each layer's core attention (its [b, heads, s, "
+        "s] probabilities where the kernel keeps them) is recomputed in backward "
+        "(--recompute-granularity selective).",
+    )
+    recompute_granularity: str | None = arg(
+        None,
+        "full: keep only each recompute unit's input and recompute the layers in backward "
+        "(least memory); selective: recompute --recompute-modules only.",
+        choices=RECOMPUTE_GRANULARITIES,
+    )
+    recompute_method: str | None = arg(
+        None,
+        "Full recompute: uniform (every group of --recompute-num-layers layers is one unit; the "
+        "default) or block (the first --recompute-num-layers layers of each pipeline stage).",
+        choices=RECOMPUTE_METHODS,
+    )
+    recompute_num_layers: int | None = arg(
+        None, "Full recompute: layers per unit (uniform) or recomputed per stage (block); 1."
+    )
+    recompute_modules: list[str] = arg(
+        [],
+        "Selective recompute: which parts of each layer (core_attn, the default; mlp; layernorm).",
+        nargs="*",
+    )
     cross_entropy_impl: str = arg(
         "fused",
         "Plain training's loss: fused (megatron_slm's vocab-parallel op at ratio 1: "
@@ -160,7 +281,9 @@ class TrainingArgs:
 
     def __post_init__(self):
         check_at_least(self, "micro_batch_size", "seq_length")
-        check_choices(self, "cross_entropy_impl", "lr_wsd_decay_style")
+        check_choices(
+            self, "cross_entropy_impl", "lr_wsd_decay_style", "optimizer", "dataloader_type"
+        )
         lengths = (self.train_iters, self.train_tokens, self.train_samples)
         if sum(x is not None for x in lengths) != 1:
             raise ConfigError(
@@ -170,10 +293,109 @@ class TrainingArgs:
         self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
+        if self.grad_reduce_in_bf16 and not self.bf16:
+            raise ConfigError("--grad-reduce-in-bf16 needs --bf16")
+        if self.grad_reduce_in_bf16 and self.accumulate_allreduce_grads_in_fp32:
+            raise ConfigError(
+                "--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 are exclusive"
+            )
+        if self.cross_entropy_loss_fusion and self.cross_entropy_impl != "fused":
+            raise ConfigError(
+                "--cross-entropy-loss-fusion asks for the fused loss: it contradicts "
+                f"--cross-entropy-impl {self.cross_entropy_impl}"
+            )
+        check_at_least(self, "manual_gc_interval", minimum=0)
+        check_choices(self, "empty_unused_memory_level")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self._check_recompute()
+        self._check_weight_decay()
+
+    def _check_weight_decay(self) -> None:
+        """Megatron-LM's rule: a constant weight decay is --weight-decay; an increment goes from
+        --start-weight-decay to --end-weight-decay, both given."""
+        check_choices(self, "weight_decay_incr_style")
+        ends = (self.start_weight_decay, self.end_weight_decay)
+        if self.weight_decay_incr_style == "constant":
+            if any(v is not None for v in ends):
+                raise ConfigError(
+                    "--start-weight-decay / --end-weight-decay need --weight-decay-incr-style "
+                    "linear or cosine (a constant decay is --weight-decay)"
+                )
+        elif any(v is None for v in ends):
+            raise ConfigError(
+                f"--weight-decay-incr-style {self.weight_decay_incr_style} needs "
+                "--start-weight-decay and --end-weight-decay"
+            )
+        for name in ("weight_decay", "start_weight_decay", "end_weight_decay", "lr_warmup_init"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag_name(name)} must be >= 0")
+        start, end = self.weight_decays
+        if end < start:  # megatron-core's scheduler only increments
+            raise ConfigError(
+                f"--end-weight-decay {end} is below --start-weight-decay {start}: the weight "
+                "decay can only increase"
+            )
+        if self.lr_warmup_init > self.lr:
+            raise ConfigError(f"--lr-warmup-init {self.lr_warmup_init} exceeds --lr {self.lr}")
+        if self.decoupled_min_lr is not None and self.decoupled_lr is None:
+            raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+        if self.decoupled_lr is not None:
+            low = self.min_lr if self.decoupled_min_lr is None else self.decoupled_min_lr
+            if not 0 <= low <= self.decoupled_lr:
+                raise ConfigError(
+                    f"--decoupled-lr {self.decoupled_lr} must be >= its final rate "
+                    f"(--decoupled-min-lr, else --min-lr: {low}) >= 0"
+                )
+
+    @property
+    def weight_decays(self) -> tuple[float, float]:
+        """(first step's, last step's) weight decay."""
+        if self.weight_decay_incr_style == "constant":
+            return self.weight_decay, self.weight_decay
+        return self.start_weight_decay, self.end_weight_decay
+
+    def _check_recompute(self) -> None:
+        """Megatron-LM's recompute flags; what megatron-core would assert, named by flag."""
+        if self.recompute_activations:
+            if self.recompute_granularity == "full":
+                raise ConfigError(
+                    "--recompute-activations is selective recompute: it contradicts "
+                    "--recompute-granularity full"
+                )
+            self.recompute_granularity = "selective"
+        if self.recompute_granularity is not None:
+            check_choices(self, "recompute_granularity")
+        full = self.recompute_granularity == "full"
+        for name in ("recompute_method", "recompute_num_layers"):
+            if getattr(self, name) is not None and not full:
+                raise ConfigError(f"{flag_name(name)} applies to --recompute-granularity full")
+        if self.recompute_modules and self.recompute_granularity != "selective":
+            raise ConfigError("--recompute-modules applies to selective recompute")
+        if self.recompute_method is not None:
+            check_choices(self, "recompute_method")
+        check_at_least(self, "recompute_num_layers", optional=True)
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ConfigError(
+                f"--recompute-modules {' '.join(unknown)}: choose from "
+                f"{', '.join(RECOMPUTE_MODULES)}"
+            )
+
+    @property
+    def recompute(self) -> tuple[tuple[str, object], ...]:
+        """megatron-core's TransformerConfig fields for the recompute flags, as pairs."""
+        if self.recompute_granularity is None:
+            return ()
+        if self.recompute_granularity == "selective":
+            modules = list(self.recompute_modules or ["core_attn"])
+            return (("recompute_granularity", "selective"), ("recompute_modules", modules))
+        return (("recompute_granularity", "full"),
+                ("recompute_method", self.recompute_method or "uniform"),
+                ("recompute_num_layers", self.recompute_num_layers or 1))  # fmt: skip
 
     def _check_schedule_units(self) -> None:
         """Megatron-LM's rule: with --train-samples the schedule's lengths count samples, else
@@ -267,7 +489,24 @@ class DataArgs:
         "No loss on the prediction that follows an end-of-document token (the next document's "
         "first token, which its context cannot predict; it has no reference loss either).",
     )
+    mock_data: bool = arg(
+        False,
+        "Megatron-LM's synthetic data instead of --data-path: megatron-core's MockGPTDataset "
+        "(documents of random length counting 1, 2, 3, ..., each ended by the end-of-document "
+        "token; train, valid and test thirds), to measure throughput or try a cluster before any "
+        "data exists. Plain training, or selection with --slm-ref-source online.",
+    )
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
+    mmap_bin_files: bool = arg(
+        True,
+        "Memory-map the datasets' .bin files; --no-mmap-bin-files reads each sample with a "
+        "file read instead (Megatron-LM's flag: for file systems where mapping is slow).",
+    )
+    create_attention_mask_in_dataloader: bool = arg(
+        True,
+        "Accepted (Megatron-LM's flag): the data workers never build an attention mask; "
+        "--reset-attention-mask builds it on the device.",
+    )
     train_samples_from: str | None = arg(
         None,
         "Train on the batches of this list (tools/resample_batches.py), in its order; the data "
@@ -294,6 +533,11 @@ class DataArgs:
             raise ConfigError(
                 "give either --data-path (with --split) or --train-data-path (with "
                 "--valid-data-path / --test-data-path), not both"
+            )
+        if self.mock_data and (self.data_path or self.per_split or self.train_samples_from):
+            raise ConfigError(
+                "--mock-data replaces the data: not with --data-path, --train-data-path or "
+                "--train-samples-from"
             )
         if self.multiple_validation_sets and not self.valid_data_path:
             raise ConfigError("--multiple-validation-sets needs --valid-data-path")
@@ -480,6 +724,36 @@ class CheckpointArgs:
     exit_signal: str = arg("SIGTERM", "Signal name for --exit-signal-handler.")
     exit_duration_in_mins: float | None = arg(None, "Save and exit after this many minutes.")
     exit_interval: int | None = arg(None, "Save and exit when the step is a multiple of this.")
+    no_load_optim: bool = arg(
+        False,
+        "With --load: do not load the optimizer state and its learning-rate scheduler's step "
+        "(Megatron-LM's flag): the weights, the step and the data position resume; Adam starts "
+        "afresh.",
+    )
+    no_save_optim: bool = arg(
+        False,
+        "Save without the optimizer state and the scheduler (Megatron-LM's flag): smaller "
+        "checkpoints that resume with --no-load-optim or --finetune only.",
+    )
+    no_save_rng: bool = arg(False, "Save without the random number generators' states.")
+    exit_on_missing_checkpoint: bool = arg(
+        False,
+        "With --load: fail when it holds no checkpoint, also when it is the --save directory of a "
+        "run that has not saved yet (which otherwise starts from scratch).",
+    )
+    use_checkpoint_args: bool = arg(
+        False,
+        "Accepted: a --load checkpoint's architecture and tokenizer are always used (the model "
+        "flags may only confirm them).",
+    )
+    no_load_rng: bool = arg(
+        False, "With --load: do not restore the random number generators' states."
+    )
+    ckpt_format: str = arg(
+        "torch_dist",
+        "Checkpoint format: megatron-core's distributed checkpoint (torch_dist), the only one.",
+        choices=("torch_dist",),
+    )
     ckpt_fully_parallel_save: bool = arg(
         True,
         "Spread the writing of state that data-parallel ranks hold alike (the weights; the "
@@ -503,6 +777,12 @@ class CheckpointArgs:
             raise ConfigError(f"--exit-signal {self.exit_signal!r} is not a signal name")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError("--save-interval must be >= 1")
+        check_choices(self, "ckpt_format")
+        if self.exit_on_missing_checkpoint and not self.load:
+            raise ConfigError("--exit-on-missing-checkpoint needs --load")
+        if (self.no_load_optim or self.no_load_rng) and self.finetune:
+            flag = "--no-load-optim" if self.no_load_optim else "--no-load-rng"
+            raise ConfigError(f"{flag}: --finetune already loads the weights only")
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError(
                 "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are "
@@ -531,7 +811,30 @@ class LoggingArgs:
         "loss, selected ones underlined) to TensorBoard (needs --tensorboard-dir, matplotlib).",
     )
 
+    log_throughput: bool = arg(
+        False, "Accepted: the log line always shows tokens/s, TFLOP/s per device and MFU."
+    )
+    profile: bool = arg(
+        False,
+        "Profile the steps from --profile-step-start to --profile-step-end (Megatron-LM's flag): "
+        "under nsys (GPU; run as `nsys profile --capture-range=cudaProfilerApi ...`) the range "
+        "is opened and closed with cudaProfilerStart/Stop; with --use-pytorch-profiler, "
+        "torch.profiler writes a trace to --tensorboard-dir (CPU and GPU).",
+    )
+    use_pytorch_profiler: bool = arg(False, "With --profile: torch.profiler instead of nsys.")
+    profile_step_start: int = arg(10, "With --profile: the first profiled step.")
+    profile_step_end: int = arg(12, "With --profile: the step that ends the profiled range.")
+    profile_ranks: list[int] = arg([0], "With --profile: the ranks that profile.")
+
     def __post_init__(self):
+        if self.profile:
+            if self.profile_step_end <= self.profile_step_start or self.profile_step_start < 0:
+                raise ConfigError(
+                    f"--profile-step-start {self.profile_step_start} must be >= 0 and before "
+                    f"--profile-step-end {self.profile_step_end}"
+                )
+            if self.use_pytorch_profiler and not self.tensorboard_dir:
+                raise ConfigError("--use-pytorch-profiler writes its trace to --tensorboard-dir")
         if self.log_interval < 1:
             raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
         if self.log_selection_interval is not None and self.log_selection_interval < 1:
@@ -623,8 +926,16 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     d = cfg.data
-    if not d.train_blend and not cfg.sft.enabled:
-        raise ConfigError("--data-path is required (or --train-data-path, or --sft-data)")
+    if not d.train_blend and not cfg.sft.enabled and not d.mock_data:
+        raise ConfigError(
+            "--data-path is required (or --train-data-path, --sft-data or --mock-data)"
+        )
+    if d.mock_data and cfg.sft.enabled:
+        raise ConfigError("give either --mock-data or --sft-data, not both")
+    if d.mock_data and cfg.slm.needs_reference and cfg.slm.slm_ref_source == "sidecar":
+        raise ConfigError(
+            "--mock-data has no reference-loss sidecar: select with --slm-ref-source online"
+        )
     if d.train_blend and cfg.sft.enabled:
         flag = "--train-data-path" if d.per_split else "--data-path"
         raise ConfigError(f"give either {flag} or --sft-data, not both")
@@ -638,12 +949,12 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
         masked = "--sft-data"
     elif d.reset_attention_mask:
         masked = "--reset-attention-mask"
-    if masked and cfg.model.transformer_impl not in (None, "torch"):
+    if masked and cfg.model.spec_impl not in (None, "torch"):
         # TE and megatron's fused causal softmax ignore a given mask: packed examples would
         # attend to each other. The torch spec (SDPA) honours it, on CPU and GPU.
         raise ConfigError(
             f"{masked} separates packed documents with a block-diagonal attention mask, which "
-            f"--transformer-impl {cfg.model.transformer_impl} ignores: use --transformer-impl torch"
+            f"--transformer-impl {cfg.model.spec_impl} ignores: use --transformer-impl torch"
         )
     if cfg.slm.enabled and t.cross_entropy_impl == "megatron":
         raise ConfigError(
@@ -677,6 +988,17 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
             f"{architecture.max_position_embeddings}"
         )
     on_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    backend = "gloo" if on_cpu else "nccl"
+    if p.distributed_backend not in (None, backend):
+        raise ConfigError(
+            f"--distributed-backend {p.distributed_backend}: megatron-slm runs {backend} on "
+            f"{'CPU' if on_cpu else 'GPU'}"
+        )
+    if cfg.logging.profile and not cfg.logging.use_pytorch_profiler and on_cpu:
+        raise ConfigError(
+            "--profile without --use-pytorch-profiler opens a range for nsys, which needs a "
+            "GPU: add --use-pytorch-profiler"
+        )
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")

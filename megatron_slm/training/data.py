@@ -41,9 +41,11 @@ def build_datasets(
         num_samples,
         tokenizer,
         data_cache_path=d.data_cache_path,
+        mmap_bin_files=d.mmap_bin_files,
         require_sidecar=require_sidecar,
         blend_per_split=d.blend_per_split(),
         multiple_validation_sets=d.multiple_validation_sets,
+        mock=d.mock_data,
         **d.eod_flags,
     )
     if batch_list is None:

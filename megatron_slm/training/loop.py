@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_slm import checkpoint as checkpointing
+from megatron_slm import launch
 from megatron_slm.checkpoint import (
     CheckpointInfo,
     read_checkpoint,
@@ -45,6 +46,7 @@ from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
 from megatron_slm.runtime.reference import OnlineReference
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
+from megatron_slm.training.housekeeping import ManualGC, StepProfiler
 from megatron_slm.training.metrics import (
     OP_STAT_KEYS,
     STAT_KEYS,
@@ -58,6 +60,7 @@ from megatron_slm.training.optimizer import (
     build_optimizer,
     check_optimizer_resume,
     finalize_grads,
+    logged_lr,
     optimizer_layout,
     restore_lr_schedule,
     resume_lr_schedule,
@@ -105,21 +108,21 @@ class TrainingPlan:
 def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     """Tokenizer, architecture and sizes: the checkpoint's when resuming or fine-tuning (flags
     may only confirm them), else the flags'. Fails before any work, naming the flag."""
-    ckpt = read_checkpoint(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    ckpt = _checkpoint_to_load(cfg.checkpoint)
     tokenizer, ttype, tmodel = resolve_tokenizer(cfg.tokenizer, ckpt)
     if cfg.sft.enabled:
         _set_chat_template(cfg, tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     sizes = validate(cfg, world_size, arch)
-    if ckpt is not None and not cfg.checkpoint.finetune:
+    if ckpt is not None and not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim):
         check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
     reference = _plan_reference(cfg, arch)
+    sft, batch_list = None, None
     if cfg.sft.enabled:
         if cfg.data.train_samples_from:
             raise ConfigError("--train-samples-from draws --data-path batches; not with --sft-data")
         sft = build_sft_dataset(cfg, sizes, tokenizer)
-        batch_list = None
-    else:
+    elif not cfg.data.mock_data:
         s = cfg.slm
         check_data_path(
             cfg.data.train_blend,
@@ -129,7 +132,6 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         for blend in (cfg.data.valid_data_path, cfg.data.test_data_path):
             if blend:
                 check_data_path(blend, tokenizer.vocab_size, require_sidecar=False)
-        sft = None
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
     schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt, sizes.global_batch_size)
     record = tokenizer_record(ttype, tmodel, tokenizer)
@@ -144,6 +146,27 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         reference=reference,
         lr_schedule=schedule,
     )
+
+
+def _checkpoint_to_load(ck) -> CheckpointInfo | None:
+    """--load's checkpoint, or None. Megatron-LM's restart idiom gives the --save directory as
+    --load from the first run on: while that directory holds no checkpoint, training starts
+    from scratch (a log line says so). Any other --load must be a checkpoint."""
+    if not ck.load:
+        return None
+    first_run = (
+        ck.save is not None
+        and not ck.finetune
+        and os.path.realpath(ck.load) == os.path.realpath(ck.save)
+        and not checkpointing.holds_checkpoint(ck.load)
+    )
+    if first_run and ck.exit_on_missing_checkpoint:
+        raise ConfigError(f"--load {ck.load}: no checkpoint there (--exit-on-missing-checkpoint)")
+    if first_run:
+        if launch.process_info().rank == 0:
+            logger.info("--load %s holds no checkpoint yet: training starts from scratch", ck.load)
+        return None
+    return read_checkpoint(ck.load)
 
 
 def validation_sets(cfg: PretrainConfig, valid) -> list[tuple[str, object]]:
@@ -214,7 +237,7 @@ class Trainer:
         self.build_opts = ModelBuildOptions(
             # SFT, --reset-attention-mask: the torch spec, the one that honours the packed
             # block-diagonal mask.
-            transformer_impl=cfg.model.transformer_impl
+            transformer_impl=cfg.model.spec_impl
             or (
                 "torch"
                 if cfg.sft.enabled or cfg.data.reset_attention_mask
@@ -228,7 +251,10 @@ class Trainer:
                 plan.checkpoint.divisor_for(tp) if plan.checkpoint else cfg.model.vocab_divisor
             ),
             use_cpu_initialization=self.device.type == "cpu",
-            recompute_activations=t.recompute_activations,
+            recompute=t.recompute,
+            attention_dropout=cfg.model.attention_dropout,
+            hidden_dropout=cfg.model.hidden_dropout,
+            attention_backend=cfg.model.attention_backend,
         )
         s = cfg.slm
         if plan.sft_dataset is not None:
@@ -262,26 +288,33 @@ class Trainer:
                 self.tokenizer.eod,
             )
         self.iteration, consumed = 0, 0
-        if cfg.checkpoint.load:
+        ck = cfg.checkpoint
+        if plan.checkpoint is not None:
+            optimizer_too = not (ck.finetune or ck.no_load_optim)
             state = checkpointing.load_checkpoint(
                 plan.checkpoint,  # read once by plan_training
                 self.chunks,
-                None if cfg.checkpoint.finetune else self.optimizer,
-                None if cfg.checkpoint.finetune else self.scheduler,
-                weights_only=cfg.checkpoint.finetune,
-                fully_parallel=cfg.checkpoint.ckpt_fully_parallel_load,
+                self.optimizer if optimizer_too else None,
+                self.scheduler if optimizer_too else None,
+                weights_only=ck.finetune,
+                fully_parallel=ck.ckpt_fully_parallel_load,
+                load_rng=not ck.no_load_rng,
             )
-            if not cfg.checkpoint.finetune:
+            if not ck.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
-                # the checkpoint's param groups replaced ours
-                use_fused_adam(self.optimizer)
+                if optimizer_too:  # the checkpoint's param groups replaced ours
+                    use_fused_adam(self.optimizer)
+                else:  # a fresh Adam; the learning rate continues at the loaded step
+                    self.scheduler.num_steps = self.iteration
                 restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
-            logger.info("loaded %s at iteration %d", cfg.checkpoint.load, self.iteration)
+            logger.info("loaded %s at iteration %d", ck.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
         self.valid_batches = {}  # per validation set, built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
+        self.manual_gc = ManualGC(cfg)
+        self.profiler = StepProfiler(cfg, dist.get_rank(), self.device)
         self.async_saves = None
         if cfg.checkpoint.async_save and cfg.checkpoint.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -296,7 +329,7 @@ class Trainer:
             chunks = [Float16Module(config, c) for c in chunks]
         par = cfg.parallel
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=not cfg.training.grad_reduce_in_bf16,
             overlap_grad_reduce=par.overlap_grad_reduce,
             overlap_param_gather=par.overlap_param_gather,
             # Megatron-LM's rule: stages launch their all-gathers together only in the
@@ -483,12 +516,17 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         ratio = self._ratio()
+        t = self.cfg.training
         outputs = self._run_schedule(
-            self.batches, False, ratio, self.cfg.training.seed * 1_000_003 + self.iteration * 4099
+            self.batches, False, ratio, t.seed * 1_000_003 + self.iteration * 4099
         )
+        if t.empty_unused_memory_level >= 1:
+            torch.cuda.empty_cache()
         ok, grad_norm = self.optimizer_step.step()  # no host sync (but fp16's loss scaler)
         if ok:
             self.scheduler.step(increment=1)
+        if t.empty_unused_memory_level >= 2:
+            torch.cuda.empty_cache()
         return self._reduce_stats(outputs), grad_norm, ratio
 
     @torch.no_grad()
@@ -532,12 +570,13 @@ class Trainer:
             return
         self.check_finite()  # never a checkpoint of a diverged state
         self.finish_saves()  # one background save at a time
+        ck = self.cfg.checkpoint
         checkpointing.save_checkpoint(
-            self.cfg.checkpoint.save,
+            ck.save,
             self.iteration,
             self.chunks,
-            self.optimizer,
-            self.scheduler,
+            None if ck.no_save_optim else self.optimizer,
+            None if ck.no_save_optim else self.scheduler,
             consumed_samples=self.batches.consumed_samples,
             model_config=self.arch,
             metadata={
@@ -551,8 +590,9 @@ class Trainer:
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
             },
-            fully_parallel=self.cfg.checkpoint.ckpt_fully_parallel_save,
+            fully_parallel=ck.ckpt_fully_parallel_save,
             async_queue=self.async_saves,
+            save_rng=not ck.no_save_rng,
         )
 
     def finish_saves(self, blocking: bool = True) -> None:
@@ -586,11 +626,14 @@ class Trainer:
         until the logger reads them (``metrics.TrainingLogger``)."""
         cfg = self.cfg
         t, ck = cfg.training, cfg.checkpoint
+        self.profiler.before_step(self.iteration)
         stats, grad_norm, ratio = self.train_step()
         self.iteration += 1
+        self.profiler.step(self.iteration)
+        self.manual_gc.after_step(self.iteration)
         self.nonfinite.record(self.iteration, grad_norm)
         self.sample_record.step(self.iteration)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = logged_lr(self.optimizer)
         self.log.step(self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio)
         log_step = self.log.is_log_step(self.iteration)
         if log_step:
@@ -610,7 +653,9 @@ class Trainer:
                 )  # fmt: skip
             with self.params_gathered() if evaluate or save else contextlib.nullcontext():
                 if evaluate:
-                    self.log.validation(self.iteration, self.evaluate())
+                    with self.manual_gc.evaluation():
+                        losses = self.evaluate()
+                    self.log.validation(self.iteration, losses)
                 if save:
                     self.save()
                     self._last_saved = self.iteration
@@ -621,7 +666,7 @@ class Trainer:
         """Steps until the end or a clean exit; a checkpoint of the last step (with --save)."""
         for chunk in self.chunks:
             chunk.train()
-        self._last_saved = self.iteration if self.cfg.checkpoint.load else None
+        self._last_saved = self.iteration if self.plan.checkpoint is not None else None
         reason = "finished"
         self.log.restart_clock()
         while self.iteration < self.sizes.train_iters:
@@ -630,6 +675,7 @@ class Trainer:
                 break
         else:
             reason = "finished"
+        self.profiler.close()
         self.batches.close()
         for batches in self.valid_batches.values():
             batches.close()
@@ -648,4 +694,6 @@ def pretrain(cfg: PretrainConfig, plan: TrainingPlan, device: torch.device) -> d
     try:
         return trainer.train()
     finally:
+        trainer.profiler.close()
+        trainer.manual_gc.close()
         trainer.exit.restore()

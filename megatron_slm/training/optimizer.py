@@ -38,6 +38,7 @@ from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import (
     LR_DECAY_STYLES,
+    WD_INCR_STYLES,
     WSD_DECAY_STYLES,
     PretrainConfig,
     schedule_steps,
@@ -76,10 +77,15 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
     """Resuming ``ckpt`` (--load without --finetune) can restore its optimizer state in this
     run's layout; else one line naming --load and what differs. Checkpoints without the record
     were written before the distributed optimizer could save: plain optimizer state."""
-    saved = ckpt.meta.get("optimizer_layout") or {"distributed": False}
-    run = optimizer_layout(cfg, data_parallel_size)
     where = f"--load {ckpt.path}"
     weights_only = "or pass --finetune to load its weights only"
+    if ckpt.meta.get("optimizer_saved") is False:  # (older records: always saved)
+        raise ConfigError(
+            f"{where}: it holds no optimizer state (saved with --no-save-optim, or written by a "
+            "tool): resume with --no-load-optim (a fresh Adam) or --finetune"
+        )
+    saved = ckpt.meta.get("optimizer_layout") or {"distributed": False}
+    run = optimizer_layout(cfg, data_parallel_size)
     if saved["distributed"] != run["distributed"]:
         saved_by = "with" if saved["distributed"] else "without"
         raise ConfigError(
@@ -118,7 +124,20 @@ _SCHEDULE_FLAGS = {
     "lr_decay_style": "--lr-decay-style",
     "wsd_decay_iters": "WSD's decay steps (--lr-wsd-decay-iters; default a tenth of the steps)",
     "lr_wsd_decay_style": "--lr-wsd-decay-style",
-    "weight_decay": "--weight-decay",
+    "decoupled_lr": "--decoupled-lr",
+    "decoupled_min_lr": "--decoupled-min-lr (default: --min-lr)",
+    "lr_warmup_init": "--lr-warmup-init",
+    "weight_decay": "--weight-decay (--start-weight-decay with an increment)",
+    "end_weight_decay": "--end-weight-decay",
+    "weight_decay_incr_style": "--weight-decay-incr-style",
+    "weight_decay_incr_iters": "the weight decay's increment steps (the training steps)",
+}
+# What a record from before a key existed meant (its run could not set it).
+_SCHEDULE_DEFAULTS = {
+    "lr_warmup_init": 0.0,
+    "weight_decay_incr_style": "constant",
+    "decoupled_lr": None,
+    "decoupled_min_lr": None,
 }
 
 
@@ -130,7 +149,15 @@ def lr_schedule(
     lengths in samples divided by ``global_batch_size``, default --global-batch-size): what a
     checkpoint records and a resume checks."""
     t = cfg.training
-    warmup, decay, wsd = schedule_steps(t, train_iters, global_batch_size or t.global_batch_size)
+    gbs = global_batch_size or t.global_batch_size
+    warmup, decay, wsd = schedule_steps(t, train_iters, gbs)
+    start_wd, end_wd = t.weight_decays
+    decoupled_min_lr = t.min_lr if t.decoupled_min_lr is None else t.decoupled_min_lr
+    # megatron-core increments over the training length: its steps, or its samples in steps.
+    incr = None
+    if t.weight_decay_incr_style != "constant":
+        incr = t.train_samples / gbs if t.train_samples is not None else train_iters
+        incr = int(incr) if float(incr).is_integer() else incr
     return {
         "lr": t.lr,
         "min_lr": t.min_lr,
@@ -139,7 +166,13 @@ def lr_schedule(
         "lr_decay_style": t.lr_decay_style,
         "wsd_decay_iters": wsd,
         "lr_wsd_decay_style": t.lr_wsd_decay_style if wsd is not None else None,
-        "weight_decay": t.weight_decay,
+        "decoupled_lr": t.decoupled_lr,
+        "decoupled_min_lr": None if t.decoupled_lr is None else decoupled_min_lr,
+        "lr_warmup_init": t.lr_warmup_init if warmup else 0.0,
+        "weight_decay": start_wd,
+        "end_weight_decay": end_wd,
+        "weight_decay_incr_style": t.weight_decay_incr_style,
+        "weight_decay_incr_iters": incr,
     }
 
 
@@ -154,11 +187,24 @@ def resume_lr_schedule(
     run = lr_schedule(cfg, train_iters, global_batch_size)
     c = cfg.checkpoint
     saved = ckpt.meta.get("lr_schedule") if ckpt is not None and not c.finetune else None
+    if ckpt is not None and not (c.finetune or c.no_load_optim):
+        saved_decoupled = (saved or {}).get("decoupled_lr")
+        if (saved_decoupled is None) != (run["decoupled_lr"] is None):
+            had = "with" if saved_decoupled is not None else "without"
+            raise ConfigError(
+                f"--load {ckpt.path}: it was trained {had} --decoupled-lr, which gives the "
+                "optimizer other parameter groups: resume it so, or with --no-load-optim (a "
+                "fresh Adam)"
+            )
     if saved is None or c.override_opt_param_scheduler:
         return run  # checkpoints that predate the record: the flags
     if "lr_wsd_decay_style" not in saved:  # recorded before the flag: WSD decayed linearly
         wsd = saved.get("lr_decay_style") == "WSD"
         saved = {**saved, "lr_wsd_decay_style": "linear" if wsd else None}
+    saved = {**_SCHEDULE_DEFAULTS, **saved}
+    if "end_weight_decay" not in saved:  # recorded before the increment flags: constant
+        saved = {**saved, "end_weight_decay": saved.get("weight_decay"),
+                 "weight_decay_incr_iters": None}  # fmt: skip
     # A constant rate ignores the decay's length and floor (megatron-core's get_lr).
     ignored = {"lr_decay_iters", "min_lr", "wsd_decay_iters", "lr_wsd_decay_style"} if all(
         s.get("lr_decay_style") == "constant" for s in (saved, run)
@@ -193,6 +239,13 @@ def _check_saved_schedule(saved, run: dict, where: str) -> None:
             ok = _is_number(got, 0) and got > 0 if wsd else got is None
         elif key == "lr_wsd_decay_style":
             ok = got is None if saved.get("lr_decay_style") != "WSD" else got in WSD_DECAY_STYLES
+        elif key == "weight_decay_incr_style":
+            ok = got in WD_INCR_STYLES
+        elif key in ("decoupled_lr", "decoupled_min_lr"):
+            ok = got is None or _is_number(got, 0)
+        elif key == "weight_decay_incr_iters":
+            constant = saved.get("weight_decay_incr_style") == "constant"
+            ok = got is None if constant else _is_number(got, 0) and got > 0
         else:
             ok = _is_number(got, 1 if key == "lr_decay_iters" else 0)
         if not ok:
@@ -227,10 +280,13 @@ def build_optimizer(
             fp16=t.fp16,
             params_dtype=params_dtype,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            decoupled_lr=t.decoupled_lr,
+            decoupled_min_lr=t.decoupled_min_lr,
         ),
         chunks,
     )
     use_fused_adam(opt)
+    mark_decoupled_groups(opt)
     return opt, lr_scheduler(opt, schedule or lr_schedule(cfg, train_iters), train_iters)
 
 
@@ -241,16 +297,16 @@ def lr_scheduler(optimizer, schedule: dict, train_iters: int) -> OptimizerParamS
     s, wsd = schedule, schedule["lr_decay_style"] == "WSD"
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if s["lr_warmup_iters"] else s["lr"],
+        init_lr=s["lr_warmup_init"] if s["lr_warmup_iters"] else s["lr"],
         max_lr=s["lr"],
         min_lr=s["min_lr"],
         lr_warmup_steps=s["lr_warmup_iters"],
         lr_decay_steps=s["lr_decay_iters"],
         lr_decay_style=s["lr_decay_style"],
         start_wd=s["weight_decay"],
-        end_wd=s["weight_decay"],
-        wd_incr_steps=train_iters,
-        wd_incr_style="constant",
+        end_wd=s["end_weight_decay"],
+        wd_incr_steps=s["weight_decay_incr_iters"] or train_iters,
+        wd_incr_style=s["weight_decay_incr_style"],
         wsd_decay_steps=s["wsd_decay_iters"] if wsd else None,
         lr_wsd_decay_style=s["lr_wsd_decay_style"] if wsd else None,
         override_opt_param_scheduler=True,
@@ -283,9 +339,36 @@ def restore_lr_schedule(optimizer, scheduler, schedule: dict) -> None:
     ``max_lr``/``min_lr`` over its own, and the loaded groups carry the saved run's. Set them to
     ``schedule`` (:func:`resume_lr_schedule`) and recompute the learning rate at the loaded step,
     which the next update uses."""
+    decoupled = schedule.get("decoupled_lr")
     for group in optimizer.param_groups:
-        group["max_lr"], group["min_lr"] = schedule["lr"], schedule["min_lr"]
+        if decoupled is not None and is_decoupled(group):
+            group["max_lr"], group["min_lr"] = decoupled, schedule["decoupled_min_lr"]
+        else:
+            group["max_lr"], group["min_lr"] = schedule["lr"], schedule["min_lr"]
     scheduler.step(increment=0)
+
+
+def is_decoupled(group: dict) -> bool:
+    """A parameter group on --decoupled-lr (megatron-core's: the embedding and output layer,
+    whose group overrides the learning rate, so is not on the ``default_config`` schedule)."""
+    return not group.get("default_config", True)
+
+
+def mark_decoupled_groups(optimizer) -> None:
+    """Set ``is_decoupled_lr`` on the --decoupled-lr groups. megatron-core 0.16 builds them
+    with it False, the default group's value; loading a checkpoint matches groups by
+    ``(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)``, and two groups with one key
+    would load the decoupled group's hyperparameters and sizes into the default one."""
+    for part in optimizer_parts(optimizer):
+        for group in part.param_groups:
+            if is_decoupled(group):
+                group["is_decoupled_lr"] = True
+
+
+def logged_lr(optimizer) -> float:
+    """The learning rate of the parameters on --lr (the first group on the default schedule)."""
+    groups = optimizer.param_groups
+    return next((g for g in groups if not is_decoupled(g)), groups[0])["lr"]
 
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:

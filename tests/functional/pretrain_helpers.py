@@ -116,3 +116,28 @@ def megatron_rates(steps: int, increment: int, **schedule) -> list[float]:
         scheduler.step(increment=increment)
         rates.append(opt.param_groups[0]["lr"])
     return rates
+
+
+def cpu_trainer(argv):
+    """The real ``Trainer`` in this process (inside a ``run_distributed`` worker) on CPU, for
+    ``argv`` (the trainer's flags), its chunks in train mode."""
+    from megatron_slm import launch
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.loop import Trainer, plan_training
+
+    cfg = parse_config([str(a) for a in argv])
+    plan = plan_training(cfg, 1)
+    device = launch.initialize(device="cpu", seed=cfg.training.seed)
+    trainer = Trainer(cfg, plan, device)
+    for chunk in trainer.chunks:
+        chunk.train()
+    return trainer
+
+
+def close_trainer(trainer) -> None:
+    """What ``Trainer.train`` closes at its end: the data workers, the log, --manual-gc."""
+    trainer.batches.close()
+    for batches in trainer.valid_batches.values():
+        batches.close()
+    trainer.log.close(trainer.iteration)
+    trainer.manual_gc.close()

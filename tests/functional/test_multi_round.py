@@ -61,11 +61,12 @@ def train_args(prefix, log, iters, *extra):
 
 
 def score_kwargs(ckpt, prefix, output, **extra):
-    return dict(
-        load=ckpt, data_path=[prefix], split="100,0,0", seq_length=SEQ, seed=5,
-        global_batch_size=GBS, train_iters=ROUND1, output=output, micro_batch_size=MBS,
-        commit_interval=3, device="cpu", **extra,
-    )  # fmt: skip
+    return {
+        **dict(load=ckpt, data_path=[prefix], split="100,0,0", seq_length=SEQ, seed=5,
+               global_batch_size=GBS, train_iters=ROUND1, output=output, micro_batch_size=MBS,
+               commit_interval=3, device="cpu"),
+        **extra,
+    }  # fmt: skip
 
 
 # -- workers (spawned processes) -----------------------------------------------------------------
@@ -208,6 +209,75 @@ def test_scores_at_tp2_dp2_and_resume_after_sigkill(rounds):
     assert _bytes(outs["dp2"]) == _bytes(rounds["losses"])
     assert not os.path.exists(outs["dp2"] + ".ranges")
     assert not os.path.exists(outs["dp2"] + ".bin.partial")
+
+
+def score_documents_and_check(rank, world, kwargs, argv, eod):
+    """Scores with --reset-attention-mask --eod-mask-loss, and the independent losses: each
+    document of each training sample (the trainer's own builder) forwarded alone at TP=1, the
+    sample's loss the mean over the positions whose input is not an end-of-document token."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_slm import launch
+    from megatron_slm.checkpoint import load_checkpoint, read_checkpoint
+    from megatron_slm.models import ModelBuildOptions, build_model
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.data import build_datasets
+    from megatron_slm.training.loop import plan_training
+
+    report = _score(kwargs)
+    launch.initialize(device="cpu")
+    cfg = parse_config(argv)
+    plan = plan_training(cfg, 1)
+    train, _, _ = build_datasets(cfg, plan.sizes, plan.tokenizer, False)
+    info = read_checkpoint(kwargs["load"])
+    (model,) = build_model(info.model, ModelBuildOptions(transformer_impl="torch"))
+    load_checkpoint(info.path, [model], weights_only=True)
+    model.eval()
+    want, documents = [], 0
+    for i in range(kwargs["train_iters"] * GBS):
+        tokens, labels = train[i]["tokens"], train[i]["labels"]
+        text = torch.cat([tokens, labels[-1:]])  # the sample's s + 1 tokens
+        ends = [*(tokens == eod).nonzero().flatten().tolist(), len(tokens) - 1]
+        losses, start = torch.empty(len(tokens), dtype=torch.float64), 0
+        for end in ends:
+            if start <= end:  # positions start..end see text[start..j], predict text[j + 1]
+                doc = text[start : end + 2][None]
+                with torch.no_grad():
+                    logits = model(doc, torch.arange(doc.shape[1])[None], None)[0, :-1]
+                losses[start : end + 1] = F.cross_entropy(
+                    logits.double(), doc[0, 1:], reduction="none"
+                )
+                documents += 1
+            start = end + 1
+        keep = tokens != eod
+        want.append(float(losses[keep].mean()))
+    return report, np.array(want), documents
+
+
+def test_scores_with_document_flags_equal_documents_forwarded_alone(rounds, tmp_path):
+    """--reset-attention-mask and --eod-mask-loss, as the trainer runs with them: on a corpus
+    of short documents (several per sample) each sample's score is its documents' losses, each
+    forwarded alone, without the predictions that follow an end-of-document token."""
+    from tests.unit.data import write_token_dataset
+
+    rng = np.random.default_rng(3)
+    eod = VOCAB - 1  # NullTokenizer's end-of-document id, ending each document
+    docs = [[*map(int, rng.integers(0, 64, int(n))), eod] for n in rng.integers(2, 9, 120)]
+    prefix = write_token_dataset(str(tmp_path / "short"), docs, vocab_size=VOCAB)
+    flags = ["--reset-attention-mask", "--eod-mask-loss"]
+    argv = [str(a) for a in train_args(prefix, "unused", 4, *flags)]
+    kwargs = score_kwargs(rounds["round1"], prefix, str(tmp_path / "docs"), train_iters=4,
+                          reset_attention_mask=True, eod_mask_loss=True)  # fmt: skip
+    ((report, want, documents),) = run_distributed(score_documents_and_check, 1, kwargs, argv, eod)
+    got = _losses(str(tmp_path / "docs"))
+    assert report["samples"] == len(want) == 4 * GBS and documents > 3 * len(want)
+    np.testing.assert_allclose(got.sample_losses, want, rtol=0, atol=1e-5)
+    plain = score_kwargs(rounds["round1"], prefix, str(tmp_path / "plain"), train_iters=4)
+    run_distributed(score_layouts, 1, [plain])
+    assert np.abs(_losses(str(tmp_path / "plain")).sample_losses - want).max() > 1e-3
+    # --eod-mask-loss leaves the tokens after each end-of-document token out of the counts
+    assert (got.records["tokens"] < SEQ).all()
 
 
 # -- round 2 -------------------------------------------------------------------------------------

@@ -263,8 +263,8 @@ def test_sequence_parallel_and_recompute_leave_the_losses_unchanged(corpus, tmp_
     tp2 = ("--tensor-model-parallel-size", 2, "--clip-grad", 0)
     plain = read_steps_of(prefix, tmp_path / "tp2.jsonl", 4, *tp2, nproc=2)
     both = read_steps_of(
-        prefix, tmp_path / "sp.jsonl", 4, *tp2, "--sequence-parallel", "--recompute-activations",
-        nproc=2,
+        prefix, tmp_path / "sp.jsonl", 4, *tp2, "--sequence-parallel",
+        "--recompute-granularity", "full", nproc=2,
     )  # fmt: skip
     assert [r["loss"] for r in both] == [r["loss"] for r in plain]
     assert plain[-1]["loss"] < plain[0]["loss"]

@@ -24,7 +24,13 @@ import torch
 from megatron_slm.errors import ConfigError
 from megatron_slm.training.config import parse_config, validate
 from tests.dist_helpers import run_distributed
-from tests.functional.pretrain_helpers import VOCAB, make_null_corpus, tiny_args
+from tests.functional.pretrain_helpers import (
+    VOCAB,
+    close_trainer,
+    cpu_trainer,
+    make_null_corpus,
+    tiny_args,
+)
 from tests.sync_counter import SyncCounter
 from tests.unit.data import write_sidecar
 
@@ -44,26 +50,6 @@ def corpora(tmp_path_factory):
     return {"short": short, "train": train, "valid": valid, "other": other}
 
 
-def _trainer(argv):
-    from megatron_slm import launch
-    from megatron_slm.training.loop import Trainer, plan_training
-
-    cfg = parse_config([str(a) for a in argv])
-    plan = plan_training(cfg, 1)
-    device = launch.initialize(device="cpu", seed=cfg.training.seed)
-    trainer = Trainer(cfg, plan, device)
-    for chunk in trainer.chunks:
-        chunk.train()
-    return trainer
-
-
-def _close(trainer):
-    trainer.batches.close()
-    for batches in trainer.valid_batches.values():
-        batches.close()
-    trainer.log.close(trainer.iteration)
-
-
 def _token_losses(chunk, tokens):
     """float64 per-token losses of ``tokens [n]`` forwarded alone (plain causal), ``[n - 1]``."""
     import torch.nn.functional as F
@@ -77,7 +63,9 @@ def _documents_worker(rank, world, data_prefix, log_file):
     from megatron_slm.training.data import MicroBatches
 
     argv = tiny_args(data_prefix, log_file, 2 * LOG_EVERY, "--log-interval", LOG_EVERY)
-    trainer = _trainer([*argv, "--reset-attention-mask", "--eod-mask-loss", "--reset-position-ids"])
+    trainer = cpu_trainer(
+        [*argv, "--reset-attention-mask", "--eod-mask-loss", "--reset-position-ids"]
+    )
     chunk = trainer.chunks[0]
     batch = next(iter(MicroBatches(trainer.train_ds, trainer.cfg.training.micro_batch_size, 0)))
     with torch.no_grad():
@@ -113,7 +101,7 @@ def _documents_worker(rank, world, data_prefix, log_file):
     with SyncCounter() as counter:
         for _ in range(LOG_EVERY - 1):
             assert trainer.advance() is None
-    _close(trainer)
+    close_trainer(trainer)
     return rows, counter.count, counter.report()
 
 
@@ -178,7 +166,7 @@ def _splits_worker(rank, world, train, valid, log_file):
     argv = tiny_args(train, log_file, 3, "--eval-interval", 3, "--eval-iters", 2)
     argv = [a for a in argv if a not in ("--data-path", train, "--split", "100,0,0")]
     argv += ["--train-data-path", train, "--valid-data-path", *valid, "--slm-ratio", "0.5"]
-    trainer = _trainer([*argv, "--multiple-validation-sets"])
+    trainer = cpu_trainer([*argv, "--multiple-validation-sets"])
     gbs = trainer.sizes.global_batch_size
     train_rows = [trainer.train_ds[i]["tokens"] for i in range(gbs)]
     train_refs = [trainer.train_ds[i]["ref_loss"] for i in range(gbs)]
@@ -189,7 +177,7 @@ def _splits_worker(rank, world, train, valid, log_file):
     reported = trainer.evaluate()
     for _ in range(3):  # a selective step trains on the sidecar; step 3 evaluates and logs
         assert trainer.advance() is None
-    _close(trainer)
+    close_trainer(trainer)
     finite = [bool(torch.isfinite(r).any()) for r in train_refs]
     gaps = {name: _eod_gaps(rows) for name, (rows, _) in sets.items()}
     expected = {name: loss for name, (_, loss) in sets.items()}

@@ -202,3 +202,96 @@ def test_schedule_flags_that_do_not_fit_are_refused(flags, message, capsys):
         _validated(*flags)
     text = capsys.readouterr().err if isinstance(err.value, SystemExit) else str(err.value)
     assert message in text
+
+
+def _lrs_and_wds(scheduler, optimizer, steps, increment=1):
+    """[lr, weight decay, lr, weight decay, ...] after each of ``steps`` steps."""
+    out = []
+    for _ in range(steps):
+        scheduler.step(increment=increment)
+        group = optimizer.param_groups[0]
+        out.extend((group["lr"], group["weight_decay"]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "flags, steps, increment, megatron_lm",
+    [
+        # warmup from 1e-4, weight decay rising linearly over the 40 steps
+        (["--train-iters", "40", "--lr-warmup-iters", "5", "--lr-warmup-init", "1e-4",
+          "--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0",
+          "--end-weight-decay", "0.2"], 40, 1,
+         dict(init_lr=1e-4, lr_warmup_steps=5, lr_decay_steps=40, start_wd=0.0, end_wd=0.2,
+              wd_incr_steps=40, wd_incr_style="linear")),
+        # Megatron-LM's sample counting: the increment runs over --train-samples
+        (["--train-samples", "300", "--lr-warmup-samples", "40", "--lr-warmup-init", "5e-4",
+          "--weight-decay-incr-style", "cosine", "--start-weight-decay", "0.05",
+          "--end-weight-decay", "0.3"], 37, 8,
+         dict(init_lr=5e-4, lr_warmup_steps=40, lr_decay_steps=300, start_wd=0.05, end_wd=0.3,
+              wd_incr_steps=300, wd_incr_style="cosine")),
+    ],
+    ids=["steps", "samples"],
+)  # fmt: skip
+def test_warmup_init_and_weight_decay_increments_are_megatron_cores(
+    flags, steps, increment, megatron_lm
+):
+    """--lr-warmup-init and --start/--end-weight-decay with --weight-decay-incr-style: per step,
+    the learning rate and weight decay of megatron-core's scheduler built directly on Megatron-
+    LM's values (counted in samples where Megatron-LM counts them so)."""
+    cfg, sizes = _validated(*flags)
+    assert sizes.train_iters == steps
+    schedule = lr_schedule(cfg, sizes.train_iters, sizes.global_batch_size)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    ours = _lrs_and_wds(lr_scheduler(opt, schedule, sizes.train_iters), opt, steps)
+    ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    reference = OptimizerParamScheduler(
+        ref_opt, max_lr=1e-3, min_lr=0.0, lr_decay_style="cosine", **megatron_lm
+    )
+    expected = _lrs_and_wds(reference, ref_opt, steps, increment)
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    wds = expected[1::2]
+    assert wds[0] != wds[-1] and len(set(wds)) > 10  # the weight decay moves
+    assert expected[0] > megatron_lm["init_lr"]  # the warmup starts from --lr-warmup-init
+
+
+def test_weight_decay_records_resume_and_differences_are_refused():
+    incr = ["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0"]
+    cfg = parse_config(["--load", "ckpt", *BASE, *incr, "--end-weight-decay", "0.1"])
+    saved = lr_schedule(cfg, 100)
+    assert resume_lr_schedule(cfg, 100, _ckpt(saved)) == saved
+    other = parse_config(["--load", "ckpt", *BASE, *incr, "--end-weight-decay", "0.3"])
+    with pytest.raises(ConfigError, match="--end-weight-decay saved 0.1, this run 0.3"):
+        resume_lr_schedule(other, 100, _ckpt(saved))
+    # A record from before these flags: constant weight decay, warmup from 0.
+    plain = parse_config(["--load", "ckpt", *BASE])
+    new_keys = ("lr_warmup_init", "end_weight_decay", "weight_decay_incr_style",
+                "weight_decay_incr_iters")  # fmt: skip
+    old = {k: v for k, v in lr_schedule(plain, 100).items() if k not in new_keys}
+    assert resume_lr_schedule(plain, 100, _ckpt(old)) == lr_schedule(plain, 100)
+    warm = parse_config(["--load", "ckpt", *BASE, "--lr-warmup-init", "1e-5"])
+    with pytest.raises(ConfigError, match="--lr-warmup-init saved 0.0, this run 1e-05"):
+        resume_lr_schedule(warm, 100, _ckpt(old))
+    bad = dict(saved, weight_decay_incr_style="sideways")
+    use_saved = parse_config(["--load", "ckpt", *BASE, "--use-checkpoint-opt-param-scheduler"])
+    with pytest.raises(CheckpointError, match="lr_schedule.weight_decay_incr_style is invalid"):
+        resume_lr_schedule(use_saved, 100, _ckpt(bad))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--start-weight-decay", "0.1"], "need --weight-decay-incr-style linear or cosine"),
+        (["--weight-decay-incr-style", "linear", "--end-weight-decay", "0.1"],
+         "needs --start-weight-decay and --end-weight-decay"),
+        (["--weight-decay-incr-style", "sideways"], "invalid choice"),
+        (["--lr-warmup-init", "-1"], "--lr-warmup-init must be >= 0"),
+        (["--lr-warmup-init", "2e-3"], "--lr-warmup-init 0.002 exceeds --lr 0.001"),
+        (["--weight-decay-incr-style", "linear", "--start-weight-decay", "0.2",
+          "--end-weight-decay", "0.1"], "--end-weight-decay 0.1 is below --start-weight-decay"),
+    ],
+)  # fmt: skip
+def test_weight_decay_flags_that_do_not_fit_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config([*BASE, *flags])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""Megatron-LM's training flags whose effect only a GPU has: ``--grad-reduce-in-bf16`` (the
+gradient buffers in bf16), ``--profile`` under nsys (the CUDA profiler range opened and closed
+around the asked steps), ``--empty-unused-memory-level 2``; and dropout with selective recompute
+on CUDA, where the recompute must replay the forward's dropout masks (megatron-core's RNG tracker):
+its gradients match those of the same step without recompute."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.dist_helpers import run_distributed
+from tests.functional.pretrain_helpers import make_null_corpus, read_steps, tiny_args
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_null_corpus(str(tmp_path_factory.mktemp("flags_cuda")), "c", [30] * 80)
+
+
+def _trainer(argv):
+    from megatron_slm import launch
+    from megatron_slm.training.config import parse_config
+    from megatron_slm.training.loop import Trainer, plan_training
+
+    cfg = parse_config([str(a) for a in [*argv, "--device", "cuda"]])
+    plan = plan_training(cfg, 1)
+    trainer = Trainer(cfg, plan, launch.initialize(device="cuda", seed=cfg.training.seed))
+    for chunk in trainer.chunks:
+        chunk.train()
+    return trainer
+
+
+def _close(trainer):
+    trainer.batches.close()
+    trainer.log.close(trainer.iteration)
+    trainer.profiler.close()
+
+
+def _bf16_worker(rank, world, prefix, log):
+    calls = []
+    trainer = _trainer(tiny_args(prefix, log, 4, "--bf16", "--grad-reduce-in-bf16", "--profile",
+                                 "--profile-step-start", 1, "--profile-step-end", 3,
+                                 "--empty-unused-memory-level", 2))  # fmt: skip
+    grad_dtypes = {p.main_grad.dtype for p in trainer.chunks[0].parameters()}
+    for _ in range(4):
+        calls.append(("step", trainer.iteration))
+        trainer.advance()
+        calls.append(("profiling", trainer.profiler._active is not None))
+    _close(trainer)
+    return grad_dtypes, calls
+
+
+def test_bf16_gradient_reduction_and_the_nsys_range(corpus, tmp_path):
+    log = tmp_path / "log.jsonl"
+    grad_dtypes, calls = run_distributed(_bf16_worker, 1, corpus, str(log))[0]
+    assert grad_dtypes == {torch.bfloat16}
+    # the range opens before step 2 (1 finished) and closes when step 3 is done
+    open_after = [flag for kind, flag in calls if kind == "profiling"]
+    assert open_after == [False, True, False, False]
+    assert all(math.isfinite(r["loss"]) for r in read_steps(log))
+
+
+def _dropout_worker(rank, world, prefix, log):
+    grads = {}
+    for name, extra in (("none", ()), ("recompute", ("--recompute-granularity", "full"))):
+        trainer = _trainer(tiny_args(prefix, log, 4, "--attention-dropout", 0.2,
+                                     "--hidden-dropout", 0.2, *extra))  # fmt: skip
+        trainer.train_step()
+        grads[name] = torch.cat([p.main_grad.flatten() for p in trainer.chunks[0].parameters()])
+        grads[name] = grads[name].cpu()
+        _close(trainer)
+    return grads
+
+
+def test_recompute_replays_the_dropout_masks_on_cuda(corpus, tmp_path):
+    grads = run_distributed(_dropout_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
+    torch.testing.assert_close(grads["recompute"], grads["none"], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,423 @@
+"""Megatron-LM's training flags in the real ``Trainer``, each against what it must change.
+
+Recompute (``--recompute-activations`` = selective core attention, as in Megatron-LM;
+``--recompute-granularity full`` with ``--recompute-method uniform|block``; ``--recompute-modules
+mlp``): the step's gradients are bitwise those without recompute, and the recomputed modules run
+twice (forward hooks count them). ``--attention-dropout`` / ``--hidden-dropout``: the gradients
+change, reproducibly for a seed, and evaluation does not drop. ``--manual-gc``: automatic
+collection is off during the run and collections come at the asked steps and around evaluations.
+``--no-load-optim`` / ``--no-load-rng``: the weights, step and data position resume, Adam starts
+afresh (even from another optimizer layout), the learning rate is the loaded step's, and the random
+states are the saved ones only without ``--no-load-rng``. Megatron-LM's Llama architecture flags
+are accepted when they describe the model and refused in one line when they do not.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+
+from megatron_slm.errors import CheckpointError, ConfigError
+from megatron_slm.models.args import ModelArgs
+from megatron_slm.training.config import parse_config, validate
+from tests.dist_helpers import run_distributed
+from tests.functional.pretrain_helpers import (
+    VOCAB,
+    close_trainer,
+    cpu_trainer,
+    make_null_corpus,
+    read_steps,
+    tiny_args,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_null_corpus(str(tmp_path_factory.mktemp("flags")), "c", [30] * 80)
+
+
+SETTINGS = {
+    "none": (),
+    "selective": ("--recompute-activations",),
+    "selective-mlp": ("--recompute-granularity", "selective", "--recompute-modules", "mlp"),
+    "full": ("--recompute-granularity", "full"),
+    "full-block-2": ("--recompute-granularity", "full", "--recompute-method", "block",
+                     "--recompute-num-layers", 2),
+    "dropout": ("--attention-dropout", 0.2, "--hidden-dropout", 0.2),
+    "dropout-again": ("--attention-dropout", 0.2, "--hidden-dropout", 0.2),
+}  # fmt: skip
+
+
+def _recompute_worker(rank, world, prefix, log):
+    out = {}
+    for name, extra in SETTINGS.items():
+        argv = tiny_args(prefix, log, 4, "--split", "90,10,0", "--eval-iters", 1,
+                         "--eval-interval", 100, "--num-workers", 0, *extra)  # fmt: skip
+        trainer = cpu_trainer(argv)
+        chunk = trainer.chunks[0]
+        counts = {"attention": 0, "mlp": 0}
+        for layer in chunk.module.decoder.layers:
+            for key, module in (("attention", layer.self_attention.core_attention),
+                                ("mlp", layer.mlp)):  # fmt: skip
+                module.register_forward_pre_hook(
+                    lambda *_, key=key, counts=counts: counts.__setitem__(key, counts[key] + 1)
+                )
+        trainer.train_step()  # 4 micro-batches through 4 layers
+        step_counts = dict(counts)  # (before the evaluation's forwards)
+        grads = torch.cat([p.main_grad.flatten() for p in chunk.parameters()]).clone()
+        valid = trainer.evaluate()[""]
+        out[name] = {"counts": step_counts, "grads": grads, "valid": valid,
+                     "granularity": chunk.config.recompute_granularity}  # fmt: skip
+        close_trainer(trainer)
+    return out
+
+
+def test_recompute_changes_nothing_computed_and_dropout_only_training(corpus, tmp_path):
+    out = run_distributed(_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
+    calls = 4 * 4  # micro-batches x layers
+    expected = {
+        "none": (None, calls, calls),
+        "selective": ("selective", 2 * calls, calls),  # Megatron-LM's: core attention only
+        "selective-mlp": ("selective", calls, 2 * calls),
+        "full": ("full", 2 * calls, 2 * calls),
+        "full-block-2": ("full", calls + calls // 2, calls + calls // 2),  # 2 layers of 4
+    }
+    base = out["none"]["grads"]
+    assert base.abs().sum() > 0
+    for name, (granularity, attention, mlp) in expected.items():
+        got = out[name]
+        assert got["granularity"] == granularity, name
+        assert got["counts"] == {"attention": attention, "mlp": mlp}, name
+        assert torch.equal(got["grads"], base), name  # recompute replays the same arithmetic
+        assert got["valid"] == out["none"]["valid"], name
+    dropped = out["dropout"]["grads"]
+    assert (dropped - base).abs().max() > 1e-4 * base.abs().max()
+    assert torch.equal(dropped, out["dropout-again"]["grads"])  # the seed decides the masks
+    assert out["dropout"]["valid"] == out["none"]["valid"]  # evaluation never drops
+
+
+def _gc_worker(rank, world, prefix, log):
+    from megatron_slm import launch
+    from megatron_slm.training.loop import plan_training, pretrain
+
+    argv = tiny_args(prefix, log, 6, "--split", "90,10,0", "--eval-iters", 1,
+                     "--eval-interval", 3, "--manual-gc", "--manual-gc-interval", 2,
+                     "--num-workers", 0)  # fmt: skip
+    cfg = parse_config([str(a) for a in argv])
+    plan = plan_training(cfg, 1)
+    device = launch.initialize(device="cpu", seed=cfg.training.seed)
+    from megatron_slm.training import loop
+
+    collections, finished = [], []  # (steps finished, automatic collection on?) per collection
+    real_collect, real_advance = gc.collect, loop.Trainer.advance
+
+    def collect(*args):
+        collections.append((len(finished), gc.isenabled()))
+        return real_collect(*args)
+
+    def advance(self):
+        result = real_advance(self)
+        finished.append(self.iteration)
+        return result
+
+    gc.collect, loop.Trainer.advance = collect, advance
+    try:
+        enabled_before = gc.isenabled()
+        pretrain(cfg, plan, device)
+    finally:
+        gc.collect, loop.Trainer.advance = real_collect, real_advance
+    return enabled_before, gc.isenabled(), collections
+
+
+def test_manual_gc_collects_at_the_asked_steps_only(corpus, tmp_path):
+    before, after, collections = run_distributed(
+        _gc_worker, 1, corpus, str(tmp_path / "log.jsonl")
+    )[0]
+    assert before and after  # automatic collection is back after the run
+    # A collection inside step N sees N - 1 steps finished: the start (0); after steps 2, 4
+    # and 6; before and after the evaluations of steps 3 and 6.
+    assert [enabled for _, enabled in collections] == [False] * len(collections)
+    assert [steps for steps, _ in collections] == [0, 1, 2, 2, 3, 5, 5, 5]
+
+
+def _weights(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.chunks[0].parameters()]).clone()
+
+
+def _adam_moments(trainer):
+    from megatron_slm.optimizer_state import optimizer_parts
+
+    total = 0.0
+    for part in optimizer_parts(trainer.optimizer):
+        for state in part.optimizer.state.values():
+            total += float(state["exp_avg"].abs().sum()) if "exp_avg" in state else 0.0
+    return total
+
+
+def _no_load_worker(rank, world, prefix, log, save):
+    from megatron_slm.checkpoint import load_rng_file
+
+    common = tiny_args(prefix, log, 8, "--num-workers", 0)
+    first = cpu_trainer([*common, "--save", save, "--use-distributed-optimizer"])
+    for _ in range(4):
+        first.advance()
+    torch.rand(7)  # the run's generator moved on (as dropout would move it): a state to restore
+    first.save()
+    saved_weights, saved_lr = _weights(first), first.optimizer.param_groups[0]["lr"]
+    close_trainer(first)
+    saved_rng = load_rng_file(f"{save}/iter_0000004/rng/rank_00000.pt")["torch"]
+
+    fresh = cpu_trainer([*common, "--load", save, "--no-load-optim", "--no-load-rng"])
+    fresh_state = {
+        "iteration": fresh.iteration,
+        "consumed": fresh.batches.consumed_samples,
+        "weights": torch.equal(_weights(fresh), saved_weights),
+        "moments": _adam_moments(fresh),
+        "lr": fresh.optimizer.param_groups[0]["lr"],
+        "rng_is_saved": torch.equal(torch.get_rng_state(), saved_rng),
+    }
+    fresh.advance()  # trains from there with a new Adam
+    fresh_state["moments_after"] = _adam_moments(fresh)
+    close_trainer(fresh)
+
+    full = cpu_trainer([*common, "--load", save, "--use-distributed-optimizer"])
+    full_state = {
+        "lr": full.optimizer.param_groups[0]["lr"],
+        "moments": _adam_moments(full),
+        "rng_is_saved": torch.equal(torch.get_rng_state(), saved_rng),
+    }
+    close_trainer(full)
+
+    lean_dir = f"{save}-lean"
+    lean = cpu_trainer([*common, "--save", lean_dir, "--no-save-optim", "--no-save-rng"])
+    lean.advance()
+    lean.save()
+    close_trainer(lean)
+    from megatron_slm.training.loop import plan_training
+
+    with pytest.raises(ConfigError) as refused:
+        plan_training(parse_config([str(a) for a in [*common, "--load", lean_dir]]), 1)
+    resumed = cpu_trainer([*common, "--load", lean_dir, "--no-load-optim"])
+    lean_state = {
+        "files": sorted(os.listdir(f"{lean_dir}/iter_0000001")),
+        "refused": str(refused.value),
+        "iteration": resumed.iteration,
+    }
+    close_trainer(resumed)
+    return saved_lr, fresh_state, full_state, lean_state
+
+
+def test_no_load_optim_and_rng_resume_the_rest(corpus, tmp_path):
+    """Saved with the distributed optimizer, resumed without it under --no-load-optim: a
+    layout that could not restore Adam's state is fine when none is loaded. And checkpoints
+    saved without optimizer and RNG states (--no-save-optim, --no-save-rng)."""
+    saved_lr, fresh, full, lean = run_distributed(
+        _no_load_worker, 1, corpus, str(tmp_path / "log.jsonl"), str(tmp_path / "ckpt")
+    )[0]
+    assert fresh["iteration"] == 4 and fresh["consumed"] == 4 * 8 and fresh["weights"]
+    assert fresh["moments"] == 0.0 and fresh["moments_after"] > 0  # Adam afresh
+    assert full["moments"] > 0  # (the state that --no-load-optim leaves behind)
+    assert fresh["lr"] == full["lr"] == saved_lr  # the rate of the loaded step, not a warmup's
+    assert full["rng_is_saved"] and not fresh["rng_is_saved"]
+    # --no-save-optim --no-save-rng: a checkpoint of the weights and position only, which
+    # resumes with --no-load-optim and is refused without it, in one line naming both flags
+    assert "rng" not in lean["files"] and lean["iteration"] == 1
+    assert lean["refused"].endswith(
+        "it holds no optimizer state (saved with --no-save-optim, or written by a tool): "
+        "resume with --no-load-optim (a fresh Adam) or --finetune"
+    )
+
+
+def _group_rates(trainer):
+    """{(max_lr, min_lr): (lr now, names of the group's parameters)} of the optimizer."""
+    names = {id(p): n for n, p in trainer.chunks[0].module.named_parameters()}
+    return {
+        (g["max_lr"], g["min_lr"]): (g["lr"], sorted(names[id(p)] for p in g["params"]))
+        for g in trainer.optimizer.param_groups
+    }
+
+
+def _decoupled_worker(rank, world, prefix, log, save):
+    common = tiny_args(prefix, log, 8, "--num-workers", 0, "--decoupled-lr", 6e-3,
+                       "--decoupled-min-lr", 1e-4)  # fmt: skip
+    first = cpu_trainer([*common, "--save", save])
+    rates = []
+    for _ in range(3):
+        first.advance()
+        rates.append(_group_rates(first))
+    first.save()
+    close_trainer(first)
+    resumed = cpu_trainer([*common, "--load", save])
+    for _ in range(5):
+        resumed.advance()
+        rates.append(_group_rates(resumed))
+    logged = [r["lr"] for r in read_steps(log)]
+    close_trainer(resumed)
+    return rates, logged
+
+
+def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(corpus, tmp_path):
+    """--decoupled-lr / --decoupled-min-lr: the input embedding and the output layer follow
+    megatron-core's scheduler with their own bounds, the other weights --lr's, through a
+    resume; the log shows --lr's rate."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    rates, logged = run_distributed(
+        _decoupled_worker, 1, corpus, str(tmp_path / "log.jsonl"), str(tmp_path / "ckpt")
+    )[0]
+    p = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    ref_opt = torch.optim.AdamW([{"params": [p[0]], "max_lr": 3e-3, "min_lr": 0.0},
+                                 {"params": [p[1]], "max_lr": 6e-3, "min_lr": 1e-4}])  # fmt: skip
+    reference = OptimizerParamScheduler(
+        ref_opt, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=2, lr_decay_steps=8,
+        lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=8,
+        wd_incr_style="constant",
+    )  # fmt: skip
+    decoupled = ["embedding.word_embeddings.weight", "output_layer.weight"]
+    for step, groups in enumerate(rates):
+        reference.step(increment=1)
+        plain_lr, decoupled_lr = (g["lr"] for g in ref_opt.param_groups)
+        for (max_lr, min_lr), (lr, names) in groups.items():
+            if max_lr == 6e-3:
+                assert (min_lr, names) == (1e-4, decoupled), step
+                assert lr == pytest.approx(decoupled_lr, rel=1e-12), step
+            else:
+                assert (max_lr, min_lr) == (3e-3, 0.0) and not set(names) & set(decoupled)
+                assert lr == pytest.approx(plain_lr, rel=1e-12), step
+        assert logged[step] == pytest.approx(plain_lr, rel=1e-12)
+    assert len(rates) == 8 and 6e-3 in {k[0] for k in rates[-1]}  # (after the resume too)
+
+
+def _mock_worker(rank, world, log, cache):
+    from megatron_slm.training.data import MicroBatches
+
+    argv = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+            "--model-preset", "tiny", "--seq-length", 64, "--micro-batch-size", 2,
+            "--global-batch-size", 4, "--train-iters", 3, "--eval-interval", 3, "--eval-iters", 1,
+            "--num-workers", 0, "--data-cache-path", cache, "--log-loss-file", log]  # fmt: skip
+    trainer = cpu_trainer(argv)
+    rows = torch.cat([b["tokens"] for b, _ in zip(MicroBatches(trainer.train_ds, 2, 0), range(4))])
+    eod = trainer.tokenizer.eod
+    for _ in range(3):
+        trainer.advance()
+    losses = [r["loss"] for r in read_steps(log)]
+    valid = trainer.evaluate()[""]
+    close_trainer(trainer)
+    return rows, eod, losses, valid
+
+
+def test_mock_data_is_megatron_lms_counting_documents(tmp_path):
+    """--mock-data trains and validates on megatron-core's synthetic documents: each counts
+    1, 2, 3, ... and ends with the end-of-document token, after which the next starts at 1."""
+    rows, eod, losses, valid = run_distributed(
+        _mock_worker, 1, str(tmp_path / "log.jsonl"), str(tmp_path / "cache")
+    )[0]
+    assert rows.shape == (8, 64)
+    a, b = rows[:, :-1], rows[:, 1:]
+    follows = (b == (a + 1) % VOCAB) | (b == eod) | ((a == eod) & (b == 1))
+    assert bool(follows.all())
+    assert int((rows == eod).sum()) > 0 and len(set(rows[:, 0].tolist())) > 1  # several documents
+    assert len(losses) == 3 and all(0 < x < 10 for x in [*losses, valid])
+
+
+def _config(*argv, data=("--data-path", "A")):
+    base = (*data, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 4)
+    cfg = parse_config([str(a) for a in (*base, *argv)])
+    return cfg, validate(cfg, 1, cfg.model.architecture(VOCAB))
+
+
+LLAMA_FLAGS = ("--use-mcore-models", "--group-query-attention", "--num-query-groups", 2,
+               "--kv-channels", 16, "--position-embedding-type", "rope", "--rotary-percent", 1.0,
+               "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+               "--normalization", "RMSNorm", "--attention-dropout", 0.0, "--hidden-dropout", 0.0,
+               "--calculate-per-token-loss", "--cross-entropy-loss-fusion", "--log-throughput",
+               "--no-create-attention-mask-in-dataloader", "--ckpt-format", "torch_dist",
+               "--context-parallel-size", 1, "--accumulate-allreduce-grads-in-fp32",
+               "--no-position-embedding", "--use-flash-attn", "--no-masked-softmax-fusion",
+               "--no-rope-fusion", "--no-gradient-accumulation-fusion", "--optimizer", "adam",
+               "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
+               "--use-checkpoint-args", "--distributed-backend", "gloo")  # fmt: skip
+
+
+def test_megatron_lms_llama_flags_describe_the_model_they_build():
+    """The tiny preset's architecture with Megatron-LM's flags for it is the same architecture;
+    --init-method-std and --rotary-base set the model's values."""
+    plain, _ = _config()
+    cfg, _ = _config(*LLAMA_FLAGS)
+    assert cfg.model.architecture(VOCAB) == plain.model.architecture(VOCAB)
+    set_values, _ = _config("--init-method-std", 0.0134, "--rotary-base", 1e6)
+    arch = set_values.model.architecture(VOCAB)
+    assert (arch.init_method_std, arch.rotary_base) == (0.0134, 1e6)
+    assert ModelArgs(attention_backend="local").spec_impl == "local"
+    assert ModelArgs(transformer_impl="transformer_engine").spec_impl == "te"  # Megatron-LM's
+    assert ModelArgs().spec_impl is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--normalization", "LayerNorm"), "--normalization LayerNorm: megatron-slm builds Llama"),
+        (("--position-embedding-type", "learned_absolute"), "whose value is rope"),
+        (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
+        (("--apply-layernorm-1p",), "not zero-centred"),
+        (("--kv-channels", 32), "--kv-channels 32 is not the head size of the model (64 / 4"),
+        (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
+        (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
+        (("--context-parallel-size", 2), "context parallelism is not supported"),
+        (("--recompute-activations", "--recompute-granularity", "full"), "is selective"),
+        (("--recompute-method", "block"), "applies to --recompute-granularity full"),
+        (("--recompute-modules", "mlp"), "applies to selective recompute"),
+        (("--recompute-granularity", "selective", "--recompute-modules", "layernorm"),
+         "choose from core_attn, mlp"),
+        (("--grad-reduce-in-bf16",), "needs --bf16"),
+        (("--cross-entropy-loss-fusion", "--cross-entropy-impl", "megatron"), "contradicts"),
+        (("--ckpt-format", "torch"), "invalid choice"),
+        (("--load", "ckpt", "--finetune", "--no-load-optim"), "already loads the weights only"),
+        (("--profile",), "add --use-pytorch-profiler"),
+        (("--profile", "--use-pytorch-profiler"), "writes its trace to --tensorboard-dir"),
+        (("--profile", "--profile-step-start", 5, "--profile-step-end", 5), "before"),
+        (("--empty-unused-memory-level", 3), "invalid choice"),
+        (("--dataloader-type", "cyclic"), "invalid choice"),
+        (("--optimizer", "sgd"), "invalid choice"),
+        (("--distributed-backend", "nccl", "--device", "cpu"), "megatron-slm runs gloo on CPU"),
+        (("--exit-on-missing-checkpoint",), "needs --load"),
+        (("--decoupled-min-lr", 1e-4), "--decoupled-min-lr needs --decoupled-lr"),
+        (("--mock-data",), "--mock-data replaces the data"),
+        # MOCK: --mock-data in place of --data-path
+        (("MOCK", "--slm-ratio", 0.6), "select with --slm-ref-source online"),
+        (("MOCK", "--sft-data", "x.jsonl"), "either --mock-data or --sft-data"),
+        (("--decoupled-lr", 1e-4, "--min-lr", 1e-3), "must be >= its final rate"),
+    ],
+)  # fmt: skip
+def test_flags_that_do_not_fit_are_one_line(argv, message, capsys):
+    with pytest.raises((ConfigError, CheckpointError, SystemExit)) as err:
+        _config(*argv) if argv[0] != "MOCK" else _config("--mock-data", *argv[1:], data=())
+    if isinstance(err.value, SystemExit):
+        assert err.value.code == 2
+        text = capsys.readouterr().err.strip().splitlines()[-1]
+    else:
+        text = str(err.value)
+    assert message in text
+
+
+def test_a_missing_checkpoint_starts_afresh_only_where_megatron_lm_would(tmp_path):
+    """--load naming the --save directory that holds no checkpoint yet: a first run (None);
+    with --exit-on-missing-checkpoint, or any other --load, one line instead."""
+    from megatron_slm.training.loop import _checkpoint_to_load
+
+    ckpt = str(tmp_path / "ckpt")
+
+    def config(*argv):
+        return parse_config(["--data-path", "A", "--train-iters", "4", *argv])
+
+    assert _checkpoint_to_load(config("--load", ckpt, "--save", ckpt).checkpoint) is None
+    for argv, message in [
+        (("--load", ckpt, "--save", ckpt, "--exit-on-missing-checkpoint"), "no checkpoint there"),
+        (("--load", ckpt, "--save", str(tmp_path / "other")), "no such checkpoint directory"),
+        (("--load", ckpt, "--save", ckpt, "--finetune"), "no such checkpoint directory"),
+    ]:
+        with pytest.raises((ConfigError, CheckpointError), match=message):
+            _checkpoint_to_load(config(*argv).checkpoint)
