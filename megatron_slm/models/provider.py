@@ -8,7 +8,7 @@ layer only on the last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,8 @@ class ModelBuildOptions:
     """Initialise the full weights on CPU, then shard: identical models for any TP size."""
     calculate_per_token_loss: bool = True
     """Normalise gradients by the number of (selected) tokens across micro-batches and DP."""
-    recompute: tuple[tuple[str, object], ...] = ()
-    """megatron-core's recompute fields as pairs (``TrainingArgs.recompute``); empty: none."""
+    recompute: dict = field(default_factory=dict)
+    """megatron-core's recompute fields (``TrainingArgs.recompute``); empty: none."""
     attention_dropout: float = 0.0
     """--attention-dropout (training only)."""
     hidden_dropout: float = 0.0
@@ -100,7 +100,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
         batch_p2p_comm=not cpu_backend_enabled(),
         attention_backend=AttnBackend[opts.attention_backend],
-        **dict(opts.recompute),
+        **opts.recompute,
     )
 
 

@@ -199,6 +199,7 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
         f"score batches {os.path.basename(config.output)}", total, "samples", is_rank0
     )
     crash = CrashPoints(KILL_HOOK_ENV)
+    eod = lm.tokenizer.eod if config.reset_attention_mask else None  # documents to themselves
     start, scored = time.perf_counter(), 0
     loss_sum = 0.0
     for r in range(-(-len(todo) // dp)):
@@ -207,7 +208,6 @@ def _score(config, lm, dataset, source, is_rank0, is_writer, dp, dp_rank):
         if dp_rank < len(round_chunks):
             c = round_chunks[dp_rank]
             first, end = c * ci * g, min((c + 1) * ci, n_batches) * g
-            eod = lm.tokenizer.eod if config.reset_attention_mask else None
             records = _chunk_records(lm, dataset, first, end, config.micro_batch_size, eod)
             if is_writer:
                 mine = (first, records)

@@ -266,7 +266,8 @@ class TrainingArgs:
     )
     recompute_modules: list[str] = arg(
         [],
-        "Selective recompute: which parts of each layer (core_attn, the default; mlp; layernorm).",
+        "Selective recompute: which parts of each layer (core_attn, the default; mlp). "
+        "layernorm is not offered: megatron-core's needs Transformer Engine.",
         nargs="*",
     )
     cross_entropy_impl: str = arg(
@@ -311,11 +312,12 @@ class TrainingArgs:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self._check_recompute()
-        self._check_weight_decay()
+        self._check_rates_and_weight_decay()
 
-    def _check_weight_decay(self) -> None:
-        """Megatron-LM's rule: a constant weight decay is --weight-decay; an increment goes from
-        --start-weight-decay to --end-weight-decay, both given."""
+    def _check_rates_and_weight_decay(self) -> None:
+        """Megatron-LM's rules: a constant weight decay is --weight-decay, an increment goes from
+        --start-weight-decay to --end-weight-decay (both given); the warmup's start and the
+        decoupled rates lie within what megatron-core's scheduler takes."""
         check_choices(self, "weight_decay_incr_style")
         ends = (self.start_weight_decay, self.end_weight_decay)
         if self.weight_decay_incr_style == "constant":
@@ -386,16 +388,18 @@ class TrainingArgs:
             )
 
     @property
-    def recompute(self) -> tuple[tuple[str, object], ...]:
-        """megatron-core's TransformerConfig fields for the recompute flags, as pairs."""
+    def recompute(self) -> dict:
+        """megatron-core's TransformerConfig fields for the recompute flags."""
         if self.recompute_granularity is None:
-            return ()
+            return {}
         if self.recompute_granularity == "selective":
             modules = list(self.recompute_modules or ["core_attn"])
-            return (("recompute_granularity", "selective"), ("recompute_modules", modules))
-        return (("recompute_granularity", "full"),
-                ("recompute_method", self.recompute_method or "uniform"),
-                ("recompute_num_layers", self.recompute_num_layers or 1))  # fmt: skip
+            return {"recompute_granularity": "selective", "recompute_modules": modules}
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": self.recompute_method or "uniform",
+            "recompute_num_layers": self.recompute_num_layers or 1,
+        }
 
     def _check_schedule_units(self) -> None:
         """Megatron-LM's rule: with --train-samples the schedule's lengths count samples, else

@@ -20,9 +20,9 @@ class ManualGC:
 
     def __init__(self, cfg: PretrainConfig):
         t = cfg.training
-        self.enabled, self.interval, self.around_eval = (
-            t.manual_gc, t.manual_gc_interval, t.manual_gc_eval
-        )  # fmt: skip
+        self.enabled = t.manual_gc
+        self.interval = t.manual_gc_interval
+        self.around_eval = t.manual_gc_eval
         self._was_enabled = gc.isenabled()
         if self.enabled:
             gc.disable()
