@@ -11,14 +11,59 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import socket
+import time
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
+# Ports this process has handed out: a launcher may not have bound one yet when the next is drawn.
+_HANDED_OUT: set[int] = set()
+# Below the SLURM launches' default MASTER_PORT range (launch.py: 20000 + job id % 20000).
+_PORT_FLOOR, _PORT_CEILING = 10000, 20000
+
 
 def free_port() -> int:
+    """A localhost TCP port that is free now and that nothing but an explicit bind will take.
+
+    A port from ``bind(0)`` comes from the kernel's ephemeral range, which it also hands to every
+    outgoing connection (another test's gloo ranks, say) until the launcher binds it: CI failed
+    once on torchrun's EADDRINUSE that way. These ports lie below the ephemeral range, and each
+    pytest-xdist worker draws from its own slice, so two workers never hand out the same one.
+    """
+    ceiling = min(_PORT_CEILING, _ephemeral_floor())
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    span = (ceiling - _PORT_FLOOR) // workers
+    if span < 100:  # an unusual kernel setting: fall back to the kernel's choice
+        return _kernel_port()
+    start = _PORT_FLOOR + (worker % workers) * span
+    draw = random.Random(os.getpid() * 1_000_003 + time.monotonic_ns())
+    for _ in range(500):
+        port = start + draw.randrange(span)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free localhost port in [{start}, {start + span})")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _kernel_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -16,7 +16,6 @@ import http.server
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import pytest
 from megatron_slm.refine.annotate import KILL_HOOK_ENV, annotate
 from megatron_slm.refine.annotate_config import AnnotateConfig
 from megatron_slm.refine.prompts import chat_messages
+from tests.dist_helpers import free_port
 from tests.unit.refine import read_jsonl, write_jsonl
 
 pytest.importorskip("fastapi")
@@ -39,12 +39,6 @@ TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
     "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def transformers_cli() -> str:
