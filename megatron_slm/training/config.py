@@ -29,6 +29,7 @@ from megatron_slm.ops.selection import (
     unscored_arg,
 )
 from megatron_slm.platform import device_arg
+from megatron_slm.training.batch_ramp import BatchRamp, batch_ramp, check_ramp_values
 
 
 @dataclass
@@ -130,6 +131,14 @@ class TrainingArgs:
         "Sequences to train (Megatron-LM's sample-based schedule): --train-samples // "
         "--global-batch-size steps; the schedule's lengths are then given in samples "
         "(--lr-warmup-samples, --lr-decay-samples, --lr-wsd-decay-samples).",
+    )
+    rampup_batch_size: list[int] = arg(
+        [],
+        "START INCREMENT SAMPLES: Megatron-LM's batch-size ramp-up (with --train-samples): the "
+        "global batch grows from START by INCREMENT in equal shares of SAMPLES consumed samples, "
+        "then trains at --global-batch-size; the learning-rate schedule counts samples.",
+        nargs=3,
+        metavar=("START", "INCREMENT", "SAMPLES"),
     )
     lr: float = arg(3e-4, "Peak learning rate.")
     min_lr: float = arg(0.0, "Final learning rate after decay.")
@@ -291,6 +300,7 @@ class TrainingArgs:
                 "give exactly one of --train-iters, --train-tokens and --train-samples"
             )
         check_at_least(self, "train_iters", "train_tokens", "train_samples", optional=True)
+        check_ramp_values(self.rampup_batch_size, self.train_samples)
         self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
@@ -818,6 +828,51 @@ class LoggingArgs:
     log_throughput: bool = arg(
         False, "Accepted: the log line always shows tokens/s, TFLOP/s per device and MFU."
     )
+    log_params_norm: bool = arg(
+        False,
+        "At log steps: the L2 norm of the weights as the model holds them (tensor-parallel "
+        "copies once, summed over the model-parallel ranks, in fp32), on the console, in "
+        "TensorBoard (slm/params_norm) and the step's record.",
+    )
+    log_num_zeros_in_grad: bool = arg(
+        False,
+        "At log steps: the zero entries of the step's gradients (megatron-core's count over the "
+        "optimizer's gradients), on the console, in TensorBoard (slm/num_zeros_in_grad) and the "
+        "step's record.",
+    )
+    log_memory_to_tensorboard: bool = arg(
+        False,
+        "At log steps: the writing rank's memory to TensorBoard and the step's record: on CUDA "
+        "the allocator's allocated, reserved and peak allocated bytes, on CPU the process's "
+        "peak resident set (slm/memory/*).",
+    )
+    log_timers_to_tensorboard: bool = arg(
+        False,
+        "The step time to TensorBoard (slm/step_seconds). megatron-slm times whole steps: the "
+        "host does not wait for the device inside a step to time its parts.",
+    )
+    timing_log_level: int = arg(
+        0, "Accepted: every level times whole steps (see --log-timers-to-tensorboard).",
+        choices=(0, 1, 2),
+    )  # fmt: skip
+    timing_log_option: str = arg(
+        "minmax", "Accepted: see --timing-log-level.", choices=("max", "minmax", "all")
+    )
+    log_validation_ppl_to_tensorboard: bool = arg(
+        False, "Accepted: validation perplexity always goes to TensorBoard (slm/validation_ppl)."
+    )
+    log_batch_size_to_tensorboard: bool = arg(
+        False, "The step's global batch size to TensorBoard (slm/global_batch_size)."
+    )
+    log_world_size_to_tensorboard: bool = arg(
+        False, "The number of ranks to TensorBoard (slm/world_size)."
+    )
+    tensorboard_log_interval: int = arg(
+        1, "TensorBoard scalars of every N-th step (the console and --log-loss-file keep all)."
+    )
+    tensorboard_queue_size: int = arg(
+        1000, "TensorBoard events held in memory before a write (SummaryWriter's max_queue)."
+    )
     profile: bool = arg(
         False,
         "Profile the steps from --profile-step-start to --profile-step-end (Megatron-LM's flag): "
@@ -839,8 +894,8 @@ class LoggingArgs:
                 )
             if self.use_pytorch_profiler and not self.tensorboard_dir:
                 raise ConfigError("--use-pytorch-profiler writes its trace to --tensorboard-dir")
-        if self.log_interval < 1:
-            raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
+        check_at_least(self, "log_interval", "tensorboard_log_interval", "tensorboard_queue_size")
+        check_choices(self, "timing_log_level", "timing_log_option")
         if self.log_selection_interval is not None and self.log_selection_interval < 1:
             raise ValueError("--log-selection-interval must be >= 1")
 
@@ -920,9 +975,32 @@ def _whole(steps):
 @dataclass(frozen=True)
 class DerivedSizes:
     data_parallel_size: int
-    global_batch_size: int
-    num_microbatches: int
+    global_batch_size: int  # the full one (after a --rampup-batch-size ramp)
+    num_microbatches: int  # of a full global batch, per data-parallel rank
     train_iters: int
+    ramp: BatchRamp | None = None  # --rampup-batch-size
+
+    def global_batch_at(self, consumed_samples: int) -> int:
+        """The global batch size of the step that starts after ``consumed_samples``."""
+        return self.ramp.size_at(consumed_samples) if self.ramp else self.global_batch_size
+
+    def microbatches_at(self, consumed_samples: int) -> int:
+        """This rank's micro-batches in the step that starts after ``consumed_samples``."""
+        per_micro_batch = self.global_batch_size // self.num_microbatches
+        return self.global_batch_at(consumed_samples) // per_micro_batch
+
+    @property
+    def train_samples(self) -> int:
+        """Samples the training steps consume (the training split's length)."""
+        if self.ramp is None:
+            return self.train_iters * self.global_batch_size
+        return self.ramp.consumed_after(self.train_iters)
+
+    @property
+    def schedule_iters(self) -> int:
+        """The training length in full global batches, the unit of the learning-rate schedule's
+        step counts (the steps themselves, without a ramp)."""
+        return self.train_samples // self.global_batch_size if self.ramp else self.train_iters
 
 
 def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig) -> DerivedSizes:
@@ -1006,7 +1084,17 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
-    if t.train_samples is not None:  # Megatron-LM: the whole global batches in them
+    ramp = None
+    if t.rampup_batch_size:
+        if d.train_samples_from:
+            raise ConfigError(
+                "--rampup-batch-size: --train-samples-from trains the batches of its list, each "
+                "of the list's global batch size"
+            )
+        vstage = p.num_layers_per_virtual_pipeline_stage
+        ramp = batch_ramp(t.rampup_batch_size, gbs, t.micro_batch_size * dp, pp if vstage else 1)
+        iters = ramp.train_iters(t.train_samples)
+    elif t.train_samples is not None:  # Megatron-LM: the whole global batches in them
         iters = t.train_samples // gbs
         if iters < 1:
             raise ConfigError(
@@ -1024,7 +1112,8 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
-    warmup, decay, wsd = schedule_steps(t, iters, gbs)
+    sizes = DerivedSizes(dp, gbs, num_micro, iters, ramp)
+    warmup, decay, wsd = schedule_steps(t, sizes.schedule_iters, gbs)
     unit = "samples" if t.train_samples is not None else "iters"
     if warmup and warmup >= decay:  # (a fraction of the decay is always shorter)
         given = t.lr_warmup_samples if t.train_samples is not None else t.lr_warmup_iters
@@ -1039,4 +1128,4 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
         )
     if cfg.checkpoint.finetune and not cfg.checkpoint.load:
         raise ConfigError("--finetune needs --load")
-    return DerivedSizes(dp, gbs, num_micro, iters)
+    return sizes

@@ -26,7 +26,7 @@ def build_datasets(
     t = cfg.training
     evals = (sizes.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
     num_samples = [
-        sizes.train_iters * sizes.global_batch_size,
+        sizes.train_samples,
         evals * sizes.global_batch_size,
         t.eval_iters * sizes.global_batch_size,
     ]
@@ -59,7 +59,7 @@ def build_sft_dataset(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer):
     """Packed SFT rows (data/sft.py); no validation split (hold data out in its own file)."""
     from megatron_slm.data.sft import SFTDataset
 
-    need = sizes.train_iters * sizes.global_batch_size
+    need = sizes.train_samples
     ds = SFTDataset(
         tokenizer,
         cfg.sft.sft_data,
@@ -70,9 +70,13 @@ def build_sft_dataset(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer):
         too_long=cfg.sft.sft_too_long,
     )
     if len(ds) < need:
+        gbs = sizes.global_batch_size
+        length = f"--train-iters {sizes.train_iters} x --global-batch-size {gbs}"
+        if sizes.ramp is not None:
+            length = f"--train-samples with --rampup-batch-size ({sizes.train_iters} steps)"
         raise ConfigError(
-            f"--train-iters {sizes.train_iters} x --global-batch-size {sizes.global_batch_size} "
-            f"needs {need} packed sequences; --sft-epochs {cfg.sft.sft_epochs} gives {len(ds)}"
+            f"{length} needs {need} packed sequences; --sft-epochs {cfg.sft.sft_epochs} gives "
+            f"{len(ds)}"
         )
     return ds
 

@@ -52,6 +52,7 @@ from megatron_slm.training.metrics import (
     STAT_KEYS,
     TrainingLogger,
     excess_split,
+    params_norm,
     source_counts,
 )
 from megatron_slm.training.optimizer import (
@@ -133,7 +134,9 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
             if blend:
                 check_data_path(blend, tokenizer.vocab_size, require_sidecar=False)
         batch_list = prepare_batch_list(cfg, sizes, ckpt)
-    schedule = resume_lr_schedule(cfg, sizes.train_iters, ckpt, sizes.global_batch_size)
+    if ckpt is not None and not cfg.checkpoint.finetune:
+        _check_ramp_resume(cfg, ckpt)
+    schedule = resume_lr_schedule(cfg, sizes.schedule_iters, ckpt, sizes.global_batch_size)
     record = tokenizer_record(ttype, tmodel, tokenizer)
     return TrainingPlan(
         tokenizer,
@@ -146,6 +149,20 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         reference=reference,
         lr_schedule=schedule,
     )
+
+
+def _check_ramp_resume(cfg: PretrainConfig, ckpt: CheckpointInfo) -> None:
+    """A resumed run keeps its --rampup-batch-size: the steps so far followed it, and the step
+    count and the batch of each step to come are counted from the start on it."""
+    saved = ((ckpt.meta.get("config") or {}).get("training") or {}).get("rampup_batch_size") or []
+    given = cfg.training.rampup_batch_size
+    if list(saved) != list(given):
+        shown = lambda v: " ".join(map(str, v)) if v else "none"  # noqa: E731
+        raise ConfigError(
+            f"--load {ckpt.path}: it was trained with --rampup-batch-size {shown(saved)}, this "
+            f"run gives {shown(given)}: resume with the saved ramp (--finetune starts a new run "
+            "from its weights)"
+        )
 
 
 def _checkpoint_to_load(ck) -> CheckpointInfo | None:
@@ -288,6 +305,7 @@ class Trainer:
                 self.tokenizer.eod,
             )
         self.iteration, consumed = 0, 0
+        self.global_batch = None  # the last step's (it changes along a --rampup-batch-size ramp)
         ck = cfg.checkpoint
         if plan.checkpoint is not None:
             optimizer_too = not (ck.finetune or ck.no_load_optim)
@@ -305,7 +323,7 @@ class Trainer:
                 if optimizer_too:  # the checkpoint's param groups replaced ours
                     use_fused_adam(self.optimizer)
                 else:  # a fresh Adam; the learning rate continues at the loaded step
-                    self.scheduler.num_steps = self.iteration
+                    self.scheduler.num_steps = self._schedule_position(self.iteration, consumed)
                 restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
             logger.info("loaded %s at iteration %d", ck.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
@@ -359,7 +377,7 @@ class Trainer:
             cfg,
             self.chunks,
             self.build_opts.params_dtype,
-            self.sizes.train_iters,
+            self.sizes.schedule_iters,
             schedule=self.plan.lr_schedule,
         )
         self.optimizer_step = OptimizerStep(self.optimizer, cfg.training.clip_grad, self.device)
@@ -479,11 +497,21 @@ class Trainer:
             return stats
         return torch.cat([stats, source_counts(valid, selected, source, self.n_sources)])
 
-    def _run_schedule(self, batches, forward_only: bool, ratio: float, seed_base: int):
+    def _schedule_position(self, iteration: int, consumed_samples: int):
+        """Where the learning-rate schedule stands after ``iteration`` steps: the steps, or with
+        a batch ramp the full global batches the consumed samples make (Megatron-LM's scheduler
+        counts samples; ours counts them in full batches)."""
+        if self.sizes.ramp is None:
+            return iteration
+        return consumed_samples / self.sizes.global_batch_size
+
+    def _run_schedule(
+        self, batches, forward_only: bool, ratio: float, seed_base: int, num_microbatches: int
+    ):
         n_chunks = len(self.chunks)
         # Every model chunk reads the same micro-batch sequence (megatron-core's convention).
         if n_chunks > 1:
-            micro = [next(batches) for _ in range(self.sizes.num_microbatches)]
+            micro = [next(batches) for _ in range(num_microbatches)]
             iterators = [iter(micro) for _ in range(n_chunks)]
         else:
             iterators = [batches]
@@ -494,7 +522,7 @@ class Trainer:
             ),
             data_iterator=iterators if n_chunks > 1 else iterators[0],
             model=self.chunks if n_chunks > 1 else self.chunks[0],
-            num_microbatches=self.sizes.num_microbatches,
+            num_microbatches=num_microbatches,
             seq_length=self.cfg.training.seq_length,
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=forward_only,
@@ -511,20 +539,30 @@ class Trainer:
             return total
         return None
 
-    def train_step(self):
+    def train_step(self, count_zeros: bool = False):
+        """One optimizer step: (statistics, gradient norm, ratio), on the device.
+        ``count_zeros``: the optimizer step also counts the gradients' zeros."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         ratio = self._ratio()
         t = self.cfg.training
+        consumed = self.batches.consumed_samples
+        self.global_batch = self.sizes.global_batch_at(consumed)
         outputs = self._run_schedule(
-            self.batches, False, ratio, t.seed * 1_000_003 + self.iteration * 4099
+            self.batches,
+            False,
+            ratio,
+            t.seed * 1_000_003 + self.iteration * 4099,
+            self.sizes.microbatches_at(consumed),
         )
         if t.empty_unused_memory_level >= 1:
             torch.cuda.empty_cache()
-        ok, grad_norm = self.optimizer_step.step()  # no host sync (but fp16's loss scaler)
-        if ok:
-            self.scheduler.step(increment=1)
+        # No host sync (but fp16's loss scaler).
+        ok, grad_norm = self.optimizer_step.step(count_zeros=count_zeros)
+        if ok:  # (a ramp's step of b samples: b / global of a full one, as Megatron-LM counts)
+            ramp, full = self.sizes.ramp, self.sizes.global_batch_size
+            self.scheduler.step(increment=1 if ramp is None else self.global_batch / full)
         if t.empty_unused_memory_level >= 2:
             torch.cuda.empty_cache()
         return self._reduce_stats(outputs), grad_norm, ratio
@@ -554,7 +592,8 @@ class Trainer:
         total = None  # only the last pipeline stage has statistics
         try:
             for _ in range(self.cfg.training.eval_iters):
-                stats = self._reduce_stats(self._run_schedule(batches, True, eval_ratio, 0))
+                run = self._run_schedule(batches, True, eval_ratio, 0, self.sizes.num_microbatches)
+                stats = self._reduce_stats(run)
                 if stats is not None:
                     total = stats if total is None else total + stats
         except StopIteration:
@@ -627,15 +666,26 @@ class Trainer:
         cfg = self.cfg
         t, ck = cfg.training, cfg.checkpoint
         self.profiler.before_step(self.iteration)
-        stats, grad_norm, ratio = self.train_step()
+        before, lg = self.global_batch, cfg.logging
+        log_step = self.log.is_log_step(self.iteration + 1)
+        stats, grad_norm, ratio = self.train_step(count_zeros=log_step and lg.log_num_zeros_in_grad)
+        if self.sizes.ramp and before != self.global_batch and dist.get_rank() == 0:
+            logger.info("global batch size %d from step %d", self.global_batch, self.iteration + 1)
         self.iteration += 1
         self.profiler.step(self.iteration)
         self.manual_gc.after_step(self.iteration)
         self.nonfinite.record(self.iteration, grad_norm)
         self.sample_record.step(self.iteration)
         lr = logged_lr(self.optimizer)
-        self.log.step(self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio)
-        log_step = self.log.is_log_step(self.iteration)
+        extras = {}  # Megatron-LM's log-step figures
+        if log_step and lg.log_params_norm:
+            extras["params_norm"] = params_norm(self.chunks)
+        if self.optimizer_step.num_zeros is not None:
+            extras["num_zeros_in_grad"] = self.optimizer_step.num_zeros
+        self.log.step(
+            self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio,
+            self.global_batch, extras,
+        )  # fmt: skip
         if log_step:
             self.log.log(self.iteration, self.slm_loss.last, self._last_ref)
             self.check_finite()

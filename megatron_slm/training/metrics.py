@@ -62,6 +62,36 @@ def nanmean(window: list[dict], key: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+@torch.no_grad()
+def params_norm(chunks) -> torch.Tensor:
+    """Megatron-LM's ``calc_params_l2_norm`` on the device: the L2 norm of the model's weights
+    in fp32, each tensor-parallel duplicate once, summed over the model-parallel ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    params = [
+        p for c in chunks for p in c.parameters() if param_is_not_tensor_parallel_duplicate(p)
+    ]
+    norms = [torch.linalg.vector_norm(p, dtype=torch.float32) for p in params]
+    total = torch.stack(norms).square().sum() if norms else torch.zeros(())
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return total.sqrt()
+
+
+def memory_record(device: torch.device) -> dict[str, int]:
+    """This process's memory (--log-memory-to-tensorboard): the CUDA allocator's bytes, or on CPU
+    the peak resident set."""
+    if device.type == "cuda":
+        return {
+            "mem_allocated_bytes": torch.cuda.memory_allocated(device),
+            "mem_reserved_bytes": torch.cuda.memory_reserved(device),
+            "mem_max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        }
+    import resource
+
+    return {"mem_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -79,6 +109,22 @@ class _Pending:
     lr: float
     consumed_samples: int
     ratio: float | None
+    global_batch: int
+    extras: dict[str, torch.Tensor]  # log steps: params_norm, num_zeros_in_grad (device)
+
+
+_TB_KEYS = (
+    "loss",
+    "selected_loss",
+    "selected_fraction",
+    "excess_loss",
+    "excess_selected",
+    "excess_unselected",
+    "lr",
+    "grad_norm",
+    "tokens_per_second",
+    "tflops_per_device",
+)
 
 
 class TrainingLogger:
@@ -101,18 +147,19 @@ class TrainingLogger:
         device: torch.device,
         sources: list[str] | None = None,
     ):
-        self.cfg, self.sizes = cfg, sizes
+        self.cfg, self.sizes, self.device = cfg, sizes, device
         self.sources = sources if sources and len(sources) > 1 else []
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
-        self.tokens_per_step = sizes.global_batch_size * cfg.training.seq_length
-        self.flops_per_step = arch.flops_per_token(cfg.training.seq_length) * self.tokens_per_step
+        self.flops_per_token = arch.flops_per_token(cfg.training.seq_length)
         self.peak = device_peak_tflops(device)
         self.tb = None
         if self.is_writer and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(cfg.logging.tensorboard_dir)
+            self.tb = SummaryWriter(
+                cfg.logging.tensorboard_dir, max_queue=cfg.logging.tensorboard_queue_size
+            )
         self.loss_file = (
             open(cfg.logging.log_loss_file, "a")
             if self.is_writer and cfg.logging.log_loss_file
@@ -129,15 +176,22 @@ class TrainingLogger:
         """Start a timing segment (after work that is not a training step)."""
         self._clock = time.perf_counter()
 
-    def step(self, iteration, stats, grad_norm, lr, consumed_samples, ratio) -> None:
-        """Keep this step's device values (``stats`` None: not the last pipeline stage)."""
+    def step(
+        self, iteration, stats, grad_norm, lr, consumed_samples, ratio, global_batch=None,
+        extras=None,
+    ) -> None:  # fmt: skip
+        """Keep this step's device values (``stats`` None: not the last pipeline stage);
+        ``global_batch``: the step's samples (default --global-batch-size; a ramp's smaller);
+        ``extras``: more 0-dim device values for the record (--log-params-norm, ...)."""
         if self.is_writer and stats is not None:
-            self._pending.append(_Pending(iteration, stats, grad_norm, lr, consumed_samples, ratio))
+            global_batch = global_batch or self.sizes.global_batch_size
+            self._pending.append(_Pending(iteration, stats, grad_norm, lr, consumed_samples,
+                                          ratio, global_batch, dict(extras or {})))  # fmt: skip
 
     def log(self, iteration, last=None, ref=None) -> None:
         """A log step: read the pending steps, histograms of this step's selection, console."""
         self.read()
-        if self.tb and last is not None and ref is not None:
+        if self.tb and last is not None and ref is not None and self._tb_step(iteration):
             self._histograms(iteration, last, ref)
         if self._window:
             self._console(iteration)
@@ -153,18 +207,26 @@ class TrainingLogger:
         rows = torch.cat([torch.stack([p.stats for p in pending]), torch.stack(norms)[:, None]], 1)
         values = rows.tolist()  # the one device -> host read of the window
         now = time.perf_counter()
-        seconds = (now - self._clock) / len(pending)
-        self._clock = now
+        elapsed, self._clock = now - self._clock, now
+        seconds = elapsed / len(pending)
+        # The steps read together share the window's rate (their batches may differ on a ramp).
+        tokens_per_second = sum(p.global_batch for p in pending) * self._seq / elapsed
         for p, row in zip(pending, values):
-            self._write(self._record(p, row[:-1], row[-1], seconds))
+            self._write(self._record(p, row[:-1], row[-1], seconds, tokens_per_second))
 
-    def _record(self, p: _Pending, values: list[float], grad_norm: float, seconds: float) -> dict:
+    @property
+    def _seq(self) -> int:
+        return self.cfg.training.seq_length
+
+    def _record(self, p: _Pending, values: list[float], grad_norm: float, seconds: float,
+                tokens_per_second: float) -> dict:  # fmt: skip
         s = dict(zip(STAT_KEYS, values))
         mean = lambda key, n: s[key] / s[n] if s[n] else math.nan  # noqa: E731
         record = {
             "iteration": p.iteration,
             "consumed_samples": p.consumed_samples,
-            "consumed_tokens": p.consumed_samples * self.cfg.training.seq_length,
+            "consumed_tokens": p.consumed_samples * self._seq,
+            "global_batch_size": p.global_batch,
             "loss": s["loss_sum"] / max(s["n_valid"], 1),
             "selected_loss": s["selected_loss_sum"] / max(s["n_selected"], 1),
             "selected_fraction": s["n_selected"] / max(s["n_valid"], 1),
@@ -180,7 +242,7 @@ class TrainingLogger:
             "lr": p.lr,
             "grad_norm": grad_norm,
             "step_seconds": seconds,
-            "tokens_per_second": self.tokens_per_step / seconds,
+            "tokens_per_second": tokens_per_second,
         }
         if self.sources:
             k = len(self.sources)
@@ -191,9 +253,13 @@ class TrainingLogger:
             record["selected_fraction_by_source"] = {
                 name: c / v if v else math.nan for name, v, c in zip(self.sources, valid, chosen)
             }
-        record["tflops_per_device"] = self.flops_per_step / seconds / self.world / 1e12
+        record["tflops_per_device"] = self.flops_per_token * tokens_per_second / self.world / 1e12
         if self.peak:
             record["mfu"] = record["tflops_per_device"] / self.peak
+        for key, value in p.extras.items():  # (log steps only: the device has caught up)
+            record[key] = value.item() if value.is_floating_point() else int(value)
+        if self.cfg.logging.log_memory_to_tensorboard and self.is_log_step(p.iteration):
+            record.update(memory_record(self.device))
         return record
 
     def _write(self, record: dict) -> None:
@@ -201,25 +267,34 @@ class TrainingLogger:
         if self.loss_file:
             self.loss_file.write(json.dumps(record) + "\n")
             self.loss_file.flush()
-        if self.tb:
-            for key in (
-                "loss",
-                "selected_loss",
-                "selected_fraction",
-                "excess_loss",
-                "excess_selected",
-                "excess_unselected",
-                "lr",
-                "grad_norm",
-                "tokens_per_second",
-                "tflops_per_device",
-            ):
-                if not math.isnan(record[key]):
+        if self.tb and self._tb_step(iteration):
+            for key in self._tb_keys:
+                if key in record and not math.isnan(record[key]):
                     self.tb.add_scalar(f"slm/{key}", record[key], iteration)
+            for key in record:
+                if key.startswith("mem_"):
+                    self.tb.add_scalar(f"slm/memory/{key[4:]}", record[key], iteration)
+            if self.cfg.logging.log_world_size_to_tensorboard:
+                self.tb.add_scalar("slm/world_size", self.world, iteration)
             for name, share in record.get("selected_fraction_by_source", {}).items():
                 if not math.isnan(share):
                     self.tb.add_scalar(f"slm/selected_fraction_by_source/{name}", share, iteration)
         self._window.append(record)
+
+    def _tb_step(self, iteration: int) -> bool:
+        return iteration % self.cfg.logging.tensorboard_log_interval == 0
+
+    @property
+    def _tb_keys(self) -> tuple[str, ...]:
+        """The record's values that go to TensorBoard (the logging flags add some)."""
+        lg = self.cfg.logging
+        optional = {
+            "params_norm": lg.log_params_norm,
+            "num_zeros_in_grad": lg.log_num_zeros_in_grad,
+            "step_seconds": lg.log_timers_to_tensorboard,
+            "global_batch_size": lg.log_batch_size_to_tensorboard,
+        }
+        return _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
 
     def _histograms(self, iteration, last, ref) -> None:
         """Excess loss of the step's last micro-batch: all valid tokens, and the selected ones."""
@@ -236,6 +311,7 @@ class TrainingLogger:
         w, self._window = self._window, []
         mean = lambda k: sum(r[k] for r in w) / len(w)
         secs = sum(r["step_seconds"] for r in w)
+        rate = sum(r["global_batch_size"] for r in w) * self._seq / secs  # tokens/s
         fmt = lambda x: "n/a" if math.isnan(x) else f"{x:.4f}"  # noqa: E731
         excess_text = (
             f"{fmt(nanmean(w, 'excess_selected'))} / {fmt(nanmean(w, 'excess_unselected'))}"
@@ -246,9 +322,15 @@ class TrainingLogger:
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
             f"sel. {mean('selected_fraction'):.3f} | excess sel./unsel. {excess_text} | "
             f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
-            f"{self.tokens_per_step * len(w) / secs:,.0f} tok/s | "
-            f"{self.flops_per_step * len(w) / secs / self.world / 1e12:.2f} TFLOP/s/dev"
+            f"{rate:,.0f} tok/s | "
+            f"{self.flops_per_token * rate / self.world / 1e12:.2f} TFLOP/s/dev"
         )
+        if self.sizes.ramp is not None:
+            line += f" | global batch {w[-1]['global_batch_size']}"
+        if "params_norm" in w[-1]:
+            line += f" | params norm {w[-1]['params_norm']:.3f}"
+        if "num_zeros_in_grad" in w[-1]:
+            line += f" | zeros in grad {w[-1]['num_zeros_in_grad']:,}"
         if self.peak:
             line += f" | MFU {mean('mfu') * 100:.1f}%"
         print(line, flush=True)

@@ -409,14 +409,20 @@ class OptimizerStep:
         inner = [getattr(p, "optimizer", None) for p in self.parts]
         self._adams = [o for o in inner if isinstance(o, torch.optim.Adam)]
         self.skips_on_device = len(self._adams) == len(inner)
+        self.num_zeros: torch.Tensor | None = None  # the last step's, when it counted them
 
     @torch.no_grad()
-    def step(self) -> tuple[bool, torch.Tensor | None]:
+    def step(self, count_zeros: bool = False) -> tuple[bool, torch.Tensor | None]:
+        """``count_zeros``: also set :attr:`num_zeros` (:meth:`count_zeros`), where megatron-core
+        counts them: after clipping, before the update."""
+        self.num_zeros = None
         if self.optimizer.prepare_grads():  # fp16 only: found inf/nan (read on the host)
             return False, None
         grad_norm = self._norm()
         if self.clip_grad > 0:
             self._clip(grad_norm)
+        if count_zeros:
+            self.num_zeros = self.count_zeros()
         # torch's fused Adam skips the update (and undoes its step count) where found_inf is 1.
         found_inf = (~torch.isfinite(grad_norm)).float()
         for adam in self._adams:
@@ -442,14 +448,33 @@ class OptimizerStep:
         if grads:
             torch._foreach_mul_(grads, coeff)
 
+    @torch.no_grad()
+    def count_zeros(self) -> torch.Tensor:
+        """megatron-core's ``count_zeros_fp32`` kept on the device (an int64 0-dim tensor): the
+        zero entries of the optimizer's gradients, shared and tensor-parallel duplicate
+        parameters once, summed over the gradient-statistics group (the gradients
+        ``prepare_grads`` readied: :meth:`step` calls it)."""
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+
+        total = torch.zeros((), dtype=torch.int64, device=self.device)
+        for part in self.parts:
+            grads = self._grads(part, counted=lambda p: param_is_not_shared(p)
+                                and param_is_not_tensor_parallel_duplicate(p))  # fmt: skip
+            for grad in grads:
+                total += grad.numel() - torch.count_nonzero(grad)
+        dist.all_reduce(total, group=self.stats_group)
+        return total
+
     @staticmethod
-    def _grads(part) -> list[torch.Tensor]:
+    def _grads(part, counted=None) -> list[torch.Tensor]:
         attr = (
             "decoupled_grad"
             if part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
             else "grad"
         )
-        return [g for g in (getattr(p, attr, None) for p in part.get_parameters()) if g is not None]
+        params = [p for p in part.get_parameters() if counted is None or counted(p)]
+        return [g for g in (getattr(p, attr, None) for p in params) if g is not None]
 
 
 class NonFiniteSteps:

@@ -141,3 +141,18 @@ def close_trainer(trainer) -> None:
         batches.close()
     trainer.log.close(trainer.iteration)
     trainer.manual_gc.close()
+
+
+def refusal(call, capsys) -> str:
+    """The one line a refused configuration gives: the error's message, or the parser's last
+    line on stderr (exit status 2)."""
+    import pytest
+
+    from megatron_slm.errors import CheckpointError, ConfigError
+
+    with pytest.raises((ConfigError, CheckpointError, SystemExit)) as err:
+        call()
+    if isinstance(err.value, SystemExit):
+        assert err.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    return str(err.value)

@@ -239,19 +239,25 @@ def test_a_schedule_in_samples_trains_and_resumes(corpus, tmp_path):
 
 
 def test_resume_tp1_checkpoint_at_tp2(corpus, tmp_path):
+    """And Megatron-LM's log-step figures across tensor parallelism: the norm of the weights
+    counts the copies of the replicated ones (norms) once, and the gradients' zeros are summed
+    over the vocabulary shards (the embedding rows of ids a step does not see)."""
     _, prefix = corpus
-    straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6)
+    figures = ("--log-params-norm", "--log-num-zeros-in-grad")
+    straight = read_steps_of(prefix, tmp_path / "tp1.jsonl", 6, *figures)
     ckpt = str(tmp_path / "ckpt")
     read_steps_of(prefix, tmp_path / "a.jsonl", 6, "--save", ckpt, "--exit-interval", 3)
     tp2 = read_steps_of(
         prefix, tmp_path / "tp2.jsonl", 6, "--load", ckpt,
-        "--tensor-model-parallel-size", 2, nproc=2,
+        "--tensor-model-parallel-size", 2, *figures, nproc=2,
     )  # fmt: skip
     assert [r["iteration"] for r in tp2] == [4, 5, 6]
     for a, b in zip(straight[3:], tp2):
         assert a["consumed_samples"] == b["consumed_samples"]
         # fp32 reduction order differs across TP: agreement to fp32 accuracy over a few steps.
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["params_norm"] == pytest.approx(a["params_norm"], rel=1e-5)
+        assert b["num_zeros_in_grad"] == a["num_zeros_in_grad"] > 0
 
 
 def test_sequence_parallel_and_recompute_leave_the_losses_unchanged(corpus, tmp_path):
