@@ -121,7 +121,8 @@ def export_tokenizer(
     * ``tokenizer_model`` (``--tokenizer-model``): a HF tokenizer directory or SentencePiece file
       to use instead of the recorded one;
     * a SentencePiece tokenizer becomes ``tokenizer.json`` + ``tokenizer_config.json`` +
-      ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours;
+      ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours (a
+      Llama2Tokenizer's with the BOS it leads each text with);
     * a HF tokenizer is copied as is;
     * the chat template: ``chat_template`` (``--chat-template FILE``), else the one the checkpoint
       records (``chat_template``: an SFT run's), else the HF tokenizer's own, else
@@ -133,6 +134,7 @@ def export_tokenizer(
     """
     from megatron_slm.checkpoint import check_recorded_tokenizer
     from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+    from megatron_slm.data.tokenizer import SENTENCEPIECE_TYPES
 
     ckpt, meta = info.path, info.meta
     record = meta.get("tokenizer") or {}
@@ -140,7 +142,7 @@ def export_tokenizer(
     src = tokenizer_model
     if src is None and record.get("type") == "HuggingFaceTokenizer":
         src = _checkpoint_file(ckpt, record.get("model"), "tokenizer")
-    elif src is None and record.get("type") == "SentencePieceTokenizer":
+    elif src is None and record.get("type") in SENTENCEPIECE_TYPES:
         src = _checkpoint_file(ckpt, record.get("model"), "tokenizer.model")
         if src is None:
             raise ConversionError(
@@ -152,7 +154,10 @@ def export_tokenizer(
         return None
     check_recorded_tokenizer(info, src)
     if os.path.isfile(src):
-        write_sentencepiece_hf_tokenizer(src, save, chosen or DEFAULT_CHAT_TEMPLATE)
+        add_bos = record.get("type") == "Llama2Tokenizer"  # its ids lead with BOS
+        write_sentencepiece_hf_tokenizer(
+            src, save, chosen or DEFAULT_CHAT_TEMPLATE, add_bos=add_bos
+        )
     elif os.path.isdir(src):
         if not copy_tokenizer(src, save):
             raise ConversionError(f"--tokenizer-model {src}: holds no tokenizer files")

@@ -18,7 +18,9 @@ special-token strings):
 
 No BOS is added by ``tokenizer(text)`` (``add_bos_token`` false): our training data has no BOS
 (Megatron-LM's SentencePiece tokenizer adds none), so HF ids equal the ids the model was trained
-on. The chat template writes ``bos_token`` itself.
+on. The chat template writes ``bos_token`` itself. A ``Llama2Tokenizer``'s export (``add_bos``)
+leads each text with the BOS id, as its ids did in training (a post-processor, like Llama 2's own
+``tokenizer.json``; ``add_special_tokens=False`` leaves it out).
 """
 
 from __future__ import annotations
@@ -133,10 +135,15 @@ def _piece(proto, idx: int) -> str | None:
 
 
 def write_sentencepiece_hf_tokenizer(
-    model_file: str, save: str, chat_template: str, model_max_length: int | None = None
+    model_file: str,
+    save: str,
+    chat_template: str,
+    model_max_length: int | None = None,
+    add_bos: bool = False,
 ) -> list[str]:
     """tokenizer.json, tokenizer_config.json (with ``chat_template``) and special_tokens_map.json
-    for a SentencePiece model; returns the file names."""
+    for a SentencePiece model; returns the file names. ``add_bos``: ``tokenizer(text)`` leads
+    with the BOS id (a ``Llama2Tokenizer``'s ids)."""
     proto = _spm_proto(model_file)
     t = proto.trainer_spec
     special = {
@@ -146,6 +153,13 @@ def write_sentencepiece_hf_tokenizer(
         "pad_token": _piece(proto, t.pad_id),
     }
     tok = sentencepiece_to_fast(model_file)
+    if add_bos:
+        from tokenizers import processors
+
+        bos = special["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, t.bos_id)]
+        )
     write_text_atomic(os.path.join(save, "tokenizer.json"), tok.to_str())
     decoder = {
         str(i): {
@@ -163,7 +177,7 @@ def write_sentencepiece_hf_tokenizer(
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": decoder,
         **special,
-        "add_bos_token": False,
+        "add_bos_token": add_bos,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length or 1_000_000_000,

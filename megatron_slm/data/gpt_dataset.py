@@ -28,7 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
-from megatron_slm.data.index_file import check_token_dataset
+from megatron_slm.data.index_file import check_token_dataset, num_sequences
 from megatron_slm.data.sidecar import SidecarError, SidecarReader, sidecar_exists, sidecar_paths
 from megatron_slm.errors import ConfigError
 
@@ -159,6 +159,30 @@ def check_data_path(
         )
 
 
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def check_splits(prefixes: Sequence[str], split: str) -> None:
+    """Each split that --split gives a share must hold a sequence of every dataset, as
+    megatron-core cuts them (its share of the sequences, rounded): megatron-core would loop
+    forever drawing samples from an empty split (its epochs add no tokens)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        n = num_sequences(prefix)
+        for name, bound in zip(SPLIT_NAMES, bounds):
+            if bound is not None and int(round(bound[1] * n)) <= int(round(bound[0] * n)):
+                raise ConfigError(
+                    f"--split {split}: the {name} split of {prefix} holds none of its {n} "
+                    f"sequences (its share rounds to nothing): give it a larger share, or 0 for "
+                    f"no {name} split"
+                )
+
+
 def build_gpt_datasets(
     data_path: str | Sequence[str] | None,
     split: str,
@@ -213,6 +237,7 @@ def build_gpt_datasets(
     elif blend_per_split is None:
         blend = parse_data_path(data_path)
         check_data_path(blend[0], tokenizer.vocab_size, require_sidecar)
+        check_splits(blend[0], split)
     else:
         per_split = [None if not p else parse_data_path(p) for p in blend_per_split]
         for i, split_blend in enumerate(per_split):

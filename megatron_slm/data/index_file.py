@@ -44,7 +44,7 @@ DTYPE_CODES = {
 }
 _CHUNK = 1 << 22  # elements per vectorized check: bounded temporaries on billion-token corpora
 
-__all__ = ["IndexFacts", "check_token_dataset", "read_index"]
+__all__ = ["IndexFacts", "check_token_dataset", "num_sequences", "read_index"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,14 @@ def _size_problem(size: int, expected: int) -> str:
 
 
 _REBUILD = "re-run tools/preprocess_data.py or copy the dataset again"
+
+
+def num_sequences(prefix: str) -> int:
+    """The sequence count in ``<prefix>.idx``'s header (a file :func:`read_index` validated):
+    megatron-core's unit for --split."""
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(HEADER_BYTES)
+    return struct.unpack("<QBQQ", header[9:])[2]
 
 
 def read_index(prefix: str, flag: str = "--data-path") -> IndexFacts:

@@ -10,9 +10,10 @@
 
 The classes subclass megatron-core's ``MegatronTokenizerBase`` so ``GPTDatasetConfig`` accepts them.
 
-Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``HuggingFaceTokenizer`` /
-``NullTokenizer``, with one documented difference: ``NullTokenizer(vocab_size)`` has exactly
-``vocab_size`` ids and ``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
+Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``Llama2Tokenizer`` (the same
+sentencepiece ids, each text led by the BOS id) / ``HuggingFaceTokenizer`` / ``NullTokenizer``,
+with one documented difference: ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids and
+``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from megatron_slm.atomic_io import file_sha256
 from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+)
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer")  # a .model file each
 
 
 def _file_digest(path: str, n_hex: int = 16) -> str:
@@ -53,7 +60,7 @@ def model_digest(tokenizer_type: str, path: str) -> str | None:
     """The ``sha256`` a tokenizer of this type built from ``path`` has in its
     ``unique_identifiers`` (what a checkpoint records), without building it; None when the type
     has no model file or ``path`` does not exist."""
-    if tokenizer_type == "SentencePieceTokenizer" and os.path.isfile(path):
+    if tokenizer_type in SENTENCEPIECE_TYPES and os.path.isfile(path):
         return _file_digest(path)
     if tokenizer_type == "HuggingFaceTokenizer" and os.path.isdir(path):
         return _directory_digest(path)
@@ -103,6 +110,14 @@ class _SLMTokenizer(MegatronTokenizerBase):
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Tokenize several texts (subclasses override with a batched call)."""
         return [self.tokenize(t) for t in texts]
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` without the ids ``tokenize`` adds around it (a Llama2Tokenizer's
+        BOS): a continuation of a text already begun."""
+        return self.tokenize(text)
+
+    bos: int | None = None
+    """The id ``tokenize`` puts before each text (None: it adds none)."""
 
     @property
     def pad(self) -> int:
@@ -172,6 +187,9 @@ class SentencePieceTokenizer(_SLMTokenizer):
         """Encode a list of texts in one call (single-threaded: one process = one core)."""
         return self._sp.encode(list(texts), num_threads=1)
 
+    def tokenize_plain(self, text: str) -> list[int]:
+        return self._sp.encode(text, num_threads=1)
+
     def detokenize(self, ids: Iterable[int]) -> str:
         """Decode ids to text."""
         return self._sp.decode([int(i) for i in ids])
@@ -195,14 +213,14 @@ class SentencePieceTokenizer(_SLMTokenizer):
         import re
 
         if not self.special_pieces:
-            return self.tokenize(text)
+            return self.tokenize_plain(text)
         names = sorted(self.special_pieces, key=len, reverse=True)
         ids: list[int] = []
         for part in re.split("(" + "|".join(map(re.escape, names)) + ")", text):
             if part in self.special_pieces:
                 ids.append(self.special_pieces[part])
             elif part:
-                ids += self.tokenize(part)
+                ids += self.tokenize_plain(part)
         return ids
 
     @property
@@ -216,6 +234,28 @@ class SentencePieceTokenizer(_SLMTokenizer):
     @property
     def pad(self) -> int:
         return self._sp.pad_id()  # -1 when the model has no pad piece
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: a sentencepiece model whose ``tokenize`` puts the BOS id
+    before each text (a document's first token in preprocessed data), as Llama 2 was trained;
+    ``eod`` is the eos id. The exported Hugging Face tokenizer adds the BOS the same way."""
+
+    def __init__(self, model_file: str) -> None:
+        super().__init__(model_file)
+        if self._sp.bos_id() < 0:
+            raise TokenizerError(
+                f"sentencepiece model {model_file} has no bos piece for the Llama2Tokenizer "
+                "to lead each text with (SentencePieceTokenizer adds none)"
+            )
+        self.bos = self._sp.bos_id()
+
+    def tokenize(self, text: str) -> list[int]:
+        """``[bos] + sentencepiece ids``."""
+        return [self.bos, *self._sp.encode(text, num_threads=1)]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[self.bos, *ids] for ids in self._sp.encode(list(texts), num_threads=1)]
 
 
 class HuggingFaceTokenizer(_SLMTokenizer):
@@ -328,8 +368,9 @@ class TokenizerArgs:
 
     tokenizer_type: str | None = arg(
         None,
-        "SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer (default: the one the "
-        "--load checkpoint records, else SentencePieceTokenizer).",
+        "SentencePieceTokenizer, Llama2Tokenizer (the same ids, each text led by BOS), "
+        "HuggingFaceTokenizer or NullTokenizer (default: the one the --load checkpoint records, "
+        "else SentencePieceTokenizer).",
     )
     tokenizer_model: str | None = arg(
         None, "Tokenizer model file or directory (default: the one the --load checkpoint records)."
@@ -356,6 +397,8 @@ def build_tokenizer(
     """
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":

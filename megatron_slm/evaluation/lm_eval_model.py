@@ -151,7 +151,8 @@ class MegatronSLMLM(TemplateLM):
     def prefix_token_id(self) -> int:
         if self._hf is not None and self._hf.bos_token_id is not None:
             return self._hf.bos_token_id
-        return self.eot_token_id
+        bos = getattr(self.lm.tokenizer, "bos", None)  # a Llama2Tokenizer's
+        return self.eot_token_id if bos is None else bos
 
     @property
     def max_length(self) -> int:
@@ -171,7 +172,9 @@ class MegatronSLMLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
         if self._hf is None:
-            return list(self.lm.tokenizer.tokenize(string))
+            tok = self.lm.tokenizer  # (a Llama2Tokenizer adds BOS unless asked not to)
+            plain = add_special_tokens is False
+            return list(tok.tokenize_plain(string) if plain else tok.tokenize(string))
         kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         bos = self._hf.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):

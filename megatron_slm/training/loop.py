@@ -34,7 +34,7 @@ from megatron_slm.checkpoint import (
     resolve_tokenizer,
     tokenizer_record,
 )
-from megatron_slm.data.gpt_dataset import check_data_path
+from megatron_slm.data.gpt_dataset import check_data_path, check_splits
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sample_list import BatchList
 from megatron_slm.errors import ConfigError, DivergenceError
@@ -130,6 +130,8 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
             tokenizer.vocab_size,
             require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
         )
+        if not cfg.data.per_split:
+            check_splits(blend_prefixes(cfg.data.data_path), cfg.data.split)
         for blend in (cfg.data.valid_data_path, cfg.data.test_data_path):
             if blend:
                 check_data_path(blend, tokenizer.vocab_size, require_sidecar=False)

@@ -1,8 +1,9 @@
 """Megatron-LM's training flags whose effect only a GPU has: ``--grad-reduce-in-bf16`` (the
 gradient buffers in bf16), ``--profile`` under nsys (the CUDA profiler range opened and closed
-around the asked steps), ``--empty-unused-memory-level 2``; and dropout with selective recompute
-on CUDA, where the recompute must replay the forward's dropout masks (megatron-core's RNG tracker):
-its gradients match those of the same step without recompute."""
+around the asked steps), ``--empty-unused-memory-level 2``, the CUDA allocator's figures of
+``--log-memory-to-tensorboard`` and the log-step figures on bf16 weights; and dropout with
+selective recompute on CUDA, where the recompute must replay the forward's dropout masks
+(megatron-core's RNG tracker): its gradients match those of the same step without recompute."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _bf16_worker(rank, world, prefix, log):
     calls = []
     trainer = _trainer(tiny_args(prefix, log, 4, "--bf16", "--grad-reduce-in-bf16", "--profile",
                                  "--profile-step-start", 1, "--profile-step-end", 3,
-                                 "--empty-unused-memory-level", 2))  # fmt: skip
+                                 "--empty-unused-memory-level", 2, "--log-memory-to-tensorboard",
+                                 "--log-params-norm", "--log-num-zeros-in-grad"))  # fmt: skip
     grad_dtypes = {p.main_grad.dtype for p in trainer.chunks[0].parameters()}
     for _ in range(4):
         calls.append(("step", trainer.iteration))
@@ -62,7 +64,13 @@ def test_bf16_gradient_reduction_and_the_nsys_range(corpus, tmp_path):
     # the range opens before step 2 (1 finished) and closes when step 3 is done
     open_after = [flag for kind, flag in calls if kind == "profiling"]
     assert open_after == [False, True, False, False]
-    assert all(math.isfinite(r["loss"]) for r in read_steps(log))
+    records = read_steps(log)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    for r in records:  # (every step is a log step)
+        assert 0 < r["mem_allocated_bytes"] <= r["mem_max_allocated_bytes"]
+        assert r["mem_allocated_bytes"] <= r["mem_reserved_bytes"]
+        assert math.isfinite(r["params_norm"]) and r["params_norm"] > 0
+        assert 0 < r["num_zeros_in_grad"]
 
 
 def _dropout_worker(rank, world, prefix, log):

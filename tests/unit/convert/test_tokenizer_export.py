@@ -114,3 +114,24 @@ def test_generation_config(tmp_path):
 
     cfg = GenerationConfig.from_pretrained(str(tmp_path))
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 2)
+
+
+def test_a_llama2_tokenizer_exports_with_its_bos(tmp_path):
+    """A checkpoint trained on Llama2Tokenizer ids (BOS before each text) exports a tokenizer
+    whose ``tokenizer(text)`` gives those ids; ``add_special_tokens=False`` the plain ones."""
+    from transformers import AutoTokenizer
+
+    from megatron_slm.checkpoint import CheckpointInfo, tokenizer_record
+    from megatron_slm.convert.hf_files import export_tokenizer
+
+    model = train_sentencepiece(TRAIN, str(tmp_path / "sp"), 400)
+    ours = build_tokenizer("Llama2Tokenizer", model)
+    meta = {"tokenizer": tokenizer_record("Llama2Tokenizer", model, ours)}
+    (tmp_path / "hf").mkdir()
+    ids = export_tokenizer(CheckpointInfo(str(tmp_path / "ckpt"), meta), str(tmp_path / "hf"))
+    assert ids["bos_token_id"] == ours.bos == 1 and ids["eos_token_id"] == ours.eod
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in SAMPLES:
+        assert hf(text).input_ids == ours.tokenize(text), repr(text)
+        assert hf(text, add_special_tokens=False).input_ids == ours.tokenize_plain(text)
+        assert hf.decode(hf(text).input_ids, skip_special_tokens=True) == text

@@ -18,6 +18,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_slm.data import SidecarError, build_gpt_datasets, build_tokenizer, sidecar_prefix
 from megatron_slm.data.gpt_dataset import _single_process_rank
+from megatron_slm.errors import ConfigError
 from tests.unit.data import write_sidecar, write_token_dataset
 
 VOCAB = 1 << 17
@@ -144,3 +145,27 @@ def test_sidecar_policy(corpus, tmp_path):
         build_gpt_datasets([plain], "1,0,0", 16, 1, [10, 0, 0], tok, cache)
     assert sidecar_prefix(plain) + ".bin" in str(e.value) and plain + ".idx" in str(e.value)
     assert not os.path.exists(cache)
+
+
+@pytest.mark.parametrize(
+    "split, empty",
+    [("969,30,1", "test"), ("99,1,0", "validation"), ("0.5,99.5,0", "training"), ("96,4,0", None),
+     ("100,0,0", None)],
+)  # fmt: skip
+def test_a_split_that_holds_no_sequence_is_refused(corpus, tmp_path, split, empty):
+    """megatron-core draws a split's samples epoch after epoch until it has enough: from a split
+    that holds no sequence it would loop forever. A (30 sequences): 0.1% and 1% of it round to
+    none, 4% to one. Refused in one line before any index is built."""
+    _, prefixes = corpus
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    build = lambda: build_gpt_datasets(  # noqa: E731
+        [prefixes["B"]], split, 16, 1, [8, 8, 8], tok, data_cache_path=str(tmp_path)
+    )
+    if empty is None:
+        assert len(build()[0]) >= 8  # (whole epochs)
+        return
+    with pytest.raises(ConfigError) as err:
+        build()
+    assert str(err.value).startswith(
+        f"--split {split}: the {empty} split of {prefixes['B']} holds none of its 30 sequences"
+    )

@@ -99,6 +99,25 @@ def test_without_eod_matches_sentencepiece(corpus, tmp_path):
     assert [ds[i].tolist() for i in range(len(ds))] == expected
 
 
+def test_llama2_tokenizer_documents_lead_with_bos(corpus, tmp_path):
+    """Megatron-LM's preprocessing with --tokenizer-type Llama2Tokenizer: each document is
+    [bos] + its ids + [eod], an empty text too (its tokenization is not empty)."""
+    import sentencepiece as spm
+
+    d, recs, model = corpus
+    sp = spm.SentencePieceProcessor(model_file=model)
+    out = preprocess_corpus(
+        [str(d / "part-0.jsonl")], str(tmp_path / "llama2"), "Llama2Tokenizer",
+        tokenizer_model=model, append_eod=True, log_interval=0,
+    )["text"]  # fmt: skip
+    ds = IndexedDataset(out)
+    expected = [[sp.bos_id(), *sp.encode(r["text"]), sp.eos_id()] for r in recs[:700]]
+    assert len(ds) == 700 and [ds[i].tolist() for i in (0, 3, 7, 8)] == [
+        expected[i] for i in (0, 3, 7, 8)
+    ]
+    assert recs[3]["text"] == "" and expected[3] == [sp.bos_id(), sp.eos_id()]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     recs = [{"text": f"{i} {i + 1}"} for i in range(20)]
     bad = write_jsonl(

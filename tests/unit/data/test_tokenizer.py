@@ -36,6 +36,28 @@ def test_sentencepiece_ids_match_plain_sentencepiece(sp_model):
     assert clone.tokenize(text) == tok.tokenize(text)
 
 
+def test_llama2_tokenizer_leads_each_text_with_bos(sp_model, tmp_path):
+    """Megatron-LM's Llama2Tokenizer: sentencepiece's ids after the BOS id (chat rendering and
+    continuations add none); a model without a bos piece is refused."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    tok = build_tokenizer("Llama2Tokenizer", sp_model)
+    text = "Ünïcödé ✓ " + TEXTS[0]
+    assert tok.bos == sp.bos_id() == 1 and tok.eod == sp.eos_id()
+    assert tok.tokenize(text) == [1, *sp.encode(text)] and tok.tokenize("") == [1]
+    assert tok.tokenize_batch([text, ""]) == [[1, *sp.encode(text)], [1]]
+    assert tok.tokenize_plain(text) == sp.encode(text)
+    assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.tokenize_with_specials("<s>hi</s>") == [1, *sp.encode("hi"), 2]
+    assert tok.vocab_size == sp.get_piece_size()
+    assert dict(tok.unique_identifiers)["class"] == "Llama2Tokenizer"
+    assert pickle.loads(pickle.dumps(tok)).tokenize(text) == tok.tokenize(text)
+    no_bos = train_sentencepiece(TEXTS, str(tmp_path / "nobos"), vocab_size=400, bos_id=-1)
+    with pytest.raises(ValueError, match="no bos piece"):
+        build_tokenizer("Llama2Tokenizer", no_bos)
+
+
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
     assert tok.tokenize("3 1  4") == [3, 1, 4]
