@@ -8,7 +8,12 @@ from collections.abc import Iterator
 import torch
 
 from megatron_slm.models.presets import GPTModelConfig
-from megatron_slm.runtime.hf_source import _LAYER_MAP, SUPPORTED_ARCHITECTURES, ConversionError
+from megatron_slm.runtime.hf_source import (
+    _LAYER_MAP,
+    LLAMA3_ROPE,
+    SUPPORTED_ARCHITECTURES,
+    ConversionError,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -41,6 +46,10 @@ def hf_config_from_gpt(
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     source = source or {}
+    if model.rope_scaling_factor is not None and arch != "LlamaForCausalLM":
+        raise ConversionError(
+            f"--architecture {arch}: Llama 3's RoPE scaling is LlamaForCausalLM's"
+        )
     if model.rotary_base != int(model.rotary_base):
         raise ConversionError(f"rotary_base {model.rotary_base} is not an integer")
     cfg = {
@@ -55,7 +64,9 @@ def hf_config_from_gpt(
         "hidden_act": "silu",
         "rms_norm_eps": model.norm_epsilon,
         "rope_theta": float(model.rotary_base),
-        "rope_scaling": None,
+        "rope_scaling": None
+        if model.rope_scaling_factor is None
+        else {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE},
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings,
         "initializer_range": model.init_method_std,

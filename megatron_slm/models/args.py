@@ -51,6 +51,14 @@ class ModelArgs:
     num_query_groups: int | None = arg(None, "Override the preset's key/value heads (GQA).")
     max_position_embeddings: int | None = arg(None, "Override the preset's maximum length.")
     rotary_base: float | None = arg(None, "Override the preset's RoPE base.")
+    use_rope_scaling: bool = arg(
+        False,
+        "Llama 3.1's RoPE scaling (Megatron-LM's flag; megatron-core's: low/high frequency "
+        "factors 1 and 4 over 8192 original positions), by --rope-scaling-factor.",
+    )
+    rope_scaling_factor: float | None = arg(
+        None, "With --use-rope-scaling: the factor (Megatron-LM's default 8; Llama 3.2: 32)."
+    )
     norm_epsilon: float | None = arg(None, "Override the preset's RMSNorm epsilon.")
     make_vocab_size_divisible_by: int | None = arg(
         None,
@@ -147,6 +155,8 @@ class ModelArgs:
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
+        if self.rope_scaling_factor is not None and not self.use_rope_scaling:
+            raise ConfigError("--rope-scaling-factor needs --use-rope-scaling")
         if self.init_method_std is not None and self.init_method_std <= 0:
             raise ConfigError("--init-method-std must be positive")
         if self.attention_backend == "local" and self.transformer_impl not in (None, "local"):
@@ -157,7 +167,10 @@ class ModelArgs:
 
     def overrides(self) -> dict:
         """The architecture flags given explicitly (not None)."""
-        return {k: getattr(self, k) for k in ARCHITECTURE_FLAGS if getattr(self, k) is not None}
+        given = {k: getattr(self, k) for k in ARCHITECTURE_FLAGS if getattr(self, k) is not None}
+        if self.use_rope_scaling:  # (Megatron-LM's default factor)
+            given["rope_scaling_factor"] = self.rope_scaling_factor or 8.0
+        return given
 
     def architecture(self, vocab_size: int) -> GPTModelConfig:
         """The architecture these flags describe on their own (no checkpoint)."""

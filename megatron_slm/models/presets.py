@@ -36,6 +36,10 @@ class GPTModelConfig:
     """--max-position-embeddings: longest sequence the preset was trained with."""
     rotary_base: float = 10000.0
     """--rotary-base: RoPE theta."""
+    rope_scaling_factor: float | None = None
+    """--use-rope-scaling with --rope-scaling-factor: Llama 3.1's RoPE scaling (megatron-core's:
+    frequencies with wavelengths beyond 8192 positions / 1 divided by the factor, those under
+    8192 / 4 kept, smoothly in between); None: plain RoPE."""
     norm_epsilon: float = 1e-5
     """--norm-epsilon: RMSNorm epsilon."""
     init_method_std: float = 0.02
@@ -50,6 +54,8 @@ class GPTModelConfig:
                 f"--num-attention-heads {self.num_attention_heads} does not divide "
                 f"--hidden-size {self.hidden_size}"
             )
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            raise ConfigError("--rope-scaling-factor must be positive")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-query-groups {self.num_query_groups} does not divide "

@@ -130,6 +130,8 @@ def build_gpt_chunk(
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=int(model.rotary_base),
+            rope_scaling=model.rope_scaling_factor is not None,
+            rope_scaling_factor=model.rope_scaling_factor or 8.0,
             vp_stage=vp_stage,
         )
     if post_process:

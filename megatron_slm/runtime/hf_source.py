@@ -75,18 +75,33 @@ def architecture(hf_config: dict, where: str = "config.json") -> str:
     return archs[0]
 
 
-def _rope_theta(cfg: dict, where: str) -> float:
-    """RoPE base from a transformers 4 (``rope_theta``/``rope_scaling``) or 5
-    (``rope_parameters``) config; scaled RoPE variants are refused."""
+# megatron-core's Llama 3 RoPE scaling has these fixed (Llama 3.1, 3.2 and 3.3 use them).
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
+    """(RoPE base, Llama 3 scaling factor or None) from a transformers 4 (``rope_theta`` /
+    ``rope_scaling``) or 5 (``rope_parameters``) config; other scaled RoPE variants, and Llama 3
+    scaling with other constants than megatron-core's, are refused."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
+    factor = None
     for d in (params, scaling):
         kind = d.get("rope_type", d.get("type", "default"))
-        if kind not in ("default", None):
+        if kind == "llama3":
+            for key, value in LLAMA3_ROPE.items():
+                if float(d.get(key, -1)) != value:
+                    raise ConversionError(
+                        f"{where}: llama3 RoPE scaling with {key} {d.get(key)!r} is not "
+                        f"supported (megatron-core's is {value:g})"
+                    )
+            factor = float(d["factor"])
+        elif kind not in ("default", None):
             raise ConversionError(
-                f"{where}: RoPE scaling {kind!r} is not supported (only plain RoPE)"
+                f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE and Llama 3's)"
             )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), factor
 
 
 def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
@@ -113,6 +128,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             window,
             window,
         )
+    theta, rope_scaling_factor = _rope(cfg, where)
     return GPTModelConfig(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -121,7 +137,8 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         num_query_groups=cfg.get("num_key_value_heads") or heads,
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg["max_position_embeddings"],
-        rotary_base=_rope_theta(cfg, where),
+        rotary_base=theta,
+        rope_scaling_factor=rope_scaling_factor,
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
     )

@@ -65,12 +65,13 @@ def target_architecture(
 ) -> GPTModelConfig:
     """The architecture to build: ``--model-preset`` (else the source's) with explicit flags on
     top; ``--layers ends:A,B`` or a list sets the depth when no flag or preset does. The
-    vocabulary, RoPE base and norm epsilon are the source's (they are part of what was learned)."""
+    vocabulary, RoPE base and scaling and norm epsilon are the source's (part of what was
+    learned)."""
     base = get_preset(model_args.model_preset) if model_args.model_preset else source
     overrides = model_args.overrides()
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
         overrides["num_layers"] = layers.count()
-    for name in ("rotary_base", "norm_epsilon"):
+    for name in ("rotary_base", "norm_epsilon", "rope_scaling_factor"):
         if name in overrides and overrides[name] != getattr(source, name):
             raise ConfigError(
                 f"--{name.replace('_', '-')} {overrides[name]} differs from the source's "
@@ -86,6 +87,7 @@ def target_architecture(
         **overrides,
         "vocab_size": source.vocab_size,
         "rotary_base": source.rotary_base,
+        "rope_scaling_factor": source.rope_scaling_factor,
         "init_method_std": base.init_method_std,
     }
     # RMSNorm over the kept h' channels equals RMSNorm over all h with the dropped ones at zero

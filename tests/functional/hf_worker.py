@@ -40,8 +40,14 @@ def make_tokenizer(path: str, vocab_size: int = 300) -> str:
     return path
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+
+
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny random LlamaForCausalLM / MistralForCausalLM saved (safetensors) at ``path``."""
+    """A tiny random LlamaForCausalLM / MistralForCausalLM saved (safetensors) at ``path``; the
+    Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
+    in all three of its bands (kept, smoothed, divided by the factor)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     kwargs = dict(
@@ -59,7 +65,7 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     )
     if arch == "llama":
         cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
-        kwargs.update(rope_theta=50000.0)
+        kwargs.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     else:
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=4096, num_attention_heads=8)
@@ -139,6 +145,7 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
         convert_megatron_to_hf(ckpt, out)
         convert_hf_to_megatron(out, ckpt + "_again", tensor_model_parallel_size=2)
         results[arch] = dict(
+            inv_freq=m.chunks[0].rotary_pos_emb.inv_freq.clone(),
             logits=logits,
             greedy=gen,
             padded=padded,

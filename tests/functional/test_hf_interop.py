@@ -115,6 +115,28 @@ def test_round_trip_and_export(setup, arch):
     assert gen["eos_token_id"] == cfg["eos_token_id"] == EOS
     logits = worker.hf_logits(str(export), setup["tokens"])
     assert torch.equal(logits, setup["ref"][arch]["logits"])
+    if arch == "llama":  # Llama 3.1's RoPE scaling, exported as transformers reads it
+        assert cfg["rope_scaling"] == worker.LLAMA3_SCALING
+
+
+def test_llama3_rope_scaling_frequencies_are_transformers(setup):
+    """Short sequences barely turn the scaled (slow) frequencies, so the logits alone would not
+    show a missing scaling: our rotary frequencies equal transformers' scaled ones, in each of the
+    three bands (kept, smoothed, divided by the factor), and differ from plain RoPE's."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(setup["root"] / "llama"))
+    theirs = hf.model.rotary_emb.inv_freq.float()
+    ours = setup["tp1"]["llama"]["inv_freq"].float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    head_dim = theirs.numel() * 2
+    plain = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    wavelength = 2 * math.pi / plain
+    kept, divided = wavelength < 8192 / 4, wavelength > 8192
+    assert kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands
+    torch.testing.assert_close(ours[kept], plain[kept], rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours[divided], plain[divided] / 8, rtol=1e-6, atol=0)
+    assert not torch.allclose(ours[~kept & ~divided], plain[~kept & ~divided], rtol=1e-3)
 
 
 def test_tp2_and_pipeline_conversion(setup):

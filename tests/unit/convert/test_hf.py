@@ -54,6 +54,10 @@ def _write_hf(path, config=HF_CONFIG, tensors=None, shards=1):
     return tensors
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}  # fmt: skip
+
+
 def test_config_mapping_transformers_4_and_5_styles():
     model = hf_source.gpt_config_from_hf(HF_CONFIG)
     assert (model.num_layers, model.hidden_size, model.ffn_hidden_size) == (2, 32, 48)
@@ -65,6 +69,16 @@ def test_config_mapping_transformers_4_and_5_styles():
     back = hf_target.hf_config_from_gpt(model, "MistralForCausalLM")
     assert back["architectures"] == ["MistralForCausalLM"] and back["vocab_size"] == 100
     assert hf_source.gpt_config_from_hf(back) == model
+    # Llama 3.1's RoPE scaling, in either style, and back
+    assert model.rope_scaling_factor is None
+    v4_scaled = {**HF_CONFIG, "rope_scaling": {**LLAMA3, "factor": 32.0}}
+    scaled = hf_source.gpt_config_from_hf(v4_scaled)
+    assert scaled.rope_scaling_factor == 32.0 and scaled.rotary_base == 500000.0
+    v5["rope_parameters"] = {**LLAMA3, "rope_theta": 1234.0}
+    assert hf_source.gpt_config_from_hf(v5).rope_scaling_factor == 8.0
+    assert hf_source.gpt_config_from_hf(hf_target.hf_config_from_gpt(scaled)) == scaled
+    with pytest.raises(ConversionError, match="RoPE scaling is LlamaForCausalLM's"):
+        hf_target.hf_config_from_gpt(scaled, "MistralForCausalLM")
 
 
 def test_exported_config_loads_in_transformers():
@@ -75,6 +89,10 @@ def test_exported_config_loads_in_transformers():
     assert cfg.num_key_value_heads == 2 and cfg.tie_word_embeddings is False
     rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
     assert rope["rope_theta"] == 500000.0
+    scaled = hf_source.gpt_config_from_hf({**HF_CONFIG, "rope_scaling": LLAMA3})
+    cfg = AutoConfig.for_model(**hf_target.hf_config_from_gpt(scaled))
+    rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
 
 
 @pytest.mark.parametrize(
@@ -82,7 +100,9 @@ def test_exported_config_loads_in_transformers():
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
         ({"architectures": None, "model_type": "qwen2"}, "unsupported architecture"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        ({"rope_scaling": {**LLAMA3, "low_freq_factor": 2.0}}, "low_freq_factor 2.0 is not"),
+        ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 4096}}, "4096"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"head_dim": 16}, "head_dim"),

@@ -352,6 +352,11 @@ def test_megatron_lms_llama_flags_describe_the_model_they_build():
     set_values, _ = _config("--init-method-std", 0.0134, "--rotary-base", 1e6)
     arch = set_values.model.architecture(VOCAB)
     assert (arch.init_method_std, arch.rotary_base) == (0.0134, 1e6)
+    assert arch.rope_scaling_factor is None
+    llama31, _ = _config("--use-rope-scaling")  # (Megatron-LM's default factor)
+    assert llama31.model.architecture(VOCAB).rope_scaling_factor == 8.0
+    llama32, _ = _config("--use-rope-scaling", "--rope-scaling-factor", 32)
+    assert llama32.model.architecture(VOCAB).rope_scaling_factor == 32.0
     assert ModelArgs(attention_backend="local").spec_impl == "local"
     assert ModelArgs(transformer_impl="transformer_engine").spec_impl == "te"  # Megatron-LM's
     assert ModelArgs().spec_impl is None
@@ -367,6 +372,7 @@ def test_megatron_lms_llama_flags_describe_the_model_they_build():
         (("--kv-channels", 32), "--kv-channels 32 is not the head size of the model (64 / 4"),
         (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
         (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
+        (("--rope-scaling-factor", 32), "--rope-scaling-factor needs --use-rope-scaling"),
         (("--context-parallel-size", 2), "context parallelism is not supported"),
         (("--recompute-activations", "--recompute-granularity", "full"), "is selective"),
         (("--recompute-method", "block"), "applies to --recompute-granularity full"),
