@@ -151,7 +151,7 @@ class MegatronSLMLM(TemplateLM):
     def prefix_token_id(self) -> int:
         if self._hf is not None and self._hf.bos_token_id is not None:
             return self._hf.bos_token_id
-        bos = getattr(self.lm.tokenizer, "bos", None)  # a Llama2Tokenizer's
+        bos = self.lm.tokenizer.bos  # a Llama2Tokenizer's
         return self.eot_token_id if bos is None else bos
 
     @property

@@ -152,6 +152,14 @@ class TrainingLogger:
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
         self.flops_per_token = arch.flops_per_token(cfg.training.seq_length)
+        lg = cfg.logging  # the record's values that go to TensorBoard (flags add some)
+        optional = {
+            "params_norm": lg.log_params_norm,
+            "num_zeros_in_grad": lg.log_num_zeros_in_grad,
+            "step_seconds": lg.log_timers_to_tensorboard,
+            "global_batch_size": lg.log_batch_size_to_tensorboard,
+        }
+        self.tb_keys = _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
         self.peak = device_peak_tflops(device)
         self.tb = None
         if self.is_writer and cfg.logging.tensorboard_dir:
@@ -177,16 +185,14 @@ class TrainingLogger:
         self._clock = time.perf_counter()
 
     def step(
-        self, iteration, stats, grad_norm, lr, consumed_samples, ratio, global_batch=None,
-        extras=None,
-    ) -> None:  # fmt: skip
+        self, iteration, stats, grad_norm, lr, consumed_samples, ratio, global_batch, extras
+    ) -> None:
         """Keep this step's device values (``stats`` None: not the last pipeline stage);
-        ``global_batch``: the step's samples (default --global-batch-size; a ramp's smaller);
+        ``global_batch``: the step's samples (a ramp's may be under --global-batch-size);
         ``extras``: more 0-dim device values for the record (--log-params-norm, ...)."""
         if self.is_writer and stats is not None:
-            global_batch = global_batch or self.sizes.global_batch_size
             self._pending.append(_Pending(iteration, stats, grad_norm, lr, consumed_samples,
-                                          ratio, global_batch, dict(extras or {})))  # fmt: skip
+                                          ratio, global_batch, extras))  # fmt: skip
 
     def log(self, iteration, last=None, ref=None) -> None:
         """A log step: read the pending steps, histograms of this step's selection, console."""
@@ -268,7 +274,7 @@ class TrainingLogger:
             self.loss_file.write(json.dumps(record) + "\n")
             self.loss_file.flush()
         if self.tb and self._tb_step(iteration):
-            for key in self._tb_keys:
+            for key in self.tb_keys:
                 if key in record and not math.isnan(record[key]):
                     self.tb.add_scalar(f"slm/{key}", record[key], iteration)
             for key in record:
@@ -283,18 +289,6 @@ class TrainingLogger:
 
     def _tb_step(self, iteration: int) -> bool:
         return iteration % self.cfg.logging.tensorboard_log_interval == 0
-
-    @property
-    def _tb_keys(self) -> tuple[str, ...]:
-        """The record's values that go to TensorBoard (the logging flags add some)."""
-        lg = self.cfg.logging
-        optional = {
-            "params_norm": lg.log_params_norm,
-            "num_zeros_in_grad": lg.log_num_zeros_in_grad,
-            "step_seconds": lg.log_timers_to_tensorboard,
-            "global_batch_size": lg.log_batch_size_to_tensorboard,
-        }
-        return _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
 
     def _histograms(self, iteration, last, ref) -> None:
         """Excess loss of the step's last micro-batch: all valid tokens, and the selected ones."""
