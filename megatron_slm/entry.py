@@ -49,6 +49,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from megatron_slm.cli import Command, ToolCommandLine, usage_errors_raise
@@ -66,6 +67,11 @@ _FILE_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
 )
+
+
+# Seconds a rank that does not print a user error waits before exiting: torchrun terminated
+# rank 0 before its line when another rank failed the same check first (a CI run saw none).
+_SILENT_RANK_EXIT_DELAY = 3.0
 
 
 def env_rank() -> int:
@@ -145,6 +151,8 @@ def entry_point(
                     raise
                 if env_rank() == 0:
                     print(format_error(name, exc), file=sys.stderr, flush=True)
+                else:  # the launcher stops every rank at the first exit: let rank 0 print first
+                    time.sleep(_SILENT_RANK_EXIT_DELAY)
                 return 2
             finally:
                 if owns_group and _group_initialized():
