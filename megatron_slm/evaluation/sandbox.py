@@ -5,8 +5,10 @@ gets a separate process (``sandbox_child.py`` confines itself, then ``exec``s th
 with CPU-time, wall-time, memory, file-size, process-count and output-size limits, a fresh
 temporary working directory, an environment of a few fixed variables (nothing inherited: no
 tokens, no paths), its own session, and on timeout or too much output it is killed with its
-whole process group. As root (tests, CI, containers) it also runs as an unprivileged uid/gid
-(nobody/nogroup) in new network, mount and PID namespaces: no network interface but loopback,
+whole process group. As root (tests, CI, containers) it also runs as an unprivileged uid of its
+own (``SANDBOX_UID_BASE`` + the launcher's pid: no two live programs share one, so one program's
+processes never count against another's process limit) and gid nogroup, in new network, mount
+and PID namespaces: no network interface but loopback,
 every filesystem read-only except its fresh working directory, and the kernel kills
 everything it started when it ends. docs/design.md ("The sandbox") says what is not protected.
 
@@ -33,6 +35,9 @@ from megatron_slm.errors import ConfigError
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 NOBODY = 65534  # nobody / nogroup on Debian and Ubuntu
+# A program's uid is this + its launcher's pid (< 2**22, Linux's largest pid_max): unused by any
+# account, and unique among live programs, which RLIMIT_NPROC (counted per uid) needs.
+SANDBOX_UID_BASE = 1 << 30
 
 
 class SandboxError(RuntimeError):
@@ -99,7 +104,7 @@ def _exposures(python: str) -> list[tuple[str, list[str]]]:
         if hidden is None:
             continue
         if hidden == tree:
-            raise SandboxError(f"{tree}: not searchable by uid {NOBODY} (chmod o+x it)")
+            raise SandboxError(f"{tree}: not searchable by other users (chmod o+x it)")
         groups.setdefault(hidden, []).append(tree)
     return sorted(groups.items())
 
@@ -135,8 +140,7 @@ class Sandbox:
             f.write(program)
         home = workdir
         if self.as_root:
-            os.chown(workdir, NOBODY, NOBODY)
-            os.chmod(workdir, 0o700)
+            os.chmod(workdir, 0o700)  # the launcher gives it to the program's uid
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": home,
@@ -154,7 +158,7 @@ class Sandbox:
             env=env,
             status_fd=status_w,
             expose=self._expose,
-            uid=NOBODY,
+            uid_base=SANDBOX_UID_BASE,
             gid=NOBODY,
             cpu_seconds=int(lim.cpu_seconds),
             memory_bytes=int(lim.memory_bytes),

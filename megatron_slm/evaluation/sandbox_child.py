@@ -7,9 +7,10 @@ As root: new network, mount, PID, IPC and UTS namespaces; in the mount namespace
 filesystem is remounted read-only, the fresh working directory is bound onto itself (the only
 writable place), a fresh ``/proc`` is mounted, and a directory the unprivileged user cannot
 traverse on the way to the interpreter (``/root`` for a pyenv Python) is covered by an empty
-read-only tmpfs holding just the interpreter's tree. The program then runs under the dropped
-uid/gid with the resource limits, as PID 2 of the new PID namespace under a waiting PID 1 that
-dies with the launcher (when PID 1 dies, the kernel kills everything in the namespace).
+read-only tmpfs holding just the interpreter's tree. The program then runs under a uid of its
+own (the base + this launcher's pid) and gid nogroup with the resource limits, as PID 2 of the new
+PID namespace under a waiting PID 1 that dies with the launcher (when PID 1 dies, the kernel kills
+everything in the namespace).
 Not root: the limits, and new user + network namespaces when the kernel allows unprivileged
 ones (else the network stays reachable).
 
@@ -119,9 +120,10 @@ def _limits(cfg: dict) -> None:
     both(resource.RLIMIT_CORE, 0)
 
 
-def _root_child(cfg: dict, status_fd: int) -> None:
-    """PID 1 of the new PID namespace: mounts, limits, drop privileges, exec."""
+def _root_child(cfg: dict, uid: int) -> None:
+    """PID 1 of the new PID namespace: mounts, limits, drop privileges to ``uid``."""
     workdir = cfg["workdir"]
+    os.chown(workdir, uid, cfg["gid"])
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     for i, (hidden, inners) in enumerate(cfg["expose"]):
         _expose(hidden, inners, os.path.join(workdir, f".expose{i}-"))
@@ -138,7 +140,7 @@ def _root_child(cfg: dict, status_fd: int) -> None:
     _limits(cfg)
     os.setgroups([])
     os.setgid(cfg["gid"])
-    os.setuid(cfg["uid"])
+    os.setuid(uid)
     if os.getuid() == 0 or os.geteuid() == 0:
         raise SetupError("could not drop root")
     # Set after the uid change (which clears it): die with the launcher, and so end the namespace.
@@ -165,10 +167,12 @@ def main() -> None:
         if os.geteuid() == 0:
             flags = CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
             _check(_libc.unshare(flags), "unshare (needs CAP_SYS_ADMIN)")
+            # This launcher's pid (unique while the program lives: it outlives it) names the uid.
+            uid = cfg["uid_base"] + os.getpid()
             pid = os.fork()
             if pid == 0:
                 try:
-                    _root_child(cfg, status_fd)
+                    _root_child(cfg, uid)
                     # The kernel ignores default-action signals (SIGXCPU of the CPU limit) sent
                     # to a namespace's PID 1, so the program runs as PID 2 under a waiting PID 1.
                     if os.fork() == 0:

@@ -12,7 +12,13 @@ import uuid
 import pytest
 
 from megatron_slm.errors import ConfigError
-from megatron_slm.evaluation.sandbox import NOBODY, Sandbox, SandboxError, SandboxLimits
+from megatron_slm.evaluation.sandbox import (
+    NOBODY,
+    SANDBOX_UID_BASE,
+    Sandbox,
+    SandboxError,
+    SandboxLimits,
+)
 from megatron_slm.evaluation.tora import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -28,20 +34,22 @@ def box():
     return Sandbox(TINY, workers=2)
 
 
-def _sandbox_processes() -> list[int]:
-    """Pids of live processes running a sandboxed program (the launcher's argv names it)."""
-    pids = []
+def _sandbox_processes() -> dict[int, int]:
+    """``{pid: uid}`` of live processes running a sandboxed program (the launcher's argv names
+    it), this test's or another's (pytest workers run other files at the same time)."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
+            uid = os.stat(f"/proc/{pid}").st_uid
         except OSError:
             continue
         if b"program.py" in cmd and state != "Z":
-            pids.append(int(pid))
-    return pids
+            found[int(pid)] = uid
+    return found
 
 
 def test_runs_a_program_and_reports_its_output():
@@ -86,22 +94,36 @@ def test_unbounded_allocation_hits_the_memory_limit():
     assert report(res) == "MemoryError"
 
 
-def test_fork_bomb_is_bounded_and_killed_with_its_group(box):
+BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+
+
+def test_fork_bomb_is_bounded_and_killed_with_its_group_and_starves_no_other(box):
+    """A fork bomb reaches its process limit, ends at its time limit, and leaves no process.
+    Meanwhile another program runs: as root each program has a uid of its own, so the bomb's
+    processes do not count against it (with one shared uid its launcher could not even fork)."""
+    import collections
+    import threading
+
     before = set(_sandbox_processes())
-    program = (
-        "import os\n"
-        "n = 0\n"
-        "while True:\n"
-        "    try:\n"
-        "        os.fork()\n"
-        "        n += 1\n"
-        "    except OSError:\n"
-        "        pass\n"
-    )
-    res = box.run(program)
-    assert res.status in ("timeout", "killed")
+    results = []
+    thread = threading.Thread(target=lambda: results.append(box.run(BOMB)))
+    thread.start()
+    bomb_pids, deadline = set(), time.monotonic() + TINY.wall_seconds
+    while not bomb_pids and time.monotonic() < deadline:
+        new = {p: u for p, u in _sandbox_processes().items() if p not in before}
+        # the bomb's uid is the one with a full process table (a root run's: its own)
+        for uid, n in collections.Counter(new.values()).items():
+            if n >= TINY.processes - 1:  # its waiting PID 1 is not a program.py process
+                bomb_pids = {p for p, u in new.items() if u == uid}
+        time.sleep(0.01)
+    assert bomb_pids, "the bomb never reached its process limit"
+    if AS_ROOT:
+        alive = box.run("import os\nos.fork() or print('parent', os.getuid())")
+        assert alive.status == "ok" and alive.stdout.startswith("parent"), report(alive)
+    thread.join()
+    assert results[0].status in ("timeout", "killed")
     time.sleep(0.2)
-    assert set(_sandbox_processes()) - before == set()
+    assert bomb_pids.isdisjoint(_sandbox_processes())
     assert box.run("print('alive')").stdout == "alive\n"  # the next program still runs
 
 
@@ -176,7 +198,8 @@ def test_runs_unprivileged_and_cannot_write_outside_its_directory(box, tmp_path)
     res = box.run(program)
     assert res.status == "ok", res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == f"{NOBODY} {NOBODY}"
+    uid, gid = map(int, lines[0].split())
+    assert SANDBOX_UID_BASE < uid < SANDBOX_UID_BASE + (1 << 22) and gid == NOBODY
     assert all(line.startswith("denied") for line in lines[1:]) and len(lines) == 6
     assert not any(os.path.exists(p) for p in targets)
 
