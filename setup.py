@@ -195,6 +195,7 @@ setup(
         "matplotlib>=3.5,<4",  # selection pictures, token dynamics, the quickstart curve
         "tqdm",
         "psutil",  # megatron-core distributed checkpointing needs it
+        "tokenizers",  # GPT2BPETokenizer (Megatron-LM's vocab.json + merges.txt)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

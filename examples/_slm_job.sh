@@ -54,11 +54,19 @@ else
     DATA_ARGS=(--data-path ${DATA_PATH} --split "${SPLIT:-998,2,0}")
 fi
 [[ "${DOCUMENT_MASK:-0}" == 1 ]] && DATA_ARGS+=(--reset-attention-mask --eod-mask-loss)
-DATA_ARGS+=(
-    --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
-    --tokenizer-model "${TOKENIZER_MODEL}"
-    --data-cache-path "${DATA_CACHE_PATH:-$RUN_DIR/cache}"
-)
+# VOCAB_FILE + MERGE_FILE: Megatron-LM's GPT2BPETokenizer files, in place of TOKENIZER_MODEL.
+if [[ -n "${VOCAB_FILE:-}" ]]; then
+    DATA_ARGS+=(
+        --tokenizer-type GPT2BPETokenizer
+        --vocab-file "$VOCAB_FILE" --merge-file "${MERGE_FILE:?VOCAB_FILE needs MERGE_FILE}"
+    )
+else
+    DATA_ARGS+=(
+        --tokenizer-type "${TOKENIZER_TYPE:-SentencePieceTokenizer}"
+        --tokenizer-model "${TOKENIZER_MODEL}"
+    )
+fi
+DATA_ARGS+=(--data-cache-path "${DATA_CACHE_PATH:-$RUN_DIR/cache}")
 [[ -n "${VOCAB_SIZE:-}" ]] && DATA_ARGS+=(--vocab-size "$VOCAB_SIZE")
 SLM_ARGS=()
 [[ -n "${SLM_RATIO:-}" ]] && SLM_ARGS+=(

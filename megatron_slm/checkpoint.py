@@ -594,12 +594,16 @@ def load_checkpoint(
 # checkpoint facts: what a checkpoint says about itself, and the flags that may contradict it
 # ---------------------------------------------------------------------------------------------
 def tokenizer_record(tokenizer_type: str, tokenizer_model: str | None, tokenizer) -> dict:
-    """The tokenizer identity a checkpoint records (absolute path: tools run from other dirs)."""
+    """The tokenizer identity a checkpoint records (absolute paths: tools run from other dirs).
+    A GPT2BPETokenizer's ``model`` is its vocab file, beside its ``merge_file``."""
     record = {
         "type": tokenizer_type,
         "model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
         "vocab_size": tokenizer.vocab_size,
     }
+    merge_file = tokenizer.unique_identifiers.get("merge_file")
+    if merge_file:
+        record["merge_file"] = merge_file
     sha = tokenizer.unique_identifiers.get("sha256")
     if sha:
         record["sha256"] = sha
@@ -754,48 +758,60 @@ def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, 
         )
 
 
-def check_recorded_tokenizer(checkpoint: CheckpointInfo, path: str | None = None) -> None:
+def check_recorded_tokenizer(
+    checkpoint: CheckpointInfo, path: str | None = None, merge_file: str | None = None
+) -> None:
     """The tokenizer model file the checkpoint names (or ``path``, a copy of it such as the one
-    beside a moved checkpoint) must still hash to the recorded ``sha256``: a file replaced since
-    training is refused, naming both digests. Records without a hash (older checkpoints) and
-    files that do not exist (nothing will read them) are not checked."""
+    beside a moved checkpoint; a GPT2BPETokenizer's vocab file, with ``merge_file``) must still
+    hash to the recorded ``sha256``: a file replaced since training is refused, naming both
+    digests. Records without a hash (older checkpoints) and files that do not exist (nothing
+    will read them) are not checked."""
     from megatron_slm.data.tokenizer import model_digest
 
     recorded = checkpoint.tokenizer or {}
     theirs, path = recorded.get("sha256"), path or recorded.get("model")
+    merge_file = merge_file or recorded.get("merge_file")
     if not theirs or not path:
         return
-    mine = model_digest(recorded.get("type"), path)
+    mine = model_digest(recorded.get("type"), path, merge_file)
+    flags = "--tokenizer-model"
+    if recorded.get("type") == "GPT2BPETokenizer":
+        path, flags = f"{path} + {merge_file}", "--vocab-file/--merge-file"
     if mine is not None and mine != theirs:
         raise TokenizerError(
             f"{path}: tokenizer sha256 {mine} differs from the {theirs} recorded in the checkpoint "
             f"{checkpoint.flag} {checkpoint.path}: not the tokenizer the model was trained with "
-            "(restore the file, or give the model's tokenizer with --tokenizer-model)"
+            f"(restore the file, or give the model's tokenizer with {flags})"
         )
 
 
 def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = True):
     """The tokenizer from ``TokenizerArgs`` flags, else the checkpoint's record; checked against
-    the checkpoint. Returns ``(tokenizer or None, type, model path)``; None only when neither the
-    flags nor the checkpoint name one and ``required`` is False."""
-    from megatron_slm.data.tokenizer import build_tokenizer
+    the checkpoint. Returns ``(tokenizer or None, type, model path)`` (a GPT2BPETokenizer's model
+    path is its vocab file); None only when neither the flags nor the checkpoint name one and
+    ``required`` is False."""
+    from megatron_slm.data.tokenizer import build_tokenizer, model_path_of
 
     recorded = (checkpoint.tokenizer if checkpoint else None) or {}
-    given = any(v is not None for v in (args.tokenizer_type, args.tokenizer_model, args.vocab_size))
+    names = ("tokenizer_model", "vocab_file", "merge_file", "tokenizer_type", "vocab_size")
+    given = [name for name in names if getattr(args, name) is not None]
+    merge = None
     if given:
-        default = "NullTokenizer" if args.vocab_size and not args.tokenizer_model else None
-        ttype = args.tokenizer_type or recorded.get("type") or default or "SentencePieceTokenizer"
-        model, vocab = args.tokenizer_model, args.vocab_size
+        # GPT-2 BPE files name their type (over the recorded one: never silently ignored).
+        gpt2 = "GPT2BPETokenizer" if args.vocab_file or args.merge_file else None
+        null = "NullTokenizer" if args.vocab_size and not args.tokenizer_model else None
+        ttype = args.tokenizer_type or gpt2 or recorded.get("type") or null
+        ttype = ttype or "SentencePieceTokenizer"
+        model = model_path_of(ttype, args.tokenizer_model, args.vocab_file)
+        vocab, merge = args.vocab_size, args.merge_file
         if ttype == recorded.get("type"):
             model = model or recorded.get("model")
             vocab = vocab or recorded.get("vocab_size")
-        flag = next(
-            f"--{name.replace('_', '-')}"
-            for name in ("tokenizer_model", "tokenizer_type", "vocab_size")
-            if getattr(args, name) is not None
-        )
+            merge = merge or recorded.get("merge_file")
+        flag = f"--{given[0].replace('_', '-')}"
     elif recorded:
         ttype, model, vocab = recorded["type"], recorded.get("model"), recorded.get("vocab_size")
+        merge = recorded.get("merge_file")
         flag = f"the tokenizer recorded in {checkpoint.flag} {checkpoint.path}"
     elif required:
         raise CheckpointError(
@@ -804,14 +820,23 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
         )
     else:
         return None, None, None
+    if ttype == "GPT2BPETokenizer" and not (model and merge):
+        raise CheckpointError(
+            "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file"
+        )
     if ttype != "NullTokenizer" and not model:
         raise CheckpointError(f"--tokenizer-type {ttype} needs --tokenizer-model")
-    if checkpoint is not None and ttype == recorded.get("type") and model == recorded.get("model"):
-        check_recorded_tokenizer(checkpoint)  # the recorded file, whoever named it
+    if (
+        checkpoint is not None
+        and ttype == recorded.get("type")
+        and (model, merge) == (recorded.get("model"), recorded.get("merge_file"))
+    ):
+        check_recorded_tokenizer(checkpoint)  # the recorded files, whoever named them
     try:
-        tokenizer = build_tokenizer(ttype, model, vocab)
+        tokenizer = build_tokenizer(ttype, model, vocab, merge)
     except (OSError, ValueError, RuntimeError) as e:
-        raise TokenizerError(f"{flag}: cannot load the {ttype} {model or ''}: {e}") from None
+        what = f"{model} + {merge}" if merge else model or ""
+        raise TokenizerError(f"{flag}: cannot load the {ttype} {what}: {e}") from None
     if checkpoint is not None and given:
         check_tokenizer(checkpoint, tokenizer, ttype, flag)
     return tokenizer, ttype, model

@@ -11,7 +11,6 @@ import json
 import sys
 
 from megatron_slm.data.inspect import InspectConfig, format_report, inspect_sidecar
-from megatron_slm.data.tokenizer import build_tokenizer
 from megatron_slm.entry import entry_point
 
 PROG = "inspect_sidecar"
@@ -21,9 +20,7 @@ GROUPS = {"inspection": InspectConfig}
 @entry_point(PROG, doc=__doc__, groups=GROUPS)
 def main(cfg: InspectConfig) -> int:
     """Print one report per dataset; returns 1 if any check failed."""
-    tokenizer = None
-    if cfg.tokenizer_type and (cfg.top or cfg.bottom):
-        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_size)
+    tokenizer = cfg.build_tokenizer() if cfg.top or cfg.bottom else None
     failed = False
     reports = []
     for prefix in cfg.prefixes:

@@ -1,8 +1,10 @@
-"""Train a sentencepiece tokenizer on JSONL text (a compact vocabulary for small models).
+"""Train a tokenizer on JSONL text (a compact vocabulary for small models).
 
     python tools/train_tokenizer.py --input data/*.jsonl --model-prefix out/tok --vocab-size 512
 
-writes ``out/tok.model`` and ``out/tok.vocab``.
+writes the sentencepiece model ``out/tok.model`` (and ``out/tok.vocab``);
+``--tokenizer-type GPT2BPETokenizer`` writes a GPT-2 byte-level BPE instead:
+``out/tok-vocab.json`` and ``out/tok-merges.txt``, the ``--vocab-file`` and ``--merge-file``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,33 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.data.preprocess import expand_inputs
-from megatron_slm.data.tokenizer import train_sentencepiece
+from megatron_slm.data.tokenizer import train_gpt2_bpe, train_sentencepiece
 from megatron_slm.entry import entry_point
 from megatron_slm.errors import InputFileError
+
+TRAINABLE = ("SentencePieceTokenizer", "GPT2BPETokenizer")
 
 
 @dataclass
 class TrainTokenizerConfig:
     input: list[str] = arg([], "JSONL files or globs.", required=True)
     json_key: str = arg("text", "JSON key of the text.")
-    model_prefix: str = arg(None, "Writes PREFIX.model and PREFIX.vocab.", required=True)
+    tokenizer_type: str = arg(
+        "SentencePieceTokenizer",
+        "What to train: a sentencepiece model (also a Llama2Tokenizer's) or GPT2BPETokenizer's "
+        "two files.",
+        choices=TRAINABLE,
+    )
+    model_prefix: str = arg(
+        None,
+        "Writes PREFIX.model and PREFIX.vocab (GPT2BPETokenizer: PREFIX-vocab.json and "
+        "PREFIX-merges.txt).",
+        required=True,
+    )
     vocab_size: int = arg(None, "Number of pieces.", required=True)
-    model_type: str = arg("bpe", "Sentencepiece model type.", choices=["bpe", "unigram"])
+    model_type: str = arg(
+        "bpe", "Sentencepiece model type (SentencePieceTokenizer).", choices=["bpe", "unigram"]
+    )
     max_docs: int | None = arg(None, "Train on the first N documents (default: all).")
 
     def __post_init__(self):
@@ -34,6 +51,11 @@ class TrainTokenizerConfig:
             raise ValueError("--model-prefix is required")
         if self.vocab_size is None or self.vocab_size < 1:
             raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size!r}")
+        if self.tokenizer_type not in TRAINABLE:
+            raise ValueError(
+                f"--tokenizer-type must be one of {', '.join(TRAINABLE)}, "
+                f"got {self.tokenizer_type!r}"
+            )
         if self.model_type not in ("bpe", "unigram"):
             raise ValueError(f"--model-type must be bpe or unigram, got {self.model_type!r}")
         if self.max_docs is not None and self.max_docs < 0:
@@ -61,8 +83,11 @@ def iter_texts(patterns, key, max_docs):
 @entry_point(PROG, doc=__doc__, groups=GROUPS)
 def main(cfg: TrainTokenizerConfig) -> int:
     texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))  # bad input: nothing written
-    path = train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)
-    print(f"wrote {path} ({len(texts)} documents)")
+    if cfg.tokenizer_type == "GPT2BPETokenizer":
+        paths = train_gpt2_bpe(texts, cfg.model_prefix, cfg.vocab_size)
+    else:
+        paths = [train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)]
+    print(f"wrote {' and '.join(paths)} ({len(texts)} documents)")
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 from megatron_slm.checkpoint import CheckpointInfo
 from megatron_slm.convert.tokenizer_export import (
     set_chat_template,
+    write_gpt2_hf_tokenizer,
     write_sentencepiece_hf_tokenizer,
 )
 from megatron_slm.models.presets import GPTModelConfig
@@ -124,6 +125,8 @@ def export_tokenizer(
       ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours (a
       Llama2Tokenizer's with the BOS it leads each text with);
     * a HF tokenizer is copied as is;
+    * a GPT2BPETokenizer's recorded vocab and merges files (or ``vocab.json``/``merges.txt``
+      beside a moved checkpoint) become GPT-2's Hugging Face tokenizer;
     * the chat template: ``chat_template`` (``--chat-template FILE``), else the one the checkpoint
       records (``chat_template``: an SFT run's), else the HF tokenizer's own, else
       ``data.chat.DEFAULT_CHAT_TEMPLATE``, the template the trainer's SFT mode uses by default.
@@ -149,6 +152,26 @@ def export_tokenizer(
                 f"--load {ckpt}: the recorded SentencePiece model {record.get('model')} is missing;"
                 " give it with --tokenizer-model"
             )
+    elif record.get("type") == "GPT2BPETokenizer":
+        if src is not None and not os.path.isdir(src):
+            raise ConversionError(
+                f"--tokenizer-model {src}: a GPT2BPETokenizer checkpoint exports its recorded "
+                "vocab and merges files; give a Hugging Face tokenizer directory, or none"
+            )
+        if src is None:
+            files = [
+                _checkpoint_file(ckpt, record.get(key), name)
+                for key, name in (("model", "vocab.json"), ("merge_file", "merges.txt"))
+            ]
+            if None in files:
+                raise ConversionError(
+                    f"--load {ckpt}: the recorded GPT-2 BPE files {record.get('model')} and "
+                    f"{record.get('merge_file')} are not both there; restore them, or put them "
+                    "beside the checkpoint as vocab.json and merges.txt"
+                )
+            check_recorded_tokenizer(info, *files)
+            write_gpt2_hf_tokenizer(*files, save, chosen or DEFAULT_CHAT_TEMPLATE)
+            return _special_ids(save)
     if src is None:
         logger.warning("no tokenizer recorded for %s: none written to %s", ckpt, save)
         return None
@@ -165,6 +188,11 @@ def export_tokenizer(
             logger.info("chat template written to %s/tokenizer_config.json", save)
     else:
         raise ConversionError(f"--tokenizer-model {src}: no such file or directory")
+    return _special_ids(save)
+
+
+def _special_ids(save: str) -> dict:
+    """``{bos,eos,pad}_token_id`` of the tokenizer written to ``save``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(save, local_files_only=True)

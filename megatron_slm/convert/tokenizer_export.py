@@ -21,6 +21,10 @@ No BOS is added by ``tokenizer(text)`` (``add_bos_token`` false): our training d
 on. The chat template writes ``bos_token`` itself. A ``Llama2Tokenizer``'s export (``add_bos``)
 leads each text with the BOS id, as its ids did in training (a post-processor, like Llama 2's own
 ``tokenizer.json``; ``add_special_tokens=False`` leaves it out).
+
+A ``GPT2BPETokenizer`` (:func:`write_gpt2_hf_tokenizer`) exports as GPT-2's own Hugging Face
+tokenizer does: the same byte-level BPE, ``<|endoftext|>`` its bos, eos and unk token, no BOS
+added, and ``vocab.json``/``merges.txt`` beside ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -189,6 +193,46 @@ def write_sentencepiece_hf_tokenizer(
         {k: v for k, v in special.items() if v is not None},
     )
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def write_gpt2_hf_tokenizer(
+    vocab_file: str, merge_file: str, save: str, chat_template: str
+) -> list[str]:
+    """tokenizer.json, tokenizer_config.json (with ``chat_template``), special_tokens_map.json,
+    vocab.json and merges.txt for a GPT-2 BPE; returns the file names.
+    ``tokenizer(text).input_ids`` equals our ``tokenize_with_specials(text)``: the ids trained
+    on, ``<|endoftext|>`` in a text being the EOD, as in GPT-2's own tokenizer."""
+    import shutil
+
+    from tokenizers import AddedToken
+
+    from megatron_slm.data.tokenizer import GPT2_EOD, GPT2BPETokenizer
+
+    ours = GPT2BPETokenizer(vocab_file, merge_file)
+    tok = ours.to_tokenizers()
+    tok.add_special_tokens([AddedToken(GPT2_EOD, special=True, normalized=False)])
+    write_text_atomic(os.path.join(save, "tokenizer.json"), tok.to_str())
+    special = {"bos_token": GPT2_EOD, "eos_token": GPT2_EOD, "unk_token": GPT2_EOD}
+    entry = {"content": GPT2_EOD, "special": True, "normalized": False}
+    entry.update(lstrip=False, rstrip=False, single_word=False)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {str(ours.eod): entry},
+        **special,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+        "chat_template": chat_template,
+    }
+    write_json_atomic(os.path.join(save, "tokenizer_config.json"), config)
+    write_json_atomic(os.path.join(save, "special_tokens_map.json"), special)
+    shutil.copyfile(vocab_file, os.path.join(save, "vocab.json"))
+    shutil.copyfile(merge_file, os.path.join(save, "merges.txt"))
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] + [
+        "vocab.json",
+        "merges.txt",
+    ]
 
 
 def set_chat_template(save: str, chat_template: str, overwrite: bool) -> bool:

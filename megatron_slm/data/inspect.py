@@ -9,9 +9,13 @@ import numpy as np
 
 from megatron_slm.cli import arg
 from megatron_slm.data.indexed import blend_prefixes
-from megatron_slm.data.preprocess import check_tokenizer_flags
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
-from megatron_slm.data.tokenizer import TOKENIZER_TYPES
+from megatron_slm.data.tokenizer import (
+    TOKENIZER_TYPES,
+    build_tokenizer,
+    check_tokenizer_flags,
+    model_path_of,
+)
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 # Percentiles are exact up to this many scored values, else computed on an even stride sample.
@@ -32,6 +36,8 @@ class InspectConfig:
         None, "Tokenizer to show --top/--bottom documents as text.", choices=TOKENIZER_TYPES
     )
     tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
+    vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
+    merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
     vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
     max_chars: int = arg(300, "Text shown per document.")
     json: bool = arg(False, "Print the reports as JSON.")
@@ -43,7 +49,20 @@ class InspectConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
-        check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model, self.vocab_size)
+        check_tokenizer_flags(
+            self.tokenizer_type,
+            self.tokenizer_model,
+            self.vocab_size,
+            self.vocab_file,
+            self.merge_file,
+        )
+
+    def build_tokenizer(self):
+        """The tokenizer these flags name (None: no --tokenizer-type)."""
+        if self.tokenizer_type is None:
+            return None
+        model = model_path_of(self.tokenizer_type, self.tokenizer_model, self.vocab_file)
+        return build_tokenizer(self.tokenizer_type, model, self.vocab_size, self.merge_file)
 
     @property
     def prefixes(self) -> list[str]:

@@ -33,7 +33,12 @@ import numpy as np
 
 from megatron_slm.cli import arg
 from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, recover_pair
-from megatron_slm.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_slm.data.tokenizer import (
+    TOKENIZER_TYPES,
+    build_tokenizer,
+    check_tokenizer_flags,
+    model_path_of,
+)
 from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.output_lock import OutputLock
 
@@ -44,23 +49,6 @@ logger = logging.getLogger(__name__)
 # (workers * 2 batches); measured with benchmarks/bench_preprocess.py.
 _BATCH_LINES = 512
 _BATCH_BYTES = 4 << 20
-
-
-def check_tokenizer_flags(
-    tokenizer_type: str | None, tokenizer_model: str | None, vocab_size: int | None
-) -> None:
-    """The checks of ``--tokenizer-type/--tokenizer-model/--vocab-size`` that need no files."""
-    if tokenizer_type is None:
-        return
-    if tokenizer_type not in TOKENIZER_TYPES:
-        raise ConfigError(
-            f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
-        )
-    if tokenizer_type == "NullTokenizer":
-        if vocab_size is None or vocab_size < 2:
-            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
-    elif not tokenizer_model:
-        raise ConfigError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
 
 
 @dataclass
@@ -74,6 +62,8 @@ class PreprocessConfig:
         None, "Tokenizer (Megatron-LM name).", required=True, choices=TOKENIZER_TYPES
     )
     tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
+    vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
+    merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
     vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
     append_eod: bool = arg(False, "Append the tokenizer's EOD to each non-empty document.")
     output_prefix: str = arg(None, "Writes <prefix>_<key>_document.bin/.idx.", required=True)
@@ -87,7 +77,13 @@ class PreprocessConfig:
             raise ConfigError("--json-keys: need at least one key")
         if self.tokenizer_type is None:
             raise ConfigError("--tokenizer-type is required")
-        check_tokenizer_flags(self.tokenizer_type, self.tokenizer_model, self.vocab_size)
+        check_tokenizer_flags(
+            self.tokenizer_type,
+            self.tokenizer_model,
+            self.vocab_size,
+            self.vocab_file,
+            self.merge_file,
+        )
         if not self.output_prefix:
             raise ConfigError("--output-prefix is required")
         if self.workers < 1:
@@ -103,6 +99,8 @@ class PreprocessConfig:
             self.tokenizer_type,
             tokenizer_model=self.tokenizer_model,
             vocab_size=self.vocab_size,
+            vocab_file=self.vocab_file,
+            merge_file=self.merge_file,
             json_keys=self.json_keys,
             append_eod=self.append_eod,
             workers=self.workers,
@@ -270,6 +268,8 @@ def preprocess_corpus(
     tokenizer_type: str,
     tokenizer_model: str | None = None,
     vocab_size: int | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -282,6 +282,7 @@ def preprocess_corpus(
         inputs: JSONL paths or globs (``--input``), read in order.
         output_prefix: ``--output-prefix``; key ``k`` goes to ``<output_prefix>_<k>_document``.
         tokenizer_type, tokenizer_model, vocab_size: see ``build_tokenizer``.
+        vocab_file, merge_file: a GPT2BPETokenizer's ``vocab.json`` and ``merges.txt``.
         json_keys: the JSON fields to tokenize, one dataset each (``--json-keys``).
         append_eod: append the tokenizer's EOD to every non-empty document.
         workers: tokenizing processes (1: in this process). Output is identical for any value.
@@ -300,7 +301,8 @@ def preprocess_corpus(
         raise ConfigError("--json-keys: need at least one key")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
+    model = model_path_of(tokenizer_type, tokenizer_model, vocab_file)
+    tokenizer_args = (tokenizer_type, model, vocab_size, merge_file)
     tokenizer = build_tokenizer(*tokenizer_args)
     dtype = optimal_token_dtype(tokenizer.vocab_size)
     init_args = (tokenizer_args, json_keys, append_eod, dtype)

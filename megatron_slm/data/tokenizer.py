@@ -11,8 +11,9 @@
 The classes subclass megatron-core's ``MegatronTokenizerBase`` so ``GPTDatasetConfig`` accepts them.
 
 Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``Llama2Tokenizer`` (the same
-sentencepiece ids, each text led by the BOS id) / ``HuggingFaceTokenizer`` / ``NullTokenizer``,
-with one documented difference: ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids and
+sentencepiece ids, each text led by the BOS id) / ``GPT2BPETokenizer`` (``--vocab-file`` +
+``--merge-file``) / ``HuggingFaceTokenizer`` / ``NullTokenizer``, with one documented
+difference: ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids and
 ``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 from collections import OrderedDict
@@ -35,10 +37,12 @@ from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
     "Llama2Tokenizer",
+    "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
 )
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer")  # a .model file each
+GPT2_EOD = "<|endoftext|>"
 
 
 def _file_digest(path: str, n_hex: int = 16) -> str:
@@ -56,14 +60,23 @@ def _directory_digest(path: str, n_hex: int = 16) -> str:
     return digest.hexdigest()[:n_hex]
 
 
-def model_digest(tokenizer_type: str, path: str) -> str | None:
-    """The ``sha256`` a tokenizer of this type built from ``path`` has in its
-    ``unique_identifiers`` (what a checkpoint records), without building it; None when the type
-    has no model file or ``path`` does not exist."""
+def _bpe_files_digest(vocab_file: str, merge_file: str, n_hex: int = 16) -> str:
+    """Short sha256 over a GPT-2 BPE's two files (either one changes the ids)."""
+    both = _file_digest(vocab_file, 64) + _file_digest(merge_file, 64)
+    return hashlib.sha256(both.encode()).hexdigest()[:n_hex]
+
+
+def model_digest(tokenizer_type: str, path: str, merge_file: str | None = None) -> str | None:
+    """The ``sha256`` a tokenizer of this type built from ``path`` (a GPT2BPETokenizer's vocab
+    file, with ``merge_file``) has in its ``unique_identifiers`` (what a checkpoint records),
+    without building it; None when the type has no model file or a file does not exist."""
     if tokenizer_type in SENTENCEPIECE_TYPES and os.path.isfile(path):
         return _file_digest(path)
     if tokenizer_type == "HuggingFaceTokenizer" and os.path.isdir(path):
         return _directory_digest(path)
+    if tokenizer_type == "GPT2BPETokenizer" and merge_file:
+        if os.path.isfile(path) and os.path.isfile(merge_file):
+            return _bpe_files_digest(path, merge_file)
     return None
 
 
@@ -258,6 +271,141 @@ class Llama2Tokenizer(SentencePieceTokenizer):
         return [[self.bos, *ids] for ids in self._sp.encode(list(texts), num_threads=1)]
 
 
+def _read_gpt2_vocab(vocab_file: str) -> dict[str, int]:
+    """vocab.json: ``{token: id}`` with the ids ``0..n-1``, each once."""
+    flag = f"--vocab-file {vocab_file}"
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"not a JSON vocabulary ({e})", subject=flag) from None
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and type(v) is int for k, v in vocab.items()
+    ):
+        raise TokenizerError("not a GPT-2 vocabulary: expected {token: id}", subject=flag)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise TokenizerError(f"the ids are not 0..{len(vocab) - 1}, each once", subject=flag)
+    return vocab
+
+
+def _read_gpt2_merges(merge_file: str, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """merges.txt: a ``#version`` line, then one merge ``a b`` per line, by rank. Megatron-LM
+    drops the first line unread, so a file without the header would lose its first merge there:
+    refused here rather than read differently."""
+    flag = f"--merge-file {merge_file}"
+    try:
+        with open(merge_file, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"not UTF-8 text ({e})", subject=flag) from None
+    if not lines[0].startswith("#version"):
+        raise TokenizerError(
+            f"first line {lines[0][:40]!r} is not the '#version: ...' header of a GPT-2 merges "
+            "file (Megatron-LM skips that line unread)",
+            subject=flag,
+        )
+    merges = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(p in vocab for p in parts) or "".join(parts) not in vocab:
+            raise TokenizerError(
+                f"line {line_no}: {line[:60]!r} is not a merge of two tokens of the vocabulary "
+                "into a third",
+                subject=flag,
+            )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class GPT2BPETokenizer(_SLMTokenizer):
+    """Megatron-LM's ``GPT2BPETokenizer``: GPT-2's byte-level BPE from a ``vocab.json`` and a
+    ``merges.txt``. ``eod`` is ``<|endoftext|>``; ``tokenize`` adds nothing and treats that
+    string in a text as plain text, as Megatron-LM's does; ids equal OpenAI's ``encoder.py`` (the
+    algorithm Megatron-LM's ``gpt2_tokenization`` copies), computed by the ``tokenizers``
+    library (a byte-level pre-tokenizer with GPT-2's regex, then the merges by rank)."""
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if path is None or not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag}: GPT-2 BPE file not found: {path!r}")
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        except ImportError:
+            raise TokenizerError(
+                "GPT2BPETokenizer needs the tokenizers package (pip install tokenizers)"
+            ) from None
+        vocab = _read_gpt2_vocab(vocab_file)
+        if GPT2_EOD not in vocab:
+            raise TokenizerError(f"no {GPT2_EOD} token to use as EOD", subject=vocab_file)
+        missing = set(pre_tokenizers.ByteLevel.alphabet()) - vocab.keys()
+        if missing:  # a byte with no token would vanish from the ids (no unk in byte-level BPE)
+            raise TokenizerError(
+                f"not a byte-level vocabulary: {len(missing)} of the 256 byte symbols are missing",
+                subject=f"--vocab-file {vocab_file}",
+            )
+        bpe = Tokenizer(models.BPE(vocab, _read_gpt2_merges(merge_file, vocab)))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        bpe.decoder = decoders.ByteLevel()
+        self._bpe, self._vocab_size, self._eod = bpe, len(vocab), vocab[GPT2_EOD]
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        super().__init__(
+            os.path.abspath(vocab_file),
+            merge_file=os.path.abspath(merge_file),
+            sha256=_bpe_files_digest(vocab_file, merge_file),
+            vocab_size=len(vocab),
+        )
+        from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+        self.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    def to_tokenizers(self):
+        """A copy of the ``tokenizers.Tokenizer`` computing these ids (for an export)."""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self._bpe.to_str())
+
+    def __getstate__(self):
+        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab_file"], state["merge_file"])
+
+    def tokenize(self, text: str) -> list[int]:
+        """Encode one text: ``list[int]``."""
+        return self._bpe.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode a list of texts in one call."""
+        return [e.ids for e in self._bpe.encode_batch(list(texts), add_special_tokens=False)]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """Decode ids to text (invalid UTF-8 becomes U+FFFD: Megatron-LM's ``errors=replace``)."""
+        return self._bpe.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def chat_special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": GPT2_EOD, "eos_token": GPT2_EOD, "unk_token": GPT2_EOD}
+
+    def tokenize_with_specials(self, text: str) -> list[int]:
+        """``<|endoftext|>`` becomes the EOD id; the text between is encoded plainly."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(GPT2_EOD)):
+            if i:
+                ids.append(self._eod)
+            if part:
+                ids += self.tokenize(part)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+
 class HuggingFaceTokenizer(_SLMTokenizer):
     """A Hugging Face tokenizer loaded from a local directory (no network). ``tokenize`` matches
     Megatron-LM's ``_HuggingFaceTokenizer`` (``tokenizer(text).input_ids``, special tokens such as
@@ -362,6 +510,52 @@ class NullTokenizer(_SLMTokenizer):
         return self._vocab_size - 1
 
 
+def check_tokenizer_flags(
+    tokenizer_type: str | None,
+    tokenizer_model: str | None,
+    vocab_size: int | None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    *,
+    files_required: bool = True,
+) -> None:
+    """The checks of the tokenizer flags that need no files: a known type, and each type's own
+    flags (``--tokenizer-model``; ``--vocab-file`` + ``--merge-file``; ``--vocab-size``), the
+    files required unless a checkpoint may name them (``files_required=False``)."""
+    if tokenizer_type is None:
+        if (vocab_file or merge_file) and tokenizer_model:
+            raise ConfigError(
+                "--vocab-file/--merge-file (a GPT2BPETokenizer's) and --tokenizer-model name "
+                "two tokenizers: give one"
+            )
+        return
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ConfigError(
+            f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
+        )
+    gpt2 = tokenizer_type == "GPT2BPETokenizer"
+    if gpt2 and tokenizer_model:
+        raise ConfigError(
+            "--tokenizer-type GPT2BPETokenizer reads --vocab-file and --merge-file, "
+            "not --tokenizer-model"
+        )
+    if not gpt2 and (vocab_file or merge_file):
+        flag = "--vocab-file" if vocab_file else "--merge-file"
+        raise ConfigError(
+            f"{flag} is a GPT2BPETokenizer's file; --tokenizer-type {tokenizer_type} reads "
+            + ("--vocab-size" if tokenizer_type == "NullTokenizer" else "--tokenizer-model")
+        )
+    if not files_required:
+        return
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None or vocab_size < 2:
+            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+    elif gpt2 and not (vocab_file and merge_file):
+        raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    elif not gpt2 and not tokenizer_model:
+        raise ConfigError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+
+
 @dataclass
 class TokenizerArgs:
     """The tokenizer flags of the trainer and every tool (Megatron-LM's names)."""
@@ -369,41 +563,91 @@ class TokenizerArgs:
     tokenizer_type: str | None = arg(
         None,
         "SentencePieceTokenizer, Llama2Tokenizer (the same ids, each text led by BOS), "
-        "HuggingFaceTokenizer or NullTokenizer (default: the one the --load checkpoint records, "
-        "else SentencePieceTokenizer).",
+        "GPT2BPETokenizer, HuggingFaceTokenizer or NullTokenizer (default: the one the --load "
+        "checkpoint records, else GPT2BPETokenizer when --vocab-file is given, else "
+        "SentencePieceTokenizer).",
     )
     tokenizer_model: str | None = arg(
         None, "Tokenizer model file or directory (default: the one the --load checkpoint records)."
     )
+    vocab_file: str | None = arg(
+        None, "GPT2BPETokenizer's vocab.json (default: the one the --load checkpoint records)."
+    )
+    merge_file: str | None = arg(
+        None, "GPT2BPETokenizer's merges.txt (default: the one the --load checkpoint records)."
+    )
     vocab_size: int | None = arg(None, "Number of ids of the NullTokenizer (NullTokenizer only).")
 
     def __post_init__(self):
-        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ConfigError(
-                f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, "
-                f"got {self.tokenizer_type!r}"
-            )
+        check_tokenizer_flags(
+            self.tokenizer_type,
+            self.tokenizer_model,
+            self.vocab_size,
+            self.vocab_file,
+            self.merge_file,
+            files_required=False,
+        )
+
+
+def model_path_of(
+    tokenizer_type: str | None, tokenizer_model: str | None, vocab_file: str | None
+) -> str | None:
+    """The path ``build_tokenizer`` takes as the model: a GPT2BPETokenizer's ``--vocab-file``,
+    any other type's ``--tokenizer-model``."""
+    return vocab_file if tokenizer_type == "GPT2BPETokenizer" else tokenizer_model
 
 
 def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None
+    tokenizer_type: str,
+    tokenizer_model: str | None = None,
+    vocab_size: int | None = None,
+    merge_file: str | None = None,
 ) -> _SLMTokenizer:
     """Build a tokenizer by Megatron-LM ``--tokenizer-type`` name.
 
     Args:
         tokenizer_type: one of ``TOKENIZER_TYPES``.
-        tokenizer_model: sentencepiece ``.model`` file or Hugging Face tokenizer directory.
+        tokenizer_model: sentencepiece ``.model`` file, Hugging Face tokenizer directory, or a
+            GPT2BPETokenizer's ``vocab.json`` (``--vocab-file``).
         vocab_size: number of ids of the ``NullTokenizer``.
+        merge_file: a GPT2BPETokenizer's ``merges.txt`` (``--merge-file``).
     """
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "Llama2Tokenizer":
         return Llama2Tokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(tokenizer_model, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ConfigError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
+
+
+def train_gpt2_bpe(texts: Iterable[str], prefix: str, vocab_size: int) -> tuple[str, str]:
+    """Train a small GPT-2 byte-level BPE and write ``PREFIX-vocab.json`` and
+    ``PREFIX-merges.txt`` (the files of ``--vocab-file``/``--merge-file``); returns their paths.
+    The 256 byte symbols and ``<|endoftext|>`` are always in the vocabulary, so any text
+    round-trips."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [t for t in texts if t]
+    if not texts:
+        raise InputFileError("--input: no non-empty text to train a tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=int(vocab_size),
+        special_tokens=[GPT2_EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    out_dir, name = os.path.split(os.path.abspath(prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    vocab_file, merge_file = tok.model.save(out_dir, name)
+    return vocab_file, merge_file
 
 
 def train_sentencepiece(

@@ -77,6 +77,8 @@ class MegatronSLMLM(TemplateLM):
         max_gen_toks: int = 256,
         tokenizer_type: str | None = None,
         tokenizer_model: str | None = None,
+        vocab_file: str | None = None,
+        merge_file: str | None = None,
         **unused,
     ) -> None:
         super().__init__()
@@ -85,9 +87,13 @@ class MegatronSLMLM(TemplateLM):
         if model is None:
             if load is None:
                 raise ConfigError("--model_args: give load=CHECKPOINT")
-            model = self._load(
-                load, tensor_model_parallel_size, device, dtype, tokenizer_type, tokenizer_model
+            tok_args = dict(
+                tokenizer_type=tokenizer_type,
+                tokenizer_model=tokenizer_model,
+                vocab_file=vocab_file,
+                merge_file=merge_file,
             )
+            model = self._load(load, tensor_model_parallel_size, device, dtype, tok_args)
         if model.tokenizer is None:
             raise ConfigError(f"{model.source}: no tokenizer known (give tokenizer_model=...)")
         self.lm = model
@@ -102,7 +108,7 @@ class MegatronSLMLM(TemplateLM):
         self._sandbox_obj: Sandbox | None = None  # made on the first tool-integrated request
 
     @staticmethod
-    def _load(load, tp, device, dtype, tokenizer_type, tokenizer_model) -> LoadedModel:
+    def _load(load, tp, device, dtype, tok_args: dict) -> LoadedModel:
         """lm-eval's CLI made us the entry point: set up the process group (and tear it down at
         exit) unless a caller already did."""
         from megatron.core import parallel_state
@@ -135,8 +141,9 @@ class MegatronSLMLM(TemplateLM):
         else:
             dev = launch.initialize(device=device, tensor_model_parallel_size=tp)
             atexit.register(launch.shutdown)
-        tok_args = TokenizerArgs(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
-        return load_eval_model(load, dev, tokenizer_args=tok_args, params_dtype=DTYPES[dtype])
+        return load_eval_model(
+            load, dev, tokenizer_args=TokenizerArgs(**tok_args), params_dtype=DTYPES[dtype]
+        )
 
     # ---- lm-eval's model facts -------------------------------------------------------------
     @property

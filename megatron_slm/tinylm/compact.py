@@ -16,17 +16,18 @@ def count(cfg: CountConfig, progress: bool = True) -> tuple[dict, dict | None, s
     ``<counts>.coverage.json`` and ``<counts>.coverage.png``. Returns (counts metadata, curve,
     why there is no curve)."""
     from megatron_slm.checkpoint import tokenizer_record
-    from megatron_slm.data.tokenizer import build_tokenizer
+    from megatron_slm.data.tokenizer import build_tokenizer, model_path_of
     from megatron_slm.tinylm.counts import count_corpus
 
-    ttype = cfg.tokenizer_type or "SentencePieceTokenizer"
+    gpt2 = "GPT2BPETokenizer" if cfg.vocab_file else None
+    ttype = cfg.tokenizer_type or gpt2 or "SentencePieceTokenizer"
+    model = model_path_of(ttype, cfg.tokenizer_model, cfg.vocab_file)
     try:
-        tok = build_tokenizer(ttype, cfg.tokenizer_model, cfg.vocab_size)
+        tok = build_tokenizer(ttype, model, cfg.vocab_size, cfg.merge_file)
     except (OSError, RuntimeError) as e:
-        raise TokenizerError(
-            f"--tokenizer-model {cfg.tokenizer_model}: cannot load ({e})"
-        ) from None
-    record = tokenizer_record(ttype, cfg.tokenizer_model, tok)
+        flag = "--vocab-file" if gpt2 else "--tokenizer-model"
+        raise TokenizerError(f"{flag} {model}: cannot load ({e})") from None
+    record = tokenizer_record(ttype, model, tok)
     proto, skipped = _curve_model(cfg, ttype)  # checked before the corpus is read
     heldout = _heldout_texts(cfg) if cfg.heldout else None
     meta = count_corpus(cfg.data_path, record, cfg.output, workers=cfg.workers, progress=progress)

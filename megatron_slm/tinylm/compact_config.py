@@ -58,7 +58,13 @@ class CountConfig(TokenizerArgs):
                 f"--heldout: the coverage curve needs a SentencePiece --tokenizer-model, not "
                 f"--tokenizer-type {self.tokenizer_type} (only those can be pruned)"
             )
-        if self.tokenizer_model is None and self.tokenizer_type != "NullTokenizer":
+        if self.tokenizer_type == "GPT2BPETokenizer" or self.vocab_file or self.merge_file:
+            if not (self.vocab_file and self.merge_file):
+                raise ConfigError(
+                    "--vocab-file and --merge-file are required: the counts record which "
+                    "tokenizer made the data"
+                )
+        elif self.tokenizer_model is None and self.tokenizer_type != "NullTokenizer":
             raise ConfigError(
                 "--tokenizer-model is required: the counts record which tokenizer made the data"
             )

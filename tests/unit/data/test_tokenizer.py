@@ -70,7 +70,7 @@ def test_null_tokenizer():
 
 def test_factory_errors(tmp_path):
     with pytest.raises(ValueError, match="--tokenizer-type"):
-        build_tokenizer("GPT2BPETokenizer")
+        build_tokenizer("BertWordPieceCase")
     with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
         build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
     with pytest.raises(ValueError, match="--vocab-size"):

@@ -1,0 +1,86 @@
+"""A Megatron-LM GPT-2 user's pipeline with their two tokenizer files, as real commands:
+``tools/train_tokenizer.py`` writes ``vocab.json``/``merges.txt``, ``tools/preprocess_data.py``
+takes ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``, the launch script trains
+on them (``VOCAB_FILE``/``MERGE_FILE``), the checkpoint records both files, and the Hugging Face
+export (no tokenizer flags) ships a tokenizer giving the trained ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_slm.checkpoint import read_checkpoint
+from megatron_slm.data.tokenizer import build_tokenizer
+from tests.dist_helpers import free_port
+from tests.functional.pretrain_helpers import REPO, read_steps
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("transformers")
+
+WORDS = "the model reads every token of the corpus and learns which ones matter most".split()
+
+
+def _tool(name: str, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 60)))) for _ in range(120)]
+    texts[3] = "Numbers 12345, naïve café 🙂 and it's <|endoftext|> in a text"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prefix = tmp_path / "gpt2"
+    _tool("train_tokenizer", "--input", corpus, "--model-prefix", prefix,
+          "--vocab-size", 320, "--tokenizer-type", "GPT2BPETokenizer")  # fmt: skip
+    files = ["--vocab-file", f"{prefix}-vocab.json", "--merge-file", f"{prefix}-merges.txt"]
+    _tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c",
+          "--tokenizer-type", "GPT2BPETokenizer", *files, "--append-eod")  # fmt: skip
+    tok = build_tokenizer("GPT2BPETokenizer", files[1], None, files[3])
+    data = IndexedDataset(str(tmp_path / "c_text_document"))
+    np.testing.assert_array_equal(data[3], [*tok.tokenize(texts[3]), tok.eod])
+
+    # The launch script as a user runs it outside SLURM (torchrun), the files from VOCAB_FILE and
+    # MERGE_FILE.
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    env = {
+        **os.environ, "REPO_DIR": REPO, "PYTHON": sys.executable, "PYTHONPATH": REPO,
+        "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+        "MODEL_PRESET": "tiny", "DEVICE": "cpu", "TP": "1", "PP": "1", "PRECISION": "fp32",
+        "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "4",
+        "TRAIN_ITERS": "2", "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
+        "VOCAB_FILE": files[1], "MERGE_FILE": files[3],
+        "DATA_PATH": str(tmp_path / "c_text_document"), "SPLIT": "100,0,0", "EVAL_INTERVAL": "0",
+        "LOG_INTERVAL": "1", "RUN_DIR": str(run), "LOAD": "",
+        "LOG_LOSS_FILE": str(tmp_path / "log.jsonl"),
+    }  # fmt: skip
+    script = os.path.join(REPO, "examples", "train_reference.sh")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = read_steps(str(tmp_path / "log.jsonl"))
+    # an untrained model's loss over this vocabulary: about log(320)
+    assert len(steps) == 2 and abs(steps[0]["loss"] - np.log(tok.vocab_size)) < 1.0
+    record = read_checkpoint(str(ckpt)).tokenizer
+    assert record["type"] == "GPT2BPETokenizer" and record["vocab_size"] == tok.vocab_size
+    assert (record["model"], record["merge_file"]) == (files[1], files[3])
+    assert record["sha256"] == tok.unique_identifiers["sha256"]
+
+    _tool("convert_checkpoint", "megatron-to-hf", "--load", ckpt, "--save", tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in texts[:8]:
+        assert hf(text).input_ids == tok.tokenize_with_specials(text), text
+    assert hf.eos_token_id == tok.eod
+    with open(tmp_path / "hf" / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] == tok.eod
