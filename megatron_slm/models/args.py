@@ -1,6 +1,8 @@
 """The model flags every entry point shares (trainer, scorer, evaluator, converter, new tools).
 
-A user's ``MODEL_ARGS`` mean the same thing everywhere: a preset plus explicit overrides. Without a
+A user's ``MODEL_ARGS`` mean the same thing everywhere: a preset plus explicit overrides, or, with
+no preset and the whole shape given (``--num-layers``, ``--hidden-size``, ``--num-attention-heads``:
+a Megatron-LM script's model), Megatron-LM's own defaults for the rest. Without a
 checkpoint they define the architecture (the vocabulary comes from the tokenizer); with one
 (``--load``) the checkpoint's recorded architecture is used and these flags may only confirm it
 (``megatron_slm.checkpoint.resolve_architecture``, Megatron-LM's ``--use-checkpoint-args``).
@@ -24,6 +26,11 @@ _OWN_FUSIONS = (
 _LLAMA_CHOICES = (("normalization", "RMSNorm"), ("position_embedding_type", "rope"),
                   ("rotary_percent", 1.0))  # fmt: skip
 DEFAULT_VOCAB_DIVISOR = 128
+# With these three and no preset, the flags are a Megatron-LM script's model definition.
+MEGATRON_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
+# Megatron-LM's flags that say a script means the Llama architecture (its defaults are GPT-3's).
+_LLAMA_FLAGS = ("swiglu", "normalization", "position_embedding_type", "disable_bias_linear",
+                "untie_embeddings_and_output_weights")  # fmt: skip
 ARCHITECTURE_FLAGS = (
     "num_layers",
     "hidden_size",
@@ -41,8 +48,10 @@ class ModelArgs:
     model_preset: str | None = arg(
         None,
         f"Architecture preset (tiny, tinyllama-1.1b, mistral-7b, pangu-pi-1b-pro, "
-        f"pangu-pi-1.5b-pro). Default: the --load checkpoint's architecture, else "
-        f"{DEFAULT_PRESET}.",
+        f"pangu-pi-1.5b-pro). Default: the --load checkpoint's architecture; else, with "
+        f"--num-layers, --hidden-size and --num-attention-heads all given, Megatron-LM's "
+        f"defaults for the rest (SwiGLU width int(8h/3 / 64) * 64, one KV group per head, RoPE "
+        f"base 10000; --max-position-embeddings required); else {DEFAULT_PRESET}.",
     )
     num_layers: int | None = arg(None, "Override the preset's number of layers.")
     hidden_size: int | None = arg(None, "Override the preset's hidden size.")
@@ -172,14 +181,66 @@ class ModelArgs:
             given["rope_scaling_factor"] = self.rope_scaling_factor or 8.0
         return given
 
+    @property
+    def megatron_lm_shape(self) -> bool:
+        """No preset and the whole shape given: a Megatron-LM script's model definition."""
+        given = all(getattr(self, name) is not None for name in MEGATRON_SHAPE_FLAGS)
+        return self.model_preset is None and given
+
     def architecture(self, vocab_size: int) -> GPTModelConfig:
-        """The architecture these flags describe on their own (no checkpoint)."""
-        preset = get_preset(self.model_preset or DEFAULT_PRESET)
-        arch = preset.replace(
-            vocab_size=vocab_size, init_method_std=self.init_method_std, **self.overrides()
-        )
+        """The architecture these flags describe on their own (no checkpoint): the preset with
+        the overrides, or a Megatron-LM script's shape with Megatron-LM's defaults."""
+        if self.megatron_lm_shape:
+            arch = self._megatron_lm_architecture(vocab_size)
+        else:
+            arch = get_preset(self.model_preset or DEFAULT_PRESET).replace(
+                vocab_size=vocab_size, init_method_std=self.init_method_std, **self.overrides()
+            )
         self.check_head_size(arch)
         return arch
+
+    def _megatron_lm_architecture(self, vocab_size: int) -> GPTModelConfig:
+        """What Megatron-LM's ``validate_args`` fills in for a SwiGLU model: the FFN width
+        ``int((4 h * 2/3) / 64) * 64``, one key/value group per head (MHA; one in all with
+        ``--group-query-attention``), RoPE base 10000, epsilon 1e-5, std 0.02;
+        ``--max-position-embeddings`` is required, as there."""
+        if self.max_position_embeddings is None:
+            raise ConfigError(
+                "--max-position-embeddings is required with --num-layers, --hidden-size and "
+                "--num-attention-heads and no --model-preset (as in Megatron-LM)"
+            )
+        h = self.hidden_size
+        ffn = self.ffn_hidden_size or int((4 * h * 2 / 3) / 64) * 64
+        if ffn < 1:
+            raise ConfigError(
+                f"--hidden-size {h}: Megatron-LM's SwiGLU width int(8h/3 / 64) * 64 is 0; "
+                "give --ffn-hidden-size"
+            )
+        base = GPTModelConfig(
+            num_layers=self.num_layers,
+            hidden_size=h,
+            ffn_hidden_size=ffn,
+            num_attention_heads=self.num_attention_heads,
+            # Megatron-LM: MHA, unless --group-query-attention (whose --num-query-groups is 1)
+            num_query_groups=self.num_query_groups
+            or (1 if self.group_query_attention else self.num_attention_heads),
+            vocab_size=vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        return base.replace(init_method_std=self.init_method_std, **self.overrides())
+
+    def architecture_warning(self) -> str | None:
+        """What to tell a Megatron-LM script's user whose flags name no architecture: Megatron-LM
+        would build GPT-3's from them (None: the flags, or a preset, say Llama)."""
+        if not self.megatron_lm_shape or any(getattr(self, f) for f in _LLAMA_FLAGS):
+            return None
+        return (
+            "no --model-preset and no architecture flags (--swiglu, --normalization RMSNorm, "
+            "--position-embedding-type rope, ...): Megatron-LM would build GPT-3's architecture "
+            "from these flags (LayerNorm, GeLU, learned positions, biases, tied embeddings); "
+            "megatron-slm builds the Llama architecture (RMSNorm, SwiGLU, RoPE, no biases, "
+            "untied) of that shape"
+        )
 
     def check_head_size(self, arch: GPTModelConfig, where: str = "") -> None:
         """--kv-channels, when given, is ``arch``'s head size (megatron-slm's heads split the

@@ -79,6 +79,19 @@ class GPTModelConfig:
         per_layer = attention + mlp + 2 * h  # two RMSNorms
         return self.num_layers * per_layer + h + 2 * vocab * h  # final norm, embedding, output
 
+    def describe(self, padded_vocab_size: int) -> str:
+        """One line for the log: the architecture, its shape and its parameter count."""
+        rope = f"RoPE base {self.rotary_base:g}"
+        if self.rope_scaling_factor:
+            rope += f" scaled x{self.rope_scaling_factor:g}"
+        return (
+            f"Llama architecture (RMSNorm, SwiGLU, {rope}, no biases, untied embeddings): "
+            f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
+            f"heads in {self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
+            f"{self.vocab_size} padded to {padded_vocab_size}: "
+            f"{self.num_parameters(padded_vocab_size):,} parameters"
+        )
+
     def flops_per_token(self, seq_length: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention."""
         h, kv = self.hidden_size, self.num_query_groups * self.head_dim

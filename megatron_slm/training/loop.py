@@ -40,6 +40,7 @@ from megatron_slm.data.sample_list import BatchList
 from megatron_slm.errors import ConfigError, DivergenceError
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, default_spec_impl
 from megatron_slm.models.document_mask import DocumentMask
+from megatron_slm.models.presets import padded_vocab_size
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.ops.selection import needs_reference
 from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
@@ -296,6 +297,14 @@ class Trainer:
             )
         self.sources = source_names(cfg.data.train_blend)
         self.n_sources = len(self.sources)
+        if torch.distributed.get_rank() == 0:
+            padded = padded_vocab_size(
+                self.arch.vocab_size, self.build_opts.make_vocab_size_divisible_by, tp
+            )
+            logger.info("model: %s", self.arch.describe(padded))
+            note = None if plan.checkpoint else cfg.model.architecture_warning()
+            if note:
+                logger.warning(note)
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
         self.online = None

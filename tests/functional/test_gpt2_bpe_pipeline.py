@@ -1,7 +1,10 @@
-"""A Megatron-LM GPT-2 user's pipeline with their two tokenizer files, as real commands:
-``tools/train_tokenizer.py`` writes ``vocab.json``/``merges.txt``, ``tools/preprocess_data.py``
-takes ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``, the launch script trains
-on them (``VOCAB_FILE``/``MERGE_FILE``), the checkpoint records both files, and the Hugging Face
+"""A Megatron-LM GPT user's pipeline with their two tokenizer files, as real commands:
+``tools/train_tokenizer.py`` writes ``vocab.json``/``merges.txt``; ``tools/preprocess_data.py``
+takes ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``; Megatron-LM's
+``examples/gpt3/train_gpt3_857m_distributed.sh`` flags run as they are (sizes cut, fp32 on CPU:
+no ``--tokenizer-type``, the files name it; no preset, so Megatron-LM's model defaults, with a
+warning that Megatron-LM's own architecture would be GPT-3's); the launch script trains on the
+files (``VOCAB_FILE``/``MERGE_FILE``); the checkpoint records both files, and the Hugging Face
 export (no tokenizer flags) ships a tokenizer giving the trained ids."""
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.data.tokenizer import build_tokenizer
 from tests.dist_helpers import free_port
-from tests.functional.pretrain_helpers import REPO, read_steps
+from tests.functional.pretrain_helpers import REPO, read_steps, run_pretrain
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
@@ -32,12 +35,33 @@ def _tool(name: str, *args) -> subprocess.CompletedProcess:
     return proc
 
 
+def _gpt3_script_args(data: str, files: list[str], ckpt: str, tb: str) -> list:
+    """The script's flag groups as it writes them: GPT_MODEL_ARGS (sizes cut), TRAINING_ARGS
+    (lengths cut, --fp16 left out on CPU), MODEL_PARALLEL_ARGS (1 x 1), DATA_ARGS and
+    EVAL_AND_LOGGING_ARGS (intervals cut)."""
+    return [
+        "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4,
+        "--seq-length", 32, "--max-position-embeddings", 32, "--attention-backend", "auto",
+        "--micro-batch-size", 2, "--global-batch-size", 8, "--train-iters", 4,
+        "--weight-decay", 0.1, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
+        "--init-method-std", 0.006, "--clip-grad", 1.0, "--lr", "6.0e-5",
+        "--lr-decay-style", "cosine", "--min-lr", "6.0e-6", "--lr-warmup-fraction", ".001",
+        "--lr-decay-iters", 3,
+        "--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1,
+        "--data-path", data, "--vocab-file", files[1], "--merge-file", files[3],
+        "--split", "949,50,1",
+        "--log-interval", 1, "--save-interval", 4, "--eval-interval", 2, "--save", ckpt,
+        "--load", ckpt, "--eval-iters", 1, "--tensorboard-dir", tb,
+    ]  # fmt: skip
+
+
 def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
     rng = np.random.default_rng(0)
-    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 60)))) for _ in range(120)]
+    # Enough sequences that the script's 949,50,1 split leaves one in the test split.
+    texts = [" ".join(rng.choice(WORDS, size=int(rng.integers(30, 50)))) for _ in range(800)]
     texts[3] = "Numbers 12345, naïve café 🙂 and it's <|endoftext|> in a text"
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -48,13 +72,25 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     _tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c",
           "--tokenizer-type", "GPT2BPETokenizer", *files, "--append-eod")  # fmt: skip
     tok = build_tokenizer("GPT2BPETokenizer", files[1], None, files[3])
-    data = IndexedDataset(str(tmp_path / "c_text_document"))
-    np.testing.assert_array_equal(data[3], [*tok.tokenize(texts[3]), tok.eod])
+    data = str(tmp_path / "c_text_document")
+    dataset = IndexedDataset(data)  # (its arrays are views of its memory map: kept alive)
+    np.testing.assert_array_equal(dataset[3], [*tok.tokenize(texts[3]), tok.eod])
+
+    # Megatron-LM's GPT-3 script, as it is.
+    gpt3 = tmp_path / "gpt3"
+    proc = run_pretrain(_gpt3_script_args(data, files, str(gpt3), str(tmp_path / "tb")))
+    assert "Megatron-LM would build GPT-3's architecture" in proc.stderr
+    assert "4 heads in 4 KV groups, FFN 128," in proc.stderr  # int(4 * 64 * 2/3 / 64) * 64
+    info = read_checkpoint(str(gpt3))
+    assert (info.model.ffn_hidden_size, info.model.num_query_groups) == (128, 4)
+    record = info.tokenizer
+    assert record["type"] == "GPT2BPETokenizer" and record["vocab_size"] == tok.vocab_size
+    assert (record["model"], record["merge_file"]) == (files[1], files[3])
+    assert record["sha256"] == tok.unique_identifiers["sha256"]
 
     # The launch script as a user runs it outside SLURM (torchrun), the files from VOCAB_FILE and
     # MERGE_FILE.
     run = tmp_path / "run"
-    ckpt = run / "checkpoints"
     env = {
         **os.environ, "REPO_DIR": REPO, "PYTHON": sys.executable, "PYTHONPATH": REPO,
         "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
@@ -62,7 +98,7 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
         "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "4",
         "TRAIN_ITERS": "2", "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
         "VOCAB_FILE": files[1], "MERGE_FILE": files[3],
-        "DATA_PATH": str(tmp_path / "c_text_document"), "SPLIT": "100,0,0", "EVAL_INTERVAL": "0",
+        "DATA_PATH": data, "SPLIT": "100,0,0", "EVAL_INTERVAL": "0",
         "LOG_INTERVAL": "1", "RUN_DIR": str(run), "LOAD": "",
         "LOG_LOSS_FILE": str(tmp_path / "log.jsonl"),
     }  # fmt: skip
@@ -72,12 +108,9 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     steps = read_steps(str(tmp_path / "log.jsonl"))
     # an untrained model's loss over this vocabulary: about log(320)
     assert len(steps) == 2 and abs(steps[0]["loss"] - np.log(tok.vocab_size)) < 1.0
-    record = read_checkpoint(str(ckpt)).tokenizer
-    assert record["type"] == "GPT2BPETokenizer" and record["vocab_size"] == tok.vocab_size
-    assert (record["model"], record["merge_file"]) == (files[1], files[3])
-    assert record["sha256"] == tok.unique_identifiers["sha256"]
+    assert read_checkpoint(str(run / "checkpoints")).tokenizer == record
 
-    _tool("convert_checkpoint", "megatron-to-hf", "--load", ckpt, "--save", tmp_path / "hf")
+    _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save", tmp_path / "hf")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in texts[:8]:
         assert hf(text).input_ids == tok.tokenize_with_specials(text), text

@@ -362,6 +362,41 @@ def test_megatron_lms_llama_flags_describe_the_model_they_build():
     assert ModelArgs().spec_impl is None
 
 
+def _megatron_swiglu_width(h: int) -> int:
+    """Megatron-LM's validate_args with --swiglu: int((4 * h * 2 / 3) / 64) * 64."""
+    return int((4 * h * 2 / 3) / 64) * 64
+
+
+def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
+    """No preset and the whole shape (a GPT-3 script's GPT_MODEL_ARGS): the rest is Megatron-LM's
+    default, not the tiny preset's; a warning says that Megatron-LM's default architecture is
+    GPT-3's. A preset, or fewer shape flags, keep the preset's values."""
+    shape = dict(num_layers=3, hidden_size=320, num_attention_heads=4, max_position_embeddings=64)
+    arch = ModelArgs(**shape).architecture(VOCAB)
+    assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads) == (3, 320, 4)
+    assert arch.ffn_hidden_size == _megatron_swiglu_width(320) == 832  # not tiny's 176
+    assert arch.num_query_groups == 4  # MHA: tiny has 2 groups
+    assert (arch.rotary_base, arch.norm_epsilon, arch.init_method_std) == (10000.0, 1e-5, 0.02)
+    assert (arch.max_position_embeddings, arch.vocab_size) == (64, VOCAB)
+    assert ModelArgs(**shape, group_query_attention=True).architecture(VOCAB).num_query_groups == 1
+    given = ModelArgs(**shape, ffn_hidden_size=100, num_query_groups=1, rotary_base=5e5)
+    assert given.architecture(VOCAB).replace(ffn_hidden_size=832, num_query_groups=4) == (
+        arch.replace(rotary_base=5e5)
+    )
+    assert "GPT-3's architecture" in ModelArgs(**shape).architecture_warning()
+    assert ModelArgs(**shape, swiglu=True).architecture_warning() is None
+    assert ModelArgs(**shape, normalization="RMSNorm").architecture_warning() is None
+    # A preset, or a partial shape, is the preset plus overrides (no warning either).
+    tiny = ModelArgs(model_preset="tiny", **shape).architecture(VOCAB)
+    assert (tiny.ffn_hidden_size, tiny.num_query_groups) == (176, 2)
+    assert ModelArgs(model_preset="tiny", **shape).architecture_warning() is None
+    assert ModelArgs(num_layers=2).architecture(VOCAB).ffn_hidden_size == 176
+    with pytest.raises(ConfigError, match="--max-position-embeddings is required"):
+        ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4).architecture(VOCAB)
+    with pytest.raises(ConfigError, match="give --ffn-hidden-size"):
+        ModelArgs(**{**shape, "hidden_size": 20}).architecture(VOCAB)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
