@@ -201,6 +201,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.40", "safetensors"],
         "lm-eval": ["lm-eval>=0.4.9,<0.5"],
+        "wandb": ["wandb"],
         # transformers[serving]: the ProX teacher test runs a real `transformers serve`
         "test": [
             "pytest>=7",
@@ -212,6 +213,7 @@ setup(
             "websocket-client>=1.6,<2",  # headless Chromium test (DevTools protocol)
             "lm-eval>=0.4.9,<0.5",
             "accelerate",  # lm-eval's hf model, the reference of the adapter's tests
+            "wandb",  # --wandb-project: the offline run file is read back
         ],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
     },

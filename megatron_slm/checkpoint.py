@@ -191,6 +191,33 @@ def latest_iteration(root: str) -> int | None:
     return int(text)
 
 
+def checkpoint_at_step(root: str, step: int, flag: str = "--load") -> str:
+    """``--ckpt-step``: the iteration directory of ``step`` in the checkpoint root ``root``
+    (Megatron-LM's flag: that iteration instead of the tracker's latest)."""
+    if not root:
+        raise ConfigError(f"--ckpt-step needs {flag}")
+    if step < 0:
+        raise ConfigError(f"--ckpt-step must be >= 0, got {step}")
+    if os.path.isfile(os.path.join(root, METADATA)):
+        raise CheckpointError(
+            f"--ckpt-step {step}: {flag} {root} is one iteration's directory already; give the "
+            "checkpoint root"
+        )
+    path = iteration_dir(root, step)
+    if not os.path.isfile(os.path.join(path, METADATA)):
+        names = os.listdir(root) if os.path.isdir(root) else []
+        saved = sorted(
+            int(n[len("iter_") :])
+            for n in names
+            if n.startswith("iter_")
+            and n[len("iter_") :].isdigit()
+            and os.path.isfile(os.path.join(root, n, METADATA))
+        )
+        have = f" (it holds {', '.join(map(str, saved))})" if saved else ""
+        raise CheckpointError(f"--ckpt-step {step}: {flag} {root} holds no iteration {step}{have}")
+    return path
+
+
 def resolve_checkpoint(path: str, flag: str = "--load") -> str:
     """A checkpoint root (with a tracker) or an ``iter_N`` directory → the iteration directory."""
     if not os.path.isdir(path):

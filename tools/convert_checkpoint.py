@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from megatron_slm import launch
-from megatron_slm.checkpoint import overwrite_arg
+from megatron_slm.checkpoint import checkpoint_at_step, overwrite_arg
 from megatron_slm.cli import Command, arg
 from megatron_slm.convert.hf import (
     ConversionError,
@@ -66,6 +66,9 @@ class MegatronToHfConfig(_Paths):
         "Default the imported model's, else LlamaForCausalLM.",
         choices=("LlamaForCausalLM", "MistralForCausalLM"),
     )
+    ckpt_step: int | None = arg(
+        None, "Export this iteration of the --load checkpoint root instead of its latest."
+    )
     dtype: str | None = arg(None, "safetensors dtype (default: the checkpoint's).", choices=DTYPES)
     max_shard_size: str = arg("5GB", "e.g. 5GB, 500MB.")
     tokenizer_model: str | None = arg(
@@ -78,6 +81,10 @@ class MegatronToHfConfig(_Paths):
         "jinja chat template file written to tokenizer_config.json (default: the checkpoint's "
         "SFT template, else the tokenizer's own, else megatron_slm's default).",
     )
+
+    def __post_init__(self):
+        if self.ckpt_step is not None:
+            self.load = checkpoint_at_step(self.load, self.ckpt_step)
 
 
 COMMANDS = {

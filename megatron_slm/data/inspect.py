@@ -13,6 +13,7 @@ from megatron_slm.data.sidecar import SidecarError, SidecarReader
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
     build_tokenizer,
+    canonical_tokenizer_type,
     check_tokenizer_flags,
     model_path_of,
 )
@@ -49,6 +50,7 @@ class InspectConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
+        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
         check_tokenizer_flags(
             self.tokenizer_type,
             self.tokenizer_model,

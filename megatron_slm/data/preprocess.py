@@ -36,6 +36,7 @@ from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, reco
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
     build_tokenizer,
+    canonical_tokenizer_type,
     check_tokenizer_flags,
     model_path_of,
 )
@@ -77,6 +78,7 @@ class PreprocessConfig:
             raise ConfigError("--json-keys: need at least one key")
         if self.tokenizer_type is None:
             raise ConfigError("--tokenizer-type is required")
+        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
         check_tokenizer_flags(
             self.tokenizer_type,
             self.tokenizer_model,

@@ -12,9 +12,11 @@ The classes subclass megatron-core's ``MegatronTokenizerBase`` so ``GPTDatasetCo
 
 Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``Llama2Tokenizer`` (the same
 sentencepiece ids, each text led by the BOS id) / ``GPT2BPETokenizer`` (``--vocab-file`` +
-``--merge-file``) / ``HuggingFaceTokenizer`` / ``NullTokenizer``, with one documented
-difference: ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids and
-``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
+``--merge-file``) / ``HuggingFaceTokenizer`` / ``NullTokenizer``, with two documented
+differences: our ``SentencePieceTokenizer`` is Megatron-LM's ``GPTSentencePieceTokenizer`` (a
+name accepted for it), not Megatron-LM's BERT/T5 ``SentencePieceTokenizer`` that appends
+``<CLS>``/``<SEP>``/``<EOD>``/... ids; ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids
+and ``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
     "Llama2Tokenizer",
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
     "NullTokenizer",
 )
+# Megatron-LM's GPTSentencePieceTokenizer gives exactly our SentencePieceTokenizer's ids (the
+# model's own, EOD its eos); recorded under the one name so checkpoints and flags agree.
+TOKENIZER_ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer")  # a .model file each
 GPT2_EOD = "<|endoftext|>"
 
@@ -562,7 +568,8 @@ class TokenizerArgs:
 
     tokenizer_type: str | None = arg(
         None,
-        "SentencePieceTokenizer, Llama2Tokenizer (the same ids, each text led by BOS), "
+        "SentencePieceTokenizer (also GPTSentencePieceTokenizer, Megatron-LM's name for these "
+        "ids), Llama2Tokenizer (the same ids, each text led by BOS), "
         "GPT2BPETokenizer, HuggingFaceTokenizer or NullTokenizer (default: the one the --load "
         "checkpoint records, else GPT2BPETokenizer when --vocab-file is given, else "
         "SentencePieceTokenizer).",
@@ -579,6 +586,7 @@ class TokenizerArgs:
     vocab_size: int | None = arg(None, "Number of ids of the NullTokenizer (NullTokenizer only).")
 
     def __post_init__(self):
+        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
         check_tokenizer_flags(
             self.tokenizer_type,
             self.tokenizer_model,
@@ -587,6 +595,11 @@ class TokenizerArgs:
             self.merge_file,
             files_required=False,
         )
+
+
+def canonical_tokenizer_type(tokenizer_type: str | None) -> str | None:
+    """``--tokenizer-type`` with Megatron-LM's other names for the same ids mapped to ours."""
+    return TOKENIZER_ALIASES.get(tokenizer_type, tokenizer_type)
 
 
 def model_path_of(
@@ -612,6 +625,7 @@ def build_tokenizer(
         vocab_size: number of ids of the ``NullTokenizer``.
         merge_file: a GPT2BPETokenizer's ``merges.txt`` (``--merge-file``).
     """
+    tokenizer_type = canonical_tokenizer_type(tokenizer_type)
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type == "Llama2Tokenizer":

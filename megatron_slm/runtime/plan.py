@@ -24,6 +24,7 @@ from megatron_slm.checkpoint import (
     TRACKER,
     CheckpointInfo,
     check_recorded_tokenizer,
+    checkpoint_at_step,
     read_checkpoint,
     resolve_architecture,
     resolve_tokenizer,
@@ -58,10 +59,19 @@ class LoadArgs(DeviceArgs):
     tensor_model_parallel_size: int = arg(
         1, "Tensor-parallel size the model runs with (run under torchrun)."
     )
+    ckpt_step: int | None = arg(
+        None,
+        "Load this iteration of the --load checkpoint root instead of its latest "
+        "(Megatron-LM's flag).",
+    )
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ConfigError("--tensor-model-parallel-size must be >= 1")
+        if self.ckpt_step is not None:
+            if self.load and is_hf_dir(self.load):
+                raise ConfigError(f"--ckpt-step: --load {self.load} is a Hugging Face directory")
+            self.load = checkpoint_at_step(self.load or "", self.ckpt_step)
 
 
 def is_hf_dir(path: str) -> bool:

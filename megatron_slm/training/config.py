@@ -8,6 +8,7 @@ size live in :func:`validate`. Every message names the flag.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_slm.checkpoint import checkpoint_at_step
 from megatron_slm.cli import arg, check_at_least, check_choices, flag_name, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
@@ -718,6 +720,11 @@ class CheckpointArgs:
     save: str | None = arg(None, "Checkpoint directory to save to.")
     save_interval: int | None = arg(None, "Save every N steps (and at the end).")
     load: str | None = arg(None, "Checkpoint to resume from (model, optimizer, data position).")
+    ckpt_step: int | None = arg(
+        None,
+        "Resume from this iteration of the --load checkpoint root instead of its latest "
+        "(Megatron-LM's flag); later checkpoints there are overwritten as training reaches them.",
+    )
     finetune: bool = arg(False, "With --load: load weights only, start at step 0.")
     override_opt_param_scheduler: bool = arg(
         False,
@@ -794,6 +801,8 @@ class CheckpointArgs:
         check_choices(self, "ckpt_format")
         if self.exit_on_missing_checkpoint and not self.load:
             raise ConfigError("--exit-on-missing-checkpoint needs --load")
+        if self.ckpt_step is not None:
+            self.load = checkpoint_at_step(self.load or "", self.ckpt_step)
         if (self.no_load_optim or self.no_load_rng) and self.finetune:
             flag = "--no-load-optim" if self.no_load_optim else "--no-load-rng"
             raise ConfigError(f"{flag}: --finetune already loads the weights only")
@@ -873,6 +882,16 @@ class LoggingArgs:
     tensorboard_queue_size: int = arg(
         1000, "TensorBoard events held in memory before a write (SummaryWriter's max_queue)."
     )
+    wandb_project: str | None = arg(
+        None,
+        "Weights & Biases project: the TensorBoard scalars also go to a W&B run (Megatron-LM's "
+        "flag; needs `pip install wandb`; WANDB_MODE=offline keeps the run on disk).",
+    )
+    wandb_exp_name: str | None = arg(None, "With --wandb-project: the run's name.")
+    wandb_entity: str | None = arg(None, "With --wandb-project: the W&B team or user.")
+    wandb_save_dir: str | None = arg(
+        None, "With --wandb-project: W&B's local files (default: <--save>/wandb, else ./wandb)."
+    )
     profile: bool = arg(
         False,
         "Profile the steps from --profile-step-start to --profile-step-end (Megatron-LM's flag): "
@@ -896,6 +915,13 @@ class LoggingArgs:
                 raise ConfigError("--use-pytorch-profiler writes its trace to --tensorboard-dir")
         check_at_least(self, "log_interval", "tensorboard_log_interval", "tensorboard_queue_size")
         check_choices(self, "timing_log_level", "timing_log_option")
+        for name in ("wandb_exp_name", "wandb_entity", "wandb_save_dir"):
+            if getattr(self, name) and not self.wandb_project:
+                raise ConfigError(f"{flag_name(name)} needs --wandb-project")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "--wandb-project: the wandb package is not installed (pip install wandb)"
+            )
         if self.log_selection_interval is not None and self.log_selection_interval < 1:
             raise ValueError("--log-selection-interval must be >= 1")
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.training.config import DerivedSizes, PretrainConfig
+from megatron_slm.training.scalar_writers import ScalarWriters, WandbWriter, run_config
 
 logger = logging.getLogger("megatron_slm")
 
@@ -161,13 +162,18 @@ class TrainingLogger:
         }
         self.tb_keys = _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
         self.peak = device_peak_tflops(device)
-        self.tb = None
+        self.tb = None  # histograms and pictures go to TensorBoard only
+        writers = []
         if self.is_writer and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(
                 cfg.logging.tensorboard_dir, max_queue=cfg.logging.tensorboard_queue_size
             )
+            writers.append(self.tb)
+        if self.is_writer and cfg.logging.wandb_project:
+            writers.append(WandbWriter(cfg.logging, cfg.checkpoint.save, run_config(cfg)))
+        self.scalars = ScalarWriters(writers)  # the same scalars to each
         self.loss_file = (
             open(cfg.logging.log_loss_file, "a")
             if self.is_writer and cfg.logging.log_loss_file
@@ -273,18 +279,19 @@ class TrainingLogger:
         if self.loss_file:
             self.loss_file.write(json.dumps(record) + "\n")
             self.loss_file.flush()
-        if self.tb and self._tb_step(iteration):
+        if self.scalars and self._tb_step(iteration):
+            add = self.scalars.add_scalar
             for key in self.tb_keys:
                 if key in record and not math.isnan(record[key]):
-                    self.tb.add_scalar(f"slm/{key}", record[key], iteration)
+                    add(f"slm/{key}", record[key], iteration)
             for key in record:
                 if key.startswith("mem_"):
-                    self.tb.add_scalar(f"slm/memory/{key[4:]}", record[key], iteration)
+                    add(f"slm/memory/{key[4:]}", record[key], iteration)
             if self.cfg.logging.log_world_size_to_tensorboard:
-                self.tb.add_scalar("slm/world_size", self.world, iteration)
+                add("slm/world_size", self.world, iteration)
             for name, share in record.get("selected_fraction_by_source", {}).items():
                 if not math.isnan(share):
-                    self.tb.add_scalar(f"slm/selected_fraction_by_source/{name}", share, iteration)
+                    add(f"slm/selected_fraction_by_source/{name}", share, iteration)
         self._window.append(record)
 
     def _tb_step(self, iteration: int) -> bool:
@@ -367,11 +374,10 @@ class TrainingLogger:
                 f"{name} loss {loss:.4f}, ppl {ppl[name]:.2f}" for name, loss in losses.items()
             )
         print(f"validation at iter {iteration}: {shown}")
-        if self.tb:
-            for name, loss in losses.items():
-                suffix = f"/{name}" if name else ""
-                self.tb.add_scalar(f"slm/validation_loss{suffix}", loss, iteration)
-                self.tb.add_scalar(f"slm/validation_ppl{suffix}", ppl[name], iteration)
+        for name, loss in losses.items():
+            suffix = f"/{name}" if name else ""
+            self.scalars.add_scalar(f"slm/validation_loss{suffix}", loss, iteration)
+            self.scalars.add_scalar(f"slm/validation_ppl{suffix}", ppl[name], iteration)
         if self.loss_file:
             record = {"iteration": iteration}
             if set(losses) == {""}:
@@ -385,8 +391,7 @@ class TrainingLogger:
         self.read()
         if self._window:
             self._console(iteration)
-        if self.tb:
-            self.tb.flush()
-            self.tb.close()
+        self.scalars.flush()
+        self.scalars.close()
         if self.loss_file:
             self.loss_file.close()

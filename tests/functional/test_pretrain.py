@@ -149,14 +149,21 @@ def test_exact_resume(corpus, tmp_path, layout):
     ckpt = str(tmp_path / "ckpt")
     first = read_steps_of(
         prefix, tmp_path / "resumed.jsonl", 8, *par, *slm, "--save", ckpt,
-        "--exit-interval", 4, nproc=nproc,
+        "--save-interval", 2, "--exit-interval", 4, nproc=nproc,
     )  # fmt: skip
     assert [r["iteration"] for r in first] == [1, 2, 3, 4]
     resumed = read_steps_of(
         prefix, tmp_path / "resumed.jsonl", 8, *par, *slm, "--load", ckpt, nproc=nproc
     )
     assert [r["iteration"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(straight, resumed):
+    pairs = list(zip(straight, resumed))
+    if nproc == 1:  # --ckpt-step 2: the earlier of the two checkpoints, not the latest (4)
+        from_two = read_steps_of(
+            prefix, tmp_path / "from_two.jsonl", 8, *par, *slm, "--load", ckpt, "--ckpt-step", 2
+        )
+        assert [r["iteration"] for r in from_two] == list(range(3, 9))
+        pairs += zip(straight[2:], from_two)
+    for a, b in pairs:
         assert (a["iteration"], a["consumed_samples"]) == (b["iteration"], b["consumed_samples"])
         assert a["loss"] == b["loss"] and a["selected_loss"] == b["selected_loss"]
 

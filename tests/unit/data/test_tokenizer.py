@@ -34,6 +34,19 @@ def test_sentencepiece_ids_match_plain_sentencepiece(sp_model):
     assert "sha256=" in tok.identity()
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.tokenize(text) == tok.tokenize(text)
+    # Megatron-LM's GPTSentencePieceTokenizer: the same ids, recorded under our name
+    from megatron_slm.data.preprocess import PreprocessConfig
+    from megatron_slm.data.tokenizer import TokenizerArgs
+
+    alias = build_tokenizer("GPTSentencePieceTokenizer", sp_model)
+    assert alias.tokenize(text) == tok.tokenize(text) and alias.eod == tok.eod
+    named = TokenizerArgs(tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=sp_model)
+    assert named.tokenizer_type == "SentencePieceTokenizer"
+    prep = PreprocessConfig(
+        input=["x.jsonl"], output_prefix="o", tokenizer_type="GPTSentencePieceTokenizer",
+        tokenizer_model=sp_model,
+    )  # fmt: skip
+    assert prep.tokenizer_type == "SentencePieceTokenizer"
 
 
 def test_llama2_tokenizer_leads_each_text_with_bos(sp_model, tmp_path):

@@ -167,3 +167,41 @@ def test_missing_checkpoint_names_the_flag(tmp_path):
     with pytest.raises(CheckpointError, match="^--runs a .*: no such checkpoint directory"):
         plan_load(LoadArgs(load=str(tmp_path / "nope")), flag="--runs a")
     assert not os.path.exists(tmp_path / "nope")
+
+
+def test_ckpt_step_names_one_iteration_of_the_root(tmp_path):
+    """--ckpt-step N: that iteration of a checkpoint root instead of the tracker's latest, for
+    every loading tool, the trainer and the export; a missing one is named with those there."""
+    import shutil
+
+    from megatron_slm.cli import build_parser, parse_configs
+    from megatron_slm.errors import CheckpointError, ConfigError
+    from megatron_slm.training.config import CheckpointArgs
+
+    root = _checkpoint(tmp_path)  # iteration 3, the latest
+    shutil.copytree(os.path.join(root, "iter_0000003"), os.path.join(root, "iter_0000001"))
+    first = os.path.join(root, "iter_0000001")
+    assert plan_load(LoadArgs(load=root, ckpt_step=1), tokenizer="none").path == first
+    assert plan_load(LoadArgs(load=root), tokenizer="none").path.endswith("iter_0000003")
+    assert CheckpointArgs(load=root, ckpt_step=1).load == first
+    groups = {"load": LoadArgs}
+    cfg = parse_configs(
+        build_parser("t", None, groups), groups, ["--load", root, "--ckpt-step", "1"]
+    )
+    assert cfg["load"].load == first
+    with pytest.raises(
+        CheckpointError, match=r"--ckpt-step 2: --load .* iteration 2 \(it holds 1, 3"
+    ):
+        LoadArgs(load=root, ckpt_step=2)
+    with pytest.raises(CheckpointError, match="one iteration's directory already"):
+        LoadArgs(load=first, ckpt_step=1)
+    with pytest.raises(ConfigError, match="--ckpt-step needs --load"):
+        CheckpointArgs(ckpt_step=1)
+    from tools.convert_checkpoint import MegatronToHfConfig  # the export's own --load
+
+    assert MegatronToHfConfig(load=root, save="x", ckpt_step=1).load == first
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(HF_CONFIG))
+    with pytest.raises(ConfigError, match="a Hugging Face directory"):
+        LoadArgs(load=str(hf), ckpt_step=1)

@@ -95,3 +95,84 @@ def test_logging_flags_that_do_not_fit_are_one_line(capsys):
     ):
         argv = ["--data-path", "A", "--train-iters", "4", *map(str, argv)]
         assert message in refusal(lambda: parse_config(argv), capsys)  # noqa: B023
+
+
+def _wandb_rows(run_file: str) -> tuple[object, dict[int, dict]]:
+    """W&B's offline run file read back: its run record and ``{step: {tag: value}}``. The file
+    is a LevelDB-style log (32 KiB blocks of records with a 7-byte header: crc, length, type
+    full/first/middle/last) of ``wandb_internal_pb2.Record`` messages after a 7-byte file header."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(run_file, "rb") as f:
+        raw = f.read()
+    assert raw[:4] == b":W&B"
+    records, part, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full, first
+            part = data
+        elif kind in (3, 4):  # middle, last
+            part += data
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(part))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    rows = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = r.history.item  # a tag with "/" is stored as its parts
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            rows[row.pop("_step")] = {k: v for k, v in row.items() if not k.startswith("_")}
+    return run, rows
+
+
+def test_wandb_run_holds_the_tensorboard_scalars(corpus, tmp_path):
+    """--wandb-project (W&B offline, as on a machine without network): the run has the name and
+    the flags it was given, and at every step exactly the scalars TensorBoard has, same values
+    (training and validation scalars of one step in one row)."""
+    import glob
+    import json
+
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.functional.pretrain_helpers import run_pretrain
+
+    tb, wdir = str(tmp_path / "tb"), str(tmp_path / "wandb_files")
+    run_pretrain(
+        tiny_args(corpus, str(tmp_path / "log.jsonl"), 4, "--tensorboard-dir", tb,
+                  "--split", "80,20,0", "--eval-interval", 2, "--eval-iters", 1,
+                  "--wandb-project", "slm-test", "--wandb-exp-name", "tiny-run",
+                  "--wandb-save-dir", wdir),
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    (run_file,) = glob.glob(f"{wdir}/wandb/offline-run-*/run-*.wandb")
+    run, rows = _wandb_rows(run_file)
+    assert (run.project, run.display_name) == ("slm-test", "tiny-run")
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["lr"] == 3e-3 and config["wandb_project"] == "slm-test"
+    acc = EventAccumulator(tb, size_guidance={"scalars": 0}).Reload()
+    board: dict[int, dict] = {}
+    for tag in acc.Tags()["scalars"]:
+        for event in acc.Scalars(tag):
+            board.setdefault(event.step, {})[tag] = event.value
+    assert sorted(rows) == sorted(board) == [1, 2, 3, 4]
+    assert "slm/validation_loss" in rows[2] and "slm/loss" in rows[2]
+    for step, scalars in board.items():
+        assert rows[step].keys() == scalars.keys(), step
+        for tag, value in scalars.items():  # TensorBoard keeps float32
+            assert rows[step][tag] == pytest.approx(value, rel=1e-6), (step, tag)
+
+
+def test_wandb_flags_refused_alone(corpus, tmp_path, capsys):
+    from megatron_slm.training.config import parse_config
+
+    argv = [str(a) for a in tiny_args(corpus, str(tmp_path / "l"), 2, "--wandb-exp-name", "x")]
+    line = refusal(lambda: parse_config(argv), capsys)
+    assert line.endswith("--wandb-exp-name needs --wandb-project")
