@@ -7,6 +7,14 @@ cd "$REPO_DIR"
 
 TRAIN_LENGTH=(--train-tokens "${TRAIN_TOKENS:-}")
 [[ -n "${TRAIN_ITERS:-}" ]] && TRAIN_LENGTH=(--train-iters "$TRAIN_ITERS")
+WARMUP=(--lr-warmup-iters "${LR_WARMUP_ITERS:-100}")
+# TRAIN_SAMPLES: Megatron-LM's sample-based length (the warmup in samples too, LR_WARMUP_SAMPLES),
+# which RAMPUP_BATCH_SIZE="START INCREMENT SAMPLES" (the batch-size ramp-up) needs.
+if [[ -n "${TRAIN_SAMPLES:-}" ]]; then
+    TRAIN_LENGTH=(--train-samples "$TRAIN_SAMPLES")
+    WARMUP=(--lr-warmup-samples "${LR_WARMUP_SAMPLES:-$((100 * GLOBAL_BATCH_SIZE))}")
+fi
+[[ -n "${RAMPUP_BATCH_SIZE:-}" ]] && TRAIN_LENGTH+=(--rampup-batch-size $RAMPUP_BATCH_SIZE)
 
 MODEL_ARGS=(--model-preset "${MODEL_PRESET}")
 # Unset: Transformer Engine on GPU when installed, megatron-core local modules otherwise.
@@ -34,7 +42,7 @@ TRAINING_ARGS=(
     --global-batch-size "${GLOBAL_BATCH_SIZE}"
     "${TRAIN_LENGTH[@]}"
     --lr "${LR}" --min-lr "${MIN_LR}"
-    --lr-warmup-iters "${LR_WARMUP_ITERS:-100}" --lr-decay-style "${LR_DECAY_STYLE:-cosine}"
+    "${WARMUP[@]}" --lr-decay-style "${LR_DECAY_STYLE:-cosine}"
     --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad "${CLIP_GRAD:-1.0}"
     --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
 )

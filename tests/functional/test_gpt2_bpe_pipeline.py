@@ -89,14 +89,15 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     assert record["sha256"] == tok.unique_identifiers["sha256"]
 
     # The launch script as a user runs it outside SLURM (torchrun), the files from VOCAB_FILE and
-    # MERGE_FILE.
+    # MERGE_FILE, 16 samples with the global batch ramping up from 2 to 4 over the first 4.
     run = tmp_path / "run"
     env = {
         **os.environ, "REPO_DIR": REPO, "PYTHON": sys.executable, "PYTHONPATH": REPO,
         "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
         "MODEL_PRESET": "tiny", "DEVICE": "cpu", "TP": "1", "PP": "1", "PRECISION": "fp32",
         "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "4",
-        "TRAIN_ITERS": "2", "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
+        "TRAIN_SAMPLES": "16", "RAMPUP_BATCH_SIZE": "2 2 4", "LR_WARMUP_SAMPLES": "4",
+        "LR": "3e-3", "MIN_LR": "0",
         "VOCAB_FILE": files[1], "MERGE_FILE": files[3],
         "DATA_PATH": data, "SPLIT": "100,0,0", "EVAL_INTERVAL": "0",
         "LOG_INTERVAL": "1", "RUN_DIR": str(run), "LOAD": "",
@@ -106,8 +107,11 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = read_steps(str(tmp_path / "log.jsonl"))
+    # megatron-core's ramp: 2, 2 (4 samples ramped), then 4 until 16 samples: 2+2+4+4+4
+    assert [r["global_batch_size"] for r in steps] == [2, 2, 4, 4, 4]
+    assert steps[-1]["consumed_samples"] == 16
     # an untrained model's loss over this vocabulary: about log(320)
-    assert len(steps) == 2 and abs(steps[0]["loss"] - np.log(tok.vocab_size)) < 1.0
+    assert abs(steps[0]["loss"] - np.log(tok.vocab_size)) < 1.0
     assert read_checkpoint(str(run / "checkpoints")).tokenizer == record
 
     _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save", tmp_path / "hf")
