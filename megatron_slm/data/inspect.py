@@ -12,10 +12,8 @@ from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
-    build_tokenizer,
-    canonical_tokenizer_type,
     check_tokenizer_flags,
-    model_path_of,
+    tokenizer_of,
 )
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -50,21 +48,11 @@ class InspectConfig:
             if getattr(self, name) < 0:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be >= 0, got {getattr(self, name)}")
-        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
-        check_tokenizer_flags(
-            self.tokenizer_type,
-            self.tokenizer_model,
-            self.vocab_size,
-            self.vocab_file,
-            self.merge_file,
-        )
+        check_tokenizer_flags(self)
 
     def build_tokenizer(self):
         """The tokenizer these flags name (None: no --tokenizer-type)."""
-        if self.tokenizer_type is None:
-            return None
-        model = model_path_of(self.tokenizer_type, self.tokenizer_model, self.vocab_file)
-        return build_tokenizer(self.tokenizer_type, model, self.vocab_size, self.merge_file)
+        return None if self.tokenizer_type is None else tokenizer_of(self)
 
     @property
     def prefixes(self) -> list[str]:

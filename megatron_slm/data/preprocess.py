@@ -36,7 +36,6 @@ from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, reco
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
     build_tokenizer,
-    canonical_tokenizer_type,
     check_tokenizer_flags,
     model_path_of,
 )
@@ -78,14 +77,7 @@ class PreprocessConfig:
             raise ConfigError("--json-keys: need at least one key")
         if self.tokenizer_type is None:
             raise ConfigError("--tokenizer-type is required")
-        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
-        check_tokenizer_flags(
-            self.tokenizer_type,
-            self.tokenizer_model,
-            self.vocab_size,
-            self.vocab_file,
-            self.merge_file,
-        )
+        check_tokenizer_flags(self)
         if not self.output_prefix:
             raise ConfigError("--output-prefix is required")
         if self.workers < 1:

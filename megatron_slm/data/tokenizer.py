@@ -516,18 +516,15 @@ class NullTokenizer(_SLMTokenizer):
         return self._vocab_size - 1
 
 
-def check_tokenizer_flags(
-    tokenizer_type: str | None,
-    tokenizer_model: str | None,
-    vocab_size: int | None,
-    vocab_file: str | None = None,
-    merge_file: str | None = None,
-    *,
-    files_required: bool = True,
-) -> None:
-    """The checks of the tokenizer flags that need no files: a known type, and each type's own
-    flags (``--tokenizer-model``; ``--vocab-file`` + ``--merge-file``; ``--vocab-size``), the
-    files required unless a checkpoint may name them (``files_required=False``)."""
+def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
+    """The checks of a config's tokenizer flags (``tokenizer_type``, ``tokenizer_model``,
+    ``vocab_file``, ``merge_file``, ``vocab_size``) that need no files, after mapping the type to
+    our name: a known type, and each type's own flags (``--tokenizer-model``; ``--vocab-file`` +
+    ``--merge-file``; ``--vocab-size``), the files required unless a checkpoint may name them
+    (``files_required=False``)."""
+    cfg.tokenizer_type = tokenizer_type = canonical_tokenizer_type(cfg.tokenizer_type)
+    tokenizer_model, vocab_size = cfg.tokenizer_model, cfg.vocab_size
+    vocab_file, merge_file = cfg.vocab_file, cfg.merge_file
     if tokenizer_type is None:
         if (vocab_file or merge_file) and tokenizer_model:
             raise ConfigError(
@@ -586,15 +583,7 @@ class TokenizerArgs:
     vocab_size: int | None = arg(None, "Number of ids of the NullTokenizer (NullTokenizer only).")
 
     def __post_init__(self):
-        self.tokenizer_type = canonical_tokenizer_type(self.tokenizer_type)
-        check_tokenizer_flags(
-            self.tokenizer_type,
-            self.tokenizer_model,
-            self.vocab_size,
-            self.vocab_file,
-            self.merge_file,
-            files_required=False,
-        )
+        check_tokenizer_flags(self, files_required=False)
 
 
 def canonical_tokenizer_type(tokenizer_type: str | None) -> str | None:
@@ -608,6 +597,12 @@ def model_path_of(
     """The path ``build_tokenizer`` takes as the model: a GPT2BPETokenizer's ``--vocab-file``,
     any other type's ``--tokenizer-model``."""
     return vocab_file if tokenizer_type == "GPT2BPETokenizer" else tokenizer_model
+
+
+def tokenizer_of(cfg) -> _SLMTokenizer:
+    """The tokenizer a config's tokenizer flags name (checked by :func:`check_tokenizer_flags`)."""
+    model = model_path_of(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file)
+    return build_tokenizer(cfg.tokenizer_type, model, cfg.vocab_size, cfg.merge_file)
 
 
 def build_tokenizer(

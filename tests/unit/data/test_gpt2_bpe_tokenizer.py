@@ -20,6 +20,7 @@ from megatron_slm.data.tokenizer import (
     train_gpt2_bpe,
 )
 from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
+from tests.unit.convert.test_tokenizer_export import SAMPLES as EXPORT_SAMPLES
 
 regex = pytest.importorskip("regex")
 pytest.importorskip("tokenizers")
@@ -29,19 +30,11 @@ TRAIN = [
     "Données naïves, café crème — déjà vu. 日本語のテキスト 🙂\n\n  spaces   and\ttabs\r\n",
     "def f(x):\n    return x * 2  # comment\n",
 ] * 8
+# The export test's varied text, and what GPT-2's regex splits in its own ways.
 SAMPLES = [
-    "",
-    " ",
-    "   leading spaces",
-    "trailing  ",
-    "a\n\nb\n",
-    "x    y\t\tz\r\n",
+    *EXPORT_SAMPLES,
     "it's I'll we've they'd you're I'm don't IT'S",
-    "123 4567 89012345 0.5e-3",
-    "héllo 日本語 🙂 Ω≈ç√",
-    "never seen: ʤ ʥ ⁂ 𝔘𝔫𝔦 字",
     "text <|endoftext|> more",  # plain text to Megatron-LM's tokenize
-    "The quick brown fox\n    return x",
 ]
 
 
