@@ -253,7 +253,16 @@ class TrainingArgs:
     seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")
     device: str = device_arg()
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
-    eval_iters: int = arg(10, "Validation batches per evaluation.")
+    eval_iters: int = arg(
+        10,
+        "Validation batches per evaluation; after the last step the validation sets (unless just "
+        "evaluated) and the test split are evaluated on as many, as in Megatron-LM.",
+    )
+    skip_train: bool = arg(
+        False,
+        "No training: evaluate the validation sets and the test split at the --load step "
+        "(--eval-iters batches each), then exit (Megatron-LM's flag).",
+    )
     recompute_activations: bool = arg(
         False,
         "Selective recompute, as in Megatron-LM: each layer's core attention (its [b, heads, s, "
@@ -319,6 +328,8 @@ class TrainingArgs:
             )
         check_at_least(self, "manual_gc_interval", minimum=0)
         check_choices(self, "empty_unused_memory_level")
+        if self.skip_train and self.eval_iters < 1:
+            raise ConfigError("--skip-train evaluates: give --eval-iters >= 1")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -25,6 +25,8 @@ def build_datasets(
     several validation datasets, valid is their list."""
     t = cfg.training
     evals = (sizes.train_iters // t.eval_interval + 1) * t.eval_iters if t.eval_interval else 0
+    if t.skip_train:  # (one evaluation, at the loaded step)
+        evals = max(evals, t.eval_iters)
     num_samples = [
         sizes.train_samples,
         evals * sizes.global_batch_size,

@@ -189,15 +189,15 @@ def _checkpoint_to_load(ck) -> CheckpointInfo | None:
     return read_checkpoint(ck.load)
 
 
-def validation_sets(cfg: PretrainConfig, valid) -> list[tuple[str, object]]:
-    """``(name, dataset)`` of each validation set: ``("", valid)`` for one (none without a
-    validation split), each --valid-data-path dataset by name with --multiple-validation-sets
+def evaluation_sets(datasets, paths: list[str]) -> list[tuple[str, object]]:
+    """``(name, dataset)`` of each validation (or test) set: ``("", dataset)`` for one (none
+    without that split), each --valid-data-path dataset by name with --multiple-validation-sets
     (megatron-core builds them in the order of the flag)."""
-    if valid is None or (not isinstance(valid, list) and len(valid) == 0):
+    if datasets is None or (not isinstance(datasets, list) and len(datasets) == 0):
         return []
-    if not isinstance(valid, list):
-        return [("", valid)]
-    return list(zip(source_names(cfg.data.valid_data_path), valid, strict=True))
+    if not isinstance(datasets, list):
+        return [("", datasets)]
+    return list(zip(source_names(paths), datasets, strict=True))
 
 
 def source_names(data_path: list[str]) -> list[str]:
@@ -278,7 +278,7 @@ class Trainer:
         )
         s = cfg.slm
         if plan.sft_dataset is not None:
-            self.train_ds, valid = plan.sft_dataset, None
+            self.train_ds, valid, test = plan.sft_dataset, None, None
         else:
             datasets = build_datasets(
                 cfg,
@@ -287,8 +287,9 @@ class Trainer:
                 require_sidecar=s.needs_reference and s.slm_ref_source == "sidecar",
                 batch_list=plan.batch_list,
             )
-            self.train_ds, valid, _ = datasets
-        self.valid_sets = validation_sets(cfg, valid)
+            self.train_ds, valid, test = datasets
+        self.valid_sets = evaluation_sets(valid, cfg.data.valid_data_path)
+        self.test_sets = evaluation_sets(test, cfg.data.test_data_path)
         if cfg.data.reset_position_ids and torch.distributed.get_rank() == 0:
             logger.warning(
                 "--reset-position-ids changes nothing this model computes: megatron-core's rotary "
@@ -338,7 +339,7 @@ class Trainer:
                 restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
             logger.info("loaded %s at iteration %d", ck.load, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
-        self.valid_batches = {}  # per validation set, built at its first evaluation
+        self.valid_batches = {}  # per (split, set), built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
         self.exit = ExitController(cfg.checkpoint, self.device)
@@ -579,26 +580,27 @@ class Trainer:
         return self._reduce_stats(outputs), grad_norm, ratio
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss of each validation set over its first --eval-iters global batches
-        (``""`` names the only set; more with --multiple-validation-sets), at ratio 1."""
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Mean loss of each validation set (``split="test"``: of the test split) over its first
+        --eval-iters global batches (``""`` names the only set; more with
+        --multiple-validation-sets), at ratio 1."""
         for chunk in self.chunks:
             chunk.eval()
         losses = {}
-        for name, dataset in self.valid_sets:
-            loss = self._validation_loss(name, dataset)
+        for name, dataset in self.valid_sets if split == "validation" else self.test_sets:
+            loss = self._validation_loss((split, name), dataset)
             if loss is not None:  # None: not the last pipeline stage, or no batch
                 losses[name] = loss
         for chunk in self.chunks:
             chunk.train()
         return losses
 
-    def _validation_loss(self, name: str, dataset) -> float | None:
-        if name not in self.valid_batches:
-            self.valid_batches[name] = self._micro_batches(dataset)
+    def _validation_loss(self, key: tuple[str, str], dataset) -> float | None:
+        if key not in self.valid_batches:
+            self.valid_batches[key] = self._micro_batches(dataset)
         else:
-            self.valid_batches[name].rewind()  # the same first batches, on the same workers
-        batches = self.valid_batches[name]
+            self.valid_batches[key].rewind()  # the same first batches, on the same workers
+        batches = self.valid_batches[key]
         eval_ratio = 1.0 if self.cfg.slm.enabled else None
         total = None  # only the last pipeline stage has statistics
         try:
@@ -723,6 +725,23 @@ class Trainer:
             self.log.restart_clock()
         return self.exit.should_exit(self.iteration, vote=log_step)
 
+    def _final_evaluation(self) -> None:
+        """Megatron-LM's evaluation once training is done (not after an exit before the end):
+        the validation sets, unless this step's --eval-interval evaluation just ran, then the
+        test split, --eval-iters batches each; with --skip-train, both at the loaded step."""
+        t = self.cfg.training
+        if not t.eval_iters or not (t.eval_interval or t.skip_train):
+            return
+        just_ran = t.eval_interval and self.iteration % t.eval_interval == 0 and not t.skip_train
+        splits = [("validation", self.valid_sets), ("test", self.test_sets)]
+        splits = [name for name, sets in splits if sets and not (name == "validation" and just_ran)]
+        if not splits:
+            return
+        self.log.read()
+        with self.params_gathered(), self.manual_gc.evaluation():
+            for split in splits:
+                self.log.validation(self.iteration, self.evaluate(split), split)
+
     def train(self) -> dict:
         """Steps until the end or a clean exit; a checkpoint of the last step (with --save)."""
         for chunk in self.chunks:
@@ -730,18 +749,20 @@ class Trainer:
         self._last_saved = self.iteration if self.plan.checkpoint is not None else None
         reason = "finished"
         self.log.restart_clock()
-        while self.iteration < self.sizes.train_iters:
+        t = self.cfg.training
+        while self.iteration < self.sizes.train_iters and not t.skip_train:
             reason = self.advance()
             if reason:
                 break
         else:
-            reason = "finished"
+            reason = "skip-train" if t.skip_train else "finished"
+            self._final_evaluation()
         self.profiler.close()
         self.batches.close()
         for batches in self.valid_batches.values():
             batches.close()
         self.log.close(self.iteration)
-        if self.cfg.checkpoint.save and self._last_saved != self.iteration:
+        if self.cfg.checkpoint.save and self._last_saved != self.iteration and not t.skip_train:
             with self.params_gathered():
                 self.save()
         self.finish_saves()

@@ -361,9 +361,9 @@ class TrainingLogger:
         image = render_rgb([sample], title=f"training sample, step {iteration}")
         self.tb.add_image("slm/selection", image, iteration, dataformats="HWC")
 
-    def validation(self, iteration, losses: dict[str, float]):
-        """``losses``: per validation set (``Trainer.evaluate``); ``""`` names the only one,
-        logged as before there were several."""
+    def validation(self, iteration, losses: dict[str, float], split: str = "validation"):
+        """``losses``: per validation set (``Trainer.evaluate``), or of the test split
+        (``split="test"``); ``""`` names the only one, logged as before there were several."""
         if not self.is_writer or not losses:
             return
         ppl = {name: math.exp(min(loss, 50)) for name, loss in losses.items()}
@@ -373,17 +373,17 @@ class TrainingLogger:
             shown = " | ".join(
                 f"{name} loss {loss:.4f}, ppl {ppl[name]:.2f}" for name, loss in losses.items()
             )
-        print(f"validation at iter {iteration}: {shown}")
+        print(f"{split} at iter {iteration}: {shown}")
         for name, loss in losses.items():
             suffix = f"/{name}" if name else ""
-            self.scalars.add_scalar(f"slm/validation_loss{suffix}", loss, iteration)
-            self.scalars.add_scalar(f"slm/validation_ppl{suffix}", ppl[name], iteration)
+            self.scalars.add_scalar(f"slm/{split}_loss{suffix}", loss, iteration)
+            self.scalars.add_scalar(f"slm/{split}_ppl{suffix}", ppl[name], iteration)
         if self.loss_file:
             record = {"iteration": iteration}
             if set(losses) == {""}:
-                record["validation_loss"] = losses[""]
+                record[f"{split}_loss"] = losses[""]
             else:
-                record["validation_losses"] = losses
+                record[f"{split}_losses"] = losses
             self.loss_file.write(json.dumps(record) + "\n")
 
     def close(self, iteration: int) -> None:

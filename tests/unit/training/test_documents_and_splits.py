@@ -205,6 +205,43 @@ def test_validation_sets_of_their_own(corpora, tmp_path):
     assert len(logged) == 1 and list(logged[0]) == names  # step 3's evaluation
 
 
+def _final_evaluation_worker(rank, world, prefix, tmp):
+    flags = ("--split", "80,10,10", "--eval-interval", 2, "--eval-iters", 2, "--num-workers", 0)
+    trainer = cpu_trainer([*tiny_args(prefix, f"{tmp}/a.jsonl", 3, *flags), "--save", f"{tmp}/c"])
+    ((_, valid),), ((_, test),) = trainer.valid_sets, trainer.test_sets
+    trainer.train()  # validation at step 2; after step 3: validation and the test split
+    expected = {
+        "validation": _validation_loss(trainer, valid),
+        "test": _validation_loss(trainer, test),
+    }
+    flags += ("--load", f"{tmp}/c", "--skip-train")
+    cpu_trainer(tiny_args(prefix, f"{tmp}/b.jsonl", 3, *flags)).train()  # step 3's, no training
+    return expected
+
+
+def test_after_training_the_validation_and_test_splits_are_evaluated(corpora, tmp_path):
+    """Megatron-LM's end of training: the validation sets again (step 3, not an --eval-interval
+    step) and the test split, each loss that of its first --eval-iters batches recomputed in
+    float64; --skip-train evaluates both at the --load step and trains nothing, saves nothing."""
+    from megatron_slm.checkpoint import latest_iteration
+
+    expected = run_distributed(_final_evaluation_worker, 1, corpora["train"], str(tmp_path))[0]
+    a, b = ([json.loads(line) for line in (tmp_path / f).read_text().splitlines()]
+            for f in ("a.jsonl", "b.jsonl"))  # fmt: skip
+    valid = [(r["iteration"], r["validation_loss"]) for r in a if "validation_loss" in r]
+    test = [(r["iteration"], r["test_loss"]) for r in a if "test_loss" in r]
+    assert [i for i, _ in valid] == [2, 3] and [i for i, _ in test] == [3]
+    assert valid[-1][1] == pytest.approx(expected["validation"], rel=1e-5)
+    assert test[0][1] == pytest.approx(expected["test"], rel=1e-5)
+    assert abs(test[0][1] - valid[-1][1]) > 1e-4  # two splits, two losses
+    assert [r for r in b if "loss" in r] == []  # nothing trained
+    assert b == [
+        {"iteration": 3, "validation_loss": valid[-1][1]},
+        {"iteration": 3, "test_loss": test[0][1]},
+    ]
+    assert latest_iteration(str(tmp_path / "c")) == 3
+
+
 def _config(*argv):
     cfg = parse_config([str(a) for a in argv])
     from megatron_slm.models.presets import get_preset
