@@ -344,7 +344,9 @@ class GPT2BPETokenizer(_SLMTokenizer):
             ) from None
         vocab = _read_gpt2_vocab(vocab_file)
         if GPT2_EOD not in vocab:
-            raise TokenizerError(f"no {GPT2_EOD} token to use as EOD", subject=vocab_file)
+            raise TokenizerError(
+                f"no {GPT2_EOD} token to use as EOD", subject=f"--vocab-file {vocab_file}"
+            )
         missing = set(pre_tokenizers.ByteLevel.alphabet()) - vocab.keys()
         if missing:  # a byte with no token would vanish from the ids (no unk in byte-level BPE)
             raise TokenizerError(

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
+from megatron_slm.errors import ConfigError, InputFileError
 from megatron_slm.tinylm.compact_config import CountConfig, PruneConfig, RemapConfig
 
 
@@ -15,18 +15,10 @@ def count(cfg: CountConfig, progress: bool = True) -> tuple[dict, dict | None, s
     """Count ids, then (SentencePiece BPE/unigram models) the coverage curve: writes the counts,
     ``<counts>.coverage.json`` and ``<counts>.coverage.png``. Returns (counts metadata, curve,
     why there is no curve)."""
-    from megatron_slm.checkpoint import tokenizer_record
-    from megatron_slm.data.tokenizer import build_tokenizer, model_path_of
+    from megatron_slm.checkpoint import resolve_tokenizer, tokenizer_record
     from megatron_slm.tinylm.counts import count_corpus
 
-    gpt2 = "GPT2BPETokenizer" if cfg.vocab_file else None
-    ttype = cfg.tokenizer_type or gpt2 or "SentencePieceTokenizer"
-    model = model_path_of(ttype, cfg.tokenizer_model, cfg.vocab_file)
-    try:
-        tok = build_tokenizer(ttype, model, cfg.vocab_size, cfg.merge_file)
-    except (OSError, RuntimeError) as e:
-        flag = "--vocab-file" if gpt2 else "--tokenizer-model"
-        raise TokenizerError(f"{flag} {model}: cannot load ({e})") from None
+    tok, ttype, model = resolve_tokenizer(cfg, None)  # the trainer's rules for the flags
     record = tokenizer_record(ttype, model, tok)
     proto, skipped = _curve_model(cfg, ttype)  # checked before the corpus is read
     heldout = _heldout_texts(cfg) if cfg.heldout else None
