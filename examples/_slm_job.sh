@@ -46,6 +46,8 @@ TRAINING_ARGS=(
     --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad "${CLIP_GRAD:-1.0}"
     --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
 )
+# ITERATIONS_TO_SKIP="1200 1201": those iterations' batches are dropped (past a loss spike).
+[[ -n "${ITERATIONS_TO_SKIP:-}" ]] && TRAINING_ARGS+=(--iterations-to-skip $ITERATIONS_TO_SKIP)
 [[ "${PRECISION:-bf16}" == bf16 ]] && TRAINING_ARGS+=(--bf16)
 # RECOMPUTE=selective: each layer's core attention is recomputed in backward (Megatron-LM's
 # --recompute-activations); RECOMPUTE=full (or 1): every layer, from its input (least memory).
@@ -90,8 +92,18 @@ CHECKPOINT_ARGS=(
     --save-interval "${SAVE_INTERVAL:-500}"
     --exit-signal-handler --exit-signal SIGTERM
 )
+# SAVE_RETAIN_INTERVAL: keep only the checkpoints of its multiples (and the latest).
+[[ -n "${SAVE_RETAIN_INTERVAL:-}" ]] && CHECKPOINT_ARGS+=(--save-retain-interval "$SAVE_RETAIN_INTERVAL")
+# NON_PERSISTENT_SAVE_INTERVAL: frequent restart points in NON_PERSISTENT_DIR (default
+# checkpoints/non_persistent), only the newest kept; a requeued job resumes from the newer.
+NON_PERSISTENT_DIR=${NON_PERSISTENT_DIR:-${SAVE:-$RUN_DIR/checkpoints}/non_persistent}
+if [[ -n "${NON_PERSISTENT_SAVE_INTERVAL:-}" ]]; then
+    CHECKPOINT_ARGS+=(--non-persistent-save-interval "$NON_PERSISTENT_SAVE_INTERVAL"
+        --non-persistent-global-ckpt-dir "$NON_PERSISTENT_DIR")
+fi
 # Resume from our own checkpoints when they exist (requeued jobs), else start from LOAD.
-if [[ -f "${SAVE:-$RUN_DIR/checkpoints}/latest_checkpointed_iteration.txt" ]]; then
+if [[ -f "${SAVE:-$RUN_DIR/checkpoints}/latest_checkpointed_iteration.txt" ]] ||
+    [[ -n "${NON_PERSISTENT_SAVE_INTERVAL:-}" && -f "$NON_PERSISTENT_DIR/latest_checkpointed_iteration.txt" ]]; then
     CHECKPOINT_ARGS+=(--load "${SAVE:-$RUN_DIR/checkpoints}")
 elif [[ -n "${LOAD:-}" ]]; then
     CHECKPOINT_ARGS+=(--load "$LOAD" --finetune)

@@ -62,11 +62,13 @@ from megatron_slm.optimizer_state import (
 logger = logging.getLogger("megatron_slm")
 
 TRACKER = "latest_checkpointed_iteration.txt"
+NON_PERSISTENT_SUBDIR = "non_persistent"  # Megatron-LM's, inside --save / --load
 METADATA = "megatron_slm.json"
 FORMAT_VERSION = 1
 # Tests SIGKILL a save at a named point (crash_points.py): "swap" (just before the new iteration
 # directory takes the old one's place), "swapped" (just after it, before the tracker is replaced),
-# "publish" (a converter's complete output, before it replaces --save).
+# "publish" (a converter's complete output, before it replaces --save), "saved" (a checkpoint
+# published and the ones it supersedes deleted).
 KILL_HOOK_ENV = "MEGATRON_SLM_CHECKPOINT_KILL_AT"
 _crash = CrashPoints(KILL_HOOK_ENV)
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -416,6 +418,8 @@ def save_checkpoint(
     fully_parallel: bool = False,
     async_queue=None,
     save_rng: bool = True,
+    retain_interval: int | None = None,
+    keep_latest_only: bool = False,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
 
@@ -428,7 +432,11 @@ def save_checkpoint(
     the directory is published (metadata, rename, tracker) when the caller finalizes the queue
     after every rank's writer finished. Until then the previous checkpoint stays the latest.
     ``optimizer_saved`` in the metadata says whether the optimizer state is in it; ``save_rng``
-    False leaves the RNG states out (``--no-save-optim``, ``--no-save-rng``)."""
+    False leaves the RNG states out (``--no-save-optim``, ``--no-save-rng``).
+
+    Once published, the checkpoints it supersedes are deleted (:func:`drop_superseded`):
+    ``retain_interval`` (``--save-retain-interval``) the previous latest, unless its iteration is
+    a multiple of it; ``keep_latest_only`` (a non-persistent directory) every other one."""
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -476,8 +484,11 @@ def save_checkpoint(
             _crash.reached("swap")
             replace_directory(partial, final)
             _crash.reached("swapped")
+            previous = _latest_or_none(root)
             write_text_atomic(os.path.join(root, TRACKER), str(iteration))
             logger.info("saved checkpoint %s", final)
+            drop_superseded(root, iteration, previous, retain_interval, keep_latest_only)
+            _crash.reached("saved")
         dist.barrier()
 
     if request is None:
@@ -486,6 +497,57 @@ def save_checkpoint(
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final
+
+
+def _latest_or_none(root: str) -> int | None:
+    try:
+        return latest_iteration(root)
+    except CheckpointError:  # a damaged tracker: the new one replaces it
+        return None
+
+
+def drop_superseded(
+    root: str,
+    iteration: int,
+    previous: int | None,
+    retain_interval: int | None = None,
+    keep_latest_only: bool = False,
+) -> list[int]:
+    """Delete the checkpoints of ``root`` that the just-published ``iteration`` supersedes;
+    returns their iterations. ``retain_interval``: Megatron-LM's ``--save-retain-interval``,
+    the ``previous`` latest unless its iteration is a multiple of it (an older latest only: a
+    run resumed from an earlier step never deletes a later checkpoint). ``keep_latest_only``:
+    every other iteration directory (a non-persistent directory holds one checkpoint).
+
+    Each directory is renamed to ``iter_N.deleting`` first, in one atomic step, then removed:
+    a crash mid-removal never leaves a partial ``iter_N``; a later call removes the rest. A
+    symbolic link (a checkpoint kept elsewhere) is left alone."""
+    doomed = []
+    if keep_latest_only:
+        doomed = [i for i in map(_iteration_of, os.listdir(root)) if i not in (None, iteration)]
+    elif retain_interval and previous is not None and previous < iteration:
+        doomed = [previous] if previous % retain_interval else []
+    dropped = []
+    for i in sorted(doomed):
+        path = iteration_dir(root, i)
+        if os.path.islink(path):
+            logger.info("not deleting %s: a symbolic link", path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path + ".deleting", ignore_errors=True)  # (an earlier crash's)
+            os.replace(path, path + ".deleting")
+            dropped.append(i)
+    for name in os.listdir(root):
+        if name.endswith(".deleting") and _iteration_of(name.removesuffix(".deleting")) is not None:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if dropped:
+        logger.info("deleted the superseded checkpoints of iterations %s in %s", dropped, root)
+    return dropped
+
+
+def _iteration_of(name: str) -> int | None:
+    """``iter_0000100`` -> 100; None for any other name."""
+    digits = name.removeprefix("iter_")
+    return int(digits) if name.startswith("iter_") and digits.isdigit() else None
 
 
 # Initializer of a spawned helper of a rank: the kernel kills it when the rank dies (prctl

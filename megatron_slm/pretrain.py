@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from megatron_slm import launch
 from megatron_slm._extension import report_once
 from megatron_slm.entry import entry_point
+from megatron_slm.errors import ConfigError
 from megatron_slm.training.config import parse_config
 
 PROG = "python -m megatron_slm.pretrain"
+LOGGING_LEVEL_ENV = "MEGATRON_LOGGING_LEVEL"
 
 
 @entry_point(PROG, log_level=logging.INFO)
@@ -18,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core logs every bucket's parameter names and its whole optimizer config at INFO.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     cfg = parse_config(argv)
+    set_logging_level(cfg.logging.logging_level)
     report_once()
     from megatron_slm.training.loop import plan_training, pretrain
 
@@ -34,6 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     pretrain(cfg, plan, device)
     return 0
+
+
+def set_logging_level(level: int | None) -> None:
+    """--logging-level, else Megatron-LM's MEGATRON_LOGGING_LEVEL: every logger's level."""
+    if level is None:
+        value = os.environ.get(LOGGING_LEVEL_ENV, "").strip()
+        if not value:
+            return
+        try:
+            level = int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{LOGGING_LEVEL_ENV}={value!r}: not a logging level (10, 20, ...)"
+            ) from None
+    for name in ("", "megatron.core"):  # (the root: megatron_slm's and the others')
+        logging.getLogger(name).setLevel(level)
 
 
 if __name__ == "__main__":

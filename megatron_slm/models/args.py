@@ -132,6 +132,11 @@ class ModelArgs:
     masked_softmax_fusion: bool = arg(True, _OWN_FUSIONS)
     rope_fusion: bool = arg(True, _OWN_FUSIONS)
     gradient_accumulation_fusion: bool = arg(True, _OWN_FUSIONS)
+    bias_swiglu_fusion: bool = arg(True, _OWN_FUSIONS)
+    bias_dropout_fusion: bool = arg(True, _OWN_FUSIONS)
+    use_rotary_position_embeddings: bool = arg(
+        False, "Accepted (Megatron-LM's older flag): RoPE is the only position embedding."
+    )
     apply_layernorm_1p: bool = arg(
         False, "Refused: zero-centred norm weights are not the Llama architecture."
     )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import signal
 from dataclasses import dataclass
 
 import torch
 
-from megatron_slm.checkpoint import checkpoint_at_step
+from megatron_slm.checkpoint import NON_PERSISTENT_SUBDIR, checkpoint_at_step
 from megatron_slm.cli import arg, check_at_least, check_choices, flag_name, parse_configs
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
@@ -263,6 +264,13 @@ class TrainingArgs:
         "No training: evaluate the validation sets and the test split at the --load step "
         "(--eval-iters batches each), then exit (Megatron-LM's flag).",
     )
+    iterations_to_skip: list[int] = arg(
+        [],
+        "Iterations (1-based) not trained on (Megatron-LM's flag, to step past a loss spike): "
+        "each one's global batch is read and dropped, the step counts, the weights, optimizer "
+        "and learning-rate schedule stay as they were.",
+        nargs="+",
+    )
     recompute_activations: bool = arg(
         False,
         "Selective recompute, as in Megatron-LM: each layer's core attention (its [b, heads, s, "
@@ -328,6 +336,8 @@ class TrainingArgs:
             )
         check_at_least(self, "manual_gc_interval", minimum=0)
         check_choices(self, "empty_unused_memory_level")
+        if any(i < 1 for i in self.iterations_to_skip):
+            raise ConfigError("--iterations-to-skip takes iterations >= 1 (the first is 1)")
         if self.skip_train and self.eval_iters < 1:
             raise ConfigError("--skip-train evaluates: give --eval-iters >= 1")
         if self.lr_decay_style not in LR_DECAY_STYLES:
@@ -730,6 +740,30 @@ class SLMArgs:
 class CheckpointArgs:
     save: str | None = arg(None, "Checkpoint directory to save to.")
     save_interval: int | None = arg(None, "Save every N steps (and at the end).")
+    save_retain_interval: int | None = arg(
+        None,
+        "Keep only the checkpoints of multiples of N steps and the latest (Megatron-LM's flag): "
+        "each save deletes the previous latest checkpoint unless its step is a multiple of N "
+        "(a multiple of --save-interval); a symbolic link is never deleted.",
+    )
+    non_persistent_save_interval: int | None = arg(
+        None,
+        "Also save every N steps (where no --save-interval save falls) into the non-persistent "
+        "directory, which keeps only its newest checkpoint (Megatron-LM's flag): frequent, "
+        "cheap restart points. Resuming, --load takes the newer of its own latest checkpoint "
+        "and the non-persistent one.",
+    )
+    non_persistent_ckpt_type: str | None = arg(
+        None,
+        "Megatron-LM's non-persistent checkpoint kind: global (the default with "
+        "--non-persistent-save-interval), a whole checkpoint in --non-persistent-global-ckpt-dir.",
+        choices=("global",),
+    )
+    non_persistent_global_ckpt_dir: str | None = arg(
+        None,
+        "Directory of the non-persistent checkpoints (default: non_persistent inside --save to "
+        "write, inside --load to resume).",
+    )
     load: str | None = arg(None, "Checkpoint to resume from (model, optimizer, data position).")
     ckpt_step: int | None = arg(
         None,
@@ -807,8 +841,11 @@ class CheckpointArgs:
     def __post_init__(self):
         if not isinstance(getattr(signal, self.exit_signal, None), signal.Signals):
             raise ConfigError(f"--exit-signal {self.exit_signal!r} is not a signal name")
-        if self.save_interval is not None and self.save_interval < 1:
-            raise ConfigError("--save-interval must be >= 1")
+        check_at_least(
+            self, "save_interval", "save_retain_interval", "non_persistent_save_interval",
+            optional=True,
+        )  # fmt: skip
+        self._check_retention()
         check_choices(self, "ckpt_format")
         if self.exit_on_missing_checkpoint and not self.load:
             raise ConfigError("--exit-on-missing-checkpoint needs --load")
@@ -823,6 +860,29 @@ class CheckpointArgs:
                 "exclusive: the first trains on this run's schedule, the second on the saved one"
             )
 
+    def _check_retention(self) -> None:
+        if self.save_retain_interval is not None:
+            if not (self.save and self.save_interval):
+                raise ConfigError("--save-retain-interval needs --save and --save-interval")
+            if self.save_retain_interval % self.save_interval:
+                raise ConfigError(
+                    f"--save-retain-interval {self.save_retain_interval} must be a multiple of "
+                    f"--save-interval {self.save_interval}"
+                )
+        if self.non_persistent_save_interval is not None:
+            if not self.save:
+                raise ConfigError("--non-persistent-save-interval needs --save")
+            self.non_persistent_ckpt_type = self.non_persistent_ckpt_type or "global"
+        if self.non_persistent_ckpt_type is not None:
+            check_choices(self, "non_persistent_ckpt_type")
+
+    def non_persistent_dir(self, root: str) -> str | None:
+        """Where the non-persistent checkpoints of the checkpoint root ``root`` (--save or
+        --load) are; None without --non-persistent-ckpt-type (or its interval)."""
+        if self.non_persistent_ckpt_type is None:
+            return None
+        return self.non_persistent_global_ckpt_dir or os.path.join(root, NON_PERSISTENT_SUBDIR)
+
 
 @dataclass
 class LoggingArgs:
@@ -834,6 +894,12 @@ class LoggingArgs:
         "signals and --exit-duration-in-mins are also checked at these steps.",
     )
     tensorboard_dir: str | None = arg(None, "TensorBoard event directory.")
+    logging_level: int | None = arg(
+        None,
+        "Python logging level of every logger, megatron-core's included (Megatron-LM's flag, "
+        "also its MEGATRON_LOGGING_LEVEL variable; 10 debug, 20 info, 30 warning). Default: "
+        "megatron-slm's INFO records, megatron-core's from WARNING.",
+    )
     log_loss_file: str | None = arg(
         None,
         "Append one JSON line per step (losses, selection) to this file (tests, analysis); "

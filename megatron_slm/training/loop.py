@@ -174,6 +174,9 @@ def _checkpoint_to_load(ck) -> CheckpointInfo | None:
     from scratch (a log line says so). Any other --load must be a checkpoint."""
     if not ck.load:
         return None
+    newer = _newer_non_persistent(ck)
+    if newer is not None:
+        return newer
     first_run = (
         ck.save is not None
         and not ck.finetune
@@ -187,6 +190,33 @@ def _checkpoint_to_load(ck) -> CheckpointInfo | None:
             logger.info("--load %s holds no checkpoint yet: training starts from scratch", ck.load)
         return None
     return read_checkpoint(ck.load)
+
+
+def _newer_non_persistent(ck) -> CheckpointInfo | None:
+    """Megatron-LM's resume with non-persistent checkpoints: the non-persistent directory's
+    latest when it is newer than --load's (not when --load names an iteration directory or
+    --ckpt-step one, nor with --finetune)."""
+    root = ck.non_persistent_dir(ck.load)
+    if root is None or ck.finetune or os.path.isfile(os.path.join(ck.load, checkpointing.METADATA)):
+        return None
+    newer = checkpointing.latest_iteration(root) if os.path.isdir(root) else None
+    if newer is None:
+        return None
+    latest = checkpointing.latest_iteration(ck.load) if os.path.isdir(ck.load) else None
+    loud = launch.process_info().rank == 0
+    if latest is not None and newer <= latest:
+        if loud:
+            logger.info(
+                "the non-persistent checkpoint %s (iteration %d) is not newer than --load's "
+                "latest (%d): resuming from --load", root, newer, latest,
+            )  # fmt: skip
+        return None
+    if loud:
+        logger.info(
+            "resuming from the non-persistent checkpoint %s (iteration %d; --load %s: %s)",
+            root, newer, ck.load, "none" if latest is None else f"iteration {latest}",
+        )  # fmt: skip
+    return read_checkpoint(root, flag="--non-persistent-global-ckpt-dir")
 
 
 def evaluation_sets(datasets, paths: list[str]) -> list[tuple[str, object]]:
@@ -337,7 +367,7 @@ class Trainer:
                 else:  # a fresh Adam; the learning rate continues at the loaded step
                     self.scheduler.num_steps = self._schedule_position(self.iteration, consumed)
                 restore_lr_schedule(self.optimizer, self.scheduler, plan.lr_schedule)
-            logger.info("loaded %s at iteration %d", ck.load, self.iteration)
+            logger.info("loaded %s at iteration %d", plan.checkpoint.path, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
         self.valid_batches = {}  # per (split, set), built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
@@ -617,14 +647,16 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def save(self) -> None:
+    def save(self, non_persistent: bool = False) -> None:
+        """A checkpoint of this step in --save (``non_persistent``: in the non-persistent
+        directory, which keeps only its newest)."""
         if not self.cfg.checkpoint.save:
             return
         self.check_finite()  # never a checkpoint of a diverged state
         self.finish_saves()  # one background save at a time
         ck = self.cfg.checkpoint
         checkpointing.save_checkpoint(
-            ck.save,
+            ck.non_persistent_dir(ck.save) if non_persistent else ck.save,
             self.iteration,
             self.chunks,
             None if ck.no_save_optim else self.optimizer,
@@ -645,6 +677,8 @@ class Trainer:
             fully_parallel=ck.ckpt_fully_parallel_save,
             async_queue=self.async_saves,
             save_rng=not ck.no_save_rng,
+            retain_interval=None if non_persistent else ck.save_retain_interval,
+            keep_latest_only=non_persistent,
         )
 
     def finish_saves(self, blocking: bool = True) -> None:
@@ -678,9 +712,51 @@ class Trainer:
         until the logger reads them (``metrics.TrainingLogger``)."""
         cfg = self.cfg
         t, ck = cfg.training, cfg.checkpoint
-        self.profiler.before_step(self.iteration)
-        before, lg = self.global_batch, cfg.logging
         log_step = self.log.is_log_step(self.iteration + 1)
+        skipped = self.iteration + 1 in t.iterations_to_skip
+        ratio = None
+        if skipped:
+            self.skip_step()
+        else:
+            ratio = self._train_and_record(log_step)
+        if log_step:
+            last = None if skipped else self.slm_loss.last
+            self.log.log(self.iteration, last, self._last_ref)
+            self.check_finite()
+            self.finish_saves(blocking=False)
+        interval = cfg.logging.log_selection_interval
+        picture = bool(interval and self.iteration % interval == 0 and ratio is not None)
+        evaluate = bool(t.eval_interval and self.iteration % t.eval_interval == 0)
+        save = bool(ck.save and ck.save_interval and self.iteration % ck.save_interval == 0)
+        # Megatron-LM's: a non-persistent save where no persistent one falls (nor the end's)
+        n, final = ck.non_persistent_save_interval, self.iteration >= self.sizes.train_iters
+        save_non_persistent = bool(not (save or final) and n and self.iteration % n == 0)
+        if picture or evaluate or save or save_non_persistent:
+            self.log.read()  # the steps so far are timed without this work
+            if picture:
+                self.log.selection_image(
+                    self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
+                    self.tokenizer,
+                )  # fmt: skip
+            gather = evaluate or save or save_non_persistent
+            with self.params_gathered() if gather else contextlib.nullcontext():
+                if evaluate:
+                    with self.manual_gc.evaluation():
+                        losses = self.evaluate()
+                    self.log.validation(self.iteration, losses)
+                if save:
+                    self.save()
+                    self._last_saved = self.iteration
+                elif save_non_persistent:
+                    self.save(non_persistent=True)
+            self.log.restart_clock()
+        return self.exit.should_exit(self.iteration, vote=log_step)
+
+    def _train_and_record(self, log_step: bool) -> float | None:
+        """One optimizer step, its statistics kept for the log (on the device); the ratio."""
+        lg = self.cfg.logging
+        self.profiler.before_step(self.iteration)
+        before = self.global_batch
         stats, grad_norm, ratio = self.train_step(count_zeros=log_step and lg.log_num_zeros_in_grad)
         if self.sizes.ramp and before != self.global_batch and dist.get_rank() == 0:
             logger.info("global batch size %d from step %d", self.global_batch, self.iteration + 1)
@@ -699,31 +775,22 @@ class Trainer:
             self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio,
             self.global_batch, extras,
         )  # fmt: skip
-        if log_step:
-            self.log.log(self.iteration, self.slm_loss.last, self._last_ref)
-            self.check_finite()
-            self.finish_saves(blocking=False)
-        interval = cfg.logging.log_selection_interval
-        picture = bool(interval and self.iteration % interval == 0 and ratio is not None)
-        evaluate = bool(t.eval_interval and self.iteration % t.eval_interval == 0)
-        save = bool(ck.save and ck.save_interval and self.iteration % ck.save_interval == 0)
-        if picture or evaluate or save:
-            self.log.read()  # the steps so far are timed without this work
-            if picture:
-                self.log.selection_image(
-                    self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
-                    self.tokenizer,
-                )  # fmt: skip
-            with self.params_gathered() if evaluate or save else contextlib.nullcontext():
-                if evaluate:
-                    with self.manual_gc.evaluation():
-                        losses = self.evaluate()
-                    self.log.validation(self.iteration, losses)
-                if save:
-                    self.save()
-                    self._last_saved = self.iteration
-            self.log.restart_clock()
-        return self.exit.should_exit(self.iteration, vote=log_step)
+        return ratio
+
+    def skip_step(self) -> None:
+        """--iterations-to-skip (Megatron-LM's): this iteration's global batch is read and
+        dropped on every rank; the iteration counts, nothing is computed or updated (the
+        learning-rate schedule does not advance)."""
+        consumed = self.batches.consumed_samples
+        for _ in range(self.sizes.microbatches_at(consumed)):
+            next(self.batches)
+        self.iteration += 1
+        self.sample_record.skip()
+        if dist.get_rank() == 0:
+            logger.info(
+                "iteration %d skipped (--iterations-to-skip): its %d samples are not trained on",
+                self.iteration, self.batches.consumed_samples - consumed,
+            )  # fmt: skip
 
     def _final_evaluation(self) -> None:
         """Megatron-LM's evaluation once training is done (not after an exit before the end):

@@ -93,6 +93,11 @@ class SampleRecord:
         if path:
             batches.read = []
 
+    def skip(self) -> None:
+        """A step that trained on nothing (--iterations-to-skip): its samples are not recorded."""
+        if self.path:
+            self.batches.read = []
+
     def step(self, iteration: int) -> None:
         if not self.path:
             return

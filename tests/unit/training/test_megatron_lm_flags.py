@@ -340,7 +340,9 @@ LLAMA_FLAGS = ("--use-mcore-models", "--group-query-attention", "--num-query-gro
                "--no-position-embedding", "--use-flash-attn", "--no-masked-softmax-fusion",
                "--no-rope-fusion", "--no-gradient-accumulation-fusion", "--optimizer", "adam",
                "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
-               "--use-checkpoint-args", "--distributed-backend", "gloo")  # fmt: skip
+               "--use-checkpoint-args", "--distributed-backend", "gloo",
+               "--use-rotary-position-embeddings", "--no-bias-swiglu-fusion",
+               "--no-bias-dropout-fusion")  # fmt: skip
 
 
 def test_megatron_lms_llama_flags_describe_the_model_they_build():
@@ -360,6 +362,34 @@ def test_megatron_lms_llama_flags_describe_the_model_they_build():
     assert ModelArgs(attention_backend="local").spec_impl == "local"
     assert ModelArgs(transformer_impl="transformer_engine").spec_impl == "te"  # Megatron-LM's
     assert ModelArgs().spec_impl is None
+
+
+def test_logging_level_sets_every_logger(monkeypatch):
+    """--logging-level (else MEGATRON_LOGGING_LEVEL) is every logger's level, megatron-core's
+    (which the trainer otherwise quiets to WARNING) included; a bad variable is one line."""
+    import logging
+
+    from megatron_slm.pretrain import set_logging_level
+
+    saved = {name: logging.getLogger(name).level for name in ("", "megatron.core")}
+    monkeypatch.delenv("MEGATRON_LOGGING_LEVEL", raising=False)
+    try:
+        logging.getLogger("megatron.core").setLevel(logging.WARNING)
+        set_logging_level(None)
+        assert logging.getLogger("megatron.core").level == logging.WARNING
+        cfg, _ = _config("--logging-level", 10)
+        set_logging_level(cfg.logging.logging_level)
+        assert logging.getLogger("megatron.core").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("megatron_slm.anything").isEnabledFor(logging.DEBUG)
+        monkeypatch.setenv("MEGATRON_LOGGING_LEVEL", "30")
+        set_logging_level(None)
+        assert not logging.getLogger("megatron_slm").isEnabledFor(logging.INFO)
+        monkeypatch.setenv("MEGATRON_LOGGING_LEVEL", "loud")
+        with pytest.raises(ConfigError, match="MEGATRON_LOGGING_LEVEL='loud': not a logging"):
+            set_logging_level(None)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _megatron_swiglu_width(h: int) -> int:
@@ -432,6 +462,12 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("MOCK", "--slm-ratio", 0.6), "select with --slm-ref-source online"),
         (("MOCK", "--sft-data", "x.jsonl"), "either --mock-data or --sft-data"),
         (("--decoupled-lr", 1e-4, "--min-lr", 1e-3), "must be >= its final rate"),
+        (("--save", "c", "--save-interval", 2, "--save-retain-interval", 3),
+         "--save-retain-interval 3 must be a multiple of --save-interval 2"),
+        (("--save-retain-interval", 4), "needs --save and --save-interval"),
+        (("--non-persistent-save-interval", 2), "--non-persistent-save-interval needs --save"),
+        (("--non-persistent-ckpt-type", "local"), "invalid choice"),
+        (("--iterations-to-skip", 3, 0), "--iterations-to-skip takes iterations >= 1"),
     ],
 )  # fmt: skip
 def test_flags_that_do_not_fit_are_one_line(argv, message, capsys):
