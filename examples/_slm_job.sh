@@ -115,6 +115,8 @@ LOGGING_ARGS=(
     --tensorboard-dir "${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}"
 )
 [[ -n "${LOG_LOSS_FILE:-}" ]] && LOGGING_ARGS+=(--log-loss-file "$LOG_LOSS_FILE")
+# LOG_PROGRESS=1: Megatron-LM's progress.txt in the checkpoint directory (throughput per job).
+[[ "${LOG_PROGRESS:-0}" == 1 ]] && LOGGING_ARGS+=(--log-progress)
 
 mkdir -p "$RUN_DIR"
 launch_pretrain "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" \

@@ -420,6 +420,7 @@ def save_checkpoint(
     save_rng: bool = True,
     retain_interval: int | None = None,
     keep_latest_only: bool = False,
+    on_published=None,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
 
@@ -436,7 +437,8 @@ def save_checkpoint(
 
     Once published, the checkpoints it supersedes are deleted (:func:`drop_superseded`):
     ``retain_interval`` (``--save-retain-interval``) the previous latest, unless its iteration is
-    a multiple of it; ``keep_latest_only`` (a non-persistent directory) every other one."""
+    a multiple of it; ``keep_latest_only`` (a non-persistent directory) every other one.
+    ``on_published(dropped_iterations)`` runs on rank 0 then (``--log-progress``)."""
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -487,7 +489,9 @@ def save_checkpoint(
             previous = _latest_or_none(root)
             write_text_atomic(os.path.join(root, TRACKER), str(iteration))
             logger.info("saved checkpoint %s", final)
-            drop_superseded(root, iteration, previous, retain_interval, keep_latest_only)
+            dropped = drop_superseded(root, iteration, previous, retain_interval, keep_latest_only)
+            if on_published is not None:
+                on_published(dropped)
             _crash.reached("saved")
         dist.barrier()
 

@@ -894,6 +894,12 @@ class LoggingArgs:
         "signals and --exit-duration-in-mins are also checked at these steps.",
     )
     tensorboard_dir: str | None = arg(None, "TensorBoard event directory.")
+    log_progress: bool = arg(
+        False,
+        "Append to <save>/progress.txt (Megatron-LM's flag and format): a line when the job "
+        "starts, at each checkpoint (iteration, the job's and the cumulative TFLOP/s per device, "
+        "the training FLOPs and tokens so far) and for each checkpoint deleted.",
+    )
     logging_level: int | None = arg(
         None,
         "Python logging level of every logger, megatron-core's included (Megatron-LM's flag, "
@@ -1117,6 +1123,8 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
         )
     if d.mock_data and cfg.sft.enabled:
         raise ConfigError("give either --mock-data or --sft-data, not both")
+    if cfg.logging.log_progress and not cfg.checkpoint.save:
+        raise ConfigError("--log-progress writes progress.txt into --save: give --save")
     if d.mock_data and cfg.slm.needs_reference and cfg.slm.slm_ref_source == "sidecar":
         raise ConfigError(
             "--mock-data has no reference-loss sidecar: select with --slm-ref-source online"

@@ -68,6 +68,7 @@ from megatron_slm.training.optimizer import (
     resume_lr_schedule,
     use_fused_adam,
 )
+from megatron_slm.training.progress_log import ProgressLog
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
 from megatron_slm.training.slm_loss import (
@@ -375,6 +376,14 @@ class Trainer:
         self.exit = ExitController(cfg.checkpoint, self.device)
         self.manual_gc = ManualGC(cfg)
         self.profiler = StepProfiler(cfg, dist.get_rank(), self.device)
+        self.progress = None
+        if cfg.logging.log_progress:
+            seq = t.seq_length
+            self.progress = ProgressLog(
+                cfg.checkpoint.save, dist.get_world_size(), self.arch.flops_per_token(seq) * seq,
+                active=dist.get_rank() == 0,
+            )  # fmt: skip
+            self.progress.start(consumed)
         self.async_saves = None
         if cfg.checkpoint.async_save and cfg.checkpoint.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -679,7 +688,24 @@ class Trainer:
             save_rng=not ck.no_save_rng,
             retain_interval=None if non_persistent else ck.save_retain_interval,
             keep_latest_only=non_persistent,
+            on_published=None if non_persistent else self._progress_line(),
         )
+
+    def _progress_line(self):
+        """--log-progress: what a persistent save of this step adds to progress.txt once it is
+        published (its figures as of now), and the checkpoints it deleted."""
+        if self.progress is None or not self.progress.active:
+            return None
+        line = self.progress.saved(
+            self.iteration, self.batches.consumed_samples, self.cfg.training.seq_length
+        )
+
+        def published(dropped: list[int]) -> None:
+            self.progress.append(line)
+            for iteration in dropped:
+                self.progress.append(f"Deleted checkpoint\tIteration: {iteration}")
+
+        return published
 
     def finish_saves(self, blocking: bool = True) -> None:
         """Publish the background saves whose writers finished on every rank (``blocking``:

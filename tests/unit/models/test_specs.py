@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
+from torch.utils.flop_counter import FlopCounterMode
 
+from megatron_slm.models import get_preset
 from megatron_slm.models.specs import (
     FusedRoPESelfAttention,
     FusedSwiGLUMLP,
@@ -200,10 +202,11 @@ def _torch_vs_local_spec(rank, world):
     pos = torch.arange(16).expand(2, 16)
     out = []
     for model in (ours, local):  # per-token losses, and every parameter's gradient of their sum
-        losses = model(tokens, pos, None, labels=tokens)
-        losses.sum().backward()
+        with FlopCounterMode(display=False) as counter:
+            losses = model(tokens, pos, None, labels=tokens)
+            losses.sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        out.append((losses.detach(), grads))
+        out.append((losses.detach(), grads, counter.get_total_flops()))
         if model is ours:  # the query and the key of every layer, through the fused kernel
             assert len(rope_calls) == 2 * len(ours.decoder.layers), rope_calls
     return out
@@ -212,8 +215,18 @@ def _torch_vs_local_spec(rank, world):
 def test_torch_spec_matches_megatron_local_spec():
     """The torch spec (SDPA, torch's RMSNorm, the fused SwiGLU and RoPE) against megatron-core's
     local spec (its unfused SwiGLU and RoPE among them) on the same weights: losses and
-    gradients."""
-    (((ours, ours_grads), (local, local_grads)),) = run_distributed(_torch_vs_local_spec, 1)
+    gradients.
+
+    And what MFU and --log-progress count, ``GPTModelConfig.flops_per_token``: forward and
+    backward of every matrix product (torch's FLOP counter on the local spec, whose attention
+    multiplies the whole s x s scores) less the half of the attention products that the causal
+    mask discards (Megatron-LM's convention)."""
+    (((ours, ours_grads, _), (local, local_grads, flops)),) = run_distributed(
+        _torch_vs_local_spec, 1
+    )
+    arch, (batch, seq) = get_preset("tiny"), ours.shape
+    masked = 3 * arch.num_layers * 2 * seq * arch.hidden_size  # above the diagonal, fwd + bwd
+    assert flops == batch * seq * (arch.flops_per_token(seq) + masked)
     torch.testing.assert_close(ours, local, rtol=1e-5, atol=1e-5)
     assert ours_grads.keys() == local_grads.keys() and any("linear_fc1" in n for n in ours_grads)
     for name, grad in ours_grads.items():

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from datetime import datetime
 
 import pytest
 import torch
 
 from megatron_slm.checkpoint import drop_superseded, iteration_dir, latest_iteration
+from megatron_slm.training.progress_log import cumulative_start
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     OVERLAP_ARGS,
@@ -116,7 +118,7 @@ def _worker(rank, world, prefix, root):
 
     save = f"{root}/ckpt"
     flags = (*skip, "--save", save, "--save-interval", 2, "--save-retain-interval", 4,
-             "--non-persistent-save-interval", 1)  # fmt: skip
+             "--non-persistent-save-interval", 1, "--log-progress")  # fmt: skip
     crashed = cpu_trainer([*common, *flags])
     out["saves_gathered"] = _spy_saves(crashed)
     for _ in range(7):
@@ -130,6 +132,7 @@ def _worker(rank, world, prefix, root):
     out["resumed"] = _weights(resumed)
     close_trainer(resumed)
     out["at_end"] = (_iterations(save), _iterations(f"{save}/non_persistent"))
+    out["flops_per_sample"] = resumed.arch.flops_per_token(32) * 32
     return out
 
 
@@ -148,6 +151,44 @@ def test_retention_non_persistent_resume_and_skipped_iterations(corpus, tmp_path
     assert out["resumed_at"] == (7, 56)  # the non-persistent checkpoint: newer than --load's 6
     assert torch.equal(out["resumed"], out["straight"])
     assert out["at_end"] == ([4, 8], [7])  # 8 superseded 6
+    # --log-progress: Megatron-LM's progress.txt, persistent checkpoints only
+    with open(tmp_path / "ckpt" / "progress.txt") as f:
+        lines = [line.rstrip("\n").split("\t") for line in f]
+    assert [" ".join(t[3:5]) for t in lines] == [
+        "Starting job", "Saved checkpoint Iteration: 2", "Saved checkpoint Iteration: 4",
+        "Deleted checkpoint Iteration: 2", "Saved checkpoint Iteration: 6",
+        "Starting job", "Saved checkpoint Iteration: 8", "Deleted checkpoint Iteration: 6",
+    ]  # fmt: skip
+    assert all(t[2] == "# GPUs: 1" for t in lines)
+    last = lines[6]
+    assert last[7] == f"Floating-point operations: {64 * out['flops_per_sample']:.2e}"
+    assert last[8] == "Tokens (in billions): 0.00"
+    assert last[5].startswith("Job throughput: ") and last[5].endswith(" TFLOP/s/GPU")
+
+
+def test_cumulative_throughput_counts_from_the_first_job_of_this_size(tmp_path):
+    """Megatron-LM's rule: the earliest start of the last unbroken run of jobs with this many
+    devices, and the operations of the last checkpoint saved before it."""
+    path = tmp_path / "progress.txt"
+
+    def line(stamp, gpus, *message):
+        return "\t".join([f"2026-12-0{stamp}", "Job ID: 7", f"# GPUs: {gpus}", *message]) + "\n"
+
+    def saved(flops):
+        return ("Saved checkpoint", "Iteration: 1", "Job throughput: 1.0 TFLOP/s/GPU",
+                "Cumulative throughput: 1.0 TFLOP/s/GPU", f"Floating-point operations: {flops:.2e}",
+                "Tokens (in billions): 0.10")  # fmt: skip
+
+    path.write_text(
+        line("1 00:00:00", 8, "Starting job") + line("1 01:00:00", 8, *saved(1e18))
+        + line("2 00:00:00", 16, "Starting job") + line("2 01:00:00", 16, *saved(3e18))
+        + line("3 00:00:00", 8, "Starting job") + line("3 01:00:00", 8, *saved(4e18))
+        + line("4 00:00:00", 8, "Starting job") + "a line of another format\n"
+    )  # fmt: skip
+    start, flops = cumulative_start(str(path), 8)
+    assert (start, flops) == (datetime(2026, 12, 3), 3e18)  # (the 16-GPU job broke the run)
+    assert cumulative_start(str(path), 16) is None
+    assert cumulative_start(str(tmp_path / "none.txt"), 8) is None
 
 
 def test_drop_superseded_is_crash_safe_and_spares_links(tmp_path):
