@@ -7,8 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Most tests run one process at a time (a trainer, a tool, a server starting), so one pytest
 # worker per core (pytest-xdist) roughly halves the wall time; a test file stays on one worker, so
-# its module-scoped fixtures (trained tiny models) are built once. Files go out in collection
-# order (tests/conftest.py: the heavy multi-process tiers first), not xdist's by test count,
-# which left a heavy file with few tests running alone at the end. PYTEST_WORKERS=0: serial.
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadfile \
-    --no-loadscope-reorder "${@:-tests}"
+# its module-scoped fixtures (trained tiny models) are built once. PYTEST_WORKERS=0: serial.
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadfile "${@:-tests}"
