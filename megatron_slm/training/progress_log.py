@@ -9,9 +9,9 @@ and deleted checkpoint, in its format, so tools that read that file read ours::
 (the second line is one line in the file). The operations count the model's training FLOPs of
 the samples consumed so far (``GPTModelConfig.flops_per_token``, the figure MFU is computed
 from; --iterations-to-skip's dropped samples included), so they continue across restarts
-without a counter in the checkpoint. The job's
-throughput counts from its start; the cumulative one from the start of the earliest job of an
-unbroken run of jobs with this many devices, as Megatron-LM computes it.
+without a counter in the checkpoint. The job's throughput counts from its start; the
+cumulative one from the start of the earliest job of an unbroken run of jobs with this many
+devices, as Megatron-LM computes it.
 """
 
 from __future__ import annotations
