@@ -200,10 +200,10 @@ def _newer_non_persistent(ck) -> CheckpointInfo | None:
     root = ck.non_persistent_dir(ck.load)
     if root is None or ck.finetune or os.path.isfile(os.path.join(ck.load, checkpointing.METADATA)):
         return None
-    newer = checkpointing.latest_iteration(root) if os.path.isdir(root) else None
+    newer = checkpointing.latest_iteration(root)  # (None: no tracker there)
     if newer is None:
         return None
-    latest = checkpointing.latest_iteration(ck.load) if os.path.isdir(ck.load) else None
+    latest = checkpointing.latest_iteration(ck.load)
     loud = launch.process_info().rank == 0
     if latest is not None and newer <= latest:
         if loud:

@@ -56,24 +56,23 @@ class ProgressLog:
         self.path = os.path.join(save, FILE_NAME)
         self.world_size, self.flops_per_sample, self.active = world_size, flops_per_sample, active
         self._started, self._flops_at_start = time.time(), 0.0
+        self._run_start = (datetime.fromtimestamp(self._started), 0.0)  # (cumulative_start's)
 
     def start(self, consumed_samples: int) -> None:
-        """The job starts (after a --load: at the loaded position)."""
+        """The job starts (after a --load: at the loaded position). The file is read once, here:
+        the run of jobs of this size that the cumulative throughput counts from."""
         self._started = time.time()
         self._flops_at_start = consumed_samples * self.flops_per_sample
         self.append("Starting job")
+        found = cumulative_start(self.path, self.world_size) if self.active else None
+        self._run_start = found or (datetime.fromtimestamp(self._started), self._flops_at_start)
 
     def saved(self, iteration: int, consumed_samples: int, seq_length: int) -> str:
         """The line of a checkpoint of ``iteration``, its figures as of now (the caller appends
         it once the checkpoint is published: a background save's later)."""
-        if not self.active:
-            return ""
         flops = consumed_samples * self.flops_per_sample
         job = (flops - self._flops_at_start) / (time.time() - self._started + 1e-9)
-        start, flops_then = cumulative_start(self.path, self.world_size) or (
-            datetime.fromtimestamp(self._started),
-            self._flops_at_start,
-        )  # (only when this job's own start line is gone from the file)
+        start, flops_then = self._run_start
         cumulative = (flops - flops_then) / ((datetime.now() - start).total_seconds() + 1e-9)
         per_device = 1e12 * self.world_size
         return (
