@@ -1,10 +1,15 @@
 """Run a function in N real processes joined by a gloo process group (CPU).
 
-Used by the multi-process tests: ``run_distributed(fn, world_size, *args)`` spawns ``world_size``
-fresh interpreters, initializes ``torch.distributed`` with gloo on a free localhost port, calls
+Used by the multi-process tests: ``run_distributed(fn, world_size, *args)`` starts ``world_size``
+processes, initializes ``torch.distributed`` with gloo on a free localhost port, calls
 ``fn(rank, world_size, *args)`` in each and returns the list of results ordered by rank. ``fn`` must
-be importable at module level (spawned processes import it by name). An exception in any rank is
+be importable at module level (the processes import it by name). An exception in any rank is
 re-raised in the parent with that rank's traceback.
+
+The processes come from multiprocessing's fork server, which has imported torch, megatron-core
+and the trainer once (tests/zygote_server.py's list): a spawned interpreter spends about 4 s on
+those imports before ``fn`` starts. Each process gets this process's environment and fresh
+random seeds, as a spawned one would.
 """
 
 from __future__ import annotations
@@ -69,9 +74,15 @@ def _kernel_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, environ, fn, args, queue):
+    import numpy as np
     import torch.distributed as dist
 
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's now, not the fork server's when it started
+    random.seed()
+    np.random.seed()
+    torch.seed()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -103,11 +114,15 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
-    ctx = mp.get_context("spawn")
+    from tests.zygote_server import PRELOAD
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([*PRELOAD, "tests.dist_helpers"])
     queue = ctx.Queue()
     port = free_port()
+    environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+        ctx.Process(target=_worker, args=(r, world_size, port, environ, fn, args, queue))
         for r in range(world_size)
     ]
     for p in procs:

@@ -2,7 +2,8 @@
 recorded: run as ``torchrun ... tests/functional/collective_probe.py PRETRAIN_ARGS``.
 
 torch's ``reduce_scatter_tensor``, ``all_gather_into_tensor`` and ``all_reduce`` are wrapped
-before megatron-core imports them (its buffers bind them at import). Each call made by
+before megatron-core imports them (its buffers bind them at import), or rebound in its buffers'
+module where that was imported already. Each call made by
 megatron-core's gradient buffers (``param_and_grad_buffer``) is recorded with where it was
 issued: inside an autograd backward (``torch._C._current_graph_task_id() != -1``), inside the
 optimizer step (``step_with_ready_grads`` on the stack), inside a forward pre-hook of
@@ -48,9 +49,18 @@ def _write() -> None:
         json.dump(CALLS, f)
 
 
+_originals = (dist.reduce_scatter_tensor, dist.all_gather_into_tensor)
 dist.reduce_scatter_tensor = _recorded("reduce_scatter", dist.reduce_scatter_tensor)
 dist.all_gather_into_tensor = _recorded("all_gather", dist.all_gather_into_tensor)
 dist.all_reduce = _recorded("all_reduce", dist.all_reduce)
+# Forked from a test server that imported megatron-core already (tests/zygote_server.py): its
+# buffers bound the originals then, so they are rebound here.
+_buffers = sys.modules.get("megatron.core.distributed.param_and_grad_buffer")
+if _buffers is not None:
+    if _buffers.dist_reduce_scatter_func is _originals[0]:
+        _buffers.dist_reduce_scatter_func = dist.reduce_scatter_tensor
+    if _buffers.dist_all_gather_func is _originals[1]:
+        _buffers.dist_all_gather_func = dist.all_gather_into_tensor
 
 if __name__ == "__main__":
     atexit.register(_write)

@@ -1,16 +1,17 @@
-"""Run ``megatron_slm.pretrain`` as users do (a subprocess, torchrun for several ranks) on small
-synthetic corpora, and read back its per-step JSON log."""
+"""Run ``megatron_slm.pretrain`` as users do (a process of its own, torchrun for several ranks)
+on small synthetic corpora, and read back its per-step JSON log. The processes are forked from a
+preloaded interpreter (tests/zygote.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 from megatron_slm.data import preprocess_corpus
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 512
@@ -63,7 +64,7 @@ def run_pretrain(
         cmd += [str(_free_port())]
     cmd += [*entry, "--device", "cpu", *map(str, args)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = zygote.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

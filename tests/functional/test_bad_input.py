@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from megatron_slm.data.sidecar import sidecar_paths
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.functional.pretrain_helpers import REPO, VOCAB, make_null_corpus
 from tests.unit.data import write_sidecar
@@ -222,7 +222,7 @@ def test_bad_inputs_one_line_exit_2(files, tmp_path):
     before = _snapshot(files["dir"])
     spec = [{"entry": entry, "argv": argv, "cwd": REPO} for _, entry, argv, _ in cases]
     (tmp_path / "cases.json").write_text(json.dumps(spec))
-    subprocess.run(
+    zygote.run(
         [sys.executable, "-m", "tests.functional.bad_input_driver", "cases.json", "results.json"],
         cwd=tmp_path,
         env=dict(ENV, PYTHONPATH=f"{REPO}:{tmp_path}"),
@@ -257,7 +257,7 @@ def test_torchrun_prints_the_line_once(files):
     argv = _pretrain_args(files, files["trunc_bin"], "--tensor-model-parallel-size", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     cmd += ["--master-port", str(free_port()), "-m", PRETRAIN, *argv]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = zygote.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     both = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [ln for ln in both.splitlines() if ": error: " in ln]

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests import zygote
 from tests.functional.pretrain_helpers import REPO, run_pretrain
 from tests.functional.test_bad_input import ENV, _snapshot
 from tests.functional.test_multi_round import GBS, ROUND1, SEQ, _corpus, train_args
@@ -79,7 +79,7 @@ def test_bad_batch_ids_exit_2_before_any_work(source, tmp_path):
                      "cwd": REPO})  # fmt: skip
     (tmp_path / "cases.json").write_text(json.dumps(spec))
     before = _snapshot(source["data"])
-    subprocess.run(
+    zygote.run(
         [sys.executable, "-m", "tests.functional.bad_input_driver", "cases.json", "results.json"],
         cwd=tmp_path, env=ENV, check=True, timeout=300,
     )  # fmt: skip

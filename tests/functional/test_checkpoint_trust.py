@@ -8,13 +8,13 @@ import contextlib
 import os
 import pickle
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from megatron_slm.checkpoint import KILL_HOOK_ENV, TRACKER, iteration_dir, load_rng_file
+from tests import zygote
 from tests.functional.pretrain_helpers import (
     REPO,
     make_null_corpus,
@@ -87,7 +87,7 @@ def _run_killed(args, env: dict, log_path) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "megatron_slm.pretrain", "--device", "cpu", *map(str, args)]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **env)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=log, start_new_session=True)
+        proc = zygote.Popen(cmd, env=full_env, stdout=log, stderr=log, start_new_session=True)
         try:
             rc = proc.wait(timeout=300)
         finally:

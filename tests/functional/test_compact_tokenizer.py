@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.functional.pretrain_helpers import run_pretrain
 
@@ -37,7 +37,7 @@ def _run(script, *args, nproc=1, check=True):
         cmd += ["--master-port", str(free_port())]
     cmd += [script, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = zygote.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from megatron_slm.checkpoint import KILL_HOOK_ENV, TRACKER
+from tests import zygote
 from tests.functional import hf_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,7 @@ def _convert(*argv, env: dict | None = None) -> tuple[int, str]:
     cmd = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), *map(str, argv)]
     full_env = {k: v for k, v in os.environ.items() if k != KILL_HOOK_ENV}
     full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env or {}))
-    proc = subprocess.Popen(
+    proc = zygote.Popen(
         cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip

@@ -25,6 +25,7 @@ import sys
 
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import free_port, run_distributed
 from tests.functional import hf_worker as worker
 from tests.functional import lm_eval_worker as lmw
@@ -146,7 +147,7 @@ def test_cli_under_torchrun_tp2(trained, tmp_path):
         str(out),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    run = zygote.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "exact_match" in run.stdout and "ppl" in run.stdout
     report = json.load(open(out))
@@ -281,7 +282,7 @@ def test_tora_tasks_through_evaluate_cli_and_lm_eval_cli(trained, tora, tmp_path
     cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", load]
     cmd += ["--device", "cpu", "--lm-eval-tasks", "rho1_math_tora", "--micro-batch-size", "2"]
     cmd += ["--lm-eval-metadata", json.dumps(tora["metadata"]), "--output", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    run = zygote.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.load(open(out))["lm_eval"]
     for task, metrics in results.items():

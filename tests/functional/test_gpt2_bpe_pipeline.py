@@ -19,6 +19,7 @@ import pytest
 
 from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.data.tokenizer import build_tokenizer
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.functional.pretrain_helpers import REPO, read_steps, run_pretrain
 
@@ -30,7 +31,7 @@ WORDS = "the model reads every token of the corpus and learns which ones matter 
 
 def _tool(name: str, *args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = zygote.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

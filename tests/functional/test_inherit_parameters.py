@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.functional.pretrain_helpers import VOCAB, make_null_corpus, read_steps, run_pretrain
 
@@ -41,7 +41,7 @@ def _inherit(load, save, *extra, nproc=1, check=True):
     cmd += [os.path.join(REPO, "tools", "inherit_parameters.py"), "--device", "cpu"]
     cmd += ["--load", str(load), "--save", str(save), *map(str, extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = zygote.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"inherit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -17,12 +17,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import run_distributed
 from tests.functional import load_plan_worker as worker
 
@@ -90,7 +90,7 @@ def test_load_hf_dir_inherits_like_its_converted_checkpoint(runs):
 # ---------------------------------------------------------------------------------------------
 def _tool(*argv):
     cmd = [sys.executable, os.path.join(REPO, "tools", argv[0]), *map(str, argv[1:])]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    return zygote.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_load_model_from_plain_python_without_a_process_group(runs):
     )
     out = {}
     for mode in ("plain", "initialized"):
-        proc = subprocess.run([sys.executable, "-c", code, runs["sp_ckpt"], mode],
+        proc = zygote.run([sys.executable, "-c", code, runs["sp_ckpt"], mode],
                               capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[mode] = proc.stdout.strip().splitlines()[-1]

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import REPO, VOCAB, read_steps, run_pretrain
 
@@ -184,7 +184,7 @@ def _cli(rounds, output, kill=None):
     args = [sys.executable, os.path.join(REPO, "tools", "score_batches.py")]
     for k, v in score_kwargs(rounds["round1"], rounds["prefix"], output).items():
         args += ["--" + k.replace("_", "-"), *(v if isinstance(v, list) else [str(v)])]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    return zygote.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_scores_at_tp2_dp2_and_resume_after_sigkill(rounds):

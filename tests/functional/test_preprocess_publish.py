@@ -17,6 +17,7 @@ from megatron_slm.data.index_file import read_index
 from megatron_slm.data.indexed import KILL_HOOK_ENV, recover_pair
 from megatron_slm.errors import InputFileError
 from megatron_slm.output_lock import OutputLock, OutputLockedError
+from tests import zygote
 from tests.unit.data import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +38,7 @@ def _preprocess(src: str, out: str, env: dict | None = None) -> subprocess.Compl
     cmd += ["--vocab-size", str(VOCAB), "--workers", "1", "--log-interval", "0"]
     full_env = {k: v for k, v in os.environ.items() if k != KILL_HOOK_ENV}
     full_env.update(env or {})
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=120)
+    return zygote.run(cmd, env=full_env, capture_output=True, text=True, timeout=120)
 
 
 def _pair(prefix: str) -> tuple[bytes, bytes] | None:

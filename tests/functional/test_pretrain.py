@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import zygote
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     make_null_corpus,
@@ -106,12 +107,11 @@ def online_steps(corpus, reference_ckpt, tmp_path_factory):
 
 
 def _score_with_tool(ckpt, prefix):
-    import subprocess
     import sys
 
     from tests.functional.pretrain_helpers import REPO
 
-    subprocess.run(
+    zygote.run(
         [sys.executable, os.path.join(REPO, "tools", "score_corpus.py"), "--data-prefix", prefix,
          "--load", ckpt, "--seq-length", str(SEQ), "--dtype", "float32", "--overwrite",
          "--device", "cpu"],
@@ -279,7 +279,12 @@ def test_sequence_parallel_and_recompute_leave_the_losses_unchanged(corpus, tmp_
         prefix, tmp_path / "sp.jsonl", 4, *tp2, "--sequence-parallel",
         "--recompute-granularity", "full", nproc=2,
     )  # fmt: skip
-    assert [r["loss"] for r in both] == [r["loss"] for r in plain]
+    # Not bitwise: with the sequence split, each rank sums the norm weights' gradients over its
+    # half of the sequence before the all-reduce, a different order of fp32 sums. Equal on the
+    # Intel machines CI has run on; 1 fp32 ulp off at step 4 on an AMD EPYC (Zen 4). A missed
+    # gather or reduction is off by far more than a few ulps after a step.
+    for a, b in zip(plain, both, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
     assert plain[-1]["loss"] < plain[0]["loss"]
 
 

@@ -26,6 +26,7 @@ import pytest
 from megatron_slm.refine.annotate import KILL_HOOK_ENV, annotate
 from megatron_slm.refine.annotate_config import AnnotateConfig
 from megatron_slm.refine.prompts import chat_messages
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.unit.refine import read_jsonl, write_jsonl
 
@@ -219,7 +220,7 @@ def annotate_here(args):
 def run_annotate(args, env_extra=None, check=True):
     env = {k: v for k, v in os.environ.items() if k != KILL_HOOK_ENV}
     env.update({"OPENAI_API_KEY": "test-key", **(env_extra or {})})
-    proc = subprocess.run(
+    proc = zygote.run(
         [sys.executable, TOOL, *args], capture_output=True, text=True, env=env, timeout=300
     )
     if check:

@@ -21,6 +21,7 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
+from tests import zygote
 from tests.unit.refine import read_jsonl, run_tool, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -102,7 +103,7 @@ def run_in_process(argv):
 def spawn(argv, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", KILL_HOOK_ENV)}
     env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
-    return subprocess.Popen(
+    return zygote.Popen(
         [sys.executable, TOOL, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip

@@ -6,7 +6,6 @@ only what its journal lacks and writes the same bytes, while the server is resta
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 
@@ -15,6 +14,7 @@ import pytest
 from megatron_slm.refine.journal import request_key
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
 from megatron_slm.refine.teachers import OpenAICompletions
+from tests import zygote
 from tests.functional.test_prox_annotate import Server
 from tests.functional.test_prox_refine import TEMPLATE, WORDS, snapshot
 from tests.unit.refine import write_jsonl
@@ -86,7 +86,7 @@ def test_openai_backend_matches_transformers_and_survives_kill_and_restart(
     # 1) killed right after its 5th journaled answer
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env.update({KILL_HOOK_ENV: "answer:5", "OMP_NUM_THREADS": "1"})
-    killed = subprocess.run(
+    killed = zygote.run(
         [sys.executable, TOOL, *argv(tmp_path, model, "oa", *openai_args(server))],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

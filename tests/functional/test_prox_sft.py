@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from megatron_slm.refine.annotate import annotate
 from megatron_slm.refine.annotate_config import AnnotateConfig
 from megatron_slm.refine.prompts import SYSTEM_PROMPT
+from tests import zygote
 from tests.functional.pretrain_helpers import run_pretrain
 from tests.unit.refine import read_jsonl, write_jsonl
 
@@ -84,7 +84,7 @@ class ScriptedLabeller:
 
 
 def tool(name, *args):
-    proc = subprocess.run(
+    proc = zygote.run(
         [sys.executable, os.path.join(REPO, "tools", name), *map(str, args)],
         capture_output=True,
         text=True,

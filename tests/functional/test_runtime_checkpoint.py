@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import free_port
 from tests.functional.pretrain_helpers import make_null_corpus, read_steps, run_pretrain
 
@@ -38,7 +39,7 @@ def _tool(name, *args, nproc=1, check=True):
         cmd += ["--master-port", str(free_port())]
     cmd += [os.path.join(REPO, "tools", name), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = zygote.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -263,7 +264,7 @@ def test_one_writer_per_output(sp_setup, tmp_path):
     lone = _score(sp_setup["prefix"], sp_setup["ref"], 1)
     args = ["--data-prefix", prefix, "--load", sp_setup["ref"], "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
-    first = subprocess.Popen(
+    first = zygote.Popen(
         [sys.executable, os.path.join(REPO, "tools", "score_corpus.py"), *args],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

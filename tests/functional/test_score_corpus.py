@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import zygote
 from tests.dist_helpers import run_distributed
 from tests.unit.data import write_token_dataset
 
@@ -257,7 +257,7 @@ def _cli(setup, prefix, kill=None, extra=()):
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         args += [flag, *v] if isinstance(v, list) else [flag, str(v)]
-    return subprocess.run(
+    return zygote.run(
         args + list(extra), env=env, cwd=REPO, capture_output=True, text=True, timeout=300
     )
 

@@ -5,7 +5,6 @@ executor: applying every chunk's program to its own lines gives the document pro
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +18,7 @@ from megatron_slm.refine.executor import apply_chunk_program
 from megatron_slm.refine.program import Normalize, RemoveLines, parse_program
 from megatron_slm.refine.prompts import chat_messages
 from megatron_slm.refine.seeds import check_chunk_program, chunk_part, render_call
+from tests import zygote
 from tests.unit.refine import REPO, read_jsonl, write_jsonl
 
 
@@ -231,7 +231,7 @@ def test_cli(tmp_path, capsys):
         "--output",
         out,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    done = zygote.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "2 seeds from the programs in" in done.stderr
     assert [s["messages"][-1]["content"] for s in read_jsonl(out)] == ["keep_doc()", "drop_doc()"]

@@ -11,6 +11,7 @@ import pytest
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import KILL_HOOK_ENV, refine_corpus
+from tests import zygote
 from tests.unit.refine import read_jsonl, run_tool, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -290,7 +291,7 @@ def spawn(argv, env_extra=None):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", KILL_HOOK_ENV):
         env.pop(key, None)
     env.update(env_extra or {})
-    return subprocess.Popen(
+    return zygote.Popen(
         [sys.executable, TOOL, *argv],
         env=env,
         stdout=subprocess.PIPE,

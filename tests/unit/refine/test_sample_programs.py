@@ -6,6 +6,7 @@ import re
 
 from megatron_slm.refine.config import ApplyConfig, RunConfig
 from megatron_slm.refine.pipeline import refine_corpus
+from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 SAMPLE = os.path.join(REPO, "examples", "sample_data")
@@ -18,11 +19,10 @@ NOISE = [
 
 
 def test_shipped_programs_are_up_to_date(tmp_path):
-    import subprocess
     import sys
 
     out = tmp_path / "programs.jsonl"
-    subprocess.run(
+    zygote.run(
         [sys.executable, os.path.join(SAMPLE, "make_prox_programs.py"), "--output", str(out)],
         check=True,
     )
