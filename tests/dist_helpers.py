@@ -9,7 +9,8 @@ re-raised in the parent with that rank's traceback.
 The processes come from multiprocessing's fork server, which has imported torch, megatron-core
 and the trainer once (tests/zygote_server.py's list): a spawned interpreter spends about 4 s on
 those imports before ``fn`` starts. Each process gets this process's environment and fresh
-random seeds, as a spawned one would.
+random seeds, as a spawned one would. They are spawned where forking is not safe
+(``tests.zygote.forking_is_safe``: on a GPU machine, or turned off).
 """
 
 from __future__ import annotations
@@ -114,10 +115,14 @@ def _worker(rank, world_size, port, environ, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+    from tests.zygote import forking_is_safe
     from tests.zygote_server import PRELOAD
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([*PRELOAD, "tests.dist_helpers"])
+    if forking_is_safe():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([*PRELOAD, "tests.dist_helpers"])
+    else:
+        ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     environ = dict(os.environ)

@@ -8,7 +8,8 @@ argv, environment, working directory and standard streams; tests read its exit s
 and files as before, and may signal it. A launch that cannot be forked faithfully falls back to
 ``subprocess`` (the same call): an interpreter option other than ``-u``, ``shell``,
 ``preexec_fn`` or ``pass_fds``, or an environment that differs from every server's where imports
-read it. ``MEGATRON_SLM_TEST_ZYGOTE=0`` sends every launch to ``subprocess``.
+read it. ``MEGATRON_SLM_TEST_ZYGOTE=0`` sends every launch to ``subprocess``, and so does a
+machine with a GPU (:func:`forking_is_safe`).
 
 Tests that check what a fresh interpreter imports keep calling ``subprocess``.
 """
@@ -41,6 +42,21 @@ RUNTIME_ONLY = {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "PYTEST_CURRENT_TEST"}
 SERVERS_PER_ENV = 2  # alternated, so consecutive launches get different hash seeds
 MAX_SERVERS = 6
 START_TIMEOUT_S = 300
+
+
+def forking_is_safe() -> bool:
+    """Whether launches may be forked from preloaded interpreters here. Not on a machine with a
+    GPU: an import that asks for the device count initializes the CUDA driver, which a forked
+    child cannot use, and the GPU tests are few."""
+    global _FORKING_IS_SAFE
+    if _FORKING_IS_SAFE is None:
+        import torch
+
+        _FORKING_IS_SAFE = ENABLED and not torch.cuda.is_available()
+    return _FORKING_IS_SAFE
+
+
+_FORKING_IS_SAFE: bool | None = None
 
 
 class ServerInfo:
@@ -175,7 +191,7 @@ def _plan(args, kwargs) -> tuple[str, str, list[str], bool] | None:
 def Popen(args, *, server: ServerInfo | None = None, **kwargs) -> subprocess.Popen:  # noqa: N802
     """``subprocess.Popen(args, **kwargs)``, forked from a preloaded server when it can be
     (``server``: that one, else this process's own)."""
-    plan = _plan(args, kwargs) if ENABLED else None
+    plan = _plan(args, kwargs) if forking_is_safe() else None
     if plan is None:
         _log("not a python command line it forks", args)
         return subprocess.Popen(args, **kwargs)

@@ -14,6 +14,9 @@ import pytest
 from tests import zygote
 from tests.functional.pretrain_helpers import REPO
 
+pytestmark = pytest.mark.skipif(
+    not zygote.forking_is_safe(), reason="launches are not forked here (a GPU, or turned off)"
+)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
 # What a child reports: argv, cwd, a variable of the caller's, its session, whether torch was
 # imported before its code ran (the sign that it was forked), and its exit status.
