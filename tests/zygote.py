@@ -131,7 +131,7 @@ _servers: list[_Server] = []
 _clock = itertools.count(1)
 
 
-def _server_for(env: dict[str, str]) -> ServerInfo | None:
+def _server_for(env: dict[str, str]) -> _Server | None:
     """A server for ``env``: started at its first launch; a second one at its second launch,
     after which launches alternate between the two (different hash seeds)."""
     # A server not yet ready is matched by the environment it was started with.
@@ -148,7 +148,7 @@ def _server_for(env: dict[str, str]) -> ServerInfo | None:
         return None
     server = min(matching, key=lambda s: s.last_used)
     server.last_used = next(_clock)
-    return server.ready()
+    return server
 
 
 def _evict_idle() -> None:
@@ -196,20 +196,18 @@ def Popen(args, *, server: ServerInfo | None = None, **kwargs) -> subprocess.Pop
         _log("not a python command line it forks", args)
         return subprocess.Popen(args, **kwargs)
     env = {k: os.fspath(v) for k, v in (kwargs.get("env") or os.environ).items()}
-    candidates = [server] if server else [s.info for s in _servers if s.info]
-    if server is None:
-        server = _server_for(env)
-    elif not server.accepts(env):
-        server = None
-    if server is None:
+    owner = _server_for(env) if server is None else None
+    if owner is not None:
+        server = owner.ready()
+    if server is None or not server.accepts(env):
+        candidates = [server] if server else [s.info for s in _servers if s.info]
         differ = sorted({k for info in candidates for k in info.differences(env)})
         _log(f"no server for its environment (differs in {', '.join(differ)})", args)
         return subprocess.Popen(args, **kwargs)
     _log(f"forked by {server.path}", args)
     child = _ForkedPopen(args, server, plan, **kwargs)
-    for owner in _servers:
-        if owner.path == server.path:
-            owner.children.add(child)
+    if owner is not None:
+        owner.children.add(child)  # (a server with a child running is not evicted)
     return child
 
 
