@@ -49,7 +49,7 @@ from megatron_slm.atomic_io import current_umask, fsync_dir, write_text_atomic
 from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
-from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs
+from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs, flag_text
 from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.optimizer_state import (
@@ -812,16 +812,17 @@ def resolve_architecture(
                 continue
             mine, theirs = getattr(preset, f.name), getattr(arch, f.name)
             if mine != theirs:
-                flag = f"--{f.name.replace('_', '-')}"
                 raise CheckpointError(
-                    f"--model-preset {model_args.model_preset} has {flag} {mine}, but {where} "
-                    f"has {theirs}: drop --model-preset to use the checkpoint's architecture"
+                    f"--model-preset {model_args.model_preset} has {flag_text(f.name, mine)}, "
+                    f"but {where} has {flag_text(f.name, theirs)}: drop --model-preset to use the "
+                    "checkpoint's architecture"
                 )
     for name, value in model_args.overrides().items():
         if value != getattr(arch, name):
             raise CheckpointError(
-                f"--{name.replace('_', '-')} {value} contradicts {where} "
-                f"({getattr(arch, name)}): drop the flag to use the checkpoint's architecture"
+                f"{flag_text(name, value)} contradicts {where} "
+                f"({flag_text(name, getattr(arch, name))}): drop the flag to use the "
+                "checkpoint's architecture"
             )
     if vocab_size is not None and vocab_size != arch.vocab_size:
         raise CheckpointError(

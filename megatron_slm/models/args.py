@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 from megatron_slm.cli import arg, check_choices
 from megatron_slm.errors import ConfigError
-from megatron_slm.models.presets import GPTModelConfig, get_preset
+from megatron_slm.models.presets import (
+    GPT3_KIND,
+    NORMALIZATIONS,
+    POSITION_EMBEDDINGS,
+    GPTModelConfig,
+    get_preset,
+)
 
 DEFAULT_PRESET = "tiny"
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")  # megatron-core's AttnBackend
@@ -22,15 +28,9 @@ _OWN_FUSIONS = (
     "Accepted in either form (Megatron-LM's flag): megatron-slm chooses its fused kernels itself, "
     "each tested against megatron-core's unfused path."
 )
-# (flag, the one value megatron-slm builds) for Megatron-LM's architecture choices.
-_LLAMA_CHOICES = (("normalization", "RMSNorm"), ("position_embedding_type", "rope"),
-                  ("rotary_percent", 1.0))  # fmt: skip
 DEFAULT_VOCAB_DIVISOR = 128
 # With these three and no preset, the flags are a Megatron-LM script's model definition.
 MEGATRON_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
-# Megatron-LM's flags that say a script means the Llama architecture (its defaults are GPT-3's).
-_LLAMA_FLAGS = ("swiglu", "normalization", "position_embedding_type", "disable_bias_linear",
-                "untie_embeddings_and_output_weights")  # fmt: skip
 ARCHITECTURE_FLAGS = (
     "num_layers",
     "hidden_size",
@@ -48,10 +48,12 @@ class ModelArgs:
     model_preset: str | None = arg(
         None,
         f"Architecture preset (tiny, tinyllama-1.1b, mistral-7b, pangu-pi-1b-pro, "
-        f"pangu-pi-1.5b-pro). Default: the --load checkpoint's architecture; else, with "
-        f"--num-layers, --hidden-size and --num-attention-heads all given, Megatron-LM's "
-        f"defaults for the rest (SwiGLU width int(8h/3 / 64) * 64, one KV group per head, RoPE "
-        f"base 10000; --max-position-embeddings required); else {DEFAULT_PRESET}.",
+        f"pangu-pi-1.5b-pro: all Llama-style). Default: the --load checkpoint's architecture; "
+        f"else, with --num-layers, --hidden-size and --num-attention-heads all given, "
+        f"Megatron-LM's defaults for the rest: GPT-3's architecture (LayerNorm, GeLU, learned "
+        f"positions, biases, tied embeddings) unless the architecture flags say otherwise, FFN "
+        f"width 4h (with --swiglu int(8h/3 / 64) * 64), one KV group per head; "
+        f"--max-position-embeddings required; else {DEFAULT_PRESET}.",
     )
     num_layers: int | None = arg(None, "Override the preset's number of layers.")
     hidden_size: int | None = arg(None, "Override the preset's hidden size.")
@@ -101,28 +103,44 @@ class ModelArgs:
         "--transformer-impl local. The torch spec lets SDPA choose (flash on GPU).",
         choices=ATTENTION_BACKENDS,
     )
-    # Megatron-LM's flags for the Llama architecture, which is the only one megatron-slm builds:
-    # accepted so that a Megatron-LM script's MODEL_ARGS run unchanged. A value that describes
-    # another architecture is refused, naming the flag.
+    # Megatron-LM's architecture flags. With a preset they override its (Llama) choices; with a
+    # Megatron-LM script's shape they change Megatron-LM's GPT-3 defaults, one choice each.
     use_mcore_models: bool = arg(False, "Accepted: models are always megatron-core's.")
     group_query_attention: bool = arg(
         False, "Accepted: grouped-query attention follows --num-query-groups."
     )
-    swiglu: bool = arg(False, "Accepted: the MLP is always SwiGLU.")
-    untie_embeddings_and_output_weights: bool = arg(
-        False, "Accepted: input and output embeddings are always separate weights."
+    swiglu: bool = arg(
+        False, "SwiGLU MLP (the presets' own); without it a Megatron-LM script's model has GeLU."
     )
-    disable_bias_linear: bool = arg(False, "Accepted: linear layers never have biases.")
-    normalization: str | None = arg(None, "Accepted with RMSNorm, the only normalisation.")
+    untie_embeddings_and_output_weights: bool = arg(
+        False,
+        "Separate input and output embedding weights (the presets' own); without it a "
+        "Megatron-LM script's model ties them.",
+    )
+    disable_bias_linear: bool = arg(
+        False,
+        "No biases in the linear layers (the presets' own); without it a Megatron-LM script's "
+        "model has them.",
+    )
+    normalization: str | None = arg(
+        None,
+        "RMSNorm or LayerNorm (default: the preset's RMSNorm; a Megatron-LM script's LayerNorm).",
+        choices=NORMALIZATIONS,
+    )
     position_embedding_type: str | None = arg(
-        None, "Accepted with rope, the only position embedding."
+        None,
+        "rope or learned_absolute (default: the preset's rope; a Megatron-LM script's learned "
+        "absolute positions, which need --seq-length <= --max-position-embeddings).",
+        choices=POSITION_EMBEDDINGS,
     )
     rotary_percent: float | None = arg(None, "Accepted with 1.0: RoPE rotates whole heads.")
     kv_channels: int | None = arg(
         None, "Accepted when it is the head size, --hidden-size / --num-attention-heads."
     )
     no_position_embedding: bool = arg(
-        False, "Accepted: there is no learned position embedding (RoPE only)."
+        False,
+        "Accepted with RoPE (Megatron-LM's older flag): there is no learned position table. "
+        "Refused with learned absolute positions.",
     )
     use_flash_attn: bool = arg(
         False,
@@ -135,10 +153,10 @@ class ModelArgs:
     bias_swiglu_fusion: bool = arg(True, _OWN_FUSIONS)
     bias_dropout_fusion: bool = arg(True, _OWN_FUSIONS)
     use_rotary_position_embeddings: bool = arg(
-        False, "Accepted (Megatron-LM's older flag): RoPE is the only position embedding."
+        False, "Megatron-LM's older flag for --position-embedding-type rope."
     )
     apply_layernorm_1p: bool = arg(
-        False, "Refused: zero-centred norm weights are not the Llama architecture."
+        False, "Refused: megatron-slm does not build zero-centred norm weights."
     )
 
     def __post_init__(self):
@@ -154,17 +172,25 @@ class ModelArgs:
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
             raise ConfigError("--make-vocab-size-divisible-by must be >= 1")
         check_choices(self, "attention_backend")
-        for name, llama in _LLAMA_CHOICES:
-            value = getattr(self, name)
-            if value is not None and value != llama:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {value}: megatron-slm builds Llama-style models "
-                    f"only, whose value is {llama}"
-                )
+        for name in ("normalization", "position_embedding_type"):
+            if getattr(self, name) is not None:
+                check_choices(self, name)
+        if self.rotary_percent is not None and self.rotary_percent != 1.0:
+            raise ConfigError(
+                f"--rotary-percent {self.rotary_percent}: megatron-slm's RoPE rotates whole heads "
+                "(1.0)"
+            )
+        if self.use_rotary_position_embeddings and self.position_embedding_type not in (
+            None,
+            "rope",
+        ):
+            raise ConfigError(
+                "--use-rotary-position-embeddings contradicts --position-embedding-type "
+                f"{self.position_embedding_type}"
+            )
         if self.apply_layernorm_1p:
             raise ConfigError(
-                "--apply-layernorm-1p: megatron-slm builds Llama-style models only, whose RMSNorm "
-                "weights are not zero-centred"
+                "--apply-layernorm-1p: megatron-slm does not build zero-centred norm weights"
             )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -180,10 +206,20 @@ class ModelArgs:
             )
 
     def overrides(self) -> dict:
-        """The architecture flags given explicitly (not None)."""
+        """The architecture fields the flags give explicitly (not None)."""
         given = {k: getattr(self, k) for k in ARCHITECTURE_FLAGS if getattr(self, k) is not None}
         if self.use_rope_scaling:  # (Megatron-LM's default factor)
             given["rope_scaling_factor"] = self.rope_scaling_factor or 8.0
+        if self.normalization is not None:
+            given["normalization"] = self.normalization
+        if self.swiglu:
+            given["activation"] = "swiglu"
+        if self.position_embedding_type is not None or self.use_rotary_position_embeddings:
+            given["position_embedding_type"] = self.position_embedding_type or "rope"
+        if self.disable_bias_linear:
+            given["add_bias_linear"] = False
+        if self.untie_embeddings_and_output_weights:
+            given["tied_embeddings"] = False
         return given
 
     @property
@@ -202,11 +238,17 @@ class ModelArgs:
                 vocab_size=vocab_size, init_method_std=self.init_method_std, **self.overrides()
             )
         self.check_head_size(arch)
+        if self.no_position_embedding and arch.position_embedding_type != "rope":
+            raise ConfigError(
+                "--no-position-embedding: megatron-core's models have a learned position table "
+                "or RoPE; give --position-embedding-type rope"
+            )
         return arch
 
     def _megatron_lm_architecture(self, vocab_size: int) -> GPTModelConfig:
-        """What Megatron-LM's ``validate_args`` fills in for a SwiGLU model: the FFN width
-        ``int((4 h * 2/3) / 64) * 64``, one key/value group per head (MHA; one in all with
+        """What Megatron-LM builds from a script's flags: GPT-3's architecture changed by each
+        architecture flag given, the FFN width ``4 h`` (with ``--swiglu``, ``validate_args``'s
+        ``int((4 h * 2/3) / 64) * 64``), one key/value group per head (MHA; one in all with
         ``--group-query-attention``), RoPE base 10000, epsilon 1e-5, std 0.02;
         ``--max-position-embeddings`` is required, as there."""
         if self.max_position_embeddings is None:
@@ -215,7 +257,9 @@ class ModelArgs:
                 "--num-attention-heads and no --model-preset (as in Megatron-LM)"
             )
         h = self.hidden_size
-        ffn = self.ffn_hidden_size or int((4 * h * 2 / 3) / 64) * 64
+        kind = {**GPT3_KIND, **{k: v for k, v in self.overrides().items() if k in GPT3_KIND}}
+        swiglu_width = int((4 * h * 2 / 3) / 64) * 64
+        ffn = self.ffn_hidden_size or (swiglu_width if kind["activation"] == "swiglu" else 4 * h)
         if ffn < 1:
             raise ConfigError(
                 f"--hidden-size {h}: Megatron-LM's SwiGLU width int(8h/3 / 64) * 64 is 0; "
@@ -231,21 +275,9 @@ class ModelArgs:
             or (1 if self.group_query_attention else self.num_attention_heads),
             vocab_size=vocab_size,
             max_position_embeddings=self.max_position_embeddings,
+            **kind,
         )
         return base.replace(init_method_std=self.init_method_std, **self.overrides())
-
-    def architecture_warning(self) -> str | None:
-        """What to tell a Megatron-LM script's user whose flags name no architecture: Megatron-LM
-        would build GPT-3's from them (None: the flags, or a preset, say Llama)."""
-        if not self.megatron_lm_shape or any(getattr(self, f) for f in _LLAMA_FLAGS):
-            return None
-        return (
-            "no --model-preset and no architecture flags (--swiglu, --normalization RMSNorm, "
-            "--position-embedding-type rope, ...): Megatron-LM would build GPT-3's architecture "
-            "from these flags (LayerNorm, GeLU, learned positions, biases, tied embeddings); "
-            "megatron-slm builds the Llama architecture (RMSNorm, SwiGLU, RoPE, no biases, "
-            "untied) of that shape"
-        )
 
     def check_head_size(self, arch: GPTModelConfig, where: str = "") -> None:
         """--kv-channels, when given, is ``arch``'s head size (megatron-slm's heads split the
@@ -269,3 +301,18 @@ class ModelArgs:
     @property
     def vocab_divisor(self) -> int:
         return self.make_vocab_size_divisible_by or DEFAULT_VOCAB_DIVISOR
+
+
+def flag_text(name: str, value) -> str:
+    """How a user says architecture field ``name`` = ``value`` in Megatron-LM's flags."""
+    if name == "activation":
+        return "--swiglu" if value == "swiglu" else "GeLU (no --swiglu)"
+    if name == "add_bias_linear":
+        return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
+    if name == "tied_embeddings":
+        return (
+            "tied embeddings (no --untie-embeddings-and-output-weights)"
+            if value
+            else "--untie-embeddings-and-output-weights"
+        )
+    return f"--{name.replace('_', '-')} {value}"

@@ -1,7 +1,14 @@
-"""Llama-style GPT architectures: the typed model config and the named presets.
+"""GPT architectures: the typed model config and the named presets.
 
-Every preset is a RMSNorm / SwiGLU / RoPE / grouped-query-attention decoder with untied input and
-output embeddings and no biases, i.e. the architecture of Llama 2, TinyLlama and Mistral.
+Two families, as Megatron-LM builds them:
+
+* **Llama** (every preset): RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, untied input
+  and output embeddings: Llama 2, TinyLlama, Mistral, PanGu-pi Pro.
+* **GPT-3** (Megatron-LM's default when a script names no architecture flag): LayerNorm, GeLU,
+  learned absolute positions, biases in every linear layer, the output layer tied to the input
+  embedding.
+
+Each choice is its own field, so a script may mix them as Megatron-LM's flags do.
 """
 
 from __future__ import annotations
@@ -11,6 +18,18 @@ from dataclasses import dataclass
 
 from megatron_slm.errors import ConfigError
 
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("swiglu", "gelu")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
+               "tied_embeddings")  # fmt: skip
+"""The architecture's kind (Llama's or GPT-3's choices), beside its shape."""
+LLAMA_KIND = {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding_type": "rope",
+              "add_bias_linear": False, "tied_embeddings": False}  # fmt: skip
+GPT3_KIND = {"normalization": "LayerNorm", "activation": "gelu",
+             "position_embedding_type": "learned_absolute", "add_bias_linear": True,
+             "tied_embeddings": True}  # fmt: skip
+
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups")  # fmt: skip
 """The transformer's shape: its depth, width and heads (what inheritance cuts down)."""
@@ -18,14 +37,15 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 
 @dataclass(frozen=True)
 class GPTModelConfig:
-    """Architecture of a Llama-style GPT (Megatron-LM flag names in the field docs)."""
+    """Architecture of a GPT (Megatron-LM flag names in the field docs); Llama's by default."""
 
     num_layers: int
     """--num-layers: transformer layers."""
     hidden_size: int
     """--hidden-size: model width."""
     ffn_hidden_size: int
-    """--ffn-hidden-size: SwiGLU inner width (the gate and up projections each have this width)."""
+    """--ffn-hidden-size: the MLP's inner width (SwiGLU: the gate and up projections each have
+    this width)."""
     num_attention_heads: int
     """--num-attention-heads: query heads."""
     num_query_groups: int
@@ -41,9 +61,22 @@ class GPTModelConfig:
     frequencies with wavelengths beyond 8192 positions / 1 divided by the factor, those under
     8192 / 4 kept, smoothly in between); None: plain RoPE."""
     norm_epsilon: float = 1e-5
-    """--norm-epsilon: RMSNorm epsilon."""
+    """--norm-epsilon: the norms' epsilon."""
     init_method_std: float = 0.02
     """--init-method-std: std of the normal weight initialisation."""
+    normalization: str = "RMSNorm"
+    """--normalization: RMSNorm (Llama) or LayerNorm (GPT-3, Megatron-LM's default)."""
+    activation: str = "swiglu"
+    """The MLP: swiglu (--swiglu: SiLU-gated, Llama) or gelu (GPT-3, Megatron-LM's default:
+    exact GeLU, one up projection)."""
+    position_embedding_type: str = "rope"
+    """--position-embedding-type: rope (Llama) or learned_absolute (GPT-3, Megatron-LM's default:
+    a learned table of --max-position-embeddings rows, which also bounds the sequence length)."""
+    add_bias_linear: bool = False
+    """Biases in every linear layer (GPT-3, Megatron-LM's default; --disable-bias-linear: none)."""
+    tied_embeddings: bool = False
+    """The output layer uses the input embedding's weight (GPT-3, Megatron-LM's default;
+    --untie-embeddings-and-output-weights: separate weights)."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -56,6 +89,18 @@ class GPTModelConfig:
             )
         if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
             raise ConfigError("--rope-scaling-factor must be positive")
+        if self.rope_scaling_factor is not None and self.position_embedding_type != "rope":
+            raise ConfigError(
+                "--use-rope-scaling needs --position-embedding-type rope, not "
+                f"{self.position_embedding_type}"
+            )
+        for name, choices in (("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
+                              ("position_embedding_type", POSITION_EMBEDDINGS)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got "
+                    f"{getattr(self, name)!r}"
+                )
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"--num-query-groups {self.num_query_groups} does not divide "
@@ -70,22 +115,64 @@ class GPTModelConfig:
         """A copy with explicit flags overriding the preset (``None`` values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    @property
+    def kind(self) -> dict:
+        """The architecture's kind: its :data:`KIND_FIELDS` and their values."""
+        return {name: getattr(self, name) for name in KIND_FIELDS}
+
+    @property
+    def is_llama(self) -> bool:
+        """Llama's architecture (what Hugging Face conversion and the tiny-LM tools handle)."""
+        return self.kind == LLAMA_KIND
+
+    @property
+    def gated(self) -> bool:
+        """The MLP's first projection is ``[gate; up]`` (SwiGLU)."""
+        return self.activation == "swiglu"
+
     def num_parameters(self, padded_vocab_size: int | None = None) -> int:
-        """Exact parameter count (untied embeddings, no biases)."""
+        """Exact parameter count."""
         vocab = padded_vocab_size or self.vocab_size
-        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        h, f, kv = self.hidden_size, self.ffn_hidden_size, self.num_query_groups * self.head_dim
         attention = h * h + 2 * h * kv + h * h  # q, k, v, o
-        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down
-        per_layer = attention + mlp + 2 * h  # two RMSNorms
-        return self.num_layers * per_layer + h + 2 * vocab * h  # final norm, embedding, output
+        mlp = (3 if self.gated else 2) * h * f  # (gate,) up, down
+        norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (and bias)
+        if self.add_bias_linear:
+            attention += h + 2 * kv + h
+            mlp += (2 * f if self.gated else f) + h
+        per_layer = attention + mlp + 2 * norm
+        embeddings = (1 if self.tied_embeddings else 2) * vocab * h
+        if self.position_embedding_type == "learned_absolute":
+            embeddings += self.max_position_embeddings * h
+        return self.num_layers * per_layer + norm + embeddings  # + the final norm
+
+    def kind_name(self) -> str:
+        """Llama, GPT-3, or the choices of a mixed architecture."""
+        if self.is_llama:
+            return "Llama"
+        if self.kind == GPT3_KIND:
+            return "GPT-3"
+        return "custom"
 
     def describe(self, padded_vocab_size: int) -> str:
         """One line for the log: the architecture, its shape and its parameter count."""
-        rope = f"RoPE base {self.rotary_base:g}"
-        if self.rope_scaling_factor:
-            rope += f" scaled x{self.rope_scaling_factor:g}"
+        if self.position_embedding_type == "rope":
+            positions = f"RoPE base {self.rotary_base:g}"
+            if self.rope_scaling_factor:
+                positions += f" scaled x{self.rope_scaling_factor:g}"
+        else:
+            positions = "learned positions"
+        choices = ", ".join(
+            [
+                self.normalization,
+                "SwiGLU" if self.gated else "GeLU",
+                positions,
+                "biases" if self.add_bias_linear else "no biases",
+                "tied embeddings" if self.tied_embeddings else "untied embeddings",
+            ]
+        )
         return (
-            f"Llama architecture (RMSNorm, SwiGLU, {rope}, no biases, untied embeddings): "
+            f"{self.kind_name()} architecture ({choices}): "
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
             f"heads in {self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
             f"{self.vocab_size} padded to {padded_vocab_size}: "
@@ -95,7 +182,8 @@ class GPTModelConfig:
     def flops_per_token(self, seq_length: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention."""
         h, kv = self.hidden_size, self.num_query_groups * self.head_dim
-        dense = 2 * (2 * h * h + 2 * h * kv + 3 * h * self.ffn_hidden_size)
+        mlp_matrices = 3 if self.gated else 2
+        dense = 2 * (2 * h * h + 2 * h * kv + mlp_matrices * h * self.ffn_hidden_size)
         attention = 2 * 2 * seq_length * h / 2  # causal: half of QK^T and AV
         logits = 2 * h * self.vocab_size
         return 3 * (self.num_layers * (dense + attention) + logits)

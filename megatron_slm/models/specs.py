@@ -1,6 +1,8 @@
 """All layer specs of the project, in one place.
 
-Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, RoPE, GQA, no biases):
+Three implementations of the same decoder layer, Llama's (RMSNorm, SwiGLU, RoPE, GQA, no biases)
+or GPT-3's (LayerNorm, GeLU, biases; its learned positions and tied embeddings live in the
+``GPTModel`` around the layers), as the ``TransformerConfig`` says:
 
 * ``te``    Transformer Engine modules (fused norm+linear, flash/cuDNN attention); GPU only.
 * ``local`` megatron-core's own modules (``DotProductAttention``, ``WrappedTorchNorm``; Apex's fused
@@ -9,10 +11,10 @@ Three implementations of the same Llama-style decoder layer (RMSNorm, SwiGLU, Ro
             ``torch.nn.functional.scaled_dot_product_attention`` (causal without a mask: flash
             attention on GPU; in eval mode without SDPA's cuDNN backend, whose per-shape graph
             builds the scorer's varying widths would pay) and ``torch.nn.RMSNorm``
-            (``F.rms_norm``: torch's fused kernel where it has one) that supports sequence
-            parallelism, the fused SwiGLU (``FusedSwiGLUMLP``) and the fused RoPE
-            (``FusedRoPESelfAttention``). The default on CPU, and on GPU without Transformer
-            Engine.
+            (``F.rms_norm``: torch's fused kernel where it has one) or ``torch.nn.LayerNorm``
+            that support sequence parallelism, the fused SwiGLU (``FusedSwiGLUMLP``) and the
+            fused RoPE (``FusedRoPESelfAttention``). The default on CPU, and on GPU without
+            Transformer Engine.
 
 All three keep megatron-core's parameter names and ``sharded_state_dict_keys_map``, so checkpoints
 move freely between them.
@@ -61,6 +63,21 @@ class TorchRMSNorm(torch.nn.RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
+
+
+class TorchLayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` with megatron-core's norm constructor and sequence-parallel support
+    (its weight and bias gradients are partial under sequence parallelism, as RMSNorm's)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+        self.bias.sequence_parallel = config.sequence_parallel
+
+
+def torch_norm(config: TransformerConfig) -> type:
+    """The torch spec's norm for ``config.normalization``."""
+    return TorchLayerNorm if config.normalization == "LayerNorm" else TorchRMSNorm
 
 
 class TorchSDPAttention(MegatronModule):
@@ -293,11 +310,11 @@ def subclassed_mlp_warning_dropped():
         logger.removeFilter(quiet)
 
 
-def _torch_layer_spec() -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
     sub = spec.submodules
-    sub.input_layernorm = TorchRMSNorm
-    sub.pre_mlp_layernorm = TorchRMSNorm
+    sub.input_layernorm = torch_norm(config)
+    sub.pre_mlp_layernorm = torch_norm(config)
     sub.self_attention.module = FusedRoPESelfAttention
     sub.self_attention.submodules.core_attention = TorchSDPAttention
     sub.mlp.module = FusedSwiGLUMLP
@@ -346,10 +363,11 @@ def gpt_block_spec(
     if impl == "te":
         layer, final_norm = _te_layer_spec()
     elif impl == "local":
-        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-        final_norm = LocalSpecProvider().layer_norm(rms_norm=True)
+        rms = config.normalization == "RMSNorm"
+        layer = get_gpt_layer_local_spec(normalization=config.normalization)
+        final_norm = LocalSpecProvider().layer_norm(rms_norm=rms)
     elif impl == "torch":
-        layer, final_norm = _torch_layer_spec(), TorchRMSNorm
+        layer, final_norm = _torch_layer_spec(config), torch_norm(config)
     else:
         raise ConfigError(f"--transformer-impl must be one of {SPEC_IMPLS}, got {impl!r}")
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)

@@ -106,6 +106,11 @@ def resolve_inputs(config: ScoreConfig) -> ScoringInputs:
             )
         vocab_limit = tokenizer.vocab_size
     seq = config.seq_length or ckpt.seq_length or arch.max_position_embeddings
+    if arch.position_embedding_type == "learned_absolute" and seq > arch.max_position_embeddings:
+        raise ScoringError(
+            f"--seq-length {seq} exceeds the {arch.max_position_embeddings} learned positions of "
+            f"the reference model ({ckpt.path})"
+        )
     stride = config.stride or default_stride(seq)
     if stride > seq:
         raise ScoringError(f"--stride {stride} must be <= --seq-length {seq}")

@@ -31,6 +31,11 @@ short documents: attention is ~30% of a tiny-model forward at 256 positions, a 3
 21% faster than 8 x 256) were tried and dropped: segments longer than half a bucket's row cannot
 share a row, so the fill fell to 86-88% and ate the gain.
 
+Position ids count from 0 in every segment, a window of a long document included, as in a training
+row: a learned position table (GPT-3's architecture) sees each segment as it saw training rows,
+and never a position beyond ``seq_length``. RoPE reads none of them (it rotates by the position in
+the row, and only distances matter).
+
 Segment ids mark the padding too (``-1``, one segment of its own): a padding query then always
 sees at least itself, so the attention softmax never has an all-masked row (which would give NaN,
 and NaN values times a zero probability would leak into real rows).
@@ -206,7 +211,7 @@ def make_batches(
         lo, hi = seg.offset, seg.offset + seg.length
         tokens[seg.row, lo:hi] = ids[seg.start : seg.start + seg.length]
         labels[seg.row, lo:hi] = ids[seg.start + 1 : seg.start + seg.length + 1]
-        positions[seg.row, lo:hi] = np.arange(seg.start, seg.start + seg.length)
+        positions[seg.row, lo:hi] = np.arange(seg.length)
         seg_ids[seg.row, lo:hi] = k
         full_rows[seg.row] = seg.length == s
     batches = []
@@ -267,7 +272,7 @@ def length_sorted_batches(
             ids = doc_tokens[seg.doc]
             tokens[row, : seg.length] = ids[seg.start : seg.start + seg.length]
             labels[row, : seg.length] = ids[seg.start + 1 : seg.start + seg.length + 1]
-            positions[row, : seg.length] = np.arange(seg.start, seg.start + seg.length)
+            positions[row, : seg.length] = np.arange(seg.length)
             placed.append(Segment(seg.doc, seg.start, seg.length, seg.keep_from, row=row, offset=0))
         batches.append(
             Batch(
@@ -394,7 +399,7 @@ def length_sorted_host_batches(
     buf, out = _host_buffer(int(offsets[-1]), pin)
     out[plane] = np.where(valid, tokens[np.where(valid, idx, 0)], 0)
     out[plane + stride] = np.where(valid, tokens[np.where(valid, idx + 1, 0)], 0)
-    out[plane + 2 * stride] = np.where(valid, seg[row_of_pos, START] + col, 0)
+    out[plane + 2 * stride] = np.where(valid, col, 0)
     kept = np.flatnonzero(valid & (col >= seg[row_of_pos, KEEP]))  # [K] in batch order
     cuts = np.cumsum(np.bincount(batch_of_pos[kept], minlength=len(firsts)))[:-1]
     srcs, dests = np.split(local[kept], cuts), np.split(idx[kept] + 1, cuts)

@@ -321,7 +321,8 @@ class Trainer:
             self.train_ds, valid, test = datasets
         self.valid_sets = evaluation_sets(valid, cfg.data.valid_data_path)
         self.test_sets = evaluation_sets(test, cfg.data.test_data_path)
-        if cfg.data.reset_position_ids and torch.distributed.get_rank() == 0:
+        rope = self.arch.position_embedding_type == "rope"
+        if cfg.data.reset_position_ids and rope and torch.distributed.get_rank() == 0:
             logger.warning(
                 "--reset-position-ids changes nothing this model computes: megatron-core's rotary "
                 "embedding rotates by the position in the row; --reset-attention-mask is what "
@@ -334,9 +335,6 @@ class Trainer:
                 self.arch.vocab_size, self.build_opts.make_vocab_size_divisible_by, tp
             )
             logger.info("model: %s", self.arch.describe(padded))
-            note = None if plan.checkpoint else cfg.model.architecture_warning()
-            if note:
-                logger.warning(note)
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
         self.online = None
