@@ -83,6 +83,14 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     plan = plan_load(cfg, model_args=impl, tokenizer="none")
     info = plan.checkpoint
     source = info.model
+    if not source.is_llama:
+        # The slicing rules rest on RMSNorm (no mean to recentre) and SwiGLU's [gate; up] layout.
+        raise ConfigError(
+            f"--load {cfg.load}: parameter inheritance takes Llama's architecture (RMSNorm, "
+            f"SwiGLU, RoPE, no biases, untied embeddings); the checkpoint's is "
+            f"{source.kind_name()}'s ({source.normalization}, {source.activation}, "
+            f"{source.position_embedding_type})"
+        )
     target = target_architecture(source, cfg.model_args(), cfg.layer_choice)
     check_target(source, target)
     check_layers(cfg.layer_choice, source, target)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_slm.errors import ConfigError
-from megatron_slm.models.args import ModelArgs
-from megatron_slm.models.presets import SHAPE_FIELDS, GPTModelConfig, get_preset
+from megatron_slm.models.args import ModelArgs, flag_text
+from megatron_slm.models.presets import KIND_FIELDS, SHAPE_FIELDS, GPTModelConfig, get_preset
 
 LAYER_METHODS = ("ends", "importance", "list")
 
@@ -71,11 +71,12 @@ def target_architecture(
     overrides = model_args.overrides()
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
         overrides["num_layers"] = layers.count()
-    for name in ("rotary_base", "norm_epsilon", "rope_scaling_factor"):
+    for name in ("rotary_base", "norm_epsilon", "rope_scaling_factor", *KIND_FIELDS):
         if name in overrides and overrides[name] != getattr(source, name):
             raise ConfigError(
-                f"--{name.replace('_', '-')} {overrides[name]} differs from the source's "
-                f"{getattr(source, name)}: the inherited weights were trained with the source's"
+                f"{flag_text(name, overrides[name])} differs from the source's "
+                f"{flag_text(name, getattr(source, name))}: the inherited weights were trained "
+                "with the source's"
             )
     fields = {
         "num_layers": base.num_layers,
@@ -89,6 +90,7 @@ def target_architecture(
         "rotary_base": source.rotary_base,
         "rope_scaling_factor": source.rope_scaling_factor,
         "init_method_std": base.init_method_std,
+        **source.kind,
     }
     # RMSNorm over the kept h' channels equals RMSNorm over all h with the dropped ones at zero
     # when the weights are scaled by sqrt(h/h') (InheritancePlan.norm_scale) and eps by h/h'.

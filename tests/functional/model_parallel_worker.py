@@ -1,10 +1,10 @@
 """Worker functions for the model-parallel equivalence tests (run in spawned gloo processes).
 
-One step of a tiny Llama-style GPT on a fixed global batch: per-token losses and gradients under a
-given TP/PP/DP layout. Weights come from a megatron-core distributed checkpoint written by the
-TP=1 reference, so every layout starts from the same model; gradients are written back as a
-distributed checkpoint (gradient in place of each weight) and read back at TP=1, so shards are
-gathered by megatron-core's own resharding.
+One step of a tiny GPT (Llama's architecture, or GPT-3's: :func:`architecture`) on a fixed global
+batch: per-token losses and gradients under a given TP/PP/DP layout. Weights come from a
+megatron-core distributed checkpoint written by the TP=1 reference, so every layout starts from the
+same model; gradients are written back as a distributed checkpoint (gradient in place of each
+weight) and read back at TP=1, so shards are gathered by megatron-core's own resharding.
 """
 
 from __future__ import annotations
@@ -21,7 +21,17 @@ def global_batch(seed: int = 1234) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)  # [B, s + 1]
 
 
-def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None):
+def architecture(name: str):
+    """``llama``: the tiny preset; ``gpt3``: its shape with GPT-3's choices (LayerNorm, GeLU,
+    learned positions, biases, embeddings tied across the first and last pipeline stage)."""
+    from megatron_slm.models import get_preset
+    from megatron_slm.models.presets import GPT3_KIND
+
+    tiny = get_preset("tiny")
+    return tiny if name == "llama" else tiny.replace(**GPT3_KIND)
+
+
+def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None, arch="llama", sp=False):
     enable_cpu_backend()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -40,8 +50,9 @@ def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None):
         transformer_impl="torch",
         params_dtype=dtype,
         num_layers_per_virtual_pipeline_stage=vp_layers,
+        sequence_parallel=sp,
     )
-    return build_model(get_preset("tiny"), opts)
+    return build_model(architecture(arch), opts)
 
 
 def _sharded_state_dict(chunks):
@@ -73,9 +84,9 @@ def _load(chunks, directory):
             chunk.load_state_dict(state[f"model{i}"])
 
 
-def init_reference(rank, world, directory):
+def init_reference(rank, world, directory, arch="llama"):
     """TP=1: build the tiny model and save it as the shared starting point."""
-    _save(_setup(1, 1), directory)
+    _save(_setup(1, 1, arch=arch), directory)
 
 
 def _forward_step(data_iterator, model):
@@ -95,7 +106,7 @@ def _forward_step(data_iterator, model):
     return losses, loss_func
 
 
-def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None):
+def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None, arch="llama", sp=False):
     """One forward/backward on the global batch; returns this DP rank's per-token losses."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -105,7 +116,7 @@ def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None):
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    chunks = _setup(tp, pp, vp_layers=vp_layers)
+    chunks = _setup(tp, pp, vp_layers=vp_layers, arch=arch, sp=sp)
     _load(chunks, weights_dir)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -146,9 +157,9 @@ def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None):
     return None
 
 
-def read_full(rank, world, directory, dtype=torch.float32):
+def read_full(rank, world, directory, dtype=torch.float32, arch="llama"):
     """Load a distributed checkpoint into the TP=1 model; return its full state dict."""
-    chunks = _setup(1, 1)
+    chunks = _setup(1, 1, arch=arch)
     _load(chunks, directory)
     return {
         k: v.detach().clone()
@@ -157,9 +168,9 @@ def read_full(rank, world, directory, dtype=torch.float32):
     }
 
 
-def fp64_step(rank, world, weights_dir):
+def fp64_step(rank, world, weights_dir, arch="llama"):
     """The reference step in float64: per-token losses and full gradients."""
-    (model,) = _setup(1, 1)
+    (model,) = _setup(1, 1, arch=arch)
     _load([model], weights_dir)
     model.double()
     tokens = global_batch()

@@ -81,12 +81,13 @@ def read_steps(path: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def tiny_args(data_prefix: str, log_file: str, iters: int, *extra) -> list[str]:
+def tiny_args(data_prefix: str, log_file: str, iters: int, *extra, preset="tiny") -> list[str]:
+    """A short run's flags; ``preset=None``: no --model-preset (``extra`` defines the model)."""
     return [
         "--data-path", data_prefix,
         "--tokenizer-type", "NullTokenizer",
         "--vocab-size", VOCAB,
-        "--model-preset", "tiny",
+        *(("--model-preset", preset) if preset else ()),
         "--seq-length", 32,
         "--micro-batch-size", 2,
         "--global-batch-size", 8,

@@ -1,5 +1,7 @@
 """The same tiny Llama-style GPT gives the same per-token losses and gradients at TP=1, TP=2, PP=2
-(1F1B, 8 micro-batches), interleaved PP=2 and DP=2 (real gloo processes).
+(1F1B, 8 micro-batches), interleaved PP=2 and DP=2 (real gloo processes); the same tiny shape with
+GPT-3's architecture (biases, learned positions, the output layer tied to the embedding on another
+pipeline stage) at TP=2 x PP=2 with sequence parallelism.
 
 Tolerances are derived, not picked: the TP=1 fp32 step is compared with the same step in float64;
 a parallel layout may differ from the TP=1 fp32 result by at most 4x that fp32 error (reductions in
@@ -16,14 +18,15 @@ pytestmark = pytest.mark.slow
 ERROR_FACTOR = 4.0
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model_parallel")
+def _reference(root, arch: str) -> dict:
+    """The TP=1 step's losses and gradients, and the tolerances its float64 twin gives."""
     weights = str(root / "weights")
-    run_distributed(worker.init_reference, 1, weights)
-    (losses,) = run_distributed(worker.train_step, 1, 1, 1, weights, str(root / "grads_tp1"))
-    (grads,) = run_distributed(worker.read_full, 1, str(root / "grads_tp1"))
-    ((losses64, grads64),) = run_distributed(worker.fp64_step, 1, weights)
+    run_distributed(worker.init_reference, 1, weights, arch)
+    (losses,) = run_distributed(
+        worker.train_step, 1, 1, 1, weights, str(root / "grads_tp1"), None, arch
+    )
+    (grads,) = run_distributed(worker.read_full, 1, str(root / "grads_tp1"), torch.float32, arch)
+    ((losses64, grads64),) = run_distributed(worker.fp64_step, 1, weights, arch)
     # fp32 error relative to each tensor's scale, worst over tensors.
     rel_grad_error = max(
         ((grads[n].double() - g).abs().max() / g.abs().max()).item() for n, g in grads64.items()
@@ -41,6 +44,11 @@ def reference(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _reference(tmp_path_factory.mktemp("model_parallel"), "llama")
+
+
 def _check(reference, losses, grads):
     assert losses.shape == reference["losses"].shape
     torch.testing.assert_close(losses, reference["losses"], rtol=0, atol=reference["loss_tol"])
@@ -56,12 +64,12 @@ def _check(reference, losses, grads):
         )
 
 
-def _run(reference, name, world, tp, pp, vp_layers=None):
+def _run(reference, name, world, tp, pp, vp_layers=None, arch="llama", sp=False):
     grads_dir = str(reference["root"] / f"grads_{name}")
     results = run_distributed(
-        worker.train_step, world, tp, pp, reference["weights"], grads_dir, vp_layers
+        worker.train_step, world, tp, pp, reference["weights"], grads_dir, vp_layers, arch, sp
     )
-    (grads,) = run_distributed(worker.read_full, 1, grads_dir)
+    (grads,) = run_distributed(worker.read_full, 1, grads_dir, torch.float32, arch)
     return [r for r in results if r is not None], grads
 
 
@@ -84,3 +92,14 @@ def test_data_parallel_2(reference):
     losses, grads = _run(reference, "dp2", 2, 1, 1)
     # Each DP rank reports its half of the global batch, in rank order.
     _check(reference, torch.cat(losses), grads)
+
+
+def test_gpt3_architecture_at_tp2_pp2_sequence_parallel(tmp_path):
+    """GPT-3's choices under every split at once: biases and the position table sharded or
+    replicated over TP, LayerNorm's weight and bias gradients summed over the sequence shards,
+    and the tied output layer's gradient added to the embedding's across the pipeline."""
+    reference = _reference(tmp_path, "gpt3")
+    assert any(n.endswith("position_embeddings.weight") for n in reference["grads"])
+    assert not any(n.startswith("output_layer") for n in reference["grads"])  # tied
+    losses, grads = _run(reference, "tp2pp2", 4, 2, 2, arch="gpt3", sp=True)
+    _check(reference, losses[0], grads)

@@ -62,7 +62,10 @@ def test_plain_loss_falls_and_ratio_one_is_plain(corpus, tmp_path):
 
 
 def read_steps_of(prefix, log_file, iters, *extra, nproc=1):
-    run_pretrain(tiny_args(prefix, str(log_file), iters, *extra), nproc=nproc)
+    """The steps of a run on ``tiny_args`` with ``extra``; with Megatron-LM's shape flags in
+    ``extra`` (``GPT3``) there is no preset."""
+    preset = None if "--num-layers" in extra else "tiny"
+    run_pretrain(tiny_args(prefix, str(log_file), iters, *extra, preset=preset), nproc=nproc)
     return read_steps(str(log_file))
 
 
@@ -95,6 +98,11 @@ def _score_documents(rank, world, ckpt, prefix):
 
 
 SLM = ("--slm-ratio", "0.5", "--slm-unscored", "drop")
+
+# Megatron-LM's GPT-3 model flags (no architecture flag) in place of --model-preset tiny: the tiny
+# shape with LayerNorm, GeLU, learned positions, biases and tied embeddings.
+GPT3 = ("--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4,
+        "--max-position-embeddings", SEQ)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +147,49 @@ def test_sidecar_and_online_reference_agree(corpus, reference_ckpt, online_steps
     assert any(abs(r["selected_loss"] - r["loss"]) > 1e-3 for r in sidecar)
 
 
-@pytest.mark.parametrize("layout", [("1", "1", 1), ("1", "2", 2)], ids=["tp1", "pp2"])
+@pytest.fixture(scope="module")
+def gpt3_reference(tmp_path_factory):
+    """A corpus of its own and a GPT-3-architecture reference model trained on it."""
+    root = tmp_path_factory.mktemp("gpt3")
+    prefix = make_null_corpus(str(root), "aligned", [SEQ - 1] * 96, seed=3)
+    ckpt = str(root / "ref")
+    args = tiny_args(prefix, str(root / "ref.jsonl"), 6, *GPT3, "--save", ckpt, preset=None)
+    run_pretrain([*args, "--seed", 7])
+    return prefix, ckpt
+
+
+def test_gpt3_reference_scores_and_selects_like_online(gpt3_reference, tmp_path):
+    """A GPT-3-architecture reference (learned positions, biases, tied embeddings):
+    tools/score_corpus.py writes what each document forwarded alone gives, and training on that
+    sidecar selects and logs what the same reference gives online."""
+    from megatron_slm.data.sidecar import SidecarReader
+
+    prefix, ckpt = gpt3_reference
+    run_distributed(_score_documents, 1, ckpt, prefix)
+    alone = SidecarReader(prefix).values.copy()
+    _score_with_tool(ckpt, prefix)
+    np.testing.assert_allclose(SidecarReader(prefix).values, alone, rtol=1e-5, atol=1e-6)
+    online = read_steps_of(
+        prefix, tmp_path / "online.jsonl", 6, *SLM, "--slm-ref-source", "online",
+        "--slm-ref-load", ckpt,
+    )  # fmt: skip
+    sidecar = read_steps_of(prefix, tmp_path / "sidecar.jsonl", 6, *SLM)
+    for a, b in zip(online, sidecar, strict=True):
+        assert a["n_selected"] == b["n_selected"]
+        assert b["selected_loss"] == pytest.approx(a["selected_loss"], rel=1e-5)
+        assert b["excess_loss"] == pytest.approx(a["excess_loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout", [("1", "1", 1, ()), ("1", "2", 2, ()), ("1", "2", 2, GPT3)],
+    ids=["tp1", "pp2", "gpt3-pp2"],
+)  # fmt: skip
 def test_exact_resume(corpus, tmp_path, layout):
+    """Straight and stopped-and-resumed runs log the same losses; with GPT-3's architecture at
+    PP=2 the checkpoint holds the output layer tied to the embedding of another stage."""
     _, prefix = corpus
-    tp, pp, nproc = layout
-    par = ("--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp)
+    tp, pp, nproc, model = layout
+    par = ("--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp, *model)
     slm = ("--slm-ratio", "0.7", "--slm-select-mode", "loss")
     straight = read_steps_of(prefix, tmp_path / "straight.jsonl", 8, *par, *slm, nproc=nproc)
     ckpt = str(tmp_path / "ckpt")
@@ -377,3 +423,25 @@ def test_bad_configuration_fails_before_training(corpus, reference_ckpt, tmp_pat
         check=False,
     )
     assert proc.returncode != 0 and "vocabulary" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_parameter_inheritance_refuses_gpt3s_architecture(gpt3_reference, tmp_path):
+    """Inheritance's slicing rules are Llama's (RMSNorm, [gate; up]): a GPT-3 source is one
+    line, exit status 2, before any work."""
+    import sys
+
+    from tests.functional.pretrain_helpers import REPO
+
+    _, ckpt = gpt3_reference
+    tool = os.path.join(REPO, "tools", "inherit_parameters.py")
+    proc = zygote.run(
+        [sys.executable, tool, "--load", ckpt, "--save", str(tmp_path / "small"),
+         "--num-layers", "2", "--device", "cpu"],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO),
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "parameter inheritance takes Llama's architecture" in proc.stderr.strip().splitlines()[-1]
+    )
+    assert "GPT-3's (LayerNorm, gelu, learned_absolute)" in proc.stderr
+    assert not os.path.exists(tmp_path / "small")

@@ -3,6 +3,7 @@ megatron-core's own local spec on the same weights; the default spec on a GPU wi
 Engine is the torch spec, whose unmasked attention asks SDPA for flash attention."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_slm.models import get_preset
+from megatron_slm.models.presets import GPT3_KIND
 from megatron_slm.models.specs import (
     FusedRoPESelfAttention,
     FusedSwiGLUMLP,
+    TorchLayerNorm,
     TorchRMSNorm,
     TorchSDPAttention,
     default_spec_impl,
@@ -129,7 +132,7 @@ def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     monkeypatch.setattr(
         "megatron_slm.models.specs.get_num_layers_to_build", lambda config, vp_stage=None: 2
     )
-    block = gpt_block_spec(impl, config=None)
+    block = gpt_block_spec(impl, config=SimpleNamespace(normalization="RMSNorm"))
     for layer in block.layer_specs:
         assert layer.submodules.self_attention.module is FusedRoPESelfAttention
         assert layer.submodules.self_attention.submodules.core_attention is TorchSDPAttention
@@ -138,9 +141,9 @@ def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     assert default_spec_impl(torch.device("cpu")) == "torch"
 
 
-def tiny_torch_and_local_models():
-    """In a spawned rank (CPU): the tiny preset with the torch spec, and with megatron-core's
-    local spec holding the same weights."""
+def tiny_torch_and_local_models(arch=None):
+    """In a spawned rank (CPU): ``arch`` (default: the tiny preset) with the torch spec, and with
+    megatron-core's local spec holding the same weights."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -150,8 +153,9 @@ def tiny_torch_and_local_models():
     enable_cpu_backend()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(5)
-    (ours,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
-    (local,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="local"))
+    arch = arch or get_preset("tiny")
+    (ours,) = build_model(arch, ModelBuildOptions(transformer_impl="torch"))
+    (local,) = build_model(arch, ModelBuildOptions(transformer_impl="local"))
     local.load_state_dict(ours.state_dict(), strict=False)
     return ours, local
 
@@ -173,7 +177,7 @@ def count_fused_rope_calls() -> list:
     return calls
 
 
-def _torch_vs_local_spec(rank, world):
+def _torch_vs_local_spec(rank, world, arch):
     import functools
 
     import megatron_slm.models.specs as specs
@@ -189,15 +193,20 @@ def _torch_vs_local_spec(rank, world):
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("megatron.core.transformer.transformer_layer").addHandler(handler)
-    ours, local = tiny_torch_and_local_models()
+    ours, local = tiny_torch_and_local_models(arch)
     assert not [w for w in warnings if "Unknown MLP type" in w], warnings
     tp_group = parallel_state.get_tensor_model_parallel_group()
     assert all(layer.mlp.tp_group is tp_group for layer in ours.decoder.layers)
+    norm = TorchRMSNorm if arch.normalization == "RMSNorm" else TorchLayerNorm
     for layer in ours.decoder.layers:
         assert isinstance(layer.self_attention, FusedRoPESelfAttention)
         assert layer.self_attention.fused_rope
         assert isinstance(layer.self_attention.core_attention, TorchSDPAttention)
-        assert isinstance(layer.mlp, FusedSwiGLUMLP) and layer.mlp.fused
+        assert isinstance(layer.mlp, FusedSwiGLUMLP) and layer.mlp.fused == arch.gated
+        assert type(layer.input_layernorm) is norm and type(layer.pre_mlp_layernorm) is norm
+    assert type(ours.decoder.final_layernorm) is norm
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (ours, local)]
+    assert n_params == [arch.num_parameters(512)] * 2
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
     out = []
@@ -208,23 +217,29 @@ def _torch_vs_local_spec(rank, world):
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         out.append((losses.detach(), grads, counter.get_total_flops()))
         if model is ours:  # the query and the key of every layer, through the fused kernel
-            assert len(rope_calls) == 2 * len(ours.decoder.layers), rope_calls
+            rotated = 2 * len(ours.decoder.layers) if arch.position_embedding_type == "rope" else 0
+            assert len(rope_calls) == rotated, rope_calls
     return out
 
 
-def test_torch_spec_matches_megatron_local_spec():
-    """The torch spec (SDPA, torch's RMSNorm, the fused SwiGLU and RoPE) against megatron-core's
-    local spec (its unfused SwiGLU and RoPE among them) on the same weights: losses and
-    gradients.
+GPT3_TINY = get_preset("tiny").replace(**GPT3_KIND)
+
+
+@pytest.mark.parametrize("arch", [get_preset("tiny"), GPT3_TINY], ids=["llama", "gpt3"])
+def test_torch_spec_matches_megatron_local_spec(arch):
+    """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against
+    megatron-core's local spec (its unfused SwiGLU and RoPE among them) on the same weights:
+    losses and gradients, for Llama's architecture and GPT-3's (LayerNorm, GeLU, learned
+    positions, biases, tied embeddings); ``num_parameters`` is the models' count.
 
     And what MFU and --log-progress count, ``GPTModelConfig.flops_per_token``: forward and
     backward of every matrix product (torch's FLOP counter on the local spec, whose attention
     multiplies the whole s x s scores) less the half of the attention products that the causal
     mask discards (Megatron-LM's convention)."""
     (((ours, ours_grads, _), (local, local_grads, flops)),) = run_distributed(
-        _torch_vs_local_spec, 1
+        _torch_vs_local_spec, 1, arch
     )
-    arch, (batch, seq) = get_preset("tiny"), ours.shape
+    batch, seq = ours.shape
     masked = 3 * arch.num_layers * 2 * seq * arch.hidden_size  # above the diagonal, fwd + bwd
     assert flops == batch * seq * (arch.flops_per_token(seq) + masked)
     torch.testing.assert_close(ours, local, rtol=1e-5, atol=1e-5)

@@ -188,6 +188,7 @@ def _fake_checkpoint(root, arch: GPTModelConfig) -> str:
         (["--num-layers", "2"], "choose which to keep with --layers"),
         (["--layers", "ends:1,1", "--calibration-data", "/nonexistent/x"], "x.idx not found"),
         (["--tensor-model-parallel-size", "3"], "does not divide --num-attention-heads 4"),
+        (["--normalization", "LayerNorm"], "--normalization LayerNorm differs from the source's"),
     ],
 )
 def test_cli_bad_input_fails_before_any_work(tmp_path, capsys, flags, message):

@@ -22,6 +22,7 @@ import torch
 
 from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.models.args import ModelArgs
+from megatron_slm.models.presets import GPT3_KIND, get_preset
 from megatron_slm.training.config import parse_config, validate
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
@@ -398,42 +399,70 @@ def _megatron_swiglu_width(h: int) -> int:
 
 
 def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
-    """No preset and the whole shape (a GPT-3 script's GPT_MODEL_ARGS): the rest is Megatron-LM's
-    default, not the tiny preset's; a warning says that Megatron-LM's default architecture is
-    GPT-3's. A preset, or fewer shape flags, keep the preset's values."""
+    """No preset and the whole shape (a GPT-3 script's GPT_MODEL_ARGS): Megatron-LM's defaults,
+    not the tiny preset's: GPT-3's architecture with an FFN of 4h, each architecture flag
+    changing its one choice (--swiglu also the FFN width, to Megatron-LM's). A preset, or fewer
+    shape flags, keep the preset's values; a preset's choices follow the flags that name them."""
     shape = dict(num_layers=3, hidden_size=320, num_attention_heads=4, max_position_embeddings=64)
     arch = ModelArgs(**shape).architecture(VOCAB)
     assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads) == (3, 320, 4)
-    assert arch.ffn_hidden_size == _megatron_swiglu_width(320) == 832  # not tiny's 176
+    assert arch.kind == GPT3_KIND and arch.kind_name() == "GPT-3"
+    assert arch.ffn_hidden_size == 4 * 320  # not tiny's 176
     assert arch.num_query_groups == 4  # MHA: tiny has 2 groups
     assert (arch.rotary_base, arch.norm_epsilon, arch.init_method_std) == (10000.0, 1e-5, 0.02)
     assert (arch.max_position_embeddings, arch.vocab_size) == (64, VOCAB)
     assert ModelArgs(**shape, group_query_attention=True).architecture(VOCAB).num_query_groups == 1
+    one_choice = {
+        "swiglu": (True, "activation", "swiglu"),
+        "normalization": ("RMSNorm", "normalization", "RMSNorm"),
+        "position_embedding_type": ("rope", "position_embedding_type", "rope"),
+        "use_rotary_position_embeddings": (True, "position_embedding_type", "rope"),
+        "disable_bias_linear": (True, "add_bias_linear", False),
+        "untie_embeddings_and_output_weights": (True, "tied_embeddings", False),
+    }
+    for flag, (value, name, chosen) in one_choice.items():
+        changed = ModelArgs(**shape, **{flag: value}).architecture(VOCAB)
+        assert changed.kind == {**GPT3_KIND, name: chosen}, flag
+    assert ModelArgs(**shape, swiglu=True).architecture(VOCAB).ffn_hidden_size == (
+        _megatron_swiglu_width(320)
+    )
+    llama_flags = dict(
+        swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
+        disable_bias_linear=True, untie_embeddings_and_output_weights=True,
+    )  # fmt: skip
+    llama = ModelArgs(**shape, **llama_flags).architecture(VOCAB)
+    assert llama.is_llama and llama.ffn_hidden_size == 832 and llama.kind_name() == "Llama"
     given = ModelArgs(**shape, ffn_hidden_size=100, num_query_groups=1, rotary_base=5e5)
-    assert given.architecture(VOCAB).replace(ffn_hidden_size=832, num_query_groups=4) == (
+    assert given.architecture(VOCAB).replace(ffn_hidden_size=1280, num_query_groups=4) == (
         arch.replace(rotary_base=5e5)
     )
-    assert "GPT-3's architecture" in ModelArgs(**shape).architecture_warning()
-    assert ModelArgs(**shape, swiglu=True).architecture_warning() is None
-    assert ModelArgs(**shape, normalization="RMSNorm").architecture_warning() is None
-    # A preset, or a partial shape, is the preset plus overrides (no warning either).
+    # A preset, or a partial shape, is the preset plus overrides.
     tiny = ModelArgs(model_preset="tiny", **shape).architecture(VOCAB)
-    assert (tiny.ffn_hidden_size, tiny.num_query_groups) == (176, 2)
-    assert ModelArgs(model_preset="tiny", **shape).architecture_warning() is None
+    assert (tiny.ffn_hidden_size, tiny.num_query_groups) == (176, 2) and tiny.is_llama
     assert ModelArgs(num_layers=2).architecture(VOCAB).ffn_hidden_size == 176
+    layer_norm = ModelArgs(model_preset="tiny", normalization="LayerNorm").architecture(VOCAB)
+    assert layer_norm == get_preset("tiny").replace(vocab_size=VOCAB, normalization="LayerNorm")
+    assert layer_norm.kind_name() == "custom"
     with pytest.raises(ConfigError, match="--max-position-embeddings is required"):
         ModelArgs(num_layers=2, hidden_size=64, num_attention_heads=4).architecture(VOCAB)
     with pytest.raises(ConfigError, match="give --ffn-hidden-size"):
-        ModelArgs(**{**shape, "hidden_size": 20}).architecture(VOCAB)
+        ModelArgs(**{**shape, "hidden_size": 20, "swiglu": True}).architecture(VOCAB)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (("--normalization", "LayerNorm"), "--normalization LayerNorm: megatron-slm builds Llama"),
-        (("--position-embedding-type", "learned_absolute"), "whose value is rope"),
+        (("--normalization", "L2Norm"), "invalid choice"),
+        (("--position-embedding-type", "learned_absolute", "--use-rotary-position-embeddings"),
+         "--use-rotary-position-embeddings contradicts --position-embedding-type"),
+        (("--position-embedding-type", "learned_absolute", "--no-position-embedding"),
+         "give --position-embedding-type rope"),
+        (("--position-embedding-type", "learned_absolute", "--use-rope-scaling"),
+         "--use-rope-scaling needs --position-embedding-type rope"),
+        (("--position-embedding-type", "learned_absolute", "--seq-length", 512),
+         "--seq-length 512 exceeds --max-position-embeddings 256"),
         (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
-        (("--apply-layernorm-1p",), "not zero-centred"),
+        (("--apply-layernorm-1p",), "does not build zero-centred"),
         (("--kv-channels", 32), "--kv-channels 32 is not the head size of the model (64 / 4"),
         (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
         (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
