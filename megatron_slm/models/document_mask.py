@@ -104,6 +104,16 @@ class DocumentMask:
     def pin_memory(self) -> DocumentMask:
         return DocumentMask(self.doc_ids.pin_memory())
 
+    def positions(self) -> torch.Tensor:
+        """``[b, s]`` int64: each position's place in its document (0 at its first token), what
+        a learned position table reads for a document seen alone. On the device, no host read."""
+        doc = self.doc_ids
+        column = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)  # [b, s]
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        first = torch.where(starts, column, 0).cummax(dim=1).values  # [b, s] document's start
+        return column - first
+
     def dense(self) -> torch.Tensor:
         """bool ``[b, 1, s, s]``, True = masked (megatron-core's convention)."""
         if self._dense is None:

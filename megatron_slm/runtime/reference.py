@@ -3,9 +3,10 @@ trainer's ``--slm-ref-source online`` and the selection report's ``--slm-ref-loa
 
 It gives the same values the offline scorer writes into a sidecar, so ``--slm-ref-source online``
 and ``sidecar`` select the same tokens: attention is reset at every end-of-document token (each
-document sees only itself, like the scorer's packed rows; RoPE is relative, so the offset of a
-document inside the row does not matter), and a label that is the first token of a document gets
-NaN (no context, like position 0 of a sidecar document).
+document sees only itself, like the scorer's packed rows), position ids count from each document's
+start (as the scorer's do: a learned position table reads them; RoPE is relative, so for it the
+offset of a document inside the row does not matter), and a label that is the first token of a
+document gets NaN (no context, like position 0 of a sidecar document).
 
 The one difference (the "first-token convention"): a document that began before this sample
 starts is seen from the sample's first token only, while the scorer saw it from its true start.
@@ -35,7 +36,8 @@ class OnlineReference:
     def per_token_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """tokens, labels [b, s] -> reference loss of each label [b, s] (fp32, NaN: no context)."""
         # The documents themselves, not an s x s mask: FlexAttention on CUDA (models.document_mask).
-        batch = Rows.causal(tokens, labels, DocumentMask.from_tokens(tokens, self.eod))
+        documents = DocumentMask.from_tokens(tokens, self.eod)
+        batch = Rows(tokens, labels, documents.positions(), documents)
         (loss,) = per_token_losses(self.model, [batch])
         # The label after an end-of-document token starts a new document: nothing to condition on.
         return loss.masked_fill(tokens == self.eod, float("nan"))

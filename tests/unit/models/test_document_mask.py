@@ -53,6 +53,15 @@ def test_dense_mask_is_causal_within_each_document():
     assert torch.equal(~dense[:, 0], _allowed_by_hand(tokens))
 
 
+def test_positions_count_from_each_documents_start():
+    """A position's place in its document is the number of earlier positions it may attend to."""
+    tokens = _tokens(3, 200, 0)
+    with SyncCounter() as counter:
+        positions = DocumentMask.from_tokens(tokens, EOD).positions()
+    assert counter.count == 0
+    assert torch.equal(positions, _allowed_by_hand(tokens).sum(-1) - 1)
+
+
 def test_backend_default_and_override(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert document_attention_backend(torch.device("cpu")) == "dense"
@@ -212,3 +221,34 @@ def test_torch_spec_flex_matches_local_spec_dense_and_documents_alone(monkeypatc
     eod[0, [30, 100]] = eod[1, 140] = True
     assert torch.equal(online_loss.isnan(), eod)
     torch.testing.assert_close(online_loss[~eod], ours_loss[~eod])
+
+
+def _gpt3_online_reference(rank, world):
+    from megatron_slm.models import get_preset
+    from megatron_slm.models.presets import GPT3_KIND
+    from megatron_slm.runtime.loader import LoadedModel
+    from megatron_slm.runtime.reference import OnlineReference
+
+    arch = get_preset("tiny").replace(**GPT3_KIND)
+    ours, _ = tiny_torch_and_local_models(arch)
+    ours.eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 512, (1, 160), generator=g)
+    tokens[0, [30, 100]] = EOD
+    labels = torch.roll(tokens, -1, dims=1)
+    reference = OnlineReference.__new__(OnlineReference)
+    reference.eod = EOD
+    reference.model = LoadedModel(
+        [ours], arch, None, 512, torch.device("cpu"), torch.float32, "mem"
+    )
+    online = reference.per_token_loss(tokens, labels)
+    with torch.no_grad():  # the middle document (positions 31..100) alone, from position 0
+        alone = ours(tokens[:, 31:101], torch.arange(70)[None], None, labels=labels[:, 31:101])
+    return online, alone
+
+
+def test_online_reference_gives_learned_positions_each_documents_own():
+    """GPT-3's learned position table: the online reference's losses of a document in the middle
+    of a row are those of the document forwarded alone, whose positions start at 0."""
+    ((online, alone),) = run_distributed(_gpt3_online_reference, 1)
+    torch.testing.assert_close(online[:, 31:100], alone[:, :69], rtol=1e-5, atol=1e-5)
