@@ -1,7 +1,8 @@
-"""Hugging Face Llama / Mistral <-> megatron-core GPT checkpoints.
+"""Hugging Face Llama / Mistral <-> megatron-core GPT checkpoints; GPT-3's architecture -> GPT-2.
 
-Both architectures are the one megatron_slm builds (RMSNorm, SwiGLU, RoPE rotate-half, grouped-query
-attention, no biases), so conversion is a renaming plus two layout changes:
+Llama and Mistral are megatron_slm's Llama architecture (RMSNorm, SwiGLU, RoPE rotate-half,
+grouped-query attention, no biases, untied embeddings), so conversion is a renaming plus two
+layout changes:
 
 * ``linear_qkv`` is group-interleaved: for each key/value group ``g`` the rows are
   ``[q heads of g (heads/groups x head_dim), k_g (head_dim), v_g (head_dim)]``; HF keeps
@@ -16,16 +17,24 @@ Vocabulary: megatron pads the embedding and output layer to a multiple of
 ``--make-vocab-size-divisible-by`` x TP; the padding rows are zero after import and dropped on
 export.
 
+Export picks its target from the checkpoint's architecture (:func:`export_architecture`): Llama's
+exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``; GPT-3's (LayerNorm, GeLU, learned
+positions, multi-head attention; with or without biases, tied or untied) as ``GPT2LMHeadModel``
+(``convert.hf_gpt2`` has its layout); any other mix of the two is refused, naming what each
+Hugging Face architecture lacks. Import reads Llama and Mistral only.
+
 Import (:func:`convert_hf_to_megatron`) runs either in one process (any target TP/PP: the
 distributed checkpoint is layout-free, only the padded vocabulary depends on the target TP and is
 computed for it) or under ``torchrun`` with TP x PP processes (each rank fills its own shards).
 Export (:func:`convert_megatron_to_hf`) runs in one process: megatron-core reshards the checkpoint
 to TP=1/PP=1 on load, so every tensor is whole.
 
-This module holds the two drivers; the pieces are one job each: ``runtime.hf_source`` (HF ->
-megatron: config, lazy weights, tensors; also what ``--load HF_DIR`` uses), ``convert.hf_target``
-(megatron -> HF: dtypes, config, tensors), ``convert.hf_files`` (safetensors shards, the
-tokenizer) and ``convert.tokenizer_export`` (a SentencePiece model as a HF fast tokenizer).
+This module holds the two drivers and the export's choice of target; the pieces are one job
+each: ``runtime.hf_source`` (HF -> megatron: config, lazy weights, tensors; also what ``--load
+HF_DIR`` uses), ``convert.hf_target`` (megatron -> Llama/Mistral: dtypes, config, tensors),
+``convert.hf_gpt2`` (megatron -> GPT-2: config, tensors), ``convert.hf_files`` (safetensors
+shards, the tokenizer) and ``convert.tokenizer_export`` (a SentencePiece model as a HF fast
+tokenizer).
 """
 
 from __future__ import annotations
@@ -44,10 +53,17 @@ from megatron_slm.convert.hf_files import (
     tokenizer_vocab_size,
     write_hf_weights,
 )
+from megatron_slm.convert.hf_gpt2 import (
+    GPT2_ARCHITECTURE,
+    gpt2_config_from_gpt,
+    gpt2_mismatches,
+    gpt2_tensors_from_megatron,
+)
 from megatron_slm.convert.hf_target import (
     dtype_name,
     hf_config_from_gpt,
     hf_tensors_from_megatron,
+    llama_mismatches,
     parse_dtype,
 )
 from megatron_slm.convert.tokenizer_export import write_generation_config
@@ -55,6 +71,7 @@ from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
 from megatron_slm.runtime.hf_source import (
+    SUPPORTED_ARCHITECTURES,
     ConversionError,
     HFWeights,
     architecture,
@@ -209,6 +226,54 @@ def convert_hf_to_megatron(
     return ImportResult(ckpt, model, padded)
 
 
+def export_architecture(
+    model: GPTModelConfig, requested: str | None = None, imported: str | None = None
+) -> str:
+    """The Hugging Face architecture ``model`` exports as: ``requested`` (``--architecture``) if
+    it fits the model's architecture, else the one it was ``imported`` from, else the first of its
+    family (Llama's: LlamaForCausalLM or MistralForCausalLM; GPT-3's: GPT2LMHeadModel). A model
+    neither family represents, or a request from the other family, is refused naming what the
+    Hugging Face architectures need."""
+    llama_gaps, gpt2_gaps = llama_mismatches(model), gpt2_mismatches(model)
+    needs = {"LlamaForCausalLM/MistralForCausalLM": llama_gaps, GPT2_ARCHITECTURE: gpt2_gaps}
+    lacking = "; ".join(f"{arch} needs {', '.join(gaps)}" for arch, gaps in needs.items() if gaps)
+    choices = _architecture_text(model)
+    if not llama_gaps:
+        family = tuple(SUPPORTED_ARCHITECTURES)
+    elif not gpt2_gaps:
+        family = (GPT2_ARCHITECTURE,)
+    else:
+        raise ConversionError(
+            f"Hugging Face's GPT-2 and Llama cannot represent this checkpoint's {choices}: "
+            f"{lacking}"
+        )
+    if requested is not None and requested not in family:
+        if requested not in (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE):
+            raise ConversionError(
+                f"--architecture {requested!r} is not supported; this checkpoint's {choices} "
+                f"exports as {' or '.join(family)}"
+            )
+        raise ConversionError(
+            f"--architecture {requested}: this checkpoint's {choices} exports as "
+            f"{' or '.join(family)}; {lacking}"
+        )
+    if requested is not None:
+        return requested
+    return imported if imported in family else family[0]
+
+
+def _architecture_text(model: GPTModelConfig) -> str:
+    """``GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)``."""
+    choices = [
+        model.normalization,
+        "SwiGLU" if model.gated else "GeLU",
+        "RoPE" if model.position_embedding_type == "rope" else "learned positions",
+        "biases" if model.add_bias_linear else "no biases",
+        "tied embeddings" if model.tied_embeddings else "untied embeddings",
+    ]
+    return f"{model.kind_name()} architecture ({', '.join(choices)})"
+
+
 def convert_megatron_to_hf(
     load: str,
     save: str,
@@ -221,7 +286,8 @@ def convert_megatron_to_hf(
     overwrite: bool = False,
 ) -> str:
     """megatron_slm checkpoint -> HF directory (config.json, generation_config.json, safetensors,
-    a fast tokenizer with a chat template; see :func:`export_tokenizer`).
+    a fast tokenizer with a chat template; see :func:`export_tokenizer`): Llama/Mistral, or GPT-2
+    for GPT-3's architecture (:func:`export_architecture`).
 
     A non-empty ``save`` is refused unless ``overwrite``; the files are written beside it and the
     directory replaces ``save`` only once complete, so no stale shard of an earlier export stays.
@@ -253,14 +319,19 @@ def convert_megatron_to_hf(
     ckpt_dtype = next(iter(tensor_info.values()))[1] if tensor_info else torch.float32
     out_dtype = parse_dtype(dtype) if dtype is not None else ckpt_dtype
     hf_meta = meta.get("hf") or {}
-    arch = architecture_name or hf_meta.get("architecture") or "LlamaForCausalLM"
-    hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
+    arch = export_architecture(model, architecture_name, hf_meta.get("architecture"))
+    if arch == GPT2_ARCHITECTURE:
+        hf_cfg = gpt2_config_from_gpt(model, out_dtype, hf_meta.get("config"))
+        to_hf = gpt2_tensors_from_megatron
+    else:
+        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
+        to_hf = hf_tensors_from_megatron
     lm = load_model(plan, torch.device("cpu"), params_dtype=ckpt_dtype)
     state = full_state_dict(lm.chunks[0])
 
     staged = staging_dir(save)
     try:
-        tensors = ((k, v.to(out_dtype)) for k, v in hf_tensors_from_megatron(state, model))
+        tensors = ((k, v.to(out_dtype)) for k, v in to_hf(state, model))
         files = write_hf_weights(tensors, staged, max_shard_size)
         ids = export_tokenizer(info, staged, tokenizer_model, chat_template)
         if ids is not None:  # the exported tokenizer's special ids win over the defaults

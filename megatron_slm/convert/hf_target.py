@@ -1,5 +1,7 @@
 """megatron-core GPT -> Hugging Face Llama / Mistral: the config and the tensors (the mirror of
-``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts)."""
+``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts), what a
+model needs to export as one of them, and the dtypes and token ids every export target shares
+(GPT-2's config and tensors: ``convert.hf_gpt2``)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+def llama_mismatches(model: GPTModelConfig) -> list[str]:
+    """What Llama/Mistral would need that ``model`` lacks (empty: Llama's architecture)."""
+    llama = {"normalization": ("RMSNorm", "RMSNorm"), "activation": ("swiglu", "SwiGLU"),
+             "position_embedding_type": ("rope", "RoPE"), "add_bias_linear": (False, "no biases"),
+             "tied_embeddings": (False, "untied embeddings")}  # fmt: skip
+    return [text for name, (value, text) in llama.items() if getattr(model, name) != value]
+
+
+def token_ids(source: dict) -> dict:
+    """``bos``/``eos`` (and ``pad``, when it has one) token ids of an imported model's original
+    config ``source``; 1 and 2 without one (an exported tokenizer's own ids replace them)."""
+    ids = {
+        "bos_token_id": source.get("bos_token_id", 1),
+        "eos_token_id": source.get("eos_token_id", 2),
+    }
+    if source.get("pad_token_id") is not None:
+        ids["pad_token_id"] = source["pad_token_id"]
+    return ids
+
+
 def hf_config_from_gpt(
     model: GPTModelConfig,
     arch: str = "LlamaForCausalLM",
@@ -45,6 +67,9 @@ def hf_config_from_gpt(
             f"--architecture {arch!r} is not supported; choose one of "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    gaps = llama_mismatches(model)
+    if gaps:
+        raise ConversionError(f"--architecture {arch} needs {', '.join(gaps)}")
     source = source or {}
     if model.rope_scaling_factor is not None and arch != "LlamaForCausalLM":
         raise ConversionError(
@@ -74,11 +99,8 @@ def hf_config_from_gpt(
         "attention_dropout": 0.0,
         "use_cache": True,
         "torch_dtype": dtype_name(dtype),
-        "bos_token_id": source.get("bos_token_id", 1),
-        "eos_token_id": source.get("eos_token_id", 2),
+        **token_ids(source),
     }
-    if source.get("pad_token_id") is not None:
-        cfg["pad_token_id"] = source["pad_token_id"]
     if arch == "LlamaForCausalLM":
         cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     else:

@@ -2,10 +2,11 @@
 ``tools/train_tokenizer.py`` writes ``vocab.json``/``merges.txt``; ``tools/preprocess_data.py``
 takes ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``; Megatron-LM's
 ``examples/gpt3/train_gpt3_857m_distributed.sh`` flags run as they are (sizes cut, fp32 on CPU:
-no ``--tokenizer-type``, the files name it; no preset, so Megatron-LM's model defaults, with a
-warning that Megatron-LM's own architecture would be GPT-3's); the launch script trains on the
-files (``VOCAB_FILE``/``MERGE_FILE``); the checkpoint records both files, and the Hugging Face
-export (no tokenizer flags) ships a tokenizer giving the trained ids."""
+no ``--tokenizer-type``, the files name it; no preset and no architecture flag, so Megatron-LM's
+model: GPT-3's architecture, FFN 4h); the launch script trains on the files
+(``VOCAB_FILE``/``MERGE_FILE``); the checkpoint records both files, and the Hugging Face export
+(no tokenizer flags) is a ``GPT2LMHeadModel`` whose logits are ours, with a tokenizer giving the
+trained ids (a Llama target is refused)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.data.tokenizer import build_tokenizer
+from megatron_slm.models.presets import GPT3_KIND
 from tests import zygote
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, run_distributed
 from tests.functional.pretrain_helpers import REPO, read_steps, run_pretrain
 
 pytestmark = pytest.mark.slow
@@ -29,11 +32,22 @@ pytest.importorskip("transformers")
 WORDS = "the model reads every token of the corpus and learns which ones matter most".split()
 
 
-def _tool(name: str, *args) -> subprocess.CompletedProcess:
+def _tool(name: str, *args, status: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
     proc = zygote.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == status, proc.stderr[-3000:]
     return proc
+
+
+def _our_logits(rank, world, load: str, tokens):
+    """In a spawned rank: the checkpoint loaded at TP=1 by the runtime, its fp32 logits over the
+    real vocabulary."""
+    from megatron_slm.launch import initialize
+    from megatron_slm.runtime import LoadArgs, forward_logits, load_model, plan_load
+
+    lm = load_model(plan_load(LoadArgs(load=load), tokenizer="none"), initialize(device="cpu"))
+    with torch.no_grad():
+        return forward_logits(lm, tokens)
 
 
 def _gpt3_script_args(data: str, files: list[str], ckpt: str, tb: str) -> list:
@@ -58,7 +72,7 @@ def _gpt3_script_args(data: str, files: list[str], ckpt: str, tb: str) -> list:
 
 def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rng = np.random.default_rng(0)
     # Enough sequences that the script's 949,50,1 split leaves one in the test split.
@@ -80,10 +94,12 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     # Megatron-LM's GPT-3 script, as it is.
     gpt3 = tmp_path / "gpt3"
     proc = run_pretrain(_gpt3_script_args(data, files, str(gpt3), str(tmp_path / "tb")))
-    assert "Megatron-LM would build GPT-3's architecture" in proc.stderr
-    assert "4 heads in 4 KV groups, FFN 128," in proc.stderr  # int(4 * 64 * 2/3 / 64) * 64
+    gpt3_line = "GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)"
+    assert gpt3_line in proc.stderr
+    assert "4 heads in 4 KV groups, FFN 256," in proc.stderr  # 4h, h = 64
     info = read_checkpoint(str(gpt3))
-    assert (info.model.ffn_hidden_size, info.model.num_query_groups) == (128, 4)
+    assert (info.model.ffn_hidden_size, info.model.num_query_groups) == (256, 4)
+    assert info.model.kind == GPT3_KIND
     record = info.tokenizer
     assert record["type"] == "GPT2BPETokenizer" and record["vocab_size"] == tok.vocab_size
     assert (record["model"], record["merge_file"]) == (files[1], files[3])
@@ -116,6 +132,29 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     assert read_checkpoint(str(run / "checkpoints")).tokenizer == record
 
     _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save", tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        hf_config = json.load(f)
+    assert (hf_config["architectures"], hf_config["model_type"]) == (["GPT2LMHeadModel"], "gpt2")
+    assert (hf_config["n_inner"], hf_config["n_positions"]) == (256, 32)
+    assert (hf_config["vocab_size"], hf_config["activation_function"]) == (tok.vocab_size, "gelu")
+    # three rows of the training data, every position of the learned table
+    rows = torch.from_numpy(np.concatenate([dataset[i] for i in range(4)])[:96].astype(np.int64))
+    rows = rows.reshape(3, 32)
+    (ours,) = run_distributed(_our_logits, 1, str(gpt3), rows)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    with torch.no_grad():
+        theirs = model.eval()(rows).logits
+    assert type(model).__name__ == "GPT2LMHeadModel" and ours.shape == (3, 32, tok.vocab_size)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    llama = _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save",
+                  tmp_path / "llama", "--architecture", "LlamaForCausalLM", status=2)  # fmt: skip
+    assert llama.stderr.strip().splitlines()[-1] == (
+        "convert_checkpoint: error: --architecture LlamaForCausalLM: this checkpoint's "
+        f"{gpt3_line} exports as GPT2LMHeadModel; "
+        "LlamaForCausalLM/MistralForCausalLM needs RMSNorm, SwiGLU, RoPE, no biases, untied "
+        "embeddings"
+    )
+    assert not os.path.exists(tmp_path / "llama")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in texts[:8]:
         assert hf(text).input_ids == tok.tokenize_with_specials(text), text
