@@ -50,7 +50,12 @@ from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
 from megatron_slm.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_slm.models.args import DEFAULT_VOCAB_DIVISOR, ModelArgs, flag_text
-from megatron_slm.models.presets import GPTModelConfig, get_preset, padded_vocab_size
+from megatron_slm.models.presets import (
+    KIND_FIELDS,
+    GPTModelConfig,
+    get_preset,
+    padded_vocab_size,
+)
 from megatron_slm.models.sharding import unwrap
 from megatron_slm.optimizer_state import (
     DP_RESHARDABLE,
@@ -819,10 +824,11 @@ def resolve_architecture(
                 )
     for name, value in model_args.overrides().items():
         if value != getattr(arch, name):
+            theirs = getattr(arch, name)
             raise CheckpointError(
                 f"{flag_text(name, value)} contradicts {where} "
-                f"({flag_text(name, getattr(arch, name))}): drop the flag to use the "
-                "checkpoint's architecture"
+                f"({flag_text(name, theirs) if name in KIND_FIELDS else theirs}): drop the flag "
+                "to use the checkpoint's architecture"
             )
     if vocab_size is not None and vocab_size != arch.vocab_size:
         raise CheckpointError(

@@ -1,4 +1,5 @@
-"""Convert Hugging Face Llama/Mistral checkpoints to megatron-core distributed checkpoints and back.
+"""Convert Hugging Face Llama/Mistral checkpoints to megatron-core distributed checkpoints and back
+(a GPT-3-architecture checkpoint exports as GPT-2).
 
     # HF directory (config.json + safetensors or .bin + tokenizer files) -> megatron, for TP=2 PP=1
     python tools/convert_checkpoint.py hf-to-megatron --load /models/TinyLlama-1.1B \\
@@ -63,8 +64,9 @@ class MegatronToHfConfig(_Paths):
 
     architecture: str | None = arg(
         None,
-        "Default the imported model's, else LlamaForCausalLM.",
-        choices=("LlamaForCausalLM", "MistralForCausalLM"),
+        "Default: for Llama's architecture the imported model's, else LlamaForCausalLM; GPT-3's "
+        "architecture exports as GPT2LMHeadModel.",
+        choices=("LlamaForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel"),
     )
     ckpt_step: int | None = arg(
         None, "Export this iteration of the --load checkpoint root instead of its latest."

@@ -237,7 +237,7 @@ def export_architecture(
     llama_gaps, gpt2_gaps = llama_mismatches(model), gpt2_mismatches(model)
     needs = {"LlamaForCausalLM/MistralForCausalLM": llama_gaps, GPT2_ARCHITECTURE: gpt2_gaps}
     lacking = "; ".join(f"{arch} needs {', '.join(gaps)}" for arch, gaps in needs.items() if gaps)
-    choices = _architecture_text(model)
+    choices = model.describe_kind()
     if not llama_gaps:
         family = tuple(SUPPORTED_ARCHITECTURES)
     elif not gpt2_gaps:
@@ -260,18 +260,6 @@ def export_architecture(
     if requested is not None:
         return requested
     return imported if imported in family else family[0]
-
-
-def _architecture_text(model: GPTModelConfig) -> str:
-    """``GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)``."""
-    choices = [
-        model.normalization,
-        "SwiGLU" if model.gated else "GeLU",
-        "RoPE" if model.position_embedding_type == "rope" else "learned positions",
-        "biases" if model.add_bias_linear else "no biases",
-        "tied embeddings" if model.tied_embeddings else "untied embeddings",
-    ]
-    return f"{model.kind_name()} architecture ({', '.join(choices)})"
 
 
 def convert_megatron_to_hf(

@@ -154,8 +154,8 @@ class GPTModelConfig:
             return "GPT-3"
         return "custom"
 
-    def describe(self, padded_vocab_size: int) -> str:
-        """One line for the log: the architecture, its shape and its parameter count."""
+    def describe_kind(self) -> str:
+        """``GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)``."""
         if self.position_embedding_type == "rope":
             positions = f"RoPE base {self.rotary_base:g}"
             if self.rope_scaling_factor:
@@ -171,8 +171,12 @@ class GPTModelConfig:
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",
             ]
         )
+        return f"{self.kind_name()} architecture ({choices})"
+
+    def describe(self, padded_vocab_size: int) -> str:
+        """One line for the log: the architecture, its shape and its parameter count."""
         return (
-            f"{self.kind_name()} architecture ({choices}): "
+            f"{self.describe_kind()}: "
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
             f"heads in {self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
             f"{self.vocab_size} padded to {padded_vocab_size}: "

@@ -50,14 +50,15 @@ def reads(monkeypatch):
     return counts
 
 
-def _checkpoint(root, tokenizer: dict | None = None) -> str:
-    """A checkpoint root whose iteration directory holds only its metadata."""
+def _checkpoint(root, tokenizer: dict | None = None, model: dict | None = None) -> str:
+    """A checkpoint root whose iteration directory holds only its metadata (``model``: its
+    recorded architecture; default the tiny preset's)."""
     it = root / "ckpt" / "iter_0000003"
     it.mkdir(parents=True)
     meta = {
         "format_version": 1,
         "iteration": 3,
-        "model": dataclasses.asdict(get_preset("tiny").replace(vocab_size=1000)),
+        "model": model or dataclasses.asdict(get_preset("tiny").replace(vocab_size=1000)),
         "padded_vocab_size": 1024,
         "make_vocab_size_divisible_by": 128,
         "params_dtype": "bfloat16",
@@ -68,6 +69,31 @@ def _checkpoint(root, tokenizer: dict | None = None) -> str:
     (it / ckpt_mod.METADATA).write_text(json.dumps(meta))
     (root / "ckpt" / ckpt_mod.TRACKER).write_text("3")
     return str(root / "ckpt")
+
+
+def test_architecture_choices_recorded_and_checked(tmp_path):
+    """A checkpoint records its architecture's choices: metadata from before them means Llama's;
+    a GPT-3 checkpoint loads as GPT-3's, flags that name its choices confirm it and a flag that
+    names another is refused, in Megatron-LM's words for both."""
+    from megatron_slm.errors import UserError
+    from megatron_slm.models.presets import GPT3_KIND, KIND_FIELDS
+    from megatron_slm.scoring import ScoreConfig
+
+    tiny = dataclasses.asdict(get_preset("tiny").replace(vocab_size=1000))
+    older = {k: v for k, v in tiny.items() if k not in KIND_FIELDS}
+    plan = plan_load(LoadArgs(load=_checkpoint(tmp_path / "old", model=older)), tokenizer="none")
+    assert plan.arch.is_llama and plan.arch == get_preset("tiny").replace(vocab_size=1000)
+    gpt3 = _checkpoint(tmp_path / "gpt3", model={**tiny, **GPT3_KIND})
+
+    def flags(**given):
+        return ScoreConfig(data_prefix=["d"], load=gpt3, **given)
+
+    confirming = flags(normalization="LayerNorm", position_embedding_type="learned_absolute")
+    assert plan_load(confirming, tokenizer="none").arch.kind == GPT3_KIND
+    with pytest.raises(UserError, match=r"^--swiglu contradicts the checkpoint .*GeLU \(no --sw"):
+        plan_load(flags(swiglu=True), tokenizer="none")
+    with pytest.raises(UserError, match=r"--untie-embeddings-and-output-weights contradicts"):
+        plan_load(flags(untie_embeddings_and_output_weights=True), tokenizer="none")
 
 
 def test_checkpoint_metadata_read_once(tmp_path, reads):

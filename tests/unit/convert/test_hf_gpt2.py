@@ -1,0 +1,137 @@
+"""GPT-3's architecture -> Hugging Face GPT2LMHeadModel: a tiny megatron model's export loaded by
+``transformers`` gives our logits; mixed architectures and a Llama target are refused."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from megatron_slm.convert import ConversionError
+from megatron_slm.convert.hf import export_architecture
+from megatron_slm.convert.hf_files import write_hf_weights
+from megatron_slm.convert.hf_gpt2 import gpt2_config_from_gpt, gpt2_tensors_from_megatron
+from megatron_slm.models.presets import GPT3_KIND, get_preset
+from tests.dist_helpers import run_distributed
+
+pytest.importorskip("transformers")
+
+GPT3 = get_preset("tiny").replace(**GPT3_KIND, num_query_groups=4, ffn_hidden_size=256)
+VOCAB = 500  # padded to 512: the export drops 12 rows
+VARIANTS = {
+    "tied, biases": GPT3.replace(vocab_size=VOCAB),
+    "untied, no biases": GPT3.replace(
+        vocab_size=VOCAB, tied_embeddings=False, add_bias_linear=False
+    ),
+}
+
+
+def _tiny_gpt3_models(rank, world, tokens):
+    """In a spawned rank: each variant built at TP=1 with random weights (norm weights about 1,
+    biases not zero, so a misplaced one shows): its full state dict and fp32 logits."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_slm.models import ModelBuildOptions, build_model
+    from megatron_slm.models.sharding import full_state_dict
+    from megatron_slm.platform import enable_cpu_backend
+
+    enable_cpu_backend()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(11)
+    out = {}
+    for name, cfg in VARIANTS.items():
+        (model,) = build_model(cfg, ModelBuildOptions(transformer_impl="torch"))
+        model.eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "layernorm.weight" in pname:
+                    p.uniform_(0.5, 1.5)
+                elif pname.endswith(".bias"):
+                    p.normal_(0.0, 0.1)
+            position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+            logits = model(tokens, position_ids, None)  # no labels: [b, s, padded vocab]
+        state = {k: v.clone() for k, v in full_state_dict(model).items()}
+        out[name] = state, logits
+    return out
+
+
+def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    (models,) = run_distributed(_tiny_gpt3_models, 1, tokens)
+    for name, cfg in VARIANTS.items():
+        state, ours = models[name]
+        assert ours.shape == (3, 24, 512), name
+        assert ("output_layer.weight" in state) == (not cfg.tied_embeddings), name
+        assert any(k.endswith("linear_fc1.bias") for k in state) == cfg.add_bias_linear, name
+        out = tmp_path / name.replace(", ", "_").replace(" ", "-")
+        out.mkdir()
+        hf_cfg = gpt2_config_from_gpt(cfg)
+        assert export_architecture(cfg) == hf_cfg["architectures"][0] == "GPT2LMHeadModel"
+        assert hf_cfg["activation_function"] == "gelu" and hf_cfg["n_inner"] == 256
+        assert hf_cfg["tie_word_embeddings"] == cfg.tied_embeddings
+        (out / "config.json").write_text(json.dumps(hf_cfg))
+        tensors = dict(gpt2_tensors_from_megatron(state, cfg))
+        assert ("lm_head.weight" in tensors) == (not cfg.tied_embeddings), name
+        if not cfg.add_bias_linear:  # GPT-2 always has biases: zero ones stand for none
+            assert not tensors["transformer.h.0.attn.c_attn.bias"].any()
+        write_hf_weights(iter(tensors.items()), str(out))
+        hf, info = AutoModelForCausalLM.from_pretrained(
+            str(out), dtype=torch.float32, output_loading_info=True
+        )
+        assert type(hf).__name__ == "GPT2LMHeadModel"
+        assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+        assert hf.lm_head.weight.shape == (VOCAB, 64)
+        if cfg.tied_embeddings:
+            assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+        with torch.no_grad():
+            theirs = hf.eval()(tokens).logits
+        torch.testing.assert_close(theirs, ours[..., :VOCAB], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (  # RMSNorm with learned positions
+            {"normalization": "RMSNorm"},
+            re.escape(
+                "GPT-2 and Llama cannot represent this checkpoint's custom architecture (RMSNorm, "
+                "GeLU, learned positions, biases, tied embeddings): LlamaForCausalLM/"
+                "MistralForCausalLM needs SwiGLU, RoPE, no biases, untied embeddings; "
+                "GPT2LMHeadModel needs LayerNorm"
+            ),
+        ),
+        ({"activation": "swiglu"}, "; GPT2LMHeadModel needs GeLU$"),  # SwiGLU with LayerNorm
+        (
+            {"num_query_groups": 2},  # grouped-query attention with GPT-3's choices
+            "GPT2LMHeadModel needs multi-head attention \\(not 4 heads in 2 KV groups\\)$",
+        ),
+    ],
+)
+def test_mixed_architectures_are_refused(change, message):
+    with pytest.raises(ConversionError, match=message) as err:
+        export_architecture(GPT3.replace(**change))
+    assert "\n" not in str(err.value)
+
+
+def test_targets_follow_the_architecture():
+    with pytest.raises(ConversionError) as err:
+        export_architecture(GPT3, "LlamaForCausalLM")
+    assert str(err.value) == (
+        "--architecture LlamaForCausalLM: this checkpoint's GPT-3 architecture (LayerNorm, GeLU, "
+        "learned positions, biases, tied embeddings) exports as GPT2LMHeadModel; "
+        "LlamaForCausalLM/MistralForCausalLM needs RMSNorm, SwiGLU, RoPE, no biases, untied "
+        "embeddings"
+    )
+    with pytest.raises(ConversionError, match="Llama architecture .* exports as LlamaForCausal"):
+        export_architecture(get_preset("tiny"), "GPT2LMHeadModel")
+    with pytest.raises(ConversionError, match="GPT2LMHeadModel needs LayerNorm, GeLU, learned"):
+        gpt2_config_from_gpt(get_preset("tiny"))
+    # Llama's unchanged: the request, else the imported architecture, else LlamaForCausalLM
+    llama = get_preset("tiny")
+    assert export_architecture(llama) == "LlamaForCausalLM"
+    assert export_architecture(llama, None, "MistralForCausalLM") == "MistralForCausalLM"
+    assert export_architecture(llama, "MistralForCausalLM", "LlamaForCausalLM").startswith("Mis")
+    assert export_architecture(GPT3, "GPT2LMHeadModel", "LlamaForCausalLM") == "GPT2LMHeadModel"
