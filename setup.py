@@ -202,6 +202,7 @@ setup(
         "hf": ["transformers>=4.40", "safetensors"],
         "lm-eval": ["lm-eval>=0.4.9,<0.5"],
         "wandb": ["wandb"],
+        "tiktoken": ["tiktoken"],  # --tokenizer-type TikTokenizer
         # transformers[serving]: the ProX teacher test runs a real `transformers serve`
         "test": [
             "pytest>=7",
@@ -214,6 +215,7 @@ setup(
             "lm-eval>=0.4.9,<0.5",
             "accelerate",  # lm-eval's hf model, the reference of the adapter's tests
             "wandb",  # --wandb-project: the offline run file is read back
+            "tiktoken",  # --tokenizer-type TikTokenizer, against megatron-core's own
         ],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "safetensors", "ruff", "ninja"],
     },

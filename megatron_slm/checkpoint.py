@@ -705,6 +705,8 @@ def tokenizer_record(tokenizer_type: str, tokenizer_model: str | None, tokenizer
     sha = tokenizer.unique_identifiers.get("sha256")
     if sha:
         record["sha256"] = sha
+    if tokenizer_type == "TikTokenizer":  # what else its ids depend on
+        record["tiktoken"] = tokenizer.options()
     return record
 
 
@@ -856,6 +858,14 @@ def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, 
             f"{flag}: tokenizer model sha256 {sha} differs from {where}'s "
             f"{theirs} ({recorded.get('model')}): not the tokenizer the model was trained with"
         )
+    options = recorded.get("tiktoken")
+    if tokenizer_type == recorded.get("type") == "TikTokenizer" and options:
+        for name, value in tokenizer.options().items():
+            if value != options.get(name):
+                raise CheckpointError(
+                    f"{flag}: the TikTokenizer's {name} {value} differs from {where}'s "
+                    f"{options.get(name)}: not the ids the model was trained with"
+                )
 
 
 def check_recorded_tokenizer(
@@ -890,11 +900,12 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
     the checkpoint. Returns ``(tokenizer or None, type, model path)`` (a GPT2BPETokenizer's model
     path is its vocab file); None only when neither the flags nor the checkpoint name one and
     ``required`` is False."""
-    from megatron_slm.data.tokenizer import build_tokenizer, model_path_of
+    from megatron_slm.data.tokenizer import TIKTOKEN_FLAGS, build_tokenizer, model_path_of
 
     recorded = (checkpoint.tokenizer if checkpoint else None) or {}
-    names = ("tokenizer_model", "vocab_file", "merge_file", "tokenizer_type", "vocab_size")
-    given = [name for name in names if getattr(args, name) is not None]
+    names = ("tokenizer_model", "vocab_file", "merge_file", "tokenizer_type", "vocab_size",
+             *TIKTOKEN_FLAGS)  # fmt: skip
+    given = [name for name in names if getattr(args, name, None) is not None]
     merge = None
     if given:
         # GPT-2 BPE files name their type (over the recorded one: never silently ignored).
@@ -932,8 +943,11 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
         and (model, merge) == (recorded.get("model"), recorded.get("merge_file"))
     ):
         check_recorded_tokenizer(checkpoint)  # the recorded files, whoever named them
+    tiktoken = dict(recorded.get("tiktoken") or {}) if ttype == recorded.get("type") else {}
+    if hasattr(args, "tiktoken_options"):
+        tiktoken.update(args.tiktoken_options())
     try:
-        tokenizer = build_tokenizer(ttype, model, vocab, merge)
+        tokenizer = build_tokenizer(ttype, model, vocab, merge, tiktoken)
     except (OSError, ValueError, RuntimeError) as e:
         what = f"{model} + {merge}" if merge else model or ""
         raise TokenizerError(f"{flag}: cannot load the {ttype} {what}: {e}") from None

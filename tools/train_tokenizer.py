@@ -4,7 +4,9 @@
 
 writes the sentencepiece model ``out/tok.model`` (and ``out/tok.vocab``);
 ``--tokenizer-type GPT2BPETokenizer`` writes a GPT-2 byte-level BPE instead:
-``out/tok-vocab.json`` and ``out/tok-merges.txt``, the ``--vocab-file`` and ``--merge-file``.
+``out/tok-vocab.json`` and ``out/tok-merges.txt``, the ``--vocab-file`` and ``--merge-file``;
+``--tokenizer-type TikTokenizer`` writes Megatron-LM's tiktoken JSON vocabulary ``out/tok.json``
+(``--vocab-size`` BPE tokens; the special ids come on top when it is loaded).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.data.preprocess import expand_inputs
+from megatron_slm.data.tiktoken_tokenizer import train_tiktoken
 from megatron_slm.data.tokenizer import train_gpt2_bpe, train_sentencepiece
 from megatron_slm.entry import entry_point
 from megatron_slm.errors import InputFileError
 
-TRAINABLE = ("SentencePieceTokenizer", "GPT2BPETokenizer")
+TRAINABLE = ("SentencePieceTokenizer", "GPT2BPETokenizer", "TikTokenizer")
 
 
 @dataclass
@@ -28,14 +31,14 @@ class TrainTokenizerConfig:
     json_key: str = arg("text", "JSON key of the text.")
     tokenizer_type: str = arg(
         "SentencePieceTokenizer",
-        "What to train: a sentencepiece model (also a Llama2Tokenizer's) or GPT2BPETokenizer's "
-        "two files.",
+        "What to train: a sentencepiece model (also a Llama2Tokenizer's), GPT2BPETokenizer's "
+        "two files or a TikTokenizer's JSON vocabulary.",
         choices=TRAINABLE,
     )
     model_prefix: str = arg(
         None,
         "Writes PREFIX.model and PREFIX.vocab (GPT2BPETokenizer: PREFIX-vocab.json and "
-        "PREFIX-merges.txt).",
+        "PREFIX-merges.txt; TikTokenizer: PREFIX.json).",
         required=True,
     )
     vocab_size: int = arg(None, "Number of pieces.", required=True)
@@ -85,6 +88,8 @@ def main(cfg: TrainTokenizerConfig) -> int:
     texts = list(iter_texts(cfg.input, cfg.json_key, cfg.max_docs))  # bad input: nothing written
     if cfg.tokenizer_type == "GPT2BPETokenizer":
         paths = train_gpt2_bpe(texts, cfg.model_prefix, cfg.vocab_size)
+    elif cfg.tokenizer_type == "TikTokenizer":
+        paths = [train_tiktoken(texts, cfg.model_prefix + ".json", cfg.vocab_size)]
     else:
         paths = [train_sentencepiece(texts, cfg.model_prefix, cfg.vocab_size, cfg.model_type)]
     print(f"wrote {' and '.join(paths)} ({len(texts)} documents)")

@@ -17,6 +17,7 @@ from megatron_slm.convert.tokenizer_export import (
     set_chat_template,
     write_gpt2_hf_tokenizer,
     write_sentencepiece_hf_tokenizer,
+    write_tiktoken_hf_tokenizer,
 )
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.hf_source import ConversionError, tokenizer_files
@@ -127,6 +128,9 @@ def export_tokenizer(
     * a HF tokenizer is copied as is;
     * a GPT2BPETokenizer's recorded vocab and merges files (or ``vocab.json``/``merges.txt``
       beside a moved checkpoint) become GPT-2's Hugging Face tokenizer;
+    * a TikTokenizer's recorded JSON vocabulary (or ``tiktoken.json`` beside a moved checkpoint,
+      or ``--tokenizer-model FILE``) with its recorded options becomes a byte-level BPE giving
+      its ids (``convert.tokenizer_export.write_tiktoken_hf_tokenizer``);
     * the chat template: ``chat_template`` (``--chat-template FILE``), else the one the checkpoint
       records (``chat_template``: an SFT run's), else the HF tokenizer's own, else
       ``data.chat.DEFAULT_CHAT_TEMPLATE``, the template the trainer's SFT mode uses by default.
@@ -137,7 +141,7 @@ def export_tokenizer(
     """
     from megatron_slm.checkpoint import check_recorded_tokenizer
     from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
-    from megatron_slm.data.tokenizer import SENTENCEPIECE_TYPES
+    from megatron_slm.data.tokenizer import SENTENCEPIECE_TYPES, build_tokenizer
 
     ckpt, meta = info.path, info.meta
     record = meta.get("tokenizer") or {}
@@ -152,6 +156,19 @@ def export_tokenizer(
                 f"--load {ckpt}: the recorded SentencePiece model {record.get('model')} is missing;"
                 " give it with --tokenizer-model"
             )
+    elif record.get("type") == "TikTokenizer" and (src is None or os.path.isfile(src)):
+        src = src or _checkpoint_file(ckpt, record.get("model"), "tiktoken.json")
+        if src is None:
+            raise ConversionError(
+                f"--load {ckpt}: the recorded TikTokenizer vocabulary {record.get('model')} is "
+                "missing; give it with --tokenizer-model"
+            )
+        check_recorded_tokenizer(info, src)
+        tok = build_tokenizer(
+            "TikTokenizer", src, record.get("vocab_size"), tiktoken=record.get("tiktoken")
+        )
+        write_tiktoken_hf_tokenizer(tok, save, chosen or DEFAULT_CHAT_TEMPLATE)
+        return _special_ids(save)
     elif record.get("type") == "GPT2BPETokenizer":
         if src is not None and not os.path.isdir(src):
             raise ConversionError(

@@ -25,6 +25,13 @@ leads each text with the BOS id, as its ids did in training (a post-processor, l
 A ``GPT2BPETokenizer`` (:func:`write_gpt2_hf_tokenizer`) exports as GPT-2's own Hugging Face
 tokenizer does: the same byte-level BPE, ``<|endoftext|>`` its bos, eos and unk token, no BOS
 added, and ``vocab.json``/``merges.txt`` beside ``tokenizer.json``.
+
+A ``TikTokenizer`` (:func:`write_tiktoken_hf_tokenizer`) becomes a byte-level BPE whose merges are
+rebuilt from the ranks (each token is the merge of the two parts the lowest-rank-first BPE of its
+bytes ends with, at the priority of its rank: what tiktoken computes), whole pieces looked up
+first (``ignore_merges``, as tiktoken does), Megatron-LM's regular expression as a split before
+the byte mapping, and the special ids as special added tokens matched in any text (tiktoken's
+``allowed_special="all"``).
 """
 
 from __future__ import annotations
@@ -233,6 +240,74 @@ def write_gpt2_hf_tokenizer(
         "vocab.json",
         "merges.txt",
     ]
+
+
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
+    """The two parts whose merge makes ``token`` in tiktoken's BPE (lowest rank first, only
+    ranks below the token's own); None when its bytes do not merge into it."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        best = None  # (rank, position) of the lowest-rank adjacent pair
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < limit and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return None
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def write_tiktoken_hf_tokenizer(tok, save: str, chat_template: str) -> list[str]:
+    """tokenizer.json, tokenizer_config.json (with ``chat_template``) and
+    special_tokens_map.json for a ``data.tokenizer.TikTokenizer`` ``tok``: the same ids for any
+    text (see the module docstring)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from megatron_slm.data.tiktoken_tokenizer import PATTERNS, gpt2_byte_symbols
+
+    symbol = {b[0]: s for s, b in gpt2_byte_symbols().items()}
+
+    def text(t: bytes) -> str:
+        return "".join(symbol[b] for b in t)
+
+    tokens, specials = tok.token_bytes(), tok.specials
+    ranks = {t: r for r, t in enumerate(tokens)}
+    vocab = {s: i for i, s in enumerate(specials)}
+    for r, t in enumerate(tokens):
+        vocab.setdefault(text(t), len(specials) + r)  # a special's own string keeps its id
+    merges = []
+    for t in tokens[256:]:
+        pair = _merge_of(t, ranks)
+        if pair is not None:
+            merges.append((text(pair[0]), text(pair[1])))
+    bpe = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PATTERNS[tok.options()["pattern"]]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    write_text_atomic(os.path.join(save, "tokenizer.json"), bpe.to_str())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    entry = {"special": True, "normalized": False, "lstrip": False, "rstrip": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {
+            str(i): {"content": s, **entry, "single_word": False} for i, s in enumerate(specials)
+        },
+        **special,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+        "chat_template": chat_template,
+    }
+    write_json_atomic(os.path.join(save, "tokenizer_config.json"), config)
+    write_json_atomic(os.path.join(save, "special_tokens_map.json"), special)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 def set_chat_template(save: str, chat_template: str, overwrite: bool) -> bool:

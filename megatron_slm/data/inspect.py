@@ -12,6 +12,7 @@ from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
+    TikTokenArgs,
     check_tokenizer_flags,
     tokenizer_of,
 )
@@ -23,7 +24,7 @@ _CHUNK_TOKENS = 1 << 24  # values decoded per step (64 MiB of float32)
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(TikTokenArgs):
     """Settings of tools/inspect_sidecar.py."""
 
     data_path: list[str] = arg(
@@ -37,7 +38,9 @@ class InspectConfig:
     tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
     vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
     merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
-    vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
+    vocab_size: int | None = arg(
+        None, "NullTokenizer vocabulary size; a TikTokenizer's (special ids included) cuts it."
+    )
     max_chars: int = arg(300, "Text shown per document.")
     json: bool = arg(False, "Print the reports as JSON.")
 

@@ -35,6 +35,7 @@ from megatron_slm.cli import arg
 from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, recover_pair
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
+    TikTokenArgs,
     build_tokenizer,
     check_tokenizer_flags,
     model_path_of,
@@ -52,7 +53,7 @@ _BATCH_BYTES = 4 << 20
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(TikTokenArgs):
     """Settings of tools/preprocess_data.py (Megatron-LM's flags), for ``preprocess_corpus``."""
 
     input: list[str] = arg([], "JSONL files or globs, read in order.", required=True)
@@ -64,7 +65,9 @@ class PreprocessConfig:
     tokenizer_model: str | None = arg(None, "Sentencepiece model file / Hugging Face directory.")
     vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
     merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
-    vocab_size: int | None = arg(None, "NullTokenizer vocabulary size.")
+    vocab_size: int | None = arg(
+        None, "NullTokenizer vocabulary size; a TikTokenizer's (special ids included) cuts it."
+    )
     append_eod: bool = arg(False, "Append the tokenizer's EOD to each non-empty document.")
     output_prefix: str = arg(None, "Writes <prefix>_<key>_document.bin/.idx.", required=True)
     workers: int = arg(1, "Tokenizing processes (the output is identical for any number).")
@@ -95,6 +98,7 @@ class PreprocessConfig:
             vocab_size=self.vocab_size,
             vocab_file=self.vocab_file,
             merge_file=self.merge_file,
+            tiktoken=self.tiktoken_options(),
             json_keys=self.json_keys,
             append_eod=self.append_eod,
             workers=self.workers,
@@ -272,6 +276,7 @@ def preprocess_corpus(
     vocab_size: int | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
+    tiktoken: dict | None = None,
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -285,6 +290,7 @@ def preprocess_corpus(
         output_prefix: ``--output-prefix``; key ``k`` goes to ``<output_prefix>_<k>_document``.
         tokenizer_type, tokenizer_model, vocab_size: see ``build_tokenizer``.
         vocab_file, merge_file: a GPT2BPETokenizer's ``vocab.json`` and ``merges.txt``.
+        tiktoken: a TikTokenizer's options (``build_tokenizer``).
         json_keys: the JSON fields to tokenize, one dataset each (``--json-keys``).
         append_eod: append the tokenizer's EOD to every non-empty document.
         workers: tokenizing processes (1: in this process). Output is identical for any value.
@@ -304,7 +310,7 @@ def preprocess_corpus(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     model = model_path_of(tokenizer_type, tokenizer_model, vocab_file)
-    tokenizer_args = (tokenizer_type, model, vocab_size, merge_file)
+    tokenizer_args = (tokenizer_type, model, vocab_size, merge_file, tiktoken)
     tokenizer = build_tokenizer(*tokenizer_args)
     dtype = optimal_token_dtype(tokenizer.vocab_size)
     init_args = (tokenizer_args, json_keys, append_eod, dtype)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_slm.atomic_io import file_sha256
-from megatron_slm.cli import arg
+from megatron_slm.cli import arg, flag_name
 from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
 
 TOKENIZER_TYPES = (
@@ -42,12 +42,14 @@ TOKENIZER_TYPES = (
     "Llama2Tokenizer",
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
+    "TikTokenizer",
     "NullTokenizer",
 )
 # Megatron-LM's GPTSentencePieceTokenizer gives exactly our SentencePieceTokenizer's ids (the
 # model's own, EOD its eos); recorded under the one name so checkpoints and flags agree.
 TOKENIZER_ALIASES = {"GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer")  # a .model file each
+TIKTOKEN_FLAGS = ("tiktoken_pattern", "tiktoken_num_special_tokens", "tokenizer_special_tokens")
 GPT2_EOD = "<|endoftext|>"
 
 
@@ -80,6 +82,8 @@ def model_digest(tokenizer_type: str, path: str, merge_file: str | None = None) 
         return _file_digest(path)
     if tokenizer_type == "HuggingFaceTokenizer" and os.path.isdir(path):
         return _directory_digest(path)
+    if tokenizer_type == "TikTokenizer" and os.path.isfile(path):
+        return _file_digest(path)
     if tokenizer_type == "GPT2BPETokenizer" and merge_file:
         if os.path.isfile(path) and os.path.isfile(merge_file):
             return _bpe_files_digest(path, merge_file)
@@ -414,6 +418,76 @@ class GPT2BPETokenizer(_SLMTokenizer):
         return self._eod
 
 
+class TikTokenizer(_SLMTokenizer):
+    """Megatron-LM's ``TikTokenizer`` (``data.tiktoken_tokenizer`` has its rules and ids)."""
+
+    def __init__(self, path: str, vocab_size: int | None = None, **options) -> None:
+        from megatron_slm.data.tiktoken_tokenizer import TikTokenIds
+
+        if path is None or not os.path.isfile(path):
+            raise FileNotFoundError(f"tiktoken vocabulary file not found: {path!r}")
+        self._ids = TikTokenIds(path, vocab_size=vocab_size, **options)
+        self._state = (path, vocab_size, options)
+        super().__init__(
+            os.path.abspath(path),
+            sha256=_file_digest(path),
+            vocab_size=self._ids.vocab_size,
+            **self._ids.options(),
+        )
+        from megatron_slm.data.chat import DEFAULT_CHAT_TEMPLATE
+
+        self.chat_template = DEFAULT_CHAT_TEMPLATE
+
+    def options(self) -> dict:
+        """``--tiktoken-pattern``, ``--tiktoken-num-special-tokens``, ``--tokenizer-special-
+        tokens`` as built (a checkpoint records them to rebuild these ids)."""
+        return self._ids.options()
+
+    def token_bytes(self) -> list[bytes]:
+        """The BPE tokens in rank order (an export rebuilds the merges from them)."""
+        return self._ids.token_bytes()
+
+    @property
+    def specials(self) -> list[str]:
+        """The strings of the first ``num_special_tokens`` ids."""
+        return self._ids.specials
+
+    def __getstate__(self):
+        return self._state
+
+    def __setstate__(self, state):
+        path, vocab_size, options = state
+        self.__init__(path, vocab_size, **options)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._ids.tokenize(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._ids.tokenize_batch(texts)
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._ids.detokenize(ids)
+
+    def chat_special_tokens(self) -> dict[str, str | None]:
+        return {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+    def tokenize_with_specials(self, text: str) -> list[int]:
+        """Special-token strings become their ids, as ``tokenize`` already does."""
+        return self._ids.tokenize(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._ids.vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._ids.eod
+
+    @property
+    def pad(self) -> int:
+        return self._ids.pad
+
+
 class HuggingFaceTokenizer(_SLMTokenizer):
     """A Hugging Face tokenizer loaded from a local directory (no network). ``tokenize`` matches
     Megatron-LM's ``_HuggingFaceTokenizer`` (``tokenizer(text).input_ids``, special tokens such as
@@ -538,6 +612,11 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
         raise ConfigError(
             f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got {tokenizer_type!r}"
         )
+    for name in TIKTOKEN_FLAGS:
+        if getattr(cfg, name, None) is not None and tokenizer_type != "TikTokenizer":
+            raise ConfigError(
+                f"{flag_name(name)} is a TikTokenizer's flag, not a {tokenizer_type}'s"
+            )
     gpt2 = tokenizer_type == "GPT2BPETokenizer"
     if gpt2 and tokenizer_model:
         raise ConfigError(
@@ -562,14 +641,45 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
 
 
 @dataclass
-class TokenizerArgs:
+class TikTokenArgs:
+    """Megatron-LM's flags of its ``TikTokenizer`` (``data.tiktoken_tokenizer``)."""
+
+    tiktoken_pattern: str | None = arg(
+        None,
+        "TikTokenizer: Megatron-LM's pre-tokenizing regular expression, v1 or v2 (default v2; "
+        "the --load checkpoint's when it records one).",
+        choices=("v1", "v2"),
+    )
+    tiktoken_num_special_tokens: int | None = arg(
+        None, "TikTokenizer: ids before the BPE tokens (default 1000, Megatron-LM's)."
+    )
+    tokenizer_special_tokens: list[str] | None = arg(
+        None,
+        "TikTokenizer: its special tokens (must include <unk> <s> </s> <mask> <pad> <cls> "
+        "<sep>, Megatron-LM's defaults).",
+        nargs="+",
+        aliases=("--tiktoken-special-tokens",),
+    )
+
+    def tiktoken_options(self) -> dict:
+        """The TikTokenizer options given (Megatron-LM's defaults for the others)."""
+        given = {
+            "pattern": self.tiktoken_pattern,
+            "num_special_tokens": self.tiktoken_num_special_tokens,
+            "special_tokens": self.tokenizer_special_tokens,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass
+class TokenizerArgs(TikTokenArgs):
     """The tokenizer flags of the trainer and every tool (Megatron-LM's names)."""
 
     tokenizer_type: str | None = arg(
         None,
         "SentencePieceTokenizer (also GPTSentencePieceTokenizer, Megatron-LM's name for these "
-        "ids), Llama2Tokenizer (the same ids, each text led by BOS), "
-        "GPT2BPETokenizer, HuggingFaceTokenizer or NullTokenizer (default: the one the --load "
+        "ids), Llama2Tokenizer (the same ids, each text led by BOS), GPT2BPETokenizer, "
+        "HuggingFaceTokenizer, TikTokenizer or NullTokenizer (default: the one the --load "
         "checkpoint records, else GPT2BPETokenizer when --vocab-file is given, else "
         "SentencePieceTokenizer).",
     )
@@ -582,7 +692,11 @@ class TokenizerArgs:
     merge_file: str | None = arg(
         None, "GPT2BPETokenizer's merges.txt (default: the one the --load checkpoint records)."
     )
-    vocab_size: int | None = arg(None, "Number of ids of the NullTokenizer (NullTokenizer only).")
+    vocab_size: int | None = arg(
+        None,
+        "Number of ids of the NullTokenizer; a TikTokenizer's (its special ids included) cuts "
+        "its file.",
+    )
 
     def __post_init__(self):
         check_tokenizer_flags(self, files_required=False)
@@ -604,7 +718,9 @@ def model_path_of(
 def tokenizer_of(cfg) -> _SLMTokenizer:
     """The tokenizer a config's tokenizer flags name (checked by :func:`check_tokenizer_flags`)."""
     model = model_path_of(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file)
-    return build_tokenizer(cfg.tokenizer_type, model, cfg.vocab_size, cfg.merge_file)
+    return build_tokenizer(
+        cfg.tokenizer_type, model, cfg.vocab_size, cfg.merge_file, cfg.tiktoken_options()
+    )
 
 
 def build_tokenizer(
@@ -612,15 +728,18 @@ def build_tokenizer(
     tokenizer_model: str | None = None,
     vocab_size: int | None = None,
     merge_file: str | None = None,
+    tiktoken: dict | None = None,
 ) -> _SLMTokenizer:
     """Build a tokenizer by Megatron-LM ``--tokenizer-type`` name.
 
     Args:
         tokenizer_type: one of ``TOKENIZER_TYPES``.
-        tokenizer_model: sentencepiece ``.model`` file, Hugging Face tokenizer directory, or a
-            GPT2BPETokenizer's ``vocab.json`` (``--vocab-file``).
-        vocab_size: number of ids of the ``NullTokenizer``.
+        tokenizer_model: sentencepiece ``.model`` file, Hugging Face tokenizer directory, a
+            TikTokenizer's JSON vocabulary, or a GPT2BPETokenizer's ``vocab.json``
+            (``--vocab-file``).
+        vocab_size: number of ids of the ``NullTokenizer`` (a TikTokenizer's: its cut).
         merge_file: a GPT2BPETokenizer's ``merges.txt`` (``--merge-file``).
+        tiktoken: a TikTokenizer's ``pattern``, ``num_special_tokens``, ``special_tokens``.
     """
     tokenizer_type = canonical_tokenizer_type(tokenizer_type)
     if tokenizer_type == "SentencePieceTokenizer":
@@ -631,6 +750,8 @@ def build_tokenizer(
         return GPT2BPETokenizer(tokenizer_model, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "TikTokenizer":
+        return TikTokenizer(tokenizer_model, vocab_size, **(tiktoken or {}))
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ConfigError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got {tokenizer_type!r}")
