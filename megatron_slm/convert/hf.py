@@ -1,8 +1,8 @@
 """Hugging Face Llama / Mistral <-> megatron-core GPT checkpoints; GPT-3's architecture -> GPT-2.
 
 Llama and Mistral are megatron_slm's Llama architecture (RMSNorm, SwiGLU, RoPE rotate-half,
-grouped-query attention, no biases, untied embeddings), so conversion is a renaming plus two
-layout changes:
+grouped-query attention, no biases; the output layer tied to the embedding or not, as
+``tie_word_embeddings`` says), so conversion is a renaming plus two layout changes:
 
 * ``linear_qkv`` is group-interleaved: for each key/value group ``g`` the rows are
   ``[q heads of g (heads/groups x head_dim), k_g (head_dim), v_g (head_dim)]``; HF keeps
@@ -18,10 +18,10 @@ Vocabulary: megatron pads the embedding and output layer to a multiple of
 export.
 
 Export picks its target from the checkpoint's architecture (:func:`export_architecture`): Llama's
-exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``; GPT-3's (LayerNorm, GeLU, learned
-positions, multi-head attention; with or without biases, tied or untied) as ``GPT2LMHeadModel``
-(``convert.hf_gpt2`` has its layout); any other mix of the two is refused, naming what each
-Hugging Face architecture lacks. Import reads Llama and Mistral only.
+(tied, as Llama 3.2 1B's, or not) exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``;
+GPT-3's (LayerNorm, GeLU, learned positions, multi-head attention; with or without biases, tied
+or untied) as ``GPT2LMHeadModel`` (``convert.hf_gpt2`` has its layout); any other mix of the two
+is refused, naming what each Hugging Face architecture lacks. Import reads Llama and Mistral only.
 
 Import (:func:`convert_hf_to_megatron`) runs either in one process (any target TP/PP: the
 distributed checkpoint is layout-free, only the padded vocabulary depends on the target TP and is

@@ -36,9 +36,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def llama_mismatches(model: GPTModelConfig) -> list[str]:
     """What Llama/Mistral would need that ``model`` lacks (empty: Llama's architecture)."""
-    llama = {"normalization": ("RMSNorm", "RMSNorm"), "activation": ("swiglu", "SwiGLU"),
-             "position_embedding_type": ("rope", "RoPE"), "add_bias_linear": (False, "no biases"),
-             "tied_embeddings": (False, "untied embeddings")}  # fmt: skip
+    llama = {
+        "normalization": ("RMSNorm", "RMSNorm"),
+        "activation": ("swiglu", "SwiGLU"),
+        "position_embedding_type": ("rope", "RoPE"),
+        "add_bias_linear": (False, "no biases"),
+    }  # fmt: skip (tied or not: both say which)
     return [text for name, (value, text) in llama.items() if getattr(model, name) != value]
 
 
@@ -95,7 +98,7 @@ def hf_config_from_gpt(
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings,
         "initializer_range": model.init_method_std,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": model.tied_embeddings,
         "attention_dropout": 0.0,
         "use_cache": True,
         "torch_dtype": dtype_name(dtype),
@@ -112,11 +115,9 @@ def hf_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF tensors from a full (TP=1, PP=1) megatron state dict; vocabulary padding dropped."""
-    expected = {
-        "embedding.word_embeddings.weight",
-        "output_layer.weight",
-        "decoder.final_layernorm.weight",
-    }
+    expected = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+    if not model.tied_embeddings:  # tied: the output layer reads the embedding
+        expected.add("output_layer.weight")
     for i in range(model.num_layers):
         expected.update(
             f"decoder.layers.{i}.{s}"
@@ -165,4 +166,5 @@ def hf_tensors_from_megatron(
         yield dst + "mlp.up_proj.weight", fc1[f:]
         yield dst + "mlp.down_proj.weight", state[src + "mlp.linear_fc2.weight"]
     yield "model.norm.weight", state["decoder.final_layernorm.weight"]
-    yield "lm_head.weight", vocab("output_layer.weight")
+    if not model.tied_embeddings:
+        yield "lm_head.weight", vocab("output_layer.weight")

@@ -1,5 +1,6 @@
 """GPT-3's architecture -> Hugging Face GPT2LMHeadModel: a tiny megatron model's export loaded by
-``transformers`` gives our logits; mixed architectures and a Llama target are refused."""
+``transformers`` gives our logits; mixed architectures and a Llama target are refused. Llama's
+architecture with tied embeddings (Llama 3.2 1B's) exports as a tied LlamaForCausalLM."""
 
 import json
 import re
@@ -26,9 +27,9 @@ VARIANTS = {
 }
 
 
-def _tiny_gpt3_models(rank, world, tokens):
-    """In a spawned rank: each variant built at TP=1 with random weights (norm weights about 1,
-    biases not zero, so a misplaced one shows): its full state dict and fp32 logits."""
+def _tiny_models(rank, world, tokens, variants):
+    """In a spawned rank: each of ``variants`` built at TP=1 with random weights (norm weights
+    about 1, biases not zero, so a misplaced one shows): its full state dict and fp32 logits."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -40,7 +41,7 @@ def _tiny_gpt3_models(rank, world, tokens):
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(11)
     out = {}
-    for name, cfg in VARIANTS.items():
+    for name, cfg in variants.items():
         (model,) = build_model(cfg, ModelBuildOptions(transformer_impl="torch"))
         model.eval()
         with torch.no_grad():
@@ -60,7 +61,7 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
     tokens = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
-    (models,) = run_distributed(_tiny_gpt3_models, 1, tokens)
+    (models,) = run_distributed(_tiny_models, 1, tokens, VARIANTS)
     for name, cfg in VARIANTS.items():
         state, ours = models[name]
         assert ours.shape == (3, 24, 512), name
@@ -99,7 +100,7 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
             re.escape(
                 "GPT-2 and Llama cannot represent this checkpoint's custom architecture (RMSNorm, "
                 "GeLU, learned positions, biases, tied embeddings): LlamaForCausalLM/"
-                "MistralForCausalLM needs SwiGLU, RoPE, no biases, untied embeddings; "
+                "MistralForCausalLM needs SwiGLU, RoPE, no biases; "
                 "GPT2LMHeadModel needs LayerNorm"
             ),
         ),
@@ -122,8 +123,7 @@ def test_targets_follow_the_architecture():
     assert str(err.value) == (
         "--architecture LlamaForCausalLM: this checkpoint's GPT-3 architecture (LayerNorm, GeLU, "
         "learned positions, biases, tied embeddings) exports as GPT2LMHeadModel; "
-        "LlamaForCausalLM/MistralForCausalLM needs RMSNorm, SwiGLU, RoPE, no biases, untied "
-        "embeddings"
+        "LlamaForCausalLM/MistralForCausalLM needs RMSNorm, SwiGLU, RoPE, no biases"
     )
     with pytest.raises(ConversionError, match="Llama architecture .* exports as LlamaForCausal"):
         export_architecture(get_preset("tiny"), "GPT2LMHeadModel")
@@ -135,3 +135,31 @@ def test_targets_follow_the_architecture():
     assert export_architecture(llama, None, "MistralForCausalLM") == "MistralForCausalLM"
     assert export_architecture(llama, "MistralForCausalLM", "LlamaForCausalLM").startswith("Mis")
     assert export_architecture(GPT3, "GPT2LMHeadModel", "LlamaForCausalLM") == "GPT2LMHeadModel"
+
+
+def test_llama_with_tied_embeddings_exports_as_a_tied_llama(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_slm.convert.hf_target import hf_config_from_gpt, hf_tensors_from_megatron
+
+    cfg = get_preset("tiny").replace(vocab_size=VOCAB, tied_embeddings=True)
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    (models,) = run_distributed(_tiny_models, 1, tokens, {"tied": cfg})
+    state, ours = models["tied"]
+    assert "output_layer.weight" not in state
+    assert export_architecture(cfg) == "LlamaForCausalLM"
+    hf_cfg = hf_config_from_gpt(cfg)
+    assert hf_cfg["tie_word_embeddings"] is True
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    tensors = dict(hf_tensors_from_megatron(state, cfg))
+    assert "lm_head.weight" not in tensors
+    write_hf_weights(iter(tensors.items()), str(tmp_path))
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, output_loading_info=True
+    )
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        theirs = hf.eval()(tokens).logits
+    torch.testing.assert_close(theirs, ours[..., :VOCAB], rtol=1e-5, atol=1e-5)
