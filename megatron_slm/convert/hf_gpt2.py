@@ -43,6 +43,10 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
         gaps.append("GeLU")
     if model.position_embedding_type != "learned_absolute":
         gaps.append("learned positions")
+    if model.qk_layernorm:
+        gaps.append("no QK norm")
+    if model.add_qkv_bias and not model.add_bias_linear:
+        gaps.append("biases on every linear layer or none (not on QKV only)")
     if model.num_query_groups != model.num_attention_heads:
         gaps.append(
             f"multi-head attention (not {model.num_attention_heads} heads in "

@@ -41,7 +41,9 @@ def llama_mismatches(model: GPTModelConfig) -> list[str]:
         "activation": ("swiglu", "SwiGLU"),
         "position_embedding_type": ("rope", "RoPE"),
         "add_bias_linear": (False, "no biases"),
-    }  # fmt: skip (tied or not: both say which)
+        "add_qkv_bias": (False, "no QKV biases"),
+        "qk_layernorm": (False, "no QK norm"),
+    }  # tied or not: both export (tie_word_embeddings says which)
     return [text for name, (value, text) in llama.items() if getattr(model, name) != value]
 
 

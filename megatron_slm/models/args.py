@@ -133,6 +133,12 @@ class ModelArgs:
         "absolute positions, which need --seq-length <= --max-position-embeddings).",
         choices=POSITION_EMBEDDINGS,
     )
+    qk_layernorm: bool = arg(
+        False, "Normalise each head's query and key (Qwen3's, OLMo 2's), with the model's norm."
+    )
+    add_qkv_bias: bool = arg(
+        False, "Biases on the query, key and value projections only (Qwen2's)."
+    )
     rotary_percent: float | None = arg(None, "Accepted with 1.0: RoPE rotates whole heads.")
     kv_channels: int | None = arg(
         None, "Accepted when it is the head size, --hidden-size / --num-attention-heads."
@@ -220,6 +226,9 @@ class ModelArgs:
             given["add_bias_linear"] = False
         if self.untie_embeddings_and_output_weights:
             given["tied_embeddings"] = False
+        for name in ("qk_layernorm", "add_qkv_bias"):
+            if getattr(self, name):
+                given[name] = True
         return given
 
     @property
@@ -309,6 +318,9 @@ def flag_text(name: str, value) -> str:
         return "--swiglu" if value == "swiglu" else "GeLU (no --swiglu)"
     if name == "add_bias_linear":
         return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
+    if name in ("qk_layernorm", "add_qkv_bias"):
+        flag = f"--{name.replace('_', '-')}"
+        return flag if value else f"no {flag}"
     if name == "tied_embeddings":
         return (
             "tied embeddings (no --untie-embeddings-and-output-weights)"

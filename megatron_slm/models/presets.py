@@ -22,13 +22,14 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
-               "tied_embeddings")  # fmt: skip
+               "tied_embeddings", "qk_layernorm", "add_qkv_bias")  # fmt: skip
 """The architecture's kind (Llama's or GPT-3's choices), beside its shape."""
 LLAMA_KIND = {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding_type": "rope",
-              "add_bias_linear": False, "tied_embeddings": False}  # fmt: skip
+              "add_bias_linear": False, "tied_embeddings": False, "qk_layernorm": False,
+              "add_qkv_bias": False}  # fmt: skip
 GPT3_KIND = {"normalization": "LayerNorm", "activation": "gelu",
              "position_embedding_type": "learned_absolute", "add_bias_linear": True,
-             "tied_embeddings": True}  # fmt: skip
+             "tied_embeddings": True, "qk_layernorm": False, "add_qkv_bias": False}  # fmt: skip
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups")  # fmt: skip
@@ -77,6 +78,12 @@ class GPTModelConfig:
     tied_embeddings: bool = False
     """The output layer uses the input embedding's weight (GPT-3, Megatron-LM's default;
     --untie-embeddings-and-output-weights: separate weights)."""
+    qk_layernorm: bool = False
+    """--qk-layernorm: the query and key of each head normalised (the norm above, over the head
+    size) before RoPE, as in Qwen3 and OLMo 2."""
+    add_qkv_bias: bool = False
+    """--add-qkv-bias: biases on the query, key and value projections only (Qwen2's), where
+    ``add_bias_linear`` is off."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -140,6 +147,10 @@ class GPTModelConfig:
         if self.add_bias_linear:
             attention += h + 2 * kv + h
             mlp += (2 * f if self.gated else f) + h
+        elif self.add_qkv_bias:
+            attention += h + 2 * kv
+        if self.qk_layernorm:  # one norm for the query heads, one for the key heads
+            attention += 2 * norm // h * self.head_dim
         per_layer = attention + mlp + 2 * norm
         embeddings = (1 if self.tied_embeddings else 2) * vocab * h
         if self.position_embedding_type == "learned_absolute":
@@ -169,6 +180,8 @@ class GPTModelConfig:
                 positions,
                 "biases" if self.add_bias_linear else "no biases",
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",
+                *(["QKV biases"] if self.add_qkv_bias and not self.add_bias_linear else []),
+                *(["QK norm"] if self.qk_layernorm else []),
             ]
         )
         return f"{self.kind_name()} architecture ({choices})"

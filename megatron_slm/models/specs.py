@@ -310,18 +310,27 @@ def subclassed_mlp_warning_dropped():
         logger.removeFilter(quiet)
 
 
+def _qk_layernorm(config: TransformerConfig) -> bool:
+    return bool(getattr(config, "qk_layernorm", False))
+
+
 def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec = get_gpt_layer_local_spec(
+        normalization=config.normalization, qk_layernorm=_qk_layernorm(config)
+    )
     sub = spec.submodules
     sub.input_layernorm = torch_norm(config)
     sub.pre_mlp_layernorm = torch_norm(config)
+    if _qk_layernorm(config):  # megatron-core all-reduces their gradients over TP by name
+        sub.self_attention.submodules.q_layernorm = torch_norm(config)
+        sub.self_attention.submodules.k_layernorm = torch_norm(config)
     sub.self_attention.module = FusedRoPESelfAttention
     sub.self_attention.submodules.core_attention = TorchSDPAttention
     sub.mlp.module = FusedSwiGLUMLP
     return spec
 
 
-def _te_layer_spec() -> tuple[ModuleSpec, type]:
+def _te_layer_spec(qk_layernorm: bool = False) -> tuple[ModuleSpec, type]:
     try:
         import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TENorm
@@ -333,7 +342,7 @@ def _te_layer_spec() -> tuple[ModuleSpec, type]:
             "--transformer-impl te needs Transformer Engine (pip install megatron-slm[gpu]); "
             "use --transformer-impl local or torch"
         ) from exc
-    return get_gpt_layer_with_transformer_engine_spec(), TENorm
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), TENorm
 
 
 def default_spec_impl(device: torch.device) -> str:
@@ -361,10 +370,12 @@ def gpt_block_spec(
 ) -> TransformerBlockSubmodules:
     """Decoder block (this pipeline stage's layers + final norm) for ``impl``."""
     if impl == "te":
-        layer, final_norm = _te_layer_spec()
+        layer, final_norm = _te_layer_spec(_qk_layernorm(config))
     elif impl == "local":
         rms = config.normalization == "RMSNorm"
-        layer = get_gpt_layer_local_spec(normalization=config.normalization)
+        layer = get_gpt_layer_local_spec(
+            normalization=config.normalization, qk_layernorm=_qk_layernorm(config)
+        )
         final_norm = LocalSpecProvider().layer_norm(rms_norm=rms)
     elif impl == "torch":
         layer, final_norm = _torch_layer_spec(config), torch_norm(config)

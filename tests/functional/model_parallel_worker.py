@@ -23,12 +23,17 @@ def global_batch(seed: int = 1234) -> torch.Tensor:
 
 def architecture(name: str):
     """``llama``: the tiny preset; ``gpt3``: its shape with GPT-3's choices (LayerNorm, GeLU,
-    learned positions, biases, embeddings tied across the first and last pipeline stage)."""
+    learned positions, biases, embeddings tied across the first and last pipeline stage);
+    ``qwen``: the preset with each head's query and key normalised and QKV-only biases."""
     from megatron_slm.models import get_preset
     from megatron_slm.models.presets import GPT3_KIND
 
     tiny = get_preset("tiny")
-    return tiny if name == "llama" else tiny.replace(**GPT3_KIND)
+    if name == "gpt3":
+        return tiny.replace(**GPT3_KIND)
+    if name == "qwen":
+        return tiny.replace(qk_layernorm=True, add_qkv_bias=True)
+    return tiny
 
 
 def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None, arch="llama", sp=False):

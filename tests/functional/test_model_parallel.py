@@ -1,7 +1,7 @@
 """The same tiny Llama-style GPT gives the same per-token losses and gradients at TP=1, TP=2, PP=2
 (1F1B, 8 micro-batches), interleaved PP=2 and DP=2 (real gloo processes); the same tiny shape with
 GPT-3's architecture (biases, learned positions, the output layer tied to the embedding on another
-pipeline stage) at TP=2 x PP=2 with sequence parallelism.
+pipeline stage) at TP=2 x PP=2 with sequence parallelism, and Qwen's QK norm and QKV biases at TP=2.
 
 Tolerances are derived, not picked: the TP=1 fp32 step is compared with the same step in float64;
 a parallel layout may differ from the TP=1 fp32 result by at most 4x that fp32 error (reductions in
@@ -102,4 +102,13 @@ def test_gpt3_architecture_at_tp2_pp2_sequence_parallel(tmp_path):
     assert any(n.endswith("position_embeddings.weight") for n in reference["grads"])
     assert not any(n.startswith("output_layer") for n in reference["grads"])  # tied
     losses, grads = _run(reference, "tp2pp2", 4, 2, 2, arch="gpt3", sp=True)
+    _check(reference, losses[0], grads)
+
+
+def test_qk_norm_and_qkv_biases_at_tp2(tmp_path):
+    """Each TP rank normalises its own heads' queries and keys with the one shared pair of norms:
+    their gradients are summed over TP (megatron-core finds them by name)."""
+    reference = _reference(tmp_path, "qwen")
+    assert any("q_layernorm" in n for n in reference["grads"])
+    losses, grads = _run(reference, "tp2", 2, 2, 1, arch="qwen")
     _check(reference, losses[0], grads)

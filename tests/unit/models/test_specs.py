@@ -205,6 +205,9 @@ def _torch_vs_local_spec(rank, world, arch):
         assert isinstance(layer.mlp, FusedSwiGLUMLP) and layer.mlp.fused == arch.gated
         assert type(layer.input_layernorm) is norm and type(layer.pre_mlp_layernorm) is norm
     assert type(ours.decoder.final_layernorm) is norm
+    for layer in ours.decoder.layers if arch.qk_layernorm else ():
+        assert type(layer.self_attention.q_layernorm) is norm
+        assert type(layer.self_attention.k_layernorm) is norm
     n_params = [sum(p.numel() for p in m.parameters()) for m in (ours, local)]
     assert n_params == [arch.num_parameters(512)] * 2
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -223,14 +226,19 @@ def _torch_vs_local_spec(rank, world, arch):
 
 
 GPT3_TINY = get_preset("tiny").replace(**GPT3_KIND)
+# Qwen's additions: each head's query and key normalised (Qwen3), QKV-only biases (Qwen2); tied.
+QWEN_TINY = get_preset("tiny").replace(qk_layernorm=True, add_qkv_bias=True, tied_embeddings=True)
 
 
-@pytest.mark.parametrize("arch", [get_preset("tiny"), GPT3_TINY], ids=["llama", "gpt3"])
+@pytest.mark.parametrize(
+    "arch", [get_preset("tiny"), GPT3_TINY, QWEN_TINY], ids=["llama", "gpt3", "qwen"]
+)
 def test_torch_spec_matches_megatron_local_spec(arch):
     """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against
     megatron-core's local spec (its unfused SwiGLU and RoPE among them) on the same weights:
-    losses and gradients, for Llama's architecture and GPT-3's (LayerNorm, GeLU, learned
-    positions, biases, tied embeddings); ``num_parameters`` is the models' count.
+    losses and gradients, for Llama's architecture, GPT-3's (LayerNorm, GeLU, learned
+    positions, biases, tied embeddings) and Qwen's additions (QK norm, QKV biases);
+    ``num_parameters`` is the models' count.
 
     And what MFU and --log-progress count, ``GPTModelConfig.flops_per_token``: forward and
     backward of every matrix product (torch's FLOP counter on the local spec, whose attention

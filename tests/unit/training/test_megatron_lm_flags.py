@@ -419,6 +419,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         "use_rotary_position_embeddings": (True, "position_embedding_type", "rope"),
         "disable_bias_linear": (True, "add_bias_linear", False),
         "untie_embeddings_and_output_weights": (True, "tied_embeddings", False),
+        "qk_layernorm": (True, "qk_layernorm", True),
+        "add_qkv_bias": (True, "add_qkv_bias", True),
     }
     for flag, (value, name, chosen) in one_choice.items():
         changed = ModelArgs(**shape, **{flag: value}).architecture(VOCAB)
