@@ -525,3 +525,35 @@ def test_a_missing_checkpoint_starts_afresh_only_where_megatron_lm_would(tmp_pat
     ]:
         with pytest.raises((ConfigError, CheckpointError), match=message):
             _checkpoint_to_load(config(*argv).checkpoint)
+
+
+# MODEL_ARGS of Megatron-LM's examples/post_training/modelopt/conf/Qwen/*.sh (their
+# --tokenizer-type and --padded-vocab-size left out: the vocabulary is given here).
+QWEN3_8B = """--disable-bias-linear --untie-embeddings-and-output-weights
+    --position-embedding-type rope --normalization RMSNorm --swiglu --num-layers 36
+    --hidden-size 4096 --ffn-hidden-size 12288
+    --num-attention-heads 32 --group-query-attention --num-query-groups 8 --kv-channels 128
+    --qk-layernorm --seq-length 4096 --max-position-embeddings 40960 --rotary-percent 1.0
+    --rotary-base 1000000"""
+QWEN25_7B = """--disable-bias-linear --add-qkv-bias --position-embedding-type rope
+    --normalization RMSNorm --swiglu --num-layers 28 --hidden-size 3584 --ffn-hidden-size 18944
+    --num-attention-heads 28 --group-query-attention --num-query-groups 4 --kv-channels 128
+    --seq-length 4096 --max-position-embeddings 32768 --rotary-percent 1.0 --rotary-base 1000000
+    --untie-embeddings-and-output-weights"""
+
+
+@pytest.mark.parametrize(
+    "flags, vocab, published",
+    [(QWEN3_8B, 151936, 8_190_735_360), (QWEN25_7B, 152064, 7_615_616_512)],
+    ids=["qwen3-8b", "qwen2.5-7b"],
+)
+def test_qwen_scripts_build_the_published_models(flags, vocab, published):
+    """Megatron-LM's Qwen flags (--qk-layernorm, --add-qkv-bias) describe models with the
+    parameter counts Qwen publishes for them."""
+    base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab,
+            "--train-iters", 4, "--global-batch-size", 8, "--micro-batch-size", 1)  # fmt: skip
+    cfg = parse_config([str(a) for a in (*base, *flags.split())])
+    arch = cfg.model.architecture(vocab)
+    assert arch.num_parameters(vocab) == published
+    assert arch.qk_layernorm == ("--qk-layernorm" in flags)
+    assert arch.add_qkv_bias == ("--add-qkv-bias" in flags) and not arch.add_bias_linear
