@@ -1,5 +1,5 @@
-"""Hugging Face <-> megatron-core checkpoints (Llama and Mistral both ways; GPT-3's architecture
-exports as GPT-2)."""
+"""Hugging Face <-> megatron-core checkpoints (Llama, Mistral, Qwen2 and Qwen3 both ways; GPT-3's
+architecture exports as GPT-2)."""
 
 from megatron_slm.convert.hf import convert_hf_to_megatron, convert_megatron_to_hf, import_layout
 from megatron_slm.convert.hf_target import hf_config_from_gpt, hf_tensors_from_megatron

@@ -18,10 +18,12 @@ Vocabulary: megatron pads the embedding and output layer to a multiple of
 export.
 
 Export picks its target from the checkpoint's architecture (:func:`export_architecture`): Llama's
-(tied, as Llama 3.2 1B's, or not) exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``;
+(tied, as Llama 3.2 1B's, or not) exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``, with
+QKV biases as ``Qwen2ForCausalLM``, with QK norm as ``Qwen3ForCausalLM``;
 GPT-3's (LayerNorm, GeLU, learned positions, multi-head attention; with or without biases, tied
 or untied) as ``GPT2LMHeadModel`` (``convert.hf_gpt2`` has its layout); any other mix of the two
-is refused, naming what each Hugging Face architecture lacks. Import reads Llama and Mistral only.
+is refused, naming what each Hugging Face architecture lacks. Import reads Llama, Mistral,
+Qwen2 and Qwen3.
 
 Import (:func:`convert_hf_to_megatron`) runs either in one process (any target TP/PP: the
 distributed checkpoint is layout-free, only the padded vocabulary depends on the target TP and is
@@ -60,10 +62,12 @@ from megatron_slm.convert.hf_gpt2 import (
     gpt2_tensors_from_megatron,
 )
 from megatron_slm.convert.hf_target import (
+    FAMILIES,
     dtype_name,
+    family_mismatches,
+    family_of,
     hf_config_from_gpt,
     hf_tensors_from_megatron,
-    llama_mismatches,
     parse_dtype,
 )
 from megatron_slm.convert.tokenizer_export import write_generation_config
@@ -71,7 +75,6 @@ from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
 from megatron_slm.runtime.hf_source import (
-    SUPPORTED_ARCHITECTURES,
     ConversionError,
     HFWeights,
     architecture,
@@ -230,36 +233,36 @@ def export_architecture(
     model: GPTModelConfig, requested: str | None = None, imported: str | None = None
 ) -> str:
     """The Hugging Face architecture ``model`` exports as: ``requested`` (``--architecture``) if
-    it fits the model's architecture, else the one it was ``imported`` from, else the first of its
-    family (Llama's: LlamaForCausalLM or MistralForCausalLM; GPT-3's: GPT2LMHeadModel). A model
-    neither family represents, or a request from the other family, is refused naming what the
-    Hugging Face architectures need."""
-    llama_gaps, gpt2_gaps = llama_mismatches(model), gpt2_mismatches(model)
-    needs = {"LlamaForCausalLM/MistralForCausalLM": llama_gaps, GPT2_ARCHITECTURE: gpt2_gaps}
-    lacking = "; ".join(f"{arch} needs {', '.join(gaps)}" for arch, gaps in needs.items() if gaps)
+    it fits the model's architecture, else the one it was ``imported`` from, else the first that
+    fits (Llama's design: LlamaForCausalLM or MistralForCausalLM, with QKV biases
+    Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; GPT-3's: GPT2LMHeadModel). A model none
+    represents, or a request that does not fit, is refused naming what the architectures need."""
+    needs = {**family_mismatches(model), GPT2_ARCHITECTURE: gpt2_mismatches(model)}
+    fitting = [
+        arch for family, gaps in needs.items() if not gaps
+        for arch in (FAMILIES[family][0] if family in FAMILIES else (family,))
+    ]  # fmt: skip
     choices = model.describe_kind()
-    if not llama_gaps:
-        family = tuple(SUPPORTED_ARCHITECTURES)
-    elif not gpt2_gaps:
-        family = (GPT2_ARCHITECTURE,)
-    else:
+    if not fitting:
+        lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            f"Hugging Face's GPT-2 and Llama cannot represent this checkpoint's {choices}: "
+            f"Hugging Face's Llama, Qwen and GPT-2 cannot represent this checkpoint's {choices}: "
             f"{lacking}"
         )
-    if requested is not None and requested not in family:
-        if requested not in (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE):
+    if requested is not None and requested not in fitting:
+        family = GPT2_ARCHITECTURE if requested == GPT2_ARCHITECTURE else family_of(requested)
+        if family is None:
             raise ConversionError(
                 f"--architecture {requested!r} is not supported; this checkpoint's {choices} "
-                f"exports as {' or '.join(family)}"
+                f"exports as {' or '.join(fitting)}"
             )
         raise ConversionError(
             f"--architecture {requested}: this checkpoint's {choices} exports as "
-            f"{' or '.join(family)}; {lacking}"
+            f"{' or '.join(fitting)}; {family} needs {', '.join(needs[family])}"
         )
     if requested is not None:
         return requested
-    return imported if imported in family else family[0]
+    return imported if imported in fitting else fitting[0]
 
 
 def convert_megatron_to_hf(

@@ -12,6 +12,8 @@ import torch
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.hf_source import (
     _LAYER_MAP,
+    _QK_NORMS,
+    _QKV_BIAS,
     LLAMA3_ROPE,
     SUPPORTED_ARCHITECTURES,
     ConversionError,
@@ -34,17 +36,39 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def llama_mismatches(model: GPTModelConfig) -> list[str]:
-    """What Llama/Mistral would need that ``model`` lacks (empty: Llama's architecture)."""
-    llama = {
-        "normalization": ("RMSNorm", "RMSNorm"),
-        "activation": ("swiglu", "SwiGLU"),
-        "position_embedding_type": ("rope", "RoPE"),
-        "add_bias_linear": (False, "no biases"),
-        "add_qkv_bias": (False, "no QKV biases"),
-        "qk_layernorm": (False, "no QK norm"),
-    }  # tied or not: both export (tie_word_embeddings says which)
-    return [text for name, (value, text) in llama.items() if getattr(model, name) != value]
+# What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
+_LLAMA_CORE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
+               ("position_embedding_type", "rope", "RoPE"))  # fmt: skip
+FAMILIES = {
+    "LlamaForCausalLM/MistralForCausalLM": (
+        ("LlamaForCausalLM", "MistralForCausalLM"),
+        (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm")),
+    ),
+    "Qwen2ForCausalLM": (
+        ("Qwen2ForCausalLM",),
+        (*_LLAMA_CORE, ("biases", "qkv", "biases on Q, K and V only"),
+         ("qk_layernorm", False, "no QK norm")),
+    ),
+    "Qwen3ForCausalLM": (
+        ("Qwen3ForCausalLM",),
+        (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm")),
+    ),
+}  # fmt: skip
+"""Family name -> (its architectures, what it needs); tied embeddings or not, all export
+(``tie_word_embeddings`` says which)."""
+
+
+def family_mismatches(model: GPTModelConfig) -> dict[str, list[str]]:
+    """For each family of :data:`FAMILIES`, what it would need that ``model`` lacks."""
+    return {
+        family: [text for name, value, text in needs if getattr(model, name) != value]
+        for family, (_, needs) in FAMILIES.items()
+    }
+
+
+def family_of(arch: str) -> str | None:
+    """The :data:`FAMILIES` name of a Hugging Face architecture."""
+    return next((f for f, (archs, _) in FAMILIES.items() if arch in archs), None)
 
 
 def token_ids(source: dict) -> dict:
@@ -72,7 +96,7 @@ def hf_config_from_gpt(
             f"--architecture {arch!r} is not supported; choose one of "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    gaps = llama_mismatches(model)
+    gaps = family_mismatches(model)[family_of(arch)]
     if gaps:
         raise ConversionError(f"--architecture {arch} needs {', '.join(gaps)}")
     source = source or {}
@@ -108,8 +132,13 @@ def hf_config_from_gpt(
     }
     if arch == "LlamaForCausalLM":
         cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    else:
+    elif arch == "MistralForCausalLM":
         cfg["sliding_window"] = source.get("sliding_window")
+    else:  # Qwen2 (QKV biases of its own) and Qwen3 (QK norm): full attention on every layer
+        cfg.update(use_sliding_window=False, sliding_window=None,
+                   max_window_layers=model.num_layers)  # fmt: skip
+        if arch == "Qwen3ForCausalLM":
+            cfg["attention_bias"] = False
     return cfg
 
 
@@ -120,10 +149,17 @@ def hf_tensors_from_megatron(
     expected = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
     if not model.tied_embeddings:  # tied: the output layer reads the embedding
         expected.add("output_layer.weight")
+    extras = (*_QKV_BIAS,) if model.add_qkv_bias else ()
+    extras += (*_QK_NORMS,) if model.qk_layernorm else ()
     for i in range(model.num_layers):
         expected.update(
             f"decoder.layers.{i}.{s}"
-            for s in (*_LAYER_MAP, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+            for s in (
+                *_LAYER_MAP,
+                "self_attention.linear_qkv.weight",
+                "mlp.linear_fc1.weight",
+                *extras,
+            )  # fmt: skip
         )
     missing = sorted(expected - set(state))
     if missing:
@@ -162,6 +198,14 @@ def hf_tensors_from_megatron(
         yield dst + "self_attn.q_proj.weight", q.reshape(ng * r * d, h)
         yield dst + "self_attn.k_proj.weight", k.reshape(ng * d, h)
         yield dst + "self_attn.v_proj.weight", v.reshape(ng * d, h)
+        if model.add_qkv_bias:  # group-interleaved like the weight's rows
+            bias = state[src + "self_attention.linear_qkv.bias"]
+            qb, kb, vb = bias.reshape(ng, (r + 2) * d).split([r * d, d, d], dim=1)
+            yield dst + "self_attn.q_proj.bias", qb.reshape(-1)
+            yield dst + "self_attn.k_proj.bias", kb.reshape(-1)
+            yield dst + "self_attn.v_proj.bias", vb.reshape(-1)
+        for ours, theirs in _QK_NORMS.items() if model.qk_layernorm else ():
+            yield dst + theirs, state[src + ours]
         yield dst + "self_attn.o_proj.weight", state[src + "self_attention.linear_proj.weight"]
         yield dst + "post_attention_layernorm.weight", state[src + "pre_mlp_layernorm.weight"]
         yield dst + "mlp.gate_proj.weight", fc1[:f]

@@ -133,6 +133,11 @@ class GPTModelConfig:
         return self.kind == LLAMA_KIND
 
     @property
+    def biases(self) -> str:
+        """Which linear layers have biases: ``all``, ``qkv`` (Qwen2's) or ``none``."""
+        return "all" if self.add_bias_linear else "qkv" if self.add_qkv_bias else "none"
+
+    @property
     def gated(self) -> bool:
         """The MLP's first projection is ``[gate; up]`` (SwiGLU)."""
         return self.activation == "swiglu"

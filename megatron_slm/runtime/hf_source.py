@@ -1,5 +1,6 @@
-"""Read a Hugging Face Llama / Mistral directory as a megatron-core GPT model: the config mapping,
-lazy weight access, and the HF -> megatron tensor mapping (full tensors, then this rank's TP shard).
+"""Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory as a megatron-core GPT model: the
+config mapping, lazy weight access, and the HF -> megatron tensor mapping (full tensors, then this
+rank's TP shard).
 
 It sits under the runtime so that ``runtime.plan_load`` can run a HF directory as it runs a
 checkpoint (converted in memory, nothing written); ``megatron_slm.convert`` builds its import and
@@ -21,7 +22,8 @@ from megatron_slm.models.sharding import global_name, tp_shard, unwrap
 
 logger = logging.getLogger("megatron_slm")
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -109,9 +111,9 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
     arch = architecture(cfg, where)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if cfg.get(flag):
-            raise ConversionError(f"{where}: {flag}=true is not supported (no biases)")
+            raise ConversionError(f"{where}: {flag}=true is not supported")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if head_dim * heads != cfg["hidden_size"]:
@@ -141,6 +143,8 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         rope_scaling_factor=rope_scaling_factor,
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
+        add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
+        qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
     )
 
 
@@ -246,6 +250,12 @@ _LAYER_MAP = {  # megatron suffix -> HF suffix (one-to-one tensors)
 }
 
 
+# Qwen's attention extras: megatron suffix -> HF suffix.
+_QKV_BIAS = ("self_attention.linear_qkv.bias",)  # <- q_proj/k_proj/v_proj.bias, interleaved
+_QK_NORMS = {"self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+             "self_attention.k_layernorm.weight": "self_attn.k_norm.weight"}  # fmt: skip
+
+
 def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, tuple[int, ...]]:
     """Every tensor a HF checkpoint of ``model`` has, with its shape."""
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
@@ -268,6 +278,11 @@ def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, t
                 p + "mlp.down_proj.weight": (h, f),
             }
         )
+        if model.add_qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})  # fmt: skip
+        if model.qk_layernorm:
+            shapes.update({p + theirs: (d,) for theirs in _QK_NORMS.values()})
     return shapes
 
 
@@ -297,8 +312,8 @@ def check_hf_weights(model: GPTModelConfig, weights: HFWeights, tied: bool = Fal
     ]
     if extra:
         raise ConversionError(
-            f"{weights.path}: unsupported tensors (not part of a Llama/Mistral model without "
-            f"biases): {', '.join(sorted(extra)[:8])}" + (" ..." if len(extra) > 8 else "")
+            f"{weights.path}: unsupported tensors (not part of the model config.json "
+            f"describes): {', '.join(sorted(extra)[:8])}" + (" ..." if len(extra) > 8 else "")
         )
 
 
@@ -345,6 +360,15 @@ def megatron_tensor_from_hf(
         k = weights.get(p + "self_attn.k_proj.weight").reshape(ng, d, h)
         v = weights.get(p + "self_attn.v_proj.weight").reshape(ng, d, h)
         return torch.cat([q, k, v], dim=1).reshape(ng * (r + 2) * d, h)
+    if suffix in _QK_NORMS:
+        return weights.get(p + _QK_NORMS[suffix])
+    if suffix == "self_attention.linear_qkv.bias":
+        ng, d = model.num_query_groups, model.head_dim
+        r = model.num_attention_heads // ng
+        q = weights.get(p + "self_attn.q_proj.bias").reshape(ng, r * d)
+        k = weights.get(p + "self_attn.k_proj.bias").reshape(ng, d)
+        v = weights.get(p + "self_attn.v_proj.bias").reshape(ng, d)
+        return torch.cat([q, k, v], dim=1).reshape(-1)
     if suffix == "mlp.linear_fc1.weight":
         gate = weights.get(p + "mlp.gate_proj.weight")
         up = weights.get(p + "mlp.up_proj.weight")

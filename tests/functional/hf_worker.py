@@ -45,9 +45,11 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
-    """A tiny random LlamaForCausalLM / MistralForCausalLM saved (safetensors) at ``path``; the
-    Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
-    in all three of its bands (kept, smoothed, divided by the factor)."""
+    """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
+    Qwen3ForCausalLM saved (safetensors) at ``path``; the Llama one with Llama 3.1's RoPE
+    scaling, whose frequencies at head size 16 and base 5e5 fall in all three of its bands (kept,
+    smoothed, divided by the factor)."""
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     kwargs = dict(
@@ -66,17 +68,26 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     if arch == "llama":
         cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
         kwargs.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
-    else:
+    elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=4096, num_attention_heads=8)
+    else:  # qwen2 (QKV biases), qwen3 (QK norm)
+        name = "Qwen2" if arch == "qwen2" else "Qwen3"
+        cfg_cls = getattr(transformers, f"{name}Config")
+        model_cls = getattr(transformers, f"{name}ForCausalLM")
+        kwargs.update(rope_theta=1000000.0, use_sliding_window=False)
+        if arch == "qwen3":
+            kwargs.update(head_dim=16, attention_bias=False)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs)).float().eval()
-    # Non-trivial norm weights, so a misplaced norm shows.
+    # Non-trivial norm weights and biases, so a misplaced one shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return model
 
@@ -165,7 +176,7 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
     os.makedirs(os.path.join(root, "bad"), exist_ok=True)
     with open(os.path.join(root, archs[0], "config.json")) as f:
         bad = json.load(f)
-    bad["architectures"] = ["Qwen2ForCausalLM"]
+    bad["architectures"] = ["GPTNeoXForCausalLM"]
     with open(os.path.join(root, "bad", "config.json"), "w") as f:
         json.dump(bad, f)
     results["cli_bad"] = _run_convert_cli(

@@ -98,10 +98,11 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
         (  # RMSNorm with learned positions
             {"normalization": "RMSNorm"},
             re.escape(
-                "GPT-2 and Llama cannot represent this checkpoint's custom architecture (RMSNorm, "
-                "GeLU, learned positions, biases, tied embeddings): LlamaForCausalLM/"
-                "MistralForCausalLM needs SwiGLU, RoPE, no biases; "
-                "GPT2LMHeadModel needs LayerNorm"
+                "Llama, Qwen and GPT-2 cannot represent this checkpoint's custom architecture "
+                "(RMSNorm, GeLU, learned positions, biases, tied embeddings): LlamaForCausalLM/"
+                "MistralForCausalLM needs SwiGLU, RoPE, no biases; Qwen2ForCausalLM needs SwiGLU, "
+                "RoPE, biases on Q, K and V only; Qwen3ForCausalLM needs SwiGLU, RoPE, no biases, "
+                "QK norm; GPT2LMHeadModel needs LayerNorm"
             ),
         ),
         ({"activation": "swiglu"}, "; GPT2LMHeadModel needs GeLU$"),  # SwiGLU with LayerNorm
@@ -135,6 +136,11 @@ def test_targets_follow_the_architecture():
     assert export_architecture(llama, None, "MistralForCausalLM") == "MistralForCausalLM"
     assert export_architecture(llama, "MistralForCausalLM", "LlamaForCausalLM").startswith("Mis")
     assert export_architecture(GPT3, "GPT2LMHeadModel", "LlamaForCausalLM") == "GPT2LMHeadModel"
+    # Qwen's additions pick Qwen's architectures (their export: tests/functional/test_hf_interop)
+    assert export_architecture(llama.replace(add_qkv_bias=True)) == "Qwen2ForCausalLM"
+    assert export_architecture(llama.replace(qk_layernorm=True)) == "Qwen3ForCausalLM"
+    with pytest.raises(ConversionError, match="Qwen3ForCausalLM needs QK norm$"):
+        export_architecture(llama, "Qwen3ForCausalLM")
 
 
 def test_llama_with_tied_embeddings_exports_as_a_tied_llama(tmp_path):
