@@ -45,6 +45,9 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
         gaps.append("learned positions")
     if model.qk_layernorm:
         gaps.append("no QK norm")
+    if model.kv_channels is not None:
+        gaps.append(f"heads that split the width (not {model.num_attention_heads} of "
+                    f"{model.kv_channels})")  # fmt: skip
     if model.add_qkv_bias and not model.add_bias_linear:
         gaps.append("biases on every linear layer or none (not on QKV only)")
     if model.num_query_groups != model.num_attention_heads:

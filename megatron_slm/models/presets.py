@@ -55,6 +55,9 @@ class GPTModelConfig:
     """--vocab-size: tokenizer vocabulary; padded for TP by --make-vocab-size-divisible-by."""
     max_position_embeddings: int
     """--max-position-embeddings: longest sequence the preset was trained with."""
+    kv_channels: int | None = None
+    """--kv-channels: each attention head's size when it is not --hidden-size /
+    --num-attention-heads (Qwen3-0.6B: 16 heads of 128 on a width of 1024); None: that quotient."""
     rotary_base: float = 10000.0
     """--rotary-base: RoPE theta."""
     rope_scaling_factor: float | None = None
@@ -89,10 +92,16 @@ class GPTModelConfig:
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and self.kv_channels <= 0:
+            raise ConfigError("--kv-channels must be positive")
+        if self.kv_channels is not None and self.kv_channels * self.num_attention_heads == (
+            self.hidden_size
+        ):
+            object.__setattr__(self, "kv_channels", None)  # the default, recorded as such
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} does not divide "
-                f"--hidden-size {self.hidden_size}"
+                f"--hidden-size {self.hidden_size}; give the head size with --kv-channels"
             )
         if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
             raise ConfigError("--rope-scaling-factor must be positive")
@@ -116,7 +125,7 @@ class GPTModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def replace(self, **overrides) -> GPTModelConfig:
         """A copy with explicit flags overriding the preset (``None`` values are ignored)."""
@@ -146,14 +155,15 @@ class GPTModelConfig:
         """Exact parameter count."""
         vocab = padded_vocab_size or self.vocab_size
         h, f, kv = self.hidden_size, self.ffn_hidden_size, self.num_query_groups * self.head_dim
-        attention = h * h + 2 * h * kv + h * h  # q, k, v, o
+        q = self.num_attention_heads * self.head_dim
+        attention = h * q + 2 * h * kv + q * h  # q, k, v, o
         mlp = (3 if self.gated else 2) * h * f  # (gate,) up, down
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (and bias)
         if self.add_bias_linear:
-            attention += h + 2 * kv + h
+            attention += q + 2 * kv + h
             mlp += (2 * f if self.gated else f) + h
         elif self.add_qkv_bias:
-            attention += h + 2 * kv
+            attention += q + 2 * kv
         if self.qk_layernorm:  # one norm for the query heads, one for the key heads
             attention += 2 * norm // h * self.head_dim
         per_layer = attention + mlp + 2 * norm
@@ -196,7 +206,8 @@ class GPTModelConfig:
         return (
             f"{self.describe_kind()}: "
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
-            f"heads in {self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
+            f"heads{f' of {self.kv_channels}' if self.kv_channels else ''} in "
+            f"{self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
             f"{self.vocab_size} padded to {padded_vocab_size}: "
             f"{self.num_parameters(padded_vocab_size):,} parameters"
         )
@@ -204,9 +215,10 @@ class GPTModelConfig:
     def flops_per_token(self, seq_length: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention."""
         h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        q = self.num_attention_heads * self.head_dim
         mlp_matrices = 3 if self.gated else 2
-        dense = 2 * (2 * h * h + 2 * h * kv + mlp_matrices * h * self.ffn_hidden_size)
-        attention = 2 * 2 * seq_length * h / 2  # causal: half of QK^T and AV
+        dense = 2 * (2 * h * q + 2 * h * kv + mlp_matrices * h * self.ffn_hidden_size)
+        attention = 2 * 2 * seq_length * q / 2  # causal: half of QK^T and AV
         logits = 2 * h * self.vocab_size
         return 3 * (self.num_layers * (dense + attention) + logits)
 

@@ -69,6 +69,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.gated,

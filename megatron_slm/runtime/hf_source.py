@@ -116,11 +116,6 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             raise ConversionError(f"{where}: {flag}=true is not supported")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    if head_dim * heads != cfg["hidden_size"]:
-        raise ConversionError(
-            f"{where}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
-            f"{cfg['hidden_size']} is not supported"
-        )
     window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
     if window is not None and window < cfg.get("max_position_embeddings", 0):
         logger.warning(
@@ -137,6 +132,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=cfg.get("num_key_value_heads") or heads,
+        kv_channels=head_dim,  # Qwen3-0.6B's heads do not split its width
         vocab_size=cfg["vocab_size"],
         max_position_embeddings=cfg["max_position_embeddings"],
         rotary_base=theta,

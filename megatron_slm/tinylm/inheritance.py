@@ -83,13 +83,13 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     plan = plan_load(cfg, model_args=impl, tokenizer="none")
     info = plan.checkpoint
     source = info.model
-    if not source.is_llama:
+    if not source.is_llama or source.kv_channels is not None:
         # The slicing rules rest on RMSNorm (no mean to recentre) and SwiGLU's [gate; up] layout.
         raise ConfigError(
             f"--load {cfg.load}: parameter inheritance takes Llama's architecture (RMSNorm, "
-            f"SwiGLU, RoPE, no biases, untied embeddings); the checkpoint's is "
-            f"{source.kind_name()}'s ({source.normalization}, {source.activation}, "
-            f"{source.position_embedding_type})"
+            f"SwiGLU, RoPE, no biases, untied embeddings, heads that split the width); the "
+            f"checkpoint's is {source.describe_kind()}"
+            + (f" with heads of {source.kv_channels}" if source.kv_channels else "")
         )
     target = target_architecture(source, cfg.model_args(), cfg.layer_choice)
     check_target(source, target)

@@ -76,8 +76,8 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         cfg_cls = getattr(transformers, f"{name}Config")
         model_cls = getattr(transformers, f"{name}ForCausalLM")
         kwargs.update(rope_theta=1000000.0, use_sliding_window=False)
-        if arch == "qwen3":
-            kwargs.update(head_dim=16, attention_bias=False)
+        if arch == "qwen3":  # heads of 32 on a width of 64, as Qwen3-0.6B's do not split it
+            kwargs.update(head_dim=32, attention_bias=False)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs)).float().eval()

@@ -443,5 +443,5 @@ def test_parameter_inheritance_refuses_gpt3s_architecture(gpt3_reference, tmp_pa
     assert (
         "parameter inheritance takes Llama's architecture" in proc.stderr.strip().splitlines()[-1]
     )
-    assert "GPT-3's (LayerNorm, gelu, learned_absolute)" in proc.stderr
+    assert "GPT-3 architecture (LayerNorm, GeLU, learned positions" in proc.stderr
     assert not os.path.exists(tmp_path / "small")

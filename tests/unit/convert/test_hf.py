@@ -105,7 +105,6 @@ def test_exported_config_loads_in_transformers():
         ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 4096}}, "4096"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"head_dim": 16}, "head_dim"),
     ],
 )
 def test_unsupported_configs(tmp_path, change, message):
@@ -234,3 +233,39 @@ def test_divisible_by_for_padded():
     assert divisible_by_for_padded(300, 512, 128, 1) == 512
     with pytest.raises(ValueError, match="cannot be split over --tensor-model-parallel-size 5"):
         divisible_by_for_padded(300, 384, 128, 5)
+
+
+QWEN_CONFIGS = {  # the published config.json fields that shape the models
+    "Qwen3-0.6B": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024,
+        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+    "Qwen2.5-0.5B": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
+        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", QWEN_CONFIGS)
+def test_qwen_configs_count_what_transformers_builds(name):
+    """Qwen3-0.6B (16 heads of 128 on a width of 1024, QK norm) and Qwen2.5-0.5B (QKV biases)
+    read as the architectures transformers builds from the same config: the same parameter
+    count (transformers' model on the meta device; tied embeddings counted once)."""
+    import transformers
+
+    cfg = QWEN_CONFIGS[name]
+    arch = hf_source.gpt_config_from_hf(cfg)
+    assert arch.head_dim == cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    family = cfg["architectures"][0].removesuffix("ForCausalLM")
+    hf_cfg = getattr(transformers, f"{family}Config")(
+        **{k: v for k, v in cfg.items() if k != "architectures"}
+    )
+    with torch.device("meta"):
+        hf = getattr(transformers, f"{family}ForCausalLM")(hf_cfg)
+    theirs = sum(p.numel() for p in hf.parameters())
+    assert arch.replace(tied_embeddings=True).num_parameters() == theirs

@@ -226,8 +226,11 @@ def _torch_vs_local_spec(rank, world, arch):
 
 
 GPT3_TINY = get_preset("tiny").replace(**GPT3_KIND)
-# Qwen's additions: each head's query and key normalised (Qwen3), QKV-only biases (Qwen2); tied.
-QWEN_TINY = get_preset("tiny").replace(qk_layernorm=True, add_qkv_bias=True, tied_embeddings=True)
+# Qwen's additions: each head's query and key normalised (Qwen3), QKV-only biases (Qwen2), tied,
+# and heads wider than the width's share (Qwen3-0.6B's: 4 heads of 32 on a width of 64).
+QWEN_TINY = get_preset("tiny").replace(
+    qk_layernorm=True, add_qkv_bias=True, tied_embeddings=True, kv_channels=32
+)
 
 
 @pytest.mark.parametrize(
@@ -237,8 +240,8 @@ def test_torch_spec_matches_megatron_local_spec(arch):
     """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against
     megatron-core's local spec (its unfused SwiGLU and RoPE among them) on the same weights:
     losses and gradients, for Llama's architecture, GPT-3's (LayerNorm, GeLU, learned
-    positions, biases, tied embeddings) and Qwen's additions (QK norm, QKV biases);
-    ``num_parameters`` is the models' count.
+    positions, biases, tied embeddings) and Qwen's additions (QK norm, QKV biases, heads that
+    do not split the width); ``num_parameters`` is the models' count.
 
     And what MFU and --log-progress count, ``GPTModelConfig.flops_per_token``: forward and
     backward of every matrix product (torch's FLOP counter on the local spec, whose attention
@@ -248,7 +251,8 @@ def test_torch_spec_matches_megatron_local_spec(arch):
         _torch_vs_local_spec, 1, arch
     )
     batch, seq = ours.shape
-    masked = 3 * arch.num_layers * 2 * seq * arch.hidden_size  # above the diagonal, fwd + bwd
+    width = arch.num_attention_heads * arch.head_dim  # the queries' (h unless --kv-channels)
+    masked = 3 * arch.num_layers * 2 * seq * width  # above the diagonal, fwd + bwd
     assert flops == batch * seq * (arch.flops_per_token(seq) + masked)
     torch.testing.assert_close(ours, local, rtol=1e-5, atol=1e-5)
     assert ours_grads.keys() == local_grads.keys() and any("linear_fc1" in n for n in ours_grads)

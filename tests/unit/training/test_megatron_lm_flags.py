@@ -442,6 +442,10 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     tiny = ModelArgs(model_preset="tiny", **shape).architecture(VOCAB)
     assert (tiny.ffn_hidden_size, tiny.num_query_groups) == (176, 2) and tiny.is_llama
     assert ModelArgs(num_layers=2).architecture(VOCAB).ffn_hidden_size == 176
+    # --kv-channels: heads that do not split the width (recorded only where they do not)
+    wide = ModelArgs(model_preset="tiny", kv_channels=32).architecture(VOCAB)
+    assert (wide.head_dim, wide.kv_channels, tiny.kv_channels) == (32, 32, None)
+    assert ModelArgs(model_preset="tiny", kv_channels=16).architecture(VOCAB).kv_channels is None
     layer_norm = ModelArgs(model_preset="tiny", normalization="LayerNorm").architecture(VOCAB)
     assert layer_norm == get_preset("tiny").replace(vocab_size=VOCAB, normalization="LayerNorm")
     assert layer_norm.kind_name() == "custom"
@@ -465,7 +469,7 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--seq-length 512 exceeds --max-position-embeddings 256"),
         (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
         (("--apply-layernorm-1p",), "does not build zero-centred"),
-        (("--kv-channels", 32), "--kv-channels 32 is not the head size of the model (64 / 4"),
+        (("--kv-channels", 0), "--kv-channels must be positive"),
         (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
         (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
         (("--rope-scaling-factor", 32), "--rope-scaling-factor needs --use-rope-scaling"),
