@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from megatron_slm.convert.hf_target import dtype_name, token_ids
+from megatron_slm.convert.hf_target import check_state_names, dtype_name, token_ids
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.hf_source import ConversionError
 
@@ -114,13 +114,7 @@ def gpt2_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """GPT-2 tensors from a full (TP=1, PP=1) megatron state dict; vocabulary padding dropped."""
-    expected = expected_megatron_names(model)
-    missing = sorted(expected - set(state))
-    if missing:
-        raise ConversionError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise ConversionError(f"checkpoint has unsupported tensors: {', '.join(unexpected[:8])}")
+    check_state_names(state, expected_megatron_names(model))
     h, f, n, d = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.head_dim
     shapes = {"self_attention.linear_qkv": (3 * h, h), "self_attention.linear_proj": (h, h),
               "mlp.linear_fc1": (f, h), "mlp.linear_fc2": (h, f)}  # fmt: skip

@@ -142,6 +142,16 @@ def hf_config_from_gpt(
     return cfg
 
 
+def check_state_names(state: dict[str, torch.Tensor], expected: set[str]) -> None:
+    """A full megatron state dict holds exactly the ``expected`` tensors (an export target's)."""
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConversionError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ConversionError(f"checkpoint has unsupported tensors: {', '.join(unexpected[:8])}")
+
+
 def hf_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -161,12 +171,7 @@ def hf_tensors_from_megatron(
                 *extras,
             )  # fmt: skip
         )
-    missing = sorted(expected - set(state))
-    if missing:
-        raise ConversionError(f"checkpoint lacks tensors: {', '.join(missing[:8])}")
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise ConversionError(f"checkpoint has unsupported tensors: {', '.join(unexpected[:8])}")
+    check_state_names(state, expected)
 
     def vocab(name: str) -> torch.Tensor:
         t = state[name]

@@ -222,18 +222,7 @@ def write_gpt2_hf_tokenizer(
     special = {"bos_token": GPT2_EOD, "eos_token": GPT2_EOD, "unk_token": GPT2_EOD}
     entry = {"content": GPT2_EOD, "special": True, "normalized": False}
     entry.update(lstrip=False, rstrip=False, single_word=False)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": {str(ours.eod): entry},
-        **special,
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000_000,
-        "chat_template": chat_template,
-    }
-    write_json_atomic(os.path.join(save, "tokenizer_config.json"), config)
-    write_json_atomic(os.path.join(save, "special_tokens_map.json"), special)
+    _write_fast_config(save, special, {ours.eod: entry}, chat_template, add_prefix_space=False)
     shutil.copyfile(vocab_file, os.path.join(save, "vocab.json"))
     shutil.copyfile(merge_file, os.path.join(save, "merges.txt"))
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] + [
@@ -294,20 +283,26 @@ def write_tiktoken_hf_tokenizer(tok, save: str, chat_template: str) -> list[str]
     write_text_atomic(os.path.join(save, "tokenizer.json"), bpe.to_str())
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
     entry = {"special": True, "normalized": False, "lstrip": False, "rstrip": False}
+    added = {i: {"content": s, **entry, "single_word": False} for i, s in enumerate(specials)}
+    _write_fast_config(save, special, added, chat_template)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _write_fast_config(save: str, special: dict, added: dict, chat_template: str, **extra):
+    """tokenizer_config.json (a ``PreTrainedTokenizerFast`` adding no BOS, with ``added``
+    tokens by id and the chat template) and special_tokens_map.json."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": {
-            str(i): {"content": s, **entry, "single_word": False} for i, s in enumerate(specials)
-        },
+        "added_tokens_decoder": {str(i): entry for i, entry in added.items()},
         **special,
         "add_bos_token": False,
+        **extra,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
         "chat_template": chat_template,
     }
     write_json_atomic(os.path.join(save, "tokenizer_config.json"), config)
     write_json_atomic(os.path.join(save, "special_tokens_map.json"), special)
-    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
 def set_chat_template(save: str, chat_template: str, overwrite: bool) -> bool:
