@@ -8,7 +8,9 @@ Two families, as Megatron-LM builds them:
   learned absolute positions, biases in every linear layer, the output layer tied to the input
   embedding.
 
-Each choice is its own field, so a script may mix them as Megatron-LM's flags do.
+Each choice is its own field, so a script may mix them as Megatron-LM's flags do; Qwen's
+additions (a norm on each head's query and key, QKV-only biases, heads that do not split the
+width) are fields too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
                "tied_embeddings", "qk_layernorm", "add_qkv_bias")  # fmt: skip
-"""The architecture's kind (Llama's or GPT-3's choices), beside its shape."""
+"""The architecture's kind (its Llama, GPT-3 or Qwen choices), beside its shape."""
 LLAMA_KIND = {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding_type": "rope",
               "add_bias_linear": False, "tied_embeddings": False, "qk_layernorm": False,
               "add_qkv_bias": False}  # fmt: skip
@@ -193,9 +195,8 @@ class GPTModelConfig:
                 self.normalization,
                 "SwiGLU" if self.gated else "GeLU",
                 positions,
-                "biases" if self.add_bias_linear else "no biases",
+                {"all": "biases", "qkv": "QKV biases", "none": "no biases"}[self.biases],
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",
-                *(["QKV biases"] if self.add_qkv_bias and not self.add_bias_linear else []),
                 *(["QK norm"] if self.qk_layernorm else []),
             ]
         )

@@ -2,7 +2,8 @@
 
 Three implementations of the same decoder layer, Llama's (RMSNorm, SwiGLU, RoPE, GQA, no biases)
 or GPT-3's (LayerNorm, GeLU, biases; its learned positions and tied embeddings live in the
-``GPTModel`` around the layers), as the ``TransformerConfig`` says:
+``GPTModel`` around the layers), with Qwen's norms on each head's query and key when asked, as
+the ``TransformerConfig`` says:
 
 * ``te``    Transformer Engine modules (fused norm+linear, flash/cuDNN attention); GPU only.
 * ``local`` megatron-core's own modules (``DotProductAttention``, ``WrappedTorchNorm``; Apex's fused
