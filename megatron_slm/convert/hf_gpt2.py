@@ -48,7 +48,7 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
     if model.kv_channels is not None:
         gaps.append(f"heads that split the width (not {model.num_attention_heads} of "
                     f"{model.kv_channels})")  # fmt: skip
-    if model.add_qkv_bias and not model.add_bias_linear:
+    if model.biases == "qkv":
         gaps.append("biases on every linear layer or none (not on QKV only)")
     if model.num_query_groups != model.num_attention_heads:
         gaps.append(

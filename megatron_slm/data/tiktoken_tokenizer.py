@@ -133,7 +133,6 @@ class TikTokenIds:
             special_tokens={t: i for i, t in enumerate(self.specials)},
         )
         self.eod = self.specials.index("</s>")
-        self.bos_id = self.specials.index("<s>")
         self.pad = self.specials.index("<pad>")
 
     def options(self) -> dict:
