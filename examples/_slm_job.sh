@@ -15,6 +15,10 @@ if [[ -n "${TRAIN_SAMPLES:-}" ]]; then
     WARMUP=(--lr-warmup-samples "${LR_WARMUP_SAMPLES:-$((100 * GLOBAL_BATCH_SIZE))}")
 fi
 [[ -n "${RAMPUP_BATCH_SIZE:-}" ]] && TRAIN_LENGTH+=(--rampup-batch-size $RAMPUP_BATCH_SIZE)
+# STEP_BATCH_SIZE_SCHEDULE="0:256 50B:512 100B:1024": the global batch by tokens consumed
+# (Megatron-LM's step schedule; its last size is GLOBAL_BATCH_SIZE).
+[[ -n "${STEP_BATCH_SIZE_SCHEDULE:-}" ]] &&
+    TRAIN_LENGTH+=(--step-batch-size-schedule "$STEP_BATCH_SIZE_SCHEDULE")
 
 MODEL_ARGS=(--model-preset "${MODEL_PRESET}")
 # Unset: Transformer Engine on GPU when installed, megatron-core local modules otherwise.

@@ -33,6 +33,11 @@ from megatron_slm.ops.selection import (
 )
 from megatron_slm.platform import device_arg
 from megatron_slm.training.batch_ramp import BatchRamp, batch_ramp, check_ramp_values
+from megatron_slm.training.step_batch_schedule import (
+    StepBatchSchedule,
+    check_schedule_sizes,
+    parse_step_schedule,
+)
 
 
 @dataclass
@@ -142,6 +147,13 @@ class TrainingArgs:
         "then trains at --global-batch-size; the learning-rate schedule counts samples.",
         nargs=3,
         metavar=("START", "INCREMENT", "SAMPLES"),
+    )
+    step_batch_size_schedule: str | None = arg(
+        None,
+        '"THRESHOLD:SIZE ...", e.g. "0:16 2.4B:320 12B:1536": Megatron-LM\'s step schedule '
+        "of the global batch size over the tokens consumed (thresholds in tokens, K/M/B/T "
+        "suffixes; the first is 0). The last size is the full global batch (--global-batch-size,"
+        " if given, must equal it); the learning-rate schedule counts samples in full batches.",
     )
     lr: float = arg(3e-4, "Peak learning rate.")
     min_lr: float = arg(0.0, "Final learning rate after decay.")
@@ -320,6 +332,18 @@ class TrainingArgs:
             )
         check_at_least(self, "train_iters", "train_tokens", "train_samples", optional=True)
         check_ramp_values(self.rampup_batch_size, self.train_samples)
+        if self.step_batch_size_schedule is not None:
+            if self.rampup_batch_size:
+                raise ConfigError(
+                    "give either --rampup-batch-size or --step-batch-size-schedule, not both"
+                )
+            schedule = self.step_schedule
+            if self.global_batch_size not in (None, schedule.final):
+                raise ConfigError(
+                    f"--global-batch-size {self.global_batch_size} differs from the last size of "
+                    f"--step-batch-size-schedule ({schedule.final}), the full global batch: "
+                    "leave --global-batch-size out or make them equal"
+                )
         self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
@@ -433,6 +457,13 @@ class TrainingArgs:
             "recompute_method": self.recompute_method or "uniform",
             "recompute_num_layers": self.recompute_num_layers or 1,
         }
+
+    @property
+    def step_schedule(self) -> StepBatchSchedule | None:
+        """--step-batch-size-schedule, parsed (its thresholds in samples of --seq-length)."""
+        if self.step_batch_size_schedule is None:
+            return None
+        return parse_step_schedule(self.step_batch_size_schedule, self.seq_length)
 
     def _check_schedule_units(self) -> None:
         """Megatron-LM's rule: with --train-samples the schedule's lengths count samples, else
@@ -1084,14 +1115,18 @@ def _whole(steps):
 @dataclass(frozen=True)
 class DerivedSizes:
     data_parallel_size: int
-    global_batch_size: int  # the full one (after a --rampup-batch-size ramp)
+    global_batch_size: int  # the full one (the last size of a growing batch)
     num_microbatches: int  # of a full global batch, per data-parallel rank
     train_iters: int
-    ramp: BatchRamp | None = None  # --rampup-batch-size
+    # A growing global batch: --rampup-batch-size or --step-batch-size-schedule.
+    batch_schedule: BatchRamp | StepBatchSchedule | None = None
+    length_in_steps: bool = False  # the run's length was given in steps (--train-iters)
 
     def global_batch_at(self, consumed_samples: int) -> int:
         """The global batch size of the step that starts after ``consumed_samples``."""
-        return self.ramp.size_at(consumed_samples) if self.ramp else self.global_batch_size
+        if self.batch_schedule is None:
+            return self.global_batch_size
+        return self.batch_schedule.size_at(consumed_samples)
 
     def microbatches_at(self, consumed_samples: int) -> int:
         """This rank's micro-batches in the step that starts after ``consumed_samples``."""
@@ -1101,19 +1136,26 @@ class DerivedSizes:
     @property
     def train_samples(self) -> int:
         """Samples the training steps consume (the training split's length)."""
-        if self.ramp is None:
+        if self.batch_schedule is None:
             return self.train_iters * self.global_batch_size
-        return self.ramp.consumed_after(self.train_iters)
+        return self.batch_schedule.consumed_after(self.train_iters)
 
     @property
     def schedule_iters(self) -> int:
         """The training length in full global batches, the unit of the learning-rate schedule's
-        step counts (the steps themselves, without a ramp)."""
-        return self.train_samples // self.global_batch_size if self.ramp else self.train_iters
+        step counts: the steps, unless the batch grows and the length was given in samples or
+        tokens (then the full batches those samples make)."""
+        if self.batch_schedule is None or self.length_in_steps:
+            return self.train_iters
+        return self.train_samples // self.global_batch_size
 
 
-def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig) -> DerivedSizes:
-    """Cross-group checks; every failure names the flag. Returns the derived sizes."""
+def validate(
+    cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig, resumed_samples: int = 0
+) -> DerivedSizes:
+    """Cross-group checks; every failure names the flag. Returns the derived sizes.
+    ``resumed_samples``: the samples a resumed run has consumed (the sizes of a step schedule
+    before them were trained and need not suit this run's data-parallel size)."""
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     d = cfg.data
@@ -1164,6 +1206,8 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     check_parallel_layout(architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage)
     dp = world_size // (tp * pp)
     gbs = t.global_batch_size or t.micro_batch_size * dp
+    if t.step_batch_size_schedule:
+        gbs = t.step_schedule.final
     if gbs % (t.micro_batch_size * dp):
         raise ConfigError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
@@ -1195,24 +1239,37 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
-    ramp = None
+    growing, iters = None, None
+    micro_batch_multiple = pp if p.num_layers_per_virtual_pipeline_stage else 1
+    if (t.rampup_batch_size or t.step_batch_size_schedule) and d.train_samples_from:
+        flag = "--rampup-batch-size" if t.rampup_batch_size else "--step-batch-size-schedule"
+        raise ConfigError(
+            f"{flag}: --train-samples-from trains the batches of its list, each of the list's "
+            "global batch size"
+        )
     if t.rampup_batch_size:
-        if d.train_samples_from:
-            raise ConfigError(
-                "--rampup-batch-size: --train-samples-from trains the batches of its list, each "
-                "of the list's global batch size"
-            )
-        vstage = p.num_layers_per_virtual_pipeline_stage
-        ramp = batch_ramp(t.rampup_batch_size, gbs, t.micro_batch_size * dp, pp if vstage else 1)
-        iters = ramp.train_iters(t.train_samples)
+        growing = batch_ramp(
+            t.rampup_batch_size, gbs, t.micro_batch_size * dp, micro_batch_multiple
+        )
+        iters = growing.train_iters(t.train_samples)
+    elif t.step_batch_size_schedule:
+        growing = t.step_schedule
+        check_schedule_sizes(
+            growing, resumed_samples, t.micro_batch_size * dp, micro_batch_multiple
+        )
+        if t.train_iters is None:  # Megatron-LM: steps until the samples are consumed
+            samples = t.train_samples or math.ceil(t.train_tokens / t.seq_length)
+            iters = growing.train_iters(samples)
     elif t.train_samples is not None:  # Megatron-LM: the whole global batches in them
         iters = t.train_samples // gbs
         if iters < 1:
             raise ConfigError(
                 f"--train-samples {t.train_samples} is less than one global batch ({gbs})"
             )
-    else:
-        iters = t.train_iters or math.ceil(t.train_tokens / (gbs * t.seq_length))
+    elif t.train_iters is None:
+        iters = math.ceil(t.train_tokens / (gbs * t.seq_length))
+    if iters is None:
+        iters = t.train_iters
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":
         if not s.slm_ref_load:
@@ -1223,7 +1280,7 @@ def validate(cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig)
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
-    sizes = DerivedSizes(dp, gbs, num_micro, iters, ramp)
+    sizes = DerivedSizes(dp, gbs, num_micro, iters, growing, t.train_iters is not None)
     warmup, decay, wsd = schedule_steps(t, sizes.schedule_iters, gbs)
     unit = "samples" if t.train_samples is not None else "iters"
     if warmup and warmup >= decay:  # (a fraction of the decay is always shorter)

@@ -74,8 +74,8 @@ def build_sft_dataset(cfg: PretrainConfig, sizes: DerivedSizes, tokenizer):
     if len(ds) < need:
         gbs = sizes.global_batch_size
         length = f"--train-iters {sizes.train_iters} x --global-batch-size {gbs}"
-        if sizes.ramp is not None:
-            length = f"--train-samples with --rampup-batch-size ({sizes.train_iters} steps)"
+        if sizes.batch_schedule is not None:
+            length = f"{sizes.train_iters} steps of a growing global batch"
         raise ConfigError(
             f"{length} needs {need} packed sequences; --sft-epochs {cfg.sft.sft_epochs} gives "
             f"{len(ds)}"

@@ -76,6 +76,7 @@ from megatron_slm.training.slm_loss import (
     SelectiveLMLoss,
     install_plain_loss,
 )
+from megatron_slm.training.step_batch_schedule import parse_step_schedule
 
 logger = logging.getLogger("megatron_slm")
 
@@ -116,7 +117,8 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     if cfg.sft.enabled:
         _set_chat_template(cfg, tokenizer, ckpt)
     arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
-    sizes = validate(cfg, world_size, arch)
+    resuming = ckpt is not None and not cfg.checkpoint.finetune
+    sizes = validate(cfg, world_size, arch, ckpt.meta["consumed_samples"] if resuming else 0)
     if ckpt is not None and not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim):
         check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
     reference = _plan_reference(cfg, arch)
@@ -156,17 +158,30 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
 
 
 def _check_ramp_resume(cfg: PretrainConfig, ckpt: CheckpointInfo) -> None:
-    """A resumed run keeps its --rampup-batch-size: the steps so far followed it, and the step
-    count and the batch of each step to come are counted from the start on it."""
-    saved = ((ckpt.meta.get("config") or {}).get("training") or {}).get("rampup_batch_size") or []
-    given = cfg.training.rampup_batch_size
-    if list(saved) != list(given):
-        shown = lambda v: " ".join(map(str, v)) if v else "none"  # noqa: E731
-        raise ConfigError(
-            f"--load {ckpt.path}: it was trained with --rampup-batch-size {shown(saved)}, this "
-            f"run gives {shown(given)}: resume with the saved ramp (--finetune starts a new run "
-            "from its weights)"
-        )
+    """A resumed run keeps its growing batch (--rampup-batch-size, --step-batch-size-schedule):
+    the steps so far followed it, and the step count and the batch of each step to come are
+    counted from the start on it. Schedules are compared as parsed (2.4B equals 2400M)."""
+    saved = (ckpt.meta.get("config") or {}).get("training") or {}
+    t = cfg.training
+    shown = lambda v: " ".join(map(str, v)) if v else "none"  # noqa: E731
+    ramps = (saved.get("rampup_batch_size") or [], t.rampup_batch_size)
+    if list(ramps[0]) != list(ramps[1]):
+        _refuse_other_growth(ckpt, "--rampup-batch-size", shown(ramps[0]), shown(ramps[1]))
+    text = saved.get("step_batch_size_schedule")
+    steps = parse_step_schedule(text, saved.get("seq_length") or t.seq_length) if text else None
+    if steps != t.step_schedule:
+        given = t.step_batch_size_schedule
+        _refuse_other_growth(
+            ckpt, "--step-batch-size-schedule", repr(text) if text else "none",
+            repr(given) if given else "none",
+        )  # fmt: skip
+
+
+def _refuse_other_growth(ckpt: CheckpointInfo, flag: str, saved: str, given: str):
+    raise ConfigError(
+        f"--load {ckpt.path}: it was trained with {flag} {saved}, this run gives {given}: resume "
+        "with the saved one (--finetune starts a new run from its weights)"
+    )
 
 
 def _checkpoint_to_load(ck) -> CheckpointInfo | None:
@@ -548,9 +563,9 @@ class Trainer:
 
     def _schedule_position(self, iteration: int, consumed_samples: int):
         """Where the learning-rate schedule stands after ``iteration`` steps: the steps, or with
-        a batch ramp the full global batches the consumed samples make (Megatron-LM's scheduler
-        counts samples; ours counts them in full batches)."""
-        if self.sizes.ramp is None:
+        a growing batch the full global batches the consumed samples make (Megatron-LM's
+        scheduler counts samples; ours counts them in full batches)."""
+        if self.sizes.batch_schedule is None:
             return iteration
         return consumed_samples / self.sizes.global_batch_size
 
@@ -609,9 +624,9 @@ class Trainer:
             torch.cuda.empty_cache()
         # No host sync (but fp16's loss scaler).
         ok, grad_norm = self.optimizer_step.step(count_zeros=count_zeros)
-        if ok:  # (a ramp's step of b samples: b / global of a full one, as Megatron-LM counts)
-            ramp, full = self.sizes.ramp, self.sizes.global_batch_size
-            self.scheduler.step(increment=1 if ramp is None else self.global_batch / full)
+        if ok:  # (a step of b samples: b / global of a full one, as Megatron-LM counts)
+            growing, full = self.sizes.batch_schedule, self.sizes.global_batch_size
+            self.scheduler.step(increment=1 if growing is None else self.global_batch / full)
         if t.empty_unused_memory_level >= 2:
             torch.cuda.empty_cache()
         return self._reduce_stats(outputs), grad_norm, ratio
@@ -782,7 +797,7 @@ class Trainer:
         self.profiler.before_step(self.iteration)
         before = self.global_batch
         stats, grad_norm, ratio = self.train_step(count_zeros=log_step and lg.log_num_zeros_in_grad)
-        if self.sizes.ramp and before != self.global_batch and dist.get_rank() == 0:
+        if self.sizes.batch_schedule and before != self.global_batch and dist.get_rank() == 0:
             logger.info("global batch size %d from step %d", self.global_batch, self.iteration + 1)
         self.iteration += 1
         self.profiler.step(self.iteration)

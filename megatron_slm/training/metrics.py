@@ -326,7 +326,7 @@ class TrainingLogger:
             f"{rate:,.0f} tok/s | "
             f"{self.flops_per_token * rate / self.world / 1e12:.2f} TFLOP/s/dev"
         )
-        if self.sizes.ramp is not None:
+        if self.sizes.batch_schedule is not None:
             line += f" | global batch {w[-1]['global_batch_size']}"
         if "params_norm" in w[-1]:
             line += f" | params norm {w[-1]['params_norm']:.3f}"

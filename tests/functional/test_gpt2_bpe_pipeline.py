@@ -1,7 +1,7 @@
 """A Megatron-LM GPT user's pipeline with their two tokenizer files, as real commands:
 ``tools/train_tokenizer.py`` writes ``vocab.json``/``merges.txt``; ``tools/preprocess_data.py``
 takes ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``; Megatron-LM's
-``examples/gpt3/train_gpt3_857m_distributed.sh`` flags run as they are (sizes cut, fp32 on CPU:
+``examples/gpt3/train_gpt3_175b_distributed.sh`` flags run as they are (sizes cut, fp32 on CPU:
 no ``--tokenizer-type``, the files name it; no preset and no architecture flag, so Megatron-LM's
 model: GPT-3's architecture, FFN 4h); the launch script trains on the files
 (``VOCAB_FILE``/``MERGE_FILE``); the checkpoint records both files, and the Hugging Face export
@@ -52,12 +52,13 @@ def _our_logits(rank, world, load: str, tokens):
 
 def _gpt3_script_args(data: str, files: list[str], ckpt: str, tb: str) -> list:
     """The script's flag groups as it writes them: GPT_MODEL_ARGS (sizes cut), TRAINING_ARGS
-    (lengths cut, --fp16 left out on CPU), MODEL_PARALLEL_ARGS (1 x 1), DATA_ARGS and
-    EVAL_AND_LOGGING_ARGS (intervals cut)."""
+    (lengths and the batch's step schedule cut, --fp16 left out on CPU), MODEL_PARALLEL_ARGS
+    (1 x 1), DATA_ARGS and EVAL_AND_LOGGING_ARGS (intervals cut)."""
     return [
         "--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4,
         "--seq-length", 32, "--max-position-embeddings", 32, "--attention-backend", "auto",
-        "--micro-batch-size", 2, "--global-batch-size", 8, "--train-iters", 4,
+        "--micro-batch-size", 2, "--global-batch-size", 8,
+        "--step-batch-size-schedule", "0:2 64:4 128:8", "--train-iters", 4,
         "--weight-decay", 0.1, "--adam-beta1", 0.9, "--adam-beta2", 0.95,
         "--init-method-std", 0.006, "--clip-grad", 1.0, "--lr", "6.0e-5",
         "--lr-decay-style", "cosine", "--min-lr", "6.0e-6", "--lr-warmup-fraction", ".001",
@@ -97,6 +98,9 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     gpt3_line = "GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)"
     assert gpt3_line in proc.stderr
     assert "4 heads in 4 KV groups, FFN 256," in proc.stderr  # 4h, h = 64
+    # The schedule's thresholds of 64 and 128 tokens (2 and 4 samples): steps of 2, 4, 8, 8
+    assert "global batch size 4 from step 2" in proc.stderr
+    assert "global batch size 8 from step 3" in proc.stderr
     info = read_checkpoint(str(gpt3))
     assert (info.model.ffn_hidden_size, info.model.num_query_groups) == (256, 4)
     assert info.model.kind == GPT3_KIND

@@ -90,7 +90,7 @@ def test_sizes_follow_the_ramp():
     assert sizes.schedule_iters == 46 // 8
     plain = _sizes()
     assert (plain.train_iters, plain.train_samples, plain.schedule_iters) == (5, 40, 5)
-    assert plain.microbatches_at(123) == 4 and plain.ramp is None
+    assert plain.microbatches_at(123) == 4 and plain.batch_schedule is None
 
 
 @pytest.mark.parametrize(
@@ -197,5 +197,5 @@ def test_the_trainer_trains_the_ramp(corpus, tmp_path):
     assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in whole]
     assert refused.endswith(
         "it was trained with --rampup-batch-size 2 2 12, this run gives 4 2 12: resume with the "
-        "saved ramp (--finetune starts a new run from its weights)"
+        "saved one (--finetune starts a new run from its weights)"
     )
