@@ -20,10 +20,10 @@ export.
 Export picks its target from the checkpoint's architecture (:func:`export_architecture`): Llama's
 (tied, as Llama 3.2 1B's, or not) exports as ``LlamaForCausalLM`` / ``MistralForCausalLM``, with
 QKV biases as ``Qwen2ForCausalLM``, with QK norm as ``Qwen3ForCausalLM``;
-GPT-3's (LayerNorm, GeLU, learned positions, multi-head attention; with or without biases, tied
-or untied) as ``GPT2LMHeadModel`` (``convert.hf_gpt2`` has its layout); any other mix of the two
-is refused, naming what each Hugging Face architecture lacks. Import reads Llama, Mistral,
-Qwen2 and Qwen3.
+GPT-3's (LayerNorm, an ungated GeLU, tanh-GeLU or squared-ReLU MLP, learned positions,
+multi-head attention; with or without biases, tied or untied) as ``GPT2LMHeadModel``
+(``convert.hf_gpt2`` has its layout); any other mix of the two is refused, naming what each
+Hugging Face architecture lacks. Import reads all five (GPT-2: ``runtime.hf_gpt2_source``).
 
 Import (:func:`convert_hf_to_megatron`) runs either in one process (any target TP/PP: the
 distributed checkpoint is layout-free, only the padded vocabulary depends on the target TP and is
@@ -80,6 +80,7 @@ from megatron_slm.runtime.hf_source import (
     architecture,
     check_hf_weights,
     gpt_config_from_hf,
+    hf_tied,
     load_hf_into_chunks,
     read_hf_config,
     tokenizer_files,
@@ -132,7 +133,7 @@ def convert_hf_to_megatron(
     iteration: int = 0,
     overwrite: bool = False,
 ) -> ImportResult:
-    """HF Llama/Mistral directory -> megatron_slm checkpoint at ``save`` for the target TP/PP.
+    """HF model directory -> megatron_slm checkpoint at ``save`` for the target TP/PP.
 
     In a world of one process the model is built at TP=1/PP=1 with the target's padded
     vocabulary; in a world of TP x PP processes (torchrun) at the target layout itself. The caller
@@ -159,7 +160,7 @@ def convert_hf_to_megatron(
     hf_cfg = read_hf_config(load)
     where = os.path.join(load, "config.json")
     model = gpt_config_from_hf(hf_cfg, where)
-    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    tied = hf_tied(hf_cfg)
     weights = HFWeights(load)
     check_hf_weights(model, weights, tied)
     padded = padded_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)

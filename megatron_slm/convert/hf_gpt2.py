@@ -1,6 +1,7 @@
-"""megatron-core GPT -> Hugging Face ``GPT2LMHeadModel``: the config and the tensors of GPT-3's
-architecture (LayerNorm, exact GeLU, learned absolute positions, multi-head attention; biases and
-tied embeddings optional).
+"""megatron-core GPT <-> Hugging Face ``GPT2LMHeadModel``: the config and the tensors of GPT-3's
+architecture (LayerNorm, learned absolute positions, multi-head attention, an ungated MLP: exact
+GeLU, its tanh approximation (GPT-2's ``gelu_new``) or squared ReLU; biases and tied embeddings
+optional), both ways.
 
 Layout changes from megatron-core:
 
@@ -22,9 +23,10 @@ import torch
 
 from megatron_slm.convert.hf_target import check_state_names, dtype_name, token_ids
 from megatron_slm.models.presets import GPTModelConfig
-from megatron_slm.runtime.hf_source import ConversionError
+from megatron_slm.runtime.hf_source import GPT2_ARCHITECTURE, ConversionError
 
-GPT2_ARCHITECTURE = "GPT2LMHeadModel"
+# Our activation -> GPT-2's activation_function (runtime.hf_gpt2_source reads them back).
+GPT2_ACTIVATIONS = {"gelu": "gelu", "openai_gelu": "gelu_new", "squared_relu": "relu2"}
 
 _LINEAR = {  # megatron layer suffix -> GPT-2 block suffix (Conv1D: weight transposed)
     "self_attention.linear_proj": "attn.c_proj",
@@ -39,8 +41,8 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
     gaps = []
     if model.normalization != "LayerNorm":
         gaps.append("LayerNorm")
-    if model.activation != "gelu":
-        gaps.append("GeLU")
+    if model.activation not in GPT2_ACTIVATIONS:
+        gaps.append("an ungated MLP (GeLU, tanh GeLU or squared ReLU)")
     if model.position_embedding_type != "learned_absolute":
         gaps.append("learned positions")
     if model.qk_layernorm:
@@ -75,7 +77,7 @@ def gpt2_config_from_gpt(
         "n_inner": model.ffn_hidden_size,
         "n_positions": model.max_position_embeddings,
         "vocab_size": model.vocab_size,
-        "activation_function": "gelu",  # exact GeLU (megatron's F.gelu), not gelu_new's tanh
+        "activation_function": GPT2_ACTIVATIONS[model.activation],
         "layer_norm_epsilon": model.norm_epsilon,
         "tie_word_embeddings": model.tied_embeddings,
         "resid_pdrop": 0.0,

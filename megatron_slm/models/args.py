@@ -112,6 +112,15 @@ class ModelArgs:
     swiglu: bool = arg(
         False, "SwiGLU MLP (the presets' own); without it a Megatron-LM script's model has GeLU."
     )
+    openai_gelu: bool = arg(
+        False,
+        "GeLU's tanh approximation in the MLP (GPT-2's gelu_new). Megatron-LM reads this flag "
+        "only in its legacy models (its megatron-core models keep the exact GeLU); here it "
+        "gives the model the tanh GeLU.",
+    )
+    squared_relu: bool = arg(
+        False, "relu(x)^2 in the MLP (Megatron-LM's flag, as in Nemotron), one up projection."
+    )
     untie_embeddings_and_output_weights: bool = arg(
         False,
         "Separate input and output embedding weights (the presets' own); without it a "
@@ -196,6 +205,12 @@ class ModelArgs:
                 "--use-rotary-position-embeddings contradicts --position-embedding-type "
                 f"{self.position_embedding_type}"
             )
+        activations = [f for f in ("swiglu", "openai_gelu", "squared_relu") if getattr(self, f)]
+        if len(activations) > 1:
+            raise ConfigError(
+                " and ".join(f"--{f.replace('_', '-')}" for f in activations) + " are exclusive:"
+                " the MLP has one activation"
+            )
         if self.apply_layernorm_1p:
             raise ConfigError(
                 "--apply-layernorm-1p: megatron-slm does not build zero-centred norm weights"
@@ -220,8 +235,9 @@ class ModelArgs:
             given["rope_scaling_factor"] = self.rope_scaling_factor or 8.0
         if self.normalization is not None:
             given["normalization"] = self.normalization
-        if self.swiglu:
-            given["activation"] = "swiglu"
+        for activation in ("swiglu", "openai_gelu", "squared_relu"):
+            if getattr(self, activation):
+                given["activation"] = activation
         if self.position_embedding_type is not None or self.use_rotary_position_embeddings:
             given["position_embedding_type"] = self.position_embedding_type or "rope"
         if self.disable_bias_linear:
@@ -320,7 +336,7 @@ class ModelArgs:
 def flag_text(name: str, value) -> str:
     """How a user says architecture field ``name`` = ``value`` in Megatron-LM's flags."""
     if name == "activation":
-        return "--swiglu" if value == "swiglu" else "GeLU (no --swiglu)"
+        return "GeLU (no activation flag)" if value == "gelu" else f"--{value.replace('_', '-')}"
     if name == "add_bias_linear":
         return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
     if name in ("qk_layernorm", "add_qkv_bias"):

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from megatron_slm.errors import ConfigError
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = {"swiglu": "SwiGLU", "gelu": "GeLU", "openai_gelu": "tanh GeLU",
+               "squared_relu": "squared ReLU"}  # fmt: skip
+"""The MLP's activations and how the log names them (only SwiGLU is gated)."""
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
                "tied_embeddings", "qk_layernorm", "add_qkv_bias")  # fmt: skip
@@ -73,8 +75,9 @@ class GPTModelConfig:
     normalization: str = "RMSNorm"
     """--normalization: RMSNorm (Llama) or LayerNorm (GPT-3, Megatron-LM's default)."""
     activation: str = "swiglu"
-    """The MLP: swiglu (--swiglu: SiLU-gated, Llama) or gelu (GPT-3, Megatron-LM's default:
-    exact GeLU, one up projection)."""
+    """The MLP: swiglu (--swiglu: SiLU-gated, Llama), or one up projection with gelu (GPT-3,
+    Megatron-LM's default: exact GeLU), openai_gelu (--openai-gelu: GeLU's tanh approximation,
+    GPT-2's ``gelu_new``) or squared_relu (--squared-relu: relu(x)^2, Nemotron's)."""
     position_embedding_type: str = "rope"
     """--position-embedding-type: rope (Llama) or learned_absolute (GPT-3, Megatron-LM's default:
     a learned table of --max-position-embeddings rows, which also bounds the sequence length)."""
@@ -180,6 +183,8 @@ class GPTModelConfig:
             return "Llama"
         if self.kind == GPT3_KIND:
             return "GPT-3"
+        if self.kind == {**GPT3_KIND, "activation": "openai_gelu"}:
+            return "GPT-2"  # (GPT-2's tanh GeLU is GPT-3's only difference here)
         return "custom"
 
     def describe_kind(self) -> str:
@@ -193,7 +198,7 @@ class GPTModelConfig:
         choices = ", ".join(
             [
                 self.normalization,
-                "SwiGLU" if self.gated else "GeLU",
+                ACTIVATIONS[self.activation],
                 positions,
                 {"all": "biases", "qkv": "QKV biases", "none": "no biases"}[self.biases],
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",

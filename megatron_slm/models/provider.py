@@ -24,6 +24,22 @@ from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dro
 from megatron_slm.platform import cpu_backend_enabled
 
 
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GeLU's tanh approximation (megatron-core's ``openai_gelu`` formula) in torch's one kernel;
+    megatron-core's own is a ``torch.compile`` fusion, compiled at its first call."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, as megatron-core's ``squared_relu`` (likewise a ``torch.compile`` fusion)."""
+    return F.relu(x).square()
+
+
+# The function of each activation of presets.ACTIVATIONS (SwiGLU: SiLU, gated).
+ACTIVATION_FUNCS = {"swiglu": F.silu, "gelu": F.gelu, "openai_gelu": openai_gelu,
+                    "squared_relu": squared_relu}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelBuildOptions:
     """How to instantiate the architecture (not what it is)."""
@@ -73,7 +89,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=model.gated,
-        activation_func=F.silu if model.gated else F.gelu,
+        activation_func=ACTIVATION_FUNCS[model.activation],
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_bias_linear or model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,

@@ -31,10 +31,13 @@ def global_name(chunk, local_name: str) -> str:
     return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
 
 
-def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, tp: int, rank: int):
+def tp_shard(
+    name: str, full: torch.Tensor, param: torch.Tensor, tp: int, rank: int, gated: bool = True
+):
     """This TP rank's slice of the full tensor for ``param`` (megatron's partition attributes).
 
-    ``linear_fc1`` holds ``[gate; up]``, and its shard is ``[gate_r; up_r]`` (not one block)."""
+    A ``gated`` (SwiGLU) ``linear_fc1`` holds ``[gate; up]``, and its shard is ``[gate_r; up_r]``
+    (not one block); an ungated one (GeLU) is sharded as one block."""
     if not getattr(param, "tensor_model_parallel", False) or tp == 1:
         return full
     dim = param.partition_dim
@@ -43,7 +46,7 @@ def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, tp: int, rank: 
             f"tensor {name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
             f"tensor-parallel size {tp}"
         )
-    if name.endswith("mlp.linear_fc1.weight"):
+    if gated and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
     return full.chunk(tp, dim=dim)[rank]

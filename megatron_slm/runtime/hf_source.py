@@ -1,6 +1,6 @@
-"""Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory as a megatron-core GPT model: the
-config mapping, lazy weight access, and the HF -> megatron tensor mapping (full tensors, then this
-rank's TP shard).
+"""Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / GPT-2 directory as a megatron-core GPT
+model: the config mapping, lazy weight access, and the HF -> megatron tensor mapping (full tensors,
+then this rank's TP shard; GPT-2's own mapping is ``runtime.hf_gpt2_source``).
 
 It sits under the runtime so that ``runtime.plan_load`` can run a HF directory as it runs a
 checkpoint (converted in memory, nothing written); ``megatron_slm.convert`` builds its import and
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from functools import partial
 
 import torch
 
@@ -24,6 +25,9 @@ logger = logging.getLogger("megatron_slm")
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
+"""Llama's design (``convert.hf_target`` writes these too)."""
+GPT2_ARCHITECTURE = "GPT2LMHeadModel"
+READABLE_ARCHITECTURES = (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE)
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -69,12 +73,24 @@ def read_hf_config(path: str) -> dict:
 
 def architecture(hf_config: dict, where: str = "config.json") -> str:
     archs = hf_config.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+    if len(archs) != 1 or archs[0] not in READABLE_ARCHITECTURES:
         raise ConversionError(
             f"{where}: unsupported architecture {archs or hf_config.get('model_type')!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(READABLE_ARCHITECTURES)}"
         )
     return archs[0]
+
+
+def hf_tied(hf_config: dict) -> bool:
+    """``tie_word_embeddings``, with its default for the architecture (GPT-2's: tied)."""
+    tied_by_default = architecture(hf_config) == GPT2_ARCHITECTURE
+    return bool(hf_config.get("tie_word_embeddings", tied_by_default))
+
+
+def _reads_gpt2(model: GPTModelConfig) -> bool:
+    """Whether ``model`` (from :func:`gpt_config_from_hf`) reads GPT-2's tensors: GPT-2 is the
+    one readable architecture with learned positions."""
+    return model.position_embedding_type == "learned_absolute"
 
 
 # megatron-core's Llama 3 RoPE scaling has these fixed (Llama 3.1, 3.2 and 3.3 use them).
@@ -107,8 +123,12 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
 
 
 def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
-    """The megatron_slm architecture of a HF Llama/Mistral config (unsupported features refused)."""
+    """The megatron_slm architecture of a HF config (unsupported features refused)."""
     arch = architecture(cfg, where)
+    if arch == GPT2_ARCHITECTURE:
+        from megatron_slm.runtime.hf_gpt2_source import gpt_config_from_gpt2
+
+        return gpt_config_from_gpt2(cfg, where)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
@@ -282,9 +302,21 @@ def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, t
     return shapes
 
 
+def _ignored_llama_tensor(name: str, tied: bool) -> bool:
+    """RoPE buffers, and a tied model's copy of the embedding as ``lm_head.weight``."""
+    return bool(_IGNORED_HF.fullmatch(name)) or (tied and name == "lm_head.weight")
+
+
 def check_hf_weights(model: GPTModelConfig, weights: HFWeights, tied: bool = False) -> None:
     """Every expected tensor present with the shape config.json implies; nothing unexpected."""
-    expected = expected_hf_shapes(model, tied)
+    if _reads_gpt2(model):
+        from megatron_slm.runtime import hf_gpt2_source as gpt2
+
+        expected = gpt2.expected_gpt2_shapes(model, gpt2.gpt2_prefix(weights))
+        ignored = partial(gpt2.ignored_gpt2_tensor, tied=tied)
+    else:
+        expected = expected_hf_shapes(model, tied)
+        ignored = partial(_ignored_llama_tensor, tied=tied)
     for name, shape in expected.items():
         if name not in weights:
             if name == "lm_head.weight":
@@ -299,13 +331,7 @@ def check_hf_weights(model: GPTModelConfig, weights: HFWeights, tied: bool = Fal
                 f"tensor {name} in {weights.location(name)} has shape {list(actual)}, "
                 f"config.json implies {list(shape)}"
             )
-    extra = [
-        n
-        for n in weights.names()
-        if n not in expected
-        and not _IGNORED_HF.fullmatch(n)
-        and not (tied and n == "lm_head.weight")
-    ]
+    extra = [n for n in weights.names() if n not in expected and not ignored(n)]
     if extra:
         raise ConversionError(
             f"{weights.path}: unsupported tensors (not part of the model config.json "
@@ -333,6 +359,12 @@ def megatron_tensor_from_hf(
     tied: bool = False,
 ) -> torch.Tensor:
     """The full (TP=1) megatron tensor ``name`` (global layer numbering) from HF weights."""
+    if _reads_gpt2(model):
+        from megatron_slm.runtime import hf_gpt2_source as gpt2
+
+        prefix = gpt2.gpt2_prefix(weights)
+        pad = lambda src, tensor: _pad_vocab(src, tensor, padded_vocab)  # noqa: E731
+        return gpt2.megatron_tensor_from_gpt2(name, model, weights, prefix, pad)
     if name == "embedding.word_embeddings.weight":
         return _pad_vocab(
             "model.embed_tokens.weight", weights.get("model.embed_tokens.weight"), padded_vocab
@@ -390,7 +422,7 @@ def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied:
                 padded = param.shape[0] * (tp if getattr(param, "tensor_model_parallel", 0) else 1)
             full = megatron_tensor_from_hf(name, model, weights, padded or 0, tied)
             try:
-                shard = tp_shard(name, full, param, tp, rank)
+                shard = tp_shard(name, full, param, tp, rank, model.gated)
             except ValueError as e:
                 raise ConversionError(str(e)) from None
             if tuple(shard.shape) != tuple(param.shape):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -46,9 +47,10 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
-    Qwen3ForCausalLM saved (safetensors) at ``path``; the Llama one with Llama 3.1's RoPE
-    scaling, whose frequencies at head size 16 and base 5e5 fall in all three of its bands (kept,
-    smoothed, divided by the factor)."""
+    Qwen3ForCausalLM / GPT2LMHeadModel saved (safetensors) at ``path``; the Llama one with Llama
+    3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall in all three of its
+    bands (kept, smoothed, divided by the factor); GPT-2 as released: tanh GeLU (gelu_new), tied
+    embeddings, biases, learned positions."""
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -65,7 +67,11 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    if arch == "llama":
+    if arch == "gpt2":
+        cfg_cls, model_cls = transformers.GPT2Config, transformers.GPT2LMHeadModel
+        kwargs = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size,
+                      bos_token_id=1, eos_token_id=2, activation_function="gelu_new")  # fmt: skip
+    elif arch == "llama":
         cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
         kwargs.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     elif arch == "mistral":
@@ -84,7 +90,7 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     # Non-trivial norm weights and biases, so a misplaced one shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or re.search(r"\bln_(\d|f)\.weight", name):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
@@ -156,7 +162,8 @@ def convert_all_tp1(rank, world, root, archs, tokens, prompt, max_new_tokens, eo
         convert_megatron_to_hf(ckpt, out)
         convert_hf_to_megatron(out, ckpt + "_again", tensor_model_parallel_size=2)
         results[arch] = dict(
-            inv_freq=m.chunks[0].rotary_pos_emb.inv_freq.clone(),
+            inv_freq=getattr(m.chunks[0], "rotary_pos_emb", None)
+            and (m.chunks[0].rotary_pos_emb.inv_freq.clone()),
             logits=logits,
             greedy=gen,
             padded=padded,

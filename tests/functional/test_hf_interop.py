@@ -1,6 +1,7 @@
-"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / Qwen3 models built here -> megatron
-checkpoints -> our logits, greedy decoding and perplexity equal transformers' at TP=1 and TP=2;
-megatron -> HF -> megatron round trips are bit-identical; exports load in transformers.
+"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Qwen3 models built here ->
+megatron checkpoints -> our logits, greedy decoding and perplexity equal transformers' at TP=1
+and TP=2; megatron -> HF -> megatron round trips are bit-identical; exports load in
+transformers.
 
 Tolerance: fp32 logits within 1e-4 (the issue's bound; the two implementations run the same fp32
 operations in the same order on CPU and agree to rounding)."""
@@ -16,7 +17,7 @@ from tests.dist_helpers import run_distributed
 from tests.functional import hf_worker as worker
 
 pytestmark = pytest.mark.slow
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "gpt2", "qwen3")
 ATOL = 1e-4
 PROMPT, NEW_TOKENS, EOS = [5, 17, 42, 7], 12, 2
 DOCS = [
@@ -106,7 +107,8 @@ def test_round_trip_and_export(setup, arch):
     cfg = json.load(open(export / "config.json"))
     src = json.load(open(setup["root"] / arch / "config.json"))
     assert cfg["architectures"] == src["architectures"]
-    assert cfg["vocab_size"] == setup["vocab"] and cfg["tie_word_embeddings"] is False
+    assert cfg["vocab_size"] == setup["vocab"]
+    assert cfg["tie_word_embeddings"] is (arch == "gpt2")  # (GPT-2's default: tied)
     assert os.path.isfile(export / "tokenizer.json")
     # An HF tokenizer without a chat template gains the default one (ProX needs a template).
     from transformers import AutoTokenizer
@@ -157,7 +159,7 @@ def test_tp2_and_pipeline_conversion(setup):
         ref = setup["ref"][arch]
         for source in (f"{arch}_ckpt", arch):  # converted checkpoint, HF directory in memory
             logits, greedy = results[source]
-            torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=ATOL)
+            torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=ATOL, msg=source)
             assert greedy == ref["greedy"], source
     tp1_state = setup["tp1"]["llama"]["state"]
     assert results["pp2_state"].keys() == tp1_state.keys()

@@ -98,7 +98,7 @@ def test_exported_config_loads_in_transformers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
+        ({"architectures": ["GPTNeoXForCausalLM"]}, "unsupported architecture"),
         ({"architectures": None, "model_type": "qwen2"}, "unsupported architecture"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
         ({"rope_scaling": {**LLAMA3, "low_freq_factor": 2.0}}, "low_freq_factor 2.0 is not"),

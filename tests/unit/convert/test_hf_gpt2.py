@@ -1,6 +1,9 @@
-"""GPT-3's architecture -> Hugging Face GPT2LMHeadModel: a tiny megatron model's export loaded by
-``transformers`` gives our logits; mixed architectures and a Llama target are refused. Llama's
-architecture with tied embeddings (Llama 3.2 1B's) exports as a tied LlamaForCausalLM."""
+"""GPT-3's architecture <-> Hugging Face GPT2LMHeadModel: a tiny megatron model's export loaded by
+``transformers`` gives our logits, for each activation GPT-2 has, and reads back as the same
+tensors, also under OpenAI's released names (no ``transformer.`` prefix, mask buffers); GPT-2's
+config maps to the architecture transformers counts; mixed architectures and a Llama target are
+refused. Llama's architecture with tied embeddings (Llama 3.2 1B's) exports as a tied
+LlamaForCausalLM. (Whole-model import at TP 1 and 2: tests/functional/test_hf_interop.py.)"""
 
 import json
 import re
@@ -11,8 +14,18 @@ import torch
 from megatron_slm.convert import ConversionError
 from megatron_slm.convert.hf import export_architecture
 from megatron_slm.convert.hf_files import write_hf_weights
-from megatron_slm.convert.hf_gpt2 import gpt2_config_from_gpt, gpt2_tensors_from_megatron
+from megatron_slm.convert.hf_gpt2 import (
+    GPT2_ACTIVATIONS,
+    gpt2_config_from_gpt,
+    gpt2_tensors_from_megatron,
+)
 from megatron_slm.models.presets import GPT3_KIND, get_preset
+from megatron_slm.runtime.hf_source import (
+    HFWeights,
+    check_hf_weights,
+    gpt_config_from_hf,
+    megatron_tensor_from_hf,
+)
 from tests.dist_helpers import run_distributed
 
 pytest.importorskip("transformers")
@@ -23,6 +36,10 @@ VARIANTS = {
     "tied, biases": GPT3.replace(vocab_size=VOCAB),
     "untied, no biases": GPT3.replace(
         vocab_size=VOCAB, tied_embeddings=False, add_bias_linear=False
+    ),
+    "tied, tanh GeLU": GPT3.replace(vocab_size=VOCAB, activation="openai_gelu"),
+    "untied, squared ReLU": GPT3.replace(
+        vocab_size=VOCAB, tied_embeddings=False, activation="squared_relu"
     ),
 }
 
@@ -71,7 +88,8 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
         out.mkdir()
         hf_cfg = gpt2_config_from_gpt(cfg)
         assert export_architecture(cfg) == hf_cfg["architectures"][0] == "GPT2LMHeadModel"
-        assert hf_cfg["activation_function"] == "gelu" and hf_cfg["n_inner"] == 256
+        assert hf_cfg["activation_function"] == GPT2_ACTIVATIONS[cfg.activation], name
+        assert hf_cfg["n_inner"] == 256
         assert hf_cfg["tie_word_embeddings"] == cfg.tied_embeddings
         (out / "config.json").write_text(json.dumps(hf_cfg))
         tensors = dict(gpt2_tensors_from_megatron(state, cfg))
@@ -90,6 +108,74 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
         with torch.no_grad():
             theirs = hf.eval()(tokens).logits
         torch.testing.assert_close(theirs, ours[..., :VOCAB], rtol=1e-5, atol=1e-5, msg=name)
+        _reads_back(out, cfg, state)
+
+
+def _reads_back(hf_dir, cfg, state):
+    """The GPT-2 directory imports as ``cfg`` with ``state``'s tensors (the vocabulary's padding
+    rows zero); a model without biases reads GPT-2's zero biases as biases."""
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    imported = gpt_config_from_hf(hf_cfg)
+    assert imported == cfg.replace(add_bias_linear=True, init_method_std=0.02)
+    weights = HFWeights(str(hf_dir))
+    check_hf_weights(imported, weights, cfg.tied_embeddings)
+    for name, ours in state.items():
+        theirs = megatron_tensor_from_hf(name, imported, weights, 512)
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert not theirs[VOCAB:].any()
+            ours, theirs = ours[:VOCAB], theirs[:VOCAB]
+        assert torch.equal(theirs, ours), (hf_dir.name, name)
+
+
+def test_openai_released_names_read_as_gpt2(tmp_path):
+    """OpenAI's checkpoints: no ``transformer.`` prefix, each layer's causal-mask buffers, and
+    no activation_function or tie_word_embeddings in config.json (GPT-2's defaults: tanh GeLU,
+    tied)."""
+    from safetensors.torch import save_file
+
+    cfg = VARIANTS["tied, tanh GeLU"]
+    (models,) = run_distributed(_tiny_models, 1, torch.zeros(1, 4, dtype=torch.long), {"m": cfg})
+    state = models["m"][0]
+    tensors = {k.removeprefix("transformer."): v.contiguous()
+               for k, v in gpt2_tensors_from_megatron(state, cfg)}  # fmt: skip
+    for i in range(cfg.num_layers):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    hf_cfg = gpt2_config_from_gpt(cfg)
+    for key in ("activation_function", "tie_word_embeddings", "initializer_range"):
+        del hf_cfg[key]
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    _reads_back(tmp_path, cfg, state)
+    # A tensor of neither scheme is refused, naming it
+    save_file({**tensors, "h.0.attn.extra": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConversionError, match="unsupported tensors .*: h.0.attn.extra$"):
+        check_hf_weights(cfg, HFWeights(str(tmp_path)), True)
+
+
+def test_gpt2_configs_map_to_transformers_parameter_counts():
+    """GPT-2 small and medium as released (transformers' defaults and n_inner None) count what
+    transformers counts, built on the meta device; unsupported variants are refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for sizes in ({}, {"n_embd": 1024, "n_layer": 24, "n_head": 16}):
+        config = GPT2Config(**sizes)
+        hf_cfg = {**config.to_dict(), "architectures": ["GPT2LMHeadModel"]}
+        ours = gpt_config_from_hf(hf_cfg)
+        assert (ours.activation, ours.tied_embeddings, ours.kind_name()) == (
+            "openai_gelu", True, "GPT-2"
+        )  # fmt: skip
+        with torch.device("meta"):
+            hf = GPT2LMHeadModel(config)
+        assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert gpt_config_from_hf(hf_cfg | {"activation_function": "gelu"}).kind == GPT3_KIND
+    for change, message in (
+        ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=true"),
+        ({"scale_attn_weights": False}, "scale_attn_weights=false is not supported"),
+    ):
+        with pytest.raises(ConversionError, match=message):
+            gpt_config_from_hf(hf_cfg | change)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +191,10 @@ def test_gpt3_architecture_exports_as_gpt2_with_our_logits(tmp_path):
                 "QK norm; GPT2LMHeadModel needs LayerNorm"
             ),
         ),
-        ({"activation": "swiglu"}, "; GPT2LMHeadModel needs GeLU$"),  # SwiGLU with LayerNorm
+        (  # SwiGLU with LayerNorm
+            {"activation": "swiglu"},
+            "; GPT2LMHeadModel needs an ungated MLP \\(GeLU, tanh GeLU or squared ReLU\\)$",
+        ),
         (
             {"num_query_groups": 2},  # grouped-query attention with GPT-3's choices
             "GPT2LMHeadModel needs multi-head attention \\(not 4 heads in 2 KV groups\\)$",
@@ -128,7 +217,7 @@ def test_targets_follow_the_architecture():
     )
     with pytest.raises(ConversionError, match="Llama architecture .* exports as LlamaForCausal"):
         export_architecture(get_preset("tiny"), "GPT2LMHeadModel")
-    with pytest.raises(ConversionError, match="GPT2LMHeadModel needs LayerNorm, GeLU, learned"):
+    with pytest.raises(ConversionError, match="GPT2LMHeadModel needs LayerNorm, an ungated MLP"):
         gpt2_config_from_gpt(get_preset("tiny"))
     # Llama's unchanged: the request, else the imported architecture, else LlamaForCausalLM
     llama = get_preset("tiny")

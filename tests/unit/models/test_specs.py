@@ -234,8 +234,11 @@ QWEN_TINY = get_preset("tiny").replace(
 
 
 @pytest.mark.parametrize(
-    "arch", [get_preset("tiny"), GPT3_TINY, QWEN_TINY], ids=["llama", "gpt3", "qwen"]
-)
+    "arch",
+    [get_preset("tiny"), GPT3_TINY, QWEN_TINY, GPT3_TINY.replace(activation="openai_gelu"),
+     GPT3_TINY.replace(activation="squared_relu", tied_embeddings=False)],
+    ids=["llama", "gpt3", "qwen", "gpt2", "squared-relu"],
+)  # fmt: skip
 def test_torch_spec_matches_megatron_local_spec(arch):
     """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against
     megatron-core's local spec (its unfused SwiGLU and RoPE among them) on the same weights:

@@ -414,6 +414,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     assert ModelArgs(**shape, group_query_attention=True).architecture(VOCAB).num_query_groups == 1
     one_choice = {
         "swiglu": (True, "activation", "swiglu"),
+        "openai_gelu": (True, "activation", "openai_gelu"),
+        "squared_relu": (True, "activation", "squared_relu"),
         "normalization": ("RMSNorm", "normalization", "RMSNorm"),
         "position_embedding_type": ("rope", "position_embedding_type", "rope"),
         "use_rotary_position_embeddings": (True, "position_embedding_type", "rope"),
@@ -428,6 +430,9 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     assert ModelArgs(**shape, swiglu=True).architecture(VOCAB).ffn_hidden_size == (
         _megatron_swiglu_width(320)
     )
+    squared = ModelArgs(**shape, squared_relu=True).architecture(VOCAB)
+    assert squared.ffn_hidden_size == 4 * 320 and squared.kind_name() == "custom"
+    assert ModelArgs(**shape, openai_gelu=True).architecture(VOCAB).kind_name() == "GPT-2"
     llama_flags = dict(
         swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
         disable_bias_linear=True, untie_embeddings_and_output_weights=True,
@@ -469,6 +474,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--seq-length 512 exceeds --max-position-embeddings 256"),
         (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
         (("--apply-layernorm-1p",), "does not build zero-centred"),
+        (("--swiglu", "--squared-relu"), "--swiglu and --squared-relu are exclusive"),
+        (("--openai-gelu", "--squared-relu"), "--openai-gelu and --squared-relu are exclusive"),
         (("--kv-channels", 0), "--kv-channels must be positive"),
         (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
         (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
