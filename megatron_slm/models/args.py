@@ -164,7 +164,14 @@ class ModelArgs:
         "Accepted (Megatron-LM's older flag): flash attention is used where the layer spec has it "
         "(TE's attention; the torch spec's SDPA on GPU).",
     )
+    attention_softmax_in_fp32: bool = arg(
+        False,
+        "Accepted (Megatron-LM's flag): megatron-core's unfused attention (--transformer-impl "
+        "local) already takes its softmax in fp32; SDPA and Transformer Engine choose their own.",
+    )
     masked_softmax_fusion: bool = arg(True, _OWN_FUSIONS)
+    bias_gelu_fusion: bool = arg(True, _OWN_FUSIONS)
+    persist_layer_norm: bool = arg(True, _OWN_FUSIONS)
     rope_fusion: bool = arg(True, _OWN_FUSIONS)
     gradient_accumulation_fusion: bool = arg(True, _OWN_FUSIONS)
     bias_swiglu_fusion: bool = arg(True, _OWN_FUSIONS)

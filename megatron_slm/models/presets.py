@@ -309,11 +309,57 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return -(-vocab_size // multiple) * multiple
 
 
+FIRST_STAGE_FLAG = "--decoder-first-pipeline-num-layers"
+LAST_STAGE_FLAG = "--decoder-last-pipeline-num-layers"
+
+
+def pipeline_stage_layers(
+    num_layers: int, pipeline_parallel_size: int, first: int | None = None,
+    last: int | None = None,
+) -> tuple[int, ...]:  # fmt: skip
+    """The layers of each pipeline stage: an even split, or Megatron-LM's uneven one (``first``
+    and/or ``last`` stage given, the stages between sharing the rest evenly), checked as
+    megatron-core checks it."""
+    pp = pipeline_parallel_size
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ConfigError(
+                f"--pipeline-model-parallel-size {pp} does not divide --num-layers {num_layers}"
+                f" (or set the first or last stage's layers: {FIRST_STAGE_FLAG}, "
+                f"{LAST_STAGE_FLAG})"
+            )
+        return (num_layers // pp,) * pp
+    given = [(flag, n) for flag, n in ((FIRST_STAGE_FLAG, first), (LAST_STAGE_FLAG, last))
+             if n is not None]  # fmt: skip
+    if pp < 2:
+        raise ConfigError(f"{given[0][0]} needs --pipeline-model-parallel-size > 1")
+    for flag, n in given:
+        if n < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {n}")
+    middle_stages = pp - len(given)
+    middle_layers = num_layers - sum(n for _, n in given)
+    if (
+        middle_layers < 0
+        or bool(middle_layers) != bool(middle_stages)
+        or (middle_stages and middle_layers % middle_stages)
+    ):
+        named = " and ".join(f"{flag} {n}" for flag, n in given)
+        raise ConfigError(
+            f"--num-layers {num_layers} less {named} leaves {middle_layers} layers for the "
+            f"{middle_stages} pipeline stages between: they must split evenly, at least one "
+            "layer each"
+        )
+    middle = (middle_layers // middle_stages,) * middle_stages if middle_stages else ()
+    return (() if first is None else (first,)) + middle + (() if last is None else (last,))
+
+
 def check_parallel_layout(
     model: GPTModelConfig,
     tensor_parallel_size: int,
     pipeline_parallel_size: int,
     num_layers_per_virtual_pipeline_stage: int | None = None,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
 ) -> None:
     """Raise a ValueError naming the flag when the model cannot be split this way."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
@@ -328,11 +374,14 @@ def check_parallel_layout(
     ):
         if size % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
-    if model.num_layers % pp:
-        raise ConfigError(
-            f"--pipeline-model-parallel-size {pp} does not divide --num-layers {model.num_layers}"
-        )
+    pipeline_stage_layers(model.num_layers, pp, first_stage_layers, last_stage_layers)
     vstage = num_layers_per_virtual_pipeline_stage
+    uneven = first_stage_layers is not None or last_stage_layers is not None
+    if vstage is not None and uneven:
+        raise ConfigError(
+            f"{FIRST_STAGE_FLAG} and {LAST_STAGE_FLAG} are not supported with "
+            "--num-layers-per-virtual-pipeline-stage"
+        )
     if vstage is not None:
         if pp < 2:
             raise ConfigError(

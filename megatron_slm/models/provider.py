@@ -52,6 +52,10 @@ class ModelBuildOptions:
     """--sequence-parallel: shard norms/dropout activations along the sequence across TP."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """--num-layers-per-virtual-pipeline-stage: interleaved 1F1B."""
+    first_stage_layers: int | None = None
+    """--decoder-first-pipeline-num-layers: an uneven pipeline split (None: even)."""
+    last_stage_layers: int | None = None
+    """--decoder-last-pipeline-num-layers."""
     make_vocab_size_divisible_by: int = 128
     """--make-vocab-size-divisible-by: vocabulary padding (times TP)."""
     use_cpu_initialization: bool = True
@@ -71,7 +75,10 @@ class ModelBuildOptions:
 def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    check_parallel_layout(model, tp, pp, opts.num_layers_per_virtual_pipeline_stage)
+    check_parallel_layout(
+        model, tp, pp, opts.num_layers_per_virtual_pipeline_stage, opts.first_stage_layers,
+        opts.last_stage_layers,
+    )  # fmt: skip
     vpp = (
         model.num_layers // pp // opts.num_layers_per_virtual_pipeline_stage
         if opts.num_layers_per_virtual_pipeline_stage
@@ -106,6 +113,8 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        num_layers_in_first_pipeline_stage=opts.first_stage_layers,
+        num_layers_in_last_pipeline_stage=opts.last_stage_layers,
         sequence_parallel=opts.sequence_parallel,
         params_dtype=opts.params_dtype,
         pipeline_dtype=opts.params_dtype,

@@ -47,6 +47,15 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = arg(
         None, "Layers per virtual pipeline stage (interleaved 1F1B schedule)."
     )
+    decoder_first_pipeline_num_layers: int | None = arg(
+        None,
+        "Layers of the first pipeline stage (Megatron-LM's uneven split, e.g. fewer beside the "
+        "embedding); the stages between share the rest evenly.",
+    )
+    decoder_last_pipeline_num_layers: int | None = arg(
+        None,
+        "Layers of the last pipeline stage (e.g. fewer beside the output layer and the loss).",
+    )
     sequence_parallel: bool = arg(False, "Shard norm/dropout activations along the sequence.")
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state across data parallel.")
     overlap_grad_reduce: bool = arg(
@@ -201,6 +210,11 @@ class TrainingArgs:
         "How the weight decay goes from --start-weight-decay to --end-weight-decay over the "
         "training steps (megatron-core's scheduler, as in Megatron-LM).",
         choices=WD_INCR_STYLES,
+    )
+    apply_wd_to_qk_layernorm: bool = arg(
+        False,
+        "Decay the QK norms' weights too (Megatron-LM's flag, Qwen3-Next's recipe); the other "
+        "norms and the biases are never decayed.",
     )
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
@@ -851,6 +865,9 @@ class CheckpointArgs:
         "Checkpoint format: megatron-core's distributed checkpoint (torch_dist), the only one.",
         choices=("torch_dist",),
     )
+    use_dist_ckpt: bool = arg(
+        False, "Accepted (Megatron-LM's older flag): checkpoints are always torch_dist."
+    )
     ckpt_fully_parallel_save: bool = arg(
         True,
         "Spread the writing of state that data-parallel ranks hold alike (the weights; the "
@@ -1203,7 +1220,10 @@ def validate(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}"
         )
-    check_parallel_layout(architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage)
+    check_parallel_layout(
+        architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage,
+        p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+    )  # fmt: skip
     dp = world_size // (tp * pp)
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if t.step_batch_size_schedule:

@@ -312,6 +312,8 @@ class Trainer:
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,
+            first_stage_layers=p.decoder_first_pipeline_num_layers,
+            last_stage_layers=p.decoder_last_pipeline_num_layers,
             # A loaded checkpoint keeps its padded vocabulary at any TP size that divides it.
             make_vocab_size_divisible_by=(
                 plan.checkpoint.divisor_for(tp) if plan.checkpoint else cfg.model.vocab_divisor

@@ -69,6 +69,9 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
         # one bucket buffer per model chunk of the interleaved schedule
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
+        # an uneven split's stages hold other parameters, so other buckets
+        "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
+        "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers,
         "bucket_size": bucket,
     }
 
@@ -98,6 +101,8 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
         "num_layers_per_virtual_pipeline_stage": "--num-layers-per-virtual-pipeline-stage",
+        "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
+        "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
     }
     for key, flag in flags.items():
@@ -272,6 +277,7 @@ def build_optimizer(
             lr=t.lr,
             min_lr=t.min_lr,
             weight_decay=t.weight_decay,
+            apply_wd_to_qk_layernorm=t.apply_wd_to_qk_layernorm,
             adam_beta1=t.adam_beta1,
             adam_beta2=t.adam_beta2,
             adam_eps=t.adam_eps,

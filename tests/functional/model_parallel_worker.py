@@ -36,7 +36,8 @@ def architecture(name: str):
     return tiny
 
 
-def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None, arch="llama", sp=False):
+def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None, arch="llama", sp=False,
+           stages=(None, None)):  # fmt: skip
     enable_cpu_backend()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -56,6 +57,8 @@ def _setup(tp: int, pp: int, dtype=torch.float32, vp_layers=None, arch="llama", 
         params_dtype=dtype,
         num_layers_per_virtual_pipeline_stage=vp_layers,
         sequence_parallel=sp,
+        first_stage_layers=stages[0],
+        last_stage_layers=stages[1],
     )
     return build_model(architecture(arch), opts)
 
@@ -111,8 +114,11 @@ def _forward_step(data_iterator, model):
     return losses, loss_func
 
 
-def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None, arch="llama", sp=False):
-    """One forward/backward on the global batch; returns this DP rank's per-token losses."""
+def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None, arch="llama", sp=False,
+               stages=(None, None)):  # fmt: skip
+    """One forward/backward on the global batch; returns this rank's layers and, on a last
+    stage, this DP rank's per-token losses (else None). ``stages``: the first and last pipeline
+    stages' layers (None: an even split)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -121,7 +127,7 @@ def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None, arch
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    chunks = _setup(tp, pp, vp_layers=vp_layers, arch=arch, sp=sp)
+    chunks = _setup(tp, pp, vp_layers=vp_layers, arch=arch, sp=sp, stages=stages)
     _load(chunks, weights_dir)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -154,12 +160,13 @@ def train_step(rank, world, tp, pp, weights_dir, grads_dir, vp_layers=None, arch
             for p in chunk.module.parameters():
                 p.copy_(p.main_grad)
     _save([c.module for c in chunks], grads_dir)
+    layers = sum(len(c.module.decoder.layers) for c in chunks)
     if (
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
     ):
-        return torch.cat([o["losses"] for o in out])  # [B / dp, s]
-    return None
+        return layers, torch.cat([o["losses"] for o in out])  # [B / dp, s]
+    return layers, None
 
 
 def read_full(rank, world, directory, dtype=torch.float32, arch="llama"):

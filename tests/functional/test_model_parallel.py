@@ -22,7 +22,7 @@ def _reference(root, arch: str) -> dict:
     """The TP=1 step's losses and gradients, and the tolerances its float64 twin gives."""
     weights = str(root / "weights")
     run_distributed(worker.init_reference, 1, weights, arch)
-    (losses,) = run_distributed(
+    ((_, losses),) = run_distributed(
         worker.train_step, 1, 1, 1, weights, str(root / "grads_tp1"), None, arch
     )
     (grads,) = run_distributed(worker.read_full, 1, str(root / "grads_tp1"), torch.float32, arch)
@@ -64,13 +64,17 @@ def _check(reference, losses, grads):
         )
 
 
-def _run(reference, name, world, tp, pp, vp_layers=None, arch="llama", sp=False):
+def _run(reference, name, world, tp, pp, vp_layers=None, arch="llama", sp=False, stages=None):
+    """(the last stages' losses in DP rank order, the full gradients); with ``stages``, also
+    each rank's layer count."""
     grads_dir = str(reference["root"] / f"grads_{name}")
     results = run_distributed(
-        worker.train_step, world, tp, pp, reference["weights"], grads_dir, vp_layers, arch, sp
-    )
+        worker.train_step, world, tp, pp, reference["weights"], grads_dir, vp_layers, arch, sp,
+        stages or (None, None),
+    )  # fmt: skip
     (grads,) = run_distributed(worker.read_full, 1, grads_dir, torch.float32, arch)
-    return [r for r in results if r is not None], grads
+    losses = [loss for _, loss in results if loss is not None]
+    return (losses, grads, [n for n, _ in results]) if stages else (losses, grads)
 
 
 def test_tensor_parallel_2(reference):
@@ -80,6 +84,19 @@ def test_tensor_parallel_2(reference):
 
 def test_pipeline_parallel_2(reference):
     losses, grads = _run(reference, "pp2", 2, 1, 2)
+    _check(reference, losses[0], grads)
+
+
+@pytest.mark.parametrize(
+    "pp, stages, layers",
+    [(2, (1, None), [1, 3]), (3, (None, 2), [1, 1, 2])],
+    ids=["first-1-of-4", "last-2-of-4"],
+)
+def test_uneven_pipeline_stages(reference, pp, stages, layers):
+    """--decoder-first/last-pipeline-num-layers: the stages hold the layers asked (megatron-core
+    numbers them globally, so the weights load and the gradients compare by name)."""
+    losses, grads, stage_layers = _run(reference, f"pp{pp}_uneven", pp, 1, pp, stages=stages)
+    assert stage_layers == layers  # (ranks are pipeline stages in order here)
     _check(reference, losses[0], grads)
 
 

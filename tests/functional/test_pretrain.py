@@ -181,12 +181,15 @@ def test_gpt3_reference_scores_and_selects_like_online(gpt3_reference, tmp_path)
 
 
 @pytest.mark.parametrize(
-    "layout", [("1", "1", 1, ()), ("1", "2", 2, ()), ("1", "2", 2, GPT3)],
-    ids=["tp1", "pp2", "gpt3-pp2"],
+    "layout",
+    [("1", "1", 1, ()), ("1", "2", 2, ()),
+     ("1", "2", 2, (*GPT3, "--decoder-last-pipeline-num-layers", 1))],
+    ids=["tp1", "pp2", "gpt3-pp2-uneven"],
 )  # fmt: skip
 def test_exact_resume(corpus, tmp_path, layout):
     """Straight and stopped-and-resumed runs log the same losses; with GPT-3's architecture at
-    PP=2 the checkpoint holds the output layer tied to the embedding of another stage."""
+    PP=2 the checkpoint holds the output layer tied to the embedding of another stage, here an
+    uneven split (3 layers, then 1: --decoder-last-pipeline-num-layers)."""
     _, prefix = corpus
     tp, pp, nproc, model = layout
     par = ("--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp, *model)

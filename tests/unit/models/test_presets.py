@@ -1,8 +1,11 @@
 import dataclasses
+import re
 
 import pytest
+import torch
 
 from megatron_slm.models import PRESETS, check_parallel_layout, get_preset, padded_vocab_size
+from megatron_slm.models.presets import pipeline_stage_layers
 
 
 @pytest.mark.parametrize(
@@ -59,6 +62,58 @@ def test_overrides_replace_fields_and_ignore_none():
 def test_bad_layout_names_the_flag(tp, pp, vstage, flag):
     with pytest.raises(ValueError, match=flag):
         check_parallel_layout(get_preset("tiny"), tp, pp, vstage)
+
+
+@pytest.mark.parametrize(
+    "layers, pp, first, last",
+    [
+        (4, 2, 1, None),
+        (4, 3, None, 2),
+        (10, 4, 1, 3),
+        (7, 3, 3, 2),
+        (8, 2, 5, 3),
+        (6, 3, None, None),
+    ],
+)
+def test_uneven_pipeline_stages_are_megatron_cores(layers, pp, first, last):
+    """Each stage's layers, and so its first layer, as megatron-core numbers them
+    (``get_transformer_layer_offset`` of a config with the same split)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    stages = pipeline_stage_layers(layers, pp, first, last)
+    assert sum(stages) == layers and len(stages) == pp
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+        num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+        pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    offsets = [get_transformer_layer_offset(config, pp_rank=r) for r in range(pp)]
+    assert offsets == [sum(stages[:r]) for r in range(pp)]
+    if first is not None:
+        assert stages[0] == first
+    if last is not None:
+        assert stages[-1] == last
+
+
+@pytest.mark.parametrize(
+    "layers, pp, first, last, vstage, message",
+    [
+        (4, 3, 1, None, None, "less --decoder-first-pipeline-num-layers 1 leaves 3 layers for "
+                              "the 2 pipeline stages between: they must split evenly"),
+        (4, 2, 1, 2, None, "leaves 1 layers for the 0 pipeline stages between"),
+        (4, 3, 2, 2, None, "leaves 0 layers for the 1 pipeline stages between"),
+        (4, 2, 5, None, None, "leaves -1 layers"),
+        (4, 2, 0, None, None, "--decoder-first-pipeline-num-layers must be >= 1, got 0"),
+        (4, 1, None, 2, None, "--decoder-last-pipeline-num-layers needs --pipeline-model-parallel"),
+        (4, 2, 1, None, 1, "not supported with --num-layers-per-virtual-pipeline-stage"),
+        (5, 2, None, None, None, "(or set the first or last stage's layers: --decoder-first"),
+    ],
+)  # fmt: skip
+def test_uneven_stages_that_do_not_fit_name_the_flags(layers, pp, first, last, vstage, message):
+    model = get_preset("tiny").replace(num_layers=layers)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_parallel_layout(model, 1, pp, vstage, first, last)
 
 
 def test_bad_architecture_names_the_flag():

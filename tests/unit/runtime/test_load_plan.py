@@ -90,7 +90,8 @@ def test_architecture_choices_recorded_and_checked(tmp_path):
 
     confirming = flags(normalization="LayerNorm", position_embedding_type="learned_absolute")
     assert plan_load(confirming, tokenizer="none").arch.kind == GPT3_KIND
-    with pytest.raises(UserError, match=r"^--swiglu contradicts the checkpoint .*GeLU \(no --sw"):
+    contradiction = r"^--swiglu contradicts the checkpoint .*GeLU \(no activation flag\)"
+    with pytest.raises(UserError, match=contradiction):
         plan_load(flags(swiglu=True), tokenizer="none")
     with pytest.raises(UserError, match=r"--untie-embeddings-and-output-weights contradicts"):
         plan_load(flags(untie_embeddings_and_output_weights=True), tokenizer="none")

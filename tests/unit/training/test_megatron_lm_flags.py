@@ -293,6 +293,30 @@ def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(corpus, tmp
     assert len(rates) == 8 and 6e-3 in {k[0] for k in rates[-1]}  # (after the resume too)
 
 
+def _weight_decay_worker(rank, world, prefix, log):
+    decay = {}
+    for name, extra in (("default", ()), ("qk", ("--apply-wd-to-qk-layernorm",))):
+        trainer = cpu_trainer(tiny_args(prefix, log, 4, "--num-workers", 0, "--qk-layernorm",
+                                        "--weight-decay", 0.1, *extra))  # fmt: skip
+        names = {id(p): n for n, p in trainer.chunks[0].module.named_parameters()}
+        decay[name] = {names[id(p)]: g["wd_mult"] * g["weight_decay"]
+                       for g in trainer.optimizer.param_groups for p in g["params"]}  # fmt: skip
+        close_trainer(trainer)
+    return decay
+
+
+def test_weight_decay_spares_norms_and_biases_unless_qk_norms_are_asked(corpus, tmp_path):
+    """Megatron-LM's rule: every matrix decays, no norm weight or bias does;
+    --apply-wd-to-qk-layernorm decays the QK norms' weights as well."""
+    (decay,) = run_distributed(_weight_decay_worker, 1, corpus, str(tmp_path / "log.jsonl"))
+    qk = [n for n in decay["default"] if "q_layernorm" in n or "k_layernorm" in n]
+    assert len(qk) == 2 * get_preset("tiny").num_layers
+    for name, rate in decay["default"].items():
+        is_vector = "norm" in name or name.endswith(".bias")
+        assert rate == (0.0 if is_vector else pytest.approx(0.1)), name
+        assert decay["qk"][name] == (pytest.approx(0.1) if name in qk else rate), name
+
+
 def _mock_worker(rank, world, log, cache):
     from megatron_slm.training.data import MicroBatches
 
@@ -474,6 +498,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--seq-length 512 exceeds --max-position-embeddings 256"),
         (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
         (("--apply-layernorm-1p",), "does not build zero-centred"),
+        (("--decoder-first-pipeline-num-layers", 1),
+         "--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
         (("--swiglu", "--squared-relu"), "--swiglu and --squared-relu are exclusive"),
         (("--openai-gelu", "--squared-relu"), "--openai-gelu and --squared-relu are exclusive"),
         (("--kv-channels", 0), "--kv-channels must be positive"),
