@@ -83,6 +83,15 @@ def token_ids(source: dict) -> dict:
     return ids
 
 
+def _rope_scaling(model: GPTModelConfig) -> dict | None:
+    """``rope_scaling`` as transformers reads it: Llama 3's, linear interpolation, or none."""
+    if model.rope_scaling_factor is not None:
+        return {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE}
+    if model.rope_interpolation_factor is not None:
+        return {"rope_type": "linear", "factor": model.rope_interpolation_factor}
+    return None
+
+
 def hf_config_from_gpt(
     model: GPTModelConfig,
     arch: str = "LlamaForCausalLM",
@@ -104,6 +113,11 @@ def hf_config_from_gpt(
         raise ConversionError(
             f"--architecture {arch}: Llama 3's RoPE scaling is LlamaForCausalLM's"
         )
+    if model.rope_scaling_factor is not None and model.rope_interpolation_factor is not None:
+        raise ConversionError(
+            f"--architecture {arch}: Hugging Face's rope_scaling holds one kind, not both Llama "
+            "3's scaling and a linear position interpolation"
+        )
     if model.rotary_base != int(model.rotary_base):
         raise ConversionError(f"rotary_base {model.rotary_base} is not an integer")
     cfg = {
@@ -118,9 +132,7 @@ def hf_config_from_gpt(
         "hidden_act": "silu",
         "rms_norm_eps": model.norm_epsilon,
         "rope_theta": float(model.rotary_base),
-        "rope_scaling": None
-        if model.rope_scaling_factor is None
-        else {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE},
+        "rope_scaling": _rope_scaling(model),
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.max_position_embeddings,
         "initializer_range": model.init_method_std,

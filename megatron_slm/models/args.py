@@ -70,6 +70,11 @@ class ModelArgs:
     rope_scaling_factor: float | None = arg(
         None, "With --use-rope-scaling: the factor (Megatron-LM's default 8; Llama 3.2: 32)."
     )
+    rotary_seq_len_interpolation_factor: float | None = arg(
+        None,
+        "RoPE's linear position interpolation (Megatron-LM's flag): positions divided by the "
+        "factor, to stretch a model's trained context (Hugging Face's linear RoPE scaling).",
+    )
     norm_epsilon: float | None = arg(None, "Override the preset's RMSNorm epsilon.")
     make_vocab_size_divisible_by: int | None = arg(
         None,
@@ -238,6 +243,8 @@ class ModelArgs:
     def overrides(self) -> dict:
         """The architecture fields the flags give explicitly (not None)."""
         given = {k: getattr(self, k) for k in ARCHITECTURE_FLAGS if getattr(self, k) is not None}
+        if self.rotary_seq_len_interpolation_factor is not None:
+            given["rope_interpolation_factor"] = self.rotary_seq_len_interpolation_factor
         if self.use_rope_scaling:  # (Megatron-LM's default factor)
             given["rope_scaling_factor"] = self.rope_scaling_factor or 8.0
         if self.normalization is not None:
@@ -344,6 +351,9 @@ def flag_text(name: str, value) -> str:
     """How a user says architecture field ``name`` = ``value`` in Megatron-LM's flags."""
     if name == "activation":
         return "GeLU (no activation flag)" if value == "gelu" else f"--{value.replace('_', '-')}"
+    if name == "rope_interpolation_factor":
+        flag = "--rotary-seq-len-interpolation-factor"
+        return f"no {flag}" if value is None else f"{flag} {value:g}"
     if name == "add_bias_linear":
         return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
     if name in ("qk_layernorm", "add_qkv_bias"):

@@ -68,6 +68,9 @@ class GPTModelConfig:
     """--use-rope-scaling with --rope-scaling-factor: Llama 3.1's RoPE scaling (megatron-core's:
     frequencies with wavelengths beyond 8192 positions / 1 divided by the factor, those under
     8192 / 4 kept, smoothly in between); None: plain RoPE."""
+    rope_interpolation_factor: float | None = None
+    """--rotary-seq-len-interpolation-factor: RoPE's linear position interpolation (positions
+    divided by the factor before rotating; Hugging Face's ``linear`` RoPE scaling); None: none."""
     norm_epsilon: float = 1e-5
     """--norm-epsilon: the norms' epsilon."""
     init_method_std: float = 0.02
@@ -114,6 +117,13 @@ class GPTModelConfig:
             raise ConfigError(
                 "--use-rope-scaling needs --position-embedding-type rope, not "
                 f"{self.position_embedding_type}"
+            )
+        factor = self.rope_interpolation_factor
+        if factor is not None and (factor <= 0 or self.position_embedding_type != "rope"):
+            raise ConfigError(
+                "--rotary-seq-len-interpolation-factor must be positive, with "
+                f"--position-embedding-type rope (got {factor:g} with "
+                f"{self.position_embedding_type})"
             )
         for name, choices in (("normalization", NORMALIZATIONS), ("activation", ACTIVATIONS),
                               ("position_embedding_type", POSITION_EMBEDDINGS)):  # fmt: skip
@@ -193,6 +203,8 @@ class GPTModelConfig:
             positions = f"RoPE base {self.rotary_base:g}"
             if self.rope_scaling_factor:
                 positions += f" scaled x{self.rope_scaling_factor:g}"
+            if self.rope_interpolation_factor:
+                positions += f", positions / {self.rope_interpolation_factor:g}"
         else:
             positions = "learned positions"
         choices = ", ".join(

@@ -159,6 +159,7 @@ def build_gpt_chunk(
             rotary_base=int(model.rotary_base),
             rope_scaling=model.rope_scaling_factor is not None,
             rope_scaling_factor=model.rope_scaling_factor or 8.0,
+            seq_len_interpolation_factor=model.rope_interpolation_factor,
             vp_stage=vp_stage,
         )
     if post_process:

@@ -98,13 +98,14 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
 
 
-def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
-    """(RoPE base, Llama 3 scaling factor or None) from a transformers 4 (``rope_theta`` /
-    ``rope_scaling``) or 5 (``rope_parameters``) config; other scaled RoPE variants, and Llama 3
-    scaling with other constants than megatron-core's, are refused."""
+def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None]:
+    """(RoPE base, Llama 3 scaling factor or None, linear interpolation factor or None) from a
+    transformers 4 (``rope_theta`` / ``rope_scaling``) or 5 (``rope_parameters``) config; other
+    scaled RoPE variants, and Llama 3 scaling with other constants than megatron-core's, are
+    refused."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    factor = None
+    factor, linear = None, None
     for d in (params, scaling):
         kind = d.get("rope_type", d.get("type", "default"))
         if kind == "llama3":
@@ -115,11 +116,14 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
                         f"supported (megatron-core's is {value:g})"
                     )
             factor = float(d["factor"])
+        elif kind == "linear":  # positions / factor: megatron-core's seq_len_interpolation_factor
+            linear = float(d["factor"])
         elif kind not in ("default", None):
             raise ConversionError(
-                f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE and Llama 3's)"
+                f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE, linear and "
+                "Llama 3's)"
             )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), factor
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), factor, linear
 
 
 def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
@@ -145,7 +149,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             window,
             window,
         )
-    theta, rope_scaling_factor = _rope(cfg, where)
+    theta, rope_scaling_factor, interpolation = _rope(cfg, where)
     return GPTModelConfig(
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
@@ -157,6 +161,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         max_position_embeddings=cfg["max_position_embeddings"],
         rotary_base=theta,
         rope_scaling_factor=rope_scaling_factor,
+        rope_interpolation_factor=interpolation,
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases

@@ -71,7 +71,8 @@ def target_architecture(
     overrides = model_args.overrides()
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
         overrides["num_layers"] = layers.count()
-    for name in ("rotary_base", "norm_epsilon", "rope_scaling_factor", *KIND_FIELDS):
+    learned = ("rotary_base", "norm_epsilon", "rope_scaling_factor", "rope_interpolation_factor")
+    for name in (*learned, *KIND_FIELDS):
         if name in overrides and overrides[name] != getattr(source, name):
             raise ConfigError(
                 f"{flag_text(name, overrides[name])} differs from the source's "
@@ -89,6 +90,7 @@ def target_architecture(
         "vocab_size": source.vocab_size,
         "rotary_base": source.rotary_base,
         "rope_scaling_factor": source.rope_scaling_factor,
+        "rope_interpolation_factor": source.rope_interpolation_factor,
         "init_method_std": base.init_method_std,
         **source.kind,
     }

@@ -475,6 +475,10 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     wide = ModelArgs(model_preset="tiny", kv_channels=32).architecture(VOCAB)
     assert (wide.head_dim, wide.kv_channels, tiny.kv_channels) == (32, 32, None)
     assert ModelArgs(model_preset="tiny", kv_channels=16).architecture(VOCAB).kv_channels is None
+    stretched = ModelArgs(model_preset="tiny", rotary_seq_len_interpolation_factor=4)
+    assert stretched.architecture(VOCAB) == get_preset("tiny").replace(
+        vocab_size=VOCAB, rope_interpolation_factor=4.0
+    )
     layer_norm = ModelArgs(model_preset="tiny", normalization="LayerNorm").architecture(VOCAB)
     assert layer_norm == get_preset("tiny").replace(vocab_size=VOCAB, normalization="LayerNorm")
     assert layer_norm.kind_name() == "custom"
@@ -498,6 +502,10 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--seq-length 512 exceeds --max-position-embeddings 256"),
         (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
         (("--apply-layernorm-1p",), "does not build zero-centred"),
+        (("--rotary-seq-len-interpolation-factor", 0),
+         "--rotary-seq-len-interpolation-factor must be positive"),
+        (("--position-embedding-type", "learned_absolute", "--rotary-seq-len-interpolation-factor",
+          2), "with --position-embedding-type rope (got 2 with learned_absolute)"),
         (("--decoder-first-pipeline-num-layers", 1),
          "--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
         (("--swiglu", "--squared-relu"), "--swiglu and --squared-relu are exclusive"),
