@@ -18,6 +18,7 @@ from megatron_slm.data.sft import (
     read_sft_examples,
 )
 from megatron_slm.models.document_mask import DocumentMask
+from megatron_slm.models.presets import GPT3_KIND
 from tests.dist_helpers import run_distributed
 
 WORDS = "the quick brown fox jumps over a lazy dog keep drop line text spam".split()
@@ -127,7 +128,7 @@ def test_packing_truncation_epochs_and_determinism(sft):
         assert (sample["segment_ids"][pos:] == len(ds.rows[idx])).all()
 
 
-def _model_checks(rank, world, tokenizer, path):
+def _model_checks(rank, world, tokenizer, path, kind):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -139,7 +140,8 @@ def _model_checks(rank, world, tokenizer, path):
     enable_cpu_backend()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(7)
-    (model,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
+    arch = get_preset("tiny").replace(**kind)
+    (model,) = build_model(arch, ModelBuildOptions(transformer_impl="torch"))
     ds = SFTDataset(tokenizer, [path], SEQ, seed=0, num_samples=2)
     rows = [ds[i] for i in range(2)]
     assert max(len(r) for r in ds.rows[:2]) > 1
@@ -193,9 +195,12 @@ def _model_checks(rank, world, tokenizer, path):
     return out
 
 
-def test_packed_losses_and_prompt_label_invariance(sft):
+@pytest.mark.parametrize("kind", [{}, GPT3_KIND], ids=["llama", "gpt3"])
+def test_packed_losses_and_prompt_label_invariance(sft, kind):
+    """Each packed example's losses are its losses alone: with RoPE (relative) and with GPT-3's
+    learned positions, which the rows' restarting position ids index."""
     tok, path, _ = sft
-    ((out),) = run_distributed(_model_checks, 1, tok, path)
+    ((out),) = run_distributed(_model_checks, 1, tok, path, kind)
     torch.testing.assert_close(out["packed"], out["unpacked"], rtol=0, atol=1e-5)
     for selective in (False, True):
         assert out[f"same_{selective}"] and out[f"nonzero_{selective}"]
