@@ -134,6 +134,15 @@ WD_INCR_STYLES = ("constant", "linear", "cosine")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
 
 
+LOSS_SCALE_FIELDS = (
+    "loss_scale",
+    "initial_loss_scale",
+    "min_loss_scale",
+    "loss_scale_window",
+    "hysteresis",
+)
+
+
 @dataclass
 class TrainingArgs:
     micro_batch_size: int = arg(1, "Sequences per micro-batch per data-parallel rank.")
@@ -277,6 +286,23 @@ class TrainingArgs:
         choices=(0, 1, 2),
     )
     fp16: bool = arg(False, "fp16 mixed precision with loss scaling (GPU only).")
+    # fp16's loss scaling (Megatron-LM's flags; unset: megatron-core's defaults, Megatron-LM's).
+    loss_scale: float | None = arg(
+        None, "With --fp16: a constant loss scale instead of the dynamic one (a power of 2)."
+    )
+    initial_loss_scale: float | None = arg(
+        None, "With --fp16: the dynamic loss scale's start (default 2^32)."
+    )
+    min_loss_scale: float | None = arg(
+        None, "With --fp16: the dynamic loss scale's floor (default 1)."
+    )
+    loss_scale_window: float | None = arg(
+        None,
+        "With --fp16: steps without an overflow before the dynamic scale doubles (default 1000).",
+    )
+    hysteresis: int | None = arg(
+        None, "With --fp16: overflowing steps before the dynamic scale halves (default 2)."
+    )
     seed: int = arg(1234, "Random seed (initialisation, data order, random selection).")
     device: str = device_arg()
     eval_interval: int = arg(1000, "Validation every N steps (0 disables).")
@@ -361,6 +387,13 @@ class TrainingArgs:
         self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
+        scaling = [f"--{n.replace('_', '-')}" for n in LOSS_SCALE_FIELDS if getattr(self, n)]
+        if scaling and not self.fp16:
+            raise ConfigError(f"{scaling[0]} sets fp16's loss scaling: add --fp16")
+        if self.loss_scale is not None and len(scaling) > 1:
+            raise ConfigError(
+                f"--loss-scale is constant: {scaling[1]} sets the dynamic scale, give one of them"
+            )
         if self.grad_reduce_in_bf16 and not self.bf16:
             raise ConfigError("--grad-reduce-in-bf16 needs --bf16")
         if self.grad_reduce_in_bf16 and self.accumulate_allreduce_grads_in_fp32:

@@ -37,6 +37,7 @@ from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import (
+    LOSS_SCALE_FIELDS,
     LR_DECAY_STYLES,
     WD_INCR_STYLES,
     WSD_DECAY_STYLES,
@@ -284,6 +285,7 @@ def build_optimizer(
             clip_grad=t.clip_grad,
             bf16=t.bf16,
             fp16=t.fp16,
+            **{n: getattr(t, n) for n in LOSS_SCALE_FIELDS if getattr(t, n) is not None},
             params_dtype=params_dtype,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             decoupled_lr=t.decoupled_lr,

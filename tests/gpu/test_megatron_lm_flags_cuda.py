@@ -88,3 +88,31 @@ def _dropout_worker(rank, world, prefix, log):
 def test_recompute_replays_the_dropout_masks_on_cuda(corpus, tmp_path):
     grads = run_distributed(_dropout_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
     torch.testing.assert_close(grads["recompute"], grads["none"], rtol=1e-4, atol=1e-6)
+
+
+def _loss_scale_worker(rank, world, prefix, log):
+    scales = {}
+    for name, extra in (
+        ("dynamic", ("--initial-loss-scale", 1024, "--loss-scale-window", 2, "--hysteresis", 1,
+                     "--min-loss-scale", 16)),
+        ("constant", ("--loss-scale", 512)),
+    ):  # fmt: skip
+        trainer = _trainer(tiny_args(prefix, log, 4, "--fp16", *extra))
+        scaler = trainer.optimizer.grad_scaler
+        seen = [float(scaler.scale)]
+        for _ in range(4):
+            trainer.advance()
+            seen.append(float(scaler.scale))
+        scales[name] = (type(scaler).__name__, seen)
+        _close(trainer)
+    return scales
+
+
+def test_fp16_loss_scale_flags_set_megatron_cores_scaler(corpus, tmp_path):
+    """--initial-loss-scale, --loss-scale-window, --hysteresis, --min-loss-scale: the dynamic
+    scaler starts at 1024 and doubles every 2 steps without an overflow (a tiny model in fp16 has
+    none); --loss-scale: a constant one."""
+    scales = run_distributed(_loss_scale_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
+    kind, seen = scales["dynamic"]
+    assert kind == "DynamicGradScaler" and seen == [1024, 1024, 2048, 2048, 4096]
+    assert scales["constant"] == ("ConstantGradScaler", [512.0] * 5)
