@@ -256,6 +256,33 @@ class SidecarWriter:
         offset = int(self._offsets[first_doc]) * self._np_dtype.itemsize
         self._out.write(first_doc, end_doc, encode_values(flat, self.dtype).tobytes(), offset)
 
+    def copy_documents(self, first_doc: int, source: SidecarReader, chunk_tokens: int = 1 << 24):
+        """Copy every document of ``source`` (another dataset's sidecar, of this dtype), stored
+        values unchanged, to documents ``first_doc ..``, whose lengths must be the source's;
+        in ranges of about ``chunk_tokens`` values (each recorded when written)."""
+        n = source.num_documents
+        if source.dtype != self.dtype:
+            raise SidecarError(
+                f"cannot copy {source.bin_path} ({source.dtype}) into a {self.dtype} sidecar"
+            )
+        mine = np.diff(self._offsets[first_doc : first_doc + n + 1])
+        if first_doc + n > self.num_documents or not np.array_equal(mine, np.diff(source._offsets)):
+            raise SidecarError(
+                f"documents {first_doc}..{first_doc + n - 1} of {get_idx_path(self.data_prefix)}"
+                f" are not those of {get_idx_path(source.data_prefix)}"
+            )
+        itemsize = self._np_dtype.itemsize
+        a = 0
+        while a < n:
+            budget = source._offsets[a] + chunk_tokens
+            b = max(a + 1, int(np.searchsorted(source._offsets, budget, side="right")) - 1)
+            b = min(b, n)
+            lo, hi = int(source._offsets[a]), int(source._offsets[b])
+            raw = np.asarray(source.values[lo:hi]).tobytes()
+            offset = int(self._offsets[first_doc + a]) * itemsize
+            self._out.write(first_doc + a, first_doc + b, raw, offset)
+            a = b
+
     # -- publication -----------------------------------------------------------------------------
     def finalize(self) -> str:
         """Verify every document was written, publish ``S.bin`` + ``S.json`` atomically (the
