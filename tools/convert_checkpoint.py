@@ -1,5 +1,5 @@
-"""Convert Hugging Face Llama/Mistral/Qwen2/Qwen3/GPT-2 checkpoints to megatron-core distributed
-checkpoints and back (a GPT-3-architecture checkpoint exports as GPT-2).
+"""Convert Hugging Face Llama/Mistral/Qwen2/Qwen3/Nemotron/GPT-2 checkpoints to megatron-core
+distributed checkpoints and back (a GPT-3-architecture checkpoint exports as GPT-2).
 
     # HF directory (config.json + safetensors or .bin + tokenizer files) -> megatron, for TP=2 PP=1
     python tools/convert_checkpoint.py hf-to-megatron --load /models/TinyLlama-1.1B \\
@@ -65,13 +65,14 @@ class MegatronToHfConfig(_Paths):
     architecture: str | None = arg(
         None,
         "Default: for Llama's architecture the imported model's, else LlamaForCausalLM; with "
-        "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; GPT-3's architecture "
-        "exports as GPT2LMHeadModel.",
+        "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; Nemotron's (LayerNorm 1p, "
+        "squared ReLU, RoPE) exports as NemotronForCausalLM, GPT-3's as GPT2LMHeadModel.",
         choices=(
             "LlamaForCausalLM",
             "MistralForCausalLM",
             "Qwen2ForCausalLM",
             "Qwen3ForCausalLM",
+            "NemotronForCausalLM",
             "GPT2LMHeadModel",
         ),  # fmt: skip
     )

@@ -23,7 +23,9 @@ QKV biases as ``Qwen2ForCausalLM``, with QK norm as ``Qwen3ForCausalLM``;
 GPT-3's (LayerNorm, an ungated GeLU, tanh-GeLU or squared-ReLU MLP, learned positions,
 multi-head attention; with or without biases, tied or untied) as ``GPT2LMHeadModel``
 (``convert.hf_gpt2`` has its layout); any other mix of the two is refused, naming what each
-Hugging Face architecture lacks. Import reads all five (GPT-2: ``runtime.hf_gpt2_source``).
+Hugging Face architecture lacks. Nemotron's (LayerNorm 1p, squared ReLU, RoPE on part of each
+head, no biases) exports as ``NemotronForCausalLM``. Import reads all six (GPT-2:
+``runtime.hf_gpt2_source``).
 
 Import (:func:`convert_hf_to_megatron`) runs either in one process (any target TP/PP: the
 distributed checkpoint is layout-free, only the padded vocabulary depends on the target TP and is
@@ -247,7 +249,8 @@ def export_architecture(
     if not fitting:
         lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            f"Hugging Face's Llama, Qwen and GPT-2 cannot represent this checkpoint's {choices}: "
+            f"Hugging Face's Llama, Qwen, Nemotron and GPT-2 cannot represent this checkpoint's "
+            f"{choices}: "
             f"{lacking}"
         )
     if requested is not None and requested not in fitting:

@@ -47,6 +47,8 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
         gaps.append("learned positions")
     if model.qk_layernorm:
         gaps.append("no QK norm")
+    if model.apply_layernorm_1p:
+        gaps.append("plain norm weights (no --apply-layernorm-1p)")
     if model.kv_channels is not None:
         gaps.append(f"heads that split the width (not {model.num_attention_heads} of "
                     f"{model.kv_channels})")  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.hf_source import (
     _LAYER_MAP,
+    _NORM_BIASES,
     _QK_NORMS,
     _QKV_BIAS,
     LLAMA3_ROPE,
@@ -38,7 +39,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
 _LLAMA_CORE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
-               ("position_embedding_type", "rope", "RoPE"))  # fmt: skip
+               ("position_embedding_type", "rope", "RoPE"),
+               ("apply_layernorm_1p", False, "plain norm weights (no --apply-layernorm-1p)"),
+               ("rotary_percent", 1.0, "RoPE on whole heads"))  # fmt: skip
 FAMILIES = {
     "LlamaForCausalLM/MistralForCausalLM": (
         ("LlamaForCausalLM", "MistralForCausalLM"),
@@ -52,6 +55,14 @@ FAMILIES = {
     "Qwen3ForCausalLM": (
         ("Qwen3ForCausalLM",),
         (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm")),
+    ),
+    "NemotronForCausalLM": (  # any share of each head rotated
+        ("NemotronForCausalLM",),
+        (("normalization", "LayerNorm", "LayerNorm"),
+         ("apply_layernorm_1p", True, "LayerNorm 1p"),
+         ("activation", "squared_relu", "squared ReLU"),
+         ("position_embedding_type", "rope", "RoPE"),
+         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm")),
     ),
 }  # fmt: skip
 """Family name -> (its architectures, what it needs); tied embeddings or not, all export
@@ -144,6 +155,10 @@ def hf_config_from_gpt(
     }
     if arch == "LlamaForCausalLM":
         cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif arch == "NemotronForCausalLM":  # transformers 4 and 5 read the top-level keys
+        del cfg["rms_norm_eps"]
+        cfg.update(hidden_act="relu2", norm_eps=model.norm_epsilon, attention_bias=False,
+                   mlp_bias=False, partial_rotary_factor=model.rotary_percent)  # fmt: skip
     elif arch == "MistralForCausalLM":
         cfg["sliding_window"] = source.get("sliding_window")
     else:  # Qwen2 (QKV biases of its own) and Qwen3 (QK norm): full attention on every layer
@@ -168,11 +183,15 @@ def hf_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF tensors from a full (TP=1, PP=1) megatron state dict; vocabulary padding dropped."""
+    layer_norm = model.normalization == "LayerNorm"  # (Nemotron's: with biases)
     expected = {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight"}
+    if layer_norm:
+        expected.add("decoder.final_layernorm.bias")
     if not model.tied_embeddings:  # tied: the output layer reads the embedding
         expected.add("output_layer.weight")
     extras = (*_QKV_BIAS,) if model.add_qkv_bias else ()
     extras += (*_QK_NORMS,) if model.qk_layernorm else ()
+    extras += (*_NORM_BIASES,) if layer_norm else ()
     for i in range(model.num_layers):
         expected.update(
             f"decoder.layers.{i}.{s}"
@@ -196,6 +215,7 @@ def hf_tensors_from_megatron(
     yield "model.embed_tokens.weight", vocab("embedding.word_embeddings.weight")
     ng, h, d = model.num_query_groups, model.hidden_size, model.head_dim
     r, f = model.num_attention_heads // ng, model.ffn_hidden_size
+    f_rows = 2 * f if model.gated else f  # [gate; up], or up alone
     for i in range(model.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         qkv = state[src + "self_attention.linear_qkv.weight"]
@@ -206,12 +226,14 @@ def hf_tensors_from_megatron(
             )
         q, k, v = qkv.reshape(ng, (r + 2) * d, h).split([r * d, d, d], dim=1)
         fc1 = state[src + "mlp.linear_fc1.weight"]
-        if fc1.shape != (2 * f, h):
+        if fc1.shape != (f_rows, h):
             raise ConversionError(
                 f"tensor {src}mlp.linear_fc1.weight has shape {list(fc1.shape)}, "
-                f"the model config implies {[2 * f, h]}"
+                f"the model config implies {[f_rows, h]}"
             )
         yield dst + "input_layernorm.weight", state[src + "input_layernorm.weight"]
+        for ours, theirs in _NORM_BIASES.items() if layer_norm else ():
+            yield dst + theirs, state[src + ours]
         yield dst + "self_attn.q_proj.weight", q.reshape(ng * r * d, h)
         yield dst + "self_attn.k_proj.weight", k.reshape(ng * d, h)
         yield dst + "self_attn.v_proj.weight", v.reshape(ng * d, h)
@@ -225,9 +247,12 @@ def hf_tensors_from_megatron(
             yield dst + theirs, state[src + ours]
         yield dst + "self_attn.o_proj.weight", state[src + "self_attention.linear_proj.weight"]
         yield dst + "post_attention_layernorm.weight", state[src + "pre_mlp_layernorm.weight"]
-        yield dst + "mlp.gate_proj.weight", fc1[:f]
-        yield dst + "mlp.up_proj.weight", fc1[f:]
+        if model.gated:
+            yield dst + "mlp.gate_proj.weight", fc1[:f]
+        yield dst + "mlp.up_proj.weight", fc1[-f:]
         yield dst + "mlp.down_proj.weight", state[src + "mlp.linear_fc2.weight"]
     yield "model.norm.weight", state["decoder.final_layernorm.weight"]
+    if layer_norm:
+        yield "model.norm.bias", state["decoder.final_layernorm.bias"]
     if not model.tied_embeddings:
         yield "lm_head.weight", vocab("output_layer.weight")

@@ -153,7 +153,11 @@ class ModelArgs:
     add_qkv_bias: bool = arg(
         False, "Biases on the query, key and value projections only (Qwen2's)."
     )
-    rotary_percent: float | None = arg(None, "Accepted with 1.0: RoPE rotates whole heads.")
+    rotary_percent: float | None = arg(
+        None,
+        "The share of each head's channels RoPE rotates (Megatron-LM's flag; Nemotron's 0.5; "
+        "default: all).",
+    )
     kv_channels: int | None = arg(
         None,
         "Each attention head's size (default --hidden-size / --num-attention-heads; Qwen3-0.6B: "
@@ -185,7 +189,10 @@ class ModelArgs:
         False, "Megatron-LM's older flag for --position-embedding-type rope."
     )
     apply_layernorm_1p: bool = arg(
-        False, "Refused: megatron-slm does not build zero-centred norm weights."
+        False,
+        "Zero-centred norm weights, applied as weight + 1 (Megatron-LM's flag, Nemotron's): "
+        "weight decay pulls them towards 1. With --transformer-impl torch (the default on CPU) "
+        "or te.",
     )
 
     def __post_init__(self):
@@ -204,11 +211,6 @@ class ModelArgs:
         for name in ("normalization", "position_embedding_type"):
             if getattr(self, name) is not None:
                 check_choices(self, name)
-        if self.rotary_percent is not None and self.rotary_percent != 1.0:
-            raise ConfigError(
-                f"--rotary-percent {self.rotary_percent}: megatron-slm's RoPE rotates whole heads "
-                "(1.0)"
-            )
         if self.use_rotary_position_embeddings and self.position_embedding_type not in (
             None,
             "rope",
@@ -222,10 +224,6 @@ class ModelArgs:
             raise ConfigError(
                 " and ".join(f"--{f.replace('_', '-')}" for f in activations) + " are exclusive:"
                 " the MLP has one activation"
-            )
-        if self.apply_layernorm_1p:
-            raise ConfigError(
-                "--apply-layernorm-1p: megatron-slm does not build zero-centred norm weights"
             )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -258,9 +256,11 @@ class ModelArgs:
             given["add_bias_linear"] = False
         if self.untie_embeddings_and_output_weights:
             given["tied_embeddings"] = False
-        for name in ("qk_layernorm", "add_qkv_bias"):
+        for name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
             if getattr(self, name):
                 given[name] = True
+        if self.rotary_percent is not None:
+            given["rotary_percent"] = self.rotary_percent
         return given
 
     @property
@@ -356,7 +356,9 @@ def flag_text(name: str, value) -> str:
         return f"no {flag}" if value is None else f"{flag} {value:g}"
     if name == "add_bias_linear":
         return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
-    if name in ("qk_layernorm", "add_qkv_bias"):
+    if name == "rotary_percent":
+        return f"--rotary-percent {value:g}"
+    if name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"
     if name == "tied_embeddings":

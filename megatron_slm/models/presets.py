@@ -26,14 +26,23 @@ ACTIVATIONS = {"swiglu": "SwiGLU", "gelu": "GeLU", "openai_gelu": "tanh GeLU",
 """The MLP's activations and how the log names them (only SwiGLU is gated)."""
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
-               "tied_embeddings", "qk_layernorm", "add_qkv_bias")  # fmt: skip
-"""The architecture's kind (its Llama, GPT-3 or Qwen choices), beside its shape."""
+               "tied_embeddings", "qk_layernorm", "add_qkv_bias", "apply_layernorm_1p",
+               "rotary_percent")  # fmt: skip
+"""The architecture's kind (its Llama, GPT-3, Qwen or Nemotron choices), beside its shape."""
 LLAMA_KIND = {"normalization": "RMSNorm", "activation": "swiglu", "position_embedding_type": "rope",
               "add_bias_linear": False, "tied_embeddings": False, "qk_layernorm": False,
-              "add_qkv_bias": False}  # fmt: skip
+              "add_qkv_bias": False, "apply_layernorm_1p": False,
+              "rotary_percent": 1.0}  # fmt: skip
 GPT3_KIND = {"normalization": "LayerNorm", "activation": "gelu",
              "position_embedding_type": "learned_absolute", "add_bias_linear": True,
-             "tied_embeddings": True, "qk_layernorm": False, "add_qkv_bias": False}  # fmt: skip
+             "tied_embeddings": True, "qk_layernorm": False, "add_qkv_bias": False,
+             "apply_layernorm_1p": False, "rotary_percent": 1.0}  # fmt: skip
+NEMOTRON_KIND = {"normalization": "LayerNorm", "activation": "squared_relu",
+                 "position_embedding_type": "rope", "add_bias_linear": False,
+                 "tied_embeddings": False, "qk_layernorm": False, "add_qkv_bias": False,
+                 "apply_layernorm_1p": True, "rotary_percent": 0.5}  # fmt: skip
+"""Nemotron-4's (and its pruned Minitron's): Megatron-LM's --apply-layernorm-1p --squared-relu
+--rotary-percent 0.5 --disable-bias-linear --untie-embeddings-and-output-weights."""
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups")  # fmt: skip
@@ -95,6 +104,13 @@ class GPTModelConfig:
     add_qkv_bias: bool = False
     """--add-qkv-bias: biases on the query, key and value projections only (Qwen2's), where
     ``add_bias_linear`` is off."""
+    apply_layernorm_1p: bool = False
+    """--apply-layernorm-1p: the norms' weights are stored zero-centred and applied as
+    ``weight + 1`` (megatron-core's ``layernorm_zero_centered_gamma``; Nemotron's), so weight
+    decay pulls them towards 1."""
+    rotary_percent: float = 1.0
+    """--rotary-percent: the share of each head's channels RoPE rotates (the first ones; the rest
+    pass unrotated; Nemotron's 0.5)."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -117,6 +133,17 @@ class GPTModelConfig:
             raise ConfigError(
                 "--use-rope-scaling needs --position-embedding-type rope, not "
                 f"{self.position_embedding_type}"
+            )
+        rotated = self.head_dim * self.rotary_percent
+        if not 0 < self.rotary_percent <= 1 or rotated != int(rotated) or int(rotated) % 2:
+            raise ConfigError(
+                f"--rotary-percent {self.rotary_percent:g} must be in (0, 1] and rotate an even "
+                f"number of each head's {self.head_dim} channels"
+            )
+        if self.rotary_percent != 1.0 and self.position_embedding_type != "rope":
+            raise ConfigError(
+                f"--rotary-percent {self.rotary_percent:g} applies to --position-embedding-type "
+                "rope"
             )
         factor = self.rope_interpolation_factor
         if factor is not None and (factor <= 0 or self.position_embedding_type != "rope"):
@@ -195,12 +222,16 @@ class GPTModelConfig:
             return "GPT-3"
         if self.kind == {**GPT3_KIND, "activation": "openai_gelu"}:
             return "GPT-2"  # (GPT-2's tanh GeLU is GPT-3's only difference here)
+        if self.kind == NEMOTRON_KIND:
+            return "Nemotron"
         return "custom"
 
     def describe_kind(self) -> str:
         """``GPT-3 architecture (LayerNorm, GeLU, learned positions, biases, tied embeddings)``."""
         if self.position_embedding_type == "rope":
             positions = f"RoPE base {self.rotary_base:g}"
+            if self.rotary_percent != 1.0:
+                positions += f" on {self.rotary_percent:.0%} of each head"
             if self.rope_scaling_factor:
                 positions += f" scaled x{self.rope_scaling_factor:g}"
             if self.rope_interpolation_factor:
@@ -209,7 +240,7 @@ class GPTModelConfig:
             positions = "learned positions"
         choices = ", ".join(
             [
-                self.normalization,
+                self.normalization + (" 1p" if self.apply_layernorm_1p else ""),
                 ACTIVATIONS[self.activation],
                 positions,
                 {"all": "biases", "qkv": "QKV biases", "none": "no biases"}[self.biases],

@@ -28,6 +28,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -64,6 +65,12 @@ class TorchRMSNorm(torch.nn.RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.zero_centered = _zero_centered(self, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered:
+            return super().forward(x)
+        return F.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
 
 
 class TorchLayerNorm(torch.nn.LayerNorm):
@@ -74,6 +81,22 @@ class TorchLayerNorm(torch.nn.LayerNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
         self.bias.sequence_parallel = config.sequence_parallel
+        self.zero_centered = _zero_centered(self, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered:
+            return super().forward(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def _zero_centered(norm, config: TransformerConfig) -> bool:
+    """--apply-layernorm-1p (megatron-core's ``layernorm_zero_centered_gamma``): the weight is
+    stored as ``gamma - 1``, so it starts at 0 (Transformer Engine's norms' convention)."""
+    if not config.layernorm_zero_centered_gamma:
+        return False
+    with torch.no_grad():
+        norm.weight.zero_()
+    return True
 
 
 def torch_norm(config: TransformerConfig) -> type:
@@ -366,6 +389,19 @@ def default_spec_impl(device: torch.device) -> str:
         return "torch"
 
 
+def check_local_norms(zero_centered: bool) -> None:
+    """--apply-layernorm-1p with --transformer-impl local: megatron-core's local norms are Apex's
+    (which take zero-centred weights) or torch's (which do not)."""
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        if zero_centered:
+            raise ConfigError(
+                "--apply-layernorm-1p: megatron-core's local norms without Apex have no "
+                "zero-centred weights; use --transformer-impl torch or te"
+            ) from None
+
+
 def gpt_block_spec(
     impl: str, config: TransformerConfig, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
@@ -374,6 +410,7 @@ def gpt_block_spec(
         layer, final_norm = _te_layer_spec(_qk_layernorm(config))
     elif impl == "local":
         rms = config.normalization == "RMSNorm"
+        check_local_norms(config.layernorm_zero_centered_gamma)
         layer = get_gpt_layer_local_spec(
             normalization=config.normalization, qk_layernorm=_qk_layernorm(config)
         )

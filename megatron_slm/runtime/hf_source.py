@@ -1,6 +1,7 @@
-"""Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / GPT-2 directory as a megatron-core GPT
-model: the config mapping, lazy weight access, and the HF -> megatron tensor mapping (full tensors,
-then this rank's TP shard; GPT-2's own mapping is ``runtime.hf_gpt2_source``).
+"""Read a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Nemotron / GPT-2 directory as a
+megatron-core GPT model: the config mapping, lazy weight access, and the HF -> megatron tensor
+mapping (full tensors, then this rank's TP shard; GPT-2's own mapping is
+``runtime.hf_gpt2_source``).
 
 It sits under the runtime so that ``runtime.plan_load`` can run a HF directory as it runs a
 checkpoint (converted in memory, nothing written); ``megatron_slm.convert`` builds its import and
@@ -24,8 +25,11 @@ from megatron_slm.models.sharding import global_name, tp_shard, unwrap
 logger = logging.getLogger("megatron_slm")
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # fmt: skip
-"""Llama's design (``convert.hf_target`` writes these too)."""
+                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                           "NemotronForCausalLM": "nemotron"}  # fmt: skip
+"""Llama's layout of tensors (``convert.hf_target`` writes these too); Nemotron's with LayerNorm
+1p, squared ReLU (one up projection) and a partial RoPE."""
+NEMOTRON = "NemotronForCausalLM"
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 READABLE_ARCHITECTURES = (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE)
 WEIGHT_FILES = (
@@ -133,8 +137,9 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         from megatron_slm.runtime.hf_gpt2_source import gpt_config_from_gpt2
 
         return gpt_config_from_gpt2(cfg, where)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    act = "relu2" if arch == NEMOTRON else "silu"
+    if cfg.get("hidden_act", act) != act:
+        raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported ({act})")
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if cfg.get(flag):
             raise ConversionError(f"{where}: {flag}=true is not supported")
@@ -162,11 +167,21 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         rotary_base=theta,
         rope_scaling_factor=rope_scaling_factor,
         rope_interpolation_factor=interpolation,
-        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        norm_epsilon=float(cfg.get("norm_eps" if arch == NEMOTRON else "rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
         qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
+        **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
     )
+
+
+def _nemotron_choices(cfg: dict) -> dict:
+    """Nemotron's architecture choices; its RoPE's share of each head from a transformers 4
+    (``partial_rotary_factor``) or 5 (``rope_parameters``) config."""
+    params = cfg.get("rope_parameters") or {}
+    share = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    return {"normalization": "LayerNorm", "activation": "squared_relu",
+            "apply_layernorm_1p": True, "rotary_percent": float(share)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +284,10 @@ _LAYER_MAP = {  # megatron suffix -> HF suffix (one-to-one tensors)
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_NORM_BIASES = {  # LayerNorm's (Nemotron's)
+    "input_layernorm.bias": "input_layernorm.bias",
+    "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
+}
 
 
 # Qwen's attention extras: megatron suffix -> HF suffix.
@@ -281,24 +300,27 @@ def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, t
     """Every tensor a HF checkpoint of ``model`` has, with its shape."""
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    shapes = {"model.embed_tokens.weight": (model.vocab_size, h), "model.norm.weight": (h,)}
+    shapes = {"model.embed_tokens.weight": (model.vocab_size, h)}
+    norm_params = ("weight", "bias") if model.normalization == "LayerNorm" else ("weight",)
+    shapes.update({f"model.norm.{s}": (h,) for s in norm_params})
     if not tied:
         shapes["lm_head.weight"] = (model.vocab_size, h)
     for i in range(model.num_layers):
         p = f"model.layers.{i}."
         shapes.update(
             {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
                 p + "self_attn.q_proj.weight": (q, h),
                 p + "self_attn.k_proj.weight": (kv, h),
                 p + "self_attn.v_proj.weight": (kv, h),
                 p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (f, h),
                 p + "mlp.up_proj.weight": (f, h),
                 p + "mlp.down_proj.weight": (h, f),
             }
         )
+        shapes.update({f"{p}{norm}.{s}": (h,) for s in norm_params
+                       for norm in ("input_layernorm", "post_attention_layernorm")})  # fmt: skip
+        if model.gated:
+            shapes[p + "mlp.gate_proj.weight"] = (f, h)
         if model.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})  # fmt: skip
@@ -377,15 +399,15 @@ def megatron_tensor_from_hf(
     if name == "output_layer.weight":
         src = "model.embed_tokens.weight" if tied else "lm_head.weight"
         return _pad_vocab(src, weights.get(src), padded_vocab)
-    if name == "decoder.final_layernorm.weight":
-        return weights.get("model.norm.weight")
+    if name in ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias"):
+        return weights.get("model.norm." + name.rsplit(".", 1)[1])
     m = _LAYER.fullmatch(name)
     if not m:
         raise ConversionError(f"megatron parameter {name} has no Hugging Face counterpart")
     layer, suffix = int(m.group(1)), m.group(2)
     p = f"model.layers.{layer}."
-    if suffix in _LAYER_MAP:
-        return weights.get(p + _LAYER_MAP[suffix])
+    if suffix in _LAYER_MAP or suffix in _NORM_BIASES:
+        return weights.get(p + {**_LAYER_MAP, **_NORM_BIASES}[suffix])
     if suffix == "self_attention.linear_qkv.weight":
         ng, h, d = model.num_query_groups, model.hidden_size, model.head_dim
         r = model.num_attention_heads // ng
@@ -402,6 +424,8 @@ def megatron_tensor_from_hf(
         k = weights.get(p + "self_attn.k_proj.bias").reshape(ng, d)
         v = weights.get(p + "self_attn.v_proj.bias").reshape(ng, d)
         return torch.cat([q, k, v], dim=1).reshape(-1)
+    if suffix == "mlp.linear_fc1.weight" and not model.gated:  # one up projection
+        return weights.get(p + "mlp.up_proj.weight")
     if suffix == "mlp.linear_fc1.weight":
         gate = weights.get(p + "mlp.gate_proj.weight")
         up = weights.get(p + "mlp.up_proj.weight")

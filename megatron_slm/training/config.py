@@ -1241,6 +1241,10 @@ def validate(
             f"{masked} separates packed documents with a block-diagonal attention mask, which "
             f"--transformer-impl {cfg.model.spec_impl} ignores: use --transformer-impl torch"
         )
+    if cfg.model.spec_impl == "local":
+        from megatron_slm.models.specs import check_local_norms
+
+        check_local_norms(architecture.apply_layernorm_1p)
     if cfg.slm.enabled and t.cross_entropy_impl == "megatron":
         raise ConfigError(
             "--cross-entropy-impl megatron cannot select tokens: selective training "

@@ -47,11 +47,12 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
-    Qwen3ForCausalLM / GPT2LMHeadModel saved (safetensors) at ``path``; the Llama one with Llama
-    3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall in all three of its
-    bands (kept, smoothed, divided by the factor), the Mistral one with linear RoPE scaling
-    (positions / 4); GPT-2 as released: tanh GeLU (gelu_new), tied
-    embeddings, biases, learned positions."""
+    Qwen3ForCausalLM / NemotronForCausalLM / GPT2LMHeadModel saved (safetensors) at ``path``; the
+    Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
+    in all three of its bands (kept, smoothed, divided by the factor), the Mistral one with linear
+    RoPE scaling (positions / 4); Nemotron as Minitron's (LayerNorm 1p, squared ReLU, RoPE on
+    half of each head); GPT-2 as released: tanh GeLU (gelu_new), tied embeddings, biases, learned
+    positions."""
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -68,7 +69,11 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    if arch == "gpt2":
+    if arch == "nemotron":  # LayerNorm 1p, squared ReLU, RoPE on half of each head
+        cfg_cls, model_cls = transformers.NemotronConfig, transformers.NemotronForCausalLM
+        kwargs = {k: v for k, v in kwargs.items() if k != "rms_norm_eps"}
+        kwargs.update(head_dim=16, norm_eps=1e-5, partial_rotary_factor=0.5, rope_theta=10000.0)
+    elif arch == "gpt2":
         cfg_cls, model_cls = transformers.GPT2Config, transformers.GPT2LMHeadModel
         kwargs = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size,
                       bos_token_id=1, eos_token_id=2, activation_function="gelu_new")  # fmt: skip

@@ -1,7 +1,7 @@
-"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Qwen3 models built here ->
-megatron checkpoints -> our logits, greedy decoding and perplexity equal transformers' at TP=1
-and TP=2; megatron -> HF -> megatron round trips are bit-identical; exports load in
-transformers.
+"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Nemotron / Qwen3 models
+built here -> megatron checkpoints -> our logits, greedy decoding and perplexity equal
+transformers' at TP=1 and TP=2; megatron -> HF -> megatron round trips are bit-identical; exports
+load in transformers.
 
 Tolerance: fp32 logits within 1e-4 (the issue's bound; the two implementations run the same fp32
 operations in the same order on CPU and agree to rounding)."""
@@ -17,7 +17,7 @@ from tests.dist_helpers import run_distributed
 from tests.functional import hf_worker as worker
 
 pytestmark = pytest.mark.slow
-ARCHS = ("llama", "mistral", "qwen2", "gpt2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "gpt2", "nemotron", "qwen3")
 ATOL = 1e-4
 PROMPT, NEW_TOKENS, EOS = [5, 17, 42, 7], 12, 2
 DOCS = [

@@ -220,7 +220,8 @@ def _torch_vs_local_spec(rank, world, arch):
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         out.append((losses.detach(), grads, counter.get_total_flops()))
         if model is ours:  # the query and the key of every layer, through the fused kernel
-            rotated = 2 * len(ours.decoder.layers) if arch.position_embedding_type == "rope" else 0
+            whole = arch.position_embedding_type == "rope" and arch.rotary_percent == 1.0
+            rotated = 2 * len(ours.decoder.layers) if whole else 0  # (partial: the reference)
             assert len(rope_calls) == rotated, rope_calls
     return out
 
@@ -236,8 +237,9 @@ QWEN_TINY = get_preset("tiny").replace(
 @pytest.mark.parametrize(
     "arch",
     [get_preset("tiny"), GPT3_TINY, QWEN_TINY, GPT3_TINY.replace(activation="openai_gelu"),
-     GPT3_TINY.replace(activation="squared_relu", tied_embeddings=False)],
-    ids=["llama", "gpt3", "qwen", "gpt2", "squared-relu"],
+     GPT3_TINY.replace(activation="squared_relu", tied_embeddings=False),
+     get_preset("tiny").replace(rotary_percent=0.5)],
+    ids=["llama", "gpt3", "qwen", "gpt2", "squared-relu", "partial-rope"],
 )  # fmt: skip
 def test_torch_spec_matches_megatron_local_spec(arch):
     """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against
@@ -323,3 +325,42 @@ def test_fused_rope_attention_matches_megatron_and_falls_back():
     (out,) = run_distributed(_fused_rope_attention_against_megatron, 1)
     for i, (ours, ref) in enumerate(zip(out["ours"], out["ref"])):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=str(i))
+
+
+def _zero_centred_norms(rank, world, kind):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_slm.models import ModelBuildOptions, build_model
+    from megatron_slm.platform import enable_cpu_backend
+
+    enable_cpu_backend()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(5)
+    arch = get_preset("tiny").replace(**kind)
+    opts = ModelBuildOptions(transformer_impl="torch")
+    (one_p,) = build_model(arch.replace(apply_layernorm_1p=True), opts)
+    (plain,) = build_model(arch, opts)
+    norms = [n for n, _ in one_p.named_parameters() if "norm" in n and n.endswith("weight")]
+    fresh = all(not one_p.get_parameter(n).any() for n in norms)  # gamma - 1 starts at 0
+    with torch.no_grad():
+        for n, p in one_p.named_parameters():
+            if n in norms:
+                p.uniform_(-0.5, 0.5)
+    state = {n: t + 1 if n in norms else t for n, t in one_p.state_dict().items()}
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    return fresh, len(norms), [m(tokens, pos, None, labels=tokens) for m in (one_p, plain)]
+
+
+@pytest.mark.parametrize("kind", [{"normalization": "LayerNorm"}, {"qk_layernorm": True}],
+                         ids=["layernorm", "rmsnorm-qk-norm"])  # fmt: skip
+def test_layernorm_1p_is_the_norm_of_weight_plus_one(kind):
+    """--apply-layernorm-1p (the torch spec's norms): a model whose norm weights are ``w`` gives
+    the losses of the plain model whose weights are ``w + 1`` (every norm: the layers', the
+    final one and the QK norms); its norm weights start at 0."""
+    ((fresh, n_norms, (ours, plain)),) = run_distributed(_zero_centred_norms, 1, kind)
+    layers = get_preset("tiny").num_layers
+    assert fresh and n_norms == 2 * layers + 1 + (2 * layers if kind.get("qk_layernorm") else 0)
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)

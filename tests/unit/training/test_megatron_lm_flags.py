@@ -447,6 +447,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         "untie_embeddings_and_output_weights": (True, "tied_embeddings", False),
         "qk_layernorm": (True, "qk_layernorm", True),
         "add_qkv_bias": (True, "add_qkv_bias", True),
+        "apply_layernorm_1p": (True, "apply_layernorm_1p", True),
+        "rotary_percent": (1.0, "rotary_percent", 1.0),
     }
     for flag, (value, name, chosen) in one_choice.items():
         changed = ModelArgs(**shape, **{flag: value}).architecture(VOCAB)
@@ -454,6 +456,16 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     assert ModelArgs(**shape, swiglu=True).architecture(VOCAB).ffn_hidden_size == (
         _megatron_swiglu_width(320)
     )
+    nemotron_flags = dict(
+        apply_layernorm_1p=True,
+        squared_relu=True,
+        position_embedding_type="rope",
+        rotary_percent=0.5,
+        disable_bias_linear=True,
+        untie_embeddings_and_output_weights=True,
+    )  # fmt: skip  (Megatron-LM's Nemotron-style GPT script's architecture flags)
+    nemotron = ModelArgs(**shape, **nemotron_flags).architecture(VOCAB)
+    assert nemotron.kind_name() == "Nemotron" and nemotron.ffn_hidden_size == 4 * 320
     squared = ModelArgs(**shape, squared_relu=True).architecture(VOCAB)
     assert squared.ffn_hidden_size == 4 * 320 and squared.kind_name() == "custom"
     assert ModelArgs(**shape, openai_gelu=True).architecture(VOCAB).kind_name() == "GPT-2"
@@ -500,8 +512,13 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--use-rope-scaling needs --position-embedding-type rope"),
         (("--position-embedding-type", "learned_absolute", "--seq-length", 512),
          "--seq-length 512 exceeds --max-position-embeddings 256"),
-        (("--rotary-percent", 0.5), "--rotary-percent 0.5"),
-        (("--apply-layernorm-1p",), "does not build zero-centred"),
+        (("--rotary-percent", 0.3), "--rotary-percent 0.3 must be in (0, 1] and rotate an even "
+                                     "number of each head's 16 channels"),
+        (("--rotary-percent", 1.5), "--rotary-percent 1.5 must be in (0, 1]"),
+        (("--rotary-percent", 0.5, "--position-embedding-type", "learned_absolute"),
+         "--rotary-percent 0.5 applies to --position-embedding-type rope"),
+        (("--apply-layernorm-1p", "--transformer-impl", "local"),
+         "local norms without Apex have no zero-centred weights"),
         (("--initial-loss-scale", 1024),
          "--initial-loss-scale sets fp16's loss scaling: add --fp16"),
         (("--fp16", "--loss-scale", 8, "--hysteresis", 1),
