@@ -102,10 +102,10 @@ def tiny_args(data_prefix: str, log_file: str, iters: int, *extra, preset="tiny"
     ]  # fmt: skip
 
 
-def megatron_rates(steps: int, increment: int, **schedule) -> list[float]:
+def megatron_rates(steps: int, increment, **schedule) -> list[float]:
     """The learning rate of each of ``steps`` steps under megatron-core's own scheduler built
     on ``schedule`` (its keyword arguments, constant weight decay) and stepped by ``increment``
-    (1: steps; the global batch size: Megatron-LM's sample counting)."""
+    (1: steps; the global batch size: Megatron-LM's sample counting; a list: each step's)."""
     import torch
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -114,10 +114,58 @@ def megatron_rates(steps: int, increment: int, **schedule) -> list[float]:
         opt, init_lr=0.0, start_wd=0.1, end_wd=0.1, wd_incr_style="constant", **schedule
     )
     rates = []
-    for _ in range(steps):
-        scheduler.step(increment=increment)
+    for step in range(steps):
+        scheduler.step(increment=increment[step] if isinstance(increment, list) else increment)
         rates.append(opt.param_groups[0]["lr"])
     return rates
+
+
+def whole_and_resumed_runs(argv, tmp: str, stop_after: int, other: tuple):
+    """In a ``run_distributed`` worker: the records of the run ``argv(log, *extra)`` (its flags
+    logging to ``log``) trained whole, and stopped after ``stop_after`` steps (saved) then
+    resumed; the scheduler's position at the resume; the refusal (message) of a resume with the
+    ``other`` flags added, or None."""
+    from megatron_slm.errors import ConfigError
+
+    runs = {}
+    whole = cpu_trainer(argv(f"{tmp}/whole.jsonl"))
+    whole.train()
+    close_trainer(whole)
+    runs["whole"] = read_steps(f"{tmp}/whole.jsonl")
+    save = f"{tmp}/ckpt"
+    first = cpu_trainer(argv(f"{tmp}/resumed.jsonl", "--save", save))
+    for _ in range(stop_after):
+        first.advance()
+    first.save()
+    close_trainer(first)
+    resumed = cpu_trainer(argv(f"{tmp}/resumed.jsonl", "--load", save))
+    position = resumed.scheduler.num_steps
+    resumed.train()
+    close_trainer(resumed)
+    runs["resumed"] = read_steps(f"{tmp}/resumed.jsonl")
+    try:
+        cpu_trainer(argv(f"{tmp}/other.jsonl", *other, "--load", save))
+        refused = None
+    except ConfigError as e:
+        refused = str(e)
+    return runs, position, refused
+
+
+def check_growing_batch(runs: dict, sizes: list[int], **schedule) -> None:
+    """A run whose global batch grows (``runs["whole"]``, its records): each step's batch is
+    ``sizes``' and consumes it, its learning rate is megatron-core's scheduler on ``schedule``
+    counting samples (a step of b samples advances it by b), and the run stopped and resumed
+    (``runs["resumed"]``) logs the same records."""
+    import pytest
+
+    whole = runs["whole"]
+    assert [r["global_batch_size"] for r in whole] == sizes
+    assert [r["consumed_samples"] for r in whole] == np.cumsum(sizes).tolist()
+    rates = megatron_rates(len(sizes), sizes, **schedule)
+    for step, (record, rate) in enumerate(zip(whole, rates, strict=True)):
+        assert record["lr"] == pytest.approx(rate, rel=1e-12, abs=0), step
+    keys = ("loss", "lr", "grad_norm", "consumed_samples", "global_batch_size")
+    assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in whole]
 
 
 def cpu_trainer(argv):

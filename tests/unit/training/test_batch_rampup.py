@@ -10,8 +10,9 @@ resume in the middle of the ramp continues it exactly, and a resume with another
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
-import torch
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.training.batch_ramp import BatchRamp
@@ -19,11 +20,13 @@ from megatron_slm.training.config import TrainingArgs, parse_config, validate
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
+    check_growing_batch,
     close_trainer,
     cpu_trainer,
     make_null_corpus,
     read_steps,
     refusal,
+    whole_and_resumed_runs,
 )
 
 RAMPS = [  # (start, increment, ramp samples, global batch size)
@@ -148,53 +151,25 @@ def _ramp_worker(rank, world, prefix, tmp):
             trainer.advance()
         close_trainer(trainer)
         runs[name] = read_steps(f"{tmp}/{name}.jsonl")
-    # The whole ramp, and the same stopped after step 3 (mid-ramp) and resumed.
-    whole = cpu_trainer(_argv(prefix, f"{tmp}/whole.jsonl", *RAMP))
-    whole.train()
-    runs["whole"] = read_steps(f"{tmp}/whole.jsonl")
-    save = f"{tmp}/ckpt"
-    first = cpu_trainer(_argv(prefix, f"{tmp}/resumed.jsonl", *RAMP, "--save", save))
-    for _ in range(3):
-        first.advance()
-    first.save()
-    close_trainer(first)
-    resumed = cpu_trainer(_argv(prefix, f"{tmp}/resumed.jsonl", *RAMP, "--load", save))
-    position = resumed.scheduler.num_steps
-    resumed.train()
-    runs["resumed"] = read_steps(f"{tmp}/resumed.jsonl")
-    try:
-        cpu_trainer(_argv(prefix, f"{tmp}/other.jsonl", *RAMP[:3], 4, 2, 12, "--load", save))
-        refused = None
-    except ConfigError as e:
-        refused = str(e)
-    return runs, position, refused
+    # The whole ramp, and the same stopped after step 3 (mid-ramp) and resumed; another ramp.
+    ramp = partial(_argv, prefix)
+    runs_too, position, refused = whole_and_resumed_runs(
+        lambda log, *extra: ramp(log, *RAMP, *extra), tmp, 3, (*RAMP[:3], 4, 2, 12)
+    )
+    return {**runs, **runs_too}, position, refused
 
 
 def test_the_trainer_trains_the_ramp(corpus, tmp_path):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     runs, position, refused = run_distributed(_ramp_worker, 1, corpus, str(tmp_path))[0]
     for key in ("loss", "grad_norm", "consumed_samples", "global_batch_size"):
         assert [r[key] for r in runs["ramp"]] == [r[key] for r in runs["at-2"]], key
-    whole = runs["whole"]
-    sizes = [2, 2, 4, 6, 8, 8, 8, 8]
-    assert [r["global_batch_size"] for r in whole] == sizes
-    assert [r["consumed_samples"] for r in whole] == [sum(sizes[: i + 1]) for i in range(8)]
-    # Megatron-LM's scheduler counts samples: warmup and decay in samples, a step of b samples
-    # advances it by b.
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    reference = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=10, lr_decay_steps=46,
-        lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=46,
-        wd_incr_style="constant",
+    # warmup and decay in samples (Megatron-LM's --train-samples schedule)
+    check_growing_batch(
+        runs, [2, 2, 4, 6, 8, 8, 8, 8], max_lr=3e-3, min_lr=0.0, lr_warmup_steps=10,
+        lr_decay_steps=46, lr_decay_style="cosine", wd_incr_steps=46,
     )  # fmt: skip
-    for step, record in enumerate(whole):
-        reference.step(increment=sizes[step])
-        assert record["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), step
     # Resumed after step 3 (8 samples: a schedule position of one full batch of 8)
     assert position == pytest.approx(8 / 8)
-    keys = ("loss", "lr", "grad_norm", "consumed_samples", "global_batch_size")
-    assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in whole]
     assert refused.endswith(
         "it was trained with --rampup-batch-size 2 2 12, this run gives 4 2 12: resume with the "
         "saved one (--finetune starts a new run from its weights)"

@@ -12,8 +12,9 @@ exactly, and a resume with another schedule is refused.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
-import torch
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.training.config import parse_config, validate
@@ -21,11 +22,10 @@ from megatron_slm.training.step_batch_schedule import parse_step_schedule
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
-    close_trainer,
-    cpu_trainer,
+    check_growing_batch,
     make_null_corpus,
-    read_steps,
     refusal,
+    whole_and_resumed_runs,
 )
 
 GPT3 = "0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536"  # Megatron-LM's GPT-3 175B example
@@ -165,53 +165,19 @@ def _argv(prefix, log, *extra):
 
 
 def _schedule_worker(rank, world, prefix, tmp):
-    runs = {}
-    whole = cpu_trainer(_argv(prefix, f"{tmp}/whole.jsonl"))
-    whole.train()
-    close_trainer(whole)
-    runs["whole"] = read_steps(f"{tmp}/whole.jsonl")
-    save = f"{tmp}/ckpt"  # stopped after step 5 (at 12 samples, between two thresholds)
-    first = cpu_trainer(_argv(prefix, f"{tmp}/resumed.jsonl", "--save", save))
-    for _ in range(5):
-        first.advance()
-    first.save()
-    close_trainer(first)
-    resumed = cpu_trainer(_argv(prefix, f"{tmp}/resumed.jsonl", "--load", save))
-    position = resumed.scheduler.num_steps
-    resumed.train()
-    close_trainer(resumed)
-    runs["resumed"] = read_steps(f"{tmp}/resumed.jsonl")
-    try:
-        other = (*SCHEDULE[:1], "0:2 512:8", "--load", save)
-        cpu_trainer(_argv(prefix, f"{tmp}/other.jsonl", *other))
-        refused = None
-    except ConfigError as e:
-        refused = str(e)
-    return runs, position, refused
+    # stopped after step 5 (at 12 samples, between two thresholds); resumed with another schedule
+    argv = partial(_argv, prefix)
+    return whole_and_resumed_runs(argv, tmp, 5, (*SCHEDULE[:1], "0:2 512:8"))
 
 
 def test_the_trainer_trains_the_schedule(corpus, tmp_path):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     runs, position, refused = run_distributed(_schedule_worker, 1, corpus, str(tmp_path))[0]
-    whole = runs["whole"]
-    sizes = [2, 2, 2, 2, 4, 4, 8]
-    assert [r["global_batch_size"] for r in whole] == sizes
-    assert [r["consumed_samples"] for r in whole] == [sum(sizes[: i + 1]) for i in range(7)]
-    # Megatron-LM's scheduler counts samples: --lr-warmup-iters and the decay (--train-iters)
-    # in full batches of 8, a step of b samples advances it by b.
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
-    reference = OptimizerParamScheduler(
-        opt, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=2 * 8, lr_decay_steps=7 * 8,
-        lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=7 * 8,
-        wd_incr_style="constant",
+    # --lr-warmup-iters and the decay (--train-iters) in full batches of 8
+    check_growing_batch(
+        runs, [2, 2, 2, 2, 4, 4, 8], max_lr=3e-3, min_lr=0.0, lr_warmup_steps=2 * 8,
+        lr_decay_steps=7 * 8, lr_decay_style="cosine", wd_incr_steps=7 * 8,
     )  # fmt: skip
-    for step, record in enumerate(whole):
-        reference.step(increment=sizes[step])
-        assert record["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), step
-    assert position == pytest.approx(12 / 8)
-    keys = ("loss", "lr", "grad_norm", "consumed_samples", "global_batch_size")
-    assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in whole]
+    assert position == pytest.approx(12 / 8)  # resumed after 12 samples
     assert refused.endswith(
         "it was trained with --step-batch-size-schedule '0:2 256:4 512:8', this run gives "
         "'0:2 512:8': resume with the saved one (--finetune starts a new run from its weights)"
