@@ -167,7 +167,9 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         rotary_base=theta,
         rope_scaling_factor=rope_scaling_factor,
         rope_interpolation_factor=interpolation,
-        norm_epsilon=float(cfg.get("norm_eps" if arch == NEMOTRON else "rms_norm_eps", 1e-6)),
+        norm_epsilon=float(
+            cfg.get("norm_eps", 1e-5) if arch == NEMOTRON else cfg.get("rms_norm_eps", 1e-6)
+        ),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
         qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key

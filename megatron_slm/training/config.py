@@ -387,7 +387,9 @@ class TrainingArgs:
         self._check_schedule_units()
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
-        scaling = [f"--{n.replace('_', '-')}" for n in LOSS_SCALE_FIELDS if getattr(self, n)]
+        scaling = [
+            f"--{n.replace('_', '-')}" for n in LOSS_SCALE_FIELDS if getattr(self, n) is not None
+        ]
         if scaling and not self.fp16:
             raise ConfigError(f"{scaling[0]} sets fp16's loss scaling: add --fp16")
         if self.loss_scale is not None and len(scaling) > 1:
