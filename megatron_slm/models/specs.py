@@ -392,14 +392,15 @@ def default_spec_impl(device: torch.device) -> str:
 def check_local_norms(zero_centered: bool) -> None:
     """--apply-layernorm-1p with --transformer-impl local: megatron-core's local norms are Apex's
     (which take zero-centred weights) or torch's (which do not)."""
+    if not zero_centered:
+        return
     try:
         import apex  # noqa: F401
     except ImportError:
-        if zero_centered:
-            raise ConfigError(
-                "--apply-layernorm-1p: megatron-core's local norms without Apex have no "
-                "zero-centred weights; use --transformer-impl torch or te"
-            ) from None
+        raise ConfigError(
+            "--apply-layernorm-1p: megatron-core's local norms without Apex have no "
+            "zero-centred weights; use --transformer-impl torch or te"
+        ) from None
 
 
 def gpt_block_spec(
