@@ -70,6 +70,15 @@ def run_pretrain(
     return proc
 
 
+def run_tool(name: str, *args, status: int = 0):
+    """``tools/<name>.py args`` as a real command (through the zygote), asserting its exit
+    ``status``; the completed process (text stdout and stderr)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
+    proc = zygote.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == status, proc.stderr[-3000:]
+    return proc
+
+
 def _free_port() -> int:
     from tests.dist_helpers import free_port
 

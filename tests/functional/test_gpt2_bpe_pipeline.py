@@ -22,21 +22,13 @@ import torch
 from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.data.tokenizer import build_tokenizer
 from megatron_slm.models.presets import GPT3_KIND
-from tests import zygote
 from tests.dist_helpers import free_port, run_distributed
-from tests.functional.pretrain_helpers import REPO, read_steps, run_pretrain
+from tests.functional.pretrain_helpers import REPO, read_steps, run_pretrain, run_tool
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
 
 WORDS = "the model reads every token of the corpus and learns which ones matter most".split()
-
-
-def _tool(name: str, *args, status: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
-    proc = zygote.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == status, proc.stderr[-3000:]
-    return proc
 
 
 def _our_logits(rank, world, load: str, tokens):
@@ -82,10 +74,10 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     prefix = tmp_path / "gpt2"
-    _tool("train_tokenizer", "--input", corpus, "--model-prefix", prefix,
+    run_tool("train_tokenizer", "--input", corpus, "--model-prefix", prefix,
           "--vocab-size", 320, "--tokenizer-type", "GPT2BPETokenizer")  # fmt: skip
     files = ["--vocab-file", f"{prefix}-vocab.json", "--merge-file", f"{prefix}-merges.txt"]
-    _tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c",
+    run_tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c",
           "--tokenizer-type", "GPT2BPETokenizer", *files, "--append-eod")  # fmt: skip
     tok = build_tokenizer("GPT2BPETokenizer", files[1], None, files[3])
     data = str(tmp_path / "c_text_document")
@@ -135,7 +127,7 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
     assert abs(steps[0]["loss"] - np.log(tok.vocab_size)) < 1.0
     assert read_checkpoint(str(run / "checkpoints")).tokenizer == record
 
-    _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save", tmp_path / "hf")
+    run_tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save", tmp_path / "hf")
     with open(tmp_path / "hf" / "config.json") as f:
         hf_config = json.load(f)
     assert (hf_config["architectures"], hf_config["model_type"]) == (["GPT2LMHeadModel"], "gpt2")
@@ -150,7 +142,7 @@ def test_gpt2_bpe_files_from_tokenizing_to_export(tmp_path):
         theirs = model.eval()(rows).logits
     assert type(model).__name__ == "GPT2LMHeadModel" and ours.shape == (3, 32, tok.vocab_size)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    llama = _tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save",
+    llama = run_tool("convert_checkpoint", "megatron-to-hf", "--load", gpt3, "--save",
                   tmp_path / "llama", "--architecture", "LlamaForCausalLM", status=2)  # fmt: skip
     assert llama.stderr.strip().splitlines()[-1] == (
         "convert_checkpoint: error: --architecture LlamaForCausalLM: this checkpoint's "

@@ -7,15 +7,11 @@ export, whose tokenizer gives the trained ids."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
 from megatron_slm.checkpoint import read_checkpoint
 from megatron_slm.data.tokenizer import build_tokenizer
-from tests import zygote
-from tests.functional.pretrain_helpers import REPO, run_pretrain
+from tests.functional.pretrain_helpers import run_pretrain, run_tool
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("tiktoken")
@@ -23,12 +19,6 @@ pytest.importorskip("transformers")
 
 WORDS = "the reference model scores each token and training keeps those that matter".split()
 OPTIONS = ("--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", 16)
-
-
-def _tool(name: str, *args) -> None:
-    cmd = [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *map(str, args)]
-    proc = zygote.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_tiktokenizer_from_preprocessing_to_export(tmp_path):
@@ -47,14 +37,14 @@ def test_tiktokenizer_from_preprocessing_to_export(tmp_path):
     texts[2] = "Numbers 2718, café 🙂 and a <s> inside"
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    _tool("train_tokenizer", "--input", corpus, "--model-prefix", tmp_path / "tiktoken",
+    run_tool("train_tokenizer", "--input", corpus, "--model-prefix", tmp_path / "tiktoken",
           "--vocab-size", 320, "--tokenizer-type", "TikTokenizer")  # fmt: skip
     vocab = str(tmp_path / "tiktoken.json")
     tok = build_tokenizer(
         "TikTokenizer", vocab, tiktoken={"pattern": "v1", "num_special_tokens": 16}
     )
     flags = ("--tokenizer-type", "TikTokenizer", "--tokenizer-model", vocab, *OPTIONS)
-    _tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c", *flags,
+    run_tool("preprocess_data", "--input", corpus, "--output-prefix", tmp_path / "c", *flags,
           "--append-eod")  # fmt: skip
     data = str(tmp_path / "c_text_document")
     dataset = IndexedDataset(data)
@@ -78,7 +68,7 @@ def test_tiktokenizer_from_preprocessing_to_export(tmp_path):
         changed = ScoreConfig(data_prefix=[data], load=ckpt, tiktoken_pattern="v2")
         plan_load(changed, tokenizer="required")
 
-    _tool("convert_checkpoint", "megatron-to-hf", "--load", ckpt, "--save", tmp_path / "hf")
+    run_tool("convert_checkpoint", "megatron-to-hf", "--load", ckpt, "--save", tmp_path / "hf")
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     for text in texts[:6]:
         assert hf(text).input_ids == tok.tokenize(text), text

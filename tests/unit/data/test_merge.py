@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ from megatron_slm.data.indexed import DocumentBuilder
 from megatron_slm.data.merge import MergeConfig, merge_datasets
 from megatron_slm.data.sidecar import SidecarReader, SidecarWriter, sidecar_exists, sidecar_paths
 from megatron_slm.errors import ConfigError, InputFileError
-from tests import zygote
+from tests.functional.pretrain_helpers import run_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 SETTINGS = {"tool": "tools/score_corpus.py", "seq_length": 64}
 
 
@@ -151,18 +149,13 @@ def test_inputs_that_cannot_merge_are_refused_before_writing(shards, tmp_path):
 
 def test_the_tool(shards, tmp_path):
     prefixes, whole = shards
-    tool = os.path.join(REPO, "tools", "merge_datasets.py")
     out = str(tmp_path / "cli")
-    proc = zygote.run([sys.executable, tool, "--input", os.path.dirname(prefixes[0]),
-                       "--output-prefix", out], capture_output=True, text=True, timeout=120,
-                      cwd=REPO)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_tool("merge_datasets", "--input", os.path.dirname(prefixes[0]), "--output-prefix",
+                    out)  # fmt: skip
     assert proc.stdout.strip().endswith("tokens and its reference-loss sidecar")
     _same_files(out, whole)
-    proc = zygote.run([sys.executable, tool, "--input", str(tmp_path / "none"),
-                           "--output-prefix", out], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)  # fmt: skip
-    assert proc.returncode == 2
+    proc = run_tool("merge_datasets", "--input", tmp_path / "none", "--output-prefix", out,
+                    status=2)  # fmt: skip
     assert (
         proc.stderr.strip().splitlines()[-1].endswith(f"--input {tmp_path}/none: not a directory")
     )
