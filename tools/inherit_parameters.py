@@ -7,11 +7,14 @@
 
     python -m megatron_slm.pretrain --load ckpt/small --finetune ...   # continue training
 
-The target shape is a preset and/or --num-layers/--hidden-size/--ffn-hidden-size/
---num-attention-heads/--num-query-groups (the vocabulary, RoPE base and norm epsilon stay the
-source's). The source loads at any --tensor-model-parallel-size / --pipeline-model-parallel-size
-(torchrun with TP x PP processes); the result is written at TP=1/PP=1 (the trainer reshards), with
-the kept indices in its megatron_slm.json and a JSON report (<save>/inheritance_report.json).
+The source is Llama's architecture (RMSNorm, SwiGLU, RoPE, no linear biases), also with Qwen's
+QKV biases, QK norm, tied embeddings or a head size that does not split the width (Qwen2/2.5/3,
+Llama 3.2); any other is refused. The target shape is a preset and/or --num-layers/--hidden-size/
+--ffn-hidden-size/--num-attention-heads/--num-query-groups (the vocabulary, RoPE base, norm
+epsilon, head size and those Qwen choices stay the source's). The source loads at any
+--tensor-model-parallel-size / --pipeline-model-parallel-size (torchrun with TP x PP processes);
+the result is written at TP=1/PP=1 (the trainer reshards), with the kept indices in its
+megatron_slm.json and a JSON report (<save>/inheritance_report.json).
 """
 
 import logging

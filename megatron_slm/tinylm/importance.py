@@ -9,7 +9,8 @@
   ``1 - cos(block input, block output)``: a layer that hardly changes the residual stream matters
   least (ShortGPT / Minitron).
 * **Magnitude** (weights only): per channel / neuron / head, the summed L2 norms of the weight rows
-  and columns that read or write it.
+  and columns that read or write it (matrices only: norm weights and Qwen2's QKV biases add
+  nothing; a tied embedding counts once).
 * **Random**: seeded scores, the baseline that learned criteria must beat.
 
 Stats are collected on this rank's modules at any TP/PP (forward hooks under
@@ -218,6 +219,8 @@ def magnitude_contributions(name: str, full: torch.Tensor, arch) -> dict[str, to
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     ng, r = arch.num_query_groups, arch.num_attention_heads // arch.num_query_groups
     out: dict[str, torch.Tensor] = {}
+    if name == "output_layer.weight" and arch.tied_embeddings:
+        return out  # the last stage's copy of the embedding (PP>1): counted once, at any PP
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         out[f"hidden.{name}"] = w.norm(dim=0)
         return out

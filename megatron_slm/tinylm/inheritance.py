@@ -42,6 +42,7 @@ from megatron_slm.tinylm.inheritance_config import InheritConfig
 from megatron_slm.tinylm.inheritance_plan import (
     InheritancePlan,
     check_layers,
+    check_source,
     check_target,
     chosen_layers,
     make_plan,
@@ -83,14 +84,7 @@ def prepare_inheritance(cfg: InheritConfig) -> InheritanceRequest:
     plan = plan_load(cfg, model_args=impl, tokenizer="none")
     info = plan.checkpoint
     source = info.model
-    if not source.is_llama or source.kv_channels is not None:
-        # The slicing rules rest on RMSNorm (no mean to recentre) and SwiGLU's [gate; up] layout.
-        raise ConfigError(
-            f"--load {cfg.load}: parameter inheritance takes Llama's architecture (RMSNorm, "
-            f"SwiGLU, RoPE, no biases, untied embeddings, heads that split the width); the "
-            f"checkpoint's is {source.describe_kind()}"
-            + (f" with heads of {source.kv_channels}" if source.kv_channels else "")
-        )
+    check_source(source, cfg.load)
     target = target_architecture(source, cfg.model_args(), cfg.layer_choice)
     check_target(source, target)
     check_layers(cfg.layer_choice, source, target)

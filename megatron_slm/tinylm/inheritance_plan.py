@@ -1,11 +1,12 @@
 """What a smaller model inherits: the target shape, its checks, and the kept indices.
 
-The target architecture is the preset's (or the source's) with explicit flags on top; the
-vocabulary and RoPE base are always the source's, because the inherited weights were trained with
-them, and so is the norm epsilon, scaled by h/h' when hidden channels are removed (see
-:class:`InheritancePlan`). Heads are kept whole (the head dimension stays the source's) and GQA
-stays consistent: whole KV groups are kept, and the same number of query heads inside each kept
-group.
+The source is Llama's architecture or one of its Qwen variants (:func:`check_source`). The target
+architecture is the preset's (or the source's) with explicit flags on top; the vocabulary, RoPE
+base and the architecture's kind (QKV biases, tied embeddings, QK norm) are always the source's,
+because the inherited weights were trained with them, and so is the norm epsilon, scaled by h/h'
+when hidden channels are removed (see :class:`InheritancePlan`). Heads are kept whole (the head
+dimension stays the source's, ``kv_channels`` included) and GQA stays consistent: whole KV groups
+are kept, and the same number of query heads inside each kept group.
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ from megatron_slm.models.args import ModelArgs, flag_text
 from megatron_slm.models.presets import KIND_FIELDS, SHAPE_FIELDS, GPTModelConfig, get_preset
 
 LAYER_METHODS = ("ends", "importance", "list")
+INHERITABLE_KIND = {"normalization": "RMSNorm", "activation": "swiglu",
+                    "position_embedding_type": "rope", "add_bias_linear": False,
+                    "apply_layernorm_1p": False, "rotary_percent": 1.0}  # fmt: skip
+"""The kind fields the slicing rules rest on (Llama's): RMSNorm has no mean to recentre over the
+removed channels, ``linear_fc1`` is SwiGLU's ``[gate; up]``, no bias is added to the residual
+stream, and RoPE turns whole heads. The other kind fields are free: QKV biases (Qwen2's) are
+sliced with the QKV rows, tied embeddings (Qwen2.5-0.5B, Llama 3.2 1B) are the embedding alone,
+and QK norm (Qwen3's) acts inside a head, which is kept whole; so is a head size that does not
+split the width (``kv_channels``)."""
+
+
+def check_source(source: GPTModelConfig, load: str) -> None:
+    """Refuse a source the slicing rules were not written for, in one line naming ``--load``."""
+    if any(getattr(source, name) != value for name, value in INHERITABLE_KIND.items()):
+        raise ConfigError(
+            f"--load {load}: parameter inheritance takes Llama's architecture (RMSNorm, SwiGLU, "
+            "RoPE on whole heads, no linear biases, plain norm weights), also with Qwen's QKV "
+            "biases, QK norm, tied embeddings or a head size that does not split the width; the "
+            f"checkpoint's is {source.describe_kind()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,8 +86,10 @@ def target_architecture(
 ) -> GPTModelConfig:
     """The architecture to build: ``--model-preset`` (else the source's) with explicit flags on
     top; ``--layers ends:A,B`` or a list sets the depth when no flag or preset does. The
-    vocabulary, RoPE base and scaling and norm epsilon are the source's (part of what was
-    learned)."""
+    vocabulary, RoPE base and scaling, norm epsilon and kind are the source's (part of what was
+    learned), and so is the head size where it does not split the source's width (Qwen3's
+    ``kv_channels``): heads are kept whole. ``--kv-channels`` may confirm the source's head size,
+    so that a target whose heads do not split its width can be cut from a Llama."""
     base = get_preset(model_args.model_preset) if model_args.model_preset else source
     overrides = model_args.overrides()
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
@@ -79,6 +102,11 @@ def target_architecture(
                 f"{flag_text(name, getattr(source, name))}: the inherited weights were trained "
                 "with the source's"
             )
+    if model_args.kv_channels is not None and model_args.kv_channels != source.head_dim:
+        raise ConfigError(
+            f"--kv-channels {model_args.kv_channels} differs from the source's head size "
+            f"{source.head_dim}: heads are inherited whole"
+        )
     fields = {
         "num_layers": base.num_layers,
         "hidden_size": base.hidden_size,
@@ -92,6 +120,8 @@ def target_architecture(
         "rope_scaling_factor": source.rope_scaling_factor,
         "rope_interpolation_factor": source.rope_interpolation_factor,
         "init_method_std": base.init_method_std,
+        # None (hidden / heads) unless the source's heads, or --kv-channels, say otherwise.
+        "kv_channels": model_args.kv_channels or source.kv_channels,
         **source.kind,
     }
     # RMSNorm over the kept h' channels equals RMSNorm over all h with the dropped ones at zero
@@ -114,7 +144,8 @@ def check_target(source: GPTModelConfig, target: GPTModelConfig) -> None:
         raise ConfigError(
             f"--hidden-size {target.hidden_size} / --num-attention-heads "
             f"{target.num_attention_heads} gives head dimension {target.head_dim}, but heads are "
-            f"inherited whole with the source's head dimension {source.head_dim}"
+            f"inherited whole with the source's head dimension {source.head_dim} (give "
+            f"--kv-channels {source.head_dim} for heads that do not split the width)"
         )
     r_src = source.num_attention_heads // source.num_query_groups
     r_tgt = target.num_attention_heads // target.num_query_groups
@@ -176,7 +207,13 @@ class InheritancePlan:
     the kept norm weights multiplied by ``sqrt(h / h')`` and the target's epsilon by ``h / h'``,
     RMSNorm over the kept ``h'`` channels computes exactly what the source's computes when the
     dropped channels are zero: the pruned model is exact when the pruned parts contribute nothing,
-    and on a trained model the norms' outputs stay near the scale the next layers learned."""
+    and on a trained model the norms' outputs stay near the scale the next layers learned.
+
+    ``qk_scale``: QK norm (Qwen3's) normalises each head's query and key over the head size, which
+    width pruning leaves alone, so its weights are copied unchanged; but megatron-core gives it the
+    model's epsilon, which the target multiplies by ``h / h'``. RMSNorm is scale-invariant up to
+    its epsilon (``RMSNorm_{c^2 eps}(c x) = RMSNorm_eps(x)``), so the query and key rows of
+    ``linear_qkv`` (weights and biases) are multiplied by ``c = norm_scale`` instead."""
 
     source: GPTModelConfig
     target: GPTModelConfig
@@ -190,9 +227,13 @@ class InheritancePlan:
     def norm_scale(self) -> float:
         return math.sqrt(self.source.hidden_size / self.target.hidden_size)
 
+    @property
+    def qk_scale(self) -> float:
+        return self.norm_scale if self.source.qk_layernorm else 1.0
+
     def record(self) -> dict:
         """JSON for the checkpoint metadata (per-layer entries keyed by source layer)."""
-        return {
+        record = {
             "layers": self.layers,
             "hidden": self.hidden,
             "ffn": {str(n): v for n, v in self.ffn.items()},
@@ -200,6 +241,9 @@ class InheritancePlan:
             "heads": {str(n): v for n, v in self.heads.items()},
             "norm_scale": self.norm_scale,
         }
+        if self.source.qk_layernorm:  # (absent otherwise: Llama's records are unchanged)
+            record["qk_scale"] = self.qk_scale
+        return record
 
 
 def make_plan(source: GPTModelConfig, target: GPTModelConfig, layers: list[int], imp):

@@ -1,10 +1,13 @@
 """Full tensors of a sharded model, and the slicing of one full tensor by an inheritance plan.
 
-Megatron layout facts used here (see ``megatron_slm.convert.hf``): ``linear_qkv`` rows are
-group-interleaved ``[q heads of group g, k_g, v_g]`` per KV group; ``linear_fc1`` is ``[gate; up]``
-and its TP shard is ``[gate_r; up_r]``; RMSNorm weights are either their own tensors
-(``input_layernorm``, ``pre_mlp_layernorm``: torch/local specs) or fused into the next linear as
-``layer_norm_weight`` (te spec). Any other tensor is refused rather than copied unsliced.
+Megatron layout facts used here (see ``megatron_slm.convert.hf``): ``linear_qkv`` rows (and the
+rows of its bias, Qwen2's) are group-interleaved ``[q heads of group g, k_g, v_g]`` per KV group;
+``linear_fc1`` is ``[gate; up]`` and its TP shard is ``[gate_r; up_r]``; RMSNorm weights are
+either their own tensors (``input_layernorm``, ``pre_mlp_layernorm``: torch/local specs) or fused
+into the next linear as ``layer_norm_weight`` (te spec); QK norm weights (``q_layernorm``,
+``k_layernorm``, Qwen3's) have one entry per channel of a head. A model with tied embeddings has
+no ``output_layer.weight`` at PP=1; at PP>1 its last stage holds a copy of the embedding under
+that name. Any other tensor is refused rather than copied unsliced.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ _HIDDEN_VECTORS = (
     "self_attention.linear_qkv.layer_norm_weight",
     "mlp.linear_fc1.layer_norm_weight",
 )
+_HEAD_VECTORS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
 def tp_unshard_param(name: str, param: torch.Tensor) -> torch.Tensor:
@@ -55,10 +59,12 @@ def slice_tensor(
     name: str, full: torch.Tensor, plan: InheritancePlan
 ) -> tuple[str, torch.Tensor] | None:
     """The target model's ``(name, tensor)`` for one full source tensor, or None when its layer is
-    dropped. Hidden-channel vectors of the norms are multiplied by ``plan.norm_scale`` (why: see
-    :class:`InheritancePlan`)."""
+    dropped. Hidden-channel vectors of the norms are multiplied by ``plan.norm_scale``, and with
+    QK norm the query and key rows by ``plan.qk_scale`` (why: see :class:`InheritancePlan`)."""
     src = plan.source
     hid = torch.tensor(plan.hidden, dtype=torch.long, device=full.device)
+    if name == "output_layer.weight" and src.tied_embeddings:
+        return None  # the last stage's copy of the embedding: the target ties to its own
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return name, full[:, hid].clone()
     if name == "decoder.final_layernorm.weight":
@@ -72,13 +78,15 @@ def slice_tensor(
     new = f"decoder.layers.{plan.layers.index(n)}.{suffix}"
     if suffix in _HIDDEN_VECTORS:
         return new, (full[hid] * plan.norm_scale).to(full.dtype)
+    if suffix in _HEAD_VECTORS:  # per channel of a head: heads are kept whole (see qk_scale)
+        return new, full.clone()
     d, h = src.head_dim, src.hidden_size
     ng, r = src.num_query_groups, src.num_attention_heads // src.num_query_groups
     groups, heads = plan.groups[n], plan.heads[n]
     if suffix == "self_attention.linear_qkv.weight":
-        blocks = full.reshape(ng, r + 2, d, h)
-        rows = [blocks[g, heads[i] + [r, r + 1]] for i, g in enumerate(groups)]  # q.., k, v
-        return new, torch.cat(rows).reshape(-1, h)[:, hid].clone()
+        return new, _qkv_rows(full, plan, n).reshape(-1, h)[:, hid].clone()
+    if suffix == "self_attention.linear_qkv.bias":
+        return new, _qkv_rows(full, plan, n).reshape(-1).clone()
     if suffix == "self_attention.linear_proj.weight":
         cols = full.reshape(h, ng, r, d)
         kept = [cols[:, g, heads[i]] for i, g in enumerate(groups)]  # [h, r', d] each
@@ -92,6 +100,23 @@ def slice_tensor(
     raise ValueError(f"cannot inherit tensor {name}: no slicing rule for it")
 
 
+def _qkv_rows(full: torch.Tensor, plan: InheritancePlan, n: int) -> torch.Tensor:
+    """The kept ``[q heads, k, v]`` row blocks of source layer ``n``'s ``linear_qkv`` weight
+    (``[rows, h]``) or bias (``[rows]``), in the target's group-interleaved order, shaped
+    ``[blocks, head_dim, ...]``; query and key rows are multiplied by ``plan.qk_scale``."""
+    src = plan.source
+    ng, r = src.num_query_groups, src.num_attention_heads // src.num_query_groups
+    blocks = full.reshape(ng, r + 2, src.head_dim, *full.shape[1:])
+    heads = plan.heads[n]
+    rows = torch.cat([blocks[g, heads[i] + [r, r + 1]] for i, g in enumerate(plan.groups[n])])
+    if plan.qk_scale == 1.0:
+        return rows
+    per_group = len(heads[0]) + 2  # q heads kept in each group, k, v
+    scale = torch.full((len(rows),), plan.qk_scale, dtype=rows.dtype, device=rows.device)
+    scale[per_group - 1 :: per_group] = 1.0  # v has no norm after it
+    return rows * scale.reshape(-1, *[1] * (rows.dim() - 1))
+
+
 def megatron_shapes(arch, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     """Every full (TP=1, PP=1) parameter of ``arch`` in the torch/local specs, with its shape."""
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
@@ -99,8 +124,9 @@ def megatron_shapes(arch, padded_vocab: int) -> dict[str, tuple[int, ...]]:
     shapes = {
         "embedding.word_embeddings.weight": (padded_vocab, h),
         "decoder.final_layernorm.weight": (h,),
-        "output_layer.weight": (padded_vocab, h),
     }
+    if not arch.tied_embeddings:  # tied: the output layer reads the embedding
+        shapes["output_layer.weight"] = (padded_vocab, h)
     for n in range(arch.num_layers):
         p = f"decoder.layers.{n}."
         shapes.update(
@@ -113,6 +139,10 @@ def megatron_shapes(arch, padded_vocab: int) -> dict[str, tuple[int, ...]]:
                 p + "mlp.linear_fc2.weight": (h, f),
             }
         )
+        if arch.add_qkv_bias:
+            shapes[p + "self_attention.linear_qkv.bias"] = (q + 2 * kv,)
+        if arch.qk_layernorm:
+            shapes.update({p + suffix: (d,) for suffix in _HEAD_VECTORS})
     return shapes
 
 

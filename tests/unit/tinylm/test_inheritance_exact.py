@@ -1,10 +1,15 @@
-"""Inheritance on real megatron-core models (one spawned process, CPU backend):
+"""Inheritance on real megatron-core models (one spawned process, CPU backend), for Llama's
+architecture and the two Qwen variants inheritance takes: Qwen2's (QKV biases, tied embeddings)
+and Qwen3's (QK norm, heads that do not split the width, untied):
 
 * depth only: the inherited model's logits equal (1e-5) Hugging Face ``transformers`` running the
-  source, exported, with the dropped layers deleted (an independent forward);
+  source, exported (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM), with the dropped layers
+  deleted (an independent forward);
 * width: on a source built so that the pruned hidden channels, FFN neurons, heads and KV groups
   contribute exactly zero, the pruned model's logits equal the source's (1e-5): the slicing is
   exact; activation importance then ranks exactly the zeroed hidden channels last.
+
+Every parameter the slicing rules list (``megatron_shapes``) is checked against the built model's.
 """
 
 from __future__ import annotations
@@ -14,12 +19,38 @@ import torch
 from tests.dist_helpers import run_distributed
 
 TOL = 1e-5
+FAMILIES = {
+    "llama": {},
+    # 8 heads of 8 in 4 KV groups; biases and tying change no shape.
+    "qwen2": {"num_attention_heads": 8, "num_query_groups": 4, "add_qkv_bias": True,
+              "tied_embeddings": True},
+    # 8 heads of 12 on a width of 64; a large epsilon, so that the QK norms' epsilon (the model's,
+    # scaled by h/h' in the target) would show if the query and key rows were not rescaled.
+    "qwen3": {"num_attention_heads": 8, "num_query_groups": 4, "kv_channels": 12,
+              "qk_layernorm": True, "norm_epsilon": 1e-3},
+}  # fmt: skip
+# Width cuts per family (Llama: heads ranked inside each of 2 groups, then a whole group dropped;
+# Qwen: 2 of 4 groups kept, 1 of the 2 heads in each, hidden and FFN narrower).
+WIDTH = {
+    "llama": {
+        "heads": {"hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 24},
+        "groups": {"hidden_size": 32, "num_attention_heads": 2, "num_query_groups": 1},
+    },
+    "qwen2": {
+        "groups": {"hidden_size": 16, "num_attention_heads": 2, "num_query_groups": 2,
+                   "ffn_hidden_size": 24},
+    },
+    "qwen3": {  # heads of 12 stay 12: 2 x 12 = 24 on a width of 32
+        "groups": {"hidden_size": 32, "num_attention_heads": 2, "num_query_groups": 2,
+                   "ffn_hidden_size": 24},
+    },
+}  # fmt: skip
 
 
-def _source_arch():
+def _source_arch(family="llama"):
     from megatron_slm.models.presets import GPTModelConfig
 
-    return GPTModelConfig(
+    shape = dict(
         num_layers=4,
         hidden_size=64,
         ffn_hidden_size=48,
@@ -28,6 +59,7 @@ def _source_arch():
         vocab_size=100,
         max_position_embeddings=64,
     )
+    return GPTModelConfig(**{**shape, **FAMILIES[family]})
 
 
 def _build(arch, seed):
@@ -39,10 +71,12 @@ def _build(arch, seed):
     torch.manual_seed(seed)
     (chunk,) = build_model(arch, ModelBuildOptions(transformer_impl="torch"))
     chunk.eval()
-    with torch.no_grad():  # non-trivial norm weights, so a misplaced or unscaled norm shows
-        for name, p in chunk.named_parameters():
+    with torch.no_grad():  # non-trivial norm weights and biases (megatron-core's are 1 and 0),
+        for name, p in chunk.named_parameters():  # so a misplaced or unscaled one shows
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.3, 0.3)
     return chunk
 
 
@@ -67,12 +101,28 @@ def _inherit(src, plan):
     return small
 
 
-def _depth_vs_hf(src, arch, tokens):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _hf_model(src, arch):
+    """The source exported to Hugging Face (the architecture export picks for it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_slm.convert import hf_config_from_gpt, hf_tensors_from_megatron
-    from megatron_slm.models.args import ModelArgs
+    from megatron_slm.convert.hf import export_architecture
     from megatron_slm.models.sharding import full_state_dict
+
+    cfg = hf_config_from_gpt(arch, export_architecture(arch))
+    cfg.pop("architectures"), cfg.pop("torch_dtype")
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).float().eval()
+    missing, unexpected = hf.load_state_dict(
+        dict(hf_tensors_from_megatron(full_state_dict(src), arch)), strict=False
+    )
+    # Tied: lm_head is the embedding's own parameter, which the export does not repeat.
+    assert not unexpected and missing == (["lm_head.weight"] if arch.tied_embeddings else [])
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == arch.tied_embeddings
+    return hf
+
+
+def _depth_vs_hf(src, arch, tokens):
+    from megatron_slm.models.args import ModelArgs
     from megatron_slm.tinylm.importance import Importance
     from megatron_slm.tinylm.inheritance_plan import make_plan, target_architecture
 
@@ -80,10 +130,7 @@ def _depth_vs_hf(src, arch, tokens):
     target = target_architecture(arch, ModelArgs(num_layers=2))
     small = _inherit(src, make_plan(arch, target, kept, Importance()))
 
-    cfg = hf_config_from_gpt(arch)
-    cfg.pop("architectures"), cfg.pop("model_type"), cfg.pop("torch_dtype")
-    hf = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
-    hf.load_state_dict(dict(hf_tensors_from_megatron(full_state_dict(src), arch)))
+    hf = _hf_model(src, arch)
     # Delete the dropped layers from the independent model.
     hf.model.layers = torch.nn.ModuleList([hf.model.layers[i] for i in kept])
     for i, layer in enumerate(hf.model.layers):
@@ -96,7 +143,9 @@ def _depth_vs_hf(src, arch, tokens):
 
 
 def _zero_pruned_parts(src, plan):
-    """Zero every weight through which a pruned part reaches the output."""
+    """Zero every weight through which a pruned part reaches the output. A pruned head's QKV
+    biases stay non-zero: its ``linear_proj`` columns already cut it off, and a slice that took
+    its bias for a kept head's would show."""
     a = plan.source
     d, r = a.head_dim, a.num_attention_heads // a.num_query_groups
     dropped_hidden = sorted(set(range(a.hidden_size)) - set(plan.hidden))
@@ -132,46 +181,56 @@ def _width_exact(arch, tokens, flags):
     src = _build(arch, seed=3)
     _zero_pruned_parts(src, plan)
     small = _inherit(src, plan)
-    diff = float((_logits(small, tokens, 100) - _logits(src, tokens, 100)).abs().max())
-    scale = float(_logits(src, tokens, 100).abs().max())
+    reference = _logits(src, tokens, 100)
+    diff = float((_logits(small, tokens, 100) - reference).abs().max())
+    scale = float(reference.abs().max())
+    biases = 0.0  # how far the logits move without the kept QKV biases: they are tested
+    if arch.add_qkv_bias:
+        with torch.no_grad():
+            for layer in small.decoder.layers:
+                layer.self_attention.linear_qkv.bias.zero_()
+        biases = float((_logits(small, tokens, 100) - reference).abs().max())
     # Activation importance sees the zeroed channels as exactly unimportant.
     lm = LoadedModel([src], arch, None, 128, torch.device("cpu"), torch.float32, "source")
     imp = calibration_statistics(lm, [Rows.causal(tokens[:, :-1], tokens[:, 1:])], width=True,
                                  depth=True)  # fmt: skip
     picks_kept = top_k(imp.hidden, target.hidden_size) == plan.hidden
-    return diff, scale, picks_kept, imp.layers.tolist(), imp.calibration_loss
+    return diff, scale, picks_kept, imp.layers.tolist(), imp.calibration_loss, biases
 
 
 def _worker(rank, world):
     from megatron.core import parallel_state
 
+    from megatron_slm.models.sharding import full_state_dict
     from megatron_slm.platform import enable_cpu_backend
+    from megatron_slm.tinylm.inheritance_tensors import megatron_shapes
 
     enable_cpu_backend()
     parallel_state.initialize_model_parallel(1, 1)
-    arch = _source_arch()
     tokens = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
-    src = _build(arch, seed=1)
-    out = {"depth": _depth_vs_hf(src, arch, tokens)}
-    # Heads ranked inside each of the 2 groups (1 of 2 kept per group) ...
-    out["heads"] = _width_exact(
-        arch, tokens, {"hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 24}
-    )
-    # ... and a whole KV group dropped (its 2 heads kept together in the other).
-    out["groups"] = _width_exact(
-        arch, tokens, {"hidden_size": 32, "num_attention_heads": 2, "num_query_groups": 1}
-    )
+    out = {}
+    for family in FAMILIES:
+        arch = _source_arch(family)
+        src = _build(arch, seed=1)
+        built = {k: tuple(v.shape) for k, v in full_state_dict(src).items()}
+        out[family, "shapes"] = built == megatron_shapes(arch, src.vocab_size)
+        out[family, "depth"] = _depth_vs_hf(src, arch, tokens)
+        for case, flags in WIDTH[family].items():
+            out[family, case] = _width_exact(arch, tokens, flags)
     return out
 
 
 def test_depth_and_width_inheritance_are_exact():
     (out,) = run_distributed(_worker, 1)
-    depth, src_vs_ref = out["depth"]
-    assert depth <= TOL, depth
-    assert src_vs_ref > 100 * TOL  # the deleted layers matter: the check is not vacuous
-    for key in ("heads", "groups"):
-        diff, scale, picks_kept, block_importance, loss = out[key]
-        assert scale > 0.1 and diff <= TOL, (key, diff, scale)
-        assert picks_kept, key
-        assert len(block_importance) == 4 and all(0 < b < 2 for b in block_importance)
-        assert 0 < loss < 10
+    for family in FAMILIES:
+        assert out[family, "shapes"], family
+        depth, src_vs_ref = out[family, "depth"]
+        assert depth <= TOL, (family, depth)
+        assert src_vs_ref > 100 * TOL  # the deleted layers matter: the check is not vacuous
+        for case in WIDTH[family]:
+            diff, scale, picks_kept, block_importance, loss, biases = out[family, case]
+            assert scale > 0.1 and diff <= TOL, (family, case, diff, scale)
+            assert picks_kept, (family, case)
+            assert len(block_importance) == 4 and all(0 < b < 2 for b in block_importance)
+            assert 0 < loss < 10
+            assert biases > 100 * TOL or not FAMILIES[family].get("add_qkv_bias")

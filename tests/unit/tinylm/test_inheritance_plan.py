@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from megatron_slm.models.args import ModelArgs
-from megatron_slm.models.presets import PRESETS, GPTModelConfig
-from megatron_slm.tinylm.importance import Importance, random_importance
+from megatron_slm.models.presets import GPT3_KIND, PRESETS, GPTModelConfig
+from megatron_slm.tinylm.importance import (
+    Importance,
+    magnitude_contributions,
+    random_importance,
+)
 from megatron_slm.tinylm.inheritance_plan import (
     LayerChoice,
     check_layers,
@@ -37,6 +41,35 @@ LLAMA_7B = GPTModelConfig(
     num_query_groups=32,
     vocab_size=32000,
     max_position_embeddings=4096,
+)
+# Qwen3-0.6B (QK norm, 16 heads of 128 on a width of 1024, tied) and Qwen2.5-0.5B (QKV biases,
+# tied): the published configs' shapes.
+QWEN3_06B = GPTModelConfig(
+    num_layers=28,
+    hidden_size=1024,
+    ffn_hidden_size=3072,
+    num_attention_heads=16,
+    num_query_groups=8,
+    kv_channels=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rotary_base=1000000.0,
+    norm_epsilon=1e-6,
+    qk_layernorm=True,
+    tied_embeddings=True,
+)
+QWEN25_05B = GPTModelConfig(
+    num_layers=24,
+    hidden_size=896,
+    ffn_hidden_size=4864,
+    num_attention_heads=14,
+    num_query_groups=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rotary_base=1000000.0,
+    norm_epsilon=1e-6,
+    add_qkv_bias=True,
+    tied_embeddings=True,
 )
 SMALL_SRC = GPTModelConfig(
     num_layers=4,
@@ -164,6 +197,93 @@ def test_pangu_from_7b_llama_on_meta_tensors():
     assert all(len(h) == 1 for n in plan.layers for h in plan.heads[n])
 
 
+@pytest.mark.parametrize(
+    "source, flags, layers",
+    [
+        (QWEN3_06B, {"num_layers": 14, "hidden_size": 512, "ffn_hidden_size": 1536,
+                     "num_attention_heads": 8, "num_query_groups": 4}, "ends:7,7"),
+        (QWEN25_05B, {"num_layers": 12, "hidden_size": 448, "ffn_hidden_size": 2432,
+                      "num_attention_heads": 7, "num_query_groups": 1}, "ends:6,6"),
+    ],
+    ids=["qwen3-0.6b", "qwen2.5-0.5b"],
+)  # fmt: skip
+def test_qwen_sources_on_meta_tensors(source, flags, layers):
+    """The target keeps the source's kind (QKV biases, QK norm, tied embeddings) and head size;
+    every sliced tensor has the target's shape, whose count is the target's parameter count."""
+    tgt = target_architecture(source, ModelArgs(**flags))
+    check_target(source, tgt)
+    assert tgt.kind == source.kind and tgt.head_dim == source.head_dim
+    # Qwen3's heads of 128 no longer split the width (8 x 128 on 512); Qwen2.5's still do.
+    assert tgt.kv_channels == (128 if source.qk_layernorm else None)
+    plan = make_plan(
+        source,
+        tgt,
+        chosen_layers(LayerChoice.parse(layers), source, tgt.num_layers),
+        random_importance(source, 0),
+    )
+    check_plan_shapes(plan, 151936)
+    shapes = megatron_shapes(tgt, 151936)
+    assert "output_layer.weight" not in shapes  # tied
+    assert tgt.num_parameters(151936) == sum(torch.Size(s).numel() for s in shapes.values())
+    assert ("qk_scale" in plan.record()) == source.qk_layernorm
+
+
+def test_qkv_bias_and_qk_norm_slicing():
+    """linear_qkv's bias rows follow its weight rows ([q of group g, k_g, v_g]); with QK norm the
+    query and key rows are scaled by the norm scale (the norms' epsilon is the target's, h/h'
+    larger) and the QK norm weights, one per channel of a head, are copied unchanged."""
+    src = SMALL_SRC.replace(add_qkv_bias=True, qk_layernorm=True)  # 2 groups x 2 heads of 16
+    tgt = target_architecture(src, ModelArgs(hidden_size=32, num_attention_heads=2))
+    imp = Importance(hidden=torch.arange(64.0), heads={0: torch.tensor([1.0, 2.0, 5.0, 0.5])})
+    plan = make_plan(src, tgt, [0], imp)
+    assert plan.groups[0] == [0, 1] and plan.heads[0] == [[1], [0]]
+    c = 2**0.5  # sqrt(64 / 32)
+    assert plan.qk_scale == pytest.approx(c)
+    d = src.head_dim
+    labels = torch.tensor([10.0 * g + j for g in range(2) for j in range(4) for _ in range(d)])
+    name, out = slice_tensor("decoder.layers.0.self_attention.linear_qkv.bias", labels, plan)
+    assert name == "decoder.layers.0.self_attention.linear_qkv.bias" and out.shape == (6 * d,)
+    assert out[::d].tolist() == pytest.approx([1 * c, 2 * c, 3, 10 * c, 12 * c, 13])
+    weight = labels[:, None].expand(-1, 64).clone()
+    _, out = slice_tensor("decoder.layers.0.self_attention.linear_qkv.weight", weight, plan)
+    assert out[::d, 0].tolist() == pytest.approx([1 * c, 2 * c, 3, 10 * c, 12 * c, 13])
+    norm = torch.linspace(0.5, 1.5, d)
+    later = make_plan(src, tgt, [1], Importance(hidden=imp.hidden, heads={1: imp.heads[0]}))
+    for part in ("q", "k"):
+        prefix = "decoder.layers.{}.self_attention." + part
+        name, out = slice_tensor(prefix.format(1) + "_layernorm.weight", norm, later)
+        assert name == prefix.format(0) + "_layernorm.weight" and torch.equal(out, norm)
+
+
+def test_tied_embedding_copy_on_the_last_stage_is_not_inherited_twice():
+    """At PP>1 a tied model's last stage holds the embedding as output_layer.weight: the target
+    ties its own output layer, and magnitude importance counts the embedding once."""
+    src = SMALL_SRC.replace(tied_embeddings=True)
+    tgt = target_architecture(src, ModelArgs(hidden_size=32, num_attention_heads=2))
+    plan = make_plan(src, tgt, list(range(4)), random_importance(src, 0))
+    emb = torch.randn(128, 64)
+    assert slice_tensor("output_layer.weight", emb, plan) is None
+    assert slice_tensor("embedding.word_embeddings.weight", emb, plan)[1].shape == (128, 32)
+    assert magnitude_contributions("output_layer.weight", emb, src) == {}
+    assert list(magnitude_contributions("output_layer.weight", emb, SMALL_SRC)) == [
+        "hidden.output_layer.weight"
+    ]
+
+
+def test_head_size_is_the_sources():
+    """--kv-channels may only confirm the source's head size; with it, a Llama's hidden width
+    can shrink under heads kept whole (heads x head size no longer the width)."""
+    with pytest.raises(ValueError, match="--kv-channels 8 differs from the source's head size 16"):
+        target_architecture(SMALL_SRC, ModelArgs(kv_channels=8))
+    with pytest.raises(ValueError, match="give --kv-channels 16 for heads"):
+        check_target(SMALL_SRC, target_architecture(SMALL_SRC, ModelArgs(hidden_size=48)))
+    tgt = target_architecture(SMALL_SRC, ModelArgs(hidden_size=48, kv_channels=16))
+    check_target(SMALL_SRC, tgt)
+    assert (tgt.kv_channels, tgt.head_dim, tgt.num_attention_heads) == (16, 16, 4)
+    qwen3 = SMALL_SRC.replace(kv_channels=24, qk_layernorm=True)
+    assert target_architecture(qwen3, ModelArgs(hidden_size=32)).head_dim == 24
+
+
 def _fake_checkpoint(root, arch: GPTModelConfig) -> str:
     it = os.path.join(root, "iter_0000001")
     os.makedirs(it)
@@ -201,3 +321,25 @@ def test_cli_bad_input_fails_before_any_work(tmp_path, capsys, flags, message):
     assert tool.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "small")
+
+
+def test_cli_takes_qwen_sources_and_refuses_gpt3s(tmp_path, capsys):
+    """The kind check: a Qwen3-like source (QK norm, heads of 24 on a width of 64, tied) goes on
+    to the next check; GPT-3's (LayerNorm, GeLU, learned positions, biases) is refused in one
+    line that says what is taken."""
+    import tools.inherit_parameters as tool
+
+    qwen3 = SMALL_SRC.replace(kv_channels=24, qk_layernorm=True, tied_embeddings=True)
+    gpt3 = GPTModelConfig(**{**SMALL_SRC.__dict__, **GPT3_KIND})
+    for name, arch, messages in [
+        ("qwen3", qwen3, ["choose which to keep with --layers"]),
+        ("gpt3", gpt3, ["parameter inheritance takes Llama's architecture (RMSNorm, SwiGLU, RoPE",
+                        "also with Qwen's QKV biases, QK norm, tied embeddings or a head size",
+                        "the checkpoint's is GPT-3 architecture (LayerNorm, GeLU"]),
+    ]:  # fmt: skip
+        load = _fake_checkpoint(tmp_path / name, arch)
+        argv = ["--load", load, "--save", str(tmp_path / f"{name}_small"), "--num-layers", "2"]
+        assert tool.main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert all(m in last for m in messages), last
+        assert not os.path.exists(tmp_path / f"{name}_small")
