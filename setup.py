@@ -212,7 +212,8 @@ setup(
             "safetensors",
             "ruff",
             "websocket-client>=1.6,<2",  # headless Chromium test (DevTools protocol)
-            "lm-eval>=0.4.9,<0.5",
+            # [api]: lm-eval's local-completions model, run against the generation server
+            "lm-eval[api]>=0.4.9,<0.5",
             "accelerate",  # lm-eval's hf model, the reference of the adapter's tests
             "wandb",  # --wandb-project: the offline run file is read back
             "tiktoken",  # --tokenizer-type TikTokenizer, against megatron-core's own

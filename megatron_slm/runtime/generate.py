@@ -1,5 +1,6 @@
-"""Batched greedy decoding of a :class:`~megatron_slm.runtime.loader.LoadedModel` (any TP, PP=1),
-with megatron-core's static KV cache (``StaticInferenceContext``) or without a cache.
+"""Batched decoding of a :class:`~megatron_slm.runtime.loader.LoadedModel` (any TP, PP=1), greedy
+or sampled (``runtime.sampling``), with megatron-core's static KV cache
+(``StaticInferenceContext``) or without a cache.
 
 Prompts of different lengths share a batch the way Megatron-LM's own text generation does: the
 batch starts decoding at the shortest prompt's length; a row still inside its prompt takes its
@@ -13,8 +14,8 @@ then one token per row per step, attending to the cached keys and values (megatr
 attention to ``no_mask`` once ``sequence_len_offset > 0``). Without the cache every step re-runs
 the whole sequence: the reference the cached decoder is tested against.
 
-Every TP rank runs the same loop; the argmax is over the TP-gathered real vocabulary, so all
-ranks pick the same token (padding rows never win).
+Every TP rank runs the same loop; the choice is over the TP-gathered real vocabulary (padding
+rows never win) with a draw seeded alike on every rank, so all ranks pick the same token.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_slm.runtime.loader import LoadedModel
+from megatron_slm.runtime.sampling import GREEDY, Sampling, choose_tokens
 
 # stop(row, new_ids) -> True when row ``row`` (index into the prompts) is finished.
 StopFn = Callable[[int, list[int]], bool]
@@ -45,24 +47,25 @@ def _length_groups(lengths: Sequence[int], max_new_tokens: int) -> list[list[int
 
 
 @torch.no_grad()
-def greedy_generate(
+def generate(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
+    sampling: Sampling = GREEDY,
     eod: int | None = None,
     stop: StopFn | None = None,
     max_length: int | None = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (lists of ids), one batch. A row stops after
-    ``max_new_tokens``, at ``eod`` (included, like ``transformers`` ``generate``), when
+    """Continuations of ``prompts`` (lists of ids), one batch, chosen by ``sampling``. A row stops
+    after ``max_new_tokens``, at ``eod`` (included, like ``transformers`` ``generate``), when
     ``stop(row, new_ids)`` is true, or at ``max_length`` tokens in all (default: the model's
     max position embeddings)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("greedy_generate needs non-empty prompts")
+        raise ValueError("generation needs non-empty prompts")
     groups = _length_groups([len(p) for p in prompts], max_new_tokens)
     if len(groups) > 1:
         out: list[list[int]] = [[] for _ in prompts]
@@ -71,10 +74,11 @@ def greedy_generate(
             def group_stop(row, new, group=group):
                 return stop(group[row], new)
 
-            results = greedy_generate(
+            results = generate(
                 lm,
                 [prompts[i] for i in group],
                 max_new_tokens=max_new_tokens,
+                sampling=sampling,
                 eod=eod,
                 stop=None if stop is None else group_stop,
                 max_length=max_length,
@@ -97,6 +101,7 @@ def greedy_generate(
     positions = torch.arange(total).expand(b, total)
     model = lm.chunks[0]
     ctx = StaticInferenceContext(b, total) if use_cache else None
+    draw = sampling.generator(lm.device)
     new: list[list[int]] = [[] for _ in range(b)]
     done = [max_new_tokens <= 0] * b
     prev = 0
@@ -117,7 +122,7 @@ def greedy_generate(
             ctx.increment_sequence_len_offset(cur - start)
             ctx.enable_decode_mode()
         prev = cur
-        chosen = logits[:, -1, : lm.vocab_size].argmax(-1).cpu()  # [b], padding never wins
+        chosen = choose_tokens(logits[:, -1, : lm.vocab_size], sampling, draw).cpu()  # [b]
         for i in range(b):
             if cur < lengths[i]:
                 continue  # still inside its prompt: tokens[i, cur] is the prompt's
@@ -131,3 +136,8 @@ def greedy_generate(
                 or (stop is not None and stop(i, new[i]))
             )
     return new
+
+
+def greedy_generate(lm: LoadedModel, prompts: Sequence[Sequence[int]], **options):
+    """:func:`generate` with greedy choices (the evaluator's decoding)."""
+    return generate(lm, prompts, sampling=GREEDY, **options)

@@ -177,6 +177,11 @@ def _cases(f):
          "truncated at byte"),
         ("evaluate-nothing-to-do", _tool("evaluate"), ["--load", f["incomplete"]],
          "--perplexity-data"),
+        # --- generation server
+        ("server-bad-port", _tool("run_text_generation_server"),
+         ["--load", f["incomplete"], "--port", "70000"], "--port"),
+        ("server-incomplete-checkpoint", _tool("run_text_generation_server"),
+         ["--load", f["incomplete"], "--device", "cpu"], "incomplete checkpoint"),
         # --- converter
         ("convert-not-hf", _tool("convert_checkpoint"),
          ["hf-to-megatron", "--load", f["not_hf"], "--save", f"{out}/conv"], "config.json"),

@@ -162,25 +162,24 @@ def test_cli_under_torchrun_tp2(trained, tmp_path):
 def test_lm_eval_cli_finds_megatron_slm(trained, tmp_path):
     """The installed ``lm_eval`` command resolves ``--model megatron-slm`` (through the .pth
     hook) and sets up its own process group."""
+    _lm_eval_cli_mc_accuracy(
+        trained, tmp_path / "out", "megatron-slm", f"load={trained['root'] / 'qa_ckpt'}"
+    )
+
+
+def _lm_eval_cli_mc_accuracy(trained, out, model: str, model_args: str) -> None:
+    """The installed ``lm_eval`` command with ``--model model`` gives the in-process adapter's
+    accuracy on the multiple-choice task."""
     exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
     assert exe, "lm-eval's console script is not installed next to this interpreter"
     cmd = [
-        exe,
-        "--model",
-        "megatron-slm",
-        "--model_args",
-        f"load={trained['root'] / 'qa_ckpt'}",
-        "--tasks",
-        lmw.MC_TASK,
-        "--include_path",
-        trained["tasks"],
-        "--output_path",
-        str(tmp_path / "out"),
-    ]
+        exe, "--model", model, "--model_args", model_args, "--tasks", lmw.MC_TASK,
+        "--include_path", trained["tasks"], "--output_path", str(out),
+    ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(out.parent), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
-    (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    (result_file,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
     results = json.load(open(result_file))["results"][lmw.MC_TASK]
     assert results["acc,none"] == pytest.approx(
         trained["ours"][1]["tasks"]["metrics"][lmw.MC_TASK]["acc,none"]
@@ -320,3 +319,134 @@ def test_tool_results_are_the_first_tp_rank_s():
     assert first == second
     (status_a, out_a), (status_b, out_b) = first
     assert status_a == status_b == "ok" and out_a != out_b  # two runs, one per program
+
+
+# ---- the text generation server (tools/run_text_generation_server.py) ----------------------
+def _qa_texts() -> list[str]:
+    """The texts of ``lmw.prompts_of`` (QA questions with 0, 1 and 2 shots)."""
+    return [
+        worker.qa_prompt(q, worker.QA[: k % (worker.NUM_SHOTS + 1)])
+        for k, (q, _) in enumerate(worker.QA[worker.NUM_SHOTS :])
+    ]
+
+
+def _hf_log_probs(trained, ids: list[int]):
+    """``transformers`` on the export: log-softmax at each position of ``ids``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained["root"] / "qa_hf"))
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_generation_server_tp2(trained, tmp_path):
+    """The server at TP=2 under torchrun: Megatron-LM's ``/api`` decodes greedily what
+    ``transformers`` does; OpenAI's ``/v1/completions`` gives HF's log probabilities, stops at a
+    stop string, samples reproducibly inside top-k; chat completions render the tokenizer's
+    template; ProX's OpenAI clients (4 requests in flight) and lm-eval's ``local-completions``
+    model get the in-process answers and accuracy through it; bad requests get 400; Megatron-LM's
+    CLI client talks to it; SIGTERM stops it."""
+    import torch
+
+    from tests.functional.server_client import Server
+
+    texts, ref = _qa_texts(), trained["ref"]["hf_generate"]
+    with Server(str(trained["root"] / "qa_ckpt"), 2, tmp_path, "--micro-batch-size", "2") as s:
+        # greedy (top_k 1) in micro-batches of 2 prompts of different lengths = HF generate
+        out = s.put("/api", {"prompts": texts, "tokens_to_generate": 12, "top_k": 1})
+        for text, tokens, full, gen in zip(texts, out["tokens"], out["text"], ref):
+            assert tokens[-len(gen) :] == gen and full.startswith(text)
+        # log probabilities of prompt + generation = HF's, and the greedy flags lm-eval reads
+        seqs = out["tokens"][:2]
+        body = {"prompt": seqs, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+        for seq, choice in zip(seqs, s.post("/v1/completions", body)["choices"]):
+            lp = choice["logprobs"]
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            hf = _hf_log_probs(trained, seq)
+            want = hf[:-1].gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].tolist()
+            assert lp["token_logprobs"][1 : len(seq)] == pytest.approx(want, abs=1e-4)
+            for i in range(1, len(seq)):
+                (best,) = lp["top_logprobs"][i].values()
+                assert best == pytest.approx(float(hf[i - 1].max()), abs=1e-4)
+        # stop strings end the completion and are cut from its text
+        answer = out["text"][0][len(texts[0]) :]
+        body = {"prompt": texts[0], "max_tokens": 12, "temperature": 0, "stop": ["\n"]}
+        (choice,) = s.post("/v1/completions", body)["choices"]
+        assert "\n" in answer and choice["text"] == answer.split("\n")[0]
+        assert choice["finish_reason"] == "stop"
+        # chat: the tokenizer's template, then the same greedy decoding as a completion of its ids
+        messages = [{"role": "user", "content": "what color is grass?"}]
+        body = {"messages": messages, "temperature": 0, "max_tokens": 8}
+        (chat,) = s.post("/v1/chat/completions", body)["choices"]
+        ids = hf_tokenizer(trained).apply_chat_template(messages, add_generation_prompt=True)
+        body = {"prompt": ids, "max_tokens": 8, "temperature": 0}
+        (plain,) = s.post("/v1/completions", body)["choices"]
+        assert chat["message"] == {"role": "assistant", "content": plain["text"]}
+        assert chat["finish_reason"] == plain["finish_reason"]
+        # the ProX clients (refining backend, annotation teacher), 4 requests in flight at once
+        _prox_clients_through_server(s.url, texts, out["text"], messages, chat)
+        # sampling: the same seed gives the same text; every drawn token is in HF's top 3
+        body = {"prompts": texts[:3], "tokens_to_generate": 6, "top_k": 3, "temperature": 5.0,
+                "random_seed": 5}  # fmt: skip
+        first, again = s.put("/api", body), s.put("/api", body)
+        assert first["tokens"] == again["tokens"]
+        assert first["tokens"] != s.put("/api", {**body, "top_k": 1})["tokens"]
+        for tokens, prompt in zip(first["tokens"], lmw_prompts(trained)):
+            hf = _hf_log_probs(trained, tokens)
+            for i in range(len(prompt), len(tokens)):
+                assert tokens[i] in hf[i - 1].topk(3).indices.tolist()
+        # lm-eval's OpenAI-completions model against the server = the in-process adapter
+        _lm_eval_through_server(trained, tmp_path, s.url)
+        # refusals: one message, status 400 / 404
+        status, err = s.request("PUT", "/api", {"prompts": ["a"], "top_k": 2, "top_p": 0.5})
+        assert status == 400 and err["message"] == "cannot set both top-k and top-p samplings."
+        assert s.request("GET", "/nowhere")[0] == 404
+        assert s.request("GET", "/health") == (200, {"status": "ok"})
+        # Megatron-LM's interactive client
+        cli = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "text_generation_cli.py"),
+             "--server", s.url.removeprefix("http://")],
+            input="Question: what color is grass?\n3\n", capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert cli.returncode == 0
+        assert "Megatron Response: \nQuestion: what color is grass?" in cli.stdout
+        s.stop()
+    log = s.log()  # rank 0 left its loop on SIGTERM and stopped the other rank: no rank failed
+    assert "server stopped" in log and "[rank0]:" not in log and "[rank1]:" not in log
+
+
+def _prox_clients_through_server(url, texts, greedy_texts, messages, chat):
+    from megatron_slm.refine.teachers import OpenAICompletions, OpenAITeacher
+
+    answers = {}
+
+    def keep(key, answer, error):
+        answers[key] = (answer, error)
+
+    refiner = OpenAICompletions(url + "/v1", "qa", concurrency=4, max_retries=0)
+    refiner.answer_all(list(enumerate(texts)), 12, keep)
+    for i, (text, full) in enumerate(zip(texts, greedy_texts)):
+        assert answers[i] == (full[len(text) :], None)
+    teacher = OpenAITeacher(url + "/v1", "qa", concurrency=2, max_retries=0)
+    teacher.answer_all([("chat", messages)], 8, keep)
+    assert answers["chat"] == (chat["message"]["content"], None)
+
+
+def hf_tokenizer(trained):
+    from megatron_slm.data.tokenizer import build_tokenizer
+
+    return build_tokenizer("HuggingFaceTokenizer", str(trained["root"] / "tokenizer"))
+
+
+def lmw_prompts(trained) -> list[list[int]]:
+    return lmw.prompts_of(hf_tokenizer(trained))
+
+
+def _lm_eval_through_server(trained, tmp_path, url):
+    model_args = (
+        f"base_url={url}/v1/completions,model=qa,tokenizer_backend=huggingface,"
+        f"tokenizer={trained['root'] / 'tokenizer'},max_retries=1"
+    )
+    _lm_eval_cli_mc_accuracy(trained, tmp_path / "api_out", "local-completions", model_args)

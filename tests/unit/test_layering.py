@@ -20,6 +20,7 @@ LAYERS = {
     # entry point and the features built on the runtime
     "pretrain": 6, "evaluation": 6, "scoring": 6, "training": 6, "refine": 6, "tinylm": 6,
     "visualize": 6,  # selection pictures and token dynamics (the trainer draws its TB image)
+    "serving": 6,  # the text generation server
     "convert": 5,  # export loads through the runtime; evaluation converts HF dirs in memory
     "runtime": 4,
     "checkpoint": 3,
