@@ -244,6 +244,7 @@ def export_architecture(
     fitting = [
         arch for family, gaps in needs.items() if not gaps
         for arch in (FAMILIES[family][0] if family in FAMILIES else (family,))
+        if not (arch == "LlamaForCausalLM" and model.window_size is not None)  # Mistral's window
     ]  # fmt: skip
     choices = model.describe_kind()
     if not fitting:
@@ -260,9 +261,12 @@ def export_architecture(
                 f"--architecture {requested!r} is not supported; this checkpoint's {choices} "
                 f"exports as {' or '.join(fitting)}"
             )
+        gaps = list(needs[family])
+        if requested == "LlamaForCausalLM" and model.window_size is not None:
+            gaps.append("no sliding window (--window-size: MistralForCausalLM)")
         raise ConversionError(
             f"--architecture {requested}: this checkpoint's {choices} exports as "
-            f"{' or '.join(fitting)}; {family} needs {', '.join(needs[family])}"
+            f"{' or '.join(fitting)}; {family} needs {', '.join(gaps)}"
         )
     if requested is not None:
         return requested

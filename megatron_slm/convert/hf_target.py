@@ -42,6 +42,7 @@ _LLAMA_CORE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu",
                ("position_embedding_type", "rope", "RoPE"),
                ("apply_layernorm_1p", False, "plain norm weights (no --apply-layernorm-1p)"),
                ("rotary_percent", 1.0, "RoPE on whole heads"))  # fmt: skip
+_FULL_ATTENTION = ("window_size", None, "no sliding window (--window-size: MistralForCausalLM)")
 FAMILIES = {
     "LlamaForCausalLM/MistralForCausalLM": (
         ("LlamaForCausalLM", "MistralForCausalLM"),
@@ -50,11 +51,12 @@ FAMILIES = {
     "Qwen2ForCausalLM": (
         ("Qwen2ForCausalLM",),
         (*_LLAMA_CORE, ("biases", "qkv", "biases on Q, K and V only"),
-         ("qk_layernorm", False, "no QK norm")),
+         ("qk_layernorm", False, "no QK norm"), _FULL_ATTENTION),
     ),
     "Qwen3ForCausalLM": (
         ("Qwen3ForCausalLM",),
-        (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm")),
+        (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm"),
+         _FULL_ATTENTION),
     ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),
@@ -62,7 +64,8 @@ FAMILIES = {
          ("apply_layernorm_1p", True, "LayerNorm 1p"),
          ("activation", "squared_relu", "squared ReLU"),
          ("position_embedding_type", "rope", "RoPE"),
-         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm")),
+         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
+         _FULL_ATTENTION),
     ),
 }  # fmt: skip
 """Family name -> (its architectures, what it needs); tied embeddings or not, all export
@@ -117,6 +120,8 @@ def hf_config_from_gpt(
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     gaps = family_mismatches(model)[family_of(arch)]
+    if model.window_size is not None and arch == "LlamaForCausalLM":
+        gaps.append("no sliding window (--window-size: MistralForCausalLM)")
     if gaps:
         raise ConversionError(f"--architecture {arch} needs {', '.join(gaps)}")
     source = source or {}
@@ -159,8 +164,9 @@ def hf_config_from_gpt(
         del cfg["rms_norm_eps"]
         cfg.update(hidden_act="relu2", norm_eps=model.norm_epsilon, attention_bias=False,
                    mlp_bias=False, partial_rotary_factor=model.rotary_percent)  # fmt: skip
-    elif arch == "MistralForCausalLM":
-        cfg["sliding_window"] = source.get("sliding_window")
+    elif arch == "MistralForCausalLM":  # (W = the token and the W - 1 before it)
+        window = model.window_size
+        cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1
     else:  # Qwen2 (QKV biases of its own) and Qwen3 (QK norm): full attention on every layer
         cfg.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=model.num_layers)  # fmt: skip

@@ -194,8 +194,15 @@ class ModelArgs:
         "weight decay pulls them towards 1. With --transformer-impl torch (the default on CPU) "
         "or te.",
     )
+    window_size: str | None = arg(
+        None,
+        "Sliding-window attention, Megatron-LM's LEFT,RIGHT: each token attends to itself and "
+        "the LEFT tokens before it (causal: RIGHT 0; Mistral-7B: 4095,0; -1,0: no window).",
+    )
 
     def __post_init__(self):
+        if self.window_size is not None:
+            parse_window_size(self.window_size)  # a bad value fails here, naming the flag
         if self.transformer_impl == "transformer_engine":  # Megatron-LM's name
             self.transformer_impl = "te"
         if self.model_preset is not None:
@@ -261,6 +268,8 @@ class ModelArgs:
                 given[name] = True
         if self.rotary_percent is not None:
             given["rotary_percent"] = self.rotary_percent
+        if self.window_size is not None and parse_window_size(self.window_size) is not None:
+            given["window_size"] = parse_window_size(self.window_size)
         return given
 
     @property
@@ -347,6 +356,22 @@ class ModelArgs:
         return self.make_vocab_size_divisible_by or DEFAULT_VOCAB_DIVISOR
 
 
+def parse_window_size(text: str) -> int | None:
+    """``--window-size LEFT,RIGHT`` (Megatron-LM's tuple) -> LEFT, or None for ``-1,0`` (an
+    infinite window: plain causal attention). RIGHT must be 0: a GPT attends to no later token."""
+    try:
+        left, right = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--window-size {text!r}: give LEFT,RIGHT, e.g. 4095,0") from None
+    if right != 0:
+        raise ConfigError(f"--window-size {text}: RIGHT must be 0 (causal attention)")
+    if left == -1:
+        return None
+    if left < 1:
+        raise ConfigError(f"--window-size {text}: LEFT must be >= 1 (or -1: no window)")
+    return left
+
+
 def flag_text(name: str, value) -> str:
     """How a user says architecture field ``name`` = ``value`` in Megatron-LM's flags."""
     if name == "activation":
@@ -358,6 +383,8 @@ def flag_text(name: str, value) -> str:
         return "biases (no --disable-bias-linear)" if value else "--disable-bias-linear"
     if name == "rotary_percent":
         return f"--rotary-percent {value:g}"
+    if name == "window_size":
+        return "no --window-size" if value is None else f"--window-size {value},0"
     if name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"

@@ -111,6 +111,10 @@ class GPTModelConfig:
     rotary_percent: float = 1.0
     """--rotary-percent: the share of each head's channels RoPE rotates (the first ones; the rest
     pass unrotated; Nemotron's 0.5)."""
+    window_size: int | None = None
+    """--window-size L,0: sliding-window attention, each token attending to itself and the L
+    tokens before it (Megatron-LM's (left, right) window, causal: right 0; Mistral's
+    ``sliding_window`` W is L = W - 1); None: full causal attention."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -145,6 +149,8 @@ class GPTModelConfig:
                 f"--rotary-percent {self.rotary_percent:g} applies to --position-embedding-type "
                 "rope"
             )
+        if self.window_size is not None and self.window_size < 1:
+            raise ConfigError(f"--window-size {self.window_size},0: the window must be >= 1")
         factor = self.rope_interpolation_factor
         if factor is not None and (factor <= 0 or self.position_embedding_type != "rope"):
             raise ConfigError(
@@ -238,6 +244,8 @@ class GPTModelConfig:
                 positions += f", positions / {self.rope_interpolation_factor:g}"
         else:
             positions = "learned positions"
+        if self.window_size is not None:
+            positions += f", sliding window of {self.window_size + 1}"
         choices = ", ".join(
             [
                 self.normalization + (" 1p" if self.apply_layernorm_1p else ""),
@@ -294,8 +302,9 @@ PRESETS: dict[str, GPTModelConfig] = {
         max_position_embeddings=2048,
     ),
     # Mistral-7B-v0.1 (Rho-1's 7B base): 7,241,732,096 parameters. Mistral attends within a
-    # sliding window of 4096 tokens; we build full causal attention, which is the same for
-    # sequences of up to 4096 tokens (Rho-1 trains at 2048) and differs beyond.
+    # sliding window of 4096 tokens; the preset builds full causal attention, which is the same
+    # for sequences of up to 4096 tokens (Rho-1 trains at 2048); --window-size 4095,0 (or the
+    # imported Hugging Face model, which records it) attends as Mistral beyond.
     "mistral-7b": GPTModelConfig(
         num_layers=32,
         hidden_size=4096,

@@ -101,6 +101,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         add_qkv_bias=model.add_bias_linear or model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
         layernorm_zero_centered_gamma=model.apply_layernorm_1p,
+        window_size=None if model.window_size is None else (model.window_size, 0),
         hidden_dropout=opts.hidden_dropout,
         attention_dropout=opts.attention_dropout,
         init_method_std=model.init_method_std,

@@ -113,6 +113,13 @@ class TorchSDPAttention(MegatronModule):
     :class:`~megatron_slm.models.document_mask.DocumentMask` (packed documents of the online
     reference and the scorer) runs on FlexAttention's block mask where that is the faster path
     (CUDA, forward only), else as its dense mask.
+
+    With ``config.window_size`` (``(left, 0)``: sliding-window attention) query ``i`` of ``sq``
+    sees key ``j`` of ``sk`` only when ``i + (sk - sq) - left <= j``, megatron-core's band (its
+    queries are the last ``sq`` positions: a KV-cache step too), and the band is intersected with
+    any given mask (packed documents keep their boundaries). Where no key lies beyond the window
+    (``sk <= left + 1``) the band masks nothing and is not built, so flash attention stays
+    available.
     """
 
     def __init__(
@@ -134,6 +141,17 @@ class TorchSDPAttention(MegatronModule):
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
         self.softmax_scale = softmax_scale
+        self.window = config.window_size
+
+    def _outside_window(self, sq: int, sk: int, device) -> torch.Tensor | None:
+        """``[sq, sk]`` bool, True where the sliding window masks a key (None: no window, or
+        nothing beyond it)."""
+        if self.window is None or sk <= self.window[0] + 1:
+            return None
+        left, right = self.window
+        i = torch.arange(sq, device=device)[:, None] + (sk - sq)  # each query's position
+        j = torch.arange(sk, device=device)[None, :]
+        return (j < i - left) | (j > i + right)
 
     def forward(
         self,
@@ -160,13 +178,17 @@ class TorchSDPAttention(MegatronModule):
         scale = self.softmax_scale if self.softmax_scale is not None else 1 / math.sqrt(head_dim)
         dropout_p = self.dropout_p if self.training else 0.0
         forward_only = not (torch.is_grad_enabled() and q.requires_grad)
+        outside = self._outside_window(sq, k.shape[2], q.device)
         if isinstance(attention_mask, DocumentMask):
             # Forward only: FlexAttention has no backward on CPU, so one could not be tested here.
-            if forward_only and dropout_p == 0 and document_attention_backend(q.device) == "flex":
+            flex = document_attention_backend(q.device) == "flex" and outside is None
+            if forward_only and dropout_p == 0 and flex:
                 out = attention_mask.attend(q, k, v, scale)  # None: flex failed, use the mask
                 if out is not None:
                     return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
             attention_mask = attention_mask.dense()
+        if outside is not None:  # (the band masks later keys too: causal, and a KV-cache step)
+            attention_mask = outside if attention_mask is None else attention_mask | outside
         if attention_mask is not None:
             sdpa_mask, is_causal = ~attention_mask, False
         else:

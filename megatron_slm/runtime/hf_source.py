@@ -146,14 +146,10 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
-    if window is not None and window < cfg.get("max_position_embeddings", 0):
-        logger.warning(
-            "%s: sliding_window %d is converted to full causal attention (exact for sequences "
-            "up to %d tokens)",
-            where,
-            window,
-            window,
-        )
+    if window is not None and window < 2:
+        raise ConversionError(f"{where}: sliding_window {window} is not supported (>= 2)")
+    if window is not None and window >= cfg.get("max_position_embeddings", 0):
+        window = None  # wider than any sequence: full causal attention
     theta, rope_scaling_factor, interpolation = _rope(cfg, where)
     return GPTModelConfig(
         num_layers=cfg["num_hidden_layers"],
@@ -173,6 +169,8 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
         qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
+        # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
+        window_size=None if window is None else window - 1,
         **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
     )
 

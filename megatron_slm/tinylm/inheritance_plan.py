@@ -94,7 +94,8 @@ def target_architecture(
     overrides = model_args.overrides()
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
         overrides["num_layers"] = layers.count()
-    learned = ("rotary_base", "norm_epsilon", "rope_scaling_factor", "rope_interpolation_factor")
+    learned = ("rotary_base", "norm_epsilon", "rope_scaling_factor", "rope_interpolation_factor",
+               "window_size")  # fmt: skip
     for name in (*learned, *KIND_FIELDS):
         if name in overrides and overrides[name] != getattr(source, name):
             raise ConfigError(
@@ -119,6 +120,7 @@ def target_architecture(
         "rotary_base": source.rotary_base,
         "rope_scaling_factor": source.rope_scaling_factor,
         "rope_interpolation_factor": source.rope_interpolation_factor,
+        "window_size": source.window_size,  # (how the inherited heads learned to attend)
         "init_method_std": base.init_method_std,
         # None (hidden / heads) unless the source's heads, or --kv-channels, say otherwise.
         "kv_channels": model_args.kv_channels or source.kv_channels,

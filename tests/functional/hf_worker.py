@@ -50,7 +50,8 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     Qwen3ForCausalLM / NemotronForCausalLM / GPT2LMHeadModel saved (safetensors) at ``path``; the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
     in all three of its bands (kept, smoothed, divided by the factor), the Mistral one with linear
-    RoPE scaling (positions / 4); Nemotron as Minitron's (LayerNorm 1p, squared ReLU, RoPE on
+    RoPE scaling (positions / 4) and a sliding window of 5 tokens (the tests' rows and
+    generations reach beyond it); Nemotron as Minitron's (LayerNorm 1p, squared ReLU, RoPE on
     half of each head); GPT-2 as released: tanh GeLU (gelu_new), tied embeddings, biases, learned
     positions."""
     import transformers
@@ -82,7 +83,7 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         kwargs.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
-        kwargs.update(rope_theta=10000.0, sliding_window=4096, num_attention_heads=8,
+        kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,
                       rope_scaling={"rope_type": "linear", "factor": 4.0})  # fmt: skip
     else:  # qwen2 (QKV biases), qwen3 (QK norm)
         name = "Qwen2" if arch == "qwen2" else "Qwen3"

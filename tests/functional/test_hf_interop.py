@@ -122,8 +122,9 @@ def test_round_trip_and_export(setup, arch):
     assert torch.equal(logits, setup["ref"][arch]["logits"])
     if arch == "llama":  # Llama 3.1's RoPE scaling, exported as transformers reads it
         assert cfg["rope_scaling"] == worker.LLAMA3_SCALING
-    if arch == "mistral":  # linear position interpolation
+    if arch == "mistral":  # linear position interpolation; the sliding window back as it came
         assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+        assert cfg["sliding_window"] == src["sliding_window"] == 5
 
 
 def test_llama3_rope_scaling_frequencies_are_transformers(setup):

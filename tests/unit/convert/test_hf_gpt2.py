@@ -226,6 +226,13 @@ def test_targets_follow_the_architecture():
     assert export_architecture(llama, None, "MistralForCausalLM") == "MistralForCausalLM"
     assert export_architecture(llama, "MistralForCausalLM", "LlamaForCausalLM").startswith("Mis")
     assert export_architecture(GPT3, "GPT2LMHeadModel", "LlamaForCausalLM") == "GPT2LMHeadModel"
+    # a sliding window is Mistral's alone (its export: tests/functional/test_hf_interop)
+    windowed = llama.replace(window_size=4095)
+    assert export_architecture(windowed, None, "LlamaForCausalLM") == "MistralForCausalLM"
+    with pytest.raises(ConversionError, match="needs no sliding window \\(--window-size: Mis"):
+        export_architecture(windowed, "LlamaForCausalLM")
+    with pytest.raises(ConversionError, match="Qwen2ForCausalLM needs .*no sliding window"):
+        export_architecture(windowed.replace(add_qkv_bias=True))
     # Qwen's additions pick Qwen's architectures (their export: tests/functional/test_hf_interop)
     assert export_architecture(llama.replace(add_qkv_bias=True)) == "Qwen2ForCausalLM"
     assert export_architecture(llama.replace(qk_layernorm=True)) == "Qwen3ForCausalLM"

@@ -39,10 +39,11 @@ class _Config:
     attention_dropout = 0.0
 
 
-def _attention():
+def _attention(window: int | None = None, mask_type=AttnMaskType.causal):
     attn = TorchSDPAttention.__new__(TorchSDPAttention)
     torch.nn.Module.__init__(attn)
-    attn.attn_mask_type, attn.dropout_p, attn.softmax_scale = AttnMaskType.causal, 0.0, None
+    attn.attn_mask_type, attn.dropout_p, attn.softmax_scale = mask_type, 0.0, None
+    attn.window = None if window is None else (window, 0)
     return attn
 
 
@@ -71,6 +72,27 @@ def test_block_diagonal_mask_isolates_documents(groups):
     alone = _attention()(q[3:], k[3:], v[3:], None)
     torch.testing.assert_close(out[3:], alone)
     torch.testing.assert_close(out, _naive_attention(q, k, v, mask))
+
+
+def test_sliding_window_attention_matches_naive():
+    """``--window-size 2,0``: each query sees itself and the 2 keys before it, also as the last
+    queries of a longer key (a KV-cache step) and inside a document mask; a window as wide as the
+    sequence builds no mask at all."""
+    g = torch.Generator().manual_seed(2)
+    s, b, n, groups, h = 8, 2, 4, 2, 8
+    q = torch.randn(s, b, n, h, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(s, b, groups, h, generator=g, dtype=torch.float64) for _ in range(2))
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None, :]
+    band = (j > i) | (j < i - 2)
+    torch.testing.assert_close(_attention(window=2)(q, k, v, None), _naive_attention(q, k, v, band))
+    step = _attention(window=2, mask_type=AttnMaskType.no_mask)(q[-3:], k, v, None)
+    torch.testing.assert_close(step, _naive_attention(q, k, v, band)[-3:])
+    doc = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    docs = (doc[:, None] != doc[None, :]) | (j > i)
+    out = _attention(window=2)(q, k, v, docs[None, None])
+    torch.testing.assert_close(out, _naive_attention(q, k, v, docs | band))
+    assert _attention(window=s - 1)._outside_window(s, s, "cpu") is None
+    torch.testing.assert_close(_attention(window=s - 1)(q, k, v, None), _attention()(q, k, v, None))
 
 
 def test_unmasked_attention_is_causal_sdpa_without_expanded_heads(monkeypatch):
@@ -238,8 +260,8 @@ QWEN_TINY = get_preset("tiny").replace(
     "arch",
     [get_preset("tiny"), GPT3_TINY, QWEN_TINY, GPT3_TINY.replace(activation="openai_gelu"),
      GPT3_TINY.replace(activation="squared_relu", tied_embeddings=False),
-     get_preset("tiny").replace(rotary_percent=0.5)],
-    ids=["llama", "gpt3", "qwen", "gpt2", "squared-relu", "partial-rope"],
+     get_preset("tiny").replace(rotary_percent=0.5), get_preset("tiny").replace(window_size=5)],
+    ids=["llama", "gpt3", "qwen", "gpt2", "squared-relu", "partial-rope", "sliding-window"],
 )  # fmt: skip
 def test_torch_spec_matches_megatron_local_spec(arch):
     """The torch spec (SDPA, torch's RMSNorm or LayerNorm, the fused SwiGLU and RoPE) against

@@ -111,6 +111,11 @@ def test_target_architecture_keeps_source_vocab_rope_eps():
     )
     with pytest.raises(ValueError, match="--rotary-base"):
         target_architecture(SMALL_SRC, ModelArgs(rotary_base=5.0))
+    # A sliding window (Mistral's) is how the inherited heads learned to attend: kept.
+    mistral = SMALL_SRC.replace(window_size=4095)
+    assert target_architecture(mistral, ModelArgs(num_layers=2)).window_size == 4095
+    with pytest.raises(ValueError, match="--window-size 7,0 differs from the source's"):
+        target_architecture(mistral, ModelArgs(window_size="7,0"))
 
 
 @pytest.mark.parametrize(

@@ -491,6 +491,10 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
     assert stretched.architecture(VOCAB) == get_preset("tiny").replace(
         vocab_size=VOCAB, rope_interpolation_factor=4.0
     )
+    windowed = ModelArgs(model_preset="tiny", window_size="4095,0").architecture(VOCAB)
+    assert windowed == get_preset("tiny").replace(vocab_size=VOCAB, window_size=4095)
+    unbounded = ModelArgs(model_preset="tiny", window_size="-1,0").architecture(VOCAB)
+    assert unbounded.window_size is None  # Megatron-LM's -1: an infinite window
     layer_norm = ModelArgs(model_preset="tiny", normalization="LayerNorm").architecture(VOCAB)
     assert layer_norm == get_preset("tiny").replace(vocab_size=VOCAB, normalization="LayerNorm")
     assert layer_norm.kind_name() == "custom"
@@ -532,6 +536,9 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--swiglu", "--squared-relu"), "--swiglu and --squared-relu are exclusive"),
         (("--openai-gelu", "--squared-relu"), "--openai-gelu and --squared-relu are exclusive"),
         (("--kv-channels", 0), "--kv-channels must be positive"),
+        (("--window-size", "8,8"), "--window-size 8,8: RIGHT must be 0 (causal attention)"),
+        (("--window-size", "8"), "--window-size '8': give LEFT,RIGHT"),
+        (("--window-size", "0,0"), "LEFT must be >= 1"),
         (("--attention-backend", "local", "--transformer-impl", "te"), "contradicts"),
         (("--attention-dropout", 1.0), "--attention-dropout must be in [0, 1)"),
         (("--rope-scaling-factor", 32), "--rope-scaling-factor needs --use-rope-scaling"),
