@@ -91,6 +91,11 @@ class ModelArgs:
         "Std of the normal initialisation of new weights (default 0.02); a loaded checkpoint's "
         "weights are its own.",
     )
+    init_method_xavier_uniform: bool = arg(
+        False,
+        "Initialise new weights (every linear layer and the embedding) with torch's Xavier "
+        "uniform instead of the normal of --init-method-std (Megatron-LM's flag).",
+    )
     attention_dropout: float = arg(
         0.0,
         "Dropout on the attention probabilities while training (Megatron-LM's default is 0.1; "
@@ -239,6 +244,11 @@ class ModelArgs:
             raise ConfigError("--rope-scaling-factor needs --use-rope-scaling")
         if self.init_method_std is not None and self.init_method_std <= 0:
             raise ConfigError("--init-method-std must be positive")
+        if self.init_method_xavier_uniform and self.init_method_std is not None:
+            raise ConfigError(
+                "--init-method-xavier-uniform replaces the normal initialisation of "
+                "--init-method-std: give one of them"
+            )
         if self.attention_backend == "local" and self.transformer_impl not in (None, "local"):
             raise ConfigError(
                 f"--attention-backend local is megatron-core's local attention: it contradicts "

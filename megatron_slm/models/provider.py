@@ -70,6 +70,17 @@ class ModelBuildOptions:
     """--hidden-dropout (training only)."""
     attention_backend: str = "auto"
     """--attention-backend: megatron-core's AttnBackend name (Transformer Engine's kernel)."""
+    xavier_uniform_init: bool = False
+    """--init-method-xavier-uniform: new weights (linear layers, the embedding) drawn by torch's
+    Xavier uniform, as Megatron-LM sets it; else the normal of the model's init_method_std."""
+
+
+def _xavier_uniform_init() -> dict:
+    """Megatron-LM's --init-method-xavier-uniform: its init and output-layer init methods (the
+    embedding follows the init method, megatron-core's default when the stds agree)."""
+    xavier = torch.nn.init.xavier_uniform_
+    return {"init_method": xavier, "output_layer_init_method": xavier,
+            "embedding_init_method": xavier}  # fmt: skip
 
 
 def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
@@ -105,6 +116,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         hidden_dropout=opts.hidden_dropout,
         attention_dropout=opts.attention_dropout,
         init_method_std=model.init_method_std,
+        **_xavier_uniform_init() if opts.xavier_uniform_init else {},
         # Fusions that need Apex/TE kernels are off; TE's spec fuses on its own.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

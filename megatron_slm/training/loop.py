@@ -323,6 +323,7 @@ class Trainer:
             attention_dropout=cfg.model.attention_dropout,
             hidden_dropout=cfg.model.hidden_dropout,
             attention_backend=cfg.model.attention_backend,
+            xavier_uniform_init=cfg.model.init_method_xavier_uniform,
         )
         s = cfg.slm
         if plan.sft_dataset is not None:

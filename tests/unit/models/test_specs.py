@@ -386,3 +386,32 @@ def test_layernorm_1p_is_the_norm_of_weight_plus_one(kind):
     layers = get_preset("tiny").num_layers
     assert fresh and n_norms == 2 * layers + 1 + (2 * layers if kind.get("qk_layernorm") else 0)
     torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+
+
+def _xavier_and_normal_weights(rank, world):
+    from megatron_slm import launch
+    from megatron_slm.models import ModelBuildOptions, build_model
+
+    dev = launch.initialize(device="cpu", seed=4)
+    arch = get_preset("tiny").replace(num_layers=2, vocab_size=640)
+    out = {}
+    for xavier in (True, False):
+        opts = ModelBuildOptions(transformer_impl="torch", xavier_uniform_init=xavier)
+        (model,) = build_model(arch, opts, dev)
+        out[xavier] = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
+    return out
+
+
+def test_xavier_uniform_init_is_megatron_lms():
+    """--init-method-xavier-uniform: every matrix (QKV, projections, MLP, embedding, output
+    layer) uniform within Xavier's bound sqrt(6 / (fan_in + fan_out)) with its variance
+    bound^2 / 3; without it, the normal of std 0.02 (its output projections scaled down)."""
+    ((out),) = run_distributed(_xavier_and_normal_weights, 1)
+    xavier, normal = out[True], out[False]
+    assert any("embedding" in n for n in xavier) and any("linear_fc2" in n for n in xavier)
+    for name, w in xavier.items():
+        bound = (6 / sum(w.shape)) ** 0.5
+        assert w.abs().max() <= bound, name
+        assert w.var().item() == pytest.approx(bound**2 / 3, rel=0.1), name
+    emb = normal["embedding.word_embeddings.weight"]
+    assert emb.std().item() == pytest.approx(0.02, rel=0.05)  # (Xavier's: 0.053 here)

@@ -536,6 +536,7 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--swiglu", "--squared-relu"), "--swiglu and --squared-relu are exclusive"),
         (("--openai-gelu", "--squared-relu"), "--openai-gelu and --squared-relu are exclusive"),
         (("--kv-channels", 0), "--kv-channels must be positive"),
+        (("--init-method-xavier-uniform", "--init-method-std", 0.01), "give one of them"),
         (("--window-size", "8,8"), "--window-size 8,8: RIGHT must be 0 (causal attention)"),
         (("--window-size", "8"), "--window-size '8': give LEFT,RIGHT"),
         (("--window-size", "0,0"), "LEFT must be >= 1"),
