@@ -3,7 +3,7 @@ every rank calls it with the same job): decode each micro-batch of prompts, end 
 end-of-document and the job's stop strings, and score the log probabilities asked for.
 
 Log probabilities are those of the model's softmax over the real vocabulary (no temperature or
-filter: Megatron-LM's and OpenAI's meaning), from one forward over ``prompt + generation`` after
+filter: Megatron-LM's and OpenAI's meaning), from a forward over ``prompt + generation`` after
 decoding, in float32.
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from megatron_slm.runtime import LoadedModel, forward_logits, generate
+from megatron_slm.runtime import LoadedModel, forward_logits, generate, sequence_losses
 from megatron_slm.serving.jobs import Completion, Job
 
 
@@ -43,20 +43,27 @@ def _finish(tokenizer, eod: int, job: Job, prompt: list[int], new: list[int]) ->
 
 @torch.no_grad()
 def _score(lm: LoadedModel, done: list[Completion], top_n: int) -> None:
-    """Fill each completion's log probabilities (and the ``top_n`` best per position)."""
+    """Fill each completion's log probabilities: every token's from the fused loss over the
+    batch (no gathered ``[tokens, vocab]`` tensor), and the ``top_n`` best per position from
+    one row's gathered logits at a time (a 2048-token row of a 128k vocabulary is 1 GB in
+    float32, a batch of them would not fit beside the model)."""
     seqs = [c.prompt + c.new for c in done]
     width = max(len(s) for s in seqs)
+    if width < 2:  # one token: nothing before it to predict it from
+        for c in done:
+            c.logprobs, c.top_logprobs = [], [] if top_n else None
+        return
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s)  # right padding: causal, read by no real token
-    logp = forward_logits(lm, tokens).log_softmax(-1)  # [b, width, vocab] fp32
-    picked = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device))[..., 0].cpu()
-    best = logp[:, :-1].topk(top_n, dim=-1) if top_n else None
+    losses = sequence_losses(lm, tokens)  # [b, width - 1], real vocabulary, float32
     for i, (c, s) in enumerate(zip(done, seqs)):
         n = len(s) - 1
-        c.logprobs = picked[i, :n].tolist()
-        if best is not None:
-            vals, ids = best.values[i, :n].cpu().tolist(), best.indices[i, :n].cpu().tolist()
+        c.logprobs = (-losses[i, :n]).tolist()
+        if top_n:
+            logp = forward_logits(lm, tokens[i : i + 1, :n]).log_softmax(-1)[0]  # [n, vocab]
+            best = logp.topk(top_n, dim=-1)
+            ids, vals = best.indices.cpu().tolist(), best.values.cpu().tolist()
             c.top_logprobs = [dict(zip(k, v)) for k, v in zip(ids, vals)]
 
 

@@ -61,7 +61,9 @@ class Completion:
 # ---------------------------------------------------------------------------------------------
 # reading a request
 # ---------------------------------------------------------------------------------------------
-def _typed(body: dict, key: str, kinds, default, what: str):
+def typed_field(body: dict, key: str, kinds, default, what: str):
+    """``body[key]`` (``default`` when absent), refused unless one of ``kinds`` (``what`` says
+    what it must be)."""
     value = body.get(key, default)
     if value is None and default is None:
         return None
@@ -73,7 +75,7 @@ def _typed(body: dict, key: str, kinds, default, what: str):
 
 def _seed(body: dict, key: str, default_seed: int | None) -> int:
     """The request's seed; none (or Megatron-LM's -1): the server's ``--seed``, else random."""
-    seed = _typed(body, key, (int,), None, "an integer")
+    seed = typed_field(body, key, (int,), None, "an integer")
     if seed is None or seed == -1:
         return default_seed if default_seed is not None else random.randrange(2**31)
     if seed < 0:
@@ -116,8 +118,13 @@ class Tokenization:
             ids = [first, *ids]
         return ids
 
-    def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    def check_ids(self, ids: list, what: str) -> None:
+        """Every entry of ``ids`` an integer id of the vocabulary."""
         vocab = self.tokenizer.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"{what}: token ids must be integers in [0, {vocab})")
+
+    def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         for i, ids in enumerate(prompts):
             if not ids:
                 raise RequestError(f"prompt {i} is empty")
@@ -126,9 +133,7 @@ class Tokenization:
                     f"prompt {i} has {len(ids)} tokens; the model reads at most "
                     f"{self.max_positions} positions"
                 )
-            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab
-                   for t in ids):  # fmt: skip
-                raise RequestError(f"prompt {i}: token ids must be integers in [0, {vocab})")
+            self.check_ids(ids, f"prompt {i}")
         if max_new_tokens < 0:
             raise RequestError("the number of tokens to generate must be >= 0")
 
@@ -150,28 +155,28 @@ def megatron_api_job(body: dict, tok: Tokenization, default_seed: int | None) ->
         raise RequestError("prompts is empty")
     if len(prompts) > MAX_PROMPTS:
         raise RequestError(f"Maximum number of prompts is {MAX_PROMPTS}")
-    tokens = _typed(body, "tokens_to_generate", (int,), API_DEFAULT_TOKENS, "an integer >= 0")
-    logprobs = _typed(body, "logprobs", (bool,), False, "a boolean")
+    tokens = typed_field(body, "tokens_to_generate", (int,), API_DEFAULT_TOKENS, "an integer >= 0")
+    logprobs = typed_field(body, "logprobs", (bool,), False, "a boolean")
     if tokens == 0 and not logprobs:
         raise RequestError("tokens_to_generate=0 implies logprobs should be True")
-    temperature = _typed(body, "temperature", (int, float), 1.0, "a number in (0, 100]")
+    temperature = typed_field(body, "temperature", (int, float), 1.0, "a number in (0, 100]")
     if not 0.0 < temperature <= 100.0:
         raise RequestError("temperature must be a positive number less than or equal to 100.0")
-    top_k = _typed(body, "top_k", (int,), 0, "an integer in [0, 1000]")
+    top_k = typed_field(body, "top_k", (int,), 0, "an integer in [0, 1000]")
     if not 0 <= top_k <= 1000:
         raise RequestError(
             "top_k must be equal to or greater than 0 and less than or equal to 1000"
         )
-    top_p = _typed(body, "top_p", (int, float), 0.0, "a number in [0, 1]")
+    top_p = typed_field(body, "top_p", (int, float), 0.0, "a number in [0, 1]")
     if not 0.0 <= top_p <= 1.0:
         raise RequestError("top_p must be less than or equal to 1.0")
     if top_p > 0.0 and top_k > 0:
         raise RequestError("cannot set both top-k and top-p samplings.")
-    add_bos = _typed(body, "add_BOS", (bool,), False, "a boolean")
+    add_bos = typed_field(body, "add_BOS", (bool,), False, "a boolean")
     kept = []
-    if _typed(body, "stop_on_double_eol", (bool,), False, "a boolean"):
+    if typed_field(body, "stop_on_double_eol", (bool,), False, "a boolean"):
         kept.append("\n\n")
-    if _typed(body, "stop_on_eol", (bool,), False, "a boolean"):
+    if typed_field(body, "stop_on_eol", (bool,), False, "a boolean"):
         kept.append("\n")
     ids = [tok.encode(p, add_bos) for p in prompts]
     tok.check(ids, tokens)
@@ -207,11 +212,11 @@ def openai_completions_job(body: dict, tok: Tokenization, default_seed: int | No
     ids, texts = _openai_prompts(body["prompt"], tok)
     if len(ids) > MAX_PROMPTS:
         raise RequestError(f"at most {MAX_PROMPTS} prompts per request")
-    tokens = _typed(body, "max_tokens", (int,), OPENAI_DEFAULT_TOKENS, "an integer >= 0")
-    echo = _typed(body, "echo", (bool,), False, "a boolean")
+    tokens = typed_field(body, "max_tokens", (int,), OPENAI_DEFAULT_TOKENS, "an integer >= 0")
+    echo = typed_field(body, "echo", (bool,), False, "a boolean")
     if tokens == 0 and not echo:
         raise RequestError("max_tokens=0 needs echo=true (nothing would be returned)")
-    logprobs = _typed(body, "logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    logprobs = typed_field(body, "logprobs", (int,), None, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
     tok.check(ids, tokens)
@@ -224,17 +229,17 @@ def _openai_sampling(body: dict, default_seed: int | None) -> Sampling:
     """OpenAI's ``temperature`` (0: greedy), ``top_p``, ``seed``, and ``top_k`` (vLLM's
     extension)."""
     for key, limit in (("n", 1), ("best_of", 1)):
-        if _typed(body, key, (int,), 1, "an integer") != limit:
+        if typed_field(body, key, (int,), 1, "an integer") != limit:
             raise RequestError(f"{key} > 1 is not supported by this server")
     if body.get("stream"):
         raise RequestError("stream is not supported by this server")
-    temperature = _typed(body, "temperature", (int, float), 1.0, "a number in [0, 2]")
+    temperature = typed_field(body, "temperature", (int, float), 1.0, "a number in [0, 2]")
     if not 0.0 <= temperature <= 2.0:
         raise RequestError(f"temperature must be in [0, 2], got {temperature}")
-    top_p = _typed(body, "top_p", (int, float), 1.0, "a number in (0, 1]")
+    top_p = typed_field(body, "top_p", (int, float), 1.0, "a number in (0, 1]")
     if not 0.0 < top_p <= 1.0:
         raise RequestError(f"top_p must be in (0, 1], got {top_p}")
-    top_k = _typed(body, "top_k", (int,), 0, "an integer >= 0")
+    top_k = typed_field(body, "top_k", (int,), 0, "an integer >= 0")
     if top_k < 0:
         raise RequestError(f"top_k must be >= 0, got {top_k}")
     return Sampling(temperature, top_k, top_p, _seed(body, "seed", default_seed))
@@ -268,7 +273,7 @@ def openai_chat_job(body: dict, tok: Tokenization, default_seed: int | None) -> 
         raise RequestError(f"cannot render the messages: {e}") from None
     room = max(tok.max_positions - len(ids), 0)  # default: up to the model's last position
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    tokens = _typed(body, key, (int,), room, "an integer >= 1")
+    tokens = typed_field(body, key, (int,), room, "an integer >= 1")
     if tokens < 1:
         raise RequestError(f"{key} must be >= 1, got {tokens}")
     tok.check([ids], tokens)

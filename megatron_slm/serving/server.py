@@ -15,7 +15,8 @@ protocol: ``prompts``, ``tokens_to_generate``, ``temperature``, ``top_k``, ``top
 ``POST /v1/completions`` (OpenAI's, so OpenAI clients, lm-evaluation-harness's
 ``local-completions`` model and ``tools/prox_refine.py --backend openai`` work against it),
 ``POST /v1/chat/completions`` (the tokenizer's chat template: the one SFT trained with),
-``GET /health`` and ``GET /v1/models``.
+vLLM's tokenizer endpoints (``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize``:
+lm-eval's remote tokenizer), ``GET /health`` and ``GET /v1/models``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from megatron_slm.errors import UserError
+from megatron_slm.serving import tokenizer_api
 from megatron_slm.serving.engine import run_job
 from megatron_slm.serving.jobs import (
     RequestError,
@@ -104,6 +106,8 @@ def _handler(server_state):
         def do_GET(self):  # noqa: N802 - http.server's naming
             if self.path == "/health":
                 self._reply(HTTPStatus.OK, {"status": "ok"})
+            elif self.path == "/tokenizer_info":
+                self._reply(HTTPStatus.OK, tokenizer_api.tokenizer_info(server_state.tokenization))
             elif self.path == "/v1/models":
                 model = {
                     "id": server_state.model_name,
@@ -127,8 +131,20 @@ def _handler(server_state):
                 self._generate("openai")
             elif self.path in ("/v1/chat/completions", "/chat/completions"):
                 self._generate("chat")
+            elif self.path in ("/tokenize", "/detokenize"):
+                self._tokenizer(self.path)
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path}")
+
+        def _tokenizer(self, path: str) -> None:
+            """Tokenizer requests need no model: answered here, beside any running job."""
+            run = tokenizer_api.tokenize if path == "/tokenize" else tokenizer_api.detokenize
+            try:
+                payload = run(self._body(), server_state.tokenization)
+            except UserError as e:
+                self._error(HTTPStatus.BAD_REQUEST, str(e))
+                return
+            self._reply(HTTPStatus.OK, payload)
 
         def _generate(self, api: str) -> None:
             state = server_state

@@ -397,7 +397,7 @@ def test_generation_server_tp2(trained, tmp_path):
             for i in range(len(prompt), len(tokens)):
                 assert tokens[i] in hf[i - 1].topk(3).indices.tolist()
         # lm-eval's OpenAI-completions model against the server = the in-process adapter
-        _lm_eval_through_server(trained, tmp_path, s.url)
+        _lm_eval_through_server(trained, tmp_path, s)
         # refusals: one message, status 400 / 404
         status, err = s.request("PUT", "/api", {"prompts": ["a"], "top_k": 2, "top_p": 0.5})
         assert status == 400 and err["message"] == "cannot set both top-k and top-p samplings."
@@ -444,9 +444,16 @@ def lmw_prompts(trained) -> list[list[int]]:
     return lmw.prompts_of(hf_tokenizer(trained))
 
 
-def _lm_eval_through_server(trained, tmp_path, url):
-    model_args = (
-        f"base_url={url}/v1/completions,model=qa,tokenizer_backend=huggingface,"
-        f"tokenizer={trained['root'] / 'tokenizer'},max_retries=1"
-    )
+def _lm_eval_through_server(trained, tmp_path, server):
+    """lm-eval's ``local-completions`` with its default tokenizer backend, which finds the
+    server's tokenizer endpoints; they encode as the Hugging Face tokenizer does."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(trained["root"] / "tokenizer"))
+    for text in ("Question: what color is grass?\nAnswer: green", "</s>"):
+        body = {"prompt": text, "add_special_tokens": False}
+        assert server.post("/tokenize", body)["tokens"] == hf.encode(text, add_special_tokens=False)
+    ids = hf.encode("Answer: green")
+    assert server.post("/detokenize", {"tokens": ids})["prompt"] == hf.decode(ids)
+    model_args = f"base_url={server.url}/v1/completions,model=qa,max_retries=1"
     _lm_eval_cli_mc_accuracy(trained, tmp_path / "api_out", "local-completions", model_args)

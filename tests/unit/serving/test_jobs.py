@@ -163,3 +163,19 @@ def test_chat_refusals(tok, body, message):
 
     with pytest.raises(RequestError, match=message):  # (the NullTokenizer has no chat template)
         openai_chat_job(body, tok, None)
+
+
+def test_tokenizer_endpoints(tok):
+    from megatron_slm.serving import tokenizer_api
+
+    info = tokenizer_api.tokenizer_info(tok)
+    assert info["eos_token"] == "49" and info["model_max_length"] == 16  # (EOD's text)
+    out = tokenizer_api.tokenize({"prompt": "3 1 4", "add_special_tokens": False}, tok)
+    assert out == {"tokens": [3, 1, 4], "count": 3, "max_model_len": 16}
+    assert tokenizer_api.tokenize({"prompt": info["eos_token"]}, tok)["tokens"] == [TOK.eod]
+    assert tokenizer_api.detokenize({"tokens": [3, 1, 4]}, tok) == {"prompt": "3 1 4"}
+    assert tokenizer_api.detokenize({"tokens": []}, tok) == {"prompt": ""}
+    with pytest.raises(RequestError, match="prompt must be a string"):
+        tokenizer_api.tokenize({"prompt": [1]}, tok)
+    with pytest.raises(RequestError, match=r"tokens: token ids must be integers in \[0, 50\)"):
+        tokenizer_api.detokenize({"tokens": [1, 99]}, tok)
