@@ -71,6 +71,16 @@ class PreprocessConfig(TikTokenArgs):
     append_eod: bool = arg(False, "Append the tokenizer's EOD to each non-empty document.")
     output_prefix: str = arg(None, "Writes <prefix>_<key>_document.bin/.idx.", required=True)
     workers: int = arg(1, "Tokenizing processes (the output is identical for any number).")
+    partitions: int = arg(
+        1,
+        "Megatron-LM's file partitions, each with --workers / --partitions processes (it must "
+        "divide --workers): the same --workers processes tokenize here, one shared pool, and "
+        "documents are written in input order, Megatron-LM's order with "
+        "--keep-sequential-samples (without it Megatron-LM interleaves the partitions' lines).",
+    )
+    keep_sequential_samples: bool = arg(
+        False, "Accepted (Megatron-LM's flag): documents are always written in input order."
+    )
     log_interval: int = arg(10000, "Documents between progress logs (0: never).")
 
     def __post_init__(self):
@@ -85,6 +95,11 @@ class PreprocessConfig(TikTokenArgs):
             raise ConfigError("--output-prefix is required")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.partitions < 1 or self.workers % self.partitions:
+            raise ConfigError(
+                f"--partitions {self.partitions} must be >= 1 and divide --workers "
+                f"{self.workers} (each partition gets workers / partitions processes)"
+            )
         if self.log_interval < 0:
             raise ConfigError(f"--log-interval must be >= 0, got {self.log_interval}")
 

@@ -158,6 +158,8 @@ def test_cli(tmp_path, capsys):
             "--input", src, "--output-prefix", str(tmp_path / "cli"),
             "--tokenizer-type", "NullTokenizer", "--vocab-size", "10",
             "--append-eod", "--workers", "2", "--skip-bad-lines", "--log-interval", "1",
+            # Megatron-LM's partition flags: one pool here, documents in input order
+            "--partitions", "2", "--keep-sequential-samples",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -165,6 +167,11 @@ def test_cli(tmp_path, capsys):
     ds = IndexedDataset(str(tmp_path / "cli_text_document"))
     assert ds[0].tolist() == [1, 2, 3, 9]
     assert os.path.exists(str(tmp_path / "cli_text_document.idx"))
+    argv = ["--input", src, "--output-prefix", str(tmp_path / "bad"), "--tokenizer-type",
+            "NullTokenizer", "--vocab-size", "10", "--workers", "3",
+            "--partitions", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--partitions 2 must be >= 1 and divide --workers 3" in capsys.readouterr().err
 
 
 def test_missing_input(tmp_path):
