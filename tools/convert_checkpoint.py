@@ -1,4 +1,4 @@
-"""Convert Hugging Face Llama/Mistral/Qwen2/Qwen3/Nemotron/GPT-2 checkpoints to megatron-core
+"""Convert Hugging Face Llama/Mistral/Qwen2/Qwen3/Nemotron/Phi-3/GPT-2 checkpoints to megatron-core
 distributed checkpoints and back (a GPT-3-architecture checkpoint exports as GPT-2).
 
     # HF directory (config.json + safetensors or .bin + tokenizer files) -> megatron, for TP=2 PP=1

@@ -76,14 +76,15 @@ from megatron_slm.convert.tokenizer_export import write_generation_config
 from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
+from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, fuse_phi3
 from megatron_slm.runtime.hf_source import (
     ConversionError,
-    HFWeights,
     architecture,
     check_hf_weights,
     gpt_config_from_hf,
     hf_tied,
     load_hf_into_chunks,
+    open_hf_weights,
     read_hf_config,
     tokenizer_files,
 )
@@ -163,7 +164,7 @@ def convert_hf_to_megatron(
     where = os.path.join(load, "config.json")
     model = gpt_config_from_hf(hf_cfg, where)
     tied = hf_tied(hf_cfg)
-    weights = HFWeights(load)
+    weights = open_hf_weights(load, hf_cfg, model)
     check_hf_weights(model, weights, tied)
     padded = padded_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)
     tok_files = tokenizer_files(load)
@@ -250,9 +251,8 @@ def export_architecture(
     if not fitting:
         lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            f"Hugging Face's Llama, Qwen, Nemotron and GPT-2 cannot represent this checkpoint's "
-            f"{choices}: "
-            f"{lacking}"
+            "Hugging Face's Llama, Qwen, Phi-3, Nemotron and GPT-2 cannot represent this "
+            f"checkpoint's {choices}: {lacking}"
         )
     if requested is not None and requested not in fitting:
         family = GPT2_ARCHITECTURE if requested == GPT2_ARCHITECTURE else family_of(requested)
@@ -322,6 +322,11 @@ def convert_megatron_to_hf(
     if arch == GPT2_ARCHITECTURE:
         hf_cfg = gpt2_config_from_gpt(model, out_dtype, hf_meta.get("config"))
         to_hf = gpt2_tensors_from_megatron
+    elif arch == PHI3_ARCHITECTURE:  # Llama's tensors with two projections fused
+        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
+
+        def to_hf(state, model):
+            return fuse_phi3(hf_tensors_from_megatron(state, model))
     else:
         hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
         to_hf = hf_tensors_from_megatron

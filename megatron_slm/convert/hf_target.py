@@ -58,6 +58,16 @@ FAMILIES = {
         (*_LLAMA_CORE, ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm"),
          _FULL_ATTENTION),
     ),
+    "Phi3ForCausalLM": (  # fused projections; any share of each head rotated, a window or none
+        ("Phi3ForCausalLM",),
+        (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
+         ("position_embedding_type", "rope", "RoPE"),
+         ("apply_layernorm_1p", False, "plain norm weights (no --apply-layernorm-1p)"),
+         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
+         ("kv_channels", None, "heads that split the width"),
+         ("rope_scaling_factor", None, "no Llama 3 RoPE scaling"),
+         ("rope_interpolation_factor", None, "no RoPE position interpolation")),
+    ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),
         (("normalization", "LayerNorm", "LayerNorm"),
@@ -164,6 +174,12 @@ def hf_config_from_gpt(
         del cfg["rms_norm_eps"]
         cfg.update(hidden_act="relu2", norm_eps=model.norm_epsilon, attention_bias=False,
                    mlp_bias=False, partial_rotary_factor=model.rotary_percent)  # fmt: skip
+    elif arch == "Phi3ForCausalLM":  # (transformers 4 and 5 read the top-level keys)
+        window = model.window_size
+        cfg.update(sliding_window=None if window is None else window + 1,
+                   partial_rotary_factor=model.rotary_percent, attention_bias=False,
+                   resid_pdrop=0.0, embd_pdrop=0.0,
+                   original_max_position_embeddings=model.max_position_embeddings)  # fmt: skip
     elif arch == "MistralForCausalLM":  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1

@@ -21,14 +21,17 @@ import torch
 from megatron_slm.errors import UserError
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
+from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, Phi3Weights
 
 logger = logging.getLogger("megatron_slm")
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                           "NemotronForCausalLM": "nemotron"}  # fmt: skip
+                           "NemotronForCausalLM": "nemotron",
+                           PHI3_ARCHITECTURE: "phi3"}  # fmt: skip
 """Llama's layout of tensors (``convert.hf_target`` writes these too); Nemotron's with LayerNorm
-1p, squared ReLU (one up projection) and a partial RoPE."""
+1p, squared ReLU (one up projection) and a partial RoPE; Phi-3's with fused projections
+(``runtime.hf_phi3``), a sliding window and a partial RoPE."""
 NEMOTRON = "NemotronForCausalLM"
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 READABLE_ARCHITECTURES = (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE)
@@ -145,7 +148,9 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             raise ConversionError(f"{where}: {flag}=true is not supported")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    window = cfg.get("sliding_window") if arch == "MistralForCausalLM" else None
+    window = (
+        cfg.get("sliding_window") if arch in ("MistralForCausalLM", PHI3_ARCHITECTURE) else None
+    )
     if window is not None and window < 2:
         raise ConversionError(f"{where}: sliding_window {window} is not supported (>= 2)")
     if window is not None and window >= cfg.get("max_position_embeddings", 0):
@@ -172,16 +177,22 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
         window_size=None if window is None else window - 1,
         **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
+        **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
     )
+
+
+def _rotary_share(cfg: dict, default: float) -> float:
+    """RoPE's share of each head from a transformers 4 (``partial_rotary_factor``) or 5
+    (``rope_parameters``) config."""
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default)))
 
 
 def _nemotron_choices(cfg: dict) -> dict:
     """Nemotron's architecture choices; its RoPE's share of each head from a transformers 4
     (``partial_rotary_factor``) or 5 (``rope_parameters``) config."""
-    params = cfg.get("rope_parameters") or {}
-    share = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
     return {"normalization": "LayerNorm", "activation": "squared_relu",
-            "apply_layernorm_1p": True, "rotary_percent": float(share)}  # fmt: skip
+            "apply_layernorm_1p": True, "rotary_percent": _rotary_share(cfg, 0.5)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +283,15 @@ class _DictReader:
 
     def get_tensor(self, name):
         return self._state[name]
+
+
+def open_hf_weights(path: str, hf_config: dict, model: GPTModelConfig):
+    """The directory's tensors under Llama's names (Phi-3's fused ones split: ``hf_phi3``)."""
+    weights = HFWeights(path)
+    if architecture(hf_config) != PHI3_ARCHITECTURE:
+        return weights
+    d = model.head_dim
+    return Phi3Weights(weights, model.num_attention_heads * d, model.num_query_groups * d)
 
 
 # ---------------------------------------------------------------------------------------------

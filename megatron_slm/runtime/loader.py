@@ -125,13 +125,13 @@ def load_model(
 def _load_hf_weights(plan: LoadPlan, chunks) -> None:
     """A HF directory's tensors into this rank's chunks (convert's HF -> megatron mapping)."""
     from megatron_slm.runtime.hf_source import (
-        HFWeights,
         check_hf_weights,
         hf_tied,
         load_hf_into_chunks,
+        open_hf_weights,
     )
 
     tied = hf_tied(plan.hf_config)
-    weights = HFWeights(plan.path)
+    weights = open_hf_weights(plan.path, plan.hf_config, plan.arch)
     check_hf_weights(plan.arch, weights, tied)
     load_hf_into_chunks(chunks, weights, plan.arch, tied)

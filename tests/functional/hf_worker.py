@@ -47,7 +47,9 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
-    Qwen3ForCausalLM / NemotronForCausalLM / GPT2LMHeadModel saved (safetensors) at ``path``; the
+    Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / GPT2LMHeadModel saved
+    (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head and a
+    sliding window of 6; the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
     in all three of its bands (kept, smoothed, divided by the factor), the Mistral one with linear
     RoPE scaling (positions / 4) and a sliding window of 5 tokens (the tests' rows and
@@ -81,6 +83,10 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     elif arch == "llama":
         cfg_cls, model_cls = LlamaConfig, LlamaForCausalLM
         kwargs.update(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    elif arch == "phi3":  # fused projections, RoPE on half of each head, a window of 6
+        cfg_cls, model_cls = transformers.Phi3Config, transformers.Phi3ForCausalLM
+        kwargs.update(rope_theta=10000.0, partial_rotary_factor=0.5, sliding_window=6,
+                      pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,
