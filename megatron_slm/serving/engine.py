@@ -3,7 +3,7 @@ every rank calls it with the same job): decode each micro-batch of prompts, end 
 end-of-document and the job's stop strings, and score the log probabilities asked for.
 
 Log probabilities are those of the model's softmax over the real vocabulary (no temperature or
-filter: Megatron-LM's and OpenAI's meaning), from a forward over ``prompt + generation`` after
+filter: Megatron-LM's and OpenAI's meaning), from forwards over ``prompt + generation`` after
 decoding, in float32.
 """
 
@@ -60,7 +60,8 @@ def _score(lm: LoadedModel, done: list[Completion], top_n: int) -> None:
     for i, (c, s) in enumerate(zip(done, seqs)):
         n = len(s) - 1
         c.logprobs = (-losses[i, :n]).tolist()
-        if top_n:
+        c.top_logprobs = [] if top_n else None  # (a one-token row has no position to rank)
+        if top_n and n:
             logp = forward_logits(lm, tokens[i : i + 1, :n]).log_softmax(-1)[0]  # [n, vocab]
             best = logp.topk(top_n, dim=-1)
             ids, vals = best.indices.cpu().tolist(), best.values.cpu().tolist()

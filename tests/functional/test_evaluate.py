@@ -358,7 +358,7 @@ def test_generation_server_tp2(trained, tmp_path):
         for text, tokens, full, gen in zip(texts, out["tokens"], out["text"], ref):
             assert tokens[-len(gen) :] == gen and full.startswith(text)
         # log probabilities of prompt + generation = HF's, and the greedy flags lm-eval reads
-        seqs = out["tokens"][:2]
+        seqs, wants = out["tokens"][:2], []
         body = {"prompt": seqs, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
         for seq, choice in zip(seqs, s.post("/v1/completions", body)["choices"]):
             lp = choice["logprobs"]
@@ -366,9 +366,15 @@ def test_generation_server_tp2(trained, tmp_path):
             hf = _hf_log_probs(trained, seq)
             want = hf[:-1].gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].tolist()
             assert lp["token_logprobs"][1 : len(seq)] == pytest.approx(want, abs=1e-4)
+            wants.append(want)
             for i in range(1, len(seq)):
                 (best,) = lp["top_logprobs"][i].values()
                 assert best == pytest.approx(float(hf[i - 1].max()), abs=1e-4)
+        # echo alone (no new token), beside a one-token prompt that has nothing to score
+        body = {"prompt": [seqs[0][:1], seqs[0]], "max_tokens": 0, "echo": True, "logprobs": 1}
+        one, whole = (c["logprobs"] for c in s.post("/v1/completions", body)["choices"])
+        assert one["token_logprobs"] == one["top_logprobs"] == [None]
+        assert whole["token_logprobs"][1:] == pytest.approx(wants[0], abs=1e-4)
         # stop strings end the completion and are cut from its text
         answer = out["text"][0][len(texts[0]) :]
         body = {"prompt": texts[0], "max_tokens": 12, "temperature": 0, "stop": ["\n"]}
