@@ -65,6 +65,7 @@ from megatron_slm.convert.hf_gpt2 import (
 )
 from megatron_slm.convert.hf_target import (
     FAMILIES,
+    architecture_mismatches,
     dtype_name,
     family_mismatches,
     family_of,
@@ -245,7 +246,7 @@ def export_architecture(
     fitting = [
         arch for family, gaps in needs.items() if not gaps
         for arch in (FAMILIES[family][0] if family in FAMILIES else (family,))
-        if not (arch == "LlamaForCausalLM" and model.window_size is not None)  # Mistral's window
+        if family not in FAMILIES or not architecture_mismatches(model, arch)
     ]  # fmt: skip
     choices = model.describe_kind()
     if not fitting:
@@ -261,9 +262,10 @@ def export_architecture(
                 f"--architecture {requested!r} is not supported; this checkpoint's {choices} "
                 f"exports as {' or '.join(fitting)}"
             )
-        gaps = list(needs[family])
-        if requested == "LlamaForCausalLM" and model.window_size is not None:
-            gaps.append("no sliding window (--window-size: MistralForCausalLM)")
+        if family == GPT2_ARCHITECTURE:
+            gaps = needs[family]
+        else:  # (its family's needs and its own: Llama's is the window)
+            gaps = architecture_mismatches(model, requested)
         raise ConversionError(
             f"--architecture {requested}: this checkpoint's {choices} exports as "
             f"{' or '.join(fitting)}; {family} needs {', '.join(gaps)}"

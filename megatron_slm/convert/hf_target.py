@@ -38,10 +38,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
-_LLAMA_CORE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
+_LLAMA_BASE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
                ("position_embedding_type", "rope", "RoPE"),
-               ("apply_layernorm_1p", False, "plain norm weights (no --apply-layernorm-1p)"),
-               ("rotary_percent", 1.0, "RoPE on whole heads"))  # fmt: skip
+               ("apply_layernorm_1p", False,
+                "plain norm weights (no --apply-layernorm-1p)"))  # fmt: skip
+_LLAMA_CORE = (*_LLAMA_BASE, ("rotary_percent", 1.0, "RoPE on whole heads"))
 _FULL_ATTENTION = ("window_size", None, "no sliding window (--window-size: MistralForCausalLM)")
 FAMILIES = {
     "LlamaForCausalLM/MistralForCausalLM": (
@@ -60,10 +61,7 @@ FAMILIES = {
     ),
     "Phi3ForCausalLM": (  # fused projections; any share of each head rotated, a window or none
         ("Phi3ForCausalLM",),
-        (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
-         ("position_embedding_type", "rope", "RoPE"),
-         ("apply_layernorm_1p", False, "plain norm weights (no --apply-layernorm-1p)"),
-         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
+        (*_LLAMA_BASE, ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
          ("kv_channels", None, "heads that split the width"),
          ("rope_scaling_factor", None, "no Llama 3 RoPE scaling"),
          ("rope_interpolation_factor", None, "no RoPE position interpolation")),
@@ -80,14 +78,23 @@ FAMILIES = {
 }  # fmt: skip
 """Family name -> (its architectures, what it needs); tied embeddings or not, all export
 (``tie_word_embeddings`` says which)."""
+ARCHITECTURE_NEEDS = {"LlamaForCausalLM": (_FULL_ATTENTION,)}
+"""What one architecture needs beyond its family's (Llama and Mistral differ in the window)."""
+
+
+def _unmet(model: GPTModelConfig, needs) -> list[str]:
+    return [text for name, value, text in needs if getattr(model, name) != value]
 
 
 def family_mismatches(model: GPTModelConfig) -> dict[str, list[str]]:
     """For each family of :data:`FAMILIES`, what it would need that ``model`` lacks."""
-    return {
-        family: [text for name, value, text in needs if getattr(model, name) != value]
-        for family, (_, needs) in FAMILIES.items()
-    }
+    return {family: _unmet(model, needs) for family, (_, needs) in FAMILIES.items()}
+
+
+def architecture_mismatches(model: GPTModelConfig, arch: str) -> list[str]:
+    """What architecture ``arch`` of :data:`FAMILIES` would need that ``model`` lacks."""
+    family_needs = FAMILIES[family_of(arch)][1]
+    return _unmet(model, (*family_needs, *ARCHITECTURE_NEEDS.get(arch, ())))
 
 
 def family_of(arch: str) -> str | None:
@@ -129,9 +136,7 @@ def hf_config_from_gpt(
             f"--architecture {arch!r} is not supported; choose one of "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    gaps = family_mismatches(model)[family_of(arch)]
-    if model.window_size is not None and arch == "LlamaForCausalLM":
-        gaps.append("no sliding window (--window-size: MistralForCausalLM)")
+    gaps = architecture_mismatches(model, arch)
     if gaps:
         raise ConversionError(f"--architecture {arch} needs {', '.join(gaps)}")
     source = source or {}

@@ -17,6 +17,7 @@ import torch
 
 PHI3_ARCHITECTURE = "Phi3ForCausalLM"
 _FUSED = re.compile(r"(model\.layers\.\d+\.)(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
+_LAYER_WEIGHT = re.compile(r"(model\.layers\.\d+\.)(.+)\.weight")
 _PARTS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
 
@@ -67,14 +68,14 @@ class Phi3Weights:
 def fuse_phi3(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """Llama-named export tensors -> Phi-3's: each layer's q/k/v and gate/up stacked into
     ``qkv_proj`` and ``gate_up_proj`` (the parts of one arrive together)."""
+    fused_of = {part: fused for fused, parts in _PARTS.items() for part in parts}
     pending: dict[str, torch.Tensor] = {}
     for name, tensor in tensors:
-        for fused, parts in _PARTS.items():
-            m = re.fullmatch(r"(model\.layers\.\d+\.)(.+)\.weight", name)
-            if m and m.group(2) in parts:
-                pending[m.group(2)] = tensor
-                if all(p in pending for p in parts):
-                    yield f"{m.group(1)}{fused}.weight", torch.cat([pending.pop(p) for p in parts])
-                break
-        else:
+        m = _LAYER_WEIGHT.fullmatch(name)
+        if not m or m.group(2) not in fused_of:
             yield name, tensor
+            continue
+        pending[m.group(2)] = tensor
+        fused = fused_of[m.group(2)]
+        if all(p in pending for p in _PARTS[fused]):
+            yield f"{m.group(1)}{fused}.weight", torch.cat([pending.pop(p) for p in _PARTS[fused]])

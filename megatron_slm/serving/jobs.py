@@ -108,11 +108,22 @@ class Tokenization:
     def bos(self) -> int | None:
         return getattr(self.tokenizer, "bos", None)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, specials: bool = True) -> list[int]:
+        """``text``'s ids: ``tokenize``'s (a Llama2Tokenizer's BOS first), or with ``specials``
+        false Hugging Face's ``add_special_tokens=False`` (special-token strings as their ids,
+        nothing added); ``add_bos``: BOS (else EOD, as Megatron-LM's ``add_BOS``) leads."""
+        tokenizer = self.tokenizer
         try:
-            ids = list(self.tokenizer.tokenize(text))
+            if specials:
+                ids = tokenizer.tokenize(text)
+            else:
+                try:
+                    ids = tokenizer.tokenize_with_specials(text)
+                except NotImplementedError:  # no special tokens (the NullTokenizer)
+                    ids = tokenizer.tokenize_plain(text)
         except ValueError as e:  # (UserError too: a NullTokenizer's text that is not ids)
             raise RequestError(f"cannot tokenize a prompt: {e}") from None
+        ids = [int(i) for i in ids]
         first = self.bos if self.bos is not None else self.tokenizer.eod
         if add_bos and ids[:1] != [first]:
             ids = [first, *ids]
@@ -227,7 +238,7 @@ def openai_completions_job(body: dict, tok: Tokenization, default_seed: int | No
 
 def _openai_sampling(body: dict, default_seed: int | None) -> Sampling:
     """OpenAI's ``temperature`` (0: greedy), ``top_p``, ``seed``, and ``top_k`` (vLLM's
-    extension)."""
+    extension); one completion per prompt, not streamed (``n``, ``best_of``, ``stream``)."""
     for key, limit in (("n", 1), ("best_of", 1)):
         if typed_field(body, key, (int,), 1, "an integer") != limit:
             raise RequestError(f"{key} > 1 is not supported by this server")
@@ -271,12 +282,12 @@ def openai_chat_job(body: dict, tok: Tokenization, default_seed: int | None) -> 
         ids = list(tok.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     except (ChatTemplateError, NotImplementedError) as e:
         raise RequestError(f"cannot render the messages: {e}") from None
-    room = max(tok.max_positions - len(ids), 0)  # default: up to the model's last position
+    tok.check([ids], 0)  # (a conversation too long is named before the token budget)
+    room = tok.max_positions - len(ids)  # default: up to the model's last position
     key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     tokens = typed_field(body, key, (int,), room, "an integer >= 1")
     if tokens < 1:
         raise RequestError(f"{key} must be >= 1, got {tokens}")
-    tok.check([ids], tokens)
     return Job([ids], tokens, sampling, stop=_stop_strings(body.get("stop"), "stop"))
 
 

@@ -31,18 +31,7 @@ def tokenize(body, tok: Tokenization) -> dict:
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
         raise RequestError("prompt must be a string")
     specials = typed_field(body, "add_special_tokens", (bool,), True, "a boolean")
-    tokenizer = tok.tokenizer
-    try:
-        if specials:
-            ids = tokenizer.tokenize(body["prompt"])
-        else:
-            try:
-                ids = tokenizer.tokenize_with_specials(body["prompt"])
-            except NotImplementedError:  # no special tokens (the NullTokenizer)
-                ids = tokenizer.tokenize_plain(body["prompt"])
-    except ValueError as e:
-        raise RequestError(f"cannot tokenize the prompt: {e}") from None
-    ids = [int(i) for i in ids]
+    ids = tok.encode(body["prompt"], specials=specials)
     return {"tokens": ids, "count": len(ids), "max_model_len": tok.max_positions}
 
 
