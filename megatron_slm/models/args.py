@@ -366,6 +366,20 @@ class ModelArgs:
         return self.make_vocab_size_divisible_by or DEFAULT_VOCAB_DIVISOR
 
 
+def packed_documents_spec(impl: str | None, why: str) -> str:
+    """The layer spec of a model given rows that pack several documents, each attending only to
+    itself (``why``: the flag that asks for it): the torch spec, whose attention honours the
+    block-diagonal mask. Transformer Engine and megatron-core's fused causal softmax (``local`` on
+    a GPU) apply their own causal mask and ignore a given one, so the documents would attend to
+    each other: another ``--transformer-impl`` is refused."""
+    if impl not in (None, "torch"):
+        raise ConfigError(
+            f"{why} separates packed documents with a block-diagonal attention mask, which "
+            f"--transformer-impl {impl} ignores: use --transformer-impl torch"
+        )
+    return "torch"
+
+
 def parse_window_size(text: str) -> int | None:
     """``--window-size LEFT,RIGHT`` (Megatron-LM's tuple) -> LEFT, or None for ``-1,0`` (an
     infinite window: plain causal attention). RIGHT must be 0: a GPT attends to no later token."""

@@ -79,14 +79,20 @@ def load_model(
     device: torch.device,
     *,
     params_dtype: torch.dtype = torch.float32,
+    documents: str | None = None,
 ) -> LoadedModel:
     """Build ``plan``'s model for the initialised layout and read its weights (the metadata is
     not read again). Raises ``CheckpointError`` naming the plan's flag for weights that do not
-    fit. From plain Python (a notebook, a script) with no process group yet, it creates a
-    one-process group (TP=1, PP=1) first and logs that it did."""
+    fit. ``documents``: the flag for which the caller will pass rows packing several documents
+    (a ``DocumentMask`` or block-diagonal mask): the model gets the torch spec, the one that
+    honours it (``models.args.packed_documents_spec``; callers refuse another
+    ``--transformer-impl`` with their config, before any work). From plain Python (a notebook,
+    a script) with no process group yet, it creates a one-process group (TP=1, PP=1) first and
+    logs that it did."""
     from megatron.core import parallel_state
 
     from megatron_slm.models import ModelBuildOptions, build_model, default_spec_impl
+    from megatron_slm.models.args import packed_documents_spec
 
     if not parallel_state.model_parallel_is_initialized():
         from megatron_slm import launch
@@ -96,7 +102,11 @@ def load_model(
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     opts = ModelBuildOptions(
-        transformer_impl=plan.transformer_impl or default_spec_impl(device),
+        transformer_impl=(
+            packed_documents_spec(plan.transformer_impl, documents)
+            if documents
+            else plan.transformer_impl or default_spec_impl(device)
+        ),
         params_dtype=params_dtype,
         make_vocab_size_divisible_by=plan.divisor_for(tp),
         use_cpu_initialization=device.type == "cpu",

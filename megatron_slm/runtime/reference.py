@@ -29,7 +29,7 @@ class OnlineReference:
     def __init__(self, plan: LoadPlan, device, params_dtype, eod: int):
         # ``plan``: runtime.plan_load of --slm-ref-load, made (and its vocabulary checked against
         # the data's tokenizer) before any work.
-        self.model = load_model(plan, device, params_dtype=params_dtype)
+        self.model = load_model(plan, device, params_dtype=params_dtype, documents=plan.flag)
         self.eod = eod
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import UserError
-from megatron_slm.models.args import ModelArgs
+from megatron_slm.models.args import ModelArgs, packed_documents_spec
 from megatron_slm.runtime.plan import LoadArgs
 
 PACKINGS = ("auto", "rows", "length-sorted")
@@ -111,6 +111,8 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
                 "--packing length-sorted needs --pipeline-model-parallel-size 1 (pipeline stages "
                 "exchange fixed shapes); use --packing rows"
             )
+        if self.documents_flag:
+            packed_documents_spec(self.spec_impl, self.documents_flag)
         if self.dtype not in VALUE_DTYPES:
             raise ScoringError(
                 f"--dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.dtype!r}"
@@ -121,3 +123,13 @@ class ScoreConfig(LoadArgs, ModelArgs, TokenizerArgs):
         if self.packing == "auto":
             return "rows" if self.pipeline_model_parallel_size > 1 else "length-sorted"
         return self.packing
+
+    @property
+    def documents_flag(self) -> str | None:
+        """The flag that packs several documents per row (each attending only to itself), or
+        None: one document per row."""
+        if self.packing_mode != "rows":
+            return None
+        if self.packing == "rows":
+            return "--packing rows"
+        return "--packing auto with --pipeline-model-parallel-size > 1"

@@ -399,7 +399,12 @@ def score_corpus(config: ScoreConfig) -> list[ScoreReport]:
             error = str(e)
         raise_on_every_rank(error, ScoringError)
         try:
-            lm = load_model(inputs.plan, device, params_dtype=inputs.params_dtype)
+            lm = load_model(
+                inputs.plan,
+                device,
+                params_dtype=inputs.params_dtype,
+                documents=config.documents_flag,
+            )
         except ValueError as e:
             raise ScoringError(str(e)) from None
         for prefix in config.data_prefix:

@@ -132,6 +132,7 @@ def score_batches(config: ScoreBatchesConfig) -> ScoreBatchesReport | None:
                 plan_load(config, tokenizer="required"),
                 device,
                 params_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                documents="--reset-attention-mask" if config.reset_attention_mask else None,
             )
         except ValueError as e:
             raise SampleListError(str(e)) from None

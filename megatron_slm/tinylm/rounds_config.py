@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from megatron_slm.cli import arg, check_at_least
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
-from megatron_slm.models.args import ModelArgs
+from megatron_slm.models.args import ModelArgs, packed_documents_spec
 from megatron_slm.runtime.plan import LoadArgs
 
 
@@ -79,6 +79,8 @@ class ScoreBatchesConfig(LoadArgs, ModelArgs, TokenizerArgs):
                 f"--micro-batch-size {self.micro_batch_size} must divide --global-batch-size "
                 f"{self.global_batch_size}"
             )
+        if self.reset_attention_mask:
+            packed_documents_spec(self.spec_impl, "--reset-attention-mask")
 
     @property
     def num_samples(self) -> int | None:

@@ -22,7 +22,7 @@ from megatron_slm.cli import arg, check_at_least, check_choices, flag_name, pars
 from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
-from megatron_slm.models.args import ModelArgs
+from megatron_slm.models.args import ModelArgs, packed_documents_spec
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
 from megatron_slm.ops.selection import (
     SELECT_SCOPES,
@@ -1236,13 +1236,8 @@ def validate(
         masked = "--sft-data"
     elif d.reset_attention_mask:
         masked = "--reset-attention-mask"
-    if masked and cfg.model.spec_impl not in (None, "torch"):
-        # TE and megatron's fused causal softmax ignore a given mask: packed examples would
-        # attend to each other. The torch spec (SDPA) honours it, on CPU and GPU.
-        raise ConfigError(
-            f"{masked} separates packed documents with a block-diagonal attention mask, which "
-            f"--transformer-impl {cfg.model.spec_impl} ignores: use --transformer-impl torch"
-        )
+    if masked:
+        packed_documents_spec(cfg.model.spec_impl, masked)
     if cfg.model.spec_impl == "local":
         from megatron_slm.models.specs import check_local_norms
 

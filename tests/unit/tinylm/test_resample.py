@@ -256,6 +256,10 @@ def test_score_batches_flag_errors_exit_2(capsys):
     for extra, needle in (
         (["--global-batch-size", "6", "--micro-batch-size", "4"], "--micro-batch-size 4 must"),
         (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+        (
+            ["--global-batch-size", "4", "--reset-attention-mask", "--transformer-impl", "local"],
+            "--reset-attention-mask separates packed documents",
+        ),
     ):
         assert tool.main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip()
