@@ -42,7 +42,8 @@ _LLAMA_BASE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu",
                ("position_embedding_type", "rope", "RoPE"),
                ("apply_layernorm_1p", False,
                 "plain norm weights (no --apply-layernorm-1p)"))  # fmt: skip
-_LLAMA_CORE = (*_LLAMA_BASE, ("rotary_percent", 1.0, "RoPE on whole heads"))
+_NO_LONGROPE = ("longrope", None, "no LongRoPE (Phi3ForCausalLM)")
+_LLAMA_CORE = (*_LLAMA_BASE, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE)
 _FULL_ATTENTION = ("window_size", None, "no sliding window (--window-size: MistralForCausalLM)")
 FAMILIES = {
     "LlamaForCausalLM/MistralForCausalLM": (
@@ -73,7 +74,7 @@ FAMILIES = {
          ("activation", "squared_relu", "squared ReLU"),
          ("position_embedding_type", "rope", "RoPE"),
          ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
-         _FULL_ATTENTION),
+         _FULL_ATTENTION, _NO_LONGROPE),
     ),
 }  # fmt: skip
 """Family name -> (its architectures, what it needs); tied embeddings or not, all export
@@ -120,6 +121,15 @@ def _rope_scaling(model: GPTModelConfig) -> dict | None:
         return {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE}
     if model.rope_interpolation_factor is not None:
         return {"rope_type": "linear", "factor": model.rope_interpolation_factor}
+    if model.longrope is not None:  # Phi-3.5's own form, which transformers 4 and 5 read
+        lr = model.longrope
+        out = {"type": "longrope", "short_factor": list(lr.short_factor),
+               "long_factor": list(lr.long_factor)}  # fmt: skip
+        if lr.attention_factor != lr.derived_attention_factor(
+            model.max_position_embeddings / lr.original_max_positions, lr.original_max_positions
+        ):
+            out["attention_factor"] = lr.attention_factor
+        return out
     return None
 
 
@@ -185,6 +195,8 @@ def hf_config_from_gpt(
                    partial_rotary_factor=model.rotary_percent, attention_bias=False,
                    resid_pdrop=0.0, embd_pdrop=0.0,
                    original_max_position_embeddings=model.max_position_embeddings)  # fmt: skip
+        if model.longrope is not None:
+            cfg["original_max_position_embeddings"] = model.longrope.original_max_positions
     elif arch == "MistralForCausalLM":  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1

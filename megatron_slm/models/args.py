@@ -369,13 +369,14 @@ class ModelArgs:
 def packed_documents_spec(impl: str | None, why: str) -> str:
     """The layer spec of a model given rows that pack several documents, each attending only to
     itself (``why``: the flag that asks for it): the torch spec, whose attention honours the
-    block-diagonal mask. Transformer Engine and megatron-core's fused causal softmax (``local`` on
-    a GPU) apply their own causal mask and ignore a given one, so the documents would attend to
-    each other: another ``--transformer-impl`` is refused."""
+    block-diagonal mask. Transformer Engine applies its own causal mask and ignores a given one,
+    and megatron-core's local attention replaces it by its band with a sliding window (or ignores
+    it with its fused causal softmax), so the documents would attend to each other: another
+    ``--transformer-impl`` is refused."""
     if impl not in (None, "torch"):
         raise ConfigError(
             f"{why} separates packed documents with a block-diagonal attention mask, which "
-            f"--transformer-impl {impl} ignores: use --transformer-impl torch"
+            f"--transformer-impl {impl} does not honour: use --transformer-impl torch"
         )
     return "torch"
 

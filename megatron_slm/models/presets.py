@@ -16,6 +16,7 @@ width) are fields too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from megatron_slm.errors import ConfigError
@@ -43,6 +44,36 @@ NEMOTRON_KIND = {"normalization": "LayerNorm", "activation": "squared_relu",
                  "apply_layernorm_1p": True, "rotary_percent": 0.5}  # fmt: skip
 """Nemotron-4's (and its pruned Minitron's): Megatron-LM's --apply-layernorm-1p --squared-relu
 --rotary-percent 0.5 --disable-bias-linear --untie-embeddings-and-output-weights."""
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """LongRoPE (Phi-3's ``longrope`` RoPE scaling; imported from Hugging Face, no flag): RoPE
+    frequency ``i`` divided by ``short_factor[i]`` in a forward over at most
+    ``original_max_positions`` positions, by ``long_factor[i]`` beyond, and the rotated query and
+    key channels scaled by ``attention_factor`` (the cosine and sine are)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_positions: int
+    attention_factor: float
+
+    def __post_init__(self):
+        for name in ("short_factor", "long_factor"):  # a checkpoint's JSON holds lists
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if not all(x > 0 for x in (*self.short_factor, *self.long_factor)):
+            raise ConfigError("LongRoPE: the short and long factors must be positive")
+        if self.original_max_positions < 1 or self.attention_factor <= 0:
+            raise ConfigError(
+                "LongRoPE: original_max_positions must be >= 1 and the attention factor positive"
+            )
+
+    @staticmethod
+    def derived_attention_factor(factor: float, original: int) -> float:
+        """transformers' attention factor for a config that gives none: from the context
+        extension ``factor`` (Phi-3: ``max_position_embeddings`` over the original length)."""
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups")  # fmt: skip
@@ -115,6 +146,8 @@ class GPTModelConfig:
     """--window-size L,0: sliding-window attention, each token attending to itself and the L
     tokens before it (Megatron-LM's (left, right) window, causal: right 0; Mistral's
     ``sliding_window`` W is L = W - 1); None: full causal attention."""
+    longrope: LongRope | None = None
+    """LongRoPE (Phi-3.5, Phi-4-mini: :class:`LongRope`); None: none."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -151,6 +184,10 @@ class GPTModelConfig:
             )
         if self.window_size is not None and self.window_size < 1:
             raise ConfigError(f"--window-size {self.window_size},0: the window must be >= 1")
+        if isinstance(self.longrope, dict):  # a checkpoint's JSON record
+            object.__setattr__(self, "longrope", LongRope(**self.longrope))
+        if self.longrope is not None:
+            self._check_longrope(int(rotated))
         factor = self.rope_interpolation_factor
         if factor is not None and (factor <= 0 or self.position_embedding_type != "rope"):
             raise ConfigError(
@@ -169,6 +206,21 @@ class GPTModelConfig:
             raise ConfigError(
                 f"--num-query-groups {self.num_query_groups} does not divide "
                 f"--num-attention-heads {self.num_attention_heads}"
+            )
+
+    def _check_longrope(self, rotated: int) -> None:
+        lr = self.longrope
+        if self.position_embedding_type != "rope":
+            raise ConfigError("LongRoPE needs --position-embedding-type rope")
+        if self.rope_scaling_factor is not None or self.rope_interpolation_factor is not None:
+            raise ConfigError(
+                "LongRoPE replaces --use-rope-scaling and --rotary-seq-len-interpolation-factor"
+            )
+        if len(lr.short_factor) != rotated // 2 or len(lr.long_factor) != rotated // 2:
+            raise ConfigError(
+                f"LongRoPE: {len(lr.short_factor)} short and {len(lr.long_factor)} long factors "
+                f"for {rotated // 2} rotated frequencies (--kv-channels {self.head_dim}, "
+                f"--rotary-percent {self.rotary_percent:g})"
             )
 
     @property
@@ -242,6 +294,11 @@ class GPTModelConfig:
                 positions += f" scaled x{self.rope_scaling_factor:g}"
             if self.rope_interpolation_factor:
                 positions += f", positions / {self.rope_interpolation_factor:g}"
+            if self.longrope:
+                positions += (
+                    f", LongRoPE (long factors beyond {self.longrope.original_max_positions} "
+                    f"positions, attention x{self.longrope.attention_factor:.4g})"
+                )
         else:
             positions = "learned positions"
         if self.window_size is not None:

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.cross_entropy import install_language_model_loss
+from megatron_slm.models.longrope import install_longrope, set_attention_factor
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
 from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dropped
 from megatron_slm.platform import cpu_backend_enabled
@@ -97,7 +98,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
     )
     if opts.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -143,6 +144,9 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         attention_backend=AttnBackend[opts.attention_backend],
         **opts.recompute,
     )
+    if model.longrope is not None:
+        set_attention_factor(config, model.longrope.attention_factor)
+    return config
 
 
 def build_gpt_chunk(
@@ -177,6 +181,8 @@ def build_gpt_chunk(
             seq_len_interpolation_factor=model.rope_interpolation_factor,
             vp_stage=vp_stage,
         )
+    if model.longrope is not None:
+        install_longrope(chunk, model)
     if post_process:
         install_language_model_loss(chunk)
     return chunk

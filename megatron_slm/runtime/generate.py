@@ -100,7 +100,15 @@ def generate(
         tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
     positions = torch.arange(total).expand(b, total)
     model = lm.chunks[0]
-    ctx = StaticInferenceContext(b, total) if use_cache else None
+    # LongRoPE switches to its long factors once the sequence outgrows the original length, and
+    # megatron-core sizes the rotary table by the cache's length: the cache covers the original
+    # length first (short factors), then the sequence is encoded again with a cache of the whole
+    # length (long factors), as transformers' Phi-3 recomputes its cache at that step.
+    longrope = lm.arch.longrope
+    switch = None
+    if use_cache and longrope and min(lengths) <= longrope.original_max_positions < total:
+        switch = longrope.original_max_positions
+    ctx = StaticInferenceContext(b, switch or total) if use_cache else None
     draw = sampling.generator(lm.device)
     new: list[list[int]] = [[] for _ in range(b)]
     done = [max_new_tokens <= 0] * b
@@ -108,6 +116,8 @@ def generate(
     for cur in range(min(lengths), total):
         if all(done):
             break
+        if switch is not None and cur > switch:
+            ctx, prev, switch = StaticInferenceContext(b, total), 0, None
         start = prev if use_cache else 0
         inputs, pos = tokens[:, start:cur], positions[:, start:cur]
         # TP-gathered logits (megatron-core requires it with an inference context).

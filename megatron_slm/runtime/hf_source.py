@@ -18,8 +18,8 @@ from functools import partial
 
 import torch
 
-from megatron_slm.errors import UserError
-from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.errors import ConfigError, UserError
+from megatron_slm.models.presets import GPTModelConfig, LongRope
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
 from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, Phi3Weights
 
@@ -105,14 +105,14 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
 
 
-def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None]:
-    """(RoPE base, Llama 3 scaling factor or None, linear interpolation factor or None) from a
-    transformers 4 (``rope_theta`` / ``rope_scaling``) or 5 (``rope_parameters``) config; other
-    scaled RoPE variants, and Llama 3 scaling with other constants than megatron-core's, are
-    refused."""
+def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, dict | None]:
+    """(RoPE base, Llama 3 scaling factor or None, linear interpolation factor or None, the
+    LongRoPE parameters or None) from a transformers 4 (``rope_theta`` / ``rope_scaling``) or 5
+    (``rope_parameters``) config; other scaled RoPE variants, and Llama 3 scaling with other
+    constants than megatron-core's, are refused."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    factor, linear = None, None
+    factor, linear, longrope = None, None, None
     for d in (params, scaling):
         kind = d.get("rope_type", d.get("type", "default"))
         if kind == "llama3":
@@ -125,12 +125,34 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None]:
             factor = float(d["factor"])
         elif kind == "linear":  # positions / factor: megatron-core's seq_len_interpolation_factor
             linear = float(d["factor"])
+        elif kind in ("longrope", "su") and architecture(cfg, where) == PHI3_ARCHITECTURE:
+            longrope = d  # ("su": its name in the first Phi-3 configs)
         elif kind not in ("default", None):
             raise ConversionError(
                 f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE, linear and "
-                "Llama 3's)"
+                "Llama 3's; LongRoPE with Phi3ForCausalLM)"
             )
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), factor, linear
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return theta, factor, linear, longrope and _longrope(cfg, longrope, where)
+
+
+def _longrope(cfg: dict, d: dict, where: str) -> LongRope:
+    """transformers' LongRoPE parameters: the attention factor as given, else from ``factor``,
+    else from the ratio of ``max_position_embeddings`` to the original length (Phi-3's rule)."""
+    try:
+        original = int(d.get("original_max_position_embeddings")
+                       or cfg["original_max_position_embeddings"])  # fmt: skip
+        short, long = d["short_factor"], d["long_factor"]
+    except KeyError as e:
+        raise ConversionError(f"{where}: LongRoPE without {e.args[0]}") from None
+    attention = d.get("attention_factor")
+    if attention is None:  # transformers 5 prefers a given factor to the length ratio
+        factor = d.get("factor") or cfg["max_position_embeddings"] / original
+        attention = LongRope.derived_attention_factor(factor, original)
+    try:
+        return LongRope(short, long, original, float(attention))
+    except UserError as e:
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
@@ -155,30 +177,34 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         raise ConversionError(f"{where}: sliding_window {window} is not supported (>= 2)")
     if window is not None and window >= cfg.get("max_position_embeddings", 0):
         window = None  # wider than any sequence: full causal attention
-    theta, rope_scaling_factor, interpolation = _rope(cfg, where)
-    return GPTModelConfig(
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
-        ffn_hidden_size=cfg["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=cfg.get("num_key_value_heads") or heads,
-        kv_channels=head_dim,  # Qwen3-0.6B's heads do not split its width
-        vocab_size=cfg["vocab_size"],
-        max_position_embeddings=cfg["max_position_embeddings"],
-        rotary_base=theta,
-        rope_scaling_factor=rope_scaling_factor,
-        rope_interpolation_factor=interpolation,
-        norm_epsilon=float(
-            cfg.get("norm_eps", 1e-5) if arch == NEMOTRON else cfg.get("rms_norm_eps", 1e-6)
-        ),
-        init_method_std=float(cfg.get("initializer_range", 0.02)),
-        add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
-        qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
-        # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
-        window_size=None if window is None else window - 1,
-        **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
-        **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
-    )
+    theta, rope_scaling_factor, interpolation, longrope = _rope(cfg, where)
+    try:
+        return GPTModelConfig(
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            kv_channels=head_dim,  # Qwen3-0.6B's heads do not split its width
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            rotary_base=theta,
+            rope_scaling_factor=rope_scaling_factor,
+            rope_interpolation_factor=interpolation,
+            longrope=longrope,
+            norm_epsilon=float(
+                cfg.get("norm_eps", 1e-5) if arch == NEMOTRON else cfg.get("rms_norm_eps", 1e-6)
+            ),
+            init_method_std=float(cfg.get("initializer_range", 0.02)),
+            add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
+            qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
+            # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
+            window_size=None if window is None else window - 1,
+            **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
+            **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
+        )
+    except ConfigError as e:  # a value the model config refuses: named with the file
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def _rotary_share(cfg: dict, default: float) -> float:

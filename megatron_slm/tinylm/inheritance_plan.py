@@ -95,7 +95,7 @@ def target_architecture(
     if "num_layers" not in overrides and not model_args.model_preset and layers and layers.count():
         overrides["num_layers"] = layers.count()
     learned = ("rotary_base", "norm_epsilon", "rope_scaling_factor", "rope_interpolation_factor",
-               "window_size")  # fmt: skip
+               "window_size", "longrope")  # fmt: skip
     for name in (*learned, *KIND_FIELDS):
         if name in overrides and overrides[name] != getattr(source, name):
             raise ConfigError(
@@ -121,6 +121,7 @@ def target_architecture(
         "rope_scaling_factor": source.rope_scaling_factor,
         "rope_interpolation_factor": source.rope_interpolation_factor,
         "window_size": source.window_size,  # (how the inherited heads learned to attend)
+        "longrope": source.longrope,
         "init_method_std": base.init_method_std,
         # None (hidden / heads) unless the source's heads, or --kv-channels, say otherwise.
         "kv_channels": model_args.kv_channels or source.kv_channels,

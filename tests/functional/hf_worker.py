@@ -45,11 +45,18 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
 
+# LongRoPE over an original length of 8 (Phi-3.5's form): the tests' 16-token rows use the long
+# factors, the 8-token perplexity windows the short ones, and greedy generations from a 4-token
+# prompt switch from short to long at their 9th token; attention factor sqrt(1 + ln 16 / ln 8).
+PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
+                 "long_factor": [1.0, 3.0, 9.0, 27.0]}  # fmt: skip
+
+
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
     Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / GPT2LMHeadModel saved
-    (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head and a
-    sliding window of 6; the
+    (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head, a
+    sliding window of 6 and LongRoPE (:data:`PHI3_LONGROPE`); the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
     in all three of its bands (kept, smoothed, divided by the factor), the Mistral one with linear
     RoPE scaling (positions / 4) and a sliding window of 5 tokens (the tests' rows and
@@ -86,7 +93,9 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     elif arch == "phi3":  # fused projections, RoPE on half of each head, a window of 6
         cfg_cls, model_cls = transformers.Phi3Config, transformers.Phi3ForCausalLM
         kwargs.update(rope_theta=10000.0, partial_rotary_factor=0.5, sliding_window=6,
-                      pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
+                      pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                      original_max_position_embeddings=8,
+                      rope_scaling=dict(PHI3_LONGROPE))  # fmt: skip
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,

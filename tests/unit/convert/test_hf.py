@@ -1,6 +1,7 @@
 """HF <-> megatron mapping and bad-input errors, on hand-made tiny HF directories (no models)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -81,6 +82,36 @@ def test_config_mapping_transformers_4_and_5_styles():
         hf_target.hf_config_from_gpt(scaled, "MistralForCausalLM")
 
 
+PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+        "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def test_longrope_from_transformers_4_and_5_configs():
+    """Phi-3.5's own form (``rope_scaling`` with ``type``, the original length at the top) and
+    transformers 5's (``rope_parameters``): the factors, the original length, and the attention
+    factor transformers derives: from ``max_position_embeddings`` over the original length, else
+    from a given ``factor``, else as given."""
+    short, long = [1.0, 1.5, 2.0, 2.5], [1.0, 4.0, 9.0, 16.0]
+    scaling = {"type": "longrope", "short_factor": short, "long_factor": long}
+    v4 = {**HF_CONFIG, **PHI3, "rope_scaling": scaling}
+    lr = hf_source.gpt_config_from_hf(v4).longrope
+    assert (lr.short_factor, lr.long_factor, lr.original_max_positions) == (
+        tuple(short),
+        tuple(long),
+        16,
+    )
+    assert lr.attention_factor == pytest.approx(math.sqrt(1 + math.log(64 / 16) / math.log(16)))
+    v5 = {**HF_CONFIG, **PHI3, "rope_parameters": {
+        "rope_type": "longrope", "short_factor": short, "long_factor": long,
+        "original_max_position_embeddings": 16, "rope_theta": 1234.0, "factor": 2.0}}  # fmt: skip
+    del v5["rope_theta"]
+    lr5 = hf_source.gpt_config_from_hf(v5)
+    assert lr5.rotary_base == 1234.0
+    assert lr5.longrope.attention_factor == pytest.approx(math.sqrt(1 + math.log(2) / math.log(16)))
+    v5["rope_parameters"]["attention_factor"] = 1.25
+    assert hf_source.gpt_config_from_hf(v5).longrope.attention_factor == 1.25
+
+
 def test_exported_config_loads_in_transformers():
     from transformers import AutoConfig
 
@@ -105,6 +136,29 @@ def test_exported_config_loads_in_transformers():
         ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 4096}}, "4096"),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        # LongRoPE is Phi-3's (transformers' Llama has no cache reset at the switch)
+        (
+            {
+                "rope_scaling": {
+                    "type": "longrope",
+                    "short_factor": [1.0] * 4,
+                    "long_factor": [1.0] * 4,
+                }
+            },
+            "'longrope' is not supported",
+        ),  # fmt: skip
+        ({**PHI3, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4}}, "without long_f"),
+        (
+            {
+                **PHI3,
+                "rope_scaling": {
+                    "type": "longrope",
+                    "short_factor": [1.0] * 3,
+                    "long_factor": [1.0] * 3,
+                },
+            },
+            "3 short and 3 long factors",
+        ),  # fmt: skip
     ],
 )
 def test_unsupported_configs(tmp_path, change, message):

@@ -4,6 +4,7 @@ meta tensors (nothing allocated)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from megatron_slm.models.args import ModelArgs
-from megatron_slm.models.presets import GPT3_KIND, PRESETS, GPTModelConfig
+from megatron_slm.models.presets import GPT3_KIND, PRESETS, GPTModelConfig, LongRope
 from megatron_slm.tinylm.importance import (
     Importance,
     magnitude_contributions,
@@ -116,6 +117,14 @@ def test_target_architecture_keeps_source_vocab_rope_eps():
     assert target_architecture(mistral, ModelArgs(num_layers=2)).window_size == 4095
     with pytest.raises(ValueError, match="--window-size 7,0 differs from the source's"):
         target_architecture(mistral, ModelArgs(window_size="7,0"))
+    # So is LongRoPE (Phi-3.5's): the inherited heads keep the source's frequencies, and the
+    # record survives the checkpoint's JSON (lists) unchanged.
+    phi = SMALL_SRC.replace(longrope=LongRope([1.0] * 8, [2.0] * 8, 4096, 1.19))
+    target = target_architecture(
+        phi, ModelArgs(num_layers=2, hidden_size=32, num_attention_heads=2)
+    )
+    assert target.longrope == phi.longrope and target.head_dim == phi.head_dim
+    assert GPTModelConfig(**json.loads(json.dumps(dataclasses.asdict(target)))) == target
 
 
 @pytest.mark.parametrize(
