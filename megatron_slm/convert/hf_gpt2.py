@@ -49,6 +49,8 @@ def gpt2_mismatches(model: GPTModelConfig) -> list[str]:
         gaps.append("no QK norm")
     if model.window_size is not None:
         gaps.append("no sliding window")
+    if model.num_experts is not None:
+        gaps.append("a dense MLP (no --num-experts)")
     if model.apply_layernorm_1p:
         gaps.append("plain norm weights (no --apply-layernorm-1p)")
     if model.kv_channels is not None:

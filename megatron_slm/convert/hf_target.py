@@ -38,10 +38,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
+_DENSE = ("num_experts", None, "a dense MLP (no --num-experts)")
 _LLAMA_BASE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
                ("position_embedding_type", "rope", "RoPE"),
                ("apply_layernorm_1p", False,
-                "plain norm weights (no --apply-layernorm-1p)"))  # fmt: skip
+                "plain norm weights (no --apply-layernorm-1p)"), _DENSE)  # fmt: skip
 _NO_LONGROPE = ("longrope", None, "no LongRoPE (Phi3ForCausalLM)")
 _LLAMA_CORE = (*_LLAMA_BASE, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE)
 _FULL_ATTENTION = ("window_size", None, "no sliding window (--window-size: MistralForCausalLM)")
@@ -74,7 +75,7 @@ FAMILIES = {
          ("activation", "squared_relu", "squared ReLU"),
          ("position_embedding_type", "rope", "RoPE"),
          ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
-         _FULL_ATTENTION, _NO_LONGROPE),
+         _FULL_ATTENTION, _NO_LONGROPE, _DENSE),
     ),
 }  # fmt: skip
 """Family name -> (its architectures, what it needs); tied embeddings or not, all export

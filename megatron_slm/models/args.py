@@ -40,6 +40,9 @@ ARCHITECTURE_FLAGS = (
     "max_position_embeddings",
     "rotary_base",
     "norm_epsilon",
+    "num_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
 )
 
 
@@ -204,6 +207,22 @@ class ModelArgs:
         "Sliding-window attention, Megatron-LM's LEFT,RIGHT: each token attends to itself and "
         "the LEFT tokens before it (causal: RIGHT 0; Mistral-7B: 4095,0; -1,0: no window).",
     )
+    num_experts: int | None = arg(
+        None,
+        "Mixture of experts: every layer's MLP is this many experts behind a linear router "
+        "(megatron-core's MoELayer; Megatron-LM's flag). Default: a dense MLP.",
+    )
+    moe_router_topk: int | None = arg(
+        None, "With --num-experts: experts per token (Megatron-LM's default 2)."
+    )
+    moe_ffn_hidden_size: int | None = arg(
+        None, "With --num-experts: each expert's inner width (default --ffn-hidden-size)."
+    )
+    moe_router_pre_softmax: bool = arg(
+        False,
+        "With --num-experts: weigh the chosen experts by the softmax over all of them (else over "
+        "the top-k logits, Mixtral's).",
+    )
 
     def __post_init__(self):
         if self.window_size is not None:
@@ -249,6 +268,10 @@ class ModelArgs:
                 "--init-method-xavier-uniform replaces the normal initialisation of "
                 "--init-method-std: give one of them"
             )
+        moe = [f for f in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax")
+               if getattr(self, f) not in (None, False)]  # fmt: skip
+        if moe and self.num_experts is None:
+            raise ConfigError(f"--{moe[0].replace('_', '-')} needs --num-experts")
         if self.attention_backend == "local" and self.transformer_impl not in (None, "local"):
             raise ConfigError(
                 f"--attention-backend local is megatron-core's local attention: it contradicts "
@@ -280,6 +303,8 @@ class ModelArgs:
             given["rotary_percent"] = self.rotary_percent
         if self.window_size is not None and parse_window_size(self.window_size) is not None:
             given["window_size"] = parse_window_size(self.window_size)
+        if self.moe_router_pre_softmax:
+            given["moe_router_pre_softmax"] = True
         return given
 
     @property
@@ -410,6 +435,12 @@ def flag_text(name: str, value) -> str:
         return f"--rotary-percent {value:g}"
     if name == "window_size":
         return "no --window-size" if value is None else f"--window-size {value},0"
+    if name == "num_experts":
+        return "a dense MLP (no --num-experts)" if value is None else f"--num-experts {value}"
+    if name == "longrope":
+        return "no LongRoPE" if value is None else "LongRoPE (its Hugging Face config's)"
+    if name == "moe_router_pre_softmax":
+        return "--moe-router-pre-softmax" if value else "no --moe-router-pre-softmax"
     if name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"

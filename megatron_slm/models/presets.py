@@ -148,6 +148,17 @@ class GPTModelConfig:
     ``sliding_window`` W is L = W - 1); None: full causal attention."""
     longrope: LongRope | None = None
     """LongRoPE (Phi-3.5, Phi-4-mini: :class:`LongRope`); None: none."""
+    num_experts: int | None = None
+    """--num-experts: every layer's MLP is a mixture of this many experts (megatron-core's
+    ``MoELayer``: a linear router, top-k experts per token, each an MLP of the model's kind);
+    None: a dense MLP."""
+    moe_router_topk: int = 2
+    """--moe-router-topk: experts each token is routed to."""
+    moe_ffn_hidden_size: int | None = None
+    """--moe-ffn-hidden-size: each expert's inner width (None: --ffn-hidden-size)."""
+    moe_router_pre_softmax: bool = False
+    """--moe-router-pre-softmax: the top-k weights are the softmax over all experts (else, as
+    Mixtral's, a softmax over the k chosen logits)."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -184,6 +195,8 @@ class GPTModelConfig:
             )
         if self.window_size is not None and self.window_size < 1:
             raise ConfigError(f"--window-size {self.window_size},0: the window must be >= 1")
+        if self.num_experts is not None:
+            self._check_experts()
         if isinstance(self.longrope, dict):  # a checkpoint's JSON record
             object.__setattr__(self, "longrope", LongRope(**self.longrope))
         if self.longrope is not None:
@@ -207,6 +220,22 @@ class GPTModelConfig:
                 f"--num-query-groups {self.num_query_groups} does not divide "
                 f"--num-attention-heads {self.num_attention_heads}"
             )
+
+    def _check_experts(self) -> None:
+        if self.num_experts < 2:
+            raise ConfigError(f"--num-experts {self.num_experts}: a mixture needs >= 2 experts")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ConfigError(
+                f"--moe-router-topk {self.moe_router_topk} must be in 1..--num-experts "
+                f"{self.num_experts}"
+            )
+        if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size < 1:
+            raise ConfigError("--moe-ffn-hidden-size must be positive")
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Each expert's inner width (the dense MLP's without --moe-ffn-hidden-size)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     def _check_longrope(self, rotated: int) -> None:
         lr = self.longrope
@@ -258,10 +287,13 @@ class GPTModelConfig:
         q = self.num_attention_heads * self.head_dim
         attention = h * q + 2 * h * kv + q * h  # q, k, v, o
         mlp = (3 if self.gated else 2) * h * f  # (gate,) up, down
+        if self.num_experts:  # the experts and the router (megatron-core's has no bias)
+            f = self.expert_ffn_hidden_size
+            mlp = self.num_experts * (3 if self.gated else 2) * h * f + h * self.num_experts
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (and bias)
         if self.add_bias_linear:
             attention += q + 2 * kv + h
-            mlp += (2 * f if self.gated else f) + h
+            mlp += ((2 * f if self.gated else f) + h) * (self.num_experts or 1)
         elif self.add_qkv_bias:
             attention += q + 2 * kv
         if self.qk_layernorm:  # one norm for the query heads, one for the key heads
@@ -311,6 +343,11 @@ class GPTModelConfig:
                 {"all": "biases", "qkv": "QKV biases", "none": "no biases"}[self.biases],
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",
                 *(["QK norm"] if self.qk_layernorm else []),
+                *(
+                    [f"{self.num_experts} experts, top-{self.moe_router_topk}"]
+                    if self.num_experts
+                    else []
+                ),
             ]
         )
         return f"{self.kind_name()} architecture ({choices})"
@@ -321,7 +358,7 @@ class GPTModelConfig:
             f"{self.describe_kind()}: "
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
             f"heads{f' of {self.kv_channels}' if self.kv_channels else ''} in "
-            f"{self.num_query_groups} KV groups, FFN {self.ffn_hidden_size}, vocabulary "
+            f"{self.num_query_groups} KV groups, FFN {self.expert_ffn_hidden_size}, vocabulary "
             f"{self.vocab_size} padded to {padded_vocab_size}: "
             f"{self.num_parameters(padded_vocab_size):,} parameters"
         )
@@ -331,7 +368,11 @@ class GPTModelConfig:
         h, kv = self.hidden_size, self.num_query_groups * self.head_dim
         q = self.num_attention_heads * self.head_dim
         mlp_matrices = 3 if self.gated else 2
-        dense = 2 * (2 * h * q + 2 * h * kv + mlp_matrices * h * self.ffn_hidden_size)
+        mlp = mlp_matrices * h * self.ffn_hidden_size
+        if self.num_experts:  # the k experts a token is routed to, and the router
+            mlp = self.moe_router_topk * mlp_matrices * h * self.expert_ffn_hidden_size
+            mlp += h * self.num_experts
+        dense = 2 * (2 * h * q + 2 * h * kv + mlp)
         attention = 2 * 2 * seq_length * q / 2  # causal: half of QK^T and AV
         logits = 2 * h * self.vocab_size
         return 3 * (self.num_layers * (dense + attention) + logits)

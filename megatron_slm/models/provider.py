@@ -65,6 +65,9 @@ class ModelBuildOptions:
     """Normalise gradients by the number of (selected) tokens across micro-batches and DP."""
     recompute: dict = field(default_factory=dict)
     """megatron-core's recompute fields (``TrainingArgs.recompute``); empty: none."""
+    moe: dict = field(default_factory=dict)
+    """megatron-core's mixture-of-experts training fields (``TrainingArgs.moe``: the auxiliary
+    losses, the token dispatcher); empty: megatron-core's defaults (no auxiliary loss)."""
     attention_dropout: float = 0.0
     """--attention-dropout (training only)."""
     hidden_dropout: float = 0.0
@@ -82,6 +85,43 @@ def _xavier_uniform_init() -> dict:
     xavier = torch.nn.init.xavier_uniform_
     return {"init_method": xavier, "output_layer_init_method": xavier,
             "embedding_init_method": xavier}  # fmt: skip
+
+
+def _router_without_te() -> None:
+    """megatron-core's router GEMM reads ``moe_utils.te_general_gemm``, which its module defines
+    only where Transformer Engine imports (0.16: a NameError in every MoE forward without it);
+    None is the value its own check expects for "no TE GEMM" (then torch's matmul)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _moe_fields(model: GPTModelConfig, opts: ModelBuildOptions) -> dict:
+    """megatron-core's fields of a mixture-of-experts model (none for a dense one). Experts are
+    megatron-core's ``SequentialMLP`` (one MLP after another: no grouped GEMM, which needs
+    Transformer Engine or the grouped_gemm package)."""
+    if model.num_experts is None:
+        return {}
+    _router_without_te()
+    training = dict(opts.moe)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1 and opts.calculate_per_token_loss:
+        # megatron-core (0.16) weighs each TP rank's share of the auxiliary losses by that rank's
+        # tokens, 1/TP of the sequence under sequence parallelism, where the per-token scaling
+        # divides by all of them: their gradients would be 1/TP of TP 1's. Measured equal again
+        # with the coefficients times TP (the logged values divide the coefficient back out).
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if training.get(key):
+                training[key] *= tp
+    return {
+        "num_moe_experts": model.num_experts,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_ffn_hidden_size": model.expert_ffn_hidden_size,
+        "moe_router_pre_softmax": model.moe_router_pre_softmax,
+        "moe_grouped_gemm": False,
+        **training,
+    }
 
 
 def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
@@ -114,6 +154,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         qk_layernorm=model.qk_layernorm,
         layernorm_zero_centered_gamma=model.apply_layernorm_1p,
         window_size=None if model.window_size is None else (model.window_size, 0),
+        **_moe_fields(model, opts),
         hidden_dropout=opts.hidden_dropout,
         attention_dropout=opts.attention_dropout,
         init_method_std=model.init_method_std,

@@ -360,9 +360,17 @@ def _qk_layernorm(config: TransformerConfig) -> bool:
     return bool(getattr(config, "qk_layernorm", False))
 
 
+def _experts(config: TransformerConfig) -> dict:
+    """megatron-core's layer-spec arguments of a mixture of experts (none for a dense MLP)."""
+    experts = getattr(config, "num_moe_experts", None)
+    if not experts:
+        return {}
+    return {"num_experts": experts, "moe_grouped_gemm": False}
+
+
 def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
-        normalization=config.normalization, qk_layernorm=_qk_layernorm(config)
+        normalization=config.normalization, qk_layernorm=_qk_layernorm(config), **_experts(config)
     )
     sub = spec.submodules
     sub.input_layernorm = torch_norm(config)
@@ -372,11 +380,12 @@ def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
         sub.self_attention.submodules.k_layernorm = torch_norm(config)
     sub.self_attention.module = FusedRoPESelfAttention
     sub.self_attention.submodules.core_attention = TorchSDPAttention
-    sub.mlp.module = FusedSwiGLUMLP
+    if not _experts(config):  # (the experts are megatron-core's MLPs)
+        sub.mlp.module = FusedSwiGLUMLP
     return spec
 
 
-def _te_layer_spec(qk_layernorm: bool = False) -> tuple[ModuleSpec, type]:
+def _te_layer_spec(config: TransformerConfig) -> tuple[ModuleSpec, type]:
     try:
         import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TENorm
@@ -388,7 +397,10 @@ def _te_layer_spec(qk_layernorm: bool = False) -> tuple[ModuleSpec, type]:
             "--transformer-impl te needs Transformer Engine (pip install megatron-slm[gpu]); "
             "use --transformer-impl local or torch"
         ) from exc
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), TENorm
+    spec = get_gpt_layer_with_transformer_engine_spec(
+        qk_layernorm=_qk_layernorm(config), **_experts(config)
+    )
+    return spec, TENorm
 
 
 def default_spec_impl(device: torch.device) -> str:
@@ -430,12 +442,14 @@ def gpt_block_spec(
 ) -> TransformerBlockSubmodules:
     """Decoder block (this pipeline stage's layers + final norm) for ``impl``."""
     if impl == "te":
-        layer, final_norm = _te_layer_spec(_qk_layernorm(config))
+        layer, final_norm = _te_layer_spec(config)
     elif impl == "local":
         rms = config.normalization == "RMSNorm"
         check_local_norms(config.layernorm_zero_centered_gamma)
         layer = get_gpt_layer_local_spec(
-            normalization=config.normalization, qk_layernorm=_qk_layernorm(config)
+            normalization=config.normalization,
+            qk_layernorm=_qk_layernorm(config),
+            **_experts(config),
         )
         final_norm = LocalSpecProvider().layer_norm(rms_norm=rms)
     elif impl == "torch":

@@ -23,7 +23,8 @@ from megatron_slm.models.presets import KIND_FIELDS, SHAPE_FIELDS, GPTModelConfi
 LAYER_METHODS = ("ends", "importance", "list")
 INHERITABLE_KIND = {"normalization": "RMSNorm", "activation": "swiglu",
                     "position_embedding_type": "rope", "add_bias_linear": False,
-                    "apply_layernorm_1p": False, "rotary_percent": 1.0}  # fmt: skip
+                    "apply_layernorm_1p": False, "rotary_percent": 1.0,
+                    "num_experts": None}  # fmt: skip
 """The kind fields the slicing rules rest on (Llama's): RMSNorm has no mean to recentre over the
 removed channels, ``linear_fc1`` is SwiGLU's ``[gate; up]``, no bias is added to the residual
 stream, and RoPE turns whole heads. The other kind fields are free: QKV biases (Qwen2's) are
@@ -37,7 +38,8 @@ def check_source(source: GPTModelConfig, load: str) -> None:
     if any(getattr(source, name) != value for name, value in INHERITABLE_KIND.items()):
         raise ConfigError(
             f"--load {load}: parameter inheritance takes Llama's architecture (RMSNorm, SwiGLU, "
-            "RoPE on whole heads, no linear biases, plain norm weights), also with Qwen's QKV "
+            "RoPE on whole heads, no linear biases, plain norm weights, a dense MLP), also "
+            "with Qwen's QKV "
             "biases, QK norm, tied embeddings or a head size that does not split the width; the "
             f"checkpoint's is {source.describe_kind()}"
         )

@@ -8,6 +8,7 @@ size live in :func:`validate`. Every message names the flag.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -83,6 +84,11 @@ class ParallelConfig:
     context_parallel_size: int = arg(
         1, "Accepted at 1 (Megatron-LM's flag): megatron-slm does not shard the sequence."
     )
+    expert_model_parallel_size: int = arg(
+        1,
+        "Accepted at 1 (Megatron-LM's flag): with --num-experts every rank holds all experts "
+        "(tensor parallelism shards each one).",
+    )
     distributed_timeout_minutes: int = arg(
         30,
         "How long a collective may wait for the other ranks before the job fails (Megatron-LM's "
@@ -119,6 +125,11 @@ class ParallelConfig:
                 f"--context-parallel-size {self.context_parallel_size}: context parallelism is "
                 "not supported (the selection and the reference losses are per whole sequence)"
             )
+        if self.expert_model_parallel_size != 1:
+            raise ConfigError(
+                f"--expert-model-parallel-size {self.expert_model_parallel_size}: expert "
+                "parallelism is not supported (every rank holds all experts)"
+            )
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -126,6 +137,8 @@ class ParallelConfig:
             )
 
 
+MOE_BALANCING = ("aux_loss", "seq_aux_loss", "none")  # megatron-core's (sinkhorn: its own router)
+MOE_DISPATCHERS = ("allgather", "alltoall")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp")  # megatron-core's for dense layers (layernorm needs TE)
@@ -350,6 +363,30 @@ class TrainingArgs:
         "layernorm is not offered: megatron-core's needs Transformer Engine.",
         nargs="*",
     )
+    moe_aux_loss_coeff: float = arg(
+        0.0,
+        "With --num-experts: weight of the load-balancing loss added to each MoE layer "
+        "(Megatron-LM's default 0: none; 1e-2 is common).",
+    )
+    moe_router_load_balancing_type: str = arg(
+        "aux_loss",
+        "The load-balancing loss: aux_loss (Switch Transformer's, over the micro-batch), "
+        "seq_aux_loss (per sequence) or none.",
+        choices=MOE_BALANCING,
+    )
+    moe_z_loss_coeff: float | None = arg(
+        None, "With --num-experts: weight of the router's z-loss (ST-MoE's); default none."
+    )
+    moe_token_dispatcher_type: str = arg(
+        "allgather",
+        "How tokens reach their experts (megatron-core's dispatchers): allgather or alltoall.",
+        choices=MOE_DISPATCHERS,
+    )
+    moe_grouped_gemm: bool = arg(
+        False,
+        "Refused (Megatron-LM's flag): the experts run one after another as megatron-core's "
+        "SequentialMLP; the grouped GEMM needs Transformer Engine and is not offered.",
+    )
     cross_entropy_impl: str = arg(
         "fused",
         "Plain training's loss: fused (megatron_slm's vocab-parallel op at ratio 1: "
@@ -418,6 +455,7 @@ class TrainingArgs:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self._check_recompute()
+        self._check_moe()
         self._check_rates_and_weight_decay()
 
     def _check_rates_and_weight_decay(self) -> None:
@@ -492,6 +530,29 @@ class TrainingArgs:
                 f"--recompute-modules {' '.join(unknown)}: choose from "
                 f"{', '.join(RECOMPUTE_MODULES)}"
             )
+
+    def _check_moe(self) -> None:
+        check_choices(self, "moe_router_load_balancing_type")
+        check_choices(self, "moe_token_dispatcher_type")
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag_name(name)} must be >= 0")
+        if self.moe_grouped_gemm:
+            raise ConfigError(
+                "--moe-grouped-gemm is not offered: the experts run as megatron-core's "
+                "SequentialMLP (drop the flag)"
+            )
+
+    @property
+    def moe(self) -> dict:
+        """megatron-core's TransformerConfig fields for the MoE training flags."""
+        return {
+            "moe_aux_loss_coeff": self.moe_aux_loss_coeff,
+            "moe_router_load_balancing_type": self.moe_router_load_balancing_type,
+            "moe_z_loss_coeff": self.moe_z_loss_coeff,
+            "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
+        }
 
     @property
     def recompute(self) -> dict:
@@ -1202,6 +1263,22 @@ class DerivedSizes:
         return self.train_samples // self.global_batch_size
 
 
+def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
+    """The MoE training flags need a mixture of experts; megatron-core's rule for TP."""
+    t, p = cfg.training, cfg.parallel
+    if architecture.num_experts is None:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
+        given = [name for name in t.moe if getattr(t, name) != defaults[name]]
+        if given:
+            raise ConfigError(f"{flag_name(given[0])} needs --num-experts (the model is dense)")
+        return
+    if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            f"--num-experts {architecture.num_experts} with --tensor-model-parallel-size "
+            f"{p.tensor_model_parallel_size} needs --sequence-parallel (megatron-core's rule)"
+        )
+
+
 def validate(
     cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig, resumed_samples: int = 0
 ) -> DerivedSizes:
@@ -1238,6 +1315,7 @@ def validate(
         masked = "--reset-attention-mask"
     if masked:
         packed_documents_spec(cfg.model.spec_impl, masked)
+    _check_experts(cfg, architecture)
     if cfg.model.spec_impl == "local":
         from megatron_slm.models.specs import check_local_norms
 

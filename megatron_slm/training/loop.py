@@ -53,6 +53,7 @@ from megatron_slm.training.metrics import (
     STAT_KEYS,
     TrainingLogger,
     excess_split,
+    moe_aux_losses,
     params_norm,
     source_counts,
 )
@@ -320,6 +321,7 @@ class Trainer:
             ),
             use_cpu_initialization=self.device.type == "cpu",
             recompute=t.recompute,
+            moe=t.moe,
             attention_dropout=cfg.model.attention_dropout,
             hidden_dropout=cfg.model.hidden_dropout,
             attention_backend=cfg.model.attention_backend,
@@ -813,6 +815,10 @@ class Trainer:
             extras["params_norm"] = params_norm(self.chunks)
         if self.optimizer_step.num_zeros is not None:
             extras["num_zeros_in_grad"] = self.optimizer_step.num_zeros
+        if self.arch.num_experts:
+            dp = parallel_state.get_data_parallel_world_size()
+            microbatches = self.global_batch // (self.cfg.training.micro_batch_size * dp)
+            extras.update(moe_aux_losses(log_step, microbatches))
         self.log.step(
             self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio,
             self.global_batch, extras,

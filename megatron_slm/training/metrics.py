@@ -54,6 +54,32 @@ def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
     return out.flatten()
 
 
+def moe_aux_losses(read: bool, num_microbatches: int) -> dict[str, torch.Tensor]:
+    """This step's mixture-of-experts auxiliary losses as Megatron-LM logs them (megatron-core's
+    tracker sums each layer's over the micro-batches; here the mean over layers and
+    micro-batches, 0-dim device tensors named ``moe_<loss>``), then the tracker is cleared for
+    the next step. ``read`` (log steps): the layers' values are first reduced over the pipeline
+    stages and data-parallel ranks, collectives every rank takes part in; else only cleared."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    out = {}
+    if read:
+        reduce_aux_losses_tracker_across_ranks()
+        for name, entry in get_moe_layer_wise_logging_tracker().items():
+            if entry.get("reduce_group") is None:  # (the z-loss: megatron-core keeps each TP
+                # shard's and DP rank's own value) the mean over them: the whole batch's
+                group = parallel_state.get_tensor_and_data_parallel_group()
+                dist.all_reduce(entry["values"], group=group, op=dist.ReduceOp.AVG)
+            out[f"moe_{name}"] = entry["values"].float().mean() / num_microbatches
+    clear_aux_losses_tracker()
+    return out
+
+
 # Dense bf16 peak TFLOP/s per device, for MFU (by substring of the device name).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -287,6 +313,8 @@ class TrainingLogger:
             for key in record:
                 if key.startswith("mem_"):
                     add(f"slm/memory/{key[4:]}", record[key], iteration)
+                if key.startswith("moe_"):
+                    add(f"slm/moe/{key[4:]}", record[key], iteration)
             if self.cfg.logging.log_world_size_to_tensorboard:
                 add("slm/world_size", self.world, iteration)
             for name, share in record.get("selected_fraction_by_source", {}).items():
@@ -332,6 +360,8 @@ class TrainingLogger:
             line += f" | params norm {w[-1]['params_norm']:.3f}"
         if "num_zeros_in_grad" in w[-1]:
             line += f" | zeros in grad {w[-1]['num_zeros_in_grad']:,}"
+        for key in (k for k in w[-1] if k.startswith("moe_")):  # (log steps only)
+            line += f" | {key[4:].replace('_', ' ')} {w[-1][key]:.4f}"
         if self.peak:
             line += f" | MFU {mean('mfu') * 100:.1f}%"
         print(line, flush=True)

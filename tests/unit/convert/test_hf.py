@@ -80,6 +80,11 @@ def test_config_mapping_transformers_4_and_5_styles():
     assert hf_source.gpt_config_from_hf(hf_target.hf_config_from_gpt(scaled)) == scaled
     with pytest.raises(ConversionError, match="RoPE scaling is LlamaForCausalLM's"):
         hf_target.hf_config_from_gpt(scaled, "MistralForCausalLM")
+    # A mixture of experts has no Llama-family export (nor GPT-2's)
+    moe = model.replace(num_experts=4)
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"):
+        with pytest.raises(ConversionError, match="needs a dense MLP"):
+            hf_target.hf_config_from_gpt(moe, arch)
 
 
 PHI3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",

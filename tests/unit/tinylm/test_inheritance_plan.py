@@ -350,6 +350,8 @@ def test_cli_takes_qwen_sources_and_refuses_gpt3s(tmp_path, capsys):
         ("gpt3", gpt3, ["parameter inheritance takes Llama's architecture (RMSNorm, SwiGLU, RoPE",
                         "also with Qwen's QKV biases, QK norm, tied embeddings or a head size",
                         "the checkpoint's is GPT-3 architecture (LayerNorm, GeLU"]),
+        ("moe", SMALL_SRC.replace(num_experts=4), ["plain norm weights, a dense MLP)",
+                                                   "untied embeddings, 4 experts, top-2)"]),
     ]:  # fmt: skip
         load = _fake_checkpoint(tmp_path / name, arch)
         argv = ["--load", load, "--save", str(tmp_path / f"{name}_small"), "--num-layers", "2"]
