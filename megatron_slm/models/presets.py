@@ -231,6 +231,11 @@ class GPTModelConfig:
             )
         if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size < 1:
             raise ConfigError("--moe-ffn-hidden-size must be positive")
+        if self.add_bias_linear:  # (megatron-core 0.16's biased experts fail in the forward)
+            raise ConfigError(
+                f"--num-experts {self.num_experts} needs --disable-bias-linear: the experts "
+                "take no linear biases"
+            )
 
     @property
     def expert_ffn_hidden_size(self) -> int:
@@ -293,7 +298,7 @@ class GPTModelConfig:
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (and bias)
         if self.add_bias_linear:
             attention += q + 2 * kv + h
-            mlp += ((2 * f if self.gated else f) + h) * (self.num_experts or 1)
+            mlp += (2 * f if self.gated else f) + h
         elif self.add_qkv_bias:
             attention += q + 2 * kv
         if self.qk_layernorm:  # one norm for the query heads, one for the key heads
@@ -521,6 +526,7 @@ def check_parallel_layout(
         (model.num_attention_heads, "--num-attention-heads"),
         (model.num_query_groups, "--num-query-groups"),
         (model.ffn_hidden_size, "--ffn-hidden-size"),
+        *(((model.expert_ffn_hidden_size, "--moe-ffn-hidden-size"),) if model.num_experts else ()),
     ):
         if size % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")

@@ -73,3 +73,14 @@ def test_moe_layer_is_a_top_k_mixture_of_swiglu_experts(pre_softmax):
     expected = _reference_mixture(flat, router, fc1s, fc2s, 2, pre_softmax).reshape(x.shape)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert n_params == counted
+
+
+def test_expert_width_must_split_over_tp():
+    from megatron_slm.errors import ConfigError
+    from megatron_slm.models import get_preset
+    from megatron_slm.models.presets import check_parallel_layout
+
+    arch = get_preset("tiny").replace(num_experts=4, moe_ffn_hidden_size=47)
+    check_parallel_layout(arch, 1, 1)
+    with pytest.raises(ConfigError, match="does not divide --moe-ffn-hidden-size 47"):
+        check_parallel_layout(arch, 2, 1)

@@ -8,26 +8,9 @@ from __future__ import annotations
 import torch
 
 from tests.dist_helpers import run_distributed
+from tests.functional.hf_worker import make_hf_model
 
 EOD = 7
-
-
-def _save_tiny_mistral(path: str) -> None:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        sliding_window=6,
-        tie_word_embeddings=False,
-    )
-    MistralForCausalLM(config).save_pretrained(path)
 
 
 def _losses_by_spec(rank, world, path):
@@ -62,7 +45,7 @@ def test_packed_documents_load_the_torch_spec(tmp_path):
     """The scorer's packed rows and the online reference (``load_model(documents=...)``) score
     the second document of a row as if alone; the device's default spec, megatron-core's local
     one with the model's window, would let it attend to the first."""
-    _save_tiny_mistral(str(tmp_path))
+    make_hf_model(str(tmp_path), "mistral", 300)  # a sliding window of 5
     ((reads, alone, with_torch, with_local, online),) = run_distributed(
         _losses_by_spec, 1, str(tmp_path)
     )
