@@ -32,7 +32,7 @@ from megatron_slm.ops.selection import (
     select_mode_arg,
     unscored_arg,
 )
-from megatron_slm.platform import device_arg
+from megatron_slm.platform import device_arg, resolve_device
 from megatron_slm.training.batch_ramp import BatchRamp, batch_ramp, check_ramp_values
 from megatron_slm.training.step_batch_schedule import (
     StepBatchSchedule,
@@ -1276,6 +1276,11 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         raise ConfigError(
             f"--num-experts {architecture.num_experts} with --tensor-model-parallel-size "
             f"{p.tensor_model_parallel_size} needs --sequence-parallel (megatron-core's rule)"
+        )
+    if t.moe_token_dispatcher_type == "alltoall" and resolve_device(t.device).type == "cpu":
+        raise ConfigError(
+            "--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's dispatcher makes "
+            "CUDA streams); on CPU use allgather"
         )
 
 

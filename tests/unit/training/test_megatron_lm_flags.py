@@ -558,6 +558,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--num-experts", 4, "--tensor-model-parallel-size", 2),
          "--tensor-model-parallel-size 2 needs --sequence-parallel (megatron-core's rule)"),
         (("--num-experts", 4, "--moe-token-dispatcher-type", "flex"), "invalid choice"),
+        (("--num-experts", 4, "--moe-token-dispatcher-type", "alltoall", "--device", "cpu"),
+         "alltoall needs CUDA"),
         (("--recompute-activations", "--recompute-granularity", "full"), "is selective"),
         (("--recompute-method", "block"), "applies to --recompute-granularity full"),
         (("--recompute-modules", "mlp"), "applies to selective recompute"),
