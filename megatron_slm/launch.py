@@ -80,6 +80,7 @@ def initialize(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
 ) -> torch.device:
@@ -134,6 +135,7 @@ def initialize(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
+        expert_model_parallel_size=p.expert_model_parallel_size,
         seed=cfg.training.seed,
         timeout_minutes=p.distributed_timeout_minutes,
     )

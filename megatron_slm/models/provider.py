@@ -115,6 +115,9 @@ def _moe_fields(model: GPTModelConfig, opts: ModelBuildOptions) -> dict:
             if training.get(key):
                 training[key] *= tp
     return {
+        # (megatron-core's layers read it: an expert parameter is reduced over the expert
+        # data-parallel group only with expert parallelism)
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
         "num_moe_experts": model.num_experts,
         "moe_router_topk": model.moe_router_topk,
         "moe_ffn_hidden_size": model.expert_ffn_hidden_size,

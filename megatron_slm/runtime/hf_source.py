@@ -105,7 +105,7 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
 
 
-def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, dict | None]:
+def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, LongRope | None]:
     """(RoPE base, Llama 3 scaling factor or None, linear interpolation factor or None, the
     LongRoPE parameters or None) from a transformers 4 (``rope_theta`` / ``rope_scaling``) or 5
     (``rope_parameters``) config; other scaled RoPE variants, and Llama 3 scaling with other

@@ -86,8 +86,8 @@ class ParallelConfig:
     )
     expert_model_parallel_size: int = arg(
         1,
-        "Accepted at 1 (Megatron-LM's flag): with --num-experts every rank holds all experts "
-        "(tensor parallelism shards each one).",
+        "With --num-experts: shard the experts over this many data-parallel ranks (each holds "
+        "num_experts / EP of them; tokens reach them through the token dispatcher).",
     )
     distributed_timeout_minutes: int = arg(
         30,
@@ -125,11 +125,7 @@ class ParallelConfig:
                 f"--context-parallel-size {self.context_parallel_size}: context parallelism is "
                 "not supported (the selection and the reference losses are per whole sequence)"
             )
-        if self.expert_model_parallel_size != 1:
-            raise ConfigError(
-                f"--expert-model-parallel-size {self.expert_model_parallel_size}: expert "
-                "parallelism is not supported (every rank holds all experts)"
-            )
+        check_at_least(self, "expert_model_parallel_size")
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1266,12 +1262,20 @@ class DerivedSizes:
 def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
     """The MoE training flags need a mixture of experts; megatron-core's rule for TP."""
     t, p = cfg.training, cfg.parallel
+    ep = p.expert_model_parallel_size
     if architecture.num_experts is None:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
         given = [name for name in t.moe if getattr(t, name) != defaults[name]]
+        if ep > 1:
+            given.insert(0, "expert_model_parallel_size")
         if given:
             raise ConfigError(f"{flag_name(given[0])} needs --num-experts (the model is dense)")
         return
+    if architecture.num_experts % ep:
+        raise ConfigError(
+            f"--expert-model-parallel-size {ep} does not divide --num-experts "
+            f"{architecture.num_experts}"
+        )
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         raise ConfigError(
             f"--num-experts {architecture.num_experts} with --tensor-model-parallel-size "
@@ -1342,6 +1346,11 @@ def validate(
         p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
     )  # fmt: skip
     dp = world_size // (tp * pp)
+    if dp % p.expert_model_parallel_size:  # (megatron-core's experts: TP x EP x PP ranks)
+        raise ConfigError(
+            f"--expert-model-parallel-size {p.expert_model_parallel_size} does not divide the "
+            f"data-parallel size {dp} (world size {world_size} / TP {tp} / PP {pp})"
+        )
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if t.step_batch_size_schedule:
         gbs = t.step_schedule.final

@@ -71,8 +71,9 @@ def moe_aux_losses(read: bool, num_microbatches: int) -> dict[str, torch.Tensor]
     if read:
         reduce_aux_losses_tracker_across_ranks()
         for name, entry in get_moe_layer_wise_logging_tracker().items():
-            if entry.get("reduce_group") is None:  # (the z-loss: megatron-core keeps each TP
-                # shard's and DP rank's own value) the mean over them: the whole batch's
+            # The z-loss: megatron-core leaves each TP shard's and DP rank's own value; their
+            # mean is the whole batch's.
+            if entry.get("reduce_group") is None:
                 group = parallel_state.get_tensor_and_data_parallel_group()
                 dist.all_reduce(entry["values"], group=group, op=dist.ReduceOp.AVG)
             out[f"moe_{name}"] = entry["values"].float().mean() / num_microbatches

@@ -68,6 +68,9 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
         "format": sharding,
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
         "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        # with expert parallelism the experts have an optimizer of their own (megatron-core's
+        # ChainedOptimizer), and buffers of their own
+        "expert_model_parallel_size": p.expert_model_parallel_size,
         # one bucket buffer per model chunk of the interleaved schedule
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
         # an uneven split's stages hold other parameters, so other buckets
@@ -88,7 +91,9 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
             f"{where}: it holds no optimizer state (saved with --no-save-optim, or written by a "
             "tool): resume with --no-load-optim (a fresh Adam) or --finetune"
         )
-    saved = ckpt.meta.get("optimizer_layout") or {"distributed": False}
+    # (records from before expert parallelism: none)
+    saved = {"expert_model_parallel_size": 1,
+             **(ckpt.meta.get("optimizer_layout") or {"distributed": False})}  # fmt: skip
     run = optimizer_layout(cfg, data_parallel_size)
     if saved["distributed"] != run["distributed"]:
         saved_by = "with" if saved["distributed"] else "without"
@@ -96,11 +101,22 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
             f"{where}: its optimizer state was saved {saved_by} --use-distributed-optimizer; "
             f"resume {saved_by} it, {weights_only}"
         )
+    saved_ep, run_ep = saved["expert_model_parallel_size"], run["expert_model_parallel_size"]
+    if (saved_ep > 1) != (run_ep > 1):
+        kept = "apart from" if saved_ep > 1 else "with"
+        resume = "> 1" if saved_ep > 1 else "1"
+        raise ConfigError(
+            f"{where}: its optimizer state was saved at --expert-model-parallel-size {saved_ep}, "
+            f"the experts' state {kept} the other parameters' (megatron-core keeps them apart "
+            f"with expert parallelism); this run has {run_ep}: resume at {resume}, with "
+            f"--no-load-optim (a fresh Adam), {weights_only}"
+        )
     if not run["distributed"] or saved.get("format") == FULLY_RESHARDABLE:
         return  # per parameter: any layout
     flags = {
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+        "expert_model_parallel_size": "--expert-model-parallel-size",
         "num_layers_per_virtual_pipeline_stage": "--num-layers-per-virtual-pipeline-stage",
         "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
         "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
@@ -410,10 +426,13 @@ class OptimizerStep:
         self.optimizer, self.clip_grad, self.device = optimizer, clip_grad, device
         parts = optimizer_parts(optimizer)
         self.parts = [p for p in parts if not getattr(p, "is_stub_optimizer", False)]
-        groups = {p.get_grad_stats_parallel_group() for p in parts}
-        if len(groups) != 1:
-            raise NotImplementedError("optimizers with different gradient-statistics groups (MoE)")
-        (self.stats_group,) = groups
+        # Each part's statistics over its own group, in one order on every rank: the dense
+        # parameters' (model-parallel) and, with expert parallelism, the experts' (expert
+        # model-parallel: the ranks holding the other experts), as megatron-core's
+        # ChainedOptimizer sums them.
+        self.stat_groups: dict = {}
+        for part in parts:
+            self.stat_groups.setdefault(part.get_grad_stats_parallel_group(), []).append(part)
         inner = [getattr(p, "optimizer", None) for p in self.parts]
         self._adams = [o for o in inner if isinstance(o, torch.optim.Adam)]
         self.skips_on_device = len(self._adams) == len(inner)
@@ -438,13 +457,16 @@ class OptimizerStep:
         return self.optimizer.step_with_ready_grads(), grad_norm
 
     def _norm(self) -> torch.Tensor:
-        # Same tensors and group as megatron-core's get_grad_norm_fp32.
-        for_norm = [g for p in self.parts for g in p.get_main_grads_for_grad_norm()]
-        if for_norm:
-            total = torch.stack(torch._foreach_norm(for_norm)).float().square().sum()
-        else:
-            total = torch.zeros((), dtype=torch.float32, device=self.device)
-        dist.all_reduce(total, group=self.stats_group)
+        # Same tensors and groups as megatron-core's get_grad_norm_fp32.
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for group, parts in self.stat_groups.items():
+            real = [p for p in parts if not getattr(p, "is_stub_optimizer", False)]
+            for_norm = [g for p in real for g in p.get_main_grads_for_grad_norm()]
+            squares = torch.zeros((), dtype=torch.float32, device=self.device)
+            if for_norm:
+                squares = torch.stack(torch._foreach_norm(for_norm)).float().square().sum()
+            dist.all_reduce(squares, group=group)
+            total = total + squares
         return total.sqrt()
 
     def _clip(self, norm: torch.Tensor) -> None:
@@ -466,12 +488,17 @@ class OptimizerStep:
         from megatron.core.transformer.module import param_is_not_shared
 
         total = torch.zeros((), dtype=torch.int64, device=self.device)
-        for part in self.parts:
-            grads = self._grads(part, counted=lambda p: param_is_not_shared(p)
-                                and param_is_not_tensor_parallel_duplicate(p))  # fmt: skip
-            for grad in grads:
-                total += grad.numel() - torch.count_nonzero(grad)
-        dist.all_reduce(total, group=self.stats_group)
+        for group, parts in self.stat_groups.items():
+            zeros = torch.zeros((), dtype=torch.int64, device=self.device)
+            for part in parts:
+                if getattr(part, "is_stub_optimizer", False):
+                    continue
+                grads = self._grads(part, counted=lambda p: param_is_not_shared(p)
+                                    and param_is_not_tensor_parallel_duplicate(p))  # fmt: skip
+                for grad in grads:
+                    zeros += grad.numel() - torch.count_nonzero(grad)
+            dist.all_reduce(zeros, group=group)
+            total += zeros
         return total
 
     @staticmethod

@@ -483,7 +483,8 @@ def test_mixture_of_experts_trains_resumes_and_scores(corpus, tmp_path):
     """--num-experts: megatron-core's MoE layers train under selective training, log their
     auxiliary losses (the Switch load-balancing loss is 1 for balanced routing and at most
     experts / top-k), resume exactly, give the same losses over TP 2 with sequence parallelism,
-    and the checkpoint scores as a direct forward of its model does."""
+    over PP 2 and with the experts sharded over 2 ranks (--expert-model-parallel-size), and the
+    checkpoint scores as a direct forward of its model does."""
     import shutil
 
     root, prefix = corpus
@@ -514,6 +515,26 @@ def test_mixture_of_experts_trains_resumes_and_scores(corpus, tmp_path):
         for a, b in zip(straight[3:], sharded, strict=True):
             for key in ("loss", "moe_load_balancing_loss", "moe_z_loss"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=0), (name, key)
+    # Expert parallelism (2 ranks, 2 experts each) from the same weights with a fresh Adam: TP 1's
+    # steps; its own checkpoint (the experts' optimizer apart) resumes exactly; the TP 1 one's
+    # optimizer state (the experts' with the rest) is refused in one line.
+    fresh = (*MOE, *slm, "--load", ckpt, "--no-load-optim")
+    single = read_steps_of(prefix, tmp_path / "ep1.jsonl", 6, *fresh)
+    ep2, ep2_ckpt = ("--expert-model-parallel-size", 2), str(tmp_path / "ep2_ckpt")
+    stop = ("--save", ep2_ckpt, "--save-interval", 5, "--exit-interval", 5)
+    log = tmp_path / "ep2.jsonl"
+    read_steps_of(prefix, log, 6, *fresh, *ep2, *stop, nproc=2)
+    experts = read_steps_of(prefix, log, 6, *MOE, *slm, *ep2, "--load", ep2_ckpt, nproc=2)
+    assert [r["iteration"] for r in experts] == [4, 5, 6]
+    for a, b in zip(single, experts, strict=True):
+        for key in ("loss", "grad_norm", "moe_load_balancing_loss", "moe_z_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=0), ("ep2", key)
+    proc = run_pretrain(
+        tiny_args(prefix, str(tmp_path / "x.jsonl"), 6, *MOE, *ep2, "--load", ckpt),
+        nproc=2, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0  # (each rank exits 2; torchrun says 1)
+    assert "saved at --expert-model-parallel-size 1" in proc.stderr, proc.stderr[-2000:]
     # The scorer loads the mixture like any checkpoint (on a copy of the corpus: the module's
     # other tests read its own sidecar).
     copy = str(tmp_path / "copy")
