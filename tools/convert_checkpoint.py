@@ -34,6 +34,7 @@ from megatron_slm.convert.hf import (
     import_layout,
 )
 from megatron_slm.entry import entry_point
+from megatron_slm.runtime.hf_source import READABLE_ARCHITECTURES
 
 PROG = "convert_checkpoint"
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -65,16 +66,11 @@ class MegatronToHfConfig(_Paths):
     architecture: str | None = arg(
         None,
         "Default: for Llama's architecture the imported model's, else LlamaForCausalLM; with "
-        "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; Nemotron's (LayerNorm 1p, "
-        "squared ReLU, RoPE) exports as NemotronForCausalLM, GPT-3's as GPT2LMHeadModel.",
-        choices=(
-            "LlamaForCausalLM",
-            "MistralForCausalLM",
-            "Qwen2ForCausalLM",
-            "Qwen3ForCausalLM",
-            "NemotronForCausalLM",
-            "GPT2LMHeadModel",
-        ),  # fmt: skip
+        "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; with partial RoPE or "
+        "LongRoPE Phi3ForCausalLM, a mixture of experts MixtralForCausalLM; Nemotron's "
+        "(LayerNorm 1p, squared ReLU, RoPE) exports as NemotronForCausalLM, GPT-3's as "
+        "GPT2LMHeadModel.",
+        choices=READABLE_ARCHITECTURES,
     )
     ckpt_step: int | None = arg(
         None, "Export this iteration of the --load checkpoint root instead of its latest."

@@ -252,7 +252,7 @@ def export_architecture(
     if not fitting:
         lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            "Hugging Face's Llama, Qwen, Phi-3, Nemotron and GPT-2 cannot represent this "
+            "Hugging Face's Llama, Qwen, Phi-3, Mixtral, Nemotron and GPT-2 cannot represent this "
             f"checkpoint's {choices}: {lacking}"
         )
     if requested is not None and requested not in fitting:

@@ -1,7 +1,7 @@
-"""megatron-core GPT -> Hugging Face Llama / Mistral: the config and the tensors (the mirror of
-``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts), what a
-model needs to export as one of them, and the dtypes and token ids every export target shares
-(GPT-2's config and tensors: ``convert.hf_gpt2``)."""
+"""megatron-core GPT -> Hugging Face Llama / Mistral / Mixtral: the config and the tensors (the
+mirror of ``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts),
+what a model needs to export as one of them, and the dtypes and token ids every export target
+shares (GPT-2's config and tensors: ``convert.hf_gpt2``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from megatron_slm.runtime.hf_source import (
     _QK_NORMS,
     _QKV_BIAS,
     LLAMA3_ROPE,
+    MIXTRAL,
     SUPPORTED_ARCHITECTURES,
     ConversionError,
 )
@@ -38,11 +39,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
-_DENSE = ("num_experts", None, "a dense MLP (no --num-experts)")
-_LLAMA_BASE = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
-               ("position_embedding_type", "rope", "RoPE"),
-               ("apply_layernorm_1p", False,
-                "plain norm weights (no --apply-layernorm-1p)"), _DENSE)  # fmt: skip
+_DENSE = ("mixture", False, "a dense MLP (no --num-experts; MixtralForCausalLM)")
+_LLAMA_SHARED = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
+                 ("position_embedding_type", "rope", "RoPE"),
+                 ("apply_layernorm_1p", False,
+                  "plain norm weights (no --apply-layernorm-1p)"))  # fmt: skip
+_LLAMA_BASE = (*_LLAMA_SHARED, _DENSE)
 _NO_LONGROPE = ("longrope", None, "no LongRoPE (Phi3ForCausalLM)")
 _LLAMA_CORE = (*_LLAMA_BASE, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE)
 _FULL_ATTENTION = ("window_size", None, "no sliding window (--window-size: MistralForCausalLM)")
@@ -67,6 +69,13 @@ FAMILIES = {
          ("kv_channels", None, "heads that split the width"),
          ("rope_scaling_factor", None, "no Llama 3 RoPE scaling"),
          ("rope_interpolation_factor", None, "no RoPE position interpolation")),
+    ),
+    MIXTRAL: (  # Mistral's with a mixture of experts in every layer, a window or none
+        (MIXTRAL,),
+        (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
+         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
+         ("mixture", True, "a mixture of experts (--num-experts)"),
+         ("moe_router_pre_softmax", False, "Mixtral's router (no --moe-router-pre-softmax)")),
     ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),
@@ -198,9 +207,14 @@ def hf_config_from_gpt(
                    original_max_position_embeddings=model.max_position_embeddings)  # fmt: skip
         if model.longrope is not None:
             cfg["original_max_position_embeddings"] = model.longrope.original_max_positions
-    elif arch == "MistralForCausalLM":  # (W = the token and the W - 1 before it)
+    elif arch in ("MistralForCausalLM", MIXTRAL):  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1
+        if arch == MIXTRAL:  # (transformers' training-time router options: the source's)
+            cfg.update(num_local_experts=model.num_experts,
+                       num_experts_per_tok=model.moe_router_topk,
+                       intermediate_size=model.expert_ffn_hidden_size, router_jitter_noise=0.0,
+                       router_aux_loss_coef=source.get("router_aux_loss_coef", 0.001))  # fmt: skip
     else:  # Qwen2 (QKV biases of its own) and Qwen3 (QK norm): full attention on every layer
         cfg.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=model.num_layers)  # fmt: skip
@@ -219,6 +233,29 @@ def check_state_names(state: dict[str, torch.Tensor], expected: set[str]) -> Non
         raise ConversionError(f"checkpoint has unsupported tensors: {', '.join(unexpected[:8])}")
 
 
+def _fc1(state: dict, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    fc1 = state[name]
+    if fc1.shape != shape:
+        raise ConversionError(
+            f"tensor {name} has shape {list(fc1.shape)}, the model config implies {list(shape)}"
+        )
+    return fc1
+
+
+def _mixtral_mlp(state, model: GPTModelConfig, src: str, dst: str):
+    """Mixtral's ``block_sparse_moe``: the router, each expert's ``w1`` (gate), ``w3`` (up),
+    ``w2`` (down)."""
+    f, h = model.expert_ffn_hidden_size, model.hidden_size
+    yield dst + "block_sparse_moe.gate.weight", state[src + "mlp.router.weight"]
+    for e in range(model.num_experts):
+        ours = f"{src}mlp.experts.local_experts.{e}."
+        theirs = f"{dst}block_sparse_moe.experts.{e}."
+        fc1 = _fc1(state, ours + "linear_fc1.weight", (2 * f, h))
+        yield theirs + "w1.weight", fc1[:f]
+        yield theirs + "w3.weight", fc1[f:]
+        yield theirs + "w2.weight", state[ours + "linear_fc2.weight"]
+
+
 def hf_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -232,16 +269,16 @@ def hf_tensors_from_megatron(
     extras = (*_QKV_BIAS,) if model.add_qkv_bias else ()
     extras += (*_QK_NORMS,) if model.qk_layernorm else ()
     extras += (*_NORM_BIASES,) if layer_norm else ()
+    mlp = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+    if model.mixture:  # the router and each expert's two projections
+        mlp = ("mlp.router.weight",) + tuple(
+            f"mlp.experts.local_experts.{e}.{fc}.weight"
+            for e in range(model.num_experts) for fc in ("linear_fc1", "linear_fc2")
+        )  # fmt: skip
+    per_layer = (*(n for n in _LAYER_MAP if not n.startswith("mlp.")), *mlp,
+                 "self_attention.linear_qkv.weight", *extras)  # fmt: skip
     for i in range(model.num_layers):
-        expected.update(
-            f"decoder.layers.{i}.{s}"
-            for s in (
-                *_LAYER_MAP,
-                "self_attention.linear_qkv.weight",
-                "mlp.linear_fc1.weight",
-                *extras,
-            )  # fmt: skip
-        )
+        expected.update(f"decoder.layers.{i}.{s}" for s in per_layer)
     check_state_names(state, expected)
 
     def vocab(name: str) -> torch.Tensor:
@@ -265,12 +302,6 @@ def hf_tensors_from_megatron(
                 f"the model config implies {[ng * (r + 2) * d, h]}"
             )
         q, k, v = qkv.reshape(ng, (r + 2) * d, h).split([r * d, d, d], dim=1)
-        fc1 = state[src + "mlp.linear_fc1.weight"]
-        if fc1.shape != (f_rows, h):
-            raise ConversionError(
-                f"tensor {src}mlp.linear_fc1.weight has shape {list(fc1.shape)}, "
-                f"the model config implies {[f_rows, h]}"
-            )
         yield dst + "input_layernorm.weight", state[src + "input_layernorm.weight"]
         for ours, theirs in _NORM_BIASES.items() if layer_norm else ():
             yield dst + theirs, state[src + ours]
@@ -287,6 +318,10 @@ def hf_tensors_from_megatron(
             yield dst + theirs, state[src + ours]
         yield dst + "self_attn.o_proj.weight", state[src + "self_attention.linear_proj.weight"]
         yield dst + "post_attention_layernorm.weight", state[src + "pre_mlp_layernorm.weight"]
+        if model.mixture:
+            yield from _mixtral_mlp(state, model, src, dst)
+            continue
+        fc1 = _fc1(state, src + "mlp.linear_fc1.weight", (f_rows, h))
         if model.gated:
             yield dst + "mlp.gate_proj.weight", fc1[:f]
         yield dst + "mlp.up_proj.weight", fc1[-f:]

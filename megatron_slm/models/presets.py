@@ -238,6 +238,11 @@ class GPTModelConfig:
             )
 
     @property
+    def mixture(self) -> bool:
+        """Every layer's MLP is a mixture of experts (--num-experts)."""
+        return self.num_experts is not None
+
+    @property
     def expert_ffn_hidden_size(self) -> int:
         """Each expert's inner width (the dense MLP's without --moe-ffn-hidden-size)."""
         return self.moe_ffn_hidden_size or self.ffn_hidden_size

@@ -13,6 +13,9 @@ import re
 import torch
 
 _LOCAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\..+)")
+# A gated linear_fc1 (a dense MLP's or an expert's) holds [gate; up].
+_GATED_FC1 = re.compile(r".*mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.(weight|bias)")
 
 
 def unwrap(chunk):
@@ -28,7 +31,12 @@ def global_name(chunk, local_name: str) -> str:
     if not m:
         return local_name
     layer = unwrap(chunk).decoder.layers[int(m.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}.{m.group(2)}"
+    rest = m.group(2)
+    expert = _LOCAL_EXPERT.fullmatch(rest)
+    if expert:  # local expert e of expert-parallel rank r: global r * (experts per rank) + e
+        first = layer.mlp.local_expert_indices[0]  # (megatron-core's MoELayer)
+        rest = f"{expert.group(1)}{first + int(expert.group(2))}{expert.group(3)}"
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
 def tp_shard(
@@ -46,7 +54,7 @@ def tp_shard(
             f"tensor {name}: dimension {dim} of size {full.shape[dim]} is not divisible by "
             f"tensor-parallel size {tp}"
         )
-    if gated and name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")):
+    if gated and _GATED_FC1.fullmatch(name):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
     return full.chunk(tp, dim=dim)[rank]

@@ -25,13 +25,15 @@ from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, Phi3Weights
 
 logger = logging.getLogger("megatron_slm")
 
+MIXTRAL = "MixtralForCausalLM"
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                            "NemotronForCausalLM": "nemotron",
-                           PHI3_ARCHITECTURE: "phi3"}  # fmt: skip
+                           PHI3_ARCHITECTURE: "phi3", MIXTRAL: "mixtral"}  # fmt: skip
 """Llama's layout of tensors (``convert.hf_target`` writes these too); Nemotron's with LayerNorm
 1p, squared ReLU (one up projection) and a partial RoPE; Phi-3's with fused projections
-(``runtime.hf_phi3``), a sliding window and a partial RoPE."""
+(``runtime.hf_phi3``), a sliding window and a partial RoPE; Mixtral's with a mixture of SwiGLU
+experts (``block_sparse_moe``: a router, experts of ``w1`` gate, ``w3`` up, ``w2`` down)."""
 NEMOTRON = "NemotronForCausalLM"
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 READABLE_ARCHITECTURES = (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE)
@@ -171,8 +173,14 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     window = (
-        cfg.get("sliding_window") if arch in ("MistralForCausalLM", PHI3_ARCHITECTURE) else None
+        cfg.get("sliding_window")
+        if arch in ("MistralForCausalLM", PHI3_ARCHITECTURE, MIXTRAL)
+        else None
     )
+    if arch == MIXTRAL and cfg.get("router_jitter_noise"):
+        raise ConversionError(
+            f"{where}: router_jitter_noise {cfg['router_jitter_noise']} is not supported (0)"
+        )
     if window is not None and window < 2:
         raise ConversionError(f"{where}: sliding_window {window} is not supported (>= 2)")
     if window is not None and window >= cfg.get("max_position_embeddings", 0):
@@ -202,9 +210,18 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             window_size=None if window is None else window - 1,
             **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
             **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
+            **(_mixtral_choices(cfg) if arch == MIXTRAL else {}),
         )
     except ConfigError as e:  # a value the model config refuses: named with the file
         raise ConversionError(f"{where}: {e}") from None
+
+
+def _mixtral_choices(cfg: dict) -> dict:
+    """Mixtral's mixture: every layer's MLP is ``num_local_experts`` experts of
+    ``intermediate_size``, ``num_experts_per_tok`` per token, weighted by the softmax over the
+    router's logits renormalised over the chosen ones (= the softmax over their logits:
+    megatron-core's router without pre-softmax)."""
+    return {"num_experts": cfg["num_local_experts"], "moe_router_topk": cfg["num_experts_per_tok"]}
 
 
 def _rotary_share(cfg: dict, default: float) -> float:
@@ -330,6 +347,7 @@ _LAYER_MAP = {  # megatron suffix -> HF suffix (one-to-one tensors)
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
 _NORM_BIASES = {  # LayerNorm's (Nemotron's)
     "input_layernorm.bias": "input_layernorm.bias",
     "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
@@ -359,14 +377,21 @@ def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, t
                 p + "self_attn.k_proj.weight": (kv, h),
                 p + "self_attn.v_proj.weight": (kv, h),
                 p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
             }
         )
+        if model.num_experts:
+            e_f = model.expert_ffn_hidden_size
+            shapes[p + "block_sparse_moe.gate.weight"] = (model.num_experts, h)
+            for e in range(model.num_experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                shapes.update({x + "w1.weight": (e_f, h), x + "w3.weight": (e_f, h),
+                               x + "w2.weight": (h, e_f)})  # fmt: skip
+        else:
+            shapes.update({p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)})
+            if model.gated:
+                shapes[p + "mlp.gate_proj.weight"] = (f, h)
         shapes.update({f"{p}{norm}.{s}": (h,) for s in norm_params
                        for norm in ("input_layernorm", "post_attention_layernorm")})  # fmt: skip
-        if model.gated:
-            shapes[p + "mlp.gate_proj.weight"] = (f, h)
         if model.add_qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})  # fmt: skip
@@ -470,6 +495,14 @@ def megatron_tensor_from_hf(
         k = weights.get(p + "self_attn.k_proj.bias").reshape(ng, d)
         v = weights.get(p + "self_attn.v_proj.bias").reshape(ng, d)
         return torch.cat([q, k, v], dim=1).reshape(-1)
+    expert = _EXPERT.fullmatch(suffix)
+    if expert:  # Mixtral's: w1 the gate, w3 the up projection, w2 the down projection
+        x = f"{p}block_sparse_moe.experts.{expert.group(1)}."
+        if expert.group(2) == "linear_fc2":
+            return weights.get(x + "w2.weight")
+        return torch.cat([weights.get(x + "w1.weight"), weights.get(x + "w3.weight")], dim=0)
+    if suffix == "mlp.router.weight":
+        return weights.get(p + "block_sparse_moe.gate.weight")
     if suffix == "mlp.linear_fc1.weight" and not model.gated:  # one up projection
         return weights.get(p + "mlp.up_proj.weight")
     if suffix == "mlp.linear_fc1.weight":

@@ -54,7 +54,8 @@ PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
 
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
-    Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / GPT2LMHeadModel saved
+    Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / MixtralForCausalLM (4 experts,
+    top-2, a window of 7) / GPT2LMHeadModel saved
     (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head, a
     sliding window of 6 and LongRoPE (:data:`PHI3_LONGROPE`); the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
@@ -96,6 +97,11 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
                       pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
                       original_max_position_embeddings=8,
                       rope_scaling=dict(PHI3_LONGROPE))  # fmt: skip
+    elif arch == "mixtral":  # 4 SwiGLU experts of 96, top-2, a window of 7
+        cfg_cls, model_cls = transformers.MixtralConfig, transformers.MixtralForCausalLM
+        kwargs.update(rope_theta=10000.0, num_local_experts=4, num_experts_per_tok=2,
+                      intermediate_size=96, sliding_window=7,
+                      router_jitter_noise=0.0)  # fmt: skip
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,
@@ -234,8 +240,9 @@ def _run_convert_cli(*argv):
 
 
 def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
-    """World of two: converted checkpoints and the HF directories (in memory) at TP=2; then a
-    conversion run with PP=2 (each rank fills its own layers), read back whole."""
+    """World of two: converted checkpoints and the HF directories (in memory) at TP=2 (Mixtral's
+    also with its experts split over the ranks, EP=2); then a conversion run with PP=2 (each rank
+    fills its own layers), read back whole."""
     from megatron_slm.convert import convert_hf_to_megatron
     from megatron_slm.launch import initialize
 
@@ -245,6 +252,14 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
             results[source] = model_logits(
                 rank, world, os.path.join(root, source), tokens, 2, prompt, max_new_tokens, eos
             )[:2]
+    if "mixtral" in archs:  # its experts sharded over the two ranks (expert parallelism)
+        from megatron_slm.evaluation import load_eval_model
+        from megatron_slm.runtime import forward_logits
+
+        dev = initialize(device="cpu", expert_model_parallel_size=2)
+        for source in ("mixtral_ckpt", "mixtral"):
+            lm = load_eval_model(os.path.join(root, source), dev)
+            results[f"{source}_ep2"] = forward_logits(lm, tokens)
     pp_ckpt = os.path.join(root, f"{archs[0]}_ckpt_pp2")
     initialize(device="cpu", pipeline_model_parallel_size=2)
     convert_hf_to_megatron(

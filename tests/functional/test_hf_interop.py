@@ -1,5 +1,5 @@
-"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Nemotron / Qwen3 / Phi-3
-models built here -> megatron checkpoints -> our logits, greedy decoding and perplexity equal
+"""Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Nemotron / Qwen3 / Mixtral /
+Phi-3 models built here -> megatron checkpoints -> our logits, greedy decoding and perplexity equal
 transformers' at TP=1 and TP=2; megatron -> HF -> megatron round trips are bit-identical; exports
 load in transformers.
 
@@ -17,7 +17,7 @@ from tests.dist_helpers import run_distributed
 from tests.functional import hf_worker as worker
 
 pytestmark = pytest.mark.slow
-ARCHS = ("llama", "mistral", "qwen2", "gpt2", "nemotron", "qwen3", "phi3")
+ARCHS = ("llama", "mistral", "qwen2", "gpt2", "nemotron", "qwen3", "mixtral", "phi3")
 ATOL = 1e-4
 PROMPT, NEW_TOKENS, EOS = [5, 17, 42, 7], 12, 2
 DOCS = [
@@ -164,6 +164,10 @@ def test_tp2_and_pipeline_conversion(setup):
             logits, greedy = results[source]
             torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=ATOL, msg=source)
             assert greedy == ref["greedy"], source
+    for source in ("mixtral_ckpt_ep2", "mixtral_ep2"):  # each rank holds 2 of the 4 experts
+        torch.testing.assert_close(
+            results[source], setup["ref"]["mixtral"]["logits"], rtol=0, atol=ATOL, msg=source
+        )
     tp1_state = setup["tp1"]["llama"]["state"]
     assert results["pp2_state"].keys() == tp1_state.keys()
     for name, tensor in tp1_state.items():

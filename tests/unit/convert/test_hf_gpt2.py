@@ -184,13 +184,14 @@ def test_gpt2_configs_map_to_transformers_parameter_counts():
         (  # RMSNorm with learned positions
             {"normalization": "RMSNorm"},
             re.escape(
-                "Llama, Qwen, Phi-3, Nemotron and GPT-2 cannot represent this checkpoint's "
-                "custom architecture (RMSNorm, GeLU, learned positions, biases, tied embeddings): "
-                "LlamaForCausalLM/MistralForCausalLM needs SwiGLU, RoPE, no biases; "
+                "Llama, Qwen, Phi-3, Mixtral, Nemotron and GPT-2 cannot represent this "
+                "checkpoint's custom architecture (RMSNorm, GeLU, learned positions, biases, tied "
+                "embeddings): LlamaForCausalLM/MistralForCausalLM needs SwiGLU, RoPE, no biases; "
                 "Qwen2ForCausalLM needs SwiGLU, RoPE, biases on Q, K and V only; Qwen3ForCausalLM "
                 "needs SwiGLU, RoPE, no biases, QK norm; Phi3ForCausalLM needs SwiGLU, RoPE, no "
-                "biases; NemotronForCausalLM needs LayerNorm, LayerNorm 1p, squared ReLU, RoPE, "
-                "no biases; GPT2LMHeadModel needs LayerNorm"
+                "biases; MixtralForCausalLM needs SwiGLU, RoPE, no biases, a mixture of experts "
+                "(--num-experts); NemotronForCausalLM needs LayerNorm, LayerNorm 1p, squared "
+                "ReLU, RoPE, no biases; GPT2LMHeadModel needs LayerNorm"
             ),
         ),
         (  # SwiGLU with LayerNorm
