@@ -130,7 +130,10 @@ def test_fork_bomb_is_bounded_and_killed_with_its_group_and_starves_no_other(box
         time.sleep(0.01)
     assert bomb_pids, "the bomb never reached its process limit"
     if AS_ROOT:
-        alive = box.run("import os\nos.fork() or print('parent', os.getuid())")
+        # (the parent forks, reaps its child, then prints: before, the child printed and the
+        # run could end with the parent, before the child's line was written)
+        fork = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n"
+        alive = box.run(fork + "print('parent', os.getuid())")
         assert alive.status == "ok" and alive.stdout.startswith("parent"), report(alive)
     thread.join()
     assert results[0].status in ("timeout", "killed")
