@@ -135,7 +135,7 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, Lon
                 "Llama 3's; LongRoPE with Phi3ForCausalLM)"
             )
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    return theta, factor, linear, longrope and _longrope(cfg, longrope, where)
+    return theta, factor, linear, _longrope(cfg, longrope, where) if longrope else None
 
 
 def _longrope(cfg: dict, d: dict, where: str) -> LongRope:

@@ -430,9 +430,12 @@ class OptimizerStep:
         # parameters' (model-parallel) and, with expert parallelism, the experts' (expert
         # model-parallel: the ranks holding the other experts), as megatron-core's
         # ChainedOptimizer sums them.
+        # A rank whose part holds no parameters (a stub) still joins its group's reduction.
         self.stat_groups: dict = {}
         for part in parts:
-            self.stat_groups.setdefault(part.get_grad_stats_parallel_group(), []).append(part)
+            real = self.stat_groups.setdefault(part.get_grad_stats_parallel_group(), [])
+            if not getattr(part, "is_stub_optimizer", False):
+                real.append(part)
         inner = [getattr(p, "optimizer", None) for p in self.parts]
         self._adams = [o for o in inner if isinstance(o, torch.optim.Adam)]
         self.skips_on_device = len(self._adams) == len(inner)
@@ -460,8 +463,7 @@ class OptimizerStep:
         # Same tensors and groups as megatron-core's get_grad_norm_fp32.
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for group, parts in self.stat_groups.items():
-            real = [p for p in parts if not getattr(p, "is_stub_optimizer", False)]
-            for_norm = [g for p in real for g in p.get_main_grads_for_grad_norm()]
+            for_norm = [g for p in parts for g in p.get_main_grads_for_grad_norm()]
             squares = torch.zeros((), dtype=torch.float32, device=self.device)
             if for_norm:
                 squares = torch.stack(torch._foreach_norm(for_norm)).float().square().sum()
@@ -491,8 +493,6 @@ class OptimizerStep:
         for group, parts in self.stat_groups.items():
             zeros = torch.zeros((), dtype=torch.int64, device=self.device)
             for part in parts:
-                if getattr(part, "is_stub_optimizer", False):
-                    continue
                 grads = self._grads(part, counted=lambda p: param_is_not_shared(p)
                                     and param_is_not_tensor_parallel_duplicate(p))  # fmt: skip
                 for grad in grads:
