@@ -54,6 +54,7 @@ from megatron_slm.models.presets import (
     KIND_FIELDS,
     GPTModelConfig,
     get_preset,
+    moe_layer_pattern,
     padded_vocab_size,
 )
 from megatron_slm.models.sharding import unwrap
@@ -825,6 +826,8 @@ def resolve_architecture(
                     "checkpoint's architecture"
                 )
     for name, value in model_args.overrides().items():
+        if name == "moe_layer_freq":  # Megatron-LM's N or a pattern: the checkpoint records one
+            value = moe_layer_pattern(value, arch.num_layers)
         if value != getattr(arch, name):
             theirs = getattr(arch, name)
             raise CheckpointError(

@@ -67,7 +67,9 @@ class MegatronToHfConfig(_Paths):
         None,
         "Default: for Llama's architecture the imported model's, else LlamaForCausalLM; with "
         "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; with partial RoPE or "
-        "LongRoPE Phi3ForCausalLM, a mixture of experts MixtralForCausalLM; Nemotron's "
+        "LongRoPE Phi3ForCausalLM; a mixture of experts MixtralForCausalLM, with QKV biases "
+        "and a gated shared expert Qwen2MoeForCausalLM, with QK norm Qwen3MoeForCausalLM; "
+        "Nemotron's "
         "(LayerNorm 1p, squared ReLU, RoPE) exports as NemotronForCausalLM, GPT-3's as "
         "GPT2LMHeadModel.",
         choices=READABLE_ARCHITECTURES,

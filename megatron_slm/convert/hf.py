@@ -77,6 +77,7 @@ from megatron_slm.convert.tokenizer_export import write_generation_config
 from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
+from megatron_slm.runtime.hf_moe import MIXTRAL, mixtral_names
 from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, fuse_phi3
 from megatron_slm.runtime.hf_source import (
     ConversionError,
@@ -240,7 +241,8 @@ def export_architecture(
     """The Hugging Face architecture ``model`` exports as: ``requested`` (``--architecture``) if
     it fits the model's architecture, else the one it was ``imported`` from, else the first that
     fits (Llama's design: LlamaForCausalLM or MistralForCausalLM, with QKV biases
-    Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; GPT-3's: GPT2LMHeadModel). A model none
+    Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; their mixtures of experts MixtralForCausalLM,
+    Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; GPT-3's: GPT2LMHeadModel). A model none
     represents, or a request that does not fit, is refused naming what the architectures need."""
     needs = {**family_mismatches(model), GPT2_ARCHITECTURE: gpt2_mismatches(model)}
     fitting = [
@@ -252,7 +254,8 @@ def export_architecture(
     if not fitting:
         lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            "Hugging Face's Llama, Qwen, Phi-3, Mixtral, Nemotron and GPT-2 cannot represent this "
+            "Hugging Face's Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, Nemotron and GPT-2 cannot "
+            "represent this "
             f"checkpoint's {choices}: {lacking}"
         )
     if requested is not None and requested not in fitting:
@@ -324,11 +327,12 @@ def convert_megatron_to_hf(
     if arch == GPT2_ARCHITECTURE:
         hf_cfg = gpt2_config_from_gpt(model, out_dtype, hf_meta.get("config"))
         to_hf = gpt2_tensors_from_megatron
-    elif arch == PHI3_ARCHITECTURE:  # Llama's tensors with two projections fused
-        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
+    elif arch in (PHI3_ARCHITECTURE, MIXTRAL):  # Llama's tensors, two projections fused; or
+        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))  # renamed
+        rename = fuse_phi3 if arch == PHI3_ARCHITECTURE else mixtral_names
 
         def to_hf(state, model):
-            return fuse_phi3(hf_tensors_from_megatron(state, model))
+            return rename(hf_tensors_from_megatron(state, model))
     else:
         hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
         to_hf = hf_tensors_from_megatron

@@ -1,4 +1,5 @@
-"""megatron-core GPT -> Hugging Face Llama / Mistral / Mixtral: the config and the tensors (the
+"""megatron-core GPT -> Hugging Face Llama / Mistral / Qwen / Mixtral / Qwen-MoE: the config and
+the tensors (the
 mirror of ``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts),
 what a model needs to export as one of them, and the dtypes and token ids every export target
 shares (GPT-2's config and tensors: ``convert.hf_gpt2``)."""
@@ -10,13 +11,21 @@ from collections.abc import Iterator
 import torch
 
 from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.runtime.hf_moe import (
+    MIXTRAL,
+    MOE_ARCHITECTURES,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    moe_hf_config,
+    moe_hf_tensors,
+    moe_megatron_names,
+)
 from megatron_slm.runtime.hf_source import (
     _LAYER_MAP,
     _NORM_BIASES,
     _QK_NORMS,
     _QKV_BIAS,
     LLAMA3_ROPE,
-    MIXTRAL,
     SUPPORTED_ARCHITECTURES,
     ConversionError,
 )
@@ -39,7 +48,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
-_DENSE = ("mixture", False, "a dense MLP (no --num-experts; MixtralForCausalLM)")
+_DENSE = (
+    "mixture",
+    False,
+    "a dense MLP (no --num-experts; MixtralForCausalLM, Qwen2MoeForCausalLM "
+    "or Qwen3MoeForCausalLM)",
+)
+_MIXTURE = ("mixture", True, "a mixture of experts (--num-experts)")
+_NO_SHARED_EXPERT = (
+    "moe_shared_expert_intermediate_size",
+    None,
+    "no shared expert (--moe-shared-expert-intermediate-size: Qwen2MoeForCausalLM)",
+)
 _LLAMA_SHARED = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
                  ("position_embedding_type", "rope", "RoPE"),
                  ("apply_layernorm_1p", False,
@@ -73,9 +93,25 @@ FAMILIES = {
     MIXTRAL: (  # Mistral's with a mixture of experts in every layer, a window or none
         (MIXTRAL,),
         (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
-         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"),
-         ("mixture", True, "a mixture of experts (--num-experts)"),
-         ("moe_router_pre_softmax", False, "Mixtral's router (no --moe-router-pre-softmax)")),
+         ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"), _MIXTURE,
+         ("moe_router_pre_softmax", False, "Mixtral's router (no --moe-router-pre-softmax)"),
+         ("moe_layer_freq", None, "a mixture in every layer (no --moe-layer-freq)"),
+         _NO_SHARED_EXPERT),
+    ),
+    QWEN2_MOE: (  # Qwen2's with mixtures (and dense layers) whose shared expert is gated
+        (QWEN2_MOE,),
+        (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
+         ("biases", "qkv", "biases on Q, K and V only"), ("qk_layernorm", False, "no QK norm"),
+         _FULL_ATTENTION, _MIXTURE,
+         ("moe_shared_expert_gate", True,
+          "a gated shared expert (--moe-shared-expert-intermediate-size, "
+          "--moe-shared-expert-gate)")),
+    ),
+    QWEN3_MOE: (  # Qwen3's with mixtures (and dense layers)
+        (QWEN3_MOE,),
+        (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
+         ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm"), _FULL_ATTENTION,
+         _MIXTURE, _NO_SHARED_EXPERT),
     ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),
@@ -210,16 +246,13 @@ def hf_config_from_gpt(
     elif arch in ("MistralForCausalLM", MIXTRAL):  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1
-        if arch == MIXTRAL:  # (transformers' training-time router options: the source's)
-            cfg.update(num_local_experts=model.num_experts,
-                       num_experts_per_tok=model.moe_router_topk,
-                       intermediate_size=model.expert_ffn_hidden_size, router_jitter_noise=0.0,
-                       router_aux_loss_coef=source.get("router_aux_loss_coef", 0.001))  # fmt: skip
-    else:  # Qwen2 (QKV biases of its own) and Qwen3 (QK norm): full attention on every layer
+    else:  # Qwen2 (QKV biases of its own), Qwen3 (QK norm) and their mixtures: full attention
         cfg.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=model.num_layers)  # fmt: skip
-        if arch == "Qwen3ForCausalLM":
+        if arch in ("Qwen3ForCausalLM", QWEN3_MOE):
             cfg["attention_bias"] = False
+    if arch in MOE_ARCHITECTURES:  # (transformers' training-time router options: the source's)
+        cfg.update(moe_hf_config(model, arch, source))
     return cfg
 
 
@@ -242,20 +275,6 @@ def _fc1(state: dict, name: str, shape: tuple[int, int]) -> torch.Tensor:
     return fc1
 
 
-def _mixtral_mlp(state, model: GPTModelConfig, src: str, dst: str):
-    """Mixtral's ``block_sparse_moe``: the router, each expert's ``w1`` (gate), ``w3`` (up),
-    ``w2`` (down)."""
-    f, h = model.expert_ffn_hidden_size, model.hidden_size
-    yield dst + "block_sparse_moe.gate.weight", state[src + "mlp.router.weight"]
-    for e in range(model.num_experts):
-        ours = f"{src}mlp.experts.local_experts.{e}."
-        theirs = f"{dst}block_sparse_moe.experts.{e}."
-        fc1 = _fc1(state, ours + "linear_fc1.weight", (2 * f, h))
-        yield theirs + "w1.weight", fc1[:f]
-        yield theirs + "w3.weight", fc1[f:]
-        yield theirs + "w2.weight", state[ours + "linear_fc2.weight"]
-
-
 def hf_tensors_from_megatron(
     state: dict[str, torch.Tensor], model: GPTModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -269,16 +288,14 @@ def hf_tensors_from_megatron(
     extras = (*_QKV_BIAS,) if model.add_qkv_bias else ()
     extras += (*_QK_NORMS,) if model.qk_layernorm else ()
     extras += (*_NORM_BIASES,) if layer_norm else ()
-    mlp = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
-    if model.mixture:  # the router and each expert's two projections
-        mlp = ("mlp.router.weight",) + tuple(
-            f"mlp.experts.local_experts.{e}.{fc}.weight"
-            for e in range(model.num_experts) for fc in ("linear_fc1", "linear_fc2")
-        )  # fmt: skip
-    per_layer = (*(n for n in _LAYER_MAP if not n.startswith("mlp.")), *mlp,
+    dense = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+    moe = moe_megatron_names(model) if model.mixture else ()
+    per_layer = (*(n for n in _LAYER_MAP if not n.startswith("mlp.")),
                  "self_attention.linear_qkv.weight", *extras)  # fmt: skip
-    for i in range(model.num_layers):
-        expected.update(f"decoder.layers.{i}.{s}" for s in per_layer)
+    for i, is_moe in enumerate(model.moe_layers):
+        expected.update(
+            f"decoder.layers.{i}.{s}" for s in (*per_layer, *(moe if is_moe else dense))
+        )
     check_state_names(state, expected)
 
     def vocab(name: str) -> torch.Tensor:
@@ -318,8 +335,8 @@ def hf_tensors_from_megatron(
             yield dst + theirs, state[src + ours]
         yield dst + "self_attn.o_proj.weight", state[src + "self_attention.linear_proj.weight"]
         yield dst + "post_attention_layernorm.weight", state[src + "pre_mlp_layernorm.weight"]
-        if model.mixture:
-            yield from _mixtral_mlp(state, model, src, dst)
+        if model.moe_layers[i]:  # (Qwen-MoE's names; Mixtral's: ``hf_moe.mixtral_names``)
+            yield from moe_hf_tensors(state, model, src, dst, _fc1)
             continue
         fc1 = _fc1(state, src + "mlp.linear_fc1.weight", (f_rows, h))
         if model.gated:

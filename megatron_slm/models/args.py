@@ -10,6 +10,7 @@ checkpoint they define the architecture (the vocabulary comes from the tokenizer
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg, check_choices
@@ -43,6 +44,7 @@ ARCHITECTURE_FLAGS = (
     "num_experts",
     "moe_router_topk",
     "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
 )
 
 
@@ -223,6 +225,22 @@ class ModelArgs:
         "With --num-experts: weigh the chosen experts by the softmax over all of them (else over "
         "the top-k logits, Mixtral's).",
     )
+    moe_layer_freq: str | None = arg(
+        None,
+        "With --num-experts: which layers have a mixture, the others a dense MLP of "
+        "--ffn-hidden-size (Megatron-LM's flag): N, a mixture in layers 0, N, 2N, ...; or a "
+        'pattern of one 0 (dense) or 1 per layer, such as "([0]+[1]*23)". Default: every layer.',
+    )
+    moe_shared_expert_intermediate_size: int | None = arg(
+        None,
+        "With --num-experts: a shared expert of this width beside the routed ones in every "
+        "mixture, run by every token (Megatron-LM's flag; Qwen-MoE's and DeepSeek's).",
+    )
+    moe_shared_expert_gate: bool = arg(
+        False,
+        "With --moe-shared-expert-intermediate-size: the shared expert's output scaled by a "
+        "learned sigmoid gate per token (megatron-core's; Qwen2-MoE's shared_expert_gate).",
+    )
 
     def __post_init__(self):
         if self.window_size is not None:
@@ -268,7 +286,11 @@ class ModelArgs:
                 "--init-method-xavier-uniform replaces the normal initialisation of "
                 "--init-method-std: give one of them"
             )
-        moe = [f for f in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax")
+        if self.moe_layer_freq is not None:
+            parse_moe_layer_freq(self.moe_layer_freq)  # a bad value fails here, naming the flag
+        moe = [f for f in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
+                           "moe_layer_freq", "moe_shared_expert_intermediate_size",
+                           "moe_shared_expert_gate")
                if getattr(self, f) not in (None, False)]  # fmt: skip
         if moe and self.num_experts is None:
             raise ConfigError(f"--{moe[0].replace('_', '-')} needs --num-experts")
@@ -303,8 +325,11 @@ class ModelArgs:
             given["rotary_percent"] = self.rotary_percent
         if self.window_size is not None and parse_window_size(self.window_size) is not None:
             given["window_size"] = parse_window_size(self.window_size)
-        if self.moe_router_pre_softmax:
-            given["moe_router_pre_softmax"] = True
+        for name in ("moe_router_pre_softmax", "moe_shared_expert_gate"):
+            if getattr(self, name):
+                given[name] = True
+        if self.moe_layer_freq is not None:  # (a pattern's length is checked with the layers)
+            given["moe_layer_freq"] = parse_moe_layer_freq(self.moe_layer_freq)
         return given
 
     @property
@@ -422,6 +447,47 @@ def parse_window_size(text: str) -> int | None:
     return left
 
 
+_PATTERN_NODES = (ast.Expression, ast.List, ast.Load, ast.Constant, ast.BinOp, ast.Add, ast.Mult)
+
+
+def parse_moe_layer_freq(text: str) -> int | list[int]:
+    """--moe-layer-freq: Megatron-LM's N, or its pattern: a list expression of integers, ``+``
+    and ``*`` only (``([1]*3+[0])*2``), evaluated here without Python's ``eval``."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        tree = ast.parse(text, mode="eval")
+        if not all(isinstance(node, _PATTERN_NODES) for node in ast.walk(tree)):
+            raise ValueError
+        value = _evaluate_pattern(tree.body)
+        if not isinstance(value, list) or not all(isinstance(x, int) for x in value):
+            raise ValueError
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        raise ConfigError(
+            f'--moe-layer-freq {text!r}: give N or a pattern of 0s and 1s such as "([0]+[1]*23)"'
+        ) from None
+    return value
+
+
+def _evaluate_pattern(node):
+    if isinstance(node, ast.Constant):
+        if type(node.value) is not int:
+            raise ValueError
+        return node.value
+    if isinstance(node, ast.List):
+        return [_evaluate_pattern(x) for x in node.elts]
+    left, right = _evaluate_pattern(node.left), _evaluate_pattern(node.right)
+    if isinstance(node.op, ast.Add):
+        return left + right
+    times, items = (left, right) if isinstance(left, int) else (right, left)
+    if not isinstance(times, int) or not isinstance(items, list):
+        raise ValueError  # (a pattern repeats lists)
+    if times * len(items) > 100_000:
+        raise ValueError  # more layers than any model has
+    return items * times
+
+
 def flag_text(name: str, value) -> str:
     """How a user says architecture field ``name`` = ``value`` in Megatron-LM's flags."""
     if name == "activation":
@@ -439,8 +505,14 @@ def flag_text(name: str, value) -> str:
         return "a dense MLP (no --num-experts)" if value is None else f"--num-experts {value}"
     if name == "longrope":
         return "no LongRoPE" if value is None else "LongRoPE (its Hugging Face config's)"
-    if name == "moe_router_pre_softmax":
-        return "--moe-router-pre-softmax" if value else "no --moe-router-pre-softmax"
+    if name in ("moe_router_pre_softmax", "moe_shared_expert_gate"):
+        flag = f"--{name.replace('_', '-')}"
+        return flag if value else f"no {flag}"
+    if name == "moe_layer_freq":
+        pattern = str(list(value)).replace(" ", "") if isinstance(value, (list, tuple)) else value
+        return "a mixture in every layer" if value is None else f"--moe-layer-freq {pattern}"
+    if name == "moe_shared_expert_intermediate_size" and value is None:
+        return "no shared expert (no --moe-shared-expert-intermediate-size)"
     if name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"

@@ -159,6 +159,16 @@ class GPTModelConfig:
     moe_router_pre_softmax: bool = False
     """--moe-router-pre-softmax: the top-k weights are the softmax over all experts (else, as
     Mixtral's, a softmax over the k chosen logits)."""
+    moe_layer_freq: tuple[int, ...] | None = None
+    """--moe-layer-freq: which layers have a mixture (1) and which a dense MLP of
+    --ffn-hidden-size (0), one entry per layer; given as Megatron-LM's N (layers 0, N, 2N, ...)
+    or its pattern (``[0]+[1]*23``), recorded as the pattern; None: every layer."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """--moe-shared-expert-intermediate-size: a shared expert beside the routed ones in every
+    mixture, an MLP of this width that every token runs (Qwen-MoE's, DeepSeek's); None: none."""
+    moe_shared_expert_gate: bool = False
+    """--moe-shared-expert-gate: the shared expert's output scaled by sigmoid(w . x), a learned
+    per-token gate (Qwen2-MoE's ``shared_expert_gate``)."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -197,6 +207,10 @@ class GPTModelConfig:
             raise ConfigError(f"--window-size {self.window_size},0: the window must be >= 1")
         if self.num_experts is not None:
             self._check_experts()
+        elif self.moe_layer_freq is not None or self.moe_shared_expert_intermediate_size:
+            raise ConfigError(
+                "--moe-layer-freq and --moe-shared-expert-intermediate-size need --num-experts"
+            )
         if isinstance(self.longrope, dict):  # a checkpoint's JSON record
             object.__setattr__(self, "longrope", LongRope(**self.longrope))
         if self.longrope is not None:
@@ -231,6 +245,16 @@ class GPTModelConfig:
             )
         if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size < 1:
             raise ConfigError("--moe-ffn-hidden-size must be positive")
+        object.__setattr__(
+            self, "moe_layer_freq", moe_layer_pattern(self.moe_layer_freq, self.num_layers)
+        )
+        shared = self.moe_shared_expert_intermediate_size
+        if shared is not None and shared < 1:
+            raise ConfigError("--moe-shared-expert-intermediate-size must be positive")
+        if self.moe_shared_expert_gate and shared is None:
+            raise ConfigError(
+                "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"
+            )
         if self.add_bias_linear:  # (megatron-core 0.16's biased experts fail in the forward)
             raise ConfigError(
                 f"--num-experts {self.num_experts} needs --disable-bias-linear: the experts "
@@ -239,8 +263,16 @@ class GPTModelConfig:
 
     @property
     def mixture(self) -> bool:
-        """Every layer's MLP is a mixture of experts (--num-experts)."""
+        """The MLPs are mixtures of experts (--num-experts; in the layers --moe-layer-freq
+        names)."""
         return self.num_experts is not None
+
+    @property
+    def moe_layers(self) -> tuple[bool, ...]:
+        """For each layer: its MLP is a mixture of experts."""
+        if not self.mixture:
+            return (False,) * self.num_layers
+        return tuple(bool(x) for x in self.moe_layer_freq or (1,) * self.num_layers)
 
     @property
     def expert_ffn_hidden_size(self) -> int:
@@ -296,23 +328,33 @@ class GPTModelConfig:
         h, f, kv = self.hidden_size, self.ffn_hidden_size, self.num_query_groups * self.head_dim
         q = self.num_attention_heads * self.head_dim
         attention = h * q + 2 * h * kv + q * h  # q, k, v, o
-        mlp = (3 if self.gated else 2) * h * f  # (gate,) up, down
-        if self.num_experts:  # the experts and the router (megatron-core's has no bias)
-            f = self.expert_ffn_hidden_size
-            mlp = self.num_experts * (3 if self.gated else 2) * h * f + h * self.num_experts
+        matrices = 3 if self.gated else 2  # (gate,) up, down
+        dense = matrices * h * f
+        if self.add_bias_linear:  # (a mixture has none)
+            dense += (2 * f if self.gated else f) + h
         norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (and bias)
         if self.add_bias_linear:
             attention += q + 2 * kv + h
-            mlp += (2 * f if self.gated else f) + h
         elif self.add_qkv_bias:
             attention += q + 2 * kv
         if self.qk_layernorm:  # one norm for the query heads, one for the key heads
             attention += 2 * norm // h * self.head_dim
-        per_layer = attention + mlp + 2 * norm
+        mlps = sum(self._moe_mlp_parameters() if moe else dense for moe in self.moe_layers)
         embeddings = (1 if self.tied_embeddings else 2) * vocab * h
         if self.position_embedding_type == "learned_absolute":
             embeddings += self.max_position_embeddings * h
-        return self.num_layers * per_layer + norm + embeddings  # + the final norm
+        # + the final norm
+        return self.num_layers * (attention + 2 * norm) + mlps + norm + embeddings
+
+    def _moe_mlp_parameters(self) -> int:
+        """One mixture: the experts, the router (megatron-core's has no bias), the shared
+        expert and its gate."""
+        h, matrices = self.hidden_size, 3 if self.gated else 2
+        n = self.num_experts * (matrices * h * self.expert_ffn_hidden_size + h)
+        if self.moe_shared_expert_intermediate_size:
+            n += matrices * h * self.moe_shared_expert_intermediate_size
+            n += h if self.moe_shared_expert_gate else 0
+        return n
 
     def kind_name(self) -> str:
         """Llama, GPT-3, or the choices of a mixed architecture."""
@@ -353,14 +395,19 @@ class GPTModelConfig:
                 {"all": "biases", "qkv": "QKV biases", "none": "no biases"}[self.biases],
                 "tied embeddings" if self.tied_embeddings else "untied embeddings",
                 *(["QK norm"] if self.qk_layernorm else []),
-                *(
-                    [f"{self.num_experts} experts, top-{self.moe_router_topk}"]
-                    if self.num_experts
-                    else []
-                ),
+                *([self._describe_mixture()] if self.num_experts else []),
             ]
         )
         return f"{self.kind_name()} architecture ({choices})"
+
+    def _describe_mixture(self) -> str:
+        text = f"{self.num_experts} experts, top-{self.moe_router_topk}"
+        if self.moe_shared_expert_intermediate_size:
+            gate = "a gated" if self.moe_shared_expert_gate else "a"
+            text += f", {gate} shared expert of {self.moe_shared_expert_intermediate_size}"
+        if self.moe_layer_freq:
+            text += f", in {sum(self.moe_layers)} of {self.num_layers} layers"
+        return text
 
     def describe(self, padded_vocab_size: int) -> str:
         """One line for the log: the architecture, its shape and its parameter count."""
@@ -379,13 +426,22 @@ class GPTModelConfig:
         q = self.num_attention_heads * self.head_dim
         mlp_matrices = 3 if self.gated else 2
         mlp = mlp_matrices * h * self.ffn_hidden_size
-        if self.num_experts:  # the k experts a token is routed to, and the router
-            mlp = self.moe_router_topk * mlp_matrices * h * self.expert_ffn_hidden_size
-            mlp += h * self.num_experts
-        dense = 2 * (2 * h * q + 2 * h * kv + mlp)
+        # a mixture: the k experts a token is routed to, the router, the shared expert
+        moe = (
+            h * (self.num_experts or 0)
+            + mlp_matrices
+            * h
+            * (
+                self.moe_router_topk * self.expert_ffn_hidden_size
+                + (self.moe_shared_expert_intermediate_size or 0)
+            )
+            + (h if self.moe_shared_expert_gate else 0)
+        )
+        mlps = sum(moe if is_moe else mlp for is_moe in self.moe_layers)
+        matmuls = 2 * (self.num_layers * (2 * h * q + 2 * h * kv) + mlps)
         attention = 2 * 2 * seq_length * q / 2  # causal: half of QK^T and AV
         logits = 2 * h * self.vocab_size
-        return 3 * (self.num_layers * (dense + attention) + logits)
+        return 3 * (matmuls + self.num_layers * attention + logits)
 
 
 PRESETS: dict[str, GPTModelConfig] = {
@@ -452,6 +508,25 @@ PRESETS: dict[str, GPTModelConfig] = {
         max_position_embeddings=2048,
     ),
 }
+
+
+def moe_layer_pattern(freq, num_layers: int) -> tuple[int, ...] | None:
+    """--moe-layer-freq as one entry per layer (1: a mixture), None when every layer has one.
+    ``freq``: Megatron-LM's N (a mixture in layers 0, N, 2N, ...: megatron-core's reading), a
+    pattern (a checkpoint's JSON list), or None."""
+    if freq is None:
+        return None
+    if isinstance(freq, int) and not isinstance(freq, bool):
+        if freq < 1:
+            raise ConfigError(f"--moe-layer-freq {freq} must be >= 1")
+        freq = [int(i % freq == 0) for i in range(num_layers)]
+    pattern = tuple(freq)
+    if len(pattern) != num_layers or any(x not in (0, 1) for x in pattern) or 1 not in pattern:
+        raise ConfigError(
+            f"--moe-layer-freq {list(pattern)}: one 0 (dense) or 1 (mixture of experts) per "
+            f"layer, {num_layers} in all, at least one 1"
+        )
+    return None if 0 not in pattern else tuple(int(x) for x in pattern)
 
 
 def get_preset(name: str) -> GPTModelConfig:
@@ -532,6 +607,11 @@ def check_parallel_layout(
         (model.num_query_groups, "--num-query-groups"),
         (model.ffn_hidden_size, "--ffn-hidden-size"),
         *(((model.expert_ffn_hidden_size, "--moe-ffn-hidden-size"),) if model.num_experts else ()),
+        *(
+            ((model.moe_shared_expert_intermediate_size, "--moe-shared-expert-intermediate-size"),)
+            if model.moe_shared_expert_intermediate_size
+            else ()
+        ),
     ):
         if size % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")

@@ -122,6 +122,9 @@ def _moe_fields(model: GPTModelConfig, opts: ModelBuildOptions) -> dict:
         "moe_router_topk": model.moe_router_topk,
         "moe_ffn_hidden_size": model.expert_ffn_hidden_size,
         "moe_router_pre_softmax": model.moe_router_pre_softmax,
+        "moe_layer_freq": list(model.moe_layer_freq) if model.moe_layer_freq else 1,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
+        "moe_shared_expert_gate": model.moe_shared_expert_gate,
         "moe_grouped_gemm": False,
         **training,
     }

@@ -14,8 +14,10 @@ import torch
 
 _LOCAL_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"(mlp\.experts\.local_experts\.)(\d+)(\..+)")
-# A gated linear_fc1 (a dense MLP's or an expert's) holds [gate; up].
-_GATED_FC1 = re.compile(r".*mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.(weight|bias)")
+# A gated linear_fc1 (a dense MLP's, an expert's or the shared expert's) holds [gate; up].
+_GATED_FC1 = re.compile(
+    r".*mlp\.(experts\.local_experts\.\d+\.|shared_experts\.)?linear_fc1\.(weight|bias)"
+)
 
 
 def unwrap(chunk):

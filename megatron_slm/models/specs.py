@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch.torch_version import TorchVersion
 
 from megatron_slm.errors import ConfigError
@@ -360,17 +361,30 @@ def _qk_layernorm(config: TransformerConfig) -> bool:
     return bool(getattr(config, "qk_layernorm", False))
 
 
-def _experts(config: TransformerConfig) -> dict:
+def _experts(config: TransformerConfig, moe: bool) -> dict:
     """megatron-core's layer-spec arguments of a mixture of experts (none for a dense MLP)."""
     experts = getattr(config, "num_moe_experts", None)
-    if not experts:
+    if not experts or not moe:
         return {}
     return {"num_experts": experts, "moe_grouped_gemm": False}
 
 
-def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
+def moe_layer_flags(config: TransformerConfig) -> list[bool]:
+    """For each of the model's layers: its MLP is a mixture (megatron-core's ``moe_layer_freq``,
+    which the provider sets as a pattern when not every layer has one)."""
+    if not getattr(config, "num_moe_experts", None):
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    return [bool(x) for x in freq]
+
+
+def _torch_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
-        normalization=config.normalization, qk_layernorm=_qk_layernorm(config), **_experts(config)
+        normalization=config.normalization,
+        qk_layernorm=_qk_layernorm(config),
+        **_experts(config, moe),
     )
     sub = spec.submodules
     sub.input_layernorm = torch_norm(config)
@@ -380,12 +394,12 @@ def _torch_layer_spec(config: TransformerConfig) -> ModuleSpec:
         sub.self_attention.submodules.k_layernorm = torch_norm(config)
     sub.self_attention.module = FusedRoPESelfAttention
     sub.self_attention.submodules.core_attention = TorchSDPAttention
-    if not _experts(config):  # (the experts are megatron-core's MLPs)
+    if not moe:  # (the experts are megatron-core's MLPs)
         sub.mlp.module = FusedSwiGLUMLP
     return spec
 
 
-def _te_layer_spec(config: TransformerConfig) -> tuple[ModuleSpec, type]:
+def _te_layer_spec(config: TransformerConfig, moe: bool) -> tuple[ModuleSpec, type]:
     try:
         import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TENorm
@@ -398,7 +412,7 @@ def _te_layer_spec(config: TransformerConfig) -> tuple[ModuleSpec, type]:
             "use --transformer-impl local or torch"
         ) from exc
     spec = get_gpt_layer_with_transformer_engine_spec(
-        qk_layernorm=_qk_layernorm(config), **_experts(config)
+        qk_layernorm=_qk_layernorm(config), **_experts(config, moe)
     )
     return spec, TENorm
 
@@ -440,21 +454,28 @@ def check_local_norms(zero_centered: bool) -> None:
 def gpt_block_spec(
     impl: str, config: TransformerConfig, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
-    """Decoder block (this pipeline stage's layers + final norm) for ``impl``."""
-    if impl == "te":
-        layer, final_norm = _te_layer_spec(config)
-    elif impl == "local":
-        rms = config.normalization == "RMSNorm"
-        check_local_norms(config.layernorm_zero_centered_gamma)
-        layer = get_gpt_layer_local_spec(
-            normalization=config.normalization,
-            qk_layernorm=_qk_layernorm(config),
-            **_experts(config),
-        )
-        final_norm = LocalSpecProvider().layer_norm(rms_norm=rms)
-    elif impl == "torch":
-        layer, final_norm = _torch_layer_spec(config), torch_norm(config)
-    else:
+    """Decoder block (this pipeline stage's layers + final norm) for ``impl``; each layer's MLP
+    a mixture of experts or dense, as :func:`moe_layer_flags` says for its global index."""
+    if impl not in SPEC_IMPLS:
         raise ConfigError(f"--transformer-impl must be one of {SPEC_IMPLS}, got {impl!r}")
+    if impl == "local":
+        check_local_norms(config.layernorm_zero_centered_gamma)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    flags = moe_layer_flags(config)[first : first + num_layers]
+    specs = {}
+    for moe in {*flags, False}:  # (the final norm comes with the dense layer's spec)
+        if impl == "te":
+            specs[moe], final_norm = _te_layer_spec(config, moe)
+        elif impl == "local":
+            specs[moe] = get_gpt_layer_local_spec(
+                normalization=config.normalization,
+                qk_layernorm=_qk_layernorm(config),
+                **_experts(config, moe),
+            )
+            final_norm = LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
+        else:
+            specs[moe], final_norm = _torch_layer_spec(config, moe), torch_norm(config)
+    return TransformerBlockSubmodules(
+        layer_specs=[specs[moe] for moe in flags], layer_norm=final_norm
+    )

@@ -21,19 +21,28 @@ import torch
 from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.models.presets import GPTModelConfig, LongRope
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
+from megatron_slm.runtime.hf_moe import (
+    MIXTRAL,
+    MOE_ARCHITECTURES,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    MixtralWeights,
+    megatron_moe_tensor,
+    moe_choices,
+    moe_hf_shapes,
+)
 from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, Phi3Weights
 
 logger = logging.getLogger("megatron_slm")
 
-MIXTRAL = "MixtralForCausalLM"
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                            "NemotronForCausalLM": "nemotron",
-                           PHI3_ARCHITECTURE: "phi3", MIXTRAL: "mixtral"}  # fmt: skip
+                           PHI3_ARCHITECTURE: "phi3", **MOE_ARCHITECTURES}  # fmt: skip
 """Llama's layout of tensors (``convert.hf_target`` writes these too); Nemotron's with LayerNorm
 1p, squared ReLU (one up projection) and a partial RoPE; Phi-3's with fused projections
-(``runtime.hf_phi3``), a sliding window and a partial RoPE; Mixtral's with a mixture of SwiGLU
-experts (``block_sparse_moe``: a router, experts of ``w1`` gate, ``w3`` up, ``w2`` down)."""
+(``runtime.hf_phi3``), a sliding window and a partial RoPE; Mixtral's, Qwen2-MoE's and
+Qwen3-MoE's with mixtures of SwiGLU experts (``runtime.hf_moe``)."""
 NEMOTRON = "NemotronForCausalLM"
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 READABLE_ARCHITECTURES = (*SUPPORTED_ARCHITECTURES, GPT2_ARCHITECTURE)
@@ -177,6 +186,8 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         if arch in ("MistralForCausalLM", PHI3_ARCHITECTURE, MIXTRAL)
         else None
     )
+    if arch in (QWEN2_MOE, QWEN3_MOE) and cfg.get("use_qk_norm") is False:
+        raise ConversionError(f"{where}: use_qk_norm=false is not supported")
     if arch == MIXTRAL and cfg.get("router_jitter_noise"):
         raise ConversionError(
             f"{where}: router_jitter_noise {cfg['router_jitter_noise']} is not supported (0)"
@@ -204,24 +215,19 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
                 cfg.get("norm_eps", 1e-5) if arch == NEMOTRON else cfg.get("rms_norm_eps", 1e-6)
             ),
             init_method_std=float(cfg.get("initializer_range", 0.02)),
-            add_qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2's q, k and v projections have biases
-            qk_layernorm=arch == "Qwen3ForCausalLM",  # Qwen3 normalises each head's query and key
+            # Qwen2's q, k and v projections have biases (Qwen2-MoE's unless qkv_bias is false)
+            add_qkv_bias=arch == "Qwen2ForCausalLM"
+            or (arch == QWEN2_MOE and cfg.get("qkv_bias", True)),
+            # Qwen3 normalises each head's query and key
+            qk_layernorm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
             # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
             window_size=None if window is None else window - 1,
             **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
             **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
-            **(_mixtral_choices(cfg) if arch == MIXTRAL else {}),
+            **(moe_choices(cfg, arch) if arch in MOE_ARCHITECTURES else {}),
         )
     except ConfigError as e:  # a value the model config refuses: named with the file
         raise ConversionError(f"{where}: {e}") from None
-
-
-def _mixtral_choices(cfg: dict) -> dict:
-    """Mixtral's mixture: every layer's MLP is ``num_local_experts`` experts of
-    ``intermediate_size``, ``num_experts_per_tok`` per token, weighted by the softmax over the
-    router's logits renormalised over the chosen ones (= the softmax over their logits:
-    megatron-core's router without pre-softmax)."""
-    return {"num_experts": cfg["num_local_experts"], "moe_router_topk": cfg["num_experts_per_tok"]}
 
 
 def _rotary_share(cfg: dict, default: float) -> float:
@@ -329,8 +335,11 @@ class _DictReader:
 
 
 def open_hf_weights(path: str, hf_config: dict, model: GPTModelConfig):
-    """The directory's tensors under Llama's names (Phi-3's fused ones split: ``hf_phi3``)."""
+    """The directory's tensors under Llama's names (Phi-3's fused ones split: ``hf_phi3``;
+    Mixtral's mixtures under Qwen-MoE's: ``hf_moe``)."""
     weights = HFWeights(path)
+    if architecture(hf_config) == MIXTRAL:
+        return MixtralWeights(weights)
     if architecture(hf_config) != PHI3_ARCHITECTURE:
         return weights
     d = model.head_dim
@@ -347,7 +356,6 @@ _LAYER_MAP = {  # megatron suffix -> HF suffix (one-to-one tensors)
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
 _NORM_BIASES = {  # LayerNorm's (Nemotron's)
     "input_layernorm.bias": "input_layernorm.bias",
     "pre_mlp_layernorm.bias": "post_attention_layernorm.bias",
@@ -379,13 +387,8 @@ def expected_hf_shapes(model: GPTModelConfig, tied: bool = False) -> dict[str, t
                 p + "self_attn.o_proj.weight": (h, q),
             }
         )
-        if model.num_experts:
-            e_f = model.expert_ffn_hidden_size
-            shapes[p + "block_sparse_moe.gate.weight"] = (model.num_experts, h)
-            for e in range(model.num_experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                shapes.update({x + "w1.weight": (e_f, h), x + "w3.weight": (e_f, h),
-                               x + "w2.weight": (h, e_f)})  # fmt: skip
+        if model.moe_layers[i]:
+            shapes.update(moe_hf_shapes(model, p))
         else:
             shapes.update({p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)})
             if model.gated:
@@ -422,6 +425,7 @@ def check_hf_weights(model: GPTModelConfig, weights: HFWeights, tied: bool = Fal
                     f"{weights.path}: tensor lm_head.weight not found and tie_word_embeddings "
                     "is false"
                 )
+            name = getattr(weights, "source_name", str)(name)  # (its own name: Mixtral's)
             raise ConversionError(f"{weights.path}: tensor {name} not found in the weight files")
         actual = weights.shape(name)
         if actual != shape:
@@ -495,14 +499,9 @@ def megatron_tensor_from_hf(
         k = weights.get(p + "self_attn.k_proj.bias").reshape(ng, d)
         v = weights.get(p + "self_attn.v_proj.bias").reshape(ng, d)
         return torch.cat([q, k, v], dim=1).reshape(-1)
-    expert = _EXPERT.fullmatch(suffix)
-    if expert:  # Mixtral's: w1 the gate, w3 the up projection, w2 the down projection
-        x = f"{p}block_sparse_moe.experts.{expert.group(1)}."
-        if expert.group(2) == "linear_fc2":
-            return weights.get(x + "w2.weight")
-        return torch.cat([weights.get(x + "w1.weight"), weights.get(x + "w3.weight")], dim=0)
-    if suffix == "mlp.router.weight":
-        return weights.get(p + "block_sparse_moe.gate.weight")
+    moe = megatron_moe_tensor(suffix, p, weights)
+    if moe is not None:
+        return moe
     if suffix == "mlp.linear_fc1.weight" and not model.gated:  # one up projection
         return weights.get(p + "mlp.up_proj.weight")
     if suffix == "mlp.linear_fc1.weight":

@@ -54,10 +54,13 @@ def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
     return out.flatten()
 
 
-def moe_aux_losses(read: bool, num_microbatches: int) -> dict[str, torch.Tensor]:
+def moe_aux_losses(
+    read: bool, num_microbatches: int, num_moe_layers: int
+) -> dict[str, torch.Tensor]:
     """This step's mixture-of-experts auxiliary losses as Megatron-LM logs them (megatron-core's
-    tracker sums each layer's over the micro-batches; here the mean over layers and
-    micro-batches, 0-dim device tensors named ``moe_<loss>``), then the tracker is cleared for
+    tracker sums each layer's over the micro-batches; here the mean over the layers with a
+    mixture and the micro-batches, 0-dim device tensors named ``moe_<loss>``; a dense layer's
+    entry stays 0), then the tracker is cleared for
     the next step. ``read`` (log steps): the layers' values are first reduced over the pipeline
     stages and data-parallel ranks, collectives every rank takes part in; else only cleared."""
     from megatron.core import parallel_state
@@ -76,7 +79,7 @@ def moe_aux_losses(read: bool, num_microbatches: int) -> dict[str, torch.Tensor]
             if entry.get("reduce_group") is None:
                 group = parallel_state.get_tensor_and_data_parallel_group()
                 dist.all_reduce(entry["values"], group=group, op=dist.ReduceOp.AVG)
-            out[f"moe_{name}"] = entry["values"].float().mean() / num_microbatches
+            out[f"moe_{name}"] = entry["values"].float().sum() / num_moe_layers / num_microbatches
     clear_aux_losses_tracker()
     return out
 

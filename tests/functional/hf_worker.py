@@ -55,7 +55,9 @@ PHI3_LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.25, 1.5, 2.0],
 def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
     Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / MixtralForCausalLM (4 experts,
-    top-2, a window of 7) / GPT2LMHeadModel saved
+    top-2, a window of 7) / Qwen2MoeForCausalLM (a mixture with a gated shared expert in layer 0,
+    layer 1 dense, the softmax over all experts) / Qwen3MoeForCausalLM (layer 0 dense, a mixture
+    in layer 1: decoder_sparse_step 2, renormalised top-k) / GPT2LMHeadModel saved
     (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head, a
     sliding window of 6 and LongRoPE (:data:`PHI3_LONGROPE`); the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
@@ -102,6 +104,17 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         kwargs.update(rope_theta=10000.0, num_local_experts=4, num_experts_per_tok=2,
                       intermediate_size=96, sliding_window=7,
                       router_jitter_noise=0.0)  # fmt: skip
+    elif arch in ("qwen2_moe", "qwen3_moe"):  # 4 experts of 48, top-2
+        name = "Qwen2Moe" if arch == "qwen2_moe" else "Qwen3Moe"
+        cfg_cls = getattr(transformers, f"{name}Config")
+        model_cls = getattr(transformers, f"{name}ForCausalLM")
+        kwargs.update(rope_theta=1000000.0, use_sliding_window=False, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48)  # fmt: skip
+        if arch == "qwen2_moe":
+            kwargs.update(shared_expert_intermediate_size=80, mlp_only_layers=[1],
+                          norm_topk_prob=False)  # fmt: skip
+        else:
+            kwargs.update(head_dim=32, decoder_sparse_step=2, norm_topk_prob=True)
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,
@@ -241,8 +254,8 @@ def _run_convert_cli(*argv):
 
 def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
     """World of two: converted checkpoints and the HF directories (in memory) at TP=2 (Mixtral's
-    also with its experts split over the ranks, EP=2); then a conversion run with PP=2 (each rank
-    fills its own layers), read back whole."""
+    and Qwen2-MoE's also with their experts split over the ranks, EP=2); then a conversion run
+    with PP=2 (each rank fills its own layers), read back whole."""
     from megatron_slm.convert import convert_hf_to_megatron
     from megatron_slm.launch import initialize
 
@@ -252,12 +265,13 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
             results[source] = model_logits(
                 rank, world, os.path.join(root, source), tokens, 2, prompt, max_new_tokens, eos
             )[:2]
-    if "mixtral" in archs:  # its experts sharded over the two ranks (expert parallelism)
+    mixtures = [arch for arch in archs if arch in ("mixtral", "qwen2_moe")]
+    if mixtures:  # their experts sharded over the two ranks (expert parallelism)
         from megatron_slm.evaluation import load_eval_model
         from megatron_slm.runtime import forward_logits
 
         dev = initialize(device="cpu", expert_model_parallel_size=2)
-        for source in ("mixtral_ckpt", "mixtral"):
+        for source in (name for arch in mixtures for name in (f"{arch}_ckpt", arch)):
             lm = load_eval_model(os.path.join(root, source), dev)
             results[f"{source}_ep2"] = forward_logits(lm, tokens)
     pp_ckpt = os.path.join(root, f"{archs[0]}_ckpt_pp2")

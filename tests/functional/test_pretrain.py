@@ -450,9 +450,12 @@ def test_parameter_inheritance_refuses_gpt3s_architecture(gpt3_reference, tmp_pa
     assert not os.path.exists(tmp_path / "small")
 
 
-# A mixture of experts in every layer: 4 SwiGLU experts, top-2 routing, both auxiliary losses.
+# A mixture of experts in layers 0, 2 and 3 (pipeline stage 0: a mixture and a dense layer,
+# stage 1: two mixtures): 4 SwiGLU experts, top-2 routing, a gated shared expert beside them,
+# both auxiliary losses.
 MOE = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", "1e-2",
-       "--moe-z-loss-coeff", "1e-3")  # fmt: skip
+       "--moe-z-loss-coeff", "1e-3", "--moe-layer-freq", "[1,0,1,1]",
+       "--moe-shared-expert-intermediate-size", 32, "--moe-shared-expert-gate")  # fmt: skip
 
 
 def _moe_scores_vs_forward(rank, world, ckpt, prefix):
@@ -480,8 +483,9 @@ def _moe_scores_vs_forward(rank, world, ckpt, prefix):
 
 
 def test_mixture_of_experts_trains_resumes_and_scores(corpus, tmp_path):
-    """--num-experts: megatron-core's MoE layers train under selective training, log their
-    auxiliary losses (the Switch load-balancing loss is 1 for balanced routing and at most
+    """--num-experts: megatron-core's MoE layers (with a dense layer and a gated shared expert)
+    train under selective training, log their auxiliary losses (the Switch load-balancing loss,
+    averaged over the layers with a mixture, is 1 for balanced routing and at most
     experts / top-k), resume exactly, give the same losses over TP 2 with sequence parallelism,
     over PP 2 and with the experts sharded over 2 ranks (--expert-model-parallel-size), and the
     checkpoint scores as a direct forward of its model does."""

@@ -184,12 +184,16 @@ def test_gpt2_configs_map_to_transformers_parameter_counts():
         (  # RMSNorm with learned positions
             {"normalization": "RMSNorm"},
             re.escape(
-                "Llama, Qwen, Phi-3, Mixtral, Nemotron and GPT-2 cannot represent this "
+                "Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, Nemotron and GPT-2 cannot represent this "
                 "checkpoint's custom architecture (RMSNorm, GeLU, learned positions, biases, tied "
                 "embeddings): LlamaForCausalLM/MistralForCausalLM needs SwiGLU, RoPE, no biases; "
                 "Qwen2ForCausalLM needs SwiGLU, RoPE, biases on Q, K and V only; Qwen3ForCausalLM "
                 "needs SwiGLU, RoPE, no biases, QK norm; Phi3ForCausalLM needs SwiGLU, RoPE, no "
                 "biases; MixtralForCausalLM needs SwiGLU, RoPE, no biases, a mixture of experts "
+                "(--num-experts); Qwen2MoeForCausalLM needs SwiGLU, RoPE, biases on Q, K and V "
+                "only, a mixture of experts (--num-experts), a gated shared expert "
+                "(--moe-shared-expert-intermediate-size, --moe-shared-expert-gate); "
+                "Qwen3MoeForCausalLM needs SwiGLU, RoPE, no biases, QK norm, a mixture of experts "
                 "(--num-experts); NemotronForCausalLM needs LayerNorm, LayerNorm 1p, squared "
                 "ReLU, RoPE, no biases; GPT2LMHeadModel needs LayerNorm"
             ),

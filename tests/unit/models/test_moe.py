@@ -1,10 +1,14 @@
 """--num-experts: megatron-core's MoE layer as the model builds it (torch spec, SequentialMLP
 experts) against a pure-PyTorch mixture on the same weights: a linear router, the top-k experts
 of each token weighted by the softmax over their logits (Mixtral's) or by the softmax over all
-experts (--moe-router-pre-softmax), each expert a SwiGLU MLP. And the parameter count the log
-and MFU use is the model's."""
+experts (--moe-router-pre-softmax), each expert a SwiGLU MLP; with a shared expert (gated by
+sigmoid(w . x) or not) added, and dense layers where --moe-layer-freq says. And the parameter
+count the log and MFU use is the model's."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -13,8 +17,14 @@ import torch.nn.functional as F
 from tests.dist_helpers import run_distributed
 
 
-def _reference_mixture(x, router, fc1s, fc2s, topk, pre_softmax):
-    """x [t, h]; router [e, h]; fc1s [e] of [2f, h] ([gate; up]); fc2s [e] of [h, f]."""
+def _swiglu(x, fc1, fc2):
+    gate, up = (x @ fc1.t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ fc2.t()
+
+
+def _reference_mixture(x, router, fc1s, fc2s, topk, pre_softmax, shared=None):
+    """x [t, h]; router [e, h]; fc1s [e] of [2f, h] ([gate; up]); fc2s [e] of [h, f];
+    ``shared``: (fc1, fc2, gate [1, h] or None) of a shared expert."""
     logits = x @ router.t()
     if pre_softmax:
         weights, chosen = F.softmax(logits, dim=-1).topk(topk, dim=-1)
@@ -23,33 +33,52 @@ def _reference_mixture(x, router, fc1s, fc2s, topk, pre_softmax):
         weights = F.softmax(top, dim=-1)
     out = torch.zeros_like(x)
     for e, (fc1, fc2) in enumerate(zip(fc1s, fc2s)):
-        gate, up = (x @ fc1.t()).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ fc2.t()
         weight = (weights * (chosen == e)).sum(-1, keepdim=True)  # 0 where not routed to e
-        out += weight * y
+        out += weight * _swiglu(x, fc1, fc2)
+    if shared is not None:
+        fc1, fc2, gate = shared
+        y = _swiglu(x, fc1, fc2)
+        out += y if gate is None else torch.sigmoid(x @ gate.t()) * y
     return out
 
 
-def _moe_layer(rank, world, pre_softmax):
+VARIANTS = {
+    "mixtral": {},
+    "pre-softmax": dict(moe_router_pre_softmax=True),
+    # Qwen2-MoE's: softmax over all experts, a gated shared expert, dense layers 0 and 3
+    "shared-gated": dict(moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=40,
+                         moe_shared_expert_gate=True, moe_layer_freq=(0, 1, 1, 0)),
+    "shared": dict(moe_shared_expert_intermediate_size=40, moe_layer_freq=2),  # layers 0, 2
+}  # fmt: skip
+
+
+def _moe_layer(rank, world, variant):
     from megatron_slm import launch
     from megatron_slm.models import ModelBuildOptions, build_model, get_preset
 
     dev = launch.initialize(device="cpu", seed=3)
     arch = get_preset("tiny").replace(
-        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48,
-        moe_router_pre_softmax=pre_softmax,
-    )  # fmt: skip
+        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, **VARIANTS[variant]
+    )
     (model,) = build_model(arch, ModelBuildOptions(transformer_impl="torch"), dev)
     model.eval()
-    moe = model.decoder.layers[0].mlp
+    routed = [hasattr(layer.mlp, "router") for layer in model.decoder.layers]
+    moe = model.decoder.layers[routed.index(True)].mlp
     x = torch.randn(8, 3, arch.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        if arch.moe_shared_expert_gate:  # (initialised by the std 0.02: every sigmoid ~0.5)
+            moe.shared_experts.gate_weight.normal_(0, 0.5)
         out, _bias = moe(x)
     experts = moe.experts.local_experts
     weights = (
         moe.router.weight.detach(),
         [e.linear_fc1.weight.detach() for e in experts],
         [e.linear_fc2.weight.detach() for e in experts],
+    )
+    shared = moe.shared_experts and (
+        moe.shared_experts.linear_fc1.weight.detach(),
+        moe.shared_experts.linear_fc2.weight.detach(),
+        moe.shared_experts.gate_weight,
     )
     n_params = sum(p.numel() for p in model.parameters())
     # Decoding through megatron-core's KV cache routes each new token as a full forward does.
@@ -58,20 +87,30 @@ def _moe_layer(rank, world, pre_softmax):
     lm = LoadedModel([model], arch, None, model.vocab_size, dev, torch.float32, "in memory")
     prompts = [[5, 9, 11, 2, 7], [3, 4]]
     decoded = [greedy_generate(lm, prompts, max_new_tokens=6, use_cache=c) for c in (True, False)]
-    return out, x, weights, n_params, arch.num_parameters(model.vocab_size), len(experts), decoded
+    counted = arch.num_parameters(model.vocab_size)
+    return out, x, weights, shared, routed, n_params, counted, len(experts), decoded
 
 
-@pytest.mark.parametrize("pre_softmax", [False, True], ids=["mixtral", "pre-softmax"])
-def test_moe_layer_is_a_top_k_mixture_of_swiglu_experts(pre_softmax):
-    ((out, x, (router, fc1s, fc2s), n_params, counted, n_experts, decoded),) = run_distributed(
-        _moe_layer, 1, pre_softmax
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_layer_is_a_top_k_mixture_of_swiglu_experts(variant):
+    ((out, x, (router, fc1s, fc2s), shared, routed, n_params, counted, n_experts, decoded),) = (
+        run_distributed(_moe_layer, 1, variant)
     )
+    options = VARIANTS[variant]
     cached, full = decoded
     assert cached == full and all(len(row) == 6 for row in cached)
     assert n_experts == 4 and fc1s[0].shape == (2 * 48, 64)
+    assert routed == {(0, 1, 1, 0): [False, True, True, False], 2: [True, False, True, False]}.get(
+        options.get("moe_layer_freq"), [True] * 4
+    )
+    assert bool(shared) == ("moe_shared_expert_intermediate_size" in options)
+    if shared:
+        assert shared[0].shape == (2 * 40, 64)
+        assert (shared[2] is not None) == options.get("moe_shared_expert_gate", False)
     flat = x.reshape(-1, x.shape[-1])
-    expected = _reference_mixture(flat, router, fc1s, fc2s, 2, pre_softmax).reshape(x.shape)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    pre_softmax = options.get("moe_router_pre_softmax", False)
+    expected = _reference_mixture(flat, router, fc1s, fc2s, 2, pre_softmax, shared or None)
+    torch.testing.assert_close(out, expected.reshape(x.shape), rtol=1e-5, atol=1e-5)
     assert n_params == counted
 
 
@@ -84,3 +123,50 @@ def test_expert_width_must_split_over_tp():
     check_parallel_layout(arch, 1, 1)
     with pytest.raises(ConfigError, match="does not divide --moe-ffn-hidden-size 47"):
         check_parallel_layout(arch, 2, 1)
+    arch = get_preset("tiny").replace(num_experts=4, moe_shared_expert_intermediate_size=33)
+    with pytest.raises(ConfigError, match="does not divide --moe-shared-expert-intermediate-size"):
+        check_parallel_layout(arch, 2, 1)
+
+
+def test_moe_layer_freq_reads_as_megatron_lm_and_resolves_against_a_checkpoint():
+    """N: a mixture in layers 0, N, 2N, ... (megatron-core's reading); a pattern as given; every
+    layer: recorded as None. A flag confirming a checkpoint's pattern in the other form agrees."""
+    from megatron_slm.checkpoint import CheckpointInfo, resolve_architecture
+    from megatron_slm.errors import CheckpointError
+    from megatron_slm.models import get_preset
+    from megatron_slm.models.args import ModelArgs
+
+    tiny = get_preset("tiny").replace(num_experts=4)
+    assert tiny.replace(moe_layer_freq=2).moe_layers == (True, False, True, False)
+    assert tiny.replace(moe_layer_freq=3).moe_layer_freq == (1, 0, 0, 1)
+    assert tiny.replace(moe_layer_freq=[1, 1, 1, 1]).moe_layer_freq is None
+    assert tiny.replace(moe_layer_freq=1).moe_layers == (True,) * 4
+    assert get_preset("tiny").moe_layers == (False,) * 4
+    saved = tiny.replace(moe_layer_freq=(1, 0, 1, 0))
+    record = json.loads(json.dumps({"model": dataclasses.asdict(saved)}))  # (the pattern a list)
+    info = CheckpointInfo(path="ckpt", meta=record)
+    assert info.model == saved
+    for freq in ("2", "[1,0]*2"):
+        args = ModelArgs(num_experts=4, moe_layer_freq=freq)
+        assert resolve_architecture(args, info, None) == saved
+    with pytest.raises(CheckpointError, match="--moe-layer-freq \\[1,1,1,0\\] contradicts"):
+        resolve_architecture(ModelArgs(num_experts=4, moe_layer_freq="[1]*3+[0]"), info, None)
+
+
+def test_flops_count_each_layers_mlp():
+    """Training FLOPs per token: a dense layer's MLP where --moe-layer-freq puts one, the top-k
+    experts, the router and the shared expert (with its gate) where a mixture is."""
+    from megatron_slm.models import get_preset
+
+    tiny = get_preset("tiny")
+    h, f, seq = tiny.hidden_size, tiny.ffn_hidden_size, 32
+    shared = dict(moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True)
+    moe = tiny.replace(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, **shared)
+    per_mixture = 3 * h * (2 * 48 + 40) + h * 4 + h  # experts, shared expert; router, gate
+    per_dense = 3 * h * f
+    # forward + backward = 3 x (2 FLOPs per multiply-add)
+    assert moe.flops_per_token(seq) - tiny.flops_per_token(seq) == 6 * 4 * (per_mixture - per_dense)
+    mixed = moe.replace(moe_layer_freq=(0, 1, 1, 0))
+    assert mixed.flops_per_token(seq) - tiny.flops_per_token(seq) == 6 * 2 * (
+        per_mixture - per_dense
+    )

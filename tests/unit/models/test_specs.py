@@ -154,7 +154,11 @@ def test_gpu_without_transformer_engine_defaults_to_torch_spec(monkeypatch):
     monkeypatch.setattr(
         "megatron_slm.models.specs.get_num_layers_to_build", lambda config, vp_stage=None: 2
     )
-    block = gpt_block_spec(impl, config=SimpleNamespace(normalization="RMSNorm"))
+    monkeypatch.setattr(
+        "megatron_slm.models.specs.get_transformer_layer_offset", lambda config, vp_stage=None: 0
+    )
+    config = SimpleNamespace(normalization="RMSNorm", num_layers=2)
+    block = gpt_block_spec(impl, config=config)
     for layer in block.layer_specs:
         assert layer.submodules.self_attention.module is FusedRoPESelfAttention
         assert layer.submodules.self_attention.submodules.core_attention is TorchSDPAttention
