@@ -48,18 +48,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
-_DENSE = (
-    "mixture",
-    False,
-    "a dense MLP (no --num-experts; MixtralForCausalLM, Qwen2MoeForCausalLM "
-    "or Qwen3MoeForCausalLM)",
-)
+_DENSE = ("mixture", False, "a dense MLP (no --num-experts; MixtralForCausalLM, "
+          "Qwen2MoeForCausalLM or Qwen3MoeForCausalLM)")  # fmt: skip
 _MIXTURE = ("mixture", True, "a mixture of experts (--num-experts)")
-_NO_SHARED_EXPERT = (
-    "moe_shared_expert_intermediate_size",
-    None,
-    "no shared expert (--moe-shared-expert-intermediate-size: Qwen2MoeForCausalLM)",
-)
+_SOFTMAX_ROUTER = (("moe_router_score_function", "softmax",
+                    "a softmax router (no --moe-router-score-function sigmoid)"),
+                   ("moe_router_topk_scaling_factor", None,
+                    "no --moe-router-topk-scaling-factor"),
+                   ("moe_router_num_groups", None, "no group-limited routing"))  # fmt: skip
+_NO_SHARED_EXPERT = ("moe_shared_expert_intermediate_size", None,
+                     "no shared expert (--moe-shared-expert-intermediate-size: "
+                     "Qwen2MoeForCausalLM)")  # fmt: skip
 _LLAMA_SHARED = (("normalization", "RMSNorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
                  ("position_embedding_type", "rope", "RoPE"),
                  ("apply_layernorm_1p", False,
@@ -96,13 +95,13 @@ FAMILIES = {
          ("biases", "none", "no biases"), ("qk_layernorm", False, "no QK norm"), _MIXTURE,
          ("moe_router_pre_softmax", False, "Mixtral's router (no --moe-router-pre-softmax)"),
          ("moe_layer_freq", None, "a mixture in every layer (no --moe-layer-freq)"),
-         _NO_SHARED_EXPERT),
+         _NO_SHARED_EXPERT, *_SOFTMAX_ROUTER),
     ),
     QWEN2_MOE: (  # Qwen2's with mixtures (and dense layers) whose shared expert is gated
         (QWEN2_MOE,),
         (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
          ("biases", "qkv", "biases on Q, K and V only"), ("qk_layernorm", False, "no QK norm"),
-         _FULL_ATTENTION, _MIXTURE,
+         _FULL_ATTENTION, _MIXTURE, *_SOFTMAX_ROUTER,
          ("moe_shared_expert_gate", True,
           "a gated shared expert (--moe-shared-expert-intermediate-size, "
           "--moe-shared-expert-gate)")),
@@ -111,7 +110,7 @@ FAMILIES = {
         (QWEN3_MOE,),
         (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
          ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm"), _FULL_ATTENTION,
-         _MIXTURE, _NO_SHARED_EXPERT),
+         _MIXTURE, _NO_SHARED_EXPERT, *_SOFTMAX_ROUTER),
     ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),

@@ -19,6 +19,7 @@ from megatron_slm.models.presets import (
     GPT3_KIND,
     NORMALIZATIONS,
     POSITION_EMBEDDINGS,
+    ROUTER_SCORE_FUNCTIONS,
     GPTModelConfig,
     get_preset,
 )
@@ -30,6 +31,13 @@ _OWN_FUSIONS = (
     "each tested against megatron-core's unfused path."
 )
 DEFAULT_VOCAB_DIVISOR = 128
+MOE_ARCHITECTURE_FLAGS = (
+    "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_layer_freq",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_score_function",
+    "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_enable_expert_bias",
+)  # fmt: skip
+"""The architecture flags of a mixture (each needs --num-experts)."""
 # With these three and no preset, the flags are a Megatron-LM script's model definition.
 MEGATRON_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
 ARCHITECTURE_FLAGS = (
@@ -241,6 +249,29 @@ class ModelArgs:
         "With --moe-shared-expert-intermediate-size: the shared expert's output scaled by a "
         "learned sigmoid gate per token (megatron-core's; Qwen2-MoE's shared_expert_gate).",
     )
+    moe_router_score_function: str | None = arg(
+        None,
+        "With --num-experts: the router's scores, softmax (default) or sigmoid (DeepSeek-V3's: "
+        "the chosen experts weighted by their sigmoid scores over their sum).",
+        choices=ROUTER_SCORE_FUNCTIONS,
+    )
+    moe_router_topk_scaling_factor: float | None = arg(
+        None, "With --num-experts: the chosen experts' weights multiplied by this factor."
+    )
+    moe_router_num_groups: int | None = arg(
+        None,
+        "With --num-experts: group-limited routing (DeepSeek's): the experts in this many equal "
+        "groups, each token's experts drawn from its --moe-router-group-topk best groups.",
+    )
+    moe_router_group_topk: int | None = arg(
+        None, "With --moe-router-num-groups: the groups a token's experts come from."
+    )
+    moe_router_enable_expert_bias: bool = arg(
+        False,
+        "With --moe-router-score-function sigmoid: auxiliary-loss-free load balancing "
+        "(DeepSeek-V3's): a per-expert bias on the scores that choose the experts, moved each "
+        "step by --moe-router-bias-update-rate towards balance.",
+    )
 
     def __post_init__(self):
         if self.window_size is not None:
@@ -288,10 +319,7 @@ class ModelArgs:
             )
         if self.moe_layer_freq is not None:
             parse_moe_layer_freq(self.moe_layer_freq)  # a bad value fails here, naming the flag
-        moe = [f for f in ("moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
-                           "moe_layer_freq", "moe_shared_expert_intermediate_size",
-                           "moe_shared_expert_gate")
-               if getattr(self, f) not in (None, False)]  # fmt: skip
+        moe = [f for f in MOE_ARCHITECTURE_FLAGS if getattr(self, f) not in (None, False)]
         if moe and self.num_experts is None:
             raise ConfigError(f"--{moe[0].replace('_', '-')} needs --num-experts")
         if self.attention_backend == "local" and self.transformer_impl not in (None, "local"):
@@ -325,9 +353,14 @@ class ModelArgs:
             given["rotary_percent"] = self.rotary_percent
         if self.window_size is not None and parse_window_size(self.window_size) is not None:
             given["window_size"] = parse_window_size(self.window_size)
-        for name in ("moe_router_pre_softmax", "moe_shared_expert_gate"):
+        for name in ("moe_router_pre_softmax", "moe_shared_expert_gate",
+                     "moe_router_enable_expert_bias"):  # fmt: skip
             if getattr(self, name):
                 given[name] = True
+        for name in ("moe_router_score_function", "moe_router_topk_scaling_factor",
+                     "moe_router_num_groups", "moe_router_group_topk"):  # fmt: skip
+            if getattr(self, name) is not None:
+                given[name] = getattr(self, name)
         if self.moe_layer_freq is not None:  # (a pattern's length is checked with the layers)
             given["moe_layer_freq"] = parse_moe_layer_freq(self.moe_layer_freq)
         return given
@@ -505,7 +538,8 @@ def flag_text(name: str, value) -> str:
         return "a dense MLP (no --num-experts)" if value is None else f"--num-experts {value}"
     if name == "longrope":
         return "no LongRoPE" if value is None else "LongRoPE (its Hugging Face config's)"
-    if name in ("moe_router_pre_softmax", "moe_shared_expert_gate"):
+    if name in ("moe_router_pre_softmax", "moe_shared_expert_gate",
+                "moe_router_enable_expert_bias"):  # fmt: skip
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"
     if name == "moe_layer_freq":
@@ -513,6 +547,8 @@ def flag_text(name: str, value) -> str:
         return "a mixture in every layer" if value is None else f"--moe-layer-freq {pattern}"
     if name == "moe_shared_expert_intermediate_size" and value is None:
         return "no shared expert (no --moe-shared-expert-intermediate-size)"
+    if name.startswith("moe_router_") and value is None:
+        return f"no --{name.replace('_', '-')}"
     if name in ("qk_layernorm", "add_qkv_bias", "apply_layernorm_1p"):
         flag = f"--{name.replace('_', '-')}"
         return flag if value else f"no {flag}"

@@ -26,6 +26,7 @@ ACTIVATIONS = {"swiglu": "SwiGLU", "gelu": "GeLU", "openai_gelu": "tanh GeLU",
                "squared_relu": "squared ReLU"}  # fmt: skip
 """The MLP's activations and how the log names them (only SwiGLU is gated)."""
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 KIND_FIELDS = ("normalization", "activation", "position_embedding_type", "add_bias_linear",
                "tied_embeddings", "qk_layernorm", "add_qkv_bias", "apply_layernorm_1p",
                "rotary_percent")  # fmt: skip
@@ -169,6 +170,23 @@ class GPTModelConfig:
     moe_shared_expert_gate: bool = False
     """--moe-shared-expert-gate: the shared expert's output scaled by sigmoid(w . x), a learned
     per-token gate (Qwen2-MoE's ``shared_expert_gate``)."""
+    moe_router_score_function: str = "softmax"
+    """--moe-router-score-function: softmax, or sigmoid (DeepSeek-V3's: each expert's score
+    sigmoid(logit), the chosen ones' weights their scores over their sum)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """--moe-router-topk-scaling-factor: the chosen experts' weights multiplied by it (DeepSeek's
+    routed scaling factor); None: 1."""
+    moe_router_num_groups: int | None = None
+    """--moe-router-num-groups: group-limited routing (DeepSeek's device- and node-limited
+    routing): the experts in this many equal groups, a token's top-k drawn from the
+    --moe-router-group-topk groups whose best top-k / group-topk scores sum highest."""
+    moe_router_group_topk: int | None = None
+    """--moe-router-group-topk: the groups a token's experts come from (with
+    --moe-router-num-groups)."""
+    moe_router_enable_expert_bias: bool = False
+    """--moe-router-enable-expert-bias: auxiliary-loss-free load balancing (DeepSeek-V3's): a
+    per-expert bias added to the scores when choosing (not weighing) the experts, moved each
+    step by --moe-router-bias-update-rate towards the balance; sigmoid scores only."""
 
     def __post_init__(self):
         for name in (*SHAPE_FIELDS, "vocab_size", "max_position_embeddings"):
@@ -255,10 +273,51 @@ class GPTModelConfig:
             raise ConfigError(
                 "--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size"
             )
+        self._check_router()
         if self.add_bias_linear:  # (megatron-core 0.16's biased experts fail in the forward)
             raise ConfigError(
                 f"--num-experts {self.num_experts} needs --disable-bias-linear: the experts "
                 "take no linear biases"
+            )
+
+    def _check_router(self) -> None:
+        """The router's choices, as megatron-core checks them (each named by its flag)."""
+        sigmoid = self.moe_router_score_function == "sigmoid"
+        if self.moe_router_score_function not in ROUTER_SCORE_FUNCTIONS:
+            raise ConfigError(
+                f"--moe-router-score-function must be one of {', '.join(ROUTER_SCORE_FUNCTIONS)}"
+                f", got {self.moe_router_score_function!r}"
+            )
+        if sigmoid and self.moe_router_pre_softmax:
+            raise ConfigError("--moe-router-pre-softmax applies to the softmax score function")
+        if self.moe_router_topk == 1 and not sigmoid and not self.moe_router_pre_softmax:
+            raise ConfigError(  # (a softmax over one logit has no gradient)
+                "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's rule)"
+            )
+        if self.moe_router_enable_expert_bias and not sigmoid:
+            raise ConfigError(
+                "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid"
+            )
+        factor = self.moe_router_topk_scaling_factor
+        if factor is not None and factor <= 0:
+            raise ConfigError("--moe-router-topk-scaling-factor must be positive")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ConfigError(
+                "--moe-router-num-groups and --moe-router-group-topk go together (group-limited "
+                "routing)"
+            )
+        if groups is not None and (
+            groups < 1
+            or self.num_experts % groups
+            or not 1 <= group_topk <= groups
+            or self.moe_router_topk % group_topk
+            or self.moe_router_topk // group_topk > self.num_experts // groups
+        ):
+            raise ConfigError(
+                f"--moe-router-num-groups {groups} must divide --num-experts {self.num_experts}, "
+                f"and --moe-router-group-topk {group_topk} be in 1..{groups} and divide "
+                f"--moe-router-topk {self.moe_router_topk} into at most the experts of a group"
             )
 
     @property
@@ -405,6 +464,13 @@ class GPTModelConfig:
         if self.moe_shared_expert_intermediate_size:
             gate = "a gated" if self.moe_shared_expert_gate else "a"
             text += f", {gate} shared expert of {self.moe_shared_expert_intermediate_size}"
+        if self.moe_router_score_function == "sigmoid":
+            text += ", sigmoid router" + (" with expert bias" if self.moe_router_enable_expert_bias
+                                          else "")  # fmt: skip
+        if self.moe_router_num_groups:
+            text += f" in {self.moe_router_group_topk} of {self.moe_router_num_groups} groups"
+        if self.moe_router_topk_scaling_factor:
+            text += f" scaled x{self.moe_router_topk_scaling_factor:g}"
         if self.moe_layer_freq:
             text += f", in {sum(self.moe_layers)} of {self.num_layers} layers"
         return text

@@ -125,6 +125,11 @@ def _moe_fields(model: GPTModelConfig, opts: ModelBuildOptions) -> dict:
         "moe_layer_freq": list(model.moe_layer_freq) if model.moe_layer_freq else 1,
         "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
         "moe_shared_expert_gate": model.moe_shared_expert_gate,
+        "moe_router_score_function": model.moe_router_score_function,
+        "moe_router_topk_scaling_factor": model.moe_router_topk_scaling_factor,
+        "moe_router_num_groups": model.moe_router_num_groups,
+        "moe_router_group_topk": model.moe_router_group_topk,
+        "moe_router_enable_expert_bias": model.moe_router_enable_expert_bias,
         "moe_grouped_gemm": False,
         **training,
     }

@@ -378,6 +378,12 @@ class TrainingArgs:
         "How tokens reach their experts (megatron-core's dispatchers): allgather or alltoall.",
         choices=MOE_DISPATCHERS,
     )
+    moe_router_bias_update_rate: float = arg(
+        1e-3,
+        "With --moe-router-enable-expert-bias: each step, every expert's bias moves by this "
+        "much towards balance (up when it received fewer tokens than the mean, over the "
+        "data-parallel ranks and micro-batches; megatron-core's rule).",
+    )
     moe_grouped_gemm: bool = arg(
         False,
         "Refused (Megatron-LM's flag): the experts run one after another as megatron-core's "
@@ -530,7 +536,7 @@ class TrainingArgs:
     def _check_moe(self) -> None:
         check_choices(self, "moe_router_load_balancing_type")
         check_choices(self, "moe_token_dispatcher_type")
-        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0")
@@ -548,6 +554,7 @@ class TrainingArgs:
             "moe_router_load_balancing_type": self.moe_router_load_balancing_type,
             "moe_z_loss_coeff": self.moe_z_loss_coeff,
             "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
+            "moe_router_bias_update_rate": self.moe_router_bias_update_rate,
         }
 
     @property
@@ -1271,6 +1278,15 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         if given:
             raise ConfigError(f"{flag_name(given[0])} needs --num-experts (the model is dense)")
         return
+    default_rate = next(
+        f.default
+        for f in dataclasses.fields(TrainingArgs)
+        if f.name == "moe_router_bias_update_rate"
+    )
+    if t.moe_router_bias_update_rate != default_rate and not (
+        architecture.moe_router_enable_expert_bias
+    ):
+        raise ConfigError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
     if architecture.num_experts % ep:
         raise ConfigError(
             f"--expert-model-parallel-size {ep} does not divide --num-experts "

@@ -458,6 +458,45 @@ MOE = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", "1e-2
        "--moe-shared-expert-intermediate-size", 32, "--moe-shared-expert-gate")  # fmt: skip
 
 
+# DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a per-expert bias.
+BIASED = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-router-score-function", "sigmoid",
+          "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2")  # fmt: skip
+
+
+def _expert_biases(rank, world, ckpt):
+    from megatron_slm.launch import initialize
+    from megatron_slm.models.sharding import full_state_dict
+    from megatron_slm.runtime import LoadArgs, load_model, plan_load
+
+    lm = load_model(plan_load(LoadArgs(load=ckpt), tokenizer="none"), initialize(device="cpu"))
+    state = full_state_dict(lm.chunks[0])
+    return torch.stack([v for k, v in sorted(state.items()) if k.endswith("router.expert_bias")])
+
+
+def test_expert_bias_balances_over_data_parallel_ranks_and_resumes(corpus, tmp_path):
+    """--moe-router-enable-expert-bias: each step every expert's bias moves by the update rate
+    (or stays, at the mean), by the tokens of all micro-batches and data-parallel ranks (DP 2
+    gives DP 1's steps: with each rank's own counts its biases, and so its routing, would part);
+    the biases are saved with the model (a resumed run gives the same steps)."""
+    _, prefix = corpus
+    ckpt = str(tmp_path / "ckpt")
+    straight = read_steps_of(
+        prefix, tmp_path / "straight.jsonl", 4, *BIASED, "--save", ckpt, "--save-interval", 2
+    )
+    resumed = read_steps_of(
+        prefix, tmp_path / "resumed.jsonl", 4, *BIASED, "--load", ckpt, "--ckpt-step", 2
+    )
+    assert [r["iteration"] for r in resumed] == [3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
+    two = read_steps_of(prefix, tmp_path / "dp2.jsonl", 4, *BIASED, nproc=2)
+    for a, b in zip(straight, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+    ((biases,),) = [run_distributed(_expert_biases, 1, ckpt)]
+    steps = biases * 100  # four steps of +-1e-2 (or 0) each
+    assert biases.shape == (4, 4) and steps.abs().max() <= 4 + 1e-4 and steps.abs().max() > 0
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+
+
 def _moe_scores_vs_forward(rank, world, ckpt, prefix):
     """Largest difference between the scorer's sidecar and each document forwarded alone."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset

@@ -22,15 +22,37 @@ def _swiglu(x, fc1, fc2):
     return (F.silu(gate) * up) @ fc2.t()
 
 
-def _reference_mixture(x, router, fc1s, fc2s, topk, pre_softmax, shared=None):
-    """x [t, h]; router [e, h]; fc1s [e] of [2f, h] ([gate; up]); fc2s [e] of [h, f];
-    ``shared``: (fc1, fc2, gate [1, h] or None) of a shared expert."""
-    logits = x @ router.t()
-    if pre_softmax:
+def _reference_routing(logits, topk, options, bias=None):
+    """(weights, chosen) [t, k] of each token, by the router ``options`` (the model's fields)."""
+    if options.get("moe_router_score_function") == "sigmoid":
+        scores = torch.sigmoid(logits)
+        choosing = scores if bias is None else scores + bias  # (the bias chooses, not weighs)
+        groups, group_topk = (
+            options.get("moe_router_num_groups"),
+            options.get("moe_router_group_topk"),
+        )
+        if groups:  # keep the experts of the groups whose best topk/group_topk sum highest
+            per_group = choosing.view(len(logits), groups, -1)
+            best = per_group.topk(topk // group_topk, dim=-1).values.sum(-1)
+            kept = torch.zeros_like(best).scatter(1, best.topk(group_topk, dim=-1).indices, 1)
+            kept = kept.repeat_interleave(per_group.shape[-1], dim=1).bool()
+            choosing = choosing.masked_fill(~kept, float("-inf"))
+        chosen = choosing.topk(topk, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True)
+    elif options.get("moe_router_pre_softmax"):
         weights, chosen = F.softmax(logits, dim=-1).topk(topk, dim=-1)
     else:
         top, chosen = logits.topk(topk, dim=-1)
         weights = F.softmax(top, dim=-1)
+    return weights * options.get("moe_router_topk_scaling_factor", 1.0), chosen
+
+
+def _reference_mixture(x, router, fc1s, fc2s, routing, shared=None):
+    """x [t, h]; router [e, h]; fc1s [e] of [2f, h] ([gate; up]); fc2s [e] of [h, f];
+    ``routing(logits)``: (weights, chosen); ``shared``: (fc1, fc2, gate [1, h] or None) of a
+    shared expert."""
+    weights, chosen = routing(x @ router.t())
     out = torch.zeros_like(x)
     for e, (fc1, fc2) in enumerate(zip(fc1s, fc2s)):
         weight = (weights * (chosen == e)).sum(-1, keepdim=True)  # 0 where not routed to e
@@ -49,6 +71,11 @@ VARIANTS = {
     "shared-gated": dict(moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=40,
                          moe_shared_expert_gate=True, moe_layer_freq=(0, 1, 1, 0)),
     "shared": dict(moe_shared_expert_intermediate_size=40, moe_layer_freq=2),  # layers 0, 2
+    # DeepSeek-V3's: sigmoid scores, a bias choosing the experts, 1 of 4 groups (the group
+    # whose two experts sum highest), scaled weights
+    "sigmoid-bias-groups": dict(moe_router_score_function="sigmoid", moe_router_num_groups=4,
+                                moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+                                moe_router_enable_expert_bias=True),
 }  # fmt: skip
 
 
@@ -58,7 +85,7 @@ def _moe_layer(rank, world, variant):
 
     dev = launch.initialize(device="cpu", seed=3)
     arch = get_preset("tiny").replace(
-        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, **VARIANTS[variant]
+        num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=48, **VARIANTS[variant]
     )
     (model,) = build_model(arch, ModelBuildOptions(transformer_impl="torch"), dev)
     model.eval()
@@ -68,6 +95,9 @@ def _moe_layer(rank, world, variant):
     with torch.no_grad():
         if arch.moe_shared_expert_gate:  # (initialised by the std 0.02: every sigmoid ~0.5)
             moe.shared_experts.gate_weight.normal_(0, 0.5)
+        if arch.moe_router_enable_expert_bias:  # (initialised to 0: large enough to reroute)
+            moe.router.expert_bias.copy_(torch.linspace(-0.3, 0.3, arch.num_experts))
+            moe.router.weight.normal_(0, 0.3)
         out, _bias = moe(x)
     experts = moe.experts.local_experts
     weights = (
@@ -80,6 +110,7 @@ def _moe_layer(rank, world, variant):
         moe.shared_experts.linear_fc2.weight.detach(),
         moe.shared_experts.gate_weight,
     )
+    bias = moe.router.expert_bias
     n_params = sum(p.numel() for p in model.parameters())
     # Decoding through megatron-core's KV cache routes each new token as a full forward does.
     from megatron_slm.runtime import LoadedModel, greedy_generate
@@ -88,18 +119,18 @@ def _moe_layer(rank, world, variant):
     prompts = [[5, 9, 11, 2, 7], [3, 4]]
     decoded = [greedy_generate(lm, prompts, max_new_tokens=6, use_cache=c) for c in (True, False)]
     counted = arch.num_parameters(model.vocab_size)
-    return out, x, weights, shared, routed, n_params, counted, len(experts), decoded
+    return out, x, weights, shared, bias, routed, n_params, counted, len(experts), decoded
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_moe_layer_is_a_top_k_mixture_of_swiglu_experts(variant):
-    ((out, x, (router, fc1s, fc2s), shared, routed, n_params, counted, n_experts, decoded),) = (
-        run_distributed(_moe_layer, 1, variant)
-    )
+    (
+        (out, x, (router, fc1s, fc2s), shared, bias, routed, n_params, counted, n_experts, decoded),
+    ) = run_distributed(_moe_layer, 1, variant)
     options = VARIANTS[variant]
     cached, full = decoded
     assert cached == full and all(len(row) == 6 for row in cached)
-    assert n_experts == 4 and fc1s[0].shape == (2 * 48, 64)
+    assert n_experts == 8 and fc1s[0].shape == (2 * 48, 64)
     assert routed == {(0, 1, 1, 0): [False, True, True, False], 2: [True, False, True, False]}.get(
         options.get("moe_layer_freq"), [True] * 4
     )
@@ -108,9 +139,17 @@ def test_moe_layer_is_a_top_k_mixture_of_swiglu_experts(variant):
         assert shared[0].shape == (2 * 40, 64)
         assert (shared[2] is not None) == options.get("moe_shared_expert_gate", False)
     flat = x.reshape(-1, x.shape[-1])
-    pre_softmax = options.get("moe_router_pre_softmax", False)
-    expected = _reference_mixture(flat, router, fc1s, fc2s, 2, pre_softmax, shared or None)
+    assert (bias is not None) == options.get("moe_router_enable_expert_bias", False)
+    routing = lambda logits: _reference_routing(logits, 2, options, bias)  # noqa: E731
+    expected = _reference_mixture(flat, router, fc1s, fc2s, routing, shared or None)
     torch.testing.assert_close(out, expected.reshape(x.shape), rtol=1e-5, atol=1e-5)
+    if bias is not None:  # the bias and the groups changed some choices (else unseen here)
+        logits, chosen = flat @ router.t(), routing(flat @ router.t())[1].sort().values
+        ungrouped = {k: v for k, v in options.items() if "group" not in k}
+        for other in (_reference_routing(logits, 2, options), _reference_routing(
+            logits, 2, ungrouped, bias
+        )):  # fmt: skip
+            assert (other[1].sort().values != chosen).any()
     assert n_params == counted
 
 
