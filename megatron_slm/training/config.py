@@ -135,6 +135,7 @@ class ParallelConfig:
 
 MOE_BALANCING = ("aux_loss", "seq_aux_loss", "none")  # megatron-core's (sinkhorn: its own router)
 MOE_DISPATCHERS = ("allgather", "alltoall")
+MOE_ROUTER_DTYPES = ("fp32", "fp64")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp")  # megatron-core's for dense layers (layernorm needs TE)
@@ -378,6 +379,13 @@ class TrainingArgs:
         "How tokens reach their experts (megatron-core's dispatchers): allgather or alltoall.",
         choices=MOE_DISPATCHERS,
     )
+    moe_router_dtype: str | None = arg(
+        None,
+        "With --num-experts: the router's logits, softmax and top-k in fp32 or fp64 while the "
+        "model trains in bf16 or fp16 (Megatron-LM's flag); default: the model's dtype. Only "
+        "training reads it (scoring and evaluation route in the model's dtype).",
+        choices=MOE_ROUTER_DTYPES,
+    )
     moe_router_bias_update_rate: float = arg(
         1e-3,
         "With --moe-router-enable-expert-bias: each step, every expert's bias moves by this "
@@ -536,6 +544,8 @@ class TrainingArgs:
     def _check_moe(self) -> None:
         check_choices(self, "moe_router_load_balancing_type")
         check_choices(self, "moe_token_dispatcher_type")
+        if self.moe_router_dtype is not None:
+            check_choices(self, "moe_router_dtype")
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -555,6 +565,7 @@ class TrainingArgs:
             "moe_z_loss_coeff": self.moe_z_loss_coeff,
             "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
             "moe_router_bias_update_rate": self.moe_router_bias_update_rate,
+            "moe_router_dtype": self.moe_router_dtype,
         }
 
     @property

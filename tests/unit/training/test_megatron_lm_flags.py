@@ -389,6 +389,61 @@ def test_megatron_lms_llama_flags_describe_the_model_they_build():
     assert ModelArgs().spec_impl is None
 
 
+# Megatron-LM's Qwen3-30B-A3B (examples/post_training/modelopt/conf/Qwen/Qwen3-30B-A3B.sh; its
+# norms' epsilon given, which that file leaves at Megatron-LM's 1e-5), and the Hugging Face
+# config.json of the same model.
+QWEN3_30B_A3B_FLAGS = (
+    "--bf16", "--no-masked-softmax-fusion", "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
+    "--no-rope-fusion", "--normalization", "RMSNorm", "--swiglu", "--num-layers", 48,
+    "--hidden-size", 2048, "--ffn-hidden-size", 6144, "--num-attention-heads", 32,
+    "--group-query-attention", "--num-query-groups", 4, "--kv-channels", 128, "--qk-layernorm",
+    "--num-experts", 128, "--moe-ffn-hidden-size", 768, "--moe-router-topk", 8,
+    "--moe-router-dtype", "fp32", "--moe-aux-loss-coeff", 1e-3,
+    "--moe-router-load-balancing-type", "aux_loss", "--seq-length", 4096,
+    "--max-position-embeddings", 40960, "--use-mcore-models", "--rotary-percent", 1.0,
+    "--rotary-base", 1000000, "--no-bias-swiglu-fusion", "--norm-epsilon", 1e-6,
+)  # fmt: skip
+QWEN3_30B_A3B_HF = dict(
+    architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+    moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, vocab_size=151936,
+    max_position_embeddings=40960, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    hidden_act="silu", attention_bias=False,
+)  # fmt: skip
+
+
+def test_megatron_lms_qwen3_moe_flags_are_the_hugging_face_model():
+    """Megatron-LM's flags for Qwen3-30B-A3B build the architecture its Hugging Face config
+    imports as (30.5B parameters, as published), and --moe-router-dtype reaches the config."""
+    from megatron_slm.runtime.hf_source import gpt_config_from_hf
+
+    data = ["--data-path", "A", "--tokenizer-type", "NullTokenizer", "--train-iters", "4"]
+    cfg = parse_config([*data, "--vocab-size", "151936", *map(str, QWEN3_30B_A3B_FLAGS)])
+    ours = cfg.model.architecture(151936)
+    assert ours == gpt_config_from_hf(QWEN3_30B_A3B_HF)
+    assert ours.num_parameters() == 30_532_122_624
+    assert cfg.training.moe["moe_router_dtype"] == "fp32"
+
+
+def _router_logits_dtype(rank, world):
+    from megatron_slm import launch
+    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
+
+    dev = launch.initialize(device="cpu")
+    arch = get_preset("tiny").replace(num_experts=4)
+    options = ModelBuildOptions(transformer_impl="torch", moe={"moe_router_dtype": "fp64"})
+    (model,) = build_model(arch, options, dev)
+    router = model.decoder.layers[0].mlp.router
+    return router.gating(torch.randn(3, 2, arch.hidden_size)).dtype
+
+
+def test_moe_router_dtype_is_the_routers():
+    ((dtype,),) = [run_distributed(_router_logits_dtype, 1)]
+    assert dtype == torch.float64
+
+
 def test_logging_level_sets_every_logger(monkeypatch):
     """--logging-level (else MEGATRON_LOGGING_LEVEL) is every logger's level, megatron-core's
     (which the trainer otherwise quiets to WARNING) included; a bad variable is one line."""
@@ -580,6 +635,7 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--num-experts", 4, "--moe-router-num-groups", 2), "go together"),
         (("--num-experts", 4, "--moe-router-num-groups", 3, "--moe-router-group-topk", 1),
          "--moe-router-num-groups 3 must divide --num-experts 4"),
+        (("--moe-router-dtype", "fp32"), "--moe-router-dtype needs --num-experts"),
         (("--num-experts", 4, "--moe-router-topk-scaling-factor", 0),
          "--moe-router-topk-scaling-factor must be positive"),
         (("--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4,
