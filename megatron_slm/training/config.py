@@ -136,6 +136,7 @@ class ParallelConfig:
 MOE_BALANCING = ("aux_loss", "seq_aux_loss", "none")  # megatron-core's (sinkhorn: its own router)
 MOE_DISPATCHERS = ("allgather", "alltoall")
 MOE_ROUTER_DTYPES = ("fp32", "fp64")
+MOE_DROP_POLICIES = ("probs", "position")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp")  # megatron-core's for dense layers (layernorm needs TE)
@@ -379,6 +380,24 @@ class TrainingArgs:
         "How tokens reach their experts (megatron-core's dispatchers): allgather or alltoall.",
         choices=MOE_DISPATCHERS,
     )
+    moe_expert_capacity_factor: float | None = arg(
+        None,
+        "With --num-experts: each expert takes at most factor x (tokens x top-k / experts) "
+        "tokens of a micro-batch, the rest dropped (GShard's and Switch Transformer's capacity; "
+        "Megatron-LM's flag); default: dropless. Training only: scoring and evaluation never "
+        "drop.",
+    )
+    moe_token_drop_policy: str = arg(
+        "probs",
+        "With --moe-expert-capacity-factor: an expert keeps the tokens it weighs most (probs) or "
+        "those first in the micro-batch (position).",
+        choices=MOE_DROP_POLICIES,
+    )
+    moe_pad_expert_input_to_capacity: bool = arg(
+        False,
+        "With --moe-expert-capacity-factor and the alltoall dispatcher: every expert's input "
+        "padded to its capacity (static shapes).",
+    )
     moe_router_dtype: str | None = arg(
         None,
         "With --num-experts: the router's logits, softmax and top-k in fp32 or fp64 while the "
@@ -546,6 +565,19 @@ class TrainingArgs:
         check_choices(self, "moe_token_dispatcher_type")
         if self.moe_router_dtype is not None:
             check_choices(self, "moe_router_dtype")
+        check_choices(self, "moe_token_drop_policy")
+        factor = self.moe_expert_capacity_factor
+        if factor is not None and factor <= 0:
+            raise ConfigError("--moe-expert-capacity-factor must be positive")
+        if factor is None and (self.moe_pad_expert_input_to_capacity
+                               or self.moe_token_drop_policy != "probs"):  # fmt: skip
+            flag = ("--moe-pad-expert-input-to-capacity" if self.moe_pad_expert_input_to_capacity
+                    else "--moe-token-drop-policy")  # fmt: skip
+            raise ConfigError(f"{flag} needs --moe-expert-capacity-factor")
+        if self.moe_pad_expert_input_to_capacity and self.moe_token_dispatcher_type != "alltoall":
+            raise ConfigError(  # (megatron-core's allgather dispatcher does not pad)
+                "--moe-pad-expert-input-to-capacity needs --moe-token-dispatcher-type alltoall"
+            )
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -566,6 +598,9 @@ class TrainingArgs:
             "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
             "moe_router_bias_update_rate": self.moe_router_bias_update_rate,
             "moe_router_dtype": self.moe_router_dtype,
+            "moe_expert_capacity_factor": self.moe_expert_capacity_factor,
+            "moe_token_drop_policy": self.moe_token_drop_policy,
+            "moe_pad_expert_input_to_capacity": self.moe_pad_expert_input_to_capacity,
         }
 
     @property

@@ -209,3 +209,50 @@ def test_flops_count_each_layers_mlp():
     assert mixed.flops_per_token(seq) - tiny.flops_per_token(seq) == 6 * 2 * (
         per_mixture - per_dense
     )
+
+
+def _capacity_layer(rank, world, policy):
+    from megatron_slm import launch
+    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
+
+    dev = launch.initialize(device="cpu", seed=4)
+    arch = get_preset("tiny").replace(num_experts=4, moe_router_topk=2)
+    capacity = {"moe_expert_capacity_factor": 0.5, "moe_token_drop_policy": policy}
+    (model,) = build_model(arch, ModelBuildOptions(transformer_impl="torch", moe=capacity), dev)
+    moe = model.decoder.layers[0].mlp
+    x = torch.randn(8, 3, arch.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out, _bias = moe(x)
+        routing_map = moe.router(x.reshape(-1, arch.hidden_size))[1]
+    experts = moe.experts.local_experts
+    weights = (
+        moe.router.weight.detach(),
+        [e.linear_fc1.weight.detach() for e in experts],
+        [e.linear_fc2.weight.detach() for e in experts],
+    )
+    return out, x, weights, routing_map
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_expert_capacity_drops_the_tokens_beyond_it(policy):
+    """--moe-expert-capacity-factor 0.5 (a training flag): each of 4 experts takes at most
+    ceil(24 tokens x top-2 / 4 x 0.5) = 6 of a micro-batch's routed tokens; by probs the 6 it
+    weighs most (the mixture of the reference with the rest dropped), by position some 6."""
+    ((out, x, (router, fc1s, fc2s), kept),) = run_distributed(_capacity_layer, 1, policy)
+    flat = x.reshape(-1, x.shape[-1])
+    weights, chosen = _reference_routing(flat @ router.t(), 2, {})
+    dense = torch.zeros(len(flat), 4).scatter(1, chosen, weights)
+    assert (kept.sum(0) <= 6).all() and (kept & (dense == 0)).sum() == 0
+    assert ((dense > 0).sum(0) > 6).any()  # (some expert had more: tokens were dropped)
+    if policy == "probs":
+        expected_kept = torch.zeros_like(kept)
+        for e in range(4):
+            expected_kept[dense[:, e].topk(6).indices[dense[:, e].topk(6).values > 0], e] = True
+        assert torch.equal(kept, expected_kept)
+    survivors = dense * kept  # (a dropped token's other expert keeps its weight)
+
+    def routing(_logits):
+        return survivors, torch.arange(4).expand(len(flat), 4)
+
+    expected = _reference_mixture(flat, router, fc1s, fc2s, routing)
+    torch.testing.assert_close(out, expected.reshape(x.shape), rtol=1e-5, atol=1e-5)

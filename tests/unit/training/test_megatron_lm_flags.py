@@ -425,6 +425,12 @@ def test_megatron_lms_qwen3_moe_flags_are_the_hugging_face_model():
     assert ours == gpt_config_from_hf(QWEN3_30B_A3B_HF)
     assert ours.num_parameters() == 30_532_122_624
     assert cfg.training.moe["moe_router_dtype"] == "fp32"
+    capacity = parse_config([*data, "--num-experts", "4", "--moe-expert-capacity-factor", "1.25",
+                             "--moe-token-drop-policy", "position"]).training.moe  # fmt: skip
+    assert (capacity["moe_expert_capacity_factor"], capacity["moe_token_drop_policy"]) == (
+        1.25,
+        "position",
+    )
 
 
 def _router_logits_dtype(rank, world):
@@ -636,6 +642,14 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--num-experts", 4, "--moe-router-num-groups", 3, "--moe-router-group-topk", 1),
          "--moe-router-num-groups 3 must divide --num-experts 4"),
         (("--moe-router-dtype", "fp32"), "--moe-router-dtype needs --num-experts"),
+        (("--moe-expert-capacity-factor", 1.0), "--moe-expert-capacity-factor needs --num-experts"),
+        (("--num-experts", 4, "--moe-expert-capacity-factor", 0),
+         "--moe-expert-capacity-factor must be positive"),
+        (("--num-experts", 4, "--moe-token-drop-policy", "position"),
+         "--moe-token-drop-policy needs --moe-expert-capacity-factor"),
+        (("--num-experts", 4, "--moe-expert-capacity-factor", 1.0,
+          "--moe-pad-expert-input-to-capacity"),
+         "--moe-pad-expert-input-to-capacity needs --moe-token-dispatcher-type alltoall"),
         (("--num-experts", 4, "--moe-router-topk-scaling-factor", 0),
          "--moe-router-topk-scaling-factor must be positive"),
         (("--num-layers", 2, "--hidden-size", 64, "--num-attention-heads", 4,
