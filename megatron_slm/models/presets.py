@@ -475,13 +475,20 @@ class GPTModelConfig:
             text += f", in {sum(self.moe_layers)} of {self.num_layers} layers"
         return text
 
+    def _describe_ffn(self) -> str:
+        if not self.mixture:
+            return str(self.ffn_hidden_size)
+        if all(self.moe_layers):
+            return f"{self.expert_ffn_hidden_size} per expert"
+        return f"{self.ffn_hidden_size} dense, {self.expert_ffn_hidden_size} per expert"
+
     def describe(self, padded_vocab_size: int) -> str:
         """One line for the log: the architecture, its shape and its parameter count."""
         return (
             f"{self.describe_kind()}: "
             f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_attention_heads} "
             f"heads{f' of {self.kv_channels}' if self.kv_channels else ''} in "
-            f"{self.num_query_groups} KV groups, FFN {self.expert_ffn_hidden_size}, vocabulary "
+            f"{self.num_query_groups} KV groups, FFN {self._describe_ffn()}, vocabulary "
             f"{self.vocab_size} padded to {padded_vocab_size}: "
             f"{self.num_parameters(padded_vocab_size):,} parameters"
         )

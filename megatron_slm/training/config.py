@@ -139,7 +139,12 @@ MOE_ROUTER_DTYPES = ("fp32", "fp64")
 MOE_DROP_POLICIES = ("probs", "position")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mlp")  # megatron-core's for dense layers (layernorm needs TE)
+RECOMPUTE_MODULES = (
+    "core_attn",
+    "mlp",
+    "moe",
+    "shared_experts",
+)  # megatron-core's: layernorm needs TE, moe_act grouped GEMM
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
@@ -357,8 +362,10 @@ class TrainingArgs:
     )
     recompute_modules: list[str] = arg(
         [],
-        "Selective recompute: which parts of each layer (core_attn, the default; mlp). "
-        "layernorm is not offered: megatron-core's needs Transformer Engine.",
+        "Selective recompute: which parts of each layer (core_attn, the default; mlp: a dense "
+        "layer's; moe: a whole mixture of experts; shared_experts: its shared expert). "
+        "layernorm is not offered: megatron-core's needs Transformer Engine; moe_act neither: "
+        "its needs the grouped GEMM.",
         nargs="*",
     )
     moe_aux_loss_coeff: float = arg(
@@ -1316,6 +1323,13 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
     """The MoE training flags need a mixture of experts; megatron-core's rule for TP."""
     t, p = cfg.training, cfg.parallel
     ep = p.expert_model_parallel_size
+    recomputed = set(t.recompute_modules or ()) if t.recompute_granularity == "selective" else set()
+    if "moe" in recomputed and architecture.num_experts is None:
+        raise ConfigError("--recompute-modules moe needs --num-experts (the model is dense)")
+    if "shared_experts" in recomputed and not architecture.moe_shared_expert_intermediate_size:
+        raise ConfigError(
+            "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"
+        )
     if architecture.num_experts is None:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
         given = [name for name in t.moe if getattr(t, name) != defaults[name]]

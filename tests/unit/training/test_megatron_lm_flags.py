@@ -77,6 +77,49 @@ def _recompute_worker(rank, world, prefix, log):
     return out
 
 
+MOE_RECOMPUTE = {
+    "none": (),
+    "moe": ("--recompute-granularity", "selective", "--recompute-modules", "moe"),
+    "shared_experts": ("--recompute-granularity", "selective", "--recompute-modules",
+                       "shared_experts"),
+}  # fmt: skip
+
+
+def _moe_recompute_worker(rank, world, prefix, log):
+    out = {}
+    mixture = ("--num-experts", 4, "--moe-aux-loss-coeff", "1e-2", "--moe-layer-freq", "[1,0,1,1]",
+               "--moe-shared-expert-intermediate-size", 32, "--num-workers", 0)  # fmt: skip
+    for name, extra in MOE_RECOMPUTE.items():
+        trainer = cpu_trainer(tiny_args(prefix, log, 4, *mixture, *extra))
+        chunk = trainer.chunks[0]
+        counts = {"router": 0, "shared": 0}
+        for layer in chunk.module.decoder.layers:
+            if hasattr(layer.mlp, "router"):
+                for key, module in (("router", layer.mlp.router),
+                                    ("shared", layer.mlp.shared_experts)):  # fmt: skip
+                    module.register_forward_pre_hook(
+                        lambda *_, key=key, counts=counts: counts.__setitem__(key, counts[key] + 1)
+                    )
+        trainer.train_step()  # 4 micro-batches through 3 mixtures
+        grads = torch.cat([p.main_grad.flatten() for p in chunk.parameters()]).clone()
+        out[name] = {"counts": dict(counts), "grads": grads}
+        close_trainer(trainer)
+    return out
+
+
+def test_moe_recompute_replays_the_mixture(corpus, tmp_path):
+    """--recompute-modules moe: each mixture (router, experts, shared expert) runs twice per
+    micro-batch; shared_experts: the shared expert alone; the gradients are bitwise those
+    without recompute."""
+    out = run_distributed(_moe_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
+    calls = 4 * 3  # micro-batches x mixtures
+    expected = {"none": (calls, calls), "moe": (2 * calls, 2 * calls),
+                "shared_experts": (calls, 2 * calls)}  # fmt: skip
+    for name, (router, shared) in expected.items():
+        assert out[name]["counts"] == {"router": router, "shared": shared}, name
+        assert torch.equal(out[name]["grads"], out["none"]["grads"]), name
+
+
 def test_recompute_changes_nothing_computed_and_dropout_only_training(corpus, tmp_path):
     out = run_distributed(_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
     calls = 4 * 4  # micro-batches x layers
@@ -663,6 +706,11 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--recompute-activations", "--recompute-granularity", "full"), "is selective"),
         (("--recompute-method", "block"), "applies to --recompute-granularity full"),
         (("--recompute-modules", "mlp"), "applies to selective recompute"),
+        (("--recompute-granularity", "selective", "--recompute-modules", "moe"),
+         "--recompute-modules moe needs --num-experts"),
+        (("--num-experts", 4, "--recompute-granularity", "selective", "--recompute-modules",
+          "shared_experts"),
+         "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"),
         (("--recompute-granularity", "selective", "--recompute-modules", "layernorm"),
          "choose from core_attn, mlp"),
         (("--grad-reduce-in-bf16",), "needs --bf16"),
