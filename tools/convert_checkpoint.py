@@ -68,7 +68,8 @@ class MegatronToHfConfig(_Paths):
         "Default: for Llama's architecture the imported model's, else LlamaForCausalLM; with "
         "QKV biases Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; with partial RoPE or "
         "LongRoPE Phi3ForCausalLM; a mixture of experts MixtralForCausalLM, with QKV biases "
-        "and a gated shared expert Qwen2MoeForCausalLM, with QK norm Qwen3MoeForCausalLM; "
+        "and a gated shared expert Qwen2MoeForCausalLM, with QK norm Qwen3MoeForCausalLM, with "
+        "a sigmoid router and an expert bias Glm4MoeForCausalLM; "
         "Nemotron's "
         "(LayerNorm 1p, squared ReLU, RoPE) exports as NemotronForCausalLM, GPT-3's as "
         "GPT2LMHeadModel.",

@@ -77,7 +77,7 @@ from megatron_slm.convert.tokenizer_export import write_generation_config
 from megatron_slm.data.tokenizer import model_digest
 from megatron_slm.models.presets import GPTModelConfig, padded_vocab_size
 from megatron_slm.models.sharding import full_state_dict
-from megatron_slm.runtime.hf_moe import MIXTRAL, mixtral_names
+from megatron_slm.runtime.hf_moe import GLM4_MOE, MIXTRAL, glm_names, mixtral_names
 from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, fuse_phi3
 from megatron_slm.runtime.hf_source import (
     ConversionError,
@@ -242,7 +242,8 @@ def export_architecture(
     it fits the model's architecture, else the one it was ``imported`` from, else the first that
     fits (Llama's design: LlamaForCausalLM or MistralForCausalLM, with QKV biases
     Qwen2ForCausalLM, with QK norm Qwen3ForCausalLM; their mixtures of experts MixtralForCausalLM,
-    Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; GPT-3's: GPT2LMHeadModel). A model none
+    Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, with a sigmoid router and an expert bias
+    Glm4MoeForCausalLM; GPT-3's: GPT2LMHeadModel). A model none
     represents, or a request that does not fit, is refused naming what the architectures need."""
     needs = {**family_mismatches(model), GPT2_ARCHITECTURE: gpt2_mismatches(model)}
     fitting = [
@@ -254,8 +255,8 @@ def export_architecture(
     if not fitting:
         lacking = "; ".join(f"{family} needs {', '.join(gaps)}" for family, gaps in needs.items())
         raise ConversionError(
-            "Hugging Face's Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, Nemotron and GPT-2 cannot "
-            "represent this "
+            "Hugging Face's Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, GLM-4.5, Nemotron and GPT-2 "
+            "cannot represent this "
             f"checkpoint's {choices}: {lacking}"
         )
     if requested is not None and requested not in fitting:
@@ -327,9 +328,9 @@ def convert_megatron_to_hf(
     if arch == GPT2_ARCHITECTURE:
         hf_cfg = gpt2_config_from_gpt(model, out_dtype, hf_meta.get("config"))
         to_hf = gpt2_tensors_from_megatron
-    elif arch in (PHI3_ARCHITECTURE, MIXTRAL):  # Llama's tensors, two projections fused; or
-        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))  # renamed
-        rename = fuse_phi3 if arch == PHI3_ARCHITECTURE else mixtral_names
+    elif arch in (PHI3_ARCHITECTURE, MIXTRAL, GLM4_MOE):  # Llama's tensors, two projections
+        hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))  # fused; or
+        rename = {PHI3_ARCHITECTURE: fuse_phi3, MIXTRAL: mixtral_names, GLM4_MOE: glm_names}[arch]
 
         def to_hf(state, model):
             return rename(hf_tensors_from_megatron(state, model))

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 import torch
 
+from megatron_slm.errors import ConfigError
 from megatron_slm.models.presets import GPTModelConfig
 from megatron_slm.runtime.hf_moe import (
+    GLM4_MOE,
     MIXTRAL,
     MOE_ARCHITECTURES,
     QWEN2_MOE,
@@ -111,6 +113,16 @@ FAMILIES = {
         (*_LLAMA_SHARED, ("rotary_percent", 1.0, "RoPE on whole heads"), _NO_LONGROPE,
          ("biases", "none", "no biases"), ("qk_layernorm", True, "QK norm"), _FULL_ATTENTION,
          _MIXTURE, _NO_SHARED_EXPERT, *_SOFTMAX_ROUTER),
+    ),
+    GLM4_MOE: (  # DeepSeek-V3's router, QKV biases and QK norm or not, partial RoPE
+        (GLM4_MOE,),
+        (*_LLAMA_SHARED, _NO_LONGROPE, _FULL_ATTENTION, _MIXTURE,
+         ("moe_router_score_function", "sigmoid", "a sigmoid router (--moe-router-score-function "
+          "sigmoid)"),
+         ("moe_router_enable_expert_bias", True, "an expert bias "
+          "(--moe-router-enable-expert-bias)"),
+         ("moe_shared_expert_gate", False, "an ungated shared expert (no "
+          "--moe-shared-expert-gate)")),
     ),
     "NemotronForCausalLM": (  # any share of each head rotated
         ("NemotronForCausalLM",),
@@ -245,13 +257,18 @@ def hf_config_from_gpt(
     elif arch in ("MistralForCausalLM", MIXTRAL):  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1
+    elif arch == GLM4_MOE:  # (full attention: no window keys)
+        pass
     else:  # Qwen2 (QKV biases of its own), Qwen3 (QK norm) and their mixtures: full attention
         cfg.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=model.num_layers)  # fmt: skip
         if arch in ("Qwen3ForCausalLM", QWEN3_MOE):
             cfg["attention_bias"] = False
     if arch in MOE_ARCHITECTURES:  # (transformers' training-time router options: the source's)
-        cfg.update(moe_hf_config(model, arch, source))
+        try:
+            cfg.update(moe_hf_config(model, arch, source))
+        except ConfigError as e:
+            raise ConversionError(f"--architecture {arch}: {e}") from None
     return cfg
 
 

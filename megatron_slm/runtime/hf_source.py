@@ -10,6 +10,7 @@ export on the same mapping (see ``convert/hf.py`` for the two layout changes it 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,14 +23,15 @@ from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.models.presets import GPTModelConfig, LongRope
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
 from megatron_slm.runtime.hf_moe import (
+    GLM4_MOE,
     MIXTRAL,
     MOE_ARCHITECTURES,
     QWEN2_MOE,
     QWEN3_MOE,
-    MixtralWeights,
     megatron_moe_tensor,
     moe_choices,
     moe_hf_shapes,
+    moe_weights,
 )
 from megatron_slm.runtime.hf_phi3 import PHI3_ARCHITECTURE, Phi3Weights
 
@@ -177,7 +179,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
     if cfg.get("hidden_act", act) != act:
         raise ConversionError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported ({act})")
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-        if cfg.get(flag):
+        if cfg.get(flag) and not (arch == GLM4_MOE and flag == "attention_bias"):  # (GLM's QKV)
             raise ConversionError(f"{where}: {flag}=true is not supported")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -217,13 +219,16 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             init_method_std=float(cfg.get("initializer_range", 0.02)),
             # Qwen2's q, k and v projections have biases (Qwen2-MoE's unless qkv_bias is false)
             add_qkv_bias=arch == "Qwen2ForCausalLM"
-            or (arch == QWEN2_MOE and cfg.get("qkv_bias", True)),
-            # Qwen3 normalises each head's query and key
-            qk_layernorm=arch in ("Qwen3ForCausalLM", QWEN3_MOE),
+            or (arch == QWEN2_MOE and cfg.get("qkv_bias", True))
+            or (arch == GLM4_MOE and bool(cfg.get("attention_bias"))),
+            # Qwen3 normalises each head's query and key (GLM-4.5 where use_qk_norm)
+            qk_layernorm=arch in ("Qwen3ForCausalLM", QWEN3_MOE)
+            or (arch == GLM4_MOE and bool(cfg.get("use_qk_norm"))),
             # Mistral's W: the token itself and the W - 1 before it (Megatron-LM's (W - 1, 0))
             window_size=None if window is None else window - 1,
             **(_nemotron_choices(cfg) if arch == NEMOTRON else {}),
             **({"rotary_percent": _rotary_share(cfg, 1.0)} if arch == PHI3_ARCHITECTURE else {}),
+            **({"rotary_percent": _rotary_share(cfg, 0.5)} if arch == GLM4_MOE else {}),
             **(moe_choices(cfg, arch) if arch in MOE_ARCHITECTURES else {}),
         )
     except ConfigError as e:  # a value the model config refuses: named with the file
@@ -336,10 +341,10 @@ class _DictReader:
 
 def open_hf_weights(path: str, hf_config: dict, model: GPTModelConfig):
     """The directory's tensors under Llama's names (Phi-3's fused ones split: ``hf_phi3``;
-    Mixtral's mixtures under Qwen-MoE's: ``hf_moe``)."""
+    Mixtral's and GLM-4.5's mixtures under Qwen-MoE's: ``hf_moe``)."""
     weights = HFWeights(path)
-    if architecture(hf_config) == MIXTRAL:
-        return MixtralWeights(weights)
+    if architecture(hf_config) in MOE_ARCHITECTURES:
+        return moe_weights(weights, architecture(hf_config), model.num_layers)
     if architecture(hf_config) != PHI3_ARCHITECTURE:
         return weights
     d = model.head_dim
@@ -522,7 +527,9 @@ def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in map(unwrap, chunks):
-        for local, param in chunk.named_parameters():
+        # (and the routers' expert biases: buffers, saved with the weights)
+        biases = ((n, b) for n, b in chunk.named_buffers() if n.endswith("router.expert_bias"))
+        for local, param in itertools.chain(chunk.named_parameters(), biases):
             name = global_name(chunk, local)
             padded = None
             if name in ("embedding.word_embeddings.weight", "output_layer.weight"):

@@ -57,7 +57,10 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / MixtralForCausalLM (4 experts,
     top-2, a window of 7) / Qwen2MoeForCausalLM (a mixture with a gated shared expert in layer 0,
     layer 1 dense, the softmax over all experts) / Qwen3MoeForCausalLM (layer 0 dense, a mixture
-    in layer 1: decoder_sparse_step 2, renormalised top-k) / GPT2LMHeadModel saved
+    in layer 1: decoder_sparse_step 2, renormalised top-k) / Glm4MoeForCausalLM (layer 0 dense;
+    8 experts in 4 groups, top-2 from 1 group, sigmoid scores with a random expert bias, scaled
+    x2.5, a shared expert of two experts' width; QKV biases, QK norm, RoPE on half of each head; a
+    multi-token-prediction layer's tensor beyond its layers) / GPT2LMHeadModel saved
     (safetensors) at ``path``; Phi-3 with its fused projections, RoPE on half of each head, a
     sliding window of 6 and LongRoPE (:data:`PHI3_LONGROPE`); the
     Llama one with Llama 3.1's RoPE scaling, whose frequencies at head size 16 and base 5e5 fall
@@ -115,6 +118,14 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
                           norm_topk_prob=False)  # fmt: skip
         else:
             kwargs.update(head_dim=32, decoder_sparse_step=2, norm_topk_prob=True)
+    elif arch == "glm4_moe":  # GLM-4.5's: see the docstring
+        cfg_cls, model_cls = transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM
+        kwargs.update(head_dim=16, rope_theta=10000.0, partial_rotary_factor=0.5,
+                      attention_bias=True, use_qk_norm=True, n_routed_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2,
+                      n_group=4, topk_group=1, first_k_dense_replace=1,
+                      routed_scaling_factor=2.5, norm_topk_prob=True,
+                      num_nextn_predict_layers=1)  # fmt: skip
     elif arch == "mistral":
         cfg_cls, model_cls = MistralConfig, MistralForCausalLM
         kwargs.update(rope_theta=10000.0, sliding_window=5, num_attention_heads=8,
@@ -129,14 +140,38 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs)).float().eval()
-    # Non-trivial norm weights and biases, so a misplaced one shows.
+    # Non-trivial norm weights and biases, so a misplaced one shows. A mixture's tokens must
+    # differ enough to be routed apart (embeddings of std 1, not 0.02, beside the attention
+    # biases), its experts be large enough that a token routed elsewhere changes the logits,
+    # and GLM's router (initialised to zeros) mild enough beside its expert bias.
+    mixture = arch in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or re.search(r"\bln_(\d|f)\.weight", name):
+            if mixture and name.endswith("embed_tokens.weight"):
+                p.normal_(0.0, 1.0)
+            elif "norm" in name or re.search(r"\bln_(\d|f)\.weight", name):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
+            elif (
+                ".experts." in name
+                or name.endswith(".experts.gate_up_proj")
+                or name.endswith(".experts.down_proj")
+            ):
+                p.normal_(0.0, 0.2)
+            elif arch == "glm4_moe" and name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.2, 0.2)
     model.save_pretrained(path)
+    if arch == "glm4_moe":  # a multi-token-prediction layer, as GLM-4.5's files hold one
+        from safetensors.torch import load_file, save_file
+
+        file = os.path.join(path, "model.safetensors")
+        tensors = load_file(file)
+        tensors["model.layers.2.eh_proj.weight"] = torch.randn(64, 128)
+        save_file(tensors, file, metadata={"format": "pt"})
     return model
 
 
@@ -253,8 +288,9 @@ def _run_convert_cli(*argv):
 
 
 def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
-    """World of two: converted checkpoints and the HF directories (in memory) at TP=2 (Mixtral's
-    and Qwen2-MoE's also with their experts split over the ranks, EP=2); then a conversion run
+    """World of two: converted checkpoints and the HF directories (in memory) at TP=2 (Mixtral's,
+    Qwen2-MoE's and GLM-4.5's also with their experts split over the ranks, EP=2); then a
+    conversion run
     with PP=2 (each rank fills its own layers), read back whole."""
     from megatron_slm.convert import convert_hf_to_megatron
     from megatron_slm.launch import initialize
@@ -265,7 +301,7 @@ def tp2_checks(rank, world, root, archs, tokens, prompt, max_new_tokens, eos):
             results[source] = model_logits(
                 rank, world, os.path.join(root, source), tokens, 2, prompt, max_new_tokens, eos
             )[:2]
-    mixtures = [arch for arch in archs if arch in ("mixtral", "qwen2_moe")]
+    mixtures = [arch for arch in archs if arch in ("mixtral", "qwen2_moe", "glm4_moe")]
     if mixtures:  # their experts sharded over the two ranks (expert parallelism)
         from megatron_slm.evaluation import load_eval_model
         from megatron_slm.runtime import forward_logits

@@ -1,7 +1,7 @@
 """Hugging Face interop: tiny random Llama / Mistral / Qwen2 / GPT-2 / Nemotron / Qwen3 / Mixtral /
-Qwen2-MoE / Qwen3-MoE / Phi-3 models built here -> megatron checkpoints -> our logits, greedy
-decoding and perplexity equal transformers' at TP=1 and TP=2; megatron -> HF -> megatron round
-trips are bit-identical; exports load in transformers.
+Qwen2-MoE / Qwen3-MoE / GLM-4.5 / Phi-3 models built here -> megatron checkpoints -> our logits,
+greedy decoding and perplexity equal transformers' at TP=1 and TP=2; megatron -> HF -> megatron
+round trips are bit-identical; exports load in transformers.
 
 Tolerance: fp32 logits within 1e-4 (the issue's bound; the two implementations run the same fp32
 operations in the same order on CPU and agree to rounding)."""
@@ -18,7 +18,7 @@ from tests.functional import hf_worker as worker
 
 pytestmark = pytest.mark.slow
 ARCHS = ("llama", "mistral", "qwen2", "gpt2", "nemotron", "qwen3", "mixtral", "qwen2_moe",
-         "qwen3_moe", "phi3")  # fmt: skip
+         "qwen3_moe", "glm4_moe", "phi3")  # fmt: skip
 ATOL = 1e-4
 PROMPT, NEW_TOKENS, EOS = [5, 17, 42, 7], 12, 2
 DOCS = [
@@ -165,7 +165,7 @@ def test_tp2_and_pipeline_conversion(setup):
             logits, greedy = results[source]
             torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=ATOL, msg=source)
             assert greedy == ref["greedy"], source
-    for arch in ("mixtral", "qwen2_moe"):  # each rank holds 2 of the 4 experts
+    for arch in ("mixtral", "qwen2_moe", "glm4_moe"):  # each rank holds half the experts
         for source in (f"{arch}_ckpt_ep2", f"{arch}_ep2"):
             torch.testing.assert_close(
                 results[source], setup["ref"][arch]["logits"], rtol=0, atol=ATOL, msg=source

@@ -184,7 +184,8 @@ def test_gpt2_configs_map_to_transformers_parameter_counts():
         (  # RMSNorm with learned positions
             {"normalization": "RMSNorm"},
             re.escape(
-                "Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, Nemotron and GPT-2 cannot represent this "
+                "Llama, Qwen, Phi-3, Mixtral, Qwen-MoE, GLM-4.5, Nemotron and GPT-2 cannot "
+                "represent this "
                 "checkpoint's custom architecture (RMSNorm, GeLU, learned positions, biases, tied "
                 "embeddings): LlamaForCausalLM/MistralForCausalLM needs SwiGLU, RoPE, no biases; "
                 "Qwen2ForCausalLM needs SwiGLU, RoPE, biases on Q, K and V only; Qwen3ForCausalLM "
@@ -194,8 +195,11 @@ def test_gpt2_configs_map_to_transformers_parameter_counts():
                 "only, a mixture of experts (--num-experts), a gated shared expert "
                 "(--moe-shared-expert-intermediate-size, --moe-shared-expert-gate); "
                 "Qwen3MoeForCausalLM needs SwiGLU, RoPE, no biases, QK norm, a mixture of experts "
-                "(--num-experts); NemotronForCausalLM needs LayerNorm, LayerNorm 1p, squared "
-                "ReLU, RoPE, no biases; GPT2LMHeadModel needs LayerNorm"
+                "(--num-experts); Glm4MoeForCausalLM needs SwiGLU, RoPE, a mixture of experts "
+                "(--num-experts), a sigmoid router (--moe-router-score-function sigmoid), an "
+                "expert bias (--moe-router-enable-expert-bias); NemotronForCausalLM needs "
+                "LayerNorm, LayerNorm 1p, squared ReLU, RoPE, no biases; GPT2LMHeadModel needs "
+                "LayerNorm"
             ),
         ),
         (  # SwiGLU with LayerNorm
