@@ -1120,6 +1120,11 @@ class LoggingArgs:
     log_throughput: bool = arg(
         False, "Accepted: the log line always shows tokens/s, TFLOP/s per device and MFU."
     )
+    moe_per_layer_logging: bool = arg(
+        False,
+        "With --num-experts: each mixture's auxiliary losses besides their mean (Megatron-LM's "
+        "flag): the step's record (moe_<loss>_layer_<i>) and TensorBoard (slm/moe/...).",
+    )
     log_params_norm: bool = arg(
         False,
         "At log steps: the L2 norm of the weights as the model holds them (tensor-parallel "
@@ -1326,6 +1331,8 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
     recomputed = set(t.recompute_modules or ()) if t.recompute_granularity == "selective" else set()
     if "moe" in recomputed and architecture.num_experts is None:
         raise ConfigError("--recompute-modules moe needs --num-experts (the model is dense)")
+    if cfg.logging.moe_per_layer_logging and architecture.num_experts is None:
+        raise ConfigError("--moe-per-layer-logging needs --num-experts (the model is dense)")
     if "shared_experts" in recomputed and not architecture.moe_shared_expert_intermediate_size:
         raise ConfigError(
             "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"

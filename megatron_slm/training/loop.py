@@ -818,7 +818,8 @@ class Trainer:
         if self.arch.num_experts:
             dp = parallel_state.get_data_parallel_world_size()
             microbatches = self.global_batch // (self.cfg.training.micro_batch_size * dp)
-            extras.update(moe_aux_losses(log_step, microbatches, sum(self.arch.moe_layers)))
+            per_layer = self.cfg.logging.moe_per_layer_logging
+            extras.update(moe_aux_losses(log_step, microbatches, self.arch.moe_layers, per_layer))
         self.log.step(
             self.iteration, stats, grad_norm, lr, self.batches.consumed_samples, ratio,
             self.global_batch, extras,

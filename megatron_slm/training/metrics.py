@@ -55,12 +55,13 @@ def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
 
 
 def moe_aux_losses(
-    read: bool, num_microbatches: int, num_moe_layers: int
+    read: bool, num_microbatches: int, moe_layers: tuple[bool, ...], per_layer: bool = False
 ) -> dict[str, torch.Tensor]:
     """This step's mixture-of-experts auxiliary losses as Megatron-LM logs them (megatron-core's
     tracker sums each layer's over the micro-batches; here the mean over the layers with a
-    mixture and the micro-batches, 0-dim device tensors named ``moe_<loss>``; a dense layer's
-    entry stays 0), then the tracker is cleared for
+    mixture, ``moe_layers``, and the micro-batches, 0-dim device tensors named ``moe_<loss>``;
+    a dense layer's entry stays 0; ``per_layer``: each mixture's mean over the micro-batches
+    too, ``moe_<loss>_layer_<i>``), then the tracker is cleared for
     the next step. ``read`` (log steps): the layers' values are first reduced over the pipeline
     stages and data-parallel ranks, collectives every rank takes part in; else only cleared."""
     from megatron.core import parallel_state
@@ -79,7 +80,10 @@ def moe_aux_losses(
             if entry.get("reduce_group") is None:
                 group = parallel_state.get_tensor_and_data_parallel_group()
                 dist.all_reduce(entry["values"], group=group, op=dist.ReduceOp.AVG)
-            out[f"moe_{name}"] = entry["values"].float().sum() / num_moe_layers / num_microbatches
+            values = entry["values"].float() / num_microbatches
+            out[f"moe_{name}"] = values.sum() / sum(moe_layers)
+            for i in (i for i, moe in enumerate(moe_layers) if moe and per_layer):
+                out[f"moe_{name}_layer_{i}"] = values[i]
     clear_aux_losses_tracker()
     return out
 
@@ -364,7 +368,7 @@ class TrainingLogger:
             line += f" | params norm {w[-1]['params_norm']:.3f}"
         if "num_zeros_in_grad" in w[-1]:
             line += f" | zeros in grad {w[-1]['num_zeros_in_grad']:,}"
-        for key in (k for k in w[-1] if k.startswith("moe_")):  # (log steps only)
+        for key in (k for k in w[-1] if k.startswith("moe_") and "_layer_" not in k):
             line += f" | {key[4:].replace('_', ' ')} {w[-1][key]:.4f}"
         if self.peak:
             line += f" | MFU {mean('mfu') * 100:.1f}%"

@@ -455,7 +455,8 @@ def test_parameter_inheritance_refuses_gpt3s_architecture(gpt3_reference, tmp_pa
 # both auxiliary losses.
 MOE = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", "1e-2",
        "--moe-z-loss-coeff", "1e-3", "--moe-layer-freq", "[1,0,1,1]",
-       "--moe-shared-expert-intermediate-size", 32, "--moe-shared-expert-gate")  # fmt: skip
+       "--moe-shared-expert-intermediate-size", 32, "--moe-shared-expert-gate",
+       "--moe-per-layer-logging")  # fmt: skip
 
 
 # DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a per-expert bias.
@@ -537,6 +538,10 @@ def test_mixture_of_experts_trains_resumes_and_scores(corpus, tmp_path):
     for r in straight:
         assert 1.0 - 1e-6 <= r["moe_load_balancing_loss"] <= 4 / 2, r
         assert r["moe_z_loss"] > 0, r
+        # --moe-per-layer-logging: each mixture's own (layer 1 is dense), their mean the above
+        layers = [r[f"moe_load_balancing_loss_layer_{i}"] for i in (0, 2, 3)]
+        assert "moe_load_balancing_loss_layer_1" not in r and min(layers) >= 1.0 - 1e-6
+        assert sum(layers) / 3 == pytest.approx(r["moe_load_balancing_loss"], rel=1e-6)
     ckpt = str(tmp_path / "ckpt")
     stopped = (*MOE, *slm, "--save", ckpt, "--save-interval", 3, "--exit-interval", 3)
     read_steps_of(prefix, tmp_path / "resumed.jsonl", 6, *stopped)

@@ -685,6 +685,7 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--num-experts", 4, "--moe-router-num-groups", 3, "--moe-router-group-topk", 1),
          "--moe-router-num-groups 3 must divide --num-experts 4"),
         (("--moe-router-dtype", "fp32"), "--moe-router-dtype needs --num-experts"),
+        (("--moe-per-layer-logging",), "--moe-per-layer-logging needs --num-experts"),
         (("--moe-expert-capacity-factor", 1.0), "--moe-expert-capacity-factor needs --num-experts"),
         (("--num-experts", 4, "--moe-expert-capacity-factor", 0),
          "--moe-expert-capacity-factor must be positive"),
