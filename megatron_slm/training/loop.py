@@ -455,6 +455,14 @@ class Trainer:
         )
         config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = self.optimizer.scale_loss
+        self.model_config = config
+        # megatron-core weighs a mixture's auxiliary losses by each micro-batch's tokens over
+        # the step's trained ones, the selected ones under SLM: at ratio r they would weigh 1/r
+        # of their coefficient beside the selected tokens' mean loss. Each step's coefficients
+        # are the built ones times its ratio (megatron-core reads them at every forward).
+        self._aux_coeffs = (
+            (config.moe_aux_loss_coeff, config.moe_z_loss_coeff) if self.arch.mixture else None
+        )
         no_sync = [c.no_sync for c in self.chunks]
         config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
         if par.overlap_grad_reduce:  # Megatron-LM's align_grad_reduce (its default)
@@ -615,6 +623,10 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         ratio = self._ratio()
+        if self._aux_coeffs is not None and ratio is not None:
+            aux, z = self._aux_coeffs
+            self.model_config.moe_aux_loss_coeff = aux * ratio
+            self.model_config.moe_z_loss_coeff = None if z is None else z * ratio
         t = self.cfg.training
         consumed = self.batches.consumed_samples
         self.global_batch = self.sizes.global_batch_at(consumed)

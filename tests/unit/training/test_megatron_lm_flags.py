@@ -120,6 +120,38 @@ def test_moe_recompute_replays_the_mixture(corpus, tmp_path):
         assert torch.equal(out[name]["grads"], out["none"]["grads"]), name
 
 
+def _aux_gradient_worker(rank, world, prefix, log):
+    """The gradient the auxiliary losses add (a step with them less one without), plain and at
+    --slm-ratio 0.5: the same weights and micro-batches, so only they differ."""
+    # (no clipping: it would scale the two steps' gradients apart)
+    mixture = ("--num-experts", 4, "--moe-z-loss-coeff", "1e-2", "--num-workers", 0,
+               "--clip-grad", 0)  # fmt: skip
+    out = {}
+    for name, slm in (("plain", ()), ("slm", ("--slm-ratio", 0.5, "--slm-select-mode", "loss"))):
+        grads = []
+        for aux in ("1e-1", "0"):
+            extra = ("--moe-aux-loss-coeff", aux) + (
+                () if aux != "0" else ("--moe-z-loss-coeff", 0)
+            )
+            trainer = cpu_trainer(tiny_args(prefix, log, 4, *mixture, *slm, *extra))
+            trainer.train_step()
+            chunk = trainer.chunks[0]
+            grads.append(torch.cat([p.main_grad.flatten() for p in chunk.parameters()]).clone())
+            close_trainer(trainer)
+        out[name] = grads[0] - grads[1]
+    return out
+
+
+def test_auxiliary_losses_keep_their_weight_under_selection(corpus, tmp_path):
+    """megatron-core normalises a mixture's auxiliary losses by the step's trained tokens: the
+    selected half at --slm-ratio 0.5, where they would weigh twice their coefficient. Their
+    gradient at ratio 0.5 is plain training's (the coefficients scaled by the ratio)."""
+    out = run_distributed(_aux_gradient_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
+    plain, selective = out["plain"], out["slm"]
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(selective, plain, rtol=1e-3, atol=1e-5 * plain.abs().max())
+
+
 def test_recompute_changes_nothing_computed_and_dropout_only_training(corpus, tmp_path):
     out = run_distributed(_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
     calls = 4 * 4  # micro-batches x layers
