@@ -139,12 +139,8 @@ MOE_ROUTER_DTYPES = ("fp32", "fp64")
 MOE_DROP_POLICIES = ("probs", "position")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
-RECOMPUTE_MODULES = (
-    "core_attn",
-    "mlp",
-    "moe",
-    "shared_experts",
-)  # megatron-core's: layernorm needs TE, moe_act grouped GEMM
+# megatron-core's selective recompute (its layernorm needs TE, its moe_act the grouped GEMM)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
