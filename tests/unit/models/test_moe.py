@@ -1,9 +1,10 @@
 """--num-experts: megatron-core's MoE layer as the model builds it (torch spec, SequentialMLP
 experts) against a pure-PyTorch mixture on the same weights: a linear router, the top-k experts
 of each token weighted by the softmax over their logits (Mixtral's) or by the softmax over all
-experts (--moe-router-pre-softmax), each expert a SwiGLU MLP; with a shared expert (gated by
-sigmoid(w . x) or not) added, and dense layers where --moe-layer-freq says. And the parameter
-count the log and MFU use is the model's."""
+experts (--moe-router-pre-softmax) or, DeepSeek-V3's, by their sigmoid scores (chosen with an
+expert bias, from the best groups, scaled), each expert a SwiGLU MLP; with a shared expert (gated
+by sigmoid(w . x) or not) added, dense layers where --moe-layer-freq says, and the tokens beyond
+an expert's capacity dropped. And the parameter count and FLOPs the log and MFU use."""
 
 from __future__ import annotations
 
