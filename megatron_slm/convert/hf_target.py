@@ -1,8 +1,7 @@
-"""megatron-core GPT -> Hugging Face Llama / Mistral / Qwen / Mixtral / Qwen-MoE: the config and
-the tensors (the
-mirror of ``runtime.hf_source``, which reads the other way; ``convert.hf`` explains both layouts),
-what a model needs to export as one of them, and the dtypes and token ids every export target
-shares (GPT-2's config and tensors: ``convert.hf_gpt2``)."""
+"""megatron-core GPT -> Hugging Face Llama / Mistral / Qwen / Mixtral / Qwen-MoE / GLM-4.5: the
+config and the tensors (the mirror of ``runtime.hf_source``, which reads the other way;
+``convert.hf`` explains both layouts), what a model needs to export as one of them, and the dtypes
+and token ids every export target shares (GPT-2's config and tensors: ``convert.hf_gpt2``)."""
 
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # What each Hugging Face family of Llama's design needs of a model: (field, value, as said).
 _DENSE = ("mixture", False, "a dense MLP (no --num-experts; MixtralForCausalLM, "
-          "Qwen2MoeForCausalLM or Qwen3MoeForCausalLM)")  # fmt: skip
+          "Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or Glm4MoeForCausalLM)")  # fmt: skip
 _MIXTURE = ("mixture", True, "a mixture of experts (--num-experts)")
 _SOFTMAX_ROUTER = (("moe_router_score_function", "softmax",
                     "a softmax router (no --moe-router-score-function sigmoid)"),
@@ -257,9 +256,8 @@ def hf_config_from_gpt(
     elif arch in ("MistralForCausalLM", MIXTRAL):  # (W = the token and the W - 1 before it)
         window = model.window_size
         cfg["sliding_window"] = source.get("sliding_window") if window is None else window + 1
-    elif arch == GLM4_MOE:  # (full attention: no window keys)
-        pass
-    else:  # Qwen2 (QKV biases of its own), Qwen3 (QK norm) and their mixtures: full attention
+    elif arch != GLM4_MOE:  # Qwen2 (QKV biases), Qwen3 (QK norm), their mixtures: full attention
+        # (GLM-4.5's config has no window keys)
         cfg.update(use_sliding_window=False, sliding_window=None,
                    max_window_layers=model.num_layers)  # fmt: skip
         if arch in ("Qwen3ForCausalLM", QWEN3_MOE):
