@@ -1333,22 +1333,15 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         raise ConfigError(
             "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"
         )
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
+    given = [name for name in t.moe if getattr(t, name) != defaults[name]]
     if architecture.num_experts is None:
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
-        given = [name for name in t.moe if getattr(t, name) != defaults[name]]
         if ep > 1:
             given.insert(0, "expert_model_parallel_size")
         if given:
             raise ConfigError(f"{flag_name(given[0])} needs --num-experts (the model is dense)")
         return
-    default_rate = next(
-        f.default
-        for f in dataclasses.fields(TrainingArgs)
-        if f.name == "moe_router_bias_update_rate"
-    )
-    if t.moe_router_bias_update_rate != default_rate and not (
-        architecture.moe_router_enable_expert_bias
-    ):
+    if "moe_router_bias_update_rate" in given and not architecture.moe_router_enable_expert_bias:
         raise ConfigError("--moe-router-bias-update-rate needs --moe-router-enable-expert-bias")
     if architecture.num_experts % ep:
         raise ConfigError(

@@ -153,11 +153,7 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.5)
-            elif (
-                ".experts." in name
-                or name.endswith(".experts.gate_up_proj")
-                or name.endswith(".experts.down_proj")
-            ):
+            elif ".experts." in name:  # (transformers 5 fuses them: mlp.experts.gate_up_proj)
                 p.normal_(0.0, 0.2)
             elif arch == "glm4_moe" and name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.05)
