@@ -379,6 +379,11 @@ class Trainer:
                 fully_parallel=ck.ckpt_fully_parallel_load,
                 load_rng=not ck.no_load_rng,
             )
+            if not optimizer_too:
+                # bf16/fp16: the optimizer's fp32 main parameters were cloned from the random
+                # initialisation when it was built; without this the first step would write
+                # them back over the loaded weights (Megatron-LM's load_checkpoint does the same)
+                self.optimizer.reload_model_params()
             if not ck.finetune:
                 self.iteration, consumed = state.iteration, state.consumed_samples
                 if optimizer_too:  # the checkpoint's param groups replaced ours
