@@ -58,6 +58,7 @@ from megatron_slm.models.presets import (
     padded_vocab_size,
 )
 from megatron_slm.models.sharding import unwrap
+from megatron_slm.models.upcycling import dense_flags, upcycled_architecture
 from megatron_slm.optimizer_state import (
     DP_RESHARDABLE,
     OPTIMIZER_SHARDINGS,
@@ -842,6 +843,19 @@ def resolve_architecture(
         )
     model_args.check_head_size(arch, where)
     return arch
+
+
+def resolve_upcycled_architecture(
+    model_args: ModelArgs, checkpoint: CheckpointInfo, vocab_size: int | None, granularity: int
+) -> GPTModelConfig:
+    """--moe-use-upcycling: the mixture of experts that the dense ``checkpoint`` starts; the
+    flags other than the mixture's must agree with the checkpoint (:func:`resolve_architecture`)."""
+    where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
+    moe = upcycled_architecture(checkpoint.model, model_args, granularity, where)
+    resolve_architecture(
+        dense_flags(model_args, checkpoint.model, granularity), checkpoint, vocab_size
+    )
+    return moe
 
 
 def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, flag: str) -> None:

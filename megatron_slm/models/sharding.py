@@ -62,6 +62,35 @@ def tp_shard(
     return full.chunk(tp, dim=dim)[rank]
 
 
+def tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate the TP ranks' shards of ``t`` along ``dim`` (identity at TP=1)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t, group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def tp_unshard_param(name: str, param: torch.Tensor, gated: bool = True) -> torch.Tensor:
+    """The full tensor of this TP rank's (non-expert) parameter ``param``, the inverse of
+    :func:`tp_shard` (collective over the TP group)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    data = param.detach()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return data
+    if gated and _GATED_FC1.fullmatch(name):
+        gate, up = data.chunk(2, dim=0)  # this rank's [gate_r; up_r]
+        return torch.cat([tp_all_gather(gate, 0), tp_all_gather(up, 0)])
+    return tp_all_gather(data, param.partition_dim)
+
+
 def full_state_dict(chunk) -> dict[str, torch.Tensor]:
     """Parameters of a TP=1/PP=1 chunk (no ``_extra_state``)."""
     return {k: v for k, v in unwrap(chunk).state_dict().items() if not k.endswith("_extra_state")}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_slm.models.sharding import unwrap
+from megatron_slm.models.sharding import tp_all_gather, unwrap
 
 WIDTH_METHODS = ("activation", "magnitude", "random")
 
@@ -44,20 +44,6 @@ class Importance:
 # ---------------------------------------------------------------------------------------------
 # collectives: TP gather of a sharded stat, merge of per-rank dicts
 # ---------------------------------------------------------------------------------------------
-def tp_all_gather(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Concatenate the TP ranks' shards of ``t`` along ``dim`` (identity at TP=1)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return t
-    t = t.contiguous()
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t, group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=dim)
-
-
 def merge_over_ranks(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Union of every rank's ``{key: cpu tensor}`` (TP/DP replicas hold equal values)."""
     import torch.distributed as dist

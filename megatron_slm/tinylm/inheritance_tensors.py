@@ -16,8 +16,7 @@ import re
 
 import torch
 
-from megatron_slm.models.sharding import global_name, unwrap
-from megatron_slm.tinylm.importance import tp_all_gather
+from megatron_slm.models.sharding import global_name, tp_unshard_param, unwrap
 from megatron_slm.tinylm.inheritance_plan import InheritancePlan
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
@@ -28,21 +27,6 @@ _HIDDEN_VECTORS = (
     "mlp.linear_fc1.layer_norm_weight",
 )
 _HEAD_VECTORS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
-
-
-def tp_unshard_param(name: str, param: torch.Tensor) -> torch.Tensor:
-    """The full tensor of this TP rank's parameter ``param`` (collective over the TP group)."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    data = param.detach()
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
-        return data
-    dim = param.partition_dim
-    if name.endswith("mlp.linear_fc1.weight"):
-        gate, up = data.chunk(2, dim=0)  # this rank's [gate_r; up_r]
-        return torch.cat([tp_all_gather(gate, 0), tp_all_gather(up, 0)])
-    return tp_all_gather(data, dim)
 
 
 def local_full_tensors(lm):

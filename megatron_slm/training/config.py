@@ -964,6 +964,19 @@ class CheckpointArgs:
         "(Megatron-LM's flag); later checkpoints there are overwritten as training reaches them.",
     )
     finetune: bool = arg(False, "With --load: load weights only, start at step 0.")
+    moe_use_upcycling: bool = arg(
+        False,
+        "Start a mixture of experts (--num-experts and the other mixture flags) from the dense "
+        "--load checkpoint (Megatron-LM's flag): every tensor is copied, each expert is the "
+        "dense MLP (or a slice of it, --moe-upcycling-granularity), the routers are fresh; "
+        "training starts at step 0 and the mixture is saved to --save (which must hold no "
+        "checkpoint) before the first step. Later runs drop the flag and --load --save.",
+    )
+    moe_upcycling_granularity: int = arg(
+        1,
+        "With --moe-use-upcycling: each copy of the dense MLP is cut into this many experts of "
+        "1/G its width (granular upcycling, arXiv 2410.07524; --num-experts a multiple of G).",
+    )
     override_opt_param_scheduler: bool = arg(
         False,
         "Resuming: train on this run's learning-rate schedule (--lr, --min-lr, "
@@ -1050,11 +1063,30 @@ class CheckpointArgs:
         if (self.no_load_optim or self.no_load_rng) and self.finetune:
             flag = "--no-load-optim" if self.no_load_optim else "--no-load-rng"
             raise ConfigError(f"{flag}: --finetune already loads the weights only")
+        self._check_upcycling()
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError(
                 "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are "
                 "exclusive: the first trains on this run's schedule, the second on the saved one"
             )
+
+    def _check_upcycling(self) -> None:
+        if self.moe_upcycling_granularity < 1:
+            raise ConfigError(
+                f"--moe-upcycling-granularity must be >= 1, got {self.moe_upcycling_granularity}"
+            )
+        if not self.moe_use_upcycling:
+            if self.moe_upcycling_granularity != 1:
+                raise ConfigError("--moe-upcycling-granularity needs --moe-use-upcycling")
+            return
+        if not (self.load and self.save):
+            raise ConfigError(
+                "--moe-use-upcycling needs --load (the dense checkpoint) and --save (where the "
+                "mixture is written)"
+            )
+        # Loaded as --finetune loads: the dense run's weights only (its optimizer state, data
+        # position and random states are not the mixture's), from step 0.
+        self.finetune = True
 
     def _check_retention(self) -> None:
         if self.save_retain_interval is not None:

@@ -32,6 +32,7 @@ from megatron_slm.checkpoint import (
     read_checkpoint,
     resolve_architecture,
     resolve_tokenizer,
+    resolve_upcycled_architecture,
     tokenizer_record,
 )
 from megatron_slm.data.gpt_dataset import check_data_path, check_splits
@@ -42,6 +43,7 @@ from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model, 
 from megatron_slm.models.document_mask import DocumentMask
 from megatron_slm.models.presets import padded_vocab_size
 from megatron_slm.models.sharding import unwrap
+from megatron_slm.models.upcycling import upcycle_chunks
 from megatron_slm.ops.selection import needs_reference
 from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
 from megatron_slm.runtime.reference import OnlineReference
@@ -103,6 +105,7 @@ class TrainingPlan:
     reference: LoadPlan | None = None  # --slm-ref-load (online reference), planned once
     sft_dataset: object | None = None  # --sft-data: built (and checked) before any work
     lr_schedule: dict | None = None  # resume_lr_schedule: the flags', or the checkpoint's
+    load_optimizer: bool = False  # resuming the checkpoint's optimizer state (and schedule step)
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
         vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
@@ -117,10 +120,14 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     tokenizer, ttype, tmodel = resolve_tokenizer(cfg.tokenizer, ckpt)
     if cfg.sft.enabled:
         _set_chat_template(cfg, tokenizer, ckpt)
-    arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
+    if cfg.checkpoint.moe_use_upcycling:
+        arch = _upcycled_architecture(cfg, ckpt, tokenizer.vocab_size)
+    else:
+        arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     resuming = ckpt is not None and not cfg.checkpoint.finetune
     sizes = validate(cfg, world_size, arch, ckpt.meta["consumed_samples"] if resuming else 0)
-    if ckpt is not None and not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim):
+    load_optimizer = resuming and not cfg.checkpoint.no_load_optim and not _starts_afresh(ckpt)
+    if load_optimizer:
         check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
     reference = _plan_reference(cfg, arch)
     sft, batch_list = None, None
@@ -155,7 +162,32 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         sft_dataset=sft,
         reference=reference,
         lr_schedule=schedule,
+        load_optimizer=load_optimizer,
     )
+
+
+def _upcycled_architecture(cfg: PretrainConfig, ckpt, vocab_size: int) -> GPTModelConfig:
+    """--moe-use-upcycling: the mixture the dense --load checkpoint starts, into an empty
+    --save (Megatron-LM's rule: the flag is for the first run only)."""
+    ck = cfg.checkpoint
+    if ckpt is None:
+        raise ConfigError(
+            f"--moe-use-upcycling: --load {ck.load} holds no checkpoint (the dense model to "
+            "upcycle)"
+        )
+    if checkpointing.holds_checkpoint(ck.save):
+        raise ConfigError(
+            f"--moe-use-upcycling: --save {ck.save} holds a checkpoint already; upcycling is for "
+            "the first run only (later runs drop the flag and --load that directory)"
+        )
+    return resolve_upcycled_architecture(cfg.model, ckpt, vocab_size, ck.moe_upcycling_granularity)
+
+
+def _starts_afresh(ckpt: CheckpointInfo) -> bool:
+    """A checkpoint of step 0 without optimizer state (an upcycled mixture's first save): a
+    fresh Adam and learning-rate schedule are its optimizer state, so resuming it needs no
+    --no-load-optim."""
+    return ckpt.meta.get("iteration") == 0 and ckpt.meta.get("optimizer_saved") is False
 
 
 def _check_ramp_resume(cfg: PretrainConfig, ckpt: CheckpointInfo) -> None:
@@ -368,8 +400,11 @@ class Trainer:
         self.iteration, consumed = 0, 0
         self.global_batch = None  # the last step's (it changes along a --rampup-batch-size ramp)
         ck = cfg.checkpoint
-        if plan.checkpoint is not None:
-            optimizer_too = not (ck.finetune or ck.no_load_optim)
+        self.upcycled_from = None  # --moe-use-upcycling: the dense checkpoint (recorded)
+        if plan.checkpoint is not None and ck.moe_use_upcycling:
+            self._upcycle(plan.checkpoint)
+        elif plan.checkpoint is not None:
+            optimizer_too = plan.load_optimizer
             state = checkpointing.load_checkpoint(
                 plan.checkpoint,  # read once by plan_training
                 self.chunks,
@@ -412,6 +447,36 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_saves = AsyncCallsQueue()
+        if self.upcycled_from is not None:  # Megatron-LM's: the mixture saved before any step
+            self.save(weights_only=True)
+            self.finish_saves()
+
+    def _upcycle(self, dense_ckpt: CheckpointInfo) -> None:
+        """--moe-use-upcycling: the dense checkpoint loaded into a dense model at this layout,
+        its weights spread into the mixture (``models.upcycling``), which starts at step 0."""
+        cfg = self.cfg
+        dense = build_model(dense_ckpt.model, self.build_opts, device=self.device)
+        if cfg.training.bf16 or cfg.training.fp16:
+            dense = [Float16Module(dense[0].config, c) for c in dense]
+        checkpointing.load_checkpoint(
+            dense_ckpt,
+            dense,
+            weights_only=True,
+            fully_parallel=cfg.checkpoint.ckpt_fully_parallel_load,
+        )
+        granularity = cfg.checkpoint.moe_upcycling_granularity
+        upcycle_chunks(dense, self.chunks, self.arch, granularity, cfg.training.seed)
+        self.optimizer.reload_model_params()  # (bf16/fp16: the fp32 main copies)
+        self.upcycled_from = {
+            "load": dense_ckpt.path,
+            "iteration": dense_ckpt.meta.get("iteration"),
+            "granularity": granularity,
+        }
+        if dist.get_rank() == 0:
+            logger.info(
+                "upcycled %s into %d experts (granularity %d)",
+                dense_ckpt.path, self.arch.num_experts, granularity,
+            )  # fmt: skip
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -691,20 +756,22 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def save(self, non_persistent: bool = False) -> None:
+    def save(self, non_persistent: bool = False, weights_only: bool = False) -> None:
         """A checkpoint of this step in --save (``non_persistent``: in the non-persistent
-        directory, which keeps only its newest)."""
+        directory, which keeps only its newest; ``weights_only``: without the optimizer state
+        and the schedule, as --no-save-optim)."""
         if not self.cfg.checkpoint.save:
             return
         self.check_finite()  # never a checkpoint of a diverged state
         self.finish_saves()  # one background save at a time
         ck = self.cfg.checkpoint
+        weights_only = weights_only or ck.no_save_optim
         checkpointing.save_checkpoint(
             ck.non_persistent_dir(ck.save) if non_persistent else ck.save,
             self.iteration,
             self.chunks,
-            None if ck.no_save_optim else self.optimizer,
-            None if ck.no_save_optim else self.scheduler,
+            None if weights_only else self.optimizer,
+            None if weights_only else self.scheduler,
             consumed_samples=self.batches.consumed_samples,
             model_config=self.arch,
             metadata={
@@ -717,6 +784,7 @@ class Trainer:
                 "lr_schedule": self.plan.lr_schedule,
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
+                **({"upcycled_from": self.upcycled_from} if self.upcycled_from else {}),
             },
             fully_parallel=ck.ckpt_fully_parallel_save,
             async_queue=self.async_saves,

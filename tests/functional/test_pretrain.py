@@ -459,6 +459,61 @@ MOE = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", "1e-2
        "--moe-per-layer-logging")  # fmt: skip
 
 
+MIXTURE = ("--num-experts", 4, "--moe-router-topk", 2)
+UPCYCLE = (*MIXTURE, "--moe-use-upcycling")
+
+
+def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_ckpt, tmp_path):
+    """--moe-use-upcycling (Megatron-LM's flag): the dense reference model's weights in a mixture
+    of 4 experts, each the dense MLP, top-2 weights summing to 1, so its first step's loss is the
+    dense model's on that batch; the mixture is saved as step 0 before that step, and a run from
+    that save (the flag dropped, no --no-load-optim) repeats the steps. Granular upcycling makes
+    the same mixture at TP 2 with sequence parallelism, at PP 2 and with 2 expert-parallel ranks
+    as at TP 1 (the same steps). Upcycling into a --save holding a checkpoint is refused."""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    load = ("--load", reference_ckpt)
+    dense = read_steps_of(prefix, tmp_path / "dense.jsonl", 3, *load, "--finetune")
+    save = str(tmp_path / "moe")
+    moe = read_steps_of(prefix, tmp_path / "moe.jsonl", 3, *UPCYCLE, *load, "--save", save)
+    assert moe[0]["loss"] == pytest.approx(dense[0]["loss"], rel=1e-6, abs=0)
+    assert moe[-1]["loss"] < moe[0]["loss"]
+    meta = read_metadata(iteration_dir(save, 0))
+    assert (meta["model"]["num_experts"], meta["optimizer_saved"]) == (4, False)
+    assert meta["upcycled_from"]["granularity"] == 1 and meta["consumed_samples"] == 0
+    from_save = ("--load", save, "--ckpt-step", 0)
+    again = read_steps_of(prefix, tmp_path / "again.jsonl", 3, *MIXTURE, *from_save)
+    assert [r["loss"] for r in again] == [r["loss"] for r in moe]
+    # Granular upcycling (6 experts of half the width, 3 copies of the MLP): each layout's
+    # experts are the slices of their global index, and its routers the same.
+    granular = (*UPCYCLE, "--num-experts", 6, "--moe-upcycling-granularity", 2, *load)
+    runs = {}
+    for name, layout in (("tp1", ()),
+                         ("tp2", ("--tensor-model-parallel-size", 2, "--sequence-parallel")),
+                         ("pp2", ("--pipeline-model-parallel-size", 2)),
+                         ("ep2", ("--expert-model-parallel-size", 2))):  # fmt: skip
+        other = ("--save", str(tmp_path / name))
+        runs[name] = read_steps_of(
+            prefix,
+            tmp_path / f"{name}.jsonl",
+            3,
+            *granular,
+            *other,
+            *layout,
+            nproc=1 + bool(layout),
+        )
+    for name in ("tp2", "pp2", "ep2"):
+        for a, b in zip(runs["tp1"], runs[name], strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0), name
+    proc = run_pretrain(
+        tiny_args(prefix, str(tmp_path / "x.jsonl"), 3, *UPCYCLE, *load, "--save", save),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert f"--moe-use-upcycling: --save {save} holds a checkpoint already" in proc.stderr
+
+
 # DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a per-expert bias.
 BIASED = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-router-score-function", "sigmoid",
           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2")  # fmt: skip
