@@ -172,7 +172,8 @@ def token_ids(source: dict) -> dict:
 
 
 def _rope_scaling(model: GPTModelConfig) -> dict | None:
-    """``rope_scaling`` as transformers reads it: Llama 3's, linear interpolation, or none."""
+    """``rope_scaling`` as transformers reads it: Llama 3's, linear interpolation, LongRoPE,
+    YaRN (every parameter written, the attention factor too), or none."""
     if model.rope_scaling_factor is not None:
         return {"rope_type": "llama3", "factor": model.rope_scaling_factor, **LLAMA3_ROPE}
     if model.rope_interpolation_factor is not None:
@@ -186,6 +187,12 @@ def _rope_scaling(model: GPTModelConfig) -> dict | None:
         ):
             out["attention_factor"] = lr.attention_factor
         return out
+    if model.yarn is not None:
+        y = model.yarn
+        return {"rope_type": "yarn", "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_positions,
+                "attention_factor": y.attention_factor, "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow, "truncate": y.truncate}  # fmt: skip
     return None
 
 

@@ -11,6 +11,7 @@ checkpoint they define the architecture (the vocabulary comes from the tokenizer
 from __future__ import annotations
 
 import ast
+import dataclasses
 from dataclasses import dataclass
 
 from megatron_slm.cli import arg, check_choices
@@ -21,7 +22,9 @@ from megatron_slm.models.presets import (
     POSITION_EMBEDDINGS,
     ROUTER_SCORE_FUNCTIONS,
     GPTModelConfig,
+    Yarn,
     get_preset,
+    yarn_mscale,
 )
 
 DEFAULT_PRESET = "tiny"
@@ -31,6 +34,8 @@ _OWN_FUSIONS = (
     "each tested against megatron-core's unfused path."
 )
 DEFAULT_VOCAB_DIVISOR = 128
+YARN_FLAGS = ("rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+              "yarn_beta_slow", "mscale", "mscale_all_dim")  # fmt: skip
 MOE_ARCHITECTURE_FLAGS = (
     "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax", "moe_layer_freq",
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_score_function",
@@ -162,8 +167,9 @@ class ModelArgs:
     position_embedding_type: str | None = arg(
         None,
         "rope or learned_absolute (default: the preset's rope; a Megatron-LM script's learned "
-        "absolute positions, which need --seq-length <= --max-position-embeddings).",
-        choices=POSITION_EMBEDDINGS,
+        "absolute positions, which need --seq-length <= --max-position-embeddings), or yarn: "
+        "RoPE extended by YaRN (--rotary-scaling-factor and the --yarn-* flags).",
+        choices=(*POSITION_EMBEDDINGS, "yarn"),
     )
     qk_layernorm: bool = arg(
         False, "Normalise each head's query and key (Qwen3's, OLMo 2's), with the model's norm."
@@ -176,6 +182,32 @@ class ModelArgs:
         "The share of each head's channels RoPE rotates (Megatron-LM's flag; Nemotron's 0.5; "
         "default: all).",
     )
+    rotary_scaling_factor: float | None = arg(
+        None,
+        "With --position-embedding-type yarn: how many times longer than "
+        "--yarn-original-max-position-embeddings the context becomes (YaRN's factor; "
+        "Megatron-LM's flag, default 1: no extension).",
+    )
+    yarn_original_max_position_embeddings: int | None = arg(
+        None, "YaRN: the context length the model was trained at (Megatron-LM's default 4096)."
+    )
+    yarn_beta_fast: float | None = arg(
+        None, "YaRN: frequencies turning more often than this over the original length keep "
+        "their value (default 32)."
+    )  # fmt: skip
+    yarn_beta_slow: float | None = arg(
+        None, "YaRN: frequencies turning less often than this are divided by the factor "
+        "(default 1)."
+    )  # fmt: skip
+    yarn_correction_range_round_to_int: bool = arg(
+        True, "YaRN: round the bounds of the blended frequencies out to integers (transformers' "
+        "truncate)."
+    )  # fmt: skip
+    mscale: float | None = arg(
+        None, "YaRN's attention factor is (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim "
+        "ln(factor) + 1) (Megatron-LM's flags; defaults 1 and 0)."
+    )  # fmt: skip
+    mscale_all_dim: float | None = arg(None, "See --mscale.")
     kv_channels: int | None = arg(
         None,
         "Each attention head's size (default --hidden-size / --num-attention-heads; Qwen3-0.6B: "
@@ -294,6 +326,7 @@ class ModelArgs:
         if self.use_rotary_position_embeddings and self.position_embedding_type not in (
             None,
             "rope",
+            "yarn",
         ):
             raise ConfigError(
                 "--use-rotary-position-embeddings contradicts --position-embedding-type "
@@ -310,6 +343,14 @@ class ModelArgs:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1)")
         if self.rope_scaling_factor is not None and not self.use_rope_scaling:
             raise ConfigError("--rope-scaling-factor needs --use-rope-scaling")
+        if self.position_embedding_type != "yarn":
+            yarn = [f for f in YARN_FLAGS if getattr(self, f) is not None]
+            if not self.yarn_correction_range_round_to_int:
+                yarn.append("no_yarn_correction_range_round_to_int")
+            if yarn:
+                raise ConfigError(
+                    f"--{yarn[0].replace('_', '-')} needs --position-embedding-type yarn"
+                )
         if self.init_method_std is not None and self.init_method_std <= 0:
             raise ConfigError("--init-method-std must be positive")
         if self.init_method_xavier_uniform and self.init_method_std is not None:
@@ -342,6 +383,9 @@ class ModelArgs:
                 given["activation"] = activation
         if self.position_embedding_type is not None or self.use_rotary_position_embeddings:
             given["position_embedding_type"] = self.position_embedding_type or "rope"
+        if self.position_embedding_type == "yarn":  # (RoPE, with YaRN's frequencies)
+            given["position_embedding_type"] = "rope"
+            given["yarn"] = self.yarn()
         if self.disable_bias_linear:
             given["add_bias_linear"] = False
         if self.untie_embeddings_and_output_weights:
@@ -440,9 +484,26 @@ class ModelArgs:
         """--transformer-impl, or local when --attention-backend local asks for it."""
         return self.transformer_impl or ("local" if self.attention_backend == "local" else None)
 
+    def yarn(self) -> Yarn:
+        """--position-embedding-type yarn's :class:`Yarn`, with Megatron-LM's defaults and its
+        attention factor (megatron-core's concentration factor)."""
+        factor = 1.0 if self.rotary_scaling_factor is None else self.rotary_scaling_factor
+        mscale = 1.0 if self.mscale is None else self.mscale
+        all_dim = 0.0 if self.mscale_all_dim is None else self.mscale_all_dim
+        return Yarn(
+            factor=factor,
+            original_max_positions=self.yarn_original_max_position_embeddings or 4096,
+            attention_factor=yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim),
+            beta_fast=32.0 if self.yarn_beta_fast is None else self.yarn_beta_fast,
+            beta_slow=1.0 if self.yarn_beta_slow is None else self.yarn_beta_slow,
+            truncate=self.yarn_correction_range_round_to_int,
+        )
+
     def record(self) -> dict:
         """What a checkpoint records about how its architecture was chosen."""
-        return {"model_preset": self.model_preset, "overrides": self.overrides()}
+        overrides = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                     for k, v in self.overrides().items()}  # fmt: skip
+        return {"model_preset": self.model_preset, "overrides": overrides}
 
     @property
     def vocab_divisor(self) -> int:
@@ -538,6 +599,13 @@ def flag_text(name: str, value) -> str:
         return "a dense MLP (no --num-experts)" if value is None else f"--num-experts {value}"
     if name == "longrope":
         return "no LongRoPE" if value is None else "LongRoPE (its Hugging Face config's)"
+    if name == "yarn":
+        if value is None:
+            return "no YaRN (no --position-embedding-type yarn)"
+        return (
+            f"YaRN x{value.factor:g} beyond {value.original_max_positions} positions "
+            f"(attention x{value.attention_factor:.4g})"
+        )
     if name in ("moe_router_pre_softmax", "moe_shared_expert_gate",
                 "moe_router_enable_expert_bias"):  # fmt: skip
         flag = f"--{name.replace('_', '-')}"

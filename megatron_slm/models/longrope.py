@@ -85,6 +85,6 @@ def set_attention_factor(config: TransformerConfig, factor: float) -> None:
         applied = _yarn_get_concentration_factor_from_config(config)
     if applied is None or not math.isclose(applied, factor, rel_tol=1e-12):
         raise ConfigError(
-            f"LongRoPE's attention factor {factor:g}: this megatron-core does not scale RoPE "
-            "through its YaRN concentration factor"
+            f"RoPE's attention factor {factor:g} (LongRoPE's, YaRN's): this megatron-core does "
+            "not scale RoPE through its YaRN concentration factor"
         )

@@ -76,6 +76,41 @@ class LongRope:
         return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's ``0.1 * mscale * ln(scale) + 1`` (1 for no extension), as transformers and
+    megatron-core compute it."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN (``--position-embedding-type yarn``; Hugging Face's ``yarn`` RoPE scaling): each
+    rotated frequency blends its original value (fast rotations: more than ``beta_fast`` turns
+    over ``original_max_positions``) with its value divided by ``factor`` (slow ones: fewer than
+    ``beta_slow``), linearly in between over the frequency index (the bounds rounded out to
+    integers when ``truncate``); the cosine and sine are multiplied by ``attention_factor``."""
+
+    factor: float
+    original_max_positions: int
+    attention_factor: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.factor < 1 or self.original_max_positions < 1 or self.attention_factor <= 0:
+            raise ConfigError(
+                f"YaRN: the factor must be >= 1 (got {self.factor:g}), the original length >= 1 "
+                f"(got {self.original_max_positions}) and the attention factor positive (got "
+                f"{self.attention_factor:g})"
+            )
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ConfigError(
+                f"YaRN: --yarn-beta-fast {self.beta_fast:g} must exceed --yarn-beta-slow "
+                f"{self.beta_slow:g} > 0"
+            )
+
+
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups")  # fmt: skip
 """The transformer's shape: its depth, width and heads (what inheritance cuts down)."""
@@ -149,6 +184,9 @@ class GPTModelConfig:
     ``sliding_window`` W is L = W - 1); None: full causal attention."""
     longrope: LongRope | None = None
     """LongRoPE (Phi-3.5, Phi-4-mini: :class:`LongRope`); None: none."""
+    yarn: Yarn | None = None
+    """YaRN (--position-embedding-type yarn; Qwen's long-context setting: :class:`Yarn`); None:
+    none."""
     num_experts: int | None = None
     """--num-experts: every layer's MLP is a mixture of this many experts (megatron-core's
     ``MoELayer``: a linear router, top-k experts per token, each an MLP of the model's kind);
@@ -233,6 +271,10 @@ class GPTModelConfig:
             object.__setattr__(self, "longrope", LongRope(**self.longrope))
         if self.longrope is not None:
             self._check_longrope(int(rotated))
+        if isinstance(self.yarn, dict):  # a checkpoint's JSON record
+            object.__setattr__(self, "yarn", Yarn(**self.yarn))
+        if self.yarn is not None:
+            self._check_yarn()
         factor = self.rope_interpolation_factor
         if factor is not None and (factor <= 0 or self.position_embedding_type != "rope"):
             raise ConfigError(
@@ -338,6 +380,19 @@ class GPTModelConfig:
         """Each expert's inner width (the dense MLP's without --moe-ffn-hidden-size)."""
         return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
+    def _check_yarn(self) -> None:
+        if self.position_embedding_type != "rope":
+            raise ConfigError(
+                "YaRN scales RoPE: --position-embedding-type learned_absolute has none"
+            )
+        other = (self.longrope is not None, self.rope_scaling_factor is not None,
+                 self.rope_interpolation_factor is not None)  # fmt: skip
+        if any(other):
+            raise ConfigError(
+                "YaRN replaces LongRoPE, --use-rope-scaling and "
+                "--rotary-seq-len-interpolation-factor: give one scaling of RoPE"
+            )
+
     def _check_longrope(self, rotated: int) -> None:
         lr = self.longrope
         if self.position_embedding_type != "rope":
@@ -437,6 +492,11 @@ class GPTModelConfig:
                 positions += f" scaled x{self.rope_scaling_factor:g}"
             if self.rope_interpolation_factor:
                 positions += f", positions / {self.rope_interpolation_factor:g}"
+            if self.yarn:
+                positions += (
+                    f", YaRN x{self.yarn.factor:g} beyond {self.yarn.original_max_positions} "
+                    f"positions (attention x{self.yarn.attention_factor:.4g})"
+                )
             if self.longrope:
                 positions += (
                     f", LongRoPE (long factors beyond {self.longrope.original_max_positions} "

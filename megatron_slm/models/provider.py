@@ -22,6 +22,7 @@ from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.longrope import install_longrope, set_attention_factor
 from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
 from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dropped
+from megatron_slm.models.yarn import install_yarn
 from megatron_slm.platform import cpu_backend_enabled
 
 
@@ -196,8 +197,9 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         attention_backend=AttnBackend[opts.attention_backend],
         **opts.recompute,
     )
-    if model.longrope is not None:
-        set_attention_factor(config, model.longrope.attention_factor)
+    scaled = model.longrope or model.yarn
+    if scaled is not None:
+        set_attention_factor(config, scaled.attention_factor)
     return config
 
 
@@ -235,6 +237,8 @@ def build_gpt_chunk(
         )
     if model.longrope is not None:
         install_longrope(chunk, model)
+    if model.yarn is not None:
+        install_yarn(chunk, model)
     if post_process:
         install_language_model_loss(chunk)
     return chunk

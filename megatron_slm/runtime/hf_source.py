@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from megatron_slm.errors import ConfigError, UserError
-from megatron_slm.models.presets import GPTModelConfig, LongRope
+from megatron_slm.models.presets import GPTModelConfig, LongRope, Yarn, yarn_mscale
 from megatron_slm.models.sharding import global_name, tp_shard, unwrap
 from megatron_slm.runtime.hf_moe import (
     GLM4_MOE,
@@ -118,14 +118,14 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}  # fmt: skip
 
 
-def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, LongRope | None]:
+def _rope(cfg: dict, where: str):
     """(RoPE base, Llama 3 scaling factor or None, linear interpolation factor or None, the
-    LongRoPE parameters or None) from a transformers 4 (``rope_theta`` / ``rope_scaling``) or 5
-    (``rope_parameters``) config; other scaled RoPE variants, and Llama 3 scaling with other
-    constants than megatron-core's, are refused."""
+    LongRoPE parameters or None, the YaRN parameters or None) from a transformers 4
+    (``rope_theta`` / ``rope_scaling``) or 5 (``rope_parameters``) config; other scaled RoPE
+    variants, and Llama 3 scaling with other constants than megatron-core's, are refused."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    factor, linear, longrope = None, None, None
+    factor, linear, longrope, yarn = None, None, None, None
     for d in (params, scaling):
         kind = d.get("rope_type", d.get("type", "default"))
         if kind == "llama3":
@@ -140,13 +140,42 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None, float | None, Lon
             linear = float(d["factor"])
         elif kind in ("longrope", "su") and architecture(cfg, where) == PHI3_ARCHITECTURE:
             longrope = d  # ("su": its name in the first Phi-3 configs)
+        elif kind == "yarn":
+            yarn = _yarn(cfg, d, where)
         elif kind not in ("default", None):
             raise ConversionError(
-                f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE, linear and "
-                "Llama 3's; LongRoPE with Phi3ForCausalLM)"
+                f"{where}: RoPE scaling {kind!r} is not supported (plain RoPE, linear, Llama 3's "
+                "and YaRN; LongRoPE with Phi3ForCausalLM)"
             )
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    return theta, factor, linear, _longrope(cfg, longrope, where) if longrope else None
+    return theta, factor, linear, _longrope(cfg, longrope, where) if longrope else None, yarn
+
+
+def _yarn(cfg: dict, d: dict, where: str) -> Yarn:
+    """transformers 5's YaRN parameters: the original length from the config's own
+    ``original_max_position_embeddings`` (Phi-3's place), else the RoPE parameters', else
+    ``max_position_embeddings``; a missing ``factor`` is the ratio of ``max_position_embeddings``
+    to it (DeepSeek's rule); the attention factor as given, else from ``mscale`` over
+    ``mscale_all_dim`` where both are, else ``0.1 ln(factor) + 1``."""
+    key = "original_max_position_embeddings"
+    original = cfg.get(key) or d.get(key) or cfg["max_position_embeddings"]
+    factor = d.get("factor") or cfg["max_position_embeddings"] / original
+    attention = d.get("attention_factor")
+    if attention is None:
+        mscale, all_dim = d.get("mscale"), d.get("mscale_all_dim")
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, all_dim)
+                     if mscale and all_dim else yarn_mscale(factor))  # fmt: skip
+    try:
+        return Yarn(
+            factor=float(factor),
+            original_max_positions=int(original),
+            attention_factor=float(attention),
+            beta_fast=float(d.get("beta_fast") or 32),
+            beta_slow=float(d.get("beta_slow") or 1),
+            truncate=bool(d.get("truncate", True)),
+        )
+    except ConfigError as e:
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def _longrope(cfg: dict, d: dict, where: str) -> LongRope:
@@ -198,7 +227,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
         raise ConversionError(f"{where}: sliding_window {window} is not supported (>= 2)")
     if window is not None and window >= cfg.get("max_position_embeddings", 0):
         window = None  # wider than any sequence: full causal attention
-    theta, rope_scaling_factor, interpolation, longrope = _rope(cfg, where)
+    theta, rope_scaling_factor, interpolation, longrope, yarn = _rope(cfg, where)
     try:
         return GPTModelConfig(
             num_layers=cfg["num_hidden_layers"],
@@ -213,6 +242,7 @@ def gpt_config_from_hf(cfg: dict, where: str = "config.json") -> GPTModelConfig:
             rope_scaling_factor=rope_scaling_factor,
             rope_interpolation_factor=interpolation,
             longrope=longrope,
+            yarn=yarn,
             norm_epsilon=float(
                 cfg.get("norm_eps", 1e-5) if arch == NEMOTRON else cfg.get("rms_norm_eps", 1e-6)
             ),

@@ -41,6 +41,13 @@ def make_tokenizer(path: str, vocab_size: int = 300) -> str:
     return path
 
 
+# YaRN: Qwen's documented setting (factor and trained length only; a length of 8, which the
+# rows pass), and one with every parameter given (the attention factor from DeepSeek's mscale
+# ratio, bounds not rounded: frequencies 2 and 3 blend the original and the divided ones).
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+QWEN2_YARN = {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 2048,
+              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+              "truncate": False}  # fmt: skip
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
@@ -56,7 +63,8 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
     """A tiny random LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
     Qwen3ForCausalLM / NemotronForCausalLM / Phi3ForCausalLM / MixtralForCausalLM (4 experts,
     top-2, a window of 7) / Qwen2MoeForCausalLM (a mixture with a gated shared expert in layer 0,
-    layer 1 dense, the softmax over all experts) / Qwen3MoeForCausalLM (layer 0 dense, a mixture
+    layer 1 dense, the softmax over all experts; Qwen2 and Qwen3 with YaRN, :data:`QWEN2_YARN`
+    and :data:`QWEN3_YARN`) / Qwen3MoeForCausalLM (layer 0 dense, a mixture
     in layer 1: decoder_sparse_step 2, renormalised top-k) / Glm4MoeForCausalLM (layer 0 dense;
     8 experts in 4 groups, top-2 from 1 group, sigmoid scores with a random expert bias, scaled
     x2.5, a shared expert of two experts' width; QKV biases, QK norm, RoPE on half of each head; a
@@ -134,7 +142,8 @@ def make_hf_model(path: str, arch: str, vocab_size: int, seed: int = 0, **overri
         name = "Qwen2" if arch == "qwen2" else "Qwen3"
         cfg_cls = getattr(transformers, f"{name}Config")
         model_cls = getattr(transformers, f"{name}ForCausalLM")
-        kwargs.update(rope_theta=1000000.0, use_sliding_window=False)
+        kwargs.update(rope_theta=1000000.0, use_sliding_window=False,
+                      rope_scaling=dict(QWEN2_YARN if arch == "qwen2" else QWEN3_YARN))  # fmt: skip
         if arch == "qwen3":  # heads of 32 on a width of 64, as Qwen3-0.6B's do not split it
             kwargs.update(head_dim=32, attention_bias=False)
     kwargs.update(overrides)

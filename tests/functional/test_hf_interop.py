@@ -123,6 +123,18 @@ def test_round_trip_and_export(setup, arch):
     assert torch.equal(logits, setup["ref"][arch]["logits"])
     if arch == "llama":  # Llama 3.1's RoPE scaling, exported as transformers reads it
         assert cfg["rope_scaling"] == worker.LLAMA3_SCALING
+    if arch in ("qwen2", "qwen3"):  # YaRN with every parameter, transformers' reading
+        given = worker.QWEN2_YARN if arch == "qwen2" else worker.QWEN3_YARN
+        assert {
+            k: cfg["rope_scaling"][k] for k in given if k not in ("mscale", "mscale_all_dim")
+        } == {k: v for k, v in given.items() if k not in ("mscale", "mscale_all_dim")}
+        factor = given["factor"]
+        expected = (
+            (0.1 * math.log(factor) + 1) / (0.05 * math.log(factor) + 1)
+            if arch == "qwen2"
+            else 0.1 * math.log(factor) + 1
+        )
+        assert cfg["rope_scaling"]["attention_factor"] == pytest.approx(expected, rel=1e-12)
     if arch == "mistral":  # linear position interpolation; the sliding window back as it came
         assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
         assert cfg["sliding_window"] == src["sliding_window"] == 5
@@ -146,6 +158,27 @@ def test_llama3_rope_scaling_frequencies_are_transformers(setup):
     torch.testing.assert_close(ours[kept], plain[kept], rtol=1e-6, atol=0)
     torch.testing.assert_close(ours[divided], plain[divided] / 8, rtol=1e-6, atol=0)
     assert not torch.allclose(ours[~kept & ~divided], plain[~kept & ~divided], rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_yarn_frequencies_are_transformers(setup, arch):
+    """YaRN's rotary frequencies equal transformers' (the blend between the original and the
+    divided ones), which differ from plain RoPE's: the logits check above also covers the
+    attention factor."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(setup["root"] / arch))
+    theirs = hf.model.rotary_emb.inv_freq.float()
+    ours = setup["tp1"][arch]["inv_freq"].float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    dim = theirs.numel() * 2
+    plain = 1.0 / 1000000.0 ** (torch.arange(0, dim, 2).float() / dim)
+    factor = (worker.QWEN2_YARN if arch == "qwen2" else worker.QWEN3_YARN)["factor"]
+    kept, divided = torch.isclose(ours, plain), torch.isclose(ours, plain / factor)
+    assert kept.any() and divided.any()
+    if arch == "qwen2":  # (and blended ones between)
+        assert (~kept & ~divided).sum() == 2
+    assert hf.model.rotary_emb.attention_scaling > 1.05
 
 
 def test_tp2_and_pipeline_conversion(setup):

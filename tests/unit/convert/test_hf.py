@@ -136,7 +136,8 @@ def test_exported_config_loads_in_transformers():
     [
         ({"architectures": ["GPTNeoXForCausalLM"]}, "unsupported architecture"),
         ({"architectures": None, "model_type": "qwen2"}, "unsupported architecture"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "RoPE scaling 'dynamic'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 0.5}}, "YaRN: the factor must be >= 1"),
         ({"rope_scaling": {**LLAMA3, "low_freq_factor": 2.0}}, "low_freq_factor 2.0 is not"),
         ({"rope_scaling": {**LLAMA3, "original_max_position_embeddings": 4096}}, "4096"),
         ({"attention_bias": True}, "attention_bias"),
