@@ -28,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
+from megatron_slm.data.fim import FimSettings, FimTransform
 from megatron_slm.data.index_file import check_token_dataset, num_sequences
 from megatron_slm.data.sidecar import SidecarError, SidecarReader, sidecar_exists, sidecar_paths
 from megatron_slm.errors import ConfigError
@@ -42,6 +43,10 @@ class SLMGPTDatasetConfig(GPTDatasetConfig):
     require_sidecar: bool = False
     """Fail (naming the prefix) when a dataset of the blend has no reference-loss sidecar
     (selective training). Without it, such datasets give all-NaN ``ref_loss``."""
+
+    fim: FimSettings | None = None
+    """--fim-data: fill-in-the-middle samples (``data.fim``); their ``ref_loss`` is all NaN
+    (the tokens moved) and the labels of the FIM pad token train nothing."""
 
 
 def open_sidecar(
@@ -85,6 +90,8 @@ class SLMGPTDataset(GPTDataset):
         require = bool(getattr(config, "require_sidecar", False)) and index_split == Split.train
         # verified before the (possibly long) index build, so a mismatch fails fast
         self.sidecar = open_sidecar(dataset_path, indexed_dataset, require)
+        fim = getattr(config, "fim", None)
+        self.fim = None if fim is None else FimTransform(fim, config.tokenizer, config.random_seed)
         super().__init__(
             indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config
         )
@@ -92,14 +99,22 @@ class SLMGPTDataset(GPTDataset):
     def __getitem__(self, idx: int | None) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
         sample["ref_loss"] = torch.from_numpy(self._ref_loss(idx))
+        if self.fim is not None:
+            sample["loss_mask"][sample["labels"] == self.fim.s.tokens.pad] = 0.0
         return sample
+
+    def _query_document_sample_shuffle_indices(self, idx: int):
+        text, documents = super()._query_document_sample_shuffle_indices(idx)
+        if self.fim is not None:  # (rewritten by the sample's own index: any order, any worker)
+            text = self.fim(text, idx)
+        return text, documents
 
     def _ref_loss(self, idx: int | None) -> np.ndarray:
         """``[s]`` float32 reference loss of each label of sample ``idx``."""
         extra = int(self.config.add_extra_token_to_sequence)
         seq = self.config.sequence_length
         text_ref = np.full(seq + extra, np.nan, dtype=np.float32)  # aligned with megatron's text
-        if idx is not None and self.sidecar is not None:
+        if idx is not None and self.sidecar is not None and self.fim is None:
             pos = 0
             for doc, offset, length in self._sample_spans(idx):
                 part = self.sidecar.get_flat(doc, offset, length)
@@ -204,6 +219,7 @@ def build_gpt_datasets(
     blend_per_split: Sequence[Sequence[str] | None] | None = None,
     multiple_validation_sets: bool = False,
     mock: bool = False,
+    fim: FimSettings | None = None,
 ) -> tuple:
     """Build (train, valid, test) ``SLMGPTDataset``s (or ``BlendedDataset``s of them) through
     megatron-core's ``BlendedMegatronDatasetBuilder``.
@@ -225,6 +241,7 @@ def build_gpt_datasets(
         is_built_on_rank: megatron-core's callable (default: build on every rank).
         mock: megatron-core's ``MockGPTDataset`` instead of any data (``--mock-data``): no
             ``data_path``, ``split`` thirds, no sidecar.
+        fim: --fim-data's settings (``data.fim``): every split's samples rewritten.
 
     Sidecars of all prefixes are verified before any index is built.
     """
@@ -261,6 +278,7 @@ def build_gpt_datasets(
         add_extra_token_to_sequence=add_extra_token_to_sequence,
         require_sidecar=require_sidecar,
         multiple_validation_sets=multiple_validation_sets,
+        fim=fim,
     )
     builder = BlendedMegatronDatasetBuilder(
         MockGPTDataset if mock else SLMGPTDataset,

@@ -751,11 +751,39 @@ class DataArgs:
         "step (0: read on the training thread).",
     )
 
+    fim_data: bool = arg(
+        False,
+        "Fill-in-the-middle samples (Megatron-LM's flag): each document, with probability "
+        "--fim-rate, cut at two random characters and laid out as <prefix> P <suffix> S <middle> "
+        "M (or SPM, --fim-spm-rate); the tokenizer must have the sentinel tokens.",
+    )
+    fim_rate: float = arg(0.5, "With --fim-data: the share of documents rewritten.")
+    fim_spm_rate: float = arg(
+        0.5, "With --fim-data: the share of rewritten documents laid out suffix first (SPM)."
+    )
+    fim_split_sample: str | None = arg(
+        None,
+        "With --fim-data: a token (a repository's file separator) whose fragments are rewritten "
+        "each with --fim-fragment-rate, in the documents chosen by --fim-rate.",
+    )
+    fim_fragment_rate: float | None = arg(None, "With --fim-split-sample: see there.")
+    fim_no_prefix: str | None = arg(
+        None, "With --fim-data: documents (fragments) whose text starts with this stay as they are."
+    )
+    fim_prefix_token: str = arg("<fim_prefix>", "FIM's prefix sentinel token.")
+    fim_middle_token: str = arg("<fim_middle>", "FIM's middle sentinel token.")
+    fim_suffix_token: str = arg("<fim_suffix>", "FIM's suffix sentinel token.")
+    fim_pad_token: str = arg("<fim_pad>", "FIM's padding token (its labels train nothing).")
+    fim_eod_token: str | None = arg(
+        None, "The token FIM splits documents on (default: the tokenizer's end of document)."
+    )
+
     # "--data-path is required" (unless --sft-data) is checked in validate().
 
     def __post_init__(self):
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        self._check_fim()
         self._read_blend_files()
         if self.per_split and not self.train_data_path:
             raise ConfigError("--valid-data-path and --test-data-path need --train-data-path")
@@ -776,6 +804,42 @@ class DataArgs:
                 "--train-samples-from draws its batches from a --data-path/--split order; not "
                 "with --train-data-path"
             )
+
+    def _check_fim(self) -> None:
+        rates = ("fim_rate", "fim_spm_rate", "fim_fragment_rate")
+        for name in rates:
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value:g}")
+        if not self.fim_data:
+            given = [f for f in ("fim_split_sample", "fim_fragment_rate", "fim_no_prefix")
+                     if getattr(self, f) is not None]  # fmt: skip
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} needs --fim-data")
+            return
+        if (self.fim_split_sample is None) != (self.fim_fragment_rate is None):
+            raise ConfigError("--fim-split-sample and --fim-fragment-rate go together")
+        if self.mock_data:
+            raise ConfigError("--fim-data rewrites --data-path documents: not with --mock-data")
+
+    def fim_settings(self, tokenizer):
+        """--fim-data's settings with the tokenizer's ids (one line for a missing token)."""
+        from megatron_slm.data.fim import FimSettings, FimTokens, token_id
+
+        ids = {name: token_id(tokenizer, getattr(self, f"fim_{name}_token"), f"--fim-{name}-token")
+               for name in ("prefix", "middle", "suffix", "pad")}  # fmt: skip
+        eod = tokenizer.eod
+        if self.fim_eod_token is not None:
+            eod = token_id(tokenizer, self.fim_eod_token, "--fim-eod-token")
+        split = self.fim_split_sample
+        tokens = FimTokens(
+            **ids,
+            eod=eod,
+            split=None if split is None else token_id(tokenizer, split, "--fim-split-sample"),
+        )
+        return FimSettings(
+            self.fim_rate, self.fim_spm_rate, tokens, self.fim_fragment_rate, self.fim_no_prefix
+        )
 
     def _read_blend_files(self) -> None:
         """--data-args-path / --per-split-data-args-path fill the blends they replace."""
@@ -1416,6 +1480,13 @@ def validate(
     if d.train_blend and cfg.sft.enabled:
         flag = "--train-data-path" if d.per_split else "--data-path"
         raise ConfigError(f"give either {flag} or --sft-data, not both")
+    if d.fim_data and cfg.sft.enabled:
+        raise ConfigError("--fim-data rewrites --data-path documents: not with --sft-data")
+    if d.fim_data and cfg.slm.needs_reference and cfg.slm.slm_ref_source == "sidecar":
+        raise ConfigError(
+            "--fim-data moves the tokens, so a sidecar's reference losses no longer line up with "
+            "them: select with --slm-ref-source online (the reference scores the rewritten rows)"
+        )
     if cfg.sft.enabled and (d.reset_attention_mask or d.reset_position_ids or d.eod_mask_loss):
         raise ConfigError(
             "--reset-attention-mask, --reset-position-ids and --eod-mask-loss apply to "

@@ -48,6 +48,7 @@ def build_datasets(
         blend_per_split=d.blend_per_split(),
         multiple_validation_sets=d.multiple_validation_sets,
         mock=d.mock_data,
+        fim=d.fim_settings(tokenizer) if d.fim_data else None,
         **d.eod_flags,
     )
     if batch_list is None:
