@@ -57,9 +57,15 @@ class LongRopeEmbedding(RotaryEmbedding):
 
 def install_longrope(chunk, model: GPTModelConfig) -> None:
     """Replace a GPTModel chunk's rotary module by :class:`LongRopeEmbedding` (same arguments)."""
+    replace_rotary(chunk, model, LongRopeEmbedding, model.longrope)
+
+
+def replace_rotary(chunk, model: GPTModelConfig, module: type, scaling) -> None:
+    """Replace a GPTModel chunk's rotary module by ``module(scaling, base, ...)``, a subclass of
+    megatron-core's built with the arguments megatron-core's GPTModel gave its own."""
     c = chunk.config
-    chunk.rotary_pos_emb = LongRopeEmbedding(
-        model.longrope,
+    chunk.rotary_pos_emb = module(
+        scaling,
         model.rotary_base,
         kv_channels=c.kv_channels,
         rotary_percent=model.rotary_percent,

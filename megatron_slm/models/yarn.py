@@ -17,6 +17,7 @@ import math
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_slm.models.longrope import replace_rotary
 from megatron_slm.models.presets import GPTModelConfig, Yarn
 
 
@@ -49,13 +50,4 @@ class YarnEmbedding(RotaryEmbedding):
 
 def install_yarn(chunk, model: GPTModelConfig) -> None:
     """Replace a GPTModel chunk's rotary module by :class:`YarnEmbedding` (same arguments)."""
-    c = chunk.config
-    chunk.rotary_pos_emb = YarnEmbedding(
-        model.yarn,
-        model.rotary_base,
-        kv_channels=c.kv_channels,
-        rotary_percent=model.rotary_percent,
-        rotary_interleaved=c.rotary_interleaved,
-        use_cpu_initialization=c.use_cpu_initialization,
-        cp_group=chunk.rotary_pos_emb.cp_group,
-    )
+    replace_rotary(chunk, model, YarnEmbedding, model.yarn)
