@@ -1,6 +1,7 @@
 """--moe-use-upcycling: the mixture a dense model upcycles into is megatron-core's own converter's
 (``upcycling_utils.upcycle_state_dict``, on the same initial routers), tensor for tensor, at
-granularity 1 and 2, with and without --moe-router-pre-softmax; at granularity 1 it computes the
+granularity 1 and 2, with and without --moe-router-pre-softmax, also from a dense model whose
+pre-MLP norm sits in linear_fc1 as Transformer Engine's does; at granularity 1 it computes the
 dense model's logits; and the architecture it is given by the flags and the dense checkpoint."""
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ def _upcycled_and_megatron_core(rank, world, granularity, pre_softmax):
         logits = [m(tokens, positions, None) for m in (dense, ours)]
     state = {k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
     expected = {k: v for k, v in expected.items() if not k.endswith("_extra_state")}
-    return state, expected, logits, moe_arch
+    # Transformer Engine's dense layer holds its pre-MLP norm in linear_fc1 (a mixture layer has
+    # its own): the same dense weights under that name upcycle alike.
+    for layer in dense.decoder.layers:
+        layer.mlp.linear_fc1.register_parameter("layer_norm_weight", layer.pre_mlp_layernorm.weight)
+        layer.pre_mlp_layernorm.register_parameter("weight", None)
+    assert any(n.endswith("linear_fc1.layer_norm_weight") for n, _ in dense.named_parameters())
+    (fused,) = build_model(moe_arch, opts, dev)
+    upcycle_chunks([dense], [fused], moe_arch, granularity, SEED)
+    fused = {k: v for k, v in fused.state_dict().items() if not k.endswith("_extra_state")}
+    return state, expected, logits, moe_arch, fused
 
 
 @pytest.mark.parametrize(
@@ -57,13 +67,14 @@ def _upcycled_and_megatron_core(rank, world, granularity, pre_softmax):
     ids=["g1", "g2", "g2-pre-softmax"],
 )
 def test_upcycled_mixture_is_megatron_cores(granularity, pre_softmax):
-    ((state, expected, (dense_logits, moe_logits), arch),) = run_distributed(
+    ((state, expected, (dense_logits, moe_logits), arch, fused),) = run_distributed(
         _upcycled_and_megatron_core, 1, granularity, pre_softmax
     )
     assert arch.num_experts == 4 and arch.moe_ffn_hidden_size in (None, 176 // granularity)
     assert state.keys() == expected.keys()
     for name, value in state.items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(fused[name], value, rtol=0, atol=0, msg=name)
     fc1 = state["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"]
     assert fc1.shape == (2 * 176 // granularity, 64)
     if granularity == 1 and not pre_softmax:  # every expert the dense MLP, weights summing to 1
