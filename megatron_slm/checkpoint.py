@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_slm import launch
 from megatron_slm.atomic_io import current_umask, fsync_dir, write_text_atomic
 from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
@@ -480,6 +481,7 @@ def save_checkpoint(
         "world_size": dist.get_world_size(),
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "rank_order": launch.rank_order(),
         "optimizer_saved": optimizer is not None,
         **(metadata or {}),
     }
@@ -679,6 +681,8 @@ def load_checkpoint(
         == parallel_state.get_tensor_model_parallel_world_size()
         and meta.get("pipeline_model_parallel_size")
         == parallel_state.get_pipeline_model_parallel_world_size()
+        # (each global rank's file: the same rank must hold the same place in the layout)
+        and meta.get("rank_order", launch.DEFAULT_RANK_ORDER) == launch.rank_order()
     )
     rng_file = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
     if not load_rng:

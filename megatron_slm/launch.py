@@ -74,6 +74,18 @@ def _init_single_process(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+DEFAULT_RANK_ORDER = "tp-cp-ep-dp-pp"
+"""megatron-core's order of the parallel dimensions over the ranks (the fastest-varying first)."""
+TP_PP_DP_ORDER = "tp-cp-ep-pp-dp"
+"""Megatron-LM's --use-tp-pp-dp-mapping: a replica's pipeline stages on neighbouring ranks."""
+_rank_order = DEFAULT_RANK_ORDER
+
+
+def rank_order() -> str:
+    """The order :func:`initialize` last laid the parallel dimensions out in."""
+    return _rank_order
+
+
 def initialize(
     *,
     device: str = "auto",
@@ -83,11 +95,16 @@ def initialize(
     expert_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    order: str = DEFAULT_RANK_ORDER,
+    gloo_groups: bool = True,
 ) -> torch.device:
     """Init torch.distributed + megatron-core's parallel state + seeds; returns the device.
+    ``order``: megatron-core's order of the parallel dimensions over the ranks; ``gloo_groups``
+    False: megatron-core creates no gloo data-parallel side groups.
 
     Idempotent for the process group; the parallel state is (re)initialised each call.
     """
+    global _rank_order
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -136,7 +153,10 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        order=order,
+        create_gloo_process_groups=gloo_groups,
     )
+    _rank_order = order
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return dev

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         expert_model_parallel_size=p.expert_model_parallel_size,
         seed=cfg.training.seed,
         timeout_minutes=p.distributed_timeout_minutes,
+        order=launch.TP_PP_DP_ORDER if p.use_tp_pp_dp_mapping else launch.DEFAULT_RANK_ORDER,
+        gloo_groups=not p.disable_gloo_process_groups,
     )
     pretrain(cfg, plan, device)
     return 0

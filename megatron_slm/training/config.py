@@ -84,6 +84,18 @@ class ParallelConfig:
     context_parallel_size: int = arg(
         1, "Accepted at 1 (Megatron-LM's flag): megatron-slm does not shard the sequence."
     )
+    use_tp_pp_dp_mapping: bool = arg(
+        False,
+        "Lay the ranks out tensor-parallel, then pipeline, then data-parallel (Megatron-LM's "
+        "flag: a model replica's stages on neighbouring ranks, e.g. one node) instead of "
+        "megatron-core's default, where the data-parallel replicas of a stage are neighbours.",
+    )
+    disable_gloo_process_groups: bool = arg(
+        False,
+        "Create none of megatron-core's gloo data-parallel side groups (Megatron-LM's flag: "
+        "fewer CPU communicators at scale); the distributed optimizer's checkpoints then gather "
+        "over the main groups.",
+    )
     expert_model_parallel_size: int = arg(
         1,
         "With --num-experts: shard the experts over this many data-parallel ranks (each holds "

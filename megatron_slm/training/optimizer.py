@@ -308,6 +308,7 @@ def build_optimizer(
             decoupled_min_lr=t.decoupled_min_lr,
         ),
         chunks,
+        use_gloo_process_groups=not cfg.parallel.disable_gloo_process_groups,
     )
     use_fused_adam(opt)
     mark_decoupled_groups(opt)

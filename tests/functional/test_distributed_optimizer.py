@@ -206,6 +206,22 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_data_parallel_size(
     assert finetuned[0]["loss"] < straight[0]["loss"] - 0.02
 
 
+def test_without_gloo_side_groups_the_steps_and_checkpoints_are_the_same(
+    prefix, overlapped, tmp_path
+):
+    """--disable-gloo-process-groups (Megatron-LM's flag): megatron-core creates no gloo
+    data-parallel groups and the distributed optimizer gathers over the main ones; a run saved
+    at step 3 (both optimizer-state formats) and resumed gives the overlapped run's steps."""
+    straight = [r["loss"] for r in overlapped[0]]
+    for fmt in ((), ("--dist-ckpt-optim-fully-reshardable",)):
+        ckpt = str(tmp_path / f"ckpt{len(fmt)}")
+        flags = (*OVERLAP, "--disable-gloo-process-groups", *fmt)
+        first, _, _ = _run(prefix, tmp_path, f"first{len(fmt)}", *flags, "--save", ckpt,
+                           "--save-interval", 3, "--exit-interval", 3)  # fmt: skip
+        rest, _, _ = _run(prefix, tmp_path, f"rest{len(fmt)}", *flags, "--load", ckpt)
+        assert [r["loss"] for r in first + rest] == straight, fmt
+
+
 def test_interleaved_pipeline_launches_the_gathers_from_the_schedule(prefix, tmp_path):
     """Two data-parallel ranks of an interleaved pipeline (PP 2, two virtual stages each): the
     schedule launches each model chunk's all-gathers (Megatron-LM's ``align_param_gather``,

@@ -459,6 +459,31 @@ MOE = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", "1e-2
        "--moe-per-layer-logging")  # fmt: skip
 
 
+def test_tp_pp_dp_mapping_trains_alike_and_is_recorded(corpus, tmp_path):
+    """--use-tp-pp-dp-mapping (Megatron-LM's flag; the layouts themselves:
+    tests/unit/test_launch_layout.py): PP 2 x DP 2 over 4 ranks gives the default order's steps;
+    its checkpoint records the order, and resumed in the other order the random states, one file
+    per global rank, stay this run's."""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    layout = ("--pipeline-model-parallel-size", 2)
+    plain = read_steps_of(prefix, tmp_path / "plain.jsonl", 3, *layout, nproc=4)
+    ckpt = str(tmp_path / "ckpt")
+    mapped = read_steps_of(
+        prefix, tmp_path / "mapped.jsonl", 3, *layout, "--use-tp-pp-dp-mapping", "--save", ckpt,
+        "--save-interval", 2, nproc=4,
+    )  # fmt: skip
+    for a, b in zip(plain, mapped, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+    assert read_metadata(iteration_dir(ckpt, 2))["rank_order"] == "tp-cp-ep-pp-dp"
+    log = str(tmp_path / "resumed.jsonl")
+    argv = tiny_args(prefix, log, 3, *layout, "--load", ckpt, "--ckpt-step", 2)
+    proc = run_pretrain(argv, nproc=4)
+    assert "parallel layout differs from the checkpoint's: RNG states not restored" in proc.stderr
+    assert read_steps(log)[0]["loss"] == pytest.approx(mapped[2]["loss"], rel=1e-5, abs=0)
+
+
 MIXTURE = ("--num-experts", 4, "--moe-router-topk", 2)
 UPCYCLE = (*MIXTURE, "--moe-use-upcycling")
 
