@@ -196,6 +196,7 @@ setup(
         "tqdm",
         "psutil",  # megatron-core distributed checkpointing needs it
         "tokenizers",  # GPT2BPETokenizer (Megatron-LM's vocab.json + merges.txt)
+        "pyyaml",  # --export-kd-cfg (Megatron-LM's distillation settings)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -1005,6 +1005,94 @@ class SLMArgs:
         return self.slm_ratio is not None and needs_reference(self.slm_ratio, self.slm_select_mode)
 
 
+@dataclass(frozen=True)
+class DistillationSettings:
+    """What ``--export-kd-cfg`` sets (ModelOpt's keys; these defaults without the file)."""
+
+    skip_lm_loss: bool = True  # the student learns from the KD loss alone
+    kd_loss_scale: float = 1.0  # beside the LM loss: the KD loss at its size, times this
+    logit_kl_temperature: float = 1.0
+
+
+# ModelOpt's logits-only configuration: the one pair of layers megatron-slm distils.
+KD_LOGIT_LAYERS = ["output_layer", "output_layer"]
+
+
+def read_distillation_settings(path: str) -> DistillationSettings:
+    """``--export-kd-cfg`` (Megatron-LM's distillation YAML): every key checked, one line."""
+    import yaml
+
+    where = f"--export-kd-cfg {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not YAML ({str(exc).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(DistillationSettings)}
+    known |= {"logit_layers", "intermediate_layer_pairs"}
+    for key in raw:
+        if key not in known:
+            names = ", ".join(sorted(known))
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {names})")
+    if raw.get("logit_layers", KD_LOGIT_LAYERS) != KD_LOGIT_LAYERS:
+        raise ConfigError(
+            f"{where}: logit_layers {raw['logit_layers']}: megatron-slm distils the output layers' "
+            f"logits, {KD_LOGIT_LAYERS}"
+        )
+    if raw.get("intermediate_layer_pairs"):
+        raise ConfigError(
+            f"{where}: intermediate_layer_pairs are not offered (megatron-slm distils the logits "
+            "only); leave the list empty"
+        )
+    skip = raw.get("skip_lm_loss", True)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"{where}: skip_lm_loss must be true or false, got {skip!r}")
+    values = {}
+    for key in ("kd_loss_scale", "logit_kl_temperature"):
+        value = raw.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
+        values[key] = float(value)
+    return DistillationSettings(skip_lm_loss=skip, **values)
+
+
+@dataclass
+class DistillationArgs:
+    export_kd_teacher_load: str | None = arg(
+        None,
+        "Knowledge distillation (Megatron-LM's flag): the teacher, a megatron_slm checkpoint or a "
+        "Hugging Face directory with the data's tokenizer and the student's padded vocabulary. "
+        "The student learns the teacher's next-token distribution: KL(teacher || student) of "
+        "each trained token's logits. Loaded frozen at the run's TP size; not with PP > 1.",
+    )
+    export_kd_cfg: str | None = arg(
+        None,
+        "Distillation settings, a YAML file of Megatron-LM's (ModelOpt's) keys: skip_lm_loss "
+        "(default true: the KD loss alone), kd_loss_scale (1.0; with skip_lm_loss false: the KD "
+        "loss scaled to the LM loss's size, times this, added to it), logit_kl_temperature "
+        "(1.0); logit_layers must be [output_layer, output_layer]; intermediate_layer_pairs are "
+        "not offered.",
+    )
+
+    def __post_init__(self):
+        if self.export_kd_cfg and not self.export_kd_teacher_load:
+            raise ConfigError("--export-kd-cfg needs --export-kd-teacher-load (the teacher)")
+        self.settings = (
+            read_distillation_settings(self.export_kd_cfg)
+            if self.export_kd_cfg
+            else DistillationSettings()
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.export_kd_teacher_load)
+
+
 @dataclass
 class CheckpointArgs:
     save: str | None = arg(None, "Checkpoint directory to save to.")
@@ -1326,6 +1414,7 @@ GROUPS = {
     "sft": SFTArgs,
     "tokenizer": TokenizerArgs,
     "slm": SLMArgs,
+    "distillation": DistillationArgs,
     "checkpoint": CheckpointArgs,
     "logging": LoggingArgs,
 }
@@ -1340,6 +1429,7 @@ class PretrainConfig:
     sft: SFTArgs
     tokenizer: TokenizerArgs
     slm: SLMArgs
+    distillation: DistillationArgs
     checkpoint: CheckpointArgs
     logging: LoggingArgs
 
@@ -1613,6 +1703,11 @@ def validate(
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
+    if cfg.distillation.enabled and pp > 1:
+        raise ConfigError(
+            "--export-kd-teacher-load is not supported with --pipeline-model-parallel-size > 1 "
+            "(the teacher is not split into stages): use --tensor-model-parallel-size"
+        )
     sizes = DerivedSizes(dp, gbs, num_micro, iters, growing, t.train_iters is not None)
     warmup, decay, wsd = schedule_steps(t, sizes.schedule_iters, gbs)
     unit = "samples" if t.train_samples is not None else "iters"

@@ -29,6 +29,7 @@ from megatron_slm import checkpoint as checkpointing
 from megatron_slm import launch
 from megatron_slm.checkpoint import (
     CheckpointInfo,
+    check_tokenizer,
     read_checkpoint,
     resolve_architecture,
     resolve_tokenizer,
@@ -49,8 +50,10 @@ from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
 from megatron_slm.runtime.reference import OnlineReference
 from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
 from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
+from megatron_slm.training.distillation import DistillationLoss, Teacher
 from megatron_slm.training.housekeeping import ManualGC, StepProfiler
 from megatron_slm.training.metrics import (
+    KD_STATS,
     OP_STAT_KEYS,
     STAT_KEYS,
     TrainingLogger,
@@ -103,6 +106,7 @@ class TrainingPlan:
     checkpoint: CheckpointInfo | None
     batch_list: BatchList | None = None  # --train-samples-from
     reference: LoadPlan | None = None  # --slm-ref-load (online reference), planned once
+    teacher: LoadPlan | None = None  # --export-kd-teacher-load (distillation), planned once
     sft_dataset: object | None = None  # --sft-data: built (and checked) before any work
     lr_schedule: dict | None = None  # resume_lr_schedule: the flags', or the checkpoint's
     load_optimizer: bool = False  # resuming the checkpoint's optimizer state (and schedule step)
@@ -130,6 +134,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     if load_optimizer:
         check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
     reference = _plan_reference(cfg, arch)
+    teacher = _plan_teacher(cfg, arch, ckpt, tokenizer, ttype)
     sft, batch_list = None, None
     if cfg.sft.enabled:
         if cfg.data.train_samples_from:
@@ -161,6 +166,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
         batch_list=batch_list,
         sft_dataset=sft,
         reference=reference,
+        teacher=teacher,
         lr_schedule=schedule,
         load_optimizer=load_optimizer,
     )
@@ -306,6 +312,38 @@ def _plan_reference(cfg: PretrainConfig, arch: GPTModelConfig) -> LoadPlan | Non
     return ref
 
 
+def _plan_teacher(
+    cfg: PretrainConfig, arch: GPTModelConfig, ckpt, tokenizer, tokenizer_type: str
+) -> LoadPlan | None:
+    """The distillation teacher (--export-kd-teacher-load): its metadata read once; its
+    tokenizer the data's, its padded vocabulary the student's (the two softmaxes compare the
+    same columns on each TP rank)."""
+    d = cfg.distillation
+    if not d.enabled:
+        return None
+    flag = "--export-kd-teacher-load"
+    tp = cfg.parallel.tensor_model_parallel_size
+    args = LoadArgs(load=d.export_kd_teacher_load, device=cfg.training.device,
+                    tensor_model_parallel_size=tp)  # fmt: skip
+    teacher = plan_load(args, tokenizer="none", flag=flag)
+    check_tokenizer(teacher.checkpoint, tokenizer, tokenizer_type, flag)
+    where = f"{flag} {d.export_kd_teacher_load}"
+    if teacher.arch.vocab_size != arch.vocab_size:
+        raise ConfigError(
+            f"{where}: the teacher's vocabulary ({teacher.arch.vocab_size}) differs from the "
+            f"data's tokenizer ({arch.vocab_size})"
+        )
+    divisor = ckpt.divisor_for(tp) if ckpt is not None else cfg.model.vocab_divisor
+    student = padded_vocab_size(arch.vocab_size, divisor, tp)
+    if teacher.padded_vocab_size != student:
+        hint = "" if ckpt is not None else "; set --make-vocab-size-divisible-by to match"
+        raise ConfigError(
+            f"{where}: the teacher's padded vocabulary ({teacher.padded_vocab_size} rows) "
+            f"differs from the student's ({student}){hint}"
+        )
+    return teacher
+
+
 def _set_chat_template(cfg: PretrainConfig, tokenizer, ckpt: CheckpointInfo | None) -> None:
     """--sft-chat-template FILE, else the --load checkpoint's SFT template, else the
     tokenizer's own (data/chat.py's default for SentencePiece models)."""
@@ -397,6 +435,11 @@ class Trainer:
                 self.build_opts.params_dtype,
                 self.tokenizer.eod,
             )
+        self.teacher = None
+        if plan.teacher is not None:
+            self.teacher = Teacher(
+                plan.teacher, self.device, self.build_opts.params_dtype, self._packed_flag()
+            )
         self.iteration, consumed = 0, 0
         self.global_batch = None  # the last step's (it changes along a --rampup-batch-size ramp)
         ck = cfg.checkpoint
@@ -430,7 +473,9 @@ class Trainer:
         self.batches = self._micro_batches(self.train_ds, consumed)
         self.valid_batches = {}  # per (split, set), built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
-        self.log = TrainingLogger(cfg, self.arch, self.sizes, self.device, self.sources)
+        self.log = TrainingLogger(
+            cfg, self.arch, self.sizes, self.device, self.sources, self.distill is not None
+        )
         self.exit = ExitController(cfg.checkpoint, self.device)
         self.manual_gc = ManualGC(cfg)
         self.profiler = StepProfiler(cfg, dist.get_rank(), self.device)
@@ -512,6 +557,13 @@ class Trainer:
             else:
                 impl = cfg.training.cross_entropy_impl
                 logger.info("plain loss: %s", install_plain_loss(unwrap(chunk), impl, self.device))
+        self.distill = None  # --export-kd-teacher-load: the KD loss beside the installed one
+        if cfg.distillation.enabled:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            self.distill = DistillationLoss(cfg.distillation.settings, tp_group)
+            for chunk in self.chunks:
+                if unwrap(chunk).post_process:
+                    self.distill.install(unwrap(chunk))
         self.optimizer, self.scheduler = build_optimizer(
             cfg,
             self.chunks,
@@ -583,7 +635,14 @@ class Trainer:
             return None
         return s.slm_ratio if self.iteration >= s.slm_start_iter else 1.0
 
-    def _forward_step(self, ratio, seed_base, data_iterator, model, count_sources=True):
+    def _packed_flag(self) -> str | None:
+        """The flag whose rows hold several documents, each attending to itself (None: plain
+        causal rows)."""
+        if self.cfg.sft.enabled:
+            return "--sft-data"
+        return "--reset-attention-mask" if self.cfg.data.reset_attention_mask else None
+
+    def _forward_step(self, ratio, seed_base, data_iterator, model, training=True):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device, non_blocking=True)  # [b, s]
         labels = batch["labels"].to(self.device, non_blocking=True)  # [b, s]
@@ -616,9 +675,11 @@ class Trainer:
                 MicroBatchSelection(ref, loss_mask, ratio, seed_base + self._micro)
             )
             self._last_ref, self._last_labels = ref, labels
+        if inner.post_process and training and self.teacher is not None:
+            self.distill.prepare(self.teacher.logits(tokens, position_ids, attention_mask))
         output = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s], last stage
         # Per-source counts are the training blend's; a validation blend of its own has others.
-        source = batch.get("dataset_id") if count_sources else None
+        source = batch.get("dataset_id") if training else None
         return output, partial(self._loss_func, ratio, loss_mask, ref, source)
 
     def _loss_func(self, ratio, loss_mask, ref, source, per_token_loss):
@@ -628,7 +689,9 @@ class Trainer:
             n = mask.sum()
             zero = torch.zeros((), device=loss.device)
             stats = torch.stack([loss.detach(), n, loss.detach(), n] + [zero] * 6)
-            return loss, n.to(torch.int), {"slm": self._with_sources(stats, mask, mask, source)}
+            stats = self._with_sources(stats, mask, mask, source)
+            loss, stats = self._distilled(loss, mask, stats)
+            return loss, n.to(torch.int), {"slm": stats}
         out = self.slm_loss.last
         selected = out.selected.t()  # [b, s]
         loss = (per_token_loss * selected).sum()
@@ -636,7 +699,21 @@ class Trainer:
         stats = torch.cat([torch.stack([st[k].float() for k in OP_STAT_KEYS]),
                            excess_split(out.loss.t(), ref, loss_mask, selected)])  # fmt: skip
         stats = self._with_sources(stats.detach(), loss_mask, selected, source)
+        loss, stats = self._distilled(loss, selected, stats)
         return loss, selected.sum().to(torch.int), {"slm": stats}
+
+    def _distilled(self, lm_loss, trained, stats):
+        """With a teacher: the loss to optimise (metrics.KD_STATS appended to the statistics:
+        the KD loss summed over the ``trained`` tokens, and their count; zeros in validation)."""
+        if self.distill is None:
+            return lm_loss, stats
+        divergence = self.distill.take()
+        if divergence is None:  # validation: the LM loss
+            return lm_loss, torch.cat([stats, stats.new_zeros(2)])
+        weights = trained.to(divergence.dtype)
+        loss, kd_sum = self.distill.combine(lm_loss, divergence, weights)
+        kd_stats = torch.stack([kd_sum, weights.sum()]).to(stats.dtype)
+        return loss, torch.cat([stats, kd_stats])
 
     def _with_sources(self, stats, valid, selected, source):
         """Append per-blend-source (valid, selected) token counts (see metrics.source_counts)."""
@@ -665,7 +742,7 @@ class Trainer:
         self._micro = 0
         return get_forward_backward_func()(
             forward_step_func=partial(
-                self._forward_step, ratio, seed_base, count_sources=not forward_only
+                self._forward_step, ratio, seed_base, training=not forward_only
             ),
             data_iterator=iterators if n_chunks > 1 else iterators[0],
             model=self.chunks if n_chunks > 1 else self.chunks[0],
@@ -678,6 +755,7 @@ class Trainer:
     def _reduce_stats(self, outputs) -> torch.Tensor | None:
         """Sum the micro-batch statistics over this rank's micro-batches and the DP group."""
         n = len(STAT_KEYS) + (2 * self.n_sources if self.n_sources > 1 else 0)
+        n += len(KD_STATS) if self.distill is not None else 0
         total = torch.zeros(n, dtype=torch.float64, device=self.device)
         for out in outputs:
             total += out["slm"].to(torch.float64)

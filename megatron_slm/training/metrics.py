@@ -23,10 +23,12 @@ logger = logging.getLogger("megatron_slm")
 
 # Order of the per-micro-batch statistics vector: the selective op's stats, then the excess loss
 # of the selected and unselected tokens that have a reference (measured in every mode when a
-# reference is at hand), then (blends) per-source valid and selected token counts.
+# reference is at hand), then (blends) per-source valid and selected token counts, then (with a
+# distillation teacher) the KD loss summed over the trained tokens and their count.
 OP_STAT_KEYS = ("loss_sum", "n_valid", "selected_loss_sum", "n_selected", "excess_sum", "n_scored")
 EXCESS_KEYS = ("excess_sel_sum", "n_excess_sel", "excess_unsel_sum", "n_excess_unsel")
 STAT_KEYS = OP_STAT_KEYS + EXCESS_KEYS
+KD_STATS = ("kd_loss_sum", "n_kd")
 
 
 def excess_split(loss, ref, loss_mask, selected) -> torch.Tensor:
@@ -139,7 +141,7 @@ class _Pending:
     """One step whose device values the host has not read yet."""
 
     iteration: int
-    stats: torch.Tensor  # [len(STAT_KEYS) (+ 2 * sources)] float64, on the device
+    stats: torch.Tensor  # [len(STAT_KEYS) (+ 2 * sources) (+ KD_STATS)] float64, on the device
     grad_norm: torch.Tensor | None  # 0-dim, on the device
     lr: float
     consumed_samples: int
@@ -181,9 +183,11 @@ class TrainingLogger:
         sizes: DerivedSizes,
         device: torch.device,
         sources: list[str] | None = None,
+        distilling: bool = False,
     ):
         self.cfg, self.sizes, self.device = cfg, sizes, device
         self.sources = sources if sources and len(sources) > 1 else []
+        self.distilling = distilling  # the statistics end with KD_STATS
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
         self.flops_per_token = arch.flops_per_token(cfg.training.seq_length)
@@ -194,6 +198,7 @@ class TrainingLogger:
             "step_seconds": lg.log_timers_to_tensorboard,
             "global_batch_size": lg.log_batch_size_to_tensorboard,
         }
+        optional["kd_loss"] = distilling
         self.tb_keys = _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
         self.peak = device_peak_tflops(device)
         self.tb = None  # histograms and pictures go to TensorBoard only
@@ -294,11 +299,14 @@ class TrainingLogger:
             k = len(self.sources)
             valid, chosen = (
                 values[len(STAT_KEYS) : len(STAT_KEYS) + k],
-                values[len(STAT_KEYS) + k :],
+                values[len(STAT_KEYS) + k : len(STAT_KEYS) + 2 * k],
             )
             record["selected_fraction_by_source"] = {
                 name: c / v if v else math.nan for name, v, c in zip(self.sources, valid, chosen)
             }
+        if self.distilling:  # KL(teacher || student), mean over the trained tokens
+            kd_sum, n_kd = values[-len(KD_STATS) :]
+            record["kd_loss"] = kd_sum / n_kd if n_kd else math.nan
         record["tflops_per_device"] = self.flops_per_token * tokens_per_second / self.world / 1e12
         if self.peak:
             record["mfu"] = record["tflops_per_device"] / self.peak
@@ -358,7 +366,8 @@ class TrainingLogger:
             f"tokens {w[-1]['consumed_tokens']:,} | "
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
             f"sel. {mean('selected_fraction'):.3f} | excess sel./unsel. {excess_text} | "
-            f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
+            + (f"kd loss {fmt(nanmean(w, 'kd_loss'))} | " if self.distilling else "")
+            + f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
             f"{rate:,.0f} tok/s | "
             f"{self.flops_per_token * rate / self.world / 1e12:.2f} TFLOP/s/dev"
         )

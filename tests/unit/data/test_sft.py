@@ -180,8 +180,10 @@ def _model_checks(rank, world, tokenizer, path, kind):
             del model.compute_language_model_loss
         else:  # the trainer's plain path (megatron-core's loss, masked by its _loss_func)
             per_token = model(batch["tokens"], batch["position_ids"], mask, labels=labels)
-            unblended = types.SimpleNamespace(n_sources=0)  # the trainer's state _loss_func reads
+            # the trainer's state _loss_func reads (no blend, no distillation teacher)
+            unblended = types.SimpleNamespace(n_sources=0, distill=None)
             unblended._with_sources = functools.partial(Trainer._with_sources, unblended)
+            unblended._distilled = functools.partial(Trainer._distilled, unblended)
             loss = Trainer._loss_func(unblended, None, loss_mask, None, None, per_token)[0]
         loss.backward()
         return [p.grad.clone() for p in model.parameters()], loss.detach()

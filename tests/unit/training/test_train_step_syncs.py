@@ -127,6 +127,25 @@ def test_no_host_sync_between_log_steps(corpus, tmp_path, world, extra, ratio):
     check_source_shares(last, ratio)
 
 
+def test_no_host_sync_while_distilling(corpus, tmp_path):
+    """A teacher beside the student (--export-kd-teacher-load, the KD loss beside the LM loss):
+    its forward, the KL divergence and the loss balance stay on the device too."""
+    from tests.functional.pretrain_helpers import run_pretrain
+
+    teacher = str(tmp_path / "teacher")
+    run_pretrain(tiny_args(corpus[2], str(tmp_path / "t.jsonl"), 3, *corpus, "--save", teacher))
+    settings = tmp_path / "kd.yaml"
+    settings.write_text("skip_lm_loss: false\n")
+    extra = ("--export-kd-teacher-load", teacher, "--export-kd-cfg", str(settings))
+    log_file = str(tmp_path / "steps.jsonl")
+    ((count, report, _, expected, records),) = run_distributed(
+        _worker, 1, corpus, log_file, extra, None
+    )
+    assert count == 0, report
+    assert records[-1]["loss"] == pytest.approx(expected[0] / expected[1], rel=1e-5)
+    assert all(r["kd_loss"] > 0 for r in records)
+
+
 def check_source_shares(record, ratio) -> None:
     """The blend's two sources are counted apart: all of each is trained without selection,
     about ``ratio`` of each with it (the kept tokens of a micro-batch come from both)."""
