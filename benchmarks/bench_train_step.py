@@ -1,10 +1,13 @@
-"""Training step time: selective (sidecar, online reference) against plain training, same run.
+"""Training step time: selective (sidecar, online reference) and distillation against plain
+training, same run.
 
 Runs ``python -m megatron_slm.pretrain`` as users do on a synthetic corpus: plain causal LM (the
 anchor; with ``--megatron-loss`` also plain with megatron-core's cross entropy), ``--slm-ratio
 0.6`` with reference losses from a sidecar written by ``tools/score_corpus.py``, and with the
 online reference model (on CUDA also with the reference's document attention on a dense mask
-instead of FlexAttention). Reports the median step time of the steps after warm-up, ratios to
+instead of FlexAttention), and knowledge distillation from a teacher of the same size
+(``--export-kd-teacher-load``: its forward and the KL divergence beside the step). Reports the
+median step time of the steps after warm-up, ratios to
 plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the scorer on the training corpus
 (``--docs``), so its tokens/s can be compared with training's (forward only: about 3x).
 
@@ -17,7 +20,8 @@ of such windows, so the measured windows hold no warm-up step.
         --num-layers 8 --seq-length 2048 --micro-batch-size 4 --bf16 \\
         --iters 25 --warmup 5 --rounds 1                         # one pass per variant
 
-Targets (issue 5, CPU tiny model): sidecar <= 1.05x plain, online <= 1.5x plain.
+Targets (issue 5, CPU tiny model): sidecar <= 1.05x plain, online <= 1.5x plain; distillation
+<= 1.5x plain (a same-size teacher's forward is about a third of a step).
 """
 
 from __future__ import annotations
@@ -141,6 +145,7 @@ def main() -> None:
         "plain (anchor)": ([], {}),
         "slm 0.6 sidecar": (["--slm-ratio", "0.6"], {}),
         "slm 0.6 online": (online, {}),
+        "distill (same-size teacher)": (["--export-kd-teacher-load", ref], {}),
     }
     if args.megatron_loss:
         variants["plain, megatron-core loss"] = (["--cross-entropy-impl", "megatron"], {})

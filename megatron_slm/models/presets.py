@@ -721,6 +721,36 @@ def pipeline_stage_layers(
     return (() if first is None else (first,)) + middle + (() if last is None else (last,))
 
 
+def virtual_pipeline_size(
+    num_layers: int,
+    pipeline_parallel_size: int,
+    num_layers_per_virtual_pipeline_stage: int | None = None,
+    virtual_stages: int | None = None,
+) -> int | None:
+    """megatron-core's ``virtual_pipeline_model_parallel_size`` for the flags (None: the
+    non-interleaved schedule; one virtual stage per rank is none, as in Megatron-LM)."""
+    if virtual_stages is not None:
+        return virtual_stages if virtual_stages > 1 else None
+    if num_layers_per_virtual_pipeline_stage:
+        return num_layers // pipeline_parallel_size // num_layers_per_virtual_pipeline_stage
+    return None
+
+
+def _check_virtual_stages(stages: tuple[int, ...], virtual_stages: int) -> None:
+    """Each pipeline stage's layers (``stages``) split into ``virtual_stages`` chunks."""
+    flag = f"--num-virtual-stages-per-pipeline-rank {virtual_stages}"
+    if virtual_stages < 1:
+        raise ConfigError(f"{flag} must be >= 1")
+    if virtual_stages > 1 and len(stages) < 2:
+        raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1")
+    for rank, layers in enumerate(stages):
+        if layers % virtual_stages:
+            raise ConfigError(
+                f"{flag} does not divide the {layers} layers of pipeline stage {rank}: each "
+                "stage's layers split evenly into its virtual stages"
+            )
+
+
 def check_parallel_layout(
     model: GPTModelConfig,
     tensor_parallel_size: int,
@@ -728,8 +758,12 @@ def check_parallel_layout(
     num_layers_per_virtual_pipeline_stage: int | None = None,
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
+    virtual_stages: int | None = None,
 ) -> None:
-    """Raise a ValueError naming the flag when the model cannot be split this way."""
+    """Raise a ValueError naming the flag when the model cannot be split this way.
+    ``virtual_stages``: --num-virtual-stages-per-pipeline-rank (exclusive with
+    ``num_layers_per_virtual_pipeline_stage``; each stage's layers, uneven ones too, split
+    evenly into that many chunks, megatron-core's rule)."""
     tp, pp = tensor_parallel_size, pipeline_parallel_size
     if tp < 1 or pp < 1:
         raise ConfigError(
@@ -748,13 +782,21 @@ def check_parallel_layout(
     ):
         if size % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
-    pipeline_stage_layers(model.num_layers, pp, first_stage_layers, last_stage_layers)
+    stages = pipeline_stage_layers(model.num_layers, pp, first_stage_layers, last_stage_layers)
     vstage = num_layers_per_virtual_pipeline_stage
     uneven = first_stage_layers is not None or last_stage_layers is not None
+    if vstage is not None and virtual_stages is not None:
+        raise ConfigError(
+            "give either --num-layers-per-virtual-pipeline-stage or "
+            "--num-virtual-stages-per-pipeline-rank, not both"
+        )
+    if virtual_stages is not None:
+        _check_virtual_stages(stages, virtual_stages)
     if vstage is not None and uneven:
         raise ConfigError(
             f"{FIRST_STAGE_FLAG} and {LAST_STAGE_FLAG} are not supported with "
-            "--num-layers-per-virtual-pipeline-stage"
+            "--num-layers-per-virtual-pipeline-stage: give --num-virtual-stages-per-pipeline-rank "
+            "(Megatron-LM's rule)"
         )
     if vstage is not None:
         if pp < 2:

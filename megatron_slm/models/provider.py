@@ -20,7 +20,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.longrope import install_longrope, set_attention_factor
-from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout, padded_vocab_size
+from megatron_slm.models.presets import (
+    GPTModelConfig,
+    check_parallel_layout,
+    padded_vocab_size,
+    virtual_pipeline_size,
+)
 from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dropped
 from megatron_slm.models.yarn import install_yarn
 from megatron_slm.platform import cpu_backend_enabled
@@ -54,6 +59,8 @@ class ModelBuildOptions:
     """--sequence-parallel: shard norms/dropout activations along the sequence across TP."""
     num_layers_per_virtual_pipeline_stage: int | None = None
     """--num-layers-per-virtual-pipeline-stage: interleaved 1F1B."""
+    virtual_stages: int | None = None
+    """--num-virtual-stages-per-pipeline-rank: interleaved 1F1B, uneven stages too."""
     first_stage_layers: int | None = None
     """--decoder-first-pipeline-num-layers: an uneven pipeline split (None: even)."""
     last_stage_layers: int | None = None
@@ -141,12 +148,10 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     check_parallel_layout(
         model, tp, pp, opts.num_layers_per_virtual_pipeline_stage, opts.first_stage_layers,
-        opts.last_stage_layers,
+        opts.last_stage_layers, opts.virtual_stages,
     )  # fmt: skip
-    vpp = (
-        model.num_layers // pp // opts.num_layers_per_virtual_pipeline_stage
-        if opts.num_layers_per_virtual_pipeline_stage
-        else None
+    vpp = virtual_pipeline_size(
+        model.num_layers, pp, opts.num_layers_per_virtual_pipeline_stage, opts.virtual_stages
     )
     if opts.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -24,7 +24,11 @@ from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs, packed_documents_spec
-from megatron_slm.models.presets import GPTModelConfig, check_parallel_layout
+from megatron_slm.models.presets import (
+    GPTModelConfig,
+    check_parallel_layout,
+    virtual_pipeline_size,
+)
 from megatron_slm.ops.selection import (
     SELECT_SCOPES,
     needs_reference,
@@ -47,6 +51,13 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel size (shards layers).")
     num_layers_per_virtual_pipeline_stage: int | None = arg(
         None, "Layers per virtual pipeline stage (interleaved 1F1B schedule)."
+    )
+    num_virtual_stages_per_pipeline_rank: int | None = arg(
+        None,
+        "Virtual pipeline stages per pipeline rank (interleaved 1F1B, Megatron-LM's flag): each "
+        "stage's layers split evenly into that many chunks; unlike "
+        "--num-layers-per-virtual-pipeline-stage it combines with "
+        "--decoder-first/last-pipeline-num-layers.",
     )
     decoder_first_pipeline_num_layers: int | None = arg(
         None,
@@ -84,6 +95,11 @@ class ParallelConfig:
     context_parallel_size: int = arg(
         1, "Accepted at 1 (Megatron-LM's flag): megatron-slm does not shard the sequence."
     )
+    expert_tensor_parallel_size: int | None = arg(
+        None,
+        "Accepted at the --tensor-model-parallel-size (megatron-core's default, Megatron-LM's "
+        "flag): the experts are split over the tensor-parallel group as the dense layers are.",
+    )
     use_tp_pp_dp_mapping: bool = arg(
         False,
         "Lay the ranks out tensor-parallel, then pipeline, then data-parallel (Megatron-LM's "
@@ -115,6 +131,18 @@ class ParallelConfig:
         "every rank writes its shard, resumable at another DP only.",
     )
 
+    def virtual_pipeline_size(self, num_layers: int) -> int | None:
+        """megatron-core's virtual pipeline size of these flags (None: not interleaved)."""
+        return virtual_pipeline_size(
+            num_layers,
+            self.pipeline_model_parallel_size,
+            self.num_layers_per_virtual_pipeline_stage,
+            self.num_virtual_stages_per_pipeline_rank,
+        )
+
+    def interleaved_schedule(self, num_layers: int) -> bool:
+        return self.virtual_pipeline_size(num_layers) is not None
+
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ConfigError("--tensor-model-parallel-size must be >= 1")
@@ -138,6 +166,14 @@ class ParallelConfig:
                 "not supported (the selection and the reference losses are per whole sequence)"
             )
         check_at_least(self, "expert_model_parallel_size")
+        check_at_least(self, "num_virtual_stages_per_pipeline_rank", optional=True)
+        etp, tp = self.expert_tensor_parallel_size, self.tensor_model_parallel_size
+        if etp is not None and etp != tp:
+            raise ConfigError(
+                f"--expert-tensor-parallel-size {etp}: the experts are split over the "
+                f"tensor-parallel group ({tp}) as the dense layers are; another size is not "
+                "offered (leave the flag out, or give the TP size)"
+            )
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1128,6 +1164,13 @@ class CheckpointArgs:
         "(Megatron-LM's flag); later checkpoints there are overwritten as training reaches them.",
     )
     finetune: bool = arg(False, "With --load: load weights only, start at step 0.")
+    pretrained_checkpoint: str | None = arg(
+        None,
+        "Fine-tuning's starting point (Megatron-LM's flag): while --load holds no checkpoint "
+        "(no --load, or --load the --save directory before its first save), this checkpoint's "
+        "weights are loaded as --finetune loads them; once --load holds one, runs resume from it "
+        "(a requeued job goes on where it stopped).",
+    )
     moe_use_upcycling: bool = arg(
         False,
         "Start a mixture of experts (--num-experts and the other mixture flags) from the dense "
@@ -1193,6 +1236,9 @@ class CheckpointArgs:
     use_dist_ckpt: bool = arg(
         False, "Accepted (Megatron-LM's older flag): checkpoints are always torch_dist."
     )
+    auto_detect_ckpt_format: bool = arg(
+        False, "Accepted (Megatron-LM's flag): every checkpoint megatron-slm reads is torch_dist."
+    )
     ckpt_fully_parallel_save: bool = arg(
         True,
         "Spread the writing of state that data-parallel ranks hold alike (the weights; the "
@@ -1228,6 +1274,11 @@ class CheckpointArgs:
             flag = "--no-load-optim" if self.no_load_optim else "--no-load-rng"
             raise ConfigError(f"{flag}: --finetune already loads the weights only")
         self._check_upcycling()
+        if self.pretrained_checkpoint and self.moe_use_upcycling:
+            raise ConfigError(
+                "--pretrained-checkpoint: --moe-use-upcycling starts from the dense --load "
+                "checkpoint; give that one as --load"
+            )
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError(
                 "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are "
@@ -1621,6 +1672,7 @@ def validate(
     check_parallel_layout(
         architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage,
         p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+        p.num_virtual_stages_per_pipeline_rank,
     )  # fmt: skip
     dp = world_size // (tp * pp)
     if dp % p.expert_model_parallel_size:  # (megatron-core's experts: TP x EP x PP ranks)
@@ -1637,7 +1689,8 @@ def validate(
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
     num_micro = gbs // (t.micro_batch_size * dp)
-    if p.num_layers_per_virtual_pipeline_stage and num_micro % pp:
+    interleaved = p.interleaved_schedule(architecture.num_layers)
+    if interleaved and num_micro % pp:
         raise ConfigError(
             f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
             f"multiple of --pipeline-model-parallel-size {pp}"
@@ -1663,7 +1716,7 @@ def validate(
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
     growing, iters = None, None
-    micro_batch_multiple = pp if p.num_layers_per_virtual_pipeline_stage else 1
+    micro_batch_multiple = pp if interleaved else 1
     if (t.rampup_batch_size or t.step_batch_size_schedule) and d.train_samples_from:
         flag = "--rampup-batch-size" if t.rampup_batch_size else "--step-batch-size-schedule"
         raise ConfigError(
@@ -1722,6 +1775,7 @@ def validate(
             f"WSD's final decay (--lr-wsd-decay-{unit}: {wsd:g} steps) exceeds the decay "
             f"(--lr-decay-{unit} or the training length: {decay:g} steps)"
         )
-    if cfg.checkpoint.finetune and not cfg.checkpoint.load:
+    ck = cfg.checkpoint
+    if ck.finetune and not (ck.load or ck.pretrained_checkpoint):
         raise ConfigError("--finetune needs --load")
     return sizes

@@ -112,9 +112,7 @@ class TrainingPlan:
     load_optimizer: bool = False  # resuming the checkpoint's optimizer state (and schedule step)
 
     def virtual_pipeline_size(self, cfg: PretrainConfig) -> int | None:
-        vstage = cfg.parallel.num_layers_per_virtual_pipeline_stage
-        pp = cfg.parallel.pipeline_model_parallel_size
-        return self.arch.num_layers // pp // vstage if vstage else None
+        return cfg.parallel.virtual_pipeline_size(self.arch.num_layers)
 
 
 def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
@@ -226,9 +224,11 @@ def _refuse_other_growth(ckpt: CheckpointInfo, flag: str, saved: str, given: str
 def _checkpoint_to_load(ck) -> CheckpointInfo | None:
     """--load's checkpoint, or None. Megatron-LM's restart idiom gives the --save directory as
     --load from the first run on: while that directory holds no checkpoint, training starts
-    from scratch (a log line says so). Any other --load must be a checkpoint."""
+    from scratch (a log line says so), or with --pretrained-checkpoint from that checkpoint's
+    weights (``ck.finetune`` is then set, as Megatron-LM sets it). Any other --load must be a
+    checkpoint."""
     if not ck.load:
-        return None
+        return _pretrained(ck)
     newer = _newer_non_persistent(ck)
     if newer is not None:
         return newer
@@ -238,6 +238,8 @@ def _checkpoint_to_load(ck) -> CheckpointInfo | None:
         and os.path.realpath(ck.load) == os.path.realpath(ck.save)
         and not checkpointing.holds_checkpoint(ck.load)
     )
+    if first_run and ck.pretrained_checkpoint:
+        return _pretrained(ck)
     if first_run and ck.exit_on_missing_checkpoint:
         raise ConfigError(f"--load {ck.load}: no checkpoint there (--exit-on-missing-checkpoint)")
     if first_run:
@@ -245,6 +247,21 @@ def _checkpoint_to_load(ck) -> CheckpointInfo | None:
             logger.info("--load %s holds no checkpoint yet: training starts from scratch", ck.load)
         return None
     return read_checkpoint(ck.load)
+
+
+def _pretrained(ck) -> CheckpointInfo | None:
+    """--pretrained-checkpoint while --load holds none: its weights, as --finetune loads them."""
+    if not ck.pretrained_checkpoint:
+        return None
+    info = read_checkpoint(ck.pretrained_checkpoint, "--pretrained-checkpoint")
+    ck.finetune = True
+    if launch.process_info().rank == 0:
+        where = f"--load {ck.load} holds no checkpoint yet" if ck.load else "no --load"
+        logger.info(
+            "%s: fine-tuning from --pretrained-checkpoint %s (weights only, step 0)",
+            where, info.path,
+        )  # fmt: skip
+    return info
 
 
 def _newer_non_persistent(ck) -> CheckpointInfo | None:
@@ -383,6 +400,7 @@ class Trainer:
             params_dtype=_params_dtype(cfg),
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,
+            virtual_stages=p.num_virtual_stages_per_pipeline_rank,
             first_stage_layers=p.decoder_first_pipeline_num_layers,
             last_stage_layers=p.decoder_last_pipeline_num_layers,
             # A loaded checkpoint keeps its padded vocabulary at any TP size that divides it.
@@ -858,7 +876,9 @@ class Trainer:
                 "make_vocab_size_divisible_by": self.build_opts.make_vocab_size_divisible_by,
                 "params_dtype": str(self.build_opts.params_dtype).removeprefix("torch."),
                 "config": dataclasses.asdict(self.cfg),
-                "optimizer_layout": optimizer_layout(self.cfg, self.sizes.data_parallel_size),
+                "optimizer_layout": optimizer_layout(
+                    self.cfg, self.sizes.data_parallel_size, self.arch.num_layers
+                ),
                 "lr_schedule": self.plan.lr_schedule,
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),

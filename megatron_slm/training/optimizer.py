@@ -35,6 +35,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
+from megatron_slm.models.presets import virtual_pipeline_size
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import (
     LOSS_SCALE_FIELDS,
@@ -48,14 +49,15 @@ from megatron_slm.training.config import (
 logger = logging.getLogger(__name__)
 
 
-def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
+def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: int) -> dict:
     """What a checkpoint's optimizer state depends on beyond the model. ``format`` is the
     distributed optimizer's (``optimizer_state``): per gradient bucket by default
     ("dp_reshardable", Megatron-LM's default), so resuming it needs the same optimizer, TP, PP
     (and virtual stages) and buckets, only DP may change; per parameter with
     --dist-ckpt-optim-fully-reshardable, any layout.
     ``bucket_size`` is megatron-core's: none without --overlap-grad-reduce (one bucket), else
-    --ddp-bucket-size or max(40M, 1M x DP)."""
+    --ddp-bucket-size or max(40M, 1M x DP). ``virtual_pipeline_size``: the model chunks per
+    pipeline rank (None: one), whichever flag gave them."""
     p = cfg.parallel
     bucket = None
     if p.use_distributed_optimizer and p.overlap_grad_reduce:
@@ -73,6 +75,7 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int) -> dict:
         "expert_model_parallel_size": p.expert_model_parallel_size,
         # one bucket buffer per model chunk of the interleaved schedule
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
+        "virtual_pipeline_size": p.virtual_pipeline_size(num_layers),
         # an uneven split's stages hold other parameters, so other buckets
         "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
         "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers,
@@ -94,7 +97,12 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
     # (records from before expert parallelism: none)
     saved = {"expert_model_parallel_size": 1,
              **(ckpt.meta.get("optimizer_layout") or {"distributed": False})}  # fmt: skip
-    run = optimizer_layout(cfg, data_parallel_size)
+    num_layers = ckpt.model.num_layers
+    run = optimizer_layout(cfg, data_parallel_size, num_layers)
+    if "virtual_pipeline_size" not in saved:  # (older records: layers per virtual stage only)
+        vstage = saved.get("num_layers_per_virtual_pipeline_stage")
+        pp = saved.get("pipeline_model_parallel_size", 1)
+        saved["virtual_pipeline_size"] = virtual_pipeline_size(num_layers, pp, vstage)
     if saved["distributed"] != run["distributed"]:
         saved_by = "with" if saved["distributed"] else "without"
         raise ConfigError(
@@ -117,7 +125,8 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
         "expert_model_parallel_size": "--expert-model-parallel-size",
-        "num_layers_per_virtual_pipeline_stage": "--num-layers-per-virtual-pipeline-stage",
+        "virtual_pipeline_size": "virtual pipeline stages per rank "
+        "(--num-virtual-stages-per-pipeline-rank, --num-layers-per-virtual-pipeline-stage)",
         "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
         "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",

@@ -217,6 +217,48 @@ def test_exact_resume(corpus, tmp_path, layout):
         assert a["loss"] == b["loss"] and a["selected_loss"] == b["selected_loss"]
 
 
+def test_uneven_virtual_pipeline_stages_train_alike_and_resume(corpus, tmp_path):
+    """--num-virtual-stages-per-pipeline-rank (Megatron-LM's flag) with an uneven split: 6
+    layers, 2 on the first stage and 4 on the last, each stage in 2 chunks (1 + 1, 2 + 2),
+    fine-tuning a PP 1 checkpoint: the steps of PP 1; stopped after step 2 and resumed, the same
+    steps (the distributed optimizer's state per chunk, its layout recorded)."""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    deep = ("--num-layers", 6)
+    base = str(tmp_path / "base")  # (initialisations differ between layouts: start from one)
+    run_pretrain(tiny_args(prefix, str(tmp_path / "base.jsonl"), 3, *deep, "--save", base))
+    start = ("--pretrained-checkpoint", base)
+    whole = read_steps_of(prefix, tmp_path / "pp1.jsonl", 4, *deep, *start)
+    layout = (
+        "--pipeline-model-parallel-size",
+        2,
+        "--decoder-first-pipeline-num-layers",
+        2,
+        "--num-virtual-stages-per-pipeline-rank",
+        2,
+        "--use-distributed-optimizer",
+        *deep,
+    )
+    save = str(tmp_path / "ckpt")
+    same = (*layout, *start, "--load", save, "--save", save)
+    log = tmp_path / "vpp.jsonl"
+    run_pretrain(tiny_args(prefix, str(log), 4, *same, "--exit-interval", 2), nproc=2)
+    meta = read_metadata(iteration_dir(save, 2))
+    assert meta["optimizer_layout"]["virtual_pipeline_size"] == 2
+    v = same.index("--num-virtual-stages-per-pipeline-rank")
+    one_chunk = same[:v] + same[v + 2 :]  # the same split, without virtual stages
+    proc = run_pretrain(tiny_args(prefix, str(tmp_path / "x.jsonl"), 4, *one_chunk), nproc=2,
+                        check=False)  # fmt: skip
+    assert proc.returncode != 0 and "virtual pipeline stages per rank" in proc.stderr
+    assert "saved 2, this run unset" in proc.stderr
+    run_pretrain(tiny_args(prefix, str(log), 4, *same), nproc=2)
+    steps = read_steps(str(log))
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    for a, b in zip(whole, steps, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+
+
 def test_log_interval_reads_late_but_records_every_step(corpus, tmp_path):
     """--log-interval 3: the host reads statistics at steps 3, 6 and the last only, yet every
     step's record is written, with the same values as reading every step; a clean exit between
@@ -486,6 +528,32 @@ def test_tp_pp_dp_mapping_trains_alike_and_is_recorded(corpus, tmp_path):
 
 MIXTURE = ("--num-experts", 4, "--moe-router-topk", 2)
 UPCYCLE = (*MIXTURE, "--moe-use-upcycling")
+
+
+def test_pretrained_checkpoint_starts_a_fine_tuning_that_resumes(corpus, reference_ckpt, tmp_path):
+    """--pretrained-checkpoint (Megatron-LM's flag) in the restart idiom (--load = --save): the
+    first run starts from its weights as --finetune does, stops after 2 of 4 steps, and the same
+    command then resumes from --save; the steps are the straight --finetune run's."""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    straight = read_steps_of(prefix, tmp_path / "straight.jsonl", 4, "--load", reference_ckpt,
+                             "--finetune")  # fmt: skip
+    save = str(tmp_path / "ft")
+    same = ("--pretrained-checkpoint", reference_ckpt, "--load", save, "--save", save)
+    log = tmp_path / "ft.jsonl"
+    proc = run_pretrain(tiny_args(prefix, str(log), 4, *same, "--exit-interval", 2))
+    assert f"fine-tuning from --pretrained-checkpoint {reference_ckpt}" in proc.stderr
+    assert read_metadata(iteration_dir(save, 2))["config"]["checkpoint"]["finetune"] is True
+    proc = run_pretrain(tiny_args(prefix, str(log), 4, *same))
+    assert "fine-tuning from" not in proc.stderr
+    steps = read_steps(str(log))
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in straight]
+    # Without --load: the pretrained weights start the run too (its first step, the same batch).
+    alone = read_steps_of(prefix, tmp_path / "alone.jsonl", 3, "--pretrained-checkpoint",
+                          reference_ckpt)  # fmt: skip
+    assert alone[0]["loss"] == straight[0]["loss"]
 
 
 def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_ckpt, tmp_path):

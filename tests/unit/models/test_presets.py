@@ -106,14 +106,46 @@ def test_uneven_pipeline_stages_are_megatron_cores(layers, pp, first, last):
         (4, 2, 5, None, None, "leaves -1 layers"),
         (4, 2, 0, None, None, "--decoder-first-pipeline-num-layers must be >= 1, got 0"),
         (4, 1, None, 2, None, "--decoder-last-pipeline-num-layers needs --pipeline-model-parallel"),
-        (4, 2, 1, None, 1, "not supported with --num-layers-per-virtual-pipeline-stage"),
+        (4, 2, 1, None, 1, "not supported with --num-layers-per-virtual-pipeline-stage: give "
+                           "--num-virtual-stages-per-pipeline-rank"),
+        (6, 2, 1, None, -2, "--num-virtual-stages-per-pipeline-rank 2 does not divide the 1 "
+                            "layers of pipeline stage 0"),
+        (6, 2, 3, None, -2, "does not divide the 3 layers of pipeline stage 0"),
+        (6, 1, None, None, -2, "--num-virtual-stages-per-pipeline-rank 2 needs "
+                               "--pipeline-model-parallel-size > 1"),
         (5, 2, None, None, None, "(or set the first or last stage's layers: --decoder-first"),
     ],
 )  # fmt: skip
 def test_uneven_stages_that_do_not_fit_name_the_flags(layers, pp, first, last, vstage, message):
+    """(``vstage`` -V: --num-virtual-stages-per-pipeline-rank V.)"""
     model = get_preset("tiny").replace(num_layers=layers)
+    virtual = -vstage if vstage is not None and vstage < 0 else None
+    vstage = None if virtual else vstage
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_parallel_layout(model, 1, pp, vstage, first, last)
+        check_parallel_layout(model, 1, pp, vstage, first, last, virtual)
+
+
+@pytest.mark.parametrize(
+    "layers, pp, first, last, virtual",
+    [(6, 2, 2, None, 2), (8, 3, 2, 2, 2), (15, 3, None, 3, 3), (4, 2, None, None, 2)],
+)
+def test_virtual_stages_split_each_stage_as_megatron_core(layers, pp, first, last, virtual):
+    """--num-virtual-stages-per-pipeline-rank: each stage's layers (uneven ones too) into that
+    many equal chunks, as megatron-core builds them (``get_num_layers_to_build``)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model = get_preset("tiny").replace(num_layers=layers)
+    check_parallel_layout(model, 1, pp, None, first, last, virtual)
+    stages = pipeline_stage_layers(layers, pp, first, last)
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual, num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last, pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    for rank, layers_of_stage in enumerate(stages):
+        built = [get_num_layers_to_build(config, vp_stage=v, pp_rank=rank) for v in range(virtual)]
+        assert built == [layers_of_stage // virtual] * virtual
 
 
 def test_bad_architecture_names_the_flag():

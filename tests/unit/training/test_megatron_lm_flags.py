@@ -442,7 +442,8 @@ LLAMA_FLAGS = ("--use-mcore-models", "--group-query-attention", "--num-query-gro
                "--dataloader-type", "single", "--no-async-tensor-model-parallel-allreduce",
                "--use-checkpoint-args", "--distributed-backend", "gloo",
                "--use-rotary-position-embeddings", "--no-bias-swiglu-fusion",
-               "--no-bias-dropout-fusion")  # fmt: skip
+               "--no-bias-dropout-fusion", "--expert-tensor-parallel-size", 1,
+               "--auto-detect-ckpt-format")  # fmt: skip
 
 
 def test_megatron_lms_llama_flags_describe_the_model_they_build():
@@ -770,6 +771,11 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--non-persistent-save-interval", 2), "--non-persistent-save-interval needs --save"),
         (("--non-persistent-ckpt-type", "local"), "invalid choice"),
         (("--iterations-to-skip", 3, 0), "--iterations-to-skip takes iterations >= 1"),
+        (("--tensor-model-parallel-size", 2, "--expert-tensor-parallel-size", 1),
+         "--expert-tensor-parallel-size 1: the experts are split over the tensor-parallel group "
+         "(2)"),
+        (("--moe-use-upcycling", "--load", "d", "--save", "m", "--pretrained-checkpoint", "p"),
+         "--pretrained-checkpoint: --moe-use-upcycling starts from the dense --load checkpoint"),
     ],
 )  # fmt: skip
 def test_flags_that_do_not_fit_are_one_line(argv, message, capsys):
