@@ -10,6 +10,7 @@ import torch
 
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
+    VOCAB,
     close_trainer,
     cpu_trainer,
     make_null_corpus,
@@ -26,7 +27,9 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    prefix = make_null_corpus(str(root), "docs", [31] * 96)
+    # Documents shorter than a sample (32 tokens): rows hold several, so the attention mask of
+    # --reset-attention-mask matters.
+    prefix = make_null_corpus(str(root), "docs", [13, 7, 21, 9] * 24)
     ckpt = str(root / "teacher")
     run_pretrain(tiny_args(prefix, str(root / "t.jsonl"), 12, "--save", ckpt, "--seed", 5))
     return prefix, ckpt
@@ -47,6 +50,18 @@ def _teacher_model(ckpt):
     (model,) = build_model(read_checkpoint(ckpt).model, ModelBuildOptions())
     load_checkpoint(ckpt, [model], weights_only=True)
     return model.eval()
+
+
+EOD = VOCAB - 1  # NullTokenizer's end-of-document id
+
+
+def _documents_only(tokens, eod):
+    """``[b, 1, s, s]`` True where a query may not see a key: a later position, or another
+    document (a document ends with its EOD token)."""
+    doc = torch.cumsum(tokens == eod, dim=1) - (tokens == eod).long()  # EODs before each token
+    s = tokens.shape[1]
+    later = torch.ones(s, s, dtype=torch.bool).triu(1)
+    return (later | (doc[:, :, None] != doc[:, None, :]))[:, None]
 
 
 def _expected(trainer, teacher, settings):
@@ -73,10 +88,11 @@ def _expected(trainer, teacher, settings):
         batch = next(peek)
         tokens, positions = batch["tokens"], batch["position_ids"]
         mask = batch["loss_mask"].double().flatten()
-        logits = copy(tokens, positions, None).flatten(0, 1)  # [b * s, v]
+        attention = _documents_only(tokens, EOD) if settings.get("reset_attention_mask") else None
+        logits = copy(tokens, positions, attention).flatten(0, 1)  # [b * s, v]
         t = settings.get("logit_kl_temperature", 1.0)
         with torch.no_grad():
-            p_t = F.softmax(teacher(tokens, positions, None).flatten(0, 1) / t, dim=-1)
+            p_t = F.softmax(teacher(tokens, positions, attention).flatten(0, 1) / t, dim=-1)
         kl = F.kl_div(F.log_softmax(logits / t, dim=-1), p_t, reduction="none").sum(-1)
         ce = F.cross_entropy(logits, batch["labels"].flatten(), reduction="none")
         ratio = settings.get("slm_ratio")
@@ -105,6 +121,8 @@ def _worker(rank, world, prefix, ckpt, log_file, settings):
         extra += ["--export-kd-cfg", settings.pop("file")]
     if "slm_ratio" in settings:
         extra += ["--slm-ratio", settings["slm_ratio"], "--slm-select-mode", "loss"]
+    if settings.get("reset_attention_mask"):
+        extra += ["--reset-attention-mask"]
     trainer = cpu_trainer(tiny_args(prefix, log_file, 2 * STEPS, *extra))
     teacher = _teacher_model(ckpt)
     expected = []
@@ -121,8 +139,9 @@ def _worker(rank, world, prefix, ckpt, log_file, settings):
         {},
         {"skip_lm_loss": False, "kd_loss_scale": 0.5, "logit_kl_temperature": 2.0},
         {"slm_ratio": 0.5},  # Rho-1's selection: the KD loss on the selected tokens only
+        {"reset_attention_mask": True},  # the teacher sees the student's documents only
     ],
-    ids=["kd-only", "with-lm-loss", "selected-tokens"],
+    ids=["kd-only", "with-lm-loss", "selected-tokens", "documents"],
 )
 def test_kd_loss_and_gradient_are_an_independent_computation(teacher, tmp_path, settings):
     """The logged KD loss and the gradient norm of each step (the gradient of the loss the
