@@ -727,7 +727,7 @@ class Trainer:
             return lm_loss, stats
         divergence = self.distill.take()
         if divergence is None:  # validation: the LM loss
-            return lm_loss, torch.cat([stats, stats.new_zeros(2)])
+            return lm_loss, torch.cat([stats, stats.new_zeros(len(KD_STATS))])
         weights = trained.to(divergence.dtype)
         loss, kd_sum = self.distill.combine(lm_loss, divergence, weights)
         kd_stats = torch.stack([kd_sum, weights.sum()]).to(stats.dtype)

@@ -1,7 +1,7 @@
 """The vocabulary-parallel KL divergence of knowledge distillation against torch's ``kl_div`` over
 the whole vocabulary in float64: values and student gradients at temperatures 1 and 2, in row
 chunks, in bf16, beside the fused selective loss writing its gradient into the same logits, and
-at TP 2 in real gloo processes (each rank's columns)."""
+at TP 2 in real gloo processes (each rank's columns; three collectives whatever the rows)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def test_refuses_mismatched_shapes_and_temperatures():
 
 
 def _tp_worker(rank, world, temperature):
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=world)
@@ -97,10 +98,18 @@ def _tp_worker(rank, world, temperature):
     cols = slice(rank * V // world, (rank + 1) * V // world)
     x = student[..., cols].clone().requires_grad_()
     group = ps.get_tensor_model_parallel_group()
-    kl = vocab_parallel_kl_divergence(x, teacher[..., cols].contiguous(), temperature, group)
-    (kl * weights).sum().backward()
+    # Rows in 9 chunks: still one collective per pass (maxima, sums, divergence), none per chunk.
+    kl_divergence._CHUNK_ELEMENTS = 2 * V // world
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    try:
+        kl = vocab_parallel_kl_divergence(x, teacher[..., cols].contiguous(), temperature, group)
+        (kl * weights).sum().backward()
+    finally:
+        dist.all_reduce = all_reduce
     ps.destroy_model_parallel()
-    return kl, x.grad
+    return kl, x.grad, len(calls)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.5])
@@ -110,7 +119,8 @@ def test_tensor_parallel_shards_give_the_whole_vocabulary(temperature):
     ref = reference(y, teacher, temperature)
     (ref * weights.double()).sum().backward()
     results = run_distributed(_tp_worker, 2, temperature)
-    for rank, (kl, grad) in enumerate(results):
+    for rank, (kl, grad, collectives) in enumerate(results):
+        assert collectives == 3
         torch.testing.assert_close(kl.double(), ref.detach(), rtol=1e-5, atol=1e-5)
         cols = slice(rank * V // 2, (rank + 1) * V // 2)
         torch.testing.assert_close(grad.double(), y.grad[..., cols], rtol=1e-5, atol=1e-6)
