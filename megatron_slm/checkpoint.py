@@ -481,6 +481,7 @@ def save_checkpoint(
         "world_size": dist.get_world_size(),
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
         "rank_order": launch.rank_order(),
         "optimizer_saved": optimizer is not None,
         **(metadata or {}),
@@ -681,6 +682,9 @@ def load_checkpoint(
         == parallel_state.get_tensor_model_parallel_world_size()
         and meta.get("pipeline_model_parallel_size")
         == parallel_state.get_pipeline_model_parallel_world_size()
+        # (the experts' random states are seeded by their expert-TP rank; absent: the TP size)
+        and meta.get("expert_tensor_parallel_size", meta.get("tensor_model_parallel_size"))
+        == parallel_state.get_expert_tensor_parallel_world_size()
         # (each global rank's file: the same rank must hold the same place in the layout)
         and meta.get("rank_order", launch.DEFAULT_RANK_ORDER) == launch.rank_order()
     )

@@ -93,6 +93,7 @@ def initialize(
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
     expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
     order: str = DEFAULT_RANK_ORDER,
@@ -100,7 +101,8 @@ def initialize(
 ) -> torch.device:
     """Init torch.distributed + megatron-core's parallel state + seeds; returns the device.
     ``order``: megatron-core's order of the parallel dimensions over the ranks; ``gloo_groups``
-    False: megatron-core creates no gloo data-parallel side groups.
+    False: megatron-core creates no gloo data-parallel side groups; ``expert_tensor_parallel_size``
+    None: the TP size (megatron-core's default).
 
     Idempotent for the process group; the parallel state is (re)initialised each call.
     """
@@ -153,6 +155,7 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         order=order,
         create_gloo_process_groups=gloo_groups,
     )

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=plan.virtual_pipeline_size(cfg),
         expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size,
         seed=cfg.training.seed,
         timeout_minutes=p.distributed_timeout_minutes,
         order=launch.TP_PP_DP_ORDER if p.use_tp_pp_dp_mapping else launch.DEFAULT_RANK_ORDER,

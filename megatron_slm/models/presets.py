@@ -759,8 +759,10 @@ def check_parallel_layout(
     first_stage_layers: int | None = None,
     last_stage_layers: int | None = None,
     virtual_stages: int | None = None,
+    expert_tensor_parallel_size: int | None = None,
 ) -> None:
     """Raise a ValueError naming the flag when the model cannot be split this way.
+    ``expert_tensor_parallel_size``: the experts' TP size (None: ``tensor_parallel_size``).
     ``virtual_stages``: --num-virtual-stages-per-pipeline-rank (exclusive with
     ``num_layers_per_virtual_pipeline_stage``; each stage's layers, uneven ones too, split
     evenly into that many chunks, megatron-core's rule)."""
@@ -773,7 +775,6 @@ def check_parallel_layout(
         (model.num_attention_heads, "--num-attention-heads"),
         (model.num_query_groups, "--num-query-groups"),
         (model.ffn_hidden_size, "--ffn-hidden-size"),
-        *(((model.expert_ffn_hidden_size, "--moe-ffn-hidden-size"),) if model.num_experts else ()),
         *(
             ((model.moe_shared_expert_intermediate_size, "--moe-shared-expert-intermediate-size"),)
             if model.moe_shared_expert_intermediate_size
@@ -782,6 +783,16 @@ def check_parallel_layout(
     ):
         if size % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide {name} {size}")
+    etp = expert_tensor_parallel_size or tp
+    if model.num_experts and model.expert_ffn_hidden_size % etp:
+        flag = (
+            "--tensor-model-parallel-size"
+            if expert_tensor_parallel_size in (None, tp)
+            else "--expert-tensor-parallel-size"
+        )
+        raise ConfigError(
+            f"{flag} {etp} does not divide --moe-ffn-hidden-size {model.expert_ffn_hidden_size}"
+        )
     stages = pipeline_stage_layers(model.num_layers, pp, first_stage_layers, last_stage_layers)
     vstage = num_layers_per_virtual_pipeline_stage
     uneven = first_stage_layers is not None or last_stage_layers is not None

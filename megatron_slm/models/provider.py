@@ -146,9 +146,10 @@ def _moe_fields(model: GPTModelConfig, opts: ModelBuildOptions) -> dict:
 def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> TransformerConfig:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
     check_parallel_layout(
         model, tp, pp, opts.num_layers_per_virtual_pipeline_stage, opts.first_stage_layers,
-        opts.last_stage_layers, opts.virtual_stages,
+        opts.last_stage_layers, opts.virtual_stages, etp,
     )  # fmt: skip
     vpp = virtual_pipeline_size(
         model.num_layers, pp, opts.num_layers_per_virtual_pipeline_stage, opts.virtual_stages
@@ -185,6 +186,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        expert_tensor_parallel_size=etp,
         virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=opts.first_stage_layers,
         num_layers_in_last_pipeline_stage=opts.last_stage_layers,

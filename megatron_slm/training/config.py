@@ -97,8 +97,9 @@ class ParallelConfig:
     )
     expert_tensor_parallel_size: int | None = arg(
         None,
-        "Accepted at the --tensor-model-parallel-size (megatron-core's default, Megatron-LM's "
-        "flag): the experts are split over the tensor-parallel group as the dense layers are.",
+        "Tensor-parallel size of the experts (Megatron-LM's flag; default the "
+        "--tensor-model-parallel-size): e.g. 1 keeps each expert whole on its rank while the "
+        "dense layers are split, the experts then spread over more expert-parallel ranks.",
     )
     use_tp_pp_dp_mapping: bool = arg(
         False,
@@ -143,6 +144,11 @@ class ParallelConfig:
     def interleaved_schedule(self, num_layers: int) -> bool:
         return self.virtual_pipeline_size(num_layers) is not None
 
+    @property
+    def experts_tensor_parallel(self) -> int:
+        """The experts' TP size: --expert-tensor-parallel-size, else the TP size."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1:
             raise ConfigError("--tensor-model-parallel-size must be >= 1")
@@ -167,13 +173,7 @@ class ParallelConfig:
             )
         check_at_least(self, "expert_model_parallel_size")
         check_at_least(self, "num_virtual_stages_per_pipeline_rank", optional=True)
-        etp, tp = self.expert_tensor_parallel_size, self.tensor_model_parallel_size
-        if etp is not None and etp != tp:
-            raise ConfigError(
-                f"--expert-tensor-parallel-size {etp}: the experts are split over the "
-                f"tensor-parallel group ({tp}) as the dense layers are; another size is not "
-                "offered (leave the flag out, or give the TP size)"
-            )
+        check_at_least(self, "expert_tensor_parallel_size", optional=True)
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1597,6 +1597,20 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
             f"--expert-model-parallel-size {ep} does not divide --num-experts "
             f"{architecture.num_experts}"
         )
+    etp, tp = p.experts_tensor_parallel, p.tensor_model_parallel_size
+    if etp > tp:
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {etp} above --tensor-model-parallel-size {tp} is not "
+            "offered"
+        )
+    if etp < tp and ep == 1:
+        # megatron-core 0.16 marks expert weights for the expert-parallel reduction only at EP > 1
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {etp} below --tensor-model-parallel-size {tp} needs "
+            "--expert-model-parallel-size > 1: with one expert-parallel rank megatron-core "
+            "reduces the experts' gradients over the dense data-parallel group only, leaving out "
+            "the tensor-parallel ranks that hold the same experts"
+        )
     if p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
         raise ConfigError(
             f"--num-experts {architecture.num_experts} with --tensor-model-parallel-size "
@@ -1672,13 +1686,20 @@ def validate(
     check_parallel_layout(
         architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage,
         p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
-        p.num_virtual_stages_per_pipeline_rank,
+        p.num_virtual_stages_per_pipeline_rank, p.expert_tensor_parallel_size,
     )  # fmt: skip
     dp = world_size // (tp * pp)
-    if dp % p.expert_model_parallel_size:  # (megatron-core's experts: TP x EP x PP ranks)
+    etp, ep = p.experts_tensor_parallel, p.expert_model_parallel_size
+    if etp == tp and dp % ep:  # (megatron-core's experts: ETP x EP x expert-DP x PP ranks)
         raise ConfigError(
-            f"--expert-model-parallel-size {p.expert_model_parallel_size} does not divide the "
+            f"--expert-model-parallel-size {ep} does not divide the "
             f"data-parallel size {dp} (world size {world_size} / TP {tp} / PP {pp})"
+        )
+    if (world_size // pp) % (etp * ep):
+        raise ConfigError(
+            f"--expert-tensor-parallel-size {etp} x --expert-model-parallel-size {ep} does not "
+            f"divide the {world_size // pp} ranks of a pipeline stage (world size {world_size} / "
+            f"PP {pp})"
         )
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if t.step_batch_size_schedule:

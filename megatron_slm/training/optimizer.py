@@ -73,6 +73,7 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         # with expert parallelism the experts have an optimizer of their own (megatron-core's
         # ChainedOptimizer), and buffers of their own
         "expert_model_parallel_size": p.expert_model_parallel_size,
+        "expert_tensor_parallel_size": p.experts_tensor_parallel,
         # one bucket buffer per model chunk of the interleaved schedule
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
         "virtual_pipeline_size": p.virtual_pipeline_size(num_layers),
@@ -99,6 +100,7 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
              **(ckpt.meta.get("optimizer_layout") or {"distributed": False})}  # fmt: skip
     num_layers = ckpt.model.num_layers
     run = optimizer_layout(cfg, data_parallel_size, num_layers)
+    saved.setdefault("expert_tensor_parallel_size", saved.get("tensor_model_parallel_size"))
     if "virtual_pipeline_size" not in saved:  # (older records: layers per virtual stage only)
         vstage = saved.get("num_layers_per_virtual_pipeline_stage")
         pp = saved.get("pipeline_model_parallel_size", 1)
@@ -125,12 +127,15 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         "tensor_model_parallel_size": "--tensor-model-parallel-size",
         "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
         "expert_model_parallel_size": "--expert-model-parallel-size",
+        "expert_tensor_parallel_size": "--expert-tensor-parallel-size",
         "virtual_pipeline_size": "virtual pipeline stages per rank "
         "(--num-virtual-stages-per-pipeline-rank, --num-layers-per-virtual-pipeline-stage)",
         "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
         "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
     }
+    if ckpt.model.num_experts is None:  # (no expert parameters)
+        del flags["expert_tensor_parallel_size"]
     for key, flag in flags.items():
         if saved.get(key) != run[key]:
             raise ConfigError(

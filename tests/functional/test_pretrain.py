@@ -607,6 +607,34 @@ def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_
     assert f"--moe-use-upcycling: --save {save} holds a checkpoint already" in proc.stderr
 
 
+def test_expert_tensor_parallel_size_trains_alike(corpus, reference_ckpt, tmp_path):
+    """--expert-tensor-parallel-size 1 at TP 2 (Megatron-LM's flag) with 2 expert-parallel
+    ranks: each expert whole on its rank while the dense layers are split, the steps of TP 1
+    from the same upcycled mixture (the same at any layout); the optimizer layout records it.
+    (At EP 1 megatron-core 0.16 leaves the experts' gradients unreduced over the TP peers: its
+    steps drift from TP 1's at step 3, hence the refusal.)"""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    start = (*UPCYCLE, "--load", reference_ckpt, "--use-distributed-optimizer")
+    layout = ("--tensor-model-parallel-size", 2, "--sequence-parallel",
+              "--expert-tensor-parallel-size", 1, "--expert-model-parallel-size", 2)  # fmt: skip
+    tp1 = read_steps_of(prefix, tmp_path / "tp1.jsonl", 3, *start, "--save", tmp_path / "a")
+    save = str(tmp_path / "etp1")
+    etp1 = read_steps_of(prefix, tmp_path / "etp1.jsonl", 3, *start, *layout, "--save", save,
+                         nproc=2)  # fmt: skip
+    for a, b in zip(tp1, etp1, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+    record = read_metadata(iteration_dir(save, 3))
+    assert record["optimizer_layout"]["expert_tensor_parallel_size"] == 1
+    assert record["expert_tensor_parallel_size"] == 1
+    # The checkpoint is layout-free: at TP 1 its experts are TP 1's checkpoint's.
+    later = [read_steps_of(prefix, tmp_path / f"{name}-later.jsonl", 3, *MIXTURE, "--load",
+                           ckpt, "--finetune")[0]["loss"]
+             for name, ckpt in (("tp1", tmp_path / "a"), ("etp1", save))]  # fmt: skip
+    assert later[1] == pytest.approx(later[0], rel=1e-5, abs=0)
+
+
 # DeepSeek-V3's auxiliary-loss-free balancing: sigmoid scores, a per-expert bias.
 BIASED = ("--num-experts", 4, "--moe-router-topk", 2, "--moe-router-score-function", "sigmoid",
           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "1e-2")  # fmt: skip

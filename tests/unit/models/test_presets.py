@@ -158,3 +158,17 @@ def test_vocab_padding_matches_megatron_lm():
     assert padded_vocab_size(32000, 128, 1) == 32000
     assert padded_vocab_size(50257, 128, 1) == 50304
     assert padded_vocab_size(50257, 128, 8) == 51200
+
+
+def test_experts_split_over_their_own_tensor_parallel_size():
+    """The experts' width is split over --expert-tensor-parallel-size (the dense layers' over
+    the TP size), each named in its own message."""
+    model = get_preset("tiny").replace(num_experts=4, moe_ffn_hidden_size=6, num_query_groups=4)
+    check_parallel_layout(model, 2, 1, expert_tensor_parallel_size=1)
+    check_parallel_layout(model, 2, 1, expert_tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--expert-tensor-parallel-size 4 does not divide "
+                                         "--moe-ffn-hidden-size 6"):  # fmt: skip
+        check_parallel_layout(model, 2, 1, expert_tensor_parallel_size=4)
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size 4 does not divide "
+                                         "--moe-ffn-hidden-size 6"):  # fmt: skip
+        check_parallel_layout(model, 4, 1)

@@ -771,9 +771,16 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--non-persistent-save-interval", 2), "--non-persistent-save-interval needs --save"),
         (("--non-persistent-ckpt-type", "local"), "invalid choice"),
         (("--iterations-to-skip", 3, 0), "--iterations-to-skip takes iterations >= 1"),
-        (("--tensor-model-parallel-size", 2, "--expert-tensor-parallel-size", 1),
-         "--expert-tensor-parallel-size 1: the experts are split over the tensor-parallel group "
-         "(2)"),
+        (("--expert-tensor-parallel-size", 2),
+         "--expert-tensor-parallel-size 2 x --expert-model-parallel-size 1 does not divide the 1 "
+         "ranks of a pipeline stage"),
+        (("--num-experts", 4, "--expert-tensor-parallel-size", 2),
+         "--expert-tensor-parallel-size 2 above --tensor-model-parallel-size 1 is not offered"),
+        (("--num-experts", 4, "--tensor-model-parallel-size", 2, "--sequence-parallel",
+          "--expert-tensor-parallel-size", 1),
+         "--expert-tensor-parallel-size 1 below --tensor-model-parallel-size 2 needs "
+         "--expert-model-parallel-size > 1"),
+        (("--expert-tensor-parallel-size", 0), "--expert-tensor-parallel-size must be >= 1"),
         (("--moe-use-upcycling", "--load", "d", "--save", "m", "--pretrained-checkpoint", "p"),
          "--pretrained-checkpoint: --moe-use-upcycling starts from the dense --load checkpoint"),
     ],
