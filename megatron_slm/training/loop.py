@@ -309,49 +309,50 @@ def source_names(data_path: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else prefixes
 
 
+def _plan_frozen_model(
+    cfg: PretrainConfig, arch: GPTModelConfig, path: str, flag: str, what: str
+) -> LoadPlan:
+    """A frozen model beside the trained one (online reference, distillation teacher): its
+    metadata read once, at the run's TP size; its vocabulary the data's tokenizer's."""
+    args = LoadArgs(load=path, device=cfg.training.device,
+                    tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size)  # fmt: skip
+    plan = plan_load(args, tokenizer="none", flag=flag)
+    if plan.arch.vocab_size != arch.vocab_size:
+        raise ConfigError(
+            f"{flag} {path}: the {what}'s vocabulary ({plan.arch.vocab_size}) differs from the "
+            f"data's tokenizer ({arch.vocab_size})"
+        )
+    return plan
+
+
+def _vocab_divisor(cfg: PretrainConfig, ckpt: CheckpointInfo | None) -> int:
+    """The run's --make-vocab-size-divisible-by: a loaded checkpoint keeps its padded
+    vocabulary at any TP size that divides it."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    return ckpt.divisor_for(tp) if ckpt is not None else cfg.model.vocab_divisor
+
+
 def _plan_reference(cfg: PretrainConfig, arch: GPTModelConfig) -> LoadPlan | None:
-    """The online reference model (--slm-ref-load): its metadata read once, its vocabulary the
-    data's tokenizer's."""
+    """The online reference model (--slm-ref-load)."""
     s = cfg.slm
     if not (s.needs_reference and s.slm_ref_source == "online"):
         return None
-    args = LoadArgs(
-        load=s.slm_ref_load,
-        device=cfg.training.device,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-    )
-    ref = plan_load(args, tokenizer="none", flag="--slm-ref-load")
-    if ref.arch.vocab_size != arch.vocab_size:
-        raise ConfigError(
-            f"--slm-ref-load {s.slm_ref_load}: the reference model's vocabulary "
-            f"({ref.arch.vocab_size}) differs from the data's tokenizer ({arch.vocab_size})"
-        )
-    return ref
+    return _plan_frozen_model(cfg, arch, s.slm_ref_load, "--slm-ref-load", "reference model")
 
 
 def _plan_teacher(
     cfg: PretrainConfig, arch: GPTModelConfig, ckpt, tokenizer, tokenizer_type: str
 ) -> LoadPlan | None:
-    """The distillation teacher (--export-kd-teacher-load): its metadata read once; its
-    tokenizer the data's, its padded vocabulary the student's (the two softmaxes compare the
-    same columns on each TP rank)."""
+    """The distillation teacher (--export-kd-teacher-load): its tokenizer the data's, its padded
+    vocabulary the student's (the two softmaxes compare the same columns on each TP rank)."""
     d = cfg.distillation
     if not d.enabled:
         return None
-    flag = "--export-kd-teacher-load"
-    tp = cfg.parallel.tensor_model_parallel_size
-    args = LoadArgs(load=d.export_kd_teacher_load, device=cfg.training.device,
-                    tensor_model_parallel_size=tp)  # fmt: skip
-    teacher = plan_load(args, tokenizer="none", flag=flag)
+    flag, where = "--export-kd-teacher-load", f"--export-kd-teacher-load {d.export_kd_teacher_load}"
+    teacher = _plan_frozen_model(cfg, arch, d.export_kd_teacher_load, flag, "teacher")
     check_tokenizer(teacher.checkpoint, tokenizer, tokenizer_type, flag)
-    where = f"{flag} {d.export_kd_teacher_load}"
-    if teacher.arch.vocab_size != arch.vocab_size:
-        raise ConfigError(
-            f"{where}: the teacher's vocabulary ({teacher.arch.vocab_size}) differs from the "
-            f"data's tokenizer ({arch.vocab_size})"
-        )
-    divisor = ckpt.divisor_for(tp) if ckpt is not None else cfg.model.vocab_divisor
-    student = padded_vocab_size(arch.vocab_size, divisor, tp)
+    tp = cfg.parallel.tensor_model_parallel_size
+    student = padded_vocab_size(arch.vocab_size, _vocab_divisor(cfg, ckpt), tp)
     if teacher.padded_vocab_size != student:
         hint = "" if ckpt is not None else "; set --make-vocab-size-divisible-by to match"
         raise ConfigError(
@@ -403,10 +404,7 @@ class Trainer:
             virtual_stages=p.num_virtual_stages_per_pipeline_rank,
             first_stage_layers=p.decoder_first_pipeline_num_layers,
             last_stage_layers=p.decoder_last_pipeline_num_layers,
-            # A loaded checkpoint keeps its padded vocabulary at any TP size that divides it.
-            make_vocab_size_divisible_by=(
-                plan.checkpoint.divisor_for(tp) if plan.checkpoint else cfg.model.vocab_divisor
-            ),
+            make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint),
             use_cpu_initialization=self.device.type == "cpu",
             recompute=t.recompute,
             moe=t.moe,
