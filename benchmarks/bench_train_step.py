@@ -6,7 +6,9 @@ anchor; with ``--megatron-loss`` also plain with megatron-core's cross entropy),
 0.6`` with reference losses from a sidecar written by ``tools/score_corpus.py``, and with the
 online reference model (on CUDA also with the reference's document attention on a dense mask
 instead of FlexAttention), and knowledge distillation from a teacher of the same size
-(``--export-kd-teacher-load``: its forward and the KL divergence beside the step). Reports the
+(``--export-kd-teacher-load``: its forward and the KL divergence beside the step), and one
+multi-token prediction head (``--mtp-num-layers 1``: one more layer and output layer, counted in
+its TFLOP/s). Reports the
 median step time of the steps after warm-up, ratios to
 plain, tokens/s and TFLOP/s; on CUDA, MFU too. Also times the scorer on the training corpus
 (``--docs``), so its tokens/s can be compared with training's (forward only: about 3x).
@@ -21,7 +23,8 @@ of such windows, so the measured windows hold no warm-up step.
         --iters 25 --warmup 5 --rounds 1                         # one pass per variant
 
 Targets (issue 5, CPU tiny model): sidecar <= 1.05x plain, online <= 1.5x plain; distillation
-<= 1.5x plain (a same-size teacher's forward is about a third of a step).
+<= 1.5x plain (a same-size teacher's forward is about a third of a step); one MTP head <= 1.5x
+plain (its layer, projection and logits: 1.37x the tiny model's FLOPs at 256 tokens).
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ def main() -> None:
         "slm 0.6 sidecar": (["--slm-ratio", "0.6"], {}),
         "slm 0.6 online": (online, {}),
         "distill (same-size teacher)": (["--export-kd-teacher-load", ref], {}),
+        "mtp (1 head)": (["--mtp-num-layers", "1"], {}),
     }
     if args.megatron_loss:
         variants["plain, megatron-core loss"] = (["--cross-entropy-impl", "megatron"], {})

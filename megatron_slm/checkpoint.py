@@ -640,6 +640,7 @@ def load_checkpoint(
     flag: str = "--load",
     fully_parallel: bool = False,
     load_rng: bool = True,
+    fresh: tuple[str, ...] = (),
 ) -> CheckpointState:
     """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
 
@@ -648,7 +649,9 @@ def load_checkpoint(
     :class:`CheckpointInfo` a loader already read: its metadata is not read again.
     ``fully_parallel``: the data-parallel ranks share the reading (Megatron-LM's
     ``--ckpt-fully-parallel-load``). ``load_rng=False``: the random states stay this run's
-    (``--no-load-rng``).
+    (``--no-load-rng``). ``fresh``: prefixes of the model's keys the checkpoint does not hold
+    (with ``weights_only``: modules added since, e.g. multi-token prediction heads), which keep
+    their initialisation.
     """
     if isinstance(path, CheckpointInfo):
         ckpt, meta = path.path, path.meta
@@ -656,16 +659,21 @@ def load_checkpoint(
         ckpt = resolve_checkpoint(path, flag)
         meta = read_metadata(ckpt, flag)
     state = model_sharded_state_dict(chunks)
+    if fresh:
+        state = {name: {k: v for k, v in part.items() if not k.startswith(fresh)}
+                 for name, part in state.items()}  # fmt: skip
     if optimizer is not None and not weights_only:
         state["optimizer"] = optimizer_sharded_state_dict(
             optimizer, state, is_loading=True, sharding=optimizer_sharding(meta)
         )
     loaded = dist_checkpointing.load(state, ckpt, _load_strategy(fully_parallel, ckpt))
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+    names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for name, chunk in zip(names, chunks):
+        weights = loaded[name]
+        if fresh:
+            kept = unwrap(chunk).state_dict()
+            weights.update({k: v for k, v in kept.items() if k.startswith(fresh)})
+        unwrap(chunk).load_state_dict(weights)
     if weights_only:
         return CheckpointState(0, 0, meta)
     if optimizer is not None:

@@ -15,7 +15,7 @@
 #            --kernel-name kns=megatron_slm)
 #   op       benchmarks/gpu/op_table.py: torch, megatron-core (+ fused), Liger, ours vs the bound
 #   train    $TRAIN_CMD: training step, plain / sidecar / online reference (FlexAttention and
-#            dense-mask document attention), MFU
+#            dense-mask document attention) / distillation / one MTP head, MFU
 #   score    $SCORE_CMD: scorer tokens/s against a training step's, length-sorted rows and packed
 #            rows (FlexAttention) side by side (SCORE_CMD="" leaves it out)
 #   swiglu   benchmarks/bench_swiglu.py: the fused SwiGLU against megatron-core's unfused one, one

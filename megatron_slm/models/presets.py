@@ -553,8 +553,10 @@ class GPTModelConfig:
             f"{self.num_parameters(padded_vocab_size):,} parameters"
         )
 
-    def flops_per_token(self, seq_length: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention."""
+    def flops_per_token(self, seq_length: int, mtp_layers: int = 0) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention;
+        with ``mtp_layers`` multi-token prediction heads (each: a projection from 2h, a layer
+        like the last one, its logits)."""
         h, kv = self.hidden_size, self.num_query_groups * self.head_dim
         q = self.num_attention_heads * self.head_dim
         mlp_matrices = 3 if self.gated else 2
@@ -570,11 +572,15 @@ class GPTModelConfig:
             )
             + (h if self.moe_shared_expert_gate else 0)
         )
-        mlps = sum(moe if is_moe else mlp for is_moe in self.moe_layers)
-        matmuls = 2 * (self.num_layers * (2 * h * q + 2 * h * kv) + mlps)
+
+        def layer(is_moe: bool) -> float:  # its matmuls
+            return 2 * (2 * h * q + 2 * h * kv + (moe if is_moe else mlp))
+
+        matmuls = sum(layer(is_moe) for is_moe in self.moe_layers)
         attention = 2 * 2 * seq_length * q / 2  # causal: half of QK^T and AV
         logits = 2 * h * self.vocab_size
-        return 3 * (matmuls + self.num_layers * attention + logits)
+        head = 2 * 2 * h * h + layer(self.moe_layers[-1]) + attention + logits
+        return 3 * (matmuls + self.num_layers * attention + logits + mtp_layers * head)
 
 
 PRESETS: dict[str, GPTModelConfig] = {

@@ -26,7 +26,11 @@ from megatron_slm.models.presets import (
     padded_vocab_size,
     virtual_pipeline_size,
 )
-from megatron_slm.models.specs import gpt_block_spec, subclassed_mlp_warning_dropped
+from megatron_slm.models.specs import (
+    gpt_block_spec,
+    mtp_block_spec,
+    subclassed_mlp_warning_dropped,
+)
 from megatron_slm.models.yarn import install_yarn
 from megatron_slm.platform import cpu_backend_enabled
 
@@ -82,6 +86,11 @@ class ModelBuildOptions:
     """--hidden-dropout (training only)."""
     attention_backend: str = "auto"
     """--attention-backend: megatron-core's AttnBackend name (Transformer Engine's kernel)."""
+    mtp_num_layers: int | None = None
+    """--mtp-num-layers: multi-token prediction heads on the last stage (training builds only;
+    the heads' weights are not read elsewhere)."""
+    mtp_loss_scaling_factor: float = 0.1
+    """--mtp-loss-scaling-factor: the heads' weight (training changes it per step under SLM)."""
     xavier_uniform_init: bool = False
     """--init-method-xavier-uniform: new weights (linear layers, the embedding) drawn by torch's
     Xavier uniform, as Megatron-LM sets it; else the normal of the model's init_method_std."""
@@ -202,6 +211,8 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
         batch_p2p_comm=not cpu_backend_enabled(),
         attention_backend=AttnBackend[opts.attention_backend],
+        mtp_num_layers=opts.mtp_num_layers,
+        mtp_loss_scaling_factor=opts.mtp_loss_scaling_factor,
         **opts.recompute,
     )
     scaled = model.longrope or model.yarn
@@ -224,10 +235,11 @@ def build_gpt_chunk(
     vocab = padded_vocab_size(
         model.vocab_size, opts.make_vocab_size_divisible_by, config.tensor_model_parallel_size
     )
+    block = gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage)
     with subclassed_mlp_warning_dropped():  # the torch spec's FusedSwiGLUMLP
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(opts.transformer_impl, config, vp_stage=vp_stage),
+            transformer_layer_spec=block,
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre_process,
@@ -241,6 +253,10 @@ def build_gpt_chunk(
             rope_scaling_factor=model.rope_scaling_factor or 8.0,
             seq_len_interpolation_factor=model.rope_interpolation_factor,
             vp_stage=vp_stage,
+            # --mtp-num-layers: the heads, on the last stage
+            mtp_block_spec=mtp_block_spec(opts.transformer_impl, config, block)
+            if post_process and opts.mtp_num_layers
+            else None,
         )
     if model.longrope is not None:
         install_longrope(chunk, model)

@@ -479,3 +479,29 @@ def gpt_block_spec(
     return TransformerBlockSubmodules(
         layer_specs=[specs[moe] for moe in flags], layer_norm=final_norm
     )
+
+
+class _BlockNorms(LocalSpecProvider):
+    """megatron-core's local backend with the decoder block's norm class (the torch spec's
+    norms run under sequence parallelism, megatron-core's WrappedTorchNorm does not)."""
+
+    def __init__(self, norm: type):
+        self.norm = norm
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return self.norm
+
+
+def mtp_block_spec(impl: str, config: TransformerConfig, block: TransformerBlockSubmodules):
+    """--mtp-num-layers: megatron-core's multi-token prediction block for ``impl``; each head's
+    transformer layer is the decoder's last (dense or a mixture, as DeepSeek-V3's), its norms the
+    block's final norm's class, its projection a column-parallel linear."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_mtp_block_spec,
+        get_gpt_mtp_block_spec_for_backend,
+    )
+
+    layer = block.layer_specs[-1]
+    if impl == "te":
+        return get_gpt_mtp_block_spec(config, layer, use_transformer_engine=True)
+    return get_gpt_mtp_block_spec_for_backend(config, layer, backend=_BlockNorms(block.layer_norm))

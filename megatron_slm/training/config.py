@@ -467,6 +467,19 @@ class TrainingArgs:
         "Refused (Megatron-LM's flag): the experts run one after another as megatron-core's "
         "SequentialMLP; the grouped GEMM needs Transformer Engine and is not offered.",
     )
+    mtp_num_layers: int | None = arg(
+        None,
+        "Multi-token prediction (DeepSeek-V3's; Megatron-LM's flag): N extra heads on the last "
+        "stage, the k-th predicting the token k+1 ahead from the (k-1)-th head's hidden state "
+        "and the embedding of the token k ahead (megatron-core's MTP layers: norms, a "
+        "projection, one transformer layer, the shared output layer). Training only: scoring, "
+        "evaluation, generation and the Hugging Face export read the main model.",
+    )
+    mtp_loss_scaling_factor: float = arg(
+        0.1,
+        "With --mtp-num-layers: the weight of the heads' mean loss beside the main loss "
+        "(Megatron-LM's default 0.1): factor / N x each head's loss over the loss mask.",
+    )
     cross_entropy_impl: str = arg(
         "fused",
         "Plain training's loss: fused (megatron_slm's vocab-parallel op at ratio 1: "
@@ -536,6 +549,9 @@ class TrainingArgs:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         self._check_recompute()
         self._check_moe()
+        check_at_least(self, "mtp_num_layers", optional=True)
+        if self.mtp_loss_scaling_factor < 0:
+            raise ConfigError("--mtp-loss-scaling-factor must be >= 0")
         self._check_rates_and_weight_decay()
 
     def _check_rates_and_weight_decay(self) -> None:
@@ -1777,6 +1793,21 @@ def validate(
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
+    if t.mtp_num_layers and pp > 1:
+        raise ConfigError(
+            "--mtp-num-layers is not supported with --pipeline-model-parallel-size > 1 (the "
+            "heads are not placed on a stage of their own): use --tensor-model-parallel-size"
+        )
+    if t.mtp_num_layers and cfg.checkpoint.moe_use_upcycling:
+        raise ConfigError(
+            "--mtp-num-layers with --moe-use-upcycling is not offered: upcycle first, then add "
+            "the heads when training from the mixture's checkpoint"
+        )
+    if t.mtp_num_layers and masked:
+        raise ConfigError(
+            f"--mtp-num-layers with {masked}: the heads' targets (k tokens further) would cross "
+            "into the next document of the row; not offered"
+        )
     if cfg.distillation.enabled and pp > 1:
         raise ConfigError(
             "--export-kd-teacher-load is not supported with --pipeline-model-parallel-size > 1 "

@@ -62,6 +62,7 @@ from megatron_slm.training.metrics import (
     params_norm,
     source_counts,
 )
+from megatron_slm.training.mtp import MultiTokenPrediction
 from megatron_slm.training.optimizer import (
     NonFiniteSteps,
     OptimizerStep,
@@ -81,6 +82,7 @@ from megatron_slm.training.slm_loss import (
     MicroBatchSelection,
     SelectiveLMLoss,
     install_plain_loss,
+    plain_loss,
 )
 from megatron_slm.training.step_batch_schedule import parse_step_schedule
 
@@ -127,6 +129,8 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     else:
         arch = resolve_architecture(cfg.model, ckpt, tokenizer.vocab_size)
     resuming = ckpt is not None and not cfg.checkpoint.finetune
+    if ckpt is not None:
+        _check_mtp_heads(cfg, ckpt, resuming)
     sizes = validate(cfg, world_size, arch, ckpt.meta["consumed_samples"] if resuming else 0)
     load_optimizer = resuming and not cfg.checkpoint.no_load_optim and not _starts_afresh(ckpt)
     if load_optimizer:
@@ -185,6 +189,33 @@ def _upcycled_architecture(cfg: PretrainConfig, ckpt, vocab_size: int) -> GPTMod
             "the first run only (later runs drop the flag and --load that directory)"
         )
     return resolve_upcycled_architecture(cfg.model, ckpt, vocab_size, ck.moe_upcycling_granularity)
+
+
+def _saved_mtp_heads(ckpt: CheckpointInfo) -> int:
+    return int(ckpt.meta.get("mtp_num_layers") or 0)
+
+
+def _check_mtp_heads(cfg: PretrainConfig, ckpt: CheckpointInfo, resuming: bool) -> None:
+    """A resumed run keeps the checkpoint's multi-token prediction heads (its optimizer state
+    holds them); a fine-tuning run may add heads to a checkpoint without (they start
+    initialised) or leave its heads out, not change their number."""
+    saved, mine = _saved_mtp_heads(ckpt), cfg.training.mtp_num_layers or 0
+    if saved == mine:
+        return
+    where = f"{ckpt.flag} {ckpt.path}"
+    given = f"--mtp-num-layers {mine}" if mine else "no --mtp-num-layers"
+    if resuming:
+        raise ConfigError(
+            f"{given}: the checkpoint {where} was trained with {saved} heads "
+            f"(its optimizer state holds them): give --mtp-num-layers {saved}, or start from its "
+            "weights with --finetune"
+        )
+    if saved and mine:
+        raise ConfigError(
+            f"--mtp-num-layers {mine}: the checkpoint {where} has {saved} heads; fine-tuning "
+            f"keeps them (--mtp-num-layers {saved}), adds heads to a checkpoint without, or "
+            "leaves them out"
+        )
 
 
 def _starts_afresh(ckpt: CheckpointInfo) -> bool:
@@ -412,6 +443,8 @@ class Trainer:
             hidden_dropout=cfg.model.hidden_dropout,
             attention_backend=cfg.model.attention_backend,
             xavier_uniform_init=cfg.model.init_method_xavier_uniform,
+            mtp_num_layers=t.mtp_num_layers,
+            mtp_loss_scaling_factor=t.mtp_loss_scaling_factor,
         )
         s = cfg.slm
         if plan.sft_dataset is not None:
@@ -472,6 +505,10 @@ class Trainer:
                 weights_only=ck.finetune,
                 fully_parallel=ck.ckpt_fully_parallel_load,
                 load_rng=not ck.no_load_rng,
+                # heads added to a checkpoint without: initialised (_check_mtp_heads)
+                fresh=("mtp.",)
+                if t.mtp_num_layers and not _saved_mtp_heads(plan.checkpoint)
+                else (),
             )
             if not optimizer_too:
                 # bf16/fp16: the optimizer's fp32 main parameters were cloned from the random
@@ -490,16 +527,18 @@ class Trainer:
         self.valid_batches = {}  # per (split, set), built at its first evaluation
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(
-            cfg, self.arch, self.sizes, self.device, self.sources, self.distill is not None
-        )
+            cfg, self.arch, self.sizes, self.device, self.sources, self.distill is not None,
+            t.mtp_num_layers or 0,
+        )  # fmt: skip
         self.exit = ExitController(cfg.checkpoint, self.device)
         self.manual_gc = ManualGC(cfg)
         self.profiler = StepProfiler(cfg, dist.get_rank(), self.device)
         self.progress = None
         if cfg.logging.log_progress:
             seq = t.seq_length
+            flops_per_sample = self.arch.flops_per_token(seq, t.mtp_num_layers or 0) * seq
             self.progress = ProgressLog(
-                cfg.checkpoint.save, dist.get_world_size(), self.arch.flops_per_token(seq) * seq,
+                cfg.checkpoint.save, dist.get_world_size(), flops_per_sample,
                 active=dist.get_rank() == 0,
             )  # fmt: skip
             self.progress.start(consumed)
@@ -568,6 +607,7 @@ class Trainer:
         for chunk in self.chunks:
             if not unwrap(chunk).post_process:
                 continue
+            built_loss = unwrap(chunk).compute_language_model_loss  # (megatron-core's, sync-free)
             if cfg.slm.enabled:
                 self.slm_loss.install(unwrap(chunk))
             else:
@@ -580,6 +620,14 @@ class Trainer:
             for chunk in self.chunks:
                 if unwrap(chunk).post_process:
                     self.distill.install(unwrap(chunk))
+        self.mtp = None  # --mtp-num-layers: the heads' losses, around the others
+        if cfg.training.mtp_num_layers:
+            # (plain training's loss: --cross-entropy-impl; megatron-core's where it is chosen)
+            head_loss = plain_loss(cfg.training.cross_entropy_impl, self.device)[0] or built_loss
+            self.mtp = MultiTokenPrediction(cfg.training.mtp_num_layers, head_loss)
+            for chunk in self.chunks:
+                if unwrap(chunk).post_process:
+                    self.mtp.install(unwrap(chunk))
         self.optimizer, self.scheduler = build_optimizer(
             cfg,
             self.chunks,
@@ -693,7 +741,9 @@ class Trainer:
             self._last_ref, self._last_labels = ref, labels
         if inner.post_process and training and self.teacher is not None:
             self.distill.prepare(self.teacher.logits(tokens, position_ids, attention_mask))
-        output = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s], last stage
+        # (the MTP heads' targets: the loss mask shifted by megatron-core; without it, every token)
+        extra = {"loss_mask": loss_mask} if self.mtp is not None else {}
+        output = model(tokens, position_ids, attention_mask, labels=labels, **extra)  # [b, s]
         # Per-source counts are the training blend's; a validation blend of its own has others.
         source = batch.get("dataset_id") if training else None
         return output, partial(self._loss_func, ratio, loss_mask, ref, source)
@@ -706,6 +756,7 @@ class Trainer:
             zero = torch.zeros((), device=loss.device)
             stats = torch.stack([loss.detach(), n, loss.detach(), n] + [zero] * 6)
             stats = self._with_sources(stats, mask, mask, source)
+            stats = self._with_heads(stats, loss_mask)
             loss, stats = self._distilled(loss, mask, stats)
             return loss, n.to(torch.int), {"slm": stats}
         out = self.slm_loss.last
@@ -715,6 +766,7 @@ class Trainer:
         stats = torch.cat([torch.stack([st[k].float() for k in OP_STAT_KEYS]),
                            excess_split(out.loss.t(), ref, loss_mask, selected)])  # fmt: skip
         stats = self._with_sources(stats.detach(), loss_mask, selected, source)
+        stats = self._with_heads(stats, loss_mask)
         loss, stats = self._distilled(loss, selected, stats)
         return loss, selected.sum().to(torch.int), {"slm": stats}
 
@@ -730,6 +782,12 @@ class Trainer:
         loss, kd_sum = self.distill.combine(lm_loss, divergence, weights)
         kd_stats = torch.stack([kd_sum, weights.sum()]).to(stats.dtype)
         return loss, torch.cat([stats, kd_stats])
+
+    def _with_heads(self, stats, loss_mask):
+        """With --mtp-num-layers: each head's loss sum over its tokens, then their counts."""
+        if self.mtp is None:
+            return stats
+        return torch.cat([stats, self.mtp.statistics(loss_mask).to(stats.dtype)])
 
     def _with_sources(self, stats, valid, selected, source):
         """Append per-blend-source (valid, selected) token counts (see metrics.source_counts)."""
@@ -771,6 +829,7 @@ class Trainer:
     def _reduce_stats(self, outputs) -> torch.Tensor | None:
         """Sum the micro-batch statistics over this rank's micro-batches and the DP group."""
         n = len(STAT_KEYS) + (2 * self.n_sources if self.n_sources > 1 else 0)
+        n += 2 * self.mtp.num_layers if self.mtp is not None else 0
         n += len(KD_STATS) if self.distill is not None else 0
         total = torch.zeros(n, dtype=torch.float64, device=self.device)
         for out in outputs:
@@ -791,6 +850,9 @@ class Trainer:
             aux, z = self._aux_coeffs
             self.model_config.moe_aux_loss_coeff = aux * ratio
             self.model_config.moe_z_loss_coeff = None if z is None else z * ratio
+        if self.mtp is not None and ratio is not None:  # (the same reasoning: mtp.py)
+            factor = self.cfg.training.mtp_loss_scaling_factor
+            self.model_config.mtp_loss_scaling_factor = factor * ratio
         t = self.cfg.training
         consumed = self.batches.consumed_samples
         self.global_batch = self.sizes.global_batch_at(consumed)
@@ -878,6 +940,7 @@ class Trainer:
                     self.cfg, self.sizes.data_parallel_size, self.arch.num_layers
                 ),
                 "lr_schedule": self.plan.lr_schedule,
+                "mtp_num_layers": self.cfg.training.mtp_num_layers or 0,
                 **checkpoint_record(self.plan.batch_list),
                 **self._chat_metadata(),
                 **({"upcycled_from": self.upcycled_from} if self.upcycled_from else {}),

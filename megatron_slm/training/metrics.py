@@ -141,7 +141,8 @@ class _Pending:
     """One step whose device values the host has not read yet."""
 
     iteration: int
-    stats: torch.Tensor  # [len(STAT_KEYS) (+ 2 * sources) (+ KD_STATS)] float64, on the device
+    # [len(STAT_KEYS) (+ 2 * sources) (+ 2 * MTP heads) (+ KD_STATS)] float64, on the device
+    stats: torch.Tensor
     grad_norm: torch.Tensor | None  # 0-dim, on the device
     lr: float
     consumed_samples: int
@@ -184,13 +185,15 @@ class TrainingLogger:
         device: torch.device,
         sources: list[str] | None = None,
         distilling: bool = False,
+        mtp_layers: int = 0,
     ):
         self.cfg, self.sizes, self.device = cfg, sizes, device
         self.sources = sources if sources and len(sources) > 1 else []
         self.distilling = distilling  # the statistics end with KD_STATS
+        self.mtp_layers = mtp_layers  # before them: each head's loss sum, then its tokens
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
-        self.flops_per_token = arch.flops_per_token(cfg.training.seq_length)
+        self.flops_per_token = arch.flops_per_token(cfg.training.seq_length, mtp_layers)
         lg = cfg.logging  # the record's values that go to TensorBoard (flags add some)
         optional = {
             "params_norm": lg.log_params_norm,
@@ -199,6 +202,7 @@ class TrainingLogger:
             "global_batch_size": lg.log_batch_size_to_tensorboard,
         }
         optional["kd_loss"] = distilling
+        optional.update({f"mtp_{k}_loss": True for k in range(1, mtp_layers + 1)})
         self.tb_keys = _TB_KEYS + tuple(key for key, wanted in optional.items() if wanted)
         self.peak = device_peak_tflops(device)
         self.tb = None  # histograms and pictures go to TensorBoard only
@@ -304,6 +308,12 @@ class TrainingLogger:
             record["selected_fraction_by_source"] = {
                 name: c / v if v else math.nan for name, v, c in zip(self.sources, valid, chosen)
             }
+        if self.mtp_layers:  # each head's mean loss over the tokens it predicts
+            n = self.mtp_layers
+            at = len(STAT_KEYS) + 2 * len(self.sources)
+            sums, counts = values[at : at + n], values[at + n : at + 2 * n]
+            for k, (total, count) in enumerate(zip(sums, counts), 1):
+                record[f"mtp_{k}_loss"] = total / count if count else math.nan
         if self.distilling:  # KL(teacher || student), mean over the trained tokens
             kd_sum, n_kd = values[-len(KD_STATS) :]
             record["kd_loss"] = kd_sum / n_kd if n_kd else math.nan
@@ -367,6 +377,10 @@ class TrainingLogger:
             f"loss {mean('loss'):.4f} | sel. loss {mean('selected_loss'):.4f} | "
             f"sel. {mean('selected_fraction'):.3f} | excess sel./unsel. {excess_text} | "
             + (f"kd loss {fmt(nanmean(w, 'kd_loss'))} | " if self.distilling else "")
+            + "".join(
+                f"mtp_{k} loss {fmt(nanmean(w, f'mtp_{k}_loss'))} | "
+                for k in range(1, self.mtp_layers + 1)
+            )
             + f"lr {w[-1]['lr']:.3e} | grad norm {mean('grad_norm'):.3f} | "
             f"{rate:,.0f} tok/s | "
             f"{self.flops_per_token * rate / self.world / 1e12:.2f} TFLOP/s/dev"

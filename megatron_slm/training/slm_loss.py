@@ -77,20 +77,18 @@ class SelectiveLMLoss:
         return out.loss.t()  # [b, s]
 
 
-def install_plain_loss(chunk, impl: str, device: torch.device) -> str:
-    """Route ``chunk``'s plain loss (last pipeline stage) through the fused op when ``impl`` is
-    ``fused`` and the op has compiled kernels for ``device`` (its pure-PyTorch fallback is no
-    faster than megatron-core's); else keep megatron-core's. Returns what computes it, for the log.
-    """
+def plain_loss(impl: str, device: torch.device):
+    """``(compute_language_model_loss, what computes it)``: the fused op at ratio 1 when ``impl``
+    is ``fused`` and the op has compiled kernels for ``device`` (its pure-PyTorch fallback is no
+    faster than megatron-core's); else ``(None, ...)``: keep megatron-core's."""
     if impl == "megatron":
-        return "megatron-core's vocab_parallel_cross_entropy (--cross-entropy-impl megatron)"
+        return None, "megatron-core's vocab_parallel_cross_entropy (--cross-entropy-impl megatron)"
     kernels = compiled_kernels_for(device)
     if kernels is None:
-        return (
+        return None, (
             f"megatron-core's vocab_parallel_cross_entropy (megatron_slm._C has no kernels for "
             f"{device.type}: the fused op would run its pure-PyTorch reference)"
         )
-    model = getattr(chunk, "module", chunk)
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def compute_language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -101,5 +99,13 @@ def install_plain_loss(chunk, impl: str, device: torch.device) -> str:
         )
         return out.loss.t()
 
-    model.compute_language_model_loss = compute_language_model_loss
-    return f"the fused op (megatron_slm._C, {kernels} kernels)"
+    return compute_language_model_loss, f"the fused op (megatron_slm._C, {kernels} kernels)"
+
+
+def install_plain_loss(chunk, impl: str, device: torch.device) -> str:
+    """Route ``chunk``'s plain loss (last pipeline stage) through :func:`plain_loss`. Returns
+    what computes it, for the log."""
+    compute, what = plain_loss(impl, device)
+    if compute is not None:
+        getattr(chunk, "module", chunk).compute_language_model_loss = compute
+    return what

@@ -180,10 +180,10 @@ def _model_checks(rank, world, tokenizer, path, kind):
             del model.compute_language_model_loss
         else:  # the trainer's plain path (megatron-core's loss, masked by its _loss_func)
             per_token = model(batch["tokens"], batch["position_ids"], mask, labels=labels)
-            # the trainer's state _loss_func reads (no blend, no distillation teacher)
-            unblended = types.SimpleNamespace(n_sources=0, distill=None)
-            unblended._with_sources = functools.partial(Trainer._with_sources, unblended)
-            unblended._distilled = functools.partial(Trainer._distilled, unblended)
+            # the trainer's state _loss_func reads (no blend, no MTP heads, no teacher)
+            unblended = types.SimpleNamespace(n_sources=0, distill=None, mtp=None)
+            for step in ("_with_sources", "_with_heads", "_distilled"):
+                setattr(unblended, step, functools.partial(getattr(Trainer, step), unblended))
             loss = Trainer._loss_func(unblended, None, loss_mask, None, None, per_token)[0]
         loss.backward()
         return [p.grad.clone() for p in model.parameters()], loss.detach()

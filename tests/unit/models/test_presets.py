@@ -172,3 +172,17 @@ def test_experts_split_over_their_own_tensor_parallel_size():
     with pytest.raises(ValueError, match="--tensor-model-parallel-size 4 does not divide "
                                          "--moe-ffn-hidden-size 6"):  # fmt: skip
         check_parallel_layout(model, 4, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tinyllama-1.1b"])
+def test_mtp_heads_add_a_layer_a_projection_and_logits_each(name):
+    """--mtp-num-layers in MFU's FLOPs: each head is one more layer like the last (its
+    attention included), its 2h -> h projection and its own logits, forward and backward."""
+    arch, seq = get_preset(name), 512
+    h, v = arch.hidden_size, arch.vocab_size
+    layer = arch.replace(num_layers=arch.num_layers + 1).flops_per_token(seq)
+    layer -= arch.flops_per_token(seq)
+    head = layer + 3 * (2 * 2 * h * h + 2 * h * v)
+    for heads in (1, 3):
+        added = arch.flops_per_token(seq, heads) - arch.flops_per_token(seq)
+        assert added == pytest.approx(heads * head, rel=1e-12)
