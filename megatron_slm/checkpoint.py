@@ -429,6 +429,7 @@ def save_checkpoint(
     retain_interval: int | None = None,
     keep_latest_only: bool = False,
     on_published=None,
+    strategies: dict | None = None,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, data position); returns the iteration dir.
 
@@ -446,7 +447,12 @@ def save_checkpoint(
     Once published, the checkpoints it supersedes are deleted (:func:`drop_superseded`):
     ``retain_interval`` (``--save-retain-interval``) the previous latest, unless its iteration is
     a multiple of it; ``keep_latest_only`` (a non-persistent directory) every other one.
-    ``on_published(dropped_iterations)`` runs on rank 0 then (``--log-progress``)."""
+    ``on_published(dropped_iterations)`` runs on rank 0 then (``--log-progress``).
+
+    ``strategies`` (``--ckpt-assume-constant-structure``): the caller's cache of writers, one per
+    kind of save (with or without the optimizer state), kept across saves: after a kind's first
+    save its plan and metadata are reused (megatron-core's cached structure) and the sharding's
+    integrity is not checked again."""
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
@@ -465,8 +471,19 @@ def save_checkpoint(
     state["consumed_samples"] = consumed_samples
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    strategy, validate = _save_strategy(fully_parallel), True
+    if strategies is not None:  # (a save of another structure has a writer of its own)
+        kind = "full" if optimizer is not None else "weights"
+        validate = kind not in strategies
+        if validate:
+            strategies[kind] = _save_strategy(fully_parallel, cached=True)
+        strategy = strategies[kind]
     request = dist_checkpointing.save(
-        state, partial, _save_strategy(fully_parallel), async_sharded_save=async_queue is not None
+        state,
+        partial,
+        strategy,
+        async_sharded_save=async_queue is not None,
+        validate_access_integrity=validate,
     )
     if save_rng:
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
@@ -596,19 +613,24 @@ def _writer_results_queue_of_this_rank() -> None:
 _writer_managers: list = []
 
 
-def _save_strategy(fully_parallel: bool):
+def _save_strategy(fully_parallel: bool, cached: bool = False):
     """megatron-core's default writer, or (``fully_parallel``, more than one data-parallel rank)
     that writer with each replicated tensor assigned to one data-parallel rank, balancing the
-    bytes each writes (only metadata is exchanged)."""
+    bytes each writes (only metadata is exchanged). ``cached``: a writer to keep across saves of
+    one structure, reusing its plans, metadata and distribution (None: the default writer)."""
     group = _data_parallel_group_if_several() if fully_parallel else None
-    if group is None:
+    if group is None and not cached:
         return None
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )
 
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+    writer = get_default_save_sharded_strategy()
+    writer.use_cached_ckpt_structure = cached
+    if group is None:
+        return writer
+    return FullyParallelSaveStrategyWrapper(writer, group, do_cache_distribution=cached)
 
 
 def _data_parallel_group_if_several():
@@ -630,6 +652,55 @@ def _load_strategy(fully_parallel: bool, ckpt: str):
     return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(ckpt), group)
 
 
+def _absent_items(state: dict, ckpt: str) -> set[tuple[str, str]]:
+    """``(part, key)`` of the requested items (tensors, factories, objects) the checkpoint does
+    not hold, from its sharded metadata."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    present = set(load_sharded_metadata(ckpt))
+    absent = set()
+    for part, items in state.items():
+        for key, item in items.items() if isinstance(items, dict) else ():
+            bases = nested_values(item) if isinstance(item, (dict, list)) else [item]
+            names = [b.unique_key if isinstance(b, ShardedObject) else b.key
+                     for b in bases if isinstance(b, ShardedBase)]  # fmt: skip
+            if any(name not in present for name in names):
+                absent.add((part, key))
+    return absent
+
+
+def _load_sharded(state, ckpt: str, strategy, strict: str, flag: str) -> dict:
+    """megatron-core's load under ``strict`` (``--dist-ckpt-strictness``). The model's items the
+    checkpoint lacks are found here first: megatron-core 0.16 drops them itself only where no
+    tensor factory is near (its merge of a SwiGLU weight's halves fails otherwise). ``raise_*``
+    refuses them in one line; the other non-default values load without them."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    suffix = f"(--dist-ckpt-strictness {strict})"
+    if strict != "assume_ok_unexpected":
+        absent = _absent_items(state, ckpt)
+        if absent and strict.startswith("raise"):
+            keys = sorted(key for _, key in absent if "_extra_state" not in key)
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            raise CheckpointError(
+                f"{flag} {ckpt}: lacks {len(keys)} of the model's weights: "
+                f"{', '.join(keys[:5])}{more} {suffix}"
+            )
+        for part, key in absent:
+            del state[part][key]
+    try:
+        loaded = dist_checkpointing.load(state, ckpt, strategy, strict=strict)
+    except CheckpointingException as e:  # (raise_all: keys nothing requested, e.g. optimizer)
+        if not strict.startswith("raise"):
+            raise
+        title, _, keys = str(e).strip().partition("\n")
+        keys = keys if len(keys) <= 300 else keys[:300] + "..."
+        raise CheckpointError(f"{flag} {ckpt}: {title.strip()} {keys.strip()} {suffix}") from None
+    return loaded[0] if isinstance(loaded, tuple) else loaded
+
+
 def load_checkpoint(
     path: str,
     chunks,
@@ -641,6 +712,7 @@ def load_checkpoint(
     fully_parallel: bool = False,
     load_rng: bool = True,
     fresh: tuple[str, ...] = (),
+    strict: str = "assume_ok_unexpected",
 ) -> CheckpointState:
     """Load into ``chunks`` (and optimizer/scheduler/RNG unless ``weights_only``).
 
@@ -651,7 +723,9 @@ def load_checkpoint(
     ``--ckpt-fully-parallel-load``). ``load_rng=False``: the random states stay this run's
     (``--no-load-rng``). ``fresh``: prefixes of the model's keys the checkpoint does not hold
     (with ``weights_only``: modules added since, e.g. multi-token prediction heads), which keep
-    their initialisation.
+    their initialisation. ``strict``: megatron-core's ``StrictHandling`` of the keys the two do
+    not share (``--dist-ckpt-strictness``); where it loads without the model's keys the
+    checkpoint lacks, those weights keep their initialisation too (logged).
     """
     if isinstance(path, CheckpointInfo):
         ckpt, meta = path.path, path.meta
@@ -666,13 +740,22 @@ def load_checkpoint(
         state["optimizer"] = optimizer_sharded_state_dict(
             optimizer, state, is_loading=True, sharding=optimizer_sharding(meta)
         )
-    loaded = dist_checkpointing.load(state, ckpt, _load_strategy(fully_parallel, ckpt))
+    loaded = _load_sharded(state, ckpt, _load_strategy(fully_parallel, ckpt), strict, flag)
     names = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for name, chunk in zip(names, chunks):
         weights = loaded[name]
-        if fresh:
-            kept = unwrap(chunk).state_dict()
-            weights.update({k: v for k, v in kept.items() if k.startswith(fresh)})
+        kept = unwrap(chunk).state_dict()
+        absent = [k for k in kept if k not in weights]
+        weights.update({k: kept[k] for k in absent})
+        # (a module's _extra_state may be absent: megatron-core's modules then keep theirs)
+        unexpected = [k for k in absent if not k.startswith(fresh) and "_extra_state" not in k]
+        if unexpected and dist.get_rank() == 0:
+            more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+            logger.warning(
+                "%s %s lacks %d of the model's weights, which keep their initialisation "
+                "(--dist-ckpt-strictness %s): %s%s",
+                flag, ckpt, len(unexpected), strict, ", ".join(unexpected[:5]), more,
+            )  # fmt: skip
         unwrap(chunk).load_state_dict(weights)
     if weights_only:
         return CheckpointState(0, 0, meta)

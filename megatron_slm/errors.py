@@ -52,7 +52,8 @@ class ConfigError(UserError):
 
 class DivergenceError(UserError):
     """Training cannot go on as configured: a step's gradient norm was not finite (a learning
-    rate too high, bad data). The hint says what to change and which checkpoint to resume."""
+    rate too high, bad data), or the data-parallel replicas' weights differ. The message says
+    what to change and which checkpoint to resume."""
 
 
 class InputFileError(UserError):

@@ -169,6 +169,20 @@ def initialize(
 _LAYOUT_FIELDS = ("device", "tensor_model_parallel_size", "pipeline_model_parallel_size", "seed")
 
 
+# NCCL's all-reduce algorithms whose sums are reproducible run to run (Megatron-LM's list): its
+# default picks one by message size and topology, NVLS among them, whose reductions are not.
+DETERMINISTIC_NCCL_ALGOS = ("Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS")
+
+
+def enable_deterministic_mode() -> None:
+    """--deterministic-mode (Megatron-LM's): torch's deterministic algorithms (an op without one
+    raises), cuBLAS's reproducible workspace and Transformer Engine's deterministic attention,
+    unless the environment chose otherwise. Call before the first CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+    torch.use_deterministic_algorithms(True)
+
+
 def initialize_for(config, **overrides) -> torch.device:
     """:func:`initialize` with the layout a job's config declares: whichever of ``device``,
     ``tensor_model_parallel_size``, ``pipeline_model_parallel_size`` and ``seed`` it has (the

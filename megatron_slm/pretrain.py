@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     # Every check (flags, data files, checkpoint) before any process group or model.
     plan = plan_training(cfg, launch.process_info().world_size)
     p = cfg.parallel
+    if cfg.training.deterministic_mode:
+        launch.enable_deterministic_mode()
     device = launch.initialize(
         device=cfg.training.device,
         tensor_model_parallel_size=p.tensor_model_parallel_size,

@@ -91,6 +91,8 @@ class ModelBuildOptions:
     the heads' weights are not read elsewhere)."""
     mtp_loss_scaling_factor: float = 0.1
     """--mtp-loss-scaling-factor: the heads' weight (training changes it per step under SLM)."""
+    deterministic_mode: bool = False
+    """--deterministic-mode: megatron-core's deterministic paths (its MoE token routing)."""
     xavier_uniform_init: bool = False
     """--init-method-xavier-uniform: new weights (linear layers, the embedding) drawn by torch's
     Xavier uniform, as Megatron-LM sets it; else the normal of the model's init_method_std."""
@@ -211,6 +213,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
         batch_p2p_comm=not cpu_backend_enabled(),
         attention_backend=AttnBackend[opts.attention_backend],
+        deterministic_mode=opts.deterministic_mode,
         mtp_num_layers=opts.mtp_num_layers,
         mtp_loss_scaling_factor=opts.mtp_loss_scaling_factor,
         **opts.recompute,

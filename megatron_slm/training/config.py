@@ -191,6 +191,10 @@ RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "shared_experts")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD", "inverse-square-root")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
+DIST_CKPT_STRICTNESS = (  # megatron-core's StrictHandling values
+    "assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+    "return_unexpected", "return_all", "ignore_all",
+)  # fmt: skip
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")  # megatron-core's
 
 
@@ -296,6 +300,21 @@ class TrainingArgs:
         "written. Such a step's update is skipped on the device either way (torch's Adam; "
         "Transformer Engine's or Apex's FusedAdam cannot); with "
         "--no-check-for-nan-in-loss-and-grad training logs it and goes on.",
+    )
+    check_weight_hash_across_dp_replicas_interval: int | None = arg(
+        None,
+        "Every N steps, and before the first, compare each parameter's data-parallel replicas "
+        "by hash (Megatron-LM's flag): replicas that drifted apart (a faulty device, a "
+        "corrupted collective) stop the run, naming the parameters and the ranks. Copies the "
+        "weights to the host each time.",
+    )
+    deterministic_mode: bool = arg(
+        False,
+        "Bitwise-reproducible training (Megatron-LM's flag): torch's deterministic algorithms "
+        "(an op without one raises), megatron-core's deterministic paths, cuBLAS's reproducible "
+        "workspace and Transformer Engine's deterministic attention; on GPU NCCL_ALGO must name "
+        "a reproducible all-reduce (e.g. NCCL_ALGO=Ring). The fused loss is deterministic as "
+        "is (its only atomics count integers).",
     )
     optimizer: str = arg(
         "adam",
@@ -538,6 +557,7 @@ class TrainingArgs:
                 f"--cross-entropy-impl {self.cross_entropy_impl}"
             )
         check_at_least(self, "manual_gc_interval", minimum=0)
+        check_at_least(self, "check_weight_hash_across_dp_replicas_interval", optional=True)
         check_choices(self, "empty_unused_memory_level")
         if any(i < 1 for i in self.iterations_to_skip):
             raise ConfigError("--iterations-to-skip takes iterations >= 1 (the first is 1)")
@@ -1267,6 +1287,22 @@ class CheckpointArgs:
         "in host memory and a forked process writes them while training goes on; the "
         "checkpoint becomes the latest at a later log step, before the next save, or at exit.",
     )
+    ckpt_assume_constant_structure: bool = arg(
+        False,
+        "Every save has the structure of the first (Megatron-LM's flag): its writer, plans and "
+        "metadata are reused and the sharding's integrity is checked once, which shortens the "
+        "saves of frequent checkpoints.",
+    )
+    dist_ckpt_strictness: str = arg(
+        "assume_ok_unexpected",
+        "How --load treats keys the model and the checkpoint do not share (Megatron-LM's flag, "
+        "megatron-core's StrictHandling): assume_ok_unexpected (a weight the checkpoint lacks "
+        "fails the load); log_unexpected, log_all (logged; _all also the checkpoint's keys "
+        "nothing reads, e.g. its optimizer state under --finetune); raise_unexpected, raise_all "
+        "(refused in one line, before reading); return_unexpected, return_all, ignore_all (the "
+        "weights it lacks keep their initialisation, logged).",
+        choices=DIST_CKPT_STRICTNESS,
+    )
     ckpt_fully_parallel_load: bool = arg(
         False,
         "On --load, each data-parallel rank reads a share of what they all need and they "
@@ -1639,6 +1675,24 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         )
 
 
+def _check_deterministic(cfg: PretrainConfig, on_cpu: bool) -> None:
+    """--deterministic-mode: what Megatron-LM asserts, in one line naming the flag or variable."""
+    from megatron_slm.launch import DETERMINISTIC_NCCL_ALGOS
+
+    if cfg.model.use_flash_attn:
+        raise ConfigError(
+            "--deterministic-mode with --use-flash-attn: flash attention's backward is not "
+            "reproducible (drop --use-flash-attn)"
+        )
+    algo = os.environ.get("NCCL_ALGO")
+    if not on_cpu and algo not in DETERMINISTIC_NCCL_ALGOS:
+        raise ConfigError(
+            f"--deterministic-mode on GPU needs NCCL_ALGO set to one of "
+            f"{', '.join(DETERMINISTIC_NCCL_ALGOS)} (got {algo!r}): NCCL's default picks "
+            "all-reduce algorithms whose sums differ run to run"
+        )
+
+
 def validate(
     cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig, resumed_samples: int = 0
 ) -> DerivedSizes:
@@ -1749,6 +1803,8 @@ def validate(
             "--profile without --use-pytorch-profiler opens a range for nsys, which needs a "
             "GPU: add --use-pytorch-profiler"
         )
+    if t.deterministic_mode:
+        _check_deterministic(cfg, on_cpu)
     if (t.bf16 or t.fp16) and on_cpu:
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")

@@ -76,6 +76,7 @@ from megatron_slm.training.optimizer import (
     use_fused_adam,
 )
 from megatron_slm.training.progress_log import ProgressLog
+from megatron_slm.training.replica_check import check_replicas
 from megatron_slm.training.rounds import SampleRecord, checkpoint_record, prepare_batch_list
 from megatron_slm.training.signals import ExitController
 from megatron_slm.training.slm_loss import (
@@ -445,6 +446,7 @@ class Trainer:
             xavier_uniform_init=cfg.model.init_method_xavier_uniform,
             mtp_num_layers=t.mtp_num_layers,
             mtp_loss_scaling_factor=t.mtp_loss_scaling_factor,
+            deterministic_mode=t.deterministic_mode,
         )
         s = cfg.slm
         if plan.sft_dataset is not None:
@@ -509,6 +511,7 @@ class Trainer:
                 fresh=("mtp.",)
                 if t.mtp_num_layers and not _saved_mtp_heads(plan.checkpoint)
                 else (),
+                strict=ck.dist_ckpt_strictness,
             )
             if not optimizer_too:
                 # bf16/fp16: the optimizer's fp32 main parameters were cloned from the random
@@ -542,6 +545,8 @@ class Trainer:
                 active=dist.get_rank() == 0,
             )  # fmt: skip
             self.progress.start(consumed)
+        # --ckpt-assume-constant-structure: the writers kept across saves (checkpoint.py)
+        self.save_strategies = {} if cfg.checkpoint.ckpt_assume_constant_structure else None
         self.async_saves = None
         if cfg.checkpoint.async_save and cfg.checkpoint.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -951,6 +956,7 @@ class Trainer:
             retain_interval=None if non_persistent else ck.save_retain_interval,
             keep_latest_only=non_persistent,
             on_published=None if non_persistent else self._progress_line(),
+            strategies=self.save_strategies,
         )
 
     def _progress_line(self):
@@ -1019,15 +1025,19 @@ class Trainer:
         # Megatron-LM's: a non-persistent save where no persistent one falls (nor the end's)
         n, final = ck.non_persistent_save_interval, self.iteration >= self.sizes.train_iters
         save_non_persistent = bool(not (save or final) and n and self.iteration % n == 0)
-        if picture or evaluate or save or save_non_persistent:
+        hashes = t.check_weight_hash_across_dp_replicas_interval
+        compare = bool(hashes and self.iteration % hashes == 0)
+        if picture or evaluate or save or save_non_persistent or compare:
             self.log.read()  # the steps so far are timed without this work
             if picture:
                 self.log.selection_image(
                     self.iteration, self.slm_loss.last, self._last_ref, self._last_labels,
                     self.tokenizer,
                 )  # fmt: skip
-            gather = evaluate or save or save_non_persistent
+            gather = evaluate or save or save_non_persistent or compare
             with self.params_gathered() if gather else contextlib.nullcontext():
+                if compare:  # (before a save: never a checkpoint of diverged replicas)
+                    check_replicas(self.chunks, self.iteration, self.device)
                 if evaluate:
                     with self.manual_gc.evaluation():
                         losses = self.evaluate()
@@ -1108,8 +1118,11 @@ class Trainer:
             chunk.train()
         self._last_saved = self.iteration if self.plan.checkpoint is not None else None
         reason = "finished"
-        self.log.restart_clock()
         t = self.cfg.training
+        if t.check_weight_hash_across_dp_replicas_interval and not t.skip_train:
+            with self.params_gathered():  # (Megatron-LM's: the loaded or initial weights too)
+                check_replicas(self.chunks, self.iteration, self.device)
+        self.log.restart_clock()
         while self.iteration < self.sizes.train_iters and not t.skip_train:
             reason = self.advance()
             if reason:

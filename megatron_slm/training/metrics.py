@@ -47,13 +47,14 @@ def excess_split(loss, ref, loss_mask, selected) -> torch.Tensor:
 def source_counts(valid, selected, source, n_sources: int) -> torch.Tensor:
     """``[2 * n_sources]``: valid then selected token counts of each blend source (``source [b]``
     = the sample's dataset index in the blend); zeros when the batch has no source ids."""
-    out = torch.zeros(2, n_sources, device=valid.device)
     if source is None:
-        return out.flatten()
+        return torch.zeros(2 * n_sources, device=valid.device)
     src = source.to(valid.device, non_blocking=True).long()  # pinned by the loader: no wait
-    out[0].index_add_(0, src, valid.float().sum(dim=1))
-    out[1].index_add_(0, src, selected.float().sum(dim=1))
-    return out.flatten()
+    # (a one-hot product rather than index_add_, whose CUDA kernel adds atomically: not
+    # reproducible, refused under --deterministic-mode)
+    which = (src[:, None] == torch.arange(n_sources, device=src.device)).float()  # [b, sources]
+    per_sample = torch.stack([valid.float().sum(dim=1), selected.float().sum(dim=1)])  # [2, b]
+    return (per_sample @ which).flatten()
 
 
 def moe_aux_losses(

@@ -177,15 +177,15 @@ def check_growing_batch(runs: dict, sizes: list[int], **schedule) -> None:
     assert [[r[k] for k in keys] for r in runs["resumed"]] == [[r[k] for k in keys] for r in whole]
 
 
-def cpu_trainer(argv):
-    """The real ``Trainer`` in this process (inside a ``run_distributed`` worker) on CPU, for
-    ``argv`` (the trainer's flags), its chunks in train mode."""
+def cpu_trainer(argv, world: int = 1):
+    """The real ``Trainer`` in this process (inside a ``run_distributed`` worker of ``world``
+    data-parallel ranks) on CPU, for ``argv`` (the trainer's flags), its chunks in train mode."""
     from megatron_slm import launch
     from megatron_slm.training.config import parse_config
     from megatron_slm.training.loop import Trainer, plan_training
 
     cfg = parse_config([str(a) for a in argv])
-    plan = plan_training(cfg, 1)
+    plan = plan_training(cfg, world)
     device = launch.initialize(device="cpu", seed=cfg.training.seed)
     trainer = Trainer(cfg, plan, device)
     for chunk in trainer.chunks:

@@ -254,3 +254,52 @@ def test_refusals_name_the_flag(corpus, tmp_path, capsys, extra, message):
         validate(parse_config(list(map(str, argv))), 2, get_preset("tiny"))
 
     assert refusal(check, capsys).split("error: ")[-1].startswith(message)
+
+
+def _load_plain_into_heads(rank, world, plain, strict):
+    """``plain`` (no heads) loaded into a model with one head under ``strict``: what happened,
+    whether the heads kept their initialisation, and the warnings logged."""
+    import logging
+
+    from megatron_slm import launch
+    from megatron_slm.checkpoint import load_checkpoint, read_checkpoint
+    from megatron_slm.models import ModelBuildOptions, build_model
+
+    launch.initialize(device="cpu")
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron_slm").addHandler(handler)
+    (model,) = build_model(read_checkpoint(plain).model, ModelBuildOptions(mtp_num_layers=1))
+    heads = {k: v.clone() for k, v in model.state_dict().items()
+             if k.startswith("mtp.") and torch.is_tensor(v)}  # fmt: skip
+    try:
+        load_checkpoint(plain, [model], weights_only=True, strict=strict)
+    except BaseException as e:  # (torch's CheckpointException is not an Exception)
+        return type(e).__name__, str(e)[:800], warnings
+    kept = all(torch.equal(model.state_dict()[k], v) for k, v in heads.items())
+    return "loaded", kept, warnings
+
+
+def test_dist_ckpt_strictness_decides_what_a_checkpoint_may_lack(corpus, tmp_path):
+    """--dist-ckpt-strictness (megatron-core's StrictHandling): by default a weight the
+    checkpoint lacks fails the load; ignore_all loads the rest, the lacking weights keep their
+    initialisation and are named in a warning; raise_unexpected refuses them in one line, and
+    raise_all also a --finetune load that leaves the checkpoint's optimizer state unread."""
+    _, plain = corpus
+    (default,) = run_distributed(_load_plain_into_heads, 1, plain, "assume_ok_unexpected")
+    assert default[0] == "CheckpointException"  # (torch's distributed checkpoint: a key error)
+    ((outcome, kept, warnings),) = run_distributed(_load_plain_into_heads, 1, plain, "ignore_all")
+    assert outcome == "loaded" and kept
+    assert any("lacks 10 of the model's weights" in w and "mtp.layers.0.enorm.weight" in w
+               for w in warnings), warnings  # fmt: skip
+    ((kind, message, _),) = run_distributed(_load_plain_into_heads, 1, plain, "raise_unexpected")
+    assert kind == "CheckpointError" and "lacks 10 of the model's weights: mtp.layers.0." in message
+    proc = run_pretrain(
+        tiny_args(corpus[0], str(tmp_path / "x.jsonl"), 3, "--load", plain, "--finetune",
+                  "--dist-ckpt-strictness", "raise_all"),
+        check=False,
+    )  # fmt: skip
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Some keys found in the checkpoint are missing" in line, line
+    assert "optimizer.state." in line and line.endswith("(--dist-ckpt-strictness raise_all)")

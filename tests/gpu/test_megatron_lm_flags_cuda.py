@@ -116,3 +116,31 @@ def test_fp16_loss_scale_flags_set_megatron_cores_scaler(corpus, tmp_path):
     kind, seen = scales["dynamic"]
     assert kind == "DynamicGradScaler" and seen == [1024, 1024, 2048, 2048, 4096]
     assert scales["constant"] == ("ConstantGradScaler", [512.0] * 5)
+
+
+def _deterministic_run(rank, world, argv):
+    import os
+
+    from megatron_slm import pretrain
+
+    os.environ["NCCL_ALGO"] = "Ring"
+    assert pretrain.main([str(a) for a in argv]) == 0
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_mode_repeats_bitwise_on_the_gpu(corpus, tmp_path):
+    """--deterministic-mode on CUDA (bf16, a blend of two sources, Rho-1's selection with the
+    fused op, one MTP head): no op refuses torch's deterministic algorithms, and two runs give
+    bitwise the same losses and gradient norms."""
+    blend = ("--data-path", "0.5", corpus, "0.5", corpus)
+    flags = ("--deterministic-mode", "--bf16", "--slm-ratio", 0.5, "--slm-select-mode", "loss",
+             "--mtp-num-layers", 1, "--device", "cuda")  # fmt: skip
+    runs = []
+    for i in range(2):
+        log = str(tmp_path / f"run{i}.jsonl")
+        (enabled,) = run_distributed(
+            _deterministic_run, 1, tiny_args(corpus, log, 4, *blend, *flags)
+        )
+        assert enabled
+        runs.append([(r["loss"], r["grad_norm"], r["mtp_1_loss"]) for r in read_steps(log)])
+    assert len(runs[0]) == 4 and runs[0] == runs[1]

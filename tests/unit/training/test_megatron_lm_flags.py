@@ -781,6 +781,12 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--expert-tensor-parallel-size 1 below --tensor-model-parallel-size 2 needs "
          "--expert-model-parallel-size > 1"),
         (("--expert-tensor-parallel-size", 0), "--expert-tensor-parallel-size must be >= 1"),
+        (("--deterministic-mode", "--use-flash-attn"), "flash attention's backward is not"),
+        (("--deterministic-mode", "--device", "cuda"),
+         "--deterministic-mode on GPU needs NCCL_ALGO set to one of Tree, Ring, CollnetDirect, "
+         "CollnetChain, ^NVLS (got None)"),
+        (("--check-weight-hash-across-dp-replicas-interval", 0),
+         "--check-weight-hash-across-dp-replicas-interval must be >= 1"),
         (("--moe-use-upcycling", "--load", "d", "--save", "m", "--pretrained-checkpoint", "p"),
          "--pretrained-checkpoint: --moe-use-upcycling starts from the dense --load checkpoint"),
     ],
@@ -841,3 +847,29 @@ def test_qwen_scripts_build_the_published_models(flags, vocab, published):
     assert arch.num_parameters(vocab) == published
     assert arch.qk_layernorm == ("--qk-layernorm" in flags)
     assert arch.add_qkv_bias == ("--add-qkv-bias" in flags) and not arch.add_bias_linear
+
+
+def _deterministic_run(rank, world, argv):
+    """``python -m megatron_slm.pretrain`` in this process: what it leaves set."""
+    from megatron_slm import pretrain
+
+    assert pretrain.main([str(a) for a in argv]) == 0
+    return torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+
+def test_deterministic_mode_sets_torch_and_trains_alike(corpus, tmp_path):
+    """--deterministic-mode turns torch's deterministic algorithms on (an op without one would
+    raise: a blend of two sources counts its tokens per source without index_add_) and sets
+    cuBLAS's reproducible workspace; on CPU its steps are bitwise those without it."""
+    blend = ("--data-path", "0.5", corpus, "0.5", corpus)
+    runs = []
+    for flags in ((), ("--deterministic-mode",)):
+        log = str(tmp_path / f"run{len(runs)}.jsonl")
+        argv = [*tiny_args(corpus, log, 3, *blend, *flags), "--device", "cpu"]
+        (state,) = run_distributed(_deterministic_run, 1, argv)
+        runs.append((state, read_steps(log)))
+    (plain_state, plain), (state, steps) = runs
+    assert plain_state == (False, None) and state == (True, ":4096:8")
+    assert [(r["loss"], r["grad_norm"]) for r in steps] == [
+        (r["loss"], r["grad_norm"]) for r in plain
+    ]
