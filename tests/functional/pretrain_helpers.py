@@ -49,6 +49,18 @@ def make_null_corpus(directory: str, name: str, doc_lengths, seed: int = 0) -> s
     return out["text"]
 
 
+def documents_and_checkpoint(root, iters: int, *extra) -> tuple[str, str]:
+    """A corpus of documents shorter than a row (32 tokens: rows hold several, so attention
+    masks and loss-mask holes at each EOD matter) and a tiny model trained ``iters`` steps on it
+    (``extra``: more flags): (data prefix, checkpoint)."""
+    prefix = make_null_corpus(str(root), "docs", [13, 7, 21, 9] * 24)
+    ckpt = os.path.join(str(root), "ckpt")
+    run_pretrain(
+        tiny_args(prefix, os.path.join(str(root), "c.jsonl"), iters, "--save", ckpt, *extra)
+    )
+    return prefix, ckpt
+
+
 def run_pretrain(
     args,
     nproc: int = 1,

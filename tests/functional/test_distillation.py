@@ -15,7 +15,7 @@ from tests.functional.pretrain_helpers import (
     VOCAB,
     close_trainer,
     cpu_trainer,
-    make_null_corpus,
+    documents_and_checkpoint,
     read_steps,
     refusal,
     run_pretrain,
@@ -28,13 +28,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    # Documents shorter than a sample (32 tokens): rows hold several, so the attention mask of
-    # --reset-attention-mask matters.
-    prefix = make_null_corpus(str(root), "docs", [13, 7, 21, 9] * 24)
-    ckpt = str(root / "teacher")
-    run_pretrain(tiny_args(prefix, str(root / "t.jsonl"), 12, "--save", ckpt, "--seed", 5))
-    return prefix, ckpt
+    return documents_and_checkpoint(tmp_path_factory.mktemp("distill"), 12, "--seed", 5)
 
 
 def _settings_file(directory, **settings) -> str:

@@ -15,7 +15,7 @@ from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     close_trainer,
     cpu_trainer,
-    make_null_corpus,
+    documents_and_checkpoint,
     read_steps,
     refusal,
     run_pretrain,
@@ -28,13 +28,8 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mtp")
-    # Documents shorter than a row (32 tokens) with --eod-mask-loss: the loss mask has holes,
-    # which the heads' targets must follow shifted.
-    prefix = make_null_corpus(str(root), "docs", [13, 7, 21, 9] * 24)
-    plain = str(root / "plain")
-    run_pretrain(tiny_args(prefix, str(root / "p.jsonl"), 3, "--save", plain))
-    return prefix, plain
+    # (with --eod-mask-loss the loss mask has holes, which the heads' targets follow shifted)
+    return documents_and_checkpoint(tmp_path_factory.mktemp("mtp"), 3)
 
 
 def _head_logits(model, tokens, positions):
