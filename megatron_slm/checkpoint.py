@@ -316,9 +316,15 @@ def optimizer_sharding(meta: dict) -> str:
 
 
 def model_sharded_state_dict(chunks) -> dict:
+    # (MTP heads on a later stage than the embedding keep a tied copy of it: megatron-core
+    # marks its replicas over the data-parallel group the metadata names)
+    extra = {}
+    if any(getattr(unwrap(c), "mtp_process", False) for c in chunks):
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        extra = {"metadata": {"dp_cp_group": group}}
     if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap(chunks[0]).sharded_state_dict(**extra)}
+    return {f"model{i}": unwrap(c).sharded_state_dict(**extra) for i, c in enumerate(chunks)}
 
 
 # RNG files hold only tensors, numbers, strings, tuples and dicts, so they load with

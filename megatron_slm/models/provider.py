@@ -257,7 +257,7 @@ def build_gpt_chunk(
             seq_len_interpolation_factor=model.rope_interpolation_factor,
             vp_stage=vp_stage,
             # --mtp-num-layers: the heads, on the last stage
-            mtp_block_spec=mtp_block_spec(opts.transformer_impl, config, block)
+            mtp_block_spec=mtp_block_spec(opts.transformer_impl, config, block, vp_stage)
             if post_process and opts.mtp_num_layers
             else None,
         )

@@ -492,7 +492,9 @@ class _BlockNorms(LocalSpecProvider):
         return self.norm
 
 
-def mtp_block_spec(impl: str, config: TransformerConfig, block: TransformerBlockSubmodules):
+def mtp_block_spec(
+    impl: str, config: TransformerConfig, block: TransformerBlockSubmodules, vp_stage=None
+):
     """--mtp-num-layers: megatron-core's multi-token prediction block for ``impl``; each head's
     transformer layer is the decoder's last (dense or a mixture, as DeepSeek-V3's), its norms the
     block's final norm's class, its projection a column-parallel linear."""
@@ -503,5 +505,7 @@ def mtp_block_spec(impl: str, config: TransformerConfig, block: TransformerBlock
 
     layer = block.layer_specs[-1]
     if impl == "te":
-        return get_gpt_mtp_block_spec(config, layer, use_transformer_engine=True)
-    return get_gpt_mtp_block_spec_for_backend(config, layer, backend=_BlockNorms(block.layer_norm))
+        return get_gpt_mtp_block_spec(config, layer, use_transformer_engine=True, vp_stage=vp_stage)
+    return get_gpt_mtp_block_spec_for_backend(
+        config, layer, backend=_BlockNorms(block.layer_norm), vp_stage=vp_stage
+    )

@@ -1849,11 +1849,6 @@ def validate(
                 " score the corpus offline with tools/score_corpus.py and train with "
                 "--slm-ref-source sidecar (the scalable path)"
             )
-    if t.mtp_num_layers and pp > 1:
-        raise ConfigError(
-            "--mtp-num-layers is not supported with --pipeline-model-parallel-size > 1 (the "
-            "heads are not placed on a stage of their own): use --tensor-model-parallel-size"
-        )
     if t.mtp_num_layers and cfg.checkpoint.moe_use_upcycling:
         raise ConfigError(
             "--mtp-num-layers with --moe-use-upcycling is not offered: upcycle first, then add "

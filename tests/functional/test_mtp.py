@@ -157,23 +157,34 @@ def test_losses_and_gradient_are_an_independent_computation(corpus, tmp_path, ca
 
 def test_parallel_layouts_train_alike(corpus, tmp_path):
     """TP 2 with sequence parallelism (the heads' projection gathered, their layer's input
-    scattered) and DP 2 (the heads' sums over both ranks' tokens) give TP 1's steps."""
+    scattered) and DP 2 (the heads' sums over both ranks' tokens) give TP 1's steps; from a
+    checkpoint with heads, so does PP 2 in two virtual stages each (the heads on the last stage
+    beside a tied copy of the embedding), and its checkpoint resumes at PP 1 as PP 1's own."""
     prefix, _ = corpus
     mtp = ("--eod-mask-loss", "--mtp-num-layers", 2)
+    ckpt, pp_ckpt = str(tmp_path / "ckpt"), str(tmp_path / "pp_ckpt")
+    start = ("--load", ckpt, "--finetune")
+    pp2 = ("--pipeline-model-parallel-size", 2, "--num-virtual-stages-per-pipeline-rank", 2)
     layouts = {
-        "tp1": (1, ()),
+        "tp1": (1, ("--save", ckpt)),
         "tp2-sp": (2, ("--tensor-model-parallel-size", 2, "--sequence-parallel")),
         "dp2": (2, ()),
+        "pp1": (1, start),
+        "pp2-virtual": (2, (*start, *pp2, "--save", pp_ckpt, "--exit-interval", 2)),
+        "pp2-to-pp1": (1, ("--load", pp_ckpt)),
     }
     runs = {}
     for name, (nproc, layout) in layouts.items():
         log = str(tmp_path / f"{name}.jsonl")
         run_pretrain(tiny_args(prefix, log, 3, *mtp, *layout), nproc=nproc)
         runs[name] = read_steps(log)
-    for name in ("tp2-sp", "dp2"):
-        for a, b in zip(runs["tp1"], runs[name], strict=True):
+    pairs = [("tp1", "tp2-sp"), ("tp1", "dp2"), ("pp1", "pp2-virtual"), ("pp1", "pp2-to-pp1")]
+    for reference, name in pairs:
+        steps = {r["iteration"]: r for r in runs[reference]}
+        for b in runs[name]:  # (by iteration: the PP 2 run stops at 2, its resumption runs 3)
             for key in ("loss", "mtp_1_loss", "mtp_2_loss", "grad_norm"):
-                assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key)
+                assert b[key] == pytest.approx(steps[b["iteration"]][key], rel=1e-5), (name, key)
+    assert [r["iteration"] for r in runs["pp2-virtual"] + runs["pp2-to-pp1"]] == [1, 2, 3]
     assert runs["tp1"][-1]["mtp_2_loss"] < runs["tp1"][0]["mtp_2_loss"]
 
 
@@ -233,7 +244,6 @@ def test_checkpoints_resume_and_keep_their_heads(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--pipeline-model-parallel-size", 2), "--mtp-num-layers is not supported with --pipe"),
         (("--reset-attention-mask",), "--mtp-num-layers with --reset-attention-mask: the heads"),
         (("--mtp-loss-scaling-factor", -1), "--mtp-loss-scaling-factor must be >= 0"),
     ],
