@@ -869,7 +869,8 @@ def test_deterministic_mode_sets_torch_and_trains_alike(corpus, tmp_path):
         (state,) = run_distributed(_deterministic_run, 1, argv)
         runs.append((state, read_steps(log)))
     (plain_state, plain), (state, steps) = runs
-    assert plain_state == (False, None) and state == (True, ":4096:8")
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (a user's own wins)
+    assert plain_state[0] is False and state == (True, workspace)
     assert [(r["loss"], r["grad_norm"]) for r in steps] == [
         (r["loss"], r["grad_norm"]) for r in plain
     ]
