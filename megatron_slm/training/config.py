@@ -1854,11 +1854,6 @@ def validate(
             "--mtp-num-layers with --moe-use-upcycling is not offered: upcycle first, then add "
             "the heads when training from the mixture's checkpoint"
         )
-    if t.mtp_num_layers and masked:
-        raise ConfigError(
-            f"--mtp-num-layers with {masked}: the heads' targets (k tokens further) would cross "
-            "into the next document of the row; not offered"
-        )
     if cfg.distillation.enabled and pp > 1:
         raise ConfigError(
             "--export-kd-teacher-load is not supported with --pipeline-model-parallel-size > 1 "

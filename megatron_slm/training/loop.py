@@ -717,16 +717,19 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)  # [b, s]
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
-        attention_mask = None  # plain causal; packed SFT rows, documents: block-diagonal causal
-        # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
-        # other specs read only the dense form (models/document_mask.py)
+        documents = None  # plain causal; packed SFT rows, documents: block-diagonal causal
         if "segment_ids" in batch:
             segments = batch["segment_ids"].to(self.device, non_blocking=True)  # [b, s]
-            attention_mask = DocumentMask(segments).dense()
+            documents = DocumentMask(segments)
         elif self.cfg.data.reset_attention_mask:
             # The documents as the scorer and the online reference cut them (each ends with its
             # EOD token), found on the device: no [s, s] mask per sample, no host read.
-            attention_mask = DocumentMask.from_tokens(tokens, self.tokenizer.eod).dense()
+            documents = DocumentMask.from_tokens(tokens, self.tokenizer.eod)
+        # dense: with a gradient the torch spec runs the mask through SDPA anyway, and the
+        # other specs read only the dense form (models/document_mask.py)
+        attention_mask = None if documents is None else documents.dense()
+        if self.mtp is not None:  # (the heads' losses stop at document ends: mtp.py)
+            self.mtp.prepare(None if documents is None else documents.doc_ids)
         inner = unwrap(model)
         ref = None
         if inner.post_process and ratio is not None:

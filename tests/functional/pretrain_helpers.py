@@ -102,12 +102,14 @@ def read_steps(path: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def tiny_args(data_prefix: str, log_file: str, iters: int, *extra, preset="tiny") -> list[str]:
-    """A short run's flags; ``preset=None``: no --model-preset (``extra`` defines the model)."""
+def tiny_args(data_prefix, log_file: str, iters: int, *extra, preset="tiny") -> list[str]:
+    """A short run's flags; ``preset=None``: no --model-preset (``extra`` defines the model).
+    ``data_prefix``: a NullTokenizer corpus, or a list of data and tokenizer flags instead."""
+    if isinstance(data_prefix, str):
+        data_prefix = ["--data-path", data_prefix, "--tokenizer-type", "NullTokenizer",
+                       "--vocab-size", VOCAB]  # fmt: skip
     return [
-        "--data-path", data_prefix,
-        "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", VOCAB,
+        *data_prefix,
         *(("--model-preset", preset) if preset else ()),
         "--seq-length", 32,
         "--micro-batch-size", 2,

@@ -1,11 +1,13 @@
 """Multi-token prediction (``--mtp-num-layers``, ``--mtp-loss-scaling-factor``): the trainer's
 logged losses and gradient norm against an independent float64 computation of DeepSeek-V3's
 objective (each head composed by hand from the model's modules, torch's cross entropy), under
-Rho-1's selection too and with heads added to a checkpoint without; TP 2 with sequence
+Rho-1's selection too, with heads added to a checkpoint without, and on rows of several
+documents against each document alone; TP 2 with sequence
 parallelism and DP 2 give TP 1's steps; checkpoints resume and refuse another head count. CPU."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -60,10 +62,30 @@ def _head_logits(model, tokens, positions):
     return logits
 
 
-def _expected(trainer, factor, ratio):
+def _documents(batch, eod):
+    """A packed micro-batch cut into its documents (each ends with its EOD token; SFT rows: at
+    each change of example), each one a ``[1, len]`` micro-batch of its own: the model sees
+    each document alone."""
+    tokens = batch["tokens"]
+    for row in range(tokens.shape[0]):
+        if "segment_ids" in batch:
+            segments = batch["segment_ids"][row]
+            starts = (segments[1:] != segments[:-1]).nonzero().flatten() + 1
+        else:
+            starts = (tokens[row, :-1] == eod).nonzero().flatten() + 1
+        bounds = [0] + starts.tolist()
+        for start, stop in zip(bounds, bounds[1:] + [tokens.shape[1]]):
+            yield {key: batch[key][row : row + 1, start:stop] for key in PIECE_KEYS}
+
+
+PIECE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _expected(trainer, factor, ratio, alone=False):
     """The next step in float64: the logged main loss and each head's mean loss, and the
     gradient norm of (main sum over the trained tokens + factor x ratio / N x each head's sum over
-    the loss mask shifted k) / trained tokens."""
+    the loss mask shifted k) / trained tokens. ``alone``: each document of a packed row computed
+    by itself (a head's targets end with its document)."""
     import torch.nn.functional as F
 
     from megatron_slm.models import build_model
@@ -82,12 +104,17 @@ def _expected(trainer, factor, ratio):
     )
     total, trained = 0.0, 0
     sums = torch.zeros(1 + n_heads, 2, dtype=torch.float64)  # (loss sum, tokens) per head
+    pieces = []
     for _ in range(trainer.sizes.num_microbatches):
         batch = next(peek)
+        pieces += list(_documents(batch, trainer.tokenizer.eod)) if alone else [batch]
+    assert not alone or (ratio is None and len(pieces) > 2 * trainer.sizes.num_microbatches)
+    for batch in pieces:
         labels, mask = batch["labels"], batch["loss_mask"].double()  # [b, s]
         logits = _head_logits(copy, batch["tokens"], batch["position_ids"])
         for k, head in enumerate(logits):  # head k at position t: the label of t + k
-            target, weights_k = F.pad(labels[:, k:], (0, k)), F.pad(mask[:, k:], (0, k))
+            past = min(k, labels.shape[1])  # (a document shorter than the heads: none)
+            target, weights_k = F.pad(labels[:, k:], (0, past)), F.pad(mask[:, k:], (0, past))
             ce = F.cross_entropy(
                 head.transpose(0, 1).flatten(0, 1), target.flatten(), reduction="none"
             ).view_as(mask)
@@ -109,15 +136,39 @@ def _expected(trainer, factor, ratio):
     return means[0], means[1:], norm.item()
 
 
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """Chat examples for --sft-data (rows pack several) and their SentencePiece model."""
+    from megatron_slm.data import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("mtp_sft")
+    words = "keep drop the line menu spam text about cats and dogs".split()
+    model = train_sentencepiece([" ".join(words) + "\n<|user|> <|assistant|>"] * 20,
+                                str(root / "sp"), 300)  # fmt: skip
+    rows = []
+    for i in range(24):
+        question = " ".join(words[(i + j) % len(words)] for j in range(1 + i % 5))
+        chat = [{"role": "user", "content": question},
+                {"role": "assistant", "content": words[i % len(words)]}]  # fmt: skip
+        rows.append(json.dumps({"messages": chat}))
+    (root / "chat.jsonl").write_text("\n".join(rows) + "\n")
+    return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model,
+            "--sft-data", str(root / "chat.jsonl")]  # fmt: skip
+
+
 def _worker(rank, world, prefix, plain, log_file, case):
     from tests.functional.pretrain_helpers import read_steps
 
-    extra = ["--eod-mask-loss", "--mtp-num-layers", 2, "--mtp-loss-scaling-factor", 0.5]
+    extra = ["--mtp-num-layers", 2, "--mtp-loss-scaling-factor", 0.5]
+    if case != "packed-examples":  # (SFT rows mask their own loss)
+        extra.append("--eod-mask-loss")
     ratio = 0.5 if case == "selected-tokens" else None
     if ratio is not None:
         extra += ["--slm-ratio", ratio, "--slm-select-mode", "loss"]
     if case == "added-heads":
         extra += ["--load", plain, "--finetune"]
+    if case == "packed-documents":
+        extra += ["--reset-attention-mask", "--reset-position-ids"]
     trainer = cpu_trainer(tiny_args(prefix, log_file, 2 * STEPS, *extra))
     loaded = None
     if case == "added-heads":  # the main model's weights are the checkpoint's, the heads new
@@ -133,17 +184,24 @@ def _worker(rank, world, prefix, plain, log_file, case):
         loaded.append(any(k.startswith("mtp.") for k in mine))
     expected = []
     for _ in range(STEPS):
-        expected.append(_expected(trainer, 0.5, ratio))
+        expected.append(_expected(trainer, 0.5, ratio, alone=case.startswith("packed")))
         assert trainer.advance() is None
     close_trainer(trainer)
     return expected, read_steps(log_file), loaded
 
 
-@pytest.mark.parametrize("case", ["plain", "selected-tokens", "added-heads"])
-def test_losses_and_gradient_are_an_independent_computation(corpus, tmp_path, case):
+@pytest.mark.parametrize(
+    "case", ["plain", "selected-tokens", "added-heads", "packed-documents", "packed-examples"]
+)
+def test_losses_and_gradient_are_an_independent_computation(corpus, examples, tmp_path, case):
     """Each step's logged main loss, heads' losses and gradient norm (the gradient of the loss
-    the trainer optimises) equal the independent computation's."""
+    the trainer optimises) equal the independent computation's; rows of several documents
+    (--reset-attention-mask) or examples (--sft-data) equal each one computed alone (examples
+    start with their prompt, outside the loss mask: there the shifted mask alone keeps the heads
+    inside an example)."""
     prefix, plain = corpus
+    if case == "packed-examples":  # (the SFT flags instead of a corpus)
+        prefix = examples
     log = str(tmp_path / "mtp.jsonl")
     ((expected, records, loaded),) = run_distributed(_worker, 1, prefix, plain, log, case)
     assert len(records) == STEPS
@@ -244,7 +302,6 @@ def test_checkpoints_resume_and_keep_their_heads(corpus, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--reset-attention-mask",), "--mtp-num-layers with --reset-attention-mask: the heads"),
         (("--mtp-loss-scaling-factor", -1), "--mtp-loss-scaling-factor must be >= 0"),
     ],
 )
