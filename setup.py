@@ -197,6 +197,7 @@ setup(
         "psutil",  # megatron-core distributed checkpointing needs it
         "tokenizers",  # GPT2BPETokenizer (Megatron-LM's vocab.json + merges.txt)
         "pyyaml",  # --export-kd-cfg (Megatron-LM's distillation settings)
+        "einops",  # megatron-core's groups for --num-distributed-optimizer-instances > 1
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -98,11 +98,13 @@ def initialize(
     timeout_minutes: int = 30,
     order: str = DEFAULT_RANK_ORDER,
     gloo_groups: bool = True,
+    optimizer_instances: int = 1,
 ) -> torch.device:
     """Init torch.distributed + megatron-core's parallel state + seeds; returns the device.
     ``order``: megatron-core's order of the parallel dimensions over the ranks; ``gloo_groups``
     False: megatron-core creates no gloo data-parallel side groups; ``expert_tensor_parallel_size``
-    None: the TP size (megatron-core's default).
+    None: the TP size (megatron-core's default); ``optimizer_instances``: the distributed
+    optimizer's instances over the data-parallel ranks (their groups).
 
     Idempotent for the process group; the parallel state is (re)initialised each call.
     """
@@ -158,6 +160,7 @@ def initialize(
         expert_tensor_parallel_size=expert_tensor_parallel_size,
         order=order,
         create_gloo_process_groups=gloo_groups,
+        num_distributed_optimizer_instances=optimizer_instances,
     )
     _rank_order = order
     model_parallel_cuda_manual_seed(seed)

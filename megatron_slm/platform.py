@@ -6,7 +6,8 @@ megatron-core is written for CUDA. Its modules reach the GPU in four ways:
    tensor-parallel mappings, pipeline p2p, the DDP grad buffer, transformer layers);
 2. ``device="cuda"`` literals and ``.cuda()`` calls (pipeline schedules' token counters, the
    optimizer's found-inf / grad-norm tensors, grad clipping, utilities);
-3. ``torch.cuda.synchronize()`` and the CUDA RNG state API (``tensor_parallel.random``'s tracker);
+3. ``torch.cuda.synchronize()``, the CUDA RNG state API (``tensor_parallel.random``'s tracker)
+   and CUDA streams (DDP's with several distributed-optimizer instances);
 4. type checks such as ``param.type() == 'torch.cuda.FloatTensor'`` (grad clipping, the
    distributed optimizer's parameter groups).
 
@@ -20,8 +21,9 @@ with the gloo backend, unmodified:
   ``torch.cuda.FloatTensor`` for a CPU float tensor: the CPU plays the CUDA device throughout;
 * ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode; the CPU device
   where the mode is off, as in a backward, which runs inside its handler), ``synchronize`` is
-  a no-op, and the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
-  megatron's RNG tracker forks the right state);
+  a no-op, the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
+  megatron's RNG tracker forks the right state), and a CUDA stream is a stand-in whose waits do
+  nothing (CPU work runs in issue order);
 * grad clipping's CUDA type check is given a CPU-aware ``multi_tensor_applier``-free path.
 
 Limits (by design; none of this is active when CUDA is available):
@@ -42,6 +44,7 @@ Limits (by design; none of this is active when CUDA is available):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -164,6 +167,29 @@ def _cpu_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+class _CpuStream:
+    """``torch.cuda.Stream`` on CPU: operations run in issue order, so there is nothing to wait
+    for (megatron-core's DDP reduces across distributed-optimizer instances on a stream of its
+    own)."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def wait_stream(self, _other) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _cpu_streams() -> None:
+    default = _CpuStream()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.stream = lambda _stream=None: contextlib.nullcontext()
+    torch.cuda.default_stream = lambda *_args, **_kwargs: default
+    torch.cuda.current_stream = lambda *_args, **_kwargs: default
+
+
 def enable_cpu_backend() -> bool:
     """Activate the CPU backend in this process. Returns False (and does nothing) with CUDA.
 
@@ -178,6 +204,7 @@ def enable_cpu_backend() -> bool:
     torch.cuda.synchronize = lambda *_args, **_kwargs: None
     _cpu_rng_stand_ins()
     _cpu_grad_clipping()
+    _cpu_streams()
     # Entered for the life of the process (see "Limits" above).
     _CudaToCpuMode().__enter__()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_minutes=p.distributed_timeout_minutes,
         order=launch.TP_PP_DP_ORDER if p.use_tp_pp_dp_mapping else launch.DEFAULT_RANK_ORDER,
         gloo_groups=not p.disable_gloo_process_groups,
+        optimizer_instances=p.num_distributed_optimizer_instances,
     )
     pretrain(cfg, plan, device)
     return 0

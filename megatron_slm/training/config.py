@@ -123,6 +123,13 @@ class ParallelConfig:
         "How long a collective may wait for the other ranks before the job fails (Megatron-LM's "
         "flag; its default is 10).",
     )
+    num_distributed_optimizer_instances: int = arg(
+        1,
+        "With --use-distributed-optimizer: split the data-parallel ranks into this many groups, "
+        "each sharding a whole copy of the optimizer state (Megatron-LM's flag: gradients are "
+        "reduce-scattered within a group, then all-reduced across groups, so the sharding "
+        "collectives stay within fewer ranks, e.g. a node's, at the cost of N copies).",
+    )
     dist_ckpt_optim_fully_reshardable: bool = arg(
         False,
         "With --use-distributed-optimizer: save its state per parameter (the fp32 weight and "
@@ -174,6 +181,11 @@ class ParallelConfig:
         check_at_least(self, "expert_model_parallel_size")
         check_at_least(self, "num_virtual_stages_per_pipeline_rank", optional=True)
         check_at_least(self, "expert_tensor_parallel_size", optional=True)
+        check_at_least(self, "num_distributed_optimizer_instances")
+        if self.num_distributed_optimizer_instances > 1 and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "--num-distributed-optimizer-instances needs --use-distributed-optimizer"
+            )
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1693,6 +1705,17 @@ def _check_deterministic(cfg: PretrainConfig, on_cpu: bool) -> None:
         )
 
 
+def _check_optimizer_instances(p: ParallelConfig, dp: int, expert_dp: int) -> None:
+    """megatron-core's parallel state splits the data-parallel ranks (the experts' too) into the
+    instances evenly."""
+    n = p.num_distributed_optimizer_instances
+    for size, which in ((dp, "data-parallel"), (expert_dp, "expert data-parallel")):
+        if size % n:
+            raise ConfigError(
+                f"--num-distributed-optimizer-instances {n} does not divide the {which} size {size}"
+            )
+
+
 def validate(
     cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig, resumed_samples: int = 0
 ) -> DerivedSizes:
@@ -1771,6 +1794,7 @@ def validate(
             f"divide the {world_size // pp} ranks of a pipeline stage (world size {world_size} / "
             f"PP {pp})"
         )
+    _check_optimizer_instances(p, dp, world_size // (pp * etp * ep))
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if t.step_batch_size_schedule:
         gbs = t.step_schedule.final

@@ -599,6 +599,7 @@ class Trainer:
             # bucket's forward pre-hook launches the next bucket's.
             align_param_gather=par.overlap_param_gather and len(chunks) > 1,
             use_distributed_optimizer=par.use_distributed_optimizer,
+            num_distributed_optimizer_instances=par.num_distributed_optimizer_instances,
             bucket_size=par.ddp_bucket_size,
         )
         self.chunks = [

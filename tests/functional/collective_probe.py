@@ -7,7 +7,7 @@ module where that was imported already. Each call made by
 megatron-core's gradient buffers (``param_and_grad_buffer``) is recorded with where it was
 issued: inside an autograd backward (``torch._C._current_graph_task_id() != -1``), inside the
 optimizer step (``step_with_ready_grads`` on the stack), inside a forward pre-hook of
-megatron-core's DDP. Rank r writes its list to
+megatron-core's DDP, and over how many ranks. Rank r writes its list to
 ``$COLLECTIVE_PROBE_OUT.r.json`` at exit.
 """
 
@@ -37,6 +37,7 @@ def _recorded(kind: str, collective):
                 "in_optimizer_step": any(name == "step_with_ready_grads" for _, name in frames),
                 "in_forward_pre_hook": ("distributed_data_parallel.py", "hook") in frames,
                 "async": bool(kwargs.get("async_op", False)),
+                "group_size": dist.get_world_size(kwargs.get("group")),
             })  # fmt: skip
         return collective(*args, **kwargs)
 

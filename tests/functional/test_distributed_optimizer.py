@@ -45,13 +45,13 @@ def prefix(tmp_path_factory):
     return make_null_corpus(str(tmp_path_factory.mktemp("distopt")), "docs", [31] * 96)
 
 
-def _run(prefix, tmp_path, name, *extra, iters=6, probe=False):
+def _run(prefix, tmp_path, name, *extra, iters=6, probe=False, nproc=2):
     """Per-step records, validation losses and (with ``probe``) rank 0's recorded collectives."""
     log = tmp_path / f"{name}.jsonl"
     out = str(tmp_path / f"{name}.probe")
     run_pretrain(
         tiny_args(prefix, str(log), iters, *COMMON, *extra),
-        nproc=2,
+        nproc=nproc,
         entry=PROBE if probe else ("-m", "megatron_slm.pretrain"),
         env={"COLLECTIVE_PROBE_OUT": out},
     )
@@ -294,6 +294,30 @@ def test_fully_reshardable_checkpoint_resumes_at_another_layout(
         assert [r["iteration"] for r in resumed] == [4, 5, 6]
         for a, b in zip(straight[3:], resumed):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), name
+
+
+def test_optimizer_instances_train_as_one_and_resume_with_another_count(
+    prefix, overlapped, tmp_path
+):
+    """--num-distributed-optimizer-instances 2 at DP 4 (Megatron-LM's flag): each pair of ranks
+    shards a whole copy of the optimizer state (gradients reduce-scattered and parameters
+    gathered over 2 ranks, each shard all-reduced across the 2 instances); the steps are one
+    instance's (at DP 2: the same batches), and its checkpoints, per bucket and per parameter,
+    resume at DP 2 with one."""
+    straight = [r["loss"] for r in overlapped[0]]
+    instances = ("--num-distributed-optimizer-instances", 2)
+    for fmt in ((), ("--dist-ckpt-optim-fully-reshardable",)):
+        ckpt, name = str(tmp_path / f"ckpt{len(fmt)}"), f"two{len(fmt)}"
+        first, _, calls = _run(prefix, tmp_path, name, *OVERLAP, *instances, *fmt, "--save",
+                               ckpt, "--save-interval", 3, "--exit-interval", 3,
+                               iters=6, probe=True, nproc=4)  # fmt: skip
+        # (fp32 gradient sums differ in order across data-parallel layouts)
+        assert [r["loss"] for r in first] == pytest.approx(straight[:3], rel=1e-5)
+        groups = {(c["kind"], c["group_size"]) for c in calls}
+        assert groups == {("reduce_scatter", 2), ("all_reduce", 2), ("all_gather", 2)}, groups
+        rest, _, _ = _run(prefix, tmp_path, f"rest{len(fmt)}", *OVERLAP, "--load", ckpt)
+        assert [r["iteration"] for r in rest] == [4, 5, 6]
+        assert [r["loss"] for r in rest] == pytest.approx(straight[3:], rel=1e-5), fmt
 
 
 def test_async_save_writes_the_same_checkpoints_while_training_goes_on(prefix, plain, tmp_path):
