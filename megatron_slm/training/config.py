@@ -86,6 +86,23 @@ class ParallelConfig:
         "Elements per gradient bucket with --overlap-grad-reduce (default: megatron-core's, "
         "max(40M, 1M x data-parallel size)).",
     )
+    ddp_num_buckets: int | None = arg(
+        None,
+        "With --overlap-grad-reduce: about this many gradient buckets (Megatron-LM's flag: each "
+        "of the rank's parameter count / N elements) instead of --ddp-bucket-size.",
+    )
+    ddp_pad_buckets_for_high_nccl_busbw: bool = arg(
+        False,
+        "With --use-distributed-optimizer: pad each gradient bucket to a multiple of 2^16 "
+        "elements (and of the DP size), Megatron-LM's flag for NCCL's bus bandwidth at large "
+        "DP; the per-bucket optimizer state then resumes only with it.",
+    )
+    no_align_grad_reduce: bool = arg(
+        False,
+        "With --overlap-grad-reduce and pipeline parallelism: each stage launches its gradient "
+        "reductions as its backward readies them, instead of the schedule launching every "
+        "stage's together (Megatron-LM's flag).",
+    )
     distributed_backend: str | None = arg(
         None,
         "Accepted with the backend megatron-slm uses (Megatron-LM's flag): nccl on GPU, gloo on "
@@ -169,7 +186,9 @@ class ParallelConfig:
             raise ConfigError(
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"
             )
-        check_at_least(self, "ddp_bucket_size", optional=True)
+        check_at_least(self, "ddp_bucket_size", "ddp_num_buckets", optional=True)
+        if self.ddp_num_buckets is not None and self.ddp_bucket_size is not None:
+            raise ConfigError("give either --ddp-num-buckets or --ddp-bucket-size, not both")
         check_at_least(self, "distributed_timeout_minutes")
         if self.distributed_backend is not None:
             check_choices(self, "distributed_backend")
@@ -185,6 +204,11 @@ class ParallelConfig:
         if self.num_distributed_optimizer_instances > 1 and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--num-distributed-optimizer-instances needs --use-distributed-optimizer"
+            )
+        if self.ddp_pad_buckets_for_high_nccl_busbw and not self.use_distributed_optimizer:
+            raise ConfigError(
+                "--ddp-pad-buckets-for-high-nccl-busbw needs --use-distributed-optimizer "
+                "(megatron-core pads only its buckets)"
             )
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(

@@ -68,6 +68,7 @@ from megatron_slm.training.optimizer import (
     OptimizerStep,
     build_optimizer,
     check_optimizer_resume,
+    ddp_bucket_size,
     finalize_grads,
     logged_lr,
     optimizer_layout,
@@ -600,7 +601,8 @@ class Trainer:
             align_param_gather=par.overlap_param_gather and len(chunks) > 1,
             use_distributed_optimizer=par.use_distributed_optimizer,
             num_distributed_optimizer_instances=par.num_distributed_optimizer_instances,
-            bucket_size=par.ddp_bucket_size,
+            bucket_size=ddp_bucket_size(par, chunks),
+            pad_buckets_for_high_nccl_busbw=par.ddp_pad_buckets_for_high_nccl_busbw,
         )
         self.chunks = [
             DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0)
@@ -657,7 +659,7 @@ class Trainer:
         )
         no_sync = [c.no_sync for c in self.chunks]
         config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
-        if par.overlap_grad_reduce:  # Megatron-LM's align_grad_reduce (its default)
+        if par.overlap_grad_reduce and not par.no_align_grad_reduce:  # (Megatron-LM's default)
             grad_sync = [c.start_grad_sync for c in self.chunks]
             config.grad_sync_func = grad_sync if len(grad_sync) > 1 else grad_sync[0]
         if ddp_config.align_param_gather:

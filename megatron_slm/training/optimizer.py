@@ -56,12 +56,17 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
     (and virtual stages) and buckets, only DP may change; per parameter with
     --dist-ckpt-optim-fully-reshardable, any layout.
     ``bucket_size`` is megatron-core's: none without --overlap-grad-reduce (one bucket), else
-    --ddp-bucket-size or max(40M, 1M x DP). ``virtual_pipeline_size``: the model chunks per
-    pipeline rank (None: one), whichever flag gave them."""
+    --ddp-bucket-size or max(40M, 1M x DP), or none with ``num_buckets`` (--ddp-num-buckets:
+    the size follows from the rank's parameters, fixed by the model and TP/PP, recorded too);
+    ``pad_buckets``: --ddp-pad-buckets-for-high-nccl-busbw (other padding, other shards).
+    ``virtual_pipeline_size``: the model chunks per pipeline rank (None: one), whichever flag
+    gave them."""
     p = cfg.parallel
-    bucket = None
+    bucket = num_buckets = None
     if p.use_distributed_optimizer and p.overlap_grad_reduce:
-        bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * data_parallel_size)
+        num_buckets = p.ddp_num_buckets
+        if num_buckets is None:
+            bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * data_parallel_size)
     sharding = None
     if p.use_distributed_optimizer:
         sharding = FULLY_RESHARDABLE if p.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
@@ -81,7 +86,20 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
         "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers,
         "bucket_size": bucket,
+        "num_buckets": num_buckets,
+        "pad_buckets": p.use_distributed_optimizer and p.ddp_pad_buckets_for_high_nccl_busbw,
     }
+
+
+def ddp_bucket_size(p, chunks) -> int | None:
+    """megatron-core's ``bucket_size`` for these parallel flags (None: its default with
+    --overlap-grad-reduce, one bucket without). --ddp-num-buckets N: the rank's parameters
+    (every model chunk's) over N, as Megatron-LM computes it."""
+    if not p.overlap_grad_reduce:
+        return None
+    if p.ddp_num_buckets is None:
+        return p.ddp_bucket_size
+    return sum(param.nelement() for c in chunks for param in c.parameters()) // p.ddp_num_buckets
 
 
 def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -> None:
@@ -96,7 +114,7 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
             "tool): resume with --no-load-optim (a fresh Adam) or --finetune"
         )
     # (records from before expert parallelism: none)
-    saved = {"expert_model_parallel_size": 1,
+    saved = {"expert_model_parallel_size": 1, "num_buckets": None, "pad_buckets": False,
              **(ckpt.meta.get("optimizer_layout") or {"distributed": False})}  # fmt: skip
     num_layers = ckpt.model.num_layers
     run = optimizer_layout(cfg, data_parallel_size, num_layers)
@@ -133,6 +151,8 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
         "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
+        "num_buckets": "gradient buckets (--overlap-grad-reduce, --ddp-num-buckets)",
+        "pad_buckets": "bucket padding (--ddp-pad-buckets-for-high-nccl-busbw)",
     }
     if ckpt.model.num_experts is None:  # (no expert parameters)
         del flags["expert_tensor_parallel_size"]

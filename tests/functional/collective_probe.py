@@ -38,6 +38,7 @@ def _recorded(kind: str, collective):
                 "in_forward_pre_hook": ("distributed_data_parallel.py", "hook") in frames,
                 "async": bool(kwargs.get("async_op", False)),
                 "group_size": dist.get_world_size(kwargs.get("group")),
+                "numel": max(a.numel() for a in args if isinstance(a, torch.Tensor)),
             })  # fmt: skip
         return collective(*args, **kwargs)
 

@@ -194,6 +194,9 @@ def test_distributed_optimizer_checkpoint_resumes_at_another_data_parallel_size(
         ((*DIST_OPT, "--overlap-grad-reduce", "--ddp-bucket-size", 50000),
          "resumes only with the same gradient buckets (--overlap-grad-reduce, --ddp-bucket-size):"
          " saved 30000, this run 50000"),
+        ((*OVERLAP, "--ddp-pad-buckets-for-high-nccl-busbw"),
+         "resumes only with the same bucket padding (--ddp-pad-buckets-for-high-nccl-busbw): "
+         "saved False, this run True"),
     ]:  # fmt: skip
         proc, _ = pretrain("refused", *extra, "--load", at3)
         assert proc.returncode == 2, proc.stderr[-2000:]
@@ -226,7 +229,9 @@ def test_interleaved_pipeline_launches_the_gathers_from_the_schedule(prefix, tmp
     """Two data-parallel ranks of an interleaved pipeline (PP 2, two virtual stages each): the
     schedule launches each model chunk's all-gathers (Megatron-LM's ``align_param_gather``,
     through ``param_sync_func``) and its gradient reductions; the same losses and validation
-    losses as without overlap and the distributed optimizer."""
+    losses as without overlap and the distributed optimizer. With --no-align-grad-reduce each
+    stage's backward hooks launch its reductions instead; --ddp-num-buckets 2 makes two
+    buckets, --ddp-pad-buckets-for-high-nccl-busbw pads each to a multiple of 2^16."""
     layout = ("--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1)
 
     def losses(name, *extra):
@@ -238,16 +243,29 @@ def test_interleaved_pipeline_launches_the_gathers_from_the_schedule(prefix, tmp
             env={"COLLECTIVE_PROBE_OUT": out},
         )
         with open(f"{out}.0.json") as f:
-            gathers = [c for c in json.load(f) if c["kind"] == "all_gather"]
+            calls = json.load(f)
         with open(log) as f:
-            return [(r.get("loss"), r.get("validation_loss")) for r in map(json.loads, f)], gathers
+            return [(r.get("loss"), r.get("validation_loss")) for r in map(json.loads, f)], calls
+
+    def of(kind, calls):
+        return [c for c in calls if c["kind"] == kind]
 
     plain, _ = losses("plain")
     assert len(plain) == 4 + 2 and plain[-1][1] is not None
-    overlapped, gathers = losses("overlap", *OVERLAP)
+    overlapped, calls = losses("overlap", *OVERLAP)
     assert overlapped == plain
-    launched = [c for c in gathers if c["async"]]  # by the schedule, none by a pre-hook
+    launched = [c for c in of("all_gather", calls) if c["async"]]  # by the schedule
     assert launched and not any(c["in_forward_pre_hook"] for c in launched)
+    assert not any(c["in_backward"] for c in of("reduce_scatter", calls))
+
+    buckets = ("--ddp-num-buckets", 2, "--ddp-pad-buckets-for-high-nccl-busbw")
+    overlap = ("--overlap-grad-reduce", "--overlap-param-gather", "--no-align-grad-reduce")
+    unaligned, calls = losses("unaligned", *DIST_OPT, *overlap, *buckets)
+    assert unaligned == plain
+    scatters = of("reduce_scatter", calls)
+    assert len(scatters) == 2 * 4 and all(c["numel"] % 2**16 == 0 for c in scatters)
+    # (the first step's from the end of the step: megatron-core learns the order of readiness)
+    assert sum(c["in_backward"] for c in scatters) == 2 * 3
 
 
 def test_fully_reshardable_checkpoint_resumes_at_another_layout(
