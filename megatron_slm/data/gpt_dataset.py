@@ -218,6 +218,7 @@ def build_gpt_datasets(
     is_built_on_rank: Callable[[], bool] | None = None,
     blend_per_split: Sequence[Sequence[str] | None] | None = None,
     multiple_validation_sets: bool = False,
+    full_validation: bool = False,
     mock: bool = False,
     fim: FimSettings | None = None,
 ) -> tuple:
@@ -231,6 +232,7 @@ def build_gpt_datasets(
             of their own (``--train-data-path`` ...; None: no such split), each dataset whole.
         multiple_validation_sets: with ``blend_per_split``, valid is a list, one dataset per
             validation prefix (megatron-core's; one prefix: the dataset itself).
+        full_validation: valid's ``num_samples`` is None, one epoch (megatron-core checks it).
         seq_length: sequence length ``s`` of the samples.
         seed: dataset shuffling seed.
         num_samples: ``[train, valid, test]`` samples to draw (``None``: one epoch).
@@ -278,6 +280,7 @@ def build_gpt_datasets(
         add_extra_token_to_sequence=add_extra_token_to_sequence,
         require_sidecar=require_sidecar,
         multiple_validation_sets=multiple_validation_sets,
+        full_validation=full_validation,
         fim=fim,
     )
     builder = BlendedMegatronDatasetBuilder(

@@ -426,6 +426,13 @@ class TrainingArgs:
         "Validation batches per evaluation; after the last step the validation sets (unless just "
         "evaluated) and the test split are evaluated on as many, as in Megatron-LM.",
     )
+    full_validation: bool = arg(
+        False,
+        "Each evaluation reads the whole validation split, one epoch of it (the same samples "
+        "every time; the last micro-batches that would not give every data-parallel rank one "
+        "are left out), instead of --eval-iters global batches (Megatron-LM's flag); the test "
+        "split keeps --eval-iters.",
+    )
     skip_train: bool = arg(
         False,
         "No training: evaluate the validation sets and the test split at the --load step "
@@ -597,7 +604,7 @@ class TrainingArgs:
         check_choices(self, "empty_unused_memory_level")
         if any(i < 1 for i in self.iterations_to_skip):
             raise ConfigError("--iterations-to-skip takes iterations >= 1 (the first is 1)")
-        if self.skip_train and self.eval_iters < 1:
+        if self.skip_train and self.eval_iters < 1 and not self.full_validation:
             raise ConfigError("--skip-train evaluates: give --eval-iters >= 1")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is not supported")
@@ -1740,6 +1747,26 @@ def _check_optimizer_instances(p: ParallelConfig, dp: int, expert_dp: int) -> No
             )
 
 
+def _check_full_validation(d: DataArgs) -> None:
+    """--full-validation reads one epoch of each validation dataset: megatron-core builds that
+    only for datasets without weights (a weighted blend is drawn by its weights)."""
+    from megatron_slm.data.gpt_dataset import parse_data_path
+
+    if d.mock_data:
+        raise ConfigError(
+            "--full-validation with --mock-data: megatron-core's mock split holds 100000 random "
+            "documents; evaluate --eval-iters batches of it"
+        )
+    flag = "--valid-data-path" if d.per_split else "--data-path"
+    blend = d.valid_data_path if d.per_split else d.data_path
+    if blend and parse_data_path(blend)[1] is not None:
+        raise ConfigError(
+            f"--full-validation reads one epoch of each validation dataset, which a weighted "
+            f"{flag} blend has not: give the validation datasets without weights"
+            + ("" if d.per_split else " (--valid-data-path A B, with --train-data-path)")
+        )
+
+
 def validate(
     cfg: PretrainConfig, world_size: int, architecture: GPTModelConfig, resumed_samples: int = 0
 ) -> DerivedSizes:
@@ -1755,6 +1782,8 @@ def validate(
         )
     if d.mock_data and cfg.sft.enabled:
         raise ConfigError("give either --mock-data or --sft-data, not both")
+    if t.full_validation:
+        _check_full_validation(d)
     if cfg.logging.log_progress and not cfg.checkpoint.save:
         raise ConfigError("--log-progress writes progress.txt into --save: give --save")
     if d.mock_data and cfg.slm.needs_reference and cfg.slm.slm_ref_source == "sidecar":

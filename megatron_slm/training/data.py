@@ -29,7 +29,7 @@ def build_datasets(
         evals = max(evals, t.eval_iters)
     num_samples = [
         sizes.train_samples,
-        evals * sizes.global_batch_size,
+        None if t.full_validation else evals * sizes.global_batch_size,  # (None: one epoch)
         t.eval_iters * sizes.global_batch_size,
     ]
     if batch_list is not None:  # train = the source order the list was drawn from
@@ -47,6 +47,7 @@ def build_datasets(
         require_sidecar=require_sidecar,
         blend_per_split=d.blend_per_split(),
         multiple_validation_sets=d.multiple_validation_sets,
+        full_validation=t.full_validation,
         mock=d.mock_data,
         fim=d.fim_settings(tokenizer) if d.fim_data else None,
         **d.eod_flags,

@@ -529,6 +529,7 @@ class Trainer:
             logger.info("loaded %s at iteration %d", plan.checkpoint.path, self.iteration)
         self.batches = self._micro_batches(self.train_ds, consumed)
         self.valid_batches = {}  # per (split, set), built at its first evaluation
+        self._announced: set = set()  # the full validations whose size was logged
         self.sample_record = SampleRecord(cfg.data.train_samples_record, self.batches)
         self.log = TrainingLogger(
             cfg, self.arch, self.sizes, self.device, self.sources, self.distill is not None,
@@ -910,9 +911,8 @@ class Trainer:
         eval_ratio = 1.0 if self.cfg.slm.enabled else None
         total = None  # only the last pipeline stage has statistics
         try:
-            for _ in range(self.cfg.training.eval_iters):
-                run = self._run_schedule(batches, True, eval_ratio, 0, self.sizes.num_microbatches)
-                stats = self._reduce_stats(run)
+            for n in self._evaluation_rounds(key, dataset):
+                stats = self._reduce_stats(self._run_schedule(batches, True, eval_ratio, 0, n))
                 if stats is not None:
                     total = stats if total is None else total + stats
         except StopIteration:
@@ -920,6 +920,28 @@ class Trainer:
         if total is None:
             return None
         return (total[STAT_KEYS.index("loss_sum")] / total[STAT_KEYS.index("n_valid")]).item()
+
+    def _evaluation_rounds(self, key: tuple[str, str], dataset) -> list[int]:
+        """The micro-batches of each schedule one evaluation runs: --eval-iters global batches,
+        or with --full-validation the validation split's every micro-batch that each
+        data-parallel rank has (every rank runs as many), the last schedule a partial batch."""
+        num = self.sizes.num_microbatches
+        if not (self.cfg.training.full_validation and key[0] == "validation"):
+            return [num] * self.cfg.training.eval_iters
+        per_rank = self.cfg.training.micro_batch_size * self.sizes.data_parallel_size
+        whole, rest = divmod(len(dataset) // per_rank, num)
+        if self.cfg.parallel.interleaved_schedule(self.arch.num_layers):
+            rest -= rest % self.cfg.parallel.pipeline_model_parallel_size  # (its multiples only)
+        if key not in self._announced and torch.distributed.get_rank() == 0:
+            self._announced.add(key)
+            read = (whole * num + rest) * per_rank
+            left = len(dataset) - read
+            logger.info(
+                "full validation%s: %d samples per evaluation%s", f" of {key[1]}" * bool(key[1]),
+                read, f" ({left} left out: too few for a micro-batch on every data-parallel "
+                "rank)" if left else "",
+            )  # fmt: skip
+        return [num] * whole + ([rest] if rest else [])
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -1106,10 +1128,10 @@ class Trainer:
         the validation sets, unless this step's --eval-interval evaluation just ran, then the
         test split, --eval-iters batches each; with --skip-train, both at the loaded step."""
         t = self.cfg.training
-        if not t.eval_iters or not (t.eval_interval or t.skip_train):
+        if not (t.eval_iters or t.full_validation) or not (t.eval_interval or t.skip_train):
             return
         just_ran = t.eval_interval and self.iteration % t.eval_interval == 0 and not t.skip_train
-        splits = [("validation", self.valid_sets), ("test", self.test_sets)]
+        splits = [("validation", self.valid_sets), ("test", self.test_sets if t.eval_iters else [])]
         splits = [name for name, sets in splits if sets and not (name == "validation" and just_ran)]
         if not splits:
             return

@@ -258,6 +258,11 @@ def _config(*argv):
         (("--data-path", "A", "--reset-attention-mask", "--transformer-impl", "te"), "use --trans"),
         (("--sft-data", "x.jsonl", "--eod-mask-loss"), "--sft-data rows already"),
         (("--sft-data", "x.jsonl", "--train-data-path", "A"), "--train-data-path or --sft-data"),
+        (
+            ("--data-path", "0.5", "A", "0.5", "B", "--full-validation"),
+            "a weighted --data-path blend has not",
+        ),
+        (("--mock-data", "--full-validation"), "--full-validation with --mock-data"),
     ],
 )
 def test_conflicting_data_flags_are_refused(argv, message, capsys):
@@ -315,3 +320,45 @@ def test_a_blend_file_that_does_not_fit_is_one_line(tmp_path, capsys, content, e
     lines = capsys.readouterr().err.strip().splitlines()
     assert f"--per-split-data-args-path {path}" in lines[-1] or "replaces" in lines[-1]
     assert message in lines[-1]
+
+
+def _full_validation_worker(rank, world, prefix, tmp):
+    """This rank's view of one --full-validation evaluation: the reported loss, the split's
+    samples, and (one rank) the float64 mean over every sample the evaluation reads."""
+    import torch.nn.functional as F
+
+    flags = ("--split", "70,30,0", "--full-validation", "--eval-iters", 0, "--micro-batch-size", 1,
+             "--num-workers", 0)  # fmt: skip
+    trainer = cpu_trainer(tiny_args(prefix, f"{tmp}/{world}.jsonl", 3, *flags), world=world)
+    ((_, valid),) = trainer.valid_sets
+    reported = [trainer.evaluate()[""] for _ in range(2)]  # (the second: the same samples)
+    expected = None
+    if world == 1:
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(len(valid)):
+                sample = {k: torch.as_tensor(v)[None] for k, v in valid[i].items()}
+                logits = trainer.chunks[0](sample["tokens"], sample["position_ids"], None)
+                loss = F.cross_entropy(logits[0].double(), sample["labels"][0], reduction="none")
+                mask = sample["loss_mask"][0].double()
+                total, count = total + float((loss * mask).sum()), count + float(mask.sum())
+        expected = total / count
+    close_trainer(trainer)
+    eods = sum(int((torch.as_tensor(valid[i]["tokens"]) == EOD).sum()) for i in range(len(valid)))
+    return reported, expected, len(valid), eods
+
+
+def test_full_validation_reads_the_whole_split_each_time(corpora, tmp_path):
+    """--full-validation (Megatron-LM's flag): the validation split is built as one epoch (its
+    30 documents of 16 tokens: 14 samples of 32 + 1, reading 28 documents' ends once, the rest
+    too short for a sample), and each
+    evaluation's loss is the mean over all of it, the same at every evaluation and at DP 2
+    (7 micro-batches per rank: a whole global batch of 4, then a partial one of 3)."""
+    ((reported, expected, n, eods),) = run_distributed(
+        _full_validation_worker, 1, corpora["train"], str(tmp_path)
+    )
+    assert n == (30 * 16 - 1) // 32 and eods == n * 32 // 16  # (every document read once)
+    assert reported[0] == pytest.approx(expected, rel=1e-6) and reported[1] == reported[0]
+    two = run_distributed(_full_validation_worker, 2, corpora["train"], str(tmp_path))
+    for reported_dp, _, _, _ in two:
+        assert reported_dp == pytest.approx(reported, rel=1e-6)
