@@ -234,6 +234,7 @@ def resolve_checkpoint(path: str, flag: str = "--load") -> str:
         raise CheckpointError(f"{flag} {path}: no such checkpoint directory")
     if os.path.isfile(os.path.join(path, METADATA)):
         return path
+    _refuse_megatron_lm_checkpoint(path, flag)
     iteration = latest_iteration(path)
     if iteration is None:
         raise CheckpointError(f"{flag} {path}: no {TRACKER} and no {METADATA}: not a checkpoint")
@@ -246,6 +247,31 @@ def resolve_checkpoint(path: str, flag: str = "--load") -> str:
             "(copy the checkpoint again, or point --load at a complete iter_N directory)"
         )
     return ckpt
+
+
+def _refuse_megatron_lm_checkpoint(path: str, flag: str) -> None:
+    """A checkpoint with megatron-core's ``common.pt`` but no ``megatron_slm.json`` (in ``path``
+    or the iteration its tracker names, ``release`` too): Megatron-LM's own, or a copy cut
+    short; say what to do for either."""
+    tracker = os.path.join(path, TRACKER)
+    named = ""
+    if os.path.isfile(tracker):
+        with open(tracker, encoding="utf-8", errors="replace") as f:
+            named = f.read(64).strip()
+    candidates = [path]
+    if named == "release" or (named.isascii() and named.isdigit()):
+        candidates.append(os.path.join(path, named) if named == "release"
+                          else iteration_dir(path, int(named)))  # fmt: skip
+    for ckpt in candidates:
+        if os.path.isfile(os.path.join(ckpt, "common.pt")) and not os.path.isfile(
+            os.path.join(ckpt, METADATA)
+        ):
+            raise CheckpointError(
+                f"{flag} {path}: {ckpt} has megatron-core's common.pt but no {METADATA}: a "
+                "Megatron-LM checkpoint is converted first (python tools/convert_checkpoint.py "
+                f"megatron-lm-to-megatron --load {path} --save DIR); a megatron_slm one was "
+                "copied without it (copy it again)"
+            )
 
 
 def holds_checkpoint(path: str) -> bool:

@@ -11,6 +11,12 @@ distributed checkpoints and back (a GPT-3-architecture checkpoint exports as GPT
     python tools/convert_checkpoint.py megatron-to-hf --load ckpt/run --save hf/run \\
         --max-shard-size 5GB --dtype bfloat16
 
+    # Megatron-LM's own checkpoint (torch_dist, a GPT model saved by pretrain_gpt.py) -> megatron
+    # checkpoint: the architecture and tokenizer from the args it saved (--tokenizer-* flags
+    # where its tokenizer files are elsewhere); then --load it anywhere (--finetune to train on)
+    python tools/convert_checkpoint.py megatron-lm-to-megatron --load /ckpts/llama-mlm \
+        --save ckpt/from-mlm --tokenizer-model /models/llama-tokenizer
+
 ``--help`` after the direction lists its flags.
 
 hf-to-megatron runs in one process (the usual way: the checkpoint is written for the target TP/PP,
@@ -33,6 +39,8 @@ from megatron_slm.convert.hf import (
     convert_megatron_to_hf,
     import_layout,
 )
+from megatron_slm.convert.megatron_lm import convert_megatron_lm_to_megatron
+from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.entry import entry_point
 from megatron_slm.runtime.hf_source import READABLE_ARCHITECTURES
 
@@ -96,16 +104,29 @@ class MegatronToHfConfig(_Paths):
             self.load = checkpoint_at_step(self.load, self.ckpt_step)
 
 
+@dataclass
+class MegatronLmToMegatronConfig(TokenizerArgs, _Paths):
+    """``megatron-lm-to-megatron``: the tokenizer flags, each defaulting to the checkpoint's
+    (Megatron-LM's flags of the same names)."""
+
+
 COMMANDS = {
     "hf-to-megatron": Command(HfToMegatronConfig, "Hugging Face directory -> megatron checkpoint."),
     "megatron-to-hf": Command(MegatronToHfConfig, "megatron checkpoint -> Hugging Face directory."),
+    "megatron-lm-to-megatron": Command(
+        MegatronLmToMegatronConfig, "Megatron-LM's torch_dist checkpoint -> megatron checkpoint."
+    ),
 }
 
 
 @entry_point(PROG, log_level=logging.INFO, doc=__doc__, commands=COMMANDS,
              command_name="direction")  # fmt: skip
-def main(direction: str, cfg: HfToMegatronConfig | MegatronToHfConfig) -> int:
-    if direction == "hf-to-megatron":
+def main(direction: str, cfg) -> int:
+    if direction == "megatron-lm-to-megatron":
+        launch.initialize(device="cpu")
+        result = convert_megatron_lm_to_megatron(cfg.load, cfg.save, cfg, overwrite=cfg.overwrite)
+        print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
+    elif direction == "hf-to-megatron":
         tp, pp = import_layout(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
         launch.initialize(
             device="cpu", tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
