@@ -98,6 +98,10 @@ def readable_common(iteration: str):
     with each global it names that torch's safe unpickler does not allow replaced by a
     stand-in."""
     path = os.path.join(iteration, COMMON)
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):  # (torch < 2.6)
+        raise ConversionError(
+            f"reading {path} safely needs torch >= 2.6 (this is {torch.__version__})"
+        )
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     stand_ins = [(type(name.rpartition(".")[2], (_StandIn,), {}), name) for name in unsafe]
     with torch.serialization.safe_globals(stand_ins):
@@ -216,7 +220,8 @@ def convert_megatron_lm_to_megatron(
     rows = _embedding_rows(tensors, where)
     if padded != rows:
         raise ConversionError(
-            f"{where}: the tokenizer ({ttype} {tmodel or ''}) has {tokenizer.vocab_size} ids, "
+            f"{where}: the tokenizer ({' '.join(filter(None, (ttype, tmodel)))}) has "
+            f"{tokenizer.vocab_size} ids, "
             f"padded to {padded} rows (--make-vocab-size-divisible-by {divisor} at TP "
             f"{saved_tp}), but the checkpoint's embedding has {rows}: not its tokenizer"
         )
