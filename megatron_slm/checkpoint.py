@@ -188,17 +188,34 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 def latest_iteration(root: str) -> int | None:
     """The newest complete iteration in ``root`` (None when there is none)."""
+    text = _tracker_text(root)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise CheckpointError(
+            f"{os.path.join(root, TRACKER)}: expected an iteration number, found {text!r}"
+        )
+    return int(text)
+
+
+def tracked_iteration_dir(root: str) -> str | None:
+    """The directory the tracker of ``root`` names: ``iter_N``, or Megatron-LM's ``release``
+    (None: no tracker)."""
+    if _tracker_text(root) == "release":
+        return os.path.join(root, "release")
+    iteration = latest_iteration(root)
+    return None if iteration is None else iteration_dir(root, iteration)
+
+
+def _tracker_text(root: str) -> str | None:
     tracker = os.path.join(root, TRACKER)
     if not os.path.isfile(tracker):
         return None
     try:
         with open(tracker, encoding="utf-8") as f:
-            text = f.read(64).strip()
+            return f.read(64).strip()
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8 text
         raise CheckpointError(f"{tracker}: unreadable ({exc})") from None
-    if not (text.isascii() and text.isdigit()):
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
 
 
 def checkpoint_at_step(root: str, step: int, flag: str = "--load") -> str:
@@ -253,18 +270,11 @@ def _refuse_megatron_lm_checkpoint(path: str, flag: str) -> None:
     """A checkpoint with megatron-core's ``common.pt`` but no ``megatron_slm.json`` (in ``path``
     or the iteration its tracker names, ``release`` too): Megatron-LM's own, or a copy cut
     short; say what to do for either."""
-    tracker = os.path.join(path, TRACKER)
-    named = ""
-    if os.path.isfile(tracker):
-        with open(tracker, encoding="utf-8", errors="replace") as f:
-            named = f.read(64).strip()
-    candidates = [path]
-    if named == "release" or (named.isascii() and named.isdigit()):
-        candidates.append(os.path.join(path, named) if named == "release"
-                          else iteration_dir(path, int(named)))  # fmt: skip
-    for ckpt in candidates:
-        if os.path.isfile(os.path.join(ckpt, "common.pt")) and not os.path.isfile(
-            os.path.join(ckpt, METADATA)
+    for ckpt in (path, tracked_iteration_dir(path)):
+        if (
+            ckpt
+            and os.path.isfile(os.path.join(ckpt, "common.pt"))
+            and not os.path.isfile(os.path.join(ckpt, METADATA))
         ):
             raise CheckpointError(
                 f"{flag} {path}: {ckpt} has megatron-core's common.pt but no {METADATA}: a "
@@ -845,7 +855,13 @@ def tokenizer_record(tokenizer_type: str, tokenizer_model: str | None, tokenizer
 
 def checkpoint_tensor_info(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor of a checkpoint (reads metadata only)."""
-    meta = dist_checkpointing.load_tensors_metadata(resolve_checkpoint(path))
+    return iteration_tensor_info(resolve_checkpoint(path))
+
+
+def iteration_tensor_info(iteration: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """:func:`checkpoint_tensor_info` of an iteration directory of megatron-core's format, ours
+    or not (Megatron-LM's)."""
+    meta = dist_checkpointing.load_tensors_metadata(iteration)
     return {k: (tuple(v.global_shape), v.dtype) for k, v in meta.items()}
 
 

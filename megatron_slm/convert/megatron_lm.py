@@ -31,20 +31,26 @@ import torch
 
 from megatron_slm.checkpoint import (
     FORMAT_VERSION,
-    TRACKER,
     CheckpointInfo,
     check_new_output_dir,
     discard_staging_dir,
-    iteration_dir,
+    iteration_tensor_info,
     load_checkpoint,
     model_sharded_state_dict,
     publish_output_dir,
     save_checkpoint,
     staging_dir,
     tokenizer_record,
+    tracked_iteration_dir,
 )
 from megatron_slm.convert.hf import ConversionError, ImportResult
 from megatron_slm.convert.hf_target import dtype_name
+from megatron_slm.data.tokenizer import (
+    TIKTOKEN_FLAGS,
+    check_tokenizer_flags,
+    model_path_of,
+    tokenizer_of,
+)
 from megatron_slm.models import GPTModelConfig, ModelBuildOptions, build_model
 from megatron_slm.models.args import MOE_ARCHITECTURE_FLAGS, YARN_FLAGS, ModelArgs
 from megatron_slm.models.presets import padded_vocab_size
@@ -120,15 +126,7 @@ def read_megatron_lm_checkpoint(path: str, flag: str = "--load") -> MegatronLMCh
     or ``release``) and its saved flags."""
     if not os.path.isdir(path):
         raise ConversionError(f"{flag} {path}: no such directory")
-    iteration = path
-    tracker = os.path.join(path, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker, encoding="utf-8", errors="replace") as f:
-            text = f.read(64).strip()
-        if text != "release" and not (text.isascii() and text.isdigit()):
-            raise ConversionError(f"{tracker}: expected an iteration number, found {text!r}")
-        release = text == "release"
-        iteration = os.path.join(path, text) if release else iteration_dir(path, int(text))
+    iteration = tracked_iteration_dir(path) or path
     common = os.path.join(iteration, COMMON)
     if not os.path.isfile(common):
         raise ConversionError(
@@ -216,7 +214,7 @@ def convert_megatron_lm_to_megatron(
     saved_tp = args.get("tensor_model_parallel_size") or 1
     arch = architecture(args, tokenizer.vocab_size, where)
     padded = padded_vocab_size(tokenizer.vocab_size, divisor, saved_tp)
-    tensors = _tensor_info(source.path)
+    tensors = iteration_tensor_info(source.path)
     rows = _embedding_rows(tensors, where)
     if padded != rows:
         raise ConversionError(
@@ -236,9 +234,8 @@ def convert_megatron_lm_to_megatron(
     (model,) = build_model(arch, opts)
     _check_weights(model, tensors, where)
     meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(arch)}
-    with readable_common(source.path):
-        load_checkpoint(CheckpointInfo(source.path, meta, "--load"), [model], weights_only=True,
-                        strict="raise_unexpected")  # fmt: skip
+    with readable_common(source.path):  # (_check_weights matched the keys: no strictness)
+        load_checkpoint(CheckpointInfo(source.path, meta, "--load"), [model], weights_only=True)
     metadata = {
         "source": f"megatron-lm:{source.path}",
         "make_vocab_size_divisible_by": divisor,
@@ -268,13 +265,6 @@ def convert_megatron_lm_to_megatron(
 def _tokenizer(args: dict, flags, where: str):
     """(tokenizer, type, model path): the checkpoint's args' tokenizer with the flags given in
     place of its values, or the flags alone where they name another type."""
-    from megatron_slm.data.tokenizer import (
-        TIKTOKEN_FLAGS,
-        check_tokenizer_flags,
-        model_path_of,
-        tokenizer_of,
-    )
-
     names = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size",
              *TIKTOKEN_FLAGS)  # fmt: skip
     given = [n for n in names if getattr(flags, n, None) is not None]
@@ -297,14 +287,6 @@ def _tokenizer(args: dict, flags, where: str):
         raise ConversionError(f"{where}: cannot load {what}: {first}{hint}") from None
     model = model_path_of(flags.tokenizer_type, flags.tokenizer_model, flags.vocab_file)
     return tokenizer, flags.tokenizer_type, model
-
-
-def _tensor_info(iteration: str) -> dict:
-    """Each tensor's global shape (and dtype), read from the checkpoint's metadata alone."""
-    from megatron.core import dist_checkpointing
-
-    info = dist_checkpointing.load_tensors_metadata(iteration)
-    return {k: (tuple(v.global_shape), v.dtype) for k, v in info.items()}
 
 
 def _embedding_rows(tensors: dict, where: str) -> int:
