@@ -1007,14 +1007,19 @@ def resolve_upcycled_architecture(
 
 def check_tokenizer(checkpoint: CheckpointInfo, tokenizer, tokenizer_type: str, flag: str) -> None:
     """A tokenizer given by flags must be the checkpoint's (same type: same model file hash)."""
+    from megatron_slm.data.tokenizer import vocab_flag_of_record
+
     recorded = checkpoint.tokenizer
     if not recorded or tokenizer is None:
         return
     where = f"the checkpoint {checkpoint.flag} {checkpoint.path}"
     if tokenizer.vocab_size != recorded.get("vocab_size", tokenizer.vocab_size):
+        what = recorded.get("model")
+        if tokenizer_type == "NullTokenizer" == recorded.get("type"):  # the flag's meaning
+            what = f"a NullTokenizer's --vocab-size {vocab_flag_of_record(recorded)}, then its EOD"
         raise CheckpointError(
             f"{flag}: the tokenizer has {tokenizer.vocab_size} ids, {where} recorded "
-            f"{recorded['vocab_size']} ({recorded.get('model')})"
+            f"{recorded['vocab_size']} ({what})"
         )
     sha, theirs = tokenizer.unique_identifiers.get("sha256"), recorded.get("sha256")
     if tokenizer_type == recorded.get("type") and sha and theirs and sha != theirs:
@@ -1064,7 +1069,12 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
     the checkpoint. Returns ``(tokenizer or None, type, model path)`` (a GPT2BPETokenizer's model
     path is its vocab file); None only when neither the flags nor the checkpoint name one and
     ``required`` is False."""
-    from megatron_slm.data.tokenizer import TIKTOKEN_FLAGS, build_tokenizer, model_path_of
+    from megatron_slm.data.tokenizer import (
+        TIKTOKEN_FLAGS,
+        build_tokenizer,
+        model_path_of,
+        vocab_flag_of_record,
+    )
 
     recorded = (checkpoint.tokenizer if checkpoint else None) or {}
     names = ("tokenizer_model", "vocab_file", "merge_file", "tokenizer_type", "vocab_size",
@@ -1081,12 +1091,12 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
         vocab, merge = args.vocab_size, args.merge_file
         if ttype == recorded.get("type"):
             model = model or recorded.get("model")
-            vocab = vocab or recorded.get("vocab_size")
+            vocab = vocab or vocab_flag_of_record(recorded)
             merge = merge or recorded.get("merge_file")
         flag = f"--{given[0].replace('_', '-')}"
     elif recorded:
-        ttype, model, vocab = recorded["type"], recorded.get("model"), recorded.get("vocab_size")
-        merge = recorded.get("merge_file")
+        ttype, model = recorded["type"], recorded.get("model")
+        vocab, merge = vocab_flag_of_record(recorded), recorded.get("merge_file")
         flag = f"the tokenizer recorded in {checkpoint.flag} {checkpoint.path}"
     elif required:
         raise CheckpointError(

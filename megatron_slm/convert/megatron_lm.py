@@ -70,7 +70,6 @@ UNSUPPORTED = (
     "no_rope_freq",
     "qk_l2_norm",
     "moe_latent_size",
-    "moe_grouped_gemm",
 )
 # ModelArgs fields whose Megatron-LM destination is another name or the negation of one.
 NEGATED = {
@@ -83,7 +82,7 @@ NOT_ARCHITECTURE = {
     "model_preset", "transformer_impl", "attention_backend", "use_mcore_models", "use_flash_attn",
     "attention_dropout", "hidden_dropout", "attention_softmax_in_fp32", "masked_softmax_fusion",
     "bias_gelu_fusion", "persist_layer_norm", "rope_fusion", "gradient_accumulation_fusion",
-    "bias_swiglu_fusion", "bias_dropout_fusion",
+    "bias_swiglu_fusion", "bias_dropout_fusion", "apply_query_key_layer_scaling",
 }  # fmt: skip
 
 
@@ -274,9 +273,6 @@ def _tokenizer(args: dict, flags, where: str):
         for name in set(names) - set(given):
             value = args.get(name)
             setattr(flags, name, list(value) if isinstance(value, tuple) else value)
-        if flags.tokenizer_type == "NullTokenizer" and "vocab_size" not in given:
-            if flags.vocab_size is not None:
-                flags.vocab_size += 1  # (Megatron-LM's: --vocab-size ids, then its EOD)
     what = " ".join(f"--{n.replace('_', '-')}" for n in given) or "the tokenizer of its args"
     try:
         check_tokenizer_flags(flags)

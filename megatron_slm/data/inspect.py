@@ -39,7 +39,9 @@ class InspectConfig(TikTokenArgs):
     vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
     merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
     vocab_size: int | None = arg(
-        None, "NullTokenizer vocabulary size; a TikTokenizer's (special ids included) cuts it."
+        None,
+        "NullTokenizer: its ids before the EOD (EOD = N, as Megatron-LM's); a "
+        "TikTokenizer's (special ids included) cuts it.",
     )
     max_chars: int = arg(300, "Text shown per document.")
     json: bool = arg(False, "Print the reports as JSON.")

@@ -66,7 +66,9 @@ class PreprocessConfig(TikTokenArgs):
     vocab_file: str | None = arg(None, "GPT2BPETokenizer's vocab.json.")
     merge_file: str | None = arg(None, "GPT2BPETokenizer's merges.txt.")
     vocab_size: int | None = arg(
-        None, "NullTokenizer vocabulary size; a TikTokenizer's (special ids included) cuts it."
+        None,
+        "NullTokenizer: its ids before the EOD (EOD = N, as Megatron-LM's); a "
+        "TikTokenizer's (special ids included) cuts it.",
     )
     append_eod: bool = arg(False, "Append the tokenizer's EOD to each non-empty document.")
     output_prefix: str = arg(None, "Writes <prefix>_<key>_document.bin/.idx.", required=True)

@@ -12,11 +12,12 @@ The classes subclass megatron-core's ``MegatronTokenizerBase`` so ``GPTDatasetCo
 
 Token ids follow Megatron-LM's ``GPTSentencePieceTokenizer`` / ``Llama2Tokenizer`` (the same
 sentencepiece ids, each text led by the BOS id) / ``GPT2BPETokenizer`` (``--vocab-file`` +
-``--merge-file``) / ``HuggingFaceTokenizer`` / ``NullTokenizer``, with two documented
-differences: our ``SentencePieceTokenizer`` is Megatron-LM's ``GPTSentencePieceTokenizer`` (a
-name accepted for it), not Megatron-LM's BERT/T5 ``SentencePieceTokenizer`` that appends
-``<CLS>``/``<SEP>``/``<EOD>``/... ids; ``NullTokenizer(vocab_size)`` has exactly ``vocab_size`` ids
-and ``eod = vocab_size - 1`` (Megatron-LM appends the EOD after ``vocab_size``).
+``--merge-file``) / ``HuggingFaceTokenizer`` / ``NullTokenizer`` (``--vocab-size V``: ids
+``0 .. V - 1``, then its EOD ``V``; ``V + 1`` ids in all), with one documented difference: our
+``SentencePieceTokenizer`` is Megatron-LM's ``GPTSentencePieceTokenizer`` (a name accepted for
+it), not Megatron-LM's BERT/T5 ``SentencePieceTokenizer`` that appends ``<CLS>``/``<SEP>``/
+``<EOD>``/... ids. Records (checkpoints, sidecars) hold every tokenizer's ids in all
+(:func:`vocab_flag_of_record` maps a NullTokenizer's back to its flag).
 """
 
 from __future__ import annotations
@@ -562,21 +563,22 @@ class HuggingFaceTokenizer(_SLMTokenizer):
 
 
 class NullTokenizer(_SLMTokenizer):
-    """Synthetic tokenizer for tests: text is space-separated integer ids. ``vocab_size`` ids in
-    total, the last one (``vocab_size - 1``) is EOD."""
+    """Megatron-LM's synthetic tokenizer: text is space-separated integer ids. ``--vocab-size V``
+    gives the ids ``0 .. V - 1`` and then its EOD, ``V`` (``V + 1`` ids in all, as Megatron-LM
+    pads them, so its NullTokenizer corpora and ``--mock-data`` models match ours)."""
 
     def __init__(self, vocab_size: int) -> None:
-        if vocab_size is None or int(vocab_size) < 2:
-            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
-        self._vocab_size = int(vocab_size)
-        super().__init__(None, vocab_size=self._vocab_size)
+        if vocab_size is None or int(vocab_size) < 1:
+            raise ConfigError(f"--vocab-size must be >= 1 for NullTokenizer, got {vocab_size!r}")
+        self._eod = int(vocab_size)
+        super().__init__(None, vocab_size=self.vocab_size)  # (the ids in all, as recorded)
 
     def tokenize(self, text: str) -> list[int]:
-        """``"3 1 4" -> [3, 1, 4]``; ids must lie in ``[0, vocab_size)``."""
+        """``"3 1 4" -> [3, 1, 4]``; ids must lie in ``[0, vocab_size]`` (the EOD included)."""
         ids = [int(x) for x in text.split()]
         for i in ids:
-            if not 0 <= i < self._vocab_size:
-                raise TokenizerError(f"NullTokenizer: id {i} outside [0, {self._vocab_size})")
+            if not 0 <= i <= self._eod:
+                raise TokenizerError(f"NullTokenizer: id {i} outside [0, {self._eod}]")
         return ids
 
     def detokenize(self, ids: Iterable[int]) -> str:
@@ -585,11 +587,20 @@ class NullTokenizer(_SLMTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self._vocab_size
+        return self._eod + 1
 
     @property
     def eod(self) -> int:
-        return self._vocab_size - 1
+        return self._eod
+
+
+def vocab_flag_of_record(record: dict) -> int | None:
+    """The ``--vocab-size`` that rebuilds a recorded tokenizer: a record holds the ids in all, a
+    NullTokenizer's flag counts them without its EOD."""
+    total = record.get("vocab_size")
+    if total is None or record.get("type") != "NullTokenizer":
+        return total
+    return int(total) - 1
 
 
 def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
@@ -632,8 +643,8 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
     if not files_required:
         return
     if tokenizer_type == "NullTokenizer":
-        if vocab_size is None or vocab_size < 2:
-            raise ConfigError(f"--vocab-size must be >= 2 for NullTokenizer, got {vocab_size!r}")
+        if vocab_size is None or vocab_size < 1:
+            raise ConfigError(f"--vocab-size must be >= 1 for NullTokenizer, got {vocab_size!r}")
     elif gpt2 and not (vocab_file and merge_file):
         raise ConfigError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     elif not gpt2 and not tokenizer_model:
@@ -694,8 +705,8 @@ class TokenizerArgs(TikTokenArgs):
     )
     vocab_size: int | None = arg(
         None,
-        "Number of ids of the NullTokenizer; a TikTokenizer's (its special ids included) cuts "
-        "its file.",
+        "NullTokenizer: its ids before the EOD (Megatron-LM's: ids 0 .. N-1, then EOD = N); a "
+        "TikTokenizer's (its special ids included) cuts its file.",
     )
 
     def __post_init__(self):
@@ -737,7 +748,7 @@ def build_tokenizer(
         tokenizer_model: sentencepiece ``.model`` file, Hugging Face tokenizer directory, a
             TikTokenizer's JSON vocabulary, or a GPT2BPETokenizer's ``vocab.json``
             (``--vocab-file``).
-        vocab_size: number of ids of the ``NullTokenizer`` (a TikTokenizer's: its cut).
+        vocab_size: the ``NullTokenizer``'s ids before its EOD (a TikTokenizer's: its cut).
         merge_file: a GPT2BPETokenizer's ``merges.txt`` (``--merge-file``).
         tiktoken: a TikTokenizer's ``pattern``, ``num_special_tokens``, ``special_tokens``.
     """

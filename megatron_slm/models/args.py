@@ -131,6 +131,12 @@ class ModelArgs:
         "--transformer-impl local. The torch spec lets SDPA choose (flash on GPU).",
         choices=ATTENTION_BACKENDS,
     )
+    apply_query_key_layer_scaling: bool = arg(
+        False,
+        "Megatron-LM's fp16 guard, given to megatron-core: its own attention (--transformer-impl "
+        "local) divides Q.K^T by the layer number and multiplies it back in its fp32 softmax; "
+        "the same attention (SDPA and Transformer Engine's need no guard).",
+    )
     # Megatron-LM's architecture flags. With a preset they override its (Llama) choices; with a
     # Megatron-LM script's shape they change Megatron-LM's GPT-3 defaults, one choice each.
     use_mcore_models: bool = arg(False, "Accepted: models are always megatron-core's.")

@@ -86,6 +86,9 @@ class ModelBuildOptions:
     """--hidden-dropout (training only)."""
     attention_backend: str = "auto"
     """--attention-backend: megatron-core's AttnBackend name (Transformer Engine's kernel)."""
+    apply_query_key_layer_scaling: bool = False
+    """--apply-query-key-layer-scaling: megatron-core's fp16 guard in its own attention (Q.K^T
+    over the layer number, multiplied back in the fp32 softmax); the same attention."""
     mtp_num_layers: int | None = None
     """--mtp-num-layers: multi-token prediction heads on the last stage (training builds only;
     the heads' weights are not read elsewhere)."""
@@ -213,6 +216,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
         batch_p2p_comm=not cpu_backend_enabled(),
         attention_backend=AttnBackend[opts.attention_backend],
+        apply_query_key_layer_scaling=opts.apply_query_key_layer_scaling,
         deterministic_mode=opts.deterministic_mode,
         mtp_num_layers=opts.mtp_num_layers,
         mtp_loss_scaling_factor=opts.mtp_loss_scaling_factor,

@@ -383,6 +383,20 @@ class TrainingArgs:
     cross_entropy_loss_fusion: bool = arg(
         False, "Accepted: the loss is megatron-slm's fused op by default (--cross-entropy-impl)."
     )
+    cross_entropy_fusion_impl: str = arg(
+        "native",
+        "Accepted with native or te (Megatron-LM's choice of fused loss): the fused loss is "
+        "megatron-slm's own (--cross-entropy-impl).",
+        choices=("native", "te"),
+    )
+    rerun_mode: str = arg(
+        "disabled",
+        "Accepted with disabled (Megatron-LM's flag; its default, validate_results, reruns a "
+        "step whose loss is NaN, inf or a spike to tell a faulty device from the data): not "
+        "offered here, where a NaN or inf gradient norm stops the run "
+        "(--check-for-nan-in-loss-and-grad).",
+        choices=("disabled", "validate_results", "report_stats"),
+    )
     manual_gc: bool = arg(
         False,
         "Turn Python's automatic garbage collection off while training and collect every "
@@ -526,8 +540,21 @@ class TrainingArgs:
     )
     moe_grouped_gemm: bool = arg(
         False,
-        "Refused (Megatron-LM's flag): the experts run one after another as megatron-core's "
-        "SequentialMLP; the grouped GEMM needs Transformer Engine and is not offered.",
+        "Accepted (Megatron-LM's flag, in its MoE scripts): the experts still run one after "
+        "another as megatron-core's SequentialMLP, the same weights and results (its grouped "
+        "GEMM needs Transformer Engine or the grouped_gemm package); a log line says so.",
+    )
+    moe_permute_fusion: bool = arg(
+        False,
+        "Accepted (Megatron-LM's flag): tokens are permuted to their experts by megatron-core's "
+        "torch code, the same order and results (the fused kernel is Transformer Engine's); a "
+        "log line says so.",
+    )
+    moe_router_fusion: bool = arg(
+        False,
+        "Accepted (Megatron-LM's flag): the router's top-k and auxiliary losses run as "
+        "megatron-core's torch code, the same results (the fused kernel is Transformer "
+        "Engine's); a log line says so.",
     )
     mtp_num_layers: int | None = arg(
         None,
@@ -598,6 +625,13 @@ class TrainingArgs:
             raise ConfigError(
                 "--cross-entropy-loss-fusion asks for the fused loss: it contradicts "
                 f"--cross-entropy-impl {self.cross_entropy_impl}"
+            )
+        check_choices(self, "cross_entropy_fusion_impl", "rerun_mode")
+        if self.rerun_mode != "disabled":
+            raise ConfigError(
+                f"--rerun-mode {self.rerun_mode}: Megatron-LM's rerun state machine is not "
+                "offered (a NaN or inf gradient norm stops the run: "
+                "--check-for-nan-in-loss-and-grad); give --rerun-mode disabled or leave it out"
             )
         check_at_least(self, "manual_gc_interval", minimum=0)
         check_at_least(self, "check_weight_hash_across_dp_replicas_interval", optional=True)
@@ -712,11 +746,6 @@ class TrainingArgs:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{flag_name(name)} must be >= 0")
-        if self.moe_grouped_gemm:
-            raise ConfigError(
-                "--moe-grouped-gemm is not offered: the experts run as megatron-core's "
-                "SequentialMLP (drop the flag)"
-            )
 
     @property
     def moe(self) -> dict:

@@ -36,6 +36,7 @@ from megatron_slm.checkpoint import (
     resolve_upcycled_architecture,
     tokenizer_record,
 )
+from megatron_slm.cli import flag_name
 from megatron_slm.data.gpt_dataset import check_data_path, check_splits
 from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sample_list import BatchList
@@ -444,6 +445,7 @@ class Trainer:
             attention_dropout=cfg.model.attention_dropout,
             hidden_dropout=cfg.model.hidden_dropout,
             attention_backend=cfg.model.attention_backend,
+            apply_query_key_layer_scaling=cfg.model.apply_query_key_layer_scaling,
             xavier_uniform_init=cfg.model.init_method_xavier_uniform,
             mtp_num_layers=t.mtp_num_layers,
             mtp_loss_scaling_factor=t.mtp_loss_scaling_factor,
@@ -477,6 +479,15 @@ class Trainer:
                 self.arch.vocab_size, self.build_opts.make_vocab_size_divisible_by, tp
             )
             logger.info("model: %s", self.arch.describe(padded))
+            kernels = [flag_name(n) for n in ("moe_grouped_gemm", "moe_permute_fusion",
+                                              "moe_router_fusion") if getattr(t, n)]  # fmt: skip
+            if kernels and self.arch.num_experts:
+                logger.info(
+                    "%s: kernels of Transformer Engine (or grouped_gemm), not used here: the "
+                    "mixture runs as megatron-core's torch code (SequentialMLP experts), the same "
+                    "results",
+                    ", ".join(kernels),
+                )
         self._build_model()
         # Built after the trained model, so its initialisation does not depend on the source.
         self.online = None

@@ -14,7 +14,8 @@ from megatron_slm.data import preprocess_corpus
 from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VOCAB = 512
+VOCAB = 512  # the NullTokenizer's ids in all, EOD (= VOCAB - 1) the last
+VOCAB_FLAG = VOCAB - 1  # its --vocab-size (Megatron-LM's: the ids before the EOD)
 # The launch scripts' data parallelism at scale (sharded optimizer, overlapped collectives), with
 # buckets small enough that the tiny model has several.
 OVERLAP_ARGS = (
@@ -43,7 +44,7 @@ def make_null_corpus(directory: str, name: str, doc_lengths, seed: int = 0) -> s
         [path],
         os.path.join(directory, name),
         "NullTokenizer",
-        vocab_size=VOCAB,
+        vocab_size=VOCAB_FLAG,
         append_eod=True,
     )
     return out["text"]
@@ -107,7 +108,7 @@ def tiny_args(data_prefix, log_file: str, iters: int, *extra, preset="tiny") -> 
     ``data_prefix``: a NullTokenizer corpus, or a list of data and tokenizer flags instead."""
     if isinstance(data_prefix, str):
         data_prefix = ["--data-path", data_prefix, "--tokenizer-type", "NullTokenizer",
-                       "--vocab-size", VOCAB]  # fmt: skip
+                       "--vocab-size", VOCAB_FLAG]  # fmt: skip
     return [
         *data_prefix,
         *(("--model-preset", preset) if preset else ()),

@@ -21,7 +21,7 @@ import pytest
 from megatron_slm.data.sidecar import sidecar_paths
 from tests import zygote
 from tests.dist_helpers import free_port
-from tests.functional.pretrain_helpers import REPO, VOCAB, make_null_corpus
+from tests.functional.pretrain_helpers import REPO, VOCAB_FLAG, make_null_corpus
 from tests.unit.data import write_sidecar
 
 PRETRAIN = "megatron_slm.pretrain"
@@ -83,7 +83,7 @@ def _pretrain_args(f, data, *extra):
     data = data if isinstance(data, list) else [data]
     return [
         "--device", "cpu", "--data-path", *data, "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", str(VOCAB), "--model-preset", "tiny", "--seq-length", "32",
+        "--vocab-size", str(VOCAB_FLAG), "--model-preset", "tiny", "--seq-length", "32",
         "--micro-batch-size", "2", "--train-iters", "2", "--split", "100,0,0",
         "--save", f"{f['out']}/ckpt", "--log-loss-file", f"{f['out']}/loss.jsonl", *extra,
     ]  # fmt: skip

@@ -32,14 +32,14 @@ def source(tmp_path_factory):
     library call ``tools/score_batches.py`` makes; megatron-core's index cache goes elsewhere."""
     from megatron_slm.data.sample_list import build_source_dataset, source_settings
     from megatron_slm.data.tokenizer import build_tokenizer
-    from tests.functional.pretrain_helpers import VOCAB
+    from tests.functional.pretrain_helpers import VOCAB_FLAG
 
     root = tmp_path_factory.mktemp("batch-lists")
     data = root / "data"
     data.mkdir()
     prefix = _corpus(str(data))
     record = source_settings([prefix], "100,0,0", SEQ, 5, ROUND1 * GBS, GBS)
-    tok = build_tokenizer("NullTokenizer", None, VOCAB)
+    tok = build_tokenizer("NullTokenizer", None, VOCAB_FLAG)
     _, record["batches"] = build_source_dataset([prefix], record, tok, str(root / "cache"))
     assert record["batches"] == ROUND1 == 24
     return {"root": root, "data": str(data), "prefix": prefix, "record": record}

@@ -90,10 +90,16 @@ def _save_as_megatron_lm(rank, world, tmp, tokens, variants):
 
     launch.initialize(device="cpu", seed=5)
     (model,) = build_model(get_preset("tiny"), ModelBuildOptions(transformer_impl="torch"))
+    mixture = None
     for name, (changes, hostile) in variants.items():
-        heads = changes.get("mtp_num_layers")
+        heads, experts = changes.get("mtp_num_layers"), changes.get("num_experts")
         opts = ModelBuildOptions(transformer_impl="torch", mtp_num_layers=heads)
-        saved_model = build_model(get_preset("tiny"), opts)[0] if heads else model
+        saved_model = model
+        if heads:
+            saved_model = build_model(get_preset("tiny"), opts)[0]
+        elif experts:  # written as Megatron-LM writes grouped experts: SequentialMLP's keys
+            arch = get_preset("tiny").replace(num_experts=experts, moe_router_topk=2)
+            saved_model = mixture = build_model(arch, opts)[0]
         state = {
             "model": saved_model.sharded_state_dict(),
             "args": _megatron_lm_args(**changes),
@@ -113,7 +119,8 @@ def _save_as_megatron_lm(rank, world, tmp, tokens, variants):
         with open(os.path.join(tmp, name, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(ITERATION))
     with torch.no_grad():
-        return model.eval()(tokens, torch.arange(tokens.shape[1])[None], None)
+        positions = torch.arange(tokens.shape[1])[None]
+        return model.eval()(tokens, positions, None), mixture.eval()(tokens, positions, None)
 
 
 def _refusals(rank, world, tmp, cases):
@@ -166,8 +173,17 @@ def test_a_megatron_lm_checkpoint_converts_to_the_same_model(tmp_path):
         "moved": ({"tokenizer_type": "SentencePieceTokenizer",  # (its files left on a cluster)
                    "tokenizer_model": "/cluster/tokenizer.model"}, False),
         "mtp": ({"mtp_num_layers": 1}, False),  # a multi-token prediction head: kept
+        # a mixture trained with --moe-grouped-gemm (megatron-core's grouped experts write
+        # SequentialMLP's keys), as Megatron-LM 0.16 saves its args (moe_ffn_hidden_size set)
+        "moe": ({"num_experts": 4, "moe_grouped_gemm": True, "moe_ffn_hidden_size": 176,
+                 "moe_aux_loss_coeff": 1e-2, "moe_token_dispatcher_type": "alltoall",
+                 "moe_router_pre_softmax": False, "moe_shared_expert_intermediate_size": None,
+                 "moe_router_enable_expert_bias": False, "moe_router_topk_scaling_factor": None},
+                False),
     }  # fmt: skip
-    ((expected,),) = [run_distributed(_save_as_megatron_lm, 1, str(tmp_path), tokens, variants)]
+    (((expected, mixture),),) = [
+        run_distributed(_save_as_megatron_lm, 1, str(tmp_path), tokens, variants)
+    ]
     source = str(tmp_path / "mlm")
     proc = _convert(source, str(tmp_path / "slm"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -182,13 +198,17 @@ def test_a_megatron_lm_checkpoint_converts_to_the_same_model(tmp_path):
     assert meta["source"] == f"megatron-lm:{source}/iter_{ITERATION:07d}"
 
     cases = {"mlm": {"tokenizer_type": "NullTokenizer", "vocab_size": 700}, "gelu": {},
-             "mla": {}, "code": {}, "moved": {}, "mtp": {}}  # fmt: skip
+             "mla": {}, "code": {}, "moved": {}, "mtp": {}, "moe": {}}  # fmt: skip
     ((lines,),) = [run_distributed(_refusals, 1, str(tmp_path), cases)]
     assert lines.pop("mtp") == ("converted", True)
     with open(tmp_path / "mtp-out" / f"iter_{ITERATION:07d}" / "megatron_slm.json") as f:
         assert json.load(f)["mtp_num_layers"] == 1
+    assert lines.pop("moe") == ("converted", True)
+    moe = str(tmp_path / "moe-out" / f"iter_{ITERATION:07d}")
+    (((logits, _),),) = [run_distributed(_converted_logits, 1, moe, tokens, str(tmp_path / "moe"))]
+    torch.testing.assert_close(logits, mixture, rtol=1e-6, atol=1e-6)
     assert not any(written for _, written in lines.values())
-    assert "has 700 ids, padded to 768 rows" in lines["mlm"][0]
+    assert "has 701 ids, padded to 768 rows" in lines["mlm"][0]  # 700 and the EOD
     assert "embedding has 512" in lines["mlm"][0]
     assert "decoder.layers.mlp.linear_fc1.weight is [4, 352, 64]" in lines["gelu"][0]
     assert "has --multi-latent-attention: not built here" in lines["mla"][0]

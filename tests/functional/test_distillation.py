@@ -212,4 +212,4 @@ def test_refusals_name_the_flag(teacher, tmp_path, capsys):
     assert f"--export-kd-teacher-load {ckpt}: the teacher's padded vocabulary (512 rows)" in line
     assert "differs from the student's (1000)" in line
     line = refusal(lambda: plan("--vocab-size", 500), capsys)
-    assert "--export-kd-teacher-load" in line and "500" in line
+    assert "--export-kd-teacher-load" in line and "tokenizer (501)" in line  # 500 and the EOD

@@ -15,11 +15,16 @@ import pytest
 
 from tests import zygote
 from tests.dist_helpers import free_port
-from tests.functional.pretrain_helpers import VOCAB, make_null_corpus, read_steps, run_pretrain
+from tests.functional.pretrain_helpers import (
+    VOCAB_FLAG,
+    make_null_corpus,
+    read_steps,
+    run_pretrain,
+)
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB]
+TOKENIZER = ["--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG]
 TRAIN = [
     "--seq-length", 32, "--micro-batch-size", 4, "--global-batch-size", 8, "--lr", "3e-3",
     "--lr-warmup-iters", 2, "--eval-interval", 0, "--log-interval", 1, "--split", "100,0,0",

@@ -20,7 +20,12 @@ import json
 
 import pytest
 
-from tests.functional.pretrain_helpers import VOCAB, make_null_corpus, read_steps, run_pretrain
+from tests.functional.pretrain_helpers import (
+    VOCAB_FLAG,
+    make_null_corpus,
+    read_steps,
+    run_pretrain,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,8 @@ SCHEDULE = (
 ).split()
 TRAINING = (
     "--cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc --manual-gc-interval 2 "
-    "--empty-unused-memory-level 1 --exit-duration-in-mins 235 --recompute-activations"
+    "--empty-unused-memory-level 1 --exit-duration-in-mins 235 --recompute-activations "
+    "--cross-entropy-fusion-impl native --rerun-mode disabled"
 ).split()
 PARALLEL = "--tensor-model-parallel-size 1 --context-parallel-size 1".split()
 DDP = "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather".split()
@@ -61,7 +67,7 @@ LOGGING = (
 
 
 def _data(prefix, cache):
-    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--data-cache-path", cache, "--split", "99,1,0"]  # fmt: skip
 
 

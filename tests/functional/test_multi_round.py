@@ -19,7 +19,7 @@ import pytest
 
 from tests import zygote
 from tests.dist_helpers import run_distributed
-from tests.functional.pretrain_helpers import REPO, VOCAB, read_steps, run_pretrain
+from tests.functional.pretrain_helpers import REPO, VOCAB, VOCAB_FLAG, read_steps, run_pretrain
 
 pytestmark = pytest.mark.slow
 SEQ, GBS, MBS = 32, 4, 2
@@ -53,7 +53,7 @@ def _corpus(directory: str) -> str:
 def train_args(prefix, log, iters, *extra):
     return [
         "--data-path", prefix, "--split", "100,0,0", "--tokenizer-type", "NullTokenizer",
-        "--vocab-size", VOCAB, "--model-preset", "tiny", "--num-layers", 2,
+        "--vocab-size", VOCAB_FLAG, "--model-preset", "tiny", "--num-layers", 2,
         "--seq-length", SEQ, "--micro-batch-size", MBS, "--global-batch-size", GBS,
         "--train-iters", iters, "--lr", "3e-3", "--lr-decay-style", "constant",
         "--eval-interval", 0, "--log-interval", 1, "--log-loss-file", log, "--seed", 5, *extra,

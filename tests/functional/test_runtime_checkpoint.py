@@ -210,10 +210,10 @@ def test_padded_vocabulary_kept_at_any_tp(tmp_path):
     equal across TP; exported with the real vocabulary."""
     vocab = 48000
     prefix = make_null_corpus(str(tmp_path), "big", [40] * 12)  # ids < 511, NullTokenizer 512
-    # Re-describe the same ids with a 48,000-id NullTokenizer.
+    # Re-describe the same ids with a 48,000-id NullTokenizer (--vocab-size 47999, then its EOD).
     ckpt = str(tmp_path / "big_ref")
     run_pretrain(
-        ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab,
+        ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab - 1,
          *TRAIN, "--train-iters", 2, "--tensor-model-parallel-size", 2, "--save", ckpt],
         nproc=2,
     )  # fmt: skip
@@ -236,7 +236,7 @@ def test_padded_vocabulary_kept_at_any_tp(tmp_path):
         run_pretrain(
             # The trained model is padded to 48,128 rows at both TP sizes (divisor 256), so the
             # two runs train the same model; the reference keeps its own rows.
-            ["--data-path", prefix, "--vocab-size", vocab, *TRAIN, "--train-iters", 2,
+            ["--data-path", prefix, "--vocab-size", vocab - 1, *TRAIN, "--train-iters", 2,
              "--slm-ratio", 0.5, "--slm-ref-source", "online", "--slm-ref-load", ckpt,
              "--make-vocab-size-divisible-by", 256, "--tensor-model-parallel-size", tp,
              "--log-loss-file", log],

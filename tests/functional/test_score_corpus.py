@@ -304,7 +304,8 @@ def test_bad_inputs_overwrite_and_dry_run(setup):
         "vocab": (_kwargs(setup, setup["prefix"], vocab_size=300), "--vocab-size: the tokenizer"),
         "model_vocab": (
             _kwargs(setup, setup["prefix"], tokenizer_type="NullTokenizer", vocab_size=1000),
-            "has 1000 ids",
+            f"has 1001 ids, the checkpoint --load {setup['ckpt']}/iter_0000001 recorded {VOCAB} "
+            f"(a NullTokenizer's --vocab-size {VOCAB - 1}, then its EOD)",
         ),
         "preset": (_kwargs(setup, setup["prefix"], hidden_size=128), "--hidden-size 128"),
         "partial": (_kwargs(setup, corrupt), "is corrupted"),

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_slm.checkpoint import latest_iteration
 from tests.functional import slurm_cluster
-from tests.functional.pretrain_helpers import REPO, VOCAB, make_null_corpus, read_steps
+from tests.functional.pretrain_helpers import REPO, VOCAB_FLAG, make_null_corpus, read_steps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -44,7 +44,7 @@ def _env(tmp_path, run_dir, iters, prefix):
         "SEQUENCE_PARALLEL": "0",  # the script's other defaults: distributed optimizer, overlap
         "SEQ_LENGTH": "32", "MICRO_BATCH_SIZE": "2", "GLOBAL_BATCH_SIZE": "8",
         "TRAIN_ITERS": str(iters), "LR": "3e-3", "MIN_LR": "0", "LR_WARMUP_ITERS": "1",
-        "TOKENIZER_TYPE": "NullTokenizer", "VOCAB_SIZE": str(VOCAB), "TOKENIZER_MODEL": "none",
+        "TOKENIZER_TYPE": "NullTokenizer", "VOCAB_SIZE": str(VOCAB_FLAG), "TOKENIZER_MODEL": "none",
         "DATA_PATH": prefix, "SPLIT": "100,0,0", "EVAL_INTERVAL": "0", "LOG_INTERVAL": "1",
         "RUN_DIR": str(run_dir), "LOAD": "", "SAVE_INTERVAL": "1000",
         "SLM_RATIO": "0.7", "SLM_SELECT_MODE": "loss",

@@ -20,12 +20,14 @@ def write_jsonl(path: str, records: list, raw_lines: dict[int, str] | None = Non
 
 def write_token_dataset(prefix: str, docs: list[list[int]], vocab_size: int = 1 << 17) -> str:
     """Write ``docs`` (lists of ids) as a megatron-core indexed dataset via NullTokenizer
-    preprocessing; returns the dataset prefix."""
+    preprocessing (``vocab_size`` ids in all, EOD the last); returns the dataset prefix."""
     from megatron_slm.data import preprocess_corpus
 
     jsonl = prefix + ".jsonl"
     write_jsonl(jsonl, [{"text": " ".join(map(str, d))} for d in docs])
-    out = preprocess_corpus([jsonl], prefix, "NullTokenizer", vocab_size=vocab_size, log_interval=0)
+    out = preprocess_corpus(
+        [jsonl], prefix, "NullTokenizer", vocab_size=vocab_size - 1, log_interval=0
+    )
     os.remove(jsonl)
     return out["text"]
 

@@ -91,7 +91,7 @@ def _check_all(datasets, plain):
 @pytest.mark.parametrize("extra_token", [True, False])
 def test_alignment_single_dataset_multi_epoch(corpus, tmp_path, extra_token):
     root, prefixes = corpus
-    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1)
     kw = dict(add_extra_token_to_sequence=extra_token, drop_last_partial_validation_sequence=False)
     # ~1800 tokens, 80% train: 2.3 epochs (separate final epoch), valid/test one padded epoch
     args = ([prefixes["A"]], "80,15,5", 16, 7, [200, None, None], tok)
@@ -111,7 +111,7 @@ def test_alignment_single_dataset_multi_epoch(corpus, tmp_path, extra_token):
 
 def test_alignment_blended(corpus, tmp_path):
     root, prefixes = corpus
-    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1)
     blend = ["0.7", prefixes["A"], "0.3", prefixes["B"]]
     sizes = [300, 40, 20]
     ours = build_gpt_datasets(blend, "90,8,2", 24, 11, sizes, tok, str(tmp_path / "c1"))
@@ -125,7 +125,7 @@ def test_alignment_blended(corpus, tmp_path):
 
 def test_sidecar_policy(corpus, tmp_path):
     root, prefixes = corpus
-    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1)
     plain = write_token_dataset(str(tmp_path / "nosc"), _docs(5, 20), vocab_size=VOCAB)
     # without a sidecar: fine for plain training, ref_loss all NaN
     train, _, _ = build_gpt_datasets([plain], "1,0,0", 16, 1, [10, 0, 0], tok, str(tmp_path / "c"))
@@ -157,7 +157,7 @@ def test_a_split_that_holds_no_sequence_is_refused(corpus, tmp_path, split, empt
     that holds no sequence it would loop forever. A (30 sequences): 0.1% and 1% of it round to
     none, 4% to one. Refused in one line before any index is built."""
     _, prefixes = corpus
-    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB)
+    tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1)
     build = lambda: build_gpt_datasets(  # noqa: E731
         [prefixes["B"]], split, 16, 1, [8, 8, 8], tok, data_cache_path=str(tmp_path)
     )

@@ -165,7 +165,7 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     assert "skipped 1 malformed lines" in capsys.readouterr().out
     ds = IndexedDataset(str(tmp_path / "cli_text_document"))
-    assert ds[0].tolist() == [1, 2, 3, 9]
+    assert ds[0].tolist() == [1, 2, 3, 10]  # EOD = --vocab-size, as Megatron-LM appends it
     assert os.path.exists(str(tmp_path / "cli_text_document.idx"))
     argv = ["--input", src, "--output-prefix", str(tmp_path / "bad"), "--tokenizer-type",
             "NullTokenizer", "--vocab-size", "10", "--workers", "3",

@@ -72,13 +72,21 @@ def test_llama2_tokenizer_leads_each_text_with_bos(sp_model, tmp_path):
 
 
 def test_null_tokenizer():
+    """Megatron-LM's NullTokenizer (megatron-core's copy of it): ``--vocab-size 100`` gives ids
+    0 .. 99 and then its EOD, 100."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    ref = NullTokenizer(100)
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
-    assert tok.tokenize("3 1  4") == [3, 1, 4]
-    assert tok.detokenize([3, 1, 4]) == "3 1 4"
-    assert tok.eod == 99 and tok.vocab_size == 100
+    assert tok.tokenize("3 1  4") == ref.text_to_ids("3 1 4") == [3, 1, 4]
+    assert tok.detokenize([3, 1, 4]) == ref.ids_to_text([3, 1, 4]) == "3 1 4"
+    assert (tok.eod, tok.vocab_size) == (ref.eod, ref.vocab_size) == (100, 101)
+    assert tok.tokenize("100") == [100]  # the EOD, as text
     with pytest.raises(ValueError, match="outside"):
-        tok.tokenize("100")
+        tok.tokenize("101")
     assert dict(tok.unique_identifiers)["class"] == "NullTokenizer"
+    assert dict(tok.unique_identifiers)["vocab_size"] == 101  # the ids in all, as recorded
+    assert build_tokenizer("NullTokenizer", vocab_size=1).vocab_size == 2  # one id and the EOD
 
 
 def test_factory_errors(tmp_path):

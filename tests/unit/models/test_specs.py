@@ -419,3 +419,33 @@ def test_xavier_uniform_init_is_megatron_lms():
         assert w.var().item() == pytest.approx(bound**2 / 3, rel=0.1), name
     emb = normal["embedding.word_embeddings.weight"]
     assert emb.std().item() == pytest.approx(0.02, rel=0.05)  # (Xavier's: 0.053 here)
+
+
+def _query_key_layer_scaling(rank, world):
+    from megatron_slm import launch
+    from megatron_slm.models import ModelBuildOptions, build_model
+
+    dev = launch.initialize(device="cpu", seed=4)
+    arch = get_preset("tiny").replace(num_layers=2)
+    tokens = torch.randint(0, 500, (2, 16))
+    out, weights = {}, None
+    for scaled in (False, True):
+        opts = ModelBuildOptions(transformer_impl="local", apply_query_key_layer_scaling=scaled)
+        (model,) = build_model(arch, opts, dev)
+        if weights is None:
+            weights = model.state_dict()
+        model.load_state_dict(weights, strict=False)
+        attention = [layer.self_attention.core_attention for layer in model.decoder.layers]
+        with torch.no_grad():
+            logits = model.eval()(tokens, torch.arange(16)[None], None)
+        out[scaled] = logits, [a.softmax_scale for a in attention]
+    return out
+
+
+def test_query_key_layer_scaling_is_the_same_attention():
+    """--apply-query-key-layer-scaling reaches megatron-core's own attention (layer n divides
+    Q.K^T by n more, and its fp32 softmax multiplies it back): the same logits."""
+    ((out),) = run_distributed(_query_key_layer_scaling, 1)
+    (plain, plain_scales), (scaled, scaled_scales) = out[False], out[True]
+    assert scaled_scales == [plain_scales[0], plain_scales[1] / 2]  # (layers 1 and 2)
+    torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-5)

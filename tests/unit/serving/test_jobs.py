@@ -20,7 +20,7 @@ from megatron_slm.serving.jobs import (
     openai_completions_response,
 )
 
-TOK = NullTokenizer(50)  # id 49 is EOD
+TOK = NullTokenizer(49)  # ids 0 .. 48, then the EOD 49
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from megatron_slm.training.config import TrainingArgs, parse_config, validate
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
+    VOCAB_FLAG,
     check_growing_batch,
     close_trainer,
     cpu_trainer,
@@ -78,7 +79,7 @@ def test_the_ramp_is_megatron_cores(start, increment, samples, gbs):
 
 
 def _sizes(*argv, world=1):
-    base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--micro-batch-size", 2, "--global-batch-size", 8, "--train-samples", 46)  # fmt: skip
     cfg = parse_config([str(a) for a in (*base, *argv)])
     return validate(cfg, world, cfg.model.architecture(VOCAB))
@@ -131,7 +132,7 @@ def corpus(tmp_path_factory):
 
 
 def _argv(prefix, log, *extra):
-    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--model-preset", "tiny", "--seq-length", 32, "--micro-batch-size", 2,
             "--train-samples", 46, "--lr", "3e-3", "--eval-interval", 0, "--log-interval", 1,
             "--split", "100,0,0", "--num-workers", 0, "--log-loss-file", log, *extra]  # fmt: skip

@@ -26,6 +26,7 @@ from megatron_slm.training.config import parse_config, validate
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
+    VOCAB_FLAG,
     close_trainer,
     cpu_trainer,
     make_null_corpus,
@@ -269,7 +270,13 @@ def test_conflicting_data_flags_are_refused(argv, message, capsys):
     """One line naming the flags: from the parser (exit 2) or from the cross-group checks."""
     with pytest.raises((ConfigError, SystemExit)) as err:
         _config(
-            *argv, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 2
+            *argv,
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            VOCAB_FLAG,
+            "--train-iters",
+            2,
         )
     if isinstance(err.value, SystemExit):
         assert err.value.code == 2
@@ -282,7 +289,7 @@ def test_conflicting_data_flags_are_refused(argv, message, capsys):
 def test_blends_read_from_files_are_the_flags_blends(tmp_path):
     """Megatron-LM's --data-args-path (the --data-path string) and --per-split-data-args-path
     (JSON per split) give the configuration of the same blends given as flags."""
-    base = ["--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 2]
+    base = ["--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG, "--train-iters", 2]
     blend = ["0.3", "data/a_text_document", "0.7", "data/b_text_document"]  # --data-path's list
     text = tmp_path / "blend.txt"
     text.write_text(" 0.3 data/a_text_document\n0.7\tdata/b_text_document\n")

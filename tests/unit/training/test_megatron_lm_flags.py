@@ -15,6 +15,7 @@ are accepted when they describe the model and refused in one line when they do n
 from __future__ import annotations
 
 import gc
+import math
 import os
 
 import pytest
@@ -27,6 +28,7 @@ from megatron_slm.training.config import parse_config, validate
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
+    VOCAB_FLAG,
     close_trainer,
     cpu_trainer,
     make_null_corpus,
@@ -82,6 +84,8 @@ MOE_RECOMPUTE = {
     "moe": ("--recompute-granularity", "selective", "--recompute-modules", "moe"),
     "shared_experts": ("--recompute-granularity", "selective", "--recompute-modules",
                        "shared_experts"),
+    # accepted: the same experts, one by one, and the same routing (no TE kernels)
+    "te_kernels": ("--moe-grouped-gemm", "--moe-permute-fusion", "--moe-router-fusion"),
 }  # fmt: skip
 
 
@@ -102,7 +106,9 @@ def _moe_recompute_worker(rank, world, prefix, log):
                     )
         trainer.train_step()  # 4 micro-batches through 3 mixtures
         grads = torch.cat([p.main_grad.flatten() for p in chunk.parameters()]).clone()
-        out[name] = {"counts": dict(counts), "grads": grads}
+        experts = {type(layer.mlp.experts).__name__ for layer in chunk.module.decoder.layers
+                   if hasattr(layer.mlp, "experts")}  # fmt: skip
+        out[name] = {"counts": dict(counts), "grads": grads, "experts": experts}
         close_trainer(trainer)
     return out
 
@@ -110,14 +116,16 @@ def _moe_recompute_worker(rank, world, prefix, log):
 def test_moe_recompute_replays_the_mixture(corpus, tmp_path):
     """--recompute-modules moe: each mixture (router, experts, shared expert) runs twice per
     micro-batch; shared_experts: the shared expert alone; the gradients are bitwise those
-    without recompute."""
+    without recompute. --moe-grouped-gemm, --moe-permute-fusion and --moe-router-fusion
+    (accepted) run the same SequentialMLP experts and routing."""
     out = run_distributed(_moe_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
     calls = 4 * 3  # micro-batches x mixtures
     expected = {"none": (calls, calls), "moe": (2 * calls, 2 * calls),
-                "shared_experts": (calls, 2 * calls)}  # fmt: skip
+                "shared_experts": (calls, 2 * calls), "te_kernels": (calls, calls)}  # fmt: skip
     for name, (router, shared) in expected.items():
         assert out[name]["counts"] == {"router": router, "shared": shared}, name
         assert torch.equal(out[name]["grads"], out["none"]["grads"]), name
+        assert out[name]["experts"] == {"SequentialMLP"}, name
 
 
 def _aux_gradient_worker(rank, world, prefix, log):
@@ -395,7 +403,7 @@ def test_weight_decay_spares_norms_and_biases_unless_qk_norms_are_asked(corpus, 
 def _mock_worker(rank, world, log, cache):
     from megatron_slm.training.data import MicroBatches
 
-    argv = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    argv = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--model-preset", "tiny", "--seq-length", 64, "--micro-batch-size", 2,
             "--global-batch-size", 4, "--train-iters", 3, "--eval-interval", 3, "--eval-iters", 1,
             "--num-workers", 0, "--data-cache-path", cache, "--log-loss-file", log]  # fmt: skip
@@ -424,8 +432,36 @@ def test_mock_data_is_megatron_lms_counting_documents(tmp_path):
     assert len(losses) == 3 and all(0 < x < 10 for x in [*losses, valid])
 
 
+def test_a_null_tokenizer_is_megatron_lms():
+    """Megatron-LM's mock-data benchmarks (``--tokenizer-type NullTokenizer --vocab-size
+    128256``) build its vocabulary: megatron-core's NullTokenizer's ids (the EOD after them),
+    padded as Megatron-LM pads them."""
+    from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
+
+    from megatron_slm.models import padded_vocab_size
+    from megatron_slm.training.loop import plan_training
+
+    argv = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128256",
+            "--model-preset", "tiny", "--train-iters", "4", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--tensor-model-parallel-size", "2"]  # fmt: skip
+    plan = plan_training(parse_config(argv), 2)
+    ref = NullTokenizer(128256)
+    assert (plan.tokenizer.eod, plan.arch.vocab_size) == (ref.eod, ref.vocab_size)
+    megatron_lms = math.ceil(ref.vocab_size / (128 * 2)) * 128 * 2  # _vocab_size_with_padding
+    assert padded_vocab_size(plan.arch.vocab_size, 128, 2) == megatron_lms == 128512
+    assert plan.tokenizer_record["vocab_size"] == 128257  # the ids in all, as for every type
+
+
 def _config(*argv, data=("--data-path", "A")):
-    base = (*data, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB, "--train-iters", 4)
+    base = (
+        *data,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        VOCAB_FLAG,
+        "--train-iters",
+        4,
+    )
     cfg = parse_config([str(a) for a in (*base, *argv)])
     return cfg, validate(cfg, 1, cfg.model.architecture(VOCAB))
 
@@ -691,8 +727,9 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
          "--expert-model-parallel-size 3 does not divide --num-experts 4"),
         (("--num-experts", 4, "--expert-model-parallel-size", 2),
          "--expert-model-parallel-size 2 does not divide the data-parallel size 1"),
-        (("--num-experts", 4, "--moe-grouped-gemm"), "--moe-grouped-gemm is not offered"),
         (("--moe-layer-freq", 2), "--moe-layer-freq needs --num-experts"),
+        (("--rerun-mode", "validate_results"),
+         "--rerun-mode validate_results: Megatron-LM's rerun state machine is not offered"),
         (("--moe-shared-expert-gate",), "--moe-shared-expert-gate needs --num-experts"),
         (("--num-experts", 4, "--moe-layer-freq", "[1,0]"),
          "--moe-layer-freq [1, 0]: one 0 (dense) or 1 (mixture of experts) per layer, 4 in all"),
@@ -830,16 +867,29 @@ QWEN25_7B = """--disable-bias-linear --add-qkv-bias --position-embedding-type ro
     --num-attention-heads 28 --group-query-attention --num-query-groups 4 --kv-channels 128
     --seq-length 4096 --max-position-embeddings 32768 --rotary-percent 1.0 --rotary-base 1000000
     --untie-embeddings-and-output-weights"""
+# Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh: MODEL_ARGS and MOE_ARGS (with
+# the --use-distributed-optimizer of its MODEL_PARALLEL_ARGS)
+MIXTRAL_8X7B = """--use-mcore-models --disable-bias-linear --seq-length 4096
+    --max-position-embeddings 32768 --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336
+    --num-attention-heads 32 --init-method-std 0.01 --attention-dropout 0.0 --hidden-dropout 0.0
+    --normalization RMSNorm --position-embedding-type rope --swiglu
+    --untie-embeddings-and-output-weights --group-query-attention --num-query-groups 8
+    --no-masked-softmax-fusion --no-position-embedding --rotary-base 1000000
+    --num-experts 8 --moe-router-topk 2 --moe-router-load-balancing-type aux_loss
+    --moe-aux-loss-coeff 1e-2 --moe-grouped-gemm --moe-token-dispatcher-type alltoall
+    --overlap-param-gather --overlap-grad-reduce --use-distributed-optimizer"""
 
 
 @pytest.mark.parametrize(
     "flags, vocab, published",
-    [(QWEN3_8B, 151936, 8_190_735_360), (QWEN25_7B, 152064, 7_615_616_512)],
-    ids=["qwen3-8b", "qwen2.5-7b"],
-)
+    [(QWEN3_8B, 151936, 8_190_735_360), (QWEN25_7B, 152064, 7_615_616_512),
+     (MIXTRAL_8X7B, 32000, 46_702_792_704)],
+    ids=["qwen3-8b", "qwen2.5-7b", "mixtral-8x7b"],
+)  # fmt: skip
 def test_qwen_scripts_build_the_published_models(flags, vocab, published):
-    """Megatron-LM's Qwen flags (--qk-layernorm, --add-qkv-bias) describe models with the
-    parameter counts Qwen publishes for them."""
+    """Megatron-LM's Qwen flags (--qk-layernorm, --add-qkv-bias) and its Mixtral 8x7B script
+    (--moe-grouped-gemm included) describe models with the parameter counts published for
+    them."""
     base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", vocab,
             "--train-iters", 4, "--global-batch-size", 8, "--micro-batch-size", 1)  # fmt: skip
     cfg = parse_config([str(a) for a in (*base, *flags.split())])

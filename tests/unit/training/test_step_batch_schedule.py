@@ -22,6 +22,7 @@ from megatron_slm.training.step_batch_schedule import parse_step_schedule
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
+    VOCAB_FLAG,
     check_growing_batch,
     make_null_corpus,
     refusal,
@@ -88,7 +89,7 @@ def test_steps_and_samples_follow_the_rule(text, seq):
 
 
 def _sizes(*argv, world=1, resumed=0):
-    base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    base = ("--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--micro-batch-size", 2, "--seq-length", 32)  # fmt: skip
     cfg = parse_config([str(a) for a in (*base, *argv)])
     return validate(cfg, world, cfg.model.architecture(VOCAB), resumed)
@@ -157,7 +158,7 @@ SCHEDULE = ("--step-batch-size-schedule", "0:2 256:4 512:8")
 
 
 def _argv(prefix, log, *extra):
-    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB,
+    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
             "--model-preset", "tiny", "--seq-length", 32, "--micro-batch-size", 2,
             "--train-iters", 7, "--lr", "3e-3", "--lr-warmup-iters", 2, "--eval-interval", 0,
             "--log-interval", 1, "--split", "100,0,0", "--num-workers", 0,
