@@ -44,6 +44,9 @@ from megatron_slm.training.step_batch_schedule import (
     parse_step_schedule,
 )
 
+ACCOUNT_FOR_EMBEDDING = "--account-for-embedding-in-pipeline-split"
+ACCOUNT_FOR_LOSS = "--account-for-loss-in-pipeline-split"
+
 
 @dataclass
 class ParallelConfig:
@@ -67,6 +70,16 @@ class ParallelConfig:
     decoder_last_pipeline_num_layers: int | None = arg(
         None,
         "Layers of the last pipeline stage (e.g. fewer beside the output layer and the loss).",
+    )
+    account_for_embedding_in_pipeline_split: bool = arg(
+        False,
+        "Count the embedding as one layer when splitting the layers over the pipeline stages "
+        "(Megatron-LM's flag): every stage then holds as many, the first one layer fewer.",
+    )
+    account_for_loss_in_pipeline_split: bool = arg(
+        False,
+        "Count the output layer and the loss as one layer when splitting the layers over the "
+        "pipeline stages (Megatron-LM's flag): the last stage holds one layer fewer.",
     )
     sequence_parallel: bool = arg(False, "Shard norm/dropout activations along the sequence.")
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state across data parallel.")
@@ -165,6 +178,54 @@ class ParallelConfig:
             self.num_virtual_stages_per_pipeline_rank,
         )
 
+    def _accounted_flags(self) -> list[str]:
+        """The --account-for-*-in-pipeline-split flags given."""
+        flags = ((ACCOUNT_FOR_EMBEDDING, self.account_for_embedding_in_pipeline_split),
+                 (ACCOUNT_FOR_LOSS, self.account_for_loss_in_pipeline_split))  # fmt: skip
+        return [flag for flag, given in flags if given]
+
+    def _check_accounted_split(self) -> None:
+        given = self._accounted_flags()
+        if not given:
+            return
+        if self.pipeline_model_parallel_size < 2:
+            raise ConfigError(f"{given[0]} needs --pipeline-model-parallel-size > 1")
+        uneven = (self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers)
+        if any(n is not None for n in uneven):
+            raise ConfigError(
+                f"{given[0]} sets the first and last stages' layers: give it or "
+                "--decoder-first/last-pipeline-num-layers, not both (Megatron-LM's rule)"
+            )
+        if (
+            self.num_layers_per_virtual_pipeline_stage is not None
+            or self.num_virtual_stages_per_pipeline_rank is not None
+        ):
+            raise ConfigError(
+                f"{given[0]} is not offered with virtual pipeline stages (megatron-core takes the "
+                "layer from the first and last virtual stages only): give "
+                "--decoder-first/last-pipeline-num-layers with --num-virtual-stages-per-pipeline-"
+                "rank"
+            )
+
+    def stage_split(self, num_layers: int) -> tuple[int | None, int | None]:
+        """The first and last pipeline stages' layers (None: an even share): the
+        --decoder-first/last-pipeline-num-layers given, or what the
+        --account-for-{embedding,loss}-in-pipeline-split flags make them (megatron-core's rule:
+        the embedding and the loss count as a layer each, then every stage holds as many)."""
+        embedding = self.account_for_embedding_in_pipeline_split
+        loss = self.account_for_loss_in_pipeline_split
+        if not (embedding or loss):
+            return self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers
+        pp, counted = self.pipeline_model_parallel_size, num_layers + embedding + loss
+        if counted % pp or counted // pp < 2:
+            raise ConfigError(
+                f"--num-layers {num_layers} with {' and '.join(self._accounted_flags())} counts "
+                f"{counted} layers: "
+                f"--pipeline-model-parallel-size {pp} must split them evenly, at least two per "
+                "stage (a stage of only the embedding or the loss is not built here)"
+            )
+        return (counted // pp - 1 if embedding else None), (counted // pp - 1 if loss else None)
+
     def interleaved_schedule(self, num_layers: int) -> bool:
         return self.virtual_pipeline_size(num_layers) is not None
 
@@ -210,6 +271,7 @@ class ParallelConfig:
                 "--ddp-pad-buckets-for-high-nccl-busbw needs --use-distributed-optimizer "
                 "(megatron-core pads only its buckets)"
             )
+        self._check_accounted_split()
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1333,6 +1395,12 @@ class CheckpointArgs:
         "Accepted: a --load checkpoint's architecture and tokenizer are always used (the model "
         "flags may only confirm them).",
     )
+    use_tokenizer_model_from_checkpoint_args: bool = arg(
+        True,
+        "Accepted in either form (Megatron-LM's flag): a --tokenizer-model given is used over "
+        "the path the checkpoint records (checked against its recorded hash), else the "
+        "recorded one.",
+    )
     no_load_rng: bool = arg(
         False, "With --load: do not restore the random number generators' states."
     )
@@ -1358,6 +1426,11 @@ class CheckpointArgs:
         "Write checkpoints in the background (Megatron-LM's flag): the step stages the tensors "
         "in host memory and a forked process writes them while training goes on; the "
         "checkpoint becomes the latest at a later log step, before the next save, or at exit.",
+    )
+    use_persistent_ckpt_worker: bool = arg(
+        False,
+        "Accepted (Megatron-LM 0.16 runs --async-save only with it): each background save forks "
+        "its own writer.",
     )
     ckpt_assume_constant_structure: bool = arg(
         False,
@@ -1860,7 +1933,7 @@ def validate(
         )
     check_parallel_layout(
         architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage,
-        p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+        *p.stage_split(architecture.num_layers),
         p.num_virtual_stages_per_pipeline_rank, p.expert_tensor_parallel_size,
     )  # fmt: skip
     dp = world_size // (tp * pp)

@@ -83,8 +83,8 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
         "virtual_pipeline_size": p.virtual_pipeline_size(num_layers),
         # an uneven split's stages hold other parameters, so other buckets
-        "decoder_first_pipeline_num_layers": p.decoder_first_pipeline_num_layers,
-        "decoder_last_pipeline_num_layers": p.decoder_last_pipeline_num_layers,
+        "decoder_first_pipeline_num_layers": p.stage_split(num_layers)[0],
+        "decoder_last_pipeline_num_layers": p.stage_split(num_layers)[1],
         "bucket_size": bucket,
         "num_buckets": num_buckets,
         "pad_buckets": p.use_distributed_optimizer and p.ddp_pad_buckets_for_high_nccl_busbw,

@@ -344,7 +344,8 @@ def test_async_save_writes_the_same_checkpoints_while_training_goes_on(prefix, p
     logged and no checkpoint named latest: the directory is still ``.partial``)."""
     plain, _, _, plain_ckpt = plain
     ckpt = str(tmp_path / "ckpt")
-    saves = ("--save", ckpt, "--save-interval", 3, "--async-save")
+    # (--use-persistent-ckpt-worker: Megatron-LM 0.16's scripts need it for --async-save)
+    saves = ("--save", ckpt, "--save-interval", 3, "--async-save", "--use-persistent-ckpt-worker")
     steps, _, _ = _run(prefix, tmp_path, "async", *saves)
     assert [r["loss"] for r in steps] == [r["loss"] for r in plain]
     _assert_same_checkpoints(ckpt, plain_ckpt, tmp_path, _saved_tensors)

@@ -25,6 +25,7 @@ from megatron_slm.errors import CheckpointError, ConfigError
 from megatron_slm.models.args import ModelArgs
 from megatron_slm.models.presets import GPT3_KIND, get_preset
 from megatron_slm.training.config import parse_config, validate
+from megatron_slm.training.optimizer import optimizer_layout
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import (
     VOCAB,
@@ -452,6 +453,56 @@ def test_a_null_tokenizer_is_megatron_lms():
     assert plan.tokenizer_record["vocab_size"] == 128257  # the ids in all, as for every type
 
 
+@pytest.mark.parametrize(
+    "layers, pp, embedding, loss",
+    [(3, 2, True, False), (5, 3, False, True), (6, 4, True, True), (7, 3, True, True),
+     (8, 3, True, False)],
+)  # fmt: skip
+def test_accounting_for_embedding_and_loss_splits_as_megatron_core(layers, pp, embedding, loss):
+    """--account-for-embedding/loss-in-pipeline-split: each stage's layers, and so its first
+    layer, as megatron-core builds them from those fields (``get_num_layers_to_build``,
+    ``get_transformer_layer_offset``)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megatron_slm.models.presets import pipeline_stage_layers
+
+    flags = [f"--account-for-{part}-in-pipeline-split"
+             for part, on in (("embedding", embedding), ("loss", loss)) if on]  # fmt: skip
+    argv = ["--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
+            "--train-iters", 4, "--model-preset", "tiny", "--num-layers", layers,
+            "--pipeline-model-parallel-size", pp, *flags]  # fmt: skip
+    cfg = parse_config([str(a) for a in argv])
+    stages = pipeline_stage_layers(layers, pp, *cfg.parallel.stage_split(layers))
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=pp,
+        account_for_embedding_in_pipeline_split=embedding,
+        account_for_loss_in_pipeline_split=loss, pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    assert list(stages) == [get_num_layers_to_build(config, pp_rank=r) for r in range(pp)]
+    offsets = [get_transformer_layer_offset(config, pp_rank=r) for r in range(pp)]
+    assert offsets == [sum(stages[:r]) for r in range(pp)]
+    validate(cfg, pp, cfg.model.architecture(VOCAB))  # the trainer's checks take it
+    layout = optimizer_layout(cfg, 1, layers)  # what a resume compares: the split itself
+    assert layout["decoder_first_pipeline_num_layers"] == (stages[0] if embedding else None)
+    assert layout["decoder_last_pipeline_num_layers"] == (stages[-1] if loss else None)
+
+
+def test_accounting_that_does_not_split_evenly_is_one_line():
+    argv = ["--data-path", "A", "--tokenizer-type", "NullTokenizer", "--vocab-size", VOCAB_FLAG,
+            "--train-iters", 4, "--model-preset", "tiny", "--pipeline-model-parallel-size", 2,
+            "--account-for-embedding-in-pipeline-split"]  # fmt: skip
+    cfg = parse_config([str(a) for a in argv])
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, 2, cfg.model.architecture(VOCAB))
+    assert str(refused.value) == (
+        "--num-layers 4 with --account-for-embedding-in-pipeline-split counts 5 layers: "
+        "--pipeline-model-parallel-size 2 must split them evenly, at least two per stage (a "
+        "stage of only the embedding or the loss is not built here)"
+    )
+
+
 def _config(*argv, data=("--data-path", "A")):
     base = (
         *data,
@@ -728,6 +779,12 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
         (("--num-experts", 4, "--expert-model-parallel-size", 2),
          "--expert-model-parallel-size 2 does not divide the data-parallel size 1"),
         (("--moe-layer-freq", 2), "--moe-layer-freq needs --num-experts"),
+        (("--account-for-loss-in-pipeline-split",),
+         "--account-for-loss-in-pipeline-split needs --pipeline-model-parallel-size > 1"),
+        (("--account-for-embedding-in-pipeline-split", "--pipeline-model-parallel-size", 2,
+          "--decoder-last-pipeline-num-layers", 1), "give it or --decoder-first/last-pipeline"),
+        (("--account-for-embedding-in-pipeline-split", "--pipeline-model-parallel-size", 2,
+          "--num-virtual-stages-per-pipeline-rank", 2), "is not offered with virtual pipeline"),
         (("--rerun-mode", "validate_results"),
          "--rerun-mode validate_results: Megatron-LM's rerun state machine is not offered"),
         (("--moe-shared-expert-gate",), "--moe-shared-expert-gate needs --num-experts"),
