@@ -109,6 +109,12 @@ class ModelArgs:
         "Std of the normal initialisation of new weights (default 0.02); a loaded checkpoint's "
         "weights are its own.",
     )
+    use_cpu_initialization: bool = arg(
+        False,
+        "Draw new weights on the host and copy them to the device (Megatron-LM's flag): "
+        "megatron-core draws each whole matrix and splits it, so the weights are the same at "
+        "any tensor-parallel size. Always so on CPU.",
+    )
     init_method_xavier_uniform: bool = arg(
         False,
         "Initialise new weights (every linear layer and the embedding) with torch's Xavier "

@@ -110,6 +110,12 @@ class ParallelConfig:
         "elements (and of the DP size), Megatron-LM's flag for NCCL's bus bandwidth at large "
         "DP; the per-bucket optimizer state then resumes only with it.",
     )
+    ddp_average_in_collective: bool = arg(
+        False,
+        "Refused (Megatron-LM's flag): megatron-slm's loss is a sum over tokens normalised once "
+        "per step (Megatron-LM's --calculate-per-token-loss), whose gradients megatron-core "
+        "cannot average in the collective (it refuses the pair too).",
+    )
     no_align_grad_reduce: bool = arg(
         False,
         "With --overlap-grad-reduce and pipeline parallelism: each stage launches its gradient "
@@ -265,6 +271,12 @@ class ParallelConfig:
         if self.num_distributed_optimizer_instances > 1 and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--num-distributed-optimizer-instances needs --use-distributed-optimizer"
+            )
+        if self.ddp_average_in_collective:
+            raise ConfigError(
+                "--ddp-average-in-collective is not offered: megatron-slm's loss is a sum over "
+                "tokens normalised once per step (Megatron-LM's --calculate-per-token-loss), "
+                "which megatron-core cannot average in the collective (drop the flag)"
             )
         if self.ddp_pad_buckets_for_high_nccl_busbw and not self.use_distributed_optimizer:
             raise ConfigError(

@@ -439,7 +439,7 @@ class Trainer:
             first_stage_layers=p.stage_split(self.arch.num_layers)[0],
             last_stage_layers=p.stage_split(self.arch.num_layers)[1],
             make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint),
-            use_cpu_initialization=self.device.type == "cpu",
+            use_cpu_initialization=self.device.type == "cpu" or cfg.model.use_cpu_initialization,
             recompute=t.recompute,
             moe=t.moe,
             attention_dropout=cfg.model.attention_dropout,

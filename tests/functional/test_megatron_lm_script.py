@@ -56,7 +56,7 @@ TRAINING = (
     "--cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc --manual-gc-interval 2 "
     "--empty-unused-memory-level 1 --exit-duration-in-mins 235 --recompute-activations "
     "--cross-entropy-fusion-impl native --rerun-mode disabled "
-    "--no-use-tokenizer-model-from-checkpoint-args"
+    "--no-use-tokenizer-model-from-checkpoint-args --use-cpu-initialization"
 ).split()
 PARALLEL = "--tensor-model-parallel-size 1 --context-parallel-size 1".split()
 DDP = "--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather".split()

@@ -785,6 +785,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
           "--decoder-last-pipeline-num-layers", 1), "give it or --decoder-first/last-pipeline"),
         (("--account-for-embedding-in-pipeline-split", "--pipeline-model-parallel-size", 2,
           "--num-virtual-stages-per-pipeline-rank", 2), "is not offered with virtual pipeline"),
+        (("--ddp-average-in-collective",), "--ddp-average-in-collective is not offered: "
+                                           "megatron-slm's loss is a sum over tokens"),
         (("--rerun-mode", "validate_results"),
          "--rerun-mode validate_results: Megatron-LM's rerun state machine is not offered"),
         (("--moe-shared-expert-gate",), "--moe-shared-expert-gate needs --num-experts"),
