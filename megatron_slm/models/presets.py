@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_slm.errors import ConfigError
+from megatron_slm.models.pipeline_layout import parse_pipeline_layout
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = {"swiglu": "SwiGLU", "gelu": "GeLU", "openai_gelu": "tanh GeLU",
@@ -766,9 +767,13 @@ def check_parallel_layout(
     last_stage_layers: int | None = None,
     virtual_stages: int | None = None,
     expert_tensor_parallel_size: int | None = None,
+    layout: str | None = None,
+    mtp_num_layers: int | None = None,
 ) -> None:
     """Raise a ValueError naming the flag when the model cannot be split this way.
     ``expert_tensor_parallel_size``: the experts' TP size (None: ``tensor_parallel_size``).
+    ``layout``: --pipeline-model-parallel-layout, which replaces the stage flags (checked with
+    the model's layers and its ``mtp_num_layers`` heads).
     ``virtual_stages``: --num-virtual-stages-per-pipeline-rank (exclusive with
     ``num_layers_per_virtual_pipeline_stage``; each stage's layers, uneven ones too, split
     evenly into that many chunks, megatron-core's rule)."""
@@ -799,6 +804,9 @@ def check_parallel_layout(
         raise ConfigError(
             f"{flag} {etp} does not divide --moe-ffn-hidden-size {model.expert_ffn_hidden_size}"
         )
+    if layout is not None:
+        parse_pipeline_layout(layout, pp, model.num_layers, mtp_num_layers)
+        return
     stages = pipeline_stage_layers(model.num_layers, pp, first_stage_layers, last_stage_layers)
     vstage = num_layers_per_virtual_pipeline_stage
     uneven = first_stage_layers is not None or last_stage_layers is not None

@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.longrope import install_longrope, set_attention_factor
+from megatron_slm.models.pipeline_layout import layout_virtual_size, parse_pipeline_layout
 from megatron_slm.models.presets import (
     GPTModelConfig,
     check_parallel_layout,
@@ -69,6 +70,9 @@ class ModelBuildOptions:
     """--decoder-first-pipeline-num-layers: an uneven pipeline split (None: even)."""
     last_stage_layers: int | None = None
     """--decoder-last-pipeline-num-layers."""
+    pipeline_layout: str | None = None
+    """--pipeline-model-parallel-layout: each (virtual) stage's layers, megatron-core's string
+    (replaces the stage fields above and the virtual stage count)."""
     make_vocab_size_divisible_by: int = 128
     """--make-vocab-size-divisible-by: vocabulary padding (times TP)."""
     use_cpu_initialization: bool = True
@@ -163,11 +167,14 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
     etp = parallel_state.get_expert_tensor_parallel_world_size()
     check_parallel_layout(
         model, tp, pp, opts.num_layers_per_virtual_pipeline_stage, opts.first_stage_layers,
-        opts.last_stage_layers, opts.virtual_stages, etp,
+        opts.last_stage_layers, opts.virtual_stages, etp, opts.pipeline_layout,
+        opts.mtp_num_layers,
     )  # fmt: skip
     vpp = virtual_pipeline_size(
         model.num_layers, pp, opts.num_layers_per_virtual_pipeline_stage, opts.virtual_stages
     )
+    if opts.pipeline_layout is not None:
+        vpp = layout_virtual_size(parse_pipeline_layout(opts.pipeline_layout, pp))
     if opts.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     config = TransformerConfig(
@@ -204,6 +211,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         virtual_pipeline_model_parallel_size=vpp,
         num_layers_in_first_pipeline_stage=opts.first_stage_layers,
         num_layers_in_last_pipeline_stage=opts.last_stage_layers,
+        pipeline_model_parallel_layout=opts.pipeline_layout,
         sequence_parallel=opts.sequence_parallel,
         params_dtype=opts.params_dtype,
         pipeline_dtype=opts.params_dtype,

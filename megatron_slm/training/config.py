@@ -24,6 +24,11 @@ from megatron_slm.cli import build_parser as build_cli_parser
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.args import ModelArgs, packed_documents_spec
+from megatron_slm.models.pipeline_layout import (
+    LAYOUT_FLAG,
+    layout_virtual_size,
+    parse_pipeline_layout,
+)
 from megatron_slm.models.presets import (
     GPTModelConfig,
     check_parallel_layout,
@@ -70,6 +75,13 @@ class ParallelConfig:
     decoder_last_pipeline_num_layers: int | None = arg(
         None,
         "Layers of the last pipeline stage (e.g. fewer beside the output layer and the loss).",
+    )
+    pipeline_model_parallel_layout: str | None = arg(
+        None,
+        "Which layers each pipeline stage holds (Megatron-LM's flag): e.g. "
+        '"Et*3|(tt|)*2t|tL" (E embedding, t transformer layer, m MTP head, L output layer '
+        "and loss, | between stages); PP x V stages give V virtual stages per rank. Replaces "
+        "the other stage flags.",
     )
     account_for_embedding_in_pipeline_split: bool = arg(
         False,
@@ -177,11 +189,37 @@ class ParallelConfig:
 
     def virtual_pipeline_size(self, num_layers: int) -> int | None:
         """megatron-core's virtual pipeline size of these flags (None: not interleaved)."""
+        if self.pipeline_model_parallel_layout is not None:
+            layout = parse_pipeline_layout(
+                self.pipeline_model_parallel_layout, self.pipeline_model_parallel_size
+            )
+            return layout_virtual_size(layout)
         return virtual_pipeline_size(
             num_layers,
             self.pipeline_model_parallel_size,
             self.num_layers_per_virtual_pipeline_stage,
             self.num_virtual_stages_per_pipeline_rank,
+        )
+
+    def _check_layout_alone(self) -> None:
+        if self.pipeline_model_parallel_layout is None:
+            return
+        others = {
+            "--decoder-first-pipeline-num-layers": self.decoder_first_pipeline_num_layers,
+            "--decoder-last-pipeline-num-layers": self.decoder_last_pipeline_num_layers,
+            "--num-layers-per-virtual-pipeline-stage": self.num_layers_per_virtual_pipeline_stage,
+            "--num-virtual-stages-per-pipeline-rank": self.num_virtual_stages_per_pipeline_rank,
+            ACCOUNT_FOR_EMBEDDING: self.account_for_embedding_in_pipeline_split or None,
+            ACCOUNT_FOR_LOSS: self.account_for_loss_in_pipeline_split or None,
+        }
+        given = [flag for flag, value in others.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{LAYOUT_FLAG} says which layers each stage holds: give it or {given[0]}, not "
+                "both (Megatron-LM's rule)"
+            )
+        parse_pipeline_layout(
+            self.pipeline_model_parallel_layout, self.pipeline_model_parallel_size
         )
 
     def _accounted_flags(self) -> list[str]:
@@ -284,6 +322,7 @@ class ParallelConfig:
                 "(megatron-core pads only its buckets)"
             )
         self._check_accounted_split()
+        self._check_layout_alone()
         if self.dist_ckpt_optim_fully_reshardable and not self.use_distributed_optimizer:
             raise ConfigError(
                 "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer "
@@ -1947,6 +1986,7 @@ def validate(
         architecture, tp, pp, p.num_layers_per_virtual_pipeline_stage,
         *p.stage_split(architecture.num_layers),
         p.num_virtual_stages_per_pipeline_rank, p.expert_tensor_parallel_size,
+        p.pipeline_model_parallel_layout, cfg.training.mtp_num_layers,
     )  # fmt: skip
     dp = world_size // (tp * pp)
     etp, ep = p.experts_tensor_parallel, p.expert_model_parallel_size

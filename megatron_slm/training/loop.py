@@ -438,6 +438,7 @@ class Trainer:
             virtual_stages=p.num_virtual_stages_per_pipeline_rank,
             first_stage_layers=p.stage_split(self.arch.num_layers)[0],
             last_stage_layers=p.stage_split(self.arch.num_layers)[1],
+            pipeline_layout=p.pipeline_model_parallel_layout,
             make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint),
             use_cpu_initialization=self.device.type == "cpu" or cfg.model.use_cpu_initialization,
             recompute=t.recompute,

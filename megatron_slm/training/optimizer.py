@@ -35,6 +35,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from megatron_slm.errors import CheckpointError, ConfigError, DivergenceError
+from megatron_slm.models.pipeline_layout import canonical_layout
 from megatron_slm.models.presets import virtual_pipeline_size
 from megatron_slm.optimizer_state import DP_RESHARDABLE, FULLY_RESHARDABLE, optimizer_parts
 from megatron_slm.training.config import (
@@ -85,6 +86,7 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         # an uneven split's stages hold other parameters, so other buckets
         "decoder_first_pipeline_num_layers": p.stage_split(num_layers)[0],
         "decoder_last_pipeline_num_layers": p.stage_split(num_layers)[1],
+        "pipeline_model_parallel_layout": canonical_layout(p.pipeline_model_parallel_layout),
         "bucket_size": bucket,
         "num_buckets": num_buckets,
         "pad_buckets": p.use_distributed_optimizer and p.ddp_pad_buckets_for_high_nccl_busbw,
@@ -150,6 +152,7 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         "(--num-virtual-stages-per-pipeline-rank, --num-layers-per-virtual-pipeline-stage)",
         "decoder_first_pipeline_num_layers": "--decoder-first-pipeline-num-layers",
         "decoder_last_pipeline_num_layers": "--decoder-last-pipeline-num-layers",
+        "pipeline_model_parallel_layout": "--pipeline-model-parallel-layout",
         "bucket_size": "gradient buckets (--overlap-grad-reduce, --ddp-bucket-size)",
         "num_buckets": "gradient buckets (--overlap-grad-reduce, --ddp-num-buckets)",
         "pad_buckets": "bucket padding (--ddp-pad-buckets-for-high-nccl-busbw)",

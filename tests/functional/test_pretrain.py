@@ -259,6 +259,30 @@ def test_uneven_virtual_pipeline_stages_train_alike_and_resume(corpus, tmp_path)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
 
 
+def test_pipeline_layouts_train_as_pp_1(corpus, tmp_path):
+    """--pipeline-model-parallel-layout (Megatron-LM's flag): a first stage holding only the
+    embedding, and virtual stages whose last chunk holds only the loss, fine-tuning a PP 1
+    checkpoint: the steps of PP 1; the optimizer layout records the layout written out."""
+    from megatron_slm.checkpoint import iteration_dir, read_metadata
+
+    _, prefix = corpus
+    base = str(tmp_path / "base")  # (initialisations differ between layouts: start from one)
+    run_pretrain(tiny_args(prefix, str(tmp_path / "base.jsonl"), 3, "--save", base))
+    start = ("--pretrained-checkpoint", base)
+    whole = read_steps_of(prefix, tmp_path / "pp1.jsonl", 4, *start)
+    layouts = {"E|ttttL": ("E|ttttL", None), "Et*2|(t|)*2L": ("Ett|t|t|L", 2)}
+    for i, (layout, (written_out, virtual)) in enumerate(layouts.items()):
+        save, log = str(tmp_path / f"ckpt{i}"), tmp_path / f"layout{i}.jsonl"
+        argv = ("--pipeline-model-parallel-size", 2, "--pipeline-model-parallel-layout", layout,
+                "--use-distributed-optimizer", *start, "--save", save)  # fmt: skip
+        run_pretrain(tiny_args(prefix, str(log), 4, *argv, "--save-interval", 4), nproc=2)
+        for a, b in zip(whole, read_steps(str(log)), strict=True):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0), layout
+        recorded = read_metadata(iteration_dir(save, 4))["optimizer_layout"]
+        assert recorded["pipeline_model_parallel_layout"] == written_out
+        assert recorded["virtual_pipeline_size"] == virtual
+
+
 def test_log_interval_reads_late_but_records_every_step(corpus, tmp_path):
     """--log-interval 3: the host reads statistics at steps 3, 6 and the last only, yet every
     step's record is written, with the same values as reading every step; a clean exit between
