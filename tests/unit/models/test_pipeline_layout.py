@@ -75,15 +75,17 @@ def test_the_layout_replaces_the_other_stage_flags(capsys):
         assert f"give it or {other[0]}, not both" in capsys.readouterr().err
 
 
-def _built_stages(rank, world, layout, virtual):
+def _built_stages(rank, world, layout, virtual, mtp=None):
     from megatron_slm import launch
     from megatron_slm.models import ModelBuildOptions, build_model
 
     launch.initialize(device="cpu", pipeline_model_parallel_size=2,
                       virtual_pipeline_model_parallel_size=virtual)  # fmt: skip
-    opts = ModelBuildOptions(transformer_impl="torch", pipeline_layout=layout)
+    opts = ModelBuildOptions(transformer_impl="torch", pipeline_layout=layout, mtp_num_layers=mtp)
     chunks = build_model(get_preset("tiny"), opts)
-    return [(len(c.decoder.layers), c.pre_process, c.post_process) for c in chunks]
+    heads = [len(c.mtp.layers) if getattr(c, "mtp", None) is not None else 0 for c in chunks]
+    built = [(len(c.decoder.layers), c.pre_process, c.post_process) for c in chunks]
+    return built if mtp is None else (built, heads)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +102,10 @@ def test_each_rank_builds_the_layers_its_stages_hold(layout, virtual, built):
     from tests.dist_helpers import run_distributed
 
     assert run_distributed(_built_stages, 2, layout, virtual) == built
+
+
+def test_mtp_heads_sit_with_the_loss():
+    from tests.dist_helpers import run_distributed
+
+    stages = run_distributed(_built_stages, 2, "Ett|ttmL", None, 1)
+    assert stages == [([(2, True, False)], [0]), ([(2, False, True)], [1])]
