@@ -578,6 +578,12 @@ class TrainingArgs:
         "s] probabilities where the kernel keeps them) is recomputed in backward "
         "(--recompute-granularity selective).",
     )
+    moe_layer_recompute: bool = arg(
+        False,
+        "Megatron-LM's older flag for --recompute-granularity selective --recompute-modules moe "
+        "(beside the modules given; core_attn by default): each mixture of experts is "
+        "recomputed in backward.",
+    )
     recompute_granularity: str | None = arg(
         None,
         "full: keep only each recompute unit's input and recompute the layers in backward "
@@ -819,6 +825,15 @@ class TrainingArgs:
                     "--recompute-granularity full"
                 )
             self.recompute_granularity = "selective"
+        if self.moe_layer_recompute:
+            if self.recompute_granularity == "full":
+                raise ConfigError(
+                    "--moe-layer-recompute is selective recompute: it contradicts "
+                    "--recompute-granularity full"
+                )
+            self.recompute_granularity = "selective"
+            if "moe" not in self.recompute_modules:  # (megatron-core's default kept beside it)
+                self.recompute_modules = [*(self.recompute_modules or ["core_attn"]), "moe"]
         if self.recompute_granularity is not None:
             check_choices(self, "recompute_granularity")
         full = self.recompute_granularity == "full"

@@ -83,6 +83,7 @@ def _recompute_worker(rank, world, prefix, log):
 MOE_RECOMPUTE = {
     "none": (),
     "moe": ("--recompute-granularity", "selective", "--recompute-modules", "moe"),
+    "moe_layer": ("--moe-layer-recompute",),  # (Megatron-LM's older flag: core_attn and moe)
     "shared_experts": ("--recompute-granularity", "selective", "--recompute-modules",
                        "shared_experts"),
     # accepted: the same experts, one by one, and the same routing (no TE kernels)
@@ -122,6 +123,7 @@ def test_moe_recompute_replays_the_mixture(corpus, tmp_path):
     out = run_distributed(_moe_recompute_worker, 1, corpus, str(tmp_path / "log.jsonl"))[0]
     calls = 4 * 3  # micro-batches x mixtures
     expected = {"none": (calls, calls), "moe": (2 * calls, 2 * calls),
+                "moe_layer": (2 * calls, 2 * calls),
                 "shared_experts": (calls, 2 * calls), "te_kernels": (calls, calls)}  # fmt: skip
     for name, (router, shared) in expected.items():
         assert out[name]["counts"] == {"router": router, "shared": shared}, name
@@ -787,6 +789,8 @@ def test_a_megatron_lm_scripts_shape_gets_megatron_lms_defaults():
           "--num-virtual-stages-per-pipeline-rank", 2), "is not offered with virtual pipeline"),
         (("--ddp-average-in-collective",), "--ddp-average-in-collective is not offered: "
                                            "megatron-slm's loss is a sum over tokens"),
+        (("--moe-layer-recompute", "--recompute-granularity", "full"),
+         "--moe-layer-recompute is selective recompute: it contradicts"),
         (("--rerun-mode", "validate_results"),
          "--rerun-mode validate_results: Megatron-LM's rerun state machine is not offered"),
         (("--moe-shared-expert-gate",), "--moe-shared-expert-gate needs --num-experts"),
