@@ -1120,8 +1120,13 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
     tiktoken = dict(recorded.get("tiktoken") or {}) if ttype == recorded.get("type") else {}
     if hasattr(args, "tiktoken_options"):
         tiktoken.update(args.tiktoken_options())
+    trust_remote_code = getattr(args, "trust_remote_code", False)
+    if trust_remote_code and ttype != "HuggingFaceTokenizer":
+        raise CheckpointError(
+            f"--trust-remote-code is a HuggingFaceTokenizer's flag, not a {ttype}'s"
+        )
     try:
-        tokenizer = build_tokenizer(ttype, model, vocab, merge, tiktoken)
+        tokenizer = build_tokenizer(ttype, model, vocab, merge, tiktoken, trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:
         what = f"{model} + {merge}" if merge else model or ""
         raise TokenizerError(f"{flag}: cannot load the {ttype} {what}: {e}") from None

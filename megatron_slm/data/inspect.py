@@ -12,7 +12,7 @@ from megatron_slm.data.indexed import blend_prefixes
 from megatron_slm.data.sidecar import SidecarError, SidecarReader
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
-    TikTokenArgs,
+    TokenizerOptionArgs,
     check_tokenizer_flags,
     tokenizer_of,
 )
@@ -24,7 +24,7 @@ _CHUNK_TOKENS = 1 << 24  # values decoded per step (64 MiB of float32)
 
 
 @dataclass
-class InspectConfig(TikTokenArgs):
+class InspectConfig(TokenizerOptionArgs):
     """Settings of tools/inspect_sidecar.py."""
 
     data_path: list[str] = arg(

@@ -35,7 +35,7 @@ from megatron_slm.cli import arg
 from megatron_slm.data.indexed import DocumentBuilder, optimal_token_dtype, recover_pair
 from megatron_slm.data.tokenizer import (
     TOKENIZER_TYPES,
-    TikTokenArgs,
+    TokenizerOptionArgs,
     build_tokenizer,
     check_tokenizer_flags,
     model_path_of,
@@ -53,7 +53,7 @@ _BATCH_BYTES = 4 << 20
 
 
 @dataclass
-class PreprocessConfig(TikTokenArgs):
+class PreprocessConfig(TokenizerOptionArgs):
     """Settings of tools/preprocess_data.py (Megatron-LM's flags), for ``preprocess_corpus``."""
 
     input: list[str] = arg([], "JSONL files or globs, read in order.", required=True)
@@ -116,6 +116,7 @@ class PreprocessConfig(TikTokenArgs):
             vocab_file=self.vocab_file,
             merge_file=self.merge_file,
             tiktoken=self.tiktoken_options(),
+            trust_remote_code=self.trust_remote_code,
             json_keys=self.json_keys,
             append_eod=self.append_eod,
             workers=self.workers,
@@ -294,6 +295,7 @@ def preprocess_corpus(
     vocab_file: str | None = None,
     merge_file: str | None = None,
     tiktoken: dict | None = None,
+    trust_remote_code: bool = False,
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -308,6 +310,7 @@ def preprocess_corpus(
         tokenizer_type, tokenizer_model, vocab_size: see ``build_tokenizer``.
         vocab_file, merge_file: a GPT2BPETokenizer's ``vocab.json`` and ``merges.txt``.
         tiktoken: a TikTokenizer's options (``build_tokenizer``).
+        trust_remote_code: a HuggingFaceTokenizer may run the code its directory ships.
         json_keys: the JSON fields to tokenize, one dataset each (``--json-keys``).
         append_eod: append the tokenizer's EOD to every non-empty document.
         workers: tokenizing processes (1: in this process). Output is identical for any value.
@@ -327,7 +330,7 @@ def preprocess_corpus(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     model = model_path_of(tokenizer_type, tokenizer_model, vocab_file)
-    tokenizer_args = (tokenizer_type, model, vocab_size, merge_file, tiktoken)
+    tokenizer_args = (tokenizer_type, model, vocab_size, merge_file, tiktoken, trust_remote_code)
     tokenizer = build_tokenizer(*tokenizer_args)
     dtype = optimal_token_dtype(tokenizer.vocab_size)
     init_args = (tokenizer_args, json_keys, append_eod, dtype)

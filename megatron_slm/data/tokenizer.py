@@ -494,17 +494,25 @@ class HuggingFaceTokenizer(_SLMTokenizer):
     Megatron-LM's ``_HuggingFaceTokenizer`` (``tokenizer(text).input_ids``, special tokens such as
     BOS included); ``eod`` is the eos token."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, trust_remote_code: bool = False) -> None:
         from transformers import AutoTokenizer
 
         if path is None or not os.path.isdir(path):
             raise FileNotFoundError(
                 f"--tokenizer-model: Hugging Face tokenizer directory not found: {path!r}"
             )
-        self._path = path
+        self._path, self._trust_remote_code = path, trust_remote_code
         try:
-            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError, RuntimeError) as e:  # no/garbled tokenizer files
+            if "trust_remote_code" in str(e) and not trust_remote_code:
+                raise TokenizerError(
+                    "its tokenizer is Python code the directory ships (its auto_map): give "
+                    "--trust-remote-code to run it",
+                    subject=f"--tokenizer-model {path}",
+                ) from None
             raise TokenizerError(
                 f"cannot load a Hugging Face tokenizer ({' '.join(str(e).split())[:300]})",
                 subject=f"--tokenizer-model {path}",
@@ -519,10 +527,10 @@ class HuggingFaceTokenizer(_SLMTokenizer):
         self.chat_template = getattr(self._tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
     def __getstate__(self):
-        return {"path": self._path}
+        return {"path": self._path, "trust_remote_code": self._trust_remote_code}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("trust_remote_code", False))
 
     def tokenize(self, text: str) -> list[int]:
         """Encode one text: ``list[int]``."""
@@ -628,6 +636,10 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
             raise ConfigError(
                 f"{flag_name(name)} is a TikTokenizer's flag, not a {tokenizer_type}'s"
             )
+    if getattr(cfg, "trust_remote_code", False) and tokenizer_type != "HuggingFaceTokenizer":
+        raise ConfigError(
+            f"--trust-remote-code is a HuggingFaceTokenizer's flag, not a {tokenizer_type}'s"
+        )
     gpt2 = tokenizer_type == "GPT2BPETokenizer"
     if gpt2 and tokenizer_model:
         raise ConfigError(
@@ -652,8 +664,9 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
 
 
 @dataclass
-class TikTokenArgs:
-    """Megatron-LM's flags of its ``TikTokenizer`` (``data.tiktoken_tokenizer``)."""
+class TokenizerOptionArgs:
+    """Megatron-LM's flags of particular tokenizer types: its ``TikTokenizer``'s options
+    (``data.tiktoken_tokenizer``) and, for a ``HuggingFaceTokenizer``, ``--trust-remote-code``."""
 
     tiktoken_pattern: str | None = arg(
         None,
@@ -672,6 +685,13 @@ class TikTokenArgs:
         aliases=("--tiktoken-special-tokens",),
     )
 
+    trust_remote_code: bool = arg(
+        False,
+        "HuggingFaceTokenizer: run the Python code its directory ships (tokenization_*.py named "
+        "by its auto_map; Megatron-LM's flag, transformers' trust_remote_code). Without it "
+        "such a tokenizer is refused in one line.",
+    )
+
     def tiktoken_options(self) -> dict:
         """The TikTokenizer options given (Megatron-LM's defaults for the others)."""
         given = {
@@ -683,7 +703,7 @@ class TikTokenArgs:
 
 
 @dataclass
-class TokenizerArgs(TikTokenArgs):
+class TokenizerArgs(TokenizerOptionArgs):
     """The tokenizer flags of the trainer and every tool (Megatron-LM's names)."""
 
     tokenizer_type: str | None = arg(
@@ -730,8 +750,9 @@ def tokenizer_of(cfg) -> _SLMTokenizer:
     """The tokenizer a config's tokenizer flags name (checked by :func:`check_tokenizer_flags`)."""
     model = model_path_of(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file)
     return build_tokenizer(
-        cfg.tokenizer_type, model, cfg.vocab_size, cfg.merge_file, cfg.tiktoken_options()
-    )
+        cfg.tokenizer_type, model, cfg.vocab_size, cfg.merge_file, cfg.tiktoken_options(),
+        trust_remote_code=cfg.trust_remote_code,
+    )  # fmt: skip
 
 
 def build_tokenizer(
@@ -740,6 +761,7 @@ def build_tokenizer(
     vocab_size: int | None = None,
     merge_file: str | None = None,
     tiktoken: dict | None = None,
+    trust_remote_code: bool = False,
 ) -> _SLMTokenizer:
     """Build a tokenizer by Megatron-LM ``--tokenizer-type`` name.
 
@@ -751,6 +773,7 @@ def build_tokenizer(
         vocab_size: the ``NullTokenizer``'s ids before its EOD (a TikTokenizer's: its cut).
         merge_file: a GPT2BPETokenizer's ``merges.txt`` (``--merge-file``).
         tiktoken: a TikTokenizer's ``pattern``, ``num_special_tokens``, ``special_tokens``.
+        trust_remote_code: a HuggingFaceTokenizer may run the code its directory ships.
     """
     tokenizer_type = canonical_tokenizer_type(tokenizer_type)
     if tokenizer_type == "SentencePieceTokenizer":
@@ -760,7 +783,7 @@ def build_tokenizer(
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(tokenizer_model, merge_file)
     if tokenizer_type == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(tokenizer_model)
+        return HuggingFaceTokenizer(tokenizer_model, trust_remote_code)
     if tokenizer_type == "TikTokenizer":
         return TikTokenizer(tokenizer_model, vocab_size, **(tiktoken or {}))
     if tokenizer_type == "NullTokenizer":

@@ -107,3 +107,107 @@ def test_huggingface_tokenizer_from_local_dir(tmp_path, sp_model):
     ids = tok.tokenize("hello world")
     assert tok.tokenize_batch(["hello world"]) == [ids]
     assert tok.eod == 2
+
+
+# A Hugging Face tokenizer that is Python code its directory ships (an auto_map entry).
+LETTERS_TOKENIZER = """
+from transformers import PreTrainedTokenizer
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz "
+
+
+class LettersTokenizer(PreTrainedTokenizer):
+    model_input_names = ["input_ids"]
+
+    def __init__(self, **kwargs):
+        self._vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(LETTERS)}}
+        self._ids = {i: t for t, i in self._vocab.items()}
+        kwargs.setdefault("unk_token", "<unk>")
+        kwargs.setdefault("eos_token", "</s>")
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self._vocab)
+
+    def get_vocab(self):
+        return dict(self._vocab)
+
+    def _tokenize(self, text):
+        return list(text)
+
+    def _convert_token_to_id(self, token):
+        return self._vocab.get(token, 0)
+
+    def _convert_id_to_token(self, index):
+        return self._ids.get(index, "<unk>")
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        return ()
+"""
+
+
+def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
+    """--trust-remote-code (Megatron-LM's flag): without it such a tokenizer is one line and its
+    code never runs; with it preprocessing (two workers: the tokenizer is pickled) writes the
+    ids its code gives."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_slm.errors import TokenizerError
+
+    tok = tmp_path / "letters"
+    tok.mkdir()
+    (tok / "tokenization_letters.py").write_text(LETTERS_TOKENIZER)
+    auto_map = {"AutoTokenizer": ["tokenization_letters.LettersTokenizer", None]}
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": auto_map, "tokenizer_class": "LettersTokenizer", "eos_token": "</s>"}
+    ))  # fmt: skip
+    with pytest.raises(TokenizerError) as refused:
+        build_tokenizer("HuggingFaceTokenizer", str(tok))
+    assert str(refused.value) == (
+        f"--tokenizer-model {tok}: its tokenizer is Python code the directory ships (its "
+        "auto_map): give --trust-remote-code to run it"
+    )
+    texts = ["ab c", "hello world", "zz"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo, HF_MODULES_CACHE=str(tmp_path / "modules"))
+
+    def preprocess(*flags):
+        cmd = [sys.executable, os.path.join(repo, "tools", "preprocess_data.py"), "--input",
+               str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"), "--workers",
+               "2", "--tokenizer-model", str(tok), *flags]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = preprocess("--tokenizer-type", "SentencePieceTokenizer", "--trust-remote-code")
+    line = "--trust-remote-code is a HuggingFaceTokenizer's flag, not a SentencePieceTokenizer's"
+    assert proc.returncode == 2 and line in proc.stderr
+    proc = preprocess("--tokenizer-type", "HuggingFaceTokenizer", "--append-eod")
+    assert proc.returncode == 2 and "give --trust-remote-code to run it" in proc.stderr
+    assert not (tmp_path / "modules").exists()  # (its code was never imported)
+    proc = preprocess("--tokenizer-type", "HuggingFaceTokenizer", "--append-eod",
+                      "--trust-remote-code")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ds = IndexedDataset(str(tmp_path / "out_text_document"))
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    expected = [[letters.index(c) + 2 for c in t] + [1] for t in texts]  # then </s>, the EOD
+    assert [ds[i].tolist() for i in range(len(ds))] == expected
+    # the trainer's and every --load tool's tokenizer rule (resolve_tokenizer) passes it too
+    script = (
+        "from megatron_slm.checkpoint import resolve_tokenizer\n"
+        "from megatron_slm.data.tokenizer import TokenizerArgs\n"
+        f"args = TokenizerArgs(tokenizer_type='HuggingFaceTokenizer', tokenizer_model={str(tok)!r},"
+        " trust_remote_code=True)\n"
+        "print(resolve_tokenizer(args, None)[0].tokenize('ab c'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == str(expected[0][:-1]), proc.stderr
