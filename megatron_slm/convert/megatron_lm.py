@@ -83,7 +83,7 @@ NOT_ARCHITECTURE = {
     "attention_dropout", "hidden_dropout", "attention_softmax_in_fp32", "masked_softmax_fusion",
     "bias_gelu_fusion", "persist_layer_norm", "rope_fusion", "gradient_accumulation_fusion",
     "bias_swiglu_fusion", "bias_dropout_fusion", "apply_query_key_layer_scaling",
-    "use_cpu_initialization",
+    "use_cpu_initialization", "padded_vocab_size",
 }  # fmt: skip
 
 

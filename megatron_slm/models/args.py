@@ -99,6 +99,12 @@ class ModelArgs:
         f"Pad the vocabulary to a multiple of this x TP (default {DEFAULT_VOCAB_DIVISOR}; a loaded "
         "checkpoint keeps its padded vocabulary at any TP that divides it).",
     )
+    padded_vocab_size: int | None = arg(
+        None,
+        "The model's vocabulary rows (Megatron-LM's flag): at least the tokenizer's ids and a "
+        "multiple of TP; it replaces --make-vocab-size-divisible-by's padding (a loaded "
+        "checkpoint must have as many).",
+    )
     transformer_impl: str | None = arg(
         None,
         "Layer implementation: te (Megatron-LM's transformer_engine), local or torch (default: "
@@ -331,6 +337,8 @@ class ModelArgs:
             )
         if self.make_vocab_size_divisible_by is not None and self.make_vocab_size_divisible_by < 1:
             raise ConfigError("--make-vocab-size-divisible-by must be >= 1")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < 1:
+            raise ConfigError("--padded-vocab-size must be >= 1")
         check_choices(self, "attention_backend")
         for name in ("normalization", "position_embedding_type"):
             if getattr(self, name) is not None:

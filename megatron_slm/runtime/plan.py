@@ -190,6 +190,12 @@ def plan_load(
     else:
         tok, ttype, tmodel = resolve_tokenizer(tokenizer_args, info, tokenizer == "required")
     arch = resolve_architecture(model_args, info, None)
+    rows = getattr(model_args, "padded_vocab_size", None)
+    if rows is not None and rows != info.padded_vocab_size:  # (flags only confirm it)
+        raise CheckpointError(
+            f"--padded-vocab-size {rows}: {flag} {args.load} has {info.padded_vocab_size} "
+            "vocabulary rows"
+        )
     if tok is not None and tok.vocab_size > info.padded_vocab_size:
         raise CheckpointError(
             f"{flag} {args.load}: the tokenizer has {tok.vocab_size} ids, more than the model's "

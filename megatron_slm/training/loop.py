@@ -135,6 +135,7 @@ def plan_training(cfg: PretrainConfig, world_size: int) -> TrainingPlan:
     if ckpt is not None:
         _check_mtp_heads(cfg, ckpt, resuming)
     sizes = validate(cfg, world_size, arch, ckpt.meta["consumed_samples"] if resuming else 0)
+    _vocab_divisor(cfg, ckpt, arch.vocab_size)  # (its refusals before any work)
     load_optimizer = resuming and not cfg.checkpoint.no_load_optim and not _starts_afresh(ckpt)
     if load_optimizer:
         check_optimizer_resume(cfg, sizes.data_parallel_size, ckpt)
@@ -359,11 +360,27 @@ def _plan_frozen_model(
     return plan
 
 
-def _vocab_divisor(cfg: PretrainConfig, ckpt: CheckpointInfo | None) -> int:
-    """The run's --make-vocab-size-divisible-by: a loaded checkpoint keeps its padded
-    vocabulary at any TP size that divides it."""
-    tp = cfg.parallel.tensor_model_parallel_size
-    return ckpt.divisor_for(tp) if ckpt is not None else cfg.model.vocab_divisor
+def _vocab_divisor(cfg: PretrainConfig, ckpt: CheckpointInfo | None, vocab: int) -> int:
+    """The run's --make-vocab-size-divisible-by for a tokenizer of ``vocab`` ids: a loaded
+    checkpoint keeps its padded vocabulary at any TP size that divides it; --padded-vocab-size
+    P gives P rows (P / TP per rank)."""
+    tp, rows = cfg.parallel.tensor_model_parallel_size, cfg.model.padded_vocab_size
+    if ckpt is not None:
+        divisor = ckpt.divisor_for(tp)
+        if rows is not None and rows != padded_vocab_size(vocab, divisor, tp):
+            raise ConfigError(
+                f"--padded-vocab-size {rows}: the checkpoint {ckpt.flag} {ckpt.path} has "
+                f"{ckpt.padded_vocab_size} vocabulary rows"
+            )
+        return divisor
+    if rows is None:
+        return cfg.model.vocab_divisor
+    if rows < vocab or rows % tp:
+        raise ConfigError(
+            f"--padded-vocab-size {rows} must be at least the tokenizer's {vocab} ids and a "
+            f"multiple of --tensor-model-parallel-size {tp}"
+        )
+    return rows // tp
 
 
 def _plan_reference(cfg: PretrainConfig, arch: GPTModelConfig) -> LoadPlan | None:
@@ -386,7 +403,7 @@ def _plan_teacher(
     teacher = _plan_frozen_model(cfg, arch, d.export_kd_teacher_load, flag, "teacher")
     check_tokenizer(teacher.checkpoint, tokenizer, tokenizer_type, flag)
     tp = cfg.parallel.tensor_model_parallel_size
-    student = padded_vocab_size(arch.vocab_size, _vocab_divisor(cfg, ckpt), tp)
+    student = padded_vocab_size(arch.vocab_size, _vocab_divisor(cfg, ckpt, arch.vocab_size), tp)
     if teacher.padded_vocab_size != student:
         hint = "" if ckpt is not None else "; set --make-vocab-size-divisible-by to match"
         raise ConfigError(
@@ -439,7 +456,7 @@ class Trainer:
             first_stage_layers=p.stage_split(self.arch.num_layers)[0],
             last_stage_layers=p.stage_split(self.arch.num_layers)[1],
             pipeline_layout=p.pipeline_model_parallel_layout,
-            make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint),
+            make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint, plan.arch.vocab_size),
             use_cpu_initialization=self.device.type == "cpu" or cfg.model.use_cpu_initialization,
             recompute=t.recompute,
             moe=t.moe,

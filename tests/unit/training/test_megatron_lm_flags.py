@@ -505,6 +505,45 @@ def test_accounting_that_does_not_split_evenly_is_one_line():
     )
 
 
+def _padded_vocab_worker(rank, world, prefix, log, save):
+    from megatron_slm.runtime import LoadArgs, plan_load
+
+    trainer = cpu_trainer(tiny_args(prefix, log, 3, "--padded-vocab-size", 600, "--save", save,
+                                    "--save-interval", 1, "--num-workers", 0))  # fmt: skip
+    model = trainer.chunks[0].module
+    rows = (model.embedding.word_embeddings.weight.shape[0], model.output_layer.weight.shape[0])
+    trainer.advance()
+    trainer.save()
+    close_trainer(trainer)
+    plan = plan_load(LoadArgs(load=save, device="cpu"))
+    with pytest.raises(CheckpointError) as refused:  # a tool's flags only confirm the checkpoint
+        plan_load(LoadArgs(load=save, device="cpu"), model_args=ModelArgs(padded_vocab_size=512))
+    return rows, plan.checkpoint.padded_vocab_size, str(refused.value)
+
+
+def test_padded_vocab_size_sets_the_models_rows(corpus, tmp_path, capsys):
+    """--padded-vocab-size (Megatron-LM's flag): the embedding and output layer have exactly
+    those rows, the checkpoint records them, a tool's flag that differs is one line; too few
+    rows, or rows TP does not split, are refused before any work."""
+    from megatron_slm.training.loop import plan_training
+
+    save = str(tmp_path / "ckpt")
+    ((rows, recorded, refused),) = run_distributed(
+        _padded_vocab_worker, 1, corpus, str(tmp_path / "log.jsonl"), save
+    )
+    assert rows == (600, 600) and recorded == 600
+    assert refused == f"--padded-vocab-size 512: --load {save} has 600 vocabulary rows"
+    for rows, tp in ((500, 1), (601, 2)):
+        argv = tiny_args(corpus, str(tmp_path / "x.jsonl"), 3, "--padded-vocab-size", rows,
+                         "--tensor-model-parallel-size", tp)  # fmt: skip
+        argv = [str(a) for a in argv]
+        line = refusal(lambda argv=argv, tp=tp: plan_training(parse_config(argv), tp), capsys)
+        assert line == (
+            f"--padded-vocab-size {rows} must be at least the tokenizer's {VOCAB} ids and a "
+            f"multiple of --tensor-model-parallel-size {tp}"
+        )
+
+
 def _config(*argv, data=("--data-path", "A")):
     base = (
         *data,
