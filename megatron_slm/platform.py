@@ -22,17 +22,19 @@ with the gloo backend, unmodified:
 * ``torch.cuda.current_device`` returns ``0`` (then mapped to CPU by the mode; the CPU device
   where the mode is off, as in a backward, which runs inside its handler), ``synchronize`` is
   a no-op, the CUDA RNG state functions act on the CPU generator (CPU dropout draws from it, so
-  megatron's RNG tracker forks the right state), and a CUDA stream is a stand-in whose waits do
-  nothing (CPU work runs in issue order);
+  megatron's RNG tracker forks the right state), and a CUDA stream or event is a stand-in whose
+  waits do nothing (CPU work runs in issue order); the all-to-all token dispatcher's split
+  sizes become host arrays as they do on GPU;
 * grad clipping's CUDA type check is given a CPU-aware ``multi_tensor_applier``-free path.
 
 Limits (by design; none of this is active when CUDA is available):
 
 * fp32 only (megatron-core's mixed-precision optimizer is CUDA-only, so the trainer refuses
-  --bf16/--fp16 on CPU); no Transformer Engine, no
-  fused kernels, no CUDA graphs, no activation offloading, no MoE token dispatchers that use
-  NCCL-only collectives. The distributed optimizer and overlapped data-parallel communication
-  (``overlap_grad_reduce`` / ``overlap_param_gather``: gloo's asynchronous collectives) do run.
+  --bf16/--fp16 on CPU); no Transformer Engine, no fused kernels, no CUDA graphs, no
+  activation offloading, no MoE token dispatchers that use NCCL-only collectives (the allgather
+  and all-to-all ones run). The distributed optimizer and overlapped data-parallel
+  communication (``overlap_grad_reduce`` / ``overlap_param_gather``: gloo's asynchronous
+  collectives) do run.
 * The TorchFunctionMode is thread-local: it is pushed in the calling thread and stays active for the
   life of the process. Worker threads that build CUDA tensors (none in our code paths) would not
   see it.
@@ -167,16 +169,41 @@ def _cpu_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+class _CpuEvent:
+    """``torch.cuda.Event`` on CPU: recorded work is already done."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def record(self, _stream=None) -> None:
+        pass
+
+    def wait(self, _stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _CpuStream:
     """``torch.cuda.Stream`` on CPU: operations run in issue order, so there is nothing to wait
     for (megatron-core's DDP reduces across distributed-optimizer instances on a stream of its
-    own)."""
+    own; its all-to-all token dispatcher copies counts to the host on one)."""
 
     def __init__(self, *_args, **_kwargs):
         pass
 
     def wait_stream(self, _other) -> None:
         pass
+
+    def wait_event(self, _event) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuEvent:
+        return event or _CpuEvent()
 
     def synchronize(self) -> None:
         pass
@@ -185,9 +212,24 @@ class _CpuStream:
 def _cpu_streams() -> None:
     default = _CpuStream()
     torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
     torch.cuda.stream = lambda _stream=None: contextlib.nullcontext()
     torch.cuda.default_stream = lambda *_args, **_kwargs: default
     torch.cuda.current_stream = lambda *_args, **_kwargs: default
+
+
+def _cpu_token_dispatch() -> None:
+    """megatron-core's all-to-all token dispatcher moves its split sizes to the host as numpy
+    arrays (``maybe_move_tensor_to_cpu(as_numpy=True)``), converting only CUDA tensors: on CPU
+    they would stay tensors, which ``all_to_all_single`` refuses as split sizes."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def enable_cpu_backend() -> bool:
@@ -205,6 +247,7 @@ def enable_cpu_backend() -> bool:
     _cpu_rng_stand_ins()
     _cpu_grad_clipping()
     _cpu_streams()
+    _cpu_token_dispatch()
     # Entered for the life of the process (see "Limits" above).
     _CudaToCpuMode().__enter__()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

@@ -41,7 +41,7 @@ from megatron_slm.ops.selection import (
     select_mode_arg,
     unscored_arg,
 )
-from megatron_slm.platform import device_arg, resolve_device
+from megatron_slm.platform import device_arg
 from megatron_slm.training.batch_ramp import BatchRamp, batch_ramp, check_ramp_values
 from megatron_slm.training.step_batch_schedule import (
     StepBatchSchedule,
@@ -626,6 +626,12 @@ class TrainingArgs:
         "How tokens reach their experts (megatron-core's dispatchers): allgather or alltoall.",
         choices=MOE_DISPATCHERS,
     )
+    moe_shared_expert_overlap: bool = arg(
+        False,
+        "With --moe-token-dispatcher-type alltoall and a shared expert: run the shared expert "
+        "on a stream of its own while the tokens travel to their experts (Megatron-LM's flag, "
+        "megatron-core's overlap); the same results (on CPU the streams run in order).",
+    )
     moe_expert_capacity_factor: float | None = arg(
         None,
         "With --num-experts: each expert takes at most factor x (tokens x top-k / experts) "
@@ -855,6 +861,11 @@ class TrainingArgs:
     def _check_moe(self) -> None:
         check_choices(self, "moe_router_load_balancing_type")
         check_choices(self, "moe_token_dispatcher_type")
+        if self.moe_shared_expert_overlap and self.moe_token_dispatcher_type != "alltoall":
+            raise ConfigError(
+                "--moe-shared-expert-overlap needs --moe-token-dispatcher-type alltoall "
+                "(megatron-core overlaps the shared expert with that dispatcher's exchange)"
+            )
         if self.moe_router_dtype is not None:
             check_choices(self, "moe_router_dtype")
         check_choices(self, "moe_token_drop_policy")
@@ -888,6 +899,7 @@ class TrainingArgs:
             "moe_expert_capacity_factor": self.moe_expert_capacity_factor,
             "moe_token_drop_policy": self.moe_token_drop_policy,
             "moe_pad_expert_input_to_capacity": self.moe_pad_expert_input_to_capacity,
+            "moe_shared_expert_overlap": self.moe_shared_expert_overlap,
         }
 
     @property
@@ -1845,6 +1857,17 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         raise ConfigError(
             "--recompute-modules shared_experts needs --moe-shared-expert-intermediate-size"
         )
+    if t.moe_shared_expert_overlap and architecture.num_experts is not None:
+        if not architecture.moe_shared_expert_intermediate_size:
+            raise ConfigError(
+                "--moe-shared-expert-overlap needs a shared expert "
+                "(--moe-shared-expert-intermediate-size)"
+            )
+        if "shared_experts" in recomputed:  # (megatron-core's rule)
+            raise ConfigError(
+                "--moe-shared-expert-overlap cannot recompute the shared expert "
+                "(--recompute-modules shared_experts)"
+            )
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
     given = [name for name in t.moe if getattr(t, name) != defaults[name]]
     if architecture.num_experts is None:
@@ -1878,11 +1901,6 @@ def _check_experts(cfg: PretrainConfig, architecture: GPTModelConfig) -> None:
         raise ConfigError(
             f"--num-experts {architecture.num_experts} with --tensor-model-parallel-size "
             f"{p.tensor_model_parallel_size} needs --sequence-parallel (megatron-core's rule)"
-        )
-    if t.moe_token_dispatcher_type == "alltoall" and resolve_device(t.device).type == "cpu":
-        raise ConfigError(
-            "--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's dispatcher makes "
-            "CUDA streams); on CPU use allgather"
         )
 
 

@@ -586,7 +586,8 @@ def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_
     dense model's on that batch; the mixture is saved as step 0 before that step, and a run from
     that save (the flag dropped, no --no-load-optim) repeats the steps. Granular upcycling makes
     the same mixture at TP 2 with sequence parallelism, at PP 2 and with 2 expert-parallel ranks
-    as at TP 1 (the same steps). Upcycling into a --save holding a checkpoint is refused."""
+    (the tokens dispatched by all-gather or by all-to-all) as at TP 1 (the same steps).
+    Upcycling into a --save holding a checkpoint is refused."""
     from megatron_slm.checkpoint import iteration_dir, read_metadata
 
     _, prefix = corpus
@@ -605,11 +606,16 @@ def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_
     # Granular upcycling (6 experts of half the width, 3 copies of the MLP): each layout's
     # experts are the slices of their global index, and its routers the same.
     granular = (*UPCYCLE, "--num-experts", 6, "--moe-upcycling-granularity", 2, *load)
+    ep2 = ("--expert-model-parallel-size", 2)
+    layouts = {
+        "tp1": (),
+        "tp2": ("--tensor-model-parallel-size", 2, "--sequence-parallel"),
+        "pp2": ("--pipeline-model-parallel-size", 2),
+        "ep2": ep2,
+        "ep2-alltoall": (*ep2, "--moe-token-dispatcher-type", "alltoall"),
+    }
     runs = {}
-    for name, layout in (("tp1", ()),
-                         ("tp2", ("--tensor-model-parallel-size", 2, "--sequence-parallel")),
-                         ("pp2", ("--pipeline-model-parallel-size", 2)),
-                         ("ep2", ("--expert-model-parallel-size", 2))):  # fmt: skip
+    for name, layout in layouts.items():
         other = ("--save", str(tmp_path / name))
         runs[name] = read_steps_of(
             prefix,
@@ -620,7 +626,7 @@ def test_upcycling_starts_a_mixture_from_the_dense_checkpoint(corpus, reference_
             *layout,
             nproc=1 + bool(layout),
         )
-    for name in ("tp2", "pp2", "ep2"):
+    for name in ("tp2", "pp2", "ep2", "ep2-alltoall"):
         for a, b in zip(runs["tp1"], runs[name], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0), name
     proc = run_pretrain(
