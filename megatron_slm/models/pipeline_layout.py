@@ -63,7 +63,8 @@ def canonical_layout(layout: str | None) -> str | None:
     return "|".join("".join(chars[layer] for layer in stage) for stage in stages)
 
 
-def layout_virtual_size(parsed) -> int | None:
-    """megatron-core's virtual pipeline size of a parsed layout (None: one chunk per rank)."""
+def layout_virtual_size(layout: str, pipeline_parallel_size: int) -> int | None:
+    """megatron-core's virtual pipeline size of a layout (None: one chunk per rank)."""
+    parsed = parse_pipeline_layout(layout, pipeline_parallel_size)
     size = parsed.virtual_pipeline_model_parallel_size
     return size if size > 1 else None

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_slm.errors import ConfigError
 from megatron_slm.models.cross_entropy import install_language_model_loss
 from megatron_slm.models.longrope import install_longrope, set_attention_factor
-from megatron_slm.models.pipeline_layout import layout_virtual_size, parse_pipeline_layout
+from megatron_slm.models.pipeline_layout import layout_virtual_size
 from megatron_slm.models.presets import (
     GPTModelConfig,
     check_parallel_layout,
@@ -174,7 +174,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         model.num_layers, pp, opts.num_layers_per_virtual_pipeline_stage, opts.virtual_stages
     )
     if opts.pipeline_layout is not None:
-        vpp = layout_virtual_size(parse_pipeline_layout(opts.pipeline_layout, pp))
+        vpp = layout_virtual_size(opts.pipeline_layout, pp)
     if opts.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     config = TransformerConfig(

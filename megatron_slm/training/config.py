@@ -190,10 +190,9 @@ class ParallelConfig:
     def virtual_pipeline_size(self, num_layers: int) -> int | None:
         """megatron-core's virtual pipeline size of these flags (None: not interleaved)."""
         if self.pipeline_model_parallel_layout is not None:
-            layout = parse_pipeline_layout(
+            return layout_virtual_size(
                 self.pipeline_model_parallel_layout, self.pipeline_model_parallel_size
             )
-            return layout_virtual_size(layout)
         return virtual_pipeline_size(
             num_layers,
             self.pipeline_model_parallel_size,

@@ -30,7 +30,7 @@ def test_layouts_parse_to_each_stages_layers(layout, pp, virtual, stages):
     from megatron.core.transformer.enums import LayerType
 
     parsed = parse_pipeline_layout(layout, pp, num_layers=4)
-    assert layout_virtual_size(parsed) == virtual
+    assert layout_virtual_size(layout, pp) == virtual
     assert [[chunk.count(LayerType.decoder) for chunk in rank] for rank in parsed.layout] == stages
     argv = [*BASE, "--pipeline-model-parallel-size", str(pp),
             "--pipeline-model-parallel-layout", layout]  # fmt: skip
