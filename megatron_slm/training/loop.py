@@ -440,6 +440,7 @@ class Trainer:
         self.tokenizer, self.arch, self.sizes = plan.tokenizer, plan.arch, plan.sizes
         p, t = cfg.parallel, cfg.training
         tp = p.tensor_model_parallel_size
+        first_stage_layers, last_stage_layers = p.stage_split(self.arch.num_layers)
         self.build_opts = ModelBuildOptions(
             # SFT, --reset-attention-mask: the torch spec, the one that honours the packed
             # block-diagonal mask.
@@ -453,8 +454,8 @@ class Trainer:
             sequence_parallel=p.sequence_parallel,
             num_layers_per_virtual_pipeline_stage=p.num_layers_per_virtual_pipeline_stage,
             virtual_stages=p.num_virtual_stages_per_pipeline_rank,
-            first_stage_layers=p.stage_split(self.arch.num_layers)[0],
-            last_stage_layers=p.stage_split(self.arch.num_layers)[1],
+            first_stage_layers=first_stage_layers,
+            last_stage_layers=last_stage_layers,
             pipeline_layout=p.pipeline_model_parallel_layout,
             make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint, plan.arch.vocab_size),
             use_cpu_initialization=self.device.type == "cpu" or cfg.model.use_cpu_initialization,

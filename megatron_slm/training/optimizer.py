@@ -61,7 +61,8 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
     the size follows from the rank's parameters, fixed by the model and TP/PP, recorded too);
     ``pad_buckets``: --ddp-pad-buckets-for-high-nccl-busbw (other padding, other shards).
     ``virtual_pipeline_size``: the model chunks per pipeline rank (None: one), whichever flag
-    gave them."""
+    gave them; the stage split is the one --account-for-*-in-pipeline-split gives, or the
+    --pipeline-model-parallel-layout written out."""
     p = cfg.parallel
     bucket = num_buckets = None
     if p.use_distributed_optimizer and p.overlap_grad_reduce:
@@ -71,6 +72,7 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
     sharding = None
     if p.use_distributed_optimizer:
         sharding = FULLY_RESHARDABLE if p.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
+    first_stage_layers, last_stage_layers = p.stage_split(num_layers)
     return {
         "distributed": p.use_distributed_optimizer,
         "format": sharding,
@@ -84,8 +86,8 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         "num_layers_per_virtual_pipeline_stage": p.num_layers_per_virtual_pipeline_stage,
         "virtual_pipeline_size": p.virtual_pipeline_size(num_layers),
         # an uneven split's stages hold other parameters, so other buckets
-        "decoder_first_pipeline_num_layers": p.stage_split(num_layers)[0],
-        "decoder_last_pipeline_num_layers": p.stage_split(num_layers)[1],
+        "decoder_first_pipeline_num_layers": first_stage_layers,
+        "decoder_last_pipeline_num_layers": last_stage_layers,
         "pipeline_model_parallel_layout": canonical_layout(p.pipeline_model_parallel_layout),
         "bucket_size": bucket,
         "num_buckets": num_buckets,
