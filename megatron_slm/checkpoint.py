@@ -1072,6 +1072,7 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
     from megatron_slm.data.tokenizer import (
         TIKTOKEN_FLAGS,
         build_tokenizer,
+        check_trust_remote_code,
         model_path_of,
         vocab_flag_of_record,
     )
@@ -1121,10 +1122,7 @@ def resolve_tokenizer(args, checkpoint: CheckpointInfo | None, required: bool = 
     if hasattr(args, "tiktoken_options"):
         tiktoken.update(args.tiktoken_options())
     trust_remote_code = getattr(args, "trust_remote_code", False)
-    if trust_remote_code and ttype != "HuggingFaceTokenizer":
-        raise CheckpointError(
-            f"--trust-remote-code is a HuggingFaceTokenizer's flag, not a {ttype}'s"
-        )
+    check_trust_remote_code(trust_remote_code, ttype)  # (the type may be the record's)
     try:
         tokenizer = build_tokenizer(ttype, model, vocab, merge, tiktoken, trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:

@@ -611,6 +611,14 @@ def vocab_flag_of_record(record: dict) -> int | None:
     return int(total) - 1
 
 
+def check_trust_remote_code(trust_remote_code: bool, tokenizer_type: str) -> None:
+    """--trust-remote-code is a HuggingFaceTokenizer's flag (ConfigError for another type)."""
+    if trust_remote_code and tokenizer_type != "HuggingFaceTokenizer":
+        raise ConfigError(
+            f"--trust-remote-code is a HuggingFaceTokenizer's flag, not a {tokenizer_type}'s"
+        )
+
+
 def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
     """The checks of a config's tokenizer flags (``tokenizer_type``, ``tokenizer_model``,
     ``vocab_file``, ``merge_file``, ``vocab_size``) that need no files, after mapping the type to
@@ -636,10 +644,7 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
             raise ConfigError(
                 f"{flag_name(name)} is a TikTokenizer's flag, not a {tokenizer_type}'s"
             )
-    if getattr(cfg, "trust_remote_code", False) and tokenizer_type != "HuggingFaceTokenizer":
-        raise ConfigError(
-            f"--trust-remote-code is a HuggingFaceTokenizer's flag, not a {tokenizer_type}'s"
-        )
+    check_trust_remote_code(getattr(cfg, "trust_remote_code", False), tokenizer_type)
     gpt2 = tokenizer_type == "GPT2BPETokenizer"
     if gpt2 and tokenizer_model:
         raise ConfigError(

@@ -823,22 +823,17 @@ class TrainingArgs:
 
     def _check_recompute(self) -> None:
         """Megatron-LM's recompute flags; what megatron-core would assert, named by flag."""
-        if self.recompute_activations:
-            if self.recompute_granularity == "full":
-                raise ConfigError(
-                    "--recompute-activations is selective recompute: it contradicts "
-                    "--recompute-granularity full"
-                )
-            self.recompute_granularity = "selective"
-        if self.moe_layer_recompute:
-            if self.recompute_granularity == "full":
-                raise ConfigError(
-                    "--moe-layer-recompute is selective recompute: it contradicts "
-                    "--recompute-granularity full"
-                )
-            self.recompute_granularity = "selective"
-            if "moe" not in self.recompute_modules:  # (megatron-core's default kept beside it)
-                self.recompute_modules = [*(self.recompute_modules or ["core_attn"]), "moe"]
+        for name in ("recompute_activations", "moe_layer_recompute"):  # selective recompute's
+            if getattr(self, name):
+                if self.recompute_granularity == "full":
+                    raise ConfigError(
+                        f"{flag_name(name)} is selective recompute: it contradicts "
+                        "--recompute-granularity full"
+                    )
+                self.recompute_granularity = "selective"
+        if self.moe_layer_recompute and "moe" not in self.recompute_modules:
+            # (megatron-core's default module kept beside it)
+            self.recompute_modules = [*(self.recompute_modules or ["core_attn"]), "moe"]
         if self.recompute_granularity is not None:
             check_choices(self, "recompute_granularity")
         full = self.recompute_granularity == "full"
