@@ -28,24 +28,20 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import functools
 import json
 import logging
-import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
-from multiprocessing.managers import SyncManager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_slm import launch
+from megatron_slm import launch, writer_queue
 from megatron_slm.atomic_io import current_umask, fsync_dir, write_text_atomic
 from megatron_slm.cli import arg
 from megatron_slm.crash_points import CrashPoints
@@ -498,7 +494,7 @@ def save_checkpoint(
     rank = dist.get_rank()
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
-    _writer_results_queue_of_this_rank()
+    writer_queue.install()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
@@ -621,38 +617,6 @@ def _iteration_of(name: str) -> int | None:
     """``iter_0000100`` -> 100; None for any other name."""
     digits = name.removeprefix("iter_")
     return int(digits) if name.startswith("iter_") and digits.isdigit() else None
-
-
-# Initializer of a spawned helper of a rank: the kernel kills it when the rank dies (prctl
-# PR_SET_PDEATHSIG), and it ignores the signals a job's exit may use (SLURM signals every process
-# of a step; the rank still needs the helper to save and exit). Standard library only, so the
-# helper does not import torch to run it.
-_HELPER_INIT = functools.partial(
-    exec,
-    "import ctypes, signal\n"
-    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
-    "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):\n"
-    "    signal.signal(s, signal.SIG_IGN)\n",
-)
-
-
-def _writer_results_queue_of_this_rank() -> None:
-    """megatron-core's checkpoint writers (blocking saves too) report through a queue served by
-    a spawned ``multiprocessing`` manager. Its default server outlives a rank killed mid-save
-    (SIGKILL, OOM): an orphan holding the job's output pipes open, on which torchrun's caller
-    then waits forever; and it dies of the job's exit signal, after which the exit save cannot
-    report. The queue is created here first, its server started with :data:`_HELPER_INIT`."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None:
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_HELPER_INIT if sys.platform == "linux" else None)
-    filesystem_async._results_queue = manager.Queue()
-    _writer_managers.append(manager)  # the server lives as long as this process
-
-
-_writer_managers: list = []
 
 
 def _save_strategy(fully_parallel: bool, cached: bool = False):
