@@ -41,7 +41,6 @@ def run_lm_eval(
     (``results`` per task, ...), on the process that writes results; None on the others."""
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError(
             "--lm-eval-tasks needs lm-eval (pip install 'megatron-slm[lm-eval]')"
@@ -49,7 +48,8 @@ def run_lm_eval(
     from megatron_slm.evaluation.lm_eval_model import MegatronSLMLM
     from megatron_slm.evaluation.tasks import TASKS_DIR
 
-    manager = TaskManager(include_path=[TASKS_DIR, *include_paths], metadata=metadata or {})
+    metadata = metadata or {}
+    manager = task_manager(tasks, [TASKS_DIR, *include_paths], metadata)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -61,5 +61,17 @@ def run_lm_eval(
         limit=limit,
         task_manager=manager,
         log_samples=log_samples,
-        metadata=metadata or {},
+        metadata=metadata,
     )
+
+
+def task_manager(tasks: Sequence[str], paths: Sequence[str], metadata: dict):
+    """lm-eval's ``TaskManager`` for ``tasks``. lm-eval indexes every YAML of its own library
+    (thousands: about 10 s of CPU per process) unless told not to: it is read only when a task is
+    not in ``paths`` or names a group there (a group may list built-in tasks)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(paths), include_defaults=False, metadata=metadata)
+    if set(tasks) <= set(manager.all_tasks) - set(manager.all_groups):
+        return manager
+    return TaskManager(include_path=list(paths), metadata=metadata)

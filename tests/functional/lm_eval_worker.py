@@ -95,7 +95,7 @@ def _evaluate(lm, task_dir):
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=[GEN_TASK, MC_TASK],
-        task_manager=TaskManager(include_path=task_dir),
+        task_manager=TaskManager(include_path=task_dir, include_defaults=False),
         log_samples=True,
     )
     if out is None:  # LOCAL_RANK != 0 under TP

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests import zygote
 from tests.dist_helpers import run_distributed
 from tests.functional.pretrain_helpers import REPO
 
@@ -160,7 +160,7 @@ def _convert(load, save, *flags):
     cmd = [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
            "megatron-lm-to-megatron", "--load", load, "--save", save, *map(str, flags)]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return zygote.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_megatron_lm_checkpoint_converts_to_the_same_model(tmp_path):

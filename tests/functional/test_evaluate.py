@@ -173,11 +173,11 @@ def _lm_eval_cli_mc_accuracy(trained, out, model: str, model_args: str) -> None:
     exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
     assert exe, "lm-eval's console script is not installed next to this interpreter"
     cmd = [
-        exe, "--model", model, "--model_args", model_args, "--tasks", lmw.MC_TASK,
+        sys.executable, exe, "--model", model, "--model_args", model_args, "--tasks", lmw.MC_TASK,
         "--include_path", trained["tasks"], "--output_path", str(out),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1")
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(out.parent), env=env)
+    run = zygote.run(cmd, capture_output=True, text=True, cwd=str(out.parent), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     (result_file,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
     results = json.load(open(result_file))["results"][lmw.MC_TASK]
@@ -288,10 +288,11 @@ def test_tora_tasks_through_evaluate_cli_and_lm_eval_cli(trained, tora, tmp_path
         assert report[task]["exact_match,none"] == pytest.approx(metrics["exact_match,none"])
 
     exe = shutil.which("lm_eval", path=os.path.dirname(sys.executable))
-    cmd = [exe, "--model", "megatron-slm", "--model_args", f"load={load}", "--batch_size", "2"]
+    cmd = [sys.executable, exe, "--model", "megatron-slm", "--model_args", f"load={load}"]
+    cmd += ["--batch_size", "2"]
     cmd += ["--tasks", "gsm8k_rho1_tora", "--include_path", TASKS_DIR]
     cmd += ["--metadata", json.dumps(tora["metadata"]), "--output_path", str(tmp_path / "out")]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
+    run = zygote.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     (result_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     cli = json.load(open(result_file))["results"]["gsm8k_rho1_tora"]

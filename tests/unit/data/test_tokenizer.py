@@ -156,12 +156,12 @@ def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
     ids its code gives."""
     import json
     import os
-    import subprocess
     import sys
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_slm.errors import TokenizerError
+    from tests import zygote
 
     tok = tmp_path / "letters"
     tok.mkdir()
@@ -185,7 +185,7 @@ def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
         cmd = [sys.executable, os.path.join(repo, "tools", "preprocess_data.py"), "--input",
                str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"), "--workers",
                "2", "--tokenizer-model", str(tok), *flags]  # fmt: skip
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        return zygote.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     proc = preprocess("--tokenizer-type", "SentencePieceTokenizer", "--trust-remote-code")
     line = "--trust-remote-code is a HuggingFaceTokenizer's flag, not a SentencePieceTokenizer's"
@@ -208,6 +208,6 @@ def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
         " trust_remote_code=True)\n"
         "print(resolve_tokenizer(args, None)[0].tokenize('ab c'))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = zygote.run([sys.executable, "-c", script], env=env, capture_output=True,
+                      text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == str(expected[0][:-1]), proc.stderr

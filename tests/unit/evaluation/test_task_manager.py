@@ -1,0 +1,18 @@
+"""lm-eval's task library is indexed only when a task needs it (thousands of YAML files)."""
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from megatron_slm.evaluation.harness import task_manager  # noqa: E402
+from megatron_slm.evaluation.tasks import TASKS_DIR  # noqa: E402
+
+
+def test_the_library_is_read_only_for_a_task_or_group_not_ours(tmp_path):
+    ours = task_manager(["gsm8k_rho1", "rho1_math_tora"], [TASKS_DIR], {})
+    assert {"gsm8k_rho1", "math_rho1_tora", "rho1_math_tora"} <= set(ours.all_tasks)
+    assert "arc_easy" not in ours.all_tasks
+    # a group on a given path may list built-in tasks (as a built-in task, it reads the library)
+    (tmp_path / "group.yaml").write_text("group: mine\ntask:\n  - arc_easy\n  - gsm8k_rho1\n")
+    manager = task_manager(["gsm8k_rho1", "mine"], [TASKS_DIR, str(tmp_path)], {})
+    assert {"arc_easy", "mine", "gsm8k_rho1", "math_rho1"} <= set(manager.all_tasks)
