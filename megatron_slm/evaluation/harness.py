@@ -66,12 +66,17 @@ def run_lm_eval(
 
 
 def task_manager(tasks: Sequence[str], paths: Sequence[str], metadata: dict):
-    """lm-eval's ``TaskManager`` for ``tasks``. lm-eval indexes every YAML of its own library
-    (thousands: about 10 s of CPU per process) unless told not to: it is read only when a task is
-    not in ``paths`` or names a group there (a group may list built-in tasks)."""
+    """lm-eval's ``TaskManager`` for ``tasks`` (``paths``: ours, then the user's). lm-eval
+    indexes every YAML of its own library (thousands: about 10 s of CPU per process) unless told
+    not to: it is read unless every name is a task of ``paths`` (which would override lm-eval's)
+    or one of our own tags. A group may list built-in tasks, and a tag on a user's path may also
+    be one of lm-eval's (then it holds lm-eval's tasks too)."""
     from lm_eval.tasks import TaskManager
 
+    from megatron_slm.evaluation.tasks import TASKS_DIR
+
     manager = TaskManager(include_path=list(paths), include_defaults=False, metadata=metadata)
-    if set(tasks) <= set(manager.all_tasks) - set(manager.all_groups):
+    ours = TaskManager(include_path=[TASKS_DIR], include_defaults=False)  # a few files
+    if set(tasks) <= set(manager.all_subtasks) | set(ours.all_tags):
         return manager
     return TaskManager(include_path=list(paths), metadata=metadata)

@@ -12,7 +12,13 @@ def test_the_library_is_read_only_for_a_task_or_group_not_ours(tmp_path):
     ours = task_manager(["gsm8k_rho1", "rho1_math_tora"], [TASKS_DIR], {})
     assert {"gsm8k_rho1", "math_rho1_tora", "rho1_math_tora"} <= set(ours.all_tasks)
     assert "arc_easy" not in ours.all_tasks
-    # a group on a given path may list built-in tasks (as a built-in task, it reads the library)
+    # a group on a given path may list built-in tasks, a tag there may be lm-eval's too (as a
+    # built-in task, they read the library)
     (tmp_path / "group.yaml").write_text("group: mine\ntask:\n  - arc_easy\n  - gsm8k_rho1\n")
-    manager = task_manager(["gsm8k_rho1", "mine"], [TASKS_DIR, str(tmp_path)], {})
-    assert {"arc_easy", "mine", "gsm8k_rho1", "math_rho1"} <= set(manager.all_tasks)
+    (tmp_path / "tagged.yaml").write_text(
+        "task: tagged\ntag: ai2_arc\ndataset_path: none\noutput_type: generate_until\n"
+        "doc_to_text: q\ndoc_to_target: a\n"
+    )
+    for asked in ("mine", "ai2_arc"):
+        manager = task_manager(["gsm8k_rho1", asked], [TASKS_DIR, str(tmp_path)], {})
+        assert {"arc_easy", "mine", "tagged", "gsm8k_rho1", "math_rho1"} <= set(manager.all_tasks)
