@@ -8,8 +8,8 @@ outlives a rank killed mid-save (SIGKILL, OOM): an orphan holding the job's outp
 which torchrun's caller then waits forever; and it dies of the job's exit signal, after which the
 exit save cannot report. Ours is a bare interpreter (``python -I -c``, 20 MB) that serves the same
 ``SyncManager``: the kernel kills it when the rank dies (``PR_SET_PDEATHSIG``), it ignores the
-signals a job's exit may use (SLURM signals every process of a step), and its proxies are the ones
-megatron-core's forked writers already use.
+signals a job's exit may use (SLURM signals every process of a step), and megatron-core's forked
+writers use its queue as they used the manager's.
 """
 
 from __future__ import annotations
@@ -64,12 +64,6 @@ class PickledQueue:
 
     def get_nowait(self):
         return pickle.loads(self.proxy.get_nowait())
-
-    def empty(self) -> bool:
-        return self.proxy.empty()
-
-    def qsize(self) -> int:
-        return self.proxy.qsize()
 
 
 def start_queue():

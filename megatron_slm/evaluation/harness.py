@@ -46,10 +46,9 @@ def run_lm_eval(
             "--lm-eval-tasks needs lm-eval (pip install 'megatron-slm[lm-eval]')"
         ) from None
     from megatron_slm.evaluation.lm_eval_model import MegatronSLMLM
-    from megatron_slm.evaluation.tasks import TASKS_DIR
 
     metadata = metadata or {}
-    manager = task_manager(tasks, [TASKS_DIR, *include_paths], metadata)
+    manager = task_manager(tasks, include_paths, metadata)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -65,18 +64,21 @@ def run_lm_eval(
     )
 
 
-def task_manager(tasks: Sequence[str], paths: Sequence[str], metadata: dict):
-    """lm-eval's ``TaskManager`` for ``tasks`` (``paths``: ours, then the user's). lm-eval
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str], metadata: dict):
+    """lm-eval's ``TaskManager`` for ``tasks``: our tasks, then ``include_paths``'. lm-eval
     indexes every YAML of its own library (thousands: about 10 s of CPU per process) unless told
-    not to: it is read unless every name is a task of ``paths`` (which would override lm-eval's)
-    or one of our own tags. A group may list built-in tasks, and a tag on a user's path may also
-    be one of lm-eval's (then it holds lm-eval's tasks too)."""
+    not to: it is read unless every name is a task there (which would override lm-eval's) or one
+    of our own tags. A group may list built-in tasks, and a tag on a user's path may also be one
+    of lm-eval's (then it holds lm-eval's tasks too)."""
     from lm_eval.tasks import TaskManager
 
     from megatron_slm.evaluation.tasks import TASKS_DIR
 
-    manager = TaskManager(include_path=list(paths), include_defaults=False, metadata=metadata)
-    ours = TaskManager(include_path=[TASKS_DIR], include_defaults=False)  # a few files
-    if set(tasks) <= set(manager.all_subtasks) | set(ours.all_tags):
+    paths = [TASKS_DIR, *include_paths]
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    rest = set(tasks) - set(manager.all_subtasks)
+    if not rest:
         return manager
-    return TaskManager(include_path=list(paths), metadata=metadata)
+    if rest <= set(TaskManager(include_path=TASKS_DIR, include_defaults=False).all_tags):
+        return manager
+    return TaskManager(include_path=paths, metadata=metadata)
