@@ -17,6 +17,9 @@ distributed checkpoints and back (a GPT-3-architecture checkpoint exports as GPT
     python tools/convert_checkpoint.py megatron-lm-to-megatron --load /ckpts/llama-mlm \
         --save ckpt/from-mlm --tokenizer-model /models/llama-tokenizer
 
+A tokenizer that is Python code its directory ships (an ``auto_map``) is read, and copied with its
+code, only with --trust-remote-code (both directions), as every later job that reads it needs.
+
 ``--help`` after the direction lists its flags.
 
 hf-to-megatron runs in one process (the usual way: the checkpoint is written for the target TP/PP,
@@ -42,6 +45,7 @@ from megatron_slm.convert.hf import (
 from megatron_slm.convert.megatron_lm import convert_megatron_lm_to_megatron
 from megatron_slm.data.tokenizer import TokenizerArgs
 from megatron_slm.entry import entry_point
+from megatron_slm.remote_code import RemoteCodeArgs
 from megatron_slm.runtime.hf_source import READABLE_ARCHITECTURES
 
 PROG = "convert_checkpoint"
@@ -58,7 +62,7 @@ class _Paths:
 
 
 @dataclass
-class HfToMegatronConfig(_Paths):
+class HfToMegatronConfig(RemoteCodeArgs, _Paths):
     """``hf-to-megatron``: the target layout and dtype."""
 
     tensor_model_parallel_size: int = arg(1, "Target TP (sets the padding).")
@@ -68,7 +72,7 @@ class HfToMegatronConfig(_Paths):
 
 
 @dataclass
-class MegatronToHfConfig(_Paths):
+class MegatronToHfConfig(RemoteCodeArgs, _Paths):
     """``megatron-to-hf``: what the Hugging Face directory gets."""
 
     architecture: str | None = arg(
@@ -139,6 +143,7 @@ def main(direction: str, cfg) -> int:
             make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
             params_dtype=cfg.params_dtype,
             overwrite=cfg.overwrite,
+            trust_remote_code=cfg.trust_remote_code,
         )
         print(f"wrote {result.checkpoint} (padded vocabulary {result.padded_vocab_size})")
     else:
@@ -158,6 +163,7 @@ def main(direction: str, cfg) -> int:
             tokenizer_model=cfg.tokenizer_model,
             chat_template=template,
             overwrite=cfg.overwrite,
+            trust_remote_code=cfg.trust_remote_code,
         )
         print(f"wrote {out}")
     return 0

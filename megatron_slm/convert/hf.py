@@ -137,6 +137,7 @@ def convert_hf_to_megatron(
     params_dtype: str | torch.dtype = torch.float32,
     iteration: int = 0,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> ImportResult:
     """HF model directory -> megatron_slm checkpoint at ``save`` for the target TP/PP.
 
@@ -145,7 +146,9 @@ def convert_hf_to_megatron(
     (the entry point) initialises that layout: :func:`import_layout`.
 
     A non-empty ``save`` is refused unless ``overwrite``; the checkpoint is written beside it and
-    replaces it only once complete (``checkpoint.publish_output_dir``).
+    replaces it only once complete (``checkpoint.publish_output_dir``). A tokenizer that is
+    Python code the directory ships is read, and copied with its code, only with
+    ``trust_remote_code``.
     """
     import torch.distributed as dist
 
@@ -170,7 +173,7 @@ def convert_hf_to_megatron(
     check_hf_weights(model, weights, tied)
     padded = padded_vocab_size(model.vocab_size, make_vocab_size_divisible_by, tp)
     tok_files = tokenizer_files(load)
-    n_tokens = tokenizer_vocab_size(load) if tok_files else None
+    n_tokens = tokenizer_vocab_size(load, trust_remote_code) if tok_files else None
     if n_tokens is not None:
         check_tokenizer_vocab(load, n_tokens, model, padded)
     else:
@@ -289,6 +292,7 @@ def convert_megatron_to_hf(
     tokenizer_model: str | None = None,
     chat_template: str | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> str:
     """megatron_slm checkpoint -> HF directory (config.json, generation_config.json, safetensors,
     a fast tokenizer with a chat template; see :func:`export_tokenizer`): Llama/Mistral, or GPT-2
@@ -296,6 +300,7 @@ def convert_megatron_to_hf(
 
     A non-empty ``save`` is refused unless ``overwrite``; the files are written beside it and the
     directory replaces ``save`` only once complete, so no stale shard of an earlier export stays.
+    A Hugging Face tokenizer that is code is exported only with ``trust_remote_code``.
 
     Runs in one process: the checkpoint is loaded at TP=1/PP=1 (megatron-core reshards).
     """
@@ -337,16 +342,15 @@ def convert_megatron_to_hf(
     else:
         hf_cfg = hf_config_from_gpt(model, arch, out_dtype, hf_meta.get("config"))
         to_hf = hf_tensors_from_megatron
-    lm = load_model(plan, torch.device("cpu"), params_dtype=ckpt_dtype)
-    state = full_state_dict(lm.chunks[0])
-
     staged = staging_dir(save)
-    try:
-        tensors = ((k, v.to(out_dtype)) for k, v in to_hf(state, model))
-        files = write_hf_weights(tensors, staged, max_shard_size)
-        ids = export_tokenizer(info, staged, tokenizer_model, chat_template)
+    try:  # the tokenizer first: one it refuses costs no load of the model
+        ids = export_tokenizer(info, staged, tokenizer_model, chat_template, trust_remote_code)
         if ids is not None:  # the exported tokenizer's special ids win over the defaults
             hf_cfg.update({k: v for k, v in ids.items() if k != "pad_token_id" or v is not None})
+        lm = load_model(plan, torch.device("cpu"), params_dtype=ckpt_dtype)
+        state = full_state_dict(lm.chunks[0])
+        tensors = ((k, v.to(out_dtype)) for k, v in to_hf(state, model))
+        files = write_hf_weights(tensors, staged, max_shard_size)
         with open(os.path.join(staged, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         write_generation_config(

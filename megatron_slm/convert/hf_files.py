@@ -20,26 +20,24 @@ from megatron_slm.convert.tokenizer_export import (
     write_tiktoken_hf_tokenizer,
 )
 from megatron_slm.models.presets import GPTModelConfig
+from megatron_slm.remote_code import load_auto_tokenizer
 from megatron_slm.runtime.hf_source import ConversionError, tokenizer_files
 
 logger = logging.getLogger("megatron_slm")
 
 
 def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer of directory ``src`` (its code too, when it is code) into ``dst``."""
     files = tokenizer_files(src)
-    os.makedirs(dst, exist_ok=True)
     for f in files:
-        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+        target = os.path.join(dst, f)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(src, f), target)
     return files
 
 
-def tokenizer_vocab_size(path: str) -> int:
-    from transformers import AutoTokenizer
-
-    try:
-        return len(AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types
-        raise ConversionError(f"{path}: cannot load the Hugging Face tokenizer: {exc}") from exc
+def tokenizer_vocab_size(path: str, trust_remote_code: bool = False) -> int:
+    return len(load_auto_tokenizer(path, trust_remote_code, f"--load {path}"))
 
 
 def check_tokenizer_vocab(tok_path: str, n_tokens: int, model: GPTModelConfig, padded: int):
@@ -116,6 +114,7 @@ def export_tokenizer(
     save: str,
     tokenizer_model: str | None = None,
     chat_template: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict | None:
     """Write the checkpoint's tokenizer to ``save`` as a Hugging Face tokenizer with a chat
     template; return its ``{bos,eos,pad}_token_id`` (None when no tokenizer was written).
@@ -125,7 +124,8 @@ def export_tokenizer(
     * a SentencePiece tokenizer becomes ``tokenizer.json`` + ``tokenizer_config.json`` +
       ``special_tokens_map.json`` (``convert.tokenizer_export``), ids equal to ours (a
       Llama2Tokenizer's with the BOS it leads each text with);
-    * a HF tokenizer is copied as is;
+    * a HF tokenizer is copied as is (with the Python code it ships, which runs to read its
+      special ids only with ``trust_remote_code``);
     * a GPT2BPETokenizer's recorded vocab and merges files (or ``vocab.json``/``merges.txt``
       beside a moved checkpoint) become GPT-2's Hugging Face tokenizer;
     * a TikTokenizer's recorded JSON vocabulary (or ``tiktoken.json`` beside a moved checkpoint,
@@ -203,16 +203,17 @@ def export_tokenizer(
             raise ConversionError(f"--tokenizer-model {src}: holds no tokenizer files")
         if set_chat_template(save, chosen or DEFAULT_CHAT_TEMPLATE, overwrite=bool(chosen)):
             logger.info("chat template written to %s/tokenizer_config.json", save)
+        subject = f"--tokenizer-model {src}" if tokenizer_model else src
+        return _special_ids(save, trust_remote_code, subject)
     else:
         raise ConversionError(f"--tokenizer-model {src}: no such file or directory")
     return _special_ids(save)
 
 
-def _special_ids(save: str) -> dict:
-    """``{bos,eos,pad}_token_id`` of the tokenizer written to ``save``."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(save, local_files_only=True)
+def _special_ids(save: str, trust_remote_code: bool = False, subject: str | None = None) -> dict:
+    """``{bos,eos,pad}_token_id`` of the tokenizer written to ``save`` (a copy of ``subject``'s:
+    what an error names)."""
+    tok = load_auto_tokenizer(save, trust_remote_code, subject or save)
     return {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,

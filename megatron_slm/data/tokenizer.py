@@ -36,6 +36,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from megatron_slm.atomic_io import file_sha256
 from megatron_slm.cli import arg, flag_name
 from megatron_slm.errors import ConfigError, InputFileError, TokenizerError
+from megatron_slm.remote_code import RemoteCodeArgs, load_auto_tokenizer
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
@@ -495,28 +496,12 @@ class HuggingFaceTokenizer(_SLMTokenizer):
     BOS included); ``eod`` is the eos token."""
 
     def __init__(self, path: str, trust_remote_code: bool = False) -> None:
-        from transformers import AutoTokenizer
-
         if path is None or not os.path.isdir(path):
             raise FileNotFoundError(
                 f"--tokenizer-model: Hugging Face tokenizer directory not found: {path!r}"
             )
         self._path, self._trust_remote_code = path, trust_remote_code
-        try:
-            self._tok = AutoTokenizer.from_pretrained(
-                path, local_files_only=True, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError, RuntimeError) as e:  # no/garbled tokenizer files
-            if "trust_remote_code" in str(e) and not trust_remote_code:
-                raise TokenizerError(
-                    "its tokenizer is Python code the directory ships (its auto_map): give "
-                    "--trust-remote-code to run it",
-                    subject=f"--tokenizer-model {path}",
-                ) from None
-            raise TokenizerError(
-                f"cannot load a Hugging Face tokenizer ({' '.join(str(e).split())[:300]})",
-                subject=f"--tokenizer-model {path}",
-            ) from None
+        self._tok = load_auto_tokenizer(path, trust_remote_code, f"--tokenizer-model {path}")
         if self._tok.eos_token_id is None:
             raise TokenizerError(f"Hugging Face tokenizer {path} has no eos token to use as EOD")
         super().__init__(
@@ -669,7 +654,7 @@ def check_tokenizer_flags(cfg, *, files_required: bool = True) -> None:
 
 
 @dataclass
-class TokenizerOptionArgs:
+class TokenizerOptionArgs(RemoteCodeArgs):
     """Megatron-LM's flags of particular tokenizer types: its ``TikTokenizer``'s options
     (``data.tiktoken_tokenizer``) and, for a ``HuggingFaceTokenizer``, ``--trust-remote-code``."""
 
@@ -688,13 +673,6 @@ class TokenizerOptionArgs:
         "<sep>, Megatron-LM's defaults).",
         nargs="+",
         aliases=("--tiktoken-special-tokens",),
-    )
-
-    trust_remote_code: bool = arg(
-        False,
-        "HuggingFaceTokenizer: run the Python code its directory ships (tokenization_*.py named "
-        "by its auto_map; Megatron-LM's flag, transformers' trust_remote_code). Without it "
-        "such a tokenizer is refused in one line.",
     )
 
     def tiktoken_options(self) -> dict:

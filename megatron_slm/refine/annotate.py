@@ -67,11 +67,18 @@ from megatron_slm.refine.teachers import LocalTeacher, OpenAITeacher, TeacherErr
 _crash = CrashPoints(KILL_HOOK_ENV)
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(config: AnnotateConfig):
     from megatron_slm.refine.backends import BackendError, load_tokenizer
 
+    if not config.tokenizer:
+        return None
     try:
-        return load_tokenizer(path, "--tokenizer", sentencepiece_ok=True)
+        return load_tokenizer(
+            config.tokenizer,
+            "--tokenizer",
+            sentencepiece_ok=True,
+            trust_remote_code=config.trust_remote_code,
+        )
     except BackendError as e:
         raise AnnotateError(str(e)) from None
 
@@ -94,7 +101,13 @@ def make_teacher(config: AnnotateConfig, log):
     if not os.path.isdir(config.teacher):
         raise AnnotateError(f"--teacher {config.teacher}: neither an http(s) URL nor a directory")
     try:
-        return LocalTeacher(config.teacher, config.device, config.dtype, config.batch_size)
+        return LocalTeacher(
+            config.teacher,
+            config.device,
+            config.dtype,
+            config.batch_size,
+            config.trust_remote_code,
+        )
     except BackendError as e:
         raise AnnotateError(str(e)) from None
 
@@ -185,7 +198,7 @@ def annotate(config: AnnotateConfig, log=print, teacher=None) -> dict:
     if config.programs is not None:
         return _from_programs(config, docs, log)
     prompts = load_prompts(config.prompts_dir, config.stage)
-    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+    tokenizer = _load_tokenizer(config)
     lock = _lock_output(config)
     start = time.perf_counter()
     try:
@@ -243,7 +256,7 @@ def _from_programs(config: AnnotateConfig, docs, log) -> dict:
         found = [table.lookup(record, source) for source, record, _ in docs]
     except RefineError as e:
         raise AnnotateError(str(e)) from None
-    tokenizer = _load_tokenizer(config.tokenizer) if config.tokenizer else None
+    tokenizer = _load_tokenizer(config)
     lock = _lock_output(config)
     start = time.perf_counter()
     try:

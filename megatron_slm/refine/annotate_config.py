@@ -8,6 +8,7 @@ from megatron_slm.cli import arg, check_at_least
 from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
 from megatron_slm.refine.teachers import is_url
+from megatron_slm.remote_code import RemoteCodeArgs
 
 
 class AnnotateError(UserError):
@@ -15,7 +16,7 @@ class AnnotateError(UserError):
 
 
 @dataclass
-class AnnotateConfig:
+class AnnotateConfig(RemoteCodeArgs):
     input: list[str] = arg([], "JSONL files or globs of documents.", required=True)
     stage: str = arg(None, "What the teacher annotates.", required=True, choices=["doc", "chunk"])
     teacher: str | None = arg(

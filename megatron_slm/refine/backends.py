@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-from megatron_slm.errors import UserError
+from megatron_slm.errors import TokenizerError, UserError
+from megatron_slm.remote_code import load_auto_tokenizer, needs_trust, refusal
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -25,7 +26,9 @@ class BackendError(UserError):
     pass
 
 
-def load_tokenizer(model_dir: str, flag: str, sentencepiece_ok: bool = False):
+def load_tokenizer(
+    model_dir: str, flag: str, sentencepiece_ok: bool = False, trust_remote_code: bool = False
+):
     """The model's tokenizer; a BackendError naming ``flag`` when the directory has none or the
     tokenizer has no chat template. With ``sentencepiece_ok``, ``model_dir`` may also be the
     SentencePiece ``.model`` a refining model is about to be trained with: the tokenizer is then
@@ -39,13 +42,10 @@ def load_tokenizer(model_dir: str, flag: str, sentencepiece_ok: bool = False):
         raise BackendError(
             f"{flag} {model_dir}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
         )
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... here
-        reason = " ".join(str(e).split())[:300]  # one line: the tool prints one error line
-        raise BackendError(f"{flag} {model_dir}: no usable tokenizer ({reason})") from None
+    try:  # (code the directory ships runs only with --trust-remote-code)
+        tokenizer = load_auto_tokenizer(model_dir, trust_remote_code, f"{flag} {model_dir}")
+    except TokenizerError as e:
+        raise BackendError(str(e)) from None
     if not getattr(tokenizer, "chat_template", None):
         raise BackendError(
             f"{flag} {model_dir}: the tokenizer has no chat template (tokenizer_config.json "
@@ -83,11 +83,19 @@ class TransformersGenerator:
     """Batched greedy ``generate`` with the KV cache; prompts are sorted by length so each batch
     pads little. Batches depend only on the prompts given, never on the rank layout."""
 
-    def __init__(self, model_dir: str, flag: str, device: str, dtype: str, batch_size: int):
+    def __init__(
+        self,
+        model_dir: str,
+        flag: str,
+        device: str,
+        dtype: str,
+        batch_size: int,
+        trust_remote_code: bool = False,
+    ):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.tokenizer = load_tokenizer(model_dir, flag)
+        self.tokenizer = load_tokenizer(model_dir, flag, trust_remote_code=trust_remote_code)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = {
@@ -97,9 +105,14 @@ class TransformersGenerator:
             "float16": torch.float16,
         }[dtype]
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
         except Exception as e:
-            raise BackendError(f"{flag} {model_dir}: cannot load the model ({e})") from None
+            if needs_trust(e, trust_remote_code):
+                raise BackendError(f"{flag} {model_dir}: {refusal('model')}") from None
+            reason = " ".join(str(e).split())[:300]
+            raise BackendError(f"{flag} {model_dir}: cannot load the model ({reason})") from None
         self.model.to(device).eval()
         self.device = device
         self.batch_size = batch_size
@@ -156,7 +169,7 @@ class OpenAIGenerator:
     def __init__(self, model_dir: str, flag: str, config):
         from megatron_slm.refine.teachers import OpenAICompletions
 
-        self.tokenizer = load_tokenizer(model_dir, flag)
+        self.tokenizer = load_tokenizer(model_dir, flag, trust_remote_code=config.trust_remote_code)
         self.client = OpenAICompletions(
             config.endpoint,
             config.model or model_dir,  # `vllm serve DIR` names the model DIR
@@ -234,4 +247,6 @@ def load_generator(config, stage: str):
     flag = f"--{stage}-model"
     if config.backend == "openai":
         return OpenAIGenerator(model_dir, flag, config)
-    return TransformersGenerator(model_dir, flag, config.device, config.dtype, config.batch_size)
+    return TransformersGenerator(
+        model_dir, flag, config.device, config.dtype, config.batch_size, config.trust_remote_code
+    )

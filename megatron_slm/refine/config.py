@@ -12,6 +12,7 @@ from megatron_slm.cli import arg
 from megatron_slm.errors import ConfigError
 from megatron_slm.refine.chunking import DEFAULT_LINE_PREFIX
 from megatron_slm.refine.executor import SEMANTICS, AcceptanceRule
+from megatron_slm.remote_code import RemoteCodeArgs
 
 STAGES = ("doc", "chunk")
 
@@ -71,7 +72,7 @@ class RunConfig:
 
 
 @dataclass
-class ApplyConfig:
+class ApplyConfig(RemoteCodeArgs):
     programs: str = arg(
         None,
         "JSONL of programs: {id, doc_program?, chunk_program?} per "
@@ -87,7 +88,7 @@ class ApplyConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(RemoteCodeArgs):
     stage: str = arg("doc,chunk", "Stages to run: doc, chunk or doc,chunk.")
     doc_model: str | None = arg(None, "Document-level refining model (Hugging Face directory).")
     chunk_model: str | None = arg(None, "Chunk-level refining model (Hugging Face directory).")

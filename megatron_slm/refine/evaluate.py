@@ -18,6 +18,7 @@ from megatron_slm.cli import arg
 from megatron_slm.data.jsonl import iter_jsonl
 from megatron_slm.errors import ConfigError, UserError
 from megatron_slm.refine.metrics import Scores
+from megatron_slm.remote_code import RemoteCodeArgs
 
 
 class EvalError(UserError):
@@ -25,7 +26,7 @@ class EvalError(UserError):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RemoteCodeArgs):
     model: str = arg(None, "Refining model (Hugging Face directory).", required=True)
     data: str = arg(
         None, "Held-out seeds JSONL: {'messages': [system, user, assistant]}.", required=True
@@ -107,7 +108,12 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     examples = read_examples(config.data)
     try:
         gen = TransformersGenerator(
-            config.model, "--model", config.device, config.dtype, config.batch_size
+            config.model,
+            "--model",
+            config.device,
+            config.dtype,
+            config.batch_size,
+            config.trust_remote_code,
         )
     except BackendError as e:
         raise EvalError(str(e)) from None

@@ -69,7 +69,10 @@ class ProgramTable:
 
             try:
                 self.tokenizer = load_tokenizer(
-                    config.tokenizer, "--tokenizer", sentencepiece_ok=True
+                    config.tokenizer,
+                    "--tokenizer",
+                    sentencepiece_ok=True,
+                    trust_remote_code=config.trust_remote_code,
                 )
             except BackendError as e:
                 raise RefineError(str(e)) from None
@@ -97,10 +100,13 @@ class ModelRefiner:
         from megatron_slm.refine.backends import BackendError, load_tokenizer
 
         try:
+            trust = config.trust_remote_code
             if "doc" in config.stages:
-                self.doc_tokenizer = load_tokenizer(config.doc_model, "--doc-model")
+                self.doc_tokenizer = load_tokenizer(config.doc_model, "--doc-model", False, trust)
             if "chunk" in config.stages:
-                self.chunk_tokenizer = load_tokenizer(config.chunk_model, "--chunk-model")
+                self.chunk_tokenizer = load_tokenizer(
+                    config.chunk_model, "--chunk-model", False, trust
+                )
         except BackendError as e:
             raise RefineError(str(e)) from None
         self.tokenizer = self.chunk_tokenizer if "chunk" in config.stages else self.doc_tokenizer

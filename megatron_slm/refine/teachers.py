@@ -229,10 +229,19 @@ class OpenAICompletions(OpenAITeacher):
 class LocalTeacher:
     """A local Hugging Face model directory: batched greedy ``generate`` (refine.backends)."""
 
-    def __init__(self, model_dir: str, device: str, dtype: str, batch_size: int):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str,
+        dtype: str,
+        batch_size: int,
+        trust_remote_code: bool = False,
+    ):
         from megatron_slm.refine.backends import TransformersGenerator
 
-        self.generator = TransformersGenerator(model_dir, "--teacher", device, dtype, batch_size)
+        self.generator = TransformersGenerator(
+            model_dir, "--teacher", device, dtype, batch_size, trust_remote_code
+        )
         self.tokenizer = self.generator.tokenizer
         self.batch_size = batch_size
         self.retries = 0

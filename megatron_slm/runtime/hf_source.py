@@ -578,4 +578,34 @@ def load_hf_into_chunks(chunks, weights: HFWeights, model: GPTModelConfig, tied:
 
 
 def tokenizer_files(path: str) -> list[str]:
-    return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    """The tokenizer's files in the directory ``path``, its code included (see
+    :func:`tokenizer_code_files`): what a copy of the tokenizer needs."""
+    data = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    return data + tokenizer_code_files(path)
+
+
+def tokenizer_code_files(path: str) -> list[str]:
+    """The Python files of a tokenizer that is code its directory ships: the modules its
+    ``tokenizer_config.json`` names in ``auto_map`` (``"tokenization_x.XTokenizer"``) and what
+    they import relatively (transformers' rule), in that order; [] for any other tokenizer. A
+    module of another repository (``"repo--module.Class"``) is not a file of this one."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            auto_map = json.load(f).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no code
+        return []
+    refs = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+    refs = refs if isinstance(refs, list) else [refs]
+    modules = [r.rsplit(".", 1)[0] for r in refs if isinstance(r, str) and "--" not in r]
+    files: list[str] = []
+    for module in dict.fromkeys(modules):
+        main = os.path.join(path, module.replace(".", os.sep) + ".py")
+        if not os.path.isfile(main):
+            continue  # (transformers says so when it loads the tokenizer)
+        from transformers.dynamic_module_utils import get_relative_import_files
+
+        for full in [main, *get_relative_import_files(main)]:
+            name = os.path.relpath(full, path)
+            if os.path.isfile(full) and name not in files:
+                files.append(name)
+    return files

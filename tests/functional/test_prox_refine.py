@@ -304,3 +304,91 @@ def test_model_dir_without_chat_template(corpus, model_dir, tmp_path, capsys):
     argv[argv.index("--chunk-model") + 1] = plain
     code, err = run_tool(argv, capsys)
     assert code == 2 and f"--chunk-model {plain}: the tokenizer has no chat template" in err
+
+
+@pytest.fixture(scope="module")
+def remote_model(model_dir, tmp_path_factory):
+    """``model_dir``'s model and tokenizer as code of their own (tests/remote_code.py)."""
+    from tests.remote_code import as_remote_code
+
+    remote = str(tmp_path_factory.mktemp("remote") / "model")
+    as_remote_code(model_dir, remote)
+    return remote
+
+
+def test_a_model_of_remote_code_refines_only_with_trust_remote_code(model_dir, remote_model,
+                                                                    corpus):  # fmt: skip
+    """A refining model (and tokenizer) that is code its directory ships: refused in one line
+    without --trust-remote-code, its code never imported; with it, the same output as the same
+    weights under transformers' own Llama classes."""
+    import shutil
+
+    from megatron_slm.refine.backends import BackendError, TransformersGenerator
+    from tests.remote_code import REFUSED
+
+    remote = remote_model
+    model_only = str(corpus / "model_only")  # only the model is code: its own line
+    shutil.copytree(remote, model_only)
+    shutil.copy(os.path.join(model_dir, "tokenizer_config.json"), model_only)
+    with pytest.raises(BackendError) as refused:
+        TransformersGenerator(model_only, "--doc-model", "cpu", "float32", 4)
+    model_refused = REFUSED.replace("its tokenizer", "its model")
+    assert str(refused.value) == f"--doc-model {model_only}: {model_refused}"
+    modules = corpus / "modules"
+    env = {"HF_MODULES_CACHE": str(modules)}
+    argv = ["--input", str(corpus / "raw" / "*.jsonl"), "--doc-model", remote, "--stage", "doc",
+            "--batch-size", "4", *SMALL]  # fmt: skip
+    proc = spawn(["model", *argv, "--output-dir", str(corpus / "refused")], env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].endswith(f"--doc-model {remote}: {REFUSED}"), err[-3000:]
+    assert not modules.exists() and not (corpus / "refused").exists()
+
+    proc = spawn(["model", *argv, "--output-dir", str(corpus / "out"), "--trust-remote-code"], env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert (modules / "transformers_modules").is_dir()  # (its code ran)
+    plain = [a if a != remote else model_dir for a in argv]
+    proc = spawn(["model", *plain, "--output-dir", str(corpus / "plain")])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    refined = {k: v for k, v in snapshot(corpus / "out").items() if k.endswith(".jsonl")}
+    assert refined and refined == {
+        k: v for k, v in snapshot(corpus / "plain").items() if k.endswith(".jsonl")
+    }
+
+
+def test_annotation_and_evaluation_run_a_model_of_remote_code(remote_model, tmp_path):
+    """tools/prox_annotate.py (a local --teacher) and tools/prox_eval.py (--model) take
+    --trust-remote-code too: without it one line, with it the model's code answers."""
+    from tests.remote_code import REFUSED
+
+    tools = os.path.join(REPO, "tools")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    docs = [{"id": i, "text": f"document {i} about the water cycle"} for i in range(3)]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    annotate = [sys.executable, os.path.join(tools, "prox_annotate.py"), "--input",
+                str(tmp_path / "docs.jsonl"), "--stage", "doc", "--teacher", remote_model,
+                "--output", str(tmp_path / "seeds.jsonl"), "--max-new-tokens", "4"]  # fmt: skip
+    seeds = [{"messages": [{"role": "system", "content": SYSTEM},
+                           {"role": "user", "content": "a document"},
+                           {"role": "assistant", "content": "keep_doc()"}]}]  # fmt: skip
+    write_jsonl(tmp_path / "heldout.jsonl", seeds)
+    evaluate = [sys.executable, os.path.join(tools, "prox_eval.py"), "--model", remote_model,
+                "--data", str(tmp_path / "heldout.jsonl"), "--doc-max-new-tokens", "4"]  # fmt: skip
+    for cmd, flag in ((annotate, "--teacher"), (evaluate, "--model")):
+        proc = zygote.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.endswith(f"{flag} {remote_model}: {REFUSED}"), proc.stderr[-3000:]
+    assert not (tmp_path / "modules").exists()
+    proc = zygote.run([*annotate, "--trust-remote-code"], env=env, capture_output=True,
+                      text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "seeds.jsonl.stats.json").read_text())
+    assert stats["requests_sent"] == len(docs), stats
+    proc = zygote.run([*evaluate, "--trust-remote-code"], env=env, capture_output=True,
+                      text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["examples"] == {"chunk": 0, "doc": 1}, report

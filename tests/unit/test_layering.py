@@ -26,7 +26,7 @@ LAYERS = {
     "checkpoint": 3,
     "models": 2, "data": 2, "ops": 2,
     "launch": 1, "platform": 1, "cli": 1, "progress": 1, "output_lock": 1, "atomic_io": 1,
-    "ranged_output": 1, "optimizer_state": 1, "writer_queue": 1,
+    "ranged_output": 1, "optimizer_state": 1, "writer_queue": 1, "remote_code": 1,
     "_extension": 1, "__init__": 1, "crash_points": 1, "_lazy_jit": 1, "errors": 1, "entry": 1,
 }  # fmt: skip
 # The only imports between packages of one layer (above the one-file utilities of layer 1, which

@@ -5,6 +5,7 @@ import pickle
 import pytest
 
 from megatron_slm.data import build_tokenizer, train_sentencepiece
+from tests.remote_code import REFUSED, letters_ids, write_letters_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -109,47 +110,6 @@ def test_huggingface_tokenizer_from_local_dir(tmp_path, sp_model):
     assert tok.eod == 2
 
 
-# A Hugging Face tokenizer that is Python code its directory ships (an auto_map entry).
-LETTERS_TOKENIZER = """
-from transformers import PreTrainedTokenizer
-
-LETTERS = "abcdefghijklmnopqrstuvwxyz "
-
-
-class LettersTokenizer(PreTrainedTokenizer):
-    model_input_names = ["input_ids"]
-
-    def __init__(self, **kwargs):
-        self._vocab = {"<unk>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(LETTERS)}}
-        self._ids = {i: t for t, i in self._vocab.items()}
-        kwargs.setdefault("unk_token", "<unk>")
-        kwargs.setdefault("eos_token", "</s>")
-        super().__init__(**kwargs)
-
-    @property
-    def vocab_size(self):
-        return len(self._vocab)
-
-    def get_vocab(self):
-        return dict(self._vocab)
-
-    def _tokenize(self, text):
-        return list(text)
-
-    def _convert_token_to_id(self, token):
-        return self._vocab.get(token, 0)
-
-    def _convert_id_to_token(self, index):
-        return self._ids.get(index, "<unk>")
-
-    def convert_tokens_to_string(self, tokens):
-        return "".join(tokens)
-
-    def save_vocabulary(self, save_directory, filename_prefix=None):
-        return ()
-"""
-
-
 def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
     """--trust-remote-code (Megatron-LM's flag): without it such a tokenizer is one line and its
     code never runs; with it preprocessing (two workers: the tokenizer is pickled) writes the
@@ -164,18 +124,10 @@ def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
     from tests import zygote
 
     tok = tmp_path / "letters"
-    tok.mkdir()
-    (tok / "tokenization_letters.py").write_text(LETTERS_TOKENIZER)
-    auto_map = {"AutoTokenizer": ["tokenization_letters.LettersTokenizer", None]}
-    (tok / "tokenizer_config.json").write_text(json.dumps(
-        {"auto_map": auto_map, "tokenizer_class": "LettersTokenizer", "eos_token": "</s>"}
-    ))  # fmt: skip
+    write_letters_tokenizer(tok)
     with pytest.raises(TokenizerError) as refused:
         build_tokenizer("HuggingFaceTokenizer", str(tok))
-    assert str(refused.value) == (
-        f"--tokenizer-model {tok}: its tokenizer is Python code the directory ships (its "
-        "auto_map): give --trust-remote-code to run it"
-    )
+    assert str(refused.value) == f"--tokenizer-model {tok}: {REFUSED}"
     texts = ["ab c", "hello world", "zz"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -197,8 +149,7 @@ def test_a_tokenizer_of_remote_code_runs_only_with_trust_remote_code(tmp_path):
                       "--trust-remote-code")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
-    letters = "abcdefghijklmnopqrstuvwxyz "
-    expected = [[letters.index(c) + 2 for c in t] + [1] for t in texts]  # then </s>, the EOD
+    expected = [letters_ids(t) + [1] for t in texts]  # then </s>, the EOD
     assert [ds[i].tolist() for i in range(len(ds))] == expected
     # the trainer's and every --load tool's tokenizer rule (resolve_tokenizer) passes it too
     script = (
