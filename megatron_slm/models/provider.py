@@ -73,6 +73,11 @@ class ModelBuildOptions:
     pipeline_layout: str | None = None
     """--pipeline-model-parallel-layout: each (virtual) stage's layers, megatron-core's string
     (replaces the stage fields above and the virtual stage count)."""
+    overlap_p2p_comm: bool = True
+    """Interleaved schedule: the pipeline's sends and receives overlap other chunks' compute
+    (Megatron-LM's default; off: --no-overlap-p2p-communication, then batched on GPU)."""
+    microbatch_group_size_per_vp_stage: int | None = None
+    """--microbatch-group-size-per-virtual-pipeline-stage (None: the pipeline size)."""
     make_vocab_size_divisible_by: int = 128
     """--make-vocab-size-divisible-by: vocabulary padding (times TP)."""
     use_cpu_initialization: bool = True
@@ -177,6 +182,7 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         vpp = layout_virtual_size(opts.pipeline_layout, pp)
     if opts.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    overlap_p2p = opts.overlap_p2p_comm and vpp is not None
     config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -219,10 +225,14 @@ def build_transformer_config(model: GPTModelConfig, opts: ModelBuildOptions) -> 
         fp16=opts.params_dtype == torch.float16,
         use_cpu_initialization=opts.use_cpu_initialization,
         calculate_per_token_loss=opts.calculate_per_token_loss,
-        # gloo matches point-to-point messages between two ranks in posting order; megatron's
-        # batched p2p posts (send_prev, recv_prev, send_next, recv_next), which with PP=2 pairs a
-        # gradient with an activation buffer. The unbatched path orders even/odd ranks correctly.
-        batch_p2p_comm=not cpu_backend_enabled(),
+        # Megatron-LM's: overlapped (hence unbatched) sends and receives in the interleaved
+        # schedule, batched ones otherwise. gloo matches point-to-point messages between two
+        # ranks in posting order; megatron's batched p2p posts (send_prev, recv_prev, send_next,
+        # recv_next), which with PP=2 pairs a gradient with an activation buffer. The unbatched
+        # path orders even/odd ranks correctly.
+        overlap_p2p_comm=overlap_p2p,
+        batch_p2p_comm=not overlap_p2p and not cpu_backend_enabled(),
+        microbatch_group_size_per_vp_stage=opts.microbatch_group_size_per_vp_stage,
         attention_backend=AttnBackend[opts.attention_backend],
         apply_query_key_layer_scaling=opts.apply_query_key_layer_scaling,
         deterministic_mode=opts.deterministic_mode,

@@ -67,6 +67,19 @@ class ParallelConfig:
         "--num-layers-per-virtual-pipeline-stage it combines with "
         "--decoder-first/last-pipeline-num-layers.",
     )
+    no_overlap_p2p_communication: bool = arg(
+        False,
+        "Interleaved schedule: do not overlap the pipeline's sends and receives with the "
+        "forward and backward of other chunks (Megatron-LM's flag); they then go batched, "
+        "which needs --pipeline-model-parallel-size > 2 (Megatron-LM's rule).",
+    )
+    microbatch_group_size_per_virtual_pipeline_stage: int | None = arg(
+        None,
+        "Interleaved schedule: micro-batches each virtual stage runs in a row (Megatron-LM's "
+        "flag; default --pipeline-model-parallel-size). At least that, at most a step's "
+        "micro-batches, and what is left of a step after whole groups is 0 or at least the "
+        "pipeline size (megatron-core's rule).",
+    )
     decoder_first_pipeline_num_layers: int | None = arg(
         None,
         "Layers of the first pipeline stage (Megatron-LM's uneven split, e.g. fewer beside the "
@@ -1800,6 +1813,47 @@ def _whole(steps):
     return int(steps) if steps is not None and float(steps).is_integer() else steps
 
 
+def _check_interleaved_flags(p: ParallelConfig, interleaved: bool) -> int | None:
+    """The interleaved schedule's flags need it (Megatron-LM's rules); the micro-batch group
+    size given, if any."""
+    pp, group = p.pipeline_model_parallel_size, p.microbatch_group_size_per_virtual_pipeline_stage
+    named = {
+        "--no-overlap-p2p-communication": p.no_overlap_p2p_communication,
+        "--microbatch-group-size-per-virtual-pipeline-stage": group is not None,
+    }
+    for flag, given in named.items():
+        if given and not interleaved:
+            raise ConfigError(
+                f"{flag} is a flag of the interleaved schedule: give virtual pipeline stages "
+                "(--num-virtual-stages-per-pipeline-rank, ...)"
+            )
+    if p.no_overlap_p2p_communication and pp < 3:
+        raise ConfigError(
+            "--no-overlap-p2p-communication needs --pipeline-model-parallel-size > 2 "
+            "(Megatron-LM's rule: batched sends and receives between the same two ranks)"
+        )
+    if group is not None and group < pp:
+        raise ConfigError(
+            f"--microbatch-group-size-per-virtual-pipeline-stage {group} is less than "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    return group
+
+
+def _check_microbatch_groups(num_micro: int, group: int, pp: int, size: int | None = None):
+    """megatron-core's rule for a step of ``num_micro`` micro-batches (of a global batch of
+    ``size`` while the batch grows) in groups of ``group``."""
+    step = f"a step of {num_micro} micro-batches" + (f" (global batch {size})" if size else "")
+    flag = f"--microbatch-group-size-per-virtual-pipeline-stage {group}"
+    if num_micro < group:
+        raise ConfigError(f"{flag}: more than {step}")
+    if 0 < num_micro % group < pp:
+        raise ConfigError(
+            f"{flag}: {step} leaves {num_micro % group} after whole groups, fewer than "
+            f"--pipeline-model-parallel-size {pp} (megatron-core's rule)"
+        )
+
+
 @dataclass(frozen=True)
 class DerivedSizes:
     data_parallel_size: int
@@ -2039,11 +2093,14 @@ def validate(
         )
     num_micro = gbs // (t.micro_batch_size * dp)
     interleaved = p.interleaved_schedule(architecture.num_layers)
-    if interleaved and num_micro % pp:
+    group = _check_interleaved_flags(p, interleaved)
+    if interleaved and group is None and num_micro % pp:
         raise ConfigError(
             f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
             f"multiple of --pipeline-model-parallel-size {pp}"
         )
+    if group is not None:
+        _check_microbatch_groups(num_micro, group, pp)
     if t.seq_length > architecture.max_position_embeddings:
         raise ConfigError(
             f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
@@ -2067,7 +2124,7 @@ def validate(
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
     growing, iters = None, None
-    micro_batch_multiple = pp if interleaved else 1
+    micro_batch_multiple = pp if interleaved and group is None else 1
     if (t.rampup_batch_size or t.step_batch_size_schedule) and d.train_samples_from:
         flag = "--rampup-batch-size" if t.rampup_batch_size else "--step-batch-size-schedule"
         raise ConfigError(
@@ -2097,6 +2154,10 @@ def validate(
         iters = math.ceil(t.train_tokens / (gbs * t.seq_length))
     if iters is None:
         iters = t.train_iters
+    if growing is not None and group is not None:  # every step's micro-batches form groups
+        sizes = growing.sizes() if t.rampup_batch_size else growing.sizes_from(resumed_samples)
+        for size in sizes:
+            _check_microbatch_groups(size // (t.micro_batch_size * dp), group, pp, size)
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":
         if not s.slm_ref_load:

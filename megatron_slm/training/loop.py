@@ -457,6 +457,8 @@ class Trainer:
             first_stage_layers=first_stage_layers,
             last_stage_layers=last_stage_layers,
             pipeline_layout=p.pipeline_model_parallel_layout,
+            overlap_p2p_comm=not p.no_overlap_p2p_communication,
+            microbatch_group_size_per_vp_stage=p.microbatch_group_size_per_virtual_pipeline_stage,
             make_vocab_size_divisible_by=_vocab_divisor(cfg, plan.checkpoint, plan.arch.vocab_size),
             use_cpu_initialization=self.device.type == "cpu" or cfg.model.use_cpu_initialization,
             recompute=t.recompute,

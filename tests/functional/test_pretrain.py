@@ -220,8 +220,10 @@ def test_exact_resume(corpus, tmp_path, layout):
 def test_uneven_virtual_pipeline_stages_train_alike_and_resume(corpus, tmp_path):
     """--num-virtual-stages-per-pipeline-rank (Megatron-LM's flag) with an uneven split: 6
     layers, 2 on the first stage and 4 on the last, each stage in 2 chunks (1 + 1, 2 + 2),
-    fine-tuning a PP 1 checkpoint: the steps of PP 1; stopped after step 2 and resumed, the same
-    steps (the distributed optimizer's state per chunk, its layout recorded)."""
+    fine-tuning a PP 1 checkpoint: the steps of PP 1 (the sends and receives overlapped, as
+    Megatron-LM's default; also with another micro-batch group size); stopped after step 2 and
+    resumed, the same steps (the distributed optimizer's state per chunk, its layout
+    recorded)."""
     from megatron_slm.checkpoint import iteration_dir, read_metadata
 
     _, prefix = corpus
@@ -255,8 +257,13 @@ def test_uneven_virtual_pipeline_stages_train_alike_and_resume(corpus, tmp_path)
     run_pretrain(tiny_args(prefix, str(log), 4, *same), nproc=2)
     steps = read_steps(str(log))
     assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
-    for a, b in zip(whole, steps, strict=True):
+    # each virtual stage runs all 4 micro-batches in a row (Megatron-LM's flag; default 2)
+    grouped = tmp_path / "grouped.jsonl"
+    group = ("--microbatch-group-size-per-virtual-pipeline-stage", 4)
+    run_pretrain(tiny_args(prefix, str(grouped), 4, *layout, *start, *group), nproc=2)
+    for a, b, c in zip(whole, steps, read_steps(str(grouped)), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=0)
 
 
 def test_pipeline_layouts_train_as_pp_1(corpus, tmp_path):
