@@ -215,6 +215,7 @@ def build_gpt_datasets(
     create_attention_mask: bool = False,
     drop_last_partial_validation_sequence: bool = True,
     mmap_bin_files: bool = True,
+    num_dataset_builder_threads: int = 1,
     is_built_on_rank: Callable[[], bool] | None = None,
     blend_per_split: Sequence[Sequence[str] | None] | None = None,
     multiple_validation_sets: bool = False,
@@ -244,6 +245,8 @@ def build_gpt_datasets(
         mock: megatron-core's ``MockGPTDataset`` instead of any data (``--mock-data``): no
             ``data_path``, ``split`` thirds, no sidecar.
         fim: --fim-data's settings (``data.fim``): every split's samples rewritten.
+        num_dataset_builder_threads: megatron-core builds a blend's datasets in that many
+            threads (the same samples).
 
     Sidecars of all prefixes are verified before any index is built.
     """
@@ -271,6 +274,7 @@ def build_gpt_datasets(
         split=split,
         path_to_cache=data_cache_path,
         mmap_bin_files=mmap_bin_files,
+        num_dataset_builder_threads=num_dataset_builder_threads,
         tokenizer=tokenizer,
         reset_position_ids=reset_position_ids,
         reset_attention_mask=reset_attention_mask,

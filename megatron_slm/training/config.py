@@ -1030,6 +1030,11 @@ class DataArgs:
         "data exists. Plain training, or selection with --slm-ref-source online.",
     )
     data_cache_path: str | None = arg(None, "Where megatron-core caches sample indices.")
+    num_dataset_builder_threads: int = arg(
+        1,
+        "Threads building the datasets of a blend (Megatron-LM's flag: for blends of many "
+        "files, whose indices are built one per file); the samples are the same.",
+    )
     mmap_bin_files: bool = arg(
         True,
         "Memory-map the datasets' .bin files; --no-mmap-bin-files reads each sample with a "
@@ -1086,6 +1091,7 @@ class DataArgs:
     def __post_init__(self):
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        check_at_least(self, "num_dataset_builder_threads")
         self._check_fim()
         self._read_blend_files()
         if self.per_split and not self.train_data_path:

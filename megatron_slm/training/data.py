@@ -44,6 +44,7 @@ def build_datasets(
         tokenizer,
         data_cache_path=d.data_cache_path,
         mmap_bin_files=d.mmap_bin_files,
+        num_dataset_builder_threads=d.num_dataset_builder_threads,
         require_sidecar=require_sidecar,
         blend_per_split=d.blend_per_split(),
         multiple_validation_sets=d.multiple_validation_sets,

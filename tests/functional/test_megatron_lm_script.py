@@ -9,8 +9,8 @@ sizes cut to the tiny preset and its paths pointed at a test corpus. Two ranks r
   from scratch, as Megatron-LM does, and the same command later resumes where it stopped.
 - Its per-step losses are exactly those of the same training written with megatron-slm's own flags
   only: the flags that describe the model change nothing, and neither do selective recompute,
-  ``--manual-gc``, ``--no-mmap-bin-files`` or the profiler (whose trace of steps 3 and 4 lands in
-  ``--tensorboard-dir``).
+  ``--manual-gc``, ``--no-mmap-bin-files``, ``--num-dataset-builder-threads`` or the profiler
+  (whose trace of steps 3 and 4 lands in ``--tensorboard-dir``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _data(prefix, cache):
 def _script(prefix, tmp, samples):
     return [*SHAPE, *LLAMA, *SCHEDULE, "--train-samples", samples, *TRAINING, *PARALLEL, *DDP,
             *_data(prefix, tmp / "cache"), "--no-create-attention-mask-in-dataloader",
-            "--no-mmap-bin-files", "--num-workers", 1, *EVAL, *LOGGING,
+            "--no-mmap-bin-files", "--num-dataset-builder-threads", 2, "--num-workers", 1, *EVAL,
+            *LOGGING,
             "--save", tmp / "ckpt", "--load", tmp / "ckpt", "--tensorboard-dir", tmp / "tb",
             "--log-loss-file", tmp / "script.jsonl"]  # fmt: skip
 

@@ -109,12 +109,28 @@ def test_alignment_single_dataset_multi_epoch(corpus, tmp_path, extra_token):
     assert torch.isnan(pad_sample["ref_loss"]).all() and pad_sample["loss_mask"].sum() == 0
 
 
-def test_alignment_blended(corpus, tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_alignment_blended(corpus, tmp_path, monkeypatch, threads):
+    """Also with --num-dataset-builder-threads (megatron-core builds the blend's datasets in a
+    pool of that many threads): the same samples as megatron-core's serial build."""
+    from megatron.core.datasets import blended_megatron_dataset_builder as builder
+
+    pools = []
+
+    class CountedPool(builder.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    monkeypatch.setattr(builder, "ThreadPoolExecutor", CountedPool)
     root, prefixes = corpus
     tok = build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1)
     blend = ["0.7", prefixes["A"], "0.3", prefixes["B"]]
     sizes = [300, 40, 20]
-    ours = build_gpt_datasets(blend, "90,8,2", 24, 11, sizes, tok, str(tmp_path / "c1"))
+    ours = build_gpt_datasets(blend, "90,8,2", 24, 11, sizes, tok, str(tmp_path / "c1"),
+                              num_dataset_builder_threads=threads)  # fmt: skip
+    assert pools and set(pools) == {threads}
+    pools.clear()
     plain = _plain_gpt([prefixes["A"], prefixes["B"]], [0.7, 0.3], "90,8,2", 24, 11, sizes, tok,
                        str(tmp_path / "c2"))  # fmt: skip
     n, _, _ = _check_all(ours, plain)
