@@ -450,6 +450,12 @@ class TrainingArgs:
         "Decay the QK norms' weights too (Megatron-LM's flag, Qwen3-Next's recipe); the other "
         "norms and the biases are never decayed.",
     )
+    no_weight_decay_cond_type: str | None = arg(
+        None,
+        "Megatron-LM's newer form of the rule above: apply_wd_to_qk_layernorm is "
+        "--apply-wd-to-qk-layernorm.",
+        choices=("apply_wd_to_qk_layernorm",),
+    )
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
     adam_eps: float = arg(1e-8, "AdamW epsilon.")
@@ -717,6 +723,8 @@ class TrainingArgs:
     )
 
     def __post_init__(self):
+        if self.no_weight_decay_cond_type == "apply_wd_to_qk_layernorm":
+            self.apply_wd_to_qk_layernorm = True
         check_at_least(self, "micro_batch_size", "seq_length")
         check_choices(
             self, "cross_entropy_impl", "lr_wsd_decay_style", "optimizer", "dataloader_type"

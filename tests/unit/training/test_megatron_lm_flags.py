@@ -390,7 +390,9 @@ def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(corpus, tmp
 
 def _weight_decay_worker(rank, world, prefix, log):
     decay = {}
-    for name, extra in (("default", ()), ("qk", ("--apply-wd-to-qk-layernorm",))):
+    cond = ("--no-weight-decay-cond-type", "apply_wd_to_qk_layernorm")  # (its newer form)
+    variants = (("default", ()), ("qk", ("--apply-wd-to-qk-layernorm",)), ("cond", cond))
+    for name, extra in variants:
         trainer = cpu_trainer(tiny_args(prefix, log, 4, "--num-workers", 0, "--qk-layernorm",
                                         "--weight-decay", 0.1, *extra))  # fmt: skip
         names = {id(p): n for n, p in trainer.chunks[0].module.named_parameters()}
@@ -402,7 +404,8 @@ def _weight_decay_worker(rank, world, prefix, log):
 
 def test_weight_decay_spares_norms_and_biases_unless_qk_norms_are_asked(corpus, tmp_path):
     """Megatron-LM's rule: every matrix decays, no norm weight or bias does;
-    --apply-wd-to-qk-layernorm decays the QK norms' weights as well."""
+    --apply-wd-to-qk-layernorm (or --no-weight-decay-cond-type apply_wd_to_qk_layernorm, its newer
+    form) decays the QK norms' weights as well."""
     (decay,) = run_distributed(_weight_decay_worker, 1, corpus, str(tmp_path / "log.jsonl"))
     qk = [n for n in decay["default"] if "q_layernorm" in n or "k_layernorm" in n]
     assert len(qk) == 2 * get_preset("tiny").num_layers
@@ -410,6 +413,7 @@ def test_weight_decay_spares_norms_and_biases_unless_qk_norms_are_asked(corpus, 
         is_vector = "norm" in name or name.endswith(".bias")
         assert rate == (0.0 if is_vector else pytest.approx(0.1)), name
         assert decay["qk"][name] == (pytest.approx(0.1) if name in qk else rate), name
+    assert decay["cond"] == decay["qk"]
 
 
 def _mock_worker(rank, world, log, cache):
