@@ -76,12 +76,11 @@ def check_ramp_values(values: list[int], train_samples: int | None) -> None:
         )
 
 
-def batch_ramp(values: list[int], global_batch_size: int, per_micro_batch: int,
-               micro_batch_multiple: int = 1) -> BatchRamp:  # fmt: skip
+def batch_ramp(values: list[int], global_batch_size: int, per_micro_batch: int) -> BatchRamp:
     """The ramp of ``values`` (START INCREMENT SAMPLES) up to ``global_batch_size``, checked so
     that every size it takes splits into whole micro-batches of ``per_micro_batch`` samples
-    (--micro-batch-size x data-parallel size), a multiple of ``micro_batch_multiple`` of them
-    (the interleaved schedule's pipeline size)."""
+    (--micro-batch-size x data-parallel size; the interleaved schedule's rule on their number is
+    the trainer's, ``training.config.microbatches_fit``)."""
     start, increment, samples = values
     if start >= global_batch_size:
         raise ConfigError(
@@ -95,15 +94,10 @@ def batch_ramp(values: list[int], global_batch_size: int, per_micro_batch: int,
         )
     ramp = BatchRamp(start, increment, samples, global_batch_size)
     for size in ramp.sizes():
-        if size % per_micro_batch or (size // per_micro_batch) % micro_batch_multiple:
-            need = per_micro_batch * micro_batch_multiple
+        if size % per_micro_batch:
             raise ConfigError(
                 f"{FLAG} {start} {increment} {samples}: the ramp trains at a global batch of "
-                f"{size}, not a multiple of {need} (--micro-batch-size x data-parallel size"
-                + (
-                    " x --pipeline-model-parallel-size, the interleaved schedule's)"
-                    if micro_batch_multiple > 1
-                    else ")"
-                )  # fmt: skip
+                f"{size}, not a multiple of {per_micro_batch} (--micro-batch-size x "
+                "data-parallel size)"
             )
     return ramp

@@ -285,6 +285,14 @@ class ParallelConfig:
     def interleaved_schedule(self, num_layers: int) -> bool:
         return self.virtual_pipeline_size(num_layers) is not None
 
+    def microbatch_group(self, num_layers: int) -> int | None:
+        """The micro-batches each virtual stage runs in a row (None: not interleaved):
+        --microbatch-group-size-per-virtual-pipeline-stage, else the pipeline size."""
+        if not self.interleaved_schedule(num_layers):
+            return None
+        given = self.microbatch_group_size_per_virtual_pipeline_stage
+        return given or self.pipeline_model_parallel_size
+
     @property
     def experts_tensor_parallel(self) -> int:
         """The experts' TP size: --expert-tensor-parallel-size, else the TP size."""
@@ -1827,9 +1835,8 @@ def _whole(steps):
     return int(steps) if steps is not None and float(steps).is_integer() else steps
 
 
-def _check_interleaved_flags(p: ParallelConfig, interleaved: bool) -> int | None:
-    """The interleaved schedule's flags need it (Megatron-LM's rules); the micro-batch group
-    size given, if any."""
+def _check_interleaved_flags(p: ParallelConfig, interleaved: bool) -> None:
+    """The interleaved schedule's flags need it (Megatron-LM's rules)."""
     pp, group = p.pipeline_model_parallel_size, p.microbatch_group_size_per_virtual_pipeline_stage
     named = {
         "--no-overlap-p2p-communication": p.no_overlap_p2p_communication,
@@ -1851,21 +1858,36 @@ def _check_interleaved_flags(p: ParallelConfig, interleaved: bool) -> int | None
             f"--microbatch-group-size-per-virtual-pipeline-stage {group} is less than "
             f"--pipeline-model-parallel-size {pp}"
         )
-    return group
 
 
-def _check_microbatch_groups(num_micro: int, group: int, pp: int, size: int | None = None):
-    """megatron-core's rule for a step of ``num_micro`` micro-batches (of a global batch of
-    ``size`` while the batch grows) in groups of ``group``."""
+def microbatches_fit(num_micro: int, group: int, pp: int) -> bool:
+    """Whether megatron-core's interleaved schedule runs a step of ``num_micro`` micro-batches
+    in groups of ``group`` at pipeline size ``pp``: at least one group, and what is left after
+    whole groups none or at least ``pp`` (at the default group, ``pp``: a multiple of it)."""
+    return num_micro >= group and not 0 < num_micro % group < pp
+
+
+def runnable_microbatches(num_micro: int, group: int, pp: int) -> int:
+    """The most of ``num_micro`` micro-batches one step of the interleaved schedule runs (0:
+    none), e.g. the last, partial batch of a full validation."""
+    return next((m for m in range(num_micro, 0, -1) if microbatches_fit(m, group, pp)), 0)
+
+
+def _check_microbatch_groups(p: ParallelConfig, num_micro: int, group: int, size: int | None):
+    """:func:`microbatches_fit` for a step (of a global batch of ``size`` while it grows)."""
+    pp = p.pipeline_model_parallel_size
+    if microbatches_fit(num_micro, group, pp):
+        return
+    rule = (
+        f"--microbatch-group-size-per-virtual-pipeline-stage {group}"
+        if p.microbatch_group_size_per_virtual_pipeline_stage
+        else f"the interleaved schedule (--pipeline-model-parallel-size {pp})"
+    )
     step = f"a step of {num_micro} micro-batches" + (f" (global batch {size})" if size else "")
-    flag = f"--microbatch-group-size-per-virtual-pipeline-stage {group}"
-    if num_micro < group:
-        raise ConfigError(f"{flag}: more than {step}")
-    if 0 < num_micro % group < pp:
-        raise ConfigError(
-            f"{flag}: {step} leaves {num_micro % group} after whole groups, fewer than "
-            f"--pipeline-model-parallel-size {pp} (megatron-core's rule)"
-        )
+    raise ConfigError(
+        f"{rule} runs micro-batches in groups of {group}: {step} needs at least one group and "
+        f"leaves none or at least {pp} after whole groups (megatron-core's rule)"
+    )
 
 
 @dataclass(frozen=True)
@@ -2106,15 +2128,10 @@ def validate(
             f"{t.micro_batch_size} x data-parallel size {dp}"
         )
     num_micro = gbs // (t.micro_batch_size * dp)
-    interleaved = p.interleaved_schedule(architecture.num_layers)
-    group = _check_interleaved_flags(p, interleaved)
-    if interleaved and group is None and num_micro % pp:
-        raise ConfigError(
-            f"the interleaved schedule needs the number of micro-batches ({num_micro}) to be a "
-            f"multiple of --pipeline-model-parallel-size {pp}"
-        )
+    _check_interleaved_flags(p, p.interleaved_schedule(architecture.num_layers))
+    group = p.microbatch_group(architecture.num_layers)
     if group is not None:
-        _check_microbatch_groups(num_micro, group, pp)
+        _check_microbatch_groups(p, num_micro, group, None)
     if t.seq_length > architecture.max_position_embeddings:
         raise ConfigError(
             f"--seq-length {t.seq_length} exceeds --max-position-embeddings "
@@ -2138,7 +2155,6 @@ def validate(
         # megatron-core's mixed-precision optimizer only wraps torch.cuda.*Tensor parameters.
         raise ConfigError(f"--{'bf16' if t.bf16 else 'fp16'} needs a GPU (--device cuda)")
     growing, iters = None, None
-    micro_batch_multiple = pp if interleaved and group is None else 1
     if (t.rampup_batch_size or t.step_batch_size_schedule) and d.train_samples_from:
         flag = "--rampup-batch-size" if t.rampup_batch_size else "--step-batch-size-schedule"
         raise ConfigError(
@@ -2146,15 +2162,11 @@ def validate(
             "global batch size"
         )
     if t.rampup_batch_size:
-        growing = batch_ramp(
-            t.rampup_batch_size, gbs, t.micro_batch_size * dp, micro_batch_multiple
-        )
+        growing = batch_ramp(t.rampup_batch_size, gbs, t.micro_batch_size * dp)
         iters = growing.train_iters(t.train_samples)
     elif t.step_batch_size_schedule:
         growing = t.step_schedule
-        check_schedule_sizes(
-            growing, resumed_samples, t.micro_batch_size * dp, micro_batch_multiple
-        )
+        check_schedule_sizes(growing, resumed_samples, t.micro_batch_size * dp)
         if t.train_iters is None:  # Megatron-LM: steps until the samples are consumed
             samples = t.train_samples or math.ceil(t.train_tokens / t.seq_length)
             iters = growing.train_iters(samples)
@@ -2171,7 +2183,7 @@ def validate(
     if growing is not None and group is not None:  # every step's micro-batches form groups
         sizes = growing.sizes() if t.rampup_batch_size else growing.sizes_from(resumed_samples)
         for size in sizes:
-            _check_microbatch_groups(size // (t.micro_batch_size * dp), group, pp, size)
+            _check_microbatch_groups(p, size // (t.micro_batch_size * dp), group, size)
     s = cfg.slm
     if s.needs_reference and s.slm_ref_source == "online":
         if not s.slm_ref_load:

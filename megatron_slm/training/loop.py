@@ -49,7 +49,12 @@ from megatron_slm.models.upcycling import upcycle_chunks
 from megatron_slm.ops.selection import needs_reference
 from megatron_slm.runtime import LoadArgs, LoadPlan, plan_load
 from megatron_slm.runtime.reference import OnlineReference
-from megatron_slm.training.config import DerivedSizes, PretrainConfig, validate
+from megatron_slm.training.config import (
+    DerivedSizes,
+    PretrainConfig,
+    runnable_microbatches,
+    validate,
+)
 from megatron_slm.training.data import MicroBatches, build_datasets, build_sft_dataset
 from megatron_slm.training.distillation import DistillationLoss, Teacher
 from megatron_slm.training.housekeeping import ManualGC, StepProfiler
@@ -962,8 +967,10 @@ class Trainer:
             return [num] * self.cfg.training.eval_iters
         per_rank = self.cfg.training.micro_batch_size * self.sizes.data_parallel_size
         whole, rest = divmod(len(dataset) // per_rank, num)
-        if self.cfg.parallel.interleaved_schedule(self.arch.num_layers):
-            rest -= rest % self.cfg.parallel.pipeline_model_parallel_size  # (its multiples only)
+        par = self.cfg.parallel
+        group = par.microbatch_group(self.arch.num_layers)
+        if group is not None:  # (the interleaved schedule runs only some counts)
+            rest = runnable_microbatches(rest, group, par.pipeline_model_parallel_size)
         if key not in self._announced and torch.distributed.get_rank() == 0:
             self._announced.add(key)
             read = (whole * num + rest) * per_rank

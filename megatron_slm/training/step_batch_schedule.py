@@ -108,18 +108,15 @@ def parse_step_schedule(text: str, seq_length: int) -> StepBatchSchedule:
 
 
 def check_schedule_sizes(
-    schedule: StepBatchSchedule, consumed_samples: int, per_micro_batch: int,
-    micro_batch_multiple: int = 1,
-) -> None:  # fmt: skip
+    schedule: StepBatchSchedule, consumed_samples: int, per_micro_batch: int
+) -> None:
     """Every size still to come (from ``consumed_samples``: a resumed run may have trained its
     earlier sizes at another data-parallel size, as megatron-core allows) splits into whole
-    micro-batches of ``per_micro_batch`` samples, a multiple of ``micro_batch_multiple`` of them."""
-    need = per_micro_batch * micro_batch_multiple
+    micro-batches of ``per_micro_batch`` samples (the interleaved schedule's rule on their number
+    is the trainer's, ``training.config.microbatches_fit``)."""
     for size in schedule.sizes_from(consumed_samples):
-        if size % need:
-            interleaved = " x --pipeline-model-parallel-size, the interleaved schedule's"
+        if size % per_micro_batch:
             raise ConfigError(
-                f"{FLAG}: the global batch size {size} is not a multiple of {need} "
-                f"(--micro-batch-size x data-parallel size"
-                f"{interleaved if micro_batch_multiple > 1 else ''})"
+                f"{FLAG}: the global batch size {size} is not a multiple of {per_micro_batch} "
+                "(--micro-batch-size x data-parallel size)"
             )

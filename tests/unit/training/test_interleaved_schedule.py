@@ -29,16 +29,29 @@ def _sizes(*argv, world=2):
         (("--no-overlap-p2p-communication",), "--no-overlap-p2p-communication is a flag of the"),
         ((*VIRTUAL, "--no-overlap-p2p-communication"), "needs --pipeline-model-parallel-size > 2"),
         ((*VIRTUAL, GROUP, 1, "--global-batch-size", 8), f"{GROUP} 1 is less than --pipeline"),
-        ((*VIRTUAL, GROUP, 5, "--global-batch-size", 8), "more than a step of 4 micro-batches"),
-        ((*VIRTUAL, GROUP, 3, "--global-batch-size", 8), "leaves 1 after whole groups, fewer th"),
-        ((*VIRTUAL, "--global-batch-size", 10), "(5) to be a multiple of"),  # the default group
+        ((*VIRTUAL, GROUP, 5, "--global-batch-size", 8), f"{GROUP} 5 runs micro-batches in groups "
+                                                         "of 5: a step of 4 micro-batches needs"),
+        ((*VIRTUAL, GROUP, 3, "--global-batch-size", 8), "groups of 3: a step of 4 micro-ba"),
+        ((*VIRTUAL, "--global-batch-size", 10), "the interleaved schedule (--pipeline-model-"
+                                                "parallel-size 2) runs micro-batches in groups of "
+                                                "2: a step of 5 micro-batches"),  # the default
         ((*VIRTUAL, GROUP, 6, "--global-batch-size", 16, "--train-samples", 64,
-          "--rampup-batch-size", 8, 8, 16), "more than a step of 4 micro-batches (global batch 8"),
+          "--rampup-batch-size", 8, 8, 16), "groups of 6: a step of 4 micro-batches (global batch"
+                                            " 8) needs at least one group"),
     ],
 )  # fmt: skip
 def test_what_megatron_core_would_refuse_is_one_line(argv, message, capsys):
     line = refusal(lambda: _sizes(*argv, world=4 if "--no-overlap" in str(argv) else 2), capsys)
     assert message in line, line
+
+
+def test_the_most_a_partial_step_runs():
+    """A full validation's last, partial batch runs the most micro-batches megatron-core's rule
+    allows: at the default group (the pipeline size) its multiples, as before the flag."""
+    from megatron_slm.training.config import runnable_microbatches
+
+    assert [runnable_microbatches(m, 2, 2) for m in range(8)] == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert [runnable_microbatches(m, 3, 2) for m in range(9)] == [0, 0, 0, 3, 3, 5, 6, 6, 8]
 
 
 def test_groups_that_fit_are_taken():
