@@ -43,6 +43,7 @@ from megatron_slm.ops.selection import (
 )
 from megatron_slm.platform import device_arg
 from megatron_slm.training.batch_ramp import BatchRamp, batch_ramp, check_ramp_values
+from megatron_slm.training.muon_args import MuonArgs
 from megatron_slm.training.step_batch_schedule import (
     StepBatchSchedule,
     check_schedule_sizes,
@@ -493,8 +494,10 @@ class TrainingArgs:
     )
     optimizer: str = arg(
         "adam",
-        "Accepted with adam (Megatron-LM's flag): the optimizer is AdamW.",
-        choices=("adam",),
+        "adam: AdamW (the --adam-* flags); muon: Muon on the layers' 2-D weights and AdamW on "
+        "the rest (embeddings, output layer, norms, biases), as Megatron-LM's --optimizer muon "
+        "(the --muon-* flags; not with --use-distributed-optimizer or --fp16).",
+        choices=("adam", "muon"),
     )
     dataloader_type: str = arg(
         "single",
@@ -1765,6 +1768,7 @@ GROUPS = {
     "parallel": ParallelConfig,
     "model": ModelArgs,
     "training": TrainingArgs,
+    "muon": MuonArgs,
     "data": DataArgs,
     "sft": SFTArgs,
     "tokenizer": TokenizerArgs,
@@ -1780,6 +1784,7 @@ class PretrainConfig:
     parallel: ParallelConfig
     model: ModelArgs
     training: TrainingArgs
+    muon: MuonArgs
     data: DataArgs
     sft: SFTArgs
     tokenizer: TokenizerArgs
@@ -1833,6 +1838,27 @@ def schedule_steps(
 
 def _whole(steps):
     return int(steps) if steps is not None and float(steps).is_integer() else steps
+
+
+def _check_muon(cfg: PretrainConfig) -> None:
+    """--optimizer muon's flags need it, and it needs the plain optimizer in bf16 or fp32."""
+    given = cfg.muon.given()
+    if cfg.training.optimizer != "muon":
+        if given:
+            raise ConfigError(f"{given[0]} is a flag of --optimizer muon: add it")
+        return
+    if cfg.parallel.use_distributed_optimizer:
+        raise ConfigError(
+            "--optimizer muon with --use-distributed-optimizer is not offered: the distributed "
+            "optimizer shards flat gradient buckets, which cut the matrices Muon orthogonalises "
+            "(Megatron-LM turns this into its experimental layer-wise optimizer); leave "
+            "--use-distributed-optimizer out (Muon's state is one fp32 momentum per weight)"
+        )
+    if cfg.training.fp16:
+        raise ConfigError(
+            "--optimizer muon with --fp16 is not offered (megatron-core's rule: no loss "
+            "scaling): use --bf16"
+        )
 
 
 def _check_interleaved_flags(p: ParallelConfig, interleaved: bool) -> None:
@@ -2119,6 +2145,7 @@ def validate(
             f"PP {pp})"
         )
     _check_optimizer_instances(p, dp, world_size // (pp * etp * ep))
+    _check_muon(cfg)
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if t.step_batch_size_schedule:
         gbs = t.step_schedule.final

@@ -46,6 +46,7 @@ from megatron_slm.training.config import (
     PretrainConfig,
     schedule_steps,
 )
+from megatron_slm.training.muon import Muon, build_muon_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def optimizer_layout(cfg: PretrainConfig, data_parallel_size: int, num_layers: i
         sharding = FULLY_RESHARDABLE if p.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
     first_stage_layers, last_stage_layers = p.stage_split(num_layers)
     return {
+        "optimizer": cfg.training.optimizer,
         "distributed": p.use_distributed_optimizer,
         "format": sharding,
         "tensor_model_parallel_size": p.tensor_model_parallel_size,
@@ -115,10 +117,11 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
     if ckpt.meta.get("optimizer_saved") is False:  # (older records: always saved)
         raise ConfigError(
             f"{where}: it holds no optimizer state (saved with --no-save-optim, or written by a "
-            "tool): resume with --no-load-optim (a fresh Adam) or --finetune"
+            "tool): resume with --no-load-optim (a fresh optimizer) or --finetune"
         )
     # (records from before expert parallelism: none)
-    saved = {"expert_model_parallel_size": 1, "num_buckets": None, "pad_buckets": False,
+    saved = {"optimizer": "adam", "expert_model_parallel_size": 1, "num_buckets": None,
+             "pad_buckets": False,
              **(ckpt.meta.get("optimizer_layout") or {"distributed": False})}  # fmt: skip
     num_layers = ckpt.model.num_layers
     run = optimizer_layout(cfg, data_parallel_size, num_layers)
@@ -127,6 +130,12 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
         vstage = saved.get("num_layers_per_virtual_pipeline_stage")
         pp = saved.get("pipeline_model_parallel_size", 1)
         saved["virtual_pipeline_size"] = virtual_pipeline_size(num_layers, pp, vstage)
+    if saved["optimizer"] != run["optimizer"]:
+        raise ConfigError(
+            f"{where}: its optimizer state is {saved['optimizer']}'s; this run trains with "
+            f"--optimizer {run['optimizer']}: resume with --optimizer {saved['optimizer']}, with "
+            f"--no-load-optim (a fresh optimizer), {weights_only}"
+        )
     if saved["distributed"] != run["distributed"]:
         saved_by = "with" if saved["distributed"] else "without"
         raise ConfigError(
@@ -141,7 +150,7 @@ def check_optimizer_resume(cfg: PretrainConfig, data_parallel_size: int, ckpt) -
             f"{where}: its optimizer state was saved at --expert-model-parallel-size {saved_ep}, "
             f"the experts' state {kept} the other parameters' (megatron-core keeps them apart "
             f"with expert parallelism); this run has {run_ep}: resume at {resume}, with "
-            f"--no-load-optim (a fresh Adam), {weights_only}"
+            f"--no-load-optim (a fresh optimizer), {weights_only}"
         )
     if not run["distributed"] or saved.get("format") == FULLY_RESHARDABLE:
         return  # per parameter: any layout
@@ -255,7 +264,7 @@ def resume_lr_schedule(
             raise ConfigError(
                 f"--load {ckpt.path}: it was trained {had} --decoupled-lr, which gives the "
                 "optimizer other parameter groups: resume it so, or with --no-load-optim (a "
-                "fresh Adam)"
+                "fresh optimizer)"
             )
     if saved is None or c.override_opt_param_scheduler:
         return run  # checkpoints that predate the record: the flags
@@ -324,31 +333,33 @@ def build_optimizer(
     train_iters: int,
     schedule: dict | None = None,
 ):
-    """megatron-core's mixed-precision Adam(W) (fused where torch's) and its LR scheduler, on
-    ``schedule`` (:func:`resume_lr_schedule`; default: the flags')."""
+    """megatron-core's mixed-precision Adam(W) (fused where torch's), or with --optimizer muon
+    Muon beside it (``training.muon``), and its LR scheduler, on ``schedule``
+    (:func:`resume_lr_schedule`; default: the flags')."""
     t = cfg.training
-    opt = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            apply_wd_to_qk_layernorm=t.apply_wd_to_qk_layernorm,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.bf16,
-            fp16=t.fp16,
-            **{n: getattr(t, n) for n in LOSS_SCALE_FIELDS if getattr(t, n) is not None},
-            params_dtype=params_dtype,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            decoupled_lr=t.decoupled_lr,
-            decoupled_min_lr=t.decoupled_min_lr,
-        ),
-        chunks,
-        use_gloo_process_groups=not cfg.parallel.disable_gloo_process_groups,
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        apply_wd_to_qk_layernorm=t.apply_wd_to_qk_layernorm,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        **{n: getattr(t, n) for n in LOSS_SCALE_FIELDS if getattr(t, n) is not None},
+        params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        decoupled_lr=t.decoupled_lr,
+        decoupled_min_lr=t.decoupled_min_lr,
     )
+    use_gloo = not cfg.parallel.disable_gloo_process_groups
+    if t.optimizer == "muon":
+        opt = build_muon_optimizer(config, chunks, cfg.muon, use_gloo)
+    else:
+        opt = get_megatron_optimizer(config, chunks, use_gloo_process_groups=use_gloo)
     use_fused_adam(opt)
     mark_decoupled_groups(opt)
     return opt, lr_scheduler(opt, schedule or lr_schedule(cfg, train_iters), train_iters)
@@ -477,8 +488,9 @@ class OptimizerStep:
             if not getattr(part, "is_stub_optimizer", False):
                 real.append(part)
         inner = [getattr(p, "optimizer", None) for p in self.parts]
-        self._adams = [o for o in inner if isinstance(o, torch.optim.Adam)]
-        self.skips_on_device = len(self._adams) == len(inner)
+        # torch's Adam and Muon skip a step on the device when told ``found_inf``
+        self._skippers = [o for o in inner if isinstance(o, (torch.optim.Adam, Muon))]
+        self.skips_on_device = len(self._skippers) == len(inner)
         self.num_zeros: torch.Tensor | None = None  # the last step's, when it counted them
 
     @torch.no_grad()
@@ -493,10 +505,11 @@ class OptimizerStep:
             self._clip(grad_norm)
         if count_zeros:
             self.num_zeros = self.count_zeros()
-        # torch's fused Adam skips the update (and undoes its step count) where found_inf is 1.
+        # torch's fused Adam skips the update (and undoes its step count) where found_inf is 1;
+        # Muon leaves its weights and momentum as they were.
         found_inf = (~torch.isfinite(grad_norm)).float()
-        for adam in self._adams:
-            adam.grad_scale, adam.found_inf = None, found_inf
+        for inner in self._skippers:
+            inner.grad_scale, inner.found_inf = None, found_inf
         return self.optimizer.step_with_ready_grads(), grad_norm
 
     def _norm(self) -> torch.Tensor:
@@ -582,7 +595,7 @@ class NonFiniteSteps:
         self.total += len(bad)
         first = f"iteration {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         if self.skips_on_device:
-            effect = "the update was skipped: the weights and Adam's state are unchanged"
+            effect = "the update was skipped: the weights and the optimizer's state are unchanged"
         else:
             effect = "the update was applied (this optimizer cannot skip on the device)"
         if self.stop:

@@ -73,13 +73,13 @@ def _train(data_path, log_file, extra, ratio):
     return expected, records_of(log_file)
 
 
-def _diverge(data_path, log_file):
+def _diverge(data_path, log_file, *extra):
     """--lr 1e30: step 2 sends the weights to about 1e29 (tiny_args warms up over 2 steps, the
     first at lr 0), every later step's gradient is NaN. Those steps must leave the bf16 weights
     and the fp32 main weights untouched, with no host wait (fused Adam's found_inf on CUDA); the
     log step then reads them back and goes on (--no-check-for-nan-in-loss-and-grad)."""
     trainer = _trainer_at_first_log_step(
-        data_path, log_file, "--lr", "1e30", "--no-check-for-nan-in-loss-and-grad"
+        data_path, log_file, "--lr", "1e30", "--no-check-for-nan-in-loss-and-grad", *extra
     )
     main = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     before = [t.detach().clone() for t in [*trainer.chunks[0].parameters(), *main]]
@@ -135,9 +135,14 @@ SLM = pytest.param(
 # The launch scripts' data parallelism (one rank here: the collectives run on a group of one, but
 # the hooks, the asynchronous handles and the bf16 distributed optimizer's copies do run).
 OVERLAP_CASE = pytest.param(OVERLAP_ARGS, None, id="overlap")
+# Muon beside AdamW, in megatron-core's bf16 wrapper (fp32 main weights)
+MUON = ("--optimizer", "muon")
 
 
-@pytest.mark.parametrize("extra, ratio", [pytest.param((), None, id="plain"), SLM, OVERLAP_CASE])
+@pytest.mark.parametrize(
+    "extra, ratio",
+    [pytest.param((), None, id="plain"), SLM, OVERLAP_CASE, pytest.param(MUON, None, id="muon")],
+)
 def test_no_host_sync_between_log_steps_on_gpu(tmp_path, extra, ratio):
     data_path = blend_of_two(str(tmp_path))
     payload = _run_worker(data_path, str(tmp_path / "log.jsonl"), extra, ratio)
@@ -149,9 +154,38 @@ def test_no_host_sync_between_log_steps_on_gpu(tmp_path, extra, ratio):
     check_source_shares(records[-1], ratio)
 
 
-def test_non_finite_steps_are_skipped_on_the_gpu_without_a_host_wait(tmp_path):
+@pytest.mark.parametrize("extra", [(), MUON], ids=["adam", "muon"])
+def test_non_finite_steps_are_skipped_on_the_gpu_without_a_host_wait(tmp_path, extra):
     data_path = blend_of_two(str(tmp_path))
-    unchanged, skipped, norms = _run_worker(data_path, str(tmp_path / "log.jsonl"), run=_diverge)
+    log = str(tmp_path / "log.jsonl")
+    unchanged, skipped, norms = _run_worker(data_path, log, *extra, run=_diverge)
     assert all(map(math.isfinite, norms[:2])) and not any(map(math.isfinite, norms[2:])), norms
     assert skipped == len(norms) - 2
     assert unchanged
+
+
+def _muon_marks(data_path, log_file):
+    """Which bf16 weights' fp32 main copies Muon holds, and the QKV split each carries."""
+    from megatron_slm.optimizer_state import optimizer_parts
+    from megatron_slm.training.muon import _QKV_SPLIT, Muon
+
+    trainer = _trainer_at_first_log_step(data_path, log_file, *MUON)
+    names = {id(p): n for n, p in trainer.chunks[0].named_parameters()}
+    marks = {}
+    for part in optimizer_parts(trainer.optimizer):
+        if isinstance(part.optimizer, Muon):
+            for model, main in zip(part.float16_groups, part.fp32_from_float16_groups):
+                for model_param, main_param in zip(model, main):
+                    assert main_param.dtype == torch.float32
+                    marks[names[id(model_param)]] = getattr(main_param, _QKV_SPLIT, None)
+    _close(trainer)
+    return marks
+
+
+def test_muon_reads_the_qkv_split_on_the_fp32_main_weights(tmp_path):
+    """megatron-core's bf16 wrapper makes fp32 copies of the weights, which Muon steps: the
+    fused QKV weights' split (query, key and value rows per group) must be on them."""
+    marks = _run_worker(blend_of_two(str(tmp_path)), str(tmp_path / "log.jsonl"), run=_muon_marks)
+    qkv = {n: m for n, m in marks.items() if n.endswith("linear_qkv.weight")}
+    assert qkv and all(m == (32, 16, 16) for m in qkv.values()), marks  # tiny: 4 heads, 2 groups
+    assert all(m is None for n, m in marks.items() if n not in qkv)

@@ -324,7 +324,7 @@ def test_no_load_optim_and_rng_resume_the_rest(corpus, tmp_path):
     assert "rng" not in lean["files"] and lean["iteration"] == 1
     assert lean["refused"].endswith(
         "it holds no optimizer state (saved with --no-save-optim, or written by a tool): "
-        "resume with --no-load-optim (a fresh Adam) or --finetune"
+        "resume with --no-load-optim (a fresh optimizer) or --finetune"
     )
 
 

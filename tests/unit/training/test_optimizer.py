@@ -7,10 +7,10 @@ per-token-scaled gradients; the updated parameters must equal megatron-core's (b
 nothing is clipped); and our path must not read anything back to the host. One rank, and two
 data-parallel ranks (the token count and the gradients are all-reduced), with the plain and the
 distributed optimizer (gradients reduce-scattered, the norm summed over the shards, parameters
-all-gathered).
+all-gathered), and Muon beside AdamW (``--optimizer muon``).
 
 A step whose gradient norm is not finite must change nothing (weights, Adam's moments and step
-count), without a host read: after it, our next step must equal megatron-core's first.
+count, Muon's momentum), without a host read: after it, our next step must equal megatron-core's first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 from tests.dist_helpers import run_distributed
 
 SEQ = 16
+# Muon beside AdamW (fp32 iterations: a clipped step's rounding is not amplified by bf16's)
+MUON = ("--optimizer", "muon", "--muon-fp32-matmul-prec", "highest")
 
 
 def _setup(cfg):
@@ -158,8 +160,8 @@ def _skip_non_finite(rank, flags):
 
 @pytest.mark.parametrize(
     "world, flags",
-    [(1, ()), (2, ()), (2, ("--use-distributed-optimizer",))],
-    ids=["dp1", "dp2", "dp2-distributed"],
+    [(1, ()), (2, ()), (2, ("--use-distributed-optimizer",)), (2, MUON)],
+    ids=["dp1", "dp2", "dp2-distributed", "dp2-muon"],
 )
 def test_matches_megatron_core_without_syncs(world, flags):
     clips = (0.05, 1e6)  # clipped, not clipped
