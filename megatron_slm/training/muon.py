@@ -25,6 +25,7 @@ Adam does (``found_inf``, set by ``training.optimizer.OptimizerStep``): no host 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import _get_param_groups as megatron_param_groups
@@ -49,7 +50,8 @@ _EXPERT = "_muon_expert"
 
 class Muon(torch.optim.Optimizer):
     """Muon on 2-D tensor-parallel weights (see the module docstring). Groups carry ``lr`` and
-    ``weight_decay`` (megatron-core's scheduler sets them every step)."""
+    ``weight_decay`` (megatron-core's scheduler sets them every step). ``dp_group``: the ranks
+    holding the same weights (data parallelism), which share the Newton-Schulz work."""
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class Muon(torch.optim.Optimizer):
         extra_scale_factor: float = 1.0,
         matmul_prec: str = "medium",
         tp_mode: str = "duplicated",
+        dp_group: dist.ProcessGroup | None = None,
     ):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         # settings of the run, not of the saved param groups a checkpoint restores
@@ -71,30 +74,61 @@ class Muon(torch.optim.Optimizer):
         self.coefficients = coefficient_schedule(coefficient_type, num_ns_steps)
         self.scale_mode, self.extra_scale_factor = scale_mode, extra_scale_factor
         self.matmul_prec, self.tp_mode = matmul_prec, tp_mode
+        self.dp_group = dp_group
         self.found_inf: torch.Tensor | None = None  # 1.0: skip this step (on the device)
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("Muon takes no closure")
-        skip = self.found_inf
-        for group in self.param_groups:
-            lr, wd, beta = group["lr"], group["weight_decay"], self.momentum
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = _unless(skip, p.grad)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                if wd:
-                    p.add_(_unless(skip, p), alpha=-lr * wd)
-                if skip is None:
-                    buf.lerp_(grad, 1.0 - beta)
-                else:
-                    buf.copy_(torch.where(skip > 0, buf, buf.lerp(grad, 1.0 - beta)))
-                direction = grad.lerp(buf, beta) if self.nesterov else buf
-                p.add_(_unless(skip, self.orthogonalize(p, direction)), alpha=-lr)
+        entries = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for bucket in _buckets(entries, BUCKET_NUMEL):
+            directions = [self._direction(group, p) for group, p in bucket]
+            updates = self._orthogonalized([p for _, p in bucket], directions)
+            for (group, p), update in zip(bucket, updates):
+                p.add_(_unless(self.found_inf, update), alpha=-group["lr"])
+
+    def _direction(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """Weight decay and momentum for ``p``; the direction to orthogonalise."""
+        skip, lr, wd, beta = self.found_inf, group["lr"], group["weight_decay"], self.momentum
+        grad = _unless(skip, p.grad)
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        if wd:
+            p.add_(_unless(skip, p), alpha=-lr * wd)
+        if skip is None:
+            buf.lerp_(grad, 1.0 - beta)
+        else:
+            buf.copy_(torch.where(skip > 0, buf, buf.lerp(grad, 1.0 - beta)))
+        return grad.lerp(buf, beta) if self.nesterov else buf
+
+    def _orthogonalized(self, params: list, directions: list) -> list[torch.Tensor]:
+        """The updates of ``params``. With data parallelism each rank orthogonalises a share of
+        them (balanced by size) and the ranks all-gather the results: every rank would compute
+        the same values, so the update is the one each would have computed alone, at 1 / DP of
+        the work. Tensor-parallel peers have one data-parallel rank, so they hold the same share
+        (``duplicated`` and ``distributed`` communicate inside it)."""
+        size = 1 if self.dp_group is None else self.dp_group.size()
+        if size == 1:
+            return [self.orthogonalize(p, d) for p, d in zip(params, directions)]
+        numels = [p.numel() for p in params]
+        owners = balanced_owners(numels, size)
+        loads, offsets = [0] * size, []
+        for numel, owner in zip(numels, owners):
+            offsets.append(loads[owner])
+            loads[owner] += numel
+        rank, device = self.dp_group.rank(), params[0].device
+        mine = torch.zeros(max(loads), dtype=torch.float32, device=device)
+        for p, d, owner, start in zip(params, directions, owners, offsets):
+            if owner == rank:
+                mine[start : start + p.numel()].copy_(self.orthogonalize(p, d).reshape(-1))
+        gathered = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(gathered, mine, group=self.dp_group)
+        return [
+            gathered[owner][start : start + p.numel()].view_as(p).to(p.dtype)
+            for p, owner, start in zip(params, owners, offsets)
+        ]
 
     def orthogonalize(self, p: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         """The scaled orthogonal update of ``p`` (this rank's shard) for ``direction``."""
@@ -130,6 +164,35 @@ class Muon(torch.optim.Optimizer):
                 cols *= group.size()
         scale = scale_factor(rows, cols, self.scale_mode) * self.extra_scale_factor
         return out.to(x.dtype) * scale
+
+
+# The weights one all-gather of updates covers (fp32: 512 MiB gathered, plus the directions).
+BUCKET_NUMEL = 1 << 27
+
+
+def _buckets(entries: list, limit: int) -> list[list]:
+    """Consecutive runs of ``entries`` (``(group, param)``) of at most ``limit`` elements (a
+    larger weight alone)."""
+    buckets, current, total = [], [], 0
+    for entry in entries:
+        numel = entry[1].numel()
+        if current and total + numel > limit:
+            buckets.append(current)
+            current, total = [], 0
+        current.append(entry)
+        total += numel
+    return buckets + ([current] if current else [])
+
+
+def balanced_owners(numels: list[int], ranks: int) -> list[int]:
+    """The rank that orthogonalises each weight: largest first, each to the least-loaded rank
+    (the lowest such rank on ties): the same answer on every rank."""
+    loads, owners = [0] * ranks, [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        owner = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[i] = owner
+        loads[owner] += numels[i]
+    return owners
 
 
 def _unless(skip: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -203,13 +266,16 @@ def build_muon_optimizer(config: OptimizerConfig, chunks, muon_args, use_gloo_pr
     with _frozen(other_params):  # megatron-core's groups (weight decay, lr) of Muon's weights
         groups = megatron_param_groups(chunks, config, None)
     parts = []
-    dense = [g for g in groups if not g["is_expert_parallel"]]
-    experts = [g for g in groups if g["is_expert_parallel"]]
-    for part_groups in (dense, experts):
+    for expert in (False, True):  # (the ranks holding copies of the weights differ)
+        part_groups = [g for g in groups if g["is_expert_parallel"] == expert]
         if not part_groups:
             continue
-        part = _wrapped(Muon(part_groups, **kwargs), config)
-        if part_groups is experts:  # megatron-core's statistics group for expert parameters
+        if expert:
+            dp_group = parallel_state.get_expert_data_parallel_group()
+        else:
+            dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        part = _wrapped(Muon(part_groups, dp_group=dp_group, **kwargs), config)
+        if expert:  # megatron-core's statistics group for expert parameters
             part.grad_stats_parallel_group = (
                 parallel_state.get_expert_tensor_model_pipeline_parallel_group()
             )

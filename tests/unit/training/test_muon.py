@@ -227,6 +227,51 @@ def test_muon_steps_match_the_published_rule(nesterov, scale_mode):
     assert unchanged and same
 
 
+
+def _data_parallel_worker(rank, world):
+    """Each rank a copy of the same weights and gradients: Muon sharing the work over the
+    data-parallel group against Muon alone, and how many weights each rank orthogonalised."""
+    import torch.distributed as dist
+
+    from megatron_slm import launch
+    from megatron_slm.training.muon import Muon
+
+    launch.initialize(device="cpu")
+    shapes = [(24, 40), (40, 24), (8, 8), (32, 32), (16, 48)]
+    results, calls = {}, {}
+    for name, group in (("shared", dist.group.WORLD), ("alone", None)):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        opt = Muon(params, lr=0.05, weight_decay=0.1, nesterov=True, dp_group=group)
+        count = [0]
+        inner = opt.orthogonalize
+
+        def counted(p, d, inner=inner, count=count):
+            count[0] += 1
+            return inner(p, d)
+
+        opt.orthogonalize = counted
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results[name], calls[name] = [p.detach().clone() for p in params], count[0]
+    return results, calls
+
+
+def test_data_parallel_ranks_share_the_orthogonalisation():
+    from megatron_slm.training.muon import balanced_owners
+
+    ranks = run_distributed(_data_parallel_worker, 2)
+    for results, calls in ranks:
+        assert all(map(torch.equal, results["shared"], results["alone"]))
+        assert calls["alone"] == 10
+    shares = [calls["shared"] for _, calls in ranks]
+    assert sum(shares) == 10 and min(shares) >= 4  # 5 weights, 2 steps, split between ranks
+    # largest first to the least-loaded rank: 1024 -> 0, 960 -> 1, 960 -> 1 (960 < 1024),
+    # 768 -> 0, 64 -> 0 (1792 < 1920)
+    assert balanced_owners([960, 960, 64, 1024, 768], 2) == [1, 1, 0, 0, 0]
+
 # ---- the assembly on a megatron-core model --------------------------------------------------
 
 LR, WD = 0.01, 0.1

@@ -10,7 +10,8 @@ distributed optimizer (gradients reduce-scattered, the norm summed over the shar
 all-gathered), and Muon beside AdamW (``--optimizer muon``).
 
 A step whose gradient norm is not finite must change nothing (weights, Adam's moments and step
-count, Muon's momentum), without a host read: after it, our next step must equal megatron-core's first.
+count, Muon's momentum), without a host read: after it, our next step must equal megatron-core's
+first.
 """
 
 from __future__ import annotations
