@@ -227,7 +227,6 @@ def test_muon_steps_match_the_published_rule(nesterov, scale_mode):
     assert unchanged and same
 
 
-
 def _data_parallel_worker(rank, world):
     """Each rank a copy of the same weights and gradients: Muon sharing the work over the
     data-parallel group against Muon alone, and how many weights each rank orthogonalised."""
@@ -271,6 +270,7 @@ def test_data_parallel_ranks_share_the_orthogonalisation():
     # largest first to the least-loaded rank: 1024 -> 0, 960 -> 1, 960 -> 1 (960 < 1024),
     # 768 -> 0, 64 -> 0 (1792 < 1920)
     assert balanced_owners([960, 960, 64, 1024, 768], 2) == [1, 1, 0, 0, 0]
+
 
 # ---- the assembly on a megatron-core model --------------------------------------------------
 
