@@ -1852,7 +1852,7 @@ def _check_muon(cfg: PretrainConfig) -> None:
             "--optimizer muon with --use-distributed-optimizer is not offered: the distributed "
             "optimizer shards flat gradient buckets, which cut the matrices Muon orthogonalises "
             "(Megatron-LM turns this into its experimental layer-wise optimizer); leave "
-            "--use-distributed-optimizer out (Muon's state is one fp32 momentum per weight)"
+            "--use-distributed-optimizer out (DISTRIBUTED_OPTIMIZER=0 for examples/pretrain_*.sh)"
         )
     if cfg.training.fp16:
         raise ConfigError(

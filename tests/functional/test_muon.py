@@ -1,6 +1,7 @@
 """``--optimizer muon`` in the trainer, as users run it: the loss falls, a stopped run resumes
 with the same steps (Muon's momentum in the checkpoint), the checkpoint resumes at TP 2 with
-TP 1's steps (the default ``--muon-tp-mode duplicated`` orthogonalises whole weights), while
+TP 1's steps (the default ``--muon-tp-mode duplicated`` orthogonalises whole weights) and at
+PP 2 (each stage's weights in a Muon of its own), while
 ``blockwise`` (each shard on its own) takes other steps; an AdamW checkpoint is not resumed with
 Muon's state. The optimizer's own values are checked in ``tests/unit/training/test_muon.py``."""
 
@@ -25,7 +26,7 @@ def _steps(prefix, log, *extra, nproc=1, iters=6):
     return read_steps(str(log))
 
 
-def test_muon_trains_resumes_and_gives_tp1_steps_at_tp2(tmp_path):
+def test_muon_trains_resumes_and_gives_tp1_steps_at_tp2_and_pp2(tmp_path):
     prefix = make_null_corpus(str(tmp_path), "docs", [31] * 96)
     straight = _steps(prefix, tmp_path / "straight.jsonl")
     assert straight[-1]["loss"] < straight[0]["loss"] - 0.3, [r["loss"] for r in straight]
@@ -39,9 +40,15 @@ def test_muon_trains_resumes_and_gives_tp1_steps_at_tp2(tmp_path):
     blockwise = _steps(
         prefix, tmp_path / "blockwise.jsonl", *tp2, "--muon-tp-mode", "blockwise", nproc=2
     )
-    for a, b in zip(straight[3:], duplicated, strict=True):
+    pp2 = _steps(
+        prefix, tmp_path / "pp2.jsonl", "--load", ckpt, "--pipeline-model-parallel-size", 2,
+        nproc=2,
+    )  # fmt: skip
+    for a, b, c in zip(straight[3:], duplicated, pp2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     # the first step at TP 2 is the saved weights' loss either way; after it, blockwise's
     # updates differ (each half of a split weight orthogonalised alone)
     assert blockwise[0]["loss"] == pytest.approx(straight[3]["loss"], rel=1e-5)
