@@ -24,6 +24,14 @@ MODEL_ARGS=(--model-preset "${MODEL_PRESET}")
 # Unset: Transformer Engine on GPU when installed, megatron-core local modules otherwise.
 [[ -n "${TRANSFORMER_IMPL:-}" ]] && MODEL_ARGS+=(--transformer-impl "$TRANSFORMER_IMPL")
 [[ -n "${NUM_LAYERS:-}" ]] && MODEL_ARGS+=(--num-layers "$NUM_LAYERS")
+# OPTIMIZER=muon: Muon on the layers' matrices and AdamW on the rest (--optimizer muon), at
+# AdamW's update size (MUON_EXTRA_SCALE_FACTOR, default 0.2: Moonlight's recipe); the plain
+# optimizer then (Muon's matrices are not cut into the distributed optimizer's buckets).
+OPTIMIZER_ARGS=()
+if [[ "${OPTIMIZER:-adam}" == muon ]]; then
+    : "${DISTRIBUTED_OPTIMIZER:=0}"
+    OPTIMIZER_ARGS=(--optimizer muon --muon-extra-scale-factor "${MUON_EXTRA_SCALE_FACTOR:-0.2}")
+fi
 PARALLEL_ARGS=(
     --tensor-model-parallel-size "${TP}"
     --pipeline-model-parallel-size "${PP}"
@@ -49,6 +57,7 @@ TRAINING_ARGS=(
     "${WARMUP[@]}" --lr-decay-style "${LR_DECAY_STYLE:-cosine}"
     --weight-decay "${WEIGHT_DECAY:-0.1}" --clip-grad "${CLIP_GRAD:-1.0}"
     --seed "${SEED:-1234}" --device "${DEVICE:-cuda}"
+    "${OPTIMIZER_ARGS[@]}"
 )
 # ITERATIONS_TO_SKIP="1200 1201": those iterations' batches are dropped (past a loss spike).
 [[ -n "${ITERATIONS_TO_SKIP:-}" ]] && TRAINING_ARGS+=(--iterations-to-skip $ITERATIONS_TO_SKIP)

@@ -1,6 +1,7 @@
 """examples/pretrain_rho_7b.sh under a real (local, one-node) SLURM cluster: the tiny model on CPU
-with 2 tasks, a checkpoint at the end; SIGTERM mid-run saves and exits cleanly; resubmitting the
-same job resumes from that checkpoint. examples/multi_round.sh as one job, end to end."""
+with 2 tasks, a checkpoint at the end (with OPTIMIZER=muon); SIGTERM mid-run saves and exits
+cleanly; resubmitting the same job resumes from that checkpoint. examples/multi_round.sh as one
+job, end to end."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from megatron_slm.checkpoint import latest_iteration
+from megatron_slm.checkpoint import iteration_dir, latest_iteration, read_metadata
 from tests.functional import slurm_cluster
 from tests.functional.pretrain_helpers import REPO, VOCAB_FLAG, make_null_corpus, read_steps
 
@@ -67,11 +68,15 @@ def test_job_completes_with_checkpoint(slurm, tmp_path):
     held_out = make_null_corpus(str(tmp_path), "held_out", [7] * 64, seed=1)
     run = tmp_path / "run"
     env = _env(tmp_path, run, 6, prefix)
-    # a validation corpus of its own; documents masked apart, no loss after an EOD token
-    env.update(VALID_DATA_PATH=held_out, DOCUMENT_MASK="1", EVAL_INTERVAL="3", EVAL_ITERS="1")
+    # a validation corpus of its own; documents masked apart, no loss after an EOD token;
+    # Muon (the script then leaves the distributed optimizer out; 2 ranks share its work)
+    env.update(VALID_DATA_PATH=held_out, DOCUMENT_MASK="1", EVAL_INTERVAL="3", EVAL_ITERS="1",
+               OPTIMIZER="muon")  # fmt: skip
     job = _submit(slurm, tmp_path, env)
     assert slurm.wait(job) == "COMPLETED", _job_log(tmp_path, job)
     assert latest_iteration(str(run / "checkpoints")) == 6
+    layout = read_metadata(iteration_dir(str(run / "checkpoints"), 6))["optimizer_layout"]
+    assert layout["optimizer"] == "muon" and not layout["distributed"]
     steps = read_steps(str(run / "steps.jsonl"))
     assert [s["iteration"] for s in steps] == list(range(1, 7))
     assert all(0.65 < s["selected_fraction"] < 0.75 for s in steps)
