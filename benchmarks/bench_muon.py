@@ -18,6 +18,7 @@ the model learns.
 
     python benchmarks/bench_muon.py                 # the step's cost
     python benchmarks/bench_muon.py --learning      # and the training runs (~7 min on CPU)
+    python benchmarks/bench_muon.py --device cuda --model-preset tinyllama-1.1b --num-layers 4
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ def layer_flops(arch) -> tuple[int, int]:
     return sum(newton_schulz_flops(*m) for m in mats), sum(r * c for r, c in mats)
 
 
-def _step_times(preset: str, precision: str | None, repeats: int, device: str) -> list[float]:
+def _step_times(arch, precision: str | None, repeats: int, device: str) -> list[float]:
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_slm.models import ModelBuildOptions, build_model, get_preset
+    from megatron_slm.models import ModelBuildOptions, build_model
     from megatron_slm.training.config import parse_config
     from megatron_slm.training.optimizer import OptimizerStep, build_optimizer
 
-    (model,) = build_model(get_preset(preset), ModelBuildOptions(), device=torch.device(device))
+    (model,) = build_model(arch, ModelBuildOptions(), device=torch.device(device))
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     muon = (
         () if precision is None else ("--optimizer", "muon", "--muon-fp32-matmul-prec", precision)
@@ -85,13 +86,13 @@ def _step_times(preset: str, precision: str | None, repeats: int, device: str) -
     return times[1:]
 
 
-def measure_steps(preset: str, repeats: int, device: str) -> dict:
+def measure_steps(arch, repeats: int, device: str) -> dict:
     from megatron_slm import launch
 
     launch.initialize(device=device)  # one rank
     out = {}
     for precision in (None, *PRECISIONS):
-        times = _step_times(preset, precision, repeats, device)
+        times = _step_times(arch, precision, repeats, device)
         out["adamw" if precision is None else f"muon {precision}"] = statistics.median(times)
     launch.shutdown()
     return out
@@ -161,6 +162,7 @@ def learning(python: str, iters: int, lrs: list[str]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-preset", default="tiny")
+    p.add_argument("--num-layers", type=int, help="the step's model: fewer layers of the preset")
     p.add_argument("--flops-preset", default="tinyllama-1.1b")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=5)
@@ -170,11 +172,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
+    import dataclasses
+
     from megatron_slm.models import get_preset
 
-    steps = measure_steps(args.model_preset, args.repeats, args.device)
+    arch = get_preset(args.model_preset)
+    if args.num_layers:
+        arch = dataclasses.replace(arch, num_layers=args.num_layers)
+    steps = measure_steps(arch, args.repeats, args.device)
     anchor = steps["adamw"]
-    print(f"optimizer step, {args.model_preset} ({args.device}), median of {args.repeats}:")
+    print(f"optimizer step, {args.model_preset}, {arch.num_layers} layers ({args.device}), "
+          f"median of {args.repeats}:")  # fmt: skip
     for name, seconds in steps.items():
         print(f"  {name:14s} {seconds * 1e3:9.2f} ms  {seconds / anchor:6.2f}x AdamW")
 

@@ -26,7 +26,9 @@
 #            order (cuDNN first on sm90: a graph build per shape) against the torch spec's
 #            choice in eval mode (no cuDNN) (diagnostic)
 #   profile  benchmarks/gpu/profile_op.py: the kernels of one call of ours at [4096, 2, 32000]
-#            (last: diagnostic only)
+#            (diagnostic)
+#   muon     benchmarks/bench_muon.py: one optimizer step of 4 tinyllama layers, AdamW against
+#            Muon at each Newton-Schulz precision (last: diagnostic only)
 #
 # Written into $OUT as it goes (at most 8 files come back from the GPU machine):
 #   log.txt           everything, stdout and stderr of every step
@@ -37,7 +39,7 @@
 #   OUT               output folder (default /tmp/megatron_slm_gpu_out)
 #   PYTHON            interpreter (default python3)
 #   GPU_RUN_TOTAL_S   wall-clock budget of the whole run, seconds (default 470)
-#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SWIGLU T_ROPE T_SDPA T_PROFILE
+#   T_WHEELS T_ENV T_BUILD T_CHECKS T_OP T_TRAIN T_SCORE T_SWIGLU T_ROPE T_SDPA T_PROFILE T_MUON
 #                     timeouts, s
 #   TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: the CPU count)
 #   COMPUTE_SANITIZER path of compute-sanitizer (default: on PATH, else /usr/local/cuda/bin)
@@ -294,10 +296,15 @@ main() {
     cp "$WORK/profile.out" "$OUT/profile.txt"
     section "Profile of one call of ours" profile <"$WORK/profile.out"
 
+    run_step muon "${T_MUON:-40}" "$PY" benchmarks/bench_muon.py --device cuda \
+        --model-preset tinyllama-1.1b --num-layers 4 --repeats 3
+    section "Muon's optimizer step" muon <"$WORK/muon.out"
+
     {
         echo "| step | status | seconds | timeout s |"
         echo "|---|---|---:|---:|"
-        for s in wheels env build tests memcheck racecheck op train score swiglu rope sdpa profile; do
+        for s in wheels env build tests memcheck racecheck op train score swiglu rope sdpa profile \
+            muon; do
             echo "| $s | $(status_of "$s") | $(cat "$WORK/$s.sec" 2>/dev/null || echo -) |" \
                 "$(cat "$WORK/$s.budget" 2>/dev/null || echo -) |"
         done
