@@ -24,6 +24,9 @@ Adam does (``found_inf``, set by ``training.optimizer.OptimizerStep``): no host 
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -187,11 +190,11 @@ def _buckets(entries: list, limit: int) -> list[list]:
 def balanced_owners(numels: list[int], ranks: int) -> list[int]:
     """The rank that orthogonalises each weight: largest first, each to the least-loaded rank
     (the lowest such rank on ties): the same answer on every rank."""
-    loads, owners = [0] * ranks, [0] * len(numels)
+    heap, owners = [(0, r) for r in range(ranks)], [0] * len(numels)  # (load, rank)
     for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
-        owner = min(range(ranks), key=lambda r: (loads[r], r))
+        load, owner = heapq.heappop(heap)
         owners[i] = owner
-        loads[owner] += numels[i]
+        heapq.heappush(heap, (load + numels[i], owner))
     return owners
 
 
@@ -287,17 +290,14 @@ def build_muon_optimizer(config: OptimizerConfig, chunks, muon_args, use_gloo_pr
     return ChainedOptimizer(parts + list(getattr(adam, "chained_optimizers", [adam])))
 
 
-class _frozen:
+@contextlib.contextmanager
+def _frozen(params):
     """``requires_grad`` off for ``params`` inside the block (how megatron-core picks which
     parameters an optimizer it builds takes)."""
-
-    def __init__(self, params):
-        self.params = params
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
             p.requires_grad_(True)
